@@ -1,0 +1,13 @@
+//! billsync: provider → normalize → map → ledger (outbox) → sink → ledger (ack).
+//!
+//! Pulls billing and utilization data from cloud providers, maps it to customers and billable
+//! metrics through declarative files, and pushes idempotent usage records to invoicing systems,
+//! with a SQLite ledger that makes every run resumable and every failed push replayable.
+
+pub mod config;
+pub mod http;
+pub mod mapping;
+pub mod providers;
+pub mod record;
+pub mod simulators;
+pub mod sinks;

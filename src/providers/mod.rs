@@ -1,0 +1,93 @@
+//! Sources of usage: one file per provider behind the [`Provider`] trait.
+//!
+//! A provider knows its API, its natural keys, its cursor and when a record is final. It knows
+//! nothing of mappings, sinks or the ledger: the pipeline hands it the stored cursors and stores
+//! what it returns.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::record::UsageRecord;
+
+pub mod metalsoft;
+
+/// Stored cursor values of one source, by stream (e.g. `user:1`).
+pub type Cursors = HashMap<String, String>;
+
+/// One unit of pulling work: small enough to hold in memory, staged in one transaction with
+/// the cursor advance that follows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// The cursor stream this chunk advances (e.g. `user:1`).
+    pub stream: String,
+    /// Start of the time window (inclusive).
+    pub window_start: DateTime<Utc>,
+    /// End of the time window (exclusive).
+    pub window_end: DateTime<Utc>,
+    /// Provider-specific detail (page number, bill id, ...), opaque to the pipeline.
+    pub detail: String,
+}
+
+/// What one chunk yielded.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// Normalized records, in provider order.
+    pub records: Vec<UsageRecord>,
+    /// The new cursor value of `chunk.stream`, stored in the same transaction as the records.
+    /// `None` leaves the cursor as it is.
+    pub cursor: Option<String>,
+}
+
+/// Errors of a provider call. They always name the provider and the call.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The API answered with an error object of its own.
+    #[error("{provider}: {call} returned error {code}: {message}")]
+    Api {
+        provider: String,
+        call: String,
+        code: String,
+        message: String,
+    },
+    /// HTTP status without a usable error body.
+    #[error("{provider}: {call} answered HTTP {status}: {body}")]
+    Http {
+        provider: String,
+        call: String,
+        status: u16,
+        body: String,
+    },
+    /// Transport failure (connect, timeout, reset) after retries.
+    #[error("{provider}: {call} failed: {message}")]
+    Transport {
+        provider: String,
+        call: String,
+        message: String,
+    },
+    /// The response did not have the documented shape.
+    #[error("{provider}: {call} returned an unexpected response: {message}")]
+    Shape {
+        provider: String,
+        call: String,
+        message: String,
+    },
+    /// Configuration that cannot work (bad URL, missing user ids, ...).
+    #[error("{provider}: configuration: {message}")]
+    Config { provider: String, message: String },
+}
+
+/// A source of usage records.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// Provider kind, e.g. `metalsoft`.
+    fn kind(&self) -> &'static str;
+    /// The configured source name.
+    fn name(&self) -> &str;
+    /// The chunks to pull in this run, in order, given the stored cursors and the current time.
+    async fn plan(&self, cursors: &Cursors, now: DateTime<Utc>)
+        -> Result<Vec<Chunk>, ProviderError>;
+    /// Pull one chunk.
+    async fn fetch(&self, chunk: &Chunk, now: DateTime<Utc>) -> Result<Page, ProviderError>;
+}
