@@ -85,9 +85,8 @@ pub mod duration {
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<chrono::Duration, D::Error> {
             let text = String::deserialize(d)?;
-            let std = humantime::parse_duration(&text).map_err(|e| {
-                serde::de::Error::custom(format!("invalid duration {text:?}: {e}"))
-            })?;
+            let std = humantime::parse_duration(&text)
+                .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))?;
             chrono::Duration::from_std(std)
                 .map_err(|_| serde::de::Error::custom(format!("duration {text:?} is too large")))
         }
@@ -97,4 +96,123 @@ pub mod duration {
 /// Where the settings file is, when none is given.
 pub fn default_path() -> PathBuf {
     PathBuf::from("billsync.yaml")
+}
+
+/// The whole settings file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Where the ledger lives and how long its lock lasts.
+    pub ledger: LedgerSettings,
+    /// Mapping files or directories, in the order their rules apply.
+    #[serde(default = "default_mappings")]
+    pub mappings: Vec<PathBuf>,
+    /// Sources by name (snake_case names can be overridden from the environment).
+    #[serde(default)]
+    pub providers: std::collections::BTreeMap<String, ProviderSettings>,
+    /// Sinks by name.
+    #[serde(default)]
+    pub sinks: std::collections::BTreeMap<String, SinkSettings>,
+    /// The sink for rules that name none; may be omitted when exactly one sink is configured.
+    #[serde(default)]
+    pub default_sink: Option<String>,
+}
+
+fn default_mappings() -> Vec<PathBuf> {
+    vec![PathBuf::from("mappings")]
+}
+
+/// Ledger settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSettings {
+    /// The SQLite file. Its directory must be writable (WAL files live beside it).
+    pub path: PathBuf,
+    /// A run's lock lasts this long without a refresh; a crashed run's lock expires after it.
+    #[serde(default = "default_lock_ttl", with = "duration")]
+    pub lock_ttl: std::time::Duration,
+}
+
+fn default_lock_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(15 * 60)
+}
+
+/// One source, by kind.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProviderSettings {
+    /// MetalSoft JSON-RPC `resource_utilization_detailed`.
+    Metalsoft(crate::providers::metalsoft::MetalsoftConfig),
+}
+
+/// One sink, by kind.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SinkSettings {
+    /// Lago `POST /api/v1/events/batch`.
+    Lago(crate::sinks::lago::LagoConfig),
+}
+
+/// Errors reading the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("settings file {path} does not exist (pass --config, or see billsync.example.yaml)")]
+    Missing { path: PathBuf },
+    #[error("settings {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Settings {
+    /// Read the file, then apply `BILLSYNC__SECTION__KEY` environment overrides
+    /// (e.g. `BILLSYNC__LEDGER__PATH=/data/ledger.db`).
+    pub fn load(path: &std::path::Path) -> Result<Settings, SettingsError> {
+        if !path.exists() {
+            return Err(SettingsError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        let invalid = |e: config::ConfigError| SettingsError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Yaml))
+            .add_source(
+                config::Environment::with_prefix("BILLSYNC")
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .map_err(invalid)?
+            .try_deserialize()
+            .map_err(invalid)?;
+        settings.check().map_err(|message| SettingsError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.sinks.is_empty() {
+            return Err("no sink is configured (`sinks:`)".into());
+        }
+        match &self.default_sink {
+            Some(name) if !self.sinks.contains_key(name) => Err(format!(
+                "default_sink {name:?} is not one of the configured sinks ({})",
+                self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+            None if self.sinks.len() > 1 => Err(
+                "several sinks are configured: say which is the default with `default_sink`".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The default sink's name.
+    pub fn default_sink_name(&self) -> Option<&str> {
+        self.default_sink
+            .as_deref()
+            .or_else(|| self.sinks.keys().next().map(String::as_str))
+    }
 }

@@ -58,7 +58,11 @@ impl RetryPolicy {
     }
 
     /// The delay to wait given the server's hint: the hint wins (capped at `max_delay`).
-    pub fn with_hint(&self, computed: Option<Duration>, hint: Option<Duration>) -> Option<Duration> {
+    pub fn with_hint(
+        &self,
+        computed: Option<Duration>,
+        hint: Option<Duration>,
+    ) -> Option<Duration> {
         match (computed, hint) {
             (None, _) => None,
             (Some(_), Some(h)) => Some(h.min(self.max_delay)),
@@ -69,7 +73,12 @@ impl RetryPolicy {
 
 /// The server's wait hint: `Retry-After` (seconds or HTTP date) or `X-RateLimit-Reset` (seconds).
 pub fn retry_hint(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     if let Some(v) = text("retry-after") {
         if let Ok(secs) = v.parse::<u64>() {
             return Some(Duration::from_secs(secs));

@@ -4,10 +4,14 @@
 //! metrics through declarative files, and pushes idempotent usage records to invoicing systems,
 //! with a SQLite ledger that makes every run resumable and every failed push replayable.
 
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod http;
+pub mod ledger;
 pub mod mapping;
 pub mod providers;
 pub mod record;
 pub mod simulators;
 pub mod sinks;
+pub mod sync;

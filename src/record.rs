@@ -133,7 +133,13 @@ impl UsageRecord {
         let scope: String = self
             .scope
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .take(24)
             .collect();
         format!(
@@ -161,7 +167,11 @@ impl UsageRecord {
             &self.resource_id,
             &self.service_name,
             self.sku_id.as_deref().unwrap_or(""),
-            if self.is_final { "final" } else { "provisional" },
+            if self.is_final {
+                "final"
+            } else {
+                "provisional"
+            },
         ] {
             h.update(part.as_bytes());
             h.update([0u8]);

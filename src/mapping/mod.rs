@@ -1,6 +1,94 @@
 //! Mapping files: which provider record becomes which customer, metric and value.
 //!
 //! Loading, validating and applying are pure: the only I/O is reading the files.
+//!
+//! A wrong rule is a wrong invoice, so the format is small, strict and explicit: unknown keys,
+//! unknown record fields, bad globs, unknown units and negative markups are load errors that
+//! name `file:line:column`; rounding is always stated or has a documented default; a record no
+//! rule covers is held as *unmapped* with a reason, never dropped and never guessed.
+//!
+//! # Format reference (version 1)
+//!
+//! ```yaml
+//! version: 1                       # required
+//!
+//! customers:                       # who pays; first matching entry wins
+//!   - match: { provider: metalsoft, sub_account_id: "1" }
+//!     external_subscription_id: sub_acme_main     # required
+//!     external_customer_id: acme                   # optional, for reports
+//!
+//! rules:                           # what is billed; first matching rule wins
+//!   - name: instance-hours         # unique across all files; [A-Za-z0-9_.-]+
+//!     match:                       # all conditions must hold; `{}` matches everything
+//!       provider: metalsoft                        # exact (scalar)
+//!       resource_type: { one_of: [instance] }      # one of several values
+//!       charge_description: { glob: "instance-*" } # glob: * ? [abc]
+//!       attributes.is_reservation: "0"             # provider extras
+//!       consumed_unit: seconds
+//!     metric: instance_hours       # Lago billable metric code
+//!     property: hours              # the metric's field_name; default `value`
+//!     value:
+//!       quantity: { unit: hours }  # or { factor: 0.5 }, or {} for "as reported"
+//!     round: { scale: 6, mode: half_up }
+//!     properties:                  # extra event properties (strings)
+//!       instance: "{resource_id}"  # {field} copies a record field; {{ }} are literal braces
+//!       infrastructure: "{attributes.infrastructure_id}"
+//!     target:                      # optional: bypass the customer table
+//!       external_subscription_id: sub_internal
+//!     sink: lago                   # optional: default sink otherwise
+//!
+//!   - name: drive-cost
+//!     match: { resource_type: drive, billing_currency: GBP }
+//!     metric: storage_cost
+//!     value:
+//!       cost: { markup_percent: 20 }   # billed_cost × 1.20; markup ≥ 0; `cost: {}` = no markup
+//!
+//!   - name: subnets-free
+//!     match: { resource_type: subnet }
+//!     ignore: true                 # deliberately not billed → outcome `ignored`
+//! ```
+//!
+//! **Conditions.** Keys are record fields ([`crate::record::MATCHABLE_FIELDS`]) or
+//! `attributes.<name>`; an unknown key is a load error with a "did you mean" hint. A plain
+//! scalar matches the field's text exactly (quote values that are not plain words or integers:
+//! `"1.50"`, `"007"`); an absent field matches no condition. A rule that can never match because
+//! an earlier rule matches everything it does (e.g. after a `match: {}` catch-all) is a load
+//! error.
+//!
+//! **Customer.** A rule's `target` wins; otherwise the first customer entry (file order, files in
+//! load order) whose `match` holds. No customer → unmapped (`no customer matches
+//! sub_account_id=7`).
+//!
+//! **Values.** `quantity` takes the record's `consumed_quantity`; `unit:` converts from the
+//! record's `consumed_unit` (time: seconds, minutes, hours, days; data: bytes, kbytes/kb,
+//! mbytes/mb, gbytes/gb, tbytes/tb — **decimal, 1 kb = 1000 bytes** — and binary kib, mib, gib,
+//! tib). A conversion across dimensions is a load error when the rule's `match` pins
+//! `consumed_unit` (exact or `one_of`), otherwise the record becomes unmapped with the reason.
+//! `factor:` multiplies by a decimal > 0. `cost` takes `billed_cost` in the record's currency
+//! (pin `billing_currency` in `match` so a currency change cannot slip through) times
+//! `1 + markup_percent/100`. Arithmetic is exact `Decimal`; conversion multiplies before it
+//! divides.
+//!
+//! **Rounding.** Applied once, to the final value. Default when `round` is omitted: scale **6**
+//! for `quantity`, **2** for `cost`, mode **half_up** (midpoint away from zero). `round.mode` may
+//! be `half_up`, `half_even`, `down` (toward zero), `up` (away from zero), `floor`, `ceiling`;
+//! `scale` is 0 to 12. `billsync mappings validate` prints each rule's effective rounding
+//! ([`MappingSet::summary`]).
+//!
+//! **Outcome.** [`MapOutcome::Mapped`] with `rule = "<file name>#<rule name>"` (the file name
+//! without directories, so ids survive moving the mapping directory) and the timestamp =
+//! `charge_period_start`; [`MapOutcome::Ignored`]; or [`MapOutcome::Unmapped`] with a reason
+//! listing the record's key fields and those the rules look at. A `{field}` placeholder whose
+//! field is absent on a record also makes it unmapped (an empty property could mis-group usage).
+
+mod apply;
+mod examples;
+mod load;
+pub mod schema;
+pub mod units;
+
+pub use examples::EXAMPLE_MAPPINGS;
+pub use load::{MappingError, MappingErrors, MappingSummary};
 
 use std::collections::BTreeMap;
 
@@ -42,4 +130,63 @@ pub enum MapOutcome {
     Ignored { rule: String },
     /// No rule matched: the record is held in the ledger as `unmapped` with this reason.
     Unmapped { reason: String },
+}
+
+/// A validated set of mapping files, ready to [`apply`](MappingSet::apply).
+#[derive(Debug, Clone, Default)]
+pub struct MappingSet {
+    files: Vec<String>,
+    customers: Vec<LoadedCustomer>,
+    rules: Vec<LoadedRule>,
+}
+
+/// A customer-table entry with the file it came from.
+#[derive(Debug, Clone)]
+struct LoadedCustomer {
+    #[allow(dead_code)]
+    file: String,
+    entry: schema::CustomerEntry,
+}
+
+/// A rule with its id (`file#name`) and position, for messages.
+#[derive(Debug, Clone)]
+struct LoadedRule {
+    id: String,
+    file: String,
+    line: usize,
+    column: usize,
+    rule: schema::Rule,
+}
+
+impl MappingSet {
+    /// The loaded file names, in load order.
+    pub fn files(&self) -> &[String] {
+        &self.files
+    }
+
+    /// The rule ids (`file#name`), in evaluation order.
+    pub fn rule_ids(&self) -> Vec<&str> {
+        self.rules.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    /// The embedded example mappings ([`EXAMPLE_MAPPINGS`]), validated.
+    pub fn examples() -> Result<MappingSet, MappingErrors> {
+        let sources: Vec<(String, String)> = EXAMPLE_MAPPINGS
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        MappingSet::from_sources(&sources)
+    }
+}
+
+/// The rounding a rule uses: its `round`, or the documented default for its value kind
+/// (quantity: scale 6, cost: scale 2; mode half_up).
+fn effective_round(rule: &schema::Rule) -> schema::Round {
+    rule.round.unwrap_or(schema::Round {
+        scale: schema::Scale(match rule.value {
+            Some(schema::ValueSpec::Cost(_)) => 2,
+            _ => 6,
+        }),
+        mode: schema::RoundMode::HalfUp,
+    })
 }

@@ -1,0 +1,1111 @@
+//! MetalSoft (formerly Bigstep Metal Cloud): per-user utilization reports over JSON-RPC.
+//!
+//! MetalSoft has no invoice or billing-line API with ids and finality flags; what it offers is
+//! `resource_utilization_detailed(user_id, start, end, infrastructure_ids, datacenter_names)`, a
+//! report **computed for the requested window**: every line is an interval of one product
+//! (instance, drive, subnet, data lake, …) with its quantity and cost inside the window. That
+//! shapes everything here:
+//!
+//! * **Cursor = a watermark per user** (`user:<id>` → RFC 3339). Windows sit on a fixed grid
+//!   counted from the Unix epoch, so a re-read asks for exactly the same window and gets lines
+//!   with exactly the same natural keys. Only windows that ended at least `settle_delay` ago are
+//!   requested; `look_back` re-reads windows before a stored watermark to pick up late lines
+//!   (the first run starts at `start`, there is nothing before it to re-read), and the stored
+//!   watermark itself never moves backwards.
+//! * **Natural key** (reference 4.5): `(user_id_owner, infrastructure_id, resource_type,
+//!   product_id, start_timestamp, is_reservation)`, plus `bucket`/`direction` for network
+//!   waypoints, plus `window_start` because a long-running resource yields one line per window.
+//! * **Finality**: there is no flag. A line is final when it ends inside its window and the
+//!   window is settled (ended at least `settle_delay` ago); a line reported past the window end
+//!   or in an unsettled window is provisional and will be re-read.
+//! * **Money**: the wire mixes strings (`"7.25925278"`) and numbers (`0`, `119.81`); both are
+//!   read from their text into [`Decimal`], never through a float.
+//!
+//! Resource-type naming (documented choice):
+//! * `detailed_report.<infra>.<type>[]` → `resource_type = <type>` for any key the server sends
+//!   (`instance`, `drive`, `shared_drive`, `subnet`, `data_lake`, or a future one);
+//!   `resource_id = "<type>:<product_id>"`.
+//! * `network_report.<infra>.<bucket>.<direction>.metered_waypoints[]` → `resource_type =
+//!   "<bucket>_<direction>"` (`network_download`, `network_upload`, `data_lake_download`,
+//!   `data_lake_upload`), `resource_id = "<bucket>:<product_id>"` (the network or data lake the
+//!   traffic crossed), attributes `bucket` and `direction`. The per-direction aggregates
+//!   (numeric `cost`/`quantity`) are sums of their waypoints: they are *not* turned into records,
+//!   only checked, and a mismatch is logged as a warning.
+//! * `reservation_installments.server_types[]` → `resource_type = "reservation_installment"`,
+//!   `resource_id = "server_type_reservation:<id>"`, quantity `1` of unit `installment`, cost as
+//!   stated. An installment is a fixed charge for a whole reservation period that the server may
+//!   repeat in every window overlapping it, so its natural key deliberately leaves out the
+//!   window: however many windows report it, it is one record (the ledger upserts it). It is
+//!   final once the window that reported it is settled (reservations are not affected by
+//!   pricing changes, per the Bigstep docs).
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::Retryable;
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tracing::{debug, info, warn};
+
+use crate::config::Secret;
+use crate::http::{self, RetryPolicy};
+use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
+use crate::record::UsageRecord;
+
+/// The provider kind, also the `provider` field of every record.
+pub const KIND: &str = "metalsoft";
+/// The JSON-RPC method this provider calls.
+pub const METHOD: &str = "resource_utilization_detailed";
+/// The JSON-RPC path below the configured endpoint.
+pub const RPC_PATH: &str = "/api/developer/developer";
+
+/// Settings of one MetalSoft source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetalsoftConfig {
+    /// Base URL of the MetalSoft controller, e.g. `https://us01.metalsoft.io`; the call goes to
+    /// `POST {endpoint}/api/developer/developer`.
+    pub endpoint: String,
+    /// API key of a user holding `utilization_reports_read` (`env:NAME` or `file:/path`).
+    pub api_key: Secret,
+    /// The owners (`user_id_owner`) whose utilization is reported; one cursor stream each.
+    pub user_ids: Vec<u64>,
+    /// Length of one report window. Windows are aligned to a fixed grid counted from the Unix
+    /// epoch, so re-reads produce identical windows. Whole seconds, at least one second.
+    #[serde(default = "default_window", with = "crate::config::duration::chrono")]
+    pub window: chrono::Duration,
+    /// How much to re-read before the watermark to catch late lines. Default: one window.
+    #[serde(default, deserialize_with = "optional_chrono_duration")]
+    pub look_back: Option<chrono::Duration>,
+    /// Only windows that ended at least this long ago are requested (and can be final).
+    #[serde(
+        default = "default_settle_delay",
+        with = "crate::config::duration::chrono"
+    )]
+    pub settle_delay: chrono::Duration,
+    /// The first watermark of a user that has no stored cursor yet.
+    pub start: DateTime<Utc>,
+    /// Timeout of one HTTP request.
+    #[serde(default = "default_timeout", with = "crate::config::duration")]
+    pub timeout: Duration,
+    /// Retries of transient failures (network, timeouts, HTTP 5xx and 429).
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Send the fifth positional parameter (`datacenter_names`, as `null`). Older servers reject
+    /// a fifth parameter, so it is off by default.
+    #[serde(default)]
+    pub send_datacenter_param: bool,
+    /// Restrict the report to these infrastructures (the fourth parameter); all when absent.
+    #[serde(default)]
+    pub infrastructure_ids: Option<Vec<u64>>,
+    /// FOCUS `BillingAccountId` of the records; defaults to the endpoint's host name.
+    #[serde(default)]
+    pub billing_account_id: Option<String>,
+}
+
+fn default_window() -> chrono::Duration {
+    chrono::Duration::hours(1)
+}
+
+fn default_settle_delay() -> chrono::Duration {
+    chrono::Duration::hours(1)
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn optional_chrono_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<chrono::Duration>, D::Error> {
+    crate::config::duration::chrono::deserialize(d).map(Some)
+}
+
+impl MetalsoftConfig {
+    /// A configuration with every optional setting at its default (tests, simulators, demo).
+    pub fn new(
+        endpoint: impl Into<String>,
+        api_key: Secret,
+        user_ids: Vec<u64>,
+        start: DateTime<Utc>,
+    ) -> Self {
+        MetalsoftConfig {
+            endpoint: endpoint.into(),
+            api_key,
+            user_ids,
+            window: default_window(),
+            look_back: None,
+            settle_delay: default_settle_delay(),
+            start,
+            timeout: default_timeout(),
+            retry: RetryPolicy::default(),
+            send_datacenter_param: false,
+            infrastructure_ids: None,
+            billing_account_id: None,
+        }
+    }
+
+    /// The effective look-back: the configured one, or one window.
+    pub fn effective_look_back(&self) -> chrono::Duration {
+        self.look_back.unwrap_or(self.window)
+    }
+}
+
+/// Everything [`parse_report`] needs to know besides the report itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportContext {
+    /// The configured source name (`UsageRecord::source`; also names the provider in errors).
+    pub source: String,
+    /// `UsageRecord::billing_account_id`.
+    pub billing_account_id: String,
+    /// The `user_id_owner` the report was requested for.
+    pub user_id: u64,
+    /// Start of the requested window (inclusive).
+    pub window_start: DateTime<Utc>,
+    /// End of the requested window (exclusive).
+    pub window_end: DateTime<Utc>,
+    /// Whether the window ended at least `settle_delay` ago; lines of an unsettled window are
+    /// never final.
+    pub settled: bool,
+}
+
+/// The MetalSoft provider: one configured source.
+#[derive(Debug)]
+pub struct MetalsoftProvider {
+    name: String,
+    config: MetalsoftConfig,
+    url: reqwest::Url,
+    billing_account_id: String,
+    client: reqwest::Client,
+    window_secs: i64,
+    next_id: AtomicU64,
+    /// The watermark `plan` saw per stream, so `fetch` never returns an older cursor.
+    watermarks: Mutex<HashMap<String, DateTime<Utc>>>,
+}
+
+impl MetalsoftProvider {
+    /// Validate the configuration and build the HTTP client.
+    pub fn new(name: String, config: MetalsoftConfig) -> Result<Self, ProviderError> {
+        let bad = |message: String| ProviderError::Config {
+            provider: name.clone(),
+            message,
+        };
+        let base = config.endpoint.trim().trim_end_matches('/');
+        let url = reqwest::Url::parse(&format!("{base}{RPC_PATH}"))
+            .map_err(|e| bad(format!("endpoint {:?} is not a URL: {e}", config.endpoint)))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(bad(format!(
+                "endpoint {:?} must be http or https",
+                config.endpoint
+            )));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| bad(format!("endpoint {:?} has no host", config.endpoint)))?
+            .to_string();
+        if config.user_ids.is_empty() {
+            return Err(bad(
+                "user_ids is empty: name at least one user to report on".into(),
+            ));
+        }
+        if config.window < chrono::Duration::seconds(1) || config.window.subsec_nanos() != 0 {
+            return Err(bad(format!(
+                "window must be a whole number of seconds, at least 1s (got {}s)",
+                config.window.num_seconds()
+            )));
+        }
+        if config.effective_look_back() < chrono::Duration::zero() {
+            return Err(bad("look_back must not be negative".into()));
+        }
+        if config.settle_delay < chrono::Duration::zero() {
+            return Err(bad("settle_delay must not be negative".into()));
+        }
+        if config.api_key.expose().is_empty() {
+            return Err(bad("api_key is empty".into()));
+        }
+        let billing_account_id = config.billing_account_id.clone().unwrap_or(host);
+        Ok(MetalsoftProvider {
+            client: http::client(config.timeout),
+            window_secs: config.window.num_seconds(),
+            name,
+            config,
+            url,
+            billing_account_id,
+            next_id: AtomicU64::new(1),
+            watermarks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> &MetalsoftConfig {
+        &self.config
+    }
+
+    /// The full JSON-RPC URL.
+    pub fn url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    /// The start of the grid window containing `t` (windows are counted from the Unix epoch).
+    pub fn align_down(&self, t: DateTime<Utc>) -> DateTime<Utc> {
+        align_down(t, self.window_secs)
+    }
+
+    /// The cursor stream of a user.
+    pub fn stream_of(user_id: u64) -> String {
+        format!("user:{user_id}")
+    }
+
+    fn shape(&self, message: String) -> ProviderError {
+        ProviderError::Shape {
+            provider: self.name.clone(),
+            call: METHOD.into(),
+            message,
+        }
+    }
+
+    /// The positional parameters of one call.
+    fn params(&self, user_id: u64, chunk: &Chunk) -> Value {
+        let mut params = vec![
+            json!(user_id),
+            json!(wire_time(chunk.window_start)),
+            json!(wire_time(chunk.window_end)),
+        ];
+        if self.config.infrastructure_ids.is_some() || self.config.send_datacenter_param {
+            params.push(match &self.config.infrastructure_ids {
+                Some(ids) => json!(ids),
+                None => Value::Null,
+            });
+        }
+        if self.config.send_datacenter_param {
+            params.push(Value::Null);
+        }
+        Value::Array(params)
+    }
+
+    /// One HTTP exchange; classifies the outcome for the retry loop.
+    async fn call_once(&self, body: &Value) -> Result<Value, Attempt> {
+        let transport = |message: String| Attempt::Retry {
+            error: ProviderError::Transport {
+                provider: self.name.clone(),
+                call: METHOD.into(),
+                message,
+            },
+            hint: None,
+        };
+        let resp = self
+            .client
+            .post(self.url.clone())
+            .bearer_auth(self.config.api_key.expose())
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| transport(describe_reqwest(&e)))?;
+        let status = resp.status();
+        let hint = http::retry_hint(resp.headers());
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| transport(format!("reading the body: {}", describe_reqwest(&e))))?;
+        let http_error = |body: String| ProviderError::Http {
+            provider: self.name.clone(),
+            call: METHOD.into(),
+            status: status.as_u16(),
+            body,
+        };
+        if status.as_u16() == 429 || status.is_server_error() {
+            return Err(Attempt::Retry {
+                error: http_error(http::snippet(&text)),
+                hint,
+            });
+        }
+        if status.as_u16() == 401 || status.as_u16() == 403 {
+            let said = rpc_error_of(&text)
+                .map(|(code, message)| format!("{code} {message}"))
+                .unwrap_or_else(|| http::snippet(&text));
+            return Err(Attempt::Fatal(http_error(format!(
+                "authentication failed: the API key was rejected or its user lacks the \
+                 utilization_reports_read permission (server said: {said})"
+            ))));
+        }
+        if !status.is_success() {
+            if let Some((code, message)) = rpc_error_of(&text) {
+                return Err(Attempt::Fatal(self.api_error(code, message)));
+            }
+            return Err(Attempt::Fatal(http_error(http::snippet(&text))));
+        }
+        let envelope: Value = serde_json::from_str(&text).map_err(|e| {
+            Attempt::Fatal(self.shape(format!(
+                "the body is not JSON ({e}): {}",
+                http::snippet(&text)
+            )))
+        })?;
+        let Value::Object(mut envelope) = envelope else {
+            return Err(Attempt::Fatal(
+                self.shape("the body is not a JSON-RPC response object".into()),
+            ));
+        };
+        if let Some(error) = envelope.get("error").filter(|e| !e.is_null()) {
+            let (code, message) = rpc_error_fields(error);
+            return Err(Attempt::Fatal(self.api_error(code, message)));
+        }
+        match envelope.remove("result") {
+            Some(result) => Ok(result),
+            None => Err(Attempt::Fatal(self.shape(
+                "the JSON-RPC response has neither `result` nor `error`".into(),
+            ))),
+        }
+    }
+
+    fn api_error(&self, code: String, message: String) -> ProviderError {
+        ProviderError::Api {
+            provider: self.name.clone(),
+            call: METHOD.into(),
+            code,
+            message,
+        }
+    }
+
+    /// Call `resource_utilization_detailed` with retries; returns the JSON-RPC `result`.
+    async fn call(&self, params: Value) -> Result<Value, ProviderError> {
+        let policy = self.config.retry.clone();
+        let params = &params;
+        let attempt = || async move {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let body = json!({"jsonrpc": "2.0", "id": id, "method": METHOD, "params": params});
+            debug!(source = %self.name, id, params = %body["params"], "metalsoft: calling {METHOD}");
+            self.call_once(&body).await
+        };
+        attempt
+            .retry(policy.backoff())
+            .sleep(tokio::time::sleep)
+            .when(|a: &Attempt| matches!(a, Attempt::Retry { .. }))
+            .adjust(|a: &Attempt, computed| match a {
+                Attempt::Retry { hint, .. } => policy.with_hint(computed, *hint),
+                Attempt::Fatal(_) => None,
+            })
+            .notify(|a: &Attempt, wait| {
+                warn!(source = %self.name, error = %a.error(), ?wait, "metalsoft: retrying");
+            })
+            .await
+            .map_err(Attempt::into_error)
+    }
+}
+
+/// The outcome of one failed attempt: worth retrying or not.
+#[derive(Debug)]
+enum Attempt {
+    Retry {
+        error: ProviderError,
+        hint: Option<Duration>,
+    },
+    Fatal(ProviderError),
+}
+
+impl Attempt {
+    fn error(&self) -> &ProviderError {
+        match self {
+            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
+        }
+    }
+
+    fn into_error(self) -> ProviderError {
+        match self {
+            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
+        }
+    }
+}
+
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else {
+        "transport error"
+    };
+    // reqwest's Display may include the URL but never headers, so the key cannot leak here.
+    let mut message = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// The `(code, message)` of a JSON-RPC error body, if the text is one.
+fn rpc_error_of(text: &str) -> Option<(String, String)> {
+    let value: Value = serde_json::from_str(text).ok()?;
+    let error = value.get("error").filter(|e| e.is_object())?;
+    Some(rpc_error_fields(error))
+}
+
+fn rpc_error_fields(error: &Value) -> (String, String) {
+    let code = match error.get("code") {
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::String(s)) => s.clone(),
+        _ => "(no code)".to_string(),
+    };
+    let mut message = match error.get("message") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => http::snippet(&error.to_string()),
+    };
+    if let Some(data) = error.get("data").filter(|d| !d.is_null()) {
+        message.push_str(" (data: ");
+        message.push_str(&http::snippet(&data.to_string()));
+        message.push(')');
+    }
+    (code, message)
+}
+
+#[async_trait]
+impl Provider for MetalsoftProvider {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn plan(
+        &self,
+        cursors: &Cursors,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Chunk>, ProviderError> {
+        let window = self.config.window;
+        let upper = self.align_down(now - self.config.settle_delay);
+        let mut chunks = Vec::new();
+        let mut seen = HashMap::new();
+        for &user_id in &self.config.user_ids {
+            let stream = Self::stream_of(user_id);
+            // With a stored cursor, re-read `look_back` before it; on the first run nothing was
+            // read before `start`, so there is nothing to re-read.
+            let (watermark, look_back) = match cursors.get(&stream) {
+                Some(text) => (
+                    parse_time(text).ok_or_else(|| ProviderError::Config {
+                        provider: self.name.clone(),
+                        message: format!(
+                            "stored cursor {stream} = {text:?} is not an RFC 3339 time"
+                        ),
+                    })?,
+                    self.config.effective_look_back(),
+                ),
+                None => (self.config.start, chrono::Duration::zero()),
+            };
+            seen.insert(stream.clone(), watermark);
+            let mut window_start = self.align_down(watermark - look_back);
+            let before = chunks.len();
+            while window_start + window <= upper {
+                chunks.push(Chunk {
+                    stream: stream.clone(),
+                    window_start,
+                    window_end: window_start + window,
+                    detail: user_id.to_string(),
+                });
+                window_start += window;
+            }
+            debug!(source = %self.name, user_id, %watermark, %upper, windows = chunks.len() - before, "metalsoft: planned");
+        }
+        if let Ok(mut map) = self.watermarks.lock() {
+            map.extend(seen);
+        }
+        info!(source = %self.name, chunks = chunks.len(), "metalsoft: plan ready");
+        Ok(chunks)
+    }
+
+    async fn fetch(&self, chunk: &Chunk, now: DateTime<Utc>) -> Result<Page, ProviderError> {
+        let user_id: u64 = chunk.detail.parse().map_err(|_| ProviderError::Config {
+            provider: self.name.clone(),
+            message: format!("chunk detail {:?} is not a user id", chunk.detail),
+        })?;
+        let result = self.call(self.params(user_id, chunk)).await?;
+        let ctx = ReportContext {
+            source: self.name.clone(),
+            billing_account_id: self.billing_account_id.clone(),
+            user_id,
+            window_start: chunk.window_start,
+            window_end: chunk.window_end,
+            settled: chunk.window_end <= now - self.config.settle_delay,
+        };
+        let records = parse_report(&result, &ctx)?;
+        let cursor = match self.watermarks.lock() {
+            Ok(mut map) => {
+                let entry = map.entry(chunk.stream.clone()).or_insert(chunk.window_end);
+                *entry = (*entry).max(chunk.window_end);
+                *entry
+            }
+            Err(_) => chunk.window_end,
+        };
+        debug!(
+            source = %self.name,
+            user_id,
+            window_start = %chunk.window_start,
+            window_end = %chunk.window_end,
+            records = records.len(),
+            "metalsoft: window fetched"
+        );
+        Ok(Page {
+            records,
+            cursor: Some(cursor.to_rfc3339_opts(SecondsFormat::Secs, true)),
+        })
+    }
+}
+
+/// The start of the `window_secs` grid cell containing `t`, counted from the Unix epoch.
+pub fn align_down(t: DateTime<Utc>, window_secs: i64) -> DateTime<Utc> {
+    let w = window_secs.max(1);
+    let secs = t.timestamp().div_euclid(w) * w;
+    Utc.timestamp_opt(secs, 0).single().unwrap_or(t)
+}
+
+/// A time as MetalSoft's parameters want it: `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn wire_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.with_timezone(&Utc));
+    }
+    // Some MySQL-backed fields come without zone; MetalSoft states UTC throughout.
+    NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+        .ok()
+        .map(|n| n.and_utc())
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A decimal from a JSON string or number, read from its text (never through a float).
+pub fn decimal_of(value: &Value) -> Option<Decimal> {
+    let text = match value {
+        Value::String(s) => s.trim().to_string(),
+        Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    Decimal::from_str_exact(&text)
+        .or_else(|_| Decimal::from_scientific(&text))
+        .ok()
+}
+
+/// A non-negative integer from a JSON string or number (`"3600"` or `3600`).
+pub fn integer_of(value: &Value) -> Option<u64> {
+    match value {
+        Value::Number(n) => n.as_u64().or_else(|| n.to_string().parse::<u64>().ok()),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    }
+}
+
+/// Where in the report a line sits, for error messages and keys.
+struct Site<'a> {
+    infra: &'a str,
+    resource_type: String,
+    index: usize,
+    path: String,
+}
+
+/// Entry fields that become record fields rather than pass-through attributes.
+const KNOWN_FIELDS: &[&str] = &[
+    "cost",
+    "cost_currency",
+    "cost_per_unit",
+    "quantity",
+    "measurement_unit",
+    "measurement_period",
+    "is_reservation",
+    "start_timestamp",
+    "end_timestamp",
+    "product_id",
+    "product_label",
+    "product_subdomain",
+];
+
+/// Parse a report given as JSON text (the JSON-RPC `result` object).
+pub fn parse_report_str(
+    text: &str,
+    ctx: &ReportContext,
+) -> Result<Vec<UsageRecord>, ProviderError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| ProviderError::Shape {
+        provider: ctx.source.clone(),
+        call: METHOD.into(),
+        message: format!("the report is not JSON: {e}"),
+    })?;
+    parse_report(&value, ctx)
+}
+
+/// Turn the `result` of `resource_utilization_detailed` into records.
+///
+/// Reads every resource type under `detailed_report`, every waypoint under `network_report`
+/// (the numeric aggregates are only checked against them) and every reservation installment.
+/// Empty maps may arrive as `[]` (PHP's encoding of an empty array) and are accepted. A line
+/// without `cost`, or with an unreadable timestamp, is an error naming where it sits.
+pub fn parse_report(
+    result: &Value,
+    ctx: &ReportContext,
+) -> Result<Vec<UsageRecord>, ProviderError> {
+    let shape = |message: String| ProviderError::Shape {
+        provider: ctx.source.clone(),
+        call: METHOD.into(),
+        message,
+    };
+    let Value::Object(root) = result else {
+        return Err(shape(format!(
+            "the result is not an object but {}",
+            type_name(result)
+        )));
+    };
+    if !root.contains_key("detailed_report") && !root.contains_key("network_report") {
+        return Err(shape(
+            "the result has neither `detailed_report` nor `network_report`".into(),
+        ));
+    }
+    let labels: HashMap<String, String> = object_of(root.get("infrastructures"), "infrastructures")
+        .map_err(&shape)?
+        .map(|m| {
+            m.iter()
+                .filter_map(|(id, v)| {
+                    v.get("infrastructure_label")
+                        .and_then(Value::as_str)
+                        .map(|l| (id.clone(), l.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let mut records = Vec::new();
+    if let Some(detailed) =
+        object_of(root.get("detailed_report"), "detailed_report").map_err(&shape)?
+    {
+        for (infra, types) in detailed {
+            let path = format!("detailed_report.{infra}");
+            let Some(types) = object_of(Some(types), &path).map_err(&shape)? else {
+                continue;
+            };
+            for (resource_type, entries) in types {
+                let path = format!("detailed_report.{infra}.{resource_type}");
+                let entries = array_of(entries, &path).map_err(&shape)?;
+                for (index, entry) in entries.iter().enumerate() {
+                    let site = Site {
+                        infra,
+                        resource_type: resource_type.clone(),
+                        index,
+                        path: format!("{path}[{index}]"),
+                    };
+                    records.push(line_record(entry, &site, None, &labels, ctx).map_err(&shape)?);
+                }
+            }
+        }
+    }
+    if let Some(network) =
+        object_of(root.get("network_report"), "network_report").map_err(&shape)?
+    {
+        for (infra, buckets) in network {
+            let path = format!("network_report.{infra}");
+            let Some(buckets) = object_of(Some(buckets), &path).map_err(&shape)? else {
+                continue;
+            };
+            for (bucket, directions) in buckets {
+                let path = format!("network_report.{infra}.{bucket}");
+                let Some(directions) = object_of(Some(directions), &path).map_err(&shape)? else {
+                    continue;
+                };
+                for (direction, aggregate) in directions {
+                    let path = format!("network_report.{infra}.{bucket}.{direction}");
+                    let Value::Object(aggregate) = aggregate else {
+                        return Err(shape(format!("{path} is not an object")));
+                    };
+                    let waypoints = match aggregate.get("metered_waypoints") {
+                        None | Some(Value::Null) => &[][..],
+                        Some(w) => {
+                            array_of(w, &format!("{path}.metered_waypoints")).map_err(&shape)?
+                        }
+                    };
+                    let first = records.len();
+                    for (index, entry) in waypoints.iter().enumerate() {
+                        let site = Site {
+                            infra,
+                            resource_type: format!("{bucket}_{direction}"),
+                            index,
+                            path: format!("{path}.metered_waypoints[{index}]"),
+                        };
+                        let nk = Some((bucket.as_str(), direction.as_str()));
+                        records.push(line_record(entry, &site, nk, &labels, ctx).map_err(&shape)?);
+                    }
+                    check_aggregate(aggregate, &records[first..], &path, ctx);
+                }
+            }
+        }
+    }
+    if let Some(installments) = object_of(
+        root.get("reservation_installments"),
+        "reservation_installments",
+    )
+    .map_err(&shape)?
+    {
+        if let Some(server_types) = installments.get("server_types").filter(|v| !v.is_null()) {
+            let path = "reservation_installments.server_types";
+            for (index, entry) in array_of(server_types, path)
+                .map_err(&shape)?
+                .iter()
+                .enumerate()
+            {
+                records.push(
+                    installment_record(entry, &format!("{path}[{index}]"), ctx).map_err(&shape)?,
+                );
+            }
+        }
+    }
+    Ok(records)
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A map that may be absent, `null` or `[]` (empty, PHP-encoded).
+fn object_of<'a>(
+    value: Option<&'a Value>,
+    path: &str,
+) -> Result<Option<&'a Map<String, Value>>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(Value::Array(a)) if a.is_empty() => Ok(None),
+        Some(other) => Err(format!(
+            "{path} should be an object but is {}",
+            type_name(other)
+        )),
+    }
+}
+
+fn array_of<'a>(value: &'a Value, path: &str) -> Result<&'a [Value], String> {
+    match value {
+        Value::Array(a) => Ok(a),
+        Value::Null => Ok(&[]),
+        other => Err(format!(
+            "{path} should be an array but is {}",
+            type_name(other)
+        )),
+    }
+}
+
+/// Log (not fail) when an aggregate disagrees with the sum of its waypoints.
+fn check_aggregate(
+    aggregate: &Map<String, Value>,
+    lines: &[UsageRecord],
+    path: &str,
+    ctx: &ReportContext,
+) {
+    let cost: Decimal = lines.iter().map(|r| r.billed_cost).sum();
+    let quantity: Decimal = lines.iter().map(|r| r.consumed_quantity).sum();
+    for (field, sum) in [("cost", cost), ("quantity", quantity)] {
+        if let Some(stated) = aggregate.get(field).and_then(decimal_of) {
+            if stated != sum {
+                warn!(source = %ctx.source, user_id = ctx.user_id, "metalsoft: {path}.{field} is {stated} but its waypoints sum to {sum}");
+            }
+        }
+    }
+}
+
+fn service_name_of(resource_type: &str) -> String {
+    match resource_type {
+        "instance" => "compute",
+        "drive" | "shared_drive" => "storage",
+        "subnet" => "network",
+        "data_lake" => "data_lake",
+        "reservation_installment" => "reservations",
+        t if t.ends_with("_download") || t.ends_with("_upload") => "traffic",
+        other => other,
+    }
+    .to_string()
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// One line of `detailed_report` or one network waypoint.
+fn line_record(
+    entry: &Value,
+    site: &Site<'_>,
+    network: Option<(&str, &str)>,
+    labels: &HashMap<String, String>,
+    ctx: &ReportContext,
+) -> Result<UsageRecord, String> {
+    let Value::Object(e) = entry else {
+        return Err(format!(
+            "infrastructure {}, {} line {}: not an object ({})",
+            site.infra, site.resource_type, site.index, site.path
+        ));
+    };
+    let err = |field: &str, what: &str| {
+        format!(
+            "infrastructure {}, {} line {}: field `{field}` {what} ({}.{field})",
+            site.infra, site.resource_type, site.index, site.path
+        )
+    };
+    let decimal = |field: &str| -> Result<Decimal, String> {
+        let v = e
+            .get(field)
+            .filter(|v| !v.is_null())
+            .ok_or_else(|| err(field, "is missing"))?;
+        decimal_of(v).ok_or_else(|| err(field, &format!("is not a decimal: {v}")))
+    };
+    let time = |field: &str| -> Result<DateTime<Utc>, String> {
+        let v = e
+            .get(field)
+            .filter(|v| !v.is_null())
+            .ok_or_else(|| err(field, "is missing"))?;
+        v.as_str()
+            .and_then(parse_time)
+            .ok_or_else(|| err(field, &format!("is not a UTC timestamp: {v}")))
+    };
+    let text = |field: &str| -> Result<String, String> {
+        match e.get(field) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            Some(Value::Null) | None => Err(err(field, "is missing")),
+            Some(v) => Err(err(field, &format!("is not a string: {v}"))),
+        }
+    };
+    let optional_text = |field: &str| e.get(field).and_then(scalar_text);
+
+    let cost = decimal("cost")?;
+    let quantity = decimal("quantity")?;
+    let currency = text("cost_currency")?;
+    let unit = text("measurement_unit")?;
+    let start = time("start_timestamp")?;
+    let end = time("end_timestamp")?;
+    let product_id = match e.get("product_id") {
+        Some(v) if !v.is_null() => {
+            integer_of(v).ok_or_else(|| err("product_id", &format!("is not an id: {v}")))?
+        }
+        _ => return Err(err("product_id", "is missing")),
+    };
+    let is_reservation = match e.get("is_reservation") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => match scalar_text(v).as_deref().map(str::trim) {
+            Some("0") | Some("false") => false,
+            Some("1") | Some("true") => true,
+            _ => return Err(err("is_reservation", &format!("is not 0 or 1: {v}"))),
+        },
+    };
+    let measurement_period = match e.get("measurement_period") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(integer_of(v).ok_or_else(|| {
+            err(
+                "measurement_period",
+                &format!("is not a whole number of seconds: {v}"),
+            )
+        })?),
+    };
+    let cost_per_unit = match e.get("cost_per_unit") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            decimal_of(v).ok_or_else(|| err("cost_per_unit", &format!("is not a decimal: {v}")))?,
+        ),
+    };
+
+    let mut attributes = BTreeMap::new();
+    attributes.insert("infrastructure_id".to_string(), site.infra.to_string());
+    if let Some(label) = labels.get(site.infra) {
+        attributes.insert("infrastructure_label".to_string(), label.clone());
+    }
+    attributes.insert("is_reservation".to_string(), is_reservation.to_string());
+    if let Some(p) = measurement_period {
+        attributes.insert("measurement_period".to_string(), p.to_string());
+    }
+    if let Some(c) = cost_per_unit {
+        attributes.insert("cost_per_unit".to_string(), c.to_string());
+    }
+    if let Some(s) = optional_text("product_subdomain") {
+        attributes.insert("product_subdomain".to_string(), s);
+    }
+    for (k, v) in e {
+        if !KNOWN_FIELDS.contains(&k.as_str()) {
+            if let Some(t) = scalar_text(v) {
+                attributes.insert(k.clone(), t);
+            }
+        }
+    }
+    attributes.insert("window_start".to_string(), rfc3339(ctx.window_start));
+    attributes.insert("window_end".to_string(), rfc3339(ctx.window_end));
+
+    let (resource_id, sku_id) = match network {
+        Some((bucket, direction)) => {
+            attributes.insert("bucket".to_string(), bucket.to_string());
+            attributes.insert("direction".to_string(), direction.to_string());
+            (format!("{bucket}:{product_id}"), site.resource_type.clone())
+        }
+        None => {
+            let sku = e
+                .get("server_type_id")
+                .and_then(integer_of)
+                .map(|id| format!("server_type:{id}"))
+                .unwrap_or_else(|| site.resource_type.clone());
+            (format!("{}:{product_id}", site.resource_type), sku)
+        }
+    };
+
+    let mut natural_key = vec![
+        ("user_id_owner".to_string(), ctx.user_id.to_string()),
+        ("infrastructure_id".to_string(), site.infra.to_string()),
+        ("resource_type".to_string(), site.resource_type.clone()),
+        ("product_id".to_string(), product_id.to_string()),
+        ("start_timestamp".to_string(), rfc3339(start)),
+        (
+            "is_reservation".to_string(),
+            if is_reservation { "1" } else { "0" }.to_string(),
+        ),
+    ];
+    if let Some((bucket, direction)) = network {
+        natural_key.push(("bucket".to_string(), bucket.to_string()));
+        natural_key.push(("direction".to_string(), direction.to_string()));
+    }
+    natural_key.push(("window_start".to_string(), rfc3339(ctx.window_start)));
+
+    let label = optional_text("product_label");
+    Ok(UsageRecord {
+        provider: KIND.to_string(),
+        source: ctx.source.clone(),
+        billing_account_id: ctx.billing_account_id.clone(),
+        sub_account_id: ctx.user_id.to_string(),
+        resource_id,
+        resource_name: label.clone(),
+        resource_type: site.resource_type.clone(),
+        service_name: service_name_of(&site.resource_type),
+        sku_id: Some(sku_id),
+        charge_description: label,
+        charge_period_start: start,
+        charge_period_end: end,
+        consumed_quantity: quantity,
+        consumed_unit: unit,
+        billed_cost: cost,
+        billing_currency: currency,
+        scope: ctx.user_id.to_string(),
+        natural_key,
+        is_final: ctx.settled && end <= ctx.window_end,
+        attributes,
+        raw: entry.clone(),
+    })
+}
+
+/// One `reservation_installments.server_types[]` entry (see the module doc for the choices).
+fn installment_record(
+    entry: &Value,
+    path: &str,
+    ctx: &ReportContext,
+) -> Result<UsageRecord, String> {
+    let Value::Object(e) = entry else {
+        return Err(format!("reservation installment {path}: not an object"));
+    };
+    let err =
+        |field: &str, what: &str| format!("reservation installment {path}: field `{field}` {what}");
+    let cost = e
+        .get("cost")
+        .filter(|v| !v.is_null())
+        .ok_or_else(|| err("cost", "is missing"))
+        .and_then(|v| {
+            decimal_of(v).ok_or_else(|| err("cost", &format!("is not a decimal: {v}")))
+        })?;
+    let time = |field: &str| -> Result<DateTime<Utc>, String> {
+        let v = e
+            .get(field)
+            .filter(|v| !v.is_null())
+            .ok_or_else(|| err(field, "is missing"))?;
+        v.as_str()
+            .and_then(parse_time)
+            .ok_or_else(|| err(field, &format!("is not a UTC timestamp: {v}")))
+    };
+    let start = time("start_timestamp")?;
+    let end = time("end_timestamp")?;
+    let currency = e
+        .get("cost_currency")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| err("cost_currency", "is missing"))?
+        .to_string();
+    let reservation_id = e
+        .get("server_type_reservation_id")
+        .and_then(integer_of)
+        .ok_or_else(|| err("server_type_reservation_id", "is missing or not an id"))?;
+    let name = e.get("server_type_name").and_then(scalar_text);
+
+    let mut attributes = BTreeMap::new();
+    attributes.insert("is_reservation".to_string(), "true".to_string());
+    for (k, v) in e {
+        if !matches!(
+            k.as_str(),
+            "cost" | "cost_currency" | "start_timestamp" | "end_timestamp"
+        ) {
+            if let Some(t) = scalar_text(v) {
+                attributes.insert(k.clone(), t);
+            }
+        }
+    }
+    let resource_type = "reservation_installment".to_string();
+    Ok(UsageRecord {
+        provider: KIND.to_string(),
+        source: ctx.source.clone(),
+        billing_account_id: ctx.billing_account_id.clone(),
+        sub_account_id: ctx.user_id.to_string(),
+        resource_id: format!("server_type_reservation:{reservation_id}"),
+        resource_name: name.clone(),
+        service_name: service_name_of(&resource_type),
+        sku_id: Some(name.clone().unwrap_or_else(|| resource_type.clone())),
+        charge_description: name.map(|n| format!("reservation installment {n}")),
+        charge_period_start: start,
+        charge_period_end: end,
+        consumed_quantity: Decimal::ONE,
+        consumed_unit: "installment".to_string(),
+        billed_cost: cost,
+        billing_currency: currency,
+        scope: ctx.user_id.to_string(),
+        natural_key: vec![
+            ("user_id_owner".to_string(), ctx.user_id.to_string()),
+            ("infrastructure_id".to_string(), String::new()),
+            ("resource_type".to_string(), resource_type.clone()),
+            ("product_id".to_string(), reservation_id.to_string()),
+            ("start_timestamp".to_string(), rfc3339(start)),
+            ("is_reservation".to_string(), "1".to_string()),
+        ],
+        resource_type,
+        is_final: ctx.settled,
+        attributes,
+        raw: entry.clone(),
+    })
+}
+
+impl FromStr for MetalsoftConfig {
+    type Err = String;
+
+    /// Read a configuration from YAML text (tests and examples).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+    }
+}

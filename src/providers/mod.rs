@@ -86,8 +86,11 @@ pub trait Provider: Send + Sync {
     /// The configured source name.
     fn name(&self) -> &str;
     /// The chunks to pull in this run, in order, given the stored cursors and the current time.
-    async fn plan(&self, cursors: &Cursors, now: DateTime<Utc>)
-        -> Result<Vec<Chunk>, ProviderError>;
+    async fn plan(
+        &self,
+        cursors: &Cursors,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Chunk>, ProviderError>;
     /// Pull one chunk.
     async fn fetch(&self, chunk: &Chunk, now: DateTime<Utc>) -> Result<Page, ProviderError>;
 }

@@ -1,0 +1,994 @@
+//! A Lago event-ingestion simulator on loopback, for `billsync demo`, tests and benchmarks.
+//!
+//! Why: the sink's correctness hinges on Lago's exact idempotency and error semantics
+//! (`shared/reference/invoicing-systems.md` 1.1–1.7), which a generic mock would not enforce.
+//! This server reproduces them:
+//!
+//! - `POST /api/v1/events/batch` and `POST /api/v1/events`, Bearer auth (401 / 403 shapes);
+//! - per-index validation (`value_is_mandatory`, `invalid_format`), `no_events`,
+//!   `too_many_events`;
+//! - the two event stores, chosen at start ([`Behaviour`]): **Postgres** (dedup on
+//!   subscription + transaction id; a batch with any duplicate is refused whole with 422 and
+//!   nothing stored) and **ClickHouse** (dedup on code + subscription + timestamp +
+//!   transaction id; same key and timestamp replaces, another timestamp is a second
+//!   billable event; never a 422 for duplicates);
+//! - read-back: `GET /api/v1/events` (filters, pagination `meta`) and
+//!   `GET /api/v1/events/{transaction_id}`.
+//!
+//! Faults are injected through the [`LagoSimHandle`] (5xx, 429, slowness, "store then lose
+//! the answer", per-transaction validation errors), and the handle exposes what was stored
+//! and received so tests can count events and sum values exactly (as [`Decimal`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Which Lago event store to imitate (they deduplicate differently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Behaviour {
+    /// Self-hosted default: unique (external_subscription_id, transaction_id); a batch holding
+    /// any duplicate is rolled back whole and answered 422 `value_already_exist` per index.
+    #[default]
+    Postgres,
+    /// High-volume pipeline: key (code, external_subscription_id, timestamp, transaction_id);
+    /// the same key replaces, the same transaction id with another timestamp is a new event.
+    ClickHouse,
+}
+
+/// How to start a simulator.
+#[derive(Debug, Clone)]
+pub struct LagoSimConfig {
+    /// The API key accepted as `Authorization: Bearer <key>`.
+    pub api_key: String,
+    /// The event store to imitate.
+    pub behaviour: Behaviour,
+    /// Optional key that authenticates but may not write events (403
+    /// `write_action_not_allowed_for_event`).
+    pub read_only_api_key: Option<String>,
+    /// Largest accepted batch (Lago's `LAGO_EVENTS_BATCH_MAX_LENGTH`, default 100).
+    pub max_batch: usize,
+}
+
+impl Default for LagoSimConfig {
+    fn default() -> Self {
+        LagoSimConfig {
+            api_key: "lago-sim-key".into(),
+            behaviour: Behaviour::Postgres,
+            read_only_api_key: None,
+            max_batch: 100,
+        }
+    }
+}
+
+/// How a "store then drop the response" fault loses the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropMode {
+    /// Answer 500 although the events were stored.
+    Status500,
+    /// Close the connection without writing any answer.
+    CloseConnection,
+}
+
+/// One stored event, as Lago keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Lago's id of the row.
+    pub lago_id: String,
+    /// The client's idempotency key.
+    pub transaction_id: String,
+    /// The subscription the event targets.
+    pub external_subscription_id: String,
+    /// The billable metric code.
+    pub code: String,
+    /// The event time (millisecond precision, as Lago parses it).
+    pub timestamp: DateTime<Utc>,
+    /// The properties, as received.
+    pub properties: Map<String, Value>,
+    /// `precise_total_amount_cents`, when sent.
+    pub precise_total_amount_cents: Option<String>,
+    /// When the simulator stored it.
+    pub created_at: DateTime<Utc>,
+}
+
+impl StoredEvent {
+    fn to_json(&self) -> Value {
+        json!({
+            "lago_id": self.lago_id,
+            "transaction_id": self.transaction_id,
+            "lago_customer_id": Value::Null,
+            "code": self.code,
+            "timestamp": self.timestamp.to_rfc3339_opts(SecondsFormat::Millis, true),
+            "lago_subscription_id": Value::Null,
+            "external_subscription_id": self.external_subscription_id,
+            "precise_total_amount_cents": self.precise_total_amount_cents,
+            "properties": self.properties,
+            "created_at": self.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        })
+    }
+}
+
+/// An injected answer for the next ingestion requests.
+#[derive(Debug, Clone)]
+enum Injected {
+    Status(u16),
+    RateLimited { retry_after: Option<u64> },
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    queue: VecDeque<Injected>,
+    delay: Duration,
+    drop_after_store: VecDeque<DropMode>,
+    /// transaction_id → (field, error).
+    reject: HashMap<String, (String, String)>,
+}
+
+#[derive(Debug, Default)]
+struct Store {
+    events: Vec<StoredEvent>,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: LagoSimConfig,
+    store: Mutex<Store>,
+    faults: Mutex<Faults>,
+    requests: Mutex<Vec<ReceivedRequest>>,
+}
+
+/// A request the simulator received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedRequest {
+    /// `POST /api/v1/events/batch`, `GET /api/v1/events`, …
+    pub route: String,
+    /// The raw body.
+    pub body: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these plain collections half-updated in a
+    // way that matters for a simulator; keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running simulator. Serves until [`LagoSimHandle::shutdown`] or drop.
+#[derive(Debug)]
+pub struct LagoSimHandle {
+    /// Base URL, e.g. `http://127.0.0.1:41234` (configure it as the sink's `api_url`).
+    pub url: String,
+    /// The bound address.
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Entry point: `LagoSim::start(config)`.
+#[derive(Debug)]
+pub struct LagoSim;
+
+impl LagoSim {
+    /// Bind `127.0.0.1:0` and serve in a background task of the current Tokio runtime.
+    pub async fn start(config: LagoSimConfig) -> io::Result<LagoSimHandle> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            store: Mutex::new(Store::default()),
+            faults: Mutex::new(Faults::default()),
+            requests: Mutex::new(Vec::new()),
+        });
+        let app = Router::new()
+            .route("/api/v1/events/batch", post(post_batch))
+            .route("/api/v1/events", post(post_single).get(list_events))
+            .route("/api/v1/events/{transaction_id}", get(show_event))
+            .with_state(shared.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(
+                KillableListener(listener),
+                app.into_make_service_with_connect_info::<KillSwitch>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "lago simulator stopped with an error");
+            }
+        });
+        Ok(LagoSimHandle {
+            url: format!("http://{addr}"),
+            addr,
+            shared,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+}
+
+impl LagoSimHandle {
+    /// Stop serving and wait for the server task (open connections finish first).
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    // --- faults -------------------------------------------------------------------------
+
+    /// Answer the next `n` ingestion requests with `status` (e.g. 500, 502, 503), storing nothing.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        let mut f = lock(&self.shared.faults);
+        f.queue
+            .extend(std::iter::repeat_n(Injected::Status(status), n));
+    }
+
+    /// Answer the next `n` ingestion requests 429, with `Retry-After: <secs>` when given.
+    pub fn rate_limit_next(&self, n: usize, retry_after: Option<u64>) {
+        let mut f = lock(&self.shared.faults);
+        f.queue.extend(std::iter::repeat_n(
+            Injected::RateLimited { retry_after },
+            n,
+        ));
+    }
+
+    /// Wait this long before handling each ingestion request (zero: no delay).
+    pub fn set_delay(&self, delay: Duration) {
+        lock(&self.shared.faults).delay = delay;
+    }
+
+    /// For the next `n` ingestion requests that store events: store them, then lose the answer.
+    pub fn store_then_drop_next(&self, n: usize, mode: DropMode) {
+        let mut f = lock(&self.shared.faults);
+        f.drop_after_store.extend(std::iter::repeat_n(mode, n));
+    }
+
+    /// Refuse any event with this transaction id: 422 `{"<i>":{"properties":["invalid_value"]}}`.
+    pub fn reject_transaction(&self, transaction_id: impl Into<String>) {
+        self.reject_transaction_with(transaction_id, "properties", "invalid_value");
+    }
+
+    /// Refuse any event with this transaction id with the given field and error code.
+    pub fn reject_transaction_with(
+        &self,
+        transaction_id: impl Into<String>,
+        field: impl Into<String>,
+        error: impl Into<String>,
+    ) {
+        lock(&self.shared.faults)
+            .reject
+            .insert(transaction_id.into(), (field.into(), error.into()));
+    }
+
+    /// Remove every pending fault, the delay and the rejections.
+    pub fn clear_faults(&self) {
+        *lock(&self.shared.faults) = Faults::default();
+    }
+
+    // --- inspection ---------------------------------------------------------------------
+
+    /// Every stored event, in storage order.
+    pub fn events(&self) -> Vec<StoredEvent> {
+        lock(&self.shared.store).events.clone()
+    }
+
+    /// How many stored events carry this transaction id (any subscription).
+    pub fn count(&self, transaction_id: &str) -> usize {
+        lock(&self.shared.store)
+            .events
+            .iter()
+            .filter(|e| e.transaction_id == transaction_id)
+            .count()
+    }
+
+    /// Stored events per transaction id.
+    pub fn counts(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for e in &lock(&self.shared.store).events {
+            *out.entry(e.transaction_id.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Sum of `property` over the stored events of (subscription, code), parsed exactly
+    /// (no float on the way). Values that are not numbers are skipped, as Lago skips them
+    /// when aggregating. `None` if the sum overflows [`Decimal`].
+    pub fn total(
+        &self,
+        external_subscription_id: &str,
+        code: &str,
+        property: &str,
+    ) -> Option<Decimal> {
+        lock(&self.shared.store)
+            .events
+            .iter()
+            .filter(|e| e.external_subscription_id == external_subscription_id && e.code == code)
+            .filter_map(|e| e.properties.get(property).and_then(decimal_of))
+            .try_fold(Decimal::ZERO, |acc, d| acc.checked_add(d))
+    }
+
+    /// Sums per (subscription, code, property) of every numeric property value; `None` for a
+    /// sum that overflows [`Decimal`].
+    pub fn totals(&self) -> BTreeMap<(String, String, String), Option<Decimal>> {
+        let mut out: BTreeMap<(String, String, String), Option<Decimal>> = BTreeMap::new();
+        for e in &lock(&self.shared.store).events {
+            for (name, value) in &e.properties {
+                if let Some(d) = decimal_of(value) {
+                    let sum = out
+                        .entry((
+                            e.external_subscription_id.clone(),
+                            e.code.clone(),
+                            name.clone(),
+                        ))
+                        .or_insert(Some(Decimal::ZERO));
+                    *sum = sum.and_then(|s| s.checked_add(d));
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of ingestion requests received (`POST` batch or single), including refused ones.
+    pub fn request_count(&self) -> usize {
+        lock(&self.shared.requests)
+            .iter()
+            .filter(|r| r.route.starts_with("POST"))
+            .count()
+    }
+
+    /// The raw bodies of the ingestion requests, in arrival order.
+    pub fn bodies(&self) -> Vec<String> {
+        lock(&self.shared.requests)
+            .iter()
+            .filter(|r| r.route.starts_with("POST"))
+            .map(|r| r.body.clone())
+            .collect()
+    }
+
+    /// Every request received (ingestion and read-back).
+    pub fn requests(&self) -> Vec<ReceivedRequest> {
+        lock(&self.shared.requests).clone()
+    }
+}
+
+impl Drop for LagoSimHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A property value as an exact decimal: a string or a JSON number (no float on the way).
+fn decimal_of(value: &Value) -> Option<Decimal> {
+    let text = match value {
+        Value::String(s) => s.trim().to_string(),
+        Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    Decimal::from_str_exact(&text)
+        .ok()
+        .or_else(|| Decimal::from_scientific(&text).ok())
+}
+
+// --- connection killing ---------------------------------------------------------------------
+
+/// Per-connection switch: once set, the connection fails every write, so the client gets
+/// no answer at all (the "crashed after storing" case).
+#[derive(Debug, Clone, Default)]
+struct KillSwitch(Arc<AtomicBool>);
+
+struct KillableListener(TcpListener);
+
+struct KillableStream {
+    inner: TcpStream,
+    kill: KillSwitch,
+}
+
+impl axum::serve::Listener for KillableListener {
+    type Io = KillableStream;
+    type Addr = KillSwitch;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((inner, _)) => {
+                    let kill = KillSwitch::default();
+                    return (
+                        KillableStream {
+                            inner,
+                            kill: kill.clone(),
+                        },
+                        kill,
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "lago simulator: accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(KillSwitch::default())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, KillableListener>>
+    for KillSwitch
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, KillableListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+impl AsyncRead for KillableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for KillableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.kill.0.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "simulated crash: connection dropped",
+            )));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// --- handlers -------------------------------------------------------------------------------
+
+type Sim = State<Arc<Shared>>;
+
+fn error_body(status: StatusCode, extra: Value) -> Response {
+    let mut body = json!({
+        "status": status.as_u16(),
+        "error": status.canonical_reason().unwrap_or("Error"),
+    });
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    (status, Json(body)).into_response()
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({"status": 401, "error": "Unauthorized"})),
+    )
+        .into_response()
+}
+
+fn validation_errors(details: Value) -> Response {
+    error_body(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        json!({"code": "validation_errors", "error_details": details}),
+    )
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"status": 400, "error": format!("BadRequest: {message}")})),
+    )
+        .into_response()
+}
+
+/// Access check as Lago does it: the second whitespace-separated token of `Authorization`.
+// The error is the ready answer, returned once per request: its size does not matter.
+#[allow(clippy::result_large_err)]
+fn authorize(shared: &Shared, headers: &HeaderMap, write: bool) -> Result<(), Response> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_whitespace().nth(1));
+    match token {
+        Some(t) if t == shared.config.api_key => Ok(()),
+        Some(t) if shared.config.read_only_api_key.as_deref() == Some(t) => {
+            if write {
+                Err(error_body(
+                    StatusCode::FORBIDDEN,
+                    json!({"code": "write_action_not_allowed_for_event"}),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        _ => Err(unauthorized()),
+    }
+}
+
+fn record(shared: &Shared, route: &str, body: &str) {
+    lock(&shared.requests).push(ReceivedRequest {
+        route: route.to_string(),
+        body: body.to_string(),
+    });
+}
+
+/// Delay and one-shot injected answers, applied to ingestion requests after auth.
+async fn injected(shared: &Shared) -> Option<Response> {
+    let delay = lock(&shared.faults).delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let next = lock(&shared.faults).queue.pop_front();
+    match next? {
+        Injected::Status(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Some(error_body(status, json!({})))
+        }
+        Injected::RateLimited { retry_after } => {
+            let mut resp = error_body(StatusCode::TOO_MANY_REQUESTS, json!({}));
+            let headers = resp.headers_mut();
+            headers.insert(
+                "x-ratelimit-limit",
+                axum::http::HeaderValue::from_static("500"),
+            );
+            headers.insert(
+                "x-ratelimit-remaining",
+                axum::http::HeaderValue::from_static("0"),
+            );
+            if let Some(secs) = retry_after {
+                if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                    headers.insert(axum::http::header::RETRY_AFTER, v);
+                }
+            }
+            Some(resp)
+        }
+    }
+}
+
+/// A validated incoming event.
+struct Incoming {
+    transaction_id: String,
+    external_subscription_id: String,
+    code: String,
+    timestamp: DateTime<Utc>,
+    properties: Map<String, Value>,
+    precise_total_amount_cents: Option<String>,
+}
+
+/// Lago's `BigDecimal(timestamp.to_s)`: integer, number or numeric string of Unix seconds,
+/// kept to the millisecond.
+fn parse_timestamp(value: &Value) -> Option<DateTime<Utc>> {
+    let text = match value {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.trim().to_string(),
+        _ => return None,
+    };
+    let secs = Decimal::from_str(&text)
+        .ok()
+        .or_else(|| Decimal::from_scientific(&text).ok())?;
+    let millis = (secs * Decimal::from(1000)).trunc();
+    let millis = i64::try_from(millis).ok()?;
+    DateTime::from_timestamp_millis(millis)
+}
+
+fn mandatory_string(obj: &Map<String, Value>, field: &str) -> Option<String> {
+    match obj.get(field) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Validate one event; `Err` holds `{field: [errors]}`.
+fn validate(
+    shared: &Shared,
+    event: &Value,
+    now: DateTime<Utc>,
+) -> Result<Incoming, Map<String, Value>> {
+    let mut errors = Map::new();
+    let Some(obj) = event.as_object() else {
+        errors.insert("event".into(), json!(["invalid_format"]));
+        return Err(errors);
+    };
+    let mut need = |field: &str| {
+        let v = mandatory_string(obj, field);
+        if v.is_none() {
+            errors.insert(field.to_string(), json!(["value_is_mandatory"]));
+        }
+        v
+    };
+    let transaction_id = need("transaction_id");
+    let code = need("code");
+    let external_subscription_id = need("external_subscription_id");
+    let timestamp = match obj.get("timestamp") {
+        None | Some(Value::Null) => Some(now),
+        Some(v) => {
+            let t = parse_timestamp(v);
+            if t.is_none() {
+                errors.insert("timestamp".into(), json!(["invalid_format"]));
+            }
+            t
+        }
+    };
+    let properties = match obj.get("properties") {
+        None | Some(Value::Null) => Some(Map::new()),
+        Some(Value::Object(m)) => Some(m.clone()),
+        Some(_) => {
+            errors.insert("properties".into(), json!(["invalid_format"]));
+            None
+        }
+    };
+    if let Some(tid) = &transaction_id {
+        if let Some((field, error)) = lock(&shared.faults).reject.get(tid) {
+            errors.insert(field.clone(), json!([error]));
+        }
+    }
+    let precise_total_amount_cents = obj.get("precise_total_amount_cents").and_then(|v| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    });
+    match (
+        transaction_id,
+        code,
+        external_subscription_id,
+        timestamp,
+        properties,
+    ) {
+        (
+            Some(transaction_id),
+            Some(code),
+            Some(external_subscription_id),
+            Some(timestamp),
+            Some(properties),
+        ) if errors.is_empty() => Ok(Incoming {
+            transaction_id,
+            external_subscription_id,
+            code,
+            timestamp,
+            properties,
+            precise_total_amount_cents,
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// Store validated events according to the behaviour. `Err` holds, per position, the
+/// duplicates that made a Postgres insert roll back (nothing stored then).
+fn store(
+    shared: &Shared,
+    incoming: Vec<Incoming>,
+    now: DateTime<Utc>,
+) -> Result<Vec<StoredEvent>, Vec<usize>> {
+    let mut store = lock(&shared.store);
+    match shared.config.behaviour {
+        Behaviour::Postgres => {
+            let existing: HashSet<(&str, &str)> = store
+                .events
+                .iter()
+                .map(|e| {
+                    (
+                        e.external_subscription_id.as_str(),
+                        e.transaction_id.as_str(),
+                    )
+                })
+                .collect();
+            let mut seen = HashSet::new();
+            let mut duplicates = Vec::new();
+            for (i, e) in incoming.iter().enumerate() {
+                let key = (
+                    e.external_subscription_id.as_str(),
+                    e.transaction_id.as_str(),
+                );
+                if existing.contains(&key) || !seen.insert(key) {
+                    duplicates.push(i);
+                }
+            }
+            if !duplicates.is_empty() {
+                return Err(duplicates);
+            }
+            drop(existing);
+            let stored: Vec<StoredEvent> = incoming
+                .into_iter()
+                .map(|e| new_stored(&mut store, e, now))
+                .collect();
+            store.events.extend(stored.iter().cloned());
+            Ok(stored)
+        }
+        Behaviour::ClickHouse => {
+            let mut stored = Vec::with_capacity(incoming.len());
+            for e in incoming {
+                let event = new_stored(&mut store, e, now);
+                let same = store.events.iter().position(|s| {
+                    s.code == event.code
+                        && s.external_subscription_id == event.external_subscription_id
+                        && s.timestamp == event.timestamp
+                        && s.transaction_id == event.transaction_id
+                });
+                match same {
+                    Some(pos) => store.events[pos] = event.clone(),
+                    None => store.events.push(event.clone()),
+                }
+                stored.push(event);
+            }
+            Ok(stored)
+        }
+    }
+}
+
+fn new_stored(store: &mut Store, e: Incoming, now: DateTime<Utc>) -> StoredEvent {
+    store.next_id += 1;
+    StoredEvent {
+        lago_id: format!("00000000-0000-4000-8000-{:012x}", store.next_id),
+        transaction_id: e.transaction_id,
+        external_subscription_id: e.external_subscription_id,
+        code: e.code,
+        timestamp: e.timestamp,
+        properties: e.properties,
+        precise_total_amount_cents: e.precise_total_amount_cents,
+        created_at: now,
+    }
+}
+
+/// After storing: lose the answer if a drop fault is armed.
+fn maybe_drop(shared: &Shared, kill: &KillSwitch) -> Option<Response> {
+    let mode = lock(&shared.faults).drop_after_store.pop_front()?;
+    match mode {
+        DropMode::Status500 => Some(error_body(StatusCode::INTERNAL_SERVER_ERROR, json!({}))),
+        DropMode::CloseConnection => {
+            kill.0.store(true, Ordering::SeqCst);
+            Some(StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+    }
+}
+
+async fn post_batch(
+    State(shared): Sim,
+    ConnectInfo(kill): ConnectInfo<KillSwitch>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    record(&shared, "POST /api/v1/events/batch", &body);
+    if let Err(r) = authorize(&shared, &headers, true) {
+        return r;
+    }
+    if let Some(r) = injected(&shared).await {
+        return r;
+    }
+    let Ok(parsed) = serde_json::from_str::<Value>(&body) else {
+        return bad_request("body is not JSON");
+    };
+    let Some(events) = parsed.get("events") else {
+        return bad_request("param is missing or the value is empty: events");
+    };
+    let Some(events) = events.as_array() else {
+        return validation_errors(json!({"events": ["invalid_format"]}));
+    };
+    if events.is_empty() {
+        return validation_errors(json!({"events": ["no_events"]}));
+    }
+    if events.len() > shared.config.max_batch {
+        return validation_errors(json!({"events": ["too_many_events"]}));
+    }
+    let now = Utc::now();
+    let mut valid = Vec::with_capacity(events.len());
+    let mut errors = Map::new();
+    for (i, e) in events.iter().enumerate() {
+        match validate(&shared, e, now) {
+            Ok(v) => valid.push(v),
+            Err(errs) => {
+                errors.insert(i.to_string(), Value::Object(errs));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return validation_errors(Value::Object(errors));
+    }
+    match store(&shared, valid, now) {
+        Err(duplicates) => {
+            let details: Map<String, Value> = duplicates
+                .into_iter()
+                .map(|i| {
+                    (
+                        i.to_string(),
+                        json!({"transaction_id": ["value_already_exist"]}),
+                    )
+                })
+                .collect();
+            validation_errors(Value::Object(details))
+        }
+        Ok(stored) => {
+            if let Some(r) = maybe_drop(&shared, &kill) {
+                return r;
+            }
+            let events: Vec<Value> = stored.iter().map(StoredEvent::to_json).collect();
+            (StatusCode::OK, Json(json!({ "events": events }))).into_response()
+        }
+    }
+}
+
+async fn post_single(
+    State(shared): Sim,
+    ConnectInfo(kill): ConnectInfo<KillSwitch>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    record(&shared, "POST /api/v1/events", &body);
+    if let Err(r) = authorize(&shared, &headers, true) {
+        return r;
+    }
+    if let Some(r) = injected(&shared).await {
+        return r;
+    }
+    let Ok(parsed) = serde_json::from_str::<Value>(&body) else {
+        return bad_request("body is not JSON");
+    };
+    let Some(event) = parsed.get("event").filter(|e| e.is_object()) else {
+        return bad_request("param is missing or the value is empty: event");
+    };
+    let now = Utc::now();
+    let valid = match validate(&shared, event, now) {
+        Ok(v) => v,
+        Err(errs) => return validation_errors(Value::Object(errs)),
+    };
+    match store(&shared, vec![valid], now) {
+        Err(_) => validation_errors(json!({"transaction_id": ["value_already_exist"]})),
+        Ok(stored) => {
+            if let Some(r) = maybe_drop(&shared, &kill) {
+                return r;
+            }
+            let event = stored
+                .first()
+                .map(StoredEvent::to_json)
+                .unwrap_or(Value::Null);
+            (StatusCode::OK, Json(json!({ "event": event }))).into_response()
+        }
+    }
+}
+
+/// Query of `GET /api/v1/events`.
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    page: Option<String>,
+    per_page: Option<String>,
+    external_subscription_id: Option<String>,
+    code: Option<String>,
+    timestamp_from: Option<String>,
+    timestamp_to: Option<String>,
+}
+
+#[allow(clippy::result_large_err)]
+fn parse_time(field: &str, text: &Option<String>) -> Result<Option<DateTime<Utc>>, Response> {
+    match text.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        None => Ok(None),
+        Some(t) => DateTime::parse_from_rfc3339(t)
+            .map(|d| Some(d.with_timezone(&Utc)))
+            .map_err(|_| validation_errors(json!({ field: ["invalid_date"] }))),
+    }
+}
+
+async fn list_events(
+    State(shared): Sim,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    record(&shared, "GET /api/v1/events", "");
+    if let Err(r) = authorize(&shared, &headers, false) {
+        return r;
+    }
+    let from = match parse_time("timestamp_from", &q.timestamp_from) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let to = match parse_time("timestamp_to", &q.timestamp_to) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let page = q
+        .page
+        .as_deref()
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p > 0)
+        .unwrap_or(1);
+    let per_page = q
+        .per_page
+        .as_deref()
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p > 0)
+        .unwrap_or(20)
+        .min(100);
+    let mut matching: Vec<StoredEvent> = lock(&shared.store)
+        .events
+        .iter()
+        .filter(|e| {
+            q.external_subscription_id
+                .as_deref()
+                .is_none_or(|s| e.external_subscription_id == s)
+                && q.code.as_deref().is_none_or(|c| e.code == c)
+                && from.is_none_or(|f| e.timestamp >= f)
+                && to.is_none_or(|t| e.timestamp <= t)
+        })
+        .cloned()
+        .collect();
+    // Newest first, as Lago lists them; storage order breaks ties.
+    matching.sort_by_key(|e| std::cmp::Reverse(e.timestamp));
+    let total_count = matching.len();
+    let total_pages = total_count.div_ceil(per_page);
+    let events: Vec<Value> = matching
+        .iter()
+        .skip((page - 1).saturating_mul(per_page))
+        .take(per_page)
+        .map(StoredEvent::to_json)
+        .collect();
+    let meta = json!({
+        "current_page": page,
+        "next_page": if page < total_pages { Some(page + 1) } else { None },
+        "prev_page": if page > 1 { Some(page - 1) } else { None },
+        "total_pages": total_pages,
+        "total_count": total_count,
+    });
+    (
+        StatusCode::OK,
+        Json(json!({ "events": events, "meta": meta })),
+    )
+        .into_response()
+}
+
+async fn show_event(
+    State(shared): Sim,
+    headers: HeaderMap,
+    Path(transaction_id): Path<String>,
+) -> Response {
+    record(&shared, "GET /api/v1/events/{transaction_id}", "");
+    if let Err(r) = authorize(&shared, &headers, false) {
+        return r;
+    }
+    let found = lock(&shared.store)
+        .events
+        .iter()
+        .find(|e| e.transaction_id == transaction_id)
+        .map(StoredEvent::to_json);
+    match found {
+        Some(event) => (StatusCode::OK, Json(json!({ "event": event }))).into_response(),
+        None => error_body(StatusCode::NOT_FOUND, json!({"code": "event_not_found"})),
+    }
+}

@@ -1,0 +1,636 @@
+//! The Lago sink: usage events to `POST {api_url}/api/v1/events/batch`.
+//!
+//! Why it looks the way it does (see `shared/reference/invoicing-systems.md`, 1.3–1.6):
+//!
+//! - **Idempotency rests on two frozen fields.** `transaction_id` is the ledger key and the
+//!   `timestamp` is the event's own time, both written once into the payload at staging. On
+//!   Lago's ClickHouse store the dedup key includes the timestamp, so a retry with another
+//!   timestamp would be a second billable event; resending the stored bytes verbatim is the
+//!   only safe retry. [`LagoSink::deliver`] therefore never re-serializes a payload.
+//! - **Numbers travel as strings.** The spec types property values as `oneOf` string /
+//!   integer / number, so an integer matches two branches and fails validation, and a JSON
+//!   float loses precision. Every property value is a string (decimal, no exponent), and a
+//!   sub-second timestamp is a string `"secs.millis"` (a JSON float fails the spec).
+//! - **A 422 is split by array index.** On the Postgres store a batch is all-or-nothing: one
+//!   duplicate rolls the whole batch back. Records reported only as
+//!   `transaction_id: value_already_exist` were delivered earlier; records with any other
+//!   error are rejected; every other record is resent in a new batch until all are resolved.
+//! - **Retries are for transient failures only** (transport errors, timeouts, 429, 5xx), with
+//!   the shared [`RetryPolicy`] and the server's own wait hint. 401/403 stop the sink (records
+//!   stay pending) instead of burning retries; nothing is ever marked delivered without a
+//!   2xx or a per-record `value_already_exist`.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use backon::BackoffBuilder;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::Secret;
+use crate::http::{retry_hint, snippet, RetryPolicy};
+use crate::mapping::MappedEvent;
+use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
+
+/// The largest batch Lago accepts (`LAGO_EVENTS_BATCH_MAX_LENGTH`, default 100).
+pub const MAX_BATCH: usize = 100;
+
+/// The path of the batch endpoint, below `api_url`.
+pub const BATCH_PATH: &str = "/api/v1/events/batch";
+
+fn default_batch_size() -> usize {
+    MAX_BATCH
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Settings of one Lago sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LagoConfig {
+    /// Base URL of the Lago API, without `/api/v1`: `https://api.getlago.com`,
+    /// `https://api.eu.getlago.com` or the self-hosted host. Events go to
+    /// `{api_url}/api/v1/events/batch`.
+    pub api_url: String,
+    /// The API key (`env:NAME` or `file:/path`), sent as `Authorization: Bearer …`. It needs
+    /// `write` permission on events.
+    pub api_key: Secret,
+    /// Events per request, 1 to 100 (Lago's limit). Default 100.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Timeout of one HTTP request (connect + answer), e.g. `30s`. Default 30 seconds.
+    #[serde(default = "default_timeout", with = "crate::config::duration")]
+    pub timeout: Duration,
+    /// Retries of transient failures (transport errors, timeouts, 429, 5xx).
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// A Lago sink configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum LagoConfigError {
+    /// `batch_size` outside 1..=100.
+    #[error("sink {sink}: batch_size must be between 1 and {MAX_BATCH}, got {got}")]
+    BatchSize { sink: String, got: usize },
+    /// `api_url` is not an absolute http(s) base URL.
+    #[error("sink {sink}: api_url {url:?} {reason}")]
+    ApiUrl {
+        sink: String,
+        url: String,
+        reason: String,
+    },
+    /// `timeout` is zero.
+    #[error("sink {sink}: timeout must be greater than zero")]
+    Timeout { sink: String },
+    /// The HTTP client could not be built.
+    #[error("sink {sink}: cannot build the HTTP client: {message}")]
+    Client { sink: String, message: String },
+}
+
+/// Delivers frozen event payloads to Lago's batch endpoint.
+#[derive(Debug)]
+pub struct LagoSink {
+    name: String,
+    endpoint: String,
+    api_key: Secret,
+    batch_size: usize,
+    retry: RetryPolicy,
+    client: reqwest::Client,
+}
+
+impl LagoSink {
+    /// Check the configuration and build the sink (no network access).
+    pub fn new(name: String, config: LagoConfig) -> Result<Self, LagoConfigError> {
+        if config.batch_size == 0 || config.batch_size > MAX_BATCH {
+            return Err(LagoConfigError::BatchSize {
+                sink: name,
+                got: config.batch_size,
+            });
+        }
+        if config.timeout.is_zero() {
+            return Err(LagoConfigError::Timeout { sink: name });
+        }
+        let base = config.api_url.trim().trim_end_matches('/').to_string();
+        let url_error = |reason: &str| LagoConfigError::ApiUrl {
+            sink: name.clone(),
+            url: config.api_url.clone(),
+            reason: reason.to_string(),
+        };
+        let parsed = reqwest::Url::parse(&base)
+            .map_err(|e| url_error(&format!("is not a valid URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(url_error("must be an http:// or https:// URL with a host"));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(url_error("must not carry a query or fragment"));
+        }
+        if base.ends_with("/api/v1") {
+            return Err(url_error(
+                "must be the base URL without /api/v1 (the sink appends /api/v1/events/batch)",
+            ));
+        }
+        // Our own client, like `crate::http::client` but without following redirects: reqwest
+        // turns a redirected POST into a GET without body, whose answer says nothing about
+        // our events.
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("billsync/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| LagoConfigError::Client {
+                sink: name.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(LagoSink {
+            endpoint: format!("{base}{BATCH_PATH}"),
+            name,
+            api_key: config.api_key,
+            batch_size: config.batch_size,
+            retry: config.retry,
+            client,
+        })
+    }
+
+    /// The URL events are posted to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn encode_error(&self, key: &str, message: impl Into<String>) -> EncodeError {
+        EncodeError {
+            sink: self.name.clone(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn stopped(&self, message: impl Into<String>) -> SinkStopped {
+        SinkStopped {
+            sink: self.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// Send one request (retrying transient failures) and classify Lago's answer.
+    async fn send(&self, payloads: &[&str]) -> Result<RequestResult, SinkStopped> {
+        let mut body =
+            String::with_capacity(payloads.iter().map(|p| p.len() + 1).sum::<usize>() + 13);
+        body.push_str("{\"events\":[");
+        for (i, p) in payloads.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(p);
+        }
+        body.push_str("]}");
+
+        let mut delays = self.retry.backoff().build();
+        let mut attempt = 0usize;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let (reason, hint) = match self.attempt(&body, payloads.len()).await? {
+                Attempt::Done(result) => {
+                    tracing::debug!(
+                        sink = %self.name,
+                        events = payloads.len(),
+                        attempt,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        result = result.label(),
+                        "lago batch request done"
+                    );
+                    return Ok(result);
+                }
+                Attempt::Transient { reason, hint } => (reason, hint),
+            };
+            match self.retry.with_hint(delays.next(), hint) {
+                Some(wait) => {
+                    tracing::warn!(
+                        sink = %self.name,
+                        events = payloads.len(),
+                        attempt,
+                        wait_ms = wait.as_millis() as u64,
+                        %reason,
+                        "lago batch request failed, retrying the same payload"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    tracing::warn!(
+                        sink = %self.name,
+                        events = payloads.len(),
+                        attempt,
+                        %reason,
+                        "lago batch request failed, retries exhausted; records stay pending"
+                    );
+                    return Ok(RequestResult::Failed(format!(
+                        "{reason} (gave up after {attempt} attempts)"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One HTTP exchange.
+    async fn attempt(&self, body: &str, count: usize) -> Result<Attempt, SinkStopped> {
+        let response = self
+            .client
+            .post(&self.endpoint)
+            .bearer_auth(self.api_key.expose())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body.to_string())
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Attempt::Transient {
+                    reason: transport_reason(&e),
+                    hint: None,
+                })
+            }
+        };
+        let status = response.status();
+        let hint = retry_hint(response.headers());
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = match response.text().await {
+            Ok(t) => t,
+            // The answer was cut: we cannot know what Lago did, and resending is safe.
+            Err(e) => {
+                return Ok(Attempt::Transient {
+                    reason: format!(
+                        "HTTP {status}, reading the answer failed: {}",
+                        transport_reason(&e)
+                    ),
+                    hint,
+                })
+            }
+        };
+        let code = status.as_u16();
+        let lago_error = serde_json::from_str::<LagoError>(&text).ok();
+        let result = match code {
+            200..=299 => match serde_json::from_str::<Value>(&text) {
+                Ok(v) if v.get("events").is_some_and(Value::is_array) => {
+                    let echoed = v.get("events").and_then(Value::as_array).map_or(0, Vec::len);
+                    if echoed != count {
+                        tracing::warn!(sink = %self.name, sent = count, echoed, "Lago echoed another number of events than sent");
+                    }
+                    RequestResult::Delivered
+                }
+                // A 2xx that is not Lago's answer (a proxy, a wrong host): not proof of
+                // delivery. Keep the records pending; resending later is idempotent.
+                _ => RequestResult::Failed(format!(
+                    "HTTP {status} but the answer is not a Lago events response: {}",
+                    snippet(&text)
+                )),
+            },
+            300..=399 => {
+                return Err(self.stopped(format!(
+                    "Lago answered {status} redirecting to {}: set api_url to the final address",
+                    location.as_deref().unwrap_or("(no Location)")
+                )))
+            }
+            401 => {
+                return Err(self.stopped(
+                    "Lago refused the API key (401): check the Lago api_key secret of this sink (missing, wrong or rotated); records stay pending",
+                ))
+            }
+            403 => {
+                let lago_code = lago_error
+                    .as_ref()
+                    .and_then(|e| e.code.clone())
+                    .unwrap_or_else(|| "no code".into());
+                return Err(self.stopped(format!(
+                    "Lago forbids the request (403 {lago_code}): the API key needs write permission on events; records stay pending"
+                )));
+            }
+            404 if lago_error.is_none() => {
+                // Lago itself never answers 404 on the batch endpoint with its error shape
+                // missing: this is a wrong api_url, not a property of the records.
+                return Err(self.stopped(format!(
+                    "{} answered 404 Not Found: check api_url; records stay pending",
+                    self.endpoint
+                )));
+            }
+            400 | 404 => RequestResult::Rejected(format!("Lago answered {status}: {}", snippet(&text))),
+            422 => self.split_422(&text, count)?,
+            408 | 429 | 500..=599 => {
+                return Ok(Attempt::Transient {
+                    reason: format!("HTTP {status}: {}", snippet(&text)),
+                    hint,
+                })
+            }
+            // Anything else is unexpected: do not quarantine records for it, keep them pending.
+            _ => RequestResult::Failed(format!("unexpected HTTP {status}: {}", snippet(&text))),
+        };
+        Ok(Attempt::Done(result))
+    }
+
+    /// Classify a 422 answer: per-index outcomes, or one verdict for the whole request.
+    fn split_422(&self, text: &str, count: usize) -> Result<RequestResult, SinkStopped> {
+        let whole = |why: &str| {
+            RequestResult::Rejected(format!("Lago answered 422 ({why}): {}", snippet(text)))
+        };
+        let Ok(error) = serde_json::from_str::<LagoError>(text) else {
+            return Ok(whole("not a Lago error body"));
+        };
+        let details = match error.error_details {
+            Some(Value::Object(map)) => map,
+            _ => return Ok(whole("errors not per event")),
+        };
+        if let Some(Value::Array(list)) = details.get("events") {
+            if list.iter().any(|e| e.as_str() == Some("too_many_events")) {
+                // The server's batch limit is lower than ours: a configuration problem, not
+                // a property of the records.
+                return Err(self.stopped(format!(
+                    "Lago refuses batches of {count} events (too_many_events): lower batch_size; records stay pending"
+                )));
+            }
+        }
+        let mut per_index = Vec::with_capacity(details.len());
+        for (k, v) in &details {
+            match k.parse::<usize>() {
+                Ok(i) if i < count => per_index.push((i, v)),
+                _ => return Ok(whole("errors not keyed by event index")),
+            }
+        }
+        if per_index.is_empty() {
+            return Ok(whole("no errors listed"));
+        }
+        let mut outcomes = vec![None; count];
+        for (i, errors) in per_index {
+            outcomes[i] = Some(if only_already_exists(errors) {
+                Outcome::AlreadyDelivered
+            } else {
+                Outcome::Rejected(format!("Lago validation: {}", describe_errors(errors)))
+            });
+        }
+        Ok(RequestResult::Split(outcomes))
+    }
+}
+
+/// Lago's error body (`ApiError*` in the spec).
+#[derive(Debug, Deserialize)]
+struct LagoError {
+    #[allow(dead_code)]
+    status: Option<u16>,
+    code: Option<String>,
+    error_details: Option<Value>,
+}
+
+enum Attempt {
+    Done(RequestResult),
+    Transient {
+        reason: String,
+        hint: Option<Duration>,
+    },
+}
+
+/// The verdict on one request.
+enum RequestResult {
+    Delivered,
+    Rejected(String),
+    Failed(String),
+    /// A 422 by index: `Some` = resolved, `None` = not mentioned, to resend.
+    Split(Vec<Option<Outcome>>),
+}
+
+impl RequestResult {
+    fn label(&self) -> &'static str {
+        match self {
+            RequestResult::Delivered => "delivered",
+            RequestResult::Rejected(_) => "rejected",
+            RequestResult::Failed(_) => "failed",
+            RequestResult::Split(_) => "split",
+        }
+    }
+}
+
+/// `{"transaction_id": ["value_already_exist"]}` and nothing else.
+fn only_already_exists(errors: &Value) -> bool {
+    let Some(map) = errors.as_object() else {
+        return false;
+    };
+    map.len() == 1
+        && map
+            .get("transaction_id")
+            .and_then(Value::as_array)
+            .is_some_and(|list| {
+                !list.is_empty()
+                    && list
+                        .iter()
+                        .all(|e| e.as_str() == Some("value_already_exist"))
+            })
+}
+
+/// `field: error, error; field: error` from a per-event error object.
+fn describe_errors(errors: &Value) -> String {
+    match errors {
+        Value::Object(map) => map
+            .iter()
+            .map(|(field, list)| {
+                let list = match list {
+                    Value::Array(items) => items
+                        .iter()
+                        .map(|e| e.as_str().map_or_else(|| e.to_string(), str::to_string))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                format!("{field}: {list}")
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Value::String(s) => s.clone(),
+        other => snippet(&other.to_string()),
+    }
+}
+
+fn transport_reason(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "answer cut"
+    } else {
+        "transport error"
+    };
+    // Walk the sources: reqwest's top message is generic. URLs carry no secret here.
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    format!("{kind}: {detail}")
+}
+
+/// A JSON string literal.
+fn json_string(s: &str) -> String {
+    // Serializing a &str to JSON cannot fail.
+    serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""))
+}
+
+/// A decimal as Lago should read it: plain digits, no exponent, no trailing zeros.
+fn decimal_text(value: rust_decimal::Decimal) -> String {
+    if value.is_zero() {
+        return "0".into();
+    }
+    value.normalize().to_string()
+}
+
+#[async_trait]
+impl Sink for LagoSink {
+    fn kind(&self) -> &'static str {
+        "lago"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    /// `{"transaction_id":…,"external_subscription_id":…,"code":…,"timestamp":…,"properties":{…}}`,
+    /// compact and in this order; the value property first, then the extra properties sorted,
+    /// every value a string. The timestamp is integer seconds, or `"secs.mmm"` when the event
+    /// time has a sub-second part (truncated to milliseconds, Lago's precision).
+    fn encode(&self, key: &str, event: &MappedEvent) -> Result<String, EncodeError> {
+        if key.trim().is_empty() {
+            return Err(self.encode_error(key, "the transaction_id (ledger key) is empty"));
+        }
+        if event.external_subscription_id.trim().is_empty() {
+            return Err(self.encode_error(key, "external_subscription_id is empty"));
+        }
+        if event.metric_code.trim().is_empty() {
+            return Err(self.encode_error(key, "the metric code is empty"));
+        }
+        if event.value_property.trim().is_empty() {
+            return Err(self.encode_error(key, "the value property name is empty"));
+        }
+        if event.properties.contains_key(&event.value_property) {
+            return Err(self.encode_error(
+                key,
+                format!(
+                    "extra property {:?} collides with the value property",
+                    event.value_property
+                ),
+            ));
+        }
+        let secs = event.timestamp.timestamp();
+        if secs < 0 {
+            return Err(self.encode_error(key, "the timestamp is before 1970"));
+        }
+        let millis = event.timestamp.timestamp_subsec_millis();
+        let timestamp = if event.timestamp.timestamp_subsec_nanos() == 0 {
+            secs.to_string()
+        } else {
+            format!("\"{secs}.{millis:03}\"")
+        };
+
+        let mut out = String::with_capacity(256);
+        out.push_str("{\"transaction_id\":");
+        out.push_str(&json_string(key));
+        out.push_str(",\"external_subscription_id\":");
+        out.push_str(&json_string(&event.external_subscription_id));
+        out.push_str(",\"code\":");
+        out.push_str(&json_string(&event.metric_code));
+        out.push_str(",\"timestamp\":");
+        out.push_str(&timestamp);
+        out.push_str(",\"properties\":{");
+        out.push_str(&json_string(&event.value_property));
+        out.push(':');
+        out.push_str(&json_string(&decimal_text(event.value)));
+        // BTreeMap: already sorted by key.
+        for (name, value) in &event.properties {
+            out.push(',');
+            out.push_str(&json_string(name));
+            out.push(':');
+            out.push_str(&json_string(value));
+        }
+        out.push_str("}}");
+        Ok(out)
+    }
+
+    async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        // Indices still to send, in input order.
+        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        let mut requests = 0usize;
+        while !pending.is_empty() {
+            // One request: at most batch_size records, never the same key twice (a repeated
+            // key waits for a later request, where Lago reports it as already delivered).
+            let mut keys = HashSet::new();
+            let mut request = Vec::new();
+            let mut later = Vec::new();
+            for &i in &pending {
+                if request.len() < self.batch_size && keys.insert(batch[i].key.as_str()) {
+                    request.push(i);
+                } else {
+                    if request.len() < self.batch_size {
+                        tracing::error!(sink = %self.name, "the same key twice in one batch: sending the repeat in a later request");
+                    }
+                    later.push(i);
+                }
+            }
+            requests += 1;
+            let payloads: Vec<&str> = request.iter().map(|&i| batch[i].payload.as_str()).collect();
+            tracing::debug!(sink = %self.name, events = request.len(), request = requests, "lago batch request");
+            let mut unresolved = Vec::new();
+            match self.send(&payloads).await? {
+                RequestResult::Delivered => {
+                    for &i in &request {
+                        outcomes[i] = Some(Outcome::Delivered);
+                    }
+                }
+                RequestResult::Rejected(reason) => {
+                    for &i in &request {
+                        outcomes[i] = Some(Outcome::Rejected(reason.clone()));
+                    }
+                }
+                RequestResult::Failed(reason) => {
+                    for &i in &request {
+                        outcomes[i] = Some(Outcome::Failed(reason.clone()));
+                    }
+                }
+                RequestResult::Split(split) => {
+                    let resolved = split.iter().filter(|o| o.is_some()).count();
+                    tracing::debug!(
+                        sink = %self.name,
+                        resolved,
+                        resend = request.len() - resolved,
+                        "lago rejected the batch by index; resending the rest"
+                    );
+                    for (pos, outcome) in split.into_iter().enumerate() {
+                        match outcome {
+                            Some(o) => outcomes[request[pos]] = Some(o),
+                            None => unresolved.push(request[pos]),
+                        }
+                    }
+                }
+            }
+            // Each round resolves at least one record, so this loop ends.
+            unresolved.extend(later);
+            unresolved.sort_unstable();
+            pending = unresolved;
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::Failed("internal: no outcome".into())))
+            .collect())
+    }
+}

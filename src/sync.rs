@@ -1,0 +1,647 @@
+//! The one place that wires providers, mappings, the ledger and sinks together.
+//!
+//! Data flows one way: provider → normalize → map → ledger (outbox) → sink → ledger (ack).
+//! Each provider page is mapped and staged with its cursor in one transaction, so a crash
+//! loses at most a page that is then pulled again; records leave only from the ledger, with
+//! the payload frozen at staging, so a crash between a sink accepting and the ledger recording
+//! it ends in a resend of identical bytes that the sink recognises as a duplicate.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use tracing::{debug, error, info, warn};
+
+use crate::ledger::{Ledger, LedgerError, MappedColumns, StageCounts, StageRow, Status};
+use crate::mapping::{MapOutcome, MappingSet};
+use crate::providers::Provider;
+use crate::record::UsageRecord;
+use crate::sinks::{Outcome, Sink};
+
+/// How often a long run extends its lock.
+const LOCK_REFRESH: Duration = Duration::from_secs(30);
+/// Records read per page when replaying.
+const REPLAY_PAGE: i64 = 500;
+
+/// Everything a run needs.
+pub struct Pipeline {
+    pub ledger: Ledger,
+    pub providers: Vec<Box<dyn Provider>>,
+    /// Configured sinks; the first is the default for rules that name none.
+    pub sinks: Vec<Box<dyn Sink>>,
+    pub mappings: MappingSet,
+    /// How long the run lock lasts without a refresh (a crashed run's lock expires after it).
+    pub lock_ttl: Duration,
+}
+
+/// Options of `billsync sync`.
+#[derive(Debug, Clone, Default)]
+pub struct SyncOptions {
+    /// Only this source (configured name) or provider kind.
+    pub provider: Option<String>,
+    /// Pull and map, report what would be staged, write nothing and send nothing.
+    pub dry_run: bool,
+    /// Stage only, do not push (used by tests that simulate a crash after staging).
+    pub skip_push: bool,
+    /// The current time (tests pin it).
+    pub now: Option<DateTime<Utc>>,
+}
+
+/// Options of `billsync replay`.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Which held records to re-map: `unmapped` or `rejected`.
+    pub status: Status,
+    /// Only this source or provider kind.
+    pub provider: Option<String>,
+    /// Say what would happen, change nothing.
+    pub dry_run: bool,
+    /// Why (stored in the ledger's audit trail).
+    pub reason: String,
+    pub now: Option<DateTime<Utc>>,
+}
+
+/// How a run ended, from the operator's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunOutcome {
+    /// Everything pulled is delivered (or deliberately ignored or waiting to be final).
+    Ok,
+    /// The run completed but records are left undelivered (pending, unmapped or rejected).
+    Undelivered,
+    /// A provider failed; what was staged before the failure is kept and was pushed.
+    ProviderFailed,
+    /// A sink refused the credentials; its records stay pending.
+    SinkStopped,
+}
+
+/// Per-source figures of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceSummary {
+    pub provider: String,
+    pub chunks: u64,
+    pub pulled: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One line of the totals table.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Total {
+    pub subscription: String,
+    pub metric: String,
+    pub value: Decimal,
+}
+
+/// What a run did. Printed at the end and stored as JSON in the ledger's `runs` table.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub run_id: Option<i64>,
+    pub command: String,
+    pub dry_run: bool,
+    pub outcome: RunOutcome,
+    pub sources: BTreeMap<String, SourceSummary>,
+    pub pulled: u64,
+    /// New records staged.
+    pub new: u64,
+    pub unchanged: u64,
+    pub restaged: u64,
+    /// Sent records that came back with other content (kept as changes to resolve).
+    pub changed_after_send: u64,
+    /// New or restaged records per status (pending = mapped, unmapped = held, ...).
+    pub staged_by_status: BTreeMap<String, u64>,
+    pub sent: u64,
+    pub already_delivered: u64,
+    pub rejected: u64,
+    /// Left pending after retries; sent again by the next run.
+    pub failed: u64,
+    pub sink_errors: Vec<String>,
+    /// What this run sent, per subscription and metric.
+    pub totals: Vec<Total>,
+    /// Undelivered records in the whole ledger at the end of the run.
+    pub undelivered: i64,
+    pub duration_ms: u128,
+}
+
+impl RunSummary {
+    fn new(command: &str, dry_run: bool) -> Self {
+        RunSummary {
+            run_id: None,
+            command: command.into(),
+            dry_run,
+            outcome: RunOutcome::Ok,
+            sources: BTreeMap::new(),
+            pulled: 0,
+            new: 0,
+            unchanged: 0,
+            restaged: 0,
+            changed_after_send: 0,
+            staged_by_status: BTreeMap::new(),
+            sent: 0,
+            already_delivered: 0,
+            rejected: 0,
+            failed: 0,
+            sink_errors: Vec::new(),
+            totals: Vec::new(),
+            undelivered: 0,
+            duration_ms: 0,
+        }
+    }
+
+    fn add_counts(&mut self, c: &StageCounts) {
+        self.new += c.new;
+        self.unchanged += c.unchanged;
+        self.restaged += c.restaged;
+        self.changed_after_send += c.changed_after_send;
+        for (k, v) in &c.by_status {
+            *self.staged_by_status.entry((*k).to_string()).or_default() += v;
+        }
+    }
+
+    /// Records held as unmapped by this run.
+    pub fn held(&self) -> u64 {
+        self.staged_by_status.get("unmapped").copied().unwrap_or(0)
+    }
+
+    /// Records mapped (to be sent) by this run.
+    pub fn mapped(&self) -> u64 {
+        self.staged_by_status.get("pending").copied().unwrap_or(0)
+    }
+}
+
+/// Errors that end a run early. Provider and sink failures do not: they are reported in the
+/// summary and the run goes on with what it can do.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("no configured source is named or of kind {0:?}")]
+    UnknownProvider(String),
+}
+
+impl Pipeline {
+    fn sink(&self, name: Option<&str>) -> Option<&dyn Sink> {
+        match name {
+            None => self.sinks.first().map(|s| s.as_ref()),
+            Some(n) => self
+                .sinks
+                .iter()
+                .find(|s| s.name() == n)
+                .map(|s| s.as_ref()),
+        }
+    }
+
+    /// Map one record and freeze its payload: the row the ledger stages.
+    pub fn stage_row(&self, record: UsageRecord) -> StageRow {
+        let key = record.idempotency_key();
+        let content_hash = record.content_hash();
+        let mut mapped = MappedColumns::default();
+        let (status, note) = match self.mappings.apply(&record) {
+            MapOutcome::Unmapped { reason } => (Status::Unmapped, Some(reason)),
+            MapOutcome::Ignored { rule } => {
+                mapped.rule = Some(rule);
+                (Status::Ignored, None)
+            }
+            MapOutcome::Mapped(event) => {
+                mapped.rule = Some(event.rule.clone());
+                mapped.subscription = Some(event.external_subscription_id.clone());
+                mapped.customer = event.external_customer_id.clone();
+                mapped.metric = Some(event.metric_code.clone());
+                mapped.value = Some(event.value);
+                match self.sink(event.sink.as_deref()) {
+                    None => (
+                        Status::Unmapped,
+                        Some(format!(
+                            "rule {} targets sink {:?}, which is not configured",
+                            event.rule,
+                            event.sink.as_deref().unwrap_or("(default)")
+                        )),
+                    ),
+                    Some(sink) => {
+                        mapped.sink = Some(sink.name().to_string());
+                        match sink.encode(&key, &event) {
+                            Err(e) => (Status::Unmapped, Some(e.to_string())),
+                            Ok(payload) => {
+                                mapped.payload = Some(payload);
+                                if record.is_final {
+                                    (Status::Pending, None)
+                                } else {
+                                    (
+                                        Status::Provisional,
+                                        Some(
+                                            "not final yet: sent once the provider closes it"
+                                                .into(),
+                                        ),
+                                    )
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        StageRow {
+            key,
+            content_hash,
+            record,
+            status,
+            mapped,
+            note,
+        }
+    }
+
+    fn lock_holder() -> String {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        format!(
+            "{host}:{}:{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        )
+    }
+
+    /// Pull every (selected) source, stage, push, and report.
+    pub async fn sync(&self, opts: &SyncOptions) -> Result<RunSummary, SyncError> {
+        let started = Instant::now();
+        let now = opts.now.unwrap_or_else(Utc::now);
+        let mut summary = RunSummary::new("sync", opts.dry_run);
+        let selected: Vec<&dyn Provider> = self
+            .providers
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| match &opts.provider {
+                None => true,
+                Some(n) => p.name() == n || p.kind() == n,
+            })
+            .collect();
+        if let Some(n) = &opts.provider {
+            if selected.is_empty() {
+                return Err(SyncError::UnknownProvider(n.clone()));
+            }
+        }
+
+        let holder = Self::lock_holder();
+        if !opts.dry_run {
+            self.ledger
+                .acquire_lock(&holder, now, self.lock_ttl)
+                .await?;
+        }
+        let result = self
+            .sync_locked(opts, now, &selected, &holder, &mut summary)
+            .await;
+        if !opts.dry_run {
+            if let Err(e) = self.ledger.release_lock(&holder).await {
+                warn!(error = %e, "could not release the run lock; it expires by itself");
+            }
+        }
+        result?;
+        summary.duration_ms = started.elapsed().as_millis();
+        Ok(summary)
+    }
+
+    async fn sync_locked(
+        &self,
+        opts: &SyncOptions,
+        now: DateTime<Utc>,
+        selected: &[&dyn Provider],
+        holder: &str,
+        summary: &mut RunSummary,
+    ) -> Result<(), SyncError> {
+        let run_id = if opts.dry_run {
+            None
+        } else {
+            Some(self.ledger.start_run("sync", now).await?)
+        };
+        summary.run_id = run_id;
+        let mut last_refresh = Instant::now();
+
+        for provider in selected {
+            let mut src = SourceSummary {
+                provider: provider.kind().to_string(),
+                ..Default::default()
+            };
+            if let Err(e) = self
+                .pull_source(
+                    *provider,
+                    run_id,
+                    now,
+                    holder,
+                    &mut last_refresh,
+                    &mut src,
+                    summary,
+                )
+                .await
+            {
+                match e {
+                    PullError::Ledger(e) => return Err(e.into()),
+                    PullError::Provider(message) => {
+                        error!(source = provider.name(), error = %message, "pull failed; what was staged before is kept");
+                        src.error = Some(message);
+                        summary.outcome = RunOutcome::ProviderFailed;
+                    }
+                }
+            }
+            info!(
+                source = provider.name(),
+                chunks = src.chunks,
+                pulled = src.pulled,
+                "source pulled"
+            );
+            summary.sources.insert(provider.name().to_string(), src);
+        }
+
+        if let Some(run_id) = run_id {
+            if !opts.skip_push {
+                self.push_all(run_id, holder, &mut last_refresh, summary)
+                    .await?;
+            }
+            self.finish(run_id, summary).await?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pull_source(
+        &self,
+        provider: &dyn Provider,
+        run_id: Option<i64>,
+        now: DateTime<Utc>,
+        holder: &str,
+        last_refresh: &mut Instant,
+        src: &mut SourceSummary,
+        summary: &mut RunSummary,
+    ) -> Result<(), PullError> {
+        let cursors = self.ledger.cursors(provider.name()).await?;
+        let chunks = provider
+            .plan(&cursors, now)
+            .await
+            .map_err(|e| PullError::Provider(e.to_string()))?;
+        info!(source = provider.name(), chunks = chunks.len(), "pulling");
+        // A page with no records moves its cursor without a transaction of its own: the move is
+        // kept in memory and written with the next staged page or at the end. A crash only
+        // means those empty windows are asked again.
+        let mut deferred: Option<(String, String)> = None;
+        let total = chunks.len();
+        let mut outcome = Ok(());
+        for (i, chunk) in chunks.iter().enumerate() {
+            let page = match provider.fetch(chunk, now).await {
+                Ok(p) => p,
+                Err(e) => {
+                    outcome = Err(PullError::Provider(e.to_string()));
+                    break;
+                }
+            };
+            src.chunks += 1;
+            src.pulled += page.records.len() as u64;
+            summary.pulled += page.records.len() as u64;
+            debug!(source = provider.name(), stream = %chunk.stream, window_start = %chunk.window_start,
+                records = page.records.len(), "chunk {}/{}", i + 1, total);
+
+            if let Some((stream, _)) = &deferred {
+                if *stream != chunk.stream || !page.records.is_empty() {
+                    if let (Some(run_id), Some((stream, value))) = (run_id, deferred.take()) {
+                        self.ledger
+                            .set_cursor(run_id, provider.name(), &stream, &value, Utc::now())
+                            .await?;
+                    }
+                }
+            }
+            if page.records.is_empty() {
+                if let Some(value) = page.cursor {
+                    deferred = Some((chunk.stream.clone(), value));
+                }
+                continue;
+            }
+            let rows: Vec<StageRow> = page
+                .records
+                .into_iter()
+                .map(|r| self.stage_row(r))
+                .collect();
+            let counts = match run_id {
+                Some(run_id) => {
+                    let cursor = page
+                        .cursor
+                        .as_deref()
+                        .map(|v| (provider.name(), chunk.stream.as_str(), v));
+                    self.ledger.stage(run_id, &rows, cursor, Utc::now()).await?
+                }
+                None => self.dry_run_counts(&rows).await?,
+            };
+            summary.add_counts(&counts);
+            if run_id.is_some() && last_refresh.elapsed() > LOCK_REFRESH {
+                self.ledger
+                    .refresh_lock(holder, Utc::now(), self.lock_ttl)
+                    .await?;
+                *last_refresh = Instant::now();
+            }
+        }
+        if let (Some(run_id), Some((stream, value))) = (run_id, deferred) {
+            self.ledger
+                .set_cursor(run_id, provider.name(), &stream, &value, Utc::now())
+                .await?;
+        }
+        outcome
+    }
+
+    async fn dry_run_counts(&self, rows: &[StageRow]) -> Result<StageCounts, LedgerError> {
+        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        let known = self.ledger.existing(&keys).await?;
+        let mut c = StageCounts::default();
+        for r in rows {
+            match known.get(&r.key) {
+                None => {
+                    c.new += 1;
+                    *c.by_status.entry(r.status.as_str()).or_default() += 1;
+                }
+                Some((_, hash, _)) if *hash == r.content_hash => c.unchanged += 1,
+                Some((_, _, Status::Sent)) => c.changed_after_send += 1,
+                Some(_) => {
+                    c.restaged += 1;
+                    *c.by_status.entry(r.status.as_str()).or_default() += 1;
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// Send every pending record of every sink, batch by batch. Each record is tried at most
+    /// once per run (the walk is by id), so a sink that keeps failing cannot hold a run forever.
+    async fn push_all(
+        &self,
+        run_id: i64,
+        holder: &str,
+        last_refresh: &mut Instant,
+        summary: &mut RunSummary,
+    ) -> Result<(), LedgerError> {
+        for sink in &self.sinks {
+            let mut after_id = 0;
+            let mut batches = 0u64;
+            loop {
+                let batch = self
+                    .ledger
+                    .pending_batch(sink.name(), after_id, sink.max_batch())
+                    .await?;
+                let Some(last) = batch.last() else { break };
+                after_id = last.id;
+                let outcomes = match sink.deliver(&batch).await {
+                    Ok(o) => o,
+                    Err(stopped) => {
+                        error!(sink = sink.name(), error = %stopped, "sink stopped; its records stay pending");
+                        summary.sink_errors.push(stopped.to_string());
+                        summary.outcome = RunOutcome::SinkStopped;
+                        break;
+                    }
+                };
+                let mut acks = Vec::with_capacity(batch.len());
+                for (out, outcome) in batch.iter().zip(outcomes) {
+                    match &outcome {
+                        Outcome::Delivered => summary.sent += 1,
+                        Outcome::AlreadyDelivered => summary.already_delivered += 1,
+                        Outcome::Rejected(reason) => {
+                            summary.rejected += 1;
+                            warn!(sink = sink.name(), key = %out.key, %reason, "record rejected; held in the ledger");
+                        }
+                        Outcome::Failed(_) => summary.failed += 1,
+                    }
+                    acks.push((out.id, outcome));
+                }
+                self.ledger.ack(run_id, &acks, Utc::now()).await?;
+                batches += 1;
+                if batches % 100 == 0 {
+                    info!(sink = sink.name(), batches, sent = summary.sent, "pushing");
+                }
+                if last_refresh.elapsed() > LOCK_REFRESH {
+                    self.ledger
+                        .refresh_lock(holder, Utc::now(), self.lock_ttl)
+                        .await?;
+                    *last_refresh = Instant::now();
+                }
+            }
+            info!(sink = sink.name(), batches, "sink done");
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, run_id: i64, summary: &mut RunSummary) -> Result<(), LedgerError> {
+        summary.totals = self
+            .ledger
+            .sent_totals(run_id)
+            .await?
+            .into_iter()
+            .map(|((subscription, metric), value)| Total {
+                subscription,
+                metric,
+                value,
+            })
+            .collect();
+        summary.undelivered = self.ledger.undelivered().await?;
+        if summary.outcome == RunOutcome::Ok && summary.undelivered > 0 {
+            summary.outcome = RunOutcome::Undelivered;
+        }
+        let outcome = serde_json::to_value(summary.outcome)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let json = serde_json::to_string(&*summary).unwrap_or_default();
+        self.ledger
+            .finish_run(run_id, &outcome, &json, Utc::now())
+            .await
+    }
+
+    /// Re-map held records with today's mapping files and push what now maps.
+    pub async fn replay(&self, opts: &ReplayOptions) -> Result<RunSummary, SyncError> {
+        let started = Instant::now();
+        let now = opts.now.unwrap_or_else(Utc::now);
+        let mut summary = RunSummary::new("replay", opts.dry_run);
+        let holder = Self::lock_holder();
+        if !opts.dry_run {
+            self.ledger
+                .acquire_lock(&holder, now, self.lock_ttl)
+                .await?;
+        }
+        let result = self.replay_locked(opts, now, &holder, &mut summary).await;
+        if !opts.dry_run {
+            if let Err(e) = self.ledger.release_lock(&holder).await {
+                warn!(error = %e, "could not release the run lock; it expires by itself");
+            }
+        }
+        result?;
+        summary.duration_ms = started.elapsed().as_millis();
+        Ok(summary)
+    }
+
+    async fn replay_locked(
+        &self,
+        opts: &ReplayOptions,
+        now: DateTime<Utc>,
+        holder: &str,
+        summary: &mut RunSummary,
+    ) -> Result<(), SyncError> {
+        let run_id = if opts.dry_run {
+            None
+        } else {
+            let id = self.ledger.start_run("replay", now).await?;
+            let detail = serde_json::json!({
+                "status": opts.status.as_str(),
+                "provider": opts.provider,
+                "reason": opts.reason,
+            });
+            self.ledger
+                .audit(id, "replay", &detail.to_string(), now)
+                .await?;
+            Some(id)
+        };
+        summary.run_id = run_id;
+        let mut after_id = 0;
+        loop {
+            let page = self
+                .ledger
+                .records_with_status(opts.status, opts.provider.as_deref(), after_id, REPLAY_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after_id = last.id;
+            for stored in page {
+                summary.pulled += 1;
+                let row = self.stage_row(stored.record);
+                *summary
+                    .staged_by_status
+                    .entry(row.status.as_str().to_string())
+                    .or_default() += 1;
+                if let Some(run_id) = run_id {
+                    self.ledger
+                        .remap(
+                            run_id,
+                            stored.id,
+                            row.status,
+                            &row.mapped,
+                            row.note.as_deref(),
+                            Utc::now(),
+                        )
+                        .await?;
+                } else {
+                    info!(key = %stored.key, from = stored.status.as_str(), to = row.status.as_str(),
+                        note = row.note.as_deref().unwrap_or(""), "would re-map");
+                }
+            }
+        }
+        if let Some(run_id) = run_id {
+            let mut last_refresh = Instant::now();
+            self.push_all(run_id, holder, &mut last_refresh, summary)
+                .await?;
+            self.finish(run_id, summary).await?;
+        }
+        Ok(())
+    }
+}
+
+enum PullError {
+    Ledger(LedgerError),
+    Provider(String),
+}
+
+impl From<LedgerError> for PullError {
+    fn from(e: LedgerError) -> Self {
+        PullError::Ledger(e)
+    }
+}

@@ -1,0 +1,232 @@
+//! The ledger as a specification: outbox staging, no-op re-reads, changes of sent records kept
+//! beside them, acknowledgements, the run lock, and refusal of a ledger from a newer binary.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use billsync::ledger::{Ledger, LedgerError, MappedColumns, StageRow, Status};
+use billsync::record::UsageRecord;
+use billsync::sinks::Outcome;
+use chrono::{TimeZone, Utc};
+use rust_decimal::Decimal;
+
+fn record(resource: &str, cost: &str) -> UsageRecord {
+    let start = Utc.with_ymd_and_hms(2026, 10, 5, 0, 0, 0).unwrap();
+    UsageRecord {
+        provider: "metalsoft".into(),
+        source: "ms".into(),
+        billing_account_id: "acct".into(),
+        sub_account_id: "1".into(),
+        resource_id: resource.into(),
+        resource_name: None,
+        resource_type: "instance".into(),
+        service_name: "instance".into(),
+        sku_id: None,
+        charge_description: None,
+        charge_period_start: start,
+        charge_period_end: start + chrono::Duration::hours(1),
+        consumed_quantity: Decimal::from(3600),
+        consumed_unit: "seconds".into(),
+        billed_cost: Decimal::from_str(cost).unwrap(),
+        billing_currency: "GBP".into(),
+        scope: "1".into(),
+        natural_key: vec![("resource".into(), resource.into())],
+        is_final: true,
+        attributes: Default::default(),
+        raw: serde_json::Value::Null,
+    }
+}
+
+fn row(r: UsageRecord) -> StageRow {
+    let value = r.billed_cost;
+    StageRow {
+        key: r.idempotency_key(),
+        content_hash: r.content_hash(),
+        status: Status::Pending,
+        mapped: MappedColumns {
+            rule: Some("test#rule".into()),
+            sink: Some("lago".into()),
+            subscription: Some("sub_1".into()),
+            metric: Some("cost".into()),
+            value: Some(value),
+            payload: Some(format!("{{\"value\":\"{value}\"}}")),
+            ..Default::default()
+        },
+        note: None,
+        record: r,
+    }
+}
+
+async fn open(dir: &tempfile::TempDir) -> Ledger {
+    Ledger::open(&dir.path().join("ledger.db")).await.unwrap()
+}
+
+#[tokio::test]
+async fn staging_is_idempotent_and_moves_the_cursor_in_the_same_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    let rows = vec![row(record("a", "1.10")), row(record("b", "2.20"))];
+
+    let first = ledger
+        .stage(
+            run,
+            &rows,
+            Some(("ms", "user:1", "2026-10-05T01:00:00Z")),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.new, 2);
+    assert_eq!(
+        ledger.cursors("ms").await.unwrap()["user:1"],
+        "2026-10-05T01:00:00Z"
+    );
+
+    let again = ledger.stage(run, &rows, None, now).await.unwrap();
+    assert_eq!((again.new, again.unchanged), (0, 2));
+    assert_eq!(ledger.pending_batch("lago", 0, 100).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_sent_record_that_changes_is_kept_as_a_change_and_its_payload_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    ledger
+        .stage(run, &[row(record("a", "1.10"))], None, now)
+        .await
+        .unwrap();
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    let frozen = batch[0].payload.clone();
+    ledger
+        .ack(run, &[(batch[0].id, Outcome::Delivered)], now)
+        .await
+        .unwrap();
+
+    let changed = ledger
+        .stage(run, &[row(record("a", "1.25"))], None, now)
+        .await
+        .unwrap();
+    assert_eq!(changed.changed_after_send, 1);
+    // Seen a second time with the same new content: still one change.
+    let again = ledger
+        .stage(run, &[row(record("a", "1.25"))], None, now)
+        .await
+        .unwrap();
+    assert_eq!(again.changed_after_send, 0);
+    let status = ledger.status().await.unwrap();
+    assert_eq!(status.open_changes, 1);
+    assert_eq!(status.counts[&("ms".to_string(), "sent".to_string())], 1);
+    let totals = ledger.sent_totals(run).await.unwrap();
+    assert_eq!(
+        totals[&("sub_1".to_string(), "cost".to_string())],
+        Decimal::from_str("1.10").unwrap()
+    );
+    assert!(frozen.contains("1.10"));
+}
+
+#[tokio::test]
+async fn an_unsent_record_that_changes_is_restaged_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    ledger
+        .stage(run, &[row(record("a", "1.10"))], None, now)
+        .await
+        .unwrap();
+    let c = ledger
+        .stage(run, &[row(record("a", "1.25"))], None, now)
+        .await
+        .unwrap();
+    assert_eq!(c.restaged, 1);
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert!(batch[0].payload.contains("1.25"));
+}
+
+#[tokio::test]
+async fn rejected_and_failed_outcomes_keep_the_record_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    ledger
+        .stage(
+            run,
+            &[row(record("a", "1")), row(record("b", "2"))],
+            None,
+            now,
+        )
+        .await
+        .unwrap();
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    ledger
+        .ack(
+            run,
+            &[
+                (batch[0].id, Outcome::Rejected("code: invalid".into())),
+                (batch[1].id, Outcome::Failed("HTTP 503".into())),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    let rejected = ledger
+        .records_with_status(Status::Rejected, None, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(ledger.pending_batch("lago", 0, 100).await.unwrap().len(), 1);
+    assert_eq!(ledger.undelivered().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn the_lock_keeps_a_second_run_out_until_released_or_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let ttl = Duration::from_secs(60);
+    ledger.acquire_lock("run-a", now, ttl).await.unwrap();
+    match ledger.acquire_lock("run-b", now, ttl).await {
+        Err(LedgerError::Locked { holder, .. }) => assert_eq!(holder, "run-a"),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    // A crashed holder's lock expires.
+    ledger
+        .acquire_lock("run-b", now + chrono::Duration::seconds(61), ttl)
+        .await
+        .unwrap();
+    ledger.release_lock("run-b").await.unwrap();
+    ledger.acquire_lock("run-c", now, ttl).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_ledger_from_a_newer_binary_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let ledger = Ledger::open(&path).await.unwrap();
+    ledger.close().await;
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (9999, 'from the future', 1, x'00', 0)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let err = Ledger::open(&path).await.unwrap_err();
+    assert!(
+        matches!(err, LedgerError::Newer { version: 9999, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer billsync"), "{err}");
+}

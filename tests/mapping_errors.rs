@@ -1,0 +1,356 @@
+//! Load errors: every mistake in a mapping file is reported as `file:line:column: message`,
+//! across all files at once, and loading never panics.
+
+use billsync::mapping::{MappingErrors, MappingSet};
+
+fn load(files: &[(&str, &str)]) -> Result<MappingSet, MappingErrors> {
+    let sources: Vec<(String, String)> = files
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    MappingSet::from_sources(&sources)
+}
+
+/// Loads one file that must fail, returning the error lines.
+fn errors(text: &str) -> Vec<String> {
+    match load(&[("m.yaml", text)]) {
+        Ok(_) => panic!("expected a load error for:\n{text}"),
+        Err(e) => e.to_string().lines().map(str::to_string).collect(),
+    }
+}
+
+/// Asserts exactly one error, at `line:column`, containing `fragment`.
+fn assert_one(text: &str, line: usize, column: usize, fragment: &str) {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "expected one error, got {errs:#?}");
+    let prefix = format!("m.yaml:{line}:{column}: ");
+    assert!(
+        errs[0].starts_with(&prefix),
+        "expected position {prefix:?}, got {:?}",
+        errs[0]
+    );
+    assert!(
+        errs[0].contains(fragment),
+        "expected {fragment:?} in {:?}",
+        errs[0]
+    );
+}
+
+const GOOD_RULE: &str = "version: 1
+rules:
+  - name: instances
+    match:
+      resource_type: instance
+    metric: instance_hours
+    value:
+      quantity: { unit: hours }
+";
+
+#[test]
+fn a_valid_file_loads() {
+    assert!(load(&[("m.yaml", GOOD_RULE)]).is_ok());
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let text = "version: 1\nrules:\n  - name: a\n    match: {resource_type: instance\n";
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].starts_with("m.yaml:5:1: "), "{errs:#?}");
+}
+
+#[test]
+fn unknown_key_typo() {
+    let text = "version: 1
+rules:
+  - name: instances
+    match:
+      resource_type: instance
+    metirc: instance_hours
+";
+    assert_one(text, 6, 5, "unknown field `metirc`, expected one of");
+}
+
+#[test]
+fn wrong_type_markup_percent() {
+    let text = "version: 1
+rules:
+  - name: drives
+    match: { resource_type: drive }
+    metric: storage_cost
+    value:
+      cost: { markup_percent: abc }
+";
+    assert_one(text, 7, 31, "invalid markup_percent `abc`");
+}
+
+#[test]
+fn unknown_record_field_in_match_with_hint() {
+    let text = "version: 1
+rules:
+  - name: instances
+    match:
+      resource_typ: instance
+    metric: instance_hours
+    value: { quantity: {} }
+";
+    assert_one(
+        text,
+        5,
+        7,
+        "unknown record field `resource_typ`; did you mean `resource_type`?",
+    );
+}
+
+#[test]
+fn unknown_field_that_looks_like_an_attribute() {
+    let text = "version: 1
+customers:
+  - match: { infrastructure_id: \"3668\" }
+    external_subscription_id: sub_x
+";
+    assert_one(text, 3, 14, "write `attributes.infrastructure_id`");
+}
+
+#[test]
+fn bad_glob() {
+    let text = "version: 1
+rules:
+  - name: instances
+    match:
+      charge_description: { glob: \"instance-[\" }
+    ignore: true
+";
+    assert_one(text, 5, 35, "invalid glob `instance-[`");
+}
+
+#[test]
+fn unknown_unit() {
+    let text = "version: 1
+rules:
+  - name: instances
+    match: { resource_type: instance }
+    metric: instance_hours
+    value:
+      quantity: { unit: fortnights }
+";
+    assert_one(text, 7, 25, "unknown unit `fortnights`, expected one of");
+}
+
+#[test]
+fn negative_markup() {
+    let text = "version: 1
+rules:
+  - name: drives
+    match: { resource_type: drive }
+    metric: storage_cost
+    value:
+      cost:
+        markup_percent: -5
+";
+    assert_one(text, 8, 25, "markup_percent must not be negative");
+}
+
+#[test]
+fn duplicate_rule_name_reports_the_second() {
+    let text = "version: 1
+rules:
+  - name: instances
+    match: { resource_type: instance }
+    ignore: true
+  - name: instances
+    match: { resource_type: drive }
+    ignore: true
+";
+    assert_one(
+        text,
+        6,
+        5,
+        "duplicate rule name `instances` (first defined at m.yaml:3:5)",
+    );
+}
+
+#[test]
+fn duplicate_rule_name_across_files() {
+    let a = "version: 1\nrules:\n  - name: x\n    match: { resource_type: a }\n    ignore: true\n";
+    let b =
+        "version: 1\nrules:\n\n  - name: x\n    match: { resource_type: b }\n    ignore: true\n";
+    let e = load(&[("a.yaml", a), ("b.yaml", b)])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "b.yaml:4:5: duplicate rule name `x` (first defined at a.yaml:3:5)"
+    );
+}
+
+#[test]
+fn rule_with_neither_metric_nor_ignore() {
+    let text = "version: 1
+rules:
+  - name: forgotten
+    match: { resource_type: gpu }
+";
+    assert_one(
+        text,
+        3,
+        5,
+        "rule `forgotten`: has neither `metric` nor `ignore: true`",
+    );
+}
+
+#[test]
+fn ignore_rule_with_a_metric_is_contradictory() {
+    let text = "version: 1
+rules:
+  - name: both
+    match: { resource_type: gpu }
+    ignore: true
+    metric: gpu_hours
+";
+    assert_one(text, 3, 5, "`ignore: true` sends nothing, so `metric`");
+}
+
+#[test]
+fn metric_without_value() {
+    let text = "version: 1
+rules:
+  - name: novalue
+    match: { resource_type: gpu }
+    metric: gpu_hours
+";
+    assert_one(text, 3, 5, "has `metric` but no `value`");
+}
+
+#[test]
+fn bad_round_mode() {
+    let text = "version: 1
+rules:
+  - name: instances
+    match: { resource_type: instance }
+    metric: instance_hours
+    value: { quantity: { unit: hours } }
+    round: { scale: 6, mode: half_upp }
+";
+    assert_one(text, 7, 30, "unknown variant `half_upp`, expected one of");
+}
+
+#[test]
+fn round_scale_out_of_range() {
+    let text = "version: 1
+rules:
+  - name: instances
+    match: { resource_type: instance }
+    metric: instance_hours
+    value: { quantity: { unit: hours } }
+    round: { scale: 13 }
+";
+    assert_one(text, 7, 21, "invalid rounding scale `13`");
+}
+
+#[test]
+fn conversion_across_dimensions_is_rejected_when_the_unit_is_pinned() {
+    let text = "version: 1
+rules:
+  - name: traffic
+    match: { consumed_unit: gbytes }
+    metric: network_hours
+    value: { quantity: { unit: hours } }
+";
+    assert_one(
+        text,
+        3,
+        5,
+        "matches consumed_unit `gbytes` (data) but converts to `hours` (time)",
+    );
+}
+
+#[test]
+fn bad_placeholder_in_properties() {
+    let text = "version: 1
+rules:
+  - name: instances
+    match: { resource_type: instance }
+    metric: instance_hours
+    value: { quantity: { unit: hours } }
+    properties:
+      instance: \"{resource_idd}\"
+";
+    assert_one(
+        text,
+        8,
+        17,
+        "in placeholder `{resource_idd}`: unknown record field `resource_idd`; did you mean `resource_id`?",
+    );
+}
+
+#[test]
+fn unsupported_version() {
+    assert_one(
+        "version: 2\n",
+        1,
+        10,
+        "unsupported mapping format version `2`",
+    );
+}
+
+#[test]
+fn missing_version() {
+    assert_one("rules: []\n", 1, 1, "missing field `version`");
+}
+
+#[test]
+fn unreachable_rule_after_a_catch_all() {
+    let text = "version: 1
+rules:
+  - name: everything-else
+    match: {}
+    ignore: true
+  - name: instances
+    match: { resource_type: instance }
+    ignore: true
+";
+    assert_one(
+        text,
+        6,
+        5,
+        "rule `instances` can never match: rule `everything-else` at m.yaml:3",
+    );
+}
+
+#[test]
+fn errors_from_two_files_are_both_reported() {
+    let a = "version: 1\nrules:\n  - name: a\n    match: {}\n    metirc: x\n";
+    let b = "version: 1\ncustomers:\n  - match: { sub_acount_id: \"1\" }\n    external_subscription_id: s\n";
+    let e = load(&[("a.yaml", a), ("b.yaml", b)]).unwrap_err();
+    let lines: Vec<String> = e.to_string().lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(lines[0].starts_with("a.yaml:5:5: "), "{lines:#?}");
+    assert!(lines[0].contains("unknown field `metirc`"), "{lines:#?}");
+    assert!(lines[1].starts_with("b.yaml:3:14: "), "{lines:#?}");
+    assert!(
+        lines[1].contains("did you mean `sub_account_id`?"),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn garbage_never_panics() {
+    for text in [
+        "",
+        "---",
+        "[]",
+        "version: 1\nrules: 5\n",
+        "version: 1\nrules:\n  - 5\n",
+        "version: 1\nrules:\n  - name: a\n    match: 7\n    ignore: true\n",
+        "version: 1\nrules:\n  - name: a\n    match: { resource_type: { glob: 1, one_of: [] } }\n",
+        "version: 1\nrules:\n  - name: a\n    match: { resource_type: ~ }\n    ignore: true\n",
+        "version: 1\nrules:\n  - name: \"bad name\"\n    match: {}\n    ignore: true\n",
+        "version: 1\nrules:\n  - name: a\n    match: {}\n    metric: m\n    value: { quantity: { unit: hours, factor: 2 } }\n",
+        "version: 1\nrules:\n  - name: a\n    match: {}\n    metric: m\n    value: { cost: {}, quantity: {} }\n",
+        "\u{0}\u{1}{{{",
+    ] {
+        let result = load(&[("m.yaml", text)]);
+        assert!(result.is_err(), "expected an error for {text:?}");
+    }
+}

@@ -1,0 +1,568 @@
+//! The Lago sink against wiremock (exact bytes, scripted answers) and against the Lago
+//! simulator (real idempotency semantics of both event stores).
+
+#[path = "common/lago.rs"]
+mod lago_common;
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use billsync::http::RetryPolicy;
+use billsync::simulators::lago::{Behaviour, DropMode, LagoSim, LagoSimConfig, LagoSimHandle};
+use billsync::sinks::lago::{LagoConfig, LagoSink};
+use billsync::sinks::{Outcome, Sink};
+use chrono::TimeZone;
+use lago_common::*;
+use rust_decimal::Decimal;
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+async fn sim(behaviour: Behaviour) -> LagoSimHandle {
+    LagoSim::start(LagoSimConfig {
+        api_key: KEY.into(),
+        behaviour,
+        read_only_api_key: Some("read-only-key".into()),
+        ..LagoSimConfig::default()
+    })
+    .await
+    .expect("simulator starts")
+}
+
+fn four_events(s: &LagoSink) -> Vec<billsync::sinks::Outgoing> {
+    batch(
+        s,
+        &[
+            ("k0", event("sub-1", "0.012846", at(1_710_000_000))),
+            ("k1", event("sub-1", "1.5", at(1_710_003_600))),
+            ("k2", event("sub-1", "2", at(1_710_007_200))),
+            (
+                "k3",
+                event("sub-2", "123456789012.000001", at(1_710_000_000)),
+            ),
+        ],
+    )
+}
+
+async fn bodies(server: &MockServer) -> Vec<String> {
+    server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|r| String::from_utf8(r.body.clone()).expect("utf-8 body"))
+        .collect()
+}
+
+#[test]
+fn encode_is_frozen_exact_json() {
+    let s = sink("http://127.0.0.1:1", fast_retry(0));
+    let mut e = event("sub-\"1\"", "1.500", at(1_710_421_740));
+    e.properties.insert("a_first".into(), "x".into());
+    assert_eq!(
+        s.encode("tx-1", &e).unwrap(),
+        r#"{"transaction_id":"tx-1","external_subscription_id":"sub-\"1\"","code":"storage","timestamp":1710421740,"properties":{"gb":"1.5","a_first":"x","region":"eu-west"}}"#
+    );
+    // Sub-second: a string "secs.millis"; big and tiny decimals without exponent.
+    let t = chrono::Utc.timestamp_opt(1_710_421_740, 5_000_000).unwrap();
+    let e = event("sub-1", "79228162514264337593543950335", t);
+    assert_eq!(
+        s.encode("tx-2", &e).unwrap(),
+        r#"{"transaction_id":"tx-2","external_subscription_id":"sub-1","code":"storage","timestamp":"1710421740.005","properties":{"gb":"79228162514264337593543950335","region":"eu-west"}}"#
+    );
+    let e = event("sub-1", "0.0000000000000000000000000001", at(0));
+    assert!(s
+        .encode("tx-3", &e)
+        .unwrap()
+        .contains(r#""gb":"0.0000000000000000000000000001""#));
+    let e = event("sub-1", "-0.000", at(0));
+    assert!(s.encode("tx-4", &e).unwrap().contains(r#""gb":"0""#));
+    // Deterministic: the same input gives the same bytes.
+    assert_eq!(s.encode("tx-4", &e).unwrap(), s.encode("tx-4", &e).unwrap());
+    // Refused: empty subscription, property collision, empty key.
+    assert!(s.encode("tx-5", &event("", "1", at(0))).is_err());
+    let mut e = event("sub-1", "1", at(0));
+    e.properties.insert("gb".into(), "2".into());
+    assert!(s.encode("tx-6", &e).is_err());
+    assert!(s.encode("", &event("sub-1", "1", at(0))).is_err());
+}
+
+#[test]
+fn config_is_validated() {
+    let cfg = |url: &str, batch_size: usize| LagoConfig {
+        api_url: url.into(),
+        api_key: billsync::config::Secret::new("k"),
+        batch_size,
+        timeout: Duration::from_secs(1),
+        retry: RetryPolicy::default(),
+    };
+    assert!(LagoSink::new("l".into(), cfg("https://api.getlago.com", 0)).is_err());
+    assert!(LagoSink::new("l".into(), cfg("https://api.getlago.com", 101)).is_err());
+    assert!(LagoSink::new("l".into(), cfg("https://api.getlago.com/api/v1", 100)).is_err());
+    assert!(LagoSink::new("l".into(), cfg("ftp://x", 100)).is_err());
+    let s = LagoSink::new("l".into(), cfg("https://api.getlago.com/", 50)).unwrap();
+    assert_eq!(s.endpoint(), "https://api.getlago.com/api/v1/events/batch");
+    assert_eq!(s.max_batch(), 50);
+    assert_eq!(s.kind(), "lago");
+
+    std::env::set_var("BILLSYNC_TEST_LAGO_KEY_CFG", "secret-value");
+    let parsed: LagoConfig = serde_yaml_ng::from_str(
+        "api_url: https://api.getlago.com\napi_key: env:BILLSYNC_TEST_LAGO_KEY_CFG\ntimeout: 5s\n",
+    )
+    .unwrap();
+    assert_eq!(parsed.batch_size, 100);
+    assert_eq!(parsed.timeout, Duration::from_secs(5));
+    assert_eq!(parsed.retry, RetryPolicy::default());
+    assert!(!format!("{parsed:?}").contains("secret-value"));
+    let unknown = serde_yaml_ng::from_str::<LagoConfig>(
+        "api_url: x\napi_key: env:BILLSYNC_TEST_LAGO_KEY_CFG\nbatchsize: 5\n",
+    );
+    assert!(unknown.is_err());
+}
+
+#[tokio::test]
+async fn delivers_on_200_with_exact_body_and_bearer() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/events/batch"))
+        .and(header("authorization", format!("Bearer {KEY}").as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[{},{},{},{}]}"#))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(2));
+    let b = four_events(&s);
+    let out = s.deliver(&b).await.unwrap();
+    assert_eq!(out, vec![Outcome::Delivered; 4]);
+    assert_eq!(
+        bodies(&server).await,
+        vec![body_of(&b.iter().collect::<Vec<_>>())]
+    );
+}
+
+#[tokio::test]
+async fn rate_limited_waits_for_retry_after_and_resends_same_bytes() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[]}"#))
+        .mount(&server)
+        .await;
+    let retry = RetryPolicy {
+        max_retries: 3,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_secs(5),
+    };
+    let s = sink(&server.uri(), retry);
+    let b = four_events(&s);
+    let started = Instant::now();
+    let out = s.deliver(&b).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After ignored"
+    );
+    assert_eq!(out, vec![Outcome::Delivered; 4]);
+    let sent = bodies(&server).await;
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0], sent[1]);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_with_identical_bodies() {
+    let lago = sim(Behaviour::Postgres).await;
+    lago.fail_next(1, 500);
+    lago.fail_next(1, 503);
+    lago.rate_limit_next(1, None);
+    let s = sink(&lago.url, fast_retry(5));
+    let b = four_events(&s);
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered; 4]);
+    let sent = lago.bodies();
+    assert_eq!(sent.len(), 4);
+    assert!(sent.iter().all(|x| *x == sent[0]));
+    assert_eq!(sent[0], body_of(&b.iter().collect::<Vec<_>>()));
+    assert_eq!(lago.events().len(), 4);
+}
+
+#[tokio::test]
+async fn exhausted_retries_fail_every_record() {
+    let lago = sim(Behaviour::Postgres).await;
+    lago.fail_next(10, 502);
+    let s = sink(&lago.url, fast_retry(2));
+    let out = s.deliver(&four_events(&s)).await.unwrap();
+    assert_eq!(lago.request_count(), 3);
+    for o in out {
+        match o {
+            Outcome::Failed(reason) => assert!(reason.contains("502"), "{reason}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+    assert!(lago.events().is_empty());
+}
+
+#[tokio::test]
+async fn transport_errors_are_failed_not_lost() {
+    // Nothing listens on this port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let s = sink(&url, fast_retry(1));
+    let out = s.deliver(&four_events(&s)).await.unwrap();
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Failed(_))),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn timeouts_are_retried() {
+    let lago = sim(Behaviour::Postgres).await;
+    lago.set_delay(Duration::from_millis(400));
+    let s = sink_with(&lago.url, KEY, fast_retry(1), Duration::from_millis(100));
+    let out = s.deliver(&four_events(&s)).await.unwrap();
+    for o in &out {
+        match o {
+            Outcome::Failed(reason) => assert!(reason.contains("timeout"), "{reason}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+    assert_eq!(lago.request_count(), 2);
+}
+
+#[tokio::test]
+async fn unauthorized_stops_the_sink_after_one_request() {
+    let lago = sim(Behaviour::Postgres).await;
+    let s = sink_with(
+        &lago.url,
+        "zz-bad-key-77",
+        fast_retry(5),
+        Duration::from_secs(2),
+    );
+    let err = s.deliver(&four_events(&s)).await.unwrap_err();
+    assert!(err.message.contains("401"), "{err}");
+    assert!(
+        !err.to_string().contains("zz-bad-key-77"),
+        "the key must not leak: {err}"
+    );
+    assert_eq!(lago.request_count(), 1);
+}
+
+#[tokio::test]
+async fn forbidden_stops_the_sink_with_lago_code() {
+    let lago = sim(Behaviour::Postgres).await;
+    let s = sink_with(
+        &lago.url,
+        "read-only-key",
+        fast_retry(5),
+        Duration::from_secs(2),
+    );
+    let err = s.deliver(&four_events(&s)).await.unwrap_err();
+    assert!(
+        err.message.contains("write_action_not_allowed_for_event"),
+        "{err}"
+    );
+    assert_eq!(lago.request_count(), 1);
+}
+
+#[tokio::test]
+async fn split_422_by_index_and_resend_remainder() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(422).set_body_string(
+            r#"{"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":{"0":{"transaction_id":["value_already_exist"]},"2":{"properties":["invalid_value"]}}}"#,
+        ))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[{},{}]}"#))
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(2));
+    let b = four_events(&s);
+    let out = s.deliver(&b).await.unwrap();
+    assert_eq!(out[0], Outcome::AlreadyDelivered);
+    assert_eq!(out[1], Outcome::Delivered);
+    assert!(
+        matches!(&out[2], Outcome::Rejected(r) if r.contains("properties: invalid_value")),
+        "{:?}",
+        out[2]
+    );
+    assert_eq!(out[3], Outcome::Delivered);
+    let sent = bodies(&server).await;
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0], body_of(&b.iter().collect::<Vec<_>>()));
+    assert_eq!(sent[1], body_of(&[&b[1], &b[3]]));
+}
+
+#[tokio::test]
+async fn split_422_against_the_simulator() {
+    let lago = sim(Behaviour::Postgres).await;
+    let s = sink(&lago.url, fast_retry(2));
+    let b = four_events(&s);
+    // k0 already stored by an earlier run; k2 refused by Lago.
+    assert_eq!(s.deliver(&b[..1]).await.unwrap(), vec![Outcome::Delivered]);
+    lago.reject_transaction("k2");
+    let out = s.deliver(&b).await.unwrap();
+    assert_eq!(out[0], Outcome::AlreadyDelivered);
+    assert_eq!(out[1], Outcome::Delivered);
+    assert!(matches!(&out[2], Outcome::Rejected(_)));
+    assert_eq!(out[3], Outcome::Delivered);
+    let counts = lago.counts();
+    assert_eq!(counts.get("k0"), Some(&1));
+    assert_eq!(counts.get("k1"), Some(&1));
+    assert_eq!(counts.get("k2"), None);
+    assert_eq!(counts.get("k3"), Some(&1));
+}
+
+#[tokio::test]
+async fn whole_request_422_and_other_permanent_errors() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(422).set_body_string(
+            r#"{"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":"expression failed"}"#,
+        ))
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(2));
+    let out = s.deliver(&four_events(&s)).await.unwrap();
+    assert!(
+        out.iter()
+            .all(|o| matches!(o, Outcome::Rejected(r) if r.contains("expression failed"))),
+        "{out:?}"
+    );
+    assert_eq!(bodies(&server).await.len(), 1);
+
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_string(
+            r#"{"status":400,"error":"BadRequest: param is missing or the value is empty: events"}"#,
+        ))
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(2));
+    let out = s.deliver(&four_events(&s)).await.unwrap();
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Rejected(_))),
+        "{out:?}"
+    );
+
+    // A server with a lower batch limit: a configuration problem, records stay pending.
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: KEY.into(),
+        max_batch: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let s = sink(&lago.url, fast_retry(2));
+    let err = s.deliver(&four_events(&s)).await.unwrap_err();
+    assert!(err.message.contains("too_many_events"), "{err}");
+
+    // A 404 that is not Lago's: a wrong api_url, the sink stops.
+    let server = MockServer::start().await;
+    let s = sink(&server.uri(), fast_retry(2));
+    let err = s.deliver(&four_events(&s)).await.unwrap_err();
+    assert!(err.message.contains("404"), "{err}");
+}
+
+#[tokio::test]
+async fn postgres_same_batch_twice_is_already_delivered() {
+    let lago = sim(Behaviour::Postgres).await;
+    let s = sink(&lago.url, fast_retry(2));
+    let b = four_events(&s);
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered; 4]);
+    assert_eq!(
+        s.deliver(&b).await.unwrap(),
+        vec![Outcome::AlreadyDelivered; 4]
+    );
+    assert!(lago.counts().values().all(|c| *c == 1));
+    assert_eq!(lago.events().len(), 4);
+    assert_eq!(
+        lago.total("sub-1", "storage", "gb"),
+        Some(Decimal::from_str("3.512846").unwrap())
+    );
+    assert_eq!(
+        lago.total("sub-2", "storage", "gb"),
+        Some(Decimal::from_str("123456789012.000001").unwrap())
+    );
+}
+
+#[tokio::test]
+async fn stored_then_answer_lost_is_stored_once() {
+    for mode in [DropMode::Status500, DropMode::CloseConnection] {
+        let lago = sim(Behaviour::Postgres).await;
+        lago.store_then_drop_next(1, mode);
+        let s = sink(&lago.url, fast_retry(3));
+        let out = s.deliver(&four_events(&s)).await.unwrap();
+        assert_eq!(out, vec![Outcome::AlreadyDelivered; 4], "{mode:?}");
+        assert_eq!(lago.request_count(), 2, "{mode:?}");
+        assert!(lago.counts().values().all(|c| *c == 1), "{mode:?}");
+        assert_eq!(lago.events().len(), 4);
+        assert_eq!(
+            lago.total("sub-1", "storage", "gb"),
+            Some(Decimal::from_str("3.512846").unwrap())
+        );
+    }
+}
+
+#[tokio::test]
+async fn repeated_key_in_one_call_goes_in_a_later_request() {
+    let lago = sim(Behaviour::Postgres).await;
+    let s = sink(&lago.url, fast_retry(2));
+    let b = batch(
+        &s,
+        &[
+            ("k0", event("sub-1", "1", at(1_710_000_000))),
+            ("k1", event("sub-1", "2", at(1_710_000_000))),
+            ("k0", event("sub-1", "1", at(1_710_000_000))),
+        ],
+    );
+    let out = s.deliver(&b).await.unwrap();
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Delivered,
+            Outcome::Delivered,
+            Outcome::AlreadyDelivered
+        ]
+    );
+    let sent = lago.bodies();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0], body_of(&[&b[0], &b[1]]));
+    assert_eq!(sent[1], body_of(&[&b[2]]));
+    assert_eq!(lago.total("sub-1", "storage", "gb"), Some(Decimal::from(3)));
+}
+
+#[tokio::test]
+async fn clickhouse_bills_a_new_timestamp_twice() {
+    // Why the timestamp is frozen in the payload: on the ClickHouse store the same
+    // transaction_id with another timestamp is a second billable event.
+    let lago = sim(Behaviour::ClickHouse).await;
+    let s = sink(&lago.url, fast_retry(2));
+    let first = batch(&s, &[("k0", event("sub-1", "1.25", at(1_710_000_000)))]);
+    let regenerated = batch(&s, &[("k0", event("sub-1", "1.25", at(1_710_000_060)))]);
+    assert_eq!(s.deliver(&first).await.unwrap(), vec![Outcome::Delivered]);
+    // Same bytes again: replaced, still billed once (no 422 on this store).
+    assert_eq!(s.deliver(&first).await.unwrap(), vec![Outcome::Delivered]);
+    assert_eq!(lago.count("k0"), 1);
+    assert_eq!(
+        lago.total("sub-1", "storage", "gb"),
+        Some(Decimal::from_str("1.25").unwrap())
+    );
+    // Another timestamp: billed twice.
+    assert_eq!(
+        s.deliver(&regenerated).await.unwrap(),
+        vec![Outcome::Delivered]
+    );
+    assert_eq!(lago.count("k0"), 2);
+    assert_eq!(
+        lago.total("sub-1", "storage", "gb"),
+        Some(Decimal::from_str("2.5").unwrap())
+    );
+}
+
+#[tokio::test]
+async fn simulator_read_back_and_validation() {
+    let lago = sim(Behaviour::Postgres).await;
+    let s = sink(&lago.url, fast_retry(1));
+    let events: Vec<(String, billsync::mapping::MappedEvent)> = (0..25)
+        .map(|i| {
+            (
+                format!("t{i:02}"),
+                event("sub-1", "1", at(1_710_000_000 + i * 60)),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, billsync::mapping::MappedEvent)> = events
+        .iter()
+        .map(|(k, e)| (k.as_str(), e.clone()))
+        .collect();
+    assert!(s
+        .deliver(&batch(&s, &refs))
+        .await
+        .unwrap()
+        .iter()
+        .all(|o| *o == Outcome::Delivered));
+
+    let http = reqwest::Client::new();
+    let page: serde_json::Value = http
+        .get(format!("{}/api/v1/events", lago.url))
+        .bearer_auth(KEY)
+        .query(&[
+            ("external_subscription_id", "sub-1"),
+            ("code", "storage"),
+            ("page", "2"),
+            ("per_page", "10"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 10);
+    assert_eq!(page["meta"]["total_count"], 25);
+    assert_eq!(page["meta"]["total_pages"], 3);
+    assert_eq!(page["meta"]["next_page"], 3);
+    assert_eq!(page["meta"]["prev_page"], 1);
+
+    let found = http
+        .get(format!("{}/api/v1/events/t03", lago.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(found.status(), 200);
+    let found: serde_json::Value = found.json().await.unwrap();
+    assert_eq!(found["event"]["timestamp"], "2024-03-09T16:03:00.000Z");
+    assert_eq!(found["event"]["properties"]["gb"], "1");
+    let missing = http
+        .get(format!("{}/api/v1/events/nope", lago.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // Per-index validation and batch limits.
+    let post = |body: &'static str| {
+        http.post(format!("{}/api/v1/events/batch", lago.url))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = post(r#"{"events":[{"transaction_id":"a","code":"c","external_subscription_id":"s"},{"code":"c","external_subscription_id":"s","timestamp":"soon"}]}"#).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v["error_details"]["1"]["transaction_id"][0],
+        "value_is_mandatory"
+    );
+    assert_eq!(v["error_details"]["1"]["timestamp"][0], "invalid_format");
+    assert!(v["error_details"].get("0").is_none());
+    let r = post(r#"{"events":[]}"#).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error_details"]["events"][0], "no_events");
+    let r = http
+        .post(format!("{}/api/v1/events/batch", lago.url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Duplicate inside one batch: rolled back whole, the repeat reported.
+    let r = post(r#"{"events":[{"transaction_id":"d","code":"c","external_subscription_id":"s"},{"transaction_id":"d","code":"c","external_subscription_id":"s"}]}"#).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v["error_details"]["1"]["transaction_id"][0],
+        "value_already_exist"
+    );
+    assert_eq!(lago.count("d"), 0);
+    lago.shutdown().await;
+}
