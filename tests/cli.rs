@@ -1,0 +1,209 @@
+//! The `billsync` binary as an operator meets it: commands, output and documented exit codes
+//! (0 delivered, 2 configuration, 3 locked, 4 undelivered, 5 sink stopped).
+
+#[path = "common/world.rs"]
+mod world;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use billsync::simulators::lago::Behaviour;
+use world::{World, LAGO_KEY, MS_KEY};
+
+fn billsync(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_billsync"));
+    cmd.args(args).env_remove("BILLSYNC_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("billsync runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn demo_twice_on_one_ledger_sends_nothing_the_second_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let first = billsync(&["demo", "--dir", d], &[]);
+    let (stdout, stderr) = text(&first);
+    assert_eq!(first.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("sent 71"), "{stdout}");
+    assert!(stdout.contains("held (unmapped) 1"), "{stdout}");
+    assert!(stdout.contains("sub_acme_main"), "{stdout}");
+
+    let second = billsync(&["demo", "--dir", d], &[]);
+    let (stdout, _) = text(&second);
+    assert_eq!(second.status.code(), Some(0));
+    assert!(stdout.contains("sent 0 "), "{stdout}");
+    assert!(
+        stdout.contains("received 0 events in 0 requests"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_mapping_typo_is_reported_with_file_line_and_column_and_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\nrules:\n  - name: instances\n    match: { resource_type: instance }\n    metirc: instance_hours\n    value: { quantity: { unit: hours } }\n",
+    )
+    .unwrap();
+    let out = billsync(&["mappings", "validate", file.to_str().unwrap()], &[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("typo.yaml:5:5"), "{stderr}");
+    assert!(stderr.contains("metirc"), "{stderr}");
+
+    let ok = billsync(&["mappings", "validate", "mappings"], &[]);
+    let (stdout, stderr) = text(&ok);
+    assert_eq!(ok.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("mappings OK"), "{stdout}");
+}
+
+#[test]
+fn configuration_errors_exit_with_code_2_and_name_the_problem() {
+    let missing = billsync(&["--config", "/nonexistent/billsync.yaml", "sync"], &[]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(text(&missing).1.contains("/nonexistent/billsync.yaml"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+        "mappings",
+    );
+    let out = billsync(
+        &["--config", cfg.as_str(), "sync"],
+        &[("TEST_LAGO_KEY", "x")],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("TEST_MS_KEY is not set"), "{stderr}");
+
+    let no_reason = billsync(
+        &["--config", cfg.as_str(), "replay", "--status", "unmapped"],
+        &[],
+    );
+    assert_eq!(no_reason.status.code(), Some(2), "replay needs --reason");
+}
+
+fn write_config(dir: &Path, metalsoft: &str, lago: &str, mappings: &str) -> String {
+    let path = dir.join("billsync.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "ledger:\n  path: {ledger}\nmappings:\n  - {mappings}\nproviders:\n  metalsoft_test:\n    kind: metalsoft\n    endpoint: {metalsoft}\n    api_key: env:TEST_MS_KEY\n    user_ids: [1, 2]\n    window: 1d\n    settle_delay: 2h\n    start: 2026-10-01T00:00:00Z\nsinks:\n  lago:\n    kind: lago\n    api_url: {lago}\n    api_key: env:TEST_LAGO_KEY\n    retry:\n      max_retries: 2\n      min_delay: 10ms\n      max_delay: 50ms\n",
+            ledger = dir.join("ledger").join("ledger.db").display(),
+        ),
+    )
+    .unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_status_and_replay_against_the_simulators_with_documented_exit_codes() {
+    let world = World::start(Behaviour::Postgres).await;
+    let dir = world.dir.path();
+    let mappings = dir.join("mappings");
+    std::fs::create_dir_all(&mappings).unwrap();
+    for (name, text) in billsync::mapping::EXAMPLE_MAPPINGS {
+        let file = Path::new(name).file_name().unwrap();
+        std::fs::write(mappings.join(file), text).unwrap();
+    }
+    let cfg = write_config(
+        dir,
+        &world.metalsoft.url,
+        &world.lago.url,
+        mappings.to_str().unwrap(),
+    );
+    let cfg = cfg.as_str();
+    let good = [("TEST_MS_KEY", MS_KEY), ("TEST_LAGO_KEY", LAGO_KEY)];
+    let run = |args: Vec<&str>, env: Vec<(&str, &str)>| {
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            billsync(&a, &e)
+        })
+    };
+
+    // A rotated Lago key: the sink stops, nothing is lost.
+    let out = run(
+        vec!["--config", cfg, "sync"],
+        vec![
+            ("TEST_MS_KEY", MS_KEY),
+            ("TEST_LAGO_KEY", "k3y-NOT-VALID-9f8e"),
+        ],
+    )
+    .await
+    .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(5), "{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains("k3y-NOT-VALID-9f8e") && !stderr.contains("k3y-NOT-VALID-9f8e"),
+        "the key is never printed"
+    );
+
+    // With the right key: delivered, one record held → exit 4.
+    let out = run(vec!["--config", cfg, "sync"], good.to_vec())
+        .await
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(4), "{stdout}\n{stderr}");
+    assert!(stdout.contains("sent 71"), "{stdout}");
+    assert!(
+        !stderr.contains(MS_KEY) && !stderr.contains(LAGO_KEY),
+        "no secret in the logs"
+    );
+
+    let out = run(vec!["--config", cfg, "status"], good.to_vec())
+        .await
+        .unwrap();
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout.contains("metalsoft_test unmapped: 1"), "{stdout}");
+    assert!(stdout.contains("metalsoft_test sent: 71"), "{stdout}");
+    assert!(
+        stdout.contains("reservation_installment"),
+        "the held reason is shown: {stdout}"
+    );
+
+    // Fix the mapping, replay: everything delivered → exit 0.
+    std::fs::write(
+        mappings.join("reservations.yaml"),
+        "version: 1\nrules:\n  - name: reservations\n    match: { resource_type: reservation_installment }\n    metric: reservation_cost\n    property: amount\n    value: { cost: {} }\n    round: { scale: 2, mode: half_up }\n",
+    )
+    .unwrap();
+    let out = run(
+        vec![
+            "--config",
+            cfg,
+            "replay",
+            "--status",
+            "unmapped",
+            "--reason",
+            "reservation rule added",
+        ],
+        good.to_vec(),
+    )
+    .await
+    .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("sent 1 "), "{stdout}");
+    assert_eq!(world.lago.events().len(), 72);
+    assert!(world.lago.counts().values().all(|&n| n == 1));
+}

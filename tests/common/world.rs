@@ -1,0 +1,161 @@
+//! A MetalSoft simulator, a Lago simulator and a ledger directory: the world an end-to-end
+//! test runs billsync in. `pipeline()` opens the ledger afresh each time, which is what a
+//! restarted process (after a crash) does.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use billsync::config::Secret;
+use billsync::http::RetryPolicy;
+use billsync::ledger::Ledger;
+use billsync::mapping::{MapOutcome, MappingSet};
+use billsync::providers::metalsoft::{MetalsoftConfig, MetalsoftProvider};
+use billsync::providers::Provider;
+use billsync::simulators::lago::{Behaviour, LagoSim, LagoSimConfig, LagoSimHandle};
+use billsync::simulators::metalsoft::{MetalsoftSim, MetalsoftSimHandle};
+use billsync::sinks::lago::{LagoConfig, LagoSink};
+use billsync::sync::Pipeline;
+use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+
+pub const MS_KEY: &str = "ms-test-key";
+pub const LAGO_KEY: &str = "lago-test-key";
+
+/// The pinned "now" of every end-to-end test: the demo data lies in October 2026.
+pub fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap()
+}
+
+pub fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_retries: 3,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+    }
+}
+
+pub struct World {
+    pub metalsoft: MetalsoftSimHandle,
+    pub lago: LagoSimHandle,
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start(behaviour: Behaviour) -> World {
+        let metalsoft = MetalsoftSim::start(billsync::demo::demo_dataset().unwrap(), MS_KEY)
+            .await
+            .unwrap();
+        let lago = LagoSim::start(LagoSimConfig {
+            api_key: LAGO_KEY.into(),
+            behaviour,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        World {
+            metalsoft,
+            lago,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn provider(&self) -> MetalsoftProvider {
+        let mut cfg = MetalsoftConfig::new(
+            self.metalsoft.url.clone(),
+            Secret::new(MS_KEY),
+            vec![1, 2],
+            billsync::demo::demo_start(),
+        );
+        cfg.window = chrono::Duration::days(1);
+        cfg.settle_delay = chrono::Duration::hours(2);
+        cfg.retry = fast_retry();
+        MetalsoftProvider::new("metalsoft_test".into(), cfg).unwrap()
+    }
+
+    pub fn sink_with_key(&self, key: &str) -> LagoSink {
+        LagoSink::new(
+            "lago".into(),
+            LagoConfig {
+                api_url: self.lago.url.clone(),
+                api_key: Secret::new(key),
+                batch_size: 25,
+                timeout: Duration::from_secs(5),
+                retry: fast_retry(),
+            },
+        )
+        .unwrap()
+    }
+
+    pub async fn pipeline_with(&self, mappings: MappingSet, lago_key: &str) -> Pipeline {
+        Pipeline {
+            ledger: Ledger::open(&self.dir.path().join("ledger.db"))
+                .await
+                .unwrap(),
+            providers: vec![Box::new(self.provider())],
+            sinks: vec![Box::new(self.sink_with_key(lago_key))],
+            mappings,
+            lock_ttl: Duration::from_secs(60),
+        }
+    }
+
+    pub async fn pipeline(&self) -> Pipeline {
+        self.pipeline_with(MappingSet::examples().unwrap(), LAGO_KEY)
+            .await
+    }
+
+    /// What the mapping says should reach Lago, computed without the pipeline: every final
+    /// record the provider yields, mapped, summed per (subscription, metric) — and per key.
+    pub async fn expected(
+        &self,
+        mappings: &MappingSet,
+    ) -> (
+        BTreeMap<(String, String), Decimal>,
+        BTreeMap<String, Decimal>,
+    ) {
+        let provider = self.provider();
+        let chunks = provider.plan(&Default::default(), now()).await.unwrap();
+        let mut totals = BTreeMap::new();
+        let mut by_key = BTreeMap::new();
+        for chunk in chunks {
+            for record in provider.fetch(&chunk, now()).await.unwrap().records {
+                if let MapOutcome::Mapped(ev) = mappings.apply(&record) {
+                    assert!(record.is_final);
+                    *totals
+                        .entry((ev.external_subscription_id.clone(), ev.metric_code.clone()))
+                        .or_insert(Decimal::ZERO) += ev.value;
+                    by_key.insert(record.idempotency_key(), ev.value);
+                }
+            }
+        }
+        (totals, by_key)
+    }
+
+    /// The property carrying the value of each metric of the example mappings.
+    pub fn value_property(code: &str) -> &'static str {
+        match code {
+            "instance_hours" => "hours",
+            "storage_cost" => "amount",
+            _ => "value",
+        }
+    }
+
+    /// What the Lago simulator holds, per (subscription, metric), summing every stored event
+    /// (a duplicate would be counted twice).
+    pub fn lago_totals(&self) -> BTreeMap<(String, String), Decimal> {
+        let mut totals = BTreeMap::new();
+        for e in self.lago.events() {
+            let value: Decimal = e
+                .properties
+                .get(Self::value_property(&e.code))
+                .and_then(|v| v.as_str())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("event {} has no value property", e.transaction_id));
+            *totals
+                .entry((e.external_subscription_id.clone(), e.code.clone()))
+                .or_insert(Decimal::ZERO) += value;
+        }
+        totals
+    }
+}

@@ -1,0 +1,364 @@
+//! The core promise, end to end against the simulators: every usage record reaches Lago
+//! exactly once in effect — through crashes, retries and refusals — and nothing is dropped.
+//! Totals are compared as exact decimals, to the cent and beyond.
+
+#[path = "common/openapi.rs"]
+mod openapi;
+#[path = "common/world.rs"]
+mod world;
+
+use billsync::ledger::{LedgerError, Status};
+use billsync::mapping::MappingSet;
+use billsync::simulators::lago::{Behaviour, DropMode};
+use billsync::simulators::metalsoft::Fault;
+use billsync::sinks::Sink;
+use billsync::sync::{ReplayOptions, RunOutcome, SyncError, SyncOptions};
+use world::{now, World, LAGO_KEY};
+
+fn opts() -> SyncOptions {
+    SyncOptions {
+        now: Some(now()),
+        ..Default::default()
+    }
+}
+
+/// Every key Lago holds is held once, and Lago's totals are what the mapping says.
+async fn assert_delivered_exactly_once(world: &World) {
+    let mappings = MappingSet::examples().unwrap();
+    let (expected_totals, expected_keys) = world.expected(&mappings).await;
+    let counts = world.lago.counts();
+    assert_eq!(
+        counts.keys().cloned().collect::<Vec<_>>(),
+        expected_keys.keys().cloned().collect::<Vec<_>>(),
+        "Lago holds exactly the expected keys"
+    );
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "a key stored twice: {counts:?}"
+    );
+    assert_eq!(world.lago_totals(), expected_totals);
+    let validator = openapi::batch_validator();
+    for body in world.lago.bodies() {
+        openapi::check_batch_body(&validator, &body).expect("request body matches the Lago spec");
+    }
+}
+
+#[tokio::test]
+async fn a_sync_delivers_every_mapped_record_once_and_a_second_sync_sends_nothing() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    let first = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!(first.sent, 71);
+    assert_eq!(
+        first.held(),
+        1,
+        "the reservation installment has no rule and is held"
+    );
+    assert_eq!(first.outcome, RunOutcome::Undelivered);
+    assert_delivered_exactly_once(&world).await;
+    let ledger_totals = pipeline
+        .ledger
+        .sent_totals(first.run_id.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ledger_totals, world.lago_totals());
+
+    let requests = world.lago.request_count();
+    let second = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!((second.sent, second.new), (0, 0));
+    assert_eq!(
+        world.lago.request_count(),
+        requests,
+        "nothing was sent again"
+    );
+    assert_delivered_exactly_once(&world).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_staging_is_resumed_by_the_next_run() {
+    let world = World::start(Behaviour::Postgres).await;
+    {
+        // The run stages every page with its cursor, then dies before pushing.
+        let pipeline = world.pipeline().await;
+        let staged = pipeline
+            .sync(&SyncOptions {
+                skip_push: true,
+                ..opts()
+            })
+            .await
+            .unwrap();
+        assert_eq!(staged.mapped(), 71);
+        assert_eq!(world.lago.request_count(), 0);
+    }
+    let restarted = world.pipeline().await;
+    let run = restarted.sync(&opts()).await.unwrap();
+    assert_eq!(run.new, 0, "the cursor was stored with the staged pages");
+    assert_eq!(run.sent, 71, "the outbox is pushed by the next run");
+    assert_delivered_exactly_once(&world).await;
+}
+
+async fn crash_between_lago_storing_and_the_ledger_recording(behaviour: Behaviour) {
+    let world = World::start(behaviour).await;
+    {
+        let pipeline = world.pipeline().await;
+        pipeline
+            .sync(&SyncOptions {
+                skip_push: true,
+                ..opts()
+            })
+            .await
+            .unwrap();
+        // The push reaches Lago, which stores every batch; the process dies before the
+        // acknowledgements are committed.
+        let sink = world.sink_with_key(LAGO_KEY);
+        let mut after = 0;
+        loop {
+            let batch = pipeline
+                .ledger
+                .pending_batch("lago", after, 25)
+                .await
+                .unwrap();
+            let Some(last) = batch.last() else { break };
+            after = last.id;
+            sink.deliver(&batch).await.unwrap();
+        }
+        assert_eq!(world.lago.events().len(), 71);
+    }
+    let restarted = world.pipeline().await;
+    let run = restarted.sync(&opts()).await.unwrap();
+    assert_eq!(run.sent + run.already_delivered, 71);
+    if behaviour == Behaviour::Postgres {
+        assert_eq!(
+            run.already_delivered, 71,
+            "Lago answered value_already_exist"
+        );
+    }
+    assert_eq!(
+        restarted.ledger.undelivered().await.unwrap(),
+        1,
+        "only the held record"
+    );
+    assert_delivered_exactly_once(&world).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_lago_stored_a_batch_ends_with_each_key_once_postgres_store() {
+    crash_between_lago_storing_and_the_ledger_recording(Behaviour::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_lago_stored_a_batch_ends_with_each_key_once_clickhouse_store() {
+    // The ClickHouse store bills a re-sent key again if its timestamp differs: the frozen
+    // payload keeps it identical, so the resend replaces instead of adding.
+    crash_between_lago_storing_and_the_ledger_recording(Behaviour::ClickHouse).await;
+}
+
+#[tokio::test]
+async fn a_lost_answer_after_lago_stored_the_batch_is_retried_without_double_billing() {
+    for mode in [DropMode::Status500, DropMode::CloseConnection] {
+        let world = World::start(Behaviour::Postgres).await;
+        world.lago.store_then_drop_next(1, mode);
+        let run = world.pipeline().await.sync(&opts()).await.unwrap();
+        assert_eq!(run.sent + run.already_delivered, 71, "{mode:?}");
+        assert!(
+            run.already_delivered >= 1,
+            "{mode:?}: the retried batch was a duplicate"
+        );
+        assert_delivered_exactly_once(&world).await;
+    }
+}
+
+#[tokio::test]
+async fn server_errors_and_rate_limits_are_retried_with_identical_bodies() {
+    let world = World::start(Behaviour::Postgres).await;
+    world.lago.fail_next(1, 503);
+    world.lago.rate_limit_next(1, Some(0));
+    world.lago.fail_next(1, 500);
+    let run = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(run.sent, 71);
+    assert_eq!(run.failed, 0);
+    let bodies = world.lago.bodies();
+    assert!(bodies.len() > 3);
+    assert_eq!(bodies[0], bodies[1], "a retry resends the frozen bytes");
+    assert_delivered_exactly_once(&world).await;
+}
+
+#[tokio::test]
+async fn a_refused_api_key_stops_the_sink_and_keeps_every_record_pending() {
+    let world = World::start(Behaviour::Postgres).await;
+    let run = world
+        .pipeline_with(MappingSet::examples().unwrap(), "rotated-key")
+        .await
+        .sync(&opts())
+        .await
+        .unwrap();
+    assert_eq!(run.outcome, RunOutcome::SinkStopped);
+    assert!(run.sink_errors[0].contains("401"), "{:?}", run.sink_errors);
+    assert_eq!(
+        world.lago.request_count(),
+        1,
+        "no retries burnt on a bad key"
+    );
+    assert_eq!(world.lago.events().len(), 0);
+
+    let fixed = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(fixed.sent, 71);
+    assert_delivered_exactly_once(&world).await;
+}
+
+#[tokio::test]
+async fn a_record_lago_rejects_is_held_with_the_reason_and_the_rest_is_delivered() {
+    let world = World::start(Behaviour::Postgres).await;
+    let mappings = MappingSet::examples().unwrap();
+    let (_, keys) = world.expected(&mappings).await;
+    let victim = keys.keys().nth(3).unwrap().clone();
+    world.lago.reject_transaction(victim.clone());
+    let pipeline = world.pipeline().await;
+    let run = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!((run.sent, run.rejected), (70, 1));
+    let rejected = pipeline
+        .ledger
+        .records_with_status(Status::Rejected, None, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].key, victim);
+
+    // Once Lago accepts it, replaying the rejected record delivers it.
+    world.lago.clear_faults();
+    let replay = pipeline
+        .replay(&ReplayOptions {
+            status: Status::Rejected,
+            provider: None,
+            dry_run: false,
+            reason: "metric fixed in Lago".into(),
+            now: Some(now()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(replay.sent, 1);
+    assert_delivered_exactly_once(&world).await;
+}
+
+const RESERVATION_RULE: &str = r#"
+version: 1
+rules:
+  - name: reservation-installments
+    match:
+      resource_type: reservation_installment
+    metric: reservation_cost
+    property: amount
+    value:
+      cost: {}
+    round: { scale: 2, mode: half_up }
+"#;
+
+#[tokio::test]
+async fn an_unmapped_record_is_held_then_delivered_by_replay_after_a_mapping_fix() {
+    let world = World::start(Behaviour::Postgres).await;
+    let run = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(run.held(), 1);
+    assert_eq!(world.lago.events().len(), 71);
+
+    let mut sources: Vec<(String, String)> = billsync::mapping::EXAMPLE_MAPPINGS
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    sources.push(("reservations.yaml".into(), RESERVATION_RULE.into()));
+    let fixed = MappingSet::from_sources(&sources).unwrap();
+    let pipeline = world.pipeline_with(fixed, LAGO_KEY).await;
+
+    let dry = pipeline
+        .replay(&ReplayOptions {
+            status: Status::Unmapped,
+            provider: None,
+            dry_run: true,
+            reason: "added the reservation rule".into(),
+            now: Some(now()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(dry.staged_by_status.get("pending"), Some(&1));
+    assert_eq!(
+        pipeline.ledger.undelivered().await.unwrap(),
+        1,
+        "a dry run changes nothing"
+    );
+
+    let replay = pipeline
+        .replay(&ReplayOptions {
+            status: Status::Unmapped,
+            provider: None,
+            dry_run: false,
+            reason: "added the reservation rule".into(),
+            now: Some(now()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(replay.sent, 1);
+    assert_eq!(replay.outcome, RunOutcome::Ok);
+    assert_eq!(pipeline.ledger.undelivered().await.unwrap(), 0);
+    let stored = world
+        .lago
+        .events()
+        .into_iter()
+        .filter(|e| e.code == "reservation_cost")
+        .collect::<Vec<_>>();
+    assert_eq!(stored.len(), 1);
+    // The 2020 example's installment: 119.81 GBP, stated as a JSON number, sent exactly.
+    assert_eq!(stored[0].properties["amount"], "119.81");
+}
+
+#[tokio::test]
+async fn a_provider_failure_is_reported_and_the_next_run_completes() {
+    let world = World::start(Behaviour::Postgres).await;
+    // Every attempt (1 + 3 retries) of the first window fails.
+    world.metalsoft.fail_next(4, Fault::Http(500));
+    let pipeline = world.pipeline().await;
+    let failed = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!(failed.outcome, RunOutcome::ProviderFailed);
+    let error = failed.sources["metalsoft_test"].error.clone().unwrap();
+    assert!(error.contains("500"), "{error}");
+    assert!(pipeline
+        .ledger
+        .cursors("metalsoft_test")
+        .await
+        .unwrap()
+        .is_empty());
+
+    let next = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!(
+        next.outcome,
+        RunOutcome::Undelivered,
+        "only the held record is left"
+    );
+    assert_delivered_exactly_once(&world).await;
+}
+
+#[tokio::test]
+async fn a_second_run_while_one_holds_the_lock_is_refused() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .ledger
+        .acquire_lock(
+            "other-host:1:abc",
+            now(),
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    let err = pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SyncError::Ledger(LedgerError::Locked { ref holder, .. }) if holder == "other-host:1:abc"),
+        "{err}"
+    );
+    assert_eq!(world.lago.request_count(), 0);
+    assert_eq!(world.metalsoft.request_count(), 0);
+}
