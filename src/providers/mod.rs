@@ -93,4 +93,9 @@ pub trait Provider: Send + Sync {
     ) -> Result<Vec<Chunk>, ProviderError>;
     /// Pull one chunk.
     async fn fetch(&self, chunk: &Chunk, now: DateTime<Utc>) -> Result<Page, ProviderError>;
+    /// Whether records that are not final yet may be sent (configuration opt-in). When they
+    /// later change, the pipeline sends corrections; by default they wait until final.
+    fn push_provisional(&self) -> bool {
+        false
+    }
 }
