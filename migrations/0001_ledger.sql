@@ -55,6 +55,8 @@ CREATE TABLE records (
     first_run           INTEGER NOT NULL,
     last_run            INTEGER NOT NULL,
     sent_run            INTEGER,
+    correction_of       INTEGER REFERENCES records (id),  -- a correction's original record
+    revision            INTEGER NOT NULL DEFAULT 0,       -- 0 for an original, n for its n-th correction
     staged_at           TEXT    NOT NULL,
     updated_at          TEXT    NOT NULL,
     sent_at             TEXT
@@ -64,17 +66,22 @@ CREATE TABLE records (
 CREATE INDEX records_by_status ON records (status, sink, id);
 CREATE INDEX records_by_sent_run ON records (sent_run) WHERE sent_run IS NOT NULL;
 
--- A source record that came back with different content after it was sent. The sent row and
--- its frozen payload are never overwritten; the change waits here to be resolved (corrections).
+CREATE INDEX records_corrections ON records (correction_of) WHERE correction_of IS NOT NULL;
+
+-- Every new content of a record that was already sent. The sent row and its frozen payload are
+-- never overwritten: the difference goes out as a correction record (`corrected`), or there is
+-- none to send (`no_difference`), or a person must decide (`unresolved`, with the reason).
 CREATE TABLE record_changes (
-    id           INTEGER PRIMARY KEY,
-    record_id    INTEGER NOT NULL REFERENCES records (id),
-    content_hash TEXT    NOT NULL,
-    record_json  TEXT    NOT NULL,
-    run_id       INTEGER NOT NULL,
-    seen_at      TEXT    NOT NULL,
-    state        TEXT    NOT NULL DEFAULT 'open',
-    UNIQUE (record_id, content_hash)
+    id            INTEGER PRIMARY KEY,
+    record_id     INTEGER NOT NULL REFERENCES records (id),
+    content_hash  TEXT    NOT NULL,
+    record_json   TEXT    NOT NULL,
+    run_id        INTEGER NOT NULL,
+    seen_at       TEXT    NOT NULL,
+    state         TEXT    NOT NULL CHECK (state IN ('corrected', 'no_difference', 'unresolved')),
+    difference    TEXT,
+    correction_id INTEGER REFERENCES records (id),
+    note          TEXT
 );
 
 -- Operator actions (replay), with the reason given.

@@ -331,8 +331,8 @@ pub fn print_summary(s: &RunSummary) {
         ));
     }
     out.push_str(&format!(
-        "  pulled {}  new {}  unchanged {}  restaged {}  changed after send {}\n",
-        s.pulled, s.new, s.unchanged, s.restaged, s.changed_after_send
+        "  pulled {}  new {}  unchanged {}  restaged {}  corrections {}  changes to resolve {}\n",
+        s.pulled, s.new, s.unchanged, s.restaged, s.corrections, s.changed_after_send
     ));
     out.push_str(&format!(
         "  mapped {}  held (unmapped) {}  ignored {}  provisional {}\n",
@@ -403,7 +403,11 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
     for ((source, status), n) in &st.counts {
         println!("  {source} {status}: {n}");
     }
-    println!("changes of sent records to resolve: {}", st.open_changes);
+    println!("corrections staged: {}", st.corrections);
+    println!(
+        "changes of sent records to resolve by hand: {}",
+        st.open_changes
+    );
     if let Some((key, status, staged, err)) = &st.oldest_undelivered {
         println!(
             "oldest undelivered: {key} ({status}, staged {staged}){}",

@@ -14,7 +14,9 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
-use crate::ledger::{Ledger, LedgerError, MappedColumns, StageCounts, StageRow, Status};
+use crate::ledger::{
+    Correction, Ledger, LedgerError, MappedColumns, SentState, StageCounts, StageRow, Status,
+};
 use crate::mapping::{MapOutcome, MappingSet};
 use crate::providers::Provider;
 use crate::record::UsageRecord;
@@ -108,8 +110,10 @@ pub struct RunSummary {
     pub new: u64,
     pub unchanged: u64,
     pub restaged: u64,
-    /// Sent records that came back with other content (kept as changes to resolve).
+    /// Sent records that came back with other content that needs a person (unresolved).
     pub changed_after_send: u64,
+    /// Correction records staged (the difference of a sent record that changed).
+    pub corrections: u64,
     /// New or restaged records per status (pending = mapped, unmapped = held, ...).
     pub staged_by_status: BTreeMap<String, u64>,
     pub sent: u64,
@@ -138,6 +142,7 @@ impl RunSummary {
             unchanged: 0,
             restaged: 0,
             changed_after_send: 0,
+            corrections: 0,
             staged_by_status: BTreeMap::new(),
             sent: 0,
             already_delivered: 0,
@@ -155,6 +160,7 @@ impl RunSummary {
         self.unchanged += c.unchanged;
         self.restaged += c.restaged;
         self.changed_after_send += c.changed_after_send;
+        self.corrections += c.corrections;
         for (k, v) in &c.by_status {
             *self.staged_by_status.entry((*k).to_string()).or_default() += v;
         }
@@ -193,11 +199,13 @@ impl Pipeline {
         }
     }
 
-    /// Map one record and freeze its payload: the row the ledger stages.
-    pub fn stage_row(&self, record: UsageRecord) -> StageRow {
+    /// Map one record and freeze its payload: the row the ledger stages. A record that is not
+    /// final waits as `provisional` unless its provider opted into pushing provisional data.
+    pub fn stage_row(&self, record: UsageRecord, push_provisional: bool) -> StageRow {
         let key = record.idempotency_key();
         let content_hash = record.content_hash();
         let mut mapped = MappedColumns::default();
+        let mut mapped_event = None;
         let (status, note) = match self.mappings.apply(&record) {
             MapOutcome::Unmapped { reason } => (Status::Unmapped, Some(reason)),
             MapOutcome::Ignored { rule } => {
@@ -225,7 +233,8 @@ impl Pipeline {
                             Err(e) => (Status::Unmapped, Some(e.to_string())),
                             Ok(payload) => {
                                 mapped.payload = Some(payload);
-                                if record.is_final {
+                                mapped_event = Some(event);
+                                if record.is_final || push_provisional {
                                     (Status::Pending, None)
                                 } else {
                                     (
@@ -249,6 +258,64 @@ impl Pipeline {
             status,
             mapped,
             note,
+            event: mapped_event,
+            correction_of: None,
+            revision: 0,
+        }
+    }
+
+    /// Decide what to do with a sent record that came back with new content: send the
+    /// difference as a correction record (key = original key + `.r<revision>`, same timestamp,
+    /// so it lands in the same billing period) when it still maps to the same subscription and
+    /// metric; otherwise leave it to a person. Corrections assume sum-type metrics.
+    pub fn correction(&self, row: &StageRow, sent: &SentState) -> Correction {
+        let (Some(event), Some(new_value)) = (&row.event, row.mapped.value) else {
+            return Correction::Unresolved(format!(
+                "{} changed after it was sent but no longer maps ({}): resolve by hand",
+                sent.key,
+                row.note.as_deref().unwrap_or(row.status.as_str())
+            ));
+        };
+        if row.mapped.subscription != sent.subscription
+            || row.mapped.metric != sent.metric
+            || row.mapped.sink != sent.sink
+        {
+            return Correction::Unresolved(format!(
+                "{} changed after it was sent and now maps to {:?}/{:?} instead of {:?}/{:?}: resolve by hand",
+                sent.key, row.mapped.subscription, row.mapped.metric, sent.subscription, sent.metric
+            ));
+        }
+        let difference = new_value - sent.sent_total;
+        if difference.is_zero() {
+            return Correction::NoDifference;
+        }
+        let key = format!("{}.r{}", sent.key, sent.next_revision);
+        let Some(sink) = self.sink(row.mapped.sink.as_deref()) else {
+            return Correction::Unresolved(format!("sink {:?} is not configured", row.mapped.sink));
+        };
+        let mut event = event.clone();
+        event.value = difference;
+        match sink.encode(&key, &event) {
+            Err(e) => Correction::Unresolved(e.to_string()),
+            Ok(payload) => {
+                let mut mapped = row.mapped.clone();
+                mapped.value = Some(difference);
+                mapped.payload = Some(payload);
+                Correction::Send {
+                    row: Box::new(StageRow {
+                        key,
+                        content_hash: row.content_hash.clone(),
+                        record: row.record.clone(),
+                        status: Status::Pending,
+                        mapped,
+                        note: Some(format!("correction of {}", sent.key)),
+                        event: Some(event),
+                        correction_of: None,
+                        revision: sent.next_revision,
+                    }),
+                    difference,
+                }
+            }
         }
     }
 
@@ -413,10 +480,11 @@ impl Pipeline {
                 }
                 continue;
             }
+            let push_provisional = provider.push_provisional();
             let rows: Vec<StageRow> = page
                 .records
                 .into_iter()
-                .map(|r| self.stage_row(r))
+                .map(|r| self.stage_row(r, push_provisional))
                 .collect();
             let counts = match run_id {
                 Some(run_id) => {
@@ -424,7 +492,10 @@ impl Pipeline {
                         .cursor
                         .as_deref()
                         .map(|v| (provider.name(), chunk.stream.as_str(), v));
-                    self.ledger.stage(run_id, &rows, cursor, Utc::now()).await?
+                    let correct = |row: &StageRow, sent: &SentState| self.correction(row, sent);
+                    self.ledger
+                        .stage(run_id, &rows, cursor, Utc::now(), &correct)
+                        .await?
                 }
                 None => self.dry_run_counts(&rows).await?,
             };
@@ -603,7 +674,12 @@ impl Pipeline {
             after_id = last.id;
             for stored in page {
                 summary.pulled += 1;
-                let row = self.stage_row(stored.record);
+                let push_provisional = self
+                    .providers
+                    .iter()
+                    .find(|p| p.name() == stored.record.source)
+                    .is_some_and(|p| p.push_provisional());
+                let row = self.stage_row(stored.record, push_provisional);
                 *summary
                     .staged_by_status
                     .entry(row.status.as_str().to_string())

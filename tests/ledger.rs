@@ -4,7 +4,9 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use billsync::ledger::{Ledger, LedgerError, MappedColumns, StageRow, Status};
+use billsync::ledger::{
+    Correction, Ledger, LedgerError, MappedColumns, SentState, StageRow, Status,
+};
 use billsync::record::UsageRecord;
 use billsync::sinks::Outcome;
 use chrono::{TimeZone, Utc};
@@ -53,7 +55,32 @@ fn row(r: UsageRecord) -> StageRow {
             ..Default::default()
         },
         note: None,
+        event: None,
+        correction_of: None,
+        revision: 0,
         record: r,
+    }
+}
+
+/// A correction policy that always leaves the change to a person.
+fn by_hand(_: &StageRow, sent: &SentState) -> Correction {
+    Correction::Unresolved(format!("{} changed", sent.key))
+}
+
+/// A correction policy that sends the difference (what the pipeline does for sum metrics).
+fn difference(row: &StageRow, sent: &SentState) -> Correction {
+    let value = row.mapped.value.unwrap();
+    let difference = value - sent.sent_total;
+    if difference.is_zero() {
+        return Correction::NoDifference;
+    }
+    let mut c = row.clone();
+    c.key = format!("{}.r{}", sent.key, sent.next_revision);
+    c.mapped.value = Some(difference);
+    c.mapped.payload = Some(format!("{{\"value\":\"{difference}\"}}"));
+    Correction::Send {
+        row: Box::new(c),
+        difference,
     }
 }
 
@@ -75,6 +102,7 @@ async fn staging_is_idempotent_and_moves_the_cursor_in_the_same_transaction() {
             &rows,
             Some(("ms", "user:1", "2026-10-05T01:00:00Z")),
             now,
+            &by_hand,
         )
         .await
         .unwrap();
@@ -84,7 +112,7 @@ async fn staging_is_idempotent_and_moves_the_cursor_in_the_same_transaction() {
         "2026-10-05T01:00:00Z"
     );
 
-    let again = ledger.stage(run, &rows, None, now).await.unwrap();
+    let again = ledger.stage(run, &rows, None, now, &by_hand).await.unwrap();
     assert_eq!((again.new, again.unchanged), (0, 2));
     assert_eq!(ledger.pending_batch("lago", 0, 100).await.unwrap().len(), 2);
 }
@@ -96,7 +124,7 @@ async fn a_sent_record_that_changes_is_kept_as_a_change_and_its_payload_never_ov
     let now = Utc::now();
     let run = ledger.start_run("sync", now).await.unwrap();
     ledger
-        .stage(run, &[row(record("a", "1.10"))], None, now)
+        .stage(run, &[row(record("a", "1.10"))], None, now, &by_hand)
         .await
         .unwrap();
     let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
@@ -107,16 +135,16 @@ async fn a_sent_record_that_changes_is_kept_as_a_change_and_its_payload_never_ov
         .unwrap();
 
     let changed = ledger
-        .stage(run, &[row(record("a", "1.25"))], None, now)
+        .stage(run, &[row(record("a", "1.25"))], None, now, &by_hand)
         .await
         .unwrap();
     assert_eq!(changed.changed_after_send, 1);
-    // Seen a second time with the same new content: still one change.
+    // Seen a second time with the same new content: nothing new.
     let again = ledger
-        .stage(run, &[row(record("a", "1.25"))], None, now)
+        .stage(run, &[row(record("a", "1.25"))], None, now, &by_hand)
         .await
         .unwrap();
-    assert_eq!(again.changed_after_send, 0);
+    assert_eq!((again.changed_after_send, again.unchanged), (0, 1));
     let status = ledger.status().await.unwrap();
     assert_eq!(status.open_changes, 1);
     assert_eq!(status.counts[&("ms".to_string(), "sent".to_string())], 1);
@@ -126,6 +154,69 @@ async fn a_sent_record_that_changes_is_kept_as_a_change_and_its_payload_never_ov
         Decimal::from_str("1.10").unwrap()
     );
     assert!(frozen.contains("1.10"));
+    assert_eq!(ledger.pending_batch("lago", 0, 100).await.unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn corrections_carry_the_difference_to_what_was_sent_so_far() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    let send_all = |ledger: Ledger| async move {
+        let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+        let acks: Vec<_> = batch.iter().map(|o| (o.id, Outcome::Delivered)).collect();
+        ledger.ack(run, &acks, Utc::now()).await.unwrap();
+        batch
+    };
+    ledger
+        .stage(run, &[row(record("a", "1.10"))], None, now, &difference)
+        .await
+        .unwrap();
+    send_all(ledger.clone()).await;
+
+    // 1.10 → 1.25: one correction of +0.15, keyed from the original key.
+    let c = ledger
+        .stage(run, &[row(record("a", "1.25"))], None, now, &difference)
+        .await
+        .unwrap();
+    assert_eq!(c.corrections, 1);
+    let first = send_all(ledger.clone()).await;
+    assert_eq!(first.len(), 1);
+    let key = record("a", "1").idempotency_key();
+    assert_eq!(first[0].key, format!("{key}.r1"));
+    assert!(
+        first[0].payload.contains("\"0.15\""),
+        "{}",
+        first[0].payload
+    );
+
+    // 1.25 → 1.00: the next correction is measured against 1.25 (original + r1): −0.25.
+    ledger
+        .stage(run, &[row(record("a", "1.00"))], None, now, &difference)
+        .await
+        .unwrap();
+    let second = send_all(ledger.clone()).await;
+    assert_eq!(second[0].key, format!("{key}.r2"));
+    assert!(
+        second[0].payload.contains("\"-0.25\""),
+        "{}",
+        second[0].payload
+    );
+
+    // The same content again: nothing.
+    let same = ledger
+        .stage(run, &[row(record("a", "1.00"))], None, now, &difference)
+        .await
+        .unwrap();
+    assert_eq!((same.corrections, same.unchanged), (0, 1));
+    let totals = ledger.sent_totals(run).await.unwrap();
+    assert_eq!(
+        totals[&("sub_1".to_string(), "cost".to_string())],
+        Decimal::from_str("1.00").unwrap(),
+        "original + corrections = the latest content"
+    );
+    assert_eq!(ledger.status().await.unwrap().corrections, 2);
 }
 
 #[tokio::test]
@@ -135,11 +226,11 @@ async fn an_unsent_record_that_changes_is_restaged_in_place() {
     let now = Utc::now();
     let run = ledger.start_run("sync", now).await.unwrap();
     ledger
-        .stage(run, &[row(record("a", "1.10"))], None, now)
+        .stage(run, &[row(record("a", "1.10"))], None, now, &by_hand)
         .await
         .unwrap();
     let c = ledger
-        .stage(run, &[row(record("a", "1.25"))], None, now)
+        .stage(run, &[row(record("a", "1.25"))], None, now, &by_hand)
         .await
         .unwrap();
     assert_eq!(c.restaged, 1);
@@ -160,6 +251,7 @@ async fn rejected_and_failed_outcomes_keep_the_record_with_its_reason() {
             &[row(record("a", "1")), row(record("b", "2"))],
             None,
             now,
+            &by_hand,
         )
         .await
         .unwrap();

@@ -362,3 +362,21 @@ async fn a_second_run_while_one_holds_the_lock_is_refused() {
     assert_eq!(world.lago.request_count(), 0);
     assert_eq!(world.metalsoft.request_count(), 0);
 }
+
+#[tokio::test]
+async fn a_dry_run_pulls_and_maps_but_writes_and_sends_nothing() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    let dry = pipeline
+        .sync(&SyncOptions {
+            dry_run: true,
+            ..opts()
+        })
+        .await
+        .unwrap();
+    assert!(dry.dry_run && dry.run_id.is_none());
+    assert_eq!((dry.new, dry.mapped(), dry.held()), (80, 71, 1));
+    assert_eq!(world.lago.request_count(), 0);
+    let status = pipeline.ledger.status().await.unwrap();
+    assert!(status.counts.is_empty() && status.cursors.is_empty() && status.runs.is_empty());
+}

@@ -148,6 +148,39 @@ pub struct StageRow {
     pub mapped: MappedColumns,
     /// Why the record is held (unmapped reason), if it is.
     pub note: Option<String>,
+    /// The mapped event the payload was built from (not stored; corrections re-encode it).
+    pub event: Option<crate::mapping::MappedEvent>,
+    /// For a correction: the original record's id.
+    pub correction_of: Option<i64>,
+    /// 0 for an original record, n for its n-th correction.
+    pub revision: i64,
+}
+
+/// What was sent for a record so far, for deciding its correction.
+#[derive(Debug, Clone)]
+pub struct SentState {
+    pub key: String,
+    pub subscription: Option<String>,
+    pub metric: Option<String>,
+    pub sink: Option<String>,
+    /// The original value plus every correction staged for it (rejected ones excluded).
+    pub sent_total: Decimal,
+    /// The revision number the next correction gets.
+    pub next_revision: i64,
+}
+
+/// The decision about a sent record that came back with new content.
+#[derive(Debug, Clone)]
+pub enum Correction {
+    /// Stage this correction row (its key and payload carry the difference).
+    Send {
+        row: Box<StageRow>,
+        difference: Decimal,
+    },
+    /// The new content bills the same value (e.g. a provisional record became final unchanged).
+    NoDifference,
+    /// A person must decide (the reason says why: unmapped now, target changed, ...).
+    Unresolved(String),
 }
 
 /// What staging one page did.
@@ -159,8 +192,10 @@ pub struct StageCounts {
     pub unchanged: u64,
     /// Seen before, not yet sent, with new content: restaged in place.
     pub restaged: u64,
-    /// Seen before, already sent, with new content: kept as a change to resolve.
+    /// Seen before, already sent, with new content that needs a person: kept as unresolved.
     pub changed_after_send: u64,
+    /// Correction records staged for sent records whose content changed.
+    pub corrections: u64,
     /// New or restaged rows per status.
     pub by_status: BTreeMap<&'static str, u64>,
 }
@@ -171,6 +206,7 @@ impl StageCounts {
         self.unchanged += other.unchanged;
         self.restaged += other.restaged;
         self.changed_after_send += other.changed_after_send;
+        self.corrections += other.corrections;
         for (k, v) in &other.by_status {
             *self.by_status.entry(k).or_default() += v;
         }
@@ -193,8 +229,10 @@ pub struct LedgerStatus {
     pub counts: BTreeMap<(String, String), i64>,
     /// (source, stream, value, updated_at).
     pub cursors: Vec<(String, String, String, String)>,
-    /// Changes of already-sent records that wait to be resolved.
+    /// Changes of already-sent records that wait for a person (`unresolved`).
     pub open_changes: i64,
+    /// Correction records staged so far.
+    pub corrections: i64,
     /// The last runs, newest first.
     pub runs: Vec<RunRow>,
     /// Oldest undelivered record: (key, status, staged_at, last_error).
@@ -442,14 +480,17 @@ impl Ledger {
     /// Stage a page of records and advance its cursor, in one transaction.
     ///
     /// A key seen before with the same content is a no-op; with different content it is
-    /// restaged in place while unsent, and kept as a change to resolve once sent: the frozen
-    /// payload of a sent record is never overwritten.
+    /// restaged in place while unsent. Once sent, its frozen payload is never overwritten:
+    /// `correct` decides, from what was sent so far, whether a correction record carrying the
+    /// difference is staged beside it (same transaction), or there is nothing to send, or a
+    /// person must resolve the change.
     pub async fn stage(
         &self,
         run_id: i64,
         rows: &[StageRow],
         cursor: Option<(&str, &str, &str)>,
         now: DateTime<Utc>,
+        correct: &(dyn Fn(&StageRow, &SentState) -> Correction + Sync),
     ) -> Result<StageCounts, LedgerError> {
         let now_s = ts(now);
         let mut counts = StageCounts::default();
@@ -463,6 +504,8 @@ impl Ledger {
         let mut known = lookup(&mut tx, &keys).await?;
         // Rows to insert, by key: a key repeated inside one page keeps its last content.
         let mut inserts: Vec<&StageRow> = Vec::new();
+        let mut corrections: Vec<StageRow> = Vec::new();
+        let mut changes: Vec<ChangeSeen> = Vec::new();
         let mut insert_at: HashMap<&str, usize> = HashMap::new();
 
         for row in rows {
@@ -481,24 +524,48 @@ impl Ledger {
                 }
                 Some((_, hash, _)) if *hash == row.content_hash => counts.unchanged += 1,
                 Some((id, _, Status::Sent)) => {
-                    let record_json = record_json(&row.record)?;
-                    let done = sqlx::query(
-                        "INSERT INTO record_changes (record_id, content_hash, record_json, run_id, seen_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (record_id, content_hash) DO NOTHING",
+                    let id = *id;
+                    let sent = sent_state(&mut tx, id).await?;
+                    let decision = correct(row, &sent);
+                    let (state, difference, note) = match &decision {
+                        Correction::Send { row: c, difference } => {
+                            corrections.push(StageRow {
+                                correction_of: Some(id),
+                                revision: sent.next_revision,
+                                ..(**c).clone()
+                            });
+                            counts.corrections += 1;
+                            ("corrected", Some(difference.to_string()), None)
+                        }
+                        Correction::NoDifference => ("no_difference", None, None),
+                        Correction::Unresolved(reason) => {
+                            counts.changed_after_send += 1;
+                            ("unresolved", None, Some(reason.clone()))
+                        }
+                    };
+                    // The original keeps its frozen payload and value; only the latest content
+                    // seen moves, so the same new content read again is a no-op.
+                    sqlx::query(
+                        "UPDATE records SET content_hash = ?2, last_run = ?3, updated_at = ?4 WHERE id = ?1",
                     )
                     .bind(id)
                     .bind(&row.content_hash)
-                    .bind(record_json)
                     .bind(run_id)
                     .bind(&now_s)
                     .execute(&mut *tx)
                     .await
-                    .map_err(sql("keeping a change of a sent record"))?;
-                    if done.rows_affected() == 1 {
-                        counts.changed_after_send += 1;
-                    } else {
-                        counts.unchanged += 1;
-                    }
+                    .map_err(sql("recording the latest content of a sent record"))?;
+                    changes.push(ChangeSeen {
+                        record_id: id,
+                        row,
+                        state,
+                        difference,
+                        note,
+                    });
+                    known.insert(
+                        row.key.clone(),
+                        (id, row.content_hash.clone(), Status::Sent),
+                    );
                 }
                 Some((id, _, _)) => {
                     let id = *id;
@@ -510,6 +577,11 @@ impl Ledger {
             }
         }
 
+        counts.new += inserts.len() as u64;
+        for r in &inserts {
+            *counts.by_status.entry(r.status.as_str()).or_default() += 1;
+        }
+        inserts.extend(corrections.iter());
         for chunk in inserts.chunks(INSERT_ROWS_PER_STATEMENT) {
             let jsons: Vec<String> = chunk
                 .iter()
@@ -520,7 +592,8 @@ impl Ledger {
                  is_final, charge_period_start, charge_period_end, billing_account_id, sub_account_id,
                  resource_type, resource_id, consumed_quantity, consumed_unit, billed_cost,
                  billing_currency, rule, sink, subscription, customer, metric, value, payload,
-                 record_json, last_error, first_run, last_run, staged_at, updated_at) ",
+                 record_json, last_error, first_run, last_run, staged_at, updated_at,
+                 correction_of, revision) ",
             );
             qb.push_values(chunk.iter().zip(jsons), |mut b, (r, json)| {
                 let rec = &r.record;
@@ -553,16 +626,49 @@ impl Ledger {
                     .push_bind(run_id)
                     .push_bind(run_id)
                     .push_bind(now_s.clone())
-                    .push_bind(now_s.clone());
+                    .push_bind(now_s.clone())
+                    .push_bind(r.correction_of)
+                    .push_bind(r.revision);
             });
             qb.build()
                 .execute(&mut *tx)
                 .await
                 .map_err(sql("staging records"))?;
         }
-        counts.new += inserts.len() as u64;
-        for r in &inserts {
-            *counts.by_status.entry(r.status.as_str()).or_default() += 1;
+        for ChangeSeen {
+            record_id: id,
+            row,
+            state,
+            difference,
+            note,
+        } in changes
+        {
+            let correction_id: Option<i64> = if state == "corrected" {
+                sqlx::query_scalar("SELECT MAX(id) FROM records WHERE correction_of = ?1")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(sql("linking a correction"))?
+            } else {
+                None
+            };
+            sqlx::query(
+                "INSERT INTO record_changes (record_id, content_hash, record_json, run_id, seen_at,
+                     state, difference, correction_id, note)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .bind(id)
+            .bind(&row.content_hash)
+            .bind(record_json(&row.record)?)
+            .bind(run_id)
+            .bind(&now_s)
+            .bind(state)
+            .bind(difference)
+            .bind(correction_id)
+            .bind(note)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("keeping a change of a sent record"))?;
         }
 
         if let Some((source, stream, value)) = cursor {
@@ -829,10 +935,15 @@ impl Ledger {
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
         st.open_changes =
-            sqlx::query_scalar("SELECT COUNT(*) FROM record_changes WHERE state = 'open'")
+            sqlx::query_scalar("SELECT COUNT(*) FROM record_changes WHERE state = 'unresolved'")
                 .fetch_one(&self.pool)
                 .await
                 .map_err(sql("counting changes"))?;
+        st.corrections =
+            sqlx::query_scalar("SELECT COUNT(*) FROM records WHERE correction_of IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(sql("counting corrections"))?;
         st.runs = sqlx::query(
             "SELECT id, command, started_at, finished_at, outcome FROM runs ORDER BY id DESC LIMIT 5",
         )
@@ -905,6 +1016,51 @@ async fn lookup(
         }
     }
     Ok(found)
+}
+
+/// A change of a sent record, written to `record_changes` once the correction rows exist.
+struct ChangeSeen<'a> {
+    record_id: i64,
+    row: &'a StageRow,
+    state: &'static str,
+    difference: Option<String>,
+    note: Option<String>,
+}
+
+async fn sent_state(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<SentState, LedgerError> {
+    let r = sqlx::query(
+        "SELECT o.idem_key, o.subscription, o.metric, o.sink, o.value,
+             (SELECT group_concat(c.value, ' ') FROM records c
+                WHERE c.correction_of = o.id AND c.status <> 'rejected'),
+             (SELECT COALESCE(MAX(c.revision), 0) FROM records c WHERE c.correction_of = o.id)
+         FROM records o WHERE o.id = ?1",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(sql("reading what was sent for a record"))?;
+    let parse = |text: &str| {
+        Decimal::from_str(text).map_err(|e| LedgerError::Corrupt {
+            id,
+            field: "value",
+            message: e.to_string(),
+        })
+    };
+    let original: Option<String> = r.get(4);
+    let mut sent_total = parse(original.as_deref().unwrap_or("0"))?;
+    let corrections: Option<String> = r.get(5);
+    for v in corrections.as_deref().unwrap_or("").split_whitespace() {
+        sent_total += parse(v)?;
+    }
+    let last_revision: i64 = r.get(6);
+    Ok(SentState {
+        key: r.get(0),
+        subscription: r.get(1),
+        metric: r.get(2),
+        sink: r.get(3),
+        sent_total,
+        next_revision: last_revision + 1,
+    })
 }
 
 async fn restage(
