@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{ProviderSettings, Settings, SettingsError, SinkSettings};
-use crate::ledger::{Ledger, LedgerError, Status};
+use crate::ledger::{Ledger, LedgerError, RecordFilter, Status};
 use crate::mapping::MappingSet;
 use crate::providers::metalsoft::MetalsoftProvider;
 use crate::providers::Provider;
@@ -83,7 +84,16 @@ pub enum Command {
         /// Only records of this source or provider kind.
         #[arg(long)]
         provider: Option<String>,
-        /// Say what would change; change nothing, send nothing.
+        /// Only records whose charge period starts at or after this (RFC 3339 or YYYY-MM-DD).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<DateTime<Utc>>,
+        /// Only records whose charge period starts before this (RFC 3339 or YYYY-MM-DD).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<DateTime<Utc>>,
+        /// Only records last handled by this run (see `billsync status`).
+        #[arg(long)]
+        run: Option<i64>,
+        /// List what would change, record by record; change nothing, send nothing.
         #[arg(long)]
         dry_run: bool,
         /// Why you replay (kept in the ledger's audit trail).
@@ -229,6 +239,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Replay {
             status,
             provider,
+            since,
+            until,
+            run,
             dry_run,
             reason,
         } => {
@@ -239,11 +252,16 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let pipeline = build_pipeline(&settings).await?;
             let summary = pipeline
                 .replay(&ReplayOptions {
-                    status: match status {
-                        ReplayStatus::Unmapped => Status::Unmapped,
-                        ReplayStatus::Rejected => Status::Rejected,
+                    filter: RecordFilter {
+                        status: match status {
+                            ReplayStatus::Unmapped => Status::Unmapped,
+                            ReplayStatus::Rejected => Status::Rejected,
+                        },
+                        provider,
+                        since,
+                        until,
+                        run,
                     },
-                    provider,
                     dry_run,
                     reason,
                     now: None,
@@ -253,6 +271,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit_code(&summary))
         }
     }
+}
+
+/// A point in time on the command line: RFC 3339, or a date (midnight UTC).
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .ok_or_else(|| {
+            format!("{text:?} is neither RFC 3339 (2026-10-01T00:00:00Z) nor a date (2026-10-01)")
+        })
 }
 
 /// The exit code a finished run deserves.
@@ -371,6 +403,18 @@ pub fn print_summary(s: &RunSummary) {
             out.push_str(&format!(
                 "  {:<w1$}  {:<w2$}  {:>18}\n",
                 t.subscription, t.metric, t.value
+            ));
+        }
+    }
+    if !s.preview.is_empty() {
+        out.push_str("  plan:\n");
+        for line in &s.preview {
+            out.push_str(&format!("    {line}\n"));
+        }
+        if (s.pulled as usize) > s.preview.len() {
+            out.push_str(&format!(
+                "    … and {} more\n",
+                s.pulled as usize - s.preview.len()
             ));
         }
     }

@@ -15,7 +15,8 @@ use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
 use crate::ledger::{
-    Correction, Ledger, LedgerError, MappedColumns, SentState, StageCounts, StageRow, Status,
+    Correction, Ledger, LedgerError, MappedColumns, RecordFilter, SentState, StageCounts, StageRow,
+    Status,
 };
 use crate::mapping::{MapOutcome, MappingSet};
 use crate::providers::Provider;
@@ -26,6 +27,8 @@ use crate::sinks::{Outcome, Sink};
 const LOCK_REFRESH: Duration = Duration::from_secs(30);
 /// Records read per page when replaying.
 const REPLAY_PAGE: i64 = 500;
+/// Records a dry-run replay lists one by one (the counts cover all of them).
+const PREVIEW_LINES: usize = 200;
 
 /// Everything a run needs.
 pub struct Pipeline {
@@ -54,10 +57,8 @@ pub struct SyncOptions {
 /// Options of `billsync replay`.
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
-    /// Which held records to re-map: `unmapped` or `rejected`.
-    pub status: Status,
-    /// Only this source or provider kind.
-    pub provider: Option<String>,
+    /// Which held records: status (`unmapped` or `rejected`), source, period, run.
+    pub filter: RecordFilter,
     /// Say what would happen, change nothing.
     pub dry_run: bool,
     /// Why (stored in the ledger's audit trail).
@@ -127,6 +128,9 @@ pub struct RunSummary {
     /// Undelivered records in the whole ledger at the end of the run.
     pub undelivered: i64,
     pub duration_ms: u128,
+    /// A dry-run replay's record-by-record plan (at most 200 lines).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub preview: Vec<String>,
 }
 
 impl RunSummary {
@@ -152,6 +156,7 @@ impl RunSummary {
             totals: Vec::new(),
             undelivered: 0,
             duration_ms: 0,
+            preview: Vec::new(),
         }
     }
 
@@ -653,9 +658,13 @@ impl Pipeline {
             None
         } else {
             let id = self.ledger.start_run("replay", now).await?;
+            let f = &opts.filter;
             let detail = serde_json::json!({
-                "status": opts.status.as_str(),
-                "provider": opts.provider,
+                "status": f.status.as_str(),
+                "provider": f.provider,
+                "since": f.since,
+                "until": f.until,
+                "run": f.run,
                 "reason": opts.reason,
             });
             self.ledger
@@ -668,7 +677,7 @@ impl Pipeline {
         loop {
             let page = self
                 .ledger
-                .records_with_status(opts.status, opts.provider.as_deref(), after_id, REPLAY_PAGE)
+                .records_matching(&opts.filter, after_id, REPLAY_PAGE)
                 .await?;
             let Some(last) = page.last() else { break };
             after_id = last.id;
@@ -695,9 +704,26 @@ impl Pipeline {
                             Utc::now(),
                         )
                         .await?;
-                } else {
-                    info!(key = %stored.key, from = stored.status.as_str(), to = row.status.as_str(),
-                        note = row.note.as_deref().unwrap_or(""), "would re-map");
+                } else if summary.preview.len() < PREVIEW_LINES {
+                    summary.preview.push(format!(
+                        "{} {} → {}{}",
+                        stored.key,
+                        stored.status.as_str(),
+                        row.status.as_str(),
+                        match (
+                            &row.mapped.subscription,
+                            &row.mapped.metric,
+                            row.mapped.value
+                        ) {
+                            (Some(s), Some(m), Some(v)) if row.status == Status::Pending =>
+                                format!(" ({s} {m} {v})"),
+                            _ => row
+                                .note
+                                .as_deref()
+                                .map(|n| format!(": {n}"))
+                                .unwrap_or_default(),
+                        }
+                    ));
                 }
             }
         }

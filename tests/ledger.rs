@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use billsync::ledger::{
-    Correction, Ledger, LedgerError, MappedColumns, SentState, StageRow, Status,
+    Correction, Ledger, LedgerError, MappedColumns, RecordFilter, SentState, StageRow, Status,
 };
 use billsync::record::UsageRecord;
 use billsync::sinks::Outcome;
@@ -268,7 +268,7 @@ async fn rejected_and_failed_outcomes_keep_the_record_with_its_reason() {
         .await
         .unwrap();
     let rejected = ledger
-        .records_with_status(Status::Rejected, None, 0, 10)
+        .records_matching(&RecordFilter::status(Status::Rejected), 0, 10)
         .await
         .unwrap();
     assert_eq!(rejected.len(), 1);

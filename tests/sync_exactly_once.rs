@@ -7,7 +7,7 @@ mod openapi;
 #[path = "common/world.rs"]
 mod world;
 
-use billsync::ledger::{LedgerError, Status};
+use billsync::ledger::{LedgerError, RecordFilter, Status};
 use billsync::mapping::MappingSet;
 use billsync::simulators::lago::{Behaviour, DropMode};
 use billsync::simulators::metalsoft::Fault;
@@ -218,7 +218,7 @@ async fn a_record_lago_rejects_is_held_with_the_reason_and_the_rest_is_delivered
     assert_eq!((run.sent, run.rejected), (70, 1));
     let rejected = pipeline
         .ledger
-        .records_with_status(Status::Rejected, None, 0, 10)
+        .records_matching(&RecordFilter::status(Status::Rejected), 0, 10)
         .await
         .unwrap();
     assert_eq!(rejected.len(), 1);
@@ -228,8 +228,7 @@ async fn a_record_lago_rejects_is_held_with_the_reason_and_the_rest_is_delivered
     world.lago.clear_faults();
     let replay = pipeline
         .replay(&ReplayOptions {
-            status: Status::Rejected,
-            provider: None,
+            filter: RecordFilter::status(Status::Rejected),
             dry_run: false,
             reason: "metric fixed in Lago".into(),
             now: Some(now()),
@@ -270,8 +269,7 @@ async fn an_unmapped_record_is_held_then_delivered_by_replay_after_a_mapping_fix
 
     let dry = pipeline
         .replay(&ReplayOptions {
-            status: Status::Unmapped,
-            provider: None,
+            filter: RecordFilter::status(Status::Unmapped),
             dry_run: true,
             reason: "added the reservation rule".into(),
             now: Some(now()),
@@ -287,8 +285,7 @@ async fn an_unmapped_record_is_held_then_delivered_by_replay_after_a_mapping_fix
 
     let replay = pipeline
         .replay(&ReplayOptions {
-            status: Status::Unmapped,
-            provider: None,
+            filter: RecordFilter::status(Status::Unmapped),
             dry_run: false,
             reason: "added the reservation rule".into(),
             now: Some(now()),

@@ -213,6 +213,33 @@ impl StageCounts {
     }
 }
 
+/// Which records to read back (replay, export).
+#[derive(Debug, Clone)]
+pub struct RecordFilter {
+    pub status: Status,
+    /// Source name or provider kind.
+    pub provider: Option<String>,
+    /// Charge period starting at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Charge period starting before.
+    pub until: Option<DateTime<Utc>>,
+    /// Last staged, mapped or attempted by this run.
+    pub run: Option<i64>,
+}
+
+impl RecordFilter {
+    /// Every record with `status`.
+    pub fn status(status: Status) -> Self {
+        RecordFilter {
+            status,
+            provider: None,
+            since: None,
+            until: None,
+            run: None,
+        }
+    }
+}
+
 /// A record read back for replay.
 #[derive(Debug, Clone)]
 pub struct StoredRecord {
@@ -715,21 +742,27 @@ impl Ledger {
     }
 
     /// Records with a status, in id order after `after_id` (paged, for replay).
-    pub async fn records_with_status(
+    pub async fn records_matching(
         &self,
-        status: Status,
-        provider: Option<&str>,
+        filter: &RecordFilter,
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<StoredRecord>, LedgerError> {
         let rows = sqlx::query(
             "SELECT id, idem_key, status, record_json FROM records
-             WHERE status = ?1 AND id > ?2 AND (?3 IS NULL OR source = ?3 OR provider = ?3)
-             ORDER BY id LIMIT ?4",
+             WHERE status = ?1 AND id > ?2
+               AND (?3 IS NULL OR source = ?3 OR provider = ?3)
+               AND (?4 IS NULL OR charge_period_start >= ?4)
+               AND (?5 IS NULL OR charge_period_start < ?5)
+               AND (?6 IS NULL OR last_run = ?6)
+             ORDER BY id LIMIT ?7",
         )
-        .bind(status.as_str())
+        .bind(filter.status.as_str())
         .bind(after_id)
-        .bind(provider)
+        .bind(filter.provider.as_deref())
+        .bind(filter.since.map(ts))
+        .bind(filter.until.map(ts))
+        .bind(filter.run)
         .bind(limit)
         .fetch_all(&self.pool)
         .await
