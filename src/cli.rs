@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{ProviderSettings, Settings, SettingsError, SinkSettings};
 use crate::ledger::{Ledger, LedgerError, RecordFilter, Status};
 use crate::mapping::MappingSet;
+use crate::observe;
 use crate::providers::metalsoft::MetalsoftProvider;
 use crate::providers::Provider;
 use crate::sinks::lago::LagoSink;
@@ -31,6 +32,11 @@ pub mod exit {
     pub const UNDELIVERED: u8 = 4;
     /// A sink refused the credentials (401/403); its records stay pending.
     pub const SINK_STOPPED: u8 = 5;
+    /// Stopped early by SIGTERM/SIGINT after recording everything done; the next run resumes.
+    pub const INTERRUPTED: u8 = 6;
+    /// A second signal: exited at once. Every ledger write is a transaction, so the ledger is
+    /// consistent; the lock expires after `ledger.lock_ttl`.
+    pub const FORCED: u8 = 130;
 }
 
 #[derive(Debug, Parser)]
@@ -52,6 +58,10 @@ pub struct Cli {
     /// Log format on standard error: `auto` is text on a terminal and JSON otherwise.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
+    /// Run summary on standard output: `auto` is a table on a terminal and one JSON line
+    /// otherwise.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    pub output: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -132,7 +142,8 @@ pub enum MappingsCommand {
 /// Parse the command line, run, and return the documented exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let json_logs = observe::logs_are_json(explicit(cli.log_format));
+    observe::init_tracing(json_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -143,15 +154,59 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::FAILED);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let (trigger, shutdown) = crate::shutdown::channel();
+    runtime.spawn(async move {
+        crate::shutdown::signal().await;
+        tracing::warn!(
+            "signal received: stopping after the work in flight; a second signal exits at once"
+        );
+        trigger.trigger();
+        crate::shutdown::signal().await;
+        tracing::warn!(
+            "second signal: exiting now; the ledger stays consistent, the lock expires by itself"
+        );
+        std::process::exit(i32::from(exit::FORCED));
+    });
+    let ctx = Ctx {
+        json_output: explicit(cli.output).unwrap_or_else(|| !std::io::stdout().is_terminal()),
+        json_logs,
+        shutdown,
+    };
+    let result = runtime.block_on(run(cli, &ctx));
+    // Leave nothing running (a slow request of an abandoned batch) behind the exit code.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = exit_code_of(&e);
-            tracing::error!(error = format!("{e:#}"), "billsync failed");
-            eprintln!("error: {e:#}");
+            if json_logs {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    exit_code = code,
+                    "billsync failed"
+                );
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::from(code)
         }
     }
+}
+
+fn explicit(format: LogFormat) -> Option<bool> {
+    match format {
+        LogFormat::Auto => None,
+        LogFormat::Json => Some(true),
+        LogFormat::Text => Some(false),
+    }
+}
+
+/// What every command shares.
+pub struct Ctx {
+    /// Summaries as one JSON line instead of a table.
+    pub json_output: bool,
+    pub json_logs: bool,
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 fn exit_code_of(e: &anyhow::Error) -> u8 {
@@ -179,28 +234,9 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("BILLSYNC_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("billsync=info,warn"));
-    let json = match format {
-        LogFormat::Json => true,
-        LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.with_target(false).init();
-    }
-}
-
-async fn run(cli: Cli) -> anyhow::Result<u8> {
+async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Demo { dir } => crate::demo::run(&dir).await,
+        Command::Demo { dir } => crate::demo::run(&dir, ctx).await,
         Command::Mappings {
             command: MappingsCommand::Validate { paths },
         } => {
@@ -225,7 +261,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Sync { provider, dry_run } => {
             let settings = Settings::load(&cli.config)?;
-            let pipeline = build_pipeline(&settings).await?;
+            let pipeline = build_pipeline(&settings, ctx).await?;
             let summary = pipeline
                 .sync(&SyncOptions {
                     provider,
@@ -233,7 +269,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     ..Default::default()
                 })
                 .await?;
-            print_summary(&summary);
+            observe::print_summary(&summary, ctx.json_output);
+            if !dry_run {
+                push_metrics(&settings, &pipeline, &summary).await;
+            }
             Ok(exit_code(&summary))
         }
         Command::Replay {
@@ -249,7 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 return Err(ConfigError("--reason must say why you replay".into()).into());
             }
             let settings = Settings::load(&cli.config)?;
-            let pipeline = build_pipeline(&settings).await?;
+            let pipeline = build_pipeline(&settings, ctx).await?;
             let summary = pipeline
                 .replay(&ReplayOptions {
                     filter: RecordFilter {
@@ -267,9 +306,36 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     now: None,
                 })
                 .await?;
-            print_summary(&summary);
+            observe::print_summary(&summary, ctx.json_output);
+            if !dry_run {
+                push_metrics(&settings, &pipeline, &summary).await;
+            }
             Ok(exit_code(&summary))
         }
+    }
+}
+
+/// Push the run's metrics when a Pushgateway is configured. A failed push is a warning: the
+/// run's work is done and recorded either way.
+async fn push_metrics(settings: &Settings, pipeline: &Pipeline, summary: &RunSummary) {
+    let Some(metrics) = &settings.metrics else {
+        return;
+    };
+    let status = match pipeline.ledger.status().await {
+        Ok(st) => st,
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics not pushed: cannot read the ledger");
+            return;
+        }
+    };
+    let sinks: Vec<String> = pipeline
+        .sinks
+        .iter()
+        .map(|s| s.name().to_string())
+        .collect();
+    let body = observe::render_metrics(summary, &status, chrono::Utc::now(), &sinks);
+    if let Err(e) = observe::push_metrics(metrics, body).await {
+        tracing::warn!(error = %e, "metrics not pushed");
     }
 }
 
@@ -297,11 +363,12 @@ pub fn exit_code(summary: &RunSummary) -> u8 {
         RunOutcome::Undelivered => exit::UNDELIVERED,
         RunOutcome::ProviderFailed => exit::FAILED,
         RunOutcome::SinkStopped => exit::SINK_STOPPED,
+        RunOutcome::Interrupted => exit::INTERRUPTED,
     }
 }
 
 /// Wire providers, sinks, mappings and the ledger from the settings.
-pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
+pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pipeline> {
     let mappings = MappingSet::load(&settings.mappings)?;
     let mut providers: Vec<Box<dyn Provider>> = Vec::new();
     for (name, p) in &settings.providers {
@@ -332,102 +399,12 @@ pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
     let ledger = Ledger::open(&settings.ledger.path)
         .await
         .with_context(|| format!("opening the ledger {}", settings.ledger.path.display()))?;
-    Ok(Pipeline {
-        ledger,
-        providers,
-        sinks,
-        mappings,
-        lock_ttl: settings.ledger.lock_ttl,
-    })
-}
-
-/// Print a run summary for a person.
-pub fn print_summary(s: &RunSummary) {
-    let mut out = String::new();
-    let title = if s.dry_run {
-        format!("{} (dry run: nothing written, nothing sent)", s.command)
-    } else {
-        format!("{} run {}", s.command, s.run_id.unwrap_or_default())
-    };
-    out.push_str(&format!("billsync {title}: {:?}\n", s.outcome));
-    for (name, src) in &s.sources {
-        out.push_str(&format!(
-            "  source {name} ({}): {} windows, {} records pulled{}\n",
-            src.provider,
-            src.chunks,
-            src.pulled,
-            src.error
-                .as_deref()
-                .map(|e| format!(", FAILED: {e}"))
-                .unwrap_or_default()
-        ));
-    }
-    out.push_str(&format!(
-        "  pulled {}  new {}  unchanged {}  restaged {}  corrections {}  changes to resolve {}\n",
-        s.pulled, s.new, s.unchanged, s.restaged, s.corrections, s.changed_after_send
-    ));
-    out.push_str(&format!(
-        "  mapped {}  held (unmapped) {}  ignored {}  provisional {}\n",
-        s.mapped(),
-        s.held(),
-        s.staged_by_status.get("ignored").copied().unwrap_or(0),
-        s.staged_by_status.get("provisional").copied().unwrap_or(0),
-    ));
-    out.push_str(&format!(
-        "  sent {}  already delivered {}  rejected {}  failed (retried next run) {}\n",
-        s.sent, s.already_delivered, s.rejected, s.failed
-    ));
-    for e in &s.sink_errors {
-        out.push_str(&format!("  sink error: {e}\n"));
-    }
-    if !s.totals.is_empty() {
-        let w1 = s
-            .totals
-            .iter()
-            .map(|t| t.subscription.len())
-            .max()
-            .unwrap_or(0)
-            .max(12);
-        let w2 = s
-            .totals
-            .iter()
-            .map(|t| t.metric.len())
-            .max()
-            .unwrap_or(0)
-            .max(6);
-        out.push_str(&format!(
-            "  {:<w1$}  {:<w2$}  {:>18}\n",
-            "subscription", "metric", "sent"
-        ));
-        for t in &s.totals {
-            out.push_str(&format!(
-                "  {:<w1$}  {:<w2$}  {:>18}\n",
-                t.subscription, t.metric, t.value
-            ));
-        }
-    }
-    if !s.preview.is_empty() {
-        out.push_str("  plan:\n");
-        for line in &s.preview {
-            out.push_str(&format!("    {line}\n"));
-        }
-        if (s.pulled as usize) > s.preview.len() {
-            out.push_str(&format!(
-                "    … and {} more\n",
-                s.pulled as usize - s.preview.len()
-            ));
-        }
-    }
-    out.push_str(&format!(
-        "  undelivered in ledger: {}{}\n",
-        s.undelivered,
-        if s.undelivered > 0 {
-            "  (see `billsync status`; fix mappings, then `billsync replay`)"
-        } else {
-            ""
-        }
-    ));
-    print!("{out}");
+    let mut pipeline = Pipeline::new(ledger, providers, sinks, mappings);
+    pipeline.lock_ttl = settings.ledger.lock_ttl;
+    pipeline.shutdown = ctx.shutdown.clone();
+    pipeline.shutdown_deadline = settings.shutdown_deadline;
+    pipeline.progress = observe::progress(ctx.json_logs);
+    Ok(pipeline)
 }
 
 async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
@@ -440,8 +417,21 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
         None => println!("lock: free"),
     }
     println!("cursors:");
-    for (source, stream, value, updated) in &st.cursors {
-        println!("  {source} {stream}: {value} (updated {updated})");
+    let now = chrono::Utc::now();
+    for c in &st.cursors {
+        let lag = chrono::DateTime::parse_from_rfc3339(&c.value)
+            .map(|t| {
+                let secs = (now - t.with_timezone(&chrono::Utc)).num_seconds().max(0) as u64;
+                format!(
+                    ", lag {}",
+                    humantime::format_duration(std::time::Duration::from_secs(secs))
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  {} {}: {} (updated {}{lag})",
+            c.source, c.stream, c.value, c.updated_at
+        );
     }
     println!("records by status:");
     for ((source, status), n) in &st.counts {

@@ -116,6 +116,17 @@ pub struct Settings {
     /// The sink for rules that name none; may be omitted when exactly one sink is configured.
     #[serde(default)]
     pub default_sink: Option<String>,
+    /// After SIGTERM, how long a request in flight may still take (keep it below the pod's
+    /// `terminationGracePeriodSeconds`).
+    #[serde(default = "default_shutdown_deadline", with = "duration")]
+    pub shutdown_deadline: std::time::Duration,
+    /// Push run metrics to a Prometheus Pushgateway.
+    #[serde(default)]
+    pub metrics: Option<crate::observe::MetricsSettings>,
+}
+
+fn default_shutdown_deadline() -> std::time::Duration {
+    std::time::Duration::from_secs(20)
 }
 
 fn default_mappings() -> Vec<PathBuf> {

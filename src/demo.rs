@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
 
-use crate::cli::{exit, print_summary};
+use crate::cli::{exit, Ctx};
 use crate::config::Secret;
 use crate::ledger::Ledger;
 use crate::mapping::MappingSet;
@@ -47,7 +47,7 @@ pub fn demo_dataset() -> anyhow::Result<MetalsoftDataset> {
 }
 
 /// Run the demo with its ledger in `dir`.
-pub async fn run(dir: &Path) -> anyhow::Result<u8> {
+pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let metalsoft = MetalsoftSim::start(demo_dataset()?, DEMO_METALSOFT_KEY)
         .await
@@ -84,15 +84,16 @@ pub async fn run(dir: &Path) -> anyhow::Result<u8> {
             retry: Default::default(),
         },
     )?;
-    let pipeline = Pipeline {
-        ledger: Ledger::open(&dir.join("ledger.db")).await?,
-        providers: vec![Box::new(provider)],
-        sinks: vec![Box::new(sink)],
-        mappings: MappingSet::examples()?,
-        lock_ttl: Duration::from_secs(600),
-    };
+    let mut pipeline = Pipeline::new(
+        Ledger::open(&dir.join("ledger.db")).await?,
+        vec![Box::new(provider)],
+        vec![Box::new(sink)],
+        MappingSet::examples()?,
+    );
+    pipeline.shutdown = ctx.shutdown.clone();
+    pipeline.progress = crate::observe::progress(ctx.json_logs);
     let summary = pipeline.sync(&SyncOptions::default()).await?;
-    print_summary(&summary);
+    crate::observe::print_summary(&summary, ctx.json_output);
     println!(
         "Lago simulator received {} events in {} requests during this run.",
         lago.events().len(),
@@ -109,5 +110,6 @@ pub async fn run(dir: &Path) -> anyhow::Result<u8> {
         RunOutcome::Ok | RunOutcome::Undelivered => exit::OK,
         RunOutcome::ProviderFailed => exit::FAILED,
         RunOutcome::SinkStopped => exit::SINK_STOPPED,
+        RunOutcome::Interrupted => exit::INTERRUPTED,
     })
 }

@@ -7,12 +7,13 @@
 //! it ends in a resend of identical bytes that the sink recognises as a duplicate.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::ledger::{
     Correction, Ledger, LedgerError, MappedColumns, RecordFilter, SentState, StageCounts, StageRow,
@@ -21,6 +22,7 @@ use crate::ledger::{
 use crate::mapping::{MapOutcome, MappingSet};
 use crate::providers::Provider;
 use crate::record::UsageRecord;
+use crate::shutdown::Shutdown;
 use crate::sinks::{Outcome, Sink};
 
 /// How often a long run extends its lock.
@@ -39,7 +41,32 @@ pub struct Pipeline {
     pub mappings: MappingSet,
     /// How long the run lock lasts without a refresh (a crashed run's lock expires after it).
     pub lock_ttl: Duration,
+    /// Asks the run to stop early (SIGTERM/SIGINT).
+    pub shutdown: Shutdown,
+    /// After a stop is asked for, how long an in-flight sink request may still take before it
+    /// is abandoned (its records stay pending). Keep it below the pod's grace period.
+    pub shutdown_deadline: Duration,
+    /// Where progress goes (bars on a terminal, nothing otherwise).
+    pub progress: Arc<dyn Progress>,
 }
+
+/// Progress of a run, for a person watching (the logs carry the same facts for machines).
+pub trait Progress: Send + Sync {
+    /// A source starts pulling `chunks` windows or pages.
+    fn source_started(&self, _source: &str, _chunks: u64) {}
+    /// One chunk of the current source was staged.
+    fn chunk_done(&self, _records: u64) {}
+    /// A sink starts pushing `pending` records.
+    fn push_started(&self, _sink: &str, _pending: u64) {}
+    /// One batch was acknowledged.
+    fn batch_done(&self, _records: u64) {}
+    /// The run is over: clear the bars.
+    fn finish(&self) {}
+}
+
+/// No progress display.
+pub struct NoProgress;
+impl Progress for NoProgress {}
 
 /// Options of `billsync sync`.
 #[derive(Debug, Clone, Default)]
@@ -78,6 +105,8 @@ pub enum RunOutcome {
     ProviderFailed,
     /// A sink refused the credentials; its records stay pending.
     SinkStopped,
+    /// Stopped early on a signal; everything done is recorded, the next run resumes.
+    Interrupted,
 }
 
 /// Per-source figures of a run.
@@ -123,6 +152,8 @@ pub struct RunSummary {
     /// Left pending after retries; sent again by the next run.
     pub failed: u64,
     pub sink_errors: Vec<String>,
+    /// Stopped early on a signal.
+    pub interrupted: bool,
     /// What this run sent, per subscription and metric.
     pub totals: Vec<Total>,
     /// Undelivered records in the whole ledger at the end of the run.
@@ -153,6 +184,7 @@ impl RunSummary {
             rejected: 0,
             failed: 0,
             sink_errors: Vec::new(),
+            interrupted: false,
             totals: Vec::new(),
             undelivered: 0,
             duration_ms: 0,
@@ -193,6 +225,26 @@ pub enum SyncError {
 }
 
 impl Pipeline {
+    /// A pipeline with the default lock lifetime (15 minutes), no shutdown signal, a 20-second
+    /// shutdown deadline and no progress display.
+    pub fn new(
+        ledger: Ledger,
+        providers: Vec<Box<dyn Provider>>,
+        sinks: Vec<Box<dyn Sink>>,
+        mappings: MappingSet,
+    ) -> Pipeline {
+        Pipeline {
+            ledger,
+            providers,
+            sinks,
+            mappings,
+            lock_ttl: Duration::from_secs(15 * 60),
+            shutdown: Shutdown::never(),
+            shutdown_deadline: Duration::from_secs(20),
+            progress: Arc::new(NoProgress),
+        }
+    }
+
     fn sink(&self, name: Option<&str>) -> Option<&dyn Sink> {
         match name {
             None => self.sinks.first().map(|s| s.as_ref()),
@@ -386,8 +438,23 @@ impl Pipeline {
             Some(self.ledger.start_run("sync", now).await?)
         };
         summary.run_id = run_id;
-        let mut last_refresh = Instant::now();
+        // Every log line of the run carries its id (JSON logs show the span's fields).
+        let span = tracing::info_span!("run", run_id = run_id.unwrap_or(0), command = "sync");
+        self.sync_run(opts, now, selected, holder, run_id, summary)
+            .instrument(span)
+            .await
+    }
 
+    async fn sync_run(
+        &self,
+        opts: &SyncOptions,
+        now: DateTime<Utc>,
+        selected: &[&dyn Provider],
+        holder: &str,
+        run_id: Option<i64>,
+        summary: &mut RunSummary,
+    ) -> Result<(), SyncError> {
+        let mut last_refresh = Instant::now();
         for provider in selected {
             let mut src = SourceSummary {
                 provider: provider.kind().to_string(),
@@ -450,6 +517,8 @@ impl Pipeline {
             .await
             .map_err(|e| PullError::Provider(e.to_string()))?;
         info!(source = provider.name(), chunks = chunks.len(), "pulling");
+        self.progress
+            .source_started(provider.name(), chunks.len() as u64);
         // A page with no records moves its cursor without a transaction of its own: the move is
         // kept in memory and written with the next staged page or at the end. A crash only
         // means those empty windows are asked again.
@@ -457,7 +526,20 @@ impl Pipeline {
         let total = chunks.len();
         let mut outcome = Ok(());
         for (i, chunk) in chunks.iter().enumerate() {
-            let page = match provider.fetch(chunk, now).await {
+            if self.shutdown.is_requested() {
+                summary.interrupted = true;
+                break;
+            }
+            // An in-flight provider request is simply dropped on shutdown: nothing of it was
+            // staged, and the cursor has not moved past it.
+            let fetched = tokio::select! {
+                r = provider.fetch(chunk, now) => r,
+                _ = self.shutdown.requested() => {
+                    summary.interrupted = true;
+                    break;
+                }
+            };
+            let page = match fetched {
                 Ok(p) => p,
                 Err(e) => {
                     outcome = Err(PullError::Provider(e.to_string()));
@@ -505,6 +587,7 @@ impl Pipeline {
                 None => self.dry_run_counts(&rows).await?,
             };
             summary.add_counts(&counts);
+            self.progress.chunk_done(rows.len() as u64);
             if run_id.is_some() && last_refresh.elapsed() > LOCK_REFRESH {
                 self.ledger
                     .refresh_lock(holder, Utc::now(), self.lock_ttl)
@@ -551,16 +634,45 @@ impl Pipeline {
         summary: &mut RunSummary,
     ) -> Result<(), LedgerError> {
         for sink in &self.sinks {
+            if self.shutdown.is_requested() {
+                summary.interrupted = true;
+                break;
+            }
             let mut after_id = 0;
             let mut batches = 0u64;
+            self.progress
+                .push_started(sink.name(), self.ledger.pending_count(sink.name()).await?);
             loop {
+                if self.shutdown.is_requested() {
+                    summary.interrupted = true;
+                    break;
+                }
                 let batch = self
                     .ledger
                     .pending_batch(sink.name(), after_id, sink.max_batch())
                     .await?;
                 let Some(last) = batch.last() else { break };
                 after_id = last.id;
-                let outcomes = match sink.deliver(&batch).await {
+                let deliver = sink.deliver(&batch);
+                tokio::pin!(deliver);
+                let delivered = tokio::select! {
+                    r = &mut deliver => r,
+                    _ = self.shutdown.requested() => {
+                        // Let the request in flight finish, within the deadline: its answer
+                        // is worth recording. Past the deadline the batch stays pending and
+                        // is resent, byte for byte, by the next run.
+                        match tokio::time::timeout(self.shutdown_deadline, &mut deliver).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                warn!(sink = sink.name(), records = batch.len(),
+                                    "shutdown deadline passed with a request in flight; its records stay pending");
+                                summary.interrupted = true;
+                                break;
+                            }
+                        }
+                    }
+                };
+                let outcomes = match delivered {
                     Ok(o) => o,
                     Err(stopped) => {
                         error!(sink = sink.name(), error = %stopped, "sink stopped; its records stay pending");
@@ -583,6 +695,7 @@ impl Pipeline {
                     acks.push((out.id, outcome));
                 }
                 self.ledger.ack(run_id, &acks, Utc::now()).await?;
+                self.progress.batch_done(acks.len() as u64);
                 batches += 1;
                 if batches % 100 == 0 {
                     info!(sink = sink.name(), batches, sent = summary.sent, "pushing");
@@ -612,9 +725,12 @@ impl Pipeline {
             })
             .collect();
         summary.undelivered = self.ledger.undelivered().await?;
-        if summary.outcome == RunOutcome::Ok && summary.undelivered > 0 {
+        if summary.interrupted {
+            summary.outcome = RunOutcome::Interrupted;
+        } else if summary.outcome == RunOutcome::Ok && summary.undelivered > 0 {
             summary.outcome = RunOutcome::Undelivered;
         }
+        self.progress.finish();
         let outcome = serde_json::to_value(summary.outcome)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
@@ -673,6 +789,19 @@ impl Pipeline {
             Some(id)
         };
         summary.run_id = run_id;
+        let span = tracing::info_span!("run", run_id = run_id.unwrap_or(0), command = "replay");
+        self.replay_run(opts, holder, run_id, summary)
+            .instrument(span)
+            .await
+    }
+
+    async fn replay_run(
+        &self,
+        opts: &ReplayOptions,
+        holder: &str,
+        run_id: Option<i64>,
+        summary: &mut RunSummary,
+    ) -> Result<(), SyncError> {
         let mut after_id = 0;
         loop {
             let page = self

@@ -12,7 +12,10 @@ use world::{World, LAGO_KEY, MS_KEY};
 
 fn billsync(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_billsync"));
-    cmd.args(args).env_remove("BILLSYNC_CONFIG");
+    // Summaries as text (a pipe would get one JSON line), logs as JSON (as in a CronJob).
+    cmd.args(["--output", "text"])
+        .args(args)
+        .env_remove("BILLSYNC_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -254,8 +254,7 @@ pub struct StoredRecord {
 pub struct LedgerStatus {
     /// (source, status) → count.
     pub counts: BTreeMap<(String, String), i64>,
-    /// (source, stream, value, updated_at).
-    pub cursors: Vec<(String, String, String, String)>,
+    pub cursors: Vec<CursorRow>,
     /// Changes of already-sent records that wait for a person (`unresolved`).
     pub open_changes: i64,
     /// Correction records staged so far.
@@ -266,6 +265,15 @@ pub struct LedgerStatus {
     pub oldest_undelivered: Option<(String, String, String, Option<String>)>,
     /// Current lock: (holder, acquired_at, expires_at).
     pub lock: Option<(String, String, String)>,
+}
+
+/// One stored cursor.
+#[derive(Debug, Clone)]
+pub struct CursorRow {
+    pub source: String,
+    pub stream: String,
+    pub value: String,
+    pub updated_at: String,
 }
 
 /// One run, as `billsync status` lists it.
@@ -938,6 +946,18 @@ impl Ledger {
         Ok(totals)
     }
 
+    /// How many records wait to be sent to a sink.
+    pub async fn pending_count(&self, sink: &str) -> Result<u64, LedgerError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM records WHERE status = 'pending' AND sink = ?1",
+        )
+        .bind(sink)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(sql("counting pending records"))?;
+        Ok(n as u64)
+    }
+
     /// How many records are undelivered (pending, unmapped, rejected), ledger-wide.
     pub async fn undelivered(&self) -> Result<i64, LedgerError> {
         sqlx::query_scalar(
@@ -965,7 +985,12 @@ impl Ledger {
         .await
         .map_err(sql("reading cursors"))?
         .into_iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .map(|r| CursorRow {
+            source: r.get(0),
+            stream: r.get(1),
+            value: r.get(2),
+            updated_at: r.get(3),
+        })
         .collect();
         st.open_changes =
             sqlx::query_scalar("SELECT COUNT(*) FROM record_changes WHERE state = 'unresolved'")

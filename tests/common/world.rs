@@ -89,15 +89,16 @@ impl World {
     }
 
     pub async fn pipeline_with(&self, mappings: MappingSet, lago_key: &str) -> Pipeline {
-        Pipeline {
-            ledger: Ledger::open(&self.dir.path().join("ledger.db"))
+        let mut pipeline = Pipeline::new(
+            Ledger::open(&self.dir.path().join("ledger.db"))
                 .await
                 .unwrap(),
-            providers: vec![Box::new(self.provider())],
-            sinks: vec![Box::new(self.sink_with_key(lago_key))],
+            vec![Box::new(self.provider())],
+            vec![Box::new(self.sink_with_key(lago_key))],
             mappings,
-            lock_ttl: Duration::from_secs(60),
-        }
+        );
+        pipeline.lock_ttl = Duration::from_secs(60);
+        pipeline
     }
 
     pub async fn pipeline(&self) -> Pipeline {

@@ -1,0 +1,437 @@
+//! What an operator sees: logs, progress bars, the run summary, pushed metrics.
+//!
+//! On a terminal: human logs and `indicatif` bars (logs are printed above the bars, never
+//! through them). Elsewhere (a CronJob): one JSON object per log line, with the run id on
+//! every line inside a run, and the summary as one JSON line. ERROR is reserved for something an
+//! operator must act on (a provider that failed, a sink that refused the key); a record held or
+//! rejected is a WARN with its reason in the ledger.
+
+use std::io::{IsTerminal, Write};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Deserialize;
+
+use crate::config::Secret;
+use crate::ledger::LedgerStatus;
+use crate::sync::{Progress, RunOutcome, RunSummary};
+
+static BARS: OnceLock<MultiProgress> = OnceLock::new();
+
+/// Whether logs are JSON: explicitly, or because standard error is not a terminal.
+pub fn logs_are_json(explicit: Option<bool>) -> bool {
+    explicit.unwrap_or_else(|| !std::io::stderr().is_terminal())
+}
+
+/// Set up logging. `BILLSYNC_LOG` sets the level (`billsync=debug`, ...).
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BILLSYNC_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("billsync=info,warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        let bars =
+            BARS.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        let bars = bars.clone();
+        builder
+            .with_target(false)
+            .with_writer(move || AboveBars(bars.clone()))
+            .init();
+    }
+}
+
+/// A log writer that prints above the progress bars instead of through them.
+struct AboveBars(MultiProgress);
+
+impl Write for AboveBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Progress bars on a terminal; nothing when standard error is not one (or logs are JSON).
+pub fn progress(json_logs: bool) -> std::sync::Arc<dyn Progress> {
+    match BARS.get() {
+        Some(bars) if !json_logs && std::io::stderr().is_terminal() => std::sync::Arc::new(Bars {
+            multi: bars.clone(),
+            current: Mutex::new(None),
+        }),
+        _ => std::sync::Arc::new(crate::sync::NoProgress),
+    }
+}
+
+struct Bars {
+    multi: MultiProgress,
+    current: Mutex<Option<ProgressBar>>,
+}
+
+impl Bars {
+    fn start(&self, prefix: String, len: u64, unit: &str) {
+        let bar = self.multi.add(ProgressBar::new(len));
+        let template = format!("{{prefix:>24}} [{{bar:32}}] {{pos}}/{{len}} {unit} ({{per_sec}}, {{eta}} left) {{msg}}");
+        if let Ok(style) = ProgressStyle::with_template(&template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_prefix(prefix);
+        bar.enable_steady_tick(Duration::from_millis(200));
+        if let Ok(mut current) = self.current.lock() {
+            if let Some(old) = current.replace(bar) {
+                old.finish();
+            }
+        }
+    }
+    fn inc(&self, n: u64, msg: Option<u64>) {
+        if let Ok(current) = self.current.lock() {
+            if let Some(bar) = current.as_ref() {
+                bar.inc(n);
+                if let Some(records) = msg {
+                    bar.set_message(format!("{records} records"));
+                }
+            }
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn source_started(&self, source: &str, chunks: u64) {
+        self.start(format!("pull {source}"), chunks, "windows");
+    }
+    fn chunk_done(&self, _records: u64) {
+        self.inc(1, None);
+    }
+    fn push_started(&self, sink: &str, pending: u64) {
+        self.start(format!("push {sink}"), pending, "records");
+    }
+    fn batch_done(&self, records: u64) {
+        self.inc(records, None);
+    }
+    fn finish(&self) {
+        if let Ok(mut current) = self.current.lock() {
+            if let Some(bar) = current.take() {
+                bar.finish_and_clear();
+            }
+        }
+        let _ = self.multi.clear();
+    }
+}
+
+/// Print a run summary: a table for a person, or one JSON line for a machine.
+pub fn print_summary(s: &RunSummary, json: bool) {
+    if json {
+        if let Ok(line) = serde_json::to_string(s) {
+            println!("{line}");
+        }
+        return;
+    }
+    let mut out = String::new();
+    let title = if s.dry_run {
+        format!("{} (dry run: nothing written, nothing sent)", s.command)
+    } else {
+        format!("{} run {}", s.command, s.run_id.unwrap_or_default())
+    };
+    out.push_str(&format!("billsync {title}: {}\n", outcome_text(s.outcome)));
+    for (name, src) in &s.sources {
+        out.push_str(&format!(
+            "  source {name} ({}): {} windows, {} records pulled{}\n",
+            src.provider,
+            src.chunks,
+            src.pulled,
+            src.error
+                .as_deref()
+                .map(|e| format!(", FAILED: {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    out.push_str(&format!(
+        "  pulled {}  new {}  unchanged {}  restaged {}  corrections {}  changes to resolve {}\n",
+        s.pulled, s.new, s.unchanged, s.restaged, s.corrections, s.changed_after_send
+    ));
+    let status = |k: &str| s.staged_by_status.get(k).copied().unwrap_or(0);
+    out.push_str(&format!(
+        "  mapped {}  held (unmapped) {}  ignored {}  provisional {}\n",
+        s.mapped(),
+        s.held(),
+        status("ignored"),
+        status("provisional"),
+    ));
+    out.push_str(&format!(
+        "  sent {}  already delivered {}  rejected {}  failed (retried next run) {}\n",
+        s.sent, s.already_delivered, s.rejected, s.failed
+    ));
+    for e in &s.sink_errors {
+        out.push_str(&format!("  sink error: {e}\n"));
+    }
+    if !s.totals.is_empty() {
+        let w1 = s
+            .totals
+            .iter()
+            .map(|t| t.subscription.len())
+            .max()
+            .unwrap_or(0)
+            .max(12);
+        let w2 = s
+            .totals
+            .iter()
+            .map(|t| t.metric.len())
+            .max()
+            .unwrap_or(0)
+            .max(6);
+        out.push_str(&format!(
+            "  {:<w1$}  {:<w2$}  {:>18}\n",
+            "subscription", "metric", "sent"
+        ));
+        for t in &s.totals {
+            out.push_str(&format!(
+                "  {:<w1$}  {:<w2$}  {:>18}\n",
+                t.subscription, t.metric, t.value
+            ));
+        }
+    }
+    if !s.preview.is_empty() {
+        out.push_str("  plan:\n");
+        for line in &s.preview {
+            out.push_str(&format!("    {line}\n"));
+        }
+        if (s.pulled as usize) > s.preview.len() {
+            out.push_str(&format!(
+                "    … and {} more\n",
+                s.pulled as usize - s.preview.len()
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "  undelivered in ledger: {}{}\n",
+        s.undelivered,
+        if s.undelivered > 0 {
+            "  (see `billsync status`; fix mappings, then `billsync replay`)"
+        } else {
+            ""
+        }
+    ));
+    print!("{out}");
+}
+
+fn outcome_text(o: RunOutcome) -> &'static str {
+    match o {
+        RunOutcome::Ok => "ok",
+        RunOutcome::Undelivered => "records left undelivered",
+        RunOutcome::ProviderFailed => "a provider failed",
+        RunOutcome::SinkStopped => "a sink stopped",
+        RunOutcome::Interrupted => "interrupted (the next run resumes)",
+    }
+}
+
+/// Where to push run metrics (the Prometheus Pushgateway convention for batch jobs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Pushgateway base URL, e.g. `http://pushgateway.monitoring:9091`.
+    pub pushgateway_url: String,
+    /// The `job` label (default `billsync`).
+    #[serde(default = "default_job")]
+    pub job: String,
+    /// The `instance` label (default: the host name).
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// Optional basic-auth password or bearer token (`env:` / `file:`), sent as Bearer.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// Timeout of the push.
+    #[serde(default = "default_push_timeout", with = "crate::config::duration")]
+    pub timeout: Duration,
+}
+
+fn default_job() -> String {
+    "billsync".into()
+}
+
+fn default_push_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The metrics of one run in the Prometheus text format. Names are documented in the README.
+pub fn render_metrics(
+    s: &RunSummary,
+    status: &LedgerStatus,
+    now: chrono::DateTime<chrono::Utc>,
+    sink_names: &[String],
+) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, help: &str, kind: &str, samples: Vec<(String, String)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    let by_source = |f: &dyn Fn(&crate::sync::SourceSummary) -> u64| {
+        s.sources
+            .iter()
+            .map(|(name, src)| {
+                (
+                    format!(
+                        "{{source=\"{}\",provider=\"{}\"}}",
+                        escape_label(name),
+                        escape_label(&src.provider)
+                    ),
+                    f(src).to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    metric(
+        "billsync_records_pulled",
+        "Records pulled from a source by the last run.",
+        "gauge",
+        by_source(&|src| src.pulled),
+    );
+    let sink_label = |v: u64| {
+        sink_names
+            .iter()
+            .map(|n| (format!("{{sink=\"{}\"}}", escape_label(n)), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    // Per-sink figures of one run: with one sink (today's normal case) they are exact; with
+    // several, the run's totals are reported under each sink name.
+    metric(
+        "billsync_records_sent",
+        "Records the sinks accepted in the last run (already-delivered included).",
+        "gauge",
+        sink_label(s.sent + s.already_delivered),
+    );
+    metric(
+        "billsync_records_rejected",
+        "Records the sinks refused for good in the last run.",
+        "gauge",
+        sink_label(s.rejected),
+    );
+    metric(
+        "billsync_records_failed",
+        "Records left pending after retries in the last run.",
+        "gauge",
+        sink_label(s.failed),
+    );
+    let mut held = std::collections::BTreeMap::<String, i64>::new();
+    for ((source, st), n) in &status.counts {
+        if st == "unmapped" || st == "rejected" || st == "pending" {
+            *held
+                .entry(format!(
+                    "{{source=\"{}\",status=\"{}\"}}",
+                    escape_label(source),
+                    st
+                ))
+                .or_default() += n;
+        }
+    }
+    metric(
+        "billsync_records_undelivered",
+        "Undelivered records in the ledger by source and status (pending, unmapped, rejected).",
+        "gauge",
+        held.into_iter().map(|(l, n)| (l, n.to_string())).collect(),
+    );
+    metric(
+        "billsync_run_duration_seconds",
+        "Duration of the last run.",
+        "gauge",
+        vec![(
+            String::new(),
+            format!("{}.{:03}", s.duration_ms / 1000, s.duration_ms % 1000),
+        )],
+    );
+    metric(
+        "billsync_run_outcome",
+        "1 for the outcome of the last run.",
+        "gauge",
+        vec![(
+            format!("{{outcome=\"{}\"}}", outcome_label(s.outcome)),
+            "1".into(),
+        )],
+    );
+    let lag: Vec<(String, String)> = status
+        .cursors
+        .iter()
+        .filter_map(|c| {
+            let t = chrono::DateTime::parse_from_rfc3339(&c.value).ok()?;
+            let lag = (now - t.with_timezone(&chrono::Utc)).num_seconds().max(0);
+            Some((
+                format!(
+                    "{{source=\"{}\",stream=\"{}\"}}",
+                    escape_label(&c.source),
+                    escape_label(&c.stream)
+                ),
+                lag.to_string(),
+            ))
+        })
+        .collect();
+    metric(
+        "billsync_cursor_lag_seconds",
+        "How far each cursor is behind now.",
+        "gauge",
+        lag,
+    );
+    if matches!(s.outcome, RunOutcome::Ok | RunOutcome::Undelivered) {
+        metric(
+            "billsync_last_success_timestamp_seconds",
+            "Unix time of the last run that completed.",
+            "gauge",
+            vec![(String::new(), now.timestamp().to_string())],
+        );
+    }
+    out
+}
+
+fn outcome_label(o: RunOutcome) -> &'static str {
+    match o {
+        RunOutcome::Ok => "ok",
+        RunOutcome::Undelivered => "undelivered",
+        RunOutcome::ProviderFailed => "provider_failed",
+        RunOutcome::SinkStopped => "sink_stopped",
+        RunOutcome::Interrupted => "interrupted",
+    }
+}
+
+/// Push the run's metrics. POST replaces only the metrics it carries, so a failed run keeps the
+/// last success timestamp of the one before.
+pub async fn push_metrics(settings: &MetricsSettings, body: String) -> Result<(), String> {
+    let instance = settings
+        .instance
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "billsync".into());
+    let url = format!(
+        "{}/metrics/job/{}/instance/{}",
+        settings.pushgateway_url.trim_end_matches('/'),
+        settings.job,
+        instance
+    );
+    let mut req = crate::http::client(settings.timeout)
+        .post(&url)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(body);
+    if let Some(token) = &settings.token {
+        req = req.bearer_auth(token.expose());
+    }
+    match req.send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("pushgateway {url} answered HTTP {}", r.status())),
+        Err(e) => Err(format!("pushgateway {url}: {e}")),
+    }
+}
