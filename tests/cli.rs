@@ -4,7 +4,6 @@
 #[path = "common/world.rs"]
 mod world;
 
-use std::path::Path;
 use std::process::{Command, Output};
 
 use billsync::simulators::lago::Behaviour;
@@ -78,11 +77,12 @@ fn configuration_errors_exit_with_code_2_and_name_the_problem() {
     assert!(text(&missing).1.contains("/nonexistent/billsync.yaml"));
 
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
+    let cfg = world::write_config(
         dir.path(),
         "http://127.0.0.1:9",
         "http://127.0.0.1:9",
         "mappings",
+        "",
     );
     let out = billsync(
         &["--config", cfg.as_str(), "sync"],
@@ -99,34 +99,17 @@ fn configuration_errors_exit_with_code_2_and_name_the_problem() {
     assert_eq!(no_reason.status.code(), Some(2), "replay needs --reason");
 }
 
-fn write_config(dir: &Path, metalsoft: &str, lago: &str, mappings: &str) -> String {
-    let path = dir.join("billsync.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "ledger:\n  path: {ledger}\nmappings:\n  - {mappings}\nproviders:\n  metalsoft_test:\n    kind: metalsoft\n    endpoint: {metalsoft}\n    api_key: env:TEST_MS_KEY\n    user_ids: [1, 2]\n    window: 1d\n    settle_delay: 2h\n    start: 2026-10-01T00:00:00Z\nsinks:\n  lago:\n    kind: lago\n    api_url: {lago}\n    api_key: env:TEST_LAGO_KEY\n    retry:\n      max_retries: 2\n      min_delay: 10ms\n      max_delay: 50ms\n",
-            ledger = dir.join("ledger").join("ledger.db").display(),
-        ),
-    )
-    .unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sync_status_and_replay_against_the_simulators_with_documented_exit_codes() {
     let world = World::start(Behaviour::Postgres).await;
     let dir = world.dir.path();
-    let mappings = dir.join("mappings");
-    std::fs::create_dir_all(&mappings).unwrap();
-    for (name, text) in billsync::mapping::EXAMPLE_MAPPINGS {
-        let file = Path::new(name).file_name().unwrap();
-        std::fs::write(mappings.join(file), text).unwrap();
-    }
-    let cfg = write_config(
+    let mappings = world::example_mappings_dir(dir);
+    let cfg = world::write_config(
         dir,
         &world.metalsoft.url,
         &world.lago.url,
         mappings.to_str().unwrap(),
+        "",
     );
     let cfg = cfg.as_str();
     let good = [("TEST_MS_KEY", MS_KEY), ("TEST_LAGO_KEY", LAGO_KEY)];

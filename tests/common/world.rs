@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use billsync::config::Secret;
@@ -159,4 +160,36 @@ impl World {
         }
         totals
     }
+}
+
+/// A settings file for the binary, pointing at the simulators; `extra` is appended (top-level
+/// YAML such as a `metrics:` section).
+pub fn write_config(
+    dir: &Path,
+    metalsoft: &str,
+    lago: &str,
+    mappings: &str,
+    extra: &str,
+) -> String {
+    let path = dir.join("billsync.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "ledger:\n  path: {ledger}\nmappings:\n  - {mappings}\nproviders:\n  metalsoft_test:\n    kind: metalsoft\n    endpoint: {metalsoft}\n    api_key: env:TEST_MS_KEY\n    user_ids: [1, 2]\n    window: 1d\n    settle_delay: 2h\n    start: 2026-10-01T00:00:00Z\nsinks:\n  lago:\n    kind: lago\n    api_url: {lago}\n    api_key: env:TEST_LAGO_KEY\n    batch_size: 25\n    retry:\n      max_retries: 2\n      min_delay: 10ms\n      max_delay: 50ms\n{extra}",
+            ledger = dir.join("ledger").join("ledger.db").display(),
+        ),
+    )
+    .unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// The example mapping files, written to `dir/mappings` (as an operator's checkout has them).
+pub fn example_mappings_dir(dir: &Path) -> PathBuf {
+    let mappings = dir.join("mappings");
+    std::fs::create_dir_all(&mappings).unwrap();
+    for (name, text) in billsync::mapping::EXAMPLE_MAPPINGS {
+        let file = Path::new(name).file_name().unwrap();
+        std::fs::write(mappings.join(file), text).unwrap();
+    }
+    mappings
 }

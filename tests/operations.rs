@@ -1,0 +1,212 @@
+//! Running unattended: a SIGTERM in the middle of a push, two runs on one ledger, metrics
+//! pushed to a Pushgateway, and no secret in anything billsync prints.
+
+#[path = "common/world.rs"]
+mod world;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use billsync::simulators::lago::Behaviour;
+use world::{World, LAGO_KEY, MS_KEY};
+
+const MS_SECRET: &str = MS_KEY;
+const LAGO_SECRET: &str = LAGO_KEY;
+
+fn command(cfg: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_billsync"));
+    cmd.args(["--config", cfg, "--output", "text"])
+        .args(args)
+        .env("TEST_MS_KEY", MS_SECRET)
+        .env("TEST_LAGO_KEY", LAGO_SECRET)
+        .env_remove("BILLSYNC_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+async fn finish(child: Child) -> Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn run(cfg: &str, args: &[&str]) -> Output {
+    finish(command(cfg, args).spawn().unwrap()).await
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn setup(world: &World, extra: &str) -> String {
+    let dir = world.dir.path();
+    let mappings = world::example_mappings_dir(dir);
+    world::write_config(
+        dir,
+        &world.metalsoft.url,
+        &world.lago.url,
+        mappings.to_str().unwrap(),
+        extra,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_push_records_everything_and_the_next_run_sends_the_rest_once() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    // 71 records in batches of 25, each request taking 1.5 s.
+    world.lago.set_delay(Duration::from_millis(1500));
+    let child = command(&cfg, &["sync"]).spawn().unwrap();
+    let pid = child.id();
+    // Wait until the first batch is in flight or done, then ask the run to stop.
+    for _ in 0..100 {
+        if world.lago.request_count() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = finish(child).await;
+    let output = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "interrupted exit code: {output}"
+    );
+    assert!(output.contains("interrupted"), "{output}");
+
+    // The batch in flight finished and was recorded; no other batch was started.
+    let stored = world.lago.events().len();
+    assert_eq!(
+        stored, 25,
+        "exactly the in-flight batch reached Lago: {output}"
+    );
+    world.lago.set_delay(Duration::ZERO);
+    let status = run(&cfg, &["status"]).await;
+    let st = text(&status);
+    assert!(st.contains("lock: free"), "{st}");
+    assert!(st.contains("metalsoft_test sent: 25"), "{st}");
+    assert!(st.contains("metalsoft_test pending: 46"), "{st}");
+    assert!(st.contains("outcome interrupted"), "{st}");
+
+    let next = run(&cfg, &["sync"]).await;
+    assert_eq!(
+        next.status.code(),
+        Some(4),
+        "only the held record is left: {}",
+        text(&next)
+    );
+    assert!(text(&next).contains("sent 46 "), "{}", text(&next));
+    assert_eq!(world.lago.events().len(), 71);
+    assert!(
+        world.lago.counts().values().all(|&n| n == 1),
+        "nothing pushed twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sync_on_the_same_ledger_exits_with_the_locked_code() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    world.lago.set_delay(Duration::from_millis(700));
+    let first = command(&cfg, &["sync"]).spawn().unwrap();
+    for _ in 0..100 {
+        if world.lago.request_count() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = run(&cfg, &["sync"]).await;
+    let output = text(&second);
+    assert_eq!(second.status.code(), Some(3), "{output}");
+    assert!(output.contains("holds the ledger lock"), "{output}");
+    let first = finish(first).await;
+    assert_eq!(first.status.code(), Some(4), "{}", text(&first));
+    assert_eq!(world.lago.events().len(), 71);
+    assert!(world.lago.counts().values().all(|&n| n == 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_pushed_to_the_pushgateway_after_a_run() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/metrics/job/billsync/instance/test-pod"))
+        .respond_with(ResponseTemplate::new(200))
+        .expect(1)
+        .mount(&gateway)
+        .await;
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(
+        &world,
+        &format!(
+            "metrics:\n  pushgateway_url: {}\n  instance: test-pod\n",
+            gateway.uri()
+        ),
+    );
+    let out = run(&cfg, &["sync"]).await;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let requests = gateway.received_requests().await.unwrap();
+    let body = String::from_utf8_lossy(&requests[0].body).into_owned();
+    for line in [
+        "billsync_records_pulled{source=\"metalsoft_test\",provider=\"metalsoft\"} 80",
+        "billsync_records_sent{sink=\"lago\"} 71",
+        "billsync_records_undelivered{source=\"metalsoft_test\",status=\"unmapped\"} 1",
+        "billsync_run_outcome{outcome=\"undelivered\"} 1",
+        "billsync_cursor_lag_seconds{source=\"metalsoft_test\",stream=\"user:1\"}",
+        "billsync_last_success_timestamp_seconds ",
+        "billsync_run_duration_seconds ",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in\n{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_output_of_any_command_contains_a_secret() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let mut outputs = Vec::new();
+    // A refused key (error path), a normal run, status, a replay, help texts, a bad config.
+    let mut refused = command(&cfg, &["sync"]);
+    refused.env("TEST_LAGO_KEY", "lago-refused-secret-123");
+    let refused = finish(refused.spawn().unwrap()).await;
+    assert_eq!(refused.status.code(), Some(5));
+    outputs.push(text(&refused));
+    for args in [
+        vec!["sync"],
+        vec!["status"],
+        vec![
+            "replay",
+            "--status",
+            "unmapped",
+            "--reason",
+            "check",
+            "--dry-run",
+        ],
+        vec!["--help"],
+        vec!["sync", "--help"],
+        vec!["--log-format", "text", "sync"],
+    ] {
+        outputs.push(text(&run(&cfg, &args).await));
+    }
+    let all = outputs.join("\n");
+    for secret in [MS_SECRET, LAGO_SECRET, "lago-refused-secret-123"] {
+        assert!(
+            !all.contains(secret),
+            "{secret} appears in the output:\n{all}"
+        );
+    }
+    // The JSON logs do carry the run id, so the search covered real log lines.
+    assert!(all.contains("\"run_id\""), "{all}");
+}
