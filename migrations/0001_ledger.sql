@@ -21,7 +21,10 @@ CREATE TABLE cursors (
 ) WITHOUT ROWID;
 
 -- One row per source record. `idem_key` begins with provider, scope and period, so inserts of
--- one run touch neighbouring index pages instead of random ones.
+-- one run touch neighbouring index pages instead of random ones. For a sent record, `payload`,
+-- `value` and `record_json` are what was sent and never change; the content columns
+-- (`content_hash`, `billed_cost`, `consumed_quantity`, `is_final`) follow the latest content the
+-- provider reported, and the differences went out as correction rows (`correction_of`).
 CREATE TABLE records (
     id                  INTEGER PRIMARY KEY,
     idem_key            TEXT    NOT NULL UNIQUE,
@@ -48,6 +51,7 @@ CREATE TABLE records (
     customer            TEXT,
     metric              TEXT,
     value               TEXT,
+    value_property      TEXT,               -- the event property that carries `value`
     payload             TEXT,               -- the frozen bytes the sink sends, set at staging
     record_json         TEXT    NOT NULL,   -- the normalized record with its raw fields (audit, replay)
     attempts            INTEGER NOT NULL DEFAULT 0,

@@ -34,6 +34,8 @@ pub mod exit {
     pub const SINK_STOPPED: u8 = 5;
     /// Stopped early by SIGTERM/SIGINT after recording everything done; the next run resumes.
     pub const INTERRUPTED: u8 = 6;
+    /// `reconcile` found a difference that the ledger does not explain.
+    pub const UNRECONCILED: u8 = 7;
     /// A second signal: exited at once. Every ledger write is a transaction, so the ledger is
     /// consistent; the lock expires after `ledger.lock_ttl`.
     pub const FORCED: u8 = 130;
@@ -110,6 +112,18 @@ pub enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Compare provider cost, mapped value, sent value and the sink's read-back for a month.
+    Reconcile {
+        /// The month, YYYY-MM.
+        #[arg(long)]
+        period: String,
+        /// `table` for a person, `csv` for a spreadsheet.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
+        /// The time zone of the month's bounds (SAKURA bills JST months: `+09:00`).
+        #[arg(long, default_value = "+00:00", allow_hyphen_values = true)]
+        utc_offset: String,
+    },
     /// Mapping files.
     Mappings {
         #[command(subcommand)]
@@ -122,6 +136,12 @@ pub enum Command {
         #[arg(long, default_value = "billsync-demo")]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Csv,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -252,6 +272,37 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             let set = MappingSet::load(&paths)?;
             println!("mappings OK: {}", set.summary());
             Ok(exit::OK)
+        }
+        Command::Reconcile {
+            period,
+            format,
+            utc_offset,
+        } => {
+            let offset: chrono::FixedOffset = utc_offset.parse().map_err(|_| {
+                ConfigError(format!(
+                    "--utc-offset {utc_offset:?} is not an offset like +09:00"
+                ))
+            })?;
+            let settings = Settings::load(&cli.config)?;
+            let pipeline = build_pipeline(&settings, ctx).await?;
+            let report =
+                crate::reconcile::reconcile(&pipeline.ledger, &pipeline.sinks, &period, offset)
+                    .await
+                    .map_err(|e| match e {
+                        crate::reconcile::ReconcileError::Period(_) => {
+                            anyhow::Error::new(ConfigError(e.to_string()))
+                        }
+                        other => anyhow::Error::new(other),
+                    })?;
+            match format {
+                ReportFormat::Csv => print!("{}", crate::reconcile::to_csv(&report)),
+                ReportFormat::Table => print!("{}", crate::reconcile::to_table(&report)),
+            }
+            Ok(if report.is_reconciled() {
+                exit::OK
+            } else {
+                exit::UNRECONCILED
+            })
         }
         Command::Status => {
             let settings = Settings::load(&cli.config)?;

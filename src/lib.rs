@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod mapping;
 pub mod observe;
 pub mod providers;
+pub mod reconcile;
 pub mod record;
 pub mod shutdown;
 pub mod simulators;

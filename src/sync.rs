@@ -275,6 +275,7 @@ impl Pipeline {
                 mapped.customer = event.external_customer_id.clone();
                 mapped.metric = Some(event.metric_code.clone());
                 mapped.value = Some(event.value);
+                mapped.value_property = Some(event.value_property.clone());
                 match self.sink(event.sink.as_deref()) {
                     None => (
                         Status::Unmapped,

@@ -210,3 +210,25 @@ async fn no_output_of_any_command_contains_a_secret() {
     // The JSON logs do carry the run id, so the search covered real log lines.
     assert!(all.contains("\"run_id\""), "{all}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_exits_zero_when_everything_agrees_and_seven_on_a_lost_event() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    assert_eq!(run(&cfg, &["sync"]).await.status.code(), Some(4));
+    let ok = run(&cfg, &["reconcile", "--period", "2026-10"]).await;
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    assert!(text(&ok).contains("every difference is explained"));
+
+    let lost = world.lago.events()[0].transaction_id.clone();
+    world.lago.delete_event(&lost);
+    let bad = run(
+        &cfg,
+        &["reconcile", "--period", "2026-10", "--format", "csv"],
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(7), "{}", text(&bad));
+    let csv = String::from_utf8_lossy(&bad.stdout);
+    assert!(csv.lines().next().unwrap().starts_with("source,"), "{csv}");
+    assert!(csv.contains(&lost), "the lost key is named: {csv}");
+}

@@ -134,6 +134,8 @@ pub struct MappedColumns {
     pub customer: Option<String>,
     pub metric: Option<String>,
     pub value: Option<Decimal>,
+    /// The event property carrying the value (for read-back).
+    pub value_property: Option<String>,
     /// The frozen payload (only for records that will be sent).
     pub payload: Option<String>,
 }
@@ -265,6 +267,24 @@ pub struct LedgerStatus {
     pub oldest_undelivered: Option<(String, String, String, Option<String>)>,
     /// Current lock: (holder, acquired_at, expires_at).
     pub lock: Option<(String, String, String)>,
+}
+
+/// One record of a period, as reconciliation reads it.
+#[derive(Debug, Clone)]
+pub struct PeriodRow {
+    pub key: String,
+    pub source: String,
+    pub billing_account_id: String,
+    pub status: Status,
+    pub billed_cost: Decimal,
+    pub billing_currency: String,
+    pub sink: Option<String>,
+    pub subscription: Option<String>,
+    pub metric: Option<String>,
+    pub value: Option<Decimal>,
+    pub value_property: Option<String>,
+    /// A correction record (its provider cost is already counted on the original).
+    pub is_correction: bool,
 }
 
 /// One stored cursor.
@@ -578,15 +598,21 @@ impl Ledger {
                             ("unresolved", None, Some(reason.clone()))
                         }
                     };
-                    // The original keeps its frozen payload and value; only the latest content
-                    // seen moves, so the same new content read again is a no-op.
+                    // The original keeps its frozen payload, value and record_json (what was
+                    // sent); the content columns follow the latest content seen, so the same new
+                    // content read again is a no-op and reports show the provider's latest cost.
                     sqlx::query(
-                        "UPDATE records SET content_hash = ?2, last_run = ?3, updated_at = ?4 WHERE id = ?1",
+                        "UPDATE records SET content_hash = ?2, last_run = ?3, updated_at = ?4,
+                             billed_cost = ?5, consumed_quantity = ?6, is_final = ?7
+                         WHERE id = ?1",
                     )
                     .bind(id)
                     .bind(&row.content_hash)
                     .bind(run_id)
                     .bind(&now_s)
+                    .bind(row.record.billed_cost.to_string())
+                    .bind(row.record.consumed_quantity.to_string())
+                    .bind(row.record.is_final)
                     .execute(&mut *tx)
                     .await
                     .map_err(sql("recording the latest content of a sent record"))?;
@@ -626,7 +652,7 @@ impl Ledger {
                 "INSERT INTO records (idem_key, source, provider, natural_key, content_hash, status,
                  is_final, charge_period_start, charge_period_end, billing_account_id, sub_account_id,
                  resource_type, resource_id, consumed_quantity, consumed_unit, billed_cost,
-                 billing_currency, rule, sink, subscription, customer, metric, value, payload,
+                 billing_currency, rule, sink, subscription, customer, metric, value, value_property, payload,
                  record_json, last_error, first_run, last_run, staged_at, updated_at,
                  correction_of, revision) ",
             );
@@ -655,6 +681,7 @@ impl Ledger {
                     .push_bind(r.mapped.customer.clone())
                     .push_bind(r.mapped.metric.clone())
                     .push_bind(r.mapped.value.map(|v| v.to_string()))
+                    .push_bind(r.mapped.value_property.clone())
                     .push_bind(r.mapped.payload.clone())
                     .push_bind(json)
                     .push_bind(r.note.clone())
@@ -728,7 +755,7 @@ impl Ledger {
         sqlx::query(
             "UPDATE records SET status = ?2, rule = ?3, sink = ?4, subscription = ?5, customer = ?6,
                  metric = ?7, value = ?8, payload = ?9, last_error = ?10, attempts = 0,
-                 last_run = ?11, updated_at = ?12
+                 last_run = ?11, updated_at = ?12, value_property = ?13
              WHERE id = ?1 AND status <> 'sent'",
         )
         .bind(id)
@@ -743,6 +770,7 @@ impl Ledger {
         .bind(note)
         .bind(run_id)
         .bind(ts(now))
+        .bind(&mapped.value_property)
         .execute(&self.pool)
         .await
         .map_err(sql("re-mapping a record"))?;
@@ -946,6 +974,61 @@ impl Ledger {
         Ok(totals)
     }
 
+    /// Every record (and correction) whose charge period starts in `[from, to)`, for
+    /// reconciliation, streamed to `each` in id order.
+    pub async fn for_each_in_period(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        mut each: impl FnMut(PeriodRow),
+    ) -> Result<(), LedgerError> {
+        use futures_util::TryStreamExt;
+        let mut rows = sqlx::query(
+            "SELECT id, idem_key, source, billing_account_id, status, billed_cost, billing_currency,
+                    sink, subscription, metric, value, value_property, correction_of
+             FROM records WHERE charge_period_start >= ?1 AND charge_period_start < ?2 ORDER BY id",
+        )
+        .bind(ts(from))
+        .bind(ts(to))
+        .fetch(&self.pool);
+        while let Some(r) = rows.try_next().await.map_err(sql("reading a period"))? {
+            let id: i64 = r.get(0);
+            let dec = |field: &'static str,
+                       text: Option<String>|
+             -> Result<Option<Decimal>, LedgerError> {
+                text.map(|t| {
+                    Decimal::from_str(&t).map_err(|e| LedgerError::Corrupt {
+                        id,
+                        field,
+                        message: e.to_string(),
+                    })
+                })
+                .transpose()
+            };
+            let status: String = r.get(4);
+            let correction_of: Option<i64> = r.get(12);
+            each(PeriodRow {
+                key: r.get(1),
+                source: r.get(2),
+                billing_account_id: r.get(3),
+                status: status.parse().map_err(|message| LedgerError::Corrupt {
+                    id,
+                    field: "status",
+                    message,
+                })?,
+                billed_cost: dec("billed_cost", r.get(5))?.unwrap_or_default(),
+                billing_currency: r.get(6),
+                sink: r.get(7),
+                subscription: r.get(8),
+                metric: r.get(9),
+                value: dec("value", r.get(10))?,
+                value_property: r.get(11),
+                is_correction: correction_of.is_some(),
+            });
+        }
+        Ok(())
+    }
+
     /// How many records wait to be sent to a sink.
     pub async fn pending_count(&self, sink: &str) -> Result<u64, LedgerError> {
         let n: i64 = sqlx::query_scalar(
@@ -1135,7 +1218,7 @@ async fn restage(
              resource_id = ?10, consumed_quantity = ?11, consumed_unit = ?12, billed_cost = ?13,
              billing_currency = ?14, rule = ?15, sink = ?16, subscription = ?17, customer = ?18,
              metric = ?19, value = ?20, payload = ?21, record_json = ?22, last_error = ?23,
-             attempts = 0, last_run = ?24, updated_at = ?25
+             attempts = 0, last_run = ?24, updated_at = ?25, value_property = ?26
          WHERE id = ?1 AND status <> 'sent'",
     )
     .bind(id)
@@ -1163,6 +1246,7 @@ async fn restage(
     .bind(&row.note)
     .bind(run_id)
     .bind(now_s)
+    .bind(&row.mapped.value_property)
     .execute(&mut *tx)
     .await
     .map_err(sql("restaging a changed record"))?;

@@ -297,6 +297,15 @@ impl LagoSimHandle {
         lock(&self.shared.store).events.clone()
     }
 
+    /// Remove every stored event with this transaction id (an event lost on Lago's side, for
+    /// reconciliation tests). Returns how many were removed.
+    pub fn delete_event(&self, transaction_id: &str) -> usize {
+        let mut store = lock(&self.shared.store);
+        let before = store.events.len();
+        store.events.retain(|e| e.transaction_id != transaction_id);
+        before - store.events.len()
+    }
+
     /// How many stored events carry this transaction id (any subscription).
     pub fn count(&self, transaction_id: &str) -> usize {
         lock(&self.shared.store)

@@ -94,6 +94,7 @@ pub enum LagoConfigError {
 #[derive(Debug)]
 pub struct LagoSink {
     name: String,
+    base: String,
     endpoint: String,
     api_key: Secret,
     batch_size: usize,
@@ -147,6 +148,7 @@ impl LagoSink {
             })?;
         Ok(LagoSink {
             endpoint: format!("{base}{BATCH_PATH}"),
+            base,
             name,
             api_key: config.api_key,
             batch_size: config.batch_size,
@@ -495,6 +497,78 @@ fn decimal_text(value: rust_decimal::Decimal) -> String {
 impl Sink for LagoSink {
     fn kind(&self) -> &'static str {
         "lago"
+    }
+
+    /// `GET /api/v1/events?external_subscription_id=&code=&timestamp_from=&timestamp_to=`,
+    /// page by page (100 a page) until `meta.next_page` is null. Lago's `timestamp_to` is
+    /// inclusive, so the query ends one second before `to`.
+    async fn read_back(
+        &self,
+        query: &crate::sinks::ReadBackQuery,
+    ) -> Result<Option<Vec<crate::sinks::ReadBackEvent>>, String> {
+        let url = format!("{}/api/v1/events", self.base);
+        let to = query.to - chrono::Duration::seconds(1);
+        let mut page = 1u64;
+        let mut out = Vec::new();
+        loop {
+            let params = [
+                ("external_subscription_id", query.subscription.clone()),
+                ("code", query.metric.clone()),
+                ("timestamp_from", query.from.to_rfc3339()),
+                ("timestamp_to", to.to_rfc3339()),
+                ("page", page.to_string()),
+                ("per_page", "100".to_string()),
+            ];
+            let resp = self
+                .client
+                .get(&url)
+                .bearer_auth(self.api_key.expose())
+                .query(&params)
+                .send()
+                .await
+                .map_err(|e| format!("sink {}: GET /api/v1/events: {e}", self.name))?;
+            let status = resp.status();
+            let text = resp.text().await.map_err(|e| {
+                format!(
+                    "sink {}: GET /api/v1/events: reading the answer: {e}",
+                    self.name
+                )
+            })?;
+            if !status.is_success() {
+                return Err(format!(
+                    "sink {}: GET /api/v1/events answered HTTP {}: {}",
+                    self.name,
+                    status.as_u16(),
+                    snippet(&text)
+                ));
+            }
+            let body: Value = serde_json::from_str(&text)
+                .map_err(|e| format!("sink {}: GET /api/v1/events: not JSON: {e}", self.name))?;
+            let events = body
+                .get("events")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    format!("sink {}: GET /api/v1/events: no `events` array", self.name)
+                })?;
+            for e in events {
+                let key = e
+                    .get("transaction_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let properties = e
+                    .get("properties")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                out.push(crate::sinks::ReadBackEvent { key, properties });
+            }
+            match body.pointer("/meta/next_page").and_then(Value::as_u64) {
+                Some(next) if next > page => page = next,
+                _ => break,
+            }
+        }
+        Ok(Some(out))
     }
 
     fn name(&self) -> &str {

@@ -66,4 +66,28 @@ pub trait Sink: Send + Sync {
     /// Deliver a batch (at most `max_batch`, keys unique). Returns one outcome per input, in
     /// input order, or stops the sink.
     async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped>;
+    /// Read back what the sink stored for one subscription and metric in `[from, to)`, for
+    /// reconciliation. `Ok(None)`: this sink cannot be read back.
+    async fn read_back(
+        &self,
+        _query: &ReadBackQuery,
+    ) -> Result<Option<Vec<ReadBackEvent>>, String> {
+        Ok(None)
+    }
+}
+
+/// What to read back from a sink.
+#[derive(Debug, Clone)]
+pub struct ReadBackQuery {
+    pub subscription: String,
+    pub metric: String,
+    pub from: chrono::DateTime<chrono::Utc>,
+    pub to: chrono::DateTime<chrono::Utc>,
+}
+
+/// One event as the sink stored it.
+#[derive(Debug, Clone)]
+pub struct ReadBackEvent {
+    pub key: String,
+    pub properties: serde_json::Map<String, serde_json::Value>,
 }

@@ -1,0 +1,400 @@
+//! `billsync reconcile --period YYYY-MM`: does what the provider charged, what the mapping
+//! made of it, what billsync sent and what the sink holds agree — and where they do not, why?
+//!
+//! Every sink can answer "200" for usage it later does not bill, so this is the check a billing
+//! engineer runs before invoices close. Per source, billing account, subscription and metric it
+//! lines up: the provider's cost, the mapped value (markup included), what was sent, what is
+//! still pending, provisional or rejected, and the sink's read-back. Differences between the
+//! mapped and the sent value are explained by the ledger's statuses; a difference between what
+//! was sent and what the sink holds is explained only when the sink holds records the ledger has
+//! not acknowledged yet (a crash between the sink storing and the ledger recording, repaired by
+//! the next run). Anything else is *unexplained* and makes the command exit non-zero.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, TimeZone, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::ledger::{Ledger, LedgerError, PeriodRow, Status};
+use crate::sinks::{ReadBackQuery, Sink};
+
+/// The grouping of a reconciliation line.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct LineKey {
+    pub source: String,
+    pub billing_account_id: String,
+    /// `(unmapped)` and `(ignored)` for records without a target.
+    pub subscription: String,
+    pub metric: String,
+    pub sink: String,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Line {
+    pub currency: String,
+    pub records: u64,
+    /// The provider's cost (latest content), in `currency`.
+    pub provider_cost: Decimal,
+    /// What the mapping made of it (markup, conversion, corrections included).
+    pub mapped: Decimal,
+    pub sent: Decimal,
+    pub pending: Decimal,
+    pub provisional: Decimal,
+    pub rejected: Decimal,
+    /// Corrections included in `mapped` (already-sent records whose content changed).
+    pub corrections: Decimal,
+    /// What the sink holds for these records (`None`: not read back).
+    pub read_back: Option<Decimal>,
+    /// Sink events of records the ledger has not acknowledged yet (explained).
+    pub in_sink_unacknowledged: Decimal,
+    /// `read_back − sent − in_sink_unacknowledged`: zero when everything is explained.
+    pub unexplained: Decimal,
+    /// Keys behind an unexplained difference (at most 20).
+    pub notes: Vec<String>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub period: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub lines: BTreeMap<String, (LineKey, Line)>,
+    /// Sink events whose key the ledger does not know, per (sink, subscription, metric).
+    pub unknown_events: Vec<String>,
+    pub read_back_errors: Vec<String>,
+}
+
+impl Report {
+    /// Whether every difference is explained.
+    pub fn is_reconciled(&self) -> bool {
+        self.unknown_events.is_empty()
+            && self.read_back_errors.is_empty()
+            && self.lines.values().all(|(_, l)| l.unexplained.is_zero())
+    }
+}
+
+/// Errors of a reconciliation.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("--period {0:?} is not a month (YYYY-MM)")]
+    Period(String),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// The UTC bounds of a calendar month in a time zone (`+00:00` for UTC; `+09:00` for SAKURA's
+/// JST months).
+pub fn month_bounds(
+    period: &str,
+    offset: FixedOffset,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), ReconcileError> {
+    let bad = || ReconcileError::Period(period.to_string());
+    let first =
+        NaiveDate::parse_from_str(&format!("{period}-01"), "%Y-%m-%d").map_err(|_| bad())?;
+    let next = if first.month() == 12 {
+        NaiveDate::from_ymd_opt(first.year() + 1, 1, 1)
+    } else {
+        NaiveDate::from_ymd_opt(first.year(), first.month() + 1, 1)
+    }
+    .ok_or_else(bad)?;
+    let at = |d: NaiveDate| {
+        offset
+            .from_local_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight exists"))
+            .single()
+            .map(|t| t.with_timezone(&Utc))
+            .ok_or_else(bad)
+    };
+    Ok((at(first)?, at(next)?))
+}
+
+/// Reconcile one period of the ledger against the sinks.
+pub async fn reconcile(
+    ledger: &Ledger,
+    sinks: &[Box<dyn Sink>],
+    period: &str,
+    offset: FixedOffset,
+) -> Result<Report, ReconcileError> {
+    let (from, to) = month_bounds(period, offset)?;
+    let mut lines: BTreeMap<String, (LineKey, Line)> = BTreeMap::new();
+    // key → (line id, status, value property, value) for matching read-back events.
+    let mut by_key: HashMap<String, (String, Status, Option<String>, Decimal)> = HashMap::new();
+    ledger
+        .for_each_in_period(from, to, |row: PeriodRow| {
+            let (subscription, metric) = match (&row.subscription, &row.metric, row.status) {
+                (_, _, Status::Unmapped) => ("(unmapped)".to_string(), String::new()),
+                (_, _, Status::Ignored) => ("(ignored)".to_string(), String::new()),
+                (Some(s), Some(m), _) => (s.clone(), m.clone()),
+                _ => ("(unmapped)".to_string(), String::new()),
+            };
+            let key = LineKey {
+                source: row.source.clone(),
+                billing_account_id: row.billing_account_id.clone(),
+                subscription,
+                metric,
+                sink: row.sink.clone().unwrap_or_default(),
+            };
+            let id = format!(
+                "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+                key.source, key.billing_account_id, key.subscription, key.metric, key.sink
+            );
+            let (_, line) = lines
+                .entry(id.clone())
+                .or_insert_with(|| (key, Line::default()));
+            if !row.is_correction {
+                line.records += 1;
+                line.provider_cost += row.billed_cost;
+                line.currency = row.billing_currency.clone();
+            }
+            if let Some(v) = row.value {
+                match row.status {
+                    Status::Sent => line.sent += v,
+                    Status::Pending => line.pending += v,
+                    Status::Provisional => line.provisional += v,
+                    Status::Rejected => line.rejected += v,
+                    Status::Unmapped | Status::Ignored => {}
+                }
+                if matches!(
+                    row.status,
+                    Status::Sent | Status::Pending | Status::Provisional | Status::Rejected
+                ) {
+                    line.mapped += v;
+                    if row.is_correction {
+                        line.corrections += v;
+                    }
+                }
+                by_key.insert(
+                    row.key.clone(),
+                    (id, row.status, row.value_property.clone(), v),
+                );
+            }
+        })
+        .await?;
+
+    // Read back each (sink, subscription, metric) that has anything mapped.
+    let mut unknown_events = Vec::new();
+    let mut read_back_errors = Vec::new();
+    let groups: Vec<(String, LineKey)> = lines
+        .iter()
+        .filter(|(_, (k, l))| !k.metric.is_empty() && !(l.mapped.is_zero() && l.records == 0))
+        .map(|(id, (k, _))| (id.clone(), k.clone()))
+        .collect();
+    let mut queried = std::collections::HashSet::new();
+    for (_, key) in groups {
+        if !queried.insert((
+            key.sink.clone(),
+            key.subscription.clone(),
+            key.metric.clone(),
+        )) {
+            continue;
+        }
+        let Some(sink) = sinks.iter().find(|s| s.name() == key.sink) else {
+            continue;
+        };
+        let query = ReadBackQuery {
+            subscription: key.subscription.clone(),
+            metric: key.metric.clone(),
+            from,
+            to,
+        };
+        let events = match sink.read_back(&query).await {
+            Ok(Some(events)) => events,
+            Ok(None) => continue,
+            Err(e) => {
+                read_back_errors.push(e);
+                continue;
+            }
+        };
+        // Lines of this (sink, subscription, metric) that were read back: zero unless found.
+        for (_, (k, l)) in lines.iter_mut() {
+            if k.sink == key.sink && k.subscription == key.subscription && k.metric == key.metric {
+                l.read_back.get_or_insert(Decimal::ZERO);
+            }
+        }
+        let mut seen: HashMap<String, u32> = HashMap::new();
+        for event in events {
+            let Some((line_id, status, property, value)) = by_key.get(&event.key) else {
+                unknown_events.push(format!(
+                    "{}: {} {}: event {} is not in the ledger",
+                    key.sink, key.subscription, key.metric, event.key
+                ));
+                continue;
+            };
+            let Some((_, line)) = lines.get_mut(line_id) else {
+                continue;
+            };
+            let stored = property
+                .as_deref()
+                .and_then(|p| event.properties.get(p))
+                .and_then(|v| match v {
+                    serde_json::Value::String(s) => s.parse::<Decimal>().ok(),
+                    other => other.to_string().parse::<Decimal>().ok(),
+                });
+            let Some(stored) = stored else {
+                line.notes
+                    .push(format!("{}: value property missing in the sink", event.key));
+                continue;
+            };
+            let n = seen.entry(event.key.clone()).or_default();
+            *n += 1;
+            if *n > 1 {
+                line.notes
+                    .push(format!("{}: stored {} times in the sink", event.key, n));
+            }
+            if let Some(rb) = line.read_back.as_mut() {
+                *rb += stored;
+            }
+            if *status != Status::Sent {
+                line.in_sink_unacknowledged += stored;
+            } else if stored != *value {
+                line.notes.push(format!(
+                    "{}: sink holds {stored}, ledger sent {value}",
+                    event.key
+                ));
+            }
+        }
+        // Sent records the sink does not have.
+        for (k, (line_id, status, _, value)) in &by_key {
+            if *status == Status::Sent && !seen.contains_key(k) {
+                if let Some((lk, line)) = lines.get_mut(line_id) {
+                    if lk.sink == key.sink
+                        && lk.subscription == key.subscription
+                        && lk.metric == key.metric
+                    {
+                        line.notes
+                            .push(format!("{k}: sent ({value}) but not in the sink"));
+                    }
+                }
+            }
+        }
+    }
+    for (_, line) in lines.values_mut() {
+        if let Some(rb) = line.read_back {
+            line.unexplained = rb - line.sent - line.in_sink_unacknowledged;
+        }
+        line.notes.sort();
+        line.notes.truncate(20);
+    }
+    Ok(Report {
+        period: period.to_string(),
+        from,
+        to,
+        lines,
+        unknown_events,
+        read_back_errors,
+    })
+}
+
+const CSV_HEADER: &str = "source,billing_account_id,subscription,metric,sink,currency,records,provider_cost,mapped,corrections,sent,pending,provisional,rejected,read_back,in_sink_unacknowledged,unexplained,notes";
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The report as CSV (one header line, one line per group).
+pub fn to_csv(report: &Report) -> String {
+    let mut out = String::from(CSV_HEADER);
+    out.push('\n');
+    for (k, l) in report.lines.values() {
+        let fields = [
+            k.source.clone(),
+            k.billing_account_id.clone(),
+            k.subscription.clone(),
+            k.metric.clone(),
+            k.sink.clone(),
+            l.currency.clone(),
+            l.records.to_string(),
+            l.provider_cost.to_string(),
+            l.mapped.to_string(),
+            l.corrections.to_string(),
+            l.sent.to_string(),
+            l.pending.to_string(),
+            l.provisional.to_string(),
+            l.rejected.to_string(),
+            l.read_back.map(|d| d.to_string()).unwrap_or_default(),
+            l.in_sink_unacknowledged.to_string(),
+            l.unexplained.to_string(),
+            l.notes.join("; "),
+        ];
+        out.push_str(
+            &fields
+                .iter()
+                .map(|f| csv_field(f))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+/// The report as a table for a person.
+pub fn to_table(report: &Report) -> String {
+    let mut out = format!(
+        "reconcile {} ({} to {})\n",
+        report.period,
+        report.from.to_rfc3339(),
+        report.to.to_rfc3339()
+    );
+    for (k, l) in report.lines.values() {
+        out.push_str(&format!(
+            "{} {} → {} {} [{}]: {} records, provider {} {}, mapped {}, sent {}",
+            k.source,
+            k.billing_account_id,
+            k.subscription,
+            k.metric,
+            if k.sink.is_empty() { "-" } else { &k.sink },
+            l.records,
+            l.provider_cost,
+            l.currency,
+            l.mapped,
+            l.sent
+        ));
+        for (label, v) in [
+            ("pending", l.pending),
+            ("provisional", l.provisional),
+            ("rejected", l.rejected),
+            ("corrections", l.corrections),
+        ] {
+            if !v.is_zero() {
+                out.push_str(&format!(", {label} {v}"));
+            }
+        }
+        if let Some(rb) = l.read_back {
+            out.push_str(&format!(", sink holds {rb}"));
+            if !l.in_sink_unacknowledged.is_zero() {
+                out.push_str(&format!(
+                    " ({} not yet acknowledged: the next run confirms it)",
+                    l.in_sink_unacknowledged
+                ));
+            }
+            if l.unexplained.is_zero() {
+                out.push_str(" — agrees");
+            } else {
+                out.push_str(&format!(" — UNEXPLAINED DIFFERENCE {}", l.unexplained));
+            }
+        }
+        out.push('\n');
+        for n in &l.notes {
+            out.push_str(&format!("    {n}\n"));
+        }
+    }
+    for e in &report.unknown_events {
+        out.push_str(&format!("UNEXPLAINED: {e}\n"));
+    }
+    for e in &report.read_back_errors {
+        out.push_str(&format!("read-back failed: {e}\n"));
+    }
+    out.push_str(if report.is_reconciled() {
+        "every difference is explained\n"
+    } else {
+        "unexplained differences: see above\n"
+    });
+    out
+}

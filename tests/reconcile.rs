@@ -1,0 +1,110 @@
+//! Reconciliation: the demo data agrees to the cent; an event lost by the sink is reported
+//! with its exact value and key, and the command exits 7; events stored by the sink but not yet
+//! acknowledged by the ledger are explained, not alarming.
+
+#[path = "common/world.rs"]
+mod world;
+
+use std::str::FromStr;
+
+use billsync::reconcile::{reconcile, to_csv, to_table};
+use billsync::simulators::lago::Behaviour;
+use billsync::sinks::Sink;
+use billsync::sync::SyncOptions;
+use chrono::FixedOffset;
+use rust_decimal::Decimal;
+use world::{now, World, LAGO_KEY};
+
+fn utc() -> FixedOffset {
+    FixedOffset::east_opt(0).unwrap()
+}
+
+#[tokio::test]
+async fn the_demo_month_agrees_to_the_cent_and_a_lost_event_is_an_exact_unexplained_difference() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(report.is_reconciled(), "{}", to_table(&report));
+    let storage = report
+        .lines
+        .values()
+        .find(|(k, _)| k.subscription == "sub_acme_main" && k.metric == "storage_cost")
+        .map(|(_, l)| l.clone())
+        .unwrap();
+    assert_eq!(storage.read_back, Some(storage.sent));
+    assert_eq!(storage.mapped, storage.sent);
+    let held = report
+        .lines
+        .values()
+        .find(|(k, _)| k.subscription == "(unmapped)")
+        .map(|(_, l)| l.clone())
+        .unwrap();
+    assert_eq!(held.records, 1);
+    assert_eq!(held.provider_cost, Decimal::from_str("119.81").unwrap());
+
+    // Lago loses one storage event: reconcile names it and its exact value.
+    let lost = world
+        .lago
+        .events()
+        .into_iter()
+        .find(|e| e.code == "storage_cost" && e.external_subscription_id == "sub_acme_main")
+        .unwrap();
+    let lost_value = Decimal::from_str(lost.properties["amount"].as_str().unwrap()).unwrap();
+    assert_eq!(world.lago.delete_event(&lost.transaction_id), 1);
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(!report.is_reconciled());
+    let (_, line) = report
+        .lines
+        .values()
+        .find(|(k, _)| k.subscription == "sub_acme_main" && k.metric == "storage_cost")
+        .unwrap();
+    assert_eq!(line.unexplained, -lost_value);
+    assert!(
+        line.notes.iter().any(|n| n.contains(&lost.transaction_id)),
+        "{:?}",
+        line.notes
+    );
+    let csv = to_csv(&report);
+    assert!(csv.starts_with("source,billing_account_id,subscription,metric,sink,"));
+    assert!(csv.contains(&format!("-{lost_value}")), "{csv}");
+}
+
+#[tokio::test]
+async fn events_stored_by_the_sink_but_not_yet_acknowledged_are_explained() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Lago stores one batch; the ledger never hears about it (a crash).
+    let batch = pipeline.ledger.pending_batch("lago", 0, 25).await.unwrap();
+    world.sink_with_key(LAGO_KEY).deliver(&batch).await.unwrap();
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(report.is_reconciled(), "{}", to_table(&report));
+    let unacknowledged: Decimal = report
+        .lines
+        .values()
+        .map(|(_, l)| l.in_sink_unacknowledged)
+        .sum();
+    assert!(unacknowledged > Decimal::ZERO);
+    assert!(to_table(&report).contains("not yet acknowledged"));
+}
