@@ -178,7 +178,7 @@ pub async fn reconcile(
     let mut read_back_errors = Vec::new();
     let groups: Vec<(String, LineKey)> = lines
         .iter()
-        .filter(|(_, (k, l))| !k.metric.is_empty() && !(l.mapped.is_zero() && l.records == 0))
+        .filter(|(_, (k, _))| !k.metric.is_empty())
         .map(|(id, (k, _))| (id.clone(), k.clone()))
         .collect();
     let mut queried = std::collections::HashSet::new();
