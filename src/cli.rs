@@ -124,6 +124,11 @@ pub enum Command {
         #[arg(long, default_value = "+00:00", allow_hyphen_values = true)]
         utc_offset: String,
     },
+    /// Ledger care: export records, prune old sent records.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Mapping files.
     Mappings {
         #[command(subcommand)]
@@ -136,6 +141,46 @@ pub enum Command {
         #[arg(long, default_value = "billsync-demo")]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Records as CSV on standard output (all statuses unless `--status`).
+    Export {
+        #[arg(long, value_parser = parse_status)]
+        status: Option<Status>,
+        /// Only records of this source or provider kind.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Charge period starting at or after (RFC 3339 or YYYY-MM-DD).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<DateTime<Utc>>,
+        /// Charge period starting before (RFC 3339 or YYYY-MM-DD).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<DateTime<Utc>>,
+        /// Last handled by this run.
+        #[arg(long)]
+        run: Option<i64>,
+    },
+    /// Prune sent (and ignored) records older than the retention: payloads and raw fields go, a
+    /// tombstone with the key stays so they can never be billed again. Unsent records are
+    /// never touched.
+    Vacuum {
+        /// Retention, e.g. `400d` (by charge period and send time).
+        #[arg(long, value_parser = parse_retention)]
+        older_than: std::time::Duration,
+        /// Count what would be pruned; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_status(text: &str) -> Result<Status, String> {
+    text.parse()
+}
+
+fn parse_retention(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (e.g. 400d)"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -304,6 +349,46 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                 exit::UNRECONCILED
             })
         }
+        Command::Ledger { command } => {
+            let settings = Settings::load(&cli.config)?;
+            let ledger = Ledger::open(&settings.ledger.path).await?;
+            match command {
+                LedgerCommand::Export {
+                    status,
+                    provider,
+                    since,
+                    until,
+                    run,
+                } => {
+                    let filter = RecordFilter {
+                        status,
+                        provider,
+                        since,
+                        until,
+                        run,
+                    };
+                    let mut out = std::io::BufWriter::new(std::io::stdout());
+                    let n = ledger.export_csv(&filter, &mut out).await?;
+                    std::io::Write::flush(&mut out)?;
+                    tracing::info!(records = n, "exported");
+                }
+                LedgerCommand::Vacuum {
+                    older_than,
+                    dry_run,
+                } => {
+                    let cutoff = Utc::now()
+                        - chrono::Duration::from_std(older_than)
+                            .map_err(|_| ConfigError("--older-than is too large".into()))?;
+                    let n = ledger.vacuum(cutoff, dry_run).await?;
+                    println!(
+                        "{} {n} sent or ignored records older than {}",
+                        if dry_run { "would prune" } else { "pruned" },
+                        crate::ledger::ts(cutoff)
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
         Command::Status => {
             let settings = Settings::load(&cli.config)?;
             let ledger = Ledger::open(&settings.ledger.path).await?;
@@ -343,10 +428,10 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             let summary = pipeline
                 .replay(&ReplayOptions {
                     filter: RecordFilter {
-                        status: match status {
+                        status: Some(match status {
                             ReplayStatus::Unmapped => Status::Unmapped,
                             ReplayStatus::Rejected => Status::Rejected,
-                        },
+                        }),
                         provider,
                         since,
                         until,

@@ -777,7 +777,7 @@ impl Pipeline {
             let id = self.ledger.start_run("replay", now).await?;
             let f = &opts.filter;
             let detail = serde_json::json!({
-                "status": f.status.as_str(),
+                "status": f.status.map(Status::as_str),
                 "provider": f.provider,
                 "since": f.since,
                 "until": f.until,

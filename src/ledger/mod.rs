@@ -218,7 +218,8 @@ impl StageCounts {
 /// Which records to read back (replay, export).
 #[derive(Debug, Clone)]
 pub struct RecordFilter {
-    pub status: Status,
+    /// Any status when `None`.
+    pub status: Option<Status>,
     /// Source name or provider kind.
     pub provider: Option<String>,
     /// Charge period starting at or after.
@@ -233,7 +234,7 @@ impl RecordFilter {
     /// Every record with `status`.
     pub fn status(status: Status) -> Self {
         RecordFilter {
-            status,
+            status: Some(status),
             provider: None,
             since: None,
             until: None,
@@ -786,14 +787,14 @@ impl Ledger {
     ) -> Result<Vec<StoredRecord>, LedgerError> {
         let rows = sqlx::query(
             "SELECT id, idem_key, status, record_json FROM records
-             WHERE status = ?1 AND id > ?2
+             WHERE (?1 IS NULL OR status = ?1) AND id > ?2
                AND (?3 IS NULL OR source = ?3 OR provider = ?3)
                AND (?4 IS NULL OR charge_period_start >= ?4)
                AND (?5 IS NULL OR charge_period_start < ?5)
                AND (?6 IS NULL OR last_run = ?6)
              ORDER BY id LIMIT ?7",
         )
-        .bind(filter.status.as_str())
+        .bind(filter.status.map(Status::as_str))
         .bind(after_id)
         .bind(filter.provider.as_deref())
         .bind(filter.since.map(ts))
@@ -1029,6 +1030,114 @@ impl Ledger {
         Ok(())
     }
 
+    /// Write the records matching `filter` as CSV (header first), streaming.
+    pub async fn export_csv(
+        &self,
+        filter: &RecordFilter,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<u64, LedgerError> {
+        use futures_util::TryStreamExt;
+        const COLUMNS: &str = "id, idem_key, source, provider, status, charge_period_start, charge_period_end,
+            billing_account_id, sub_account_id, resource_type, resource_id, consumed_quantity,
+            consumed_unit, billed_cost, billing_currency, rule, sink, subscription, customer, metric,
+            value, attempts, last_error, first_run, last_run, sent_run, staged_at, sent_at,
+            correction_of, revision";
+        let header: Vec<&str> = COLUMNS.split(',').map(str::trim).collect();
+        let io = |e: std::io::Error| LedgerError::Sql {
+            context: "writing the export",
+            source: sqlx::Error::Io(e),
+        };
+        writeln!(out, "{}", header.join(",")).map_err(io)?;
+        let mut rows = sqlx::query(
+            "SELECT id, idem_key, source, provider, status, charge_period_start, charge_period_end,
+                billing_account_id, sub_account_id, resource_type, resource_id, consumed_quantity,
+                consumed_unit, billed_cost, billing_currency, rule, sink, subscription, customer, metric,
+                value, attempts, last_error, first_run, last_run, sent_run, staged_at, sent_at,
+                correction_of, revision
+             FROM records
+             WHERE (?1 IS NULL OR status = ?1)
+               AND (?2 IS NULL OR source = ?2 OR provider = ?2)
+               AND (?3 IS NULL OR charge_period_start >= ?3)
+               AND (?4 IS NULL OR charge_period_start < ?4)
+               AND (?5 IS NULL OR last_run = ?5)
+             ORDER BY id",
+        )
+        .bind(filter.status.map(Status::as_str))
+        .bind(filter.provider.as_deref())
+        .bind(filter.since.map(ts))
+        .bind(filter.until.map(ts))
+        .bind(filter.run)
+        .fetch(&self.pool);
+        let mut n = 0u64;
+        while let Some(r) = rows.try_next().await.map_err(sql("exporting records"))? {
+            let mut fields = Vec::with_capacity(header.len());
+            for i in 0..header.len() {
+                let text: Option<String> = match r.try_get::<Option<String>, _>(i) {
+                    Ok(v) => v,
+                    Err(_) => r
+                        .try_get::<Option<i64>, _>(i)
+                        .ok()
+                        .flatten()
+                        .map(|v| v.to_string()),
+                };
+                fields.push(csv_field(text.as_deref().unwrap_or("")));
+            }
+            writeln!(out, "{}", fields.join(",")).map_err(io)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Prune sent records whose charge period started before `cutoff` and that were sent before
+    /// it: their payload, raw fields and change history go, a tombstone stays (key, content
+    /// hash, status, amounts), so a late re-read of the same source record is still a no-op and
+    /// can never bill it again. Unsent records are never touched. Returns the records pruned.
+    pub async fn vacuum(&self, cutoff: DateTime<Utc>, dry_run: bool) -> Result<u64, LedgerError> {
+        let cutoff = ts(cutoff);
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM records WHERE status IN ('sent', 'ignored')
+               AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1
+               AND record_json <> ''",
+        )
+        .bind(&cutoff)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(sql("counting prunable records"))?;
+        if dry_run || n == 0 {
+            return Ok(n as u64);
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        sqlx::query(
+            "DELETE FROM record_changes WHERE record_id IN (
+                 SELECT id FROM records WHERE status IN ('sent', 'ignored')
+                   AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1)",
+        )
+        .bind(&cutoff)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql("pruning change history"))?;
+        sqlx::query(
+            "UPDATE records SET payload = NULL, record_json = ''
+             WHERE status IN ('sent', 'ignored')
+               AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1",
+        )
+        .bind(&cutoff)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql("pruning sent records"))?;
+        tx.commit().await.map_err(sql("committing the prune"))?;
+        // Give the space back to the file system.
+        sqlx::query("VACUUM")
+            .execute(&self.pool)
+            .await
+            .map_err(sql("vacuuming"))?;
+        Ok(n as u64)
+    }
+
     /// How many records wait to be sent to a sink.
     pub async fn pending_count(&self, sink: &str) -> Result<u64, LedgerError> {
         let n: i64 = sqlx::query_scalar(
@@ -1166,6 +1275,14 @@ struct ChangeSeen<'a> {
     state: &'static str,
     difference: Option<String>,
     note: Option<String>,
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 async fn sent_state(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<SentState, LedgerError> {
