@@ -313,7 +313,7 @@ impl SoftlayerDataset {
         let encodings = [Encoding::Text, Encoding::Number, Encoding::LeadingDot];
         let amount = |rng: &mut SplitMix, big: bool| {
             let cents = if big {
-                rng.below(500_00) + 1
+                rng.below(50_000) + 1
             } else {
                 rng.below(99) + 1
             };
