@@ -13,6 +13,7 @@ use crate::ledger::{Ledger, LedgerError, RecordFilter, Status};
 use crate::mapping::MappingSet;
 use crate::observe;
 use crate::providers::metalsoft::MetalsoftProvider;
+use crate::providers::softlayer::SoftlayerProvider;
 use crate::providers::Provider;
 use crate::sinks::lago::LagoSink;
 use crate::sinks::Sink;
@@ -511,6 +512,10 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
         match p {
             ProviderSettings::Metalsoft(cfg) => providers.push(Box::new(
                 MetalsoftProvider::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            )),
+            ProviderSettings::Softlayer(cfg) => providers.push(Box::new(
+                SoftlayerProvider::new(name.clone(), cfg.clone())
                     .map_err(|e| ConfigError(e.to_string()))?,
             )),
         }

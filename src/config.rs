@@ -154,6 +154,8 @@ fn default_lock_ttl() -> std::time::Duration {
 pub enum ProviderSettings {
     /// MetalSoft JSON-RPC `resource_utilization_detailed`.
     Metalsoft(crate::providers::metalsoft::MetalsoftConfig),
+    /// SoftLayer (IBM Cloud classic) REST v3.1 invoices.
+    Softlayer(crate::providers::softlayer::SoftlayerConfig),
 }
 
 /// One sink, by kind.
