@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{ProviderSettings, Settings, SettingsError, SinkSettings};
 use crate::ledger::{Ledger, LedgerError, Status};
 use crate::mapping::MappingSet;
+use crate::providers::jelastic::JelasticProvider;
 use crate::providers::metalsoft::MetalsoftProvider;
 use crate::providers::Provider;
 use crate::sinks::lago::LagoSink;
@@ -276,6 +277,10 @@ pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
         match p {
             ProviderSettings::Metalsoft(cfg) => providers.push(Box::new(
                 MetalsoftProvider::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            )),
+            ProviderSettings::Jelastic(cfg) => providers.push(Box::new(
+                JelasticProvider::new(name.clone(), cfg.clone())
                     .map_err(|e| ConfigError(e.to_string()))?,
             )),
         }

@@ -143,6 +143,8 @@ fn default_lock_ttl() -> std::time::Duration {
 pub enum ProviderSettings {
     /// MetalSoft JSON-RPC `resource_utilization_detailed`.
     Metalsoft(crate::providers::metalsoft::MetalsoftConfig),
+    /// Jelastic / Virtuozzo `GetAccountBillingHistoryByPeriod`.
+    Jelastic(crate::providers::jelastic::JelasticConfig),
 }
 
 /// One sink, by kind.

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 
 use crate::record::UsageRecord;
 
+pub mod jelastic;
 pub mod metalsoft;
 
 /// Stored cursor values of one source, by stream (e.g. `user:1`).
