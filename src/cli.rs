@@ -12,6 +12,7 @@ use crate::config::{ProviderSettings, Settings, SettingsError, SinkSettings};
 use crate::ledger::{Ledger, LedgerError, RecordFilter, Status};
 use crate::mapping::MappingSet;
 use crate::observe;
+use crate::providers::jelastic::JelasticProvider;
 use crate::providers::metalsoft::MetalsoftProvider;
 use crate::providers::softlayer::SoftlayerProvider;
 use crate::providers::Provider;
@@ -516,6 +517,10 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
             )),
             ProviderSettings::Softlayer(cfg) => providers.push(Box::new(
                 SoftlayerProvider::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            )),
+            ProviderSettings::Jelastic(cfg) => providers.push(Box::new(
+                JelasticProvider::new(name.clone(), cfg.clone())
                     .map_err(|e| ConfigError(e.to_string()))?,
             )),
         }

@@ -156,6 +156,8 @@ pub enum ProviderSettings {
     Metalsoft(crate::providers::metalsoft::MetalsoftConfig),
     /// SoftLayer (IBM Cloud classic) REST v3.1 invoices.
     Softlayer(crate::providers::softlayer::SoftlayerConfig),
+    /// Jelastic / Virtuozzo `GetAccountBillingHistoryByPeriod`.
+    Jelastic(crate::providers::jelastic::JelasticConfig),
 }
 
 /// One sink, by kind.

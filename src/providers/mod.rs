@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 
 use crate::record::UsageRecord;
 
+pub mod jelastic;
 pub mod metalsoft;
 pub mod softlayer;
 
