@@ -11,6 +11,7 @@ use crate::config::{ProviderSettings, Settings, SettingsError, SinkSettings};
 use crate::ledger::{Ledger, LedgerError, Status};
 use crate::mapping::MappingSet;
 use crate::providers::metalsoft::MetalsoftProvider;
+use crate::providers::sakura::SakuraProvider;
 use crate::providers::Provider;
 use crate::sinks::lago::LagoSink;
 use crate::sinks::Sink;
@@ -276,6 +277,10 @@ pub async fn build_pipeline(settings: &Settings) -> anyhow::Result<Pipeline> {
         match p {
             ProviderSettings::Metalsoft(cfg) => providers.push(Box::new(
                 MetalsoftProvider::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            )),
+            ProviderSettings::Sakura(cfg) => providers.push(Box::new(
+                SakuraProvider::new(name.clone(), cfg.clone())
                     .map_err(|e| ConfigError(e.to_string()))?,
             )),
         }

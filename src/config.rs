@@ -143,6 +143,8 @@ fn default_lock_ttl() -> std::time::Duration {
 pub enum ProviderSettings {
     /// MetalSoft JSON-RPC `resource_utilization_detailed`.
     Metalsoft(crate::providers::metalsoft::MetalsoftConfig),
+    /// SAKURA Cloud billing API (monthly bills and their details, JPY).
+    Sakura(crate::providers::sakura::SakuraConfig),
 }
 
 /// One sink, by kind.

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use crate::record::UsageRecord;
 
 pub mod metalsoft;
+pub mod sakura;
 
 /// Stored cursor values of one source, by stream (e.g. `user:1`).
 pub type Cursors = HashMap<String, String>;

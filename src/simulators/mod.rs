@@ -5,3 +5,4 @@
 
 pub mod lago;
 pub mod metalsoft;
+pub mod sakura;
