@@ -14,6 +14,7 @@ use crate::mapping::MappingSet;
 use crate::observe;
 use crate::providers::jelastic::JelasticProvider;
 use crate::providers::metalsoft::MetalsoftProvider;
+use crate::providers::sakura::SakuraProvider;
 use crate::providers::softlayer::SoftlayerProvider;
 use crate::providers::Provider;
 use crate::sinks::lago::LagoSink;
@@ -521,6 +522,10 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
             )),
             ProviderSettings::Jelastic(cfg) => providers.push(Box::new(
                 JelasticProvider::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            )),
+            ProviderSettings::Sakura(cfg) => providers.push(Box::new(
+                SakuraProvider::new(name.clone(), cfg.clone())
                     .map_err(|e| ConfigError(e.to_string()))?,
             )),
         }

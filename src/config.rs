@@ -158,6 +158,8 @@ pub enum ProviderSettings {
     Softlayer(crate::providers::softlayer::SoftlayerConfig),
     /// Jelastic / Virtuozzo `GetAccountBillingHistoryByPeriod`.
     Jelastic(crate::providers::jelastic::JelasticConfig),
+    /// SAKURA Cloud billing API (monthly bills and their details, JPY).
+    Sakura(crate::providers::sakura::SakuraConfig),
 }
 
 /// One sink, by kind.

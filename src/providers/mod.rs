@@ -13,6 +13,7 @@ use crate::record::UsageRecord;
 
 pub mod jelastic;
 pub mod metalsoft;
+pub mod sakura;
 pub mod softlayer;
 
 /// Stored cursor values of one source, by stream (e.g. `user:1`).

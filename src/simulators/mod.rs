@@ -6,4 +6,5 @@
 pub mod jelastic;
 pub mod lago;
 pub mod metalsoft;
+pub mod sakura;
 pub mod softlayer;
