@@ -1,7 +1,8 @@
 //! `billsync demo`: a full sync against the built-in simulators, with the example mappings.
 //!
-//! A newcomer sees the whole path (pull → map → ledger → push → summary) on a fresh machine
-//! without any account. The simulators are the same ones the tests and benchmarks use.
+//! A newcomer sees the whole path (pull → map → ledger → push → summary) for all four providers
+//! on a fresh machine without any account. The simulators are the same ones the tests and
+//! benchmarks use.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,16 +14,28 @@ use crate::cli::{exit, Ctx};
 use crate::config::Secret;
 use crate::ledger::Ledger;
 use crate::mapping::MappingSet;
+use crate::providers::jelastic::{JelasticConfig, JelasticProvider, Period as JelasticPeriod};
 use crate::providers::metalsoft::{MetalsoftConfig, MetalsoftProvider};
+use crate::providers::sakura::{Month, SakuraConfig, SakuraProvider};
+use crate::providers::softlayer::{SoftlayerConfig, SoftlayerProvider};
+use crate::providers::Provider;
+use crate::simulators::jelastic::{GenSpec, JelasticDataset, JelasticSim};
 use crate::simulators::lago::{LagoSim, LagoSimConfig};
 use crate::simulators::metalsoft::{
     MetalsoftDataset, MetalsoftSim, FIXTURE_BIGSTEP_2020, FIXTURE_CURRENT,
+};
+use crate::simulators::sakura::{SakuraDataset, SakuraSim};
+use crate::simulators::softlayer::{
+    GenerateOptions as SoftlayerGenerate, SoftlayerDataset, SoftlayerSim,
 };
 use crate::sinks::lago::{LagoConfig, LagoSink};
 use crate::sync::{Pipeline, RunOutcome, SyncOptions};
 
 const DEMO_METALSOFT_KEY: &str = "demo-metalsoft-key";
 const DEMO_LAGO_KEY: &str = "demo-lago-key";
+const DEMO_SOFTLAYER_KEY: &str = "demo-softlayer-key";
+const DEMO_SAKURA_SECRET: &str = "demo-sakura-secret";
+const DEMO_JELASTIC_SESSION: &str = "demo-jelastic-session";
 
 /// The demo's first watermark. The documentation resources are moved to start a few days
 /// later, at fixed dates, so every run of the demo pulls the same records.
@@ -46,12 +59,55 @@ pub fn demo_dataset() -> anyhow::Result<MetalsoftDataset> {
     Ok(dataset)
 }
 
+/// The demo's SAKURA Cloud data: four bills a month from September 2026; the running month
+/// (November) is provisional and waits until it is final.
+pub fn demo_sakura_dataset() -> anyhow::Result<SakuraDataset> {
+    Ok(SakuraDataset::generate(
+        7,
+        Month::new(2026, 9).expect("valid month"),
+        3,
+        4,
+    )?)
+}
+
+/// The demo's Jelastic data: three environments of two nodes, daily buckets for a week.
+pub fn demo_jelastic_dataset() -> JelasticDataset {
+    JelasticDataset::generate(&GenSpec {
+        seed: 11,
+        environments: 3,
+        nodes_per_env: 2,
+        start: demo_start(),
+        end: demo_start() + chrono::Duration::days(7),
+    })
+}
+
+/// The demo's SoftLayer data: four monthly invoices (one of them a credit), several users, some
+/// items without an order item (billed to the account).
+pub fn demo_softlayer_dataset() -> SoftlayerDataset {
+    SoftlayerDataset::generate(&SoftlayerGenerate {
+        seed: 5,
+        invoices: 4,
+        items_per_invoice: 5,
+        users: 3,
+        next_items: 2,
+    })
+}
+
 /// Run the demo with its ledger in `dir`.
 pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let metalsoft = MetalsoftSim::start(demo_dataset()?, DEMO_METALSOFT_KEY)
         .await
         .context("starting the MetalSoft simulator")?;
+    let softlayer = SoftlayerSim::start(demo_softlayer_dataset(), "demo", DEMO_SOFTLAYER_KEY)
+        .await
+        .context("starting the SoftLayer simulator")?;
+    let sakura = SakuraSim::start(demo_sakura_dataset()?, "demo-token", DEMO_SAKURA_SECRET)
+        .await
+        .context("starting the SAKURA Cloud simulator")?;
+    let jelastic = JelasticSim::start(demo_jelastic_dataset(), DEMO_JELASTIC_SESSION)
+        .await
+        .context("starting the Jelastic simulator")?;
     let lago = LagoSim::start(LagoSimConfig {
         api_key: DEMO_LAGO_KEY.into(),
         ..Default::default()
@@ -59,9 +115,7 @@ pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     .await
     .context("starting the Lago simulator")?;
     println!(
-        "billsync demo: MetalSoft simulator at {}, Lago simulator at {}, ledger in {}",
-        metalsoft.url,
-        lago.url,
+        "billsync demo: simulators of MetalSoft, SoftLayer, SAKURA Cloud, Jelastic and Lago on loopback; ledger in {}",
         dir.display()
     );
 
@@ -73,7 +127,31 @@ pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     );
     ms.window = chrono::Duration::days(1);
     ms.settle_delay = chrono::Duration::hours(2);
-    let provider = MetalsoftProvider::new("metalsoft_demo".into(), ms)?;
+    let sl = SoftlayerConfig::new(
+        softlayer.url.clone(),
+        "demo",
+        Secret::new(DEMO_SOFTLAYER_KEY),
+    );
+    let sk = SakuraConfig::new(
+        sakura.endpoint.clone(),
+        Secret::new("demo-token"),
+        Secret::new(DEMO_SAKURA_SECRET),
+        Month::new(2026, 9).expect("valid month"),
+    );
+    let mut jl = JelasticConfig::new(
+        jelastic.url.clone(),
+        Secret::new(DEMO_JELASTIC_SESSION),
+        "EUR",
+        demo_start(),
+    );
+    jl.period = JelasticPeriod::Day;
+    jl.max_buckets_per_request = 31;
+    let providers: Vec<Box<dyn Provider>> = vec![
+        Box::new(MetalsoftProvider::new("metalsoft_demo".into(), ms)?),
+        Box::new(SoftlayerProvider::new("softlayer_demo".into(), sl)?),
+        Box::new(SakuraProvider::new("sakura_demo".into(), sk)?),
+        Box::new(JelasticProvider::new("jelastic_demo".into(), jl)?),
+    ];
     let sink = LagoSink::new(
         "lago_demo".into(),
         LagoConfig {
@@ -86,7 +164,7 @@ pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     )?;
     let mut pipeline = Pipeline::new(
         Ledger::open(&dir.join("ledger.db")).await?,
-        vec![Box::new(provider)],
+        providers,
         vec![Box::new(sink)],
         MappingSet::examples()?,
     );

@@ -175,6 +175,13 @@ pub fn print_summary(s: &RunSummary, json: bool) {
         out.push_str(&format!("  sink error: {e}\n"));
     }
     if !s.totals.is_empty() {
+        let w0 = s
+            .totals
+            .iter()
+            .map(|t| t.source.len())
+            .max()
+            .unwrap_or(0)
+            .max(6);
         let w1 = s
             .totals
             .iter()
@@ -190,13 +197,13 @@ pub fn print_summary(s: &RunSummary, json: bool) {
             .unwrap_or(0)
             .max(6);
         out.push_str(&format!(
-            "  {:<w1$}  {:<w2$}  {:>18}\n",
-            "subscription", "metric", "sent"
+            "  {:<w0$}  {:<w1$}  {:<w2$}  {:>18}\n",
+            "source", "subscription", "metric", "sent"
         ));
         for t in &s.totals {
             out.push_str(&format!(
-                "  {:<w1$}  {:<w2$}  {:>18}\n",
-                t.subscription, t.metric, t.value
+                "  {:<w0$}  {:<w1$}  {:<w2$}  {:>18}\n",
+                t.source, t.subscription, t.metric, t.value
             ));
         }
     }

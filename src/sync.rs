@@ -122,6 +122,8 @@ pub struct SourceSummary {
 /// One line of the totals table.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Total {
+    /// The source (configured provider) the records came from.
+    pub source: String,
     pub subscription: String,
     pub metric: String,
     pub value: Decimal,
@@ -719,7 +721,8 @@ impl Pipeline {
             .sent_totals(run_id)
             .await?
             .into_iter()
-            .map(|((subscription, metric), value)| Total {
+            .map(|((source, subscription, metric), value)| Total {
+                source,
                 subscription,
                 metric,
                 value,

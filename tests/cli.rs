@@ -35,9 +35,19 @@ fn demo_twice_on_one_ledger_sends_nothing_the_second_time() {
     let first = billsync(&["demo", "--dir", d], &[]);
     let (stdout, stderr) = text(&first);
     assert_eq!(first.status.code(), Some(0), "{stdout}\n{stderr}");
-    assert!(stdout.contains("sent 71"), "{stdout}");
+    assert!(stdout.contains("sent 136"), "{stdout}");
     assert!(stdout.contains("held (unmapped) 1"), "{stdout}");
+    // Totals per provider, customer and metric, for all four providers.
+    for source in [
+        "metalsoft_demo",
+        "softlayer_demo",
+        "sakura_demo",
+        "jelastic_demo",
+    ] {
+        assert!(stdout.contains(source), "{source} missing: {stdout}");
+    }
     assert!(stdout.contains("sub_acme_main"), "{stdout}");
+    assert!(stdout.contains("sub_sakura_tenant"), "{stdout}");
 
     let second = billsync(&["demo", "--dir", d], &[]);
     let (stdout, _) = text(&second);

@@ -150,7 +150,7 @@ async fn a_sent_record_that_changes_is_kept_as_a_change_and_its_payload_never_ov
     assert_eq!(status.counts[&("ms".to_string(), "sent".to_string())], 1);
     let totals = ledger.sent_totals(run).await.unwrap();
     assert_eq!(
-        totals[&("sub_1".to_string(), "cost".to_string())],
+        totals[&("ms".to_string(), "sub_1".to_string(), "cost".to_string())],
         Decimal::from_str("1.10").unwrap()
     );
     assert!(frozen.contains("1.10"));
@@ -212,7 +212,7 @@ async fn corrections_carry_the_difference_to_what_was_sent_so_far() {
     assert_eq!((same.corrections, same.unchanged), (0, 1));
     let totals = ledger.sent_totals(run).await.unwrap();
     assert_eq!(
-        totals[&("sub_1".to_string(), "cost".to_string())],
+        totals[&("ms".to_string(), "sub_1".to_string(), "cost".to_string())],
         Decimal::from_str("1.00").unwrap(),
         "original + corrections = the latest content"
     );

@@ -308,8 +308,8 @@ pub struct RunRow {
     pub outcome: Option<String>,
 }
 
-/// Totals of what a run sent, per (subscription, metric).
-pub type SentTotals = BTreeMap<(String, String), Decimal>;
+/// Totals of what a run sent, per (source, subscription, metric).
+pub type SentTotals = BTreeMap<(String, String, String), Decimal>;
 
 /// The ledger database.
 #[derive(Debug, Clone)]
@@ -953,10 +953,11 @@ impl Ledger {
     pub async fn sent_totals(&self, run_id: i64) -> Result<SentTotals, LedgerError> {
         use futures_util::TryStreamExt;
         let mut totals = SentTotals::new();
-        let mut rows =
-            sqlx::query("SELECT id, subscription, metric, value FROM records WHERE sent_run = ?1")
-                .bind(run_id)
-                .fetch(&self.pool);
+        let mut rows = sqlx::query(
+            "SELECT id, subscription, metric, value, source FROM records WHERE sent_run = ?1",
+        )
+        .bind(run_id)
+        .fetch(&self.pool);
         while let Some(r) = rows.try_next().await.map_err(sql("summing sent records"))? {
             let id: i64 = r.get(0);
             let value: Option<String> = r.get(3);
@@ -969,7 +970,11 @@ impl Ledger {
             })?;
             let key: (Option<String>, Option<String>) = (r.get(1), r.get(2));
             *totals
-                .entry((key.0.unwrap_or_default(), key.1.unwrap_or_default()))
+                .entry((
+                    r.get(4),
+                    key.0.unwrap_or_default(),
+                    key.1.unwrap_or_default(),
+                ))
                 .or_default() += value;
         }
         Ok(totals)

@@ -8,7 +8,19 @@ pub const EXAMPLE_MAPPINGS: &[(&str, &str)] = &[
         include_str!("../../mappings/customers.yaml"),
     ),
     (
+        "mappings/jelastic.yaml",
+        include_str!("../../mappings/jelastic.yaml"),
+    ),
+    (
         "mappings/metalsoft.yaml",
         include_str!("../../mappings/metalsoft.yaml"),
+    ),
+    (
+        "mappings/sakura.yaml",
+        include_str!("../../mappings/sakura.yaml"),
+    ),
+    (
+        "mappings/softlayer.yaml",
+        include_str!("../../mappings/softlayer.yaml"),
     ),
 ];
