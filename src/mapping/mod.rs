@@ -82,15 +82,21 @@
 //! field is absent on a record also makes it unmapped (an empty property could mis-group usage).
 
 mod apply;
+pub mod cases;
+mod check;
+mod csv;
 mod examples;
 mod load;
+pub mod remote;
 pub mod schema;
 pub mod units;
 
+pub use apply::{ConditionFailure, CustomerCheck, Explanation, PricingStep, RuleCheck};
 pub use examples::EXAMPLE_MAPPINGS;
 pub use load::{MappingError, MappingErrors, MappingSummary};
+pub use schema::json_schema_text;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -137,15 +143,63 @@ pub enum MapOutcome {
 pub struct MappingSet {
     files: Vec<String>,
     customers: Vec<LoadedCustomer>,
+    directory: Directory,
+    rates: Rates,
     rules: Vec<LoadedRule>,
+    warnings: Vec<MappingError>,
 }
 
-/// A customer-table entry with the file it came from.
+/// A customer-table entry with the file and position it came from.
 #[derive(Debug, Clone)]
 struct LoadedCustomer {
-    #[allow(dead_code)]
     file: String,
+    line: usize,
+    column: usize,
     entry: schema::CustomerEntry,
+}
+
+impl LoadedCustomer {
+    fn priority(&self) -> i64 {
+        self.entry.priority.map_or(0, |p| p.0)
+    }
+}
+
+/// One row of an account directory (`customers_csv`).
+#[derive(Debug, Clone)]
+struct DirectoryRow {
+    file: String,
+    line: usize,
+    provider: String,
+    sub_account_id: String,
+    subscription: String,
+    customer: Option<String>,
+    priority: i64,
+}
+
+/// The account directories of all files: rows plus a hash index on
+/// (`provider`, `sub_account_id`), so a lookup costs the same for 10 rows or 100,000.
+#[derive(Debug, Clone, Default)]
+struct Directory {
+    rows: Vec<DirectoryRow>,
+    index: HashMap<(String, String), usize>,
+}
+
+/// Effective-dated exchange rates: (from, to) → [(effective_from, rate)] sorted by date.
+#[derive(Debug, Clone, Default)]
+struct Rates {
+    by_pair: HashMap<(String, String), Vec<(DateTime<Utc>, Decimal)>>,
+}
+
+impl Rates {
+    /// The rate in effect at `at`: the latest row with `effective_from <= at`.
+    fn lookup(&self, from: &str, to: &str, at: DateTime<Utc>) -> Option<(DateTime<Utc>, Decimal)> {
+        self.by_pair
+            .get(&(from.to_string(), to.to_string()))?
+            .iter()
+            .rev()
+            .find(|(d, _)| *d <= at)
+            .copied()
+    }
 }
 
 /// A rule with its id (`file#name`) and position, for messages.
@@ -164,6 +218,17 @@ impl MappingSet {
         &self.files
     }
 
+    /// Problems that do not stop loading (e.g. partially overlapping rules with different
+    /// outcomes), as `file:line:column: message`.
+    pub fn warnings(&self) -> &[MappingError] {
+        &self.warnings
+    }
+
+    /// Number of account-directory rows (`customers_csv`) loaded.
+    pub fn directory_len(&self) -> usize {
+        self.directory.rows.len()
+    }
+
     /// The rule ids (`file#name`), in evaluation order.
     pub fn rule_ids(&self) -> Vec<&str> {
         self.rules.iter().map(|r| r.id.as_str()).collect()
@@ -179,14 +244,18 @@ impl MappingSet {
     }
 }
 
-/// The rounding a rule uses: its `round`, or the documented default for its value kind
-/// (quantity: scale 6, cost: scale 2; mode half_up).
-fn effective_round(rule: &schema::Rule) -> schema::Round {
-    rule.round.unwrap_or(schema::Round {
-        scale: schema::Scale(match rule.value {
-            Some(schema::ValueSpec::Cost(_)) => 2,
-            _ => 6,
-        }),
-        mode: schema::RoundMode::HalfUp,
-    })
+/// The rounding a rule uses: its `round`, completed by the documented defaults: scale 6 for
+/// `quantity`, the minor unit of `currency` for `cost` (2 when the currency is unknown), mode
+/// half_up. Returns (scale, mode).
+fn effective_round(rule: &schema::Rule, currency: Option<&str>) -> (u32, schema::RoundMode) {
+    let default_scale = match rule.value {
+        Some(schema::ValueSpec::Cost(_)) => currency
+            .and_then(schema::Currency::minor_units)
+            .unwrap_or(2),
+        _ => 6,
+    };
+    match rule.round {
+        Some(r) => (r.scale.map_or(default_scale, |s| s.0), r.mode),
+        None => (default_scale, schema::RoundMode::HalfUp),
+    }
 }
