@@ -563,3 +563,72 @@ fn render_properties(
     }
     Ok(out)
 }
+
+impl std::fmt::Display for ConditionFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: expected {}, actual {}",
+            self.field,
+            self.expected,
+            self.actual.as_deref().unwrap_or("<absent>")
+        )
+    }
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "rules (first match wins):")?;
+        if self.rules.is_empty() {
+            writeln!(f, "  (no rules)")?;
+        }
+        for r in &self.rules {
+            match &r.failed {
+                None => writeln!(f, "  MATCH    {}", r.rule)?,
+                Some(c) => writeln!(f, "  no       {}  ({c})", r.rule)?,
+            }
+        }
+        if !self.customers.is_empty() || self.customer_note.is_some() {
+            writeln!(f, "customer (highest priority wins, ties in file order):")?;
+            for c in &self.customers {
+                match &c.failed {
+                    None => writeln!(f, "  match    {}", c.entry)?,
+                    Some(x) => writeln!(f, "  no       {}  ({x})", c.entry)?,
+                }
+            }
+            if let Some(n) = &self.customer_note {
+                writeln!(f, "  {n}")?;
+            }
+        }
+        if !self.steps.is_empty() {
+            writeln!(f, "value:")?;
+            let w = self.steps.iter().map(|s| s.step.len()).max().unwrap_or(0);
+            for s in &self.steps {
+                writeln!(f, "  {:<w$}  {:<60}  = {}", s.step, s.detail, s.value)?;
+            }
+        }
+        match &self.outcome {
+            MapOutcome::Mapped(ev) => {
+                writeln!(
+                    f,
+                    "outcome: mapped by {} → subscription {}{}, metric {}, {} = {}",
+                    ev.rule,
+                    ev.external_subscription_id,
+                    ev.external_customer_id
+                        .as_deref()
+                        .map(|c| format!(" (customer {c})"))
+                        .unwrap_or_default(),
+                    ev.metric_code,
+                    ev.value_property,
+                    ev.value
+                )?;
+                for (k, v) in &ev.properties {
+                    writeln!(f, "  property {k} = {v}")?;
+                }
+                Ok(())
+            }
+            MapOutcome::Ignored { rule } => writeln!(f, "outcome: ignored by {rule}"),
+            MapOutcome::Unmapped { reason } => writeln!(f, "outcome: held (unmapped): {reason}"),
+        }
+    }
+}

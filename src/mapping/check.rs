@@ -8,8 +8,8 @@
 //!   subscriptions and have the same priority: which subscription pays would depend on file
 //!   order, an accident nobody reviews; pricing that cannot be computed (`markup_percent` with
 //!   `tiers`; a currency conversion without a rates table).
-//! - **Warning**: two rules that overlap partly (neither contains the other) with different
-//!   outcomes. First-match-wins makes them deterministic and such layering is common
+//! - **Warning**: two billing rules (not `ignore`) that overlap partly (neither contains the
+//!   other) with different metrics or targets. First-match-wins makes them deterministic and such layering is common
 //!   (traffic before storage), but the reader should see which one wins. A narrow rule above a
 //!   broad one (an exception) is the intended pattern and is not reported.
 //!
@@ -237,7 +237,9 @@ fn rule_overlaps(set: &MappingSet) -> Vec<MappingError> {
     for (j, b) in set.rules.iter().enumerate() {
         for a in &set.rules[..j] {
             let (ca, cb) = (&a.rule.conditions.0, &b.rule.conditions.0);
-            if outcome_key(&a.rule) != outcome_key(&b.rule)
+            if !a.rule.ignore
+                && !b.rule.ignore
+                && outcome_key(&a.rule) != outcome_key(&b.rule)
                 && may_overlap(ca, cb)
                 && !shadows(cb, ca)
                 && !shadows(ca, cb)

@@ -67,7 +67,7 @@ fn join_lines(errors: &[MappingError]) -> String {
 pub struct MappingSummary {
     /// Number of files loaded.
     pub files: usize,
-    /// Number of customer-table entries.
+    /// Number of customer-table entries plus account-directory rows.
     pub customers: usize,
     /// Number of rules (including `ignore` rules).
     pub rules: usize,
@@ -221,7 +221,7 @@ impl MappingSet {
     pub fn summary(&self) -> MappingSummary {
         MappingSummary {
             files: self.files.len(),
-            customers: self.customers.len(),
+            customers: self.customers.len() + self.directory.rows.len(),
             rules: self.rules.len(),
             ignore_rules: self.rules.iter().filter(|r| r.rule.ignore).count(),
             rule_lines: self
@@ -290,7 +290,7 @@ fn yaml_error(file: &str, e: &serde_yaml_ng::Error) -> MappingError {
 
 /// Finds the `nth` (0-based) `name: <name>` line in `text`; returns its 1-based line and the
 /// column of the `name` key. Falls back to the first line mentioning the name, then to 1:1.
-fn locate_rule(text: &str, name: &str, nth: usize) -> (usize, usize) {
+pub(crate) fn locate_rule(text: &str, name: &str, nth: usize) -> (usize, usize) {
     let mut count = 0;
     for (i, line) in text.lines().enumerate() {
         let mut rest = line.trim_start();
