@@ -317,7 +317,11 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             let mut report = crate::mapping::cases::run_cases(&set, &files);
             report.errors.extend(errors);
             print!("{report}");
-            Ok(if report.passed() { exit::OK } else { exit::FAILED })
+            Ok(if report.passed() {
+                exit::OK
+            } else {
+                exit::FAILED
+            })
         }
         MappingsCommand::Explain {
             record,
@@ -341,10 +345,9 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                 (None, Some(id)) => {
                     let settings = Settings::load(config)?;
                     let ledger = Ledger::open(&settings.ledger.path).await?;
-                    ledger
-                        .record_by_id(id)
-                        .await?
-                        .ok_or_else(|| ConfigError(format!("no record with id {id} in the ledger")))?
+                    ledger.record_by_id(id).await?.ok_or_else(|| {
+                        ConfigError(format!("no record with id {id} in the ledger"))
+                    })?
                 }
                 (None, None) => {
                     return Err(ConfigError("give --record FILE or --id N".into()).into())

@@ -60,8 +60,10 @@ fn examples() -> MappingSet {
 fn shipped_examples_load_from_disk_and_embedded() {
     let set = examples();
     let summary = set.summary();
-    assert_eq!((summary.files, summary.customers, summary.rules), (2, 2, 5));
-    assert_eq!(EXAMPLE_MAPPINGS.len(), 2);
+    // 2 inline customer entries + 2 rows of the account directory `mappings/accounts.csv`.
+    assert_eq!((summary.files, summary.customers, summary.rules), (2, 4, 5));
+    assert_eq!(set.directory_len(), 2);
+    assert_eq!(EXAMPLE_MAPPINGS.len(), 3);
     let from_dir = MappingSet::load(&[PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("mappings")]);
     assert!(from_dir.is_ok(), "{:?}", from_dir.err());
 }

@@ -90,7 +90,7 @@ fn broken_fixtures_report_file_line_column() {
         let column: usize = parts.next().unwrap().parse().unwrap();
         let line: usize = parts.next().unwrap().parse().unwrap();
         let file = parts.next().unwrap();
-        let result = std::panic::catch_unwind(|| MappingSet::load(&[f.clone()]));
+        let result = std::panic::catch_unwind(|| MappingSet::load(std::slice::from_ref(f)));
         let errs = match result {
             Err(_) => {
                 failures.push(format!("{}: panicked", f.display()));
@@ -144,7 +144,10 @@ fn example_files_declare_the_schema_and_satisfy_it() {
             "{name} lacks the schema modeline"
         );
         let value: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
-        let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
+        let errors: Vec<String> = validator
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
         assert!(errors.is_empty(), "{name}: {errors:#?}");
     }
     // And the schema rejects what the loader rejects, for an editor's red squiggle.
@@ -166,11 +169,8 @@ fn shipped_mapping_tests_pass() {
     assert!(report.results.len() >= 8, "{text}");
     let cases = files.iter().map(|(_, t)| t.as_str()).collect::<String>();
     for id in set.rule_ids() {
-        let id_in_cases = cases.contains(id)
-            || report
-                .results
-                .iter()
-                .any(|r| r.outcome.contains(id));
+        let id_in_cases =
+            cases.contains(id) || report.results.iter().any(|r| r.outcome.contains(id));
         assert!(id_in_cases, "no case covers {id}");
     }
     assert!(cases.contains("held:"));
@@ -225,7 +225,11 @@ fn cli_mappings_test_exits_non_zero_on_failure() {
         .arg(root().join("mappings"))
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
 }
 
 const PRICED: &str = "version: 1
@@ -282,11 +286,17 @@ fn pricing_steps_apply_in_order_and_show_in_explain() {
     let ev = mapped(set.apply(&r));
     assert_eq!(ev.value, dec("5"), "1.90 + 0.50 JPY is below the minimum 5");
     r.billed_cost = dec("1");
-    assert_eq!(mapped(set.apply(&r)).value, dec("191"), "190.123 + 0.5 → 191 (scale 0)");
+    assert_eq!(
+        mapped(set.apply(&r)).value,
+        dec("191"),
+        "190.123 + 0.5 → 191 (scale 0)"
+    );
     // Before any rate: held with the reason.
     r.charge_period_start = Utc.with_ymd_and_hms(2025, 12, 31, 0, 0, 0).unwrap();
     match set.apply(&r) {
-        MapOutcome::Unmapped { reason } => assert!(reason.contains("no exchange rate GBP→JPY"), "{reason}"),
+        MapOutcome::Unmapped { reason } => {
+            assert!(reason.contains("no exchange rate GBP→JPY"), "{reason}")
+        }
         other => panic!("{other:?}"),
     }
     // Explain: rules tried with the first failing condition, customers, every step.
@@ -295,20 +305,38 @@ fn pricing_steps_apply_in_order_and_show_in_explain() {
     r.sub_account_id = "2".into();
     let ex = set.explain(&r);
     let text = ex.to_string();
-    assert!(text.contains("no       priced.yaml#gpu-tiered  (resource_type: expected gpu, actual drive)"), "{text}");
+    assert!(
+        text.contains(
+            "no       priced.yaml#gpu-tiered  (resource_type: expected gpu, actual drive)"
+        ),
+        "{text}"
+    );
     assert!(text.contains("MATCH    priced.yaml#drive-eur"), "{text}");
-    assert!(text.contains("sub_account_id: expected 1, actual 2"), "{text}");
+    assert!(
+        text.contains("sub_account_id: expected 1, actual 2"),
+        "{text}"
+    );
     for step in ["base", "currency", "commission", "rounding"] {
-        assert!(ex.steps.iter().any(|s| s.step == step), "{step} missing:\n{text}");
+        assert!(
+            ex.steps.iter().any(|s| s.step == step),
+            "{step} missing:\n{text}"
+        );
     }
-    assert!(text.contains("GBP → EUR at rate 1.20 (effective 2026-02-01)"), "{text}");
-    assert!(text.contains("outcome: mapped by priced.yaml#drive-eur → subscription sub_default"), "{text}");
+    assert!(
+        text.contains("GBP → EUR at rate 1.20 (effective 2026-02-01)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("outcome: mapped by priced.yaml#drive-eur → subscription sub_default"),
+        "{text}"
+    );
     assert_eq!(ex.outcome, set.apply(&r));
 }
 
 #[test]
 fn account_directory_of_50000_rows_loads_fast_and_maps() {
-    let mut csv = String::from("provider,sub_account_id,external_subscription_id,external_customer_id\n");
+    let mut csv =
+        String::from("provider,sub_account_id,external_subscription_id,external_customer_id\n");
     for i in 0..50_000 {
         csv.push_str(&format!("metalsoft,{i},sub_{i},cust_{i}\n"));
     }
@@ -359,7 +387,10 @@ rules:
     let set = load(&[("r.yaml", text)]);
     let w: Vec<String> = set.warnings().iter().map(|w| w.to_string()).collect();
     assert_eq!(w.len(), 1, "{w:?}");
-    assert!(w[0].starts_with("r.yaml:7:5: warning: rule `lake` overlaps rule `traffic`"), "{w:?}");
+    assert!(
+        w[0].starts_with("r.yaml:7:5: warning: rule `lake` overlaps rule `traffic`"),
+        "{w:?}"
+    );
 }
 
 #[tokio::test]
@@ -392,8 +423,14 @@ async fn remote_check_against_the_lago_simulator() {
         .collect();
     let all = findings.join("\n");
     assert!(all.contains("error: metric `storage_cost` (sum_agg) aggregates the property `value`, but rule metalsoft.yaml#storage-cost sends its value as `amount`"), "{all}");
-    assert!(all.contains("warning: metric `network_gb` counts events (count_agg)"), "{all}");
-    assert!(all.contains("error: subscription `sub_globex_main`"), "{all}");
+    assert!(
+        all.contains("warning: metric `network_gb` counts events (count_agg)"),
+        "{all}"
+    );
+    assert!(
+        all.contains("error: subscription `sub_globex_main`"),
+        "{all}"
+    );
     assert!(!all.contains("instance_hours"), "{all}");
     assert!(!all.contains("`sub_acme_main`"), "{all}");
     sim.shutdown().await;

@@ -178,7 +178,12 @@ impl MappingSet {
         }
         if !self.directory.rows.is_empty() {
             let key = (record.provider.clone(), record.sub_account_id.clone());
-            match self.directory.index.get(&key).map(|&i| &self.directory.rows[i]) {
+            match self
+                .directory
+                .index
+                .get(&key)
+                .map(|&i| &self.directory.rows[i])
+            {
                 Some(row) => {
                     let label = format!(
                         "{}:{} (directory: provider={} sub_account_id={}, bills {}, priority {})",
@@ -255,10 +260,8 @@ impl MappingSet {
                 }
             }
             None => self.choose_customer(record, trace, ex).ok_or_else(|| {
-                let mut fields = self.referenced_fields(
-                    &[],
-                    self.customers.iter().map(|c| &c.entry.conditions.0),
-                );
+                let mut fields = self
+                    .referenced_fields(&[], self.customers.iter().map(|c| &c.entry.conditions.0));
                 if !self.directory.rows.is_empty() {
                     for f in ["provider", "sub_account_id"] {
                         if !fields.iter().any(|x| x == f) {
@@ -316,7 +319,9 @@ impl MappingSet {
                 let v = match &q.conversion {
                     Conversion::AsReported => v,
                     Conversion::Factor(f) => {
-                        let out = v.checked_mul(*f).ok_or_else(|| format!("{v} × {f} overflows"))?;
+                        let out = v
+                            .checked_mul(*f)
+                            .ok_or_else(|| format!("{v} × {f} overflows"))?;
                         steps.push(step("conversion", format!("× factor {f}"), out));
                         out
                     }

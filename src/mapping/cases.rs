@@ -137,7 +137,9 @@ pub struct CaseReport {
 impl CaseReport {
     /// True when every case passed and every file loaded (and there was at least one case).
     pub fn passed(&self) -> bool {
-        self.errors.is_empty() && !self.results.is_empty() && self.results.iter().all(|r| r.passed())
+        self.errors.is_empty()
+            && !self.results.is_empty()
+            && self.results.iter().all(|r| r.passed())
     }
 
     /// Number of failed cases.
@@ -161,7 +163,13 @@ impl fmt::Display for CaseReport {
                 writeln!(f, "      {e}")?;
                 continue;
             }
-            let w = r.fields.iter().map(|d| d.field.len()).max().unwrap_or(5).max(5);
+            let w = r
+                .fields
+                .iter()
+                .map(|d| d.field.len())
+                .max()
+                .unwrap_or(5)
+                .max(5);
             let we = r
                 .fields
                 .iter()
@@ -172,7 +180,11 @@ impl fmt::Display for CaseReport {
             writeln!(f, "        {:<w$}  {:<we$}  actual", "field", "expected")?;
             for d in &r.fields {
                 let mark = if d.ok { ' ' } else { '✗' };
-                writeln!(f, "      {mark} {:<w$}  {:<we$}  {}", d.field, d.expected, d.actual)?;
+                writeln!(
+                    f,
+                    "      {mark} {:<w$}  {:<we$}  {}",
+                    d.field, d.expected, d.actual
+                )?;
             }
             writeln!(f, "      outcome: {}", r.outcome)?;
         }
@@ -261,15 +273,23 @@ pub fn run_cases(set: &MappingSet, files: &[(String, String)]) -> CaseReport {
             let nth = seen.iter().filter(|n| **n == case.name).count();
             seen.push(&case.name);
             let (line, column) = super::load::locate_rule(text, &case.name, nth);
-            report
-                .results
-                .push(run_one(set, &file.defaults, case, format!("{name}:{line}:{column}")));
+            report.results.push(run_one(
+                set,
+                &file.defaults,
+                case,
+                format!("{name}:{line}:{column}"),
+            ));
         }
     }
     report
 }
 
-fn run_one(set: &MappingSet, defaults: &BTreeMap<String, Value>, case: &Case, at: String) -> CaseResult {
+fn run_one(
+    set: &MappingSet,
+    defaults: &BTreeMap<String, Value>,
+    case: &Case,
+    at: String,
+) -> CaseResult {
     let mut fields = defaults.clone();
     fields.extend(case.record.iter().map(|(k, v)| (k.clone(), v.clone())));
     let mut result = CaseResult {
@@ -308,7 +328,12 @@ fn run_one(set: &MappingSet, defaults: &BTreeMap<String, Value>, case: &Case, at
     } else {
         "mapped"
     };
-    cmp("outcome", expected_kind.into(), kind.into(), expected_kind == kind);
+    cmp(
+        "outcome",
+        expected_kind.into(),
+        kind.into(),
+        expected_kind == kind,
+    );
     match &outcome {
         MapOutcome::Mapped(ev) => {
             result.outcome = format!("mapped by {}", ev.rule);
@@ -318,7 +343,11 @@ fn run_one(set: &MappingSet, defaults: &BTreeMap<String, Value>, case: &Case, at
                 }
             };
             s("rule", &x.rule, &ev.rule);
-            s("subscription", &x.subscription, &ev.external_subscription_id);
+            s(
+                "subscription",
+                &x.subscription,
+                &ev.external_subscription_id,
+            );
             s(
                 "customer",
                 &x.customer,
@@ -361,7 +390,12 @@ fn run_one(set: &MappingSet, defaults: &BTreeMap<String, Value>, case: &Case, at
         MapOutcome::Unmapped { reason } => {
             result.outcome = format!("held: {reason}");
             if let Some(Value::String(want)) = &x.held {
-                cmp("held", format!("…{want}…"), reason.clone(), reason.contains(want.as_str()));
+                cmp(
+                    "held",
+                    format!("…{want}…"),
+                    reason.clone(),
+                    reason.contains(want.as_str()),
+                );
             }
         }
     }

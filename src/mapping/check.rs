@@ -121,7 +121,12 @@ fn check_pricing(set: &MappingSet, errors: &mut Vec<MappingError>) {
     for c in &set.customers {
         if let Some(p) = &c.entry.pricing {
             for msg in pricing_problems(p) {
-                errors.push(at(&c.file, c.line, c.column, format!("customer entry: {msg}")));
+                errors.push(at(
+                    &c.file,
+                    c.line,
+                    c.column,
+                    format!("customer entry: {msg}"),
+                ));
             }
         }
     }

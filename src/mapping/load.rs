@@ -498,14 +498,13 @@ pub(crate) fn describe(rule: &Rule) -> String {
 pub(crate) fn describe_pricing(p: &super::schema::Pricing) -> String {
     let mut out = String::new();
     if let Some(t) = &p.tiers {
-        let parts: Vec<String> = t
-            .0
-            .iter()
-            .map(|t| match t.up_to {
-                Some(b) => format!("{}% up to {}", t.markup_percent.0, b.0),
-                None => format!("{}% above", t.markup_percent.0),
-            })
-            .collect();
+        let parts: Vec<String> =
+            t.0.iter()
+                .map(|t| match t.up_to {
+                    Some(b) => format!("{}% up to {}", t.markup_percent.0, b.0),
+                    None => format!("{}% above", t.markup_percent.0),
+                })
+                .collect();
         out.push_str(&format!(" + tiered markup ({})", parts.join(", ")));
     }
     if let Some(m) = p.markup_percent {
@@ -802,7 +801,12 @@ fn load_rates(file: &str, text: &str, rates: &mut Rates, errors: &mut Vec<Mappin
             return;
         }
     };
-    if !check_header(&table, &["from", "to", "rate", "effective_from"], &[], &mut errs) {
+    if !check_header(
+        &table,
+        &["from", "to", "rate", "effective_from"],
+        &[],
+        &mut errs,
+    ) {
         errs.finish();
         return;
     }
@@ -852,17 +856,25 @@ fn load_rates(file: &str, text: &str, rates: &mut Rates, errors: &mut Vec<Mappin
         if let (Some(from), Some(to)) = (&from, &to) {
             if from == to {
                 ok = false;
-                errs.push(row.line, 1, format!("a rate from {from} to itself is always 1; remove the row"));
+                errs.push(
+                    row.line,
+                    1,
+                    format!("a rate from {from} to itself is always 1; remove the row"),
+                );
             }
         }
-        let (Some(from), Some(to), Some(rate), Some(when), true) = (from, to, rate, when, ok) else {
+        let (Some(from), Some(to), Some(rate), Some(when), true) = (from, to, rate, when, ok)
+        else {
             continue;
         };
         if let Some(first) = seen.insert((from.clone(), to.clone(), when), row.line) {
             errs.push(
                 row.line,
                 1,
-                format!("duplicate rate {from}→{to} effective {} (first at line {first})", when.date_naive()),
+                format!(
+                    "duplicate rate {from}→{to} effective {} (first at line {first})",
+                    when.date_naive()
+                ),
             );
             continue;
         }

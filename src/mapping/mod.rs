@@ -55,9 +55,29 @@
 //! an earlier rule matches everything it does (e.g. after a `match: {}` catch-all) is a load
 //! error.
 //!
-//! **Customer.** A rule's `target` wins; otherwise the first customer entry (file order, files in
-//! load order) whose `match` holds. No customer → unmapped (`no customer matches
-//! sub_account_id=7`).
+//! **Customer.** A rule's `target` wins; otherwise, among the customer entries whose `match`
+//! holds and the account-directory row of the record's (`provider`, `sub_account_id`), the one
+//! with the highest `priority` (default 0); ties go to the first in file order (files in load
+//! order), inline entries before directory rows. Entries that can match one record, bill
+//! different subscriptions and share a priority are a load error, so the tie-break only ever
+//! decides between entries billing the same subscription. No customer → unmapped (`no customer
+//! matches sub_account_id=7`).
+//!
+//! **Account directory.** `customers_csv: accounts.csv` (relative to the YAML file), header
+//! `provider,sub_account_id,external_subscription_id,external_customer_id[,priority]`; blank
+//! lines and `#` lines are skipped. Each row is an exact-match entry, looked up through a hash
+//! map. Duplicate accounts, empty ids, unknown columns: load errors with `file:line:column`.
+//!
+//! **Pricing** (cost values only, **per record**). `cost:` takes `currency` (convert with the
+//! `rates_csv` table: `from,to,rate,effective_from`, the latest rate effective at
+//! `charge_period_start`), then `tiers` (each tier's `markup_percent` applies to the part of the
+//! record's value inside the tier; credits are marked up by the same amount with their sign) or
+//! `markup_percent`, then `commission_percent` (a share of the selling price: value ÷ (1 − p/100),
+//! p < 100), then `markup_fixed` (added per record). A customer entry's `pricing:` applies the
+//! same steps after the rule's. `minimum` (rule or customer; the larger wins) raises a
+//! non-negative value to the minimum charge per record. Amounts are in the invoice currency.
+//! "Per period" minimums or tiers over a month's total need aggregation that the sync does not
+//! have; configure them on the Lago plan (minimum commitment, graduated charges).
 //!
 //! **Values.** `quantity` takes the record's `consumed_quantity`; `unit:` converts from the
 //! record's `consumed_unit` (time: seconds, minutes, hours, days; data: bytes, kbytes/kb,
@@ -69,8 +89,10 @@
 //! `1 + markup_percent/100`. Arithmetic is exact `Decimal`; conversion multiplies before it
 //! divides.
 //!
-//! **Rounding.** Applied once, to the final value. Default when `round` is omitted: scale **6**
-//! for `quantity`, **2** for `cost`, mode **half_up** (midpoint away from zero). `round.mode` may
+//! **Rounding.** Applied once, to the final value. Default when `round` (or its `scale`) is
+//! omitted: scale **6** for `quantity`; for `cost` the minor unit of the invoice currency (`cost.
+//! currency`, else the record's `billing_currency`: JPY 0, GBP/EUR/USD 2, KWD 3; 2 when unknown);
+//! mode **half_up** (midpoint away from zero). `round.mode` may
 //! be `half_up`, `half_even`, `down` (toward zero), `up` (away from zero), `floor`, `ceiling`;
 //! `scale` is 0 to 12. `billsync mappings validate` prints each rule's effective rounding
 //! ([`MappingSet::summary`]).
@@ -80,6 +102,12 @@
 //! `charge_period_start`; [`MapOutcome::Ignored`]; or [`MapOutcome::Unmapped`] with a reason
 //! listing the record's key fields and those the rules look at. A `{field}` placeholder whose
 //! field is absent on a record also makes it unmapped (an empty property could mis-group usage).
+//!
+//! **Checks.** Errors vs warnings are explained in `check.rs`: unreachable rules (an earlier
+//! rule's conditions each contain this rule's: exact ⊂ one_of, exact/one_of ⊂ glob, `x*` ⊃
+//! `xy*`) and ambiguous customers are errors; partly overlapping billing rules are warnings.
+//! [`MappingSet::explain`] shows the same evaluation step by step; `cases` runs the test cases
+//! next to the mappings; `remote` compares with the invoicing system's catalogue.
 
 mod apply;
 pub mod cases;
@@ -184,10 +212,13 @@ struct Directory {
     index: HashMap<(String, String), usize>,
 }
 
-/// Effective-dated exchange rates: (from, to) → [(effective_from, rate)] sorted by date.
+/// Rates of one currency pair: (effective_from, rate), sorted by date.
+type DatedRates = Vec<(DateTime<Utc>, Decimal)>;
+
+/// Effective-dated exchange rates: (from, to) → rates sorted by date.
 #[derive(Debug, Clone, Default)]
 struct Rates {
-    by_pair: HashMap<(String, String), Vec<(DateTime<Utc>, Decimal)>>,
+    by_pair: HashMap<(String, String), DatedRates>,
 }
 
 impl Rates {

@@ -899,10 +899,9 @@ pub struct Priority(pub i64);
 impl<'de> Deserialize<'de> for Priority {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         scalar(d, "a whole number", |text| {
-            text.trim()
-                .parse::<i64>()
-                .map(Priority)
-                .map_err(|_| format!("invalid priority `{text}`, expected a whole number such as 10"))
+            text.trim().parse::<i64>().map(Priority).map_err(|_| {
+                format!("invalid priority `{text}`, expected a whole number such as 10")
+            })
         })
     }
 }
@@ -913,12 +912,48 @@ pub struct Currency(pub String);
 
 /// Known currencies and their minor units (decimal places).
 const CURRENCIES: &[(&str, u32)] = &[
-    ("AUD", 2), ("BGN", 2), ("BHD", 3), ("BRL", 2), ("CAD", 2), ("CHF", 2), ("CLP", 0),
-    ("CNY", 2), ("CZK", 2), ("DKK", 2), ("EUR", 2), ("GBP", 2), ("HKD", 2), ("HUF", 2),
-    ("IDR", 2), ("ILS", 2), ("INR", 2), ("ISK", 0), ("JOD", 3), ("JPY", 0), ("KRW", 0),
-    ("KWD", 3), ("MXN", 2), ("MYR", 2), ("NOK", 2), ("NZD", 2), ("OMR", 3), ("PHP", 2),
-    ("PLN", 2), ("RON", 2), ("RSD", 2), ("SAR", 2), ("SEK", 2), ("SGD", 2), ("THB", 2),
-    ("TND", 3), ("TRY", 2), ("TWD", 2), ("UAH", 2), ("USD", 2), ("VND", 0), ("ZAR", 2),
+    ("AUD", 2),
+    ("BGN", 2),
+    ("BHD", 3),
+    ("BRL", 2),
+    ("CAD", 2),
+    ("CHF", 2),
+    ("CLP", 0),
+    ("CNY", 2),
+    ("CZK", 2),
+    ("DKK", 2),
+    ("EUR", 2),
+    ("GBP", 2),
+    ("HKD", 2),
+    ("HUF", 2),
+    ("IDR", 2),
+    ("ILS", 2),
+    ("INR", 2),
+    ("ISK", 0),
+    ("JOD", 3),
+    ("JPY", 0),
+    ("KRW", 0),
+    ("KWD", 3),
+    ("MXN", 2),
+    ("MYR", 2),
+    ("NOK", 2),
+    ("NZD", 2),
+    ("OMR", 3),
+    ("PHP", 2),
+    ("PLN", 2),
+    ("RON", 2),
+    ("RSD", 2),
+    ("SAR", 2),
+    ("SEK", 2),
+    ("SGD", 2),
+    ("THB", 2),
+    ("TND", 3),
+    ("TRY", 2),
+    ("TWD", 2),
+    ("UAH", 2),
+    ("USD", 2),
+    ("VND", 0),
+    ("ZAR", 2),
 ];
 
 impl Currency {
@@ -934,7 +969,11 @@ impl Currency {
         } else {
             format!(
                 "expected an ISO 4217 code such as EUR, GBP, USD, JPY (known: {})",
-                CURRENCIES.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+                CURRENCIES
+                    .iter()
+                    .map(|(c, _)| *c)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         };
         Err(format!("unknown currency `{text}`; {hint}"))
@@ -958,8 +997,10 @@ pub struct CommissionPercent(pub Decimal);
 
 impl<'de> Deserialize<'de> for CommissionPercent {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        scalar(d, "a percentage from 0 to below 100", |text| {
-            match parse_decimal(text) {
+        scalar(
+            d,
+            "a percentage from 0 to below 100",
+            |text| match parse_decimal(text) {
                 Some(p) if p >= Decimal::ZERO && p < Decimal::ONE_HUNDRED => {
                     Ok(CommissionPercent(p))
                 }
@@ -969,8 +1010,8 @@ impl<'de> Deserialize<'de> for CommissionPercent {
                 None => Err(format!(
                     "invalid commission_percent `{text}`, expected a decimal number such as 15"
                 )),
-            }
-        })
+            },
+        )
     }
 }
 
@@ -1170,7 +1211,8 @@ impl JsonSchema for QuantitySpec {
 /// holds).
 pub fn json_schema_text() -> String {
     let schema = schemars::schema_for!(MappingFile);
-    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let mut text =
+        serde_json::to_string_pretty(&schema).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     text.push('\n');
     text
 }

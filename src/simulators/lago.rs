@@ -1055,10 +1055,18 @@ fn paginate(key: &str, items: Vec<Value>, q: &PageQuery) -> Response {
         "total_pages": total_pages,
         "total_count": total_count,
     });
-    (StatusCode::OK, Json(json!({ key: page_items, "meta": meta }))).into_response()
+    (
+        StatusCode::OK,
+        Json(json!({ key: page_items, "meta": meta })),
+    )
+        .into_response()
 }
 
-async fn list_metrics(State(shared): Sim, headers: HeaderMap, Query(q): Query<PageQuery>) -> Response {
+async fn list_metrics(
+    State(shared): Sim,
+    headers: HeaderMap,
+    Query(q): Query<PageQuery>,
+) -> Response {
     record(&shared, "GET /api/v1/billable_metrics", "");
     if let Err(r) = authorize(&shared, &headers, false) {
         return r;

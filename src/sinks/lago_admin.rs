@@ -96,13 +96,13 @@ impl LagoAdmin {
                 url: url.clone(),
                 message: e.to_string(),
             })?;
-            let items = json
-                .get(key)
-                .and_then(Value::as_array)
-                .ok_or_else(|| LagoAdminError::Shape {
-                    url: url.clone(),
-                    message: format!("no `{key}` array"),
-                })?;
+            let items =
+                json.get(key)
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| LagoAdminError::Shape {
+                        url: url.clone(),
+                        message: format!("no `{key}` array"),
+                    })?;
             out.extend(items.iter().cloned());
             match json
                 .get("meta")
