@@ -205,6 +205,34 @@ pub enum MappingsCommand {
         /// Files or directories (default: the `mappings` of the settings, or `mappings/`).
         paths: Vec<PathBuf>,
     },
+    /// Print the JSON Schema of the mapping format (for editors: `mappings/schema.json`).
+    Schema,
+    /// Run the mapping test cases (`mappings/tests/*.yaml`); exit 1 if any fails.
+    Test {
+        /// Mapping files or directories (default: the settings' `mappings`, or `mappings/`).
+        #[arg(long, num_args = 1..)]
+        mappings: Vec<PathBuf>,
+        /// Case files or directories (default: `tests/` inside each mapping directory).
+        cases: Vec<PathBuf>,
+    },
+    /// Show why a record maps the way it does: rules tried, customer lookup, pricing steps.
+    Explain {
+        /// A record as JSON (the `UsageRecord` shape).
+        #[arg(long, conflicts_with = "id", required_unless_present = "id")]
+        record: Option<PathBuf>,
+        /// A record of the ledger, by id (needs the settings).
+        #[arg(long)]
+        id: Option<i64>,
+        /// Mapping files or directories (default: the settings' `mappings`, or `mappings/`).
+        #[arg(long, num_args = 1..)]
+        mappings: Vec<PathBuf>,
+    },
+    /// Check the mappings against the configured Lago: metrics, aggregations, subscriptions.
+    Check {
+        /// Query the Lago sinks of the settings (required: the check is remote only).
+        #[arg(long)]
+        remote: bool,
+    },
 }
 
 /// Parse the command line, run, and return the documented exit code.
@@ -305,22 +333,7 @@ pub struct ConfigError(pub String);
 async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
     match cli.command {
         Command::Demo { dir } => crate::demo::run(&dir, ctx).await,
-        Command::Mappings {
-            command: MappingsCommand::Validate { paths },
-        } => {
-            let paths = if paths.is_empty() {
-                match Settings::load(&cli.config) {
-                    Ok(s) => s.mappings,
-                    Err(SettingsError::Missing { .. }) => vec![PathBuf::from("mappings")],
-                    Err(e) => return Err(e.into()),
-                }
-            } else {
-                paths
-            };
-            let set = MappingSet::load(&paths)?;
-            println!("mappings OK: {}", set.summary());
-            Ok(exit::OK)
-        }
+        Command::Mappings { command } => run_mappings(&cli.config, command).await,
         Command::Reconcile {
             period,
             format,
@@ -490,6 +503,128 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
         .ok_or_else(|| {
             format!("{text:?} is neither RFC 3339 (2026-10-01T00:00:00Z) nor a date (2026-10-01)")
         })
+}
+
+/// The mapping paths: those given, else the settings' `mappings`, else `mappings/`.
+fn mapping_paths(config: &std::path::Path, given: Vec<PathBuf>) -> anyhow::Result<Vec<PathBuf>> {
+    if !given.is_empty() {
+        return Ok(given);
+    }
+    match Settings::load(config) {
+        Ok(s) => Ok(s.mappings),
+        Err(SettingsError::Missing { .. }) => Ok(vec![PathBuf::from("mappings")]),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> anyhow::Result<u8> {
+    match command {
+        MappingsCommand::Validate { paths } => {
+            let set = MappingSet::load(&mapping_paths(config, paths)?)?;
+            for w in set.warnings() {
+                println!("{w}");
+            }
+            println!("mappings OK: {}", set.summary());
+            Ok(exit::OK)
+        }
+        MappingsCommand::Schema => {
+            print!("{}", crate::mapping::json_schema_text());
+            Ok(exit::OK)
+        }
+        MappingsCommand::Test { mappings, cases } => {
+            let paths = mapping_paths(config, mappings)?;
+            let set = MappingSet::load(&paths)?;
+            let cases = if cases.is_empty() {
+                paths
+                    .iter()
+                    .filter(|p| p.is_dir())
+                    .map(|p| p.join("tests"))
+                    .filter(|p| p.is_dir())
+                    .collect()
+            } else {
+                cases
+            };
+            if cases.is_empty() {
+                return Err(ConfigError(
+                    "no case files: give them as arguments or put them in <mappings>/tests/".into(),
+                )
+                .into());
+            }
+            let (files, errors) = crate::mapping::cases::read_case_files(&cases);
+            let mut report = crate::mapping::cases::run_cases(&set, &files);
+            report.errors.extend(errors);
+            print!("{report}");
+            Ok(if report.passed() {
+                exit::OK
+            } else {
+                exit::FAILED
+            })
+        }
+        MappingsCommand::Explain {
+            record,
+            id,
+            mappings,
+        } => {
+            let set = MappingSet::load(&mapping_paths(config, mappings)?)?;
+            let rec: crate::record::UsageRecord = match (record, id) {
+                (Some(path), _) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    serde_json::from_str(&text).map_err(|e| {
+                        ConfigError(format!(
+                            "{}:{}:{}: not a usage record: {e}",
+                            path.display(),
+                            e.line(),
+                            e.column()
+                        ))
+                    })?
+                }
+                (None, Some(id)) => {
+                    let settings = Settings::load(config)?;
+                    let ledger = Ledger::open(&settings.ledger.path).await?;
+                    ledger.record_by_id(id).await?.ok_or_else(|| {
+                        ConfigError(format!("no record with id {id} in the ledger"))
+                    })?
+                }
+                (None, None) => {
+                    return Err(ConfigError("give --record FILE or --id N".into()).into())
+                }
+            };
+            print!("{}", set.explain(&rec));
+            Ok(exit::OK)
+        }
+        MappingsCommand::Check { remote } => {
+            if !remote {
+                return Err(ConfigError(
+                    "`mappings check` queries the invoicing system; pass --remote (for an \
+                     offline check use `mappings validate`)"
+                        .into(),
+                )
+                .into());
+            }
+            let settings = Settings::load(config)?;
+            let set = MappingSet::load(&settings.mappings)?;
+            let mut errors = 0;
+            for (name, sink) in &settings.sinks {
+                let SinkSettings::Lago(cfg) = sink;
+                let admin = crate::sinks::lago_admin::LagoAdmin::new(cfg)?;
+                let metrics = admin.billable_metrics().await?;
+                let subs = admin.subscription_ids().await?;
+                let findings = set.check_remote(&metrics, &subs);
+                println!(
+                    "sink {name}: {} metric(s), {} subscription(s) in Lago; {} finding(s)",
+                    metrics.len(),
+                    subs.len(),
+                    findings.len()
+                );
+                for f in &findings {
+                    println!("  {f}");
+                }
+                errors += findings.iter().filter(|f| f.error).count();
+            }
+            Ok(if errors == 0 { exit::OK } else { exit::CONFIG })
+        }
+    }
 }
 
 /// The exit code a finished run deserves.

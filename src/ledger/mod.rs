@@ -828,6 +828,25 @@ impl Ledger {
             .collect()
     }
 
+    /// The record stored under ledger id `id` (`None`: no such row), for
+    /// `billsync mappings explain --id`.
+    pub async fn record_by_id(&self, id: i64) -> Result<Option<UsageRecord>, LedgerError> {
+        let row = sqlx::query("SELECT record_json FROM records WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql("reading a record"))?;
+        row.map(|r| {
+            let json: String = r.get(0);
+            serde_json::from_str(&json).map_err(|e| LedgerError::Corrupt {
+                id,
+                field: "record_json",
+                message: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
     /// Add an operator action to the audit trail.
     pub async fn audit(
         &self,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 
-use super::schema::{Conversion, Rule, TemplatePart, ValueSpec};
+use super::schema::{Conversion, Pricing, Rule, TemplatePart, ValueSpec};
 use super::units::Unit;
 use super::{effective_round, LoadedRule, MapOutcome, MappedEvent, MappingSet};
 use crate::record::{UsageRecord, MATCHABLE_FIELDS};
@@ -21,80 +21,274 @@ const KEY_FIELDS: &[&str] = &[
     "consumed_unit",
 ];
 
+/// The first condition of a `match` that did not hold for a record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConditionFailure {
+    /// The field (`resource_type`, `attributes.x`).
+    pub field: String,
+    /// The condition, as written (`instance`, `one of [a, b]`, `glob x*`).
+    pub expected: String,
+    /// The record's value; `None` when the field is absent.
+    pub actual: Option<String>,
+}
+
+/// How one rule fared against a record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleCheck {
+    /// `file#name`.
+    pub rule: String,
+    /// `None`: the rule matched; otherwise its first failing condition.
+    pub failed: Option<ConditionFailure>,
+}
+
+/// How one customer entry or directory lookup fared against a record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerCheck {
+    /// `file:line (bills sub, priority p)`.
+    pub entry: String,
+    /// `None`: the entry matched.
+    pub failed: Option<ConditionFailure>,
+}
+
+/// One step of computing the value, with the value after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PricingStep {
+    /// `base`, `conversion`, `currency`, `markup`, `tiers`, `commission`, `fixed`, `minimum`,
+    /// `rounding`.
+    pub step: &'static str,
+    /// What the step did, for a person.
+    pub detail: String,
+    /// The value after the step.
+    pub value: Decimal,
+}
+
+/// Why a record maps the way it does (`billsync mappings explain`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explanation {
+    /// Every rule tried, in order, up to and including the one that matched.
+    pub rules: Vec<RuleCheck>,
+    /// Customer entries tried (empty when the rule has a `target` or is `ignore`).
+    pub customers: Vec<CustomerCheck>,
+    /// A note on how the customer was chosen (target, priority, directory).
+    pub customer_note: Option<String>,
+    /// The steps computing the value.
+    pub steps: Vec<PricingStep>,
+    /// The result, identical to [`MappingSet::apply`].
+    pub outcome: MapOutcome,
+}
+
+/// The chosen customer: subscription, customer id, pricing, how it was chosen.
+struct Chosen<'a> {
+    subscription: String,
+    customer: Option<String>,
+    pricing: Option<&'a super::schema::Pricing>,
+}
+
 impl MappingSet {
     /// Maps one record: the first rule whose conditions all hold decides; the customer comes
-    /// from the rule's `target` or else the first matching customer-table entry.
+    /// from the rule's `target` or else the matching customer entry or directory row with the
+    /// highest priority (ties: file order, inline entries before directory rows).
     pub fn apply(&self, record: &UsageRecord) -> MapOutcome {
-        let Some(rule) = self
-            .rules
-            .iter()
-            .find(|r| matches(&r.rule.conditions.0, record))
-        else {
+        self.evaluate(record, false).outcome
+    }
+
+    /// [`apply`](MappingSet::apply), with the reasons: every rule tried, the customer lookup
+    /// and each pricing step. Same code path as `apply`.
+    pub fn explain(&self, record: &UsageRecord) -> Explanation {
+        self.evaluate(record, true)
+    }
+
+    fn evaluate(&self, record: &UsageRecord, trace: bool) -> Explanation {
+        let mut ex = Explanation {
+            rules: Vec::new(),
+            customers: Vec::new(),
+            customer_note: None,
+            steps: Vec::new(),
+            outcome: MapOutcome::Unmapped {
+                reason: String::new(),
+            },
+        };
+        let mut found = None;
+        for r in &self.rules {
+            let failed = first_failure(&r.rule.conditions.0, record);
+            let matched = failed.is_none();
+            if trace {
+                ex.rules.push(RuleCheck {
+                    rule: r.id.clone(),
+                    failed,
+                });
+            }
+            if matched {
+                found = Some(r);
+                break;
+            }
+        }
+        let Some(rule) = found else {
             let fields =
                 self.referenced_fields(KEY_FIELDS, self.rules.iter().map(|r| &r.rule.conditions.0));
-            return MapOutcome::Unmapped {
+            ex.outcome = MapOutcome::Unmapped {
                 reason: format!("no rule matches {}", describe_record(record, &fields)),
             };
+            return ex;
         };
-        match self.map_with(rule, record) {
+        ex.outcome = match self.map_with(rule, record, trace, &mut ex) {
             Ok(outcome) => outcome,
             Err(reason) => MapOutcome::Unmapped {
                 reason: format!("rule {} matched, but {reason}", rule.id),
             },
-        }
+        };
+        ex
     }
 
-    fn map_with(&self, loaded: &LoadedRule, record: &UsageRecord) -> Result<MapOutcome, String> {
+    /// The customer for a record: highest priority among matching inline entries and the
+    /// directory row; ties go to the earlier (inline before directory).
+    fn choose_customer(
+        &self,
+        record: &UsageRecord,
+        trace: bool,
+        ex: &mut Explanation,
+    ) -> Option<Chosen<'_>> {
+        let mut best: Option<(i64, Chosen<'_>, String)> = None;
+        for c in &self.customers {
+            let failed = first_failure(&c.entry.conditions.0, record);
+            let label = format!(
+                "{}:{} (bills {}, priority {})",
+                c.file,
+                c.line,
+                c.entry.external_subscription_id.0,
+                c.priority()
+            );
+            if failed.is_none() && best.as_ref().is_none_or(|(p, _, _)| c.priority() > *p) {
+                best = Some((
+                    c.priority(),
+                    Chosen {
+                        subscription: c.entry.external_subscription_id.0.clone(),
+                        customer: c.entry.external_customer_id.as_ref().map(|x| x.0.clone()),
+                        pricing: c.entry.pricing.as_ref(),
+                    },
+                    label.clone(),
+                ));
+            }
+            if trace {
+                ex.customers.push(CustomerCheck {
+                    entry: label,
+                    failed,
+                });
+            }
+        }
+        if !self.directory.rows.is_empty() {
+            let key = (record.provider.clone(), record.sub_account_id.clone());
+            match self
+                .directory
+                .index
+                .get(&key)
+                .map(|&i| &self.directory.rows[i])
+            {
+                Some(row) => {
+                    let label = format!(
+                        "{}:{} (directory: provider={} sub_account_id={}, bills {}, priority {})",
+                        row.file,
+                        row.line,
+                        row.provider,
+                        row.sub_account_id,
+                        row.subscription,
+                        row.priority
+                    );
+                    if best.as_ref().is_none_or(|(p, _, _)| row.priority > *p) {
+                        best = Some((
+                            row.priority,
+                            Chosen {
+                                subscription: row.subscription.clone(),
+                                customer: row.customer.clone(),
+                                pricing: None,
+                            },
+                            label.clone(),
+                        ));
+                    }
+                    if trace {
+                        ex.customers.push(CustomerCheck {
+                            entry: label,
+                            failed: None,
+                        });
+                    }
+                }
+                None if trace => ex.customers.push(CustomerCheck {
+                    entry: format!("account directory ({} rows)", self.directory.rows.len()),
+                    failed: Some(ConditionFailure {
+                        field: "provider, sub_account_id".into(),
+                        expected: "a row of the directory".into(),
+                        actual: Some(format!("{}, {}", key.0, key.1)),
+                    }),
+                }),
+                None => {}
+            }
+        }
+        let (_, chosen, label) = best?;
+        if trace {
+            ex.customer_note = Some(format!(
+                "chosen: {label} (highest priority; ties go to the first)"
+            ));
+        }
+        Some(chosen)
+    }
+
+    fn map_with(
+        &self,
+        loaded: &LoadedRule,
+        record: &UsageRecord,
+        trace: bool,
+        ex: &mut Explanation,
+    ) -> Result<MapOutcome, String> {
         let rule = &loaded.rule;
         if rule.ignore {
             return Ok(MapOutcome::Ignored {
                 rule: loaded.id.clone(),
             });
         }
-        let (subscription, customer) = match &rule.target {
-            Some(t) => (
-                t.external_subscription_id.0.clone(),
-                t.external_customer_id.as_ref().map(|c| c.0.clone()),
-            ),
-            None => {
-                let entry = self
-                    .customers
-                    .iter()
-                    .find(|c| matches(&c.entry.conditions.0, record))
-                    .ok_or_else(|| {
-                        let fields = self.referenced_fields(
-                            &[],
-                            self.customers.iter().map(|c| &c.entry.conditions.0),
-                        );
-                        let fields = if fields.is_empty() {
-                            vec!["sub_account_id".to_string()]
-                        } else {
-                            fields
-                        };
-                        format!("no customer matches {}", describe_record(record, &fields))
-                    })?;
-                (
-                    entry.entry.external_subscription_id.0.clone(),
-                    entry
-                        .entry
-                        .external_customer_id
-                        .as_ref()
-                        .map(|c| c.0.clone()),
-                )
+        let chosen = match &rule.target {
+            Some(t) => {
+                if trace {
+                    ex.customer_note = Some(format!(
+                        "the rule's `target` bills {} (the customer table is not consulted)",
+                        t.external_subscription_id.0
+                    ));
+                }
+                Chosen {
+                    subscription: t.external_subscription_id.0.clone(),
+                    customer: t.external_customer_id.as_ref().map(|c| c.0.clone()),
+                    pricing: None,
+                }
             }
+            None => self.choose_customer(record, trace, ex).ok_or_else(|| {
+                let mut fields = self
+                    .referenced_fields(&[], self.customers.iter().map(|c| &c.entry.conditions.0));
+                if !self.directory.rows.is_empty() {
+                    for f in ["provider", "sub_account_id"] {
+                        if !fields.iter().any(|x| x == f) {
+                            fields.insert(0, f.to_string());
+                        }
+                    }
+                }
+                let fields = if fields.is_empty() {
+                    vec!["sub_account_id".to_string()]
+                } else {
+                    fields
+                };
+                format!("no customer matches {}", describe_record(record, &fields))
+            })?,
         };
         let metric = rule
             .metric
             .as_ref()
             .map(|m| m.0.clone())
             .ok_or_else(|| "the rule has no metric".to_string())?;
-        let value = compute_value(rule, record)?;
+        let value = self.compute_value(rule, record, chosen.pricing, &mut ex.steps)?;
         let properties = render_properties(rule, record)?;
         Ok(MapOutcome::Mapped(MappedEvent {
             rule: loaded.id.clone(),
             sink: rule.sink.as_ref().map(|s| s.0.clone()),
-            external_subscription_id: subscription,
-            external_customer_id: customer,
+            external_subscription_id: chosen.subscription,
+            external_customer_id: chosen.customer,
             metric_code: metric,
             value_property: rule
                 .property
@@ -104,6 +298,125 @@ impl MappingSet {
             properties,
             timestamp: record.charge_period_start,
         }))
+    }
+
+    /// The value: conversion or currency and pricing, then rounding once, recording each step.
+    fn compute_value(
+        &self,
+        rule: &Rule,
+        record: &UsageRecord,
+        customer_pricing: Option<&Pricing>,
+        steps: &mut Vec<PricingStep>,
+    ) -> Result<Decimal, String> {
+        let (raw, currency) = match &rule.value {
+            Some(ValueSpec::Quantity(q)) => {
+                let v = record.consumed_quantity;
+                steps.push(step(
+                    "base",
+                    format!("consumed_quantity {v} {}", record.consumed_unit),
+                    v,
+                ));
+                let v = match &q.conversion {
+                    Conversion::AsReported => v,
+                    Conversion::Factor(f) => {
+                        let out = v
+                            .checked_mul(*f)
+                            .ok_or_else(|| format!("{v} × {f} overflows"))?;
+                        steps.push(step("conversion", format!("× factor {f}"), out));
+                        out
+                    }
+                    Conversion::Unit(to) => {
+                        let from = Unit::parse(&record.consumed_unit).ok_or_else(|| {
+                            format!(
+                                "consumed_unit `{}` is not a known unit, so it cannot be converted to `{to}`",
+                                record.consumed_unit
+                            )
+                        })?;
+                        let out = from.convert(v, *to)?;
+                        steps.push(step(
+                            "conversion",
+                            format!("{} → {to}", record.consumed_unit),
+                            out,
+                        ));
+                        out
+                    }
+                };
+                if let Some(p) = customer_pricing.filter(|p| !p.is_empty()) {
+                    steps.push(step(
+                        "customer pricing",
+                        format!(
+                            "not applied: the value is a quantity, not money ({})",
+                            super::load::describe_pricing(p).trim_start_matches([' ', '+'])
+                        ),
+                        v,
+                    ));
+                }
+                (v, None)
+            }
+            Some(ValueSpec::Cost(c)) => {
+                let mut v = record.billed_cost;
+                let mut currency = record.billing_currency.clone();
+                steps.push(step("base", format!("billed_cost {v} {currency}"), v));
+                if let Some(to) = c.currency.as_ref().filter(|to| to.0 != currency) {
+                    let (since, rate) = self
+                        .rates
+                        .lookup(&currency, &to.0, record.charge_period_start)
+                        .ok_or_else(|| {
+                            format!(
+                                "no exchange rate {currency}→{} in effect at {} (rates_csv)",
+                                to.0, record.charge_period_start
+                            )
+                        })?;
+                    v = v.checked_mul(rate).ok_or("currency conversion overflows")?;
+                    steps.push(step(
+                        "currency",
+                        format!(
+                            "{currency} → {} at rate {rate} (effective {})",
+                            to.0,
+                            since.date_naive()
+                        ),
+                        v,
+                    ));
+                    currency = to.0.clone();
+                }
+                let own = c.pricing();
+                v = price(v, &own, "rule", steps)?;
+                if let Some(p) = customer_pricing {
+                    v = price(v, p, "customer", steps)?;
+                }
+                let minimum = [own.minimum, customer_pricing.and_then(|p| p.minimum)]
+                    .into_iter()
+                    .flatten()
+                    .map(|a| a.0)
+                    .max();
+                if let Some(min) = minimum {
+                    if v >= Decimal::ZERO && v < min {
+                        steps.push(step(
+                            "minimum",
+                            format!("raised to the minimum charge {min} {currency} per record"),
+                            min,
+                        ));
+                        v = min;
+                    } else {
+                        steps.push(step(
+                            "minimum",
+                            format!("{min} {currency} per record: no effect"),
+                            v,
+                        ));
+                    }
+                }
+                (v, Some(currency))
+            }
+            None => return Err("the rule has no value".into()),
+        };
+        let (scale, mode) = effective_round(rule, currency.as_deref());
+        let out = raw.round_dp_with_strategy(scale, mode.strategy());
+        steps.push(step(
+            "rounding",
+            format!("{} to {scale} places", mode.name()),
+            out,
+        ));
+        Ok(out)
     }
 
     /// `always` plus every field the given condition lists refer to, in record order.
@@ -131,13 +444,19 @@ impl MappingSet {
     }
 }
 
-fn matches(
+/// The first condition that does not hold (`None`: all hold).
+fn first_failure(
     conditions: &[(super::schema::FieldName, super::schema::Condition)],
     record: &UsageRecord,
-) -> bool {
-    conditions
-        .iter()
-        .all(|(f, c)| c.matches(record.field(f.as_str())))
+) -> Option<ConditionFailure> {
+    conditions.iter().find_map(|(f, c)| {
+        let actual = record.field(f.as_str());
+        (!c.matches(actual)).then(|| ConditionFailure {
+            field: f.as_str().to_string(),
+            expected: c.to_string(),
+            actual: actual.map(str::to_string),
+        })
+    })
 }
 
 /// `provider=metalsoft resource_type=gpu sku_id=<absent> …`; values with spaces are quoted.
@@ -153,37 +472,73 @@ fn describe_record(record: &UsageRecord, fields: &[String]) -> String {
         .join(" ")
 }
 
-/// The value before rounding, then rounded as the rule says.
-fn compute_value(rule: &Rule, record: &UsageRecord) -> Result<Decimal, String> {
-    let raw = match &rule.value {
-        Some(ValueSpec::Quantity(q)) => match &q.conversion {
-            Conversion::AsReported => record.consumed_quantity,
-            Conversion::Factor(f) => record
-                .consumed_quantity
-                .checked_mul(*f)
-                .ok_or_else(|| format!("{} × {f} overflows", record.consumed_quantity))?,
-            Conversion::Unit(to) => {
-                let from = Unit::parse(&record.consumed_unit).ok_or_else(|| {
-                    format!(
-                        "consumed_unit `{}` is not a known unit, so it cannot be converted to `{to}`",
-                        record.consumed_unit
-                    )
-                })?;
-                from.convert(record.consumed_quantity, *to)?
+fn step(step: &'static str, detail: String, value: Decimal) -> PricingStep {
+    PricingStep {
+        step,
+        detail,
+        value,
+    }
+}
+
+/// Applies one pricing block (tiers or markup, commission, fixed); `minimum` is applied by the
+/// caller after all blocks.
+fn price(
+    mut v: Decimal,
+    p: &Pricing,
+    whose: &str,
+    steps: &mut Vec<PricingStep>,
+) -> Result<Decimal, String> {
+    let overflow = || format!("{whose} pricing overflows");
+    if let Some(tiers) = &p.tiers {
+        // Per record: each tier's percentage applies to the part of |v| inside it; a credit
+        // (negative cost) gets the same markup as the equal charge, with its sign.
+        let magnitude = v.abs();
+        let mut lower = Decimal::ZERO;
+        let mut added = Decimal::ZERO;
+        let mut parts = Vec::new();
+        for t in &tiers.0 {
+            let upper = t.up_to.map(|a| a.0);
+            let top = upper.map_or(magnitude, |u| magnitude.min(u));
+            let part = (top - lower).max(Decimal::ZERO);
+            if part > Decimal::ZERO {
+                let extra = part
+                    .checked_mul(t.markup_percent.0 / Decimal::ONE_HUNDRED)
+                    .ok_or_else(overflow)?;
+                added += extra;
+                parts.push(format!("{part} × {}% = {extra}", t.markup_percent.0));
             }
-        },
-        Some(ValueSpec::Cost(c)) => {
-            let markup = c.markup_percent.map_or(Decimal::ZERO, |p| p.0);
-            let factor = Decimal::ONE + markup / Decimal::ONE_HUNDRED;
-            record
-                .billed_cost
-                .checked_mul(factor)
-                .ok_or_else(|| format!("{} × {factor} overflows", record.billed_cost))?
+            if let Some(u) = upper {
+                lower = u;
+            }
         }
-        None => return Err("the rule has no value".into()),
-    };
-    let round = effective_round(rule);
-    Ok(raw.round_dp_with_strategy(round.scale.0, round.mode.strategy()))
+        let signed = if v.is_sign_negative() { -added } else { added };
+        v = v.checked_add(signed).ok_or_else(overflow)?;
+        steps.push(step(
+            "tiers",
+            format!("{whose} tiered markup: {}", parts.join(", ")),
+            v,
+        ));
+    }
+    if let Some(m) = p.markup_percent {
+        v = v
+            .checked_mul(Decimal::ONE + m.0 / Decimal::ONE_HUNDRED)
+            .ok_or_else(overflow)?;
+        steps.push(step("markup", format!("{whose} markup +{}%", m.0), v));
+    }
+    if let Some(c) = p.commission_percent {
+        let keep = Decimal::ONE - c.0 / Decimal::ONE_HUNDRED;
+        v = v.checked_div(keep).ok_or_else(overflow)?;
+        steps.push(step(
+            "commission",
+            format!("{whose} commission {}% of the price: ÷ {keep}", c.0),
+            v,
+        ));
+    }
+    if let Some(f) = p.markup_fixed {
+        v = v.checked_add(f.0).ok_or_else(overflow)?;
+        steps.push(step("fixed", format!("{whose} fixed markup +{}", f.0), v));
+    }
+    Ok(v)
 }
 
 /// Fills `{field}` placeholders. A placeholder whose field is absent on the record makes the
@@ -212,4 +567,73 @@ fn render_properties(
         out.insert(key.clone(), s);
     }
     Ok(out)
+}
+
+impl std::fmt::Display for ConditionFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: expected {}, actual {}",
+            self.field,
+            self.expected,
+            self.actual.as_deref().unwrap_or("<absent>")
+        )
+    }
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "rules (first match wins):")?;
+        if self.rules.is_empty() {
+            writeln!(f, "  (no rules)")?;
+        }
+        for r in &self.rules {
+            match &r.failed {
+                None => writeln!(f, "  MATCH    {}", r.rule)?,
+                Some(c) => writeln!(f, "  no       {}  ({c})", r.rule)?,
+            }
+        }
+        if !self.customers.is_empty() || self.customer_note.is_some() {
+            writeln!(f, "customer (highest priority wins, ties in file order):")?;
+            for c in &self.customers {
+                match &c.failed {
+                    None => writeln!(f, "  match    {}", c.entry)?,
+                    Some(x) => writeln!(f, "  no       {}  ({x})", c.entry)?,
+                }
+            }
+            if let Some(n) = &self.customer_note {
+                writeln!(f, "  {n}")?;
+            }
+        }
+        if !self.steps.is_empty() {
+            writeln!(f, "value:")?;
+            let w = self.steps.iter().map(|s| s.step.len()).max().unwrap_or(0);
+            for s in &self.steps {
+                writeln!(f, "  {:<w$}  {:<60}  = {}", s.step, s.detail, s.value)?;
+            }
+        }
+        match &self.outcome {
+            MapOutcome::Mapped(ev) => {
+                writeln!(
+                    f,
+                    "outcome: mapped by {} → subscription {}{}, metric {}, {} = {}",
+                    ev.rule,
+                    ev.external_subscription_id,
+                    ev.external_customer_id
+                        .as_deref()
+                        .map(|c| format!(" (customer {c})"))
+                        .unwrap_or_default(),
+                    ev.metric_code,
+                    ev.value_property,
+                    ev.value
+                )?;
+                for (k, v) in &ev.properties {
+                    writeln!(f, "  property {k} = {v}")?;
+                }
+                Ok(())
+            }
+            MapOutcome::Ignored { rule } => writeln!(f, "outcome: ignored by {rule}"),
+            MapOutcome::Unmapped { reason } => writeln!(f, "outcome: held (unmapped): {reason}"),
+        }
+    }
 }

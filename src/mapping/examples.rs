@@ -8,6 +8,10 @@ pub const EXAMPLE_MAPPINGS: &[(&str, &str)] = &[
         include_str!("../../mappings/customers.yaml"),
     ),
     (
+        "mappings/accounts.csv",
+        include_str!("../../mappings/accounts.csv"),
+    ),
+    (
         "mappings/jelastic.yaml",
         include_str!("../../mappings/jelastic.yaml"),
     ),

@@ -5,14 +5,18 @@
 //! file, so each file contributes at most one parse error, plus any semantic errors of the files
 //! that did parse.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+
 use thiserror::Error;
 
-use super::schema::{Condition, Conversion, MappingFile, Rule, ValueSpec};
+use super::schema::{Condition, Conversion, Currency, MappingFile, Rule, ValueSpec};
 use super::units::Unit;
-use super::{LoadedCustomer, LoadedRule, MappingSet};
+use super::{DirectoryRow, LoadedCustomer, LoadedRule, MappingSet, Rates};
 
 /// One problem in a mapping file, with its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +67,7 @@ fn join_lines(errors: &[MappingError]) -> String {
 pub struct MappingSummary {
     /// Number of files loaded.
     pub files: usize,
-    /// Number of customer-table entries.
+    /// Number of customer-table entries plus account-directory rows.
     pub customers: usize,
     /// Number of rules (including `ignore` rules).
     pub rules: usize,
@@ -88,20 +92,60 @@ impl fmt::Display for MappingSummary {
 }
 
 impl MappingSet {
-    /// Parses and validates mapping files given as `(display name, YAML text)`, in load order.
-    /// Pure: no I/O.
+    /// Parses and validates mapping files given as `(display name, text)`, in load order.
+    /// Pure: no I/O. Sources whose name ends in `.csv` are lookup tables (`customers_csv`,
+    /// `rates_csv`), found by the path a mapping file names, relative to that file's name.
     pub fn from_sources(sources: &[(String, String)]) -> Result<MappingSet, MappingErrors> {
+        MappingSet::build(sources, false)
+    }
+
+    /// [`from_sources`](MappingSet::from_sources), reading a CSV that is not among the sources
+    /// from disk when `disk` is true.
+    fn build(sources: &[(String, String)], disk: bool) -> Result<MappingSet, MappingErrors> {
         let mut errors = Vec::new();
         let mut set = MappingSet::default();
-        for (name, text) in sources {
+        let tables: HashMap<String, &str> = sources
+            .iter()
+            .filter(|(n, _)| is_csv(n))
+            .map(|(n, t)| (normalize(n), t.as_str()))
+            .collect();
+        let read_table = |path: &str| -> Result<String, String> {
+            if let Some(t) = tables.get(&normalize(path)) {
+                return Ok((*t).to_string());
+            }
+            if disk {
+                std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))
+            } else {
+                Err("not among the given sources".into())
+            }
+        };
+        for (name, text) in sources.iter().filter(|(n, _)| !is_csv(n)) {
             match serde_yaml_ng::from_str::<MappingFile>(text) {
                 Ok(file) => {
                     let short = short_name(name);
-                    for entry in file.customers {
+                    let positions = locate_list_items(text, "customers");
+                    for (i, entry) in file.customers.into_iter().enumerate() {
+                        let (line, column) = positions.get(i).copied().unwrap_or((1, 1));
                         set.customers.push(LoadedCustomer {
                             file: name.clone(),
+                            line,
+                            column,
                             entry,
                         });
+                    }
+                    if let Some(csv) = &file.customers_csv {
+                        let path = relative_to(name, &csv.0);
+                        match read_table(&path) {
+                            Ok(t) => load_directory(&path, &t, &mut set.directory, &mut errors),
+                            Err(e) => errors.push(at_key(name, text, "customers_csv", e, &path)),
+                        }
+                    }
+                    if let Some(csv) = &file.rates_csv {
+                        let path = relative_to(name, &csv.0);
+                        match read_table(&path) {
+                            Ok(t) => load_rates(&path, &t, &mut set.rates, &mut errors),
+                            Err(e) => errors.push(at_key(name, text, "rates_csv", e, &path)),
+                        }
                     }
                     // Same-named rules in one file: the nth rule is the nth `name:` line.
                     let mut seen_in_file: Vec<String> = Vec::new();
@@ -123,6 +167,7 @@ impl MappingSet {
             }
         }
         check_rules(&set, &mut errors);
+        super::check::check_set(&mut set, &mut errors);
         if errors.is_empty() {
             Ok(set)
         } else {
@@ -132,6 +177,7 @@ impl MappingSet {
 
     /// Reads and validates mapping files. A directory stands for every `*.yaml` / `*.yml` file
     /// directly inside it, sorted by name. Load order (and so rule order) is the order given.
+    /// CSV tables named by the files are read relative to each file.
     pub fn load(paths: &[PathBuf]) -> Result<MappingSet, MappingErrors> {
         let mut errors = Vec::new();
         let mut sources = Vec::new();
@@ -161,7 +207,7 @@ impl MappingSet {
                 message: "no mapping files given".into(),
             });
         }
-        match MappingSet::from_sources(&sources) {
+        match MappingSet::build(&sources, true) {
             Ok(set) if errors.is_empty() => Ok(set),
             Ok(_) => Err(MappingErrors { errors }),
             Err(more) => {
@@ -175,7 +221,7 @@ impl MappingSet {
     pub fn summary(&self) -> MappingSummary {
         MappingSummary {
             files: self.files.len(),
-            customers: self.customers.len(),
+            customers: self.customers.len() + self.directory.rows.len(),
             rules: self.rules.len(),
             ignore_rules: self.rules.iter().filter(|r| r.rule.ignore).count(),
             rule_lines: self
@@ -244,7 +290,7 @@ fn yaml_error(file: &str, e: &serde_yaml_ng::Error) -> MappingError {
 
 /// Finds the `nth` (0-based) `name: <name>` line in `text`; returns its 1-based line and the
 /// column of the `name` key. Falls back to the first line mentioning the name, then to 1:1.
-fn locate_rule(text: &str, name: &str, nth: usize) -> (usize, usize) {
+pub(crate) fn locate_rule(text: &str, name: &str, nth: usize) -> (usize, usize) {
     let mut count = 0;
     for (i, line) in text.lines().enumerate() {
         let mut rest = line.trim_start();
@@ -314,16 +360,7 @@ fn check_rules(set: &MappingSet, errors: &mut Vec<MappingError>) {
     }
 }
 
-/// Whether `wider` matches every record `narrow` matches (so a later `narrow` is dead).
-/// Conservative: only reports certain cases.
-fn shadows(
-    wider: &[(super::schema::FieldName, Condition)],
-    narrow: &[(super::schema::FieldName, Condition)],
-) -> bool {
-    wider
-        .iter()
-        .all(|(f, cw)| narrow.iter().any(|(g, cn)| f == g && cn.is_within(cw)))
-}
+use super::check::shadows;
 
 fn check_one_rule(rule: &Rule) -> Vec<String> {
     let mut out = Vec::new();
@@ -429,20 +466,421 @@ pub(crate) fn describe(rule: &Rule) -> String {
                 Conversion::Unit(u) => format!("consumed_quantity converted to {u}"),
                 Conversion::Factor(f) => format!("consumed_quantity × {f}"),
             },
-            super::effective_round(rule),
+            super::effective_round(rule, None),
         ),
-        Some(ValueSpec::Cost(c)) => (
-            match &c.markup_percent {
-                Some(p) => format!("billed_cost + {}% markup", p.0),
-                None => "billed_cost".to_string(),
-            },
-            super::effective_round(rule),
-        ),
-        None => ("?".to_string(), super::effective_round(rule)),
+        Some(ValueSpec::Cost(c)) => {
+            let mut what = "billed_cost".to_string();
+            if let Some(cur) = &c.currency {
+                what.push_str(&format!(" in {}", cur.0));
+            }
+            what.push_str(&describe_pricing(&c.pricing()));
+            let currency = c.currency.as_ref().map(|c| c.0.as_str());
+            let round = super::effective_round(rule, currency);
+            if currency.is_none() && rule.round.is_none_or(|r| r.scale.is_none()) {
+                return format!(
+                    "{metric}.{property} = {what}, rounded to 2 places {} (default: the \
+                     record currency's minor unit; 0 places for JPY)",
+                    round.1.name()
+                );
+            }
+            (what, round)
+        }
+        None => ("?".to_string(), super::effective_round(rule, None)),
     };
     format!(
         "{metric}.{property} = {what}, rounded to {} places {}",
-        round.scale.0,
-        round.mode.name()
+        round.0,
+        round.1.name()
     )
+}
+
+/// ` + 20% markup + 1.00 fixed …`: the pricing steps in the order they apply.
+pub(crate) fn describe_pricing(p: &super::schema::Pricing) -> String {
+    let mut out = String::new();
+    if let Some(t) = &p.tiers {
+        let parts: Vec<String> =
+            t.0.iter()
+                .map(|t| match t.up_to {
+                    Some(b) => format!("{}% up to {}", t.markup_percent.0, b.0),
+                    None => format!("{}% above", t.markup_percent.0),
+                })
+                .collect();
+        out.push_str(&format!(" + tiered markup ({})", parts.join(", ")));
+    }
+    if let Some(m) = p.markup_percent {
+        out.push_str(&format!(" + {}% markup", m.0));
+    }
+    if let Some(c) = p.commission_percent {
+        out.push_str(&format!(" ÷ (1 − {}% commission)", c.0));
+    }
+    if let Some(f) = p.markup_fixed {
+        out.push_str(&format!(" + {} fixed", f.0));
+    }
+    if let Some(m) = p.minimum {
+        out.push_str(&format!(", at least {}", m.0));
+    }
+    out
+}
+
+fn is_csv(name: &str) -> bool {
+    name.to_ascii_lowercase().ends_with(".csv")
+}
+
+/// A path with `\` as `/`, `./` segments dropped and `a/../` folded, for comparing names.
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split(['/', '\\']) {
+        match part {
+            "" | "." => {}
+            ".." if parts.last().is_some_and(|p| *p != "..") => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let joined = parts.join("/");
+    if path.starts_with('/') {
+        format!("/{joined}")
+    } else {
+        joined
+    }
+}
+
+/// `relative` resolved against the directory of the mapping file `file`.
+fn relative_to(file: &str, relative: &str) -> String {
+    if Path::new(relative).is_absolute() {
+        return relative.to_string();
+    }
+    match Path::new(file).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(relative).display().to_string(),
+        _ => relative.to_string(),
+    }
+}
+
+/// An error about a top-level key of a file (`customers_csv: …`), at that key's line.
+fn at_key(file: &str, text: &str, key: &str, problem: String, path: &str) -> MappingError {
+    let line = text
+        .lines()
+        .position(|l| l.starts_with(&format!("{key}:")))
+        .map_or(1, |i| i + 1);
+    MappingError {
+        file: file.to_string(),
+        line,
+        column: 1,
+        message: format!("`{key}`: {path}: {problem}; the path is relative to this file"),
+    }
+}
+
+/// The (line, column) of each item of the top-level block list `key:` (`- ` items at the
+/// block's first item indentation). Used to give customer entries a position.
+pub(crate) fn locate_list_items(text: &str, key: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    let mut indent: Option<usize> = None;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let col = line.len() - trimmed.len();
+        if col == 0 && !trimmed.starts_with('-') {
+            inside = trimmed.starts_with(&format!("{key}:"));
+            continue;
+        }
+        if inside && (trimmed.starts_with("- ") || trimmed == "-") {
+            let item_indent = *indent.get_or_insert(col);
+            if col == item_indent {
+                out.push((i + 1, col + 1));
+            }
+        }
+    }
+    out
+}
+
+/// Caps the number of errors one table contributes, so 50,000 bad rows do not flood the
+/// terminal; the last message says how many were left out.
+const MAX_TABLE_ERRORS: usize = 50;
+
+struct TableErrors<'a> {
+    file: &'a str,
+    errors: &'a mut Vec<MappingError>,
+    count: usize,
+}
+
+impl TableErrors<'_> {
+    fn push(&mut self, line: usize, column: usize, message: String) {
+        self.count += 1;
+        if self.count <= MAX_TABLE_ERRORS {
+            self.errors.push(MappingError {
+                file: self.file.to_string(),
+                line,
+                column,
+                message,
+            });
+        }
+    }
+
+    fn finish(self) {
+        if self.count > MAX_TABLE_ERRORS {
+            self.errors.push(MappingError {
+                file: self.file.to_string(),
+                line: 0,
+                column: 0,
+                message: format!(
+                    "… and {} more problems in this table",
+                    self.count - MAX_TABLE_ERRORS
+                ),
+            });
+        }
+    }
+}
+
+/// Checks the header: required columns present, no unknown or repeated column.
+fn check_header(
+    table: &super::csv::Table,
+    required: &[&str],
+    optional: &[&str],
+    errs: &mut TableErrors<'_>,
+) -> bool {
+    let mut ok = true;
+    for (i, h) in table.header.iter().enumerate() {
+        let known = required.contains(&h.as_str()) || optional.contains(&h.as_str());
+        if !known || table.header[..i].contains(h) {
+            ok = false;
+            errs.push(
+                table.header_line,
+                1,
+                format!(
+                    "{} column `{h}` in the header; expected {}{}",
+                    if known { "repeated" } else { "unknown" },
+                    required.join(","),
+                    if optional.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and optionally {}", optional.join(","))
+                    }
+                ),
+            );
+        }
+    }
+    for r in required {
+        if !table.header.iter().any(|h| h == r) {
+            ok = false;
+            errs.push(
+                table.header_line,
+                1,
+                format!(
+                    "the header lacks the column `{r}`; expected {}",
+                    required.join(",")
+                ),
+            );
+        }
+    }
+    ok
+}
+
+/// Loads an account directory (`customers_csv`) into `dir`, checking every row.
+fn load_directory(
+    file: &str,
+    text: &str,
+    dir: &mut super::Directory,
+    errors: &mut Vec<MappingError>,
+) {
+    let mut errs = TableErrors {
+        file,
+        errors,
+        count: 0,
+    };
+    let table = match super::csv::parse(text) {
+        Ok(t) => t,
+        Err(p) => {
+            errs.push(p.line, p.column, p.message);
+            errs.finish();
+            return;
+        }
+    };
+    if !check_header(
+        &table,
+        &["provider", "sub_account_id", "external_subscription_id"],
+        &["external_customer_id", "priority"],
+        &mut errs,
+    ) {
+        errs.finish();
+        return;
+    }
+    dir.rows.reserve(table.rows.len());
+    dir.index.reserve(table.rows.len());
+    for row in &table.rows {
+        let mut get = |name: &str, required: bool| -> Option<String> {
+            let (col, v) = table.cell(row, name)?;
+            if v.is_empty() {
+                if required {
+                    errs.push(
+                        row.line,
+                        col,
+                        format!("`{name}` is empty; every row needs provider, sub_account_id and external_subscription_id"),
+                    );
+                }
+                return None;
+            }
+            Some(v.to_string())
+        };
+        let provider = get("provider", true);
+        let account = get("sub_account_id", true);
+        let subscription = get("external_subscription_id", true);
+        let customer = get("external_customer_id", false);
+        let priority = match table.cell(row, "priority") {
+            Some((_, "")) | None => Some(0),
+            Some((col, v)) => match v.parse::<i64>() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    errs.push(
+                        row.line,
+                        col,
+                        format!("invalid priority `{v}`, expected a whole number"),
+                    );
+                    None
+                }
+            },
+        };
+        let (Some(provider), Some(account), Some(subscription), Some(priority)) =
+            (provider, account, subscription, priority)
+        else {
+            continue;
+        };
+        let key = (provider, account);
+        if let Some(&first) = dir.index.get(&key) {
+            let f = &dir.rows[first];
+            errs.push(
+                row.line,
+                1,
+                format!(
+                    "duplicate account provider={} sub_account_id={} (first at {}:{}); \
+                     an account belongs to one subscription—remove one of the rows",
+                    key.0, key.1, f.file, f.line
+                ),
+            );
+            continue;
+        }
+        dir.index.insert(key.clone(), dir.rows.len());
+        dir.rows.push(DirectoryRow {
+            file: file.to_string(),
+            line: row.line,
+            provider: key.0,
+            sub_account_id: key.1,
+            subscription,
+            customer,
+            priority,
+        });
+    }
+    errs.finish();
+}
+
+/// Parses `2026-01-01` (midnight UTC) or an RFC 3339 time.
+fn parse_effective(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(d) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return d.and_hms_opt(0, 0, 0).map(|t| t.and_utc());
+    }
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Loads an exchange-rate table (`rates_csv`) into `rates`, checking every row.
+fn load_rates(file: &str, text: &str, rates: &mut Rates, errors: &mut Vec<MappingError>) {
+    let mut errs = TableErrors {
+        file,
+        errors,
+        count: 0,
+    };
+    let table = match super::csv::parse(text) {
+        Ok(t) => t,
+        Err(p) => {
+            errs.push(p.line, p.column, p.message);
+            errs.finish();
+            return;
+        }
+    };
+    if !check_header(
+        &table,
+        &["from", "to", "rate", "effective_from"],
+        &[],
+        &mut errs,
+    ) {
+        errs.finish();
+        return;
+    }
+    let mut seen: HashMap<(String, String, DateTime<Utc>), usize> = HashMap::new();
+    for row in &table.rows {
+        let mut ok = true;
+        let mut currency = |name: &str| -> Option<String> {
+            let (col, v) = table.cell(row, name)?;
+            match Currency::parse(v) {
+                Ok(c) => Some(c.0),
+                Err(e) => {
+                    errs.push(row.line, col, format!("`{name}`: {e}"));
+                    None
+                }
+            }
+        };
+        let from = currency("from");
+        let to = currency("to");
+        let rate = match table.cell(row, "rate") {
+            Some((col, v)) => match v.parse::<Decimal>() {
+                Ok(r) if r > Decimal::ZERO => Some(r),
+                _ => {
+                    errs.push(
+                        row.line,
+                        col,
+                        format!("invalid rate `{v}`, expected a decimal number > 0 (1 `from` = rate `to`)"),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let when = match table.cell(row, "effective_from") {
+            Some((col, v)) => match parse_effective(v) {
+                Some(t) => Some(t),
+                None => {
+                    errs.push(
+                        row.line,
+                        col,
+                        format!("invalid effective_from `{v}`, expected a date such as 2026-01-01 (UTC)"),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        if let (Some(from), Some(to)) = (&from, &to) {
+            if from == to {
+                ok = false;
+                errs.push(
+                    row.line,
+                    1,
+                    format!("a rate from {from} to itself is always 1; remove the row"),
+                );
+            }
+        }
+        let (Some(from), Some(to), Some(rate), Some(when), true) = (from, to, rate, when, ok)
+        else {
+            continue;
+        };
+        if let Some(first) = seen.insert((from.clone(), to.clone(), when), row.line) {
+            errs.push(
+                row.line,
+                1,
+                format!(
+                    "duplicate rate {from}→{to} effective {} (first at line {first})",
+                    when.date_naive()
+                ),
+            );
+            continue;
+        }
+        let list = rates.by_pair.entry((from, to)).or_default();
+        list.push((when, rate));
+        list.sort_by_key(|(d, _)| *d);
+    }
+    errs.finish();
 }

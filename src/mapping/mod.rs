@@ -55,9 +55,29 @@
 //! an earlier rule matches everything it does (e.g. after a `match: {}` catch-all) is a load
 //! error.
 //!
-//! **Customer.** A rule's `target` wins; otherwise the first customer entry (file order, files in
-//! load order) whose `match` holds. No customer → unmapped (`no customer matches
-//! sub_account_id=7`).
+//! **Customer.** A rule's `target` wins; otherwise, among the customer entries whose `match`
+//! holds and the account-directory row of the record's (`provider`, `sub_account_id`), the one
+//! with the highest `priority` (default 0); ties go to the first in file order (files in load
+//! order), inline entries before directory rows. Entries that can match one record, bill
+//! different subscriptions and share a priority are a load error, so the tie-break only ever
+//! decides between entries billing the same subscription. No customer → unmapped (`no customer
+//! matches sub_account_id=7`).
+//!
+//! **Account directory.** `customers_csv: accounts.csv` (relative to the YAML file), header
+//! `provider,sub_account_id,external_subscription_id,external_customer_id[,priority]`; blank
+//! lines and `#` lines are skipped. Each row is an exact-match entry, looked up through a hash
+//! map. Duplicate accounts, empty ids, unknown columns: load errors with `file:line:column`.
+//!
+//! **Pricing** (cost values only, **per record**). `cost:` takes `currency` (convert with the
+//! `rates_csv` table: `from,to,rate,effective_from`, the latest rate effective at
+//! `charge_period_start`), then `tiers` (each tier's `markup_percent` applies to the part of the
+//! record's value inside the tier; credits are marked up by the same amount with their sign) or
+//! `markup_percent`, then `commission_percent` (a share of the selling price: value ÷ (1 − p/100),
+//! p < 100), then `markup_fixed` (added per record). A customer entry's `pricing:` applies the
+//! same steps after the rule's. `minimum` (rule or customer; the larger wins) raises a
+//! non-negative value to the minimum charge per record. Amounts are in the invoice currency.
+//! "Per period" minimums or tiers over a month's total need aggregation that the sync does not
+//! have; configure them on the Lago plan (minimum commitment, graduated charges).
 //!
 //! **Values.** `quantity` takes the record's `consumed_quantity`; `unit:` converts from the
 //! record's `consumed_unit` (time: seconds, minutes, hours, days; data: bytes, kbytes/kb,
@@ -69,8 +89,10 @@
 //! `1 + markup_percent/100`. Arithmetic is exact `Decimal`; conversion multiplies before it
 //! divides.
 //!
-//! **Rounding.** Applied once, to the final value. Default when `round` is omitted: scale **6**
-//! for `quantity`, **2** for `cost`, mode **half_up** (midpoint away from zero). `round.mode` may
+//! **Rounding.** Applied once, to the final value. Default when `round` (or its `scale`) is
+//! omitted: scale **6** for `quantity`; for `cost` the minor unit of the invoice currency (`cost.
+//! currency`, else the record's `billing_currency`: JPY 0, GBP/EUR/USD 2, KWD 3; 2 when unknown);
+//! mode **half_up** (midpoint away from zero). `round.mode` may
 //! be `half_up`, `half_even`, `down` (toward zero), `up` (away from zero), `floor`, `ceiling`;
 //! `scale` is 0 to 12. `billsync mappings validate` prints each rule's effective rounding
 //! ([`MappingSet::summary`]).
@@ -80,17 +102,29 @@
 //! `charge_period_start`; [`MapOutcome::Ignored`]; or [`MapOutcome::Unmapped`] with a reason
 //! listing the record's key fields and those the rules look at. A `{field}` placeholder whose
 //! field is absent on a record also makes it unmapped (an empty property could mis-group usage).
+//!
+//! **Checks.** Errors vs warnings are explained in `check.rs`: unreachable rules (an earlier
+//! rule's conditions each contain this rule's: exact ⊂ one_of, exact/one_of ⊂ glob, `x*` ⊃
+//! `xy*`) and ambiguous customers are errors; partly overlapping billing rules are warnings.
+//! [`MappingSet::explain`] shows the same evaluation step by step; `cases` runs the test cases
+//! next to the mappings; `remote` compares with the invoicing system's catalogue.
 
 mod apply;
+pub mod cases;
+mod check;
+mod csv;
 mod examples;
 mod load;
+pub mod remote;
 pub mod schema;
 pub mod units;
 
+pub use apply::{ConditionFailure, CustomerCheck, Explanation, PricingStep, RuleCheck};
 pub use examples::EXAMPLE_MAPPINGS;
 pub use load::{MappingError, MappingErrors, MappingSummary};
+pub use schema::json_schema_text;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -137,15 +171,66 @@ pub enum MapOutcome {
 pub struct MappingSet {
     files: Vec<String>,
     customers: Vec<LoadedCustomer>,
+    directory: Directory,
+    rates: Rates,
     rules: Vec<LoadedRule>,
+    warnings: Vec<MappingError>,
 }
 
-/// A customer-table entry with the file it came from.
+/// A customer-table entry with the file and position it came from.
 #[derive(Debug, Clone)]
 struct LoadedCustomer {
-    #[allow(dead_code)]
     file: String,
+    line: usize,
+    column: usize,
     entry: schema::CustomerEntry,
+}
+
+impl LoadedCustomer {
+    fn priority(&self) -> i64 {
+        self.entry.priority.map_or(0, |p| p.0)
+    }
+}
+
+/// One row of an account directory (`customers_csv`).
+#[derive(Debug, Clone)]
+struct DirectoryRow {
+    file: String,
+    line: usize,
+    provider: String,
+    sub_account_id: String,
+    subscription: String,
+    customer: Option<String>,
+    priority: i64,
+}
+
+/// The account directories of all files: rows plus a hash index on
+/// (`provider`, `sub_account_id`), so a lookup costs the same for 10 rows or 100,000.
+#[derive(Debug, Clone, Default)]
+struct Directory {
+    rows: Vec<DirectoryRow>,
+    index: HashMap<(String, String), usize>,
+}
+
+/// Rates of one currency pair: (effective_from, rate), sorted by date.
+type DatedRates = Vec<(DateTime<Utc>, Decimal)>;
+
+/// Effective-dated exchange rates: (from, to) → rates sorted by date.
+#[derive(Debug, Clone, Default)]
+struct Rates {
+    by_pair: HashMap<(String, String), DatedRates>,
+}
+
+impl Rates {
+    /// The rate in effect at `at`: the latest row with `effective_from <= at`.
+    fn lookup(&self, from: &str, to: &str, at: DateTime<Utc>) -> Option<(DateTime<Utc>, Decimal)> {
+        self.by_pair
+            .get(&(from.to_string(), to.to_string()))?
+            .iter()
+            .rev()
+            .find(|(d, _)| *d <= at)
+            .copied()
+    }
 }
 
 /// A rule with its id (`file#name`) and position, for messages.
@@ -164,6 +249,17 @@ impl MappingSet {
         &self.files
     }
 
+    /// Problems that do not stop loading (e.g. partially overlapping rules with different
+    /// outcomes), as `file:line:column: message`.
+    pub fn warnings(&self) -> &[MappingError] {
+        &self.warnings
+    }
+
+    /// Number of account-directory rows (`customers_csv`) loaded.
+    pub fn directory_len(&self) -> usize {
+        self.directory.rows.len()
+    }
+
     /// The rule ids (`file#name`), in evaluation order.
     pub fn rule_ids(&self) -> Vec<&str> {
         self.rules.iter().map(|r| r.id.as_str()).collect()
@@ -179,14 +275,18 @@ impl MappingSet {
     }
 }
 
-/// The rounding a rule uses: its `round`, or the documented default for its value kind
-/// (quantity: scale 6, cost: scale 2; mode half_up).
-fn effective_round(rule: &schema::Rule) -> schema::Round {
-    rule.round.unwrap_or(schema::Round {
-        scale: schema::Scale(match rule.value {
-            Some(schema::ValueSpec::Cost(_)) => 2,
-            _ => 6,
-        }),
-        mode: schema::RoundMode::HalfUp,
-    })
+/// The rounding a rule uses: its `round`, completed by the documented defaults: scale 6 for
+/// `quantity`, the minor unit of `currency` for `cost` (2 when the currency is unknown), mode
+/// half_up. Returns (scale, mode).
+fn effective_round(rule: &schema::Rule, currency: Option<&str>) -> (u32, schema::RoundMode) {
+    let default_scale = match rule.value {
+        Some(schema::ValueSpec::Cost(_)) => currency
+            .and_then(schema::Currency::minor_units)
+            .unwrap_or(2),
+        _ => 6,
+    };
+    match rule.round {
+        Some(r) => (r.scale.map_or(default_scale, |s| s.0), r.mode),
+        None => (default_scale, schema::RoundMode::HalfUp),
+    }
 }

@@ -14,7 +14,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use std::borrow::Cow;
+
 use rust_decimal::{Decimal, RoundingStrategy};
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
@@ -49,12 +52,22 @@ where
 }
 
 /// One mapping file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MappingFile {
     /// Format version; must be `1`.
     pub version: Version,
-    /// Who pays: the customer table, first match wins.
+    /// Account directory: a CSV file (path relative to this file) with the header
+    /// `provider,sub_account_id,external_subscription_id,external_customer_id[,priority]`; each
+    /// row is a customer entry matching `provider` and `sub_account_id` exactly.
+    #[serde(default)]
+    pub customers_csv: Option<CsvPath>,
+    /// Exchange rates: a CSV file (path relative to this file) with the header
+    /// `from,to,rate,effective_from`; used by `cost: { currency: ... }`.
+    #[serde(default)]
+    pub rates_csv: Option<CsvPath>,
+    /// Who pays: the customer table. The matching entry with the highest `priority` wins;
+    /// ties go to the first in file order.
     #[serde(default)]
     pub customers: Vec<CustomerEntry>,
     /// What is billed: product rules, first match wins.
@@ -78,7 +91,7 @@ impl<'de> Deserialize<'de> for Version {
 }
 
 /// An entry of the customer table: records matching `match` belong to this subscription.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CustomerEntry {
     /// Conditions on the record, all of which must hold (`{}` matches every record).
@@ -89,12 +102,19 @@ pub struct CustomerEntry {
     /// Lago `external_customer_id`, for reports.
     #[serde(default)]
     pub external_customer_id: Option<NonEmpty>,
+    /// Tie-break between overlapping entries: the highest priority wins (default 0). Entries
+    /// that can match the same record and bill different subscriptions must differ in priority.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// Customer pricing, applied to `cost` values after the rule's own pricing.
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
 }
 
 /// A product rule: which records it covers and what they become.
 ///
 /// Either `ignore: true` (the record is deliberately not billed) or `metric` + `value`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Unique name across all loaded files (`[A-Za-z0-9_.-]+`); events record it as `file#name`.
@@ -120,7 +140,8 @@ pub struct Rule {
     /// How the value is computed from the record.
     #[serde(default)]
     pub value: Option<ValueSpec>,
-    /// Rounding of the value; default scale 6 for `quantity`, 2 for `cost`, mode `half_up`.
+    /// Rounding of the final value (applied once, last); default: scale 6 for `quantity`, the
+    /// currency's minor unit for `cost` (JPY 0, GBP/EUR/USD 2, ...), mode `half_up`.
     #[serde(default)]
     pub round: Option<Round>,
     /// Extra event properties; `{field}` copies a record field (`{resource_id}`,
@@ -130,7 +151,7 @@ pub struct Rule {
 }
 
 /// An explicit billing target that overrides the customer table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
     /// Lago `external_subscription_id`.
@@ -154,8 +175,10 @@ pub enum ValueSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawValueSpec {
+    /// The record's `consumed_quantity`, converted.
     #[serde(default)]
     quantity: Option<QuantitySpec>,
+    /// The record's `billed_cost`, converted and priced.
     #[serde(default)]
     cost: Option<CostSpec>,
 }
@@ -192,11 +215,13 @@ pub enum Conversion {
 }
 
 /// The written form of [`QuantitySpec`].
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawQuantitySpec {
+    /// Convert from the record's `consumed_unit` to this unit.
     #[serde(default)]
     unit: Option<UnitName>,
+    /// Multiply by this decimal (> 0).
     #[serde(default)]
     factor: Option<Factor>,
 }
@@ -216,28 +241,162 @@ impl TryFrom<RawQuantitySpec> for QuantitySpec {
     }
 }
 
-/// A cost value: `billed_cost × (1 + markup_percent / 100)`.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// A cost value: the record's `billed_cost`, optionally converted to another currency, then
+/// priced (markups, commission, tiers, minimum), then rounded.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CostSpec {
+    /// Invoice currency (ISO 4217). When it differs from the record's `billing_currency`, the
+    /// cost is converted with the rate in effect at `charge_period_start` (`rates_csv`).
+    #[serde(default)]
+    pub currency: Option<Currency>,
     /// Markup in percent, ≥ 0 (`20` = +20 %). Default 0.
     #[serde(default)]
     pub markup_percent: Option<Percent>,
+    /// Commission in percent of the selling price, 0 ≤ p < 100: value ÷ (1 − p/100).
+    #[serde(default)]
+    pub commission_percent: Option<CommissionPercent>,
+    /// Fixed amount added per record, in the invoice currency, ≥ 0.
+    #[serde(default)]
+    pub markup_fixed: Option<Amount>,
+    /// Tiered markup of the record's value (per record): each tier's `markup_percent` applies to
+    /// the part of the value up to its `up_to`; the last tier has no `up_to`.
+    #[serde(default)]
+    pub tiers: Option<Tiers>,
+    /// Minimum charge per record, in the invoice currency, ≥ 0.
+    #[serde(default)]
+    pub minimum: Option<Amount>,
+}
+
+impl CostSpec {
+    /// The pricing part (everything but the currency).
+    pub fn pricing(&self) -> Pricing {
+        Pricing {
+            markup_percent: self.markup_percent,
+            commission_percent: self.commission_percent,
+            markup_fixed: self.markup_fixed,
+            tiers: self.tiers.clone(),
+            minimum: self.minimum,
+        }
+    }
+}
+
+/// Pricing of a money value, applied in this order: `tiers` or `markup_percent`, then
+/// `commission_percent`, then `markup_fixed`; `minimum` applies after all pricing.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    /// Markup in percent, ≥ 0 (`20` = +20 %).
+    #[serde(default)]
+    pub markup_percent: Option<Percent>,
+    /// Commission in percent of the selling price, 0 ≤ p < 100: value ÷ (1 − p/100).
+    #[serde(default)]
+    pub commission_percent: Option<CommissionPercent>,
+    /// Fixed amount added per record, in the invoice currency, ≥ 0.
+    #[serde(default)]
+    pub markup_fixed: Option<Amount>,
+    /// Tiered markup of the record's value (per record).
+    #[serde(default)]
+    pub tiers: Option<Tiers>,
+    /// Minimum charge per record, in the invoice currency, ≥ 0.
+    #[serde(default)]
+    pub minimum: Option<Amount>,
+}
+
+impl Pricing {
+    /// Whether this pricing changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.markup_percent.is_none()
+            && self.commission_percent.is_none()
+            && self.markup_fixed.is_none()
+            && self.tiers.is_none()
+            && self.minimum.is_none()
+    }
+}
+
+/// One tier of a tiered markup.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    /// Upper bound of the tier (exclusive of the next), in the invoice currency; omit on the
+    /// last tier.
+    #[serde(default)]
+    pub up_to: Option<Amount>,
+    /// Markup in percent for the part of the value inside this tier.
+    pub markup_percent: Percent,
+}
+
+/// Tiers of a tiered markup: bounds strictly increasing, only the last one open-ended.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "Vec<Tier>")]
+pub struct Tiers(pub Vec<Tier>);
+
+impl TryFrom<Vec<Tier>> for Tiers {
+    type Error = String;
+    fn try_from(tiers: Vec<Tier>) -> Result<Self, String> {
+        if tiers.is_empty() {
+            return Err("`tiers` needs at least one tier".into());
+        }
+        let mut last = None;
+        for (i, t) in tiers.iter().enumerate() {
+            let is_last = i + 1 == tiers.len();
+            match (t.up_to, is_last) {
+                (None, false) => {
+                    return Err(format!(
+                        "tier {} has no `up_to`, but only the last tier may be open-ended",
+                        i + 1
+                    ))
+                }
+                (Some(_), true) => {
+                    return Err(
+                        "the last tier must have no `up_to` (it covers everything above)".into(),
+                    )
+                }
+                (Some(b), false) => {
+                    if last.is_some_and(|l: Decimal| b.0 <= l) || b.0 <= Decimal::ZERO {
+                        return Err(format!(
+                            "tier bounds must be positive and increasing; tier {} has up_to {}",
+                            i + 1,
+                            b.0
+                        ));
+                    }
+                    last = Some(b.0);
+                }
+                (None, true) => {}
+            }
+        }
+        Ok(Tiers(tiers))
+    }
+}
+
+impl JsonSchema for Tiers {
+    fn schema_name() -> Cow<'static, str> {
+        "Tiers".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Tiers, bounds increasing; only the last tier has no `up_to`.",
+            "type": "array",
+            "minItems": 1,
+            "items": generator.subschema_for::<Tier>(),
+        })
+    }
 }
 
 /// Rounding applied to the final value.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Round {
-    /// Decimal places, 0 to 12.
-    pub scale: Scale,
+    /// Decimal places, 0 to 12; default: 6 for `quantity`, the currency's minor unit for `cost`.
+    #[serde(default)]
+    pub scale: Option<Scale>,
     /// Rounding mode; default `half_up`.
     #[serde(default)]
     pub mode: RoundMode,
 }
 
 /// How to round. `half_up` rounds a midpoint away from zero (2.345 → 2.35, −2.345 → −2.35).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RoundMode {
     /// Nearest; a midpoint goes away from zero (commercial rounding).
@@ -527,7 +686,17 @@ impl Condition {
             Condition::Exact(x) => accepted(x),
             Condition::OneOf(xs) => xs.iter().all(|x| accepted(x)),
             Condition::Glob(p) => match wider {
-                Condition::Glob(q) => q.as_str() == p.as_str() || q.as_str() == "*",
+                // `q` = `<literal>*` covers every glob whose literal prefix starts with it.
+                Condition::Glob(q) => {
+                    let qs = q.as_str();
+                    qs == p.as_str()
+                        || qs
+                            .strip_suffix('*')
+                            .filter(|lit| !lit.contains(['*', '?', '[']))
+                            .is_some_and(|lit| {
+                                super::check::literal_prefix(p.as_str()).starts_with(lit)
+                            })
+                }
                 _ => false,
             },
         }
@@ -701,4 +870,349 @@ impl<'de> Deserialize<'de> for Template {
             Template::parse,
         )
     }
+}
+
+// --- newer scalar types ----------------------------------------------------------------------
+
+/// A path to a CSV file, relative to the mapping file that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsvPath(pub String);
+
+impl<'de> Deserialize<'de> for CsvPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        scalar(d, "a path to a .csv file", |text| {
+            let t = text.trim();
+            if t.is_empty() || !t.to_ascii_lowercase().ends_with(".csv") {
+                return Err(format!(
+                    "expected a path to a `.csv` file (relative to this file), got `{text}`"
+                ));
+            }
+            Ok(CsvPath(t.to_string()))
+        })
+    }
+}
+
+/// A customer entry's priority: a whole number, higher wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Priority(pub i64);
+
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        scalar(d, "a whole number", |text| {
+            text.trim().parse::<i64>().map(Priority).map_err(|_| {
+                format!("invalid priority `{text}`, expected a whole number such as 10")
+            })
+        })
+    }
+}
+
+/// An ISO 4217 currency code this tool knows the minor unit of.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Currency(pub String);
+
+/// Known currencies and their minor units (decimal places).
+const CURRENCIES: &[(&str, u32)] = &[
+    ("AUD", 2),
+    ("BGN", 2),
+    ("BHD", 3),
+    ("BRL", 2),
+    ("CAD", 2),
+    ("CHF", 2),
+    ("CLP", 0),
+    ("CNY", 2),
+    ("CZK", 2),
+    ("DKK", 2),
+    ("EUR", 2),
+    ("GBP", 2),
+    ("HKD", 2),
+    ("HUF", 2),
+    ("IDR", 2),
+    ("ILS", 2),
+    ("INR", 2),
+    ("ISK", 0),
+    ("JOD", 3),
+    ("JPY", 0),
+    ("KRW", 0),
+    ("KWD", 3),
+    ("MXN", 2),
+    ("MYR", 2),
+    ("NOK", 2),
+    ("NZD", 2),
+    ("OMR", 3),
+    ("PHP", 2),
+    ("PLN", 2),
+    ("RON", 2),
+    ("RSD", 2),
+    ("SAR", 2),
+    ("SEK", 2),
+    ("SGD", 2),
+    ("THB", 2),
+    ("TND", 3),
+    ("TRY", 2),
+    ("TWD", 2),
+    ("UAH", 2),
+    ("USD", 2),
+    ("VND", 0),
+    ("ZAR", 2),
+];
+
+impl Currency {
+    /// Validates a currency code (upper-case ISO 4217, from the known list).
+    pub fn parse(text: &str) -> Result<Currency, String> {
+        let t = text.trim();
+        if CURRENCIES.iter().any(|(c, _)| *c == t) {
+            return Ok(Currency(t.to_string()));
+        }
+        let upper = t.to_ascii_uppercase();
+        let hint = if CURRENCIES.iter().any(|(c, _)| *c == upper) {
+            format!("write it in upper case: `{upper}`")
+        } else {
+            format!(
+                "expected an ISO 4217 code such as EUR, GBP, USD, JPY (known: {})",
+                CURRENCIES
+                    .iter()
+                    .map(|(c, _)| *c)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        Err(format!("unknown currency `{text}`; {hint}"))
+    }
+
+    /// The number of decimal places of the currency's minor unit (JPY 0, GBP 2, KWD 3).
+    pub fn minor_units(code: &str) -> Option<u32> {
+        CURRENCIES.iter().find(|(c, _)| *c == code).map(|(_, n)| *n)
+    }
+}
+
+impl<'de> Deserialize<'de> for Currency {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        scalar(d, "an ISO 4217 currency code", Currency::parse)
+    }
+}
+
+/// A commission percentage, 0 ≤ p < 100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommissionPercent(pub Decimal);
+
+impl<'de> Deserialize<'de> for CommissionPercent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        scalar(
+            d,
+            "a percentage from 0 to below 100",
+            |text| match parse_decimal(text) {
+                Some(p) if p >= Decimal::ZERO && p < Decimal::ONE_HUNDRED => {
+                    Ok(CommissionPercent(p))
+                }
+                Some(_) => Err(format!(
+                    "commission_percent must be at least 0 and below 100, got `{text}`"
+                )),
+                None => Err(format!(
+                    "invalid commission_percent `{text}`, expected a decimal number such as 15"
+                )),
+            },
+        )
+    }
+}
+
+/// A money amount ≥ 0, in the invoice currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Amount(pub Decimal);
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        scalar(d, "an amount ≥ 0", |text| match parse_decimal(text) {
+            Some(a) if a >= Decimal::ZERO => Ok(Amount(a)),
+            Some(_) => Err(format!("amount must not be negative, got `{text}`")),
+            None => Err(format!(
+                "invalid amount `{text}`, expected a decimal number such as 1.50"
+            )),
+        })
+    }
+}
+
+// --- JSON Schema of the hand-written types ---------------------------------------------------
+//
+// These types validate inside their `Deserialize` impls, so `schemars` cannot derive their
+// schema; each states the written form here, next to the parser it describes.
+
+/// A schema for a scalar written as text or a number.
+macro_rules! scalar_schema {
+    ($t:ty, $name:literal, { $($body:tt)* }) => {
+        impl JsonSchema for $t {
+            fn schema_name() -> Cow<'static, str> {
+                $name.into()
+            }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                json_schema!({ $($body)* })
+            }
+        }
+    };
+}
+
+scalar_schema!(Version, "Version", {
+    "description": "Format version; must be 1.",
+    "enum": [1, "1"]
+});
+scalar_schema!(Scale, "Scale", {
+    "description": "Decimal places, 0 to 12.",
+    "type": "integer", "minimum": 0, "maximum": 12
+});
+scalar_schema!(NonEmpty, "NonEmpty", {
+    "description": "A non-empty string.",
+    "type": ["string", "number"], "minLength": 1
+});
+scalar_schema!(RuleName, "RuleName", {
+    "description": "Letters, digits, `_`, `-` and `.`; unique across all loaded files.",
+    "type": "string", "pattern": "^[A-Za-z0-9_.-]+$"
+});
+scalar_schema!(UnitName, "UnitName", {
+    "description": "A unit: seconds, minutes, hours, days; bytes, kb/kbytes, mb/mbytes, gb/gbytes, tb/tbytes (decimal); kib, mib, gib, tib (binary).",
+    "type": "string",
+    "enum": ["seconds", "second", "s", "minutes", "minute", "hours", "hour", "h", "days", "day",
+             "bytes", "byte", "kbytes", "kb", "mbytes", "mb", "gbytes", "gb", "tbytes", "tb",
+             "kib", "mib", "gib", "tib"]
+});
+scalar_schema!(Percent, "Percent", {
+    "description": "A percentage ≥ 0 (20 = +20 %).",
+    "type": ["number", "string"], "minimum": 0
+});
+scalar_schema!(CommissionPercent, "CommissionPercent", {
+    "description": "A commission in percent of the selling price, 0 ≤ p < 100.",
+    "type": ["number", "string"], "minimum": 0, "exclusiveMaximum": 100
+});
+scalar_schema!(Amount, "Amount", {
+    "description": "A money amount ≥ 0 in the invoice currency; quote it to keep every digit (\"0.10\").",
+    "type": ["number", "string"], "minimum": 0
+});
+scalar_schema!(Factor, "Factor", {
+    "description": "A decimal factor > 0.",
+    "type": ["number", "string"], "exclusiveMinimum": 0
+});
+scalar_schema!(Priority, "Priority", {
+    "description": "Whole number; the matching customer entry with the highest priority wins (default 0).",
+    "type": "integer"
+});
+scalar_schema!(CsvPath, "CsvPath", {
+    "description": "Path of a CSV file, relative to this mapping file.",
+    "type": "string", "pattern": "\\.[cC][sS][vV]$"
+});
+scalar_schema!(Template, "Template", {
+    "description": "Text with `{field}` placeholders (`{resource_id}`, `{attributes.x}`); `{{` and `}}` are literal braces.",
+    "type": ["string", "number", "boolean"]
+});
+
+impl JsonSchema for Currency {
+    fn schema_name() -> Cow<'static, str> {
+        "Currency".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        let codes: Vec<&str> = CURRENCIES.iter().map(|(c, _)| *c).collect();
+        json_schema!({
+            "description": "ISO 4217 currency code (upper case).",
+            "type": "string",
+            "enum": codes
+        })
+    }
+}
+
+impl JsonSchema for FieldName {
+    fn schema_name() -> Cow<'static, str> {
+        "FieldName".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A record field or `attributes.<name>`.",
+            "type": "string",
+            "pattern": field_name_pattern()
+        })
+    }
+}
+
+/// The regular expression every condition key must match.
+fn field_name_pattern() -> String {
+    format!("^({}|attributes\\..+)$", MATCHABLE_FIELDS.join("|"))
+}
+
+impl JsonSchema for Conditions {
+    fn schema_name() -> Cow<'static, str> {
+        "Conditions".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Conditions on record fields, all of which must hold; `{}` matches every record.",
+            "type": "object",
+            "propertyNames": { "pattern": field_name_pattern() },
+            "additionalProperties": generator.subschema_for::<Condition>()
+        })
+    }
+}
+
+impl JsonSchema for Condition {
+    fn schema_name() -> Cow<'static, str> {
+        "Condition".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A value (exact text match; quote decimals), `{ glob: \"pattern\" }` or `{ one_of: [a, b] }`.",
+            "anyOf": [
+                { "type": ["string", "integer", "boolean"] },
+                {
+                    "type": "object",
+                    "properties": { "glob": { "type": "string", "description": "Glob: `*`, `?`, `[abc]`." } },
+                    "required": ["glob"],
+                    "additionalProperties": false
+                },
+                {
+                    "type": "object",
+                    "properties": { "one_of": {
+                        "type": "array", "minItems": 1,
+                        "items": { "type": ["string", "integer", "boolean"] },
+                        "description": "The field equals one of these."
+                    } },
+                    "required": ["one_of"],
+                    "additionalProperties": false
+                }
+            ]
+        })
+    }
+}
+
+impl JsonSchema for ValueSpec {
+    fn schema_name() -> Cow<'static, str> {
+        "ValueSpec".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "What number the event carries: exactly one of `quantity` or `cost`.",
+            "type": "object",
+            "properties": {
+                "quantity": generator.subschema_for::<RawQuantitySpec>(),
+                "cost": generator.subschema_for::<CostSpec>()
+            },
+            "additionalProperties": false,
+            "minProperties": 1,
+            "maxProperties": 1
+        })
+    }
+}
+
+impl JsonSchema for QuantitySpec {
+    fn schema_name() -> Cow<'static, str> {
+        "QuantitySpec".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        RawQuantitySpec::json_schema(generator)
+    }
+}
+
+/// The JSON Schema of a mapping file, generated from the types that parse it, as pretty JSON
+/// with a trailing newline (what `billsync mappings schema` prints and `mappings/schema.json`
+/// holds).
+pub fn json_schema_text() -> String {
+    let schema = schemars::schema_for!(MappingFile);
+    let mut text =
+        serde_json::to_string_pretty(&schema).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    text.push('\n');
+    text
 }

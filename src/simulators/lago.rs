@@ -147,6 +147,10 @@ struct Faults {
 struct Store {
     events: Vec<StoredEvent>,
     next_id: u64,
+    /// Registered billable metrics: (code, aggregation_type, field_name).
+    metrics: Vec<(String, String, Option<String>)>,
+    /// Registered subscriptions: (external_id, external_customer_id).
+    subscriptions: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -203,6 +207,8 @@ impl LagoSim {
             .route("/api/v1/events/batch", post(post_batch))
             .route("/api/v1/events", post(post_single).get(list_events))
             .route("/api/v1/events/{transaction_id}", get(show_event))
+            .route("/api/v1/billable_metrics", get(list_metrics))
+            .route("/api/v1/subscriptions", get(list_subscriptions))
             .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -288,6 +294,24 @@ impl LagoSimHandle {
     /// Remove every pending fault, the delay and the rejections.
     pub fn clear_faults(&self) {
         *lock(&self.shared.faults) = Faults::default();
+    }
+
+    // --- catalogue (for `billsync mappings check --remote`) -----------------------------
+
+    /// Register a billable metric, listed by `GET /api/v1/billable_metrics`.
+    pub fn register_metric(&self, code: &str, aggregation_type: &str, field_name: Option<&str>) {
+        lock(&self.shared.store).metrics.push((
+            code.to_string(),
+            aggregation_type.to_string(),
+            field_name.map(str::to_string),
+        ));
+    }
+
+    /// Register a subscription, listed by `GET /api/v1/subscriptions`.
+    pub fn register_subscription(&self, external_id: &str, external_customer_id: &str) {
+        lock(&self.shared.store)
+            .subscriptions
+            .push((external_id.to_string(), external_customer_id.to_string()));
     }
 
     // --- inspection ---------------------------------------------------------------------
@@ -1000,4 +1024,99 @@ async fn show_event(
         Some(event) => (StatusCode::OK, Json(json!({ "event": event }))).into_response(),
         None => error_body(StatusCode::NOT_FOUND, json!({"code": "event_not_found"})),
     }
+}
+
+// --- catalogue listings ---------------------------------------------------------------------
+
+/// `page` / `per_page` query of the catalogue listings.
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    page: Option<String>,
+    per_page: Option<String>,
+}
+
+/// One page of `items` under `key`, with Lago's pagination `meta`.
+fn paginate(key: &str, items: Vec<Value>, q: &PageQuery) -> Response {
+    let page = q
+        .page
+        .as_deref()
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p > 0)
+        .unwrap_or(1);
+    let per_page = q
+        .per_page
+        .as_deref()
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p > 0)
+        .unwrap_or(20)
+        .min(100);
+    let total_count = items.len();
+    let total_pages = total_count.div_ceil(per_page);
+    let page_items: Vec<Value> = items
+        .into_iter()
+        .skip((page - 1).saturating_mul(per_page))
+        .take(per_page)
+        .collect();
+    let meta = json!({
+        "current_page": page,
+        "next_page": if page < total_pages { Some(page + 1) } else { None },
+        "prev_page": if page > 1 { Some(page - 1) } else { None },
+        "total_pages": total_pages,
+        "total_count": total_count,
+    });
+    (
+        StatusCode::OK,
+        Json(json!({ key: page_items, "meta": meta })),
+    )
+        .into_response()
+}
+
+async fn list_metrics(
+    State(shared): Sim,
+    headers: HeaderMap,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    record(&shared, "GET /api/v1/billable_metrics", "");
+    if let Err(r) = authorize(&shared, &headers, false) {
+        return r;
+    }
+    let items: Vec<Value> = lock(&shared.store)
+        .metrics
+        .iter()
+        .map(|(code, agg, field)| {
+            json!({
+                "lago_id": format!("bm_{code}"),
+                "name": code,
+                "code": code,
+                "aggregation_type": agg,
+                "field_name": field,
+                "recurring": false,
+            })
+        })
+        .collect();
+    paginate("billable_metrics", items, &q)
+}
+
+async fn list_subscriptions(
+    State(shared): Sim,
+    headers: HeaderMap,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    record(&shared, "GET /api/v1/subscriptions", "");
+    if let Err(r) = authorize(&shared, &headers, false) {
+        return r;
+    }
+    let items: Vec<Value> = lock(&shared.store)
+        .subscriptions
+        .iter()
+        .map(|(id, customer)| {
+            json!({
+                "lago_id": format!("sub_{id}"),
+                "external_id": id,
+                "external_customer_id": customer,
+                "status": "active",
+            })
+        })
+        .collect();
+    paginate("subscriptions", items, &q)
 }

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use crate::mapping::MappedEvent;
 
 pub mod lago;
+pub mod lago_admin;
 
 /// One frozen payload on its way out.
 #[derive(Debug, Clone)]

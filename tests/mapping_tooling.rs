@@ -1,0 +1,437 @@
+//! Mapping tooling: broken fixtures, JSON Schema, mapping test cases, explain, pricing,
+//! account directory, remote check.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use billsync::mapping::cases::{read_case_files, run_cases};
+use billsync::mapping::remote::RemoteMetric;
+use billsync::mapping::{MapOutcome, MappingSet};
+use billsync::record::UsageRecord;
+use chrono::{TimeZone, Utc};
+use rust_decimal::Decimal;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn dec(s: &str) -> Decimal {
+    s.parse().expect("test decimal")
+}
+
+fn record() -> UsageRecord {
+    UsageRecord {
+        provider: "metalsoft".into(),
+        source: "metalsoft".into(),
+        billing_account_id: "ms".into(),
+        sub_account_id: "1".into(),
+        resource_id: "77".into(),
+        resource_name: None,
+        resource_type: "drive".into(),
+        service_name: "metalsoft".into(),
+        sku_id: None,
+        charge_description: None,
+        charge_period_start: Utc.with_ymd_and_hms(2026, 2, 10, 0, 0, 0).unwrap(),
+        charge_period_end: Utc.with_ymd_and_hms(2026, 2, 11, 0, 0, 0).unwrap(),
+        consumed_quantity: dec("86400"),
+        consumed_unit: "seconds".into(),
+        billed_cost: dec("150"),
+        billing_currency: "GBP".into(),
+        scope: "1".into(),
+        natural_key: vec![],
+        is_final: true,
+        attributes: BTreeMap::new(),
+        raw: serde_json::Value::Null,
+    }
+}
+
+fn load(files: &[(&str, &str)]) -> MappingSet {
+    let sources: Vec<(String, String)> = files
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    match MappingSet::from_sources(&sources) {
+        Ok(s) => s,
+        Err(e) => panic!("should load:\n{e}"),
+    }
+}
+
+fn mapped(o: MapOutcome) -> billsync::mapping::MappedEvent {
+    match o {
+        MapOutcome::Mapped(e) => e,
+        other => panic!("expected mapped, got {other:?}"),
+    }
+}
+
+/// Every fixture in `tests/fixtures/mappings/broken/*.yaml` names its expected error on its
+/// first line: `# expect: FILE:LINE:COLUMN: message fragment`. Loading must fail with exactly
+/// that position and fragment (and must not panic).
+#[test]
+fn broken_fixtures_report_file_line_column() {
+    let dir = root().join("tests/fixtures/mappings/broken");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 30, "only {} fixtures", files.len());
+    let mut failures = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let first = text.lines().next().unwrap_or_default();
+        let expect = first
+            .strip_prefix("# expect: ")
+            .unwrap_or_else(|| panic!("{} lacks `# expect:`", f.display()));
+        let (pos, fragment) = expect.split_at(expect.find(": ").unwrap());
+        let fragment = &fragment[2..];
+        let mut parts = pos.rsplitn(3, ':');
+        let column: usize = parts.next().unwrap().parse().unwrap();
+        let line: usize = parts.next().unwrap().parse().unwrap();
+        let file = parts.next().unwrap();
+        let result = std::panic::catch_unwind(|| MappingSet::load(std::slice::from_ref(f)));
+        let errs = match result {
+            Err(_) => {
+                failures.push(format!("{}: panicked", f.display()));
+                continue;
+            }
+            Ok(Ok(_)) => {
+                failures.push(format!("{}: loaded without error", f.display()));
+                continue;
+            }
+            Ok(Err(e)) => e.errors,
+        };
+        let hit = errs.iter().any(|e| {
+            Path::new(&e.file).file_name().is_some_and(|n| n == file)
+                && e.line == line
+                && e.column == column
+                && e.message.contains(fragment)
+        });
+        if !hit {
+            failures.push(format!(
+                "{}: expected {file}:{line}:{column}: {fragment}\n   got: {}",
+                f.display(),
+                errs.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n        ")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn shipped_schema_is_the_generated_one() {
+    let shipped = std::fs::read_to_string(root().join("mappings/schema.json")).unwrap();
+    assert_eq!(
+        shipped,
+        billsync::mapping::json_schema_text(),
+        "mappings/schema.json is stale: run `billsync mappings schema > mappings/schema.json`"
+    );
+}
+
+#[test]
+fn example_files_declare_the_schema_and_satisfy_it() {
+    let schema: serde_json::Value =
+        serde_json::from_str(&billsync::mapping::json_schema_text()).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    for name in ["customers.yaml", "metalsoft.yaml"] {
+        let text = std::fs::read_to_string(root().join("mappings").join(name)).unwrap();
+        assert!(
+            text.starts_with("# yaml-language-server: $schema=./schema.json\n"),
+            "{name} lacks the schema modeline"
+        );
+        let value: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{name}: {errors:#?}");
+    }
+    // And the schema rejects what the loader rejects, for an editor's red squiggle.
+    let bad: serde_json::Value =
+        serde_yaml_ng::from_str("version: 1\nrules:\n  - name: r\n    match: {}\n    metirc: x\n")
+            .unwrap();
+    assert!(!validator.is_valid(&bad));
+}
+
+#[test]
+fn shipped_mapping_tests_pass() {
+    let set = MappingSet::load(&[root().join("mappings")]).unwrap();
+    let (files, errors) = read_case_files(&[root().join("mappings/tests")]);
+    assert!(errors.is_empty(), "{errors:?}");
+    let report = run_cases(&set, &files);
+    assert!(report.passed(), "{report}");
+    // Every rule of the examples is exercised by some case, and the held outcome too.
+    let text = report.to_string();
+    assert!(report.results.len() >= 8, "{text}");
+    let cases = files.iter().map(|(_, t)| t.as_str()).collect::<String>();
+    for id in set.rule_ids() {
+        let id_in_cases =
+            cases.contains(id) || report.results.iter().any(|r| r.outcome.contains(id));
+        assert!(id_in_cases, "no case covers {id}");
+    }
+    assert!(cases.contains("held:"));
+}
+
+#[test]
+fn a_wrong_expectation_fails_with_a_field_by_field_diff() {
+    let set = MappingSet::load(&[root().join("mappings")]).unwrap();
+    let case = "defaults: { provider: metalsoft, sub_account_id: \"1\", billing_currency: GBP }
+cases:
+  - name: wrong value
+    record: { resource_type: drive, consumed_unit: seconds, billed_cost: \"7.25925278\" }
+    expect:
+      metric: storage_cost
+      value: \"8.70\"
+      subscription: sub_globex_main
+";
+    let report = run_cases(&set, &[("wrong.yaml".into(), case.into())]);
+    assert!(!report.passed());
+    let text = report.to_string();
+    assert!(text.contains("FAIL  wrong.yaml:3:5 wrong value"), "{text}");
+    assert!(text.contains("✗ value"), "{text}");
+    assert!(text.contains("8.70") && text.contains("8.71"), "{text}");
+    assert!(text.contains("✗ subscription"), "{text}");
+    assert!(text.contains("sub_acme_main"), "{text}");
+    assert!(text.contains("  metric"), "{text}");
+    assert!(text.contains("1 case(s): 0 passed, 1 failed"), "{text}");
+}
+
+#[test]
+fn cli_mappings_test_exits_non_zero_on_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = dir.path().join("bad.yaml");
+    std::fs::write(
+        &case,
+        "cases:\n  - name: x\n    record: { provider: metalsoft, resource_type: subnet }\n    expect: { held: true }\n",
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_billsync");
+    let out = std::process::Command::new(bin)
+        .args(["mappings", "test", "--mappings"])
+        .arg(root().join("mappings"))
+        .arg("--")
+        .arg(&case)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("✗ outcome"), "{stdout}");
+    let ok = std::process::Command::new(bin)
+        .args(["mappings", "test", "--mappings"])
+        .arg(root().join("mappings"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+}
+
+const PRICED: &str = "version: 1
+rates_csv: rates.csv
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_default
+  - match: { provider: metalsoft, sub_account_id: \"1\" }
+    external_subscription_id: sub_vip
+    priority: 10
+    pricing: { markup_fixed: \"0.50\", minimum: \"5\" }
+rules:
+  - name: gpu-tiered
+    match: { resource_type: gpu }
+    metric: gpu_cost
+    value:
+      cost:
+        tiers:
+          - { up_to: 100, markup_percent: 20 }
+          - { markup_percent: 10 }
+  - name: drive-eur
+    match: { resource_type: drive }
+    metric: storage_cost
+    value: { cost: { currency: EUR, commission_percent: 20 } }
+  - name: jpy
+    match: { resource_type: bucket }
+    metric: bucket_cost
+    value: { cost: { currency: JPY } }
+";
+const RATES: &str = "from,to,rate,effective_from
+GBP,EUR,1.10,2026-01-01
+GBP,EUR,1.20,2026-02-01
+GBP,JPY,190.123,2026-01-01
+";
+
+#[test]
+fn pricing_steps_apply_in_order_and_show_in_explain() {
+    let set = load(&[("m/priced.yaml", PRICED), ("m/rates.csv", RATES)]);
+    // Tiers per record: 100 × 1.20 + 50 × 1.10 = 175; customer fixed +0.50 → 175.50.
+    let mut r = record();
+    r.resource_type = "gpu".into();
+    let ev = mapped(set.apply(&r));
+    assert_eq!(ev.external_subscription_id, "sub_vip", "priority 10 wins");
+    assert_eq!(ev.value, dec("175.50"));
+    // Currency: 150 GBP × 1.20 (February rate) = 180 EUR; ÷ 0.8 commission = 225; +0.50.
+    r.resource_type = "drive".into();
+    assert_eq!(mapped(set.apply(&r)).value, dec("225.50"));
+    // January uses the January rate: 150 × 1.10 / 0.8 + 0.5 = 206.75.
+    r.charge_period_start = Utc.with_ymd_and_hms(2026, 1, 15, 0, 0, 0).unwrap();
+    assert_eq!(mapped(set.apply(&r)).value, dec("206.75"));
+    // JPY rounds to 0 places by default; the minimum applies per record.
+    r.resource_type = "bucket".into();
+    r.billed_cost = dec("0.01");
+    let ev = mapped(set.apply(&r));
+    assert_eq!(ev.value, dec("5"), "1.90 + 0.50 JPY is below the minimum 5");
+    r.billed_cost = dec("1");
+    assert_eq!(
+        mapped(set.apply(&r)).value,
+        dec("191"),
+        "190.123 + 0.5 → 191 (scale 0)"
+    );
+    // Before any rate: held with the reason.
+    r.charge_period_start = Utc.with_ymd_and_hms(2025, 12, 31, 0, 0, 0).unwrap();
+    match set.apply(&r) {
+        MapOutcome::Unmapped { reason } => {
+            assert!(reason.contains("no exchange rate GBP→JPY"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Explain: rules tried with the first failing condition, customers, every step.
+    let mut r = record();
+    r.resource_type = "drive".into();
+    r.sub_account_id = "2".into();
+    let ex = set.explain(&r);
+    let text = ex.to_string();
+    assert!(
+        text.contains(
+            "no       priced.yaml#gpu-tiered  (resource_type: expected gpu, actual drive)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("MATCH    priced.yaml#drive-eur"), "{text}");
+    assert!(
+        text.contains("sub_account_id: expected 1, actual 2"),
+        "{text}"
+    );
+    for step in ["base", "currency", "commission", "rounding"] {
+        assert!(
+            ex.steps.iter().any(|s| s.step == step),
+            "{step} missing:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("GBP → EUR at rate 1.20 (effective 2026-02-01)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("outcome: mapped by priced.yaml#drive-eur → subscription sub_default"),
+        "{text}"
+    );
+    assert_eq!(ex.outcome, set.apply(&r));
+}
+
+#[test]
+fn account_directory_of_50000_rows_loads_fast_and_maps() {
+    let mut csv =
+        String::from("provider,sub_account_id,external_subscription_id,external_customer_id\n");
+    for i in 0..50_000 {
+        csv.push_str(&format!("metalsoft,{i},sub_{i},cust_{i}\n"));
+    }
+    let yaml = "version: 1\ncustomers_csv: accounts.csv\nrules:\n  - name: r\n    match: {}\n    metric: m\n    value: { quantity: {} }\n";
+    let sources = vec![
+        ("d/map.yaml".to_string(), yaml.to_string()),
+        ("d/accounts.csv".to_string(), csv),
+    ];
+    let started = Instant::now();
+    let set = MappingSet::from_sources(&sources).unwrap();
+    let took = started.elapsed();
+    assert!(took.as_millis() < 1000, "loading 50,000 rows took {took:?}");
+    assert_eq!(set.directory_len(), 50_000);
+    let mut r = record();
+    r.sub_account_id = "43210".into();
+    let ev = mapped(set.apply(&r));
+    assert_eq!(ev.external_subscription_id, "sub_43210");
+    assert_eq!(ev.external_customer_id.as_deref(), Some("cust_43210"));
+}
+
+#[test]
+fn overlapping_customers_with_a_priority_are_fine() {
+    let text = "version: 1
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_a
+  - match: { sub_account_id: \"1\" }
+    external_subscription_id: sub_b
+    priority: 1
+";
+    let set = load(&[("c.yaml", text)]);
+    assert!(set.warnings().is_empty());
+}
+
+#[test]
+fn partially_overlapping_rules_warn() {
+    let text = "version: 1
+rules:
+  - name: traffic
+    match: { consumed_unit: gbytes }
+    metric: net
+    value: { quantity: {} }
+  - name: lake
+    match: { resource_type: data_lake }
+    metric: lake
+    value: { quantity: {} }
+";
+    let set = load(&[("r.yaml", text)]);
+    let w: Vec<String> = set.warnings().iter().map(|w| w.to_string()).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("r.yaml:7:5: warning: rule `lake` overlaps rule `traffic`"),
+        "{w:?}"
+    );
+}
+
+#[tokio::test]
+async fn remote_check_against_the_lago_simulator() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let sim = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    sim.register_metric("instance_hours", "sum_agg", Some("hours"));
+    sim.register_metric("storage_cost", "sum_agg", Some("value"));
+    sim.register_metric("network_gb", "count_agg", None);
+    for i in 0..150 {
+        sim.register_subscription(&format!("sub_filler_{i}"), "x");
+    }
+    sim.register_subscription("sub_acme_main", "acme");
+    let cfg = billsync::sinks::lago::LagoConfig {
+        api_url: sim.url.clone(),
+        api_key: billsync::config::Secret::new("lago-sim-key"),
+        batch_size: 100,
+        timeout: std::time::Duration::from_secs(5),
+        retry: Default::default(),
+    };
+    let admin = billsync::sinks::lago_admin::LagoAdmin::new(&cfg).unwrap();
+    let metrics: Vec<RemoteMetric> = admin.billable_metrics().await.unwrap();
+    let subs: BTreeSet<String> = admin.subscription_ids().await.unwrap();
+    assert_eq!(subs.len(), 151, "pagination followed");
+    let set = MappingSet::examples().unwrap();
+    let findings: Vec<String> = set
+        .check_remote(&metrics, &subs)
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    let all = findings.join("\n");
+    assert!(all.contains("error: metric `storage_cost` (sum_agg) aggregates the property `value`, but rule metalsoft.yaml#storage-cost sends its value as `amount`"), "{all}");
+    assert!(
+        all.contains("warning: metric `network_gb` counts events (count_agg)"),
+        "{all}"
+    );
+    assert!(
+        all.contains("error: subscription `sub_globex_main`"),
+        "{all}"
+    );
+    assert!(!all.contains("instance_hours"), "{all}");
+    assert!(!all.contains("`sub_acme_main`"), "{all}");
+    sim.shutdown().await;
+}
