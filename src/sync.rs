@@ -289,7 +289,7 @@ impl Pipeline {
                     ),
                     Some(sink) => {
                         mapped.sink = Some(sink.name().to_string());
-                        match sink.encode(&key, &event) {
+                        match sink.encode_record(&key, &event, &record) {
                             Err(e) => (Status::Unmapped, Some(e.to_string())),
                             Ok(payload) => {
                                 mapped.payload = Some(payload);
@@ -355,7 +355,7 @@ impl Pipeline {
         };
         let mut event = event.clone();
         event.value = difference;
-        match sink.encode(&key, &event) {
+        match sink.encode_record(&key, &event, &row.record) {
             Err(e) => Correction::Unresolved(e.to_string()),
             Ok(payload) => {
                 let mut mapped = row.mapped.clone();

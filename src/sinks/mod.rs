@@ -64,6 +64,16 @@ pub trait Sink: Send + Sync {
     fn max_batch(&self) -> usize;
     /// The frozen payload of one event, keyed by `key`.
     fn encode(&self, key: &str, event: &MappedEvent) -> Result<String, EncodeError>;
+    /// The frozen payload when the sink also needs the normalized record (a FOCUS export writes
+    /// provider columns); by default the mapped event is enough. The pipeline calls this one.
+    fn encode_record(
+        &self,
+        key: &str,
+        event: &MappedEvent,
+        _record: &crate::record::UsageRecord,
+    ) -> Result<String, EncodeError> {
+        self.encode(key, event)
+    }
     /// Deliver a batch (at most `max_batch`, keys unique). Returns one outcome per input, in
     /// input order, or stops the sink.
     async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped>;
