@@ -144,6 +144,38 @@ pub enum Command {
         #[arg(long, default_value = "billsync-demo")]
         dir: PathBuf,
     },
+    /// Throughput benchmark against the built-in simulators (see BENCHMARKS.md).
+    Bench {
+        /// About how many records to pull (MetalSoft users are chosen to reach it).
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        /// Ledger directory (kept; default: a temporary directory).
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        /// Limit the Lago simulator to this many requests per second (429 + Retry-After).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Also run the naive baseline (bench/naive_baseline.py) on the same simulators.
+        #[arg(long)]
+        baseline: bool,
+        /// Records the naive baseline pulls (its records/s is compared).
+        #[arg(long, default_value_t = 10_000)]
+        baseline_records: u64,
+        /// Measure a no-op sync on the existing ledger of `--ledger` (nothing new, nothing pending).
+        #[arg(long, requires = "ledger")]
+        noop: bool,
+        /// Pull, map and stage only (no push).
+        #[arg(long)]
+        stage_only: bool,
+    },
+    /// The bench's simulators (started by `billsync bench` in a child process).
+    #[command(hide = true)]
+    BenchSim {
+        #[arg(long)]
+        users: u64,
+        #[arg(long)]
+        rate: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,6 +365,27 @@ pub struct ConfigError(pub String);
 async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
     match cli.command {
         Command::Demo { dir } => crate::demo::run(&dir, ctx).await,
+        Command::Bench {
+            records,
+            ledger,
+            rate,
+            baseline,
+            baseline_records,
+            noop,
+            stage_only,
+        } => {
+            crate::bench::run(&crate::bench::BenchOptions {
+                records,
+                ledger,
+                rate,
+                baseline,
+                baseline_records,
+                noop,
+                stage_only,
+            })
+            .await
+        }
+        Command::BenchSim { users, rate } => crate::bench::serve_simulators(users, rate).await,
         Command::Mappings { command } => run_mappings(&cli.config, command).await,
         Command::Reconcile {
             period,

@@ -4,6 +4,7 @@
 //! metrics through declarative files, and pushes idempotent usage records to invoicing systems,
 //! with a SQLite ledger that makes every run resumable and every failed push replayable.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;

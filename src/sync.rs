@@ -6,7 +6,8 @@
 //! the payload frozen at staging, so a crash between a sink accepting and the ledger recording
 //! it ends in a resend of identical bytes that the sink recognises as a duplicate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,15 @@ const LOCK_REFRESH: Duration = Duration::from_secs(30);
 const REPLAY_PAGE: i64 = 500;
 /// Records a dry-run replay lists one by one (the counts cover all of them).
 const PREVIEW_LINES: usize = 200;
+/// Staging accumulates pages (each with its cursor) up to this many records per transaction:
+/// a provider window may hold a handful of records, and a commit costs an fsync.
+const STAGE_ROWS_PER_TRANSACTION: usize = 4000;
+/// Most sink batches in flight at once; the window grows by one per acknowledged batch and
+/// halves when the sink reports a 429 (AIMD), never below one.
+const MAX_BATCHES_IN_FLIGHT: usize = 8;
+/// Acknowledgements are committed together once this many records are delivered (or when
+/// nothing else is in flight): an ack may be delayed, never recorded before its delivery.
+const ACK_RECORDS_PER_COMMIT: usize = 2000;
 
 /// Everything a run needs.
 pub struct Pipeline {
@@ -48,6 +58,66 @@ pub struct Pipeline {
     pub shutdown_deadline: Duration,
     /// Where progress goes (bars on a terminal, nothing otherwise).
     pub progress: Arc<dyn Progress>,
+    /// Time spent per stage (the benchmark harness reads it); `None`: not measured.
+    pub timings: Option<Arc<Timings>>,
+}
+
+/// Busy time per stage of a run, accumulated across runs (nanoseconds).
+#[derive(Debug, Default)]
+pub struct Timings {
+    pull: AtomicU64,
+    map: AtomicU64,
+    stage: AtomicU64,
+    push: AtomicU64,
+    ack: AtomicU64,
+    push_wall: AtomicU64,
+}
+
+/// A copy of [`Timings`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TimingsSnapshot {
+    /// Waiting for the provider and parsing its pages.
+    pub pull: Duration,
+    /// Mapping records and freezing payloads.
+    pub map: Duration,
+    /// Ledger staging transactions.
+    pub stage: Duration,
+    /// Waiting for sink deliveries (with several in flight, the time the push loop waited).
+    pub push: Duration,
+    /// Ledger acknowledgement transactions.
+    pub ack: Duration,
+    /// The whole push phase, reads and acks included.
+    pub push_wall: Duration,
+}
+
+impl Timings {
+    /// The accumulated times.
+    pub fn snapshot(&self) -> TimingsSnapshot {
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        TimingsSnapshot {
+            pull: d(&self.pull),
+            map: d(&self.map),
+            stage: d(&self.stage),
+            push: d(&self.push),
+            ack: d(&self.ack),
+            push_wall: d(&self.push_wall),
+        }
+    }
+}
+
+/// Add the time since `since` to one stage's counter, when measuring.
+fn timed(timings: &Option<Arc<Timings>>, stage: fn(&Timings) -> &AtomicU64, since: Instant) {
+    if let Some(t) = timings {
+        stage(t).fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Pages pulled but not staged yet: their rows and, in page order, their cursors.
+#[derive(Default)]
+struct StageBuffer {
+    rows: Vec<StageRow>,
+    keys: HashSet<String>,
+    cursors: Vec<(String, String)>,
 }
 
 /// Progress of a run, for a person watching (the logs carry the same facts for machines).
@@ -244,6 +314,7 @@ impl Pipeline {
             shutdown: Shutdown::never(),
             shutdown_deadline: Duration::from_secs(20),
             progress: Arc::new(NoProgress),
+            timings: None,
         }
     }
 
@@ -522,12 +593,13 @@ impl Pipeline {
         info!(source = provider.name(), chunks = chunks.len(), "pulling");
         self.progress
             .source_started(provider.name(), chunks.len() as u64);
-        // A page with no records moves its cursor without a transaction of its own: the move is
-        // kept in memory and written with the next staged page or at the end. A crash only
-        // means those empty windows are asked again.
-        let mut deferred: Option<(String, String)> = None;
+        // Pages are staged several at a time: each page's records with its cursor in the same
+        // transaction (a page with no records only moves its cursor). A crash loses at most
+        // the pages of the open buffer, which are then pulled again (same keys: no-op).
+        let mut buffer = StageBuffer::default();
         let total = chunks.len();
         let mut outcome = Ok(());
+        let push_provisional = provider.push_provisional();
         for (i, chunk) in chunks.iter().enumerate() {
             if self.shutdown.is_requested() {
                 summary.interrupted = true;
@@ -535,6 +607,7 @@ impl Pipeline {
             }
             // An in-flight provider request is simply dropped on shutdown: nothing of it was
             // staged, and the cursor has not moved past it.
+            let started = Instant::now();
             let fetched = tokio::select! {
                 r = provider.fetch(chunk, now) => r,
                 _ = self.shutdown.requested() => {
@@ -542,6 +615,7 @@ impl Pipeline {
                     break;
                 }
             };
+            timed(&self.timings, |t| &t.pull, started);
             let page = match fetched {
                 Ok(p) => p,
                 Err(e) => {
@@ -555,55 +629,84 @@ impl Pipeline {
             debug!(source = provider.name(), stream = %chunk.stream, window_start = %chunk.window_start,
                 records = page.records.len(), "chunk {}/{}", i + 1, total);
 
-            if let Some((stream, _)) = &deferred {
-                if *stream != chunk.stream || !page.records.is_empty() {
-                    if let (Some(run_id), Some((stream, value))) = (run_id, deferred.take()) {
-                        self.ledger
-                            .set_cursor(run_id, provider.name(), &stream, &value, Utc::now())
-                            .await?;
-                    }
-                }
-            }
-            if page.records.is_empty() {
-                if let Some(value) = page.cursor {
-                    deferred = Some((chunk.stream.clone(), value));
-                }
-                continue;
-            }
-            let push_provisional = provider.push_provisional();
+            let started = Instant::now();
             let rows: Vec<StageRow> = page
                 .records
                 .into_iter()
                 .map(|r| self.stage_row(r, push_provisional))
                 .collect();
-            let counts = match run_id {
-                Some(run_id) => {
-                    let cursor = page
-                        .cursor
-                        .as_deref()
-                        .map(|v| (provider.name(), chunk.stream.as_str(), v));
-                    let correct = |row: &StageRow, sent: &SentState| self.correction(row, sent);
-                    self.ledger
-                        .stage(run_id, &rows, cursor, Utc::now(), &correct)
-                        .await?
+            timed(&self.timings, |t| &t.map, started);
+            let Some(run_id) = run_id else {
+                if !rows.is_empty() {
+                    let counts = self.dry_run_counts(&rows).await?;
+                    summary.add_counts(&counts);
+                    self.progress.chunk_done(rows.len() as u64);
                 }
-                None => self.dry_run_counts(&rows).await?,
+                continue;
             };
-            summary.add_counts(&counts);
-            self.progress.chunk_done(rows.len() as u64);
-            if run_id.is_some() && last_refresh.elapsed() > LOCK_REFRESH {
+            // A key already waiting in the buffer (a record repeated by the next window):
+            // stage what is buffered first, so the repeat meets it in the ledger exactly as
+            // it would page by page.
+            if rows.iter().any(|r| buffer.keys.contains(&r.key)) {
+                self.flush_stage(provider, run_id, &mut buffer, summary)
+                    .await?;
+            }
+            if !rows.is_empty() {
+                self.progress.chunk_done(rows.len() as u64);
+            }
+            buffer.keys.extend(rows.iter().map(|r| r.key.clone()));
+            buffer.rows.extend(rows);
+            if let Some(value) = page.cursor {
+                buffer.cursors.push((chunk.stream.clone(), value));
+            }
+            if buffer.rows.len() >= STAGE_ROWS_PER_TRANSACTION {
+                self.flush_stage(provider, run_id, &mut buffer, summary)
+                    .await?;
+            }
+            if last_refresh.elapsed() > LOCK_REFRESH {
                 self.ledger
                     .refresh_lock(holder, Utc::now(), self.lock_ttl)
                     .await?;
                 *last_refresh = Instant::now();
             }
         }
-        if let (Some(run_id), Some((stream, value))) = (run_id, deferred) {
-            self.ledger
-                .set_cursor(run_id, provider.name(), &stream, &value, Utc::now())
+        // Whatever ended the loop (the last page, a provider failure, a stop), what was
+        // pulled before is kept.
+        if let Some(run_id) = run_id {
+            self.flush_stage(provider, run_id, &mut buffer, summary)
                 .await?;
         }
         outcome
+    }
+
+    /// Stage the buffered pages and their cursors in one transaction.
+    async fn flush_stage(
+        &self,
+        provider: &dyn Provider,
+        run_id: i64,
+        buffer: &mut StageBuffer,
+        summary: &mut RunSummary,
+    ) -> Result<(), LedgerError> {
+        if buffer.rows.is_empty() && buffer.cursors.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let cursors: Vec<(&str, &str, &str)> = buffer
+            .cursors
+            .iter()
+            .map(|(stream, value)| (provider.name(), stream.as_str(), value.as_str()))
+            .collect();
+        let correct = |row: &StageRow, sent: &SentState| self.correction(row, sent);
+        let counts = self
+            .ledger
+            .stage_pages(run_id, &buffer.rows, &cursors, Utc::now(), &correct)
+            .await?;
+        summary.add_counts(&counts);
+        buffer.rows.clear();
+        buffer.keys.clear();
+        buffer.cursors.clear();
+        timed(&self.timings, |t| &t.stage, started);
+        Ok(())
     }
 
     async fn dry_run_counts(&self, rows: &[StageRow]) -> Result<StageCounts, LedgerError> {
@@ -629,6 +732,10 @@ impl Pipeline {
 
     /// Send every pending record of every sink, batch by batch. Each record is tried at most
     /// once per run (the walk is by id), so a sink that keeps failing cannot hold a run forever.
+    ///
+    /// Up to [`MAX_BATCHES_IN_FLIGHT`] batches are delivered at once (the window grows by one
+    /// per delivered batch and halves when the sink reports a 429); outcomes are taken in
+    /// batch order and acknowledged in order, several batches per commit.
     async fn push_all(
         &self,
         run_id: i64,
@@ -636,44 +743,85 @@ impl Pipeline {
         last_refresh: &mut Instant,
         summary: &mut RunSummary,
     ) -> Result<(), LedgerError> {
+        use futures_util::stream::{FuturesOrdered, StreamExt};
+        type Delivery<'a> = std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = (
+                            Vec<crate::sinks::Outgoing>,
+                            Result<Vec<Outcome>, crate::sinks::SinkStopped>,
+                        ),
+                    > + Send
+                    + 'a,
+            >,
+        >;
+        let push_started = Instant::now();
         for sink in &self.sinks {
             if self.shutdown.is_requested() {
                 summary.interrupted = true;
                 break;
             }
+            let sink: &dyn Sink = sink.as_ref();
             let mut after_id = 0;
             let mut batches = 0u64;
             self.progress
                 .push_started(sink.name(), self.ledger.pending_count(sink.name()).await?);
+            let mut in_flight: FuturesOrdered<Delivery<'_>> = FuturesOrdered::new();
+            let mut window = 1usize;
+            let mut throttled_seen = sink.throttled();
+            let mut exhausted = false;
+            let mut stopping = false;
+            let mut acks: Vec<(i64, Outcome)> = Vec::new();
             loop {
-                if self.shutdown.is_requested() {
-                    summary.interrupted = true;
+                while !exhausted && !stopping && in_flight.len() < window {
+                    if self.shutdown.is_requested() {
+                        summary.interrupted = true;
+                        stopping = true;
+                        break;
+                    }
+                    let batch = self
+                        .ledger
+                        .pending_batch(sink.name(), after_id, sink.max_batch())
+                        .await?;
+                    let Some(last) = batch.last() else {
+                        exhausted = true;
+                        break;
+                    };
+                    after_id = last.id;
+                    in_flight.push_back(Box::pin(async move {
+                        let result = sink.deliver(&batch).await;
+                        (batch, result)
+                    }));
+                }
+                if in_flight.is_empty() {
                     break;
                 }
-                let batch = self
-                    .ledger
-                    .pending_batch(sink.name(), after_id, sink.max_batch())
-                    .await?;
-                let Some(last) = batch.last() else { break };
-                after_id = last.id;
-                let deliver = sink.deliver(&batch);
-                tokio::pin!(deliver);
-                let delivered = tokio::select! {
-                    r = &mut deliver => r,
-                    _ = self.shutdown.requested() => {
-                        // Let the request in flight finish, within the deadline: its answer
-                        // is worth recording. Past the deadline the batch stays pending and
-                        // is resent, byte for byte, by the next run.
-                        match tokio::time::timeout(self.shutdown_deadline, &mut deliver).await {
-                            Ok(r) => r,
-                            Err(_) => {
-                                warn!(sink = sink.name(), records = batch.len(),
-                                    "shutdown deadline passed with a request in flight; its records stay pending");
-                                summary.interrupted = true;
-                                break;
-                            }
+                let waited = Instant::now();
+                let next = if stopping {
+                    // Let the requests in flight finish, within the deadline: their answers
+                    // are worth recording. Past the deadline their batches stay pending and
+                    // are resent, byte for byte, by the next run.
+                    match tokio::time::timeout(self.shutdown_deadline, in_flight.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            warn!(sink = sink.name(), batches = in_flight.len(),
+                                "shutdown deadline passed with requests in flight; their records stay pending");
+                            summary.interrupted = true;
+                            break;
                         }
                     }
+                } else {
+                    tokio::select! {
+                        next = in_flight.next() => next,
+                        _ = self.shutdown.requested() => {
+                            stopping = true;
+                            continue;
+                        }
+                    }
+                };
+                timed(&self.timings, |t| &t.push, waited);
+                let Some((batch, delivered)) = next else {
+                    break;
                 };
                 let outcomes = match delivered {
                     Ok(o) => o,
@@ -684,7 +832,13 @@ impl Pipeline {
                         break;
                     }
                 };
-                let mut acks = Vec::with_capacity(batch.len());
+                let throttled = sink.throttled();
+                if throttled > throttled_seen {
+                    window = (window / 2).max(1);
+                    throttled_seen = throttled;
+                } else {
+                    window = (window + 1).min(MAX_BATCHES_IN_FLIGHT);
+                }
                 for (out, outcome) in batch.iter().zip(outcomes) {
                     match &outcome {
                         Outcome::Delivered => summary.sent += 1,
@@ -697,9 +851,11 @@ impl Pipeline {
                     }
                     acks.push((out.id, outcome));
                 }
-                self.ledger.ack(run_id, &acks, Utc::now()).await?;
-                self.progress.batch_done(acks.len() as u64);
                 batches += 1;
+                self.progress.batch_done(batch.len() as u64);
+                if acks.len() >= ACK_RECORDS_PER_COMMIT || in_flight.is_empty() {
+                    self.ack_now(run_id, &mut acks).await?;
+                }
                 if batches % 100 == 0 {
                     info!(sink = sink.name(), batches, sent = summary.sent, "pushing");
                 }
@@ -710,8 +866,28 @@ impl Pipeline {
                     *last_refresh = Instant::now();
                 }
             }
+            // Batches still in flight (a stop) are dropped: their records stay pending.
+            drop(in_flight);
+            self.ack_now(run_id, &mut acks).await?;
             info!(sink = sink.name(), batches, "sink done");
         }
+        timed(&self.timings, |t| &t.push_wall, push_started);
+        Ok(())
+    }
+
+    /// Commit the outcomes gathered so far (in delivery order), in one transaction.
+    async fn ack_now(
+        &self,
+        run_id: i64,
+        acks: &mut Vec<(i64, Outcome)>,
+    ) -> Result<(), LedgerError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.ledger.ack(run_id, acks, Utc::now()).await?;
+        acks.clear();
+        timed(&self.timings, |t| &t.ack, started);
         Ok(())
     }
 

@@ -548,6 +548,20 @@ impl Ledger {
         now: DateTime<Utc>,
         correct: &(dyn Fn(&StageRow, &SentState) -> Correction + Sync),
     ) -> Result<StageCounts, LedgerError> {
+        let cursors: Vec<(&str, &str, &str)> = cursor.into_iter().collect();
+        self.stage_pages(run_id, rows, &cursors, now, correct).await
+    }
+
+    /// [`Ledger::stage`] for several pages at once: their records and every page's cursor
+    /// (`(source, stream, value)`, in page order) in one transaction.
+    pub async fn stage_pages(
+        &self,
+        run_id: i64,
+        rows: &[StageRow],
+        cursors: &[(&str, &str, &str)],
+        now: DateTime<Utc>,
+        correct: &(dyn Fn(&StageRow, &SentState) -> Correction + Sync),
+    ) -> Result<StageCounts, LedgerError> {
         let now_s = ts(now);
         let mut counts = StageCounts::default();
         let mut tx = self
@@ -734,7 +748,7 @@ impl Ledger {
             .map_err(sql("keeping a change of a sent record"))?;
         }
 
-        if let Some((source, stream, value)) = cursor {
+        for (source, stream, value) in cursors {
             upsert_cursor(&mut tx, run_id, source, stream, value, now).await?;
         }
         tx.commit()
@@ -1160,6 +1174,14 @@ impl Ledger {
             .await
             .map_err(sql("vacuuming"))?;
         Ok(n as u64)
+    }
+
+    /// How many records the ledger holds (benchmarks).
+    pub async fn record_count(&self) -> Result<i64, LedgerError> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM records")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql("counting records"))
     }
 
     /// How many records wait to be sent to a sink.

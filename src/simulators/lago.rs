@@ -24,10 +24,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -141,11 +141,25 @@ struct Faults {
     drop_after_store: VecDeque<DropMode>,
     /// transaction_id → (field, error).
     reject: HashMap<String, (String, String)>,
+    /// A sustained rate limit (see [`LagoSimHandle::set_rate_limit`]).
+    rate: Option<RateWindow>,
+}
+
+/// A fixed-window rate limiter: at most `limit` ingestion requests per second; the windows
+/// are whole seconds counted from the first request.
+#[derive(Debug)]
+struct RateWindow {
+    limit: u32,
+    started: Option<Instant>,
+    used: u32,
 }
 
 #[derive(Debug, Default)]
 struct Store {
     events: Vec<StoredEvent>,
+    /// (external_subscription_id, transaction_id) of every stored event: the Postgres
+    /// unique index, so a duplicate check does not scan every event.
+    keys: HashSet<(String, String)>,
     next_id: u64,
     /// Registered billable metrics: (code, aggregation_type, field_name).
     metrics: Vec<(String, String, Option<String>)>,
@@ -159,6 +173,12 @@ struct Shared {
     store: Mutex<Store>,
     faults: Mutex<Faults>,
     requests: Mutex<Vec<ReceivedRequest>>,
+    /// Ingestion requests received (refused ones included).
+    ingest_requests: AtomicUsize,
+    /// Ingestion requests answered 429 by the sustained rate limit.
+    throttled: AtomicUsize,
+    /// Keep no request bodies (benchmarks: millions of requests).
+    lean: AtomicBool,
 }
 
 /// A request the simulator received.
@@ -202,6 +222,9 @@ impl LagoSim {
             store: Mutex::new(Store::default()),
             faults: Mutex::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
+            ingest_requests: AtomicUsize::new(0),
+            throttled: AtomicUsize::new(0),
+            lean: AtomicBool::new(false),
         });
         let app = Router::new()
             .route("/api/v1/events/batch", post(post_batch))
@@ -268,6 +291,33 @@ impl LagoSimHandle {
         lock(&self.shared.faults).delay = delay;
     }
 
+    /// A sustained rate limit: at most `per_second` ingestion requests in each whole second
+    /// (fixed windows from the first request); the excess is answered 429 with
+    /// `Retry-After` and `X-RateLimit-Limit/Remaining/Reset`, as Lago Cloud does. `None` lifts it.
+    pub fn set_rate_limit(&self, per_second: Option<u32>) {
+        lock(&self.shared.faults).rate = per_second.map(|limit| RateWindow {
+            limit: limit.max(1),
+            started: None,
+            used: 0,
+        });
+    }
+
+    /// Ingestion requests answered 429 by the sustained rate limit so far.
+    pub fn throttled_count(&self) -> usize {
+        self.shared.throttled.load(Ordering::Relaxed)
+    }
+
+    /// Keep no request bodies ([`LagoSimHandle::bodies`] and [`LagoSimHandle::requests`] stay
+    /// empty; counts still work): for benchmarks with millions of requests.
+    pub fn set_lean(&self, lean: bool) {
+        self.shared.lean.store(lean, Ordering::Relaxed);
+    }
+
+    /// Number of stored events (cheaper than `events().len()`).
+    pub fn event_count(&self) -> usize {
+        lock(&self.shared.store).events.len()
+    }
+
     /// For the next `n` ingestion requests that store events: store them, then lose the answer.
     pub fn store_then_drop_next(&self, n: usize, mode: DropMode) {
         let mut f = lock(&self.shared.faults);
@@ -327,6 +377,7 @@ impl LagoSimHandle {
         let mut store = lock(&self.shared.store);
         let before = store.events.len();
         store.events.retain(|e| e.transaction_id != transaction_id);
+        store.keys.retain(|(_, t)| t != transaction_id);
         before - store.events.len()
     }
 
@@ -388,10 +439,7 @@ impl LagoSimHandle {
 
     /// Number of ingestion requests received (`POST` batch or single), including refused ones.
     pub fn request_count(&self) -> usize {
-        lock(&self.shared.requests)
-            .iter()
-            .filter(|r| r.route.starts_with("POST"))
-            .count()
+        self.shared.ingest_requests.load(Ordering::Relaxed)
     }
 
     /// The raw bodies of the ingestion requests, in arrival order.
@@ -578,6 +626,12 @@ fn authorize(shared: &Shared, headers: &HeaderMap, write: bool) -> Result<(), Re
 }
 
 fn record(shared: &Shared, route: &str, body: &str) {
+    if route.starts_with("POST") {
+        shared.ingest_requests.fetch_add(1, Ordering::Relaxed);
+    }
+    if shared.lean.load(Ordering::Relaxed) {
+        return;
+    }
     lock(&shared.requests).push(ReceivedRequest {
         route: route.to_string(),
         body: body.to_string(),
@@ -590,7 +644,31 @@ async fn injected(shared: &Shared) -> Option<Response> {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let next = lock(&shared.faults).queue.pop_front();
+    let (next, throttled) = {
+        let mut f = lock(&shared.faults);
+        let next = f.queue.pop_front();
+        let throttled = match (&next, f.rate.as_mut()) {
+            (None, Some(rate)) => rate.admit(Instant::now()),
+            _ => None,
+        };
+        (next, throttled)
+    };
+    if let Some((limit, reset)) = throttled {
+        shared.throttled.fetch_add(1, Ordering::Relaxed);
+        let mut resp = error_body(StatusCode::TOO_MANY_REQUESTS, json!({}));
+        let headers = resp.headers_mut();
+        for (name, value) in [
+            ("x-ratelimit-limit", limit.to_string()),
+            ("x-ratelimit-remaining", "0".to_string()),
+            ("x-ratelimit-reset", reset.to_string()),
+            ("retry-after", reset.to_string()),
+        ] {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+                headers.insert(name, v);
+            }
+        }
+        return Some(resp);
+    }
     match next? {
         Injected::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -614,6 +692,24 @@ async fn injected(shared: &Shared) -> Option<Response> {
             }
             Some(resp)
         }
+    }
+}
+
+impl RateWindow {
+    /// Count one request at `now`: `None` when admitted, else `(limit, seconds to the reset)`.
+    fn admit(&mut self, now: Instant) -> Option<(u32, u64)> {
+        let started = *self.started.get_or_insert(now);
+        let elapsed = now.duration_since(started).as_secs();
+        if elapsed > 0 {
+            self.started = Some(started + Duration::from_secs(elapsed));
+            self.used = 0;
+        }
+        if self.used < self.limit {
+            self.used += 1;
+            return None;
+        }
+        // Whole seconds, rounded up, as the header carries them: at least 1.
+        Some((self.limit, 1))
     }
 }
 
@@ -735,31 +831,18 @@ fn store(
     let mut store = lock(&shared.store);
     match shared.config.behaviour {
         Behaviour::Postgres => {
-            let existing: HashSet<(&str, &str)> = store
-                .events
-                .iter()
-                .map(|e| {
-                    (
-                        e.external_subscription_id.as_str(),
-                        e.transaction_id.as_str(),
-                    )
-                })
-                .collect();
             let mut seen = HashSet::new();
             let mut duplicates = Vec::new();
             for (i, e) in incoming.iter().enumerate() {
-                let key = (
-                    e.external_subscription_id.as_str(),
-                    e.transaction_id.as_str(),
-                );
-                if existing.contains(&key) || !seen.insert(key) {
+                let key = (e.external_subscription_id.clone(), e.transaction_id.clone());
+                if store.keys.contains(&key) || !seen.insert(key) {
                     duplicates.push(i);
                 }
             }
             if !duplicates.is_empty() {
                 return Err(duplicates);
             }
-            drop(existing);
+            store.keys.extend(seen);
             let stored: Vec<StoredEvent> = incoming
                 .into_iter()
                 .map(|e| new_stored(&mut store, e, now))
@@ -779,7 +862,13 @@ fn store(
                 });
                 match same {
                     Some(pos) => store.events[pos] = event.clone(),
-                    None => store.events.push(event.clone()),
+                    None => {
+                        store.keys.insert((
+                            event.external_subscription_id.clone(),
+                            event.transaction_id.clone(),
+                        ));
+                        store.events.push(event.clone())
+                    }
                 }
                 stored.push(event);
             }

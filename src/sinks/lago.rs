@@ -100,6 +100,80 @@ pub struct LagoSink {
     batch_size: usize,
     retry: RetryPolicy,
     client: reqwest::Client,
+    /// Requests answered 429 so far.
+    throttled: std::sync::atomic::AtomicU64,
+    /// Spacing of requests once Lago has rate-limited us.
+    pacer: std::sync::Mutex<Pacer>,
+}
+
+/// Spaces requests once Lago answered 429, so a rate-limited run proceeds at the limit instead
+/// of bouncing off it. Before the first 429 nothing is paced. A 429's `X-RateLimit-Limit`
+/// (requests per second) sets the pace just under the limit; without it the pace halves.
+/// Every 30 s without a 429 the pace probes 10 % higher, so a raised limit is found again.
+#[derive(Debug)]
+struct Pacer {
+    /// Time between two requests; `None`: not paced.
+    interval: Option<Duration>,
+    /// The earliest start of the next request.
+    next: Instant,
+    /// When the pace was last lowered or probed.
+    changed: Instant,
+    /// Requests started in the current second and when it began (the observed rate).
+    second: (Instant, u32),
+    observed: u32,
+}
+
+/// How long the pace holds before probing higher.
+const PACE_PROBE_AFTER: Duration = Duration::from_secs(30);
+
+impl Pacer {
+    fn new() -> Pacer {
+        let now = Instant::now();
+        Pacer {
+            interval: None,
+            next: now,
+            changed: now,
+            second: (now, 0),
+            observed: 0,
+        }
+    }
+
+    /// Reserve the next slot: how long to wait before sending.
+    fn reserve(&mut self, now: Instant) -> Duration {
+        if now.duration_since(self.second.0) >= Duration::from_secs(1) {
+            self.observed = self.second.1;
+            self.second = (now, 0);
+        }
+        self.second.1 += 1;
+        let Some(interval) = self.interval else {
+            return Duration::ZERO;
+        };
+        if now.duration_since(self.changed) >= PACE_PROBE_AFTER {
+            self.interval = Some(interval.mul_f64(0.9));
+            self.changed = now;
+        }
+        let slot = self.next.max(now);
+        self.next = slot + self.interval.unwrap_or(interval);
+        slot - now
+    }
+
+    /// A 429: slow down to the advertised limit (or half the observed rate) and wait `hint`.
+    fn throttled(&mut self, now: Instant, limit: Option<f64>, hint: Option<Duration>) {
+        let per_second = match limit.filter(|l| *l > 0.0) {
+            Some(l) => l * 0.99,
+            None => (f64::from(self.observed.max(self.second.1)) / 2.0).max(1.0),
+        };
+        let interval = Duration::from_secs_f64(1.0 / per_second);
+        self.interval = Some(match self.interval {
+            // Without a stated limit, keep halving while 429s keep coming.
+            Some(old) if limit.is_none() => (old * 2).max(interval),
+            _ => interval,
+        });
+        self.changed = now;
+        if let Some(h) = hint {
+            self.next = self.next.max(now + h);
+        }
+    }
 }
 
 impl LagoSink {
@@ -154,6 +228,8 @@ impl LagoSink {
             batch_size: config.batch_size,
             retry: config.retry,
             client,
+            throttled: std::sync::atomic::AtomicU64::new(0),
+            pacer: std::sync::Mutex::new(Pacer::new()),
         })
     }
 
@@ -239,6 +315,13 @@ impl LagoSink {
 
     /// One HTTP exchange.
     async fn attempt(&self, body: &str, count: usize) -> Result<Attempt, SinkStopped> {
+        let wait = match self.pacer.lock() {
+            Ok(mut p) => p.reserve(Instant::now()),
+            Err(_) => Duration::ZERO,
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let response = self
             .client
             .post(&self.endpoint)
@@ -259,6 +342,22 @@ impl LagoSink {
         };
         let status = response.status();
         let hint = retry_hint(response.headers());
+        if status.as_u16() == 429 {
+            self.throttled
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let limit = response
+                .headers()
+                .get("x-ratelimit-limit")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok());
+            if let Ok(mut p) = self.pacer.lock() {
+                p.throttled(
+                    Instant::now(),
+                    limit,
+                    hint.map(|h| h.min(self.retry.max_delay)),
+                );
+            }
+        }
         let location = response
             .headers()
             .get(reqwest::header::LOCATION)
@@ -638,6 +737,10 @@ impl Sink for LagoSink {
         }
         out.push_str("}}");
         Ok(out)
+    }
+
+    fn throttled(&self) -> u64 {
+        self.throttled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {

@@ -77,6 +77,11 @@ pub trait Sink: Send + Sync {
     /// Deliver a batch (at most `max_batch`, keys unique). Returns one outcome per input, in
     /// input order, or stops the sink.
     async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped>;
+    /// How many requests the sink has answered 429 (rate limited) so far. The push loop halves
+    /// the number of batches it keeps in flight when this grows. Default: never throttled.
+    fn throttled(&self) -> u64 {
+        0
+    }
     /// Read back what the sink stored for one subscription and metric in `[from, to)`, for
     /// reconciliation. `Ok(None)`: this sink cannot be read back.
     async fn read_back(

@@ -1,0 +1,536 @@
+//! `billsync bench`: the throughput harness, against the built-in simulators on loopback.
+//!
+//! The simulators run in a child process (`billsync bench-sim`, hidden) so that the peak RSS
+//! reported (`VmHWM`) is billsync's own: the Lago simulator keeps every event it stores. The
+//! child prints its URLs as one JSON line and then answers `stats` / `rate N` / `quit` lines
+//! on its standard input.
+//!
+//! Data: [`MetalsoftDataset::generated`] (instances, drives, shared drives, subnets, data lakes,
+//! network waypoints over 1–3 infrastructures per user) with `RESOURCES_PER_USER` resources per
+//! user over `WINDOWS` daily windows; the number of users is chosen from a sample so that the
+//! run pulls about `--records` records. Every user has an entry in a generated account
+//! directory, and the rules are the shipped MetalSoft example rules.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{json, Value};
+
+use crate::config::Secret;
+use crate::http::RetryPolicy;
+use crate::ledger::Ledger;
+use crate::mapping::{MappingSet, EXAMPLE_MAPPINGS};
+use crate::providers::metalsoft::{
+    parse_report, MetalsoftConfig, MetalsoftProvider, ReportContext,
+};
+use crate::simulators::lago::{LagoSim, LagoSimConfig};
+use crate::simulators::metalsoft::{MetalsoftDataset, MetalsoftSim};
+use crate::sinks::lago::{LagoConfig, LagoSink};
+use crate::sync::{Pipeline, SyncOptions, Timings};
+
+const MS_KEY: &str = "bench-metalsoft-key";
+const LAGO_KEY: &str = "bench-lago-key";
+/// Metered resources per user (plus 2–6 network waypoints).
+pub const RESOURCES_PER_USER: usize = 100;
+/// Daily windows pulled per user.
+pub const WINDOWS: i64 = 7;
+const SEED: u64 = 42;
+const SAMPLE_USERS: u64 = 20;
+
+/// Options of `billsync bench`.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub records: u64,
+    pub ledger: Option<PathBuf>,
+    pub rate: Option<u32>,
+    pub baseline: bool,
+    pub baseline_records: u64,
+    pub noop: bool,
+    pub stage_only: bool,
+}
+
+fn period_start() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0)
+        .single()
+        .expect("valid date")
+}
+
+fn period_end() -> DateTime<Utc> {
+    period_start() + chrono::Duration::days(WINDOWS)
+}
+
+/// "Now" of every bench run: every window has settled.
+fn bench_now() -> DateTime<Utc> {
+    period_end() + chrono::Duration::hours(3)
+}
+
+/// Users needed for about `records` records (measured on the first users of the dataset).
+pub fn users_for(records: u64) -> u64 {
+    let sample = MetalsoftDataset::generated(
+        SAMPLE_USERS,
+        RESOURCES_PER_USER,
+        SEED,
+        period_start(),
+        period_end(),
+    );
+    let mut total = 0u64;
+    for user_id in 1..=SAMPLE_USERS {
+        for w in 0..WINDOWS {
+            let start = period_start() + chrono::Duration::days(w);
+            let end = start + chrono::Duration::days(1);
+            let result = sample.report(user_id, start, end, None);
+            let ctx = ReportContext {
+                source: "bench".into(),
+                billing_account_id: "bench".into(),
+                user_id,
+                window_start: start,
+                window_end: end,
+                settled: true,
+            };
+            total += parse_report(&result, &ctx).map_or(0, |r| r.len() as u64);
+        }
+    }
+    let per_user = (total as f64 / SAMPLE_USERS as f64).max(1.0);
+    ((records as f64 / per_user).round() as u64).max(1)
+}
+
+/// The hidden `bench-sim` command: serve both simulators until `quit` or end of input.
+pub async fn serve_simulators(users: u64, rate: Option<u32>) -> anyhow::Result<u8> {
+    let dataset = MetalsoftDataset::generated(
+        users,
+        RESOURCES_PER_USER,
+        SEED,
+        period_start(),
+        period_end(),
+    );
+    let metalsoft = MetalsoftSim::start(dataset, MS_KEY).await?;
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: LAGO_KEY.into(),
+        ..Default::default()
+    })
+    .await?;
+    lago.set_lean(true);
+    lago.set_rate_limit(rate);
+    let hello = json!({"metalsoft": metalsoft.url, "lago": lago.url});
+    println!("{hello}");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(line) = rx.recv().await {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("stats") => {
+                let stats = json!({
+                    "events": lago.event_count(),
+                    "requests": lago.request_count(),
+                    "throttled": lago.throttled_count(),
+                    "metalsoft_requests": metalsoft.request_count(),
+                });
+                println!("{stats}");
+            }
+            Some("rate") => {
+                let r: u32 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+                lago.set_rate_limit((r > 0).then_some(r));
+                println!("{{}}");
+            }
+            Some("quit") => break,
+            _ => println!("{{\"error\":\"unknown command\"}}"),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    lago.shutdown().await;
+    metalsoft.shutdown().await;
+    Ok(0)
+}
+
+/// The simulators' child process.
+struct Simulators {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    metalsoft: String,
+    lago: String,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SimStats {
+    events: u64,
+    requests: u64,
+    throttled: u64,
+}
+
+impl Simulators {
+    fn start(users: u64, rate: Option<u32>) -> anyhow::Result<Simulators> {
+        let exe = std::env::current_exe().context("finding the billsync binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["bench-sim", "--users", &users.to_string()]);
+        if let Some(r) = rate {
+            cmd.args(["--rate", &r.to_string()]);
+        }
+        let mut child = cmd
+            .env("BILLSYNC_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the simulators")?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+        let mut stdout = BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let hello: Value =
+            serde_json::from_str(&line).with_context(|| format!("simulators said {line:?}"))?;
+        let url = |k: &str| {
+            hello[k]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("simulators did not say their {k} URL"))
+        };
+        Ok(Simulators {
+            metalsoft: url("metalsoft")?,
+            lago: url("lago")?,
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    fn ask(&mut self, command: &str) -> anyhow::Result<Value> {
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    fn stats(&mut self) -> anyhow::Result<SimStats> {
+        let v = self.ask("stats")?;
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        Ok(SimStats {
+            events: n("events"),
+            requests: n("requests"),
+            throttled: n("throttled"),
+        })
+    }
+
+    fn quit(mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bench mapping set: the shipped MetalSoft rules and one account per user.
+fn mappings(users: u64) -> anyhow::Result<MappingSet> {
+    let mut csv =
+        String::from("provider,sub_account_id,external_subscription_id,external_customer_id\n");
+    for u in 1..=users {
+        csv.push_str(&format!("metalsoft,{u},sub_bench_{u},cust_bench_{u}\n"));
+    }
+    let mut sources = vec![
+        (
+            "bench/customers.yaml".to_string(),
+            "version: 1\ncustomers_csv: accounts.csv\n".to_string(),
+        ),
+        ("bench/accounts.csv".to_string(), csv),
+    ];
+    for (name, text) in EXAMPLE_MAPPINGS {
+        if name.ends_with("metalsoft.yaml") {
+            sources.push(("bench/metalsoft.yaml".to_string(), text.to_string()));
+        }
+    }
+    Ok(MappingSet::from_sources(&sources)?)
+}
+
+fn pipeline_for(
+    sims: &Simulators,
+    ledger: Ledger,
+    users: u64,
+    look_back: chrono::Duration,
+) -> anyhow::Result<Pipeline> {
+    let mut ms = MetalsoftConfig::new(
+        sims.metalsoft.clone(),
+        Secret::new(MS_KEY),
+        (1..=users).collect(),
+        period_start(),
+    );
+    ms.window = chrono::Duration::days(1);
+    ms.look_back = Some(look_back);
+    ms.settle_delay = chrono::Duration::hours(2);
+    let sink = LagoSink::new(
+        "lago".into(),
+        LagoConfig {
+            api_url: sims.lago.clone(),
+            api_key: Secret::new(LAGO_KEY),
+            batch_size: 100,
+            timeout: Duration::from_secs(30),
+            retry: RetryPolicy {
+                max_retries: 10,
+                min_delay: Duration::from_millis(100),
+                max_delay: Duration::from_secs(10),
+            },
+        },
+    )?;
+    let mut pipeline = Pipeline::new(
+        ledger,
+        vec![Box::new(MetalsoftProvider::new(
+            "metalsoft_bench".into(),
+            ms,
+        )?)],
+        vec![Box::new(sink)],
+        mappings(users)?,
+    );
+    pipeline.timings = Some(Arc::new(Timings::default()));
+    Ok(pipeline)
+}
+
+/// Peak resident set size of this process, in kB (`VmHWM`).
+pub fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn rate(n: u64, d: Duration) -> String {
+    if d.is_zero() {
+        return "-".into();
+    }
+    format!("{:.0}", n as f64 / d.as_secs_f64())
+}
+
+/// Run the benchmark and print its figures.
+pub async fn run(opts: &BenchOptions) -> anyhow::Result<u8> {
+    let users = users_for(opts.records);
+    let tmp;
+    let dir: PathBuf = match &opts.ledger {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&dir)?;
+    let ledger_path = dir.join("ledger.db");
+    println!(
+        "billsync bench: {users} MetalSoft users × {RESOURCES_PER_USER} resources × {WINDOWS} daily windows (target {} records); ledger {}",
+        opts.records,
+        ledger_path.display()
+    );
+    let mut sims = Simulators::start(users, opts.rate)?;
+    let result = bench_with(opts, &mut sims, users, &dir, &ledger_path).await;
+    sims.quit();
+    result
+}
+
+async fn bench_with(
+    opts: &BenchOptions,
+    sims: &mut Simulators,
+    users: u64,
+    dir: &Path,
+    ledger_path: &Path,
+) -> anyhow::Result<u8> {
+    let ledger = Ledger::open(ledger_path).await?;
+    if opts.noop {
+        // A run with nothing new: every window is already pulled (no look-back), nothing is
+        // pending. What is left is the local work: lock, run row, cursors, plan, queries.
+        let pipeline = pipeline_for(sims, ledger, users, chrono::Duration::zero())?;
+        let mut times = Vec::new();
+        for _ in 0..7 {
+            let before = sims.stats()?;
+            let t = Instant::now();
+            let summary = pipeline
+                .sync(&SyncOptions {
+                    now: Some(bench_now()),
+                    ..Default::default()
+                })
+                .await?;
+            let took = t.elapsed();
+            let after = sims.stats()?;
+            times.push(took);
+            println!(
+                "no-op sync: {:.1} ms (pulled {}, sent {}, simulator requests {})",
+                took.as_secs_f64() * 1000.0,
+                summary.pulled,
+                summary.sent,
+                after.requests - before.requests
+            );
+        }
+        let rows: i64 = pipeline.ledger.record_count().await?;
+        times.sort();
+        println!(
+            "no-op sync on a ledger of {rows} records: min {:.1} ms, median {:.1} ms (7 runs)",
+            times[0].as_secs_f64() * 1000.0,
+            times[times.len() / 2].as_secs_f64() * 1000.0
+        );
+        pipeline.ledger.close().await;
+        return Ok(0);
+    }
+
+    let pipeline = pipeline_for(sims, ledger, users, chrono::Duration::days(1))?;
+    let before = sims.stats()?;
+    let t = Instant::now();
+    let summary = pipeline
+        .sync(&SyncOptions {
+            now: Some(bench_now()),
+            skip_push: opts.stage_only,
+            ..Default::default()
+        })
+        .await?;
+    let total = t.elapsed();
+    let after = sims.stats()?;
+    let timings = pipeline.timings.clone().unwrap_or_default();
+    let t = timings.snapshot();
+    let pulled = summary.pulled;
+    let sent = summary.sent + summary.already_delivered;
+    println!(
+        "records pulled {pulled}, staged new {}, sent {sent}, held {}, ignored {}, failed {}",
+        summary.new,
+        summary.held(),
+        summary
+            .staged_by_status
+            .get("ignored")
+            .copied()
+            .unwrap_or(0),
+        summary.failed
+    );
+    println!("stage      busy time   records/s");
+    println!(
+        "pull       {:>8.2}s   {:>9}",
+        t.pull.as_secs_f64(),
+        rate(pulled, t.pull)
+    );
+    println!(
+        "map        {:>8.2}s   {:>9}",
+        t.map.as_secs_f64(),
+        rate(pulled, t.map)
+    );
+    println!(
+        "stage      {:>8.2}s   {:>9}",
+        t.stage.as_secs_f64(),
+        rate(pulled, t.stage)
+    );
+    println!(
+        "push       {:>8.2}s   {:>9}",
+        t.push.as_secs_f64(),
+        rate(sent, t.push)
+    );
+    println!(
+        "ack        {:>8.2}s   {:>9}",
+        t.ack.as_secs_f64(),
+        rate(sent, t.ack)
+    );
+    println!(
+        "end to end {:>8.2}s   {:>9} records/s (pulled records over the whole run)",
+        total.as_secs_f64(),
+        rate(pulled, total)
+    );
+    let requests = after.requests - before.requests;
+    let throttled = after.throttled - before.throttled;
+    let batches = requests - throttled;
+    println!(
+        "lago: {} events stored, {requests} requests, {throttled} answered 429 ({:.2}%)",
+        after.events - before.events,
+        if requests > 0 {
+            throttled as f64 * 100.0 / requests as f64
+        } else {
+            0.0
+        }
+    );
+    if let Some(r) = opts.rate {
+        let ideal = batches as f64 / r as f64;
+        println!(
+            "rate limit {r}/s: {batches} accepted batches → ideal {ideal:.2}s; push phase took {:.2}s ({:+.1}%)",
+            t.push_wall.as_secs_f64(),
+            (t.push_wall.as_secs_f64() / ideal - 1.0) * 100.0
+        );
+    }
+    let rss = peak_rss_kb().unwrap_or(0);
+    println!("peak RSS (VmHWM) {:.1} MB", rss as f64 / 1024.0);
+    pipeline.ledger.close().await;
+
+    if opts.baseline {
+        let n = opts.baseline_records.min(opts.records);
+        let base_users = users_for(n);
+        println!("naive baseline: bench/naive_baseline.py on the first {base_users} users (about {n} records), same simulators");
+        let base_dir = dir.join("naive");
+        let _ = std::fs::remove_dir_all(&base_dir);
+        std::fs::create_dir_all(&base_dir)?;
+        let before = sims.stats()?;
+        let script = baseline_script()?;
+        let t = Instant::now();
+        let out = Command::new("python3")
+            .arg(&script)
+            .args([
+                "--metalsoft",
+                &sims.metalsoft,
+                "--metalsoft-key",
+                MS_KEY,
+                "--lago",
+                &sims.lago,
+                "--lago-key",
+                LAGO_KEY,
+                "--users",
+                &base_users.to_string(),
+                "--start",
+                &period_start().to_rfc3339(),
+                "--days",
+                &WINDOWS.to_string(),
+                "--db",
+                &base_dir.join("naive.db").to_string_lossy(),
+                "--prefix",
+                "naive",
+            ])
+            .output()
+            .context("running python3 bench/naive_baseline.py")?;
+        let took = t.elapsed();
+        let after = sims.stats()?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "the naive baseline failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let said = String::from_utf8_lossy(&out.stdout);
+        let base_pulled: u64 = said
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pulled="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let reached = after.events - before.events;
+        let base_rate = base_pulled as f64 / took.as_secs_f64();
+        let ours = pulled as f64 / total.as_secs_f64();
+        println!(
+            "naive baseline: {base_pulled} records pulled, {reached} events reached Lago in {:.2}s → {:.0} records/s",
+            took.as_secs_f64(),
+            base_rate
+        );
+        println!(
+            "ratio billsync / naive (end to end, records/s): {:.1}×",
+            ours / base_rate.max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(0)
+}
+
+/// `bench/naive_baseline.py`, embedded so the harness works from any directory.
+fn baseline_script() -> anyhow::Result<PathBuf> {
+    let path = std::env::temp_dir().join(format!("billsync-naive-{}.py", std::process::id()));
+    std::fs::write(&path, include_str!("../bench/naive_baseline.py"))?;
+    Ok(path)
+}
