@@ -814,6 +814,7 @@ impl Pipeline {
                     tokio::select! {
                         next = in_flight.next() => next,
                         _ = self.shutdown.requested() => {
+                            summary.interrupted = true;
                             stopping = true;
                             continue;
                         }
