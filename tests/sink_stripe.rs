@@ -420,3 +420,25 @@ async fn the_stream_renews_a_session_about_to_expire() {
     assert_eq!(stripe.sessions_created(), 3);
     assert_eq!(stripe.request_count(), 3);
 }
+
+#[test]
+fn the_configuration_reads_from_yaml_with_defaults() {
+    std::env::set_var("BILLSYNC_TEST_STRIPE_KEY", "sk_test_from_env");
+    let c: StripeConfig = serde_yaml_ng::from_str(
+        "api_key: env:BILLSYNC_TEST_STRIPE_KEY\nmode: v2_stream\nmax_age: 30d\n",
+    )
+    .unwrap();
+    assert_eq!(c.api_url, "https://api.stripe.com");
+    assert_eq!(c.meter_events_url, "https://meter-events.stripe.com");
+    assert_eq!(c.mode, StripeMode::V2Stream);
+    assert_eq!(c.max_age, Duration::from_secs(30 * 86_400));
+    assert_eq!(c.max_future, Duration::from_secs(300));
+    assert_eq!(c.value_property, "value");
+    assert!(serde_yaml_ng::from_str::<StripeConfig>(
+        "api_key: env:BILLSYNC_TEST_STRIPE_KEY\nbatch_size: 10\n"
+    )
+    .is_err());
+    let mut bad = config("http://127.0.0.1:1", fast_retry(0));
+    bad.api_key = Secret::new("pk_test_x");
+    assert!(StripeSink::new("s".into(), bad).is_err());
+}

@@ -805,9 +805,11 @@ impl StripeSink {
             };
             match self.retry.with_hint(delays.next(), hint) {
                 Some(wait) => tokio::time::sleep(wait).await,
-                None => return Ok(Err(format!(
+                None => {
+                    return Ok(Err(format!(
                     "creating a meter event session: {reason} (gave up after {attempt} attempts)"
-                ))),
+                )))
+                }
             }
         }
     }
