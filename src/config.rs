@@ -168,6 +168,8 @@ pub enum ProviderSettings {
 pub enum SinkSettings {
     /// Lago `POST /api/v1/events/batch`.
     Lago(crate::sinks::lago::LagoConfig),
+    /// Stripe Billing meter events (`POST /v1/billing/meter_events` or the v2 stream).
+    Stripe(crate::sinks::stripe::StripeConfig),
 }
 
 /// Errors reading the settings.

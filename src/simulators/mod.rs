@@ -8,3 +8,4 @@ pub mod lago;
 pub mod metalsoft;
 pub mod sakura;
 pub mod softlayer;
+pub mod stripe;

@@ -10,6 +10,7 @@ use crate::mapping::MappedEvent;
 
 pub mod lago;
 pub mod lago_admin;
+pub mod stripe;
 
 /// One frozen payload on its way out.
 #[derive(Debug, Clone)]
