@@ -606,7 +606,10 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             let set = MappingSet::load(&settings.mappings)?;
             let mut errors = 0;
             for (name, sink) in &settings.sinks {
-                let SinkSettings::Lago(cfg) = sink;
+                let SinkSettings::Lago(cfg) = sink else {
+                    println!("sink {name}: no remote catalogue to check (only Lago has one)");
+                    continue;
+                };
                 let admin = crate::sinks::lago_admin::LagoAdmin::new(cfg)?;
                 let metrics = admin.billable_metrics().await?;
                 let subs = admin.subscription_ids().await?;
@@ -674,6 +677,18 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
         let sink: Box<dyn Sink> = match s {
             SinkSettings::Lago(cfg) => Box::new(
                 LagoSink::new(name.clone(), cfg.clone()).map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Webhook(cfg) => Box::new(
+                crate::sinks::webhook::WebhookSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Jsonl(cfg) => Box::new(
+                crate::sinks::jsonl::JsonlSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Focus(cfg) => Box::new(
+                crate::sinks::focus::FocusSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
             ),
         };
         if *name == default {

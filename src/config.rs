@@ -168,6 +168,12 @@ pub enum ProviderSettings {
 pub enum SinkSettings {
     /// Lago `POST /api/v1/events/batch`.
     Lago(crate::sinks::lago::LagoConfig),
+    /// Signed JSON batches to an HTTP endpoint.
+    Webhook(crate::sinks::webhook::WebhookConfig),
+    /// JSON Lines files, one per batch.
+    Jsonl(crate::sinks::jsonl::JsonlConfig),
+    /// FOCUS cost-and-usage CSV files, one per batch.
+    Focus(crate::sinks::focus::FocusConfig),
 }
 
 /// Errors reading the settings.
