@@ -609,7 +609,7 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             let mut errors = 0;
             for (name, sink) in &settings.sinks {
                 let SinkSettings::Lago(cfg) = sink else {
-                    println!("sink {name}: not a Lago sink; no remote check");
+                    println!("sink {name}: no remote catalogue to check (only Lago has one)");
                     continue;
                 };
                 let admin = crate::sinks::lago_admin::LagoAdmin::new(cfg)?;
@@ -682,6 +682,18 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
             ),
             SinkSettings::Stripe(cfg) => Box::new(
                 StripeSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Webhook(cfg) => Box::new(
+                crate::sinks::webhook::WebhookSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Jsonl(cfg) => Box::new(
+                crate::sinks::jsonl::JsonlSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Focus(cfg) => Box::new(
+                crate::sinks::focus::FocusSink::new(name.clone(), cfg.clone())
                     .map_err(|e| ConfigError(e.to_string()))?,
             ),
         };
