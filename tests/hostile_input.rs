@@ -60,8 +60,8 @@ fn t(text: &str) -> DateTime<Utc> {
 /// Number texts that stress exact-decimal parsing: huge, tiny, exponents, negative zero.
 fn number() -> impl Strategy<Value = Value> {
     prop_oneof![
-        any::<i64>().prop_map(|n| Value::from(n)),
-        any::<u64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
         (any::<i64>(), 0u32..30).prop_map(|(n, s)| {
             Number::from_str(&Decimal::new(n, s.min(28)).to_string())
                 .map(Value::Number)
