@@ -36,8 +36,6 @@ use axum::{Json, Router};
 use chrono::{DateTime, Duration, NaiveDateTime, SecondsFormat, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::{json, Map, Number, Value};
-use tokio::sync::oneshot;
-use tracing::debug;
 
 /// The current MetalSoft documentation example (the JSON-RPC `result`), as the simulator's
 /// demo data and the tests' fixture. Origin and repairs: `src/simulators/data/README.md`.
@@ -828,27 +826,13 @@ impl MetalsoftSim {
         let app = Router::new()
             .route("/api/developer/developer", post(rpc))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = rx.await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::warn!(error = %e, "metalsoft simulator stopped");
-            }
-        });
-        debug!(%addr, "metalsoft simulator listening");
+        let server = super::Server::start("metalsoft", app).await?;
+        let addr = server.addr;
         Ok(MetalsoftSimHandle {
             url: format!("http://{addr}"),
             addr,
             state,
-            shutdown: Some(tx),
-            task: Some(task),
+            server,
         })
     }
 }
@@ -860,8 +844,7 @@ pub struct MetalsoftSimHandle {
     /// The bound address.
     pub addr: SocketAddr,
     state: Arc<SimState>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    server: super::Server,
 }
 
 impl std::fmt::Debug for MetalsoftSimHandle {
@@ -929,21 +912,8 @@ impl MetalsoftSimHandle {
     }
 
     /// Stop serving and wait for the server task to end.
-    pub async fn shutdown(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for MetalsoftSimHandle {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    pub async fn shutdown(self) {
+        self.server.stop().await;
     }
 }
 
