@@ -95,11 +95,12 @@ def main():
     present = sorted(
         os.path.normpath(p)
         for p in glob.glob(os.path.join(root, "mappings", "*"))
-        if p.lower().endswith((".yaml", ".yml"))
+        # mapping files and the CSV tables they refer to (account directory, rates)
+        if p.lower().endswith((".yaml", ".yml", ".csv"))
     )
     check(
         listed == present,
-        "billsync-mappings must list every mappings/*.yaml exactly (missing: %s, extra: %s)"
+        "billsync-mappings must list every mappings/*.yaml and *.csv exactly (missing: %s, extra: %s)"
         % ([os.path.relpath(p, root) for p in present if p not in listed], [os.path.relpath(p, root) for p in listed if p not in present]),
     )
     check(

@@ -18,6 +18,7 @@ use crate::providers::sakura::SakuraProvider;
 use crate::providers::softlayer::SoftlayerProvider;
 use crate::providers::Provider;
 use crate::sinks::lago::LagoSink;
+use crate::sinks::stripe::StripeSink;
 use crate::sinks::Sink;
 use crate::sync::{Pipeline, ReplayOptions, RunOutcome, RunSummary, SyncError, SyncOptions};
 
@@ -462,6 +463,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             let settings = Settings::load(&cli.config)?;
             let ledger = Ledger::open(&settings.ledger.path).await?;
             print_status(&ledger).await?;
+            print_stripe_age_warnings(&settings, &ledger).await?;
             Ok(exit::OK)
         }
         Command::Sync { provider, dry_run } => {
@@ -659,7 +661,10 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             let set = MappingSet::load(&settings.mappings)?;
             let mut errors = 0;
             for (name, sink) in &settings.sinks {
-                let SinkSettings::Lago(cfg) = sink;
+                let SinkSettings::Lago(cfg) = sink else {
+                    println!("sink {name}: no remote catalogue to check (only Lago has one)");
+                    continue;
+                };
                 let admin = crate::sinks::lago_admin::LagoAdmin::new(cfg)?;
                 let metrics = admin.billable_metrics().await?;
                 let subs = admin.subscription_ids().await?;
@@ -728,6 +733,22 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
             SinkSettings::Lago(cfg) => Box::new(
                 LagoSink::new(name.clone(), cfg.clone()).map_err(|e| ConfigError(e.to_string()))?,
             ),
+            SinkSettings::Stripe(cfg) => Box::new(
+                StripeSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Webhook(cfg) => Box::new(
+                crate::sinks::webhook::WebhookSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Jsonl(cfg) => Box::new(
+                crate::sinks::jsonl::JsonlSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Focus(cfg) => Box::new(
+                crate::sinks::focus::FocusSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
         };
         if *name == default {
             sinks.insert(0, sink);
@@ -744,6 +765,28 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
     pipeline.shutdown_deadline = settings.shutdown_deadline;
     pipeline.progress = observe::progress(ctx.json_logs);
     Ok(pipeline)
+}
+
+/// Warn about records of Stripe sinks that approach Stripe's backdating limit (35 days by
+/// default): past it they can no longer be sent at all.
+async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
+    for (name, sink) in &settings.sinks {
+        let SinkSettings::Stripe(cfg) = sink else {
+            continue;
+        };
+        let limit = chrono::Duration::from_std(cfg.max_age).unwrap_or(chrono::Duration::days(35));
+        let warn_after = limit - chrono::Duration::days(5);
+        let n = ledger.waiting_older_than(name, now - warn_after).await?;
+        if n > 0 {
+            println!(
+                "warning: {n} records for Stripe sink {name} are older than {} days; Stripe refuses them after {}",
+                warn_after.num_days(),
+                limit.num_days()
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {

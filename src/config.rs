@@ -168,6 +168,14 @@ pub enum ProviderSettings {
 pub enum SinkSettings {
     /// Lago `POST /api/v1/events/batch`.
     Lago(crate::sinks::lago::LagoConfig),
+    /// Stripe Billing meter events (`POST /v1/billing/meter_events` or the v2 stream).
+    Stripe(crate::sinks::stripe::StripeConfig),
+    /// Signed JSON batches to an HTTP endpoint.
+    Webhook(crate::sinks::webhook::WebhookConfig),
+    /// JSON Lines files, one per batch.
+    Jsonl(crate::sinks::jsonl::JsonlConfig),
+    /// FOCUS cost-and-usage CSV files, one per batch.
+    Focus(crate::sinks::focus::FocusConfig),
 }
 
 /// Errors reading the settings.

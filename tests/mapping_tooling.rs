@@ -348,7 +348,10 @@ fn account_directory_of_50000_rows_loads_fast_and_maps() {
     let started = Instant::now();
     let set = MappingSet::from_sources(&sources).unwrap();
     let took = started.elapsed();
-    assert!(took.as_millis() < 1000, "loading 50,000 rows took {took:?}");
+    // About 0.3 s for a debug build on an idle 2-core machine; the bound leaves room for a busy
+    // CI machine while still catching anything quadratic (which takes minutes at 50,000 rows).
+    eprintln!("loading 50,000 directory rows took {took:?}");
+    assert!(took.as_secs() < 5, "loading 50,000 rows took {took:?}");
     assert_eq!(set.directory_len(), 50_000);
     let mut r = record();
     r.sub_account_id = "43210".into();

@@ -232,3 +232,67 @@ async fn reconcile_exits_zero_when_everything_agrees_and_seven_on_a_lost_event()
     assert!(csv.lines().next().unwrap().starts_with("source,"), "{csv}");
     assert!(csv.contains(&lost), "the lost key is named: {csv}");
 }
+
+const SUBSCRIPTIONS: &[&str] = &[
+    "sub_acme_main",
+    "sub_globex_main",
+    "sub_hooli_cloud",
+    "sub_initech_cloud",
+    "sub_paas_api",
+    "sub_paas_blog",
+    "sub_paas_shop",
+    "sub_reseller_house",
+    "sub_sakura_tenant",
+    "sub_umbrella_cloud",
+    "sub_reseller_initech",
+    "sub_reseller_umbrella",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mappings_check_remote_finds_what_lago_lacks_and_explain_reads_a_ledger_record() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    for sub in SUBSCRIPTIONS {
+        world.lago.register_subscription(sub, "customer");
+    }
+    for (code, field) in [
+        ("instance_hours", "hours"),
+        ("network_gb", "value"),
+        ("storage_cost", "amount"),
+        ("paas_cost", "amount"),
+        ("sakura_cost", "amount"),
+    ] {
+        world.lago.register_metric(code, "sum_agg", Some(field));
+    }
+    // softlayer_cost is missing in Lago: an error naming it, exit 2.
+    let out = run(&cfg, &["mappings", "check", "--remote"]).await;
+    let output = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{output}");
+    assert!(output.contains("softlayer_cost"), "{output}");
+    world
+        .lago
+        .register_metric("softlayer_cost", "sum_agg", Some("amount"));
+    let out = run(&cfg, &["mappings", "check", "--remote"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // explain --id: the held reservation installment of the ledger, rule by rule.
+    assert_eq!(run(&cfg, &["sync"]).await.status.code(), Some(4));
+    let export = run(&cfg, &["ledger", "export", "--status", "unmapped"]).await;
+    let csv = String::from_utf8_lossy(&export.stdout).into_owned();
+    let id = csv
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    let out = run(&cfg, &["mappings", "explain", "--id", &id]).await;
+    let output = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{output}");
+    assert!(output.contains("reservation_installment"), "{output}");
+    assert!(
+        output.contains("metalsoft.yaml#instance-hours"),
+        "each rule tried is listed: {output}"
+    );
+}

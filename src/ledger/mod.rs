@@ -1196,6 +1196,25 @@ impl Ledger {
         Ok(n as u64)
     }
 
+    /// How many records of a sink wait to be sent (pending or provisional) with a charge period
+    /// starting before `cutoff` (for sinks with a backdating limit, such as Stripe's 35 days).
+    pub async fn waiting_older_than(
+        &self,
+        sink: &str,
+        cutoff: DateTime<Utc>,
+    ) -> Result<u64, LedgerError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM records
+             WHERE status IN ('pending', 'provisional') AND sink = ?1 AND charge_period_start < ?2",
+        )
+        .bind(sink)
+        .bind(ts(cutoff))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(sql("counting old waiting records"))?;
+        Ok(n as u64)
+    }
+
     /// How many records are undelivered (pending, unmapped, rejected), ledger-wide.
     pub async fn undelivered(&self) -> Result<i64, LedgerError> {
         sqlx::query_scalar(

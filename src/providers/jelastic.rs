@@ -39,7 +39,7 @@
 //!   would otherwise hold every record provisional forever.
 //! * **Money**: `cost` is a JSON float on the wire (`0.012846`). With serde_json's
 //!   `arbitrary_precision` a number keeps its text, which is read into [`Decimal`] exactly; no
-//!   amount ever passes through `f64`. The payload has no currency: it is configuration.
+//!   amount ever passes through a binary float. The payload has no currency: it is configuration.
 //!
 //! Record shape (documented choice): one record per row; `sub_account_id` = the environment's
 //! `appid` (stable; the `domain` can be renamed and is kept as an attribute), `resource_id` =

@@ -41,8 +41,6 @@ use axum::{Json, Router};
 use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Number, Value};
-use tokio::sync::oneshot;
-use tracing::debug;
 
 use crate::providers::jelastic::{Grid, Period, TimeOffset, REST_PATH, WIRE_TIME_FORMAT};
 
@@ -534,27 +532,13 @@ impl JelasticSim {
         let app = Router::new()
             .route(REST_PATH, any(history))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = rx.await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::warn!(error = %e, "jelastic simulator stopped");
-            }
-        });
-        debug!(%addr, "jelastic simulator listening");
+        let server = super::Server::start("jelastic", app).await?;
+        let addr = server.addr;
         Ok(JelasticSimHandle {
             url: format!("http://{addr}"),
             addr,
             state,
-            shutdown: Some(tx),
-            task: Some(task),
+            server,
         })
     }
 }
@@ -566,8 +550,7 @@ pub struct JelasticSimHandle {
     /// The bound address.
     pub addr: SocketAddr,
     state: Arc<SimState>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    server: super::Server,
 }
 
 impl std::fmt::Debug for JelasticSimHandle {
@@ -614,21 +597,8 @@ impl JelasticSimHandle {
     }
 
     /// Stop serving and wait for the server task to end.
-    pub async fn shutdown(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for JelasticSimHandle {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    pub async fn shutdown(self) {
+        self.server.stop().await;
     }
 }
 

@@ -87,6 +87,12 @@ pub enum DropMode {
     Status500,
     /// Close the connection without writing any answer.
     CloseConnection,
+    /// Answer 200 with the real answer cut in the middle (truncated JSON).
+    TruncatedJson,
+    /// Answer 200 with a body that is not JSON.
+    MalformedJson,
+    /// Answer 200 with valid JSON of the wrong shape (no `events` array).
+    WrongShape,
 }
 
 /// One stored event, as Lago keeps it.
@@ -132,12 +138,15 @@ impl StoredEvent {
 enum Injected {
     Status(u16),
     RateLimited { retry_after: Option<u64> },
+    Body { status: u16, body: String },
 }
 
 #[derive(Debug, Default)]
 struct Faults {
     queue: VecDeque<Injected>,
     delay: Duration,
+    /// Wait this long after storing a batch, before answering.
+    answer_delay: Duration,
     drop_after_store: VecDeque<DropMode>,
     /// transaction_id → (field, error).
     reject: HashMap<String, (String, String)>,
@@ -286,6 +295,19 @@ impl LagoSimHandle {
         ));
     }
 
+    /// Answer the next `n` ingestion requests with `status` and this exact body (truncated or
+    /// malformed JSON, valid JSON of the wrong shape…), storing nothing.
+    pub fn answer_next(&self, n: usize, status: u16, body: &str) {
+        let mut f = lock(&self.shared.faults);
+        f.queue.extend(std::iter::repeat_n(
+            Injected::Body {
+                status,
+                body: body.to_string(),
+            },
+            n,
+        ));
+    }
+
     /// Wait this long before handling each ingestion request (zero: no delay).
     pub fn set_delay(&self, delay: Duration) {
         lock(&self.shared.faults).delay = delay;
@@ -316,6 +338,12 @@ impl LagoSimHandle {
     /// Number of stored events (cheaper than `events().len()`).
     pub fn event_count(&self) -> usize {
         lock(&self.shared.store).events.len()
+    }
+
+    /// Wait this long after storing each batch before answering: a client that dies (or
+    /// times out) meanwhile leaves events stored that it never heard about.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        lock(&self.shared.faults).answer_delay = delay;
     }
 
     /// For the next `n` ingestion requests that store events: store them, then lose the answer.
@@ -692,6 +720,10 @@ async fn injected(shared: &Shared) -> Option<Response> {
             }
             Some(resp)
         }
+        Injected::Body { status, body } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Some((status, [("content-type", "application/json")], body).into_response())
+        }
     }
 }
 
@@ -892,9 +924,23 @@ fn new_stored(store: &mut Store, e: Incoming, now: DateTime<Utc>) -> StoredEvent
 }
 
 /// After storing: lose the answer if a drop fault is armed.
-fn maybe_drop(shared: &Shared, kill: &KillSwitch) -> Option<Response> {
+fn maybe_drop(shared: &Shared, kill: &KillSwitch, stored: &[StoredEvent]) -> Option<Response> {
     let mode = lock(&shared.faults).drop_after_store.pop_front()?;
+    let json_200 = |body: String| {
+        Some((StatusCode::OK, [("content-type", "application/json")], body).into_response())
+    };
     match mode {
+        DropMode::TruncatedJson => {
+            let events: Vec<Value> = stored.iter().map(StoredEvent::to_json).collect();
+            let full = json!({ "events": events }).to_string();
+            let cut = (0..=full.len() / 2)
+                .rev()
+                .find(|&i| full.is_char_boundary(i))
+                .unwrap_or(0);
+            json_200(full[..cut].to_string())
+        }
+        DropMode::MalformedJson => json_200("<html><body>502 Bad Gateway</body></html>".into()),
+        DropMode::WrongShape => json_200(json!({"event": {"status": "ok"}}).to_string()),
         DropMode::Status500 => Some(error_body(StatusCode::INTERNAL_SERVER_ERROR, json!({}))),
         DropMode::CloseConnection => {
             kill.0.store(true, Ordering::SeqCst);
@@ -959,7 +1005,11 @@ async fn post_batch(
             validation_errors(Value::Object(details))
         }
         Ok(stored) => {
-            if let Some(r) = maybe_drop(&shared, &kill) {
+            let answer_delay = lock(&shared.faults).answer_delay;
+            if !answer_delay.is_zero() {
+                tokio::time::sleep(answer_delay).await;
+            }
+            if let Some(r) = maybe_drop(&shared, &kill, &stored) {
                 return r;
             }
             let events: Vec<Value> = stored.iter().map(StoredEvent::to_json).collect();
@@ -995,7 +1045,7 @@ async fn post_single(
     match store(&shared, vec![valid], now) {
         Err(_) => validation_errors(json!({"transaction_id": ["value_already_exist"]})),
         Ok(stored) => {
-            if let Some(r) = maybe_drop(&shared, &kill) {
+            if let Some(r) = maybe_drop(&shared, &kill, &stored) {
                 return r;
             }
             let event = stored

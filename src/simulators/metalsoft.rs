@@ -36,8 +36,6 @@ use axum::{Json, Router};
 use chrono::{DateTime, Duration, NaiveDateTime, SecondsFormat, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::{json, Map, Number, Value};
-use tokio::sync::oneshot;
-use tracing::debug;
 
 /// The current MetalSoft documentation example (the JSON-RPC `result`), as the simulator's
 /// demo data and the tests' fixture. Origin and repairs: `src/simulators/data/README.md`.
@@ -765,6 +763,22 @@ pub enum Fault {
         /// JSON-RPC error message.
         message: String,
     },
+    /// HTTP 200 with the real answer cut in the middle (a connection closed mid-body by a
+    /// proxy that still sent a full status line).
+    Truncated,
+    /// HTTP 200 with a body that is not JSON at all.
+    Malformed,
+    /// HTTP 200 with a well-formed JSON-RPC envelope whose `result` has the wrong shape.
+    WrongShape,
+    /// HTTP 200 with an empty report for the window (no lines at all), whatever the dataset.
+    Empty,
+    /// HTTP 200 with the real report in which every `detailed_report` line appears twice.
+    DuplicateLines,
+    /// HTTP 200 whose lines are those of the window just before the one asked for (a page
+    /// that shifted between reads), stamped with the requested window's bounds.
+    ShiftedBack,
+    /// Wait this long, then answer normally (a response slower than the client's timeout).
+    Slow(std::time::Duration),
 }
 
 /// One request the simulator received.
@@ -786,6 +800,8 @@ struct SimState {
     requests: AtomicUsize,
     calls: Mutex<Vec<RecordedCall>>,
     reject_fifth_param: std::sync::atomic::AtomicBool,
+    /// Wait this long before answering each request.
+    delay: Mutex<std::time::Duration>,
 }
 
 /// Entry point of the simulator.
@@ -805,31 +821,18 @@ impl MetalsoftSim {
             requests: AtomicUsize::new(0),
             calls: Mutex::new(Vec::new()),
             reject_fifth_param: std::sync::atomic::AtomicBool::new(false),
+            delay: Mutex::new(std::time::Duration::ZERO),
         });
         let app = Router::new()
             .route("/api/developer/developer", post(rpc))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = rx.await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::warn!(error = %e, "metalsoft simulator stopped");
-            }
-        });
-        debug!(%addr, "metalsoft simulator listening");
+        let server = super::Server::start("metalsoft", app).await?;
+        let addr = server.addr;
         Ok(MetalsoftSimHandle {
             url: format!("http://{addr}"),
             addr,
             state,
-            shutdown: Some(tx),
-            task: Some(task),
+            server,
         })
     }
 }
@@ -841,8 +844,7 @@ pub struct MetalsoftSimHandle {
     /// The bound address.
     pub addr: SocketAddr,
     state: Arc<SimState>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    server: super::Server,
 }
 
 impl std::fmt::Debug for MetalsoftSimHandle {
@@ -863,6 +865,20 @@ impl MetalsoftSimHandle {
     pub fn fail_next(&self, n: usize, fault: Fault) {
         if let Ok(mut q) = self.state.faults.lock() {
             q.extend(std::iter::repeat_n(fault, n));
+        }
+    }
+
+    /// Wait this long before answering each request (zero: no delay).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        if let Ok(mut d) = self.state.delay.lock() {
+            *d = delay;
+        }
+    }
+
+    /// Forget every queued fault.
+    pub fn clear_faults(&self) {
+        if let Ok(mut q) = self.state.faults.lock() {
+            q.clear();
         }
     }
 
@@ -896,21 +912,8 @@ impl MetalsoftSimHandle {
     }
 
     /// Stop serving and wait for the server task to end.
-    pub async fn shutdown(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for MetalsoftSimHandle {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    pub async fn shutdown(self) {
+        self.server.stop().await;
     }
 }
 
@@ -940,7 +943,12 @@ async fn rpc(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes
             authorized,
         });
     }
+    let delay = state.delay.lock().map(|d| *d).unwrap_or_default();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let fault = state.faults.lock().ok().and_then(|mut q| q.pop_front());
+    let mut content_fault = None;
     match fault {
         Some(Fault::Http(status)) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -954,6 +962,19 @@ async fn rpc(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes
         Some(Fault::RpcError { code, message }) => {
             return Json(rpc_error(&id, code, &message)).into_response();
         }
+        Some(Fault::Malformed) => {
+            return (
+                [("content-type", "application/json")],
+                "{\"jsonrpc\": \"2.0\", \"id\": 1, \"result\": {\"detailed_report\": [}} <html>",
+            )
+                .into_response();
+        }
+        Some(Fault::WrongShape) => {
+            return Json(json!({"jsonrpc": "2.0", "id": id, "result": [1, "two", {"three": 3}]}))
+                .into_response();
+        }
+        Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
+        Some(other) => content_fault = Some(other),
         None => {}
     }
     if !authorized {
@@ -976,8 +997,51 @@ async fn rpc(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes
     }
     match check_params(&params, state.reject_fifth_param.load(Ordering::Relaxed)) {
         Ok((user, start, end, infra)) => {
-            let result = state.dataset.report(user, start, end, infra.as_deref());
-            Json(json!({"jsonrpc": "2.0", "id": id, "result": result})).into_response()
+            let result = match content_fault {
+                Some(Fault::Empty) => MetalsoftDataset::new().report(user, start, end, None),
+                Some(Fault::ShiftedBack) => {
+                    let mut r =
+                        state
+                            .dataset
+                            .report(user, start - (end - start), start, infra.as_deref());
+                    r["start_timestamp"] = json!(wire_time(start));
+                    r["end_timestamp"] = json!(wire_time(end));
+                    r
+                }
+                Some(Fault::DuplicateLines) => {
+                    let mut r = state.dataset.report(user, start, end, infra.as_deref());
+                    if let Some(infras) = r["detailed_report"].as_object_mut() {
+                        for types in infras.values_mut() {
+                            for lines in types
+                                .as_object_mut()
+                                .into_iter()
+                                .flat_map(|m| m.values_mut())
+                            {
+                                if let Some(list) = lines.as_array_mut() {
+                                    let copy = list.clone();
+                                    list.extend(copy);
+                                }
+                            }
+                        }
+                    }
+                    r
+                }
+                _ => state.dataset.report(user, start, end, infra.as_deref()),
+            };
+            let body = json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string();
+            if content_fault == Some(Fault::Truncated) {
+                let cut = body.len() / 2;
+                let cut = (0..=cut)
+                    .rev()
+                    .find(|&i| body.is_char_boundary(i))
+                    .unwrap_or(0);
+                return (
+                    [("content-type", "application/json")],
+                    body[..cut].to_string(),
+                )
+                    .into_response();
+            }
+            ([("content-type", "application/json")], body).into_response()
         }
         Err(message) => Json(rpc_error(&id, -32602, &message)).into_response(),
     }

@@ -36,8 +36,6 @@ use axum::{Json, Router};
 use chrono::{DateTime, Duration, FixedOffset, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::{json, Number, Value};
-use tokio::sync::oneshot;
-use tracing::debug;
 
 use crate::providers::sakura::Month;
 
@@ -545,7 +543,7 @@ impl SakuraSim {
     ) -> std::io::Result<SakuraSimHandle> {
         let state = Arc::new(SimState {
             dataset: Mutex::new(dataset),
-            auth_header: format!("Basic {}", base64(format!("{token}:{secret}").as_bytes())),
+            auth_header: super::basic_auth_header(token, secret),
             faults: Mutex::new(VecDeque::new()),
             requests: Mutex::new(Vec::new()),
             csv_header: std::sync::atomic::AtomicBool::new(true),
@@ -557,29 +555,15 @@ impl SakuraSim {
             let st = st.clone();
             async move { handle(st, method, uri, headers) }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = rx.await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::warn!(error = %e, "sakura simulator stopped");
-            }
-        });
-        debug!(%addr, "sakura simulator listening");
+        let server = super::Server::start("sakura", app).await?;
+        let addr = server.addr;
         let url = format!("http://{addr}");
         Ok(SakuraSimHandle {
             endpoint: format!("{url}/cloud/zone/is1a/api/system/1.0"),
             url,
             addr,
             state,
-            shutdown: Some(tx),
-            task: Some(task),
+            server,
         })
     }
 }
@@ -594,8 +578,7 @@ pub struct SakuraSimHandle {
     /// The bound address.
     pub addr: SocketAddr,
     state: Arc<SimState>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    server: super::Server,
 }
 
 impl std::fmt::Debug for SakuraSimHandle {
@@ -744,43 +727,9 @@ impl SakuraSimHandle {
     }
 
     /// Stop serving and wait for the server task to end.
-    pub async fn shutdown(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    pub async fn shutdown(self) {
+        self.server.stop().await;
     }
-}
-
-impl Drop for SakuraSimHandle {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn percent_decode(s: &str) -> String {

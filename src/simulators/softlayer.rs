@@ -34,8 +34,6 @@ use axum::{Json, Router};
 use chrono::{DateTime, Duration, FixedOffset, Months, TimeZone};
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Number, Value};
-use tokio::sync::oneshot;
-use tracing::debug;
 
 /// `getNextInvoiceTopLevelBillingItems` as posted on Stack Overflow (no mask; `".048"`).
 pub const FIXTURE_NEXT_ITEMS: &str =
@@ -511,36 +509,19 @@ impl SoftlayerSim {
     ) -> std::io::Result<SoftlayerSimHandle> {
         let state = Arc::new(SimState {
             dataset: Mutex::new(dataset),
-            authorization: format!(
-                "Basic {}",
-                base64(format!("{username}:{api_key}").as_bytes())
-            ),
+            authorization: super::basic_auth_header(username, api_key),
             faults: Mutex::new(VecDeque::new()),
             requests: AtomicUsize::new(0),
             calls: Mutex::new(Vec::new()),
         });
         let app = Router::new().fallback(serve).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = rx.await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::warn!(error = %e, "softlayer simulator stopped");
-            }
-        });
-        debug!(%addr, "softlayer simulator listening");
+        let server = super::Server::start("softlayer", app).await?;
+        let addr = server.addr;
         Ok(SoftlayerSimHandle {
             url: format!("http://{addr}/rest/v3.1"),
             addr,
             state,
-            shutdown: Some(tx),
-            task: Some(task),
+            server,
         })
     }
 }
@@ -552,8 +533,7 @@ pub struct SoftlayerSimHandle {
     /// The bound address.
     pub addr: SocketAddr,
     state: Arc<SimState>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    server: super::Server,
 }
 
 impl std::fmt::Debug for SoftlayerSimHandle {
@@ -619,43 +599,9 @@ impl SoftlayerSimHandle {
     }
 
     /// Stop serving and wait for the server task to end.
-    pub async fn shutdown(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    pub async fn shutdown(self) {
+        self.server.stop().await;
     }
-}
-
-impl Drop for SoftlayerSimHandle {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn exception(status: StatusCode, code: &str, message: &str) -> Response {

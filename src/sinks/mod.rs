@@ -8,8 +8,12 @@ use async_trait::async_trait;
 
 use crate::mapping::MappedEvent;
 
+pub mod focus;
+pub mod jsonl;
 pub mod lago;
 pub mod lago_admin;
+pub mod stripe;
+pub mod webhook;
 
 /// One frozen payload on its way out.
 #[derive(Debug, Clone)]

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Validate billsync's FOCUS export of the demo data with the FinOps Foundation's validator
+# (focus-validator 1.0.0, FOCUS 1.0 rules), offline after the first run:
+#   1. a cached venv with pinned versions (a stamp file: the second run skips pip);
+#   2. the FOCUS export of the demo data, written by the ignored test
+#      `sink_files::focus_export_of_the_demo` (all four providers, the example mappings, the
+#      FOCUS sink as the only sink) into a temporary directory;
+#   3. scripts/focus_check.py combines the batch files, checks what the validator does not
+#      (header order, UTC times, periods, exact decimals, no duplicate key) and writes a typed
+#      Parquet copy (see that file for why);
+#   4. focus-validator on it: "Validation succeeded." is required;
+#   5. the same with the BilledCost column removed: the validator must fail, which proves the
+#      check can fail.
+# One rule is skipped (focus-validate.override.yaml): SkuPriceId_Nullable of the validator's
+# 1.0 rule set queries `ChargeType`, the pre-1.0 name of ChargeCategory, so it errors on any
+# FOCUS 1.0 file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+REQUIREMENTS="focus-validator==1.0.0 multimethod==1.12 pandas==2.3.3 pandera==0.17.2 pandasql==0.7.3 numpy==1.26.4 pyarrow==18.1.0 pydantic==2.14.4 sqlglot==18.17.0 SQLAlchemy==2.1.9 PyYAML==6.0.4 requests==2.34.2 tabulate==0.10.0"
+VENV="${XDG_CACHE_HOME:-$HOME/.cache}/billsync-focus-venv"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/billsync-target}"
+
+stamp="$VENV/.billsync-requirements"
+if [[ ! -x "$VENV/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$REQUIREMENTS" ]]; then
+  echo "focus: creating $VENV ($REQUIREMENTS)"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check $REQUIREMENTS
+  echo "$REQUIREMENTS" >"$stamp"
+fi
+py="$VENV/bin/python"
+validator="$VENV/bin/focus-validator"
+# The validator opens its currency list by a path relative to the working directory.
+site=$("$py" -c 'import os, focus_validator; print(os.path.dirname(os.path.dirname(focus_validator.__file__)))')
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "focus: exporting the demo data"
+BILLSYNC_FOCUS_OUT="$work/export" cargo test --locked --quiet --test sink_files \
+  focus_export_of_the_demo -- --ignored --exact 2>&1 | tail -n 3
+
+"$py" scripts/focus_check.py combine "$work/export" "$work/focus.csv" "$work/focus.parquet"
+"$py" scripts/focus_check.py combine "$work/export" "$work/broken.csv" "$work/broken.parquet" --drop BilledCost
+
+validate() { # file → validator output
+  (cd "$site" && "$validator" --data-file "$1" --validate-version 1.0 \
+    --override-file "$root/scripts/focus-validate.override.yaml" 2>&1) || true
+}
+
+out=$(validate "$work/focus.parquet")
+if ! grep -qx "Validation succeeded." <<<"$out"; then
+  echo "$out"
+  echo "focus: FAILED: the demo export does not pass focus-validator 1.0.0 (FOCUS 1.0)"
+  exit 1
+fi
+echo "focus: focus-validator 1.0.0, FOCUS 1.0: $(grep -x 'Validation succeeded.' <<<"$out")"
+
+out=$(validate "$work/broken.parquet")
+if ! grep -q "BilledCost_Required failed" <<<"$out" || ! grep -qx "Validation failed!" <<<"$out"; then
+  echo "$out"
+  echo "focus: FAILED: a file without BilledCost was not refused; the check cannot be trusted"
+  exit 1
+fi
+echo "focus: control without BilledCost: refused as expected"

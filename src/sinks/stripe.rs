@@ -1,0 +1,1259 @@
+//! The Stripe Billing meter events sink: `POST {api_url}/v1/billing/meter_events`, or the v2
+//! high-throughput meter event stream.
+//!
+//! How a mapped event becomes a Stripe meter event: a mapping rule that targets a Stripe sink
+//! puts the Stripe **customer id** (`cus_…`) where a Lago rule puts the subscription
+//! (`external_subscription_id`), and the meter's **`event_name`** where a Lago rule puts the
+//! metric code (`metric_code`). The value goes to `payload[value]` (or the meter's own value key,
+//! [`StripeConfig::value_property`]); extra properties become `payload[<name>]`.
+//!
+//! Why it looks the way it does (see `shared/reference/invoicing-systems.md`, 2.1–2.4, 6):
+//!
+//! - **One frozen form body.** At staging the sink freezes the exact v1 body
+//!   (`event_name=…&identifier=<key>&timestamp=<unix seconds>&payload[stripe_customer_id]=…&
+//!   payload[value]=…&payload[<extra>]=…`). Every retry resends those bytes with the header
+//!   `Idempotency-Key: <key>`; the `identifier` is the same key. Stripe deduplicates on both for
+//!   about 24 hours; the ledger is the authority after that.
+//! - **Whole-number values only.** Stripe's documentation says meter event values accept whole
+//!   numbers only; a fraction would be refused asynchronously (an error report, not an HTTP
+//!   error), i.e. silently unbilled. So a non-integer value is an encode error at staging (the
+//!   record is held as `unmapped` with the reason): convert to a smaller unit in the mapping.
+//!   Integers travel as plain digits (`-3`, `25`), never with an exponent or `.0`.
+//! - **Integer timestamps.** Stripe wants Unix seconds; a sub-second event time is truncated
+//!   (floored) at staging, so the frozen body never changes.
+//! - **The 35-day window is checked before any request.** Stripe refuses events older than 35
+//!   days or more than 5 minutes ahead; such a record is rejected (quarantined in the ledger with
+//!   that reason) without being sent. `billsync status` warns when pending records approach it.
+//! - **Duplicates are success, narrowly.** A `2xx` with `Idempotent-Replayed: true` is Stripe
+//!   replaying the stored answer of an earlier attempt → already delivered. A 400 whose message
+//!   says an event *already exists with identifier `<this key>`* is Stripe's identifier dedup →
+//!   already delivered. Every other 400 is a rejection with Stripe's `error.message`.
+//! - **Retries** (shared [`RetryPolicy`], honouring `Retry-After`) only for transport errors,
+//!   timeouts, 408/409/429 and 5xx, always with the identical body and key. A 5xx marked
+//!   `Idempotent-Replayed` is Stripe replaying a stored failure for this key: retrying within
+//!   the run cannot help, so the record stays pending at once. 401/403 stop the sink (records stay
+//!   pending); 402/404 with a Stripe error body reject the record.
+//! - **v1 has no batch endpoint**: one request per record, `concurrency` requests at a time, but
+//!   records of the same (customer, event name) are sent one after another, since Stripe allows
+//!   one concurrent call per customer per meter.
+//! - **v2 stream** (`mode: v2_stream`): a session (`POST {api_url}/v2/billing/meter_event_session`)
+//!   yields a short-lived token; events go to `POST {meter_events_url}/v2/billing/meter_event_stream`
+//!   as JSON, at most 100 per request, converted deterministically from the frozen form body (so
+//!   switching modes needs no re-staging). The session is renewed shortly before `expires_at`
+//!   and on a 401 from the stream (e.g. `billing_meter_event_session_expired`), then the same
+//!   events are resent. Validation on the stream is asynchronous: a 200 means accepted, not
+//!   billed, and duplicates are dropped silently by Stripe (reported here as delivered).
+//!   The v2 shapes come from Stripe's documentation (reference 2.3), not from a spec file, and
+//!   were checked only against billsync's own simulator.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use backon::BackoffBuilder;
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::config::Secret;
+use crate::http::{retry_hint, snippet, RetryPolicy};
+use crate::mapping::MappedEvent;
+use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
+
+/// The v1 endpoint, below `api_url`.
+pub const V1_PATH: &str = "/v1/billing/meter_events";
+/// The v2 session endpoint, below `api_url`.
+pub const SESSION_PATH: &str = "/v2/billing/meter_event_session";
+/// The v2 stream endpoint, below `meter_events_url`.
+pub const STREAM_PATH: &str = "/v2/billing/meter_event_stream";
+/// Stripe's limit on `identifier` and `event_name`.
+pub const MAX_IDENTIFIER: usize = 100;
+/// Stripe's limit on a payload value (response schema).
+pub const MAX_PAYLOAD_VALUE: usize = 100;
+/// Events per v2 stream request.
+pub const STREAM_MAX_EVENTS: usize = 100;
+/// The payload key of the customer (Stripe's default `customer_mapping.event_payload_key`).
+pub const CUSTOMER_KEY: &str = "stripe_customer_id";
+/// The records `deliver` accepts at once.
+pub const MAX_BATCH: usize = 100;
+/// Renew a v2 session this long before it expires.
+const SESSION_MARGIN: Duration = Duration::from_secs(60);
+
+/// Which Stripe API carries the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StripeMode {
+    /// `POST /v1/billing/meter_events`, one request per event, synchronous validation.
+    #[default]
+    V1,
+    /// The v2 meter event stream: session token, 100 events per request, asynchronous validation.
+    V2Stream,
+}
+
+fn default_api_url() -> String {
+    "https://api.stripe.com".into()
+}
+
+fn default_meter_events_url() -> String {
+    "https://meter-events.stripe.com".into()
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_age() -> Duration {
+    Duration::from_secs(35 * 86_400)
+}
+
+fn default_max_future() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+fn default_value_property() -> String {
+    "value".into()
+}
+
+/// The default number of v1 requests in flight.
+pub const DEFAULT_CONCURRENCY: usize = 4;
+
+/// Settings of one Stripe sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeConfig {
+    /// Base URL of the Stripe API. Default `https://api.stripe.com`.
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
+    /// The secret key (`sk_…`, or a restricted `rk_…` key with write access to meter events),
+    /// as `env:NAME` or `file:/path`; sent as `Authorization: Bearer …`.
+    pub api_key: Secret,
+    /// `v1` (default) or `v2_stream`.
+    #[serde(default)]
+    pub mode: StripeMode,
+    /// Host of the v2 meter event stream. Default `https://meter-events.stripe.com`.
+    #[serde(default = "default_meter_events_url")]
+    pub meter_events_url: String,
+    /// v1 requests in flight at once (1 to 64). Default 4.
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// Timeout of one HTTP request, e.g. `30s`. Default 30 seconds.
+    #[serde(default = "default_timeout", with = "crate::config::duration")]
+    pub timeout: Duration,
+    /// Retries of transient failures (transport errors, timeouts, 409, 429, 5xx).
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Oldest event time sent, relative to now. Default `35d` (Stripe's limit); older records
+    /// are rejected without a request.
+    #[serde(default = "default_max_age", with = "crate::config::duration")]
+    pub max_age: Duration,
+    /// Latest event time sent, relative to now. Default `5m` (Stripe's limit).
+    #[serde(default = "default_max_future", with = "crate::config::duration")]
+    pub max_future: Duration,
+    /// The payload key of the value: the meter's `value_settings.event_payload_key`. Default
+    /// `value`. (The mapping rule's `property` is not used by this sink.)
+    #[serde(default = "default_value_property")]
+    pub value_property: String,
+    /// Optional `Stripe-Version` header on every request (e.g. `2026-07-29.dahlia`). Without it
+    /// the account's default API version applies.
+    #[serde(default)]
+    pub api_version: Option<String>,
+}
+
+impl StripeConfig {
+    /// A configuration with every default, for tests and simulators.
+    pub fn new(api_url: impl Into<String>, api_key: Secret) -> Self {
+        StripeConfig {
+            api_url: api_url.into(),
+            api_key,
+            mode: StripeMode::V1,
+            meter_events_url: default_meter_events_url(),
+            concurrency: None,
+            timeout: default_timeout(),
+            retry: RetryPolicy::default(),
+            max_age: default_max_age(),
+            max_future: default_max_future(),
+            value_property: default_value_property(),
+            api_version: None,
+        }
+    }
+}
+
+/// A Stripe sink configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("sink {sink}: {message}")]
+pub struct StripeConfigError {
+    /// The sink name.
+    pub sink: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The v2 session currently in use.
+#[derive(Debug, Clone)]
+struct Session {
+    token: Secret,
+    expires_at: DateTime<Utc>,
+}
+
+/// Delivers frozen meter events to Stripe.
+#[derive(Debug)]
+pub struct StripeSink {
+    name: String,
+    endpoint: String,
+    session_url: String,
+    stream_url: String,
+    api_key: Secret,
+    api_version: Option<String>,
+    mode: StripeMode,
+    concurrency: usize,
+    retry: RetryPolicy,
+    max_age: chrono::Duration,
+    max_future: chrono::Duration,
+    value_property: String,
+    client: reqwest::Client,
+    session: tokio::sync::Mutex<Option<Session>>,
+}
+
+/// Check a base URL: absolute http(s), host, no query; returned without trailing slash.
+fn base_url(sink: &str, field: &str, url: &str) -> Result<String, StripeConfigError> {
+    let base = url.trim().trim_end_matches('/').to_string();
+    let err = |m: String| StripeConfigError {
+        sink: sink.to_string(),
+        message: format!("{field} {url:?} {m}"),
+    };
+    let parsed = reqwest::Url::parse(&base).map_err(|e| err(format!("is not a valid URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(err("must be an http:// or https:// URL with a host".into()));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(err("must not carry a query or fragment".into()));
+    }
+    if base.ends_with("/v1") || base.ends_with("/v2") {
+        return Err(err(
+            "must be the base URL without /v1 or /v2 (the sink appends the paths)".into(),
+        ));
+    }
+    Ok(base)
+}
+
+impl StripeSink {
+    /// Check the configuration and build the sink (no network access).
+    pub fn new(name: String, config: StripeConfig) -> Result<Self, StripeConfigError> {
+        let fail = |message: String| StripeConfigError {
+            sink: name.clone(),
+            message,
+        };
+        let concurrency = config.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+        if !(1..=64).contains(&concurrency) {
+            return Err(fail(format!(
+                "concurrency must be between 1 and 64, got {concurrency}"
+            )));
+        }
+        if config.timeout.is_zero() {
+            return Err(fail("timeout must be greater than zero".into()));
+        }
+        if config.api_key.expose().starts_with("pk_") {
+            return Err(fail(
+                "api_key is a publishable key (pk_…): meter events need a secret key (sk_…) or a restricted key (rk_…)".into(),
+            ));
+        }
+        let value_property = config.value_property.trim().to_string();
+        if value_property.is_empty() || value_property == CUSTOMER_KEY {
+            return Err(fail(format!(
+                "value_property must be a payload key other than {CUSTOMER_KEY}, got {:?}",
+                config.value_property
+            )));
+        }
+        if value_property.contains(['[', ']']) {
+            return Err(fail("value_property must not contain brackets".into()));
+        }
+        let max_age = chrono::Duration::from_std(config.max_age)
+            .map_err(|_| fail("max_age is too large".into()))?;
+        let max_future = chrono::Duration::from_std(config.max_future)
+            .map_err(|_| fail("max_future is too large".into()))?;
+        let api = base_url(&name, "api_url", &config.api_url)?;
+        let stream = base_url(&name, "meter_events_url", &config.meter_events_url)?;
+        // Like the Lago sink: no redirects (a redirected POST becomes a GET without body).
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("billsync/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| fail(format!("cannot build the HTTP client: {e}")))?;
+        Ok(StripeSink {
+            endpoint: format!("{api}{V1_PATH}"),
+            session_url: format!("{api}{SESSION_PATH}"),
+            stream_url: format!("{stream}{STREAM_PATH}"),
+            api_key: config.api_key,
+            api_version: config.api_version,
+            mode: config.mode,
+            concurrency,
+            retry: config.retry,
+            max_age,
+            max_future,
+            value_property,
+            client,
+            session: tokio::sync::Mutex::new(None),
+            name,
+        })
+    }
+
+    /// The v1 URL events are posted to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The mode in use.
+    pub fn mode(&self) -> StripeMode {
+        self.mode
+    }
+
+    /// The oldest event age this sink sends (Stripe's 35 days by default).
+    pub fn max_age(&self) -> chrono::Duration {
+        self.max_age
+    }
+
+    fn encode_error(&self, key: &str, message: impl Into<String>) -> EncodeError {
+        EncodeError {
+            sink: self.name.clone(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn stopped(&self, message: impl Into<String>) -> SinkStopped {
+        SinkStopped {
+            sink: self.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn request(&self, url: &str, bearer: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .client
+            .post(url)
+            .bearer_auth(bearer)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(v) = &self.api_version {
+            r = r.header("Stripe-Version", v);
+        }
+        r
+    }
+
+    /// The time guard: `Some(reason)` if Stripe would refuse this event time.
+    fn out_of_window(&self, timestamp: i64, now: DateTime<Utc>) -> Option<String> {
+        let when = Utc.timestamp_opt(timestamp, 0).single()?;
+        let shown = when.to_rfc3339_opts(SecondsFormat::Secs, true);
+        if when < now - self.max_age {
+            let age = now - when;
+            return Some(format!(
+                "Stripe refuses meter events older than {} (timestamp {shown} is {} days old)",
+                human(self.max_age),
+                age.num_days()
+            ));
+        }
+        if when > now + self.max_future {
+            let ahead = when - now;
+            return Some(format!(
+                "Stripe refuses meter events more than {} in the future (timestamp {shown} is {} ahead)",
+                human(self.max_future),
+                human(ahead)
+            ));
+        }
+        None
+    }
+
+    /// Parse and check each record before any request: `Err(outcome)` settles it at once.
+    fn prepare(&self, batch: &[Outgoing]) -> Vec<Result<FormEvent, Outcome>> {
+        let now = Utc::now();
+        batch
+            .iter()
+            .map(|out| {
+                let event = FormEvent::parse(&out.payload).map_err(|e| {
+                    Outcome::Rejected(format!("stored Stripe payload is unreadable: {e}"))
+                })?;
+                if event.identifier != out.key {
+                    return Err(Outcome::Rejected(format!(
+                        "stored Stripe payload has identifier {:?}, not the record key",
+                        event.identifier
+                    )));
+                }
+                if let Some(reason) = self.out_of_window(event.timestamp, now) {
+                    tracing::warn!(sink = %self.name, key = %out.key, %reason, "meter event outside Stripe's time window; not sent");
+                    return Err(Outcome::Rejected(reason));
+                }
+                Ok(event)
+            })
+            .collect()
+    }
+
+    // --- v1 -------------------------------------------------------------------------------
+
+    async fn deliver_v1(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        // Lanes: records of one (customer, event name) go one after another.
+        let mut lanes: Vec<Vec<usize>> = Vec::new();
+        let mut lane_of: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for (i, prepared) in self.prepare(batch).into_iter().enumerate() {
+            match prepared {
+                Err(o) => outcomes[i] = Some(o),
+                Ok(e) => {
+                    let lane = *lane_of
+                        .entry((e.customer().to_string(), e.event_name.clone()))
+                        .or_insert_with(|| {
+                            lanes.push(Vec::new());
+                            lanes.len() - 1
+                        });
+                    lanes[lane].push(i);
+                }
+            }
+        }
+        let stop = AtomicBool::new(false);
+        let stop_reason = std::sync::Mutex::new(None::<String>);
+        let results: Vec<Vec<(usize, Outcome)>> = futures_util::stream::iter(lanes)
+            .map(|lane| {
+                let stop = &stop;
+                let stop_reason = &stop_reason;
+                async move {
+                    let mut done = Vec::with_capacity(lane.len());
+                    for i in lane {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        match self.send_v1(&batch[i]).await {
+                            V1::Outcome(o) => done.push((i, o)),
+                            V1::Stop(reason) => {
+                                stop.store(true, Ordering::SeqCst);
+                                let mut r = stop_reason.lock().unwrap_or_else(|e| e.into_inner());
+                                r.get_or_insert(reason);
+                                break;
+                            }
+                        }
+                    }
+                    done
+                }
+            })
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        for (i, o) in results.into_iter().flatten() {
+            outcomes[i] = Some(o);
+        }
+        let reason = stop_reason.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(reason) = reason {
+            let delivered = outcomes
+                .iter()
+                .any(|o| matches!(o, Some(Outcome::Delivered | Outcome::AlreadyDelivered)));
+            if !delivered {
+                return Err(self.stopped(reason));
+            }
+            // Some records of this batch reached Stripe before the refusal: report them, so the
+            // ledger records them now (resending them after Stripe's 24 h dedup window would bill
+            // twice). The rest stays pending; the next batch stops the sink at its first request.
+            tracing::error!(sink = %self.name, %reason, "Stripe refused the credentials mid-batch; recording what was delivered");
+            for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+                *o = Some(Outcome::Failed(format!("not sent: {reason}")));
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::Failed("internal: no outcome".into())))
+            .collect())
+    }
+
+    /// One record through v1, retrying transient failures with the same bytes and key.
+    async fn send_v1(&self, out: &Outgoing) -> V1 {
+        let mut delays = self.retry.backoff().build();
+        let mut attempt = 0usize;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let (reason, hint) = match self.attempt_v1(out).await {
+                Attempt::Done(v) => {
+                    tracing::debug!(sink = %self.name, key = %out.key, attempt,
+                        elapsed_ms = started.elapsed().as_millis() as u64, "stripe meter event request done");
+                    return v;
+                }
+                Attempt::Transient { reason, hint } => (reason, hint),
+            };
+            match self.retry.with_hint(delays.next(), hint) {
+                Some(wait) => {
+                    tracing::warn!(sink = %self.name, key = %out.key, attempt,
+                        wait_ms = wait.as_millis() as u64, %reason,
+                        "stripe meter event failed, retrying with the same body and Idempotency-Key");
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    tracing::warn!(sink = %self.name, key = %out.key, attempt, %reason,
+                        "stripe meter event failed, retries exhausted; the record stays pending");
+                    return V1::Outcome(Outcome::Failed(format!(
+                        "{reason} (gave up after {attempt} attempts)"
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn attempt_v1(&self, out: &Outgoing) -> Attempt<V1> {
+        let response = self
+            .request(&self.endpoint, self.api_key.expose())
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header("Idempotency-Key", &out.key)
+            .body(out.payload.clone())
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                return Attempt::Transient {
+                    reason: transport_reason(&e),
+                    hint: None,
+                }
+            }
+        };
+        let status = response.status();
+        let code = status.as_u16();
+        let hint = retry_hint(response.headers());
+        let replayed = header_is_true(response.headers(), "idempotent-replayed");
+        let text = match response.text().await {
+            Ok(t) => t,
+            Err(e) => {
+                // The answer was cut: Stripe may have stored the event; resending is safe.
+                return Attempt::Transient {
+                    reason: format!(
+                        "HTTP {code}, reading the answer failed: {}",
+                        transport_reason(&e)
+                    ),
+                    hint,
+                };
+            }
+        };
+        let error = StripeError::parse(&text);
+        let verdict = match code {
+            200..=299 if replayed => V1::Outcome(Outcome::AlreadyDelivered),
+            200..=299 => V1::Outcome(Outcome::Delivered),
+            400 => match &error {
+                Some(e) if e.is_identifier_duplicate(&out.key) => {
+                    V1::Outcome(Outcome::AlreadyDelivered)
+                }
+                Some(e) if e.kind.as_deref() == Some("idempotency_error") => {
+                    V1::Outcome(Outcome::Rejected(format!(
+                        "Stripe refused the Idempotency-Key (used earlier with other parameters): {}",
+                        e.describe()
+                    )))
+                }
+                Some(e) => V1::Outcome(Outcome::Rejected(format!(
+                    "Stripe answered 400: {}",
+                    e.describe()
+                ))),
+                None => V1::Outcome(Outcome::Rejected(format!(
+                    "Stripe answered 400: {}",
+                    snippet(&text)
+                ))),
+            },
+            401 => V1::Stop(format!(
+                "Stripe refused the API key (401{}): check api_key; records stay pending",
+                error.as_ref().map(|e| format!(": {}", e.describe())).unwrap_or_default()
+            )),
+            403 => V1::Stop(format!(
+                "the API key may not create meter events (403{}): use a key with that permission; records stay pending",
+                error.as_ref().map(|e| format!(": {}", e.describe())).unwrap_or_default()
+            )),
+            402 | 404 => match &error {
+                Some(e) => V1::Outcome(Outcome::Rejected(format!(
+                    "Stripe answered {code}: {}",
+                    e.describe()
+                ))),
+                // A 404 without a Stripe error body is the wrong host or path, not the record.
+                None => V1::Stop(format!(
+                    "{} answered {code} without a Stripe error: check api_url; records stay pending",
+                    self.endpoint
+                )),
+            },
+            500..=599 if replayed => V1::Outcome(Outcome::Failed(format!(
+                "Stripe replays a stored HTTP {code} for this Idempotency-Key; retry after the key expires (24 h): {}",
+                snippet(&text)
+            ))),
+            408 | 409 | 429 | 500..=599 => {
+                return Attempt::Transient {
+                    reason: format!("HTTP {code}: {}", snippet(&text)),
+                    hint,
+                }
+            }
+            // Unexpected: keep the record pending rather than quarantine it.
+            _ => V1::Outcome(Outcome::Failed(format!(
+                "unexpected HTTP {code}: {}",
+                snippet(&text)
+            ))),
+        };
+        Attempt::Done(verdict)
+    }
+
+    // --- v2 stream ------------------------------------------------------------------------
+
+    async fn deliver_v2(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let mut ready: Vec<(usize, Value)> = Vec::new();
+        for (i, prepared) in self.prepare(batch).into_iter().enumerate() {
+            match prepared {
+                Err(o) => outcomes[i] = Some(o),
+                Ok(e) => ready.push((i, e.to_stream_json())),
+            }
+        }
+        for chunk in ready.chunks(STREAM_MAX_EVENTS) {
+            match self.send_stream(chunk).await {
+                Ok(list) => {
+                    for (i, o) in list {
+                        outcomes[i] = Some(o);
+                    }
+                }
+                Err(stop) => {
+                    let delivered = outcomes
+                        .iter()
+                        .any(|o| matches!(o, Some(Outcome::Delivered | Outcome::AlreadyDelivered)));
+                    if !delivered {
+                        return Err(stop);
+                    }
+                    for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+                        *o = Some(Outcome::Failed(format!("not sent: {}", stop.message)));
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::Failed("internal: no outcome".into())))
+            .collect())
+    }
+
+    /// One stream request (≤ 100 events). A 400 on several events is resent event by event,
+    /// so one malformed event does not quarantine the others.
+    async fn send_stream(
+        &self,
+        events: &[(usize, Value)],
+    ) -> Result<Vec<(usize, Outcome)>, SinkStopped> {
+        let list: Vec<Value> = events.iter().map(|(_, e)| e.clone()).collect();
+        let body = serde_json::json!({ "events": list }).to_string();
+        match self.stream_request(&body).await? {
+            StreamResult::Accepted => Ok(events
+                .iter()
+                .map(|(i, _)| (*i, Outcome::Delivered))
+                .collect()),
+            StreamResult::Failed(reason) => Ok(events
+                .iter()
+                .map(|(i, _)| (*i, Outcome::Failed(reason.clone())))
+                .collect()),
+            StreamResult::Rejected(reason) if events.len() == 1 => {
+                Ok(vec![(events[0].0, Outcome::Rejected(reason))])
+            }
+            StreamResult::Rejected(reason) => {
+                tracing::warn!(sink = %self.name, events = events.len(), %reason,
+                    "stripe stream refused a request; resending its events one by one");
+                let mut out = Vec::with_capacity(events.len());
+                for one in events {
+                    out.extend(Box::pin(self.send_stream(std::slice::from_ref(one))).await?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// POST one stream body, renewing the session when needed, retrying transient failures.
+    async fn stream_request(&self, body: &str) -> Result<StreamResult, SinkStopped> {
+        let mut delays = self.retry.backoff().build();
+        let mut attempt = 0usize;
+        let mut renewals = 0usize;
+        loop {
+            attempt += 1;
+            let token = match self.session(false).await? {
+                Ok(t) => t,
+                Err(reason) => return Ok(StreamResult::Failed(reason)),
+            };
+            let response = self
+                .request(&self.stream_url, token.expose())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            let (reason, hint) = match response {
+                Err(e) => (transport_reason(&e), None),
+                Ok(response) => {
+                    let code = response.status().as_u16();
+                    let hint = retry_hint(response.headers());
+                    let text = response.text().await.unwrap_or_default();
+                    let error = StripeError::parse(&text);
+                    match code {
+                        200..=299 => return Ok(StreamResult::Accepted),
+                        401 if renewals < 2 => {
+                            // Expired session (`billing_meter_event_session_expired`, or the
+                            // SDKs' `temporary_session_expired`) or a token Stripe no longer
+                            // knows: a new session, then the same events again.
+                            renewals += 1;
+                            tracing::info!(sink = %self.name, error = %error.as_ref().map(StripeError::describe).unwrap_or_default(),
+                                "stripe stream session refused; creating a new session");
+                            *self.session.lock().await = None;
+                            continue;
+                        }
+                        401 | 403 => {
+                            return Err(self.stopped(format!(
+                                "the meter event stream refused new session tokens ({code}{}); records stay pending",
+                                error.as_ref().map(|e| format!(": {}", e.describe())).unwrap_or_default()
+                            )))
+                        }
+                        400 | 402 | 404 | 422 => match &error {
+                            Some(e) => {
+                                return Ok(StreamResult::Rejected(format!(
+                                    "Stripe stream answered {code}: {}",
+                                    e.describe()
+                                )))
+                            }
+                            None => {
+                                return Err(self.stopped(format!(
+                                    "{} answered {code} without a Stripe error: check meter_events_url; records stay pending",
+                                    self.stream_url
+                                )))
+                            }
+                        },
+                        408 | 409 | 429 | 500..=599 => {
+                            (format!("HTTP {code}: {}", snippet(&text)), hint)
+                        }
+                        _ => {
+                            return Ok(StreamResult::Failed(format!(
+                                "unexpected HTTP {code}: {}",
+                                snippet(&text)
+                            )))
+                        }
+                    }
+                }
+            };
+            match self.retry.with_hint(delays.next(), hint) {
+                Some(wait) => {
+                    tracing::warn!(sink = %self.name, attempt, wait_ms = wait.as_millis() as u64, %reason,
+                        "stripe stream request failed, retrying the same events");
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    return Ok(StreamResult::Failed(format!(
+                        "{reason} (gave up after {attempt} attempts)"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The current session token, created or renewed when missing or about to expire.
+    /// `Ok(Err(reason))`: a transient failure creating it, retries exhausted.
+    async fn session(&self, force: bool) -> Result<Result<Secret, String>, SinkStopped> {
+        let mut guard = self.session.lock().await;
+        if let Some(s) = guard.as_ref() {
+            let margin = chrono::Duration::from_std(SESSION_MARGIN).unwrap_or_default();
+            if !force && s.expires_at - margin > Utc::now() {
+                return Ok(Ok(s.token.clone()));
+            }
+        }
+        let mut delays = self.retry.backoff().build();
+        let mut attempt = 0usize;
+        loop {
+            attempt += 1;
+            let response = self
+                .request(&self.session_url, self.api_key.expose())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body("{}")
+                .send()
+                .await;
+            let (reason, hint) = match response {
+                Err(e) => (transport_reason(&e), None),
+                Ok(response) => {
+                    let code = response.status().as_u16();
+                    let hint = retry_hint(response.headers());
+                    let text = response.text().await.unwrap_or_default();
+                    match code {
+                        200..=299 => {
+                            let s = parse_session(&text).map_err(|m| {
+                                self.stopped(format!("meter event session answer unreadable: {m}"))
+                            })?;
+                            tracing::debug!(sink = %self.name, expires_at = %s.expires_at, "stripe meter event session created");
+                            let token = s.token.clone();
+                            *guard = Some(s);
+                            return Ok(Ok(token));
+                        }
+                        408 | 409 | 429 | 500..=599 => {
+                            (format!("HTTP {code}: {}", snippet(&text)), hint)
+                        }
+                        401 => {
+                            return Err(self.stopped(
+                                "Stripe refused the API key creating a meter event session (401): check api_key; records stay pending",
+                            ))
+                        }
+                        _ => {
+                            let detail = StripeError::parse(&text)
+                                .map(|e| e.describe())
+                                .unwrap_or_else(|| snippet(&text));
+                            return Err(self.stopped(format!(
+                                "cannot create a meter event session ({code}: {detail}); check api_url, api_version and the key's permissions; records stay pending"
+                            )));
+                        }
+                    }
+                }
+            };
+            match self.retry.with_hint(delays.next(), hint) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => {
+                    return Ok(Err(format!(
+                    "creating a meter event session: {reason} (gave up after {attempt} attempts)"
+                )))
+                }
+            }
+        }
+    }
+}
+
+enum Attempt<T> {
+    Done(T),
+    Transient {
+        reason: String,
+        hint: Option<Duration>,
+    },
+}
+
+/// The verdict on one v1 record.
+enum V1 {
+    Outcome(Outcome),
+    Stop(String),
+}
+
+enum StreamResult {
+    Accepted,
+    Rejected(String),
+    Failed(String),
+}
+
+/// `{"error": {"type", "code", "message", "param"}}`.
+#[derive(Debug, Deserialize)]
+struct StripeError {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    code: Option<String>,
+    message: Option<String>,
+    param: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorEnvelope {
+    error: StripeError,
+}
+
+impl StripeError {
+    fn parse(text: &str) -> Option<StripeError> {
+        serde_json::from_str::<ErrorEnvelope>(text)
+            .ok()
+            .map(|e| e.error)
+    }
+
+    /// Stripe's identifier dedup: a 400 `invalid_request_error` saying that an event with
+    /// *this* identifier already exists (observed text: "An event already exists with
+    /// identifier <id>."). Nothing looser counts, so an unrelated 400 is never taken for success.
+    fn is_identifier_duplicate(&self, identifier: &str) -> bool {
+        if self
+            .kind
+            .as_deref()
+            .is_some_and(|k| k != "invalid_request_error")
+        {
+            return false;
+        }
+        let Some(message) = self.message.as_deref() else {
+            return false;
+        };
+        let lower = message.to_ascii_lowercase();
+        lower.contains("already exists")
+            && lower.contains("identifier")
+            && message
+                .split(|c: char| c.is_whitespace() || matches!(c, '\'' | '"' | '`' | '(' | ')'))
+                .map(|w| w.strip_suffix('.').unwrap_or(w))
+                .any(|w| w == identifier)
+    }
+
+    fn describe(&self) -> String {
+        let mut s = self.message.clone().unwrap_or_else(|| "no message".into());
+        let tags: Vec<String> = [
+            self.kind.as_deref().map(|k| format!("type {k}")),
+            self.code.as_deref().map(|c| format!("code {c}")),
+            self.param.as_deref().map(|p| format!("param {p}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !tags.is_empty() {
+            s.push_str(&format!(" ({})", tags.join(", ")));
+        }
+        snippet(&s)
+    }
+}
+
+fn parse_session(text: &str) -> Result<Session, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let token = v
+        .get("authentication_token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .ok_or("no authentication_token")?;
+    let expires_at = match v.get("expires_at") {
+        Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
+            .map(|d| d.with_timezone(&Utc))
+            .map_err(|e| format!("expires_at {s:?}: {e}"))?,
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .and_then(|s| Utc.timestamp_opt(s, 0).single())
+            .ok_or("expires_at is not a Unix time")?,
+        _ => return Err("no expires_at".into()),
+    };
+    Ok(Session {
+        token: Secret::new(token),
+        expires_at,
+    })
+}
+
+fn header_is_true(headers: &reqwest::header::HeaderMap, name: &str) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// `35 days`, `5m`, `36h`: whole days when the duration is whole days.
+fn human(d: chrono::Duration) -> String {
+    let secs = d.num_seconds().max(0);
+    if secs > 0 && secs % 86_400 == 0 {
+        let days = secs / 86_400;
+        return format!("{days} day{}", if days == 1 { "" } else { "s" });
+    }
+    humantime::format_duration(Duration::from_secs(secs as u64)).to_string()
+}
+
+fn transport_reason(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "answer cut"
+    } else {
+        "transport error"
+    };
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    format!("{kind}: {detail}")
+}
+
+// --- the form body ------------------------------------------------------------------------
+
+/// `application/x-www-form-urlencoded` byte encoding: unreserved bytes stay, space is `+`,
+/// everything else is `%XX` (upper case), as browsers and `serde_urlencoded` do.
+pub fn form_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The inverse of [`form_encode`] (accepting lower-case hex too).
+pub fn form_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad percent escape in {text:?}"))?;
+                out.push(hex);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8"))
+}
+
+/// Split a form body into decoded `(name, value)` pairs, in order.
+pub fn form_pairs(body: &str) -> Result<Vec<(String, String)>, String> {
+    body.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((form_decode(k)?, form_decode(v)?))
+        })
+        .collect()
+}
+
+/// A frozen v1 body read back.
+#[derive(Debug, Clone, PartialEq)]
+struct FormEvent {
+    event_name: String,
+    identifier: String,
+    timestamp: i64,
+    /// `payload[k]` pairs in body order.
+    payload: Vec<(String, String)>,
+}
+
+impl FormEvent {
+    fn parse(body: &str) -> Result<FormEvent, String> {
+        let mut event_name = None;
+        let mut identifier = None;
+        let mut timestamp = None;
+        let mut payload = Vec::new();
+        for (k, v) in form_pairs(body)? {
+            match k.as_str() {
+                "event_name" => event_name = Some(v),
+                "identifier" => identifier = Some(v),
+                "timestamp" => {
+                    timestamp = Some(
+                        v.parse::<i64>()
+                            .map_err(|_| format!("timestamp {v:?} is not an integer"))?,
+                    )
+                }
+                _ => match k.strip_prefix("payload[").and_then(|r| r.strip_suffix(']')) {
+                    Some(name) => payload.push((name.to_string(), v)),
+                    None => return Err(format!("unexpected field {k:?}")),
+                },
+            }
+        }
+        Ok(FormEvent {
+            event_name: event_name.ok_or("no event_name")?,
+            identifier: identifier.ok_or("no identifier")?,
+            timestamp: timestamp.ok_or("no timestamp")?,
+            payload,
+        })
+    }
+
+    fn customer(&self) -> &str {
+        self.payload
+            .iter()
+            .find(|(k, _)| k == CUSTOMER_KEY)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
+    /// The same event as a v2 stream JSON object (timestamp as RFC 3339).
+    fn to_stream_json(&self) -> Value {
+        let timestamp = Utc
+            .timestamp_opt(self.timestamp, 0)
+            .single()
+            .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        let payload: Map<String, Value> = self
+            .payload
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        serde_json::json!({
+            "event_name": self.event_name,
+            "identifier": self.identifier,
+            "timestamp": timestamp,
+            "payload": payload,
+        })
+    }
+}
+
+/// A whole decimal as Stripe reads it: plain digits, optional minus, no exponent.
+fn integer_text(value: rust_decimal::Decimal) -> Option<String> {
+    if !value.fract().is_zero() {
+        return None;
+    }
+    if value.is_zero() {
+        return Some("0".into());
+    }
+    Some(value.trunc().normalize().to_string())
+}
+
+#[async_trait]
+impl Sink for StripeSink {
+    fn kind(&self) -> &'static str {
+        "stripe"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
+
+    /// `event_name=…&identifier=<key>&timestamp=<secs>&payload[stripe_customer_id]=…&
+    /// payload[<value key>]=…` and the extra properties as `payload[<name>]=…`, sorted by name.
+    /// `event_name` is the mapping's metric code, the customer its subscription field.
+    fn encode(&self, key: &str, event: &MappedEvent) -> Result<String, EncodeError> {
+        if key.trim().is_empty() {
+            return Err(self.encode_error(key, "the identifier (ledger key) is empty"));
+        }
+        if key.len() > MAX_IDENTIFIER {
+            return Err(self.encode_error(
+                key,
+                format!(
+                    "the key is {} characters; Stripe's identifier allows {MAX_IDENTIFIER}",
+                    key.len()
+                ),
+            ));
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(self.encode_error(
+                key,
+                "the key must be printable ASCII (it is also the Idempotency-Key header)",
+            ));
+        }
+        let event_name = event.metric_code.trim();
+        if event_name.is_empty() {
+            return Err(self.encode_error(key, "the meter event_name (metric code) is empty"));
+        }
+        if event_name.chars().count() > MAX_IDENTIFIER {
+            return Err(self.encode_error(
+                key,
+                format!("event_name {event_name:?} is longer than {MAX_IDENTIFIER} characters"),
+            ));
+        }
+        let customer = event.external_subscription_id.trim();
+        if !customer.starts_with("cus_") || customer.len() <= 4 {
+            return Err(self.encode_error(
+                key,
+                format!(
+                    "a Stripe sink needs a customer id (cus_…) in the mapping's subscription field, got {customer:?}"
+                ),
+            ));
+        }
+        let Some(value) = integer_text(event.value) else {
+            return Err(self.encode_error(
+                key,
+                format!(
+                    "Stripe meter values must be whole numbers, got {}: convert to a smaller unit or round in the mapping",
+                    event.value.normalize()
+                ),
+            ));
+        };
+        let secs = event.timestamp.timestamp();
+        if secs < 0 {
+            return Err(self.encode_error(key, "the timestamp is before 1970"));
+        }
+        let mut payload: Vec<(&str, &str)> = vec![
+            (CUSTOMER_KEY, customer),
+            (self.value_property.as_str(), value.as_str()),
+        ];
+        for (name, v) in &event.properties {
+            if name == CUSTOMER_KEY || *name == self.value_property {
+                return Err(self.encode_error(
+                    key,
+                    format!("extra property {name:?} collides with the customer or value key"),
+                ));
+            }
+            if name.is_empty() || name.contains(['[', ']']) {
+                return Err(self.encode_error(
+                    key,
+                    format!("extra property name {name:?} is empty or contains brackets"),
+                ));
+            }
+            payload.push((name.as_str(), v.as_str()));
+        }
+        if let Some((name, _)) = payload
+            .iter()
+            .find(|(_, v)| v.chars().count() > MAX_PAYLOAD_VALUE)
+        {
+            return Err(self.encode_error(
+                key,
+                format!("payload value {name:?} is longer than {MAX_PAYLOAD_VALUE} characters"),
+            ));
+        }
+        let mut out = String::with_capacity(256);
+        out.push_str("event_name=");
+        out.push_str(&form_encode(event_name));
+        out.push_str("&identifier=");
+        out.push_str(&form_encode(key));
+        out.push_str("&timestamp=");
+        out.push_str(&secs.to_string());
+        for (name, v) in payload {
+            out.push_str("&payload[");
+            out.push_str(&form_encode(name));
+            out.push_str("]=");
+            out.push_str(&form_encode(v));
+        }
+        Ok(out)
+    }
+
+    async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
+        match self.mode {
+            StripeMode::V1 => self.deliver_v1(batch).await,
+            StripeMode::V2Stream => self.deliver_v2(batch).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_round_trip() {
+        let s = "a b&c=d/é[x]%";
+        assert_eq!(form_decode(&form_encode(s)).unwrap(), s);
+        assert_eq!(form_encode("a b"), "a+b");
+    }
+
+    #[test]
+    fn integer_values() {
+        let d = |s: &str| s.parse::<rust_decimal::Decimal>().unwrap();
+        assert_eq!(integer_text(d("25.000")).as_deref(), Some("25"));
+        assert_eq!(integer_text(d("-3")).as_deref(), Some("-3"));
+        assert_eq!(integer_text(d("0.0")).as_deref(), Some("0"));
+        assert_eq!(integer_text(d("1e3")).as_deref(), Some("1000"));
+        assert_eq!(integer_text(d("2.5")), None);
+    }
+
+    #[test]
+    fn duplicate_detection_is_narrow() {
+        let e = |kind: &str, msg: &str| StripeError {
+            kind: Some(kind.into()),
+            code: None,
+            message: Some(msg.into()),
+            param: None,
+        };
+        let k = "ms.a.20260101T000000.abc";
+        assert!(e(
+            "invalid_request_error",
+            &format!("An event already exists with identifier {k}.")
+        )
+        .is_identifier_duplicate(k));
+        assert!(!e(
+            "invalid_request_error",
+            &format!("An event already exists with identifier {k}x.")
+        )
+        .is_identifier_duplicate(k));
+        assert!(!e("invalid_request_error", "No such meter: foo").is_identifier_duplicate(k));
+        assert!(!e(
+            "api_error",
+            &format!("An event already exists with identifier {k}.")
+        )
+        .is_identifier_duplicate(k));
+    }
+}

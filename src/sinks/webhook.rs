@@ -1,0 +1,520 @@
+//! The webhook sink: signed JSON batches to an in-house invoicing system.
+//!
+//! Contract (the receiver's side is documented in the README, "Webhook signature"):
+//!
+//! - **Body**: `{"batch_id":"<id>","records":[<record>,…]}` where each record is the payload
+//!   frozen in the ledger at staging, copied verbatim. A record is
+//!   `{"key":…,"subscription":…,"customer":…|null,"metric":…,"property":…,"value":"<decimal>",
+//!   "timestamp":"<RFC 3339 UTC>","properties":{…}}`; `value` is a string so no JSON parser
+//!   turns it into a float.
+//! - **Idempotency**: `batch_id` (also sent as `Idempotency-Key`) is the SHA-256 of the
+//!   batch's record keys, so a resend of the same records, in this run or after a crash
+//!   between the receiver's answer and the ledger's acknowledgement, carries the same id. A
+//!   batch after a crash can hold *more* records than the lost attempt (new records join the
+//!   pending queue), so a receiver must in the end deduplicate by each record's `key`; the
+//!   batch id is a shortcut. A receiver answers **409** for a batch (or records) it already
+//!   has: the sink records them as delivered before.
+//! - **Signature**: `X-Billsync-Timestamp: <unix seconds>` and
+//!   `X-Billsync-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<raw body>")>`. Each
+//!   attempt is signed afresh (a retry has a new timestamp and signature over the same body),
+//!   so the receiver can refuse stale timestamps against replay and must never use the
+//!   signature as a deduplication key.
+//! - **Retry classes** as for Lago: transport errors, timeouts, 408, 429 and 5xx are retried
+//!   with the same body ([`RetryPolicy`], honouring `Retry-After`); 2xx = delivered; 409 =
+//!   already delivered; 400, 404, 413 and 422 reject the batch's records (held in the ledger
+//!   with the answer); 401 and 403 stop the sink (records stay pending); anything else leaves
+//!   the records pending for the next run.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use backon::BackoffBuilder;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::Secret;
+use crate::http::{retry_hint, snippet, RetryPolicy};
+use crate::mapping::MappedEvent;
+use crate::sinks::jsonl::{decimal_text, utc_text};
+use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
+
+/// Header carrying the batch id.
+pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+/// Header carrying the signing time, Unix seconds.
+pub const TIMESTAMP_HEADER: &str = "X-Billsync-Timestamp";
+/// Header carrying `v1=<hex HMAC-SHA256>`.
+pub const SIGNATURE_HEADER: &str = "X-Billsync-Signature";
+/// The largest batch the sink sends.
+pub const MAX_BATCH: usize = 1000;
+
+fn default_batch_size() -> usize {
+    100
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// An extra header value: plain text, or a secret read from `env:NAME` / `file:/path` (an
+/// `Authorization` token, say), redacted in logs and `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum HeaderValue {
+    /// Sent as written.
+    Plain(String),
+    /// Resolved at start-up from the environment or a file.
+    Secret(Secret),
+}
+
+impl HeaderValue {
+    fn expose(&self) -> &str {
+        match self {
+            HeaderValue::Plain(v) => v,
+            HeaderValue::Secret(s) => s.expose(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HeaderValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderValue::Plain(v) => write!(f, "{v:?}"),
+            HeaderValue::Secret(_) => f.write_str("Secret(***)"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HeaderValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.starts_with("env:") || text.starts_with("file:") {
+            Secret::resolve(&text)
+                .map(HeaderValue::Secret)
+                .map_err(serde::de::Error::custom)
+        } else {
+            Ok(HeaderValue::Plain(text))
+        }
+    }
+}
+
+/// Settings of one webhook sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The URL batches are POSTed to (http or https).
+    pub url: String,
+    /// The HMAC-SHA256 signing key (`env:NAME` or `file:/path`).
+    pub secret: Secret,
+    /// Records per request, 1 to 1000. Default 100.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Extra static headers. A value written `env:NAME` or `file:/path` is read as a secret.
+    /// The sink's own headers (`Content-Type`, `Idempotency-Key`, `X-Billsync-*`) cannot be
+    /// overridden.
+    #[serde(default)]
+    pub headers: BTreeMap<String, HeaderValue>,
+    /// Timeout of one HTTP request, e.g. `30s`. Default 30 seconds.
+    #[serde(default = "default_timeout", with = "crate::config::duration")]
+    pub timeout: Duration,
+    /// Retries of transient failures (transport errors, timeouts, 408, 429, 5xx).
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// A webhook sink configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookConfigError {
+    /// `batch_size` outside 1..=1000.
+    #[error("sink {sink}: batch_size must be between 1 and {MAX_BATCH}, got {got}")]
+    BatchSize { sink: String, got: usize },
+    /// `url` is not an absolute http(s) URL.
+    #[error("sink {sink}: url {url:?} {reason}")]
+    Url {
+        sink: String,
+        url: String,
+        reason: String,
+    },
+    /// `timeout` is zero.
+    #[error("sink {sink}: timeout must be greater than zero")]
+    Timeout { sink: String },
+    /// A header name or value HTTP cannot carry, or one of the sink's own headers.
+    #[error("sink {sink}: header {name:?}: {reason}")]
+    Header {
+        sink: String,
+        name: String,
+        reason: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("sink {sink}: cannot build the HTTP client: {message}")]
+    Client { sink: String, message: String },
+}
+
+/// Delivers signed batches of frozen record payloads to a URL.
+#[derive(Debug)]
+pub struct WebhookSink {
+    name: String,
+    url: String,
+    secret: Secret,
+    batch_size: usize,
+    headers: reqwest::header::HeaderMap,
+    retry: RetryPolicy,
+    client: reqwest::Client,
+}
+
+/// The batch id of a list of record keys: hex SHA-256 over the keys, each followed by `\n`.
+pub fn batch_id<'a>(keys: impl IntoIterator<Item = &'a str>) -> String {
+    let mut h = Sha256::new();
+    for k in keys {
+        h.update(k.as_bytes());
+        h.update(b"\n");
+    }
+    hex(&h.finalize())
+}
+
+/// `v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`: the value of
+/// [`SIGNATURE_HEADER`].
+pub fn signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => unreachable!("HMAC takes keys of any length"),
+    };
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1={}", hex(&mac.finalize().into_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The request body of a batch: `{"batch_id":…,"records":[payloads verbatim]}`.
+pub fn batch_body(batch_id: &str, payloads: &[&str]) -> String {
+    let mut body = String::with_capacity(
+        payloads.iter().map(|p| p.len() + 1).sum::<usize>() + batch_id.len() + 32,
+    );
+    body.push_str("{\"batch_id\":\"");
+    body.push_str(batch_id);
+    body.push_str("\",\"records\":[");
+    for (i, p) in payloads.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(p);
+    }
+    body.push_str("]}");
+    body
+}
+
+impl WebhookSink {
+    /// Check the configuration and build the sink (no network access).
+    pub fn new(name: String, config: WebhookConfig) -> Result<Self, WebhookConfigError> {
+        if config.batch_size == 0 || config.batch_size > MAX_BATCH {
+            return Err(WebhookConfigError::BatchSize {
+                sink: name,
+                got: config.batch_size,
+            });
+        }
+        if config.timeout.is_zero() {
+            return Err(WebhookConfigError::Timeout { sink: name });
+        }
+        let url = config.url.trim().to_string();
+        let parsed = reqwest::Url::parse(&url).map_err(|e| WebhookConfigError::Url {
+            sink: name.clone(),
+            url: url.clone(),
+            reason: format!("is not a valid URL: {e}"),
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(WebhookConfigError::Url {
+                sink: name,
+                url,
+                reason: "must be an http:// or https:// URL with a host".into(),
+            });
+        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (key, value) in &config.headers {
+            let header_error = |reason: &str| WebhookConfigError::Header {
+                sink: name.clone(),
+                name: key.clone(),
+                reason: reason.to_string(),
+            };
+            let lower = key.to_ascii_lowercase();
+            if lower == "content-type"
+                || lower == "content-length"
+                || lower == "host"
+                || lower == IDEMPOTENCY_HEADER.to_ascii_lowercase()
+                || lower.starts_with("x-billsync-")
+            {
+                return Err(header_error("is set by the sink and cannot be configured"));
+            }
+            let header_name = reqwest::header::HeaderName::from_bytes(key.as_bytes())
+                .map_err(|_| header_error("is not a valid header name"))?;
+            let mut header_value = reqwest::header::HeaderValue::from_str(value.expose())
+                // The value may be a secret: never quote it.
+                .map_err(|_| header_error("has a value HTTP cannot carry"))?;
+            if matches!(value, HeaderValue::Secret(_)) {
+                header_value.set_sensitive(true);
+            }
+            headers.insert(header_name, header_value);
+        }
+        // No redirects: reqwest would turn the POST into a bodiless GET.
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("billsync/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| WebhookConfigError::Client {
+                sink: name.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(WebhookSink {
+            name,
+            url,
+            secret: config.secret,
+            batch_size: config.batch_size,
+            headers,
+            retry: config.retry,
+            client,
+        })
+    }
+
+    /// The URL batches are posted to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn stopped(&self, message: impl Into<String>) -> SinkStopped {
+        SinkStopped {
+            sink: self.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// Send one batch, retrying transient failures with the same body.
+    async fn send(&self, records: &[&Outgoing]) -> Result<Outcome, SinkStopped> {
+        let id = batch_id(records.iter().map(|o| o.key.as_str()));
+        let payloads: Vec<&str> = records.iter().map(|o| o.payload.as_str()).collect();
+        let body = batch_body(&id, &payloads);
+        let mut delays = self.retry.backoff().build();
+        let mut attempt = 0usize;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let (reason, hint) = match self.attempt(&id, &body).await? {
+                Attempt::Done(outcome) => {
+                    tracing::debug!(
+                        sink = %self.name,
+                        batch_id = %id,
+                        records = records.len(),
+                        attempt,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        outcome = ?outcome,
+                        "webhook batch done"
+                    );
+                    return Ok(outcome);
+                }
+                Attempt::Transient { reason, hint } => (reason, hint),
+            };
+            match self.retry.with_hint(delays.next(), hint) {
+                Some(wait) => {
+                    tracing::warn!(
+                        sink = %self.name,
+                        batch_id = %id,
+                        attempt,
+                        wait_ms = wait.as_millis() as u64,
+                        %reason,
+                        "webhook request failed, retrying the same body"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    tracing::warn!(
+                        sink = %self.name,
+                        batch_id = %id,
+                        attempt,
+                        %reason,
+                        "webhook request failed, retries exhausted; records stay pending"
+                    );
+                    return Ok(Outcome::Failed(format!(
+                        "{reason} (gave up after {attempt} attempts)"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One signed HTTP exchange.
+    async fn attempt(&self, id: &str, body: &str) -> Result<Attempt, SinkStopped> {
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = signature(self.secret.expose().as_bytes(), timestamp, body.as_bytes());
+        let response = self
+            .client
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(IDEMPOTENCY_HEADER, id)
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(SIGNATURE_HEADER, signature)
+            .body(body.to_string())
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Attempt::Transient {
+                    reason: transport_reason(&e),
+                    hint: None,
+                })
+            }
+        };
+        let status = response.status();
+        let hint = retry_hint(response.headers());
+        let text = match response.text().await {
+            Ok(t) => t,
+            Err(e) => {
+                return Ok(Attempt::Transient {
+                    reason: format!(
+                        "HTTP {status}, reading the answer failed: {}",
+                        transport_reason(&e)
+                    ),
+                    hint,
+                })
+            }
+        };
+        let outcome = match status.as_u16() {
+            200..=299 => Outcome::Delivered,
+            409 => Outcome::AlreadyDelivered,
+            401 | 403 => {
+                return Err(self.stopped(format!(
+                    "the receiver refused the signature or credentials (HTTP {status}): {}; records stay pending",
+                    snippet(&text)
+                )))
+            }
+            400 | 404 | 413 | 422 => Outcome::Rejected(format!(
+                "the receiver answered {status}: {}",
+                snippet(&text)
+            )),
+            408 | 429 | 500..=599 => {
+                return Ok(Attempt::Transient {
+                    reason: format!("HTTP {status}: {}", snippet(&text)),
+                    hint,
+                })
+            }
+            _ => Outcome::Failed(format!("unexpected HTTP {status}: {}", snippet(&text))),
+        };
+        Ok(Attempt::Done(outcome))
+    }
+}
+
+enum Attempt {
+    Done(Outcome),
+    Transient {
+        reason: String,
+        hint: Option<Duration>,
+    },
+}
+
+fn transport_reason(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "answer cut"
+    } else {
+        "transport error"
+    };
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    format!("{kind}: {detail}")
+}
+
+#[async_trait]
+impl Sink for WebhookSink {
+    fn kind(&self) -> &'static str {
+        "webhook"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    /// `{"key","subscription","customer","metric","property","value","timestamp","properties"}`
+    /// in this order, compact; `value` a decimal string, `timestamp` RFC 3339 UTC, properties
+    /// sorted by name.
+    fn encode(&self, key: &str, event: &MappedEvent) -> Result<String, EncodeError> {
+        let error = |message: &str| EncodeError {
+            sink: self.name.clone(),
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        if key.trim().is_empty() {
+            return Err(error("the ledger key is empty"));
+        }
+        if event.external_subscription_id.trim().is_empty() {
+            return Err(error("the subscription is empty"));
+        }
+        if event.metric_code.trim().is_empty() {
+            return Err(error("the metric code is empty"));
+        }
+        let mut o = Map::new();
+        o.insert("key".into(), Value::from(key));
+        o.insert(
+            "subscription".into(),
+            Value::from(event.external_subscription_id.as_str()),
+        );
+        o.insert(
+            "customer".into(),
+            event
+                .external_customer_id
+                .as_deref()
+                .map_or(Value::Null, Value::from),
+        );
+        o.insert("metric".into(), Value::from(event.metric_code.as_str()));
+        o.insert(
+            "property".into(),
+            Value::from(event.value_property.as_str()),
+        );
+        o.insert("value".into(), Value::from(decimal_text(event.value)));
+        o.insert("timestamp".into(), Value::from(utc_text(event.timestamp)));
+        o.insert(
+            "properties".into(),
+            Value::Object(
+                event
+                    .properties
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                    .collect(),
+            ),
+        );
+        serde_json::to_string(&Value::Object(o)).map_err(|e| error(&e.to_string()))
+    }
+
+    async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for chunk in batch.chunks(self.batch_size) {
+            let records: Vec<&Outgoing> = chunk.iter().collect();
+            let outcome = self.send(&records).await?;
+            outcomes.extend(std::iter::repeat_n(outcome, chunk.len()));
+        }
+        Ok(outcomes)
+    }
+}

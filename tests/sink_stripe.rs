@@ -1,0 +1,444 @@
+//! The Stripe meter events sink against the loopback simulator: exact bytes and headers,
+//! exactly-once through a lost answer, retry classes, the 35-day guard, and the v2 stream.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use billsync::config::Secret;
+use billsync::http::RetryPolicy;
+use billsync::mapping::MappedEvent;
+use billsync::simulators::stripe::{DropMode, StripeSim, StripeSimConfig, StripeSimHandle};
+use billsync::sinks::stripe::{StripeConfig, StripeMode, StripeSink};
+use billsync::sinks::{Outcome, Outgoing, Sink};
+use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+
+const KEY: &str = "sk_test_sim";
+
+fn fast_retry(max_retries: usize) -> RetryPolicy {
+    RetryPolicy {
+        max_retries,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(40),
+    }
+}
+
+fn config(url: &str, retry: RetryPolicy) -> StripeConfig {
+    let mut c = StripeConfig::new(url, Secret::new(KEY));
+    c.retry = retry;
+    c.timeout = Duration::from_secs(2);
+    c.meter_events_url = url.to_string();
+    c
+}
+
+fn sink(url: &str, retry: RetryPolicy) -> StripeSink {
+    StripeSink::new("stripe-test".into(), config(url, retry)).expect("valid configuration")
+}
+
+/// Whole seconds, `ago` before now.
+fn ago(ago: chrono::Duration) -> DateTime<Utc> {
+    let t = Utc::now() - ago;
+    Utc.timestamp_opt(t.timestamp(), 0).single().unwrap()
+}
+
+fn event(customer: &str, value: &str, timestamp: DateTime<Utc>) -> MappedEvent {
+    MappedEvent {
+        rule: "test.yaml#api".into(),
+        sink: Some("stripe-test".into()),
+        external_subscription_id: customer.into(),
+        external_customer_id: None,
+        metric_code: "api_calls".into(),
+        value_property: "ignored".into(),
+        value: Decimal::from_str(value).unwrap(),
+        properties: BTreeMap::from([("region".to_string(), "eu west/1".to_string())]),
+        timestamp,
+    }
+}
+
+fn batch(s: &StripeSink, events: &[(&str, MappedEvent)]) -> Vec<Outgoing> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, (key, e))| Outgoing {
+            id: i as i64 + 1,
+            key: key.to_string(),
+            payload: s.encode(key, e).expect("encodable"),
+        })
+        .collect()
+}
+
+async fn sim() -> StripeSimHandle {
+    StripeSim::start(StripeSimConfig::default()).await.unwrap()
+}
+
+#[tokio::test]
+async fn delivers_the_exact_body_and_headers() {
+    let stripe = sim().await;
+    let s = sink(&stripe.url, fast_retry(0));
+    let t = ago(chrono::Duration::hours(1));
+    let b = batch(&s, &[("ms.k1", event("cus_A1", "25.000", t))]);
+    let expected = format!(
+        "event_name=api_calls&identifier=ms.k1&timestamp={}&payload[stripe_customer_id]=cus_A1&payload[value]=25&payload[region]=eu+west%2F1",
+        t.timestamp()
+    );
+    assert_eq!(b[0].payload, expected);
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered]);
+    let reqs = stripe.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].body, expected);
+    assert_eq!(reqs[0].idempotency_key.as_deref(), Some("ms.k1"));
+    assert_eq!(
+        reqs[0].content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert_eq!(reqs[0].authorization.as_deref(), Some("Bearer sk_test_sim"));
+    let stored = stripe.events();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].identifier, "ms.k1");
+    assert_eq!(stored[0].timestamp, t.timestamp());
+    assert_eq!(stored[0].payload["region"], "eu west/1");
+    assert_eq!(stripe.total("cus_A1", "api_calls"), Some(Decimal::from(25)));
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_delivered_exactly_once() {
+    let stripe = sim().await;
+    let s = sink(&stripe.url, fast_retry(2));
+    let t = ago(chrono::Duration::hours(2));
+    let b = batch(
+        &s,
+        &[
+            ("k.1", event("cus_A", "7", t)),
+            ("k.2", event("cus_B", "5", t)),
+        ],
+    );
+    // Stripe accepts; the ledger never records it (crash): the next run sends again.
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered; 2]);
+    assert_eq!(
+        s.deliver(&b).await.unwrap(),
+        vec![Outcome::AlreadyDelivered; 2],
+        "Idempotency-Key replay"
+    );
+    // Later, after Stripe pruned the idempotency keys: the identifier still deduplicates.
+    stripe.forget_idempotency_keys();
+    assert_eq!(
+        s.deliver(&b).await.unwrap(),
+        vec![Outcome::AlreadyDelivered; 2],
+        "identifier duplicate"
+    );
+    assert_eq!(stripe.count("k.1"), 1);
+    assert_eq!(stripe.count("k.2"), 1);
+    assert_eq!(stripe.total("cus_A", "api_calls"), Some(Decimal::from(7)));
+
+    // Stored, then the answer is lost on the way (502): the retry gets the replayed 200.
+    let b = batch(&s, &[("k.3", event("cus_A", "1", t))]);
+    stripe.store_then_drop_next(1, DropMode::Status502);
+    assert_eq!(
+        s.deliver(&b).await.unwrap(),
+        vec![Outcome::AlreadyDelivered]
+    );
+    assert_eq!(stripe.count("k.3"), 1);
+
+    // Stored, then the answer comes too late (client timeout).
+    let mut c = config(&stripe.url, fast_retry(2));
+    c.timeout = Duration::from_millis(300);
+    let slow = StripeSink::new("stripe-test".into(), c).unwrap();
+    let b = batch(&slow, &[("k.4", event("cus_A", "1", t))]);
+    stripe.store_then_drop_next(1, DropMode::Stall(Duration::from_millis(600)));
+    assert_eq!(
+        slow.deliver(&b).await.unwrap(),
+        vec![Outcome::AlreadyDelivered]
+    );
+    assert_eq!(stripe.count("k.4"), 1);
+    assert_eq!(stripe.total("cus_A", "api_calls"), Some(Decimal::from(9)));
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_with_the_same_key_and_body() {
+    let stripe = sim().await;
+    let s = sink(&stripe.url, fast_retry(4));
+    let b = batch(
+        &s,
+        &[("k.r", event("cus_A", "3", ago(chrono::Duration::hours(1))))],
+    );
+    stripe.fail_next(1, 500);
+    stripe.fail_next(1, 503);
+    stripe.rate_limit_next(1, Some(0));
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered]);
+    let reqs = stripe.requests();
+    assert_eq!(reqs.len(), 4);
+    assert!(reqs.iter().all(|r| r.body == b[0].payload));
+    assert!(reqs
+        .iter()
+        .all(|r| r.idempotency_key.as_deref() == Some("k.r")));
+    assert_eq!(stripe.count("k.r"), 1);
+
+    // Exhausted: Failed (stays pending), nothing stored.
+    let b = batch(
+        &s,
+        &[("k.x", event("cus_A", "3", ago(chrono::Duration::hours(1))))],
+    );
+    stripe.fail_next(5, 503);
+    match &s.deliver(&b).await.unwrap()[0] {
+        Outcome::Failed(reason) => assert!(reason.contains("503"), "{reason}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert_eq!(stripe.count("k.x"), 0);
+}
+
+#[tokio::test]
+async fn a_replayed_server_error_is_not_retried_within_the_run() {
+    let stripe = sim().await;
+    let s = sink(&stripe.url, fast_retry(4));
+    let b = batch(
+        &s,
+        &[("k.s", event("cus_A", "3", ago(chrono::Duration::hours(1))))],
+    );
+    stripe.fail_and_save_next(500);
+    match &s.deliver(&b).await.unwrap()[0] {
+        Outcome::Failed(reason) => assert!(reason.contains("replays"), "{reason}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    // The first answer, then one replay of it: no more.
+    assert_eq!(stripe.request_count(), 2);
+}
+
+#[tokio::test]
+async fn a_permanent_400_quarantines_only_its_record() {
+    // Stripe's window is 35 days; this sink is pinned to 40, so the 37-day-old record reaches
+    // Stripe and is refused there (e.g. clock skew or a misconfigured guard).
+    let stripe = sim().await;
+    let mut c = config(&stripe.url, fast_retry(2));
+    c.max_age = Duration::from_secs(40 * 86_400);
+    let s = StripeSink::new("stripe-test".into(), c).unwrap();
+    let b = batch(
+        &s,
+        &[
+            ("k.a", event("cus_A", "1", ago(chrono::Duration::hours(3)))),
+            (
+                "k.old",
+                event("cus_A", "2", ago(chrono::Duration::days(37))),
+            ),
+            ("k.c", event("cus_B", "4", ago(chrono::Duration::hours(3)))),
+        ],
+    );
+    let out = s.deliver(&b).await.unwrap();
+    assert_eq!(out[0], Outcome::Delivered);
+    assert_eq!(out[2], Outcome::Delivered);
+    match &out[1] {
+        Outcome::Rejected(reason) => {
+            assert!(reason.contains("too far in the past"), "{reason}")
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert_eq!(stripe.request_count(), 3, "a 400 is not retried");
+    assert_eq!(stripe.count("k.old"), 0);
+}
+
+#[tokio::test]
+async fn a_bad_key_stops_the_sink_without_showing_it() {
+    let stripe = sim().await;
+    let mut c = config(&stripe.url, fast_retry(3));
+    c.api_key = Secret::new("sk_test_WRONGKEY123456");
+    let s = StripeSink::new("stripe-test".into(), c).unwrap();
+    let b = batch(
+        &s,
+        &[("k.1", event("cus_A", "1", ago(chrono::Duration::hours(1))))],
+    );
+    let stopped = s.deliver(&b).await.unwrap_err();
+    assert!(stopped.message.contains("401"), "{}", stopped.message);
+    assert!(!stopped.message.contains("WRONGKEY123456"));
+    assert!(!format!("{s:?}").contains("WRONGKEY"));
+    assert_eq!(stripe.request_count(), 1, "a 401 is not retried");
+}
+
+#[tokio::test]
+async fn records_outside_stripes_window_are_rejected_without_a_request() {
+    let stripe = sim().await;
+    let s = sink(&stripe.url, fast_retry(0));
+    let b = batch(
+        &s,
+        &[
+            (
+                "k.old",
+                event("cus_A", "1", ago(chrono::Duration::days(40))),
+            ),
+            (
+                "k.now",
+                event("cus_A", "2", ago(chrono::Duration::hours(1))),
+            ),
+            (
+                "k.future",
+                event("cus_A", "3", ago(-chrono::Duration::hours(36))),
+            ),
+        ],
+    );
+    let out = s.deliver(&b).await.unwrap();
+    match &out[0] {
+        Outcome::Rejected(r) => assert!(
+            r.starts_with("Stripe refuses meter events older than 35 days (timestamp ")
+                && r.ends_with("is 40 days old)"),
+            "{r}"
+        ),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert_eq!(out[1], Outcome::Delivered);
+    match &out[2] {
+        Outcome::Rejected(r) => assert!(r.contains("in the future"), "{r}"),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    let reqs = stripe.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].idempotency_key.as_deref(), Some("k.now"));
+}
+
+#[test]
+fn what_stripe_cannot_take_is_refused_at_staging() {
+    let s = sink("http://127.0.0.1:1", fast_retry(0));
+    let t = ago(chrono::Duration::hours(1));
+    let err = s.encode("k", &event("cus_A", "2.5", t)).unwrap_err();
+    assert!(err.message.contains("whole numbers"), "{err}");
+    let err = s.encode("k", &event("sub-1", "2", t)).unwrap_err();
+    assert!(err.message.contains("cus_"), "{err}");
+    let long = "k".repeat(101);
+    assert!(s.encode(&long, &event("cus_A", "2", t)).is_err());
+    assert!(s.encode(&"k".repeat(100), &event("cus_A", "2", t)).is_ok());
+    // Sub-second times are truncated; values are plain integers.
+    let sub = Utc
+        .timestamp_opt(1_700_000_000, 999_000_000)
+        .single()
+        .unwrap();
+    let body = s.encode("k", &event("cus_A", "-12.000", sub)).unwrap();
+    assert!(body.contains("&timestamp=1700000000&"), "{body}");
+    assert!(body.contains("payload[value]=-12&"), "{body}");
+}
+
+#[test]
+fn the_value_key_can_be_configured() {
+    let mut c = config("http://127.0.0.1:1", fast_retry(0));
+    c.value_property = "tokens".into();
+    let s = StripeSink::new("s".into(), c).unwrap();
+    let body = s
+        .encode("k", &event("cus_A", "2", ago(chrono::Duration::hours(1))))
+        .unwrap();
+    assert!(body.contains("&payload[tokens]=2&"), "{body}");
+    assert!(!body.contains("payload[value]"));
+}
+
+fn stream_sink(stripe: &StripeSimHandle) -> StripeSink {
+    let mut c = config(&stripe.url, fast_retry(2));
+    c.mode = StripeMode::V2Stream;
+    StripeSink::new("stripe-test".into(), c).unwrap()
+}
+
+#[tokio::test]
+async fn the_stream_sends_100_events_per_request() {
+    let stripe = sim().await;
+    let s = stream_sink(&stripe);
+    let t = ago(chrono::Duration::hours(5));
+    let keys: Vec<String> = (0..250).map(|i| format!("k.{i:03}")).collect();
+    let events: Vec<(&str, MappedEvent)> = keys
+        .iter()
+        .map(|k| (k.as_str(), event("cus_S", "3", t)))
+        .collect();
+    let b = batch(&s, &events);
+    let out = s.deliver(&b).await.unwrap();
+    assert!(out.iter().all(|o| *o == Outcome::Delivered));
+    let bodies = stripe.bodies();
+    let sizes: Vec<usize> = bodies
+        .iter()
+        .map(|b| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["events"]
+                .as_array()
+                .unwrap()
+                .len()
+        })
+        .collect();
+    assert_eq!(sizes, vec![100, 100, 50]);
+    let first: serde_json::Value = serde_json::from_str(&bodies[0]).unwrap();
+    assert_eq!(
+        first["events"][0],
+        serde_json::json!({
+            "event_name": "api_calls",
+            "identifier": "k.000",
+            "timestamp": t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "payload": {"stripe_customer_id": "cus_S", "value": "3", "region": "eu west/1"},
+        })
+    );
+    assert_eq!(stripe.sessions_created(), 1);
+    assert_eq!(stripe.counts().len(), 250);
+    assert!(stripe.counts().values().all(|&n| n == 1));
+    assert_eq!(stripe.total("cus_S", "api_calls"), Some(Decimal::from(750)));
+    let auth = stripe.requests();
+    assert!(auth
+        .iter()
+        .filter(|r| r.route.contains("meter_event_stream"))
+        .all(|r| r.authorization.as_deref() == Some("Bearer mes_tok_sim_1")));
+}
+
+#[tokio::test]
+async fn the_stream_renews_an_expired_session_and_resends() {
+    let stripe = sim().await;
+    let s = stream_sink(&stripe);
+    let t = ago(chrono::Duration::hours(5));
+    let b = batch(&s, &[("k.1", event("cus_S", "1", t))]);
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered]);
+    stripe.expire_sessions();
+    let b2 = batch(&s, &[("k.2", event("cus_S", "2", t))]);
+    assert_eq!(s.deliver(&b2).await.unwrap(), vec![Outcome::Delivered]);
+    assert_eq!(stripe.sessions_created(), 2);
+    // The refused request and its resend carried the same events.
+    let bodies = stripe.bodies();
+    assert_eq!(bodies.len(), 3);
+    assert_eq!(bodies[1], bodies[2]);
+    assert_eq!(stripe.count("k.2"), 1);
+    // A transient failure on the stream is retried with the same events.
+    stripe.fail_next(1, 503);
+    let b3 = batch(&s, &[("k.3", event("cus_S", "4", t))]);
+    assert_eq!(s.deliver(&b3).await.unwrap(), vec![Outcome::Delivered]);
+    assert_eq!(stripe.total("cus_S", "api_calls"), Some(Decimal::from(7)));
+}
+
+#[tokio::test]
+async fn the_stream_renews_a_session_about_to_expire() {
+    let stripe = StripeSim::start(StripeSimConfig {
+        session_ttl: Duration::from_secs(30),
+        ..StripeSimConfig::default()
+    })
+    .await
+    .unwrap();
+    let s = stream_sink(&stripe);
+    let t = ago(chrono::Duration::hours(5));
+    for i in 0..3 {
+        let k = format!("k.{i}");
+        let b = batch(&s, &[(k.as_str(), event("cus_S", "1", t))]);
+        assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered]);
+    }
+    // Each token had less than the renewal margin left: a new session every time, and no
+    // request was refused for an expired token.
+    assert_eq!(stripe.sessions_created(), 3);
+    assert_eq!(stripe.request_count(), 3);
+}
+
+#[test]
+fn the_configuration_reads_from_yaml_with_defaults() {
+    std::env::set_var("BILLSYNC_TEST_STRIPE_KEY", "sk_test_from_env");
+    let c: StripeConfig = serde_yaml_ng::from_str(
+        "api_key: env:BILLSYNC_TEST_STRIPE_KEY\nmode: v2_stream\nmax_age: 30d\n",
+    )
+    .unwrap();
+    assert_eq!(c.api_url, "https://api.stripe.com");
+    assert_eq!(c.meter_events_url, "https://meter-events.stripe.com");
+    assert_eq!(c.mode, StripeMode::V2Stream);
+    assert_eq!(c.max_age, Duration::from_secs(30 * 86_400));
+    assert_eq!(c.max_future, Duration::from_secs(300));
+    assert_eq!(c.value_property, "value");
+    assert!(serde_yaml_ng::from_str::<StripeConfig>(
+        "api_key: env:BILLSYNC_TEST_STRIPE_KEY\nbatch_size: 10\n"
+    )
+    .is_err());
+    let mut bad = config("http://127.0.0.1:1", fast_retry(0));
+    bad.api_key = Secret::new("pk_test_x");
+    assert!(StripeSink::new("s".into(), bad).is_err());
+}

@@ -1,0 +1,451 @@
+//! The webhook sink against a receiver written here, which checks the signature with nothing
+//! but the scheme the README documents (HMAC-SHA256 over "<timestamp>.<body>", hex, `v1=`),
+//! deduplicates by `Idempotency-Key` and record key, and can be scripted to fail.
+
+#[path = "common/world.rs"]
+mod world;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use billsync::config::Secret;
+use billsync::http::RetryPolicy;
+use billsync::ledger::Ledger;
+use billsync::mapping::{MappedEvent, MappingSet};
+use billsync::simulators::lago::Behaviour;
+use billsync::sinks::webhook::{HeaderValue, WebhookConfig, WebhookSink};
+use billsync::sinks::{Outcome, Outgoing, Sink};
+use billsync::sync::{Pipeline, SyncOptions};
+use chrono::TimeZone;
+use hmac::{Hmac, Mac};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sha2::Sha256;
+
+const SECRET: &str = "whsec-test-0123456789";
+
+/// What the receiver does with the next request.
+#[derive(Debug, Clone)]
+enum Script {
+    /// Verify, deduplicate, store; 200 (or 409 for a known batch).
+    Normal,
+    /// Verify and store like `Normal`, then answer this status (the answer is "lost").
+    StoreThenAnswer(u16),
+    /// Answer this status with this body without storing.
+    Answer(u16, &'static str),
+}
+
+#[derive(Debug, Clone)]
+struct Received {
+    headers: HeaderMap,
+    body: String,
+    status: u16,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    script: VecDeque<Script>,
+    batches: HashSet<String>,
+    /// Record key → how many times it was stored (must stay 1).
+    stored: BTreeMap<String, usize>,
+    records: Vec<Value>,
+    requests: Vec<Received>,
+}
+
+type Shared = Arc<Mutex<ReceiverState>>;
+
+/// The receiver's signature check, from the documented scheme only.
+fn verify(headers: &HeaderMap, body: &[u8], secret: &str) -> bool {
+    let Some(ts) = headers
+        .get("x-billsync-timestamp")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Ok(ts_num) = ts.parse::<i64>() else {
+        return false;
+    };
+    // Refuse stale signatures (replay window of five minutes).
+    if (chrono::Utc::now().timestamp() - ts_num).abs() > 300 {
+        return false;
+    }
+    let Some(sig) = headers
+        .get("x-billsync-signature")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("v1="))
+    else {
+        return false;
+    };
+    let Ok(expected) = (0..sig.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(sig.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+    else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(ts.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    // Constant-time comparison.
+    mac.verify_slice(&expected).is_ok()
+}
+
+async fn handle(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let mut st = state.lock().unwrap();
+    let script = st.script.pop_front().unwrap_or(Script::Normal);
+    let (status, answer) = match script {
+        Script::Answer(code, msg) => (code, msg.to_string()),
+        Script::Normal | Script::StoreThenAnswer(_) => {
+            if !verify(&headers, &body, SECRET) {
+                (401, "bad signature".to_string())
+            } else {
+                let id = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let known = st.batches.contains(&id);
+                if !known {
+                    st.batches.insert(id);
+                    for r in parsed["records"].as_array().cloned().unwrap_or_default() {
+                        let key = r["key"].as_str().unwrap_or_default().to_string();
+                        let n = st.stored.entry(key).or_insert(0);
+                        *n += 1;
+                        if *n == 1 {
+                            st.records.push(r);
+                        }
+                    }
+                }
+                match script {
+                    Script::StoreThenAnswer(code) => (code, "lost answer".to_string()),
+                    _ if known => (409, "batch already received".to_string()),
+                    _ => (200, "{}".to_string()),
+                }
+            }
+        }
+    };
+    st.requests.push(Received {
+        headers,
+        body: text,
+        status,
+    });
+    (StatusCode::from_u16(status).unwrap(), answer)
+}
+
+struct Receiver {
+    url: String,
+    state: Shared,
+}
+
+impl Receiver {
+    async fn start(script: Vec<Script>) -> Receiver {
+        let state: Shared = Arc::new(Mutex::new(ReceiverState {
+            script: script.into(),
+            ..Default::default()
+        }));
+        let app = axum::Router::new()
+            .route("/hook", post(handle))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver {
+            url: format!("http://{addr}/hook"),
+            state,
+        }
+    }
+
+    fn requests(&self) -> Vec<Received> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+fn fast_retry(max_retries: usize) -> RetryPolicy {
+    RetryPolicy {
+        max_retries,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+    }
+}
+
+fn config(url: &str, batch_size: usize, retry: RetryPolicy) -> WebhookConfig {
+    WebhookConfig {
+        url: url.into(),
+        secret: Secret::new(SECRET),
+        batch_size,
+        headers: BTreeMap::from([("X-Tenant".to_string(), HeaderValue::Plain("acme".into()))]),
+        timeout: Duration::from_secs(5),
+        retry,
+    }
+}
+
+fn sink(url: &str, batch_size: usize, retry: RetryPolicy) -> WebhookSink {
+    WebhookSink::new("hook".into(), config(url, batch_size, retry)).unwrap()
+}
+
+fn event(sub: &str, value: &str) -> MappedEvent {
+    MappedEvent {
+        rule: "test.yaml#storage".into(),
+        sink: None,
+        external_subscription_id: sub.into(),
+        external_customer_id: Some("cust-1".into()),
+        metric_code: "storage".into(),
+        value_property: "gb".into(),
+        value: Decimal::from_str(value).unwrap(),
+        properties: BTreeMap::from([("region".to_string(), "eu-west".to_string())]),
+        timestamp: chrono::Utc.with_ymd_and_hms(2026, 10, 5, 0, 0, 0).unwrap(),
+    }
+}
+
+fn batch(s: &WebhookSink, n: usize) -> Vec<Outgoing> {
+    (0..n)
+        .map(|i| {
+            let key = format!("k{i}");
+            Outgoing {
+                id: i as i64 + 1,
+                payload: s.encode(&key, &event("sub-1", "1.50")).unwrap(),
+                key,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn encode_is_exact_json_with_decimal_strings() {
+    let s = sink("http://127.0.0.1:1/hook", 100, fast_retry(0));
+    assert_eq!(
+        s.encode("k1", &event("sub-\"1\"", "0.012300")).unwrap(),
+        r#"{"key":"k1","subscription":"sub-\"1\"","customer":"cust-1","metric":"storage","property":"gb","value":"0.0123","timestamp":"2026-10-05T00:00:00Z","properties":{"region":"eu-west"}}"#
+    );
+    assert!(s.encode("", &event("sub-1", "1")).is_err());
+    assert!(s.encode("k", &event("", "1")).is_err());
+}
+
+#[test]
+fn config_is_validated_and_secrets_are_redacted() {
+    let mut bad = config("ftp://x/hook", 100, fast_retry(0));
+    assert!(WebhookSink::new("h".into(), bad.clone()).is_err());
+    bad.url = "https://example.invalid/hook".into();
+    bad.batch_size = 0;
+    assert!(WebhookSink::new("h".into(), bad.clone()).is_err());
+    bad.batch_size = 10;
+    bad.headers.insert(
+        "X-Billsync-Signature".into(),
+        HeaderValue::Plain("x".into()),
+    );
+    assert!(WebhookSink::new("h".into(), bad.clone()).is_err());
+
+    std::env::set_var("BILLSYNC_TEST_WEBHOOK_SECRET", "hmac-key-value");
+    std::env::set_var("BILLSYNC_TEST_WEBHOOK_TOKEN", "bearer-token-value");
+    let parsed: WebhookConfig = serde_yaml_ng::from_str(
+        "url: https://billing.example.invalid/usage\nsecret: env:BILLSYNC_TEST_WEBHOOK_SECRET\nheaders:\n  Authorization: env:BILLSYNC_TEST_WEBHOOK_TOKEN\n  X-Tenant: acme\n",
+    )
+    .unwrap();
+    assert_eq!(parsed.batch_size, 100);
+    let debug = format!("{parsed:?}");
+    assert!(!debug.contains("hmac-key-value") && !debug.contains("bearer-token-value"));
+    assert!(debug.contains("acme"));
+    let s = WebhookSink::new("h".into(), parsed).unwrap();
+    assert!(!format!("{s:?}").contains("bearer-token-value"));
+    // A secret in the file itself is refused.
+    assert!(
+        serde_yaml_ng::from_str::<WebhookConfig>("url: https://x.invalid\nsecret: plain\n")
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn signed_batch_is_verified_by_the_documented_scheme_and_a_tampered_body_fails() {
+    let rx = Receiver::start(vec![]).await;
+    let s = sink(&rx.url, 100, fast_retry(0));
+    let b = batch(&s, 3);
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered; 3]);
+    let reqs = rx.requests();
+    assert_eq!(reqs.len(), 1);
+    let r = &reqs[0];
+    assert_eq!(r.status, 200);
+    // Body: batch id + the frozen payloads verbatim.
+    let id = r.headers["idempotency-key"].to_str().unwrap().to_string();
+    let payloads: Vec<&str> = b.iter().map(|o| o.payload.as_str()).collect();
+    assert_eq!(
+        r.body,
+        format!(
+            "{{\"batch_id\":\"{id}\",\"records\":[{}]}}",
+            payloads.join(",")
+        )
+    );
+    assert_eq!(id.len(), 64);
+    assert_eq!(r.headers["x-tenant"], "acme");
+    assert_eq!(r.headers["content-type"], "application/json");
+
+    // Replay the captured request with one digit changed: the receiver refuses it.
+    let tampered = r.body.replace("\"1.5\"", "\"9.5\"");
+    assert_ne!(tampered, r.body);
+    let client = reqwest::Client::new();
+    let send = |body: String| {
+        client
+            .post(&rx.url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "tampered-batch")
+            .header(
+                "x-billsync-timestamp",
+                r.headers["x-billsync-timestamp"].clone(),
+            )
+            .header(
+                "x-billsync-signature",
+                r.headers["x-billsync-signature"].clone(),
+            )
+            .body(body)
+            .send()
+    };
+    assert_eq!(send(tampered).await.unwrap().status().as_u16(), 401);
+    // The untouched body with the same headers verifies (a new id, so it is not a 409).
+    assert_eq!(send(r.body.clone()).await.unwrap().status().as_u16(), 200);
+    // A wrong secret fails too.
+    let wrong = WebhookSink::new(
+        "h".into(),
+        WebhookConfig {
+            secret: Secret::new("another-secret"),
+            ..config(&rx.url, 100, fast_retry(0))
+        },
+    )
+    .unwrap();
+    let err = wrong.deliver(&batch(&wrong, 1)).await.unwrap_err();
+    assert!(err.message.contains("401"), "{err}");
+    assert!(!err.to_string().contains("another-secret"));
+}
+
+#[tokio::test]
+async fn retries_429_and_5xx_with_identical_body_and_key_and_fresh_valid_signatures() {
+    let rx = Receiver::start(vec![
+        Script::Answer(429, "slow down"),
+        Script::Answer(503, "unavailable"),
+        Script::Normal,
+    ])
+    .await;
+    let s = sink(&rx.url, 100, fast_retry(3));
+    let b = batch(&s, 2);
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered; 2]);
+    let reqs = rx.requests();
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![429, 503, 200]
+    );
+    for r in &reqs {
+        assert_eq!(r.body, reqs[0].body);
+        assert_eq!(
+            r.headers["idempotency-key"],
+            reqs[0].headers["idempotency-key"]
+        );
+        assert!(verify(&r.headers, r.body.as_bytes(), SECRET));
+    }
+
+    // Retries exhausted: the records stay pending (Failed), nothing rejected.
+    let rx = Receiver::start(vec![Script::Answer(500, "down"); 5]).await;
+    let s = sink(&rx.url, 100, fast_retry(1));
+    let out = s.deliver(&batch(&s, 2)).await.unwrap();
+    assert!(
+        matches!(&out[0], Outcome::Failed(m) if m.contains("500")),
+        "{out:?}"
+    );
+    assert_eq!(rx.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_400_rejects_only_its_batch_and_401_stops_the_sink() {
+    let rx = Receiver::start(vec![
+        Script::Answer(400, "unknown subscription sub-1"),
+        Script::Normal,
+    ])
+    .await;
+    let s = sink(&rx.url, 2, fast_retry(2));
+    let out = s.deliver(&batch(&s, 4)).await.unwrap();
+    assert!(matches!(&out[0], Outcome::Rejected(m) if m.contains("unknown subscription sub-1")));
+    assert_eq!(out[0], out[1]);
+    assert_eq!(&out[2..], &[Outcome::Delivered, Outcome::Delivered]);
+    assert_eq!(rx.requests().len(), 2);
+
+    let rx = Receiver::start(vec![Script::Answer(403, "forbidden")]).await;
+    let s = sink(&rx.url, 2, fast_retry(2));
+    assert!(s.deliver(&batch(&s, 2)).await.is_err());
+    assert_eq!(rx.requests().len(), 1, "no retry on 403");
+}
+
+/// A pipeline of the MetalSoft demo data into the webhook sink, ledger in the world's dir.
+async fn pipeline(world: &world::World, url: &str, retry: RetryPolicy) -> Pipeline {
+    let mut p = Pipeline::new(
+        Ledger::open(&world.dir.path().join("ledger.db"))
+            .await
+            .unwrap(),
+        vec![Box::new(world.provider())],
+        vec![Box::new(sink(url, 5, retry))],
+        MappingSet::examples().unwrap(),
+    );
+    p.lock_ttl = Duration::from_secs(60);
+    p
+}
+
+#[tokio::test]
+async fn exactly_once_through_a_lost_answer_and_a_restart() {
+    let world = world::World::start(Behaviour::default()).await;
+    // The receiver stores the first batch but its answer is lost (a 500 after storing), and
+    // this run does not retry: the crash window between "receiver has it" and "ledger knows".
+    let rx = Receiver::start(vec![Script::StoreThenAnswer(500)]).await;
+    let opts = SyncOptions {
+        now: Some(world::now()),
+        ..Default::default()
+    };
+    let first = pipeline(&world, &rx.url, fast_retry(0))
+        .await
+        .sync(&opts)
+        .await
+        .unwrap();
+    assert!(first.sent > 0);
+    assert_eq!(first.failed, 5, "{first:?}");
+
+    // The restarted run resends the same records: same Idempotency-Key, answered 409.
+    let second = pipeline(&world, &rx.url, fast_retry(0))
+        .await
+        .sync(&opts)
+        .await
+        .unwrap();
+    assert_eq!(second.already_delivered, 5, "{second:?}");
+    assert_eq!(second.sent, 0);
+    assert_eq!(second.failed, 0);
+
+    let reqs = rx.requests();
+    let lost = &reqs[0];
+    let resent = reqs.last().unwrap();
+    assert_eq!(resent.status, 409);
+    assert_eq!(
+        resent.headers["idempotency-key"],
+        lost.headers["idempotency-key"]
+    );
+    assert_eq!(resent.body, lost.body);
+
+    // Every mapped record reached the receiver once, with the mapped value.
+    let (_, expected) = world.expected(&MappingSet::examples().unwrap()).await;
+    let st = rx.state.lock().unwrap();
+    assert!(st.stored.values().all(|&n| n == 1), "a record stored twice");
+    assert_eq!(st.records.len(), expected.len());
+    for r in &st.records {
+        let key = r["key"].as_str().unwrap();
+        let value = Decimal::from_str(r["value"].as_str().unwrap()).unwrap();
+        assert_eq!(Some(&value), expected.get(key), "{key}");
+    }
+}
