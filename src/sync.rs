@@ -113,6 +113,25 @@ fn timed(timings: &Option<Arc<Timings>>, stage: fn(&Timings) -> &AtomicU64, sinc
 }
 
 /// Pages pulled but not staged yet: their rows and, in page order, their cursors.
+/// Pages the puller may run ahead of the stager.
+const PAGES_AHEAD: usize = 4;
+
+/// One fetched and mapped chunk on its way to the ledger.
+struct PulledPage {
+    stream: String,
+    cursor: Option<String>,
+    rows: Vec<StageRow>,
+}
+
+/// What the puller did for one source.
+#[derive(Default)]
+struct PullStats {
+    chunks: u64,
+    pulled: u64,
+    interrupted: bool,
+    error: Option<String>,
+}
+
 #[derive(Default)]
 struct StageBuffer {
     rows: Vec<StageRow>,
@@ -392,6 +411,7 @@ impl Pipeline {
             event: mapped_event,
             correction_of: None,
             revision: 0,
+            body: None,
         }
     }
 
@@ -443,6 +463,7 @@ impl Pipeline {
                         event: Some(event),
                         correction_of: None,
                         revision: sent.next_revision,
+                        body: None,
                     }),
                     difference,
                 }
@@ -593,90 +614,132 @@ impl Pipeline {
         info!(source = provider.name(), chunks = chunks.len(), "pulling");
         self.progress
             .source_started(provider.name(), chunks.len() as u64);
-        // Pages are staged several at a time: each page's records with its cursor in the same
-        // transaction (a page with no records only moves its cursor). A crash loses at most
-        // the pages of the open buffer, which are then pulled again (same keys: no-op).
-        let mut buffer = StageBuffer::default();
-        let total = chunks.len();
-        let mut outcome = Ok(());
+        // Two halves run side by side: the puller fetches chunks (several at once when the
+        // provider allows, answers taken in plan order), maps them and encodes their bodies;
+        // the stager writes pages to the ledger, several per transaction, each with its cursor.
+        // A crash loses at most the pages of the open buffer, which are then pulled again (same
+        // keys: no-op). A bounded channel keeps the puller at most a few pages ahead.
         let push_provisional = provider.push_provisional();
-        for (i, chunk) in chunks.iter().enumerate() {
-            if self.shutdown.is_requested() {
-                summary.interrupted = true;
-                break;
+        let total = chunks.len();
+        let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<PulledPage>(PAGES_AHEAD);
+        let pull = async move {
+            use futures_util::stream::{self, StreamExt};
+            let mut stats = PullStats::default();
+            let mut fetches = stream::iter(chunks.iter().enumerate())
+                .map(|(i, chunk)| async move { (i, chunk, provider.fetch(chunk, now).await) })
+                .buffered(provider.concurrent_fetches().max(1));
+            loop {
+                if self.shutdown.is_requested() {
+                    stats.interrupted = true;
+                    break;
+                }
+                // Requests in flight are simply dropped on shutdown: nothing of them was
+                // staged, and the cursor has not moved past them.
+                let started = Instant::now();
+                let next = tokio::select! {
+                    next = fetches.next() => next,
+                    _ = self.shutdown.requested() => {
+                        stats.interrupted = true;
+                        break;
+                    }
+                };
+                timed(&self.timings, |t| &t.pull, started);
+                let Some((i, chunk, fetched)) = next else {
+                    break;
+                };
+                let page = match fetched {
+                    Ok(p) => p,
+                    Err(e) => {
+                        stats.error = Some(e.to_string());
+                        break;
+                    }
+                };
+                stats.chunks += 1;
+                stats.pulled += page.records.len() as u64;
+                debug!(source = provider.name(), stream = %chunk.stream, window_start = %chunk.window_start,
+                    records = page.records.len(), "chunk {}/{}", i + 1, total);
+                let started = Instant::now();
+                let rows: Vec<StageRow> = page
+                    .records
+                    .into_iter()
+                    .map(|r| {
+                        let mut row = self.stage_row(r, push_provisional);
+                        if run_id.is_some() {
+                            // On failure the ledger encodes it again and reports the error.
+                            let _ = row.encode_body();
+                        }
+                        row
+                    })
+                    .collect();
+                timed(&self.timings, |t| &t.map, started);
+                let page = PulledPage {
+                    stream: chunk.stream.clone(),
+                    cursor: page.cursor,
+                    rows,
+                };
+                if pages_tx.send(page).await.is_err() {
+                    break; // the stager stopped (a ledger error it reports)
+                }
             }
-            // An in-flight provider request is simply dropped on shutdown: nothing of it was
-            // staged, and the cursor has not moved past it.
-            let started = Instant::now();
-            let fetched = tokio::select! {
-                r = provider.fetch(chunk, now) => r,
-                _ = self.shutdown.requested() => {
-                    summary.interrupted = true;
-                    break;
+            stats
+        };
+        let stage = async {
+            let mut buffer = StageBuffer::default();
+            while let Some(page) = pages_rx.recv().await {
+                let Some(run_id) = run_id else {
+                    if !page.rows.is_empty() {
+                        let counts = self.dry_run_counts(&page.rows).await?;
+                        summary.add_counts(&counts);
+                        self.progress.chunk_done(page.rows.len() as u64);
+                    }
+                    continue;
+                };
+                // A key already waiting in the buffer (a record repeated by the next window):
+                // stage what is buffered first, so the repeat meets it in the ledger exactly as
+                // it would page by page.
+                if page.rows.iter().any(|r| buffer.keys.contains(&r.key)) {
+                    self.flush_stage(provider, run_id, &mut buffer, summary)
+                        .await?;
                 }
-            };
-            timed(&self.timings, |t| &t.pull, started);
-            let page = match fetched {
-                Ok(p) => p,
-                Err(e) => {
-                    outcome = Err(PullError::Provider(e.to_string()));
-                    break;
+                if !page.rows.is_empty() {
+                    self.progress.chunk_done(page.rows.len() as u64);
                 }
-            };
-            src.chunks += 1;
-            src.pulled += page.records.len() as u64;
-            summary.pulled += page.records.len() as u64;
-            debug!(source = provider.name(), stream = %chunk.stream, window_start = %chunk.window_start,
-                records = page.records.len(), "chunk {}/{}", i + 1, total);
-
-            let started = Instant::now();
-            let rows: Vec<StageRow> = page
-                .records
-                .into_iter()
-                .map(|r| self.stage_row(r, push_provisional))
-                .collect();
-            timed(&self.timings, |t| &t.map, started);
-            let Some(run_id) = run_id else {
-                if !rows.is_empty() {
-                    let counts = self.dry_run_counts(&rows).await?;
-                    summary.add_counts(&counts);
-                    self.progress.chunk_done(rows.len() as u64);
+                buffer.keys.extend(page.rows.iter().map(|r| r.key.clone()));
+                buffer.rows.extend(page.rows);
+                if let Some(value) = page.cursor {
+                    buffer.cursors.push((page.stream, value));
                 }
-                continue;
-            };
-            // A key already waiting in the buffer (a record repeated by the next window):
-            // stage what is buffered first, so the repeat meets it in the ledger exactly as
-            // it would page by page.
-            if rows.iter().any(|r| buffer.keys.contains(&r.key)) {
+                if buffer.rows.len() >= STAGE_ROWS_PER_TRANSACTION {
+                    self.flush_stage(provider, run_id, &mut buffer, summary)
+                        .await?;
+                }
+                if last_refresh.elapsed() > LOCK_REFRESH {
+                    self.ledger
+                        .refresh_lock(holder, Utc::now(), self.lock_ttl)
+                        .await?;
+                    *last_refresh = Instant::now();
+                }
+            }
+            // Whatever ended the pull (the last page, a provider failure, a stop), what was
+            // pulled before is kept.
+            if let Some(run_id) = run_id {
                 self.flush_stage(provider, run_id, &mut buffer, summary)
                     .await?;
             }
-            if !rows.is_empty() {
-                self.progress.chunk_done(rows.len() as u64);
-            }
-            buffer.keys.extend(rows.iter().map(|r| r.key.clone()));
-            buffer.rows.extend(rows);
-            if let Some(value) = page.cursor {
-                buffer.cursors.push((chunk.stream.clone(), value));
-            }
-            if buffer.rows.len() >= STAGE_ROWS_PER_TRANSACTION {
-                self.flush_stage(provider, run_id, &mut buffer, summary)
-                    .await?;
-            }
-            if last_refresh.elapsed() > LOCK_REFRESH {
-                self.ledger
-                    .refresh_lock(holder, Utc::now(), self.lock_ttl)
-                    .await?;
-                *last_refresh = Instant::now();
-            }
+            Ok::<(), LedgerError>(())
+        };
+        let (stats, staged) = tokio::join!(pull, stage);
+        src.chunks += stats.chunks;
+        src.pulled += stats.pulled;
+        summary.pulled += stats.pulled;
+        if stats.interrupted {
+            summary.interrupted = true;
         }
-        // Whatever ended the loop (the last page, a provider failure, a stop), what was
-        // pulled before is kept.
-        if let Some(run_id) = run_id {
-            self.flush_stage(provider, run_id, &mut buffer, summary)
-                .await?;
+        staged?;
+        match stats.error {
+            Some(message) => Err(PullError::Provider(message)),
+            None => Ok(()),
         }
-        outcome
     }
 
     /// Stage the buffered pages and their cursors in one transaction.

@@ -58,6 +58,7 @@ fn row(r: UsageRecord) -> StageRow {
         event: None,
         correction_of: None,
         revision: 0,
+        body: None,
         record: r,
     }
 }

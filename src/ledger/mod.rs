@@ -21,6 +21,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
+mod body;
+
 use crate::providers::Cursors;
 use crate::record::UsageRecord;
 use crate::sinks::{Outcome, Outgoing};
@@ -156,6 +158,17 @@ pub struct StageRow {
     pub correction_of: Option<i64>,
     /// 0 for an original record, n for its n-th correction.
     pub revision: i64,
+    /// The stored form of `record` ([`StageRow::encode_body`]), when the mapping step already
+    /// encoded it (it runs beside the ledger writes); `None`: the ledger encodes it.
+    pub body: Option<Vec<u8>>,
+}
+
+impl StageRow {
+    /// Encode `record` for storage now, off the ledger's path.
+    pub fn encode_body(&mut self) -> Result<(), LedgerError> {
+        self.body = Some(record_body(&self.record)?);
+        Ok(())
+    }
 }
 
 /// What was sent for a record so far, for deciding its correction.
@@ -564,9 +577,11 @@ impl Ledger {
     ) -> Result<StageCounts, LedgerError> {
         let now_s = ts(now);
         let mut counts = StageCounts::default();
+        // IMMEDIATE: the write lock is held from the start, so the ids handed out below from
+        // MAX(id) cannot be taken by another writer meanwhile.
         let mut tx = self
             .pool
-            .begin()
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(sql("beginning a transaction"))?;
 
@@ -658,52 +673,60 @@ impl Ledger {
             *counts.by_status.entry(r.status.as_str()).or_default() += 1;
         }
         inserts.extend(corrections.iter());
+        // Ids are given here, in order, so that the bodies can be written beside their rows
+        // without reading ids back.
+        let mut next_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM records")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql("reading the next record id"))?;
         for chunk in inserts.chunks(INSERT_ROWS_PER_STATEMENT) {
-            let jsons: Vec<String> = chunk
+            let first_id = next_id;
+            next_id += chunk.len() as i64;
+            let bodies: Vec<std::borrow::Cow<'_, [u8]>> = chunk
                 .iter()
-                .map(|r| record_json(&r.record))
+                .map(|r| match &r.body {
+                    Some(b) => Ok(std::borrow::Cow::Borrowed(b.as_slice())),
+                    None => record_body(&r.record).map(std::borrow::Cow::Owned),
+                })
                 .collect::<Result<_, _>>()?;
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO records (idem_key, source, provider, natural_key, content_hash, status,
+                "INSERT INTO records (id, idem_key, source, provider, content_hash, status,
                  is_final, charge_period_start, charge_period_end, billing_account_id, sub_account_id,
                  resource_type, resource_id, consumed_quantity, consumed_unit, billed_cost,
-                 billing_currency, rule, sink, subscription, customer, metric, value, value_property, payload,
-                 record_json, last_error, first_run, last_run, staged_at, updated_at,
-                 correction_of, revision) ",
+                 billing_currency, rule, sink, subscription, customer, metric, value, value_property,
+                 last_error, first_run, last_run, staged_at, updated_at, correction_of, revision) ",
             );
-            qb.push_values(chunk.iter().zip(jsons), |mut b, (r, json)| {
+            qb.push_values(chunk.iter().enumerate(), |mut b, (i, r)| {
                 let rec = &r.record;
-                b.push_bind(r.key.clone())
-                    .push_bind(rec.source.clone())
-                    .push_bind(rec.provider.clone())
-                    .push_bind(rec.natural_key_string())
-                    .push_bind(r.content_hash.clone())
+                b.push_bind(first_id + i as i64)
+                    .push_bind(r.key.as_str())
+                    .push_bind(rec.source.as_str())
+                    .push_bind(rec.provider.as_str())
+                    .push_bind(r.content_hash.as_str())
                     .push_bind(r.status.as_str())
                     .push_bind(rec.is_final)
                     .push_bind(ts(rec.charge_period_start))
                     .push_bind(ts(rec.charge_period_end))
-                    .push_bind(rec.billing_account_id.clone())
-                    .push_bind(rec.sub_account_id.clone())
-                    .push_bind(rec.resource_type.clone())
-                    .push_bind(rec.resource_id.clone())
+                    .push_bind(rec.billing_account_id.as_str())
+                    .push_bind(rec.sub_account_id.as_str())
+                    .push_bind(rec.resource_type.as_str())
+                    .push_bind(rec.resource_id.as_str())
                     .push_bind(rec.consumed_quantity.to_string())
-                    .push_bind(rec.consumed_unit.clone())
+                    .push_bind(rec.consumed_unit.as_str())
                     .push_bind(rec.billed_cost.to_string())
-                    .push_bind(rec.billing_currency.clone())
-                    .push_bind(r.mapped.rule.clone())
-                    .push_bind(r.mapped.sink.clone())
-                    .push_bind(r.mapped.subscription.clone())
-                    .push_bind(r.mapped.customer.clone())
-                    .push_bind(r.mapped.metric.clone())
+                    .push_bind(rec.billing_currency.as_str())
+                    .push_bind(r.mapped.rule.as_deref())
+                    .push_bind(r.mapped.sink.as_deref())
+                    .push_bind(r.mapped.subscription.as_deref())
+                    .push_bind(r.mapped.customer.as_deref())
+                    .push_bind(r.mapped.metric.as_deref())
                     .push_bind(r.mapped.value.map(|v| v.to_string()))
-                    .push_bind(r.mapped.value_property.clone())
-                    .push_bind(r.mapped.payload.clone())
-                    .push_bind(json)
-                    .push_bind(r.note.clone())
+                    .push_bind(r.mapped.value_property.as_deref())
+                    .push_bind(r.note.as_deref())
                     .push_bind(run_id)
                     .push_bind(run_id)
-                    .push_bind(now_s.clone())
-                    .push_bind(now_s.clone())
+                    .push_bind(now_s.as_str())
+                    .push_bind(now_s.as_str())
                     .push_bind(r.correction_of)
                     .push_bind(r.revision);
             });
@@ -711,6 +734,20 @@ impl Ledger {
                 .execute(&mut *tx)
                 .await
                 .map_err(sql("staging records"))?;
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO record_bodies (id, payload, record) ");
+            qb.push_values(
+                chunk.iter().zip(bodies.iter()).enumerate(),
+                |mut b, (i, (r, body))| {
+                    b.push_bind(first_id + i as i64)
+                        .push_bind(r.mapped.payload.as_deref())
+                        .push_bind(body.as_ref());
+                },
+            );
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("staging record bodies"))?;
         }
         for ChangeSeen {
             record_id: id,
@@ -767,10 +804,15 @@ impl Ledger {
         note: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<(), LedgerError> {
-        sqlx::query(
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        let changed = sqlx::query(
             "UPDATE records SET status = ?2, rule = ?3, sink = ?4, subscription = ?5, customer = ?6,
-                 metric = ?7, value = ?8, payload = ?9, last_error = ?10, attempts = 0,
-                 last_run = ?11, updated_at = ?12, value_property = ?13
+                 metric = ?7, value = ?8, last_error = ?9, attempts = 0,
+                 last_run = ?10, updated_at = ?11, value_property = ?12
              WHERE id = ?1 AND status <> 'sent'",
         )
         .bind(id)
@@ -781,14 +823,23 @@ impl Ledger {
         .bind(&mapped.customer)
         .bind(&mapped.metric)
         .bind(mapped.value.map(|v| v.to_string()))
-        .bind(&mapped.payload)
         .bind(note)
         .bind(run_id)
         .bind(ts(now))
         .bind(&mapped.value_property)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
-        .map_err(sql("re-mapping a record"))?;
+        .map_err(sql("re-mapping a record"))?
+        .rows_affected();
+        if changed > 0 {
+            sqlx::query("UPDATE record_bodies SET payload = ?2 WHERE id = ?1")
+                .bind(id)
+                .bind(&mapped.payload)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("re-mapping a record"))?;
+        }
+        tx.commit().await.map_err(sql("committing a re-mapping"))?;
         Ok(())
     }
 
@@ -800,13 +851,14 @@ impl Ledger {
         limit: i64,
     ) -> Result<Vec<StoredRecord>, LedgerError> {
         let rows = sqlx::query(
-            "SELECT id, idem_key, status, record_json FROM records
-             WHERE (?1 IS NULL OR status = ?1) AND id > ?2
+            "SELECT r.id, r.idem_key, r.status, b.record
+             FROM records r LEFT JOIN record_bodies b ON b.id = r.id
+             WHERE (?1 IS NULL OR r.status = ?1) AND r.id > ?2
                AND (?3 IS NULL OR source = ?3 OR provider = ?3)
                AND (?4 IS NULL OR charge_period_start >= ?4)
                AND (?5 IS NULL OR charge_period_start < ?5)
                AND (?6 IS NULL OR last_run = ?6)
-             ORDER BY id LIMIT ?7",
+             ORDER BY r.id LIMIT ?7",
         )
         .bind(filter.status.map(Status::as_str))
         .bind(after_id)
@@ -821,12 +873,8 @@ impl Ledger {
         rows.into_iter()
             .map(|r| {
                 let id: i64 = r.get(0);
-                let json: String = r.get(3);
-                let record = serde_json::from_str(&json).map_err(|e| LedgerError::Corrupt {
-                    id,
-                    field: "record_json",
-                    message: e.to_string(),
-                })?;
+                let body: Option<Vec<u8>> = r.get(3);
+                let record = decode_body(id, body.as_deref())?;
                 let status: String = r.get(2);
                 Ok(StoredRecord {
                     id,
@@ -845,18 +893,16 @@ impl Ledger {
     /// The record stored under ledger id `id` (`None`: no such row), for
     /// `billsync mappings explain --id`.
     pub async fn record_by_id(&self, id: i64) -> Result<Option<UsageRecord>, LedgerError> {
-        let row = sqlx::query("SELECT record_json FROM records WHERE id = ?1")
+        let row = sqlx::query(
+            "SELECT b.record FROM records r LEFT JOIN record_bodies b ON b.id = r.id WHERE r.id = ?1",
+        )
             .bind(id)
             .fetch_optional(&self.pool)
             .await
             .map_err(sql("reading a record"))?;
         row.map(|r| {
-            let json: String = r.get(0);
-            serde_json::from_str(&json).map_err(|e| LedgerError::Corrupt {
-                id,
-                field: "record_json",
-                message: e.to_string(),
-            })
+            let body: Option<Vec<u8>> = r.get(0);
+            decode_body(id, body.as_deref())
         })
         .transpose()
     }
@@ -890,8 +936,9 @@ impl Ledger {
         limit: usize,
     ) -> Result<Vec<Outgoing>, LedgerError> {
         let rows = sqlx::query(
-            "SELECT id, idem_key, payload FROM records
-             WHERE status = 'pending' AND sink = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            "SELECT r.id, r.idem_key, b.payload
+             FROM records r LEFT JOIN record_bodies b ON b.id = r.id
+             WHERE r.status = 'pending' AND r.sink = ?1 AND r.id > ?2 ORDER BY r.id LIMIT ?3",
         )
         .bind(sink)
         .bind(after_id)
@@ -1135,7 +1182,7 @@ impl Ledger {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM records WHERE status IN ('sent', 'ignored')
                AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1
-               AND record_json <> ''",
+               AND id IN (SELECT id FROM record_bodies WHERE length(record) > 0)",
         )
         .bind(&cutoff)
         .fetch_one(&self.pool)
@@ -1159,9 +1206,9 @@ impl Ledger {
         .await
         .map_err(sql("pruning change history"))?;
         sqlx::query(
-            "UPDATE records SET payload = NULL, record_json = ''
-             WHERE status IN ('sent', 'ignored')
-               AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1",
+            "UPDATE record_bodies SET payload = NULL, record = X''
+             WHERE id IN (SELECT id FROM records WHERE status IN ('sent', 'ignored')
+               AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1)",
         )
         .bind(&cutoff)
         .execute(&mut *tx)
@@ -1292,6 +1339,22 @@ impl Ledger {
     }
 }
 
+fn record_body(record: &UsageRecord) -> Result<Vec<u8>, LedgerError> {
+    body::encode(record).map_err(|message| LedgerError::Corrupt {
+        id: 0,
+        field: "record",
+        message,
+    })
+}
+
+fn decode_body(id: i64, body: Option<&[u8]>) -> Result<UsageRecord, LedgerError> {
+    body::decode(body.unwrap_or_default()).map_err(|message| LedgerError::Corrupt {
+        id,
+        field: "record",
+        message,
+    })
+}
+
 fn record_json(record: &UsageRecord) -> Result<String, LedgerError> {
     serde_json::to_string(record).map_err(|e| LedgerError::Corrupt {
         id: 0,
@@ -1399,8 +1462,8 @@ async fn restage(
              charge_period_end = ?6, billing_account_id = ?7, sub_account_id = ?8, resource_type = ?9,
              resource_id = ?10, consumed_quantity = ?11, consumed_unit = ?12, billed_cost = ?13,
              billing_currency = ?14, rule = ?15, sink = ?16, subscription = ?17, customer = ?18,
-             metric = ?19, value = ?20, payload = ?21, record_json = ?22, last_error = ?23,
-             attempts = 0, last_run = ?24, updated_at = ?25, value_property = ?26
+             metric = ?19, value = ?20, last_error = ?21,
+             attempts = 0, last_run = ?22, updated_at = ?23, value_property = ?24
          WHERE id = ?1 AND status <> 'sent'",
     )
     .bind(id)
@@ -1423,8 +1486,6 @@ async fn restage(
     .bind(&row.mapped.customer)
     .bind(&row.mapped.metric)
     .bind(row.mapped.value.map(|v| v.to_string()))
-    .bind(&row.mapped.payload)
-    .bind(record_json(rec)?)
     .bind(&row.note)
     .bind(run_id)
     .bind(now_s)
@@ -1432,6 +1493,13 @@ async fn restage(
     .execute(&mut *tx)
     .await
     .map_err(sql("restaging a changed record"))?;
+    sqlx::query("UPDATE record_bodies SET payload = ?2, record = ?3 WHERE id = ?1")
+        .bind(id)
+        .bind(&row.mapped.payload)
+        .bind(record_body(rec)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql("restaging a changed record"))?;
     Ok(())
 }
 

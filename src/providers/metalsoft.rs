@@ -107,6 +107,14 @@ pub struct MetalsoftConfig {
     /// FOCUS `BillingAccountId` of the records; defaults to the endpoint's host name.
     #[serde(default)]
     pub billing_account_id: Option<String>,
+    /// Report windows requested at once. Windows are independent reads and are staged in
+    /// order whatever order the answers come in; 1 asks one at a time. Default 4.
+    #[serde(default = "default_concurrent_requests")]
+    pub concurrent_requests: usize,
+}
+
+fn default_concurrent_requests() -> usize {
+    4
 }
 
 fn default_window() -> chrono::Duration {
@@ -148,6 +156,7 @@ impl MetalsoftConfig {
             send_datacenter_param: false,
             infrastructure_ids: None,
             billing_account_id: None,
+            concurrent_requests: default_concurrent_requests(),
         }
     }
 
@@ -475,6 +484,10 @@ impl Provider for MetalsoftProvider {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn concurrent_fetches(&self) -> usize {
+        self.config.concurrent_requests.max(1)
     }
 
     async fn plan(

@@ -94,6 +94,11 @@ pub trait Provider: Send + Sync {
         cursors: &Cursors,
         now: DateTime<Utc>,
     ) -> Result<Vec<Chunk>, ProviderError>;
+    /// How many chunks may be fetched at once (they are staged in plan order regardless).
+    /// Providers whose chunks depend on each other, or whose API limits concurrency, keep 1.
+    fn concurrent_fetches(&self) -> usize {
+        1
+    }
     /// Pull one chunk.
     async fn fetch(&self, chunk: &Chunk, now: DateTime<Utc>) -> Result<Page, ProviderError>;
     /// Whether records that are not final yet may be sent (configuration opt-in). When they
