@@ -588,7 +588,8 @@ async fn run_with(
 async fn provider_pages_that_shift_between_reads_do_not_bill_twice() {
     // A look-back of 60 days: the second run re-reads every window. (A shifted page that
     // happens to be empty cannot be told from an empty window; the look-back is what re-reads
-    // such a window. Here the window before the data's first day is one.)
+    // such a window. Here that happens to the data's first day: asked for it, the shifted
+    // server answers the empty day before, which is accepted.)
     let world = World::start(Behaviour::ClickHouse).await;
     let reread = |world: &World| {
         metalsoft_with(world, chrono::Duration::days(1), chrono::Duration::days(60))
