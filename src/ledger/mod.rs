@@ -1181,23 +1181,36 @@ impl Ledger {
         Ok(n as u64)
     }
 
-    /// How many records of a sink wait to be sent (pending or provisional) with a charge period
-    /// starting before `cutoff` (for sinks with a backdating limit, such as Stripe's 35 days).
+    /// The records of a sink that wait to be sent (pending or provisional) with a charge period
+    /// starting before `cutoff` (for sinks with a backdating limit, such as Stripe's 35 days):
+    /// how many, and the oldest one's key and charge period start.
     pub async fn waiting_older_than(
         &self,
         sink: &str,
         cutoff: DateTime<Utc>,
-    ) -> Result<u64, LedgerError> {
+    ) -> Result<(u64, Option<(String, String)>), LedgerError> {
+        let cutoff = ts(cutoff);
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM records
              WHERE status IN ('pending', 'provisional') AND sink = ?1 AND charge_period_start < ?2",
         )
         .bind(sink)
-        .bind(ts(cutoff))
+        .bind(&cutoff)
         .fetch_one(&self.pool)
         .await
         .map_err(sql("counting old waiting records"))?;
-        Ok(n as u64)
+        let oldest = sqlx::query(
+            "SELECT idem_key, charge_period_start FROM records
+             WHERE status IN ('pending', 'provisional') AND sink = ?1 AND charge_period_start < ?2
+             ORDER BY charge_period_start, id LIMIT 1",
+        )
+        .bind(sink)
+        .bind(&cutoff)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(sql("finding the oldest waiting record"))?
+        .map(|r| (r.get(0), r.get(1)));
+        Ok((n as u64, oldest))
     }
 
     /// How many records are undelivered (pending, unmapped, rejected), ledger-wide.
