@@ -1,6 +1,7 @@
-//! The file sinks (JSON Lines and FOCUS CSV): exact content, atomic writes, and re-runs after
-//! a crash that never duplicate a line. Also the FOCUS export of the demo data that
-//! `scripts/focus-validate.sh` feeds to the FOCUS validator (`focus_export_of_the_demo`).
+//! The file sinks (JSON Lines and FOCUS CSV): exact content, atomic writes, re-runs after a
+//! crash that never duplicate a line, and routing (each record reaches only its rule's sink).
+//! Also the FOCUS export of the demo data that `scripts/focus-validate.sh` feeds to the FOCUS
+//! validator (`focus_export_of_the_demo`).
 
 #[path = "common/world.rs"]
 mod world;
@@ -640,4 +641,170 @@ async fn focus_export_of_the_demo() {
     let written: usize = files(&out).iter().map(|(_, c)| c.lines().count() - 1).sum();
     assert_eq!(written as u64, summary.sent);
     println!("FOCUS export: {written} rows in {}", out.display());
+}
+
+/// The example mappings with MetalSoft traffic routed to `sink: finops` and storage to a sink
+/// that is not configured.
+fn routed_mappings() -> MappingSet {
+    let sources: Vec<(String, String)> = billsync::mapping::EXAMPLE_MAPPINGS
+        .iter()
+        .map(|(name, text)| {
+            let text = if name.ends_with("metalsoft.yaml") {
+                let routed = text
+                    .replace(
+                        "    metric: network_gb\n",
+                        "    metric: network_gb\n    sink: finops\n",
+                    )
+                    .replace(
+                        "    metric: storage_cost\n",
+                        "    metric: storage_cost\n    sink: nowhere\n",
+                    );
+                assert_ne!(&routed, text);
+                routed
+            } else {
+                text.to_string()
+            };
+            (name.to_string(), text)
+        })
+        .collect();
+    MappingSet::from_sources(&sources).unwrap()
+}
+
+#[tokio::test]
+async fn each_record_reaches_only_the_sink_its_rule_names_with_its_own_status() {
+    let world = world::World::start(Behaviour::default()).await;
+    let archive = world.dir.path().join("jsonl");
+    let finops = world.dir.path().join("focus");
+    // The FOCUS sink cannot write at first: its directory is a file.
+    std::fs::write(&finops, "not a directory").unwrap();
+    let pipeline = || async {
+        let focus_sink = FocusSink::new(
+            "finops".into(),
+            FocusConfig {
+                directory: finops.clone(),
+                prefix: None,
+                version: "1.0".into(),
+                batch_size: 10,
+                provider_names: BTreeMap::new(),
+                service_categories: BTreeMap::new(),
+            },
+        )
+        .unwrap();
+        let mut p = Pipeline::new(
+            Ledger::open(&world.dir.path().join("ledger.db"))
+                .await
+                .unwrap(),
+            vec![Box::new(world.provider())],
+            // The first sink is the default for rules that name none.
+            vec![Box::new(jsonl(&archive)), Box::new(focus_sink)],
+            routed_mappings(),
+        );
+        p.lock_ttl = Duration::from_secs(60);
+        p
+    };
+    let opts = SyncOptions {
+        now: Some(world::now()),
+        ..Default::default()
+    };
+    let by_sink = |ledger_csv: &str| {
+        let (header, rows) = parse_csv(ledger_csv);
+        let mut m: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+        for r in &rows {
+            *m.entry((
+                column(&header, r, "sink").to_string(),
+                column(&header, r, "metric").to_string(),
+                column(&header, r, "status").to_string(),
+            ))
+            .or_default() += 1;
+        }
+        m
+    };
+    let ledger_csv = |p: &Pipeline| {
+        let p = p.ledger.clone();
+        async move {
+            let mut out = Vec::new();
+            p.export_csv(
+                &billsync::ledger::RecordFilter {
+                    status: None,
+                    provider: None,
+                    since: None,
+                    until: None,
+                    run: None,
+                },
+                &mut out,
+            )
+            .await
+            .unwrap();
+            String::from_utf8(out).unwrap()
+        }
+    };
+
+    let p = pipeline().await;
+    let first = p.sync(&opts).await.unwrap();
+    assert_eq!(first.outcome, RunOutcome::SinkStopped, "{first:?}");
+    let counts = by_sink(&ledger_csv(&p).await);
+    // Traffic waits for finops only; everything else the archive took.
+    let traffic_pending = counts[&("finops".into(), "network_gb".into(), "pending".into())];
+    assert!(traffic_pending > 0, "{counts:?}");
+    assert!(counts
+        .keys()
+        .all(|(sink, metric, status)| match metric.as_str() {
+            "network_gb" => sink == "finops" && status == "pending",
+            "storage_cost" => sink.is_empty() && status == "unmapped",
+            "" => sink.is_empty(),
+            _ => sink == "export" && status == "sent", // the JSON Lines sink
+        }));
+    let unmapped_storage = counts[&(String::new(), "storage_cost".into(), "unmapped".into())];
+    assert!(unmapped_storage > 0, "{counts:?}");
+    let archived: Vec<serde_json::Value> = files(&archive)
+        .iter()
+        .flat_map(|(_, c)| {
+            c.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(first.sent > 0, "{first:?}");
+    assert_eq!(archived.len() as u64, first.sent);
+    assert!(archived
+        .iter()
+        .all(|e| e["metric"] != "network_gb" && e["metric"] != "storage_cost"));
+
+    // The directory is fixed: the next run sends the traffic to finops and nothing else.
+    std::fs::remove_file(&finops).unwrap();
+    let p = pipeline().await;
+    let second = p.sync(&opts).await.unwrap();
+    assert_eq!(second.sent as usize, traffic_pending, "{second:?}");
+    let counts = by_sink(&ledger_csv(&p).await);
+    assert_eq!(
+        counts[&("finops".into(), "network_gb".into(), "sent".into())],
+        traffic_pending
+    );
+    let (header, rows) =
+        files(&finops)
+            .iter()
+            .fold((Vec::new(), Vec::new()), |(_, mut all), (_, c)| {
+                let (h, rows) = parse_csv(c);
+                all.extend(rows);
+                (h, all)
+            });
+    assert_eq!(rows.len(), traffic_pending);
+    assert!(rows
+        .iter()
+        .all(|r| column(&header, r, "x_Metric") == "network_gb"));
+    let archived_again: usize = files(&archive).iter().map(|(_, c)| c.lines().count()).sum();
+    assert_eq!(
+        archived_again,
+        archived.len(),
+        "the archive got nothing new"
+    );
+    // A rule naming a sink that is not configured holds its records with that reason.
+    let (header, rows) = parse_csv(&ledger_csv(&p).await);
+    let storage: Vec<_> = rows
+        .iter()
+        .filter(|r| column(&header, r, "metric") == "storage_cost")
+        .collect();
+    assert_eq!(storage.len(), unmapped_storage);
+    assert!(storage.iter().all(|r| column(&header, r, "last_error")
+        .contains("targets sink \"nowhere\", which is not configured")));
 }
