@@ -715,7 +715,8 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
 }
 
 /// Warn about records of Stripe sinks that approach Stripe's backdating limit (35 days by
-/// default): past it they can no longer be sent at all.
+/// default): past it they can no longer be sent at all. The warning starts 5 days before the
+/// limit (a seventh of it for limits under 35 days).
 async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     for (name, sink) in &settings.sinks {
@@ -723,15 +724,24 @@ async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyh
             continue;
         };
         let limit = chrono::Duration::from_std(cfg.max_age).unwrap_or(chrono::Duration::days(35));
-        let warn_after = limit - chrono::Duration::days(5);
-        let n = ledger.waiting_older_than(name, now - warn_after).await?;
-        if n > 0 {
-            println!(
-                "warning: {n} records for Stripe sink {name} are older than {} days; Stripe refuses them after {}",
-                warn_after.num_days(),
-                limit.num_days()
-            );
-        }
+        let warn_after = limit - std::cmp::min(chrono::Duration::days(5), limit / 7);
+        let (n, oldest) = ledger.waiting_older_than(name, now - warn_after).await?;
+        let Some((key, start)) = oldest.filter(|_| n > 0) else {
+            continue;
+        };
+        let age = chrono::DateTime::parse_from_rfc3339(&start)
+            .map(|t| {
+                format!(
+                    ", {} days old",
+                    (now - t.with_timezone(&chrono::Utc)).num_days()
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "warning: Stripe sink {name}: {n} waiting records (pending or provisional) are older than {}; Stripe refuses events older than {}; oldest: {key} (charge period start {start}{age})",
+            crate::sinks::stripe::human(warn_after),
+            crate::sinks::stripe::human(limit),
+        );
     }
     Ok(())
 }

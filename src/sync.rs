@@ -328,6 +328,11 @@ impl Pipeline {
     /// difference as a correction record (key = original key + `.r<revision>`, same timestamp,
     /// so it lands in the same billing period) when it still maps to the same subscription and
     /// metric; otherwise leave it to a person. Corrections assume sum-type metrics.
+    ///
+    /// The correction's normalized record carries differences too: its `billed_cost` and
+    /// `consumed_quantity` are the new content minus what was sent so far (original plus
+    /// earlier corrections), so a sink that exports records (FOCUS) can be summed. A sink
+    /// that exports records also gets a correction when only the cost or quantity changed.
     pub fn correction(&self, row: &StageRow, sent: &SentState) -> Correction {
         let (Some(event), Some(new_value)) = (&row.event, row.mapped.value) else {
             return Correction::Unresolved(format!(
@@ -345,17 +350,32 @@ impl Pipeline {
                 sent.key, row.mapped.subscription, row.mapped.metric, sent.subscription, sent.metric
             ));
         }
-        let difference = new_value - sent.sent_total;
-        if difference.is_zero() {
-            return Correction::NoDifference;
-        }
-        let key = format!("{}.r{}", sent.key, sent.next_revision);
+        let (Some(sent_cost), Some(sent_quantity)) = (sent.sent_cost, sent.sent_quantity) else {
+            return Correction::Unresolved(format!(
+                "{} changed after it was sent, but `vacuum` pruned what was sent: resolve by hand",
+                sent.key
+            ));
+        };
         let Some(sink) = self.sink(row.mapped.sink.as_deref()) else {
             return Correction::Unresolved(format!("sink {:?} is not configured", row.mapped.sink));
         };
+        let difference = new_value - sent.sent_total;
+        let mut delta = row.record.clone();
+        delta.billed_cost = row.record.billed_cost - sent_cost;
+        delta.consumed_quantity = row.record.consumed_quantity - sent_quantity;
+        // Lago, Stripe, webhook and JSON Lines carry only the mapped value; the FOCUS export
+        // carries cost and quantity as well.
+        let carries_record = sink.kind() == "focus";
+        if difference.is_zero()
+            && (!carries_record
+                || (delta.billed_cost.is_zero() && delta.consumed_quantity.is_zero()))
+        {
+            return Correction::NoDifference;
+        }
+        let key = format!("{}.r{}", sent.key, sent.next_revision);
         let mut event = event.clone();
         event.value = difference;
-        match sink.encode_record(&key, &event, &row.record) {
+        match sink.encode_record(&key, &event, &delta) {
             Err(e) => Correction::Unresolved(e.to_string()),
             Ok(payload) => {
                 let mut mapped = row.mapped.clone();
@@ -365,7 +385,7 @@ impl Pipeline {
                     row: Box::new(StageRow {
                         key,
                         content_hash: row.content_hash.clone(),
-                        record: row.record.clone(),
+                        record: delta,
                         status: Status::Pending,
                         mapped,
                         note: Some(format!("correction of {}", sent.key)),

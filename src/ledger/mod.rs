@@ -167,6 +167,11 @@ pub struct SentState {
     pub sink: Option<String>,
     /// The original value plus every correction staged for it (rejected ones excluded).
     pub sent_total: Decimal,
+    /// The same sum of `billed_cost` and of `consumed_quantity`: the original's as sent plus
+    /// the differences the corrections carry. `None` when `vacuum` pruned the original's
+    /// record, so what was sent is no longer known.
+    pub sent_cost: Option<Decimal>,
+    pub sent_quantity: Option<Decimal>,
     /// The revision number the next correction gets.
     pub next_revision: i64,
 }
@@ -174,7 +179,9 @@ pub struct SentState {
 /// The decision about a sent record that came back with new content.
 #[derive(Debug, Clone)]
 pub enum Correction {
-    /// Stage this correction row (its key and payload carry the difference).
+    /// Stage this correction row. Its key, value and payload carry the difference, and so
+    /// does its normalized record (`billed_cost`, `consumed_quantity`), so a sink that exports
+    /// records (FOCUS) stays summable; `record_changes` keeps the full new content.
     Send {
         row: Box<StageRow>,
         difference: Decimal,
@@ -1174,23 +1181,36 @@ impl Ledger {
         Ok(n as u64)
     }
 
-    /// How many records of a sink wait to be sent (pending or provisional) with a charge period
-    /// starting before `cutoff` (for sinks with a backdating limit, such as Stripe's 35 days).
+    /// The records of a sink that wait to be sent (pending or provisional) with a charge period
+    /// starting before `cutoff` (for sinks with a backdating limit, such as Stripe's 35 days):
+    /// how many, and the oldest one's key and charge period start.
     pub async fn waiting_older_than(
         &self,
         sink: &str,
         cutoff: DateTime<Utc>,
-    ) -> Result<u64, LedgerError> {
+    ) -> Result<(u64, Option<(String, String)>), LedgerError> {
+        let cutoff = ts(cutoff);
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM records
              WHERE status IN ('pending', 'provisional') AND sink = ?1 AND charge_period_start < ?2",
         )
         .bind(sink)
-        .bind(ts(cutoff))
+        .bind(&cutoff)
         .fetch_one(&self.pool)
         .await
         .map_err(sql("counting old waiting records"))?;
-        Ok(n as u64)
+        let oldest = sqlx::query(
+            "SELECT idem_key, charge_period_start FROM records
+             WHERE status IN ('pending', 'provisional') AND sink = ?1 AND charge_period_start < ?2
+             ORDER BY charge_period_start, id LIMIT 1",
+        )
+        .bind(sink)
+        .bind(&cutoff)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(sql("finding the oldest waiting record"))?
+        .map(|r| (r.get(0), r.get(1)));
+        Ok((n as u64, oldest))
     }
 
     /// How many records are undelivered (pending, unmapped, rejected), ledger-wide.
@@ -1329,37 +1349,68 @@ fn csv_field(s: &str) -> String {
 }
 
 async fn sent_state(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<SentState, LedgerError> {
+    // Decimals are summed here, exactly, from their text: SQLite's SUM would round them.
     let r = sqlx::query(
         "SELECT o.idem_key, o.subscription, o.metric, o.sink, o.value,
              (SELECT group_concat(c.value, ' ') FROM records c
                 WHERE c.correction_of = o.id AND c.status <> 'rejected'),
-             (SELECT COALESCE(MAX(c.revision), 0) FROM records c WHERE c.correction_of = o.id)
+             (SELECT COALESCE(MAX(c.revision), 0) FROM records c WHERE c.correction_of = o.id),
+             o.record_json,
+             (SELECT group_concat(c.billed_cost, ' ') FROM records c
+                WHERE c.correction_of = o.id AND c.status <> 'rejected'),
+             (SELECT group_concat(c.consumed_quantity, ' ') FROM records c
+                WHERE c.correction_of = o.id AND c.status <> 'rejected')
          FROM records o WHERE o.id = ?1",
     )
     .bind(id)
     .fetch_one(&mut *conn)
     .await
     .map_err(sql("reading what was sent for a record"))?;
-    let parse = |text: &str| {
-        Decimal::from_str(text).map_err(|e| LedgerError::Corrupt {
+    let sum = |field: &'static str, first: Decimal, rest: Option<String>| {
+        let mut total = first;
+        for v in rest.as_deref().unwrap_or("").split_whitespace() {
+            total += Decimal::from_str(v).map_err(|e| LedgerError::Corrupt {
+                id,
+                field,
+                message: format!("a correction's {field} {v:?}: {e}"),
+            })?;
+        }
+        Ok::<_, LedgerError>(total)
+    };
+    let original: Option<String> = r.get(4);
+    let original = Decimal::from_str(original.as_deref().unwrap_or("0")).map_err(|e| {
+        LedgerError::Corrupt {
             id,
             field: "value",
             message: e.to_string(),
-        })
-    };
-    let original: Option<String> = r.get(4);
-    let mut sent_total = parse(original.as_deref().unwrap_or("0"))?;
-    let corrections: Option<String> = r.get(5);
-    for v in corrections.as_deref().unwrap_or("").split_whitespace() {
-        sent_total += parse(v)?;
-    }
+        }
+    })?;
+    let sent_total = sum("value", original, r.get(5))?;
     let last_revision: i64 = r.get(6);
+    // The original's record_json is what was sent (its content columns follow the latest
+    // content instead); `vacuum` empties it.
+    let json: String = r.get(7);
+    let (sent_cost, sent_quantity) = if json.is_empty() {
+        (None, None)
+    } else {
+        let sent: UsageRecord = serde_json::from_str(&json).map_err(|e| LedgerError::Corrupt {
+            id,
+            field: "record_json",
+            message: e.to_string(),
+        })?;
+        (
+            Some(sum("billed_cost", sent.billed_cost, r.get(8))?),
+            Some(sum("consumed_quantity", sent.consumed_quantity, r.get(9))?),
+        )
+    };
     Ok(SentState {
         key: r.get(0),
         subscription: r.get(1),
         metric: r.get(2),
         sink: r.get(3),
         sent_total,
+        sent_cost,
+        sent_quantity,
         next_revision: last_revision + 1,
     })
 }
