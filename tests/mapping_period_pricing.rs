@@ -420,3 +420,126 @@ rules:
     assert_eq!(adjustments(&lago).len(), 2);
     assert_eq!(lago_total(&lago, from, to), provider_total + dec("1100"));
 }
+
+// ----- without a sync: explain and `mappings test` show the month's part -------------------
+
+const MONTHLY: &str = r#"version: 1
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_acme
+    pricing: { minimum: "50", period: month }
+rules:
+  - name: drives
+    match: { resource_type: drive }
+    metric: storage_cost
+    property: amount
+    value:
+      cost:
+        period: month
+        tiers:
+          - { up_to: "1000", markup_percent: 20 }
+          - { markup_percent: 10 }
+"#;
+
+fn monthly_set() -> MappingSet {
+    MappingSet::from_sources(&[("m/monthly.yaml".to_string(), MONTHLY.to_string())]).unwrap()
+}
+
+fn drive(cost: &str) -> billsync::record::UsageRecord {
+    billsync::record::UsageRecord {
+        provider: "metalsoft".into(),
+        source: "metalsoft".into(),
+        billing_account_id: "ms".into(),
+        sub_account_id: "1".into(),
+        resource_id: "77".into(),
+        resource_name: None,
+        resource_type: "drive".into(),
+        service_name: "metalsoft".into(),
+        sku_id: None,
+        charge_description: None,
+        charge_period_start: at(2026, 10, 31, 23, 0),
+        charge_period_end: at(2026, 11, 1, 0, 0),
+        consumed_quantity: dec("3600"),
+        consumed_unit: "seconds".into(),
+        billed_cost: dec(cost),
+        billing_currency: "EUR".into(),
+        scope: "1".into(),
+        natural_key: vec![],
+        is_final: true,
+        attributes: Default::default(),
+        raw: serde_json::Value::Null,
+    }
+}
+
+#[test]
+fn explain_shows_the_record_part_and_the_month_it_settles_in() {
+    let set = monthly_set();
+    let ex = set.explain(&drive("12.00"));
+    let text = ex.to_string();
+    // The record carries the lowest tier rate and no minimum.
+    assert!(text.contains("this record at the lowest rate 10%"), "{text}");
+    assert!(text.contains("50 EUR per month"), "{text}");
+    assert!(
+        text.contains("period: month 2026-10 [2026-10-01T00:00:00+00:00 .. 2026-11-01T00:00:00+00:00)"),
+        "{text}"
+    );
+    assert!(text.contains("= 13.20"), "{text}");
+    let share = ex.period.expect("a monthly share");
+    assert_eq!(share.base, dec("12.00"));
+    assert_eq!(share.spec.minimum, Some(dec("50")));
+    assert_eq!(share.spec.lowest_percent, dec("10"));
+    let (outcome, _) = set.apply_with_period(&drive("12.00"));
+    match outcome {
+        billsync::mapping::MapOutcome::Mapped(ev) => assert_eq!(ev.value, dec("13.20")),
+        other => panic!("{other:?}"),
+    }
+    // `validate` says what the rule does per month.
+    let summary = set.summary().to_string();
+    assert!(summary.contains("tiers and minimum per calendar month UTC"), "{summary}");
+}
+
+#[test]
+fn mapping_cases_settle_a_month_of_records() {
+    let set = monthly_set();
+    let cases = r#"defaults: { provider: metalsoft, sub_account_id: "1", billing_currency: EUR, resource_type: drive }
+cases:
+  - name: a quiet month is raised to the minimum
+    record: { charge_period_start: "2026-10-05T00:00:00Z" }
+    records:
+      - { billed_cost: "10" }
+      - { billed_cost: "5.50" }
+    expect:
+      subscription: sub_acme
+      value: "17.05"
+      records_total: "17.05"
+      period_total: "50"
+      adjustment: "32.95"
+  - name: a busy month is tiered on its sum
+    record: { charge_period_start: "2026-10-05T00:00:00Z" }
+    records:
+      - { billed_cost: "700" }
+      - { billed_cost: "700" }
+    expect:
+      value: "1540"
+      period_total: "1640"
+      adjustment: "100"
+  - name: a wrong adjustment is reported
+    records:
+      - { billed_cost: "10" }
+    expect:
+      adjustment: "1"
+"#;
+    let report =
+        billsync::mapping::cases::run_cases(&set, &[("cases.yaml".into(), cases.into())]);
+    let text = report.to_string();
+    assert_eq!(report.failed(), 1, "{text}");
+    assert!(report.results[0].passed() && report.results[1].passed(), "{text}");
+    assert!(
+        text.contains("period 2026-10: records carry 17.05 + adjustment 32.95 = month total 50"),
+        "{text}"
+    );
+    // 1,400 × 10 % = 140 on the records; the month: 1,000 × 20 % + 400 × 10 % = 240.
+    assert!(text.contains("records carry 1540.00 + adjustment 100.00"), "{text}");
+    assert!(text.contains("✗ adjustment"), "{text}");
+    assert!(text.contains("39.00"), "the actual adjustment is shown: {text}");
+}

@@ -339,6 +339,12 @@ fn combination_problem(rule: &Pricing, customer: &Pricing) -> Option<String> {
 }
 
 fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
+    let say = |s: &Option<String>| {
+        s.as_ref().map_or_else(
+            || "no monthly pricing".to_string(),
+            |s| format!("monthly pricing ({s})"),
+        )
+    };
     let cost = |r: &super::LoadedRule| match &r.rule.value {
         Some(ValueSpec::Cost(c)) => Some(c.pricing()),
         _ => None,
@@ -357,7 +363,7 @@ fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
                     c.line,
                     c.column,
                     format!(
-                        "customer entry (bills {}) with records of rule `{}` ({}:{}): {problem}",
+                        "customer entry (bills {}): {problem} (for records of rule `{}` at {}:{})",
                         c.entry.external_subscription_id.0, r.rule.name.0, r.file, r.line
                     ),
                 ));
@@ -383,23 +389,21 @@ fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
         });
         if let Some(a) = clash {
             let sig_a = cost(a).and_then(|p| monthly_signature(&p));
-            let say = |s: &Option<String>| s.clone().unwrap_or_else(|| "no monthly pricing".into());
             errors.push(at(
                 &b.file,
                 b.line,
                 b.column,
                 format!(
-                    "rule `{}` feeds metric `{}` like rule `{}` ({}:{}) but prices its month \
-                     differently ({} vs {}); a subscription's month of one metric is settled \
-                     once, so give both rules the same monthly pricing or put it on the \
-                     customer entry",
+                    "rule `{}` feeds metric `{}` with {}, but rule `{}` feeds it with {} ({}:{}); \
+                     a subscription's month of one metric is settled once, so give both rules \
+                     the same monthly pricing or put it on the customer entry",
                     b.rule.name.0,
                     b.rule.metric.as_ref().map_or("?", |m| m.0.as_str()),
+                    say(&sig_b),
                     a.rule.name.0,
+                    say(&sig_a),
                     a.file,
                     a.line,
-                    say(&sig_b),
-                    say(&sig_a)
                 ),
             ));
         }
@@ -417,11 +421,13 @@ fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
                 b.line,
                 b.column,
                 format!(
-                    "customer entry bills {} like the entry at {} but prices its month \
-                     differently; the month of a subscription's metric is settled once, so \
-                     give both entries the same monthly pricing",
+                    "customer entry bills {} with {}, but the entry at {} bills it with {}; \
+                     the month of a subscription's metric is settled once, so give both \
+                     entries the same monthly pricing",
                     sub.0,
-                    describe_customer(a)
+                    say(&sig(b)),
+                    describe_customer(a),
+                    say(&sig(a))
                 ),
             ));
             continue;

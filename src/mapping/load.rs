@@ -571,7 +571,10 @@ fn check_period_fields(
     match p.period {
         None => {
             // Report at whichever of the two keys comes first in the file.
-            let mut keys: Vec<&str> = ["minimum", "tiers"].into_iter().filter(|k| has(k)).collect();
+            let mut keys: Vec<&str> = ["minimum", "tiers"]
+                .into_iter()
+                .filter(|k| has(k))
+                .collect();
             keys.sort_by_key(|k| locate_key(text, span, k).unwrap_or((usize::MAX, 0)));
             if let Some(key) = keys.first() {
                 let what_it_does = if *key == "minimum" {
@@ -582,7 +585,9 @@ fn check_period_fields(
                 push(
                     key,
                     format!(
-                        "`{key}` needs an explicit `period`: `period: month` ({what_it_does},                          settled by one adjustment event when the month closes) or                          `period: record` (each record on its own)"
+                        "`{key}` needs an explicit `period`: `period: month` ({what_it_does}, \
+                        settled by one adjustment event when the month closes) or \
+                        `period: record` (each record on its own)"
                     ),
                 );
             }
@@ -590,7 +595,8 @@ fn check_period_fields(
         Some(kind) if !has("minimum") && !has("tiers") => push(
             "period",
             format!(
-                "`period: {}` says what `minimum` and `tiers` apply to, but this pricing has                  neither; remove `period` or add the minimum or tiers it is meant for",
+                "`period: {}` says what `minimum` and `tiers` apply to, but this pricing has \
+                        neither; remove `period` or add the minimum or tiers it is meant for",
                 kind.name()
             ),
         ),
@@ -675,7 +681,8 @@ pub(crate) fn describe_pricing(p: &super::schema::Pricing) -> String {
         Some(super::schema::PeriodKind::Month) => {
             let offset = p.month_offset();
             out.push_str(&format!(
-                " (tiers and minimum per calendar month{}, settled by one adjustment per                  subscription, metric and month)",
+                " (tiers and minimum per calendar month{}, settled by one adjustment per \
+                        subscription, metric and month)",
                 if offset.local_minus_utc() == 0 {
                     " UTC".to_string()
                 } else {
