@@ -850,19 +850,22 @@ impl Pipeline {
                 if stored.record.provider == PERIOD_PROVIDER {
                     // An adjustment's payload comes from its month, not from the mapping files:
                     // a rejected one goes out again as it was (the month is re-settled on change).
-                    match run_id {
+                    let requeued = match run_id {
                         Some(run_id) => {
-                            if self
-                                .ledger
+                            self.ledger
                                 .requeue_rejected(run_id, stored.id, Utc::now())
                                 .await?
-                            {
-                                *summary
-                                    .staged_by_status
-                                    .entry(Status::Pending.as_str().to_string())
-                                    .or_default() += 1;
-                            }
                         }
+                        None => false,
+                    };
+                    match run_id {
+                        Some(_) if requeued => {
+                            *summary
+                                .staged_by_status
+                                .entry(Status::Pending.as_str().to_string())
+                                .or_default() += 1;
+                        }
+                        Some(_) => {}
                         None if summary.preview.len() < PREVIEW_LINES => {
                             summary.preview.push(format!(
                                 "{} {} → pending (period adjustment, sent again as it was)",

@@ -275,8 +275,26 @@ async fn monthly_tiers_price_the_month_sum_not_each_record() {
     }
     // During the month the records carry the lowest rate: never more than the month's price.
     let during = lago_total(&w.lago, from, to);
-    let close = w.sync(at(2026, 11, 2, 0, 0)).await;
-    assert_eq!(close.period_adjustments, 1, "{close:?}");
+    // The run that closes the month stops after staging (as a crash before the push would):
+    // the adjustment waits in the ledger and the next run sends it, once.
+    let staged_only = w
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 2, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(staged_only.period_adjustments, 1, "{staged_only:?}");
+    assert!(adjustments(&w.lago).is_empty());
+    let close = w.sync(at(2026, 11, 2, 1, 0)).await;
+    assert_eq!(close.period_adjustments, 0, "already staged: {close:?}");
+    assert!(
+        close.sent > 1,
+        "the last week's records and the adjustment: {close:?}"
+    );
     let sum = october_cost();
     let tiered = sum + dec("10") * dec("0.20") + (sum - dec("10")) * dec("0.10");
     assert_eq!(tiered, dec("15.322"));
@@ -477,10 +495,15 @@ fn explain_shows_the_record_part_and_the_month_it_settles_in() {
     let ex = set.explain(&drive("12.00"));
     let text = ex.to_string();
     // The record carries the lowest tier rate and no minimum.
-    assert!(text.contains("this record at the lowest rate 10%"), "{text}");
+    assert!(
+        text.contains("this record at the lowest rate 10%"),
+        "{text}"
+    );
     assert!(text.contains("50 EUR per month"), "{text}");
     assert!(
-        text.contains("period: month 2026-10 [2026-10-01T00:00:00+00:00 .. 2026-11-01T00:00:00+00:00)"),
+        text.contains(
+            "period: month 2026-10 [2026-10-01T00:00:00+00:00 .. 2026-11-01T00:00:00+00:00)"
+        ),
         "{text}"
     );
     assert!(text.contains("= 13.20"), "{text}");
@@ -495,7 +518,10 @@ fn explain_shows_the_record_part_and_the_month_it_settles_in() {
     }
     // `validate` says what the rule does per month.
     let summary = set.summary().to_string();
-    assert!(summary.contains("tiers and minimum per calendar month UTC"), "{summary}");
+    assert!(
+        summary.contains("tiers and minimum per calendar month UTC"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -529,17 +555,25 @@ cases:
     expect:
       adjustment: "1"
 "#;
-    let report =
-        billsync::mapping::cases::run_cases(&set, &[("cases.yaml".into(), cases.into())]);
+    let report = billsync::mapping::cases::run_cases(&set, &[("cases.yaml".into(), cases.into())]);
     let text = report.to_string();
     assert_eq!(report.failed(), 1, "{text}");
-    assert!(report.results[0].passed() && report.results[1].passed(), "{text}");
+    assert!(
+        report.results[0].passed() && report.results[1].passed(),
+        "{text}"
+    );
     assert!(
         text.contains("period 2026-10: records carry 17.05 + adjustment 32.95 = month total 50"),
         "{text}"
     );
     // 1,400 × 10 % = 140 on the records; the month: 1,000 × 20 % + 400 × 10 % = 240.
-    assert!(text.contains("records carry 1540.00 + adjustment 100.00"), "{text}");
+    assert!(
+        text.contains("records carry 1540.00 + adjustment 100.00"),
+        "{text}"
+    );
     assert!(text.contains("✗ adjustment"), "{text}");
-    assert!(text.contains("39.00"), "the actual adjustment is shown: {text}");
+    assert!(
+        text.contains("39.00"),
+        "the actual adjustment is shown: {text}"
+    );
 }
