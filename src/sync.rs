@@ -1172,7 +1172,7 @@ impl Pipeline {
             )));
         }
         let known = self.ledger.existing(&[g.adjustment_key.as_str()]).await?;
-        let Some((first, _)) = counted.first() else {
+        if counted.is_empty() {
             if known.is_empty() {
                 return Ok(Settlement::Settle {
                     total: Decimal::ZERO,
@@ -1181,20 +1181,34 @@ impl Pipeline {
             }
             // Every record left the month after an adjustment was staged: take it back.
             return Ok(self.adjustment(g, None, BTreeMap::new(), Decimal::ZERO, Vec::new()));
-        };
-        let spec: PeriodSpec = match serde_json::from_str(&first.spec) {
-            Ok(s) => s,
-            Err(e) => return Ok(Settlement::Problem(format!("unreadable period rule: {e}"))),
-        };
+        }
+        // The month is priced by the rule of its latest record: a mapping change during the
+        // month (a new minimum) applies to the whole month. Records in another currency cannot
+        // be added up at all.
+        let mut specs = Vec::with_capacity(counted.len());
         for (m, _) in &counted {
-            if serde_json::from_str::<PeriodSpec>(&m.spec).ok().as_ref() != Some(&spec) {
-                return Ok(Settlement::Problem(format!(
-                    "records {} and {} of this month were priced by different period rules \
-                     ({} vs {}); fix the mapping so one rule prices the month, then replay",
-                    first.key, m.key, first.spec, m.spec
-                )));
+            match serde_json::from_str::<PeriodSpec>(&m.spec) {
+                Ok(s) => specs.push(s),
+                Err(e) => {
+                    return Ok(Settlement::Problem(format!(
+                        "{}: unreadable period rule: {e}",
+                        m.key
+                    )))
+                }
             }
         }
+        let latest_at = (0..counted.len())
+            .max_by_key(|&i| (counted[i].0.charge_period_start, &counted[i].0.key))
+            .unwrap_or(0);
+        let spec = specs[latest_at].clone();
+        if let Some(i) = specs.iter().position(|s| s.currency != spec.currency) {
+            return Ok(Settlement::Problem(format!(
+                "records {} ({}) and {} ({}) of this month are in different invoice currencies; \
+                 one month of a metric needs one currency (fix the mapping, then replay)",
+                counted[i].0.key, specs[i].currency, counted[latest_at].0.key, spec.currency
+            )));
+        }
+        let older_rules = specs.iter().filter(|s| **s != spec).count();
         let shares: Vec<(Decimal, Decimal)> = counted
             .iter()
             .map(|(m, r)| (m.base, r.value + r.corrections))
@@ -1217,6 +1231,17 @@ impl Pipeline {
         let records: Vec<&crate::ledger::PeriodMemberRecord> =
             counted.iter().map(|(_, r)| *r).collect();
         let mut steps = price.steps.clone();
+        if older_rules > 0 {
+            warn!(group = %g.group_key, older_rules, "a month's records were priced by different period rules; the latest record's rule prices the month");
+            steps.insert(
+                0,
+                format!(
+                    "{older_rules} record(s) were staged under another period rule; the month is \
+                     priced with the rule of its latest record {}",
+                    counted[latest_at].0.key
+                ),
+            );
+        }
         steps.insert(
             0,
             format!("period {} of {} {}", g.label, g.subscription, g.metric),

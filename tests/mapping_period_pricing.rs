@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use billsync::config::Secret;
 use billsync::http::RetryPolicy;
-use billsync::ledger::Ledger;
+use billsync::ledger::{Ledger, RecordFilter, Status};
 use billsync::mapping::MappingSet;
 use billsync::providers::jelastic::{JelasticConfig, JelasticProvider};
 use billsync::providers::sakura::{Month, SakuraConfig, SakuraProvider};
@@ -124,6 +124,10 @@ impl JelasticWorld {
     }
 
     async fn pipeline(&self) -> Pipeline {
+        self.pipeline_with(self.mappings.clone()).await
+    }
+
+    async fn pipeline_with(&self, mappings: MappingSet) -> Pipeline {
         let mut cfg = JelasticConfig::new(
             self.jelastic.url.clone(),
             Secret::new("sess"),
@@ -140,7 +144,7 @@ impl JelasticWorld {
                 .unwrap(),
             providers,
             vec![Box::new(lago_sink(&self.lago))],
-            self.mappings.clone(),
+            mappings,
         )
     }
 
@@ -576,4 +580,104 @@ cases:
         text.contains("39.00"),
         "the actual adjustment is shown: {text}"
     );
+}
+
+/// A rejected adjustment (say the subscription did not exist yet in Lago) waits as `rejected`;
+/// `billsync replay` sends it again as it was frozen, once.
+#[tokio::test]
+async fn a_rejected_adjustment_is_sent_again_by_replay() {
+    use billsync::sinks::Outcome;
+    use billsync::sync::ReplayOptions;
+
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    let staged = w
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 3, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(staged.period_adjustments, 1);
+    let p = w.pipeline().await;
+    let mut filter = RecordFilter::status(Status::Pending);
+    filter.provider = Some("period".into());
+    let adj = p.ledger.records_matching(&filter, 0, 10).await.unwrap();
+    assert_eq!(adj.len(), 1, "one pending adjustment");
+    let run = p
+        .ledger
+        .start_run("test", at(2026, 11, 3, 0, 0))
+        .await
+        .unwrap();
+    p.ledger
+        .ack(
+            run,
+            &[(
+                adj[0].id,
+                Outcome::Rejected("subscription not found".into()),
+            )],
+            at(2026, 11, 3, 0, 0),
+        )
+        .await
+        .unwrap();
+    // The records go out; the adjustment stays held.
+    let s = w.sync(at(2026, 11, 3, 1, 0)).await;
+    assert_eq!(s.period_adjustments, 0, "{s:?}");
+    assert!(adjustments(&w.lago).is_empty());
+    assert_eq!(lago_total(&w.lago, from, to), dec("14.322"));
+
+    let replay = |dry_run| ReplayOptions {
+        filter: RecordFilter::status(Status::Rejected),
+        dry_run,
+        reason: "subscription created in Lago".into(),
+        now: Some(at(2026, 11, 3, 2, 0)),
+    };
+    let dry = w.pipeline().await.replay(&replay(true)).await.unwrap();
+    assert!(
+        dry.preview[0].contains("period adjustment"),
+        "{:?}",
+        dry.preview
+    );
+    let done = w.pipeline().await.replay(&replay(false)).await.unwrap();
+    assert_eq!(done.sent, 1, "{done:?}");
+    assert_eq!(adjustments(&w.lago).len(), 1);
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+    let again = w.pipeline().await.replay(&replay(false)).await.unwrap();
+    assert_eq!(again.sent, 0);
+    assert_eq!(adjustments(&w.lago).len(), 1);
+}
+
+/// The billing engineer raises the minimum in the middle of the month: the records staged before
+/// carry the old rule, the later ones the new; the month is priced by the rule of its latest
+/// record, and the adjustment says so.
+#[tokio::test]
+async fn a_minimum_changed_mid_month_prices_the_whole_month() {
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    w.sync(at(2026, 10, 15, 0, 0)).await;
+    let raised = jelastic_mapping(r#"{ markup_percent: 10, minimum: "60", period: month }"#);
+    let s = w
+        .pipeline_with(raised.clone())
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 2, 0, 0)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.period_adjustments, 1, "{s:?}");
+    assert_eq!(lago_total(&w.lago, from, to), dec("60"));
+    let p = w.pipeline_with(raised).await;
+    let mut filter = RecordFilter::status(Status::Sent);
+    filter.provider = Some("period".into());
+    let adj = p.ledger.records_matching(&filter, 0, 10).await.unwrap();
+    let steps = adj[0].record.raw["steps"].to_string();
+    assert!(
+        steps.contains("were staged under another period rule"),
+        "{steps}"
+    );
+    assert!(steps.contains("raised to 60"), "{steps}");
 }
