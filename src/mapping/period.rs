@@ -22,7 +22,9 @@
 //! percentage steps that follow the tiers (a later markup or commission; a fixed markup adds
 //! per record and is already in `R`). The minimum then raises a non-negative total to at least
 //! `minimum`. The result is rounded once with the rule's rounding; the adjustment is that total
-//! minus `R`.
+//! minus `R`. Records keep their own rounding, so the adjustment carries only the month's parts.
+//! When the records of one month were staged under different period rules (the mapping changed
+//! during the month), the rule of the month's latest record prices the whole month.
 
 use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, TimeZone, Utc};
 use rust_decimal::Decimal;
