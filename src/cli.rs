@@ -592,6 +592,20 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                     return Err(ConfigError("give --record FILE or --id N".into()).into())
                 }
             };
+            if rec.provider == crate::sync::PERIOD_PROVIDER {
+                // An adjustment comes from its month, not from a rule: show how it was settled.
+                println!(
+                    "period adjustment of {} {} {} (no rule maps it; it settles the month's \
+                     `period: month` pricing):",
+                    rec.sub_account_id,
+                    rec.resource_id,
+                    rec.resource_name.as_deref().unwrap_or("")
+                );
+                for step in rec.raw["steps"].as_array().into_iter().flatten() {
+                    println!("  {}", step.as_str().unwrap_or_default());
+                }
+                return Ok(exit::OK);
+            }
             print!("{}", set.explain(&rec));
             Ok(exit::OK)
         }
@@ -710,6 +724,7 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
     pipeline.lock_ttl = settings.ledger.lock_ttl;
     pipeline.shutdown = ctx.shutdown.clone();
     pipeline.shutdown_deadline = settings.shutdown_deadline;
+    pipeline.period_close_delay = settings.period_close_delay;
     pipeline.progress = observe::progress(ctx.json_logs);
     Ok(pipeline)
 }
@@ -781,6 +796,16 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
         "changes of sent records to resolve by hand: {}",
         st.open_changes
     );
+    let periods = ledger.period_status().await?;
+    if periods != Default::default() {
+        println!(
+            "months with period pricing: {} open, {} settled, {} changed since settled",
+            periods.open, periods.settled, periods.changed
+        );
+        for (group, note) in &periods.problems {
+            println!("  cannot settle {group}: {note}");
+        }
+    }
     if let Some((key, status, staged, err)) = &st.oldest_undelivered {
         println!(
             "oldest undelivered: {key} ({status}, staged {staged}){}",
