@@ -2,6 +2,10 @@
 check what focus-validator does not, and write it typed for the validator.
 
   focus_check.py combine DIR OUT.csv OUT.parquet [--drop COLUMN]
+  focus_check.py report REPORT.xml   (focus-validator's --output-type unittest report)
+
+`report` prints one line: rules run, passed, failed (with errors), skipped, then the names of
+the failed and skipped rules; exit 0 when no rule failed or errored, else 1.
 
 Why a typed Parquet copy: focus-validator 1.0.0 reads CSV with pandas' type guessing, so an
 id column holding only digits ("1", "1234") becomes an integer column and fails the
@@ -9,14 +13,24 @@ validator's "is a string" rule although FOCUS ids are strings. The Parquet copy 
 FOCUS types (decimal columns as numbers, everything else as text, empty = null), which is how
 any FOCUS consumer reads the CSV; the values are the CSV's, untouched.
 
-Checks done here (exit 1 on a failure): every file has the same header; `x_` columns come
+Why four columns are renamed in that copy: the export names every column as FOCUS 1.0 does
+(ProviderName, PublisherName, InvoiceIssuerName, ResourceId), but focus-validator 1.0.0's
+"1.0" rule set still looks them up under their 1.0-preview names (Provider, Publisher,
+InvoiceIssuer, ResourceID). The copy carries those four under the names the validator looks
+for, so its rules check their values; nothing else is renamed.
+
+Checks done here (exit 1 on a failure): every file has the same header; every FOCUS 1.0
+Mandatory column is there under its 1.0 name, and no 1.0-preview name is; `x_` columns come
 after all FOCUS columns; decimal columns parse as exact decimals; date-times are UTC ISO 8601
 with `Z`; ChargePeriodStart < ChargePeriodEnd; the billing period contains ChargePeriodStart;
-ChargeCategory and ChargeClass take FOCUS values; no idempotency key appears twice.
+ChargeCategory and ChargeClass take FOCUS values; no idempotency key appears twice. It also
+counts the rows the skipped validator rule is about (SkuPriceId null on a Usage row that is
+not a correction) and prints that count.
 """
 
 import csv
 import datetime as dt
+import xml.etree.ElementTree as ET
 import decimal
 import pathlib
 import sys
@@ -36,6 +50,21 @@ DECIMAL_COLUMNS = {
 }
 DATETIME_COLUMNS = {"BillingPeriodStart", "BillingPeriodEnd", "ChargePeriodStart", "ChargePeriodEnd"}
 CHARGE_CATEGORIES = {"Usage", "Purchase", "Tax", "Credit", "Adjustment"}
+# FOCUS 1.0, specification/columns/*.md with "Feature level: Mandatory", by column ID.
+MANDATORY_1_0 = [
+    "BilledCost", "BillingAccountId", "BillingAccountName", "BillingCurrency",
+    "BillingPeriodEnd", "BillingPeriodStart", "ChargeCategory", "ChargeClass",
+    "ChargeDescription", "ChargePeriodEnd", "ChargePeriodStart", "ContractedCost",
+    "EffectiveCost", "InvoiceIssuerName", "ListCost", "PricingQuantity", "PricingUnit",
+    "ProviderName", "PublisherName", "ServiceCategory", "ServiceName",
+]
+# FOCUS 1.0 column ID -> the name focus-validator 1.0.0 looks up in its 1.0 rules.
+VALIDATOR_NAMES = {
+    "ProviderName": "Provider",
+    "PublisherName": "Publisher",
+    "InvoiceIssuerName": "InvoiceIssuer",
+    "ResourceId": "ResourceID",
+}
 
 
 def utc(value, where):
@@ -65,12 +94,22 @@ def combine(directory, out_csv, out_parquet, drop=None):
                 if len(row) != len(header):
                     raise ValueError(f"{f.name}:{n}: {len(row)} fields, header has {len(header)}")
                 rows.append((f"{f.name}:{n}", row))
+    missing = [c for c in MANDATORY_1_0 if c not in header]
+    if missing:
+        raise ValueError(f"FOCUS 1.0 Mandatory columns missing: {', '.join(missing)}")
+    preview = [c for c in VALIDATOR_NAMES.values() if c in header]
+    if preview:
+        raise ValueError(f"1.0-preview column names instead of FOCUS 1.0 ones: {', '.join(preview)}")
     first_extra = next((i for i, c in enumerate(header) if c.startswith("x_")), len(header))
     if any(not c.startswith("x_") for c in header[first_extra:]):
         raise ValueError("a FOCUS column comes after an x_ column")
     col = {c: i for i, c in enumerate(header)}
     keys = set()
+    sku_price_null = 0
     for where, row in rows:
+        if (row[col["ChargeCategory"]] == "Usage" and row[col["ChargeClass"]] != "Correction"
+                and row[col["SkuPriceId"]] == ""):
+            sku_price_null += 1
         for c in DECIMAL_COLUMNS & col.keys():
             if row[col[c]] != "":
                 decimal.Decimal(row[col[c]])
@@ -101,11 +140,33 @@ def combine(directory, out_csv, out_parquet, drop=None):
             arrays[c] = pa.array([float(v) if v != "" else None for v in values], pa.float64())
         else:
             arrays[c] = pa.array([v if v != "" else None for v in values], pa.string())
+    arrays = {VALIDATOR_NAMES.get(c, c): a for c, a in arrays.items()}
     pq.write_table(pa.table(arrays), out_parquet)
     print(f"focus: {len(rows)} rows from {len(files)} files, {len(keep)} columns")
+    print(f"focus: SkuPriceId is null on {sku_price_null} of {len(rows)} rows that are Usage "
+          "and not a correction (no price-list ids; the skipped rule SkuPriceId_Nullable)")
+
+
+def report(path):
+    root = ET.parse(path).getroot()
+    failed, skipped, total = [], [], 0
+    for case in root.iter("testcase"):
+        total += 1
+        rule = case.get("name", "").split(" :: ")[0]
+        for child in case:
+            if child.tag in ("failure", "error"):
+                failed.append(rule)
+            elif child.tag == "skipped":
+                skipped.append(rule)
+    passed = total - len(failed) - len(skipped)
+    print(f"rules {total}, passed {passed}, failed {len(failed)}, skipped {len(skipped)}"
+          f"; failed: {' '.join(failed) or '-'}; skipped: {' '.join(skipped) or '-'}")
+    return 0 if total > 0 and not failed else 1
 
 
 def main(argv):
+    if len(argv) == 3 and argv[1] == "report":
+        return report(argv[2])
     if len(argv) < 5 or argv[1] != "combine":
         print(__doc__, file=sys.stderr)
         return 2

@@ -645,6 +645,20 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                     return Err(ConfigError("give --record FILE or --id N".into()).into())
                 }
             };
+            if rec.provider == crate::sync::PERIOD_PROVIDER {
+                // An adjustment comes from its month, not from a rule: show how it was settled.
+                println!(
+                    "period adjustment of {} {} {} (no rule maps it; it settles the month's \
+                     `period: month` pricing):",
+                    rec.sub_account_id,
+                    rec.resource_id,
+                    rec.resource_name.as_deref().unwrap_or("")
+                );
+                for step in rec.raw["steps"].as_array().into_iter().flatten() {
+                    println!("  {}", step.as_str().unwrap_or_default());
+                }
+                return Ok(exit::OK);
+            }
             print!("{}", set.explain(&rec));
             Ok(exit::OK)
         }
@@ -763,12 +777,14 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
     pipeline.lock_ttl = settings.ledger.lock_ttl;
     pipeline.shutdown = ctx.shutdown.clone();
     pipeline.shutdown_deadline = settings.shutdown_deadline;
+    pipeline.period_close_delay = settings.period_close_delay;
     pipeline.progress = observe::progress(ctx.json_logs);
     Ok(pipeline)
 }
 
 /// Warn about records of Stripe sinks that approach Stripe's backdating limit (35 days by
-/// default): past it they can no longer be sent at all.
+/// default): past it they can no longer be sent at all. The warning starts 5 days before the
+/// limit (a seventh of it for limits under 35 days).
 async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     for (name, sink) in &settings.sinks {
@@ -776,15 +792,24 @@ async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyh
             continue;
         };
         let limit = chrono::Duration::from_std(cfg.max_age).unwrap_or(chrono::Duration::days(35));
-        let warn_after = limit - chrono::Duration::days(5);
-        let n = ledger.waiting_older_than(name, now - warn_after).await?;
-        if n > 0 {
-            println!(
-                "warning: {n} records for Stripe sink {name} are older than {} days; Stripe refuses them after {}",
-                warn_after.num_days(),
-                limit.num_days()
-            );
-        }
+        let warn_after = limit - std::cmp::min(chrono::Duration::days(5), limit / 7);
+        let (n, oldest) = ledger.waiting_older_than(name, now - warn_after).await?;
+        let Some((key, start)) = oldest.filter(|_| n > 0) else {
+            continue;
+        };
+        let age = chrono::DateTime::parse_from_rfc3339(&start)
+            .map(|t| {
+                format!(
+                    ", {} days old",
+                    (now - t.with_timezone(&chrono::Utc)).num_days()
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "warning: Stripe sink {name}: {n} waiting records (pending or provisional) are older than {}; Stripe refuses events older than {}; oldest: {key} (charge period start {start}{age})",
+            crate::sinks::stripe::human(warn_after),
+            crate::sinks::stripe::human(limit),
+        );
     }
     Ok(())
 }
@@ -824,6 +849,16 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
         "changes of sent records to resolve by hand: {}",
         st.open_changes
     );
+    let periods = ledger.period_status().await?;
+    if periods != Default::default() {
+        println!(
+            "months with period pricing: {} open, {} settled, {} changed since settled",
+            periods.open, periods.settled, periods.changed
+        );
+        for (group, note) in &periods.problems {
+            println!("  cannot settle {group}: {note}");
+        }
+    }
     if let Some((key, status, staged, err)) = &st.oldest_undelivered {
         println!(
             "oldest undelivered: {key} ({status}, staged {staged}){}",

@@ -123,6 +123,15 @@ pub struct Settings {
     /// Push run metrics to a Prometheus Pushgateway.
     #[serde(default)]
     pub metrics: Option<crate::observe::MetricsSettings>,
+    /// `period: month` pricing: settle a month this long after it ends at the latest (earlier
+    /// once every record of the month is final and they reach its end). Keep the invoicing
+    /// system's grace period for draft invoices at least this long.
+    #[serde(default = "default_period_close_delay", with = "duration::chrono")]
+    pub period_close_delay: chrono::Duration,
+}
+
+fn default_period_close_delay() -> chrono::Duration {
+    chrono::Duration::days(crate::sync::DEFAULT_PERIOD_CLOSE_DAYS)
 }
 
 fn default_shutdown_deadline() -> std::time::Duration {

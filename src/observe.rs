@@ -171,6 +171,12 @@ pub fn print_summary(s: &RunSummary, json: bool) {
         "  sent {}  already delivered {}  rejected {}  failed (retried next run) {}\n",
         s.sent, s.already_delivered, s.rejected, s.failed
     ));
+    if s.period_adjustments > 0 || s.period_problems > 0 {
+        out.push_str(&format!(
+            "  period adjustments staged {}  months that cannot be settled {}\n",
+            s.period_adjustments, s.period_problems
+        ));
+    }
     for e in &s.sink_errors {
         out.push_str(&format!("  sink error: {e}\n"));
     }

@@ -17,10 +17,10 @@ use serde::Serialize;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::ledger::{
-    Correction, Ledger, LedgerError, MappedColumns, RecordFilter, SentState, StageCounts, StageRow,
-    Status,
+    Correction, Ledger, LedgerError, MappedColumns, PeriodGroupRow, PeriodGroupState,
+    PeriodMemberRow, PeriodShareRow, RecordFilter, SentState, StageCounts, StageRow, Status,
 };
-use crate::mapping::{MapOutcome, MappingSet};
+use crate::mapping::{MapOutcome, MappingSet, PeriodShare, PeriodSpec};
 use crate::providers::Provider;
 use crate::record::UsageRecord;
 use crate::shutdown::Shutdown;
@@ -41,6 +41,10 @@ const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// Acknowledgements are committed together once this many records are delivered (or when
 /// nothing else is in flight): an ack may be delayed, never recorded before its delivery.
 const ACK_RECORDS_PER_COMMIT: usize = 2000;
+/// The `provider` and `source` of period adjustment records (no provider sent them).
+pub const PERIOD_PROVIDER: &str = "period";
+/// Default of [`Pipeline::period_close_delay`], in days.
+pub const DEFAULT_PERIOD_CLOSE_DAYS: i64 = 3;
 
 /// Everything a run needs.
 pub struct Pipeline {
@@ -60,6 +64,9 @@ pub struct Pipeline {
     pub progress: Arc<dyn Progress>,
     /// Time spent per stage (the benchmark harness reads it); `None`: not measured.
     pub timings: Option<Arc<Timings>>,
+    /// `period: month` pricing: a month is settled this long after it ends at the latest
+    /// (earlier once every record of the group is final and the records reach the month's end).
+    pub period_close_delay: chrono::Duration,
 }
 
 /// Busy time per stage of a run, accumulated across runs (nanoseconds).
@@ -121,6 +128,7 @@ struct PulledPage {
     stream: String,
     cursor: Option<String>,
     rows: Vec<StageRow>,
+    shares: Vec<Option<PeriodShare>>,
 }
 
 /// What the puller did for one source.
@@ -235,6 +243,10 @@ pub struct RunSummary {
     pub changed_after_send: u64,
     /// Correction records staged (the difference of a sent record that changed).
     pub corrections: u64,
+    /// Period adjustment records staged (`period: month` pricing), further ones included.
+    pub period_adjustments: u64,
+    /// Months that could not be settled (see `billsync status`).
+    pub period_problems: u64,
     /// New or restaged records per status (pending = mapped, unmapped = held, ...).
     pub staged_by_status: BTreeMap<String, u64>,
     pub sent: u64,
@@ -269,6 +281,8 @@ impl RunSummary {
             restaged: 0,
             changed_after_send: 0,
             corrections: 0,
+            period_adjustments: 0,
+            period_problems: 0,
             staged_by_status: BTreeMap::new(),
             sent: 0,
             already_delivered: 0,
@@ -334,6 +348,7 @@ impl Pipeline {
             shutdown_deadline: Duration::from_secs(20),
             progress: Arc::new(NoProgress),
             timings: None,
+            period_close_delay: chrono::Duration::days(DEFAULT_PERIOD_CLOSE_DAYS),
         }
     }
 
@@ -351,11 +366,22 @@ impl Pipeline {
     /// Map one record and freeze its payload: the row the ledger stages. A record that is not
     /// final waits as `provisional` unless its provider opted into pushing provisional data.
     pub fn stage_row(&self, record: UsageRecord, push_provisional: bool) -> StageRow {
+        self.stage_row_with_period(record, push_provisional).0
+    }
+
+    /// [`stage_row`](Pipeline::stage_row) plus the record's share of its month when its value
+    /// has `period: month` pricing (kept by the ledger to settle the month).
+    pub fn stage_row_with_period(
+        &self,
+        record: UsageRecord,
+        push_provisional: bool,
+    ) -> (StageRow, Option<PeriodShare>) {
         let key = record.idempotency_key();
         let content_hash = record.content_hash();
         let mut mapped = MappedColumns::default();
         let mut mapped_event = None;
-        let (status, note) = match self.mappings.apply(&record) {
+        let (outcome, share) = self.mappings.apply_with_period(&record);
+        let (status, note) = match outcome {
             MapOutcome::Unmapped { reason } => (Status::Unmapped, Some(reason)),
             MapOutcome::Ignored { rule } => {
                 mapped.rule = Some(rule);
@@ -401,7 +427,7 @@ impl Pipeline {
                 }
             }
         };
-        StageRow {
+        let row = StageRow {
             key,
             content_hash,
             record,
@@ -412,13 +438,20 @@ impl Pipeline {
             correction_of: None,
             revision: 0,
             body: None,
-        }
+        };
+        let share = share.filter(|_| matches!(row.status, Status::Pending | Status::Provisional));
+        (row, share)
     }
 
     /// Decide what to do with a sent record that came back with new content: send the
     /// difference as a correction record (key = original key + `.r<revision>`, same timestamp,
     /// so it lands in the same billing period) when it still maps to the same subscription and
     /// metric; otherwise leave it to a person. Corrections assume sum-type metrics.
+    ///
+    /// The correction's normalized record carries differences too: its `billed_cost` and
+    /// `consumed_quantity` are the new content minus what was sent so far (original plus
+    /// earlier corrections), so a sink that exports records (FOCUS) can be summed. A sink
+    /// that exports records also gets a correction when only the cost or quantity changed.
     pub fn correction(&self, row: &StageRow, sent: &SentState) -> Correction {
         let (Some(event), Some(new_value)) = (&row.event, row.mapped.value) else {
             return Correction::Unresolved(format!(
@@ -436,17 +469,32 @@ impl Pipeline {
                 sent.key, row.mapped.subscription, row.mapped.metric, sent.subscription, sent.metric
             ));
         }
-        let difference = new_value - sent.sent_total;
-        if difference.is_zero() {
-            return Correction::NoDifference;
-        }
-        let key = format!("{}.r{}", sent.key, sent.next_revision);
+        let (Some(sent_cost), Some(sent_quantity)) = (sent.sent_cost, sent.sent_quantity) else {
+            return Correction::Unresolved(format!(
+                "{} changed after it was sent, but `vacuum` pruned what was sent: resolve by hand",
+                sent.key
+            ));
+        };
         let Some(sink) = self.sink(row.mapped.sink.as_deref()) else {
             return Correction::Unresolved(format!("sink {:?} is not configured", row.mapped.sink));
         };
+        let difference = new_value - sent.sent_total;
+        let mut delta = row.record.clone();
+        delta.billed_cost = row.record.billed_cost - sent_cost;
+        delta.consumed_quantity = row.record.consumed_quantity - sent_quantity;
+        // Lago, Stripe, webhook and JSON Lines carry only the mapped value; the FOCUS export
+        // carries cost and quantity as well.
+        let carries_record = sink.kind() == "focus";
+        if difference.is_zero()
+            && (!carries_record
+                || (delta.billed_cost.is_zero() && delta.consumed_quantity.is_zero()))
+        {
+            return Correction::NoDifference;
+        }
+        let key = format!("{}.r{}", sent.key, sent.next_revision);
         let mut event = event.clone();
         event.value = difference;
-        match sink.encode_record(&key, &event, &row.record) {
+        match sink.encode_record(&key, &event, &delta) {
             Err(e) => Correction::Unresolved(e.to_string()),
             Ok(payload) => {
                 let mut mapped = row.mapped.clone();
@@ -456,7 +504,7 @@ impl Pipeline {
                     row: Box::new(StageRow {
                         key,
                         content_hash: row.content_hash.clone(),
-                        record: row.record.clone(),
+                        record: delta,
                         status: Status::Pending,
                         mapped,
                         note: Some(format!("correction of {}", sent.key)),
@@ -586,6 +634,9 @@ impl Pipeline {
         }
 
         if let Some(run_id) = run_id {
+            if !summary.interrupted {
+                self.settle_periods(run_id, now, summary).await?;
+            }
             if !opts.skip_push {
                 self.push_all(run_id, holder, &mut last_refresh, summary)
                     .await?;
@@ -659,23 +710,24 @@ impl Pipeline {
                 debug!(source = provider.name(), stream = %chunk.stream, window_start = %chunk.window_start,
                     records = page.records.len(), "chunk {}/{}", i + 1, total);
                 let started = Instant::now();
-                let rows: Vec<StageRow> = page
+                let (rows, shares): (Vec<StageRow>, Vec<Option<PeriodShare>>) = page
                     .records
                     .into_iter()
                     .map(|r| {
-                        let mut row = self.stage_row(r, push_provisional);
+                        let (mut row, share) = self.stage_row_with_period(r, push_provisional);
                         if run_id.is_some() {
                             // On failure the ledger encodes it again and reports the error.
                             let _ = row.encode_body();
                         }
-                        row
+                        (row, share)
                     })
-                    .collect();
+                    .unzip();
                 timed(&self.timings, |t| &t.map, started);
                 let page = PulledPage {
                     stream: chunk.stream.clone(),
                     cursor: page.cursor,
                     rows,
+                    shares,
                 };
                 if pages_tx.send(page).await.is_err() {
                     break; // the stager stopped (a ledger error it reports)
@@ -694,6 +746,9 @@ impl Pipeline {
                     }
                     continue;
                 };
+                // Month shares are kept before their records are staged: a crash in between
+                // leaves the month waiting for the re-read, never miscounted.
+                self.register_shares(&page.rows, &page.shares).await?;
                 // A key already waiting in the buffer (a record repeated by the next window):
                 // stage what is buffered first, so the repeat meets it in the ledger exactly as
                 // it would page by page.
@@ -1056,12 +1111,46 @@ impl Pipeline {
             after_id = last.id;
             for stored in page {
                 summary.pulled += 1;
+                if stored.record.provider == PERIOD_PROVIDER {
+                    // An adjustment's payload comes from its month, not from the mapping files:
+                    // a rejected one goes out again as it was (the month is re-settled on change).
+                    let requeued = match run_id {
+                        Some(run_id) => {
+                            self.ledger
+                                .requeue_rejected(run_id, stored.id, Utc::now())
+                                .await?
+                        }
+                        None => false,
+                    };
+                    match run_id {
+                        Some(_) if requeued => {
+                            *summary
+                                .staged_by_status
+                                .entry(Status::Pending.as_str().to_string())
+                                .or_default() += 1;
+                        }
+                        Some(_) => {}
+                        None if summary.preview.len() < PREVIEW_LINES => {
+                            summary.preview.push(format!(
+                                "{} {} → pending (period adjustment, sent again as it was)",
+                                stored.key,
+                                stored.status.as_str()
+                            ))
+                        }
+                        None => {}
+                    }
+                    continue;
+                }
                 let push_provisional = self
                     .providers
                     .iter()
                     .find(|p| p.name() == stored.record.source)
                     .is_some_and(|p| p.push_provisional());
-                let row = self.stage_row(stored.record, push_provisional);
+                let (row, share) = self.stage_row_with_period(stored.record, push_provisional);
+                if run_id.is_some() {
+                    self.register_shares(std::slice::from_ref(&row), &[share])
+                        .await?;
+                }
                 *summary
                     .staged_by_status
                     .entry(row.status.as_str().to_string())
@@ -1102,6 +1191,8 @@ impl Pipeline {
         }
         if let Some(run_id) = run_id {
             let mut last_refresh = Instant::now();
+            self.settle_periods(run_id, opts.now.unwrap_or_else(Utc::now), summary)
+                .await?;
             self.push_all(run_id, holder, &mut last_refresh, summary)
                 .await?;
             self.finish(run_id, summary).await?;
@@ -1118,5 +1209,422 @@ enum PullError {
 impl From<LedgerError> for PullError {
     fn from(e: LedgerError) -> Self {
         PullError::Ledger(e)
+    }
+}
+
+// ----- period pricing ---------------------------------------------------------------------
+//
+// `period: month` pricing (see `mapping/period.rs`): records are sent with their per-record
+// price as they arrive; each record's share of its month is kept beside it, and when the month
+// closes one adjustment record per (sink, subscription, metric, month) brings the sink's month
+// total to the month's price. The adjustment's key is derived from the group alone, and it is
+// staged through `Ledger::stage` with `Pipeline::correction` as for provider records: a later
+// change re-settles the month and sends the exact remaining difference as `<key>.r<n>`.
+
+/// What to do with a due group.
+enum Settlement {
+    /// Not closed yet (or its shares are ahead of the ledger): look again next run.
+    Wait(String),
+    /// Cannot be settled without a person (the note says why); looked at again every run.
+    Problem(String),
+    /// Settled at `total`; stage `row` when there is an adjustment to send or to change.
+    Settle {
+        total: rust_decimal::Decimal,
+        row: Option<Box<StageRow>>,
+    },
+}
+
+/// The group of a share: (sink, subscription, metric, month) and its adjustment's key.
+pub fn period_group(
+    sink: &str,
+    subscription: &str,
+    metric: &str,
+    share: &PeriodShare,
+) -> PeriodGroupRow {
+    let group_key = format!(
+        "{sink}\u{1f}{subscription}\u{1f}{metric}\u{1f}{}",
+        crate::ledger::ts(share.start)
+    );
+    let record = adjustment_record(
+        sink,
+        subscription,
+        metric,
+        share.start,
+        share.end,
+        &share.label,
+        &share.spec.currency,
+    );
+    PeriodGroupRow {
+        group_key,
+        sink: sink.to_string(),
+        subscription: subscription.to_string(),
+        metric: metric.to_string(),
+        label: share.label.clone(),
+        start: share.start,
+        end: share.end,
+        adjustment_key: record.idempotency_key(),
+    }
+}
+
+/// The adjustment record of a group, before its figures: provider and source `period`, the
+/// natural key (sink, subscription, metric, month start), so its idempotency key depends on the
+/// group alone and never on a run. It carries no provider cost.
+fn adjustment_record(
+    sink: &str,
+    subscription: &str,
+    metric: &str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    label: &str,
+    currency: &str,
+) -> UsageRecord {
+    UsageRecord {
+        provider: PERIOD_PROVIDER.into(),
+        source: PERIOD_PROVIDER.into(),
+        billing_account_id: String::new(),
+        sub_account_id: subscription.into(),
+        resource_id: metric.into(),
+        resource_name: Some(label.into()),
+        resource_type: "period_adjustment".into(),
+        service_name: "billsync period pricing".into(),
+        sku_id: None,
+        charge_description: None,
+        charge_period_start: start,
+        charge_period_end: end,
+        consumed_quantity: Decimal::ZERO,
+        consumed_unit: String::new(),
+        billed_cost: Decimal::ZERO,
+        billing_currency: currency.into(),
+        scope: subscription.into(),
+        natural_key: vec![
+            ("sink".into(), sink.into()),
+            ("subscription".into(), subscription.into()),
+            ("metric".into(), metric.into()),
+            ("period".into(), crate::ledger::ts(start)),
+        ],
+        is_final: true,
+        attributes: BTreeMap::new(),
+        raw: serde_json::Value::Null,
+    }
+}
+
+impl Pipeline {
+    /// Keep the period shares of a page (before it is staged, so a crash leaves a share the
+    /// re-read confirms, never a staged record without its share).
+    async fn register_shares(
+        &self,
+        rows: &[StageRow],
+        shares: &[Option<PeriodShare>],
+    ) -> Result<(), LedgerError> {
+        if !self.mappings.has_period_pricing() {
+            return Ok(());
+        }
+        let mut keep = Vec::new();
+        let mut others = Vec::new();
+        for (row, share) in rows.iter().zip(shares) {
+            let target = (
+                row.mapped.sink.as_deref(),
+                row.mapped.subscription.as_deref(),
+                row.mapped.metric.as_deref(),
+            );
+            match (share, target) {
+                (Some(share), (Some(sink), Some(sub), Some(metric))) => {
+                    let spec =
+                        serde_json::to_string(&share.spec).map_err(|e| LedgerError::Corrupt {
+                            id: 0,
+                            field: "period spec",
+                            message: e.to_string(),
+                        })?;
+                    keep.push(PeriodShareRow {
+                        key: row.key.clone(),
+                        content_hash: row.content_hash.clone(),
+                        group: period_group(sink, sub, metric, share),
+                        base: share.base,
+                        spec,
+                        is_final: row.record.is_final,
+                        charge_period_start: row.record.charge_period_start,
+                        charge_period_end: row.record.charge_period_end,
+                    })
+                }
+                _ => others.push(row.key.as_str()),
+            }
+        }
+        self.ledger.register_period_shares(&keep, &others).await
+    }
+
+    /// Settle every month that closed and changed since it was last settled.
+    async fn settle_periods(
+        &self,
+        run_id: i64,
+        now: DateTime<Utc>,
+        summary: &mut RunSummary,
+    ) -> Result<(), LedgerError> {
+        for due in self.ledger.period_groups_due(now).await? {
+            let g = &due.group;
+            let members = self.ledger.period_group_members(&g.group_key).await?;
+            let label = format!("{} {} {}", g.subscription, g.metric, g.label);
+            match self.settlement(&due, &members, now).await? {
+                Settlement::Wait(why) => {
+                    debug!(group = %label, %why, "period not settled yet");
+                }
+                Settlement::Problem(note) => {
+                    warn!(group = %label, %note, "period cannot be settled");
+                    summary.period_problems += 1;
+                    self.ledger
+                        .finish_period_group(&g.group_key, run_id, now, None, Some(&note))
+                        .await?;
+                }
+                Settlement::Settle { total, row } => {
+                    if let Some(row) = row {
+                        let correct = |row: &StageRow, sent: &SentState| self.correction(row, sent);
+                        let c = self
+                            .ledger
+                            .stage(run_id, &[*row], None, Utc::now(), &correct)
+                            .await?;
+                        let staged = c.new + c.restaged + c.corrections;
+                        summary.period_adjustments += staged;
+                        if c.changed_after_send > 0 {
+                            summary.period_problems += 1;
+                        }
+                        info!(group = %label, %total, staged, "period settled");
+                    }
+                    self.ledger
+                        .finish_period_group(&g.group_key, run_id, now, Some(total), None)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decide a due group: wait, report a problem, or settle with the adjustment to stage.
+    async fn settlement(
+        &self,
+        due: &PeriodGroupState,
+        members: &[PeriodMemberRow],
+        now: DateTime<Utc>,
+    ) -> Result<Settlement, LedgerError> {
+        let g = &due.group;
+        let mut counted = Vec::new();
+        for m in members {
+            let Some(r) = &m.record else {
+                // Registered, then the staging did not commit: the re-read stages it.
+                return Ok(Settlement::Wait(format!("{} is not staged yet", m.key)));
+            };
+            if r.content_hash != m.share_hash {
+                return Ok(Settlement::Wait(format!(
+                    "{} has a share newer than its ledger row",
+                    m.key
+                )));
+            }
+            // What the sink holds or will hold; a rejected record is not there.
+            if matches!(
+                r.status,
+                Status::Sent | Status::Pending | Status::Provisional
+            ) {
+                counted.push((m, r));
+            }
+        }
+        let closed_by_delay = now >= g.end + self.period_close_delay;
+        let complete = !counted.is_empty()
+            && counted.iter().all(|(m, _)| m.is_final)
+            && counted.iter().any(|(m, _)| m.charge_period_end >= g.end);
+        if due.settled_at.is_none() && !closed_by_delay && !complete {
+            return Ok(Settlement::Wait(format!(
+                "the month closes at {} at the latest",
+                g.end + self.period_close_delay
+            )));
+        }
+        let known = self.ledger.existing(&[g.adjustment_key.as_str()]).await?;
+        if counted.is_empty() {
+            if known.is_empty() {
+                return Ok(Settlement::Settle {
+                    total: Decimal::ZERO,
+                    row: None,
+                });
+            }
+            // Every record left the month after an adjustment was staged: take it back.
+            return Ok(self.adjustment(g, None, BTreeMap::new(), Decimal::ZERO, Vec::new()));
+        }
+        // The month is priced by the rule of its latest record: a mapping change during the
+        // month (a new minimum) applies to the whole month. Records in another currency cannot
+        // be added up at all.
+        let mut specs = Vec::with_capacity(counted.len());
+        for (m, _) in &counted {
+            match serde_json::from_str::<PeriodSpec>(&m.spec) {
+                Ok(s) => specs.push(s),
+                Err(e) => {
+                    return Ok(Settlement::Problem(format!(
+                        "{}: unreadable period rule: {e}",
+                        m.key
+                    )))
+                }
+            }
+        }
+        let latest_at = (0..counted.len())
+            .max_by_key(|&i| (counted[i].0.charge_period_start, &counted[i].0.key))
+            .unwrap_or(0);
+        let spec = specs[latest_at].clone();
+        if let Some(i) = specs.iter().position(|s| s.currency != spec.currency) {
+            return Ok(Settlement::Problem(format!(
+                "records {} ({}) and {} ({}) of this month are in different invoice currencies; \
+                 one month of a metric needs one currency (fix the mapping, then replay)",
+                counted[i].0.key, specs[i].currency, counted[latest_at].0.key, spec.currency
+            )));
+        }
+        let older_rules = specs.iter().filter(|s| **s != spec).count();
+        let shares: Vec<(Decimal, Decimal)> = counted
+            .iter()
+            .map(|(m, r)| (m.base, r.value + r.corrections))
+            .collect();
+        let price = match crate::mapping::period::settle(&spec, &shares) {
+            Ok(p) => p,
+            Err(e) => return Ok(Settlement::Problem(e)),
+        };
+        if price.adjustment.is_zero() && known.is_empty() {
+            return Ok(Settlement::Settle {
+                total: price.total,
+                row: None,
+            });
+        }
+        let latest = counted
+            .iter()
+            .map(|(m, _)| m.charge_period_start)
+            .max()
+            .unwrap_or(g.start);
+        let records: Vec<&crate::ledger::PeriodMemberRecord> =
+            counted.iter().map(|(_, r)| *r).collect();
+        let mut steps = price.steps.clone();
+        if older_rules > 0 {
+            warn!(group = %g.group_key, older_rules, "a month's records were priced by different period rules; the latest record's rule prices the month");
+            steps.insert(
+                0,
+                format!(
+                    "{older_rules} record(s) were staged under another period rule; the month is \
+                     priced with the rule of its latest record {}",
+                    counted[latest_at].0.key
+                ),
+            );
+        }
+        steps.insert(
+            0,
+            format!("period {} of {} {}", g.label, g.subscription, g.metric),
+        );
+        let mut attributes = BTreeMap::new();
+        attributes.insert("period_total".to_string(), price.total.to_string());
+        attributes.insert("records_total".to_string(), price.records_total.to_string());
+        attributes.insert("tier_base".to_string(), price.tier_base.to_string());
+        attributes.insert("adjustment".to_string(), price.adjustment.to_string());
+        Ok(
+            match self.adjustment(
+                g,
+                Some((&spec, latest, &records)),
+                attributes,
+                price.adjustment,
+                steps,
+            ) {
+                Settlement::Settle { row, .. } => Settlement::Settle {
+                    total: price.total,
+                    row,
+                },
+                other => other,
+            },
+        )
+    }
+
+    /// The adjustment row of a group carrying `value` (the month's total adjustment; the ledger
+    /// turns a change of a sent one into a correction with the difference).
+    fn adjustment(
+        &self,
+        g: &PeriodGroupRow,
+        context: Option<(
+            &PeriodSpec,
+            DateTime<Utc>,
+            &[&crate::ledger::PeriodMemberRecord],
+        )>,
+        attributes: BTreeMap<String, String>,
+        value: Decimal,
+        steps: Vec<String>,
+    ) -> Settlement {
+        let currency = context
+            .map(|(s, _, _)| s.currency.clone())
+            .unwrap_or_default();
+        let mut record = adjustment_record(
+            &g.sink,
+            &g.subscription,
+            &g.metric,
+            g.start,
+            g.end,
+            &g.label,
+            &currency,
+        );
+        record.charge_description = Some(format!(
+            "period adjustment of {} {} {}",
+            g.subscription, g.metric, g.label
+        ));
+        record.raw = serde_json::json!({ "steps": steps });
+        record.attributes = attributes;
+        let key = record.idempotency_key();
+        debug_assert_eq!(key, g.adjustment_key);
+        let Some(sink) = self.sink(Some(&g.sink)) else {
+            return Settlement::Problem(format!("sink {:?} is not configured", g.sink));
+        };
+        let first = context.and_then(|(_, _, r)| r.first().copied());
+        let event = crate::mapping::MappedEvent {
+            rule: first
+                .and_then(|r| r.rule.clone())
+                .unwrap_or_else(|| PERIOD_PROVIDER.to_string()),
+            sink: Some(g.sink.clone()),
+            external_subscription_id: g.subscription.clone(),
+            external_customer_id: first.and_then(|r| r.customer.clone()),
+            metric_code: g.metric.clone(),
+            value_property: first
+                .and_then(|r| r.value_property.clone())
+                .unwrap_or_else(|| "value".to_string()),
+            value,
+            properties: BTreeMap::new(),
+            // In the month, at its latest record, so it lands in the same billing period and
+            // stays within a sink's backdating window as long as possible.
+            timestamp: context.map_or(g.start, |(_, latest, _)| latest),
+        };
+        let payload = match sink.encode_record(&key, &event, &record) {
+            Ok(p) => p,
+            Err(e) => return Settlement::Problem(e.to_string()),
+        };
+        let mapped = MappedColumns {
+            rule: Some(event.rule.clone()),
+            sink: Some(g.sink.clone()),
+            subscription: Some(g.subscription.clone()),
+            customer: event.external_customer_id.clone(),
+            metric: Some(g.metric.clone()),
+            value: Some(value),
+            value_property: Some(event.value_property.clone()),
+            payload: Some(payload),
+        };
+        // Nothing to add while unsent: withdraw it instead of sending a zero.
+        let (status, note) = if value.is_zero() {
+            (
+                Status::Ignored,
+                Some(format!("period {}: nothing to adjust", g.label)),
+            )
+        } else {
+            (Status::Pending, None)
+        };
+        let content_hash = record.content_hash();
+        Settlement::Settle {
+            total: Decimal::ZERO,
+            row: Some(Box::new(StageRow {
+                key,
+                content_hash,
+                record,
+                status,
+                mapped,
+                note,
+                event: Some(event),
+                correction_of: None,
+                revision: 0,
+                body: None,
+            })),
+        }
     }
 }

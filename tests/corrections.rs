@@ -1,7 +1,9 @@
 //! Corrections, end to end with SAKURA Cloud: a provisional month pushed early (the source opts
 //! in with `push_provisional`) and changed by the provider afterwards yields exactly one
 //! correction carrying the exact difference; once the month is final, what Lago holds for it
-//! equals the provider's final total to the yen. A sent payload is never overwritten.
+//! equals the provider's final total to the yen. A sent payload is never overwritten. The same
+//! with the FOCUS export: correction rows carry differences of cost and quantity, so the
+//! export's `BilledCost` sums to the provider's total; a cost-only change reaches FOCUS only.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -162,4 +164,303 @@ async fn a_changed_provisional_sakura_month_yields_one_correction_and_ends_equal
     let status = pipeline().await.ledger.status().await.unwrap();
     assert_eq!(status.corrections, 1);
     assert_eq!(status.open_changes, 0);
+}
+
+/// Every row of every FOCUS file in `dir`: (header, rows).
+fn focus_rows(dir: &std::path::Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    let mut header = Vec::new();
+    let mut rows = Vec::new();
+    for path in names {
+        let mut r = csv::Reader::from_path(&path).unwrap();
+        header = r.headers().unwrap().iter().map(str::to_string).collect();
+        rows.extend(
+            r.records()
+                .map(|x| x.unwrap().iter().map(str::to_string).collect::<Vec<_>>()),
+        );
+    }
+    (header, rows)
+}
+
+#[tokio::test]
+async fn restated_sakura_lines_keep_the_focus_export_summable_to_the_provider_total() {
+    use billsync::sinks::focus::{FocusConfig, FocusSink};
+    let october = Month::new(2026, 10).unwrap();
+    let november = Month::new(2026, 11).unwrap();
+    let sakura = SakuraSim::start(
+        SakuraDataset::generate(5, october, 2, 3).unwrap(),
+        "tok",
+        "sec",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("focus");
+    let pipeline = async || {
+        let mut cfg = SakuraConfig::new(
+            sakura.endpoint.clone(),
+            Secret::new("tok"),
+            Secret::new("sec"),
+            october,
+        );
+        cfg.push_provisional = true;
+        cfg.retry = retry();
+        Pipeline::new(
+            Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+            vec![Box::new(SakuraProvider::new("sakura".into(), cfg).unwrap())],
+            vec![Box::new(
+                FocusSink::new(
+                    "focus".into(),
+                    FocusConfig {
+                        directory: out.clone(),
+                        prefix: None,
+                        version: "1.0".into(),
+                        batch_size: 100,
+                        provider_names: Default::default(),
+                        service_categories: Default::default(),
+                    },
+                )
+                .unwrap(),
+            )],
+            MappingSet::examples().unwrap(),
+        )
+    };
+    let sync_at = |now| SyncOptions {
+        now: Some(now),
+        ..Default::default()
+    };
+    let col = |header: &[String], name: &str| header.iter().position(|h| h == name).unwrap();
+    // The export's BilledCost of one month (by ChargePeriodStart), summed exactly.
+    let export_total = |month: Month| -> Decimal {
+        let (header, rows) = focus_rows(&out);
+        let (start, cost) = (
+            col(&header, "ChargePeriodStart"),
+            col(&header, "BilledCost"),
+        );
+        rows.iter()
+            .filter(|r| {
+                let t = DateTime::parse_from_rfc3339(&r[start]).unwrap();
+                t >= month.start_utc() && t < month.end_utc()
+            })
+            .map(|r| Decimal::from_str(&r[cost]).unwrap())
+            .sum()
+    };
+    let restate = |delta_net: i64, delta_tax: i64| {
+        let bill = sakura.dataset().bills_of(november)[0].clone();
+        let line = bill.lines[1].clone();
+        sakura
+            .set_detail_amount(
+                bill.bill_id,
+                line.index,
+                line.price_excl_tax + Decimal::from(delta_net),
+                line.tax + Decimal::from(delta_tax),
+            )
+            .unwrap();
+        line.price_excl_tax + line.tax
+    };
+
+    // 20 November: October final, November provisional; both exported.
+    let first = pipeline()
+        .await
+        .sync(&sync_at(at(2026, 11, 20)))
+        .await
+        .unwrap();
+    assert!(first.sent > 0, "{first:?}");
+    let november_before = sakura.dataset().month_total(november);
+    assert_eq!(export_total(november), november_before);
+    let rows_before = focus_rows(&out).1.len();
+
+    // The provider restates one November line by +1,000 net and +100 tax.
+    let line_before = restate(1000, 100);
+    let second = pipeline()
+        .await
+        .sync(&sync_at(at(2026, 11, 21)))
+        .await
+        .unwrap();
+    assert_eq!((second.corrections, second.sent), (1, 1), "{second:?}");
+    let (header, rows) = focus_rows(&out);
+    assert_eq!(
+        rows.len(),
+        rows_before + 1,
+        "one correction row, no rewrite"
+    );
+    let r1 = rows
+        .iter()
+        .find(|r| r[col(&header, "x_IdempotencyKey")].ends_with(".r1"))
+        .expect("a correction row");
+    let original = &r1[col(&header, "x_CorrectionOf")];
+    assert!(rows
+        .iter()
+        .any(|r| &r[col(&header, "x_IdempotencyKey")] == original));
+    assert_eq!(r1[col(&header, "ChargeClass")], "Correction");
+    assert_eq!(r1[col(&header, "ChargeCategory")], "Usage");
+    for c in ["BilledCost", "EffectiveCost", "ListCost", "ContractedCost"] {
+        assert_eq!(r1[col(&header, c)], "1100", "{c} carries the difference");
+    }
+    assert_eq!(r1[col(&header, "x_BilledValue")], "1100");
+    // Same quantity: the difference is zero, not the line's full quantity again.
+    assert_eq!(r1[col(&header, "ConsumedQuantity")], "0");
+    assert_eq!(
+        sakura.dataset().month_total(november),
+        november_before + Decimal::from(1100)
+    );
+    assert_eq!(
+        export_total(november),
+        sakura.dataset().month_total(november)
+    );
+
+    // Restated again, downwards: measured against original + r1, not the original alone.
+    let line_now = restate(-300, -30);
+    assert_eq!(line_now, line_before + Decimal::from(1100));
+    pipeline()
+        .await
+        .sync(&sync_at(at(2026, 11, 22)))
+        .await
+        .unwrap();
+    let (header, rows) = focus_rows(&out);
+    let r2 = rows
+        .iter()
+        .find(|r| r[col(&header, "x_IdempotencyKey")].ends_with(".r2"))
+        .expect("a second correction row");
+    assert_eq!(r2[col(&header, "BilledCost")], "-330");
+    assert_eq!(r2[col(&header, "ChargeCategory")], "Usage");
+
+    // December: November final with these amounts; nothing more is exported and both months
+    // sum, to the yen, to the provider's final totals.
+    sakura.finalize_month(november);
+    let last = pipeline()
+        .await
+        .sync(&sync_at(at(2026, 12, 5)))
+        .await
+        .unwrap();
+    assert_eq!((last.sent, last.corrections), (0, 0), "{last:?}");
+    assert_eq!(
+        export_total(november),
+        sakura.dataset().month_total(november)
+    );
+    assert_eq!(export_total(october), sakura.dataset().month_total(october));
+    assert_eq!(
+        export_total(november),
+        november_before + Decimal::from(1100 - 330)
+    );
+}
+
+/// A MetalSoft instance line the example mappings bill by hours (the value is the quantity).
+fn instance_line(cost: &str) -> billsync::record::UsageRecord {
+    let start = Utc.with_ymd_and_hms(2026, 10, 5, 0, 0, 0).unwrap();
+    billsync::record::UsageRecord {
+        provider: "metalsoft".into(),
+        source: "metalsoft".into(),
+        billing_account_id: "ms".into(),
+        sub_account_id: "1".into(),
+        resource_id: "2416".into(),
+        resource_name: Some("instance-2416".into()),
+        resource_type: "instance".into(),
+        service_name: "Instances".into(),
+        sku_id: Some("M.8.8".into()),
+        charge_description: Some("instance-2416".into()),
+        charge_period_start: start,
+        charge_period_end: start + chrono::Duration::hours(1),
+        consumed_quantity: Decimal::from(3600),
+        consumed_unit: "seconds".into(),
+        billed_cost: Decimal::from_str(cost).unwrap(),
+        billing_currency: "GBP".into(),
+        scope: "1".into(),
+        natural_key: vec![("instance".into(), "2416".into())],
+        is_final: true,
+        attributes: [
+            ("infrastructure_id".to_string(), "3668".to_string()),
+            ("is_reservation".to_string(), "0".to_string()),
+        ]
+        .into(),
+        raw: serde_json::Value::Null,
+    }
+}
+
+#[tokio::test]
+async fn a_cost_only_restatement_is_corrected_in_the_focus_export_only() {
+    use billsync::ledger::{Correction, SentState};
+    use billsync::sinks::focus::{FocusConfig, FocusSink};
+    use billsync::sinks::Sink;
+    let dir = tempfile::tempdir().unwrap();
+    let with_sink = async |sink: Box<dyn Sink>| {
+        Pipeline::new(
+            Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+            Vec::new(),
+            vec![sink],
+            MappingSet::examples().unwrap(),
+        )
+    };
+    let focus = with_sink(Box::new(
+        FocusSink::new(
+            "focus".into(),
+            FocusConfig {
+                directory: dir.path().join("focus"),
+                prefix: None,
+                version: "1.0".into(),
+                batch_size: 10,
+                provider_names: Default::default(),
+                service_categories: Default::default(),
+            },
+        )
+        .unwrap(),
+    ))
+    .await;
+    let lago = with_sink(Box::new(
+        LagoSink::new(
+            "lago".into(),
+            LagoConfig {
+                api_url: "http://127.0.0.1:9".into(),
+                api_key: Secret::new("k"),
+                batch_size: 10,
+                timeout: Duration::from_secs(1),
+                retry: retry(),
+            },
+        )
+        .unwrap(),
+    ))
+    .await;
+    // Sent: 3600 s for 0.50; the provider now says 0.80 for the same 3600 s (1 hour billed).
+    let sent_state = |row: &billsync::ledger::StageRow, cost: Option<&str>| SentState {
+        key: row.key.clone(),
+        subscription: row.mapped.subscription.clone(),
+        metric: row.mapped.metric.clone(),
+        sink: row.mapped.sink.clone(),
+        sent_total: row.mapped.value.unwrap(),
+        sent_cost: cost.map(|c| Decimal::from_str(c).unwrap()),
+        sent_quantity: cost.map(|_| Decimal::from(3600)),
+        next_revision: 1,
+    };
+
+    let row = focus.stage_row(instance_line("0.80"), false);
+    assert_eq!(row.mapped.value, Some(Decimal::ONE), "{:?}", row.note);
+    match focus.correction(&row, &sent_state(&row, Some("0.50"))) {
+        Correction::Send { row: c, difference } => {
+            assert!(difference.is_zero());
+            assert_eq!(c.key, format!("{}.r1", row.key));
+            assert_eq!(c.record.billed_cost, Decimal::from_str("0.30").unwrap());
+            assert!(c.record.consumed_quantity.is_zero());
+            let payload = c.mapped.payload.unwrap();
+            assert!(payload.starts_with("0.3,"), "{payload}");
+            assert!(payload.contains(",Correction,"), "{payload}");
+        }
+        other => panic!("expected a correction, got {other:?}"),
+    }
+
+    // Lago gets hours only: nothing to correct.
+    let row = lago.stage_row(instance_line("0.80"), false);
+    assert!(matches!(
+        lago.correction(&row, &sent_state(&row, Some("0.50"))),
+        Correction::NoDifference
+    ));
+
+    // What was sent was pruned by `vacuum`: the difference is unknown, a person decides.
+    let row = focus.stage_row(instance_line("0.80"), false);
+    match focus.correction(&row, &sent_state(&row, None)) {
+        Correction::Unresolved(reason) => assert!(reason.contains("vacuum"), "{reason}"),
+        other => panic!("expected unresolved, got {other:?}"),
+    }
 }

@@ -652,7 +652,7 @@ rules:
   - name: priced
     match: { billing_currency: GBP }
     metric: cost
-    value: { cost: { tiers: [{ up_to: 100, markup_percent: 20 }, { markup_percent: 10 }], commission_percent: 15, markup_fixed: "0.50", minimum: "1.00" } }
+    value: { cost: { tiers: [{ up_to: 100, markup_percent: 20 }, { markup_percent: 10 }], commission_percent: 15, markup_fixed: "0.50", minimum: "1.00", period: record } }
   - name: plain-cost
     match: {}
     metric: cost_plain

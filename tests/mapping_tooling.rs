@@ -240,13 +240,14 @@ customers:
   - match: { provider: metalsoft, sub_account_id: \"1\" }
     external_subscription_id: sub_vip
     priority: 10
-    pricing: { markup_fixed: \"0.50\", minimum: \"5\" }
+    pricing: { markup_fixed: \"0.50\", minimum: \"5\", period: record }
 rules:
   - name: gpu-tiered
     match: { resource_type: gpu }
     metric: gpu_cost
     value:
       cost:
+        period: record
         tiers:
           - { up_to: 100, markup_percent: 20 }
           - { markup_percent: 10 }

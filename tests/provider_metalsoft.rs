@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use fixtures::{FIXTURE_BIGSTEP_2020, FIXTURE_CURRENT};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use wiremock::matchers::{header, method, path};
+use wiremock::matchers::{body_partial_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const KEY: &str = "test-key-123";
@@ -45,6 +45,15 @@ fn fixture_ctx() -> ReportContext {
         window_start: t("2015-01-01T00:00:00Z"),
         window_end: t("2016-11-01T00:00:00Z"),
         settled: true,
+    }
+}
+
+/// A settled context for the window `[start, end)` (lines must lie inside it).
+fn window_ctx(start: &str, end: &str) -> ReportContext {
+    ReportContext {
+        window_start: t(start),
+        window_end: t(end),
+        ..fixture_ctx()
     }
 }
 
@@ -142,8 +151,14 @@ fn bigstep_fixture_adds_data_lake_and_reservation_installment() {
     assert_eq!(inst.resource_id, "server_type_reservation:60");
     assert_eq!(inst.sku_id.as_deref(), Some("FMCI 4.8"));
     assert_eq!(inst.attributes["is_reservation"], "true");
-    // The installment's key has no window: reported in many windows, it is still one record.
-    assert!(inst.natural_key.iter().all(|(k, _)| k != "window_start"));
+    // No key names the requested window: a line reported by several windows is one record.
+    for r in &records {
+        assert!(
+            r.natural_key.iter().all(|(k, _)| !k.starts_with("window")),
+            "{:?}",
+            r.natural_key
+        );
+    }
 
     // `infrastructures` labels the network lines of infrastructure 3688.
     let wan = records
@@ -181,7 +196,10 @@ fn record_fields_follow_the_documented_mapping() {
     assert_eq!(instance.charge_period_end, t("2016-02-02T12:23:00Z"));
     assert_eq!(instance.attributes["infrastructure_id"], "3668");
     assert_eq!(instance.attributes["cost_per_unit"], "0.31000000");
-    assert_eq!(instance.attributes["window_start"], "2015-01-01T00:00:00Z");
+    // The content is the line's own: the window it was asked in would make the same line
+    // read by two windows look changed.
+    assert!(!instance.attributes.contains_key("window_start"));
+    assert!(!instance.attributes.contains_key("window_end"));
     assert!(instance.is_final);
     assert_eq!(instance.raw["product_id"], json!(2416));
 
@@ -230,7 +248,6 @@ fn natural_keys_are_unique_and_complete() {
             "product_id",
             "start_timestamp",
             "is_reservation",
-            "window_start"
         ]
     );
     let wp = records
@@ -274,7 +291,8 @@ fn money_arriving_as_json_numbers_is_exact() {
         "is_reservation": 1, "quantity": 462.456,
         "start_timestamp": "2024-01-01T00:00:00Z", "end_timestamp": "2024-01-01T00:07:42Z"
     }]}}});
-    let records = parse_report(&result, &fixture_ctx()).expect("parses");
+    let ctx = window_ctx("2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z");
+    let records = parse_report(&result, &ctx).expect("parses");
     assert_eq!(records[0].billed_cost, dec("0.012846"));
     assert_eq!(records[0].consumed_quantity, dec("462.456"));
     assert_eq!(records[0].attributes["is_reservation"], "true");
@@ -287,7 +305,8 @@ fn any_resource_type_key_becomes_records() {
         "product_id": 1, "quantity": "3600",
         "start_timestamp": "2024-01-01T00:00:00Z", "end_timestamp": "2024-01-01T01:00:00Z"
     }]}}, "network_report": []});
-    let records = parse_report(&result, &fixture_ctx()).expect("parses");
+    let ctx = window_ctx("2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z");
+    let records = parse_report(&result, &ctx).expect("parses");
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].resource_type, "gpu_slice");
 }
@@ -344,24 +363,102 @@ fn wrong_shapes_are_shape_errors() {
 }
 
 #[test]
-fn finality_needs_a_settled_window_and_a_line_inside_it() {
+fn finality_needs_a_settled_window() {
+    // Two lines clipped to the window (one at each end), as the server reports them.
     let result = json!({"detailed_report": {"1": {"instance": [
         {"cost": "0.1", "cost_currency": "GBP", "measurement_unit": "seconds", "product_id": 1,
          "quantity": "3600", "start_timestamp": "2024-01-01T00:00:00Z",
          "end_timestamp": "2024-01-01T01:00:00Z"},
-        {"cost": "0.2", "cost_currency": "GBP", "measurement_unit": "seconds", "product_id": 2,
-         "quantity": "7200", "start_timestamp": "2024-01-01T00:00:00Z",
-         "end_timestamp": "2024-01-01T02:00:00Z"}
+        {"cost": "0.05", "cost_currency": "GBP", "measurement_unit": "seconds", "product_id": 2,
+         "quantity": "1800", "start_timestamp": "2024-01-01T00:30:00Z",
+         "end_timestamp": "2024-01-01T01:00:00Z"}
     ]}}});
-    let mut ctx = fixture_ctx();
-    ctx.window_start = t("2024-01-01T00:00:00Z");
-    ctx.window_end = t("2024-01-01T01:00:00Z");
+    let mut ctx = window_ctx("2024-01-01T00:00:00Z", "2024-01-01T01:00:00Z");
     let records = parse_report(&result, &ctx).expect("parses");
-    assert!(records[0].is_final, "inside a settled window");
-    assert!(!records[1].is_final, "reported past the window end");
+    assert!(
+        records.iter().all(|r| r.is_final),
+        "inside a settled window"
+    );
     ctx.settled = false;
     let records = parse_report(&result, &ctx).expect("parses");
+    assert_eq!(records.len(), 2);
     assert!(records.iter().all(|r| !r.is_final), "window not settled");
+}
+
+/// A line that does not lie inside the requested window refuses the whole report, naming the
+/// line, its interval and the window (module doc, "Window clipping").
+#[test]
+fn a_line_outside_the_requested_window_refuses_the_report() {
+    let line = |start: &str, end: &str| {
+        json!({"cost": "0.1", "cost_currency": "GBP", "measurement_unit": "seconds",
+               "product_id": 7, "quantity": "3600", "start_timestamp": start,
+               "end_timestamp": end})
+    };
+    let ctx = window_ctx("2024-01-01T01:00:00Z", "2024-01-01T02:00:00Z");
+    let inside = line("2024-01-01T01:00:00Z", "2024-01-01T02:00:00Z");
+    for (outside, shown) in [
+        // Past the end, before the start, wholly before (a page shifted back), wholly after.
+        (
+            line("2024-01-01T01:00:00Z", "2024-01-01T02:00:01Z"),
+            "2024-01-01T01:00:00Z → 2024-01-01T02:00:01Z",
+        ),
+        (
+            line("2024-01-01T00:59:59Z", "2024-01-01T02:00:00Z"),
+            "2024-01-01T00:59:59Z → 2024-01-01T02:00:00Z",
+        ),
+        (
+            line("2024-01-01T00:00:00Z", "2024-01-01T01:00:00Z"),
+            "2024-01-01T00:00:00Z → 2024-01-01T01:00:00Z",
+        ),
+        (
+            line("2024-01-01T02:00:00Z", "2024-01-01T03:00:00Z"),
+            "2024-01-01T02:00:00Z → 2024-01-01T03:00:00Z",
+        ),
+    ] {
+        // A detailed line, and the same line as a network waypoint.
+        for result in [
+            json!({"detailed_report": {"9": {"drive": [inside.clone(), outside.clone()]}}}),
+            json!({"detailed_report": [], "network_report": {"9": {"network": {"upload":
+                {"cost": 0, "quantity": 0, "metered_waypoints": [inside.clone(), outside.clone()]}}}}}),
+        ] {
+            let err = parse_report(&result, &ctx).expect_err("refused");
+            assert!(matches!(err, ProviderError::Shape { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains("outside the requested window"), "{msg}");
+            assert!(msg.contains(shown), "names the line's interval: {msg}");
+            assert!(
+                msg.contains("2024-01-01T01:00:00Z → 2024-01-01T02:00:00Z"),
+                "names the window: {msg}"
+            );
+            assert!(
+                msg.contains("detailed_report.9.drive[1]")
+                    || msg.contains("network_report.9.network.upload.metered_waypoints[1]"),
+                "names where the line sits: {msg}"
+            );
+        }
+    }
+    // The lines alone, inside: accepted.
+    let ok = json!({"detailed_report": {"9": {"drive": [inside]}}});
+    assert_eq!(parse_report(&ok, &ctx).expect("inside").len(), 1);
+}
+
+#[test]
+fn a_report_stamped_with_another_window_is_refused() {
+    let mut v: Value = serde_json::from_str(FIXTURE_BIGSTEP_2020).expect("fixture");
+    // The example is stamped 2015-01-01 → 2016-11-01, which is `fixture_ctx`'s window.
+    assert!(parse_report(&v, &fixture_ctx()).is_ok());
+    v["end_timestamp"] = json!("2016-12-01T00:00:00Z");
+    let err = parse_report(&v, &fixture_ctx()).expect_err("refused");
+    assert!(matches!(err, ProviderError::Shape { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("`end_timestamp` is 2016-12-01T00:00:00Z"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("2015-01-01T00:00:00Z → 2016-11-01T00:00:00Z"),
+        "{msg}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -488,58 +585,63 @@ async fn fixture_server() -> MockServer {
     MockServer::start().await
 }
 
+/// The window the current documentation example lies in (its lines run from 2016-01-22 to
+/// 2016-02-09). The mocks answer the example only to a request for this window, as a real
+/// server would: the same lines for another window would be refused.
+const FIXTURE_FROM: &str = "2016-01-01T00:00:00Z";
+const FIXTURE_TO: &str = "2016-03-01T00:00:00Z";
+
+fn fixture_chunk() -> Chunk {
+    chunk(1, FIXTURE_FROM, FIXTURE_TO)
+}
+
+/// Matches a request for user 1 and the example's window (further params may follow).
+fn asks_for_the_fixture_window() -> wiremock::matchers::BodyPartialJsonMatcher {
+    body_partial_json(json!({"params": [1, FIXTURE_FROM, FIXTURE_TO]}))
+}
+
 #[tokio::test]
 async fn request_is_json_rpc_2_with_bearer_and_windowed_params() {
     let server = fixture_server().await;
     Mock::given(method("POST"))
         .and(path(RPC))
         .and(header("authorization", format!("Bearer {KEY}").as_str()))
+        .and(asks_for_the_fixture_window())
         .respond_with(
             ResponseTemplate::new(200).set_body_raw(envelope(FIXTURE_CURRENT), "application/json"),
         )
         .expect(1)
         .mount(&server)
         .await;
-    let p = provider(&server.uri(), vec![1], t("2016-01-01T00:00:00Z"));
-    let page = p
-        .fetch(
-            &chunk(1, "2016-01-01T00:00:00Z", "2016-01-01T01:00:00Z"),
-            t(NOW),
-        )
-        .await
-        .expect("fetch");
+    let p = provider(&server.uri(), vec![1], t(FIXTURE_FROM));
+    let page = p.fetch(&fixture_chunk(), t(NOW)).await.expect("fetch");
     assert_eq!(page.records.len(), 8);
-    assert_eq!(page.cursor.as_deref(), Some("2016-01-01T01:00:00Z"));
+    assert_eq!(page.cursor.as_deref(), Some(FIXTURE_TO));
     let requests = server.received_requests().await.expect("recorded");
     let body: Value = serde_json::from_slice(&requests[0].body).expect("json body");
     assert_eq!(body["jsonrpc"], json!("2.0"));
     assert!(!body["id"].is_null(), "a null id would be a notification");
     assert_eq!(body["method"], json!("resource_utilization_detailed"));
-    assert_eq!(
-        body["params"],
-        json!([1, "2016-01-01T00:00:00Z", "2016-01-01T01:00:00Z"])
-    );
+    assert_eq!(body["params"], json!([1, FIXTURE_FROM, FIXTURE_TO]));
 }
 
 #[tokio::test]
 async fn optional_params_are_sent_only_when_configured() {
     let server = fixture_server().await;
     Mock::given(method("POST"))
+        .and(asks_for_the_fixture_window())
         .respond_with(
             ResponseTemplate::new(200).set_body_raw(envelope(FIXTURE_CURRENT), "application/json"),
         )
+        .expect(1)
         .mount(&server)
         .await;
     let mut cfg = MetalsoftConfig::new(server.uri(), Secret::new(KEY), vec![1], t(NOW));
     cfg.infrastructure_ids = Some(vec![3668]);
     cfg.send_datacenter_param = true;
     let p = MetalsoftProvider::new("ms".into(), cfg).expect("valid");
-    p.fetch(
-        &chunk(1, "2016-01-01T00:00:00Z", "2016-01-01T01:00:00Z"),
-        t(NOW),
-    )
-    .await
-    .expect("fetch");
+    let page = p.fetch(&fixture_chunk(), t(NOW)).await.expect("fetch");
+    assert_eq!(page.records.len(), 8);
     let requests = server.received_requests().await.expect("recorded");
     let body: Value = serde_json::from_slice(&requests[0].body).expect("json body");
     assert_eq!(body["params"][3], json!([3668]));
@@ -588,6 +690,7 @@ async fn http_500_then_success_is_retried() {
         .mount(&server)
         .await;
     Mock::given(method("POST"))
+        .and(asks_for_the_fixture_window())
         .respond_with(
             ResponseTemplate::new(200).set_body_raw(envelope(FIXTURE_CURRENT), "application/json"),
         )
@@ -596,10 +699,7 @@ async fn http_500_then_success_is_retried() {
         .await;
     let p = provider(&server.uri(), vec![1], t(NOW));
     let page = p
-        .fetch(
-            &chunk(1, "2016-01-01T00:00:00Z", "2016-01-01T01:00:00Z"),
-            t(NOW),
-        )
+        .fetch(&fixture_chunk(), t(NOW))
         .await
         .expect("retried into success");
     assert_eq!(sums(&page.records).0, dec("8.60663243"));
@@ -615,6 +715,7 @@ async fn http_429_with_retry_after_is_retried() {
         .mount(&server)
         .await;
     Mock::given(method("POST"))
+        .and(asks_for_the_fixture_window())
         .respond_with(
             ResponseTemplate::new(200).set_body_raw(envelope(FIXTURE_CURRENT), "application/json"),
         )
@@ -624,13 +725,42 @@ async fn http_429_with_retry_after_is_retried() {
     // The hint (1s) is capped by max_delay (50ms here), so the test stays fast.
     let p = provider(&server.uri(), vec![1], t(NOW));
     let page = p
+        .fetch(&fixture_chunk(), t(NOW))
+        .await
+        .expect("retried into success");
+    assert_eq!(page.records.len(), 8);
+}
+
+/// A server (or a cache in front of it) that answers the same canned report whatever window is
+/// asked: the answer is refused at once (not retried, nothing returned to stage), naming the
+/// first line that lies outside the window.
+#[tokio::test]
+async fn a_canned_answer_for_another_window_is_refused() {
+    let server = fixture_server().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_raw(envelope(FIXTURE_CURRENT), "application/json"),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let p = provider(&server.uri(), vec![1], t(NOW));
+    let err = p
         .fetch(
             &chunk(1, "2016-01-01T00:00:00Z", "2016-01-01T01:00:00Z"),
             t(NOW),
         )
         .await
-        .expect("retried into success");
-    assert_eq!(page.records.len(), 8);
+        .expect_err("refused");
+    assert!(matches!(err, ProviderError::Shape { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("resource_utilization_detailed"), "{msg}");
+    assert!(msg.contains("outside the requested window"), "{msg}");
+    assert!(
+        msg.contains("2016-01-01T00:00:00Z → 2016-01-01T01:00:00Z"),
+        "{msg}"
+    );
+    assert!(msg.contains("detailed_report.3668."), "{msg}");
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
-//! The file sinks (JSON Lines and FOCUS CSV): exact content, atomic writes, and re-runs after
-//! a crash that never duplicate a line. Also the FOCUS export of the demo data that
-//! `scripts/focus-validate.sh` feeds to the FOCUS validator (`focus_export_of_the_demo`).
+//! The file sinks (JSON Lines and FOCUS CSV): exact content, atomic writes, re-runs after a
+//! crash that never duplicate a line, and routing (each record reaches only its rule's sink).
+//! Also the FOCUS export of the demo data that `scripts/focus-validate.sh` feeds to the FOCUS
+//! validator (`focus_export_of_the_demo`).
 
 #[path = "common/world.rs"]
 mod world;
@@ -24,53 +25,9 @@ use billsync::sync::{Pipeline, RunOutcome, SyncOptions};
 use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 
-/// Every column `focus-validator` 1.0.0 requires for FOCUS 1.0 (its `*_Required` rules).
-const FOCUS_1_0_REQUIRED: &[&str] = &[
-    "BilledCost",
-    "BillingAccountId",
-    "BillingAccountName",
-    "BillingCurrency",
-    "BillingPeriodEnd",
-    "BillingPeriodStart",
-    "ChargeCategory",
-    "ChargeClass",
-    "ChargeDescription",
-    "ChargePeriodEnd",
-    "ChargePeriodStart",
-    "CommitmentDiscountCategory",
-    "CommitmentDiscountId",
-    "CommitmentDiscountName",
-    "CommitmentDiscountStatus",
-    "CommitmentDiscountType",
-    "ConsumedQuantity",
-    "ConsumedUnit",
-    "ContractedCost",
-    "ContractedUnitPrice",
-    "EffectiveCost",
-    "InvoiceIssuer",
-    "ListCost",
-    "ListUnitPrice",
-    "PricingCategory",
-    "PricingQuantity",
-    "PricingUnit",
-    "Provider",
-    "Publisher",
-    "RegionId",
-    "RegionName",
-    "ResourceID",
-    "ResourceName",
-    "ResourceType",
-    "ServiceCategory",
-    "ServiceName",
-    "SkuId",
-    "SkuPriceId",
-    "SubAccountId",
-    "SubAccountName",
-    "Tags",
-];
-
-/// The FOCUS 1.2 mandatory columns (spec v1.2, feature level "Mandatory").
-const FOCUS_1_2_MANDATORY: &[&str] = &[
+/// The FOCUS 1.0 Mandatory columns under their 1.0 column IDs (spec v1.0,
+/// `specification/columns/*.md`: "Feature level: Mandatory"). FOCUS 1.2 has the same list.
+const FOCUS_MANDATORY: &[&str] = &[
     "BilledCost",
     "BillingAccountId",
     "BillingAccountName",
@@ -93,6 +50,34 @@ const FOCUS_1_2_MANDATORY: &[&str] = &[
     "ServiceCategory",
     "ServiceName",
 ];
+
+/// The FOCUS 1.0 Conditional columns `focus-validator` 1.0.0 also requires (its `*_Required`
+/// rules), under their 1.0 column IDs.
+const FOCUS_CONDITIONAL_REQUIRED: &[&str] = &[
+    "CommitmentDiscountCategory",
+    "CommitmentDiscountId",
+    "CommitmentDiscountName",
+    "CommitmentDiscountStatus",
+    "CommitmentDiscountType",
+    "ConsumedQuantity",
+    "ConsumedUnit",
+    "ContractedUnitPrice",
+    "ListUnitPrice",
+    "PricingCategory",
+    "RegionId",
+    "RegionName",
+    "ResourceId",
+    "ResourceName",
+    "ResourceType",
+    "SkuId",
+    "SkuPriceId",
+    "SubAccountId",
+    "SubAccountName",
+    "Tags",
+];
+
+/// The 1.0-preview names focus-validator 1.0.0 still uses in its 1.0 rules; not FOCUS 1.0.
+const PREVIEW_NAMES: &[&str] = &["Provider", "Publisher", "InvoiceIssuer", "ResourceID"];
 
 fn t(y: i32, mo: u32, d: u32, h: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, mo, d, h, 0, 0).unwrap()
@@ -407,8 +392,14 @@ async fn focus_csv_has_every_required_column_extras_last_and_utc_times() {
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].0, "cur-00000000000000000003.csv");
     let (header, rows) = parse_csv(&f[0].1);
-    for c in FOCUS_1_0_REQUIRED {
+    for c in FOCUS_MANDATORY.iter().chain(FOCUS_CONDITIONAL_REQUIRED) {
         assert!(header.iter().any(|h| h == c), "missing {c}");
+    }
+    for old in PREVIEW_NAMES {
+        assert!(
+            !header.iter().any(|h| h == old),
+            "{old} is not a FOCUS 1.0 name"
+        );
     }
     // x_ extras come after every FOCUS column; nothing else is unprefixed.
     let first_extra = header.iter().position(|h| h.starts_with("x_")).unwrap();
@@ -416,7 +407,9 @@ async fn focus_csv_has_every_required_column_extras_last_and_utc_times() {
     assert_eq!(&header[first_extra..], EXTRA_COLUMNS);
     assert!(header[..first_extra]
         .iter()
-        .all(|h| FOCUS_1_0_REQUIRED.contains(&h.as_str()) || h == "ChargeFrequency"));
+        .all(|h| FOCUS_MANDATORY.contains(&h.as_str())
+            || FOCUS_CONDITIONAL_REQUIRED.contains(&h.as_str())
+            || h == "ChargeFrequency"));
     assert_eq!(rows.len(), 2);
     let row = &rows[0];
     // Period: start inclusive, end exclusive, UTC with Z; billing period = the month of start.
@@ -460,8 +453,8 @@ async fn focus_csv_has_every_required_column_extras_last_and_utc_times() {
     assert_eq!(column(&header, row, "ChargeClass"), "");
     assert_eq!(column(&header, row, "ChargeFrequency"), "Usage-Based");
     assert_eq!(column(&header, row, "ServiceCategory"), "Compute");
-    assert_eq!(column(&header, row, "Provider"), "MetalSoft");
-    assert_eq!(column(&header, row, "ResourceID"), "1234");
+    assert_eq!(column(&header, row, "ProviderName"), "MetalSoft");
+    assert_eq!(column(&header, row, "ResourceId"), "1234");
     assert_eq!(column(&header, row, "ResourceName"), "web, \"front\"");
     assert_eq!(column(&header, row, "x_BilledValue"), "3.5");
     assert_eq!(column(&header, row, "x_Subscription"), "sub_acme");
@@ -473,12 +466,13 @@ async fn focus_csv_has_every_required_column_extras_last_and_utc_times() {
     let mut credit = record();
     credit.billed_cost = Decimal::from_str("-2.00").unwrap();
     let line = s.encode_record("k-credit", &event("1"), &credit).unwrap();
-    let (_, rows) = parse_csv(&format!(
-        "{}\n{line}\n",
-        FocusSink::header_line(FocusVersion::V1_0)
-    ));
+    let (_, rows) = parse_csv(&format!("{}\n{line}\n", FocusSink::header_line()));
     assert_eq!(column(&header, &rows[0], "ChargeCategory"), "Credit");
     assert_eq!(column(&header, &rows[0], "BilledCost"), "-2");
+    // FOCUS 1.0: the consumed columns are null for any category but Usage.
+    assert_eq!(column(&header, &rows[0], "ConsumedQuantity"), "");
+    assert_eq!(column(&header, &rows[0], "ConsumedUnit"), "");
+    assert_eq!(column(&header, &rows[0], "PricingQuantity"), "3600");
     // A period that ends before it starts is refused at staging.
     let mut bad = record();
     bad.charge_period_end = bad.charge_period_start;
@@ -486,17 +480,10 @@ async fn focus_csv_has_every_required_column_extras_last_and_utc_times() {
 }
 
 #[tokio::test]
-async fn focus_1_2_names_and_correction_class() {
+async fn focus_1_2_writes_the_same_columns_and_corrections_are_usage_with_their_class() {
     let dir = tempfile::tempdir().unwrap();
     let s = focus(dir.path(), "1.2");
-    let header_line = FocusSink::header_line(FocusVersion::V1_2);
-    let (header, _) = parse_csv(&format!("{header_line}\n"));
-    for c in FOCUS_1_2_MANDATORY {
-        assert!(header.iter().any(|h| h == c), "missing {c}");
-    }
-    for old in ["Provider", "Publisher", "InvoiceIssuer", "ResourceID"] {
-        assert!(!header.iter().any(|h| h == old), "{old} is a 1.0 name");
-    }
+    assert_eq!(s.version(), FocusVersion::V1_2);
     let key = "metalsoft.7.20261005T000000.abcdef";
     let correction = format!("{key}.r1");
     let b = vec![
@@ -509,16 +496,34 @@ async fn focus_1_2_names_and_correction_class() {
             id: 2,
             key: correction.clone(),
             payload: s
-                .encode_record(&correction, &event("-0.5"), &record())
+                .encode_record(&correction, &event("-0.5"), &{
+                    // A correction's record carries differences (Pipeline::correction).
+                    let mut delta = record();
+                    delta.billed_cost = Decimal::from_str("-0.03").unwrap();
+                    delta.consumed_quantity = Decimal::from(-900);
+                    delta
+                })
                 .unwrap(),
         },
     ];
     s.deliver(&b).await.unwrap();
     let (header, rows) = parse_csv(&files(dir.path())[0].1);
+    // FOCUS 1.1 and 1.2 renamed no 1.0 column and made no new column mandatory.
+    assert_eq!(
+        files(dir.path())[0].1.lines().next().unwrap(),
+        FocusSink::header_line()
+    );
+    for c in FOCUS_MANDATORY {
+        assert!(header.iter().any(|h| h == c), "missing {c}");
+    }
     assert_eq!(column(&header, &rows[0], "ChargeClass"), "");
     assert_eq!(column(&header, &rows[1], "ChargeClass"), "Correction");
     assert_eq!(column(&header, &rows[1], "x_CorrectionOf"), key);
     assert_eq!(column(&header, &rows[1], "x_BilledValue"), "-0.5");
+    // A negative difference restates usage: not a credit.
+    assert_eq!(column(&header, &rows[1], "ChargeCategory"), "Usage");
+    assert_eq!(column(&header, &rows[1], "BilledCost"), "-0.03");
+    assert_eq!(column(&header, &rows[1], "ConsumedQuantity"), "-900");
     assert_eq!(column(&header, &rows[1], "ProviderName"), "MetalSoft");
 
     // Unknown versions and categories are configuration errors.
@@ -636,4 +641,170 @@ async fn focus_export_of_the_demo() {
     let written: usize = files(&out).iter().map(|(_, c)| c.lines().count() - 1).sum();
     assert_eq!(written as u64, summary.sent);
     println!("FOCUS export: {written} rows in {}", out.display());
+}
+
+/// The example mappings with MetalSoft traffic routed to `sink: finops` and storage to a sink
+/// that is not configured.
+fn routed_mappings() -> MappingSet {
+    let sources: Vec<(String, String)> = billsync::mapping::EXAMPLE_MAPPINGS
+        .iter()
+        .map(|(name, text)| {
+            let text = if name.ends_with("metalsoft.yaml") {
+                let routed = text
+                    .replace(
+                        "    metric: network_gb\n",
+                        "    metric: network_gb\n    sink: finops\n",
+                    )
+                    .replace(
+                        "    metric: storage_cost\n",
+                        "    metric: storage_cost\n    sink: nowhere\n",
+                    );
+                assert_ne!(&routed, text);
+                routed
+            } else {
+                text.to_string()
+            };
+            (name.to_string(), text)
+        })
+        .collect();
+    MappingSet::from_sources(&sources).unwrap()
+}
+
+#[tokio::test]
+async fn each_record_reaches_only_the_sink_its_rule_names_with_its_own_status() {
+    let world = world::World::start(Behaviour::default()).await;
+    let archive = world.dir.path().join("jsonl");
+    let finops = world.dir.path().join("focus");
+    // The FOCUS sink cannot write at first: its directory is a file.
+    std::fs::write(&finops, "not a directory").unwrap();
+    let pipeline = || async {
+        let focus_sink = FocusSink::new(
+            "finops".into(),
+            FocusConfig {
+                directory: finops.clone(),
+                prefix: None,
+                version: "1.0".into(),
+                batch_size: 10,
+                provider_names: BTreeMap::new(),
+                service_categories: BTreeMap::new(),
+            },
+        )
+        .unwrap();
+        let mut p = Pipeline::new(
+            Ledger::open(&world.dir.path().join("ledger.db"))
+                .await
+                .unwrap(),
+            vec![Box::new(world.provider())],
+            // The first sink is the default for rules that name none.
+            vec![Box::new(jsonl(&archive)), Box::new(focus_sink)],
+            routed_mappings(),
+        );
+        p.lock_ttl = Duration::from_secs(60);
+        p
+    };
+    let opts = SyncOptions {
+        now: Some(world::now()),
+        ..Default::default()
+    };
+    let by_sink = |ledger_csv: &str| {
+        let (header, rows) = parse_csv(ledger_csv);
+        let mut m: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+        for r in &rows {
+            *m.entry((
+                column(&header, r, "sink").to_string(),
+                column(&header, r, "metric").to_string(),
+                column(&header, r, "status").to_string(),
+            ))
+            .or_default() += 1;
+        }
+        m
+    };
+    let ledger_csv = |p: &Pipeline| {
+        let p = p.ledger.clone();
+        async move {
+            let mut out = Vec::new();
+            p.export_csv(
+                &billsync::ledger::RecordFilter {
+                    status: None,
+                    provider: None,
+                    since: None,
+                    until: None,
+                    run: None,
+                },
+                &mut out,
+            )
+            .await
+            .unwrap();
+            String::from_utf8(out).unwrap()
+        }
+    };
+
+    let p = pipeline().await;
+    let first = p.sync(&opts).await.unwrap();
+    assert_eq!(first.outcome, RunOutcome::SinkStopped, "{first:?}");
+    let counts = by_sink(&ledger_csv(&p).await);
+    // Traffic waits for finops only; everything else the archive took.
+    let traffic_pending = counts[&("finops".into(), "network_gb".into(), "pending".into())];
+    assert!(traffic_pending > 0, "{counts:?}");
+    assert!(counts
+        .keys()
+        .all(|(sink, metric, status)| match metric.as_str() {
+            "network_gb" => sink == "finops" && status == "pending",
+            "storage_cost" => sink.is_empty() && status == "unmapped",
+            "" => sink.is_empty(),
+            _ => sink == "export" && status == "sent", // the JSON Lines sink
+        }));
+    let unmapped_storage = counts[&(String::new(), "storage_cost".into(), "unmapped".into())];
+    assert!(unmapped_storage > 0, "{counts:?}");
+    let archived: Vec<serde_json::Value> = files(&archive)
+        .iter()
+        .flat_map(|(_, c)| {
+            c.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(first.sent > 0, "{first:?}");
+    assert_eq!(archived.len() as u64, first.sent);
+    assert!(archived
+        .iter()
+        .all(|e| e["metric"] != "network_gb" && e["metric"] != "storage_cost"));
+
+    // The directory is fixed: the next run sends the traffic to finops and nothing else.
+    std::fs::remove_file(&finops).unwrap();
+    let p = pipeline().await;
+    let second = p.sync(&opts).await.unwrap();
+    assert_eq!(second.sent as usize, traffic_pending, "{second:?}");
+    let counts = by_sink(&ledger_csv(&p).await);
+    assert_eq!(
+        counts[&("finops".into(), "network_gb".into(), "sent".into())],
+        traffic_pending
+    );
+    let (header, rows) =
+        files(&finops)
+            .iter()
+            .fold((Vec::new(), Vec::new()), |(_, mut all), (_, c)| {
+                let (h, rows) = parse_csv(c);
+                all.extend(rows);
+                (h, all)
+            });
+    assert_eq!(rows.len(), traffic_pending);
+    assert!(rows
+        .iter()
+        .all(|r| column(&header, r, "x_Metric") == "network_gb"));
+    let archived_again: usize = files(&archive).iter().map(|(_, c)| c.lines().count()).sum();
+    assert_eq!(
+        archived_again,
+        archived.len(),
+        "the archive got nothing new"
+    );
+    // A rule naming a sink that is not configured holds its records with that reason.
+    let (header, rows) = parse_csv(&ledger_csv(&p).await);
+    let storage: Vec<_> = rows
+        .iter()
+        .filter(|r| column(&header, r, "metric") == "storage_cost")
+        .collect();
+    assert_eq!(storage.len(), unmapped_storage);
+    assert!(storage.iter().all(|r| column(&header, r, "last_error")
+        .contains("targets sink \"nowhere\", which is not configured")));
 }

@@ -442,3 +442,151 @@ fn the_configuration_reads_from_yaml_with_defaults() {
     bad.api_key = Secret::new("pk_test_x");
     assert!(StripeSink::new("s".into(), bad).is_err());
 }
+
+/// A record for the status warning: `age` old, waiting for sink `sink` with `status`.
+fn waiting(
+    resource: &str,
+    sink: &str,
+    status: billsync::ledger::Status,
+    age: chrono::Duration,
+) -> billsync::ledger::StageRow {
+    let start = ago(age);
+    let record = billsync::record::UsageRecord {
+        provider: "metalsoft".into(),
+        source: "ms".into(),
+        billing_account_id: "acct".into(),
+        sub_account_id: "1".into(),
+        resource_id: resource.into(),
+        resource_name: None,
+        resource_type: "instance".into(),
+        service_name: "instance".into(),
+        sku_id: None,
+        charge_description: None,
+        charge_period_start: start,
+        charge_period_end: start + chrono::Duration::hours(1),
+        consumed_quantity: Decimal::from(3600),
+        consumed_unit: "seconds".into(),
+        billed_cost: Decimal::ONE,
+        billing_currency: "EUR".into(),
+        scope: "1".into(),
+        natural_key: vec![("resource".into(), resource.into())],
+        is_final: status == billsync::ledger::Status::Pending,
+        attributes: Default::default(),
+        raw: serde_json::Value::Null,
+    };
+    billsync::ledger::StageRow {
+        key: record.idempotency_key(),
+        content_hash: record.content_hash(),
+        status,
+        mapped: billsync::ledger::MappedColumns {
+            rule: Some("test#rule".into()),
+            sink: Some(sink.into()),
+            subscription: Some("cus_A".into()),
+            metric: Some("api_calls".into()),
+            value: Some(Decimal::ONE),
+            payload: Some("frozen".into()),
+            ..Default::default()
+        },
+        note: None,
+        event: None,
+        correction_of: None,
+        revision: 0,
+        body: None,
+        record,
+    }
+}
+
+#[tokio::test]
+async fn status_warns_about_waiting_records_near_the_35_day_limit() {
+    use billsync::ledger::{Correction, Ledger, SentState, Status};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let cfg = dir.path().join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger:\n  path: {}\nmappings: []\nsinks:\n  stripe:\n    kind: stripe\n    api_key: env:TEST_STRIPE_KEY\n  archive:\n    kind: jsonl\n    directory: {}\ndefault_sink: stripe\n",
+            db.display(),
+            dir.path().join("jsonl").display()
+        ),
+    )
+    .unwrap();
+    let status = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+            .args(["--output", "text", "--config"])
+            .arg(&cfg)
+            .arg("status")
+            .env_remove("BILLSYNC_CONFIG")
+            .env("TEST_STRIPE_KEY", KEY)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let day = chrono::Duration::days(1);
+    let by_hand = |_: &billsync::ledger::StageRow, s: &SentState| {
+        Correction::Unresolved(format!("{} changed", s.key))
+    };
+    let ledger = Ledger::open(&db).await.unwrap();
+    let run = ledger.start_run("sync", Utc::now()).await.unwrap();
+    // Young records only: no warning.
+    let young = [
+        waiting("a", "stripe", Status::Pending, day * 10),
+        waiting("b", "stripe", Status::Pending, day * 29),
+    ];
+    ledger
+        .stage(run, &young, None, Utc::now(), &by_hand)
+        .await
+        .unwrap();
+    ledger.close().await;
+    let out = status();
+    assert!(!out.contains("warning"), "{out}");
+
+    // Near the limit: two pending (31 and 33 days) and one provisional (32 days) of the Stripe
+    // sink; an equally old record of another sink does not count.
+    let ledger = Ledger::open(&db).await.unwrap();
+    let old = [
+        waiting("c", "stripe", Status::Pending, day * 31),
+        waiting("d", "stripe", Status::Pending, day * 33),
+        waiting("e", "stripe", Status::Provisional, day * 32),
+        waiting("f", "archive", Status::Pending, day * 34),
+    ];
+    let oldest = old[1].key.clone();
+    ledger
+        .stage(run, &old, None, Utc::now(), &by_hand)
+        .await
+        .unwrap();
+    // A record sent already no longer waits.
+    let sent = ledger.pending_batch("stripe", 0, 100).await.unwrap();
+    let c = sent.iter().find(|o| o.key == old[0].key).unwrap().id;
+    ledger
+        .ack(run, &[(c, Outcome::Delivered)], Utc::now())
+        .await
+        .unwrap();
+    ledger.close().await;
+    let out = status();
+    let warning = out
+        .lines()
+        .find(|l| l.starts_with("warning: Stripe sink stripe:"))
+        .unwrap_or_else(|| panic!("no warning:\n{out}"));
+    assert!(
+        warning.contains(": 2 waiting records (pending or provisional) are older than 30 days;"),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("Stripe refuses events older than 35 days;"),
+        "{warning}"
+    );
+    assert!(
+        warning.contains(&format!("oldest: {oldest} (charge period start ")),
+        "{warning}"
+    );
+    assert!(warning.contains(", 33 days old)"), "{warning}");
+    assert_eq!(out.matches("warning").count(), 1, "{out}");
+}

@@ -60,7 +60,11 @@ mod tests {
     use super::*;
 
     fn sample() -> UsageRecord {
-        let line = std::str::from_utf8(DICT_V1).unwrap().lines().next().unwrap();
+        let line = std::str::from_utf8(DICT_V1)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap();
         serde_json::from_str(line).unwrap()
     }
 

@@ -180,6 +180,11 @@ pub struct SentState {
     pub sink: Option<String>,
     /// The original value plus every correction staged for it (rejected ones excluded).
     pub sent_total: Decimal,
+    /// The same sum of `billed_cost` and of `consumed_quantity`: the original's as sent plus
+    /// the differences the corrections carry. `None` when `vacuum` pruned the original's
+    /// record, so what was sent is no longer known.
+    pub sent_cost: Option<Decimal>,
+    pub sent_quantity: Option<Decimal>,
     /// The revision number the next correction gets.
     pub next_revision: i64,
 }
@@ -187,7 +192,9 @@ pub struct SentState {
 /// The decision about a sent record that came back with new content.
 #[derive(Debug, Clone)]
 pub enum Correction {
-    /// Stage this correction row (its key and payload carry the difference).
+    /// Stage this correction row. Its key, value and payload carry the difference, and so
+    /// does its normalized record (`billed_cost`, `consumed_quantity`), so a sink that exports
+    /// records (FOCUS) stays summable; `record_changes` keeps the full new content.
     Send {
         row: Box<StageRow>,
         difference: Decimal,
@@ -1243,23 +1250,36 @@ impl Ledger {
         Ok(n as u64)
     }
 
-    /// How many records of a sink wait to be sent (pending or provisional) with a charge period
-    /// starting before `cutoff` (for sinks with a backdating limit, such as Stripe's 35 days).
+    /// The records of a sink that wait to be sent (pending or provisional) with a charge period
+    /// starting before `cutoff` (for sinks with a backdating limit, such as Stripe's 35 days):
+    /// how many, and the oldest one's key and charge period start.
     pub async fn waiting_older_than(
         &self,
         sink: &str,
         cutoff: DateTime<Utc>,
-    ) -> Result<u64, LedgerError> {
+    ) -> Result<(u64, Option<(String, String)>), LedgerError> {
+        let cutoff = ts(cutoff);
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM records
              WHERE status IN ('pending', 'provisional') AND sink = ?1 AND charge_period_start < ?2",
         )
         .bind(sink)
-        .bind(ts(cutoff))
+        .bind(&cutoff)
         .fetch_one(&self.pool)
         .await
         .map_err(sql("counting old waiting records"))?;
-        Ok(n as u64)
+        let oldest = sqlx::query(
+            "SELECT idem_key, charge_period_start FROM records
+             WHERE status IN ('pending', 'provisional') AND sink = ?1 AND charge_period_start < ?2
+             ORDER BY charge_period_start, id LIMIT 1",
+        )
+        .bind(sink)
+        .bind(&cutoff)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(sql("finding the oldest waiting record"))?
+        .map(|r| (r.get(0), r.get(1)));
+        Ok((n as u64, oldest))
     }
 
     /// How many records are undelivered (pending, unmapped, rejected), ledger-wide.
@@ -1414,37 +1434,64 @@ fn csv_field(s: &str) -> String {
 }
 
 async fn sent_state(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<SentState, LedgerError> {
+    // Decimals are summed here, exactly, from their text: SQLite's SUM would round them.
     let r = sqlx::query(
         "SELECT o.idem_key, o.subscription, o.metric, o.sink, o.value,
              (SELECT group_concat(c.value, ' ') FROM records c
                 WHERE c.correction_of = o.id AND c.status <> 'rejected'),
-             (SELECT COALESCE(MAX(c.revision), 0) FROM records c WHERE c.correction_of = o.id)
+             (SELECT COALESCE(MAX(c.revision), 0) FROM records c WHERE c.correction_of = o.id),
+             (SELECT b.record FROM record_bodies b WHERE b.id = o.id),
+             (SELECT group_concat(c.billed_cost, ' ') FROM records c
+                WHERE c.correction_of = o.id AND c.status <> 'rejected'),
+             (SELECT group_concat(c.consumed_quantity, ' ') FROM records c
+                WHERE c.correction_of = o.id AND c.status <> 'rejected')
          FROM records o WHERE o.id = ?1",
     )
     .bind(id)
     .fetch_one(&mut *conn)
     .await
     .map_err(sql("reading what was sent for a record"))?;
-    let parse = |text: &str| {
-        Decimal::from_str(text).map_err(|e| LedgerError::Corrupt {
+    let sum = |field: &'static str, first: Decimal, rest: Option<String>| {
+        let mut total = first;
+        for v in rest.as_deref().unwrap_or("").split_whitespace() {
+            total += Decimal::from_str(v).map_err(|e| LedgerError::Corrupt {
+                id,
+                field,
+                message: format!("a correction's {field} {v:?}: {e}"),
+            })?;
+        }
+        Ok::<_, LedgerError>(total)
+    };
+    let original: Option<String> = r.get(4);
+    let original = Decimal::from_str(original.as_deref().unwrap_or("0")).map_err(|e| {
+        LedgerError::Corrupt {
             id,
             field: "value",
             message: e.to_string(),
-        })
-    };
-    let original: Option<String> = r.get(4);
-    let mut sent_total = parse(original.as_deref().unwrap_or("0"))?;
-    let corrections: Option<String> = r.get(5);
-    for v in corrections.as_deref().unwrap_or("").split_whitespace() {
-        sent_total += parse(v)?;
-    }
+        }
+    })?;
+    let sent_total = sum("value", original, r.get(5))?;
     let last_revision: i64 = r.get(6);
+    // The original's body is what was sent (its content columns follow the latest content
+    // instead); `vacuum` empties it.
+    let body: Option<Vec<u8>> = r.get(7);
+    let (sent_cost, sent_quantity) = if body.as_deref().unwrap_or_default().is_empty() {
+        (None, None)
+    } else {
+        let sent = decode_body(id, body.as_deref())?;
+        (
+            Some(sum("billed_cost", sent.billed_cost, r.get(8))?),
+            Some(sum("consumed_quantity", sent.consumed_quantity, r.get(9))?),
+        )
+    };
     Ok(SentState {
         key: r.get(0),
         subscription: r.get(1),
         metric: r.get(2),
         sink: r.get(3),
         sent_total,
+        sent_cost,
+        sent_quantity,
         next_revision: last_revision + 1,
     })
 }
@@ -1524,5 +1571,422 @@ async fn upsert_cursor(
     .execute(&mut *tx)
     .await
     .map_err(sql("advancing a cursor"))?;
+    Ok(())
+}
+
+// ----- period pricing ---------------------------------------------------------------------
+//
+// `period: month` pricing settles a (sink, subscription, metric, month) group with one
+// adjustment record (see `mapping/period.rs`). The ledger keeps each record's share of its
+// month and which groups changed since they were last settled; the adjustment itself is staged
+// through [`Ledger::stage`] like any record, so its key, its frozen payload and its corrections
+// (`<key>.r<n>`) follow the same rules.
+
+/// Identity of a period group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeriodGroupRow {
+    pub group_key: String,
+    pub sink: String,
+    pub subscription: String,
+    pub metric: String,
+    pub label: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    /// The key of the group's adjustment record.
+    pub adjustment_key: String,
+}
+
+/// A record's share of its month, as the mapping computed it for the content being staged.
+#[derive(Debug, Clone)]
+pub struct PeriodShareRow {
+    pub key: String,
+    pub content_hash: String,
+    pub group: PeriodGroupRow,
+    /// The value at the input of the monthly tiers.
+    pub base: Decimal,
+    /// The period rule, JSON.
+    pub spec: String,
+    pub is_final: bool,
+    pub charge_period_start: DateTime<Utc>,
+    pub charge_period_end: DateTime<Utc>,
+}
+
+/// A group due for settlement, with its last settlement.
+#[derive(Debug, Clone)]
+pub struct PeriodGroupState {
+    pub group: PeriodGroupRow,
+    pub settled_at: Option<String>,
+}
+
+/// What the ledger holds for a member record.
+#[derive(Debug, Clone)]
+pub struct PeriodMemberRecord {
+    pub id: i64,
+    pub status: Status,
+    pub content_hash: String,
+    /// The record's value (what it carries to the sink).
+    pub value: Decimal,
+    /// The sum of its corrections (rejected ones excluded).
+    pub corrections: Decimal,
+    pub customer: Option<String>,
+    pub value_property: Option<String>,
+    pub rule: Option<String>,
+}
+
+/// One member of a group: its share and the ledger's record (`None`: not staged yet).
+#[derive(Debug, Clone)]
+pub struct PeriodMemberRow {
+    pub key: String,
+    pub base: Decimal,
+    pub spec: String,
+    pub share_hash: String,
+    pub is_final: bool,
+    pub charge_period_start: DateTime<Utc>,
+    pub charge_period_end: DateTime<Utc>,
+    pub record: Option<PeriodMemberRecord>,
+}
+
+/// Period groups for `billsync status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeriodStatus {
+    /// Groups never settled (their month has not closed yet, or waits for its close delay).
+    pub open: i64,
+    /// Settled groups with no change since.
+    pub settled: i64,
+    /// Settled groups changed since (settled again by the next run).
+    pub changed: i64,
+    /// Groups that cannot be settled, with the reason: (group label, note).
+    pub problems: Vec<(String, String)>,
+}
+
+fn parse_ts(id: i64, field: &'static str, text: &str) -> Result<DateTime<Utc>, LedgerError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| LedgerError::Corrupt {
+            id,
+            field,
+            message: e.to_string(),
+        })
+}
+
+fn parse_dec(id: i64, field: &'static str, text: &str) -> Result<Decimal, LedgerError> {
+    Decimal::from_str(text).map_err(|e| LedgerError::Corrupt {
+        id,
+        field,
+        message: e.to_string(),
+    })
+}
+
+impl Ledger {
+    /// Keep the period shares of a page, just before it is staged. A share that changed marks
+    /// its group (and the group it left) for settlement. `others` are the page's keys that have
+    /// no monthly share now: an unsent one leaves its group; a sent one stays in the group it
+    /// was billed in (its value is in the sink under that subscription and metric).
+    pub async fn register_period_shares(
+        &self,
+        shares: &[PeriodShareRow],
+        others: &[&str],
+    ) -> Result<(), LedgerError> {
+        if shares.is_empty() && others.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        for chunk in others.chunks(LOOKUP_KEYS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "DELETE FROM period_members WHERE NOT EXISTS (SELECT 1 FROM records r
+                     WHERE r.idem_key = period_members.idem_key AND r.status = 'sent')
+                   AND idem_key IN (",
+            );
+            let mut sep = qb.separated(", ");
+            for k in chunk {
+                sep.push_bind(*k);
+            }
+            qb.push(") RETURNING group_key");
+            let left: Vec<String> = qb
+                .build_query_scalar()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sql("removing period shares"))?;
+            for g in left {
+                mark_dirty(&mut tx, &g).await?;
+            }
+        }
+        // key → (group, content hash, record sent?)
+        let mut known: HashMap<String, (String, String, bool)> = HashMap::new();
+        let keys: Vec<&str> = shares.iter().map(|s| s.key.as_str()).collect();
+        for chunk in keys.chunks(LOOKUP_KEYS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT m.idem_key, m.group_key, m.content_hash,
+                     EXISTS (SELECT 1 FROM records r WHERE r.idem_key = m.idem_key AND r.status = 'sent')
+                 FROM period_members m WHERE m.idem_key IN (",
+            );
+            let mut sep = qb.separated(", ");
+            for k in chunk {
+                sep.push_bind(*k);
+            }
+            qb.push(")");
+            for r in qb
+                .build()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sql("reading period shares"))?
+            {
+                known.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
+            }
+        }
+        for s in shares {
+            let g = &s.group;
+            if let Some((group, hash, sent)) = known.get(&s.key) {
+                if *group == g.group_key && *hash == s.content_hash {
+                    continue;
+                }
+                if *group != g.group_key && *sent {
+                    // Billed in its group: a move is a change for a person (the correction
+                    // machinery leaves it unresolved), not a new share.
+                    continue;
+                }
+                if *group != g.group_key {
+                    mark_dirty(&mut tx, group).await?;
+                }
+            }
+            sqlx::query(
+                "INSERT INTO period_groups (group_key, sink, subscription, metric, period_label,
+                     period_start, period_end, adjustment_key, dirty)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
+                 ON CONFLICT (group_key) DO UPDATE SET dirty = 1",
+            )
+            .bind(&g.group_key)
+            .bind(&g.sink)
+            .bind(&g.subscription)
+            .bind(&g.metric)
+            .bind(&g.label)
+            .bind(ts(g.start))
+            .bind(ts(g.end))
+            .bind(&g.adjustment_key)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("registering a period group"))?;
+            sqlx::query(
+                "INSERT INTO period_members (idem_key, group_key, content_hash, base, spec, is_final,
+                     charge_period_start, charge_period_end)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (idem_key) DO UPDATE SET group_key = excluded.group_key,
+                     content_hash = excluded.content_hash, base = excluded.base, spec = excluded.spec,
+                     is_final = excluded.is_final, charge_period_start = excluded.charge_period_start,
+                     charge_period_end = excluded.charge_period_end",
+            )
+            .bind(&s.key)
+            .bind(&g.group_key)
+            .bind(&s.content_hash)
+            .bind(s.base.to_string())
+            .bind(&s.spec)
+            .bind(s.is_final)
+            .bind(ts(s.charge_period_start))
+            .bind(ts(s.charge_period_end))
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("keeping a period share"))?;
+            known.insert(
+                s.key.clone(),
+                (g.group_key.clone(), s.content_hash.clone(), false),
+            );
+        }
+        tx.commit().await.map_err(sql("committing period shares"))?;
+        Ok(())
+    }
+
+    /// Groups changed since their last settlement (or never settled) whose month ended by `now`.
+    pub async fn period_groups_due(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<PeriodGroupState>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT group_key, sink, subscription, metric, period_label, period_start, period_end,
+                 adjustment_key, settled_at
+             FROM period_groups WHERE dirty = 1 AND period_end <= ?1 ORDER BY period_end, group_key",
+        )
+        .bind(ts(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql("reading period groups"))?;
+        rows.into_iter()
+            .map(|r| {
+                let start: String = r.get(5);
+                let end: String = r.get(6);
+                Ok(PeriodGroupState {
+                    group: PeriodGroupRow {
+                        group_key: r.get(0),
+                        sink: r.get(1),
+                        subscription: r.get(2),
+                        metric: r.get(3),
+                        label: r.get(4),
+                        start: parse_ts(0, "period_start", &start)?,
+                        end: parse_ts(0, "period_end", &end)?,
+                        adjustment_key: r.get(7),
+                    },
+                    settled_at: r.get(8),
+                })
+            })
+            .collect()
+    }
+
+    /// The members of a group with what the ledger holds for each.
+    pub async fn period_group_members(
+        &self,
+        group_key: &str,
+    ) -> Result<Vec<PeriodMemberRow>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT m.idem_key, m.base, m.spec, m.content_hash, m.is_final, m.charge_period_start,
+                 m.charge_period_end, r.id, r.status, r.content_hash, r.value, r.customer,
+                 r.value_property, r.rule,
+                 (SELECT group_concat(c.value, ' ') FROM records c
+                    WHERE c.correction_of = r.id AND c.status <> 'rejected')
+             FROM period_members m LEFT JOIN records r ON r.idem_key = m.idem_key
+             WHERE m.group_key = ?1 ORDER BY m.idem_key",
+        )
+        .bind(group_key)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql("reading a period group"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: Option<i64> = r.get(7);
+            let rid = id.unwrap_or(0);
+            let base: String = r.get(1);
+            let start: String = r.get(5);
+            let end: String = r.get(6);
+            let record = match id {
+                None => None,
+                Some(id) => {
+                    let status: String = r.get(8);
+                    let value: Option<String> = r.get(10);
+                    let corrections: Option<String> = r.get(14);
+                    let mut sum = Decimal::ZERO;
+                    for v in corrections.as_deref().unwrap_or("").split_whitespace() {
+                        sum += parse_dec(id, "value", v)?;
+                    }
+                    Some(PeriodMemberRecord {
+                        id,
+                        status: status.parse().map_err(|message| LedgerError::Corrupt {
+                            id,
+                            field: "status",
+                            message,
+                        })?,
+                        content_hash: r.get(9),
+                        value: parse_dec(id, "value", value.as_deref().unwrap_or("0"))?,
+                        corrections: sum,
+                        customer: r.get(11),
+                        value_property: r.get(12),
+                        rule: r.get(13),
+                    })
+                }
+            };
+            out.push(PeriodMemberRow {
+                key: r.get(0),
+                base: parse_dec(rid, "period base", &base)?,
+                spec: r.get(2),
+                share_hash: r.get(3),
+                is_final: r.get(4),
+                charge_period_start: parse_ts(rid, "charge_period_start", &start)?,
+                charge_period_end: parse_ts(rid, "charge_period_end", &end)?,
+                record,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Record a group's settlement (`total`: the month's total; clears `dirty`), or why it
+    /// cannot be settled (`note`; the group stays due).
+    pub async fn finish_period_group(
+        &self,
+        group_key: &str,
+        run_id: i64,
+        now: DateTime<Utc>,
+        total: Option<Decimal>,
+        note: Option<&str>,
+    ) -> Result<(), LedgerError> {
+        match total {
+            Some(total) => sqlx::query(
+                "UPDATE period_groups SET dirty = 0, settled_at = ?2, settled_run = ?3, total = ?4,
+                     note = NULL
+                 WHERE group_key = ?1",
+            )
+            .bind(group_key)
+            .bind(ts(now))
+            .bind(run_id)
+            .bind(total.to_string()),
+            None => sqlx::query("UPDATE period_groups SET note = ?2 WHERE group_key = ?1")
+                .bind(group_key)
+                .bind(note),
+        }
+        .execute(&self.pool)
+        .await
+        .map_err(sql("recording a period settlement"))?;
+        Ok(())
+    }
+
+    /// Counts of period groups and their problems, for `billsync status`.
+    pub async fn period_status(&self) -> Result<PeriodStatus, LedgerError> {
+        let r = sqlx::query(
+            "SELECT COALESCE(SUM(settled_at IS NULL), 0),
+                    COALESCE(SUM(settled_at IS NOT NULL AND dirty = 0), 0),
+                    COALESCE(SUM(settled_at IS NOT NULL AND dirty = 1), 0)
+             FROM period_groups",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(sql("counting period groups"))?;
+        let problems = sqlx::query(
+            "SELECT subscription || ' ' || metric || ' ' || period_label, note FROM period_groups
+             WHERE note IS NOT NULL ORDER BY period_end, group_key LIMIT 20",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql("reading period problems"))?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+        Ok(PeriodStatus {
+            open: r.get(0),
+            settled: r.get(1),
+            changed: r.get(2),
+            problems,
+        })
+    }
+
+    /// Put a rejected record back in the queue with its frozen payload (replay of an adjustment,
+    /// whose payload does not depend on the mapping files). Returns whether it was rejected.
+    pub async fn requeue_rejected(
+        &self,
+        run_id: i64,
+        id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let done = sqlx::query(
+            "UPDATE records SET status = 'pending', attempts = 0, last_error = NULL, last_run = ?2,
+                 updated_at = ?3
+             WHERE id = ?1 AND status = 'rejected'
+               AND id IN (SELECT id FROM record_bodies WHERE payload IS NOT NULL)",
+        )
+        .bind(id)
+        .bind(run_id)
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await
+        .map_err(sql("re-queueing a rejected record"))?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+async fn mark_dirty(tx: &mut sqlx::SqliteConnection, group_key: &str) -> Result<(), LedgerError> {
+    sqlx::query("UPDATE period_groups SET dirty = 1 WHERE group_key = ?1")
+        .bind(group_key)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql("marking a period group"))?;
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 
+use super::period::{month_of, tiered_markup, PeriodShare, PeriodSpec, TierSpec};
 use super::schema::{Conversion, Pricing, Rule, TemplatePart, ValueSpec};
 use super::units::Unit;
 use super::{effective_round, LoadedRule, MapOutcome, MappedEvent, MappingSet};
@@ -73,6 +74,9 @@ pub struct Explanation {
     pub customer_note: Option<String>,
     /// The steps computing the value.
     pub steps: Vec<PricingStep>,
+    /// With `period: month` pricing: the record's share of its month (the month's `minimum`
+    /// and `tiers` are settled by one adjustment per subscription, metric and month).
+    pub period: Option<PeriodShare>,
     /// The result, identical to [`MappingSet::apply`].
     pub outcome: MapOutcome,
 }
@@ -98,12 +102,31 @@ impl MappingSet {
         self.evaluate(record, true)
     }
 
+    /// [`apply`](MappingSet::apply) plus the record's share of its month when the value has
+    /// `period: month` pricing (what the sync keeps to settle the month).
+    pub fn apply_with_period(&self, record: &UsageRecord) -> (MapOutcome, Option<PeriodShare>) {
+        let ex = self.evaluate(record, false);
+        (ex.outcome, ex.period)
+    }
+
+    /// Whether any rule or customer entry prices per month (the sync then keeps shares).
+    pub fn has_period_pricing(&self) -> bool {
+        self.rules.iter().any(|r| match &r.rule.value {
+            Some(ValueSpec::Cost(c)) => c.pricing().is_monthly(),
+            _ => false,
+        }) || self
+            .customers
+            .iter()
+            .any(|c| c.entry.pricing.as_ref().is_some_and(Pricing::is_monthly))
+    }
+
     fn evaluate(&self, record: &UsageRecord, trace: bool) -> Explanation {
         let mut ex = Explanation {
             rules: Vec::new(),
             customers: Vec::new(),
             customer_note: None,
             steps: Vec::new(),
+            period: None,
             outcome: MapOutcome::Unmapped {
                 reason: String::new(),
             },
@@ -282,7 +305,8 @@ impl MappingSet {
             .as_ref()
             .map(|m| m.0.clone())
             .ok_or_else(|| "the rule has no metric".to_string())?;
-        let value = self.compute_value(rule, record, chosen.pricing, &mut ex.steps)?;
+        let (value, period) = self.compute_value(rule, record, chosen.pricing, &mut ex.steps)?;
+        ex.period = period;
         let properties = render_properties(rule, record)?;
         Ok(MapOutcome::Mapped(MappedEvent {
             rule: loaded.id.clone(),
@@ -307,7 +331,8 @@ impl MappingSet {
         record: &UsageRecord,
         customer_pricing: Option<&Pricing>,
         steps: &mut Vec<PricingStep>,
-    ) -> Result<Decimal, String> {
+    ) -> Result<(Decimal, Option<PeriodShare>), String> {
+        let mut period = PeriodCtx::new();
         let (raw, currency) = match &rule.value {
             Some(ValueSpec::Quantity(q)) => {
                 let v = record.consumed_quantity;
@@ -380,16 +405,27 @@ impl MappingSet {
                     currency = to.0.clone();
                 }
                 let own = c.pricing();
-                v = price(v, &own, "rule", steps)?;
+                v = price(v, &own, "rule", steps, &mut period)?;
                 if let Some(p) = customer_pricing {
-                    v = price(v, p, "customer", steps)?;
+                    v = price(v, p, "customer", steps, &mut period)?;
                 }
-                let minimum = [own.minimum, customer_pricing.and_then(|p| p.minimum)]
-                    .into_iter()
-                    .flatten()
-                    .map(|a| a.0)
-                    .max();
-                if let Some(min) = minimum {
+                let blocks = [Some(&own), customer_pricing];
+                let minimum = |monthly: bool| {
+                    blocks
+                        .iter()
+                        .flatten()
+                        .filter(|p| p.is_monthly() == monthly)
+                        .filter_map(|p| p.minimum)
+                        .map(|a| a.0)
+                        .max()
+                };
+                if let Some(min) = minimum(false) {
+                    if period.tiers.is_some() {
+                        return Err(format!(
+                            "a per-record `minimum` ({min}) cannot follow monthly `tiers`: the \
+                             month's tiers would be settled on values the minimum changed"
+                        ));
+                    }
                     if v >= Decimal::ZERO && v < min {
                         steps.push(step(
                             "minimum",
@@ -405,6 +441,17 @@ impl MappingSet {
                         ));
                     }
                 }
+                if let Some(min) = minimum(true) {
+                    steps.push(step(
+                        "minimum",
+                        format!(
+                            "{min} {currency} per month: applies to the month's total, settled \
+                             by one adjustment when the month closes (not to this record)"
+                        ),
+                        v,
+                    ));
+                    period.minimum = Some(min);
+                }
                 (v, Some(currency))
             }
             None => return Err("the rule has no value".into()),
@@ -416,7 +463,8 @@ impl MappingSet {
             format!("{} to {scale} places", mode.name()),
             out,
         ));
-        Ok(out)
+        let share = period.share(record, currency.as_deref().unwrap_or(""), scale, mode);
+        Ok((out, share))
     }
 
     /// `always` plus every field the given condition lists refer to, in record order.
@@ -480,54 +528,168 @@ fn step(step: &'static str, detail: String, value: Decimal) -> PricingStep {
     }
 }
 
+/// What the monthly parts of a record's pricing need: the month's offset, the monthly tiers
+/// with the value at their input, the percentage steps after them, the monthly minimum.
+struct PeriodCtx {
+    /// The offset of the month boundaries, once a block prices per month.
+    offset: Option<chrono::FixedOffset>,
+    /// Monthly tiers and the value at their input.
+    tiers: Option<(Vec<TierSpec>, Decimal)>,
+    /// The product of the percentage steps after the monthly tiers.
+    factor: Decimal,
+    /// The monthly minimum.
+    minimum: Option<Decimal>,
+}
+
+impl PeriodCtx {
+    fn new() -> Self {
+        PeriodCtx {
+            offset: None,
+            tiers: None,
+            factor: Decimal::ONE,
+            minimum: None,
+        }
+    }
+
+    /// Notes a block that prices per month; two blocks must agree on the month.
+    fn monthly(&mut self, p: &Pricing) -> Result<(), String> {
+        let o = p.month_offset();
+        match self.offset {
+            Some(prev) if prev != o => Err(format!(
+                "the rule's and the customer's `period: month` pricing use different month \
+                 boundaries (UTC offsets {prev} and {o}); one month needs one definition"
+            )),
+            _ => {
+                self.offset = Some(o);
+                Ok(())
+            }
+        }
+    }
+
+    /// A multiplicative step after the monthly tiers scales what they add.
+    fn scale(&mut self, by: Decimal) -> Result<(), String> {
+        if self.tiers.is_some() {
+            self.factor = self
+                .factor
+                .checked_mul(by)
+                .ok_or("period pricing overflows")?;
+        }
+        Ok(())
+    }
+
+    fn share(
+        self,
+        record: &UsageRecord,
+        currency: &str,
+        scale: u32,
+        mode: super::schema::RoundMode,
+    ) -> Option<PeriodShare> {
+        let offset = self.offset?;
+        let (start, end, label) = month_of(record.charge_period_start, offset);
+        let (tiers, base) = self.tiers.unwrap_or_default();
+        let lowest = tiers
+            .iter()
+            .map(|t| t.markup_percent)
+            .min()
+            .unwrap_or_default();
+        Some(PeriodShare {
+            start,
+            end,
+            label,
+            base,
+            spec: PeriodSpec {
+                period: "month".into(),
+                utc_offset: offset.to_string(),
+                currency: currency.to_string(),
+                tiers,
+                lowest_percent: lowest,
+                factor: self.factor.normalize(),
+                minimum: self.minimum.map(|m| m.normalize()),
+                scale,
+                mode,
+            },
+        })
+    }
+}
+
 /// Applies one pricing block (tiers or markup, commission, fixed); `minimum` is applied by the
-/// caller after all blocks.
+/// caller after all blocks. Monthly tiers price the record at their lowest rate and leave the
+/// rest to the month's settlement (see `period.rs`).
 fn price(
     mut v: Decimal,
     p: &Pricing,
     whose: &str,
     steps: &mut Vec<PricingStep>,
+    period: &mut PeriodCtx,
 ) -> Result<Decimal, String> {
     let overflow = || format!("{whose} pricing overflows");
+    if p.is_monthly() {
+        period.monthly(p)?;
+    }
     if let Some(tiers) = &p.tiers {
-        // Per record: each tier's percentage applies to the part of |v| inside it; a credit
-        // (negative cost) gets the same markup as the equal charge, with its sign.
-        let magnitude = v.abs();
-        let mut lower = Decimal::ZERO;
-        let mut added = Decimal::ZERO;
-        let mut parts = Vec::new();
-        for t in &tiers.0 {
-            let upper = t.up_to.map(|a| a.0);
-            let top = upper.map_or(magnitude, |u| magnitude.min(u));
-            let part = (top - lower).max(Decimal::ZERO);
-            if part > Decimal::ZERO {
-                let extra = part
-                    .checked_mul(t.markup_percent.0 / Decimal::ONE_HUNDRED)
-                    .ok_or_else(overflow)?;
-                added += extra;
-                parts.push(format!("{part} × {}% = {extra}", t.markup_percent.0));
-            }
-            if let Some(u) = upper {
-                lower = u;
-            }
+        let spec: Vec<TierSpec> = tiers
+            .0
+            .iter()
+            .map(|t| TierSpec {
+                up_to: t.up_to.map(|a| a.0.normalize()),
+                markup_percent: t.markup_percent.0.normalize(),
+            })
+            .collect();
+        if period.tiers.is_some() {
+            return Err(format!(
+                "{whose} `tiers` follow monthly `tiers`; only one tiered markup can apply to a \
+                 month's total"
+            ));
         }
-        let signed = if v.is_sign_negative() { -added } else { added };
-        v = v.checked_add(signed).ok_or_else(overflow)?;
-        steps.push(step(
-            "tiers",
-            format!("{whose} tiered markup: {}", parts.join(", ")),
-            v,
-        ));
+        if p.is_monthly() {
+            let lowest = spec
+                .iter()
+                .map(|t| t.markup_percent)
+                .min()
+                .unwrap_or_default();
+            let base = v;
+            v = v
+                .checked_mul(Decimal::ONE + lowest / Decimal::ONE_HUNDRED)
+                .ok_or_else(overflow)?;
+            steps.push(step(
+                "tiers",
+                format!(
+                    "{whose} tiered markup per month ({}): this record at the lowest rate \
+                     {lowest}%; the month's total is tiered by one adjustment when it closes",
+                    spec.iter()
+                        .map(|t| match t.up_to {
+                            Some(u) => format!("{}% up to {u}", t.markup_percent),
+                            None => format!("{}% above", t.markup_percent),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                v,
+            ));
+            period.tiers = Some((spec, base));
+        } else {
+            // Per record: each tier's percentage applies to the part of |v| inside it; a credit
+            // (negative cost) gets the same markup as the equal charge, with its sign.
+            let (added, parts) = tiered_markup(v.abs(), &spec).map_err(|_| overflow())?;
+            let signed = if v.is_sign_negative() { -added } else { added };
+            v = v.checked_add(signed).ok_or_else(overflow)?;
+            steps.push(step(
+                "tiers",
+                format!("{whose} tiered markup per record: {}", parts.join(", ")),
+                v,
+            ));
+        }
     }
     if let Some(m) = p.markup_percent {
-        v = v
-            .checked_mul(Decimal::ONE + m.0 / Decimal::ONE_HUNDRED)
-            .ok_or_else(overflow)?;
+        let by = Decimal::ONE + m.0 / Decimal::ONE_HUNDRED;
+        v = v.checked_mul(by).ok_or_else(overflow)?;
+        period.scale(by)?;
         steps.push(step("markup", format!("{whose} markup +{}%", m.0), v));
     }
     if let Some(c) = p.commission_percent {
         let keep = Decimal::ONE - c.0 / Decimal::ONE_HUNDRED;
         v = v.checked_div(keep).ok_or_else(overflow)?;
+        period.scale(Decimal::ONE.checked_div(keep).ok_or_else(overflow)?)?;
         steps.push(step(
             "commission",
             format!("{whose} commission {}% of the price: ÷ {keep}", c.0),
@@ -611,6 +773,29 @@ impl std::fmt::Display for Explanation {
             for s in &self.steps {
                 writeln!(f, "  {:<w$}  {:<60}  = {}", s.step, s.detail, s.value)?;
             }
+        }
+        if let Some(p) = &self.period {
+            let spec = &p.spec;
+            let mut parts = Vec::new();
+            if !spec.tiers.is_empty() {
+                parts.push(format!(
+                    "tiers on the month's base (this record adds {} {})",
+                    p.base, spec.currency
+                ));
+            }
+            if let Some(m) = spec.minimum {
+                parts.push(format!("minimum {m} {}", spec.currency));
+            }
+            writeln!(
+                f,
+                "period: month {} [{} .. {}): {} apply to the month's total of this \
+                 subscription's metric; when the month closes billsync sends one adjustment \
+                 event for the difference (the value below is this record's part only)",
+                p.label,
+                p.start.to_rfc3339(),
+                p.end.to_rfc3339(),
+                parts.join(" and ")
+            )?;
         }
         match &self.outcome {
             MapOutcome::Mapped(ev) => {

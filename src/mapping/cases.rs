@@ -32,6 +32,11 @@
 //!     expect: { ignored: metalsoft.yaml#subnets-free }   # or `ignored: true`
 //! ```
 //!
+//! For `period: month` pricing a case may give `records:` (a month of one subscription's metric,
+//! each on top of `record:`) and expect `records_total` (what the records carry), `period_total`
+//! (the month's price) and `adjustment` (the event sent when the month closes), settled exactly
+//! as the sync settles a month; `value` is then the records' sum.
+//!
 //! Record defaults for fields a case leaves out: empty text for required text fields,
 //! `source` = `provider`, `scope` = `sub_account_id`, quantities and cost 0,
 //! `charge_period_start` 2026-01-01T00:00:00Z and `charge_period_end` one hour later.
@@ -63,6 +68,10 @@ struct Case {
     name: String,
     #[serde(default)]
     record: BTreeMap<String, Value>,
+    /// Several records (each on top of `record`): one month of a subscription's metric, for
+    /// `period: month` pricing; `value` is then their sum.
+    #[serde(default)]
+    records: Vec<BTreeMap<String, Value>>,
     expect: Expect,
 }
 
@@ -88,6 +97,15 @@ struct Expect {
     held: Option<Value>,
     #[serde(default)]
     ignored: Option<Value>,
+    /// `period: month`: what the records carry in all.
+    #[serde(default)]
+    records_total: Option<Value>,
+    /// `period: month`: the month's total once settled.
+    #[serde(default)]
+    period_total: Option<Value>,
+    /// `period: month`: the adjustment sent when the month closes.
+    #[serde(default)]
+    adjustment: Option<Value>,
 }
 
 /// One compared field.
@@ -116,6 +134,9 @@ pub struct CaseResult {
     pub error: Option<String>,
     /// The outcome in one line (`mapped by …`, `held: …`, `ignored by …`).
     pub outcome: String,
+    /// With `period: month` pricing: how the month settles (shown for passing cases too, since
+    /// the value of a record is then only its part of the month).
+    pub period: Option<String>,
 }
 
 impl CaseResult {
@@ -156,6 +177,9 @@ impl fmt::Display for CaseReport {
         for r in &self.results {
             if r.passed() {
                 writeln!(f, "ok    {} {}", r.at, r.name)?;
+                if let Some(p) = &r.period {
+                    writeln!(f, "      {p}")?;
+                }
                 continue;
             }
             writeln!(f, "FAIL  {} {}", r.at, r.name)?;
@@ -187,6 +211,9 @@ impl fmt::Display for CaseReport {
                 )?;
             }
             writeln!(f, "      outcome: {}", r.outcome)?;
+            if let Some(p) = &r.period {
+                writeln!(f, "      {p}")?;
+            }
         }
         writeln!(
             f,
@@ -290,23 +317,53 @@ fn run_one(
     case: &Case,
     at: String,
 ) -> CaseResult {
-    let mut fields = defaults.clone();
-    fields.extend(case.record.iter().map(|(k, v)| (k.clone(), v.clone())));
     let mut result = CaseResult {
         at,
         name: case.name.clone(),
         fields: Vec::new(),
         error: None,
         outcome: String::new(),
+        period: None,
     };
-    let record = match build_record(&fields) {
-        Ok(r) => r,
-        Err(e) => {
-            result.error = Some(format!("bad record: {e}"));
-            return result;
+    let mut base = defaults.clone();
+    base.extend(case.record.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let field_sets: Vec<BTreeMap<String, Value>> = if case.records.is_empty() {
+        vec![base]
+    } else {
+        case.records
+            .iter()
+            .map(|r| {
+                let mut f = base.clone();
+                f.extend(r.iter().map(|(k, v)| (k.clone(), v.clone())));
+                f
+            })
+            .collect()
+    };
+    let mut outcomes = Vec::new();
+    for (i, fields) in field_sets.iter().enumerate() {
+        match build_record(fields) {
+            Ok(r) => outcomes.push(set.apply_with_period(&r)),
+            Err(e) => {
+                result.error = Some(if field_sets.len() > 1 {
+                    format!("bad record {}: {e}", i + 1)
+                } else {
+                    format!("bad record: {e}")
+                });
+                return result;
+            }
         }
+    }
+    // The first record whose outcome differs in kind from the first one decides the report.
+    let kind_of = |o: &MapOutcome| match o {
+        MapOutcome::Mapped(_) => "mapped",
+        MapOutcome::Ignored { .. } => "ignored",
+        MapOutcome::Unmapped { .. } => "held",
     };
-    let outcome = set.apply(&record);
+    let shown = outcomes
+        .iter()
+        .position(|(o, _)| kind_of(o) != kind_of(&outcomes[0].0))
+        .unwrap_or(0);
+    let outcome = &outcomes[shown].0;
     let x = &case.expect;
     let mut cmp = |field: &str, expected: String, actual: String, ok: bool| {
         result.fields.push(FieldDiff {
@@ -316,10 +373,10 @@ fn run_one(
             ok,
         })
     };
-    let kind = match &outcome {
-        MapOutcome::Mapped(_) => "mapped",
-        MapOutcome::Ignored { .. } => "ignored",
-        MapOutcome::Unmapped { .. } => "held",
+    let kind = if shown == 0 {
+        kind_of(outcome).to_string()
+    } else {
+        format!("{} (record {})", kind_of(outcome), shown + 1)
     };
     let expected_kind = if x.held.is_some() {
         "held"
@@ -331,34 +388,48 @@ fn run_one(
     cmp(
         "outcome",
         expected_kind.into(),
-        kind.into(),
+        kind.clone(),
         expected_kind == kind,
     );
-    match &outcome {
+    match outcome {
         MapOutcome::Mapped(ev) => {
             result.outcome = format!("mapped by {}", ev.rule);
-            let mut s = |field: &str, want: &Option<String>, got: &str| {
+            let events: Vec<&super::MappedEvent> = outcomes
+                .iter()
+                .filter_map(|(o, _)| match o {
+                    MapOutcome::Mapped(e) => Some(e),
+                    _ => None,
+                })
+                .collect();
+            // A field compares every record's event; the first that differs is shown.
+            let mut s = |field: &str,
+                         want: &Option<String>,
+                         get: &dyn Fn(&super::MappedEvent) -> String| {
                 if let Some(w) = want {
-                    cmp(field, w.clone(), got.to_string(), w == got);
+                    let got = events
+                        .iter()
+                        .map(|e| get(e))
+                        .find(|g| g != w)
+                        .unwrap_or_else(|| w.clone());
+                    cmp(field, w.clone(), got.clone(), *w == got);
                 }
             };
-            s("rule", &x.rule, &ev.rule);
-            s(
-                "subscription",
-                &x.subscription,
-                &ev.external_subscription_id,
-            );
-            s(
-                "customer",
-                &x.customer,
-                ev.external_customer_id.as_deref().unwrap_or("<none>"),
-            );
-            s("metric", &x.metric, &ev.metric_code);
-            s("property", &x.property, &ev.value_property);
+            s("rule", &x.rule, &|e| e.rule.clone());
+            s("subscription", &x.subscription, &|e| {
+                e.external_subscription_id.clone()
+            });
+            s("customer", &x.customer, &|e| {
+                e.external_customer_id
+                    .clone()
+                    .unwrap_or_else(|| "<none>".into())
+            });
+            s("metric", &x.metric, &|e| e.metric_code.clone());
+            s("property", &x.property, &|e| e.value_property.clone());
+            let value: Decimal = events.iter().map(|e| e.value).sum();
             if let Some(v) = &x.value {
                 let text = scalar_text(v).unwrap_or_default();
-                let ok = parse_dec(&text).is_some_and(|d| d == ev.value);
-                cmp("value", text, ev.value.to_string(), ok);
+                let ok = parse_dec(&text).is_some_and(|d| d == value);
+                cmp("value", text, value.to_string(), ok);
             }
             if let Some(props) = &x.properties {
                 let want: BTreeMap<String, String> = props
@@ -376,6 +447,31 @@ fn run_one(
                         w == g,
                     );
                 }
+            }
+            let settled = settle_case(&outcomes);
+            if let Ok(Some((label, price))) = &settled {
+                result.period = Some(format!(
+                    "period {label}: records carry {} + adjustment {} = month total {} (the \
+                     adjustment is sent once when the month closes)",
+                    price.records_total, price.adjustment, price.total
+                ));
+            }
+            for (field, want, pick) in [
+                ("records_total", &x.records_total, 0),
+                ("period_total", &x.period_total, 1),
+                ("adjustment", &x.adjustment, 2),
+            ] {
+                let Some(want) = want else { continue };
+                let text = scalar_text(want).unwrap_or_default();
+                let (actual, ok) = match &settled {
+                    Ok(Some((_, p))) => {
+                        let got = [p.records_total, p.total, p.adjustment][pick];
+                        (got.to_string(), parse_dec(&text) == Some(got))
+                    }
+                    Ok(None) => ("<no period pricing>".to_string(), false),
+                    Err(e) => (e.clone(), false),
+                };
+                cmp(field, text, actual, ok);
             }
         }
         MapOutcome::Ignored { rule } => {
@@ -400,6 +496,43 @@ fn run_one(
         }
     }
     result
+}
+
+/// The month of a case's records, settled as the sync settles it: `None` when the records
+/// have no monthly pricing; an error when they are not one month of one subscription's metric.
+fn settle_case(
+    outcomes: &[(MapOutcome, Option<super::PeriodShare>)],
+) -> Result<Option<(String, super::PeriodPrice)>, String> {
+    let mut first: Option<(&super::MappedEvent, &super::PeriodShare)> = None;
+    let mut members = Vec::new();
+    for (i, (o, share)) in outcomes.iter().enumerate() {
+        let (MapOutcome::Mapped(ev), Some(share)) = (o, share) else {
+            if first.is_some() || share.is_some() {
+                return Err(format!("record {} has no monthly pricing", i + 1));
+            }
+            continue;
+        };
+        match first {
+            None => first = Some((ev, share)),
+            Some((e0, s0)) => {
+                if (&e0.external_subscription_id, &e0.metric_code, s0.start)
+                    != (&ev.external_subscription_id, &ev.metric_code, share.start)
+                    || s0.spec != share.spec
+                {
+                    return Err(format!(
+                        "record {} is not in the month, subscription and metric of record 1, \
+                         or is priced by another period rule",
+                        i + 1
+                    ));
+                }
+            }
+        }
+        members.push((share.base, ev.value));
+    }
+    let Some((_, share)) = first else {
+        return Ok(None);
+    };
+    super::period::settle(&share.spec, &members).map(|p| Some((share.label.clone(), p)))
 }
 
 fn parse_dec(text: &str) -> Option<Decimal> {

@@ -3,6 +3,11 @@
 //! Why errors vs warnings (a wrong rule is a wrong invoice, but a validator that cries wolf
 //! gets ignored):
 //!
+//! - **Error** (period pricing, see `period.rs`): pricing that makes one month's total
+//!   ambiguous — monthly `tiers` followed by other `tiers` or by a per-record `minimum` for the
+//!   same records; rule and customer months that start at different offsets; rules feeding one
+//!   metric, or customer entries billing one subscription, that disagree on their monthly
+//!   pricing (a month's records would be priced by two rules at once).
 //! - **Error**: a rule no record can reach (an earlier rule matches all it does); two customer
 //!   entries (or an entry and a directory row) that can match the same record, bill different
 //!   subscriptions and have the same priority: which subscription pays would depend on file
@@ -25,6 +30,7 @@ type Conds = [(FieldName, Condition)];
 /// Runs every cross-entry check, adding errors and the set's warnings.
 pub(super) fn check_set(set: &mut MappingSet, errors: &mut Vec<MappingError>) {
     check_pricing(set, errors);
+    check_periods(set, errors);
     check_customers(set, errors);
     set.warnings = rule_overlaps(set);
 }
@@ -264,4 +270,183 @@ fn rule_overlaps(set: &MappingSet) -> Vec<MappingError> {
         }
     }
     out
+}
+
+/// The monthly part of a pricing, comparable: `None` when it has none.
+fn monthly_signature(p: &Pricing) -> Option<String> {
+    if !p.is_monthly() {
+        return None;
+    }
+    Some(format!(
+        "month at {} with{}{}",
+        p.month_offset(),
+        p.tiers
+            .as_ref()
+            .map(|t| {
+                let tiers: Vec<String> =
+                    t.0.iter()
+                        .map(|t| {
+                            format!(
+                                "{}%{}",
+                                t.markup_percent.0.normalize(),
+                                t.up_to
+                                    .map(|u| format!(" up to {}", u.0.normalize()))
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                format!(" tiers [{}]", tiers.join(", "))
+            })
+            .unwrap_or_default(),
+        p.minimum
+            .map(|m| format!(" minimum {}", m.0.normalize()))
+            .unwrap_or_default()
+    ))
+}
+
+/// Why a rule's pricing followed by a customer's cannot be settled per month.
+fn combination_problem(rule: &Pricing, customer: &Pricing) -> Option<String> {
+    let rule_monthly_tiers = rule.is_monthly() && rule.tiers.is_some();
+    let customer_monthly_tiers = customer.is_monthly() && customer.tiers.is_some();
+    if rule_monthly_tiers && customer.tiers.is_some() {
+        return Some(
+            "its `tiers` would follow the rule's monthly `tiers`; only one tiered markup can \
+             apply to a month's total"
+                .into(),
+        );
+    }
+    let per_record_minimum = |p: &Pricing| p.minimum.is_some() && !p.is_monthly();
+    if (rule_monthly_tiers && per_record_minimum(customer))
+        || (customer_monthly_tiers && per_record_minimum(rule))
+    {
+        return Some(
+            "a per-record `minimum` would apply after monthly `tiers` (the minimum applies last), \
+             so the month could not be tiered on what the records carry; make the minimum \
+             `period: month` too"
+                .into(),
+        );
+    }
+    if rule.is_monthly() && customer.is_monthly() && rule.month_offset() != customer.month_offset()
+    {
+        return Some(format!(
+            "its months start at UTC offset {} but the rule's at {}; one month needs one \
+             definition",
+            customer.month_offset(),
+            rule.month_offset()
+        ));
+    }
+    None
+}
+
+fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
+    let say = |s: &Option<String>| {
+        s.as_ref().map_or_else(
+            || "no monthly pricing".to_string(),
+            |s| format!("monthly pricing ({s})"),
+        )
+    };
+    let cost = |r: &super::LoadedRule| match &r.rule.value {
+        Some(ValueSpec::Cost(c)) => Some(c.pricing()),
+        _ => None,
+    };
+    // A rule's pricing followed by a customer entry's, for records both can match.
+    for c in &set.customers {
+        let Some(cp) = &c.entry.pricing else { continue };
+        for r in set.rules.iter().filter(|r| r.rule.target.is_none()) {
+            let Some(rp) = cost(r) else { continue };
+            if !may_overlap(&r.rule.conditions.0, &c.entry.conditions.0) {
+                continue;
+            }
+            if let Some(problem) = combination_problem(&rp, cp) {
+                errors.push(at(
+                    &c.file,
+                    c.line,
+                    c.column,
+                    format!(
+                        "customer entry (bills {}): {problem} (for records of rule `{}` at {}:{})",
+                        c.entry.external_subscription_id.0, r.rule.name.0, r.file, r.line
+                    ),
+                ));
+                break;
+            }
+        }
+    }
+    // Rules feeding one metric of one sink price its month the same way.
+    for (j, b) in set.rules.iter().enumerate() {
+        if b.rule.ignore {
+            continue;
+        }
+        let sig_b = cost(b).and_then(|p| monthly_signature(&p));
+        let clash = set.rules[..j].iter().find(|a| {
+            !a.rule.ignore
+                && a.rule.metric == b.rule.metric
+                && a.rule.sink == b.rule.sink
+                && cost(a).and_then(|p| monthly_signature(&p)) != sig_b
+                && match (&a.rule.target, &b.rule.target) {
+                    (Some(x), Some(y)) => x.external_subscription_id == y.external_subscription_id,
+                    _ => true,
+                }
+        });
+        if let Some(a) = clash {
+            let sig_a = cost(a).and_then(|p| monthly_signature(&p));
+            errors.push(at(
+                &b.file,
+                b.line,
+                b.column,
+                format!(
+                    "rule `{}` feeds metric `{}` with {}, but rule `{}` feeds it with {} ({}:{}); \
+                     a subscription's month of one metric is settled once, so give both rules \
+                     the same monthly pricing or put it on the customer entry",
+                    b.rule.name.0,
+                    b.rule.metric.as_ref().map_or("?", |m| m.0.as_str()),
+                    say(&sig_b),
+                    a.rule.name.0,
+                    say(&sig_a),
+                    a.file,
+                    a.line,
+                ),
+            ));
+        }
+    }
+    // Customer entries (and directory rows) billing one subscription price its month alike.
+    let sig = |c: &LoadedCustomer| c.entry.pricing.as_ref().and_then(monthly_signature);
+    for (j, b) in set.customers.iter().enumerate() {
+        let sub = &b.entry.external_subscription_id;
+        if let Some(a) = set.customers[..j]
+            .iter()
+            .find(|a| a.entry.external_subscription_id == *sub && sig(a) != sig(b))
+        {
+            errors.push(at(
+                &b.file,
+                b.line,
+                b.column,
+                format!(
+                    "customer entry bills {} with {}, but the entry at {} bills it with {}; \
+                     the month of a subscription's metric is settled once, so give both \
+                     entries the same monthly pricing",
+                    sub.0,
+                    say(&sig(b)),
+                    describe_customer(a),
+                    say(&sig(a))
+                ),
+            ));
+            continue;
+        }
+        if sig(b).is_some() {
+            if let Some(row) = set.directory.rows.iter().find(|r| r.subscription == sub.0) {
+                errors.push(at(
+                    &b.file,
+                    b.line,
+                    b.column,
+                    format!(
+                        "customer entry has monthly pricing for {} but the directory row {}:{} \
+                         bills the same subscription without it (directory rows carry no \
+                         pricing); bill the directory's accounts to another subscription or \
+                         move the monthly pricing to the rule",
+                        sub.0, row.file, row.line
+                    ),
+                ));
+            }
+        }
+    }
 }

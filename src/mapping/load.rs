@@ -147,6 +147,63 @@ impl MappingSet {
                             Err(e) => errors.push(at_key(name, text, "rates_csv", e, &path)),
                         }
                     }
+                    // `period` of each pricing, at the position of the key concerned.
+                    let ends: Vec<usize> = positions.iter().skip(1).map(|p| p.0).collect();
+                    for (i, c) in set.customers.iter().filter(|c| c.file == *name).enumerate() {
+                        if let Some(p) = &c.entry.pricing {
+                            let end = ends
+                                .get(i)
+                                .copied()
+                                .unwrap_or(usize::MAX)
+                                .min(block_end(text, c.line));
+                            check_period_fields(
+                                name,
+                                text,
+                                "customer pricing",
+                                p,
+                                (c.line, end),
+                                (c.line, c.column),
+                                &mut errors,
+                            );
+                        }
+                    }
+                    let mut rule_lines: Vec<usize> = Vec::new();
+                    {
+                        let mut seen: Vec<&str> = Vec::new();
+                        for rule in &file.rules {
+                            let nth = seen.iter().filter(|n| **n == rule.name.0).count();
+                            seen.push(&rule.name.0);
+                            rule_lines.push(locate_rule(text, &rule.name.0, nth).0);
+                        }
+                    }
+                    for (i, rule) in file.rules.iter().enumerate() {
+                        if let Some(ValueSpec::Cost(c)) = &rule.value {
+                            let end = rule_lines
+                                .iter()
+                                .filter(|l| **l > rule_lines[i])
+                                .min()
+                                .copied()
+                                .unwrap_or(usize::MAX)
+                                .min(block_end(text, rule_lines[i]));
+                            let (line, column) = locate_rule(
+                                text,
+                                &rule.name.0,
+                                file.rules[..i]
+                                    .iter()
+                                    .filter(|r| r.name == rule.name)
+                                    .count(),
+                            );
+                            check_period_fields(
+                                name,
+                                text,
+                                &format!("rule `{}`", rule.name.0),
+                                &c.pricing(),
+                                (line, end),
+                                (line, column),
+                                &mut errors,
+                            );
+                        }
+                    }
                     // Same-named rules in one file: the nth rule is the nth `name:` line.
                     let mut seen_in_file: Vec<String> = Vec::new();
                     for rule in file.rules {
@@ -452,6 +509,107 @@ fn pinned_units(rule: &Rule) -> Vec<String> {
         .collect()
 }
 
+/// The first line after `line` (1-based) that starts a new top-level key: where the block
+/// list holding `line` ends.
+fn block_end(text: &str, line: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .skip(line)
+        .find(|(_, l)| !l.is_empty() && !l.starts_with([' ', '\t', '#', '-']))
+        .map_or(usize::MAX, |(i, _)| i + 1)
+}
+
+/// The first `key:` (as a YAML key) on lines `span.0 ..< span.1` (1-based): its line and column.
+fn locate_key(text: &str, span: (usize, usize), key: &str) -> Option<(usize, usize)> {
+    let pattern = format!("{key}:");
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if n < span.0 {
+            continue;
+        }
+        if n >= span.1 {
+            break;
+        }
+        let code = line.split(" #").next().unwrap_or(line);
+        let mut from = 0;
+        while let Some(pos) = code[from..].find(&pattern) {
+            let at = from + pos;
+            let before = code[..at].chars().next_back();
+            if before.is_none_or(|c| c.is_whitespace() || matches!(c, '{' | ',' | '-')) {
+                return Some((n, at + 1));
+            }
+            from = at + pattern.len();
+        }
+    }
+    None
+}
+
+/// `minimum` and `tiers` need an explicit `period`, and `period` needs one of them: a minimum
+/// "per record" and one "per month" are different invoices, so the file must say which.
+fn check_period_fields(
+    file: &str,
+    text: &str,
+    what: &str,
+    p: &super::schema::Pricing,
+    span: (usize, usize),
+    fallback: (usize, usize),
+    errors: &mut Vec<MappingError>,
+) {
+    let mut push = |key: &str, message: String| {
+        let (line, column) = locate_key(text, span, key).unwrap_or(fallback);
+        errors.push(MappingError {
+            file: file.to_string(),
+            line,
+            column,
+            message: format!("{what}: {message}"),
+        });
+    };
+    let has = |k: &str| match k {
+        "minimum" => p.minimum.is_some(),
+        _ => p.tiers.is_some(),
+    };
+    match p.period {
+        None => {
+            // Report at whichever of the two keys comes first in the file.
+            let mut keys: Vec<&str> = ["minimum", "tiers"]
+                .into_iter()
+                .filter(|k| has(k))
+                .collect();
+            keys.sort_by_key(|k| locate_key(text, span, k).unwrap_or((usize::MAX, 0)));
+            if let Some(key) = keys.first() {
+                let what_it_does = if *key == "minimum" {
+                    "the minimum applies to the month's total of a subscription's metric"
+                } else {
+                    "the tiers apply to the month's total of a subscription's metric"
+                };
+                push(
+                    key,
+                    format!(
+                        "`{key}` needs an explicit `period`: `period: month` ({what_it_does}, \
+                        settled by one adjustment event when the month closes) or \
+                        `period: record` (each record on its own)"
+                    ),
+                );
+            }
+        }
+        Some(kind) if !has("minimum") && !has("tiers") => push(
+            "period",
+            format!(
+                "`period: {}` says what `minimum` and `tiers` apply to, but this pricing has \
+                        neither; remove `period` or add the minimum or tiers it is meant for",
+                kind.name()
+            ),
+        ),
+        _ => {}
+    }
+    if p.period_utc_offset.is_some() && !p.is_monthly() {
+        push(
+            "period_utc_offset",
+            "`period_utc_offset` sets where months begin and needs `period: month`".into(),
+        );
+    }
+}
+
 /// One line saying what a rule computes.
 pub(crate) fn describe(rule: &Rule) -> String {
     if rule.ignore {
@@ -518,6 +676,22 @@ pub(crate) fn describe_pricing(p: &super::schema::Pricing) -> String {
     }
     if let Some(m) = p.minimum {
         out.push_str(&format!(", at least {}", m.0));
+    }
+    match p.period {
+        Some(super::schema::PeriodKind::Month) => {
+            let offset = p.month_offset();
+            out.push_str(&format!(
+                " (tiers and minimum per calendar month{}, settled by one adjustment per \
+                        subscription, metric and month)",
+                if offset.local_minus_utc() == 0 {
+                    " UTC".to_string()
+                } else {
+                    format!(" at {offset}")
+                }
+            ));
+        }
+        Some(super::schema::PeriodKind::Record) => out.push_str(" (tiers and minimum per record)"),
+        None => {}
     }
     out
 }

@@ -68,16 +68,19 @@
 //! lines and `#` lines are skipped. Each row is an exact-match entry, looked up through a hash
 //! map. Duplicate accounts, empty ids, unknown columns: load errors with `file:line:column`.
 //!
-//! **Pricing** (cost values only, **per record**). `cost:` takes `currency` (convert with the
+//! **Pricing** (cost values only). `cost:` takes `currency` (convert with the
 //! `rates_csv` table: `from,to,rate,effective_from`, the latest rate effective at
 //! `charge_period_start`), then `tiers` (each tier's `markup_percent` applies to the part of the
-//! record's value inside the tier; credits are marked up by the same amount with their sign) or
+//! value inside the tier; credits are marked up by the same amount with their sign) or
 //! `markup_percent`, then `commission_percent` (a share of the selling price: value ÷ (1 − p/100),
 //! p < 100), then `markup_fixed` (added per record). A customer entry's `pricing:` applies the
 //! same steps after the rule's. `minimum` (rule or customer; the larger wins) raises a
-//! non-negative value to the minimum charge per record. Amounts are in the invoice currency.
-//! "Per period" minimums or tiers over a month's total need aggregation that the sync does not
-//! have; configure them on the Lago plan (minimum commitment, graduated charges).
+//! non-negative value to the minimum charge. Amounts are in the invoice currency. `tiers` and
+//! `minimum` need an explicit `period:`: `record` (each record on its own) or `month` (the
+//! calendar month of the event timestamp, UTC or at `period_utc_offset`: the month's total of
+//! one subscription's metric is tiered and raised to the minimum by one adjustment event when
+//! the month closes; records carry monthly tiers at their lowest rate and no monthly minimum —
+//! see [`period`]).
 //!
 //! **Values.** `quantity` takes the record's `consumed_quantity`; `unit:` converts from the
 //! record's `consumed_unit` (time: seconds, minutes, hours, days; data: bytes, kbytes/kb,
@@ -115,6 +118,7 @@ mod check;
 mod csv;
 mod examples;
 mod load;
+pub mod period;
 pub mod remote;
 pub mod schema;
 pub mod units;
@@ -122,6 +126,7 @@ pub mod units;
 pub use apply::{ConditionFailure, CustomerCheck, Explanation, PricingStep, RuleCheck};
 pub use examples::EXAMPLE_MAPPINGS;
 pub use load::{MappingError, MappingErrors, MappingSummary};
+pub use period::{PeriodPrice, PeriodShare, PeriodSpec};
 pub use schema::json_schema_text;
 
 use std::collections::{BTreeMap, HashMap};

@@ -259,13 +259,22 @@ pub struct CostSpec {
     /// Fixed amount added per record, in the invoice currency, ≥ 0.
     #[serde(default)]
     pub markup_fixed: Option<Amount>,
-    /// Tiered markup of the record's value (per record): each tier's `markup_percent` applies to
-    /// the part of the value up to its `up_to`; the last tier has no `up_to`.
+    /// Tiered markup: each tier's `markup_percent` applies to the part of the value up to its
+    /// `up_to`; the last tier has no `up_to`. Per record or per month: see `period`.
     #[serde(default)]
     pub tiers: Option<Tiers>,
-    /// Minimum charge per record, in the invoice currency, ≥ 0.
+    /// Minimum charge, in the invoice currency, ≥ 0. Per record or per month: see `period`.
     #[serde(default)]
     pub minimum: Option<Amount>,
+    /// What `minimum` and `tiers` apply to; required when either is set. `record`: each
+    /// record on its own. `month`: the total of a subscription's metric over a calendar
+    /// month, settled by one adjustment event when the month closes.
+    #[serde(default)]
+    pub period: Option<PeriodKind>,
+    /// With `period: month`: months start at local midnight of this fixed UTC offset
+    /// (`"+09:00"` for SAKURA's JST months); default `"+00:00"` (UTC).
+    #[serde(default)]
+    pub period_utc_offset: Option<UtcOffset>,
 }
 
 impl CostSpec {
@@ -277,12 +286,15 @@ impl CostSpec {
             markup_fixed: self.markup_fixed,
             tiers: self.tiers.clone(),
             minimum: self.minimum,
+            period: self.period,
+            period_utc_offset: self.period_utc_offset,
         }
     }
 }
 
 /// Pricing of a money value, applied in this order: `tiers` or `markup_percent`, then
-/// `commission_percent`, then `markup_fixed`; `minimum` applies after all pricing.
+/// `commission_percent`, then `markup_fixed`; `minimum` applies after all pricing. With
+/// `period: month`, `tiers` and `minimum` apply to the month's total instead of each record.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pricing {
@@ -295,12 +307,21 @@ pub struct Pricing {
     /// Fixed amount added per record, in the invoice currency, ≥ 0.
     #[serde(default)]
     pub markup_fixed: Option<Amount>,
-    /// Tiered markup of the record's value (per record).
+    /// Tiered markup (per record or per month: see `period`).
     #[serde(default)]
     pub tiers: Option<Tiers>,
-    /// Minimum charge per record, in the invoice currency, ≥ 0.
+    /// Minimum charge in the invoice currency, ≥ 0 (per record or per month: see `period`).
     #[serde(default)]
     pub minimum: Option<Amount>,
+    /// What `minimum` and `tiers` apply to; required when either is set: `record` (each
+    /// record) or `month` (a subscription's metric over a calendar month, settled by one
+    /// adjustment event when the month closes).
+    #[serde(default)]
+    pub period: Option<PeriodKind>,
+    /// With `period: month`: months start at local midnight of this fixed UTC offset
+    /// (`"+09:00"`); default `"+00:00"` (UTC).
+    #[serde(default)]
+    pub period_utc_offset: Option<UtcOffset>,
 }
 
 impl Pricing {
@@ -311,6 +332,88 @@ impl Pricing {
             && self.markup_fixed.is_none()
             && self.tiers.is_none()
             && self.minimum.is_none()
+    }
+
+    /// Whether `minimum` and `tiers` of this pricing apply per month (period pricing).
+    pub fn is_monthly(&self) -> bool {
+        self.period == Some(PeriodKind::Month)
+    }
+
+    /// The month boundaries' offset of a monthly pricing (UTC unless `period_utc_offset`).
+    pub fn month_offset(&self) -> chrono::FixedOffset {
+        self.period_utc_offset.map_or(UtcOffset::UTC.0, |o| o.0)
+    }
+}
+
+/// What `minimum` and `tiers` apply to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PeriodKind {
+    /// Each record on its own: the record's value is raised to the minimum, its own value is
+    /// tiered.
+    Record,
+    /// The calendar month containing the event timestamp (`charge_period_start`): the total of
+    /// one subscription's metric over the month is tiered and raised to the minimum, by one
+    /// adjustment event when the month closes. Records carry the per-record price (tiers at
+    /// their lowest rate, no minimum).
+    Month,
+}
+
+impl PeriodKind {
+    /// The name as written in mapping files.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeriodKind::Record => "record",
+            PeriodKind::Month => "month",
+        }
+    }
+}
+
+/// A fixed offset from UTC, `+HH:MM` or `-HH:MM` (`Z` = `+00:00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UtcOffset(pub chrono::FixedOffset);
+
+impl UtcOffset {
+    /// `+00:00`.
+    pub const UTC: UtcOffset = UtcOffset(match chrono::FixedOffset::east_opt(0) {
+        Some(o) => o,
+        None => unreachable!(),
+    });
+
+    /// Parses `+09:00`, `-05:30`, `Z`.
+    pub fn parse(text: &str) -> Result<UtcOffset, String> {
+        let t = text.trim();
+        let bad = || {
+            format!(
+                "invalid UTC offset `{text}`, expected `+HH:MM` or `-HH:MM` such as \"+09:00\" \
+                 (quote it: YAML reads 09:00 as a number)"
+            )
+        };
+        if t == "Z" || t == "z" {
+            return Ok(UtcOffset::UTC);
+        }
+        let (sign, rest) = match t.as_bytes().first() {
+            Some(b'+') => (1, &t[1..]),
+            Some(b'-') => (-1, &t[1..]),
+            _ => return Err(bad()),
+        };
+        let (h, m) = rest.split_once(':').ok_or_else(bad)?;
+        if h.len() != 2 || m.len() != 2 {
+            return Err(bad());
+        }
+        let (h, m): (i32, i32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if h > 23 || m > 59 {
+            return Err(bad());
+        }
+        chrono::FixedOffset::east_opt(sign * (h * 3600 + m * 60))
+            .map(UtcOffset)
+            .ok_or_else(bad)
+    }
+}
+
+impl<'de> Deserialize<'de> for UtcOffset {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        scalar(d, "a UTC offset such as \"+09:00\"", UtcOffset::parse)
     }
 }
 
@@ -396,7 +499,7 @@ pub struct Round {
 }
 
 /// How to round. `half_up` rounds a midpoint away from zero (2.345 → 2.35, −2.345 → −2.35).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RoundMode {
     /// Nearest; a midpoint goes away from zero (commercial rounding).
@@ -1096,6 +1199,10 @@ scalar_schema!(Priority, "Priority", {
 scalar_schema!(CsvPath, "CsvPath", {
     "description": "Path of a CSV file, relative to this mapping file.",
     "type": "string", "pattern": "\\.[cC][sS][vV]$"
+});
+scalar_schema!(UtcOffset, "UtcOffset", {
+    "description": "A fixed offset from UTC: `+HH:MM` or `-HH:MM` (quote it), or `Z`.",
+    "type": "string", "pattern": "^([+-]([01][0-9]|2[0-3]):[0-5][0-9]|[Zz])$"
 });
 scalar_schema!(Template, "Template", {
     "description": "Text with `{field}` placeholders (`{resource_id}`, `{attributes.x}`); `{{` and `}}` are literal braces.",

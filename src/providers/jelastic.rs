@@ -57,7 +57,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backon::Retryable;
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Deserializer};
@@ -66,6 +65,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
+use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
 use crate::record::UsageRecord;
 
@@ -642,63 +642,8 @@ impl JelasticProvider {
             debug!(source = %self.name, ?params, "jelastic: calling {METHOD}");
             self.call_once(form).await
         };
-        attempt
-            .retry(policy.backoff())
-            .sleep(tokio::time::sleep)
-            .when(|a: &Attempt| matches!(a, Attempt::Retry { .. }))
-            .adjust(|a: &Attempt, computed| match a {
-                Attempt::Retry { hint, .. } => policy.with_hint(computed, *hint),
-                Attempt::Fatal(_) => None,
-            })
-            .notify(|a: &Attempt, wait| {
-                warn!(source = %self.name, error = %a.error(), ?wait, "jelastic: retrying");
-            })
-            .await
-            .map_err(Attempt::into_error)
+        send_with_retry(&policy, KIND, &self.name, METHOD, attempt).await
     }
-}
-
-/// The outcome of one failed attempt: worth retrying or not.
-#[derive(Debug)]
-enum Attempt {
-    Retry {
-        error: ProviderError,
-        hint: Option<Duration>,
-    },
-    Fatal(ProviderError),
-}
-
-impl Attempt {
-    fn error(&self) -> &ProviderError {
-        match self {
-            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
-        }
-    }
-
-    fn into_error(self) -> ProviderError {
-        match self {
-            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
-        }
-    }
-}
-
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect error"
-    } else {
-        "transport error"
-    };
-    // The session travels in the form body, never in the URL, so reqwest's text cannot hold it.
-    let mut message = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 #[async_trait]

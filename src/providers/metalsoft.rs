@@ -14,10 +14,38 @@
 //!   watermark itself never moves backwards.
 //! * **Natural key** (reference 4.5): `(user_id_owner, infrastructure_id, resource_type,
 //!   product_id, start_timestamp, is_reservation)`, plus `bucket`/`direction` for network
-//!   waypoints, plus `window_start` because a long-running resource yields one line per window.
-//! * **Finality**: there is no flag. A line is final when it ends inside its window and the
-//!   window is settled (ended at least `settle_delay` ago); a line reported past the window end
-//!   or in an unsettled window is provisional and will be re-read.
+//!   waypoints: the line's own identity, never the window that was asked for (see below).
+//! * **Window clipping**: the server computes the report for the requested window, so a
+//!   resource running across a window boundary comes back as one clipped line per window, each
+//!   starting and ending inside its window (`start_timestamp` = the window start, or
+//!   `end_timestamp` = the window end, on the clipped side). Two rules follow, and each closes
+//!   a way to bill the same usage twice:
+//!   - *Every line must lie inside the requested window* (`window_start <= start_timestamp`
+//!     and `end_timestamp <= window_end`). A line that does not is no answer to the question
+//!     asked (a window that shifted between reads, a cached answer for another window, a server
+//!     reading the bounds in another time zone or ignoring them), so the whole page is refused
+//!     with an error naming the line, its interval and the window. Nothing of that page is
+//!     staged (its other lines cannot be trusted to be this window's), the cursor does not
+//!     move, the window is asked again on the next run, and the run fails loudly instead of
+//!     guessing. Accepting the page would let the cursor pass a window whose own lines never
+//!     arrived (lost), and a partly shifted page, clipped at other instants, would bill the
+//!     overlap twice under keys that no key scheme can match.
+//!   - *The key does not contain the requested window.* Clipped parts of one resource in
+//!     consecutive windows start at different instants, so they stay distinct records; the
+//!     same line returned by two windows that both contain it (a look-back re-read after
+//!     `window` was changed, an overlapping back-fill) has one key and is stored once. With the
+//!     window in the key (before) each such read was a new record, billed again.
+//!
+//!   Reservation installments are exempt from the inside-the-window rule: their interval is
+//!   the reservation period, which outlasts windows, and their key never had a window. When the
+//!   report carries top-level `start_timestamp`/`end_timestamp` (the 2020 Bigstep example
+//!   does), they must be the requested window, or the page is refused as well. Whether the
+//!   real server clips is unverified (reference 4.5); one that does not would stop every run at
+//!   its first line crossing a window boundary, with that line named. That is deliberate:
+//!   a person decides, billsync does not guess.
+//! * **Finality**: there is no flag. A line is final when its window is settled (ended at
+//!   least `settle_delay` ago); a line of an unsettled window is provisional and will be
+//!   re-read.
 //! * **Money**: the wire mixes strings (`"7.25925278"`) and numbers (`0`, `119.81`); both are
 //!   read from their text into [`Decimal`], never through a float.
 //!
@@ -46,7 +74,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backon::Retryable;
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -55,6 +82,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
+use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
 use crate::record::UsageRecord;
 
@@ -391,63 +419,8 @@ impl MetalsoftProvider {
             debug!(source = %self.name, id, params = %body["params"], "metalsoft: calling {METHOD}");
             self.call_once(&body).await
         };
-        attempt
-            .retry(policy.backoff())
-            .sleep(tokio::time::sleep)
-            .when(|a: &Attempt| matches!(a, Attempt::Retry { .. }))
-            .adjust(|a: &Attempt, computed| match a {
-                Attempt::Retry { hint, .. } => policy.with_hint(computed, *hint),
-                Attempt::Fatal(_) => None,
-            })
-            .notify(|a: &Attempt, wait| {
-                warn!(source = %self.name, error = %a.error(), ?wait, "metalsoft: retrying");
-            })
-            .await
-            .map_err(Attempt::into_error)
+        send_with_retry(&policy, KIND, &self.name, METHOD, attempt).await
     }
-}
-
-/// The outcome of one failed attempt: worth retrying or not.
-#[derive(Debug)]
-enum Attempt {
-    Retry {
-        error: ProviderError,
-        hint: Option<Duration>,
-    },
-    Fatal(ProviderError),
-}
-
-impl Attempt {
-    fn error(&self) -> &ProviderError {
-        match self {
-            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
-        }
-    }
-
-    fn into_error(self) -> ProviderError {
-        match self {
-            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
-        }
-    }
-}
-
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect error"
-    } else {
-        "transport error"
-    };
-    // reqwest's Display may include the URL but never headers, so the key cannot leak here.
-    let mut message = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 /// The `(code, message)` of a JSON-RPC error body, if the text is one.
@@ -664,7 +637,9 @@ pub fn parse_report_str(
 /// Reads every resource type under `detailed_report`, every waypoint under `network_report`
 /// (the numeric aggregates are only checked against them) and every reservation installment.
 /// Empty maps may arrive as `[]` (PHP's encoding of an empty array) and are accepted. A line
-/// without `cost`, or with an unreadable timestamp, is an error naming where it sits.
+/// without `cost`, or with an unreadable timestamp, is an error naming where it sits; so is a
+/// line that does not lie inside `ctx`'s window, which refuses the whole report (module doc,
+/// "Window clipping").
 pub fn parse_report(
     result: &Value,
     ctx: &ReportContext,
@@ -685,6 +660,7 @@ pub fn parse_report(
             "the result has neither `detailed_report` nor `network_report`".into(),
         ));
     }
+    check_report_window(root, ctx).map_err(&shape)?;
     let labels: HashMap<String, String> = object_of(root.get("infrastructures"), "infrastructures")
         .map_err(&shape)?
         .map(|m| {
@@ -782,6 +758,34 @@ pub fn parse_report(
         }
     }
     Ok(records)
+}
+
+/// The top-level `start_timestamp`/`end_timestamp` some servers add (the 2020 Bigstep example)
+/// must be the requested window; absent or `null` is fine.
+fn check_report_window(root: &Map<String, Value>, ctx: &ReportContext) -> Result<(), String> {
+    for (field, asked) in [
+        ("start_timestamp", ctx.window_start),
+        ("end_timestamp", ctx.window_end),
+    ] {
+        let Some(v) = root.get(field).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let stated = v
+            .as_str()
+            .and_then(parse_time)
+            .ok_or_else(|| format!("the report's `{field}` is not a UTC timestamp: {v}"))?;
+        if stated != asked {
+            return Err(format!(
+                "the report's `{field}` is {}, but the requested window is {} → {}: the page \
+                 is not this window's answer, so none of it is staged and the window is asked \
+                 again on the next run",
+                rfc3339(stated),
+                rfc3339(ctx.window_start),
+                rfc3339(ctx.window_end)
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -913,6 +917,21 @@ fn line_record(
     let unit = text("measurement_unit")?;
     let start = time("start_timestamp")?;
     let end = time("end_timestamp")?;
+    if start < ctx.window_start || end > ctx.window_end {
+        return Err(format!(
+            "infrastructure {}, {} line {}: runs {} → {}, outside the requested window {} → {} \
+             ({}); the page is not this window's answer, so none of it is staged and the \
+             window is asked again on the next run",
+            site.infra,
+            site.resource_type,
+            site.index,
+            rfc3339(start),
+            rfc3339(end),
+            rfc3339(ctx.window_start),
+            rfc3339(ctx.window_end),
+            site.path
+        ));
+    }
     let product_id = match e.get("product_id") {
         Some(v) if !v.is_null() => {
             integer_of(v).ok_or_else(|| err("product_id", &format!("is not an id: {v}")))?
@@ -966,8 +985,6 @@ fn line_record(
             }
         }
     }
-    attributes.insert("window_start".to_string(), rfc3339(ctx.window_start));
-    attributes.insert("window_end".to_string(), rfc3339(ctx.window_end));
 
     let (resource_id, sku_id) = match network {
         Some((bucket, direction)) => {
@@ -1000,7 +1017,6 @@ fn line_record(
         natural_key.push(("bucket".to_string(), bucket.to_string()));
         natural_key.push(("direction".to_string(), direction.to_string()));
     }
-    natural_key.push(("window_start".to_string(), rfc3339(ctx.window_start)));
 
     let label = optional_text("product_label");
     Ok(UsageRecord {
@@ -1022,7 +1038,7 @@ fn line_record(
         billing_currency: currency,
         scope: ctx.user_id.to_string(),
         natural_key,
-        is_final: ctx.settled && end <= ctx.window_end,
+        is_final: ctx.settled,
         attributes,
         raw: entry.clone(),
     })

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 
 use crate::record::UsageRecord;
 
+pub(crate) mod http;
 pub mod jelastic;
 pub mod metalsoft;
 pub mod sakura;

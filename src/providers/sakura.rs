@@ -42,7 +42,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backon::Retryable;
 use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -51,6 +50,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
+use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
 use crate::record::UsageRecord;
 
@@ -362,30 +362,6 @@ pub struct SakuraProvider {
     prices: Mutex<Option<Arc<PriceList>>>,
 }
 
-/// The outcome of one failed attempt: worth retrying or not.
-#[derive(Debug)]
-enum Attempt {
-    Retry {
-        error: ProviderError,
-        hint: Option<Duration>,
-    },
-    Fatal(ProviderError),
-}
-
-impl Attempt {
-    fn error(&self) -> &ProviderError {
-        match self {
-            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
-        }
-    }
-
-    fn into_error(self) -> ProviderError {
-        match self {
-            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
-        }
-    }
-}
-
 fn parse_base(name: &str, what: &str, text: &str) -> Result<reqwest::Url, ProviderError> {
     let bad = |message: String| ProviderError::Config {
         provider: name.to_string(),
@@ -591,19 +567,7 @@ impl SakuraProvider {
             debug!(source = %self.name, call, path = url.path(), "sakura: GET");
             self.get_once(call, url).await
         };
-        attempt
-            .retry(policy.backoff())
-            .sleep(tokio::time::sleep)
-            .when(|a: &Attempt| matches!(a, Attempt::Retry { .. }))
-            .adjust(|a: &Attempt, computed| match a {
-                Attempt::Retry { hint, .. } => policy.with_hint(computed, *hint),
-                Attempt::Fatal(_) => None,
-            })
-            .notify(|a: &Attempt, wait| {
-                warn!(source = %self.name, call, error = %a.error(), ?wait, "sakura: retrying");
-            })
-            .await
-            .map_err(Attempt::into_error)
+        send_with_retry(&policy, KIND, &self.name, call, attempt).await
     }
 
     /// Ask `auth-status` who the key belongs to.
@@ -705,25 +669,6 @@ fn sakura_error_fields(v: &Value) -> Option<SakuraError> {
             .unwrap_or_else(|| "(no error_msg)".into()),
         serial: text("serial"),
     })
-}
-
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect error"
-    } else {
-        "transport error"
-    };
-    // reqwest's Display may include the URL but never headers, so the credentials cannot leak.
-    let mut message = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 fn scalar_text(v: &Value) -> Option<String> {

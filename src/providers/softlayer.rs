@@ -52,7 +52,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backon::Retryable;
 use chrono::{DateTime, Months, SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -61,6 +60,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
+use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
 use crate::record::UsageRecord;
 
@@ -486,19 +486,7 @@ impl SoftlayerProvider {
             debug!(source = %self.name, call, ?query, "softlayer: calling");
             self.get_once(call, url, query).await
         };
-        attempt
-            .retry(policy.backoff())
-            .sleep(tokio::time::sleep)
-            .when(|a: &Attempt| matches!(a, Attempt::Retry { .. }))
-            .adjust(|a: &Attempt, computed| match a {
-                Attempt::Retry { hint, .. } => policy.with_hint(computed, *hint),
-                Attempt::Fatal(_) => None,
-            })
-            .notify(|a: &Attempt, wait| {
-                warn!(source = %self.name, error = %a.error(), ?wait, "softlayer: retrying");
-            })
-            .await
-            .map_err(Attempt::into_error)
+        send_with_retry(&policy, KIND, &self.name, call, attempt).await
     }
 
     /// One page of a list call.
@@ -679,49 +667,6 @@ fn check_total(records: &[UsageRecord], ctx: &InvoiceContext) {
     if sum.abs() != total.abs() {
         warn!(source = %ctx.source, invoice = ctx.invoice.id, %total, %sum, "softlayer: invoiceTotalAmount differs from the sum of its top-level items and children");
     }
-}
-
-/// The outcome of one failed attempt: worth retrying or not.
-#[derive(Debug)]
-enum Attempt {
-    Retry {
-        error: ProviderError,
-        hint: Option<Duration>,
-    },
-    Fatal(ProviderError),
-}
-
-impl Attempt {
-    fn error(&self) -> &ProviderError {
-        match self {
-            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
-        }
-    }
-
-    fn into_error(self) -> ProviderError {
-        match self {
-            Attempt::Retry { error, .. } | Attempt::Fatal(error) => error,
-        }
-    }
-}
-
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect error"
-    } else {
-        "transport error"
-    };
-    // reqwest's Display may include the URL (never the Basic credentials, sent as a header).
-    let mut message = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 /// The `(code, message)` of a SoftLayer error body `{"error": "...", "code": "..."}`.

@@ -8,24 +8,31 @@
 //! - **The row is frozen at staging.** [`FocusSink::encode_record`] builds the CSV row (quoted
 //!   by the `csv` crate) from the normalized [`UsageRecord`] and the mapped event; the ledger
 //!   stores it, and every file that ever holds the record holds these bytes. The header is not
-//!   part of the payload: each file starts with the header of the configured version.
-//! - **Two column sets.** `version: "1.0"` (default) writes the columns that
-//!   `focus-validator` 1.0.0 checks for FOCUS 1.0, under the names that validator uses
-//!   (`Provider`, `Publisher`, `InvoiceIssuer`, `ResourceID`); CI validates it
-//!   (`scripts/focus-validate.sh`). `version: "1.2"` writes the same columns under their 1.2
-//!   names (`ProviderName`, `PublisherName`, `InvoiceIssuerName`, `ResourceId`).
+//!   part of the payload: each file starts with the same header.
+//! - **FOCUS 1.0 column IDs.** Every column is named as in the FOCUS 1.0 specification
+//!   (`ProviderName`, `PublisherName`, `InvoiceIssuerName`, `ResourceId`, …); 1.1 and 1.2
+//!   kept these names and added no mandatory column, so `version: "1.2"` writes the same file.
+//!   Besides the mandatory columns the file has every conditional column that
+//!   `focus-validator` 1.0.0 requires, null where billsync has no data (commitment discounts,
+//!   regions, unit prices, `SkuPriceId`). CI runs that validator on the demo export
+//!   (`scripts/focus-validate.sh`; the README says which rule it skips and why).
 //! - **Time.** `ChargePeriodStart` is inclusive and `ChargePeriodEnd` exclusive, both UTC,
 //!   ISO 8601 with `Z` (`2026-10-05T00:00:00Z`). The billing period is the calendar month (UTC)
 //!   of `ChargePeriodStart`: the providers' own invoices are monthly.
-//! - **Money.** Decimals are written as exact text, never through a float. `BilledCost` is the
-//!   provider's cost as stated; with no list price or commitment known, `EffectiveCost`,
-//!   `ListCost` and `ContractedCost` equal it and the unit prices are empty (null).
-//!   `ChargeCategory` is `Usage`, or `Credit` for a negative cost.
-//! - **Corrections.** A correction record (ledger key ending in `.r<n>`) has `ChargeClass`
-//!   `Correction` and `x_CorrectionOf` = the corrected key; `x_BilledValue` is the difference
-//!   that was billed. The cost columns carry the corrected record's full new values (the sink
-//!   does not see the earlier cost), so a consumer that sums cost must let a correction row
-//!   replace the row of `x_CorrectionOf`.
+//! - **Money.** Decimals are written as exact text. `BilledCost` is the provider's cost as
+//!   stated; with no list price or commitment known, `EffectiveCost`, `ListCost` and
+//!   `ContractedCost` equal it and the unit prices are empty (null). `ChargeCategory` is
+//!   `Usage`, or `Credit` for a negative cost (SoftLayer credit and refund invoices), whose
+//!   `ConsumedQuantity`/`ConsumedUnit` are null as FOCUS requires for non-usage rows.
+//! - **Corrections are differences, so the file sums.** A correction record (ledger key
+//!   `<key>.r<n>`) has `ChargeClass` `Correction`, `ChargeCategory` `Usage` and
+//!   `x_CorrectionOf` = the corrected key. Its cost and quantity columns (and `x_BilledValue`)
+//!   hold the difference to what was exported before for that key (the original plus earlier
+//!   corrections): the pipeline computes it at staging from the ledger
+//!   ([`crate::sync::Pipeline::correction`]). Summing `BilledCost` over an export gives the
+//!   provider's latest total, as FOCUS asks ("the sum of the BilledCost … MUST match the sum
+//!   of the invoices"), except for changes left to a person (`changes to resolve` in
+//!   `billsync status`).
 //! - **Extras.** Provider and billing columns that FOCUS lacks are `x_`-prefixed and come after
 //!   every FOCUS column: `x_IdempotencyKey`, `x_CorrectionOf`, `x_Source`, `x_Subscription`,
 //!   `x_Customer`, `x_Metric`, `x_ValueProperty`, `x_BilledValue`, `x_Rule`.
@@ -44,12 +51,14 @@ use crate::sinks::jsonl::{
 };
 use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
 
-/// The FOCUS column set a sink writes.
+/// The FOCUS version a sink declares. FOCUS 1.1 and 1.2 renamed none of the 1.0 columns billsync
+/// writes and made none of their new columns mandatory, so both write the same columns; the
+/// setting documents what a consumer expects and refuses versions billsync has not checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FocusVersion {
-    /// FOCUS 1.0 as `focus-validator` 1.0.0 checks it.
+    /// FOCUS 1.0 (the validated format).
     V1_0,
-    /// FOCUS 1.2 column names.
+    /// FOCUS 1.2.
     V1_2,
 }
 
@@ -66,50 +75,52 @@ impl FocusVersion {
     }
 }
 
-/// The FOCUS columns, in file order: (1.0 name as validated, 1.2 name).
-const FOCUS_COLUMNS: &[(&str, &str)] = &[
-    ("BilledCost", "BilledCost"),
-    ("BillingAccountId", "BillingAccountId"),
-    ("BillingAccountName", "BillingAccountName"),
-    ("BillingCurrency", "BillingCurrency"),
-    ("BillingPeriodEnd", "BillingPeriodEnd"),
-    ("BillingPeriodStart", "BillingPeriodStart"),
-    ("ChargeCategory", "ChargeCategory"),
-    ("ChargeClass", "ChargeClass"),
-    ("ChargeDescription", "ChargeDescription"),
-    ("ChargeFrequency", "ChargeFrequency"),
-    ("ChargePeriodEnd", "ChargePeriodEnd"),
-    ("ChargePeriodStart", "ChargePeriodStart"),
-    ("CommitmentDiscountCategory", "CommitmentDiscountCategory"),
-    ("CommitmentDiscountId", "CommitmentDiscountId"),
-    ("CommitmentDiscountName", "CommitmentDiscountName"),
-    ("CommitmentDiscountStatus", "CommitmentDiscountStatus"),
-    ("CommitmentDiscountType", "CommitmentDiscountType"),
-    ("ConsumedQuantity", "ConsumedQuantity"),
-    ("ConsumedUnit", "ConsumedUnit"),
-    ("ContractedCost", "ContractedCost"),
-    ("ContractedUnitPrice", "ContractedUnitPrice"),
-    ("EffectiveCost", "EffectiveCost"),
-    ("InvoiceIssuer", "InvoiceIssuerName"),
-    ("ListCost", "ListCost"),
-    ("ListUnitPrice", "ListUnitPrice"),
-    ("PricingCategory", "PricingCategory"),
-    ("PricingQuantity", "PricingQuantity"),
-    ("PricingUnit", "PricingUnit"),
-    ("Provider", "ProviderName"),
-    ("Publisher", "PublisherName"),
-    ("RegionId", "RegionId"),
-    ("RegionName", "RegionName"),
-    ("ResourceID", "ResourceId"),
-    ("ResourceName", "ResourceName"),
-    ("ResourceType", "ResourceType"),
-    ("ServiceCategory", "ServiceCategory"),
-    ("ServiceName", "ServiceName"),
-    ("SkuId", "SkuId"),
-    ("SkuPriceId", "SkuPriceId"),
-    ("SubAccountId", "SubAccountId"),
-    ("SubAccountName", "SubAccountName"),
-    ("Tags", "Tags"),
+/// The FOCUS columns, in file order, under their column IDs in FOCUS 1.0 (unchanged in 1.1 and
+/// 1.2): every Mandatory column, every Conditional one `focus-validator` 1.0.0 requires, and
+/// the Recommended `ChargeFrequency`.
+pub const FOCUS_COLUMNS: &[&str] = &[
+    "BilledCost",
+    "BillingAccountId",
+    "BillingAccountName",
+    "BillingCurrency",
+    "BillingPeriodEnd",
+    "BillingPeriodStart",
+    "ChargeCategory",
+    "ChargeClass",
+    "ChargeDescription",
+    "ChargeFrequency",
+    "ChargePeriodEnd",
+    "ChargePeriodStart",
+    "CommitmentDiscountCategory",
+    "CommitmentDiscountId",
+    "CommitmentDiscountName",
+    "CommitmentDiscountStatus",
+    "CommitmentDiscountType",
+    "ConsumedQuantity",
+    "ConsumedUnit",
+    "ContractedCost",
+    "ContractedUnitPrice",
+    "EffectiveCost",
+    "InvoiceIssuerName",
+    "ListCost",
+    "ListUnitPrice",
+    "PricingCategory",
+    "PricingQuantity",
+    "PricingUnit",
+    "ProviderName",
+    "PublisherName",
+    "RegionId",
+    "RegionName",
+    "ResourceId",
+    "ResourceName",
+    "ResourceType",
+    "ServiceCategory",
+    "ServiceName",
+    "SkuId",
+    "SkuPriceId",
+    "SubAccountId",
+    "SubAccountName",
+    "Tags",
 ];
 
 /// Provider and billing columns FOCUS has no name for, after the FOCUS columns.
@@ -148,17 +159,6 @@ pub const SERVICE_CATEGORIES: &[&str] = &[
     "Other",
 ];
 
-/// The FOCUS column names of a version, in file order.
-pub fn focus_columns(version: FocusVersion) -> Vec<&'static str> {
-    FOCUS_COLUMNS
-        .iter()
-        .map(|(v10, v12)| match version {
-            FocusVersion::V1_0 => *v10,
-            FocusVersion::V1_2 => *v12,
-        })
-        .collect()
-}
-
 fn default_version() -> String {
     "1.0".into()
 }
@@ -176,7 +176,7 @@ pub struct FocusConfig {
     /// File name prefix, `[A-Za-z0-9_.-]+`. Default: the sink name.
     #[serde(default)]
     pub prefix: Option<String>,
-    /// `"1.0"` (default, validated in CI) or `"1.2"` (1.2 column names).
+    /// `"1.0"` (default, validated in CI) or `"1.2"`: the same columns (see [`FocusVersion`]).
     #[serde(default = "default_version")]
     pub version: String,
     /// Records per file, 1 to 100,000. Default 1000.
@@ -220,7 +220,7 @@ impl FocusSink {
             }
         }
         let files = BatchFiles::new(&name, config.directory, config.prefix, "csv")?;
-        let header = Self::header_line(version);
+        let header = Self::header_line();
         Ok(FocusSink {
             name,
             files,
@@ -232,14 +232,14 @@ impl FocusSink {
         })
     }
 
-    /// The header line of a version: FOCUS columns, then the `x_` extras.
-    pub fn header_line(version: FocusVersion) -> String {
-        let mut columns = focus_columns(version);
+    /// The header line: FOCUS columns, then the `x_` extras.
+    pub fn header_line() -> String {
+        let mut columns = FOCUS_COLUMNS.to_vec();
         columns.extend_from_slice(EXTRA_COLUMNS);
         csv_line(columns.iter().copied()).unwrap_or_default()
     }
 
-    /// The configured column set.
+    /// The configured FOCUS version.
     pub fn version(&self) -> FocusVersion {
         self.version
     }
@@ -411,6 +411,20 @@ impl Sink for FocusSink {
             record.service_name.clone()
         };
         let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+        // A correction restates usage whatever its sign (FOCUS: Usage is "positive or negative
+        // charges … including refunds"); it sees only the difference, not the corrected cost.
+        let credit = correction_of.is_none()
+            && record.billed_cost.is_sign_negative()
+            && !record.billed_cost.is_zero();
+        // FOCUS 1.0: the consumed columns must be null for any ChargeCategory but Usage.
+        let (consumed_quantity, consumed_unit) = if credit {
+            (String::new(), String::new())
+        } else {
+            (
+                decimal_text(record.consumed_quantity),
+                record.consumed_unit.clone(),
+            )
+        };
 
         // In the order of FOCUS_COLUMNS.
         let mut fields: Vec<String> = vec![
@@ -420,7 +434,7 @@ impl Sink for FocusSink {
             record.billing_currency.trim().to_ascii_uppercase(), // BillingCurrency
             focus_time(period_end),                              // BillingPeriodEnd
             focus_time(period_start),                            // BillingPeriodStart
-            if record.billed_cost.is_sign_negative() && !record.billed_cost.is_zero() {
+            if credit {
                 "Credit".into()
             } else {
                 "Usage".into()
@@ -439,22 +453,22 @@ impl Sink for FocusSink {
             String::new(),                                       // CommitmentDiscountName
             String::new(),                                       // CommitmentDiscountStatus
             String::new(),                                       // CommitmentDiscountType
-            decimal_text(record.consumed_quantity),              // ConsumedQuantity
-            record.consumed_unit.clone(),                        // ConsumedUnit
+            consumed_quantity,                                   // ConsumedQuantity
+            consumed_unit,                                       // ConsumedUnit
             cost.clone(),                                        // ContractedCost
             String::new(),                                       // ContractedUnitPrice
             cost.clone(),                                        // EffectiveCost
-            provider.clone(),                                    // InvoiceIssuer(Name)
+            provider.clone(),                                    // InvoiceIssuerName
             cost,                                                // ListCost
             String::new(),                                       // ListUnitPrice
             String::new(),                                       // PricingCategory
             decimal_text(record.consumed_quantity),              // PricingQuantity
             record.consumed_unit.clone(),                        // PricingUnit
-            provider.clone(),                                    // Provider(Name)
-            provider,                                            // Publisher(Name)
+            provider.clone(),                                    // ProviderName
+            provider,                                            // PublisherName
             String::new(),                                       // RegionId
             String::new(),                                       // RegionName
-            record.resource_id.clone(),                          // ResourceID / ResourceId
+            record.resource_id.clone(),                          // ResourceId
             opt(&record.resource_name),                          // ResourceName
             record.resource_type.clone(),                        // ResourceType
             self.service_category(record),                       // ServiceCategory

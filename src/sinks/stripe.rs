@@ -928,7 +928,7 @@ fn header_is_true(headers: &reqwest::header::HeaderMap, name: &str) -> bool {
 }
 
 /// `35 days`, `5m`, `36h`: whole days when the duration is whole days.
-fn human(d: chrono::Duration) -> String {
+pub fn human(d: chrono::Duration) -> String {
     let secs = d.num_seconds().max(0);
     if secs > 0 && secs % 86_400 == 0 {
         let days = secs / 86_400;

@@ -15,7 +15,7 @@ use billsync::mapping::{MapOutcome, MappingSet};
 use billsync::providers::metalsoft::{MetalsoftConfig, MetalsoftProvider};
 use billsync::providers::Provider;
 use billsync::simulators::lago::{Behaviour, LagoSim, LagoSimConfig, LagoSimHandle};
-use billsync::simulators::metalsoft::{MetalsoftSim, MetalsoftSimHandle};
+use billsync::simulators::metalsoft::{MetalsoftDataset, MetalsoftSim, MetalsoftSimHandle};
 use billsync::sinks::lago::{LagoConfig, LagoSink};
 use billsync::sync::Pipeline;
 use chrono::{DateTime, TimeZone, Utc};
@@ -45,9 +45,12 @@ pub struct World {
 
 impl World {
     pub async fn start(behaviour: Behaviour) -> World {
-        let metalsoft = MetalsoftSim::start(billsync::demo::demo_dataset().unwrap(), MS_KEY)
-            .await
-            .unwrap();
+        Self::start_with(behaviour, billsync::demo::demo_dataset().unwrap()).await
+    }
+
+    /// A world whose MetalSoft simulator serves `dataset` instead of the demo's.
+    pub async fn start_with(behaviour: Behaviour, dataset: MetalsoftDataset) -> World {
+        let metalsoft = MetalsoftSim::start(dataset, MS_KEY).await.unwrap();
         let lago = LagoSim::start(LagoSimConfig {
             api_key: LAGO_KEY.into(),
             behaviour,

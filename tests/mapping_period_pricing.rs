@@ -1,0 +1,683 @@
+//! `period: month` pricing end to end: records arrive hourly over a month (Jelastic) or as a
+//! provisional month restated later (SAKURA Cloud), each record is sent with its per-record
+//! price as it arrives, and when the month closes billsync sends ONE adjustment per
+//! subscription, metric and month that brings the sink's month total to the month's price —
+//! under a key derived from the month alone, so a re-run never sends it twice, and a change
+//! after the close yields a further adjustment `<key>.r<n>` with the exact difference.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use billsync::config::Secret;
+use billsync::http::RetryPolicy;
+use billsync::ledger::{Ledger, RecordFilter, Status};
+use billsync::mapping::MappingSet;
+use billsync::providers::jelastic::{JelasticConfig, JelasticProvider};
+use billsync::providers::sakura::{Month, SakuraConfig, SakuraProvider};
+use billsync::providers::Provider;
+use billsync::simulators::jelastic::{JelasticDataset, JelasticSim, SimCharge, SimEnv, SimNode};
+use billsync::simulators::lago::{LagoSim, LagoSimConfig, LagoSimHandle, StoredEvent};
+use billsync::simulators::sakura::{SakuraDataset, SakuraSim};
+use billsync::sinks::lago::{LagoConfig, LagoSink};
+use billsync::sync::{Pipeline, RunSummary, SyncOptions};
+use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+
+const APPID: &str = "3288620ac46236af4537c843a0b726ba";
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+fn at(y: i32, m: u32, d: u32, h: u32, min: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, h, min, 0).unwrap()
+}
+
+fn retry() -> RetryPolicy {
+    RetryPolicy {
+        max_retries: 2,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+    }
+}
+
+fn october() -> (DateTime<Utc>, DateTime<Utc>) {
+    (at(2026, 10, 1, 0, 0), at(2026, 11, 1, 0, 0))
+}
+
+/// One environment with two charges running every hour of October 2026: 744 hourly buckets
+/// of each, 1,488 records. Hourly costs with few digits keep every per-record price exact at
+/// the rule's 6 places, so the month's figures below are exact arithmetic.
+fn october_dataset() -> JelasticDataset {
+    let (start, end) = october();
+    let charge = |kind: &str, rt: &str, cost: &str| SimCharge {
+        kind: kind.into(),
+        resource_type: rt.into(),
+        hourly_cost: dec(cost),
+        start,
+        end,
+        extras: Default::default(),
+    };
+    JelasticDataset {
+        envs: vec![SimEnv {
+            appid: APPID.into(),
+            domain: "env-shop".into(),
+            host_group: "user_host_group".into(),
+            host_group_display: "Users".into(),
+            nodes: vec![SimNode {
+                nodeid: 1639,
+                charges: vec![
+                    charge("cloudlet", "NODE", "0.0125"),
+                    charge("ip", "OPTION", "0.005"),
+                ],
+            }],
+        }],
+        paid_before: None,
+    }
+}
+
+/// The month's provider cost: 744 × (0.0125 + 0.005) = 13.02 EUR.
+fn october_cost() -> Decimal {
+    dec("744") * (dec("0.0125") + dec("0.005"))
+}
+
+fn jelastic_mapping(cost: &str) -> MappingSet {
+    let text = format!(
+        "version: 1
+customers:
+  - match: {{ provider: jelastic, sub_account_id: {APPID} }}
+    external_subscription_id: sub_shop
+    external_customer_id: shop
+rules:
+  - name: paas
+    match: {{ provider: jelastic, billing_currency: EUR }}
+    metric: paas_cost
+    property: amount
+    value:
+      cost: {cost}
+    round: {{ scale: 6 }}
+"
+    );
+    MappingSet::from_sources(&[("period.yaml".to_string(), text)]).expect("the mapping loads")
+}
+
+struct JelasticWorld {
+    jelastic: billsync::simulators::jelastic::JelasticSimHandle,
+    lago: LagoSimHandle,
+    dir: tempfile::TempDir,
+    mappings: MappingSet,
+}
+
+impl JelasticWorld {
+    async fn start(cost: &str) -> JelasticWorld {
+        JelasticWorld {
+            jelastic: JelasticSim::start(october_dataset(), "sess").await.unwrap(),
+            lago: LagoSim::start(LagoSimConfig {
+                api_key: "lago-key".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+            mappings: jelastic_mapping(cost),
+        }
+    }
+
+    async fn pipeline(&self) -> Pipeline {
+        self.pipeline_with(self.mappings.clone()).await
+    }
+
+    async fn pipeline_with(&self, mappings: MappingSet) -> Pipeline {
+        let mut cfg = JelasticConfig::new(
+            self.jelastic.url.clone(),
+            Secret::new("sess"),
+            "EUR",
+            october().0,
+        );
+        cfg.max_buckets_per_request = 168;
+        cfg.retry = retry();
+        let providers: Vec<Box<dyn Provider>> =
+            vec![Box::new(JelasticProvider::new("paas".into(), cfg).unwrap())];
+        Pipeline::new(
+            Ledger::open(&self.dir.path().join("ledger.db"))
+                .await
+                .unwrap(),
+            providers,
+            vec![Box::new(lago_sink(&self.lago))],
+            mappings,
+        )
+    }
+
+    async fn sync(&self, now: DateTime<Utc>) -> RunSummary {
+        let summary = self
+            .pipeline()
+            .await
+            .sync(&SyncOptions {
+                now: Some(now),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(summary.sink_errors, Vec::<String>::new());
+        assert_eq!(summary.rejected, 0, "{summary:?}");
+        summary
+    }
+}
+
+fn lago_sink(lago: &LagoSimHandle) -> LagoSink {
+    LagoSink::new(
+        "lago".into(),
+        LagoConfig {
+            api_url: lago.url.clone(),
+            api_key: Secret::new("lago-key"),
+            batch_size: 100,
+            timeout: Duration::from_secs(5),
+            retry: retry(),
+        },
+    )
+    .unwrap()
+}
+
+fn amount(e: &StoredEvent) -> Decimal {
+    Decimal::from_str(e.properties["amount"].as_str().expect("amount is a string")).unwrap()
+}
+
+/// What Lago holds for `[from, to)`: every stored event (a duplicate would count twice).
+fn lago_total(lago: &LagoSimHandle, from: DateTime<Utc>, to: DateTime<Utc>) -> Decimal {
+    lago.events()
+        .iter()
+        .filter(|e| e.timestamp >= from && e.timestamp < to)
+        .map(amount)
+        .sum()
+}
+
+fn adjustments(lago: &LagoSimHandle) -> Vec<StoredEvent> {
+    lago.events()
+        .into_iter()
+        .filter(|e| e.transaction_id.starts_with("period."))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_month_under_its_minimum_gets_exactly_one_adjustment_up_to_the_minimum() {
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    // Mid-month: the records so far are sent with their per-record price, nothing else.
+    let mid = w.sync(at(2026, 10, 15, 12, 0)).await;
+    assert!(mid.sent > 500, "{mid:?}");
+    assert_eq!(mid.period_adjustments, 0);
+    assert!(adjustments(&w.lago).is_empty());
+
+    // Just after the month: the last buckets are not settled yet (1 h settle delay), so the
+    // records do not reach the month's end and the close delay has not passed: no adjustment.
+    let early = w.sync(at(2026, 11, 1, 0, 30)).await;
+    assert_eq!(early.period_adjustments, 0, "{early:?}");
+    assert!(adjustments(&w.lago).is_empty());
+
+    // Every bucket is in and final: the month closes, one adjustment tops it up to 50.
+    let close = w.sync(at(2026, 11, 1, 2, 0)).await;
+    assert_eq!(close.period_adjustments, 1, "{close:?}");
+    let adj = adjustments(&w.lago);
+    assert_eq!(adj.len(), 1);
+    let records_total = october_cost() * dec("1.1");
+    assert_eq!(records_total, dec("14.322"));
+    assert_eq!(amount(&adj[0]), dec("50") - records_total);
+    assert_eq!(
+        lago_total(&w.lago, from, to),
+        dec("50"),
+        "Lago's October is the minimum"
+    );
+    assert_eq!(adj[0].external_subscription_id, "sub_shop");
+    assert_eq!(adj[0].code, "paas_cost");
+    assert!(adj[0].timestamp >= from && adj[0].timestamp < to);
+    assert_eq!(
+        w.lago.events().len(),
+        2 * 744 + 1,
+        "every hourly record once, plus the adjustment"
+    );
+
+    // Re-runs: nothing new, the adjustment is never sent twice.
+    for now in [at(2026, 11, 1, 3, 0), at(2026, 11, 10, 0, 0)] {
+        let again = w.sync(now).await;
+        assert_eq!((again.sent, again.period_adjustments), (0, 0), "{again:?}");
+    }
+    assert_eq!(adjustments(&w.lago).len(), 1);
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+    let status = w.pipeline().await.ledger.period_status().await.unwrap();
+    assert_eq!((status.open, status.settled, status.changed), (0, 1, 0));
+}
+
+#[tokio::test]
+async fn a_month_above_its_minimum_gets_no_adjustment() {
+    let w =
+        JelasticWorld::start(r#"{ markup_percent: 10, minimum: "14.32", period: month }"#).await;
+    let (from, to) = october();
+    w.sync(at(2026, 10, 20, 0, 0)).await;
+    let close = w.sync(at(2026, 11, 5, 0, 0)).await;
+    assert_eq!(close.period_adjustments, 0, "{close:?}");
+    assert!(adjustments(&w.lago).is_empty());
+    assert_eq!(lago_total(&w.lago, from, to), dec("14.322"));
+    let status = w.pipeline().await.ledger.period_status().await.unwrap();
+    assert_eq!(
+        status.settled, 1,
+        "the month is settled, with nothing to add"
+    );
+}
+
+#[tokio::test]
+async fn monthly_tiers_price_the_month_sum_not_each_record() {
+    // 20 % on the first 10 EUR of the month, 10 % above. Per record (a few cents each) the
+    // first tier would apply to every record; per month only the first 10 EUR get 20 %.
+    let w = JelasticWorld::start(
+        r#"{ period: month, tiers: [{ up_to: "10", markup_percent: 20 }, { markup_percent: 10 }] }"#,
+    )
+    .await;
+    let (from, to) = october();
+    for day in [8, 16, 24] {
+        let s = w.sync(at(2026, 10, day, 6, 0)).await;
+        assert_eq!(s.period_adjustments, 0);
+    }
+    // During the month the records carry the lowest rate: never more than the month's price.
+    let during = lago_total(&w.lago, from, to);
+    // The run that closes the month stops after staging (as a crash before the push would):
+    // the adjustment waits in the ledger and the next run sends it, once.
+    let staged_only = w
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 2, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(staged_only.period_adjustments, 1, "{staged_only:?}");
+    assert!(adjustments(&w.lago).is_empty());
+    let close = w.sync(at(2026, 11, 2, 1, 0)).await;
+    assert_eq!(close.period_adjustments, 0, "already staged: {close:?}");
+    assert!(
+        close.sent > 1,
+        "the last week's records and the adjustment: {close:?}"
+    );
+    let sum = october_cost();
+    let tiered = sum + dec("10") * dec("0.20") + (sum - dec("10")) * dec("0.10");
+    assert_eq!(tiered, dec("15.322"));
+    assert_eq!(
+        lago_total(&w.lago, from, to),
+        tiered,
+        "the tiered price of the month's sum"
+    );
+    assert!(during < tiered);
+    let adj = adjustments(&w.lago);
+    assert_eq!(adj.len(), 1);
+    assert_eq!(amount(&adj[0]), dec("1.000"), "10 EUR × (20 % − 10 %)");
+    // The same records priced per record would have been marked up 20 % each.
+    assert_ne!(lago_total(&w.lago, from, to), sum * dec("1.2"));
+    let again = w.sync(at(2026, 11, 3, 0, 0)).await;
+    assert_eq!((again.sent, again.period_adjustments), (0, 0));
+}
+
+/// SAKURA Cloud bills JST months; the mapping says so with `period_utc_offset`. The month is
+/// pushed while provisional, closes by the close delay, then the provider restates a line.
+#[tokio::test]
+async fn a_correction_after_the_close_yields_a_further_adjustment_with_the_exact_difference() {
+    let november = Month::new(2026, 11).unwrap();
+    let sakura = SakuraSim::start(
+        SakuraDataset::generate(3, november, 1, 3).unwrap(),
+        "tok",
+        "sec",
+    )
+    .await
+    .unwrap();
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: "lago-key".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let provider_total = sakura.dataset().month_total(november);
+    let minimum = provider_total + dec("500");
+    let text = format!(
+        "version: 1
+customers:
+  - match: {{ provider: sakura }}
+    external_subscription_id: sub_sakura
+rules:
+  - name: sakura-jpy
+    match: {{ provider: sakura, billing_currency: JPY }}
+    metric: sakura_cost
+    property: amount
+    value:
+      cost: {{ minimum: \"{minimum}\", period: month, period_utc_offset: \"+09:00\" }}
+"
+    );
+    let mappings = MappingSet::from_sources(&[("sakura.yaml".to_string(), text)]).unwrap();
+    let pipeline = async || {
+        let mut cfg = SakuraConfig::new(
+            sakura.endpoint.clone(),
+            Secret::new("tok"),
+            Secret::new("sec"),
+            november,
+        );
+        cfg.push_provisional = true;
+        cfg.final_lag = chrono::Duration::days(7);
+        cfg.retry = retry();
+        let mut p = Pipeline::new(
+            Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+            vec![Box::new(SakuraProvider::new("sakura".into(), cfg).unwrap())],
+            vec![Box::new(lago_sink(&lago))],
+            mappings.clone(),
+        );
+        p.period_close_delay = chrono::Duration::days(1);
+        p
+    };
+    let sync = async |now| {
+        pipeline()
+            .await
+            .sync(&SyncOptions {
+                now: Some(now),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    };
+    let (from, to) = (november.start_utc(), november.end_utc());
+
+    // 20 November: provisional, pushed as is.
+    let first = sync(at(2026, 11, 20, 3, 0)).await;
+    assert_eq!((first.sent, first.period_adjustments), (3, 0), "{first:?}");
+    assert_eq!(lago_total(&lago, from, to), provider_total);
+
+    // 2 December (UTC): a day past the JST month's end, so it closes, although SAKURA still
+    // calls it provisional (final 7 days after): one adjustment of +500 up to the minimum.
+    let closed = sync(at(2026, 12, 2, 0, 0)).await;
+    assert_eq!(closed.period_adjustments, 1, "{closed:?}");
+    let adj = adjustments(&lago);
+    assert_eq!(adj.len(), 1);
+    assert_eq!(amount(&adj[0]), dec("500"));
+    assert_eq!(lago_total(&lago, from, to), minimum);
+
+    // The provider restates a line by +1,100 JPY: the month is now above its minimum.
+    let bill = sakura.dataset().bills_of(november)[0].clone();
+    let line = bill.lines[0].clone();
+    sakura
+        .set_detail_amount(
+            bill.bill_id,
+            line.index,
+            line.price_excl_tax + dec("1000"),
+            line.tax + dec("100"),
+        )
+        .unwrap();
+    let restated = sync(at(2026, 12, 3, 0, 0)).await;
+    assert_eq!(
+        restated.corrections, 1,
+        "the record's own correction: {restated:?}"
+    );
+    assert_eq!(restated.period_adjustments, 1, "one further adjustment");
+    assert_eq!(restated.sent, 2);
+    let adj = adjustments(&lago);
+    assert_eq!(adj.len(), 2);
+    let further = adj
+        .iter()
+        .find(|e| e.transaction_id == format!("{}.r1", adj[0].transaction_id))
+        .expect("the further adjustment is <key>.r1");
+    assert_eq!(
+        amount(further),
+        dec("-500"),
+        "the month is 1,100 above its old total, so the +500 top-up is taken back exactly"
+    );
+    assert_eq!(lago_total(&lago, from, to), provider_total + dec("1100"));
+    assert_eq!(
+        lago_total(&lago, from, to),
+        sakura.dataset().month_total(november)
+    );
+
+    // Re-run, then the month becomes final with the same amounts: nothing new is sent.
+    let again = sync(at(2026, 12, 4, 0, 0)).await;
+    assert_eq!((again.sent, again.period_adjustments), (0, 0), "{again:?}");
+    sakura.finalize_month(november);
+    let fin = sync(at(2026, 12, 10, 0, 0)).await;
+    assert_eq!((fin.sent, fin.period_adjustments), (0, 0), "{fin:?}");
+    assert_eq!(adjustments(&lago).len(), 2);
+    assert_eq!(lago_total(&lago, from, to), provider_total + dec("1100"));
+}
+
+// ----- without a sync: explain and `mappings test` show the month's part -------------------
+
+const MONTHLY: &str = r#"version: 1
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_acme
+    pricing: { minimum: "50", period: month }
+rules:
+  - name: drives
+    match: { resource_type: drive }
+    metric: storage_cost
+    property: amount
+    value:
+      cost:
+        period: month
+        tiers:
+          - { up_to: "1000", markup_percent: 20 }
+          - { markup_percent: 10 }
+"#;
+
+fn monthly_set() -> MappingSet {
+    MappingSet::from_sources(&[("m/monthly.yaml".to_string(), MONTHLY.to_string())]).unwrap()
+}
+
+fn drive(cost: &str) -> billsync::record::UsageRecord {
+    billsync::record::UsageRecord {
+        provider: "metalsoft".into(),
+        source: "metalsoft".into(),
+        billing_account_id: "ms".into(),
+        sub_account_id: "1".into(),
+        resource_id: "77".into(),
+        resource_name: None,
+        resource_type: "drive".into(),
+        service_name: "metalsoft".into(),
+        sku_id: None,
+        charge_description: None,
+        charge_period_start: at(2026, 10, 31, 23, 0),
+        charge_period_end: at(2026, 11, 1, 0, 0),
+        consumed_quantity: dec("3600"),
+        consumed_unit: "seconds".into(),
+        billed_cost: dec(cost),
+        billing_currency: "EUR".into(),
+        scope: "1".into(),
+        natural_key: vec![],
+        is_final: true,
+        attributes: Default::default(),
+        raw: serde_json::Value::Null,
+    }
+}
+
+#[test]
+fn explain_shows_the_record_part_and_the_month_it_settles_in() {
+    let set = monthly_set();
+    let ex = set.explain(&drive("12.00"));
+    let text = ex.to_string();
+    // The record carries the lowest tier rate and no minimum.
+    assert!(
+        text.contains("this record at the lowest rate 10%"),
+        "{text}"
+    );
+    assert!(text.contains("50 EUR per month"), "{text}");
+    assert!(
+        text.contains(
+            "period: month 2026-10 [2026-10-01T00:00:00+00:00 .. 2026-11-01T00:00:00+00:00)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("= 13.20"), "{text}");
+    let share = ex.period.expect("a monthly share");
+    assert_eq!(share.base, dec("12.00"));
+    assert_eq!(share.spec.minimum, Some(dec("50")));
+    assert_eq!(share.spec.lowest_percent, dec("10"));
+    let (outcome, _) = set.apply_with_period(&drive("12.00"));
+    match outcome {
+        billsync::mapping::MapOutcome::Mapped(ev) => assert_eq!(ev.value, dec("13.20")),
+        other => panic!("{other:?}"),
+    }
+    // `validate` says what the rule does per month.
+    let summary = set.summary().to_string();
+    assert!(
+        summary.contains("tiers and minimum per calendar month UTC"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn mapping_cases_settle_a_month_of_records() {
+    let set = monthly_set();
+    let cases = r#"defaults: { provider: metalsoft, sub_account_id: "1", billing_currency: EUR, resource_type: drive }
+cases:
+  - name: a quiet month is raised to the minimum
+    record: { charge_period_start: "2026-10-05T00:00:00Z" }
+    records:
+      - { billed_cost: "10" }
+      - { billed_cost: "5.50" }
+    expect:
+      subscription: sub_acme
+      value: "17.05"
+      records_total: "17.05"
+      period_total: "50"
+      adjustment: "32.95"
+  - name: a busy month is tiered on its sum
+    record: { charge_period_start: "2026-10-05T00:00:00Z" }
+    records:
+      - { billed_cost: "700" }
+      - { billed_cost: "700" }
+    expect:
+      value: "1540"
+      period_total: "1640"
+      adjustment: "100"
+  - name: a wrong adjustment is reported
+    records:
+      - { billed_cost: "10" }
+    expect:
+      adjustment: "1"
+"#;
+    let report = billsync::mapping::cases::run_cases(&set, &[("cases.yaml".into(), cases.into())]);
+    let text = report.to_string();
+    assert_eq!(report.failed(), 1, "{text}");
+    assert!(
+        report.results[0].passed() && report.results[1].passed(),
+        "{text}"
+    );
+    assert!(
+        text.contains("period 2026-10: records carry 17.05 + adjustment 32.95 = month total 50"),
+        "{text}"
+    );
+    // 1,400 × 10 % = 140 on the records; the month: 1,000 × 20 % + 400 × 10 % = 240.
+    assert!(
+        text.contains("records carry 1540.00 + adjustment 100.00"),
+        "{text}"
+    );
+    assert!(text.contains("✗ adjustment"), "{text}");
+    assert!(
+        text.contains("39.00"),
+        "the actual adjustment is shown: {text}"
+    );
+}
+
+/// A rejected adjustment (say the subscription did not exist yet in Lago) waits as `rejected`;
+/// `billsync replay` sends it again as it was frozen, once.
+#[tokio::test]
+async fn a_rejected_adjustment_is_sent_again_by_replay() {
+    use billsync::sinks::Outcome;
+    use billsync::sync::ReplayOptions;
+
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    let staged = w
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 3, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(staged.period_adjustments, 1);
+    let p = w.pipeline().await;
+    let mut filter = RecordFilter::status(Status::Pending);
+    filter.provider = Some("period".into());
+    let adj = p.ledger.records_matching(&filter, 0, 10).await.unwrap();
+    assert_eq!(adj.len(), 1, "one pending adjustment");
+    let run = p
+        .ledger
+        .start_run("test", at(2026, 11, 3, 0, 0))
+        .await
+        .unwrap();
+    p.ledger
+        .ack(
+            run,
+            &[(
+                adj[0].id,
+                Outcome::Rejected("subscription not found".into()),
+            )],
+            at(2026, 11, 3, 0, 0),
+        )
+        .await
+        .unwrap();
+    // The records go out; the adjustment stays held.
+    let s = w.sync(at(2026, 11, 3, 1, 0)).await;
+    assert_eq!(s.period_adjustments, 0, "{s:?}");
+    assert!(adjustments(&w.lago).is_empty());
+    assert_eq!(lago_total(&w.lago, from, to), dec("14.322"));
+
+    let replay = |dry_run| ReplayOptions {
+        filter: RecordFilter::status(Status::Rejected),
+        dry_run,
+        reason: "subscription created in Lago".into(),
+        now: Some(at(2026, 11, 3, 2, 0)),
+    };
+    let dry = w.pipeline().await.replay(&replay(true)).await.unwrap();
+    assert!(
+        dry.preview[0].contains("period adjustment"),
+        "{:?}",
+        dry.preview
+    );
+    let done = w.pipeline().await.replay(&replay(false)).await.unwrap();
+    assert_eq!(done.sent, 1, "{done:?}");
+    assert_eq!(adjustments(&w.lago).len(), 1);
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+    let again = w.pipeline().await.replay(&replay(false)).await.unwrap();
+    assert_eq!(again.sent, 0);
+    assert_eq!(adjustments(&w.lago).len(), 1);
+}
+
+/// The billing engineer raises the minimum in the middle of the month: the records staged before
+/// carry the old rule, the later ones the new; the month is priced by the rule of its latest
+/// record, and the adjustment says so.
+#[tokio::test]
+async fn a_minimum_changed_mid_month_prices_the_whole_month() {
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    w.sync(at(2026, 10, 15, 0, 0)).await;
+    let raised = jelastic_mapping(r#"{ markup_percent: 10, minimum: "60", period: month }"#);
+    let s = w
+        .pipeline_with(raised.clone())
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 2, 0, 0)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.period_adjustments, 1, "{s:?}");
+    assert_eq!(lago_total(&w.lago, from, to), dec("60"));
+    let p = w.pipeline_with(raised).await;
+    let mut filter = RecordFilter::status(Status::Sent);
+    filter.provider = Some("period".into());
+    let adj = p.ledger.records_matching(&filter, 0, 10).await.unwrap();
+    let steps = adj[0].record.raw["steps"].to_string();
+    assert!(
+        steps.contains("were staged under another period rule"),
+        "{steps}"
+    );
+    assert!(steps.contains("raised to 60"), "{steps}");
+}
