@@ -452,9 +452,39 @@ async fn first_chunk_fails_then_recovers(world: &World, run: RunSummary, what: &
 #[tokio::test]
 async fn provider_5xx_past_the_retries_fails_the_source_and_the_next_run_recovers() {
     let world = World::start(Behaviour::Postgres).await;
-    world.metalsoft.fail_next(4, Fault::Http(503));
+    // Every attempt at user 1's first window fails, whatever order the windows are asked in.
+    world
+        .metalsoft
+        .fail_window(1, billsync::demo::demo_start(), Fault::Http(503));
     let run = sync(&world).await;
-    first_chunk_fails_then_recovers(&world, run, "503 x4").await;
+    first_chunk_fails_then_recovers(&world, run, "503 on every attempt").await;
+}
+
+#[tokio::test]
+async fn provider_window_failing_among_concurrent_requests_stops_staging_at_that_window() {
+    // Windows are requested four at a time (MetalSoft's default); the third day of user 1 keeps
+    // failing. Everything before it in plan order is staged and sent, nothing after it, though
+    // later windows were already answered; the next run does the rest, every key once.
+    let world = World::start(Behaviour::Postgres).await;
+    let first = world.metalsoft.dataset().earliest().unwrap();
+    let failing = first + chrono::Duration::days(2);
+    world.metalsoft.fail_window(1, failing, Fault::Http(500));
+    let run = sync(&world).await;
+    assert_eq!(run.outcome, RunOutcome::ProviderFailed);
+    let events = world.lago.events();
+    assert!(
+        !events.is_empty(),
+        "the windows before the failing one went out"
+    );
+    assert!(
+        events.iter().all(|e| e.timestamp < failing),
+        "nothing at or after the failing window was staged: {:?}",
+        events.iter().map(|e| e.timestamp).max()
+    );
+    world.metalsoft.clear_faults();
+    let next = sync(&world).await;
+    assert_eq!(next.sent + run.sent, 71);
+    assert_complete(&world).await;
 }
 
 #[tokio::test]
@@ -487,8 +517,10 @@ async fn provider_slower_than_the_timeout_is_retried_then_fails_cleanly() {
 async fn provider_truncated_malformed_and_wrong_shape_answers_fail_the_source_without_staging() {
     for fault in [Fault::Truncated, Fault::Malformed, Fault::WrongShape] {
         let world = World::start(Behaviour::Postgres).await;
-        // Enough for every retry: a persistent fault.
-        world.metalsoft.fail_next(10, fault.clone());
+        // A persistent fault of the first window (every retry gets it).
+        world
+            .metalsoft
+            .fail_window(1, billsync::demo::demo_start(), fault.clone());
         let run = sync(&world).await;
         first_chunk_fails_then_recovers(&world, run, &format!("{fault:?}")).await;
     }

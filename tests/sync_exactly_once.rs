@@ -313,7 +313,9 @@ async fn an_unmapped_record_is_held_then_delivered_by_replay_after_a_mapping_fix
 async fn a_provider_failure_is_reported_and_the_next_run_completes() {
     let world = World::start(Behaviour::Postgres).await;
     // Every attempt (1 + 3 retries) of the first window fails.
-    world.metalsoft.fail_next(4, Fault::Http(500));
+    world
+        .metalsoft
+        .fail_window(1, billsync::demo::demo_start(), Fault::Http(500));
     let pipeline = world.pipeline().await;
     let failed = pipeline.sync(&opts()).await.unwrap();
     assert_eq!(failed.outcome, RunOutcome::ProviderFailed);
@@ -326,6 +328,7 @@ async fn a_provider_failure_is_reported_and_the_next_run_completes() {
         .unwrap()
         .is_empty());
 
+    world.metalsoft.clear_faults();
     let next = pipeline.sync(&opts()).await.unwrap();
     assert_eq!(
         next.outcome,

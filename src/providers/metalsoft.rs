@@ -524,12 +524,13 @@ impl Provider for MetalsoftProvider {
             settled: chunk.window_end <= now - self.config.settle_delay,
         };
         let records = parse_report(&result, &ctx)?;
+        // The page's cursor is its window's end, never below what `plan` saw (a look-back
+        // re-read must not move a cursor back). Read-only here: pages may be fetched
+        // concurrently, and a later window's answer must not lend its end to an earlier page.
         let cursor = match self.watermarks.lock() {
-            Ok(mut map) => {
-                let entry = map.entry(chunk.stream.clone()).or_insert(chunk.window_end);
-                *entry = (*entry).max(chunk.window_end);
-                *entry
-            }
+            Ok(map) => map
+                .get(&chunk.stream)
+                .map_or(chunk.window_end, |w| (*w).max(chunk.window_end)),
             Err(_) => chunk.window_end,
         };
         debug!(

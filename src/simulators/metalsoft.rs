@@ -802,6 +802,8 @@ struct SimState {
     reject_fifth_param: std::sync::atomic::AtomicBool,
     /// Wait this long before answering each request.
     delay: Mutex<std::time::Duration>,
+    /// Faults answered to every request for one user's window (until cleared).
+    window_faults: Mutex<Vec<(u64, DateTime<Utc>, Fault)>>,
 }
 
 /// Entry point of the simulator.
@@ -822,6 +824,7 @@ impl MetalsoftSim {
             calls: Mutex::new(Vec::new()),
             reject_fifth_param: std::sync::atomic::AtomicBool::new(false),
             delay: Mutex::new(std::time::Duration::ZERO),
+            window_faults: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/api/developer/developer", post(rpc))
@@ -875,10 +878,22 @@ impl MetalsoftSimHandle {
         }
     }
 
-    /// Forget every queued fault.
+    /// Answer `fault` to every request for `user_id`'s window starting at `start`, until
+    /// [`clear_faults`](Self::clear_faults): a window that keeps failing whatever the order
+    /// of requests.
+    pub fn fail_window(&self, user_id: u64, start: DateTime<Utc>, fault: Fault) {
+        if let Ok(mut w) = self.state.window_faults.lock() {
+            w.push((user_id, start, fault));
+        }
+    }
+
+    /// Forget every queued and window fault.
     pub fn clear_faults(&self) {
         if let Ok(mut q) = self.state.faults.lock() {
             q.clear();
+        }
+        if let Ok(mut w) = self.state.window_faults.lock() {
+            w.clear();
         }
     }
 
@@ -947,7 +962,16 @@ async fn rpc(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let fault = state.faults.lock().ok().and_then(|mut q| q.pop_front());
+    let window_fault = check_params(&params, false)
+        .ok()
+        .and_then(|(user, start, _, _)| {
+            let faults = state.window_faults.lock().ok()?;
+            faults
+                .iter()
+                .find(|(u, s, _)| *u == user && *s == start)
+                .map(|(_, _, f)| f.clone())
+        });
+    let fault = window_fault.or_else(|| state.faults.lock().ok().and_then(|mut q| q.pop_front()));
     let mut content_fault = None;
     match fault {
         Some(Fault::Http(status)) => {
