@@ -406,3 +406,96 @@ async fn export_writes_filtered_csv_and_vacuum_prunes_only_old_sent_records() {
         .unwrap();
     assert_eq!((again.new, again.unchanged), (0, 1));
 }
+
+/// A ledger written before record bodies had their own table (schema 0001) opens with every
+/// record readable: its JSON body, its frozen payload (still sent byte for byte), its key.
+#[tokio::test]
+async fn a_ledger_from_schema_0001_keeps_its_records_and_payloads_after_the_upgrade() {
+    use sqlx::sqlite::SqliteConnectOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    // Schema 0001 only, as the first release created it.
+    let only_first = dir.path().join("migrations");
+    std::fs::create_dir(&only_first).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/0001_ledger.sql"),
+        only_first.join("0001_ledger.sql"),
+    )
+    .unwrap();
+    let pool = sqlx::SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await
+    .unwrap();
+    sqlx::migrate::Migrator::new(only_first.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    let pending = record("instance:1", "1.25");
+    let sent = record("instance:2", "2.50");
+    for (id, r, status, payload) in [
+        (1, &pending, "pending", "{\"frozen\":\"one\"}"),
+        (2, &sent, "sent", "{\"frozen\":\"two\"}"),
+    ] {
+        sqlx::query(
+            "INSERT INTO records (id, idem_key, source, provider, natural_key, content_hash, status,
+                 is_final, charge_period_start, charge_period_end, billing_account_id,
+                 sub_account_id, resource_type, resource_id, consumed_quantity, consumed_unit,
+                 billed_cost, billing_currency, sink, payload, record_json, first_run, last_run,
+                 staged_at, updated_at)
+             VALUES (?1, ?2, 'ms', 'metalsoft', ?3, ?4, ?5, 1, '2026-10-05T00:00:00Z',
+                 '2026-10-05T01:00:00Z', 'acct', '1', 'instance', ?6, '3600', 'seconds', ?7, 'GBP',
+                 'lago', ?8, ?9, 1, 1, '2026-10-06T00:00:00Z', '2026-10-06T00:00:00Z')",
+        )
+        .bind(id)
+        .bind(r.idempotency_key())
+        .bind(r.natural_key_string())
+        .bind(r.content_hash())
+        .bind(status)
+        .bind(&r.resource_id)
+        .bind(r.billed_cost.to_string())
+        .bind(payload)
+        .bind(serde_json::to_string(r).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    pool.close().await;
+
+    let ledger = Ledger::open(&path).await.unwrap();
+    let run = ledger.start_run("sync", Utc::now()).await.unwrap();
+    let batch = ledger.pending_batch("lago", 0, 10).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].key, pending.idempotency_key());
+    assert_eq!(batch[0].payload, "{\"frozen\":\"one\"}");
+    let stored = ledger.record_by_id(2).await.unwrap().unwrap();
+    assert_eq!(stored.billed_cost, Decimal::from_str("2.50").unwrap());
+    assert_eq!(stored.resource_id, "instance:2");
+    // Re-reading the same content is a no-op for both, and the sent one is never re-sent.
+    let now = Utc::now();
+    let counts = ledger
+        .stage(
+            run,
+            &[row(pending.clone()), row(sent.clone())],
+            None,
+            now,
+            &by_hand,
+        )
+        .await
+        .unwrap();
+    assert_eq!((counts.new, counts.unchanged), (0, 2));
+    assert_eq!(ledger.pending_batch("lago", 0, 10).await.unwrap().len(), 1);
+    // A new record after the upgrade gets the next id and a compressed body that reads back.
+    let fresh = record("instance:3", "0.10");
+    ledger
+        .stage(run, &[row(fresh.clone())], None, now, &by_hand)
+        .await
+        .unwrap();
+    let third = ledger.record_by_id(3).await.unwrap().unwrap();
+    assert_eq!(third.resource_id, "instance:3");
+    assert_eq!(third.billed_cost, fresh.billed_cost);
+}
