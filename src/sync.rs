@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::ledger::{
     Correction, Ledger, LedgerError, MappedColumns, PeriodGroupRow, PeriodGroupState,
     PeriodMemberRow, PeriodShareRow, RecordFilter, SentState, StageCounts, StageRow, Status,
+    StoredRecord,
 };
 use crate::mapping::{MapOutcome, MappingSet, PeriodShare, PeriodSpec};
 use crate::providers::Provider;
@@ -376,7 +377,17 @@ impl Pipeline {
         record: UsageRecord,
         push_provisional: bool,
     ) -> (StageRow, Option<PeriodShare>) {
-        let key = record.idempotency_key();
+        self.stage_row_as(record.idempotency_key(), record, push_provisional)
+    }
+
+    /// [`Self::stage_row_with_period`] under a given key: replay keeps the key the ledger
+    /// stored, whatever today's key derivation says.
+    fn stage_row_as(
+        &self,
+        key: String,
+        record: UsageRecord,
+        push_provisional: bool,
+    ) -> (StageRow, Option<PeriodShare>) {
         let content_hash = record.content_hash();
         let mut mapped = MappedColumns::default();
         let mut mapped_event = None;
@@ -453,6 +464,11 @@ impl Pipeline {
     /// earlier corrections), so a sink that exports records (FOCUS) can be summed. A sink
     /// that exports records also gets a correction when only the cost or quantity changed.
     pub fn correction(&self, row: &StageRow, sent: &SentState) -> Correction {
+        self.correction_as(row, sent, format!("{}.r{}", sent.key, sent.next_revision))
+    }
+
+    /// [`Self::correction`] under a given key (replay keeps the stored one).
+    fn correction_as(&self, row: &StageRow, sent: &SentState, key: String) -> Correction {
         let (Some(event), Some(new_value)) = (&row.event, row.mapped.value) else {
             return Correction::Unresolved(format!(
                 "{} changed after it was sent but no longer maps ({}): resolve by hand",
@@ -491,7 +507,6 @@ impl Pipeline {
         {
             return Correction::NoDifference;
         }
-        let key = format!("{}.r{}", sent.key, sent.next_revision);
         let mut event = event.clone();
         event.value = difference;
         match sink.encode_record(&key, &event, &delta) {
@@ -1110,6 +1125,9 @@ impl Pipeline {
             let Some(last) = page.last() else { break };
             after_id = last.id;
             for stored in page {
+                if stored.correction_of.is_some() && stored.status == Status::Sent {
+                    continue;
+                }
                 summary.pulled += 1;
                 if stored.record.provider == PERIOD_PROVIDER {
                     // An adjustment's payload comes from its month, not from the mapping files:
@@ -1146,26 +1164,40 @@ impl Pipeline {
                     .iter()
                     .find(|p| p.name() == stored.record.source)
                     .is_some_and(|p| p.push_provisional());
-                let (row, share) = self.stage_row_with_period(stored.record, push_provisional);
-                if run_id.is_some() {
-                    self.register_shares(std::slice::from_ref(&row), &[share])
-                        .await?;
-                }
+                // A correction is re-derived (its stored difference may be stale); any other
+                // record is re-mapped under its stored key.
+                let (row, rederived) = if stored.correction_of.is_some() {
+                    self.replay_correction(&stored, push_provisional).await?
+                } else {
+                    let key = stored.key.clone();
+                    let (row, share) = self.stage_row_as(key, stored.record, push_provisional);
+                    if run_id.is_some() {
+                        self.register_shares(std::slice::from_ref(&row), &[share])
+                            .await?;
+                    }
+                    (row, false)
+                };
                 *summary
                     .staged_by_status
                     .entry(row.status.as_str().to_string())
                     .or_default() += 1;
                 if let Some(run_id) = run_id {
-                    self.ledger
-                        .remap(
-                            run_id,
-                            stored.id,
-                            row.status,
-                            &row.mapped,
-                            row.note.as_deref(),
-                            Utc::now(),
-                        )
-                        .await?;
+                    if rederived {
+                        self.ledger
+                            .restage_correction(run_id, stored.id, &row, Utc::now())
+                            .await?;
+                    } else {
+                        self.ledger
+                            .remap(
+                                run_id,
+                                stored.id,
+                                row.status,
+                                &row.mapped,
+                                row.note.as_deref(),
+                                Utc::now(),
+                            )
+                            .await?;
+                    }
                 } else if summary.preview.len() < PREVIEW_LINES {
                     summary.preview.push(format!(
                         "{} {} → {}{}",
@@ -1198,6 +1230,65 @@ impl Pipeline {
             self.finish(run_id, summary).await?;
         }
         Ok(())
+    }
+}
+
+impl Pipeline {
+    /// Replay a correction that did not go out (rejected, held). Its stored difference may be
+    /// stale: a later correction may carry it already (staging measures against what went out,
+    /// which a refused correction is not), or the content changed again. So it is re-derived,
+    /// under its own key, as staging would now: the original's latest content minus the
+    /// original and every other sent or pending correction. With nothing left to send it
+    /// becomes `ignored`; if the content no longer maps to what was sent, it is held as
+    /// `unmapped` with the reason. Returns the row and whether it is a re-derived difference
+    /// (to restage) rather than a status to record.
+    async fn replay_correction(
+        &self,
+        stored: &StoredRecord,
+        push_provisional: bool,
+    ) -> Result<(StageRow, bool), LedgerError> {
+        // Only the status, (empty) mapping and note of a held row are recorded (`remap`).
+        let held = |status: Status, note: String| StageRow {
+            key: stored.key.clone(),
+            content_hash: String::new(),
+            record: stored.record.clone(),
+            status,
+            mapped: MappedColumns::default(),
+            note: Some(note),
+            event: None,
+            correction_of: stored.correction_of,
+            revision: 0,
+            body: None,
+        };
+        let basis = self.ledger.correction_basis(stored.id).await?;
+        let Some((sent, Some(latest))) = basis.map(|b| (b.sent, b.latest)) else {
+            return Ok((
+                held(
+                    Status::Unmapped,
+                    format!(
+                        "correction {}: its original's latest content is no longer in the \
+                         ledger (pruned by `vacuum`): resolve by hand",
+                        stored.key
+                    ),
+                ),
+                false,
+            ));
+        };
+        let (row, _) = self.stage_row_as(sent.key.clone(), latest, push_provisional);
+        Ok(match self.correction_as(&row, &sent, stored.key.clone()) {
+            Correction::Send { row, .. } => (*row, true),
+            Correction::NoDifference => (
+                held(
+                    Status::Ignored,
+                    format!(
+                        "superseded: what went out for {} already bills its latest content",
+                        sent.key
+                    ),
+                ),
+                false,
+            ),
+            Correction::Unresolved(reason) => (held(Status::Unmapped, reason), false),
+        })
     }
 }
 

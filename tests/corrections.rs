@@ -4,19 +4,21 @@
 //! equals the provider's final total to the yen. A sent payload is never overwritten. The same
 //! with the FOCUS export: correction rows carry differences of cost and quantity, so the
 //! export's `BilledCost` sums to the provider's total; a cost-only change reaches FOCUS only.
+//! A correction Lago refused, replayed, goes out under its own key with the difference still
+//! missing (nothing if a later correction covered it); replay never mints a key.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use billsync::config::Secret;
 use billsync::http::RetryPolicy;
-use billsync::ledger::Ledger;
+use billsync::ledger::{Ledger, RecordFilter, Status};
 use billsync::mapping::MappingSet;
 use billsync::providers::sakura::{Month, SakuraConfig, SakuraProvider};
-use billsync::simulators::lago::{LagoSim, LagoSimConfig};
-use billsync::simulators::sakura::{SakuraDataset, SakuraSim};
+use billsync::simulators::lago::{LagoSim, LagoSimConfig, LagoSimHandle};
+use billsync::simulators::sakura::{SakuraDataset, SakuraSim, SakuraSimHandle};
 use billsync::sinks::lago::{LagoConfig, LagoSink};
-use billsync::sync::{Pipeline, SyncOptions};
+use billsync::sync::{Pipeline, ReplayOptions, RunSummary, SyncOptions};
 use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 
@@ -463,4 +465,397 @@ async fn a_cost_only_restatement_is_corrected_in_the_focus_export_only() {
         Correction::Unresolved(reason) => assert!(reason.contains("vacuum"), "{reason}"),
         other => panic!("expected unresolved, got {other:?}"),
     }
+}
+
+// ----- replaying corrections ----------------------------------------------------------------
+
+/// SAKURA (pushing provisional months early) → Lago, one ledger: the world of the replay tests.
+struct Replayed {
+    sakura: SakuraSimHandle,
+    lago: LagoSimHandle,
+    dir: tempfile::TempDir,
+}
+
+impl Replayed {
+    async fn start() -> Replayed {
+        let october = Month::new(2026, 10).unwrap();
+        Replayed {
+            sakura: SakuraSim::start(
+                SakuraDataset::generate(7, october, 2, 3).unwrap(),
+                "tok",
+                "sec",
+            )
+            .await
+            .unwrap(),
+            lago: LagoSim::start(LagoSimConfig {
+                api_key: "lago-key".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    async fn pipeline(&self, mappings: MappingSet) -> Pipeline {
+        let mut cfg = SakuraConfig::new(
+            self.sakura.endpoint.clone(),
+            Secret::new("tok"),
+            Secret::new("sec"),
+            Month::new(2026, 10).unwrap(),
+        );
+        cfg.push_provisional = true;
+        cfg.retry = retry();
+        Pipeline::new(
+            Ledger::open(&self.dir.path().join("ledger.db"))
+                .await
+                .unwrap(),
+            vec![Box::new(SakuraProvider::new("sakura".into(), cfg).unwrap())],
+            vec![Box::new(
+                LagoSink::new(
+                    "lago".into(),
+                    LagoConfig {
+                        api_url: self.lago.url.clone(),
+                        api_key: Secret::new("lago-key"),
+                        batch_size: 100,
+                        timeout: Duration::from_secs(5),
+                        retry: retry(),
+                    },
+                )
+                .unwrap(),
+            )],
+            mappings,
+        )
+    }
+
+    async fn sync(&self, now: DateTime<Utc>, skip_push: bool) -> RunSummary {
+        self.pipeline(MappingSet::examples().unwrap())
+            .await
+            .sync(&SyncOptions {
+                now: Some(now),
+                skip_push,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn replay(&self, status: Status, mappings: MappingSet, dry_run: bool) -> RunSummary {
+        self.pipeline(mappings)
+            .await
+            .replay(&ReplayOptions {
+                filter: RecordFilter::status(status),
+                dry_run,
+                reason: "the rejection was lifted".into(),
+                now: Some(at(2026, 11, 23)),
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Ledger keys with this status.
+    async fn keys(&self, status: Status) -> Vec<String> {
+        Ledger::open(&self.dir.path().join("ledger.db"))
+            .await
+            .unwrap()
+            .records_matching(&RecordFilter::status(status), 0, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect()
+    }
+
+    fn november() -> Month {
+        Month::new(2026, 11).unwrap()
+    }
+
+    /// What Lago holds for November.
+    fn lago_november(&self) -> Decimal {
+        let m = Self::november();
+        self.lago
+            .events()
+            .iter()
+            .filter(|e| e.timestamp >= m.start_utc() && e.timestamp < m.end_utc())
+            .map(|e| Decimal::from_str(e.properties["amount"].as_str().unwrap()).unwrap())
+            .sum()
+    }
+
+    fn provider_november(&self) -> Decimal {
+        self.sakura.dataset().month_total(Self::november())
+    }
+
+    /// The amount of the one Lago event with this transaction id.
+    fn amount_of(&self, transaction_id: &str) -> Decimal {
+        let events: Vec<_> = self
+            .lago
+            .events()
+            .into_iter()
+            .filter(|e| e.transaction_id == transaction_id)
+            .collect();
+        assert_eq!(events.len(), 1, "{transaction_id} in Lago: {events:?}");
+        Decimal::from_str(events[0].properties["amount"].as_str().unwrap()).unwrap()
+    }
+
+    /// Change one November line by these amounts (net, tax).
+    fn restate(&self, net: i64, tax: i64) {
+        let bill = self.sakura.dataset().bills_of(Self::november())[0].clone();
+        let line = bill.lines[1].clone();
+        self.sakura
+            .set_detail_amount(
+                bill.bill_id,
+                line.index,
+                line.price_excl_tax + Decimal::from(net),
+                line.tax + Decimal::from(tax),
+            )
+            .unwrap();
+    }
+
+    /// November pushed, then one line restated by +1,100 whose correction Lago refuses (422):
+    /// returns the correction's key, held as `rejected`.
+    async fn rejected_correction(&self) -> String {
+        let first = self.sync(at(2026, 11, 20), false).await;
+        assert!(first.sent > 0, "{first:?}");
+        assert_eq!(self.lago_november(), self.provider_november());
+        self.restate(1000, 100);
+        let staged = self.sync(at(2026, 11, 21), true).await;
+        assert_eq!(staged.corrections, 1, "{staged:?}");
+        let pending = self.keys(Status::Pending).await;
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        let r1 = pending[0].clone();
+        assert!(r1.ends_with(".r1"), "{r1}");
+        self.lago.reject_transaction(r1.clone());
+        let refused = self.sync(at(2026, 11, 21), false).await;
+        assert_eq!((refused.rejected, refused.sent), (1, 0), "{refused:?}");
+        assert_eq!(self.keys(Status::Rejected).await, vec![r1.clone()]);
+        assert_eq!(
+            self.lago_november() + Decimal::from(1100),
+            self.provider_november(),
+            "Lago lacks the refused difference"
+        );
+        self.lago.clear_faults();
+        r1
+    }
+
+    fn assert_each_key_once(&self) {
+        let twice: Vec<_> = self
+            .lago
+            .counts()
+            .into_iter()
+            .filter(|(_, n)| *n != 1)
+            .collect();
+        assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    }
+}
+
+/// The example mappings without the SAKURA rules: SAKURA records no longer map.
+fn mappings_without_sakura() -> MappingSet {
+    let sources: Vec<(String, String)> = billsync::mapping::EXAMPLE_MAPPINGS
+        .iter()
+        .filter(|(name, _)| !name.contains("sakura"))
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    MappingSet::from_sources(&sources).unwrap()
+}
+
+#[tokio::test]
+async fn a_rejected_correction_replayed_goes_out_under_its_own_key_with_the_difference() {
+    let w = Replayed::start().await;
+    let r1 = w.rejected_correction().await;
+    let original = r1.trim_end_matches(".r1").to_string();
+    let original_amount = w.amount_of(&original);
+
+    // The plan names the correction's own key and the difference.
+    let plan = w
+        .replay(Status::Rejected, MappingSet::examples().unwrap(), true)
+        .await;
+    assert_eq!(plan.preview.len(), 1, "{plan:?}");
+    assert!(
+        plan.preview[0].starts_with(&format!("{r1} rejected → pending")),
+        "{:?}",
+        plan.preview
+    );
+    assert!(plan.preview[0].ends_with(" 1100)"), "{:?}", plan.preview);
+
+    let replay = w
+        .replay(Status::Rejected, MappingSet::examples().unwrap(), false)
+        .await;
+    assert_eq!(
+        (replay.sent, replay.already_delivered, replay.rejected),
+        (1, 0, 0),
+        "{replay:?}"
+    );
+    assert_eq!(
+        w.amount_of(&r1),
+        Decimal::from(1100),
+        "exactly the difference"
+    );
+    assert_eq!(
+        w.amount_of(&original),
+        original_amount,
+        "the original is untouched"
+    );
+    assert_eq!(w.lago_november(), w.provider_november());
+    w.assert_each_key_once();
+    assert!(w.keys(Status::Rejected).await.is_empty());
+
+    // Read again, and once November is final: nothing more goes out, Lago equals the provider.
+    let again = w.sync(at(2026, 11, 22), false).await;
+    assert_eq!((again.sent, again.corrections), (0, 0), "{again:?}");
+    w.sakura.finalize_month(Replayed::november());
+    let last = w.sync(at(2026, 12, 5), false).await;
+    assert_eq!((last.sent, last.corrections), (0, 0), "{last:?}");
+    assert_eq!(w.lago_november(), w.provider_november());
+    w.assert_each_key_once();
+}
+
+#[tokio::test]
+async fn a_rejected_correction_superseded_by_a_later_one_sends_nothing_on_replay() {
+    let w = Replayed::start().await;
+    let r1 = w.rejected_correction().await;
+
+    // Restated again (-330) while r1 is refused: r2 carries everything Lago lacks
+    // (+1,100 - 330), measured against what went out.
+    w.restate(-300, -30);
+    let second = w.sync(at(2026, 11, 22), false).await;
+    assert_eq!((second.corrections, second.sent), (1, 1), "{second:?}");
+    let r2 = r1.replace(".r1", ".r2");
+    assert_eq!(w.amount_of(&r2), Decimal::from(770));
+    assert_eq!(w.lago_november(), w.provider_november());
+
+    // Replaying r1 now would bill the +1,100 twice: its difference is re-derived (zero).
+    let plan = w
+        .replay(Status::Rejected, MappingSet::examples().unwrap(), true)
+        .await;
+    assert!(
+        plan.preview[0].starts_with(&format!("{r1} rejected → ignored")),
+        "{:?}",
+        plan.preview
+    );
+    let replay = w
+        .replay(Status::Rejected, MappingSet::examples().unwrap(), false)
+        .await;
+    assert_eq!(
+        (replay.sent, replay.already_delivered),
+        (0, 0),
+        "{replay:?}"
+    );
+    assert_eq!(w.lago.count(&r1), 0);
+    assert_eq!(w.keys(Status::Ignored).await, vec![r1.clone()]);
+    assert_eq!(w.lago_november(), w.provider_november());
+
+    // The next restatement is measured against what Lago really holds.
+    w.restate(40, 10);
+    let third = w.sync(at(2026, 11, 23), false).await;
+    assert_eq!((third.corrections, third.sent), (1, 1), "{third:?}");
+    assert_eq!(w.amount_of(&r1.replace(".r1", ".r3")), Decimal::from(50));
+    assert_eq!(w.lago_november(), w.provider_november());
+    w.assert_each_key_once();
+}
+
+#[tokio::test]
+async fn a_correction_held_by_replay_goes_out_once_it_maps_again() {
+    let w = Replayed::start().await;
+    let r1 = w.rejected_correction().await;
+
+    // Replayed under mapping files that lost the SAKURA rule: held, nothing sent.
+    let held = w
+        .replay(Status::Rejected, mappings_without_sakura(), false)
+        .await;
+    assert_eq!((held.sent, held.held()), (0, 1), "{held:?}");
+    assert_eq!(w.keys(Status::Unmapped).await, vec![r1.clone()]);
+    assert_eq!(
+        w.lago_november() + Decimal::from(1100),
+        w.provider_november()
+    );
+
+    // The rule is back: the held correction goes out under its key with the difference.
+    let replay = w
+        .replay(Status::Unmapped, MappingSet::examples().unwrap(), false)
+        .await;
+    assert_eq!(
+        (replay.sent, replay.already_delivered),
+        (1, 0),
+        "{replay:?}"
+    );
+    assert_eq!(w.amount_of(&r1), Decimal::from(1100));
+    assert_eq!(w.lago_november(), w.provider_november());
+    w.assert_each_key_once();
+}
+
+#[tokio::test]
+async fn a_held_correction_is_covered_by_the_next_one_and_then_sends_nothing() {
+    let w = Replayed::start().await;
+    let r1 = w.rejected_correction().await;
+    let held = w
+        .replay(Status::Rejected, mappings_without_sakura(), false)
+        .await;
+    assert_eq!(held.held(), 1, "{held:?}");
+
+    // Restated again while r1 is held: r2 carries all that Lago lacks.
+    w.restate(-300, -30);
+    let second = w.sync(at(2026, 11, 22), false).await;
+    assert_eq!((second.corrections, second.sent), (1, 1), "{second:?}");
+    assert_eq!(w.amount_of(&r1.replace(".r1", ".r2")), Decimal::from(770));
+    assert_eq!(w.lago_november(), w.provider_november());
+
+    let replay = w
+        .replay(Status::Unmapped, MappingSet::examples().unwrap(), false)
+        .await;
+    assert_eq!(
+        (replay.sent, replay.already_delivered),
+        (0, 0),
+        "{replay:?}"
+    );
+    assert_eq!(w.lago.count(&r1), 0);
+    assert_eq!(w.keys(Status::Ignored).await, vec![r1.clone()]);
+    assert_eq!(w.lago_november(), w.provider_november());
+
+    // The next restatement is measured against what Lago really holds.
+    w.restate(40, 10);
+    let third = w.sync(at(2026, 11, 23), false).await;
+    assert_eq!((third.corrections, third.sent), (1, 1), "{third:?}");
+    assert_eq!(w.amount_of(&r1.replace(".r1", ".r3")), Decimal::from(50));
+    assert_eq!(w.lago_november(), w.provider_november());
+    w.assert_each_key_once();
+}
+
+#[tokio::test]
+async fn replay_sends_a_record_under_its_stored_key_whatever_the_key_derivation_says_today() {
+    use sqlx::Connection;
+    let w = Replayed::start().await;
+    let first = w.sync(at(2026, 11, 20), true).await;
+    assert!(first.mapped() > 1, "{first:?}");
+    let pending = w.keys(Status::Pending).await;
+    let derived = pending[0].clone();
+    w.lago.reject_transaction(derived.clone());
+    let pushed = w.sync(at(2026, 11, 20), false).await;
+    assert_eq!(pushed.rejected, 1, "{pushed:?}");
+
+    // A ledger written by an older build keyed this record differently.
+    let legacy = format!("{derived}.legacy");
+    let path = w.dir.path().join("ledger.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE records SET idem_key = ?1 WHERE idem_key = ?2")
+        .bind(&legacy)
+        .bind(&derived)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+
+    w.lago.clear_faults();
+    let replay = w
+        .replay(Status::Rejected, MappingSet::examples().unwrap(), false)
+        .await;
+    assert_eq!(
+        (replay.sent, replay.already_delivered),
+        (1, 0),
+        "{replay:?}"
+    );
+    assert_eq!(w.lago.count(&legacy), 1, "the stored key is the identity");
+    assert_eq!(w.lago.count(&derived), 0, "no key minted by replay");
+    assert_eq!(w.lago_november(), w.provider_november());
 }

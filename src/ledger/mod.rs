@@ -178,7 +178,8 @@ pub struct SentState {
     pub subscription: Option<String>,
     pub metric: Option<String>,
     pub sink: Option<String>,
-    /// The original value plus every correction staged for it (rejected ones excluded).
+    /// The original value plus every correction that went or goes out (sent or pending): a
+    /// rejected, held or superseded correction does not count.
     pub sent_total: Decimal,
     /// The same sum of `billed_cost` and of `consumed_quantity`: the original's as sent plus
     /// the differences the corrections carry. `None` when `vacuum` pruned the original's
@@ -269,7 +270,20 @@ pub struct StoredRecord {
     pub id: i64,
     pub key: String,
     pub status: Status,
+    /// A correction record's normalized record carries differences, not content.
     pub record: UsageRecord,
+    /// For a correction: the original record's id.
+    pub correction_of: Option<i64>,
+}
+
+/// What replay re-derives a correction from (see [`Ledger::correction_basis`]).
+#[derive(Debug, Clone)]
+pub struct CorrectionBasis {
+    /// What went out for the original, without this correction; `next_revision` is this
+    /// correction's own revision.
+    pub sent: SentState,
+    /// The original's latest content (`None`: its change history was pruned).
+    pub latest: Option<UsageRecord>,
 }
 
 /// Counts and positions for `billsync status`.
@@ -617,7 +631,7 @@ impl Ledger {
                 Some((_, hash, _)) if *hash == row.content_hash => counts.unchanged += 1,
                 Some((id, _, Status::Sent)) => {
                     let id = *id;
-                    let sent = sent_state(&mut tx, id).await?;
+                    let sent = sent_state(&mut tx, id, None).await?;
                     let decision = correct(row, &sent);
                     let (state, difference, note) = match &decision {
                         Correction::Send { row: c, difference } => {
@@ -737,7 +751,11 @@ impl Ledger {
                     .push_bind(r.correction_of)
                     .push_bind(r.revision);
             });
+            // Only full chunks keep their prepared statement: a statement per odd tail size
+            // would fill the cache with large statements (memory grows with the run).
+            let full = chunk.len() == INSERT_ROWS_PER_STATEMENT;
             qb.build()
+                .persistent(full)
                 .execute(&mut *tx)
                 .await
                 .map_err(sql("staging records"))?;
@@ -752,6 +770,7 @@ impl Ledger {
                 },
             );
             qb.build()
+                .persistent(full)
                 .execute(&mut *tx)
                 .await
                 .map_err(sql("staging record bodies"))?;
@@ -858,7 +877,7 @@ impl Ledger {
         limit: i64,
     ) -> Result<Vec<StoredRecord>, LedgerError> {
         let rows = sqlx::query(
-            "SELECT r.id, r.idem_key, r.status, b.record
+            "SELECT r.id, r.idem_key, r.status, b.record, r.correction_of
              FROM records r LEFT JOIN record_bodies b ON b.id = r.id
              WHERE (?1 IS NULL OR r.status = ?1) AND r.id > ?2
                AND (?3 IS NULL OR source = ?3 OR provider = ?3)
@@ -892,9 +911,63 @@ impl Ledger {
                         message,
                     })?,
                     record,
+                    correction_of: r.get(4),
                 })
             })
             .collect()
+    }
+
+    /// For replaying correction `id`: what went out for its original without it, and the
+    /// original's latest content. `None` when `id` is not a correction.
+    pub async fn correction_basis(&self, id: i64) -> Result<Option<CorrectionBasis>, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(sql("connecting"))?;
+        let row = sqlx::query("SELECT correction_of, revision FROM records WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(sql("reading a correction"))?;
+        let Some((Some(original), revision)) = row.map(|r| (r.get(0), r.get(1))) else {
+            return Ok(None);
+        };
+        let mut sent = sent_state(&mut conn, original, Some(id)).await?;
+        sent.next_revision = revision;
+        let latest: Option<String> = sqlx::query_scalar(
+            "SELECT record_json FROM record_changes WHERE record_id = ?1 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(original)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(sql("reading the latest content of a sent record"))?;
+        let latest = latest
+            .map(|json| serde_json::from_str(&json))
+            .transpose()
+            .map_err(|e| LedgerError::Corrupt {
+                id: original,
+                field: "record_changes.record_json",
+                message: e.to_string(),
+            })?;
+        Ok(Some(CorrectionBasis { sent, latest }))
+    }
+
+    /// Replace a correction that did not go out by its re-derived row (replay): difference,
+    /// normalized record, mapping and payload, keeping its key. A sent row is never touched.
+    pub async fn restage_correction(
+        &self,
+        run_id: i64,
+        id: i64,
+        row: &StageRow,
+        now: DateTime<Utc>,
+    ) -> Result<(), LedgerError> {
+        // Row and body change together.
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        restage(&mut tx, id, row, run_id, &ts(now)).await?;
+        tx.commit()
+            .await
+            .map_err(sql("committing a re-derived correction"))
     }
 
     /// The record stored under ledger id `id` (`None`: no such row), for
@@ -989,6 +1062,8 @@ impl Ledger {
             .map(|(id, _)| *id)
             .collect();
         for chunk in sent.chunks(LOOKUP_KEYS_PER_STATEMENT) {
+            // `+status`: look the rows up by id. Without it SQLite walks the status index
+            // through every pending record for each statement (quadratic over a backlog).
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "UPDATE records SET status = 'sent', attempts = attempts + 1, last_error = NULL, sent_run = ",
             );
@@ -999,13 +1074,14 @@ impl Ledger {
                 .push_bind(now_s.clone())
                 .push(", updated_at = ")
                 .push_bind(now_s.clone())
-                .push(" WHERE status = 'pending' AND id IN (");
+                .push(" WHERE +status = 'pending' AND id IN (");
             let mut sep = qb.separated(", ");
             for id in chunk {
                 sep.push_bind(*id);
             }
             qb.push(")");
             qb.build()
+                .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
                 .execute(&mut *tx)
                 .await
                 .map_err(sql("acknowledging sent records"))?;
@@ -1399,6 +1475,7 @@ async fn lookup(
         qb.push(")");
         for r in qb
             .build()
+            .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
             .fetch_all(&mut *conn)
             .await
             .map_err(sql("looking up staged records"))?
@@ -1433,21 +1510,28 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-async fn sent_state(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<SentState, LedgerError> {
+/// What went out for record `id`: the original and its sent or pending corrections, except
+/// `exclude` (the correction being replayed).
+async fn sent_state(
+    conn: &mut sqlx::SqliteConnection,
+    id: i64,
+    exclude: Option<i64>,
+) -> Result<SentState, LedgerError> {
     // Decimals are summed here, exactly, from their text: SQLite's SUM would round them.
     let r = sqlx::query(
         "SELECT o.idem_key, o.subscription, o.metric, o.sink, o.value,
              (SELECT group_concat(c.value, ' ') FROM records c
-                WHERE c.correction_of = o.id AND c.status <> 'rejected'),
+                WHERE c.correction_of = o.id AND c.status IN ('pending', 'sent') AND c.id IS NOT ?2),
              (SELECT COALESCE(MAX(c.revision), 0) FROM records c WHERE c.correction_of = o.id),
              (SELECT b.record FROM record_bodies b WHERE b.id = o.id),
              (SELECT group_concat(c.billed_cost, ' ') FROM records c
-                WHERE c.correction_of = o.id AND c.status <> 'rejected'),
+                WHERE c.correction_of = o.id AND c.status IN ('pending', 'sent') AND c.id IS NOT ?2),
              (SELECT group_concat(c.consumed_quantity, ' ') FROM records c
-                WHERE c.correction_of = o.id AND c.status <> 'rejected')
+                WHERE c.correction_of = o.id AND c.status IN ('pending', 'sent') AND c.id IS NOT ?2)
          FROM records o WHERE o.id = ?1",
     )
     .bind(id)
+    .bind(exclude)
     .fetch_one(&mut *conn)
     .await
     .map_err(sql("reading what was sent for a record"))?;
@@ -1708,6 +1792,7 @@ impl Ledger {
             qb.push(") RETURNING group_key");
             let left: Vec<String> = qb
                 .build_query_scalar()
+                .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(sql("removing period shares"))?;
@@ -1731,6 +1816,7 @@ impl Ledger {
             qb.push(")");
             for r in qb
                 .build()
+                .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(sql("reading period shares"))?
