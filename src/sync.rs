@@ -751,6 +751,9 @@ impl Pipeline {
             stats
         };
         let stage = async {
+            // Owned here, so that a stager that stops on a ledger error drops the receiver
+            // and the puller's next send fails instead of waiting on a full channel.
+            let pages_rx = &mut pages_rx;
             let mut buffer = StageBuffer::default();
             while let Some(page) = pages_rx.recv().await {
                 let Some(run_id) = run_id else {

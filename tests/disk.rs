@@ -142,3 +142,40 @@ async fn a_read_only_ledger_is_a_clear_error_and_changes_nothing() {
     assert!(text(&ro).contains("ledger"), "{}", text(&ro));
     assert_each_key_once(&world).await;
 }
+
+/// The disk fills while windows are still being pulled ahead of the stager (`SIGXFSZ` ignored,
+/// so writes fail with `EFBIG` instead of killing the process): the ledger error ends the run
+/// with a clear error — it must not leave the puller waiting on a full channel — and the next
+/// run delivers every key once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_that_fills_mid_pull_is_an_error_not_a_hang() {
+    let start = billsync::demo::demo_start();
+    let dataset = billsync::simulators::metalsoft::MetalsoftDataset::generated(
+        2,
+        150,
+        7,
+        start,
+        start + chrono::Duration::days(30),
+    );
+    let world = World::start_with(Behaviour::Postgres, dataset).await;
+    let cfg = setup(&world);
+    // 2 MB: the first transactions fit, a later one does not.
+    let full = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        sync_binary(&cfg, "trap '' XFSZ; ulimit -f 4096;"),
+    )
+    .await
+    .expect("the run ended (it must not hang when the ledger fails mid-pull)");
+    let out = text(&full);
+    assert_eq!(full.status.code(), Some(1), "{out}");
+    assert!(out.contains("ledger"), "the error names the ledger: {out}");
+    let next = sync_binary(&cfg, "").await;
+    assert!(
+        matches!(next.status.code(), Some(0) | Some(4)),
+        "{}",
+        text(&next)
+    );
+    let held = world.lago.counts();
+    assert!(!held.is_empty());
+    assert!(held.values().all(|&n| n == 1), "a key stored twice");
+}
