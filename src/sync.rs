@@ -687,7 +687,7 @@ impl Pipeline {
         // keys: no-op). A bounded channel keeps the puller at most a few pages ahead.
         let push_provisional = provider.push_provisional();
         let total = chunks.len();
-        let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<PulledPage>(PAGES_AHEAD);
+        let (pages_tx, pages_rx) = tokio::sync::mpsc::channel::<PulledPage>(PAGES_AHEAD);
         let pull = async move {
             use futures_util::stream::{self, StreamExt};
             let mut stats = PullStats::default();
@@ -753,7 +753,7 @@ impl Pipeline {
         let stage = async {
             // Owned here, so that a stager that stops on a ledger error drops the receiver
             // and the puller's next send fails instead of waiting on a full channel.
-            let pages_rx = &mut pages_rx;
+            let mut pages_rx = pages_rx;
             let mut buffer = StageBuffer::default();
             while let Some(page) = pages_rx.recv().await {
                 let Some(run_id) = run_id else {
