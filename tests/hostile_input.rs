@@ -2,9 +2,9 @@
 //! fixtures, truncated text and arbitrary strings. None may panic; each answers a value or a
 //! typed error.
 //!
-//! Cases per property: 256 in the default suite; 10,000 in the `#[ignore]`d `soak_*` variants
-//! that CI runs in their own step (`cargo test --test hostile_input -- --ignored`);
-//! `BILLSYNC_PROPTEST_CASES` overrides both.
+//! Cases per property: 256 in the default suite; 10,000 in the `#[ignore]`d `soak_*` variants,
+//! run by hand (`cargo test --release --test hostile_input -- --ignored`: minutes per parser in
+//! a debug build); `BILLSYNC_PROPTEST_CASES` overrides both.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -697,7 +697,7 @@ macro_rules! suites {
         mod soak {
             $(
                 #[test]
-                #[ignore = "10,000 cases: run by CI in its own step"]
+                #[ignore = "10,000 cases: run by hand (see the module doc)"]
                 fn $name() {
                     super::CASES.with(|c| c.set(super::SOAK));
                     super::$name()
