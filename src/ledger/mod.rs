@@ -1075,10 +1075,7 @@ impl Ledger {
                 .push(", updated_at = ")
                 .push_bind(now_s.clone())
                 .push(" WHERE +status = 'pending' AND id IN (");
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             qb.build()
                 .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
@@ -1435,6 +1432,17 @@ impl Ledger {
     }
 }
 
+/// Bind `items` as a comma-separated list (the inside of an `IN (…)`).
+fn push_list<'t, T>(qb: &mut QueryBuilder<Sqlite>, items: impl IntoIterator<Item = T>)
+where
+    T: sqlx::Encode<'t, Sqlite> + sqlx::Type<Sqlite>,
+{
+    let mut sep = qb.separated(", ");
+    for item in items {
+        sep.push_bind(item);
+    }
+}
+
 fn record_body(record: &UsageRecord) -> Result<Vec<u8>, LedgerError> {
     body::encode(record).map_err(|message| LedgerError::Corrupt {
         id: 0,
@@ -1468,10 +1476,7 @@ async fn lookup(
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT id, idem_key, content_hash, status FROM records WHERE idem_key IN (",
         );
-        let mut sep = qb.separated(", ");
-        for k in chunk {
-            sep.push_bind(*k);
-        }
+        push_list(&mut qb, chunk.iter().copied());
         qb.push(")");
         for r in qb
             .build()
@@ -1785,10 +1790,7 @@ impl Ledger {
                      WHERE r.idem_key = period_members.idem_key AND r.status = 'sent')
                    AND idem_key IN (",
             );
-            let mut sep = qb.separated(", ");
-            for k in chunk {
-                sep.push_bind(*k);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(") RETURNING group_key");
             let left: Vec<String> = qb
                 .build_query_scalar()
@@ -1809,10 +1811,7 @@ impl Ledger {
                      EXISTS (SELECT 1 FROM records r WHERE r.idem_key = m.idem_key AND r.status = 'sent')
                  FROM period_members m WHERE m.idem_key IN (",
             );
-            let mut sep = qb.separated(", ");
-            for k in chunk {
-                sep.push_bind(*k);
-            }
+            push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             for r in qb
                 .build()
