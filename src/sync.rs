@@ -36,6 +36,9 @@ const PREVIEW_LINES: usize = 200;
 /// Staging accumulates pages (each with its cursor) up to this many records per transaction:
 /// a provider window may hold a handful of records, and a commit costs an fsync.
 const STAGE_ROWS_PER_TRANSACTION: usize = 4000;
+/// ...or once the oldest buffered page has waited this long: a run stopped early (a crash, an
+/// OOM kill) loses at most this much pulling, however small the pages are.
+const STAGE_MAX_DELAY: Duration = Duration::from_secs(1);
 /// Most sink batches in flight at once; the window grows by one per acknowledged batch and
 /// halves when the sink reports a 429 (AIMD), never below one.
 const MAX_BATCHES_IN_FLIGHT: usize = 8;
@@ -146,6 +149,8 @@ struct StageBuffer {
     rows: Vec<StageRow>,
     keys: HashSet<String>,
     cursors: Vec<(String, String)>,
+    /// When the oldest buffered page arrived.
+    since: Option<Instant>,
 }
 
 /// Progress of a run, for a person watching (the logs carry the same facts for machines).
@@ -782,7 +787,10 @@ impl Pipeline {
                 if let Some(value) = page.cursor {
                     buffer.cursors.push((page.stream, value));
                 }
-                if buffer.rows.len() >= STAGE_ROWS_PER_TRANSACTION {
+                let since = *buffer.since.get_or_insert_with(Instant::now);
+                if buffer.rows.len() >= STAGE_ROWS_PER_TRANSACTION
+                    || since.elapsed() >= STAGE_MAX_DELAY
+                {
                     self.flush_stage(provider, run_id, &mut buffer, summary)
                         .await?;
                 }
@@ -841,6 +849,7 @@ impl Pipeline {
         buffer.rows.clear();
         buffer.keys.clear();
         buffer.cursors.clear();
+        buffer.since = None;
         timed(&self.timings, |t| &t.stage, started);
         Ok(())
     }
