@@ -78,7 +78,7 @@ pub fn users_for(records: u64) -> u64 {
         period_start(),
         period_end(),
     );
-    let mut total = 0u64;
+    let mut sampled = 0u64;
     for user_id in 1..=SAMPLE_USERS {
         for w in 0..WINDOWS {
             let start = period_start() + chrono::Duration::days(w);
@@ -92,10 +92,10 @@ pub fn users_for(records: u64) -> u64 {
                 window_end: end,
                 settled: true,
             };
-            total += parse_report(&result, &ctx).map_or(0, |r| r.len() as u64);
+            sampled += parse_report(&result, &ctx).map_or(0, |r| r.len() as u64);
         }
     }
-    let per_user = (total as f64 / SAMPLE_USERS as f64).max(1.0);
+    let per_user = (sampled as f64 / SAMPLE_USERS as f64).max(1.0);
     ((records as f64 / per_user).round() as u64).max(1)
 }
 
@@ -392,7 +392,7 @@ async fn bench_with(
             ..Default::default()
         })
         .await?;
-    let total = t.elapsed();
+    let run_time = t.elapsed();
     let after = sims.stats()?;
     let timings = pipeline.timings.clone().unwrap_or_default();
     let t = timings.snapshot();
@@ -437,8 +437,8 @@ async fn bench_with(
     );
     println!(
         "end to end {:>8.2}s   {:>9} records/s (pulled records over the whole run)",
-        total.as_secs_f64(),
-        rate(pulled, total)
+        run_time.as_secs_f64(),
+        rate(pulled, run_time)
     );
     let requests = after.requests - before.requests;
     let throttled = after.throttled - before.throttled;
@@ -514,7 +514,7 @@ async fn bench_with(
             .unwrap_or(0);
         let reached = after.events - before.events;
         let base_rate = base_pulled as f64 / took.as_secs_f64();
-        let ours = pulled as f64 / total.as_secs_f64();
+        let ours = pulled as f64 / run_time.as_secs_f64();
         println!(
             "naive baseline: {base_pulled} records pulled, {reached} events reached Lago in {:.2}s → {:.0} records/s",
             took.as_secs_f64(),
