@@ -809,7 +809,7 @@ impl Pipeline {
             }
             Ok::<(), LedgerError>(())
         };
-        let (stats, staged) = tokio::join!(pull, stage);
+        let (stats, staged) = run_side_by_side(pull, stage).await;
         src.chunks += stats.chunks;
         src.pulled += stats.pulled;
         summary.pulled += stats.pulled;
@@ -1730,4 +1730,37 @@ impl Pipeline {
             })),
         }
     }
+}
+
+/// Run the puller and the stager of a source side by side.
+///
+/// On the multi-threaded runtime (the binary) the stager gets a thread of its own: the puller's
+/// parsing, mapping and encoding and the stager's ledger writes are both CPU work, and awaited
+/// in one task they would take turns on one core. On a current-thread runtime (most tests) the
+/// two halves are awaited together in this task, as they must be: there the runtime's only
+/// thread is the one driving its I/O.
+async fn run_side_by_side<P, S>(pull: P, stage: S) -> (P::Output, S::Output)
+where
+    P: std::future::Future,
+    S: std::future::Future + Send,
+    S::Output: Send,
+{
+    let handle = tokio::runtime::Handle::current();
+    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        return tokio::join!(pull, stage);
+    }
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let stager = std::thread::Builder::new()
+                .name("billsync-stager".into())
+                .spawn_scoped(scope, || handle.block_on(stage))
+                .expect("spawning the stager thread");
+            let pulled = handle.block_on(pull);
+            let staged = match stager.join() {
+                Ok(staged) => staged,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            (pulled, staged)
+        })
+    })
 }

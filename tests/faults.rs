@@ -462,6 +462,16 @@ async fn provider_5xx_past_the_retries_fails_the_source_and_the_next_run_recover
 
 #[tokio::test]
 async fn provider_window_failing_among_concurrent_requests_stops_staging_at_that_window() {
+    window_failing_among_concurrent_requests().await;
+}
+
+/// As above with the stager on its own thread (the binary's multi-threaded runtime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_window_failing_with_the_stager_on_its_own_thread_stops_staging_there() {
+    window_failing_among_concurrent_requests().await;
+}
+
+async fn window_failing_among_concurrent_requests() {
     // Windows are requested four at a time (MetalSoft's default); the third day of user 1 keeps
     // failing. Everything before it in plan order is staged and sent, nothing after it, though
     // later windows were already answered; the next run does the rest, every key once.

@@ -45,6 +45,17 @@ async fn assert_delivered_exactly_once(world: &World) {
 
 #[tokio::test]
 async fn a_sync_delivers_every_mapped_record_once_and_a_second_sync_sends_nothing() {
+    delivers_once_then_nothing().await;
+}
+
+/// The binary's runtime has several threads, and there the stager runs on a thread of its own
+/// beside the puller (tests on one thread await both in one task): the same outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_stager_on_its_own_thread_a_sync_delivers_every_record_once() {
+    delivers_once_then_nothing().await;
+}
+
+async fn delivers_once_then_nothing() {
     let world = World::start(Behaviour::Postgres).await;
     let pipeline = world.pipeline().await;
     let first = pipeline.sync(&opts()).await.unwrap();

@@ -22,14 +22,12 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 mod body;
+mod raw;
 
 use crate::providers::Cursors;
 use crate::record::UsageRecord;
 use crate::sinks::{Outcome, Outgoing};
 
-/// Rows per multi-row `INSERT`: measured here, 50-row statements stage ~9× faster than one
-/// statement per row, and 50 × 31 binds stays far below SQLite's bind limit.
-const INSERT_ROWS_PER_STATEMENT: usize = 50;
 /// Keys per `IN (…)` look-up.
 const LOOKUP_KEYS_PER_STATEMENT: usize = 500;
 
@@ -50,6 +48,11 @@ pub enum LedgerError {
         context: &'static str,
         source: sqlx::Error,
     },
+    #[error("ledger: {context}: {source}")]
+    Sqlite {
+        context: &'static str,
+        source: raw::RawError,
+    },
     #[error("ledger row {id} ({field}) is unreadable: {message}")]
     Corrupt {
         id: i64,
@@ -66,6 +69,10 @@ pub enum LedgerError {
 
 fn sql(context: &'static str) -> impl FnOnce(sqlx::Error) -> LedgerError {
     move |source| LedgerError::Sql { context, source }
+}
+
+fn sqlite(context: &'static str) -> impl FnOnce(raw::RawError) -> LedgerError {
+    move |source| LedgerError::Sqlite { context, source }
 }
 
 /// Format a timestamp the way the ledger stores it.
@@ -606,8 +613,13 @@ impl Ledger {
             .await
             .map_err(sql("beginning a transaction"))?;
 
-        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
-        let mut known = lookup(&mut tx, &keys).await?;
+        let mut known = {
+            let mut handle = tx
+                .lock_handle()
+                .await
+                .map_err(sql("locking the connection for staging"))?;
+            lookup_staged(&mut handle, rows.iter().map(|r| r.key.as_str()))?
+        };
         // Rows to insert, by key: a key repeated inside one page keeps its last content.
         let mut inserts: Vec<&StageRow> = Vec::new();
         let mut corrections: Vec<StageRow> = Vec::new();
@@ -696,84 +708,16 @@ impl Ledger {
         inserts.extend(corrections.iter());
         // Ids are given here, in order, so that the bodies can be written beside their rows
         // without reading ids back.
-        let mut next_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM records")
+        let next_id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM records")
             .fetch_one(&mut *tx)
             .await
             .map_err(sql("reading the next record id"))?;
-        for chunk in inserts.chunks(INSERT_ROWS_PER_STATEMENT) {
-            let first_id = next_id;
-            next_id += chunk.len() as i64;
-            let bodies: Vec<std::borrow::Cow<'_, [u8]>> = chunk
-                .iter()
-                .map(|r| match &r.body {
-                    Some(b) => Ok(std::borrow::Cow::Borrowed(b.as_slice())),
-                    None => record_body(&r.record).map(std::borrow::Cow::Owned),
-                })
-                .collect::<Result<_, _>>()?;
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO records (id, idem_key, source, provider, content_hash, status,
-                 is_final, charge_period_start, charge_period_end, billing_account_id, sub_account_id,
-                 resource_type, resource_id, consumed_quantity, consumed_unit, billed_cost,
-                 billing_currency, rule, sink, subscription, customer, metric, value, value_property,
-                 last_error, first_run, last_run, staged_at, updated_at, correction_of, revision) ",
-            );
-            qb.push_values(chunk.iter().enumerate(), |mut b, (i, r)| {
-                let rec = &r.record;
-                b.push_bind(first_id + i as i64)
-                    .push_bind(r.key.as_str())
-                    .push_bind(rec.source.as_str())
-                    .push_bind(rec.provider.as_str())
-                    .push_bind(r.content_hash.as_str())
-                    .push_bind(r.status.as_str())
-                    .push_bind(rec.is_final)
-                    .push_bind(ts(rec.charge_period_start))
-                    .push_bind(ts(rec.charge_period_end))
-                    .push_bind(rec.billing_account_id.as_str())
-                    .push_bind(rec.sub_account_id.as_str())
-                    .push_bind(rec.resource_type.as_str())
-                    .push_bind(rec.resource_id.as_str())
-                    .push_bind(rec.consumed_quantity.to_string())
-                    .push_bind(rec.consumed_unit.as_str())
-                    .push_bind(rec.billed_cost.to_string())
-                    .push_bind(rec.billing_currency.as_str())
-                    .push_bind(r.mapped.rule.as_deref())
-                    .push_bind(r.mapped.sink.as_deref())
-                    .push_bind(r.mapped.subscription.as_deref())
-                    .push_bind(r.mapped.customer.as_deref())
-                    .push_bind(r.mapped.metric.as_deref())
-                    .push_bind(r.mapped.value.map(|v| v.to_string()))
-                    .push_bind(r.mapped.value_property.as_deref())
-                    .push_bind(r.note.as_deref())
-                    .push_bind(run_id)
-                    .push_bind(run_id)
-                    .push_bind(now_s.as_str())
-                    .push_bind(now_s.as_str())
-                    .push_bind(r.correction_of)
-                    .push_bind(r.revision);
-            });
-            // Only full chunks keep their prepared statement: a statement per odd tail size
-            // would fill the cache with large statements (memory grows with the run).
-            let full = chunk.len() == INSERT_ROWS_PER_STATEMENT;
-            qb.build()
-                .persistent(full)
-                .execute(&mut *tx)
+        if !inserts.is_empty() {
+            let mut handle = tx
+                .lock_handle()
                 .await
-                .map_err(sql("staging records"))?;
-            let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO record_bodies (id, payload, record) ");
-            qb.push_values(
-                chunk.iter().zip(bodies.iter()).enumerate(),
-                |mut b, (i, (r, body))| {
-                    b.push_bind(first_id + i as i64)
-                        .push_bind(r.mapped.payload.as_deref())
-                        .push_bind(body.as_ref());
-                },
-            );
-            qb.build()
-                .persistent(full)
-                .execute(&mut *tx)
-                .await
-                .map_err(sql("staging record bodies"))?;
+                .map_err(sql("locking the connection for staging"))?;
+            insert_staged(&mut handle, &inserts, next_id, run_id, &now_s)?;
         }
         for ChangeSeen {
             record_id: id,
@@ -1465,6 +1409,170 @@ fn record_json(record: &UsageRecord) -> Result<String, LedgerError> {
         field: "record_json",
         message: e.to_string(),
     })
+}
+
+const INSERT_RECORD: &str = "INSERT INTO records (id, idem_key, source, provider, content_hash,
+     status, is_final, charge_period_start, charge_period_end, billing_account_id, sub_account_id,
+     resource_type, resource_id, consumed_quantity, consumed_unit, billed_cost, billing_currency,
+     rule, sink, subscription, customer, metric, value, value_property, last_error, first_run,
+     last_run, staged_at, updated_at, correction_of, revision)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?26, ?27, ?27, ?28, ?29)";
+
+const INSERT_BODY: &str = "INSERT INTO record_bodies (id, payload, record) VALUES (?1, ?2, ?3)";
+
+/// Insert new records and their bodies with ids `first_id..`, in the open transaction.
+///
+/// Values are bound straight from the rows; numbers and timestamps are formatted into one
+/// reused buffer (SQLite copies what is bound), so a record costs no allocation here.
+fn insert_staged(
+    handle: &mut sqlx::sqlite::LockedSqliteHandle<'_>,
+    rows: &[&StageRow],
+    first_id: i64,
+    run_id: i64,
+    now: &str,
+) -> Result<(), LedgerError> {
+    use std::fmt::Write;
+    let raw = raw::Raw::new(handle);
+    let mut record = raw
+        .prepare(INSERT_RECORD)
+        .map_err(sqlite("preparing the staging statement"))?;
+    let mut body = raw
+        .prepare(INSERT_BODY)
+        .map_err(sqlite("preparing the staging statement"))?;
+    let mut buf = String::with_capacity(64);
+    for (i, r) in rows.iter().enumerate() {
+        let id = first_id + i as i64;
+        let rec = &r.record;
+        let m = &r.mapped;
+        let bind =
+            |s: &mut raw::Statement<'_, '_>, buf: &mut String| -> Result<(), raw::RawError> {
+                s.int(1, id)?;
+                s.text(2, &r.key)?;
+                s.text(3, &rec.source)?;
+                s.text(4, &rec.provider)?;
+                s.text(5, &r.content_hash)?;
+                s.text(6, r.status.as_str())?;
+                s.int(7, i64::from(rec.is_final))?;
+                buf.clear();
+                write_ts(buf, rec.charge_period_start);
+                s.text(8, buf)?;
+                buf.clear();
+                write_ts(buf, rec.charge_period_end);
+                s.text(9, buf)?;
+                s.text(10, &rec.billing_account_id)?;
+                s.text(11, &rec.sub_account_id)?;
+                s.text(12, &rec.resource_type)?;
+                s.text(13, &rec.resource_id)?;
+                buf.clear();
+                let _ = write!(buf, "{}", rec.consumed_quantity);
+                s.text(14, buf)?;
+                s.text(15, &rec.consumed_unit)?;
+                buf.clear();
+                let _ = write!(buf, "{}", rec.billed_cost);
+                s.text(16, buf)?;
+                s.text(17, &rec.billing_currency)?;
+                s.opt_text(18, m.rule.as_deref())?;
+                s.opt_text(19, m.sink.as_deref())?;
+                s.opt_text(20, m.subscription.as_deref())?;
+                s.opt_text(21, m.customer.as_deref())?;
+                s.opt_text(22, m.metric.as_deref())?;
+                match m.value {
+                    Some(v) => {
+                        buf.clear();
+                        let _ = write!(buf, "{v}");
+                        s.text(23, buf)?;
+                    }
+                    None => s.null(23)?,
+                }
+                s.opt_text(24, m.value_property.as_deref())?;
+                s.opt_text(25, r.note.as_deref())?;
+                s.int(26, run_id)?;
+                s.text(27, now)?;
+                s.opt_int(28, r.correction_of)?;
+                s.int(29, r.revision)?;
+                s.run()
+            };
+        bind(&mut record, &mut buf).map_err(sqlite("staging records"))?;
+        let encoded;
+        let stored: &[u8] = match &r.body {
+            Some(b) => b,
+            None => {
+                encoded = record_body(&r.record)?;
+                &encoded
+            }
+        };
+        (|| {
+            body.int(1, id)?;
+            body.opt_text(2, m.payload.as_deref())?;
+            body.blob(3, stored)?;
+            body.run()
+        })()
+        .map_err(sqlite("staging record bodies"))?;
+    }
+    Ok(())
+}
+
+/// [`ts`] into a buffer, without allocating.
+fn write_ts(buf: &mut String, t: DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    use std::fmt::Write;
+    if (0..=9999).contains(&t.year()) && t.nanosecond() < 1_000_000_000 {
+        let _ = write!(
+            buf,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        );
+    } else {
+        buf.push_str(&ts(t));
+    }
+}
+
+/// [`lookup`] on the raw handle: one prepared point query per key, for staging.
+fn lookup_staged<'k>(
+    handle: &mut sqlx::sqlite::LockedSqliteHandle<'_>,
+    keys: impl Iterator<Item = &'k str>,
+) -> Result<HashMap<String, (i64, String, Status)>, LedgerError> {
+    let raw = raw::Raw::new(handle);
+    let mut query = raw
+        .prepare("SELECT id, content_hash, status FROM records WHERE idem_key = ?1")
+        .map_err(sqlite("preparing the staging look-up"))?;
+    let mut found = HashMap::new();
+    for key in keys {
+        query
+            .text(1, key)
+            .map_err(sqlite("looking up staged records"))?;
+        let Some(row) = query
+            .next_row()
+            .map_err(sqlite("looking up staged records"))?
+        else {
+            continue;
+        };
+        let id = row.int(0);
+        let hash = row.text(1).unwrap_or_default().to_owned();
+        let status =
+            row.text(2)
+                .unwrap_or_default()
+                .parse()
+                .map_err(|message| LedgerError::Corrupt {
+                    id,
+                    field: "status",
+                    message,
+                })?;
+        found.insert(key.to_owned(), (id, hash, status));
+        // `idem_key` is unique: drain the query so it is reset for the next key.
+        while query
+            .next_row()
+            .map_err(sqlite("looking up staged records"))?
+            .is_some()
+        {}
+    }
+    Ok(found)
 }
 
 async fn lookup(
