@@ -69,7 +69,99 @@ pub fn progress(json_logs: bool) -> std::sync::Arc<dyn Progress> {
             multi: bars.clone(),
             current: Mutex::new(None),
         }),
-        _ => std::sync::Arc::new(crate::sync::NoProgress),
+        _ => std::sync::Arc::new(LogProgress::new(LOG_PROGRESS_EVERY)),
+    }
+}
+
+/// How often a run without a terminal logs its progress.
+const LOG_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Progress as log lines, for runs without a terminal (the CronJob): a long pull or push says
+/// how far it is at most every `every`, so a stalled run can be told from a slow one.
+pub struct LogProgress {
+    every: Duration,
+    state: Mutex<LogProgressState>,
+}
+
+struct LogProgressState {
+    phase: String,
+    unit: &'static str,
+    total: u64,
+    done: u64,
+    records: u64,
+    started: std::time::Instant,
+    logged: std::time::Instant,
+}
+
+impl LogProgress {
+    pub fn new(every: Duration) -> Self {
+        let now = std::time::Instant::now();
+        LogProgress {
+            every,
+            state: Mutex::new(LogProgressState {
+                phase: String::new(),
+                unit: "",
+                total: 0,
+                done: 0,
+                records: 0,
+                started: now,
+                logged: now,
+            }),
+        }
+    }
+
+    fn start(&self, phase: String, unit: &'static str, total: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            let now = std::time::Instant::now();
+            *s = LogProgressState {
+                phase,
+                unit,
+                total,
+                done: 0,
+                records: 0,
+                started: now,
+                logged: now,
+            };
+        }
+    }
+
+    fn advance(&self, done: u64, records: u64) {
+        let Ok(mut s) = self.state.lock() else {
+            return;
+        };
+        s.done += done;
+        s.records += records;
+        if s.logged.elapsed() < self.every {
+            return;
+        }
+        s.logged = std::time::Instant::now();
+        let millis = u64::try_from(s.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        tracing::info!(
+            phase = %s.phase,
+            done = s.done,
+            total = s.total,
+            unit = s.unit,
+            records = s.records,
+            records_per_s = s.records.saturating_mul(1000) / millis,
+            "progress"
+        );
+    }
+}
+
+impl Progress for LogProgress {
+    fn source_started(&self, source: &str, chunks: u64) {
+        self.start(format!("pull {source}"), "windows", chunks);
+    }
+    fn chunk_done(&self, records: u64) {
+        self.advance(1, records);
+    }
+    fn push_started(&self, sink: &str, pending: u64) {
+        self.start(format!("push {sink}"), "records", pending);
+    }
+    fn batch_done(&self, records: u64) {
+        self.advance(records, records);
     }
 }
 
@@ -446,5 +538,85 @@ pub async fn push_metrics(settings: &MetricsSettings, body: String) -> Result<()
         Ok(r) if r.status().is_success() => Ok(()),
         Ok(r) => Err(format!("pushgateway {url} answered HTTP {}", r.status())),
         Err(e) => Err(format!("pushgateway {url}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn progress_lines(every: Duration, run: impl FnOnce(&LogProgress)) -> Vec<serde_json::Value> {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || run(&LogProgress::new(every)));
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_run_without_a_terminal_logs_how_far_its_pull_and_push_are() {
+        let lines = progress_lines(Duration::ZERO, |p| {
+            p.source_started("metalsoft", 3);
+            p.chunk_done(10);
+            p.chunk_done(0); // a window with no records still counts as done
+            p.push_started("lago", 25);
+            p.batch_done(20);
+            p.batch_done(5);
+        });
+        let facts: Vec<(String, u64, u64, u64)> = lines
+            .iter()
+            .map(|l| {
+                assert_eq!(l["message"], "progress");
+                (
+                    l["phase"].as_str().unwrap().to_string(),
+                    l["done"].as_u64().unwrap(),
+                    l["total"].as_u64().unwrap(),
+                    l["records"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            facts,
+            [
+                ("pull metalsoft".to_string(), 1, 3, 10),
+                ("pull metalsoft".to_string(), 2, 3, 10),
+                ("push lago".to_string(), 20, 25, 20),
+                ("push lago".to_string(), 25, 25, 25),
+            ]
+        );
+        assert_eq!(lines[0]["unit"], "windows");
+        assert_eq!(lines[2]["unit"], "records");
+    }
+
+    #[test]
+    fn progress_is_logged_at_most_once_per_interval() {
+        let lines = progress_lines(Duration::from_secs(3600), |p| {
+            p.source_started("metalsoft", 1000);
+            for _ in 0..1000 {
+                p.chunk_done(100);
+            }
+        });
+        assert!(lines.is_empty(), "{lines:?}");
     }
 }

@@ -765,8 +765,8 @@ impl Pipeline {
                     if !page.rows.is_empty() {
                         let counts = self.dry_run_counts(&page.rows).await?;
                         summary.add_counts(&counts);
-                        self.progress.chunk_done(page.rows.len() as u64);
                     }
+                    self.progress.chunk_done(page.rows.len() as u64);
                     continue;
                 };
                 // Month shares are kept before their records are staged: a crash in between
@@ -779,9 +779,7 @@ impl Pipeline {
                     self.flush_stage(provider, run_id, &mut buffer, summary)
                         .await?;
                 }
-                if !page.rows.is_empty() {
-                    self.progress.chunk_done(page.rows.len() as u64);
-                }
+                self.progress.chunk_done(page.rows.len() as u64);
                 buffer.keys.extend(page.rows.iter().map(|r| r.key.clone()));
                 buffer.rows.extend(page.rows);
                 if let Some(value) = page.cursor {
