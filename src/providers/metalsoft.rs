@@ -83,7 +83,7 @@ use tracing::{debug, info, warn};
 use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
-use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
+use crate::providers::{Chunk, Cursors, Page, Plan, Provider, ProviderError};
 use crate::record::UsageRecord;
 
 /// The provider kind, also the `provider` field of every record.
@@ -222,8 +222,8 @@ pub struct MetalsoftProvider {
     client: reqwest::Client,
     window_secs: i64,
     next_id: AtomicU64,
-    /// The watermark `plan` saw per stream, so `fetch` never returns an older cursor.
-    watermarks: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// The watermark `plan` saw per user, so `fetch` never returns an older cursor.
+    watermarks: Mutex<HashMap<u64, DateTime<Utc>>>,
 }
 
 impl MetalsoftProvider {
@@ -468,10 +468,23 @@ impl Provider for MetalsoftProvider {
         cursors: &Cursors,
         now: DateTime<Utc>,
     ) -> Result<Vec<Chunk>, ProviderError> {
+        Ok(self.plan_lazily(cursors, now).await?.chunks.collect())
+    }
+
+    /// User by user, window by window. Only each user's first window and window count are
+    /// kept; the chunks themselves are made as they are taken (a run over many users and
+    /// windows would otherwise hold all of them at once).
+    async fn plan_lazily<'a>(
+        &'a self,
+        cursors: &Cursors,
+        now: DateTime<Utc>,
+    ) -> Result<Plan<'a>, ProviderError> {
         let window = self.config.window;
+        let window_secs = self.window_secs;
         let upper = self.align_down(now - self.config.settle_delay);
-        let mut chunks = Vec::new();
-        let mut seen = HashMap::new();
+        let mut users: Vec<(u64, DateTime<Utc>, i64)> = Vec::new();
+        let mut len: usize = 0;
+        let mut seen = HashMap::with_capacity(self.config.user_ids.len());
         for &user_id in &self.config.user_ids {
             let stream = Self::stream_of(user_id);
             // With a stored cursor, re-read `look_back` before it; on the first run nothing was
@@ -488,25 +501,39 @@ impl Provider for MetalsoftProvider {
                 ),
                 None => (self.config.start, chrono::Duration::zero()),
             };
-            seen.insert(stream.clone(), watermark);
-            let mut window_start = self.align_down(watermark - look_back);
-            let before = chunks.len();
-            while window_start + window <= upper {
-                chunks.push(Chunk {
-                    stream: stream.clone(),
-                    window_start,
-                    window_end: window_start + window,
-                    detail: user_id.to_string(),
-                });
-                window_start += window;
+            seen.insert(user_id, watermark);
+            let first = self.align_down(watermark - look_back);
+            // The windows `first + k·window` that end by `upper`.
+            let windows = (upper - first).num_seconds().div_euclid(window_secs).max(0);
+            debug!(source = %self.name, user_id, %watermark, %upper, windows, "metalsoft: planned");
+            if windows > 0 {
+                users.push((user_id, first, windows));
+                len += windows as usize;
             }
-            debug!(source = %self.name, user_id, %watermark, %upper, windows = chunks.len() - before, "metalsoft: planned");
         }
         if let Ok(mut map) = self.watermarks.lock() {
             map.extend(seen);
         }
-        info!(source = %self.name, chunks = chunks.len(), "metalsoft: plan ready");
-        Ok(chunks)
+        info!(source = %self.name, chunks = len, "metalsoft: plan ready");
+        let chunks = users
+            .into_iter()
+            .flat_map(move |(user_id, first, windows)| {
+                let stream = Self::stream_of(user_id);
+                let detail = user_id.to_string();
+                (0..windows).map(move |k| {
+                    let window_start = first + chrono::Duration::seconds(k * window_secs);
+                    Chunk {
+                        stream: stream.clone(),
+                        window_start,
+                        window_end: window_start + window,
+                        detail: detail.clone(),
+                    }
+                })
+            });
+        Ok(Plan {
+            len,
+            chunks: Box::new(chunks),
+        })
     }
 
     async fn fetch(&self, chunk: &Chunk, now: DateTime<Utc>) -> Result<Page, ProviderError> {
@@ -529,7 +556,7 @@ impl Provider for MetalsoftProvider {
         // concurrently, and a later window's answer must not lend its end to an earlier page.
         let cursor = match self.watermarks.lock() {
             Ok(map) => map
-                .get(&chunk.stream)
+                .get(&user_id)
                 .map_or(chunk.window_end, |w| (*w).max(chunk.window_end)),
             Err(_) => chunk.window_end,
         };
