@@ -17,7 +17,7 @@ use billsync::providers::metalsoft::{
 use billsync::providers::{Chunk, Cursors, Provider, ProviderError};
 use billsync::record::UsageRecord;
 use billsync::simulators::metalsoft::{Fault, MetalsoftDataset, MetalsoftSim};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use fixtures::{FIXTURE_BIGSTEP_2020, FIXTURE_CURRENT};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
@@ -941,6 +941,52 @@ async fn wrong_shaped_bodies_are_shape_errors() {
 fn store(cursors: &mut Cursors, chunk: &Chunk, cursor: Option<String>) {
     if let Some(c) = cursor {
         cursors.insert(chunk.stream.clone(), c);
+    }
+}
+
+#[tokio::test]
+async fn look_back_rereads_never_move_a_stored_cursor_back() {
+    let day = t("2024-03-01T00:00:00Z");
+    let end = t("2024-03-02T00:00:00Z");
+    let dataset = MetalsoftDataset::generated(2, 5, 7, day, end);
+    let sim = MetalsoftSim::start(dataset, KEY).await.expect("sim");
+    let mut cfg = MetalsoftConfig::new(&sim.url, Secret::new(KEY), vec![1, 2], day);
+    cfg.look_back = Some(chrono::Duration::hours(3));
+    cfg.retry = fast_retry();
+    let p = MetalsoftProvider::new("ms".into(), cfg).expect("valid");
+    let now = t("2024-03-01T12:10:00Z"); // settled up to 11:00
+                                         // User 1 read up to 10:00 (re-reads 07:00-10:00, then 10:00); user 2 never ran.
+    let mut cursors = Cursors::new();
+    cursors.insert("user:1".into(), "2024-03-01T10:00:00Z".into());
+    let plan = p.plan_lazily(&cursors, now).await.expect("plan");
+    assert_eq!(plan.len, 4 + 11);
+    let mut got = Vec::new();
+    for c in plan.chunks {
+        let page = p.fetch(&c, now).await.expect("fetch");
+        got.push((c.stream, c.window_end, page.cursor.expect("a cursor")));
+    }
+    let user1: Vec<&str> = got
+        .iter()
+        .filter(|(s, _, _)| s == "user:1")
+        .map(|(_, _, cursor)| cursor.as_str())
+        .collect();
+    assert_eq!(
+        user1,
+        [
+            "2024-03-01T10:00:00Z", // 07:00-08:00 re-read: the stored cursor, not 08:00
+            "2024-03-01T10:00:00Z",
+            "2024-03-01T10:00:00Z",
+            "2024-03-01T11:00:00Z",
+        ]
+    );
+    // A first run's cursor is each window's end.
+    for (stream, window_end, cursor) in &got {
+        if stream == "user:2" {
+            assert_eq!(
+                *cursor,
+                window_end.to_rfc3339_opts(SecondsFormat::Secs, true)
+            );
+        }
     }
 }
 

@@ -70,7 +70,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -222,8 +222,9 @@ pub struct MetalsoftProvider {
     client: reqwest::Client,
     window_secs: i64,
     next_id: AtomicU64,
-    /// The watermark `plan` saw per user, so `fetch` never returns an older cursor.
-    watermarks: Mutex<HashMap<u64, DateTime<Utc>>>,
+    /// The stored watermarks the last plan read, by user, so `fetch` never returns an older
+    /// cursor.
+    watermarks: Mutex<Arc<HashMap<u64, DateTime<Utc>>>>,
 }
 
 impl MetalsoftProvider {
@@ -275,7 +276,7 @@ impl MetalsoftProvider {
             url,
             billing_account_id,
             next_id: AtomicU64::new(1),
-            watermarks: Mutex::new(HashMap::new()),
+            watermarks: Mutex::new(Arc::new(HashMap::new())),
         })
     }
 
@@ -471,9 +472,9 @@ impl Provider for MetalsoftProvider {
         Ok(self.plan_lazily(cursors, now).await?.chunks.collect())
     }
 
-    /// User by user, window by window. Only each user's first window and window count are
-    /// kept; the chunks themselves are made as they are taken (a run over many users and
-    /// windows would otherwise hold all of them at once).
+    /// User by user, window by window. Nothing per chunk is held: each user's windows follow
+    /// from its watermark, and each chunk is made when the iterator is advanced (a run over
+    /// many users and windows would otherwise hold all of them at once).
     async fn plan_lazily<'a>(
         &'a self,
         cursors: &Cursors,
@@ -482,54 +483,55 @@ impl Provider for MetalsoftProvider {
         let window = self.config.window;
         let window_secs = self.window_secs;
         let upper = self.align_down(now - self.config.settle_delay);
-        let mut users: Vec<(u64, DateTime<Utc>, i64)> = Vec::new();
+        // With a stored cursor, re-read `look_back` before it; on the first run nothing was
+        // read before `start`, so there is nothing to re-read.
+        let look_back = self.config.effective_look_back();
+        let first_run = self.align_down(self.config.start);
+        let first_window = move |stored: Option<&DateTime<Utc>>| match stored {
+            Some(watermark) => align_down(*watermark - look_back, window_secs),
+            None => first_run,
+        };
+        // The windows `first + k·window` that end by `upper`.
+        let windows_from = move |first: DateTime<Utc>| {
+            (upper - first).num_seconds().div_euclid(window_secs).max(0)
+        };
+
+        let mut stored = HashMap::new();
         let mut len: usize = 0;
-        let mut seen = HashMap::with_capacity(self.config.user_ids.len());
         for &user_id in &self.config.user_ids {
             let stream = Self::stream_of(user_id);
-            // With a stored cursor, re-read `look_back` before it; on the first run nothing was
-            // read before `start`, so there is nothing to re-read.
-            let (watermark, look_back) = match cursors.get(&stream) {
-                Some(text) => (
-                    parse_time(text).ok_or_else(|| ProviderError::Config {
-                        provider: self.name.clone(),
-                        message: format!(
-                            "stored cursor {stream} = {text:?} is not an RFC 3339 time"
-                        ),
-                    })?,
-                    self.config.effective_look_back(),
-                ),
-                None => (self.config.start, chrono::Duration::zero()),
-            };
-            seen.insert(user_id, watermark);
-            let first = self.align_down(watermark - look_back);
-            // The windows `first + k·window` that end by `upper`.
-            let windows = (upper - first).num_seconds().div_euclid(window_secs).max(0);
-            debug!(source = %self.name, user_id, %watermark, %upper, windows, "metalsoft: planned");
-            if windows > 0 {
-                users.push((user_id, first, windows));
-                len += windows as usize;
+            if let Some(text) = cursors.get(&stream) {
+                let watermark = parse_time(text).ok_or_else(|| ProviderError::Config {
+                    provider: self.name.clone(),
+                    message: format!("stored cursor {stream} = {text:?} is not an RFC 3339 time"),
+                })?;
+                stored.insert(user_id, watermark);
             }
+            let windows = windows_from(first_window(stored.get(&user_id)));
+            debug!(source = %self.name, user_id, %upper, windows, "metalsoft: planned");
+            len += windows as usize;
         }
+        // One map serves the iterator and `fetch`. Users without a stored cursor are not in
+        // it: their watermark is `start`, and every window they are planned ends after it.
+        let stored = Arc::new(stored);
         if let Ok(mut map) = self.watermarks.lock() {
-            map.extend(seen);
+            *map = Arc::clone(&stored);
         }
         info!(source = %self.name, chunks = len, "metalsoft: plan ready");
-        let chunks = users
-            .into_iter()
-            .flat_map(move |(user_id, first, windows)| {
-                let stream = Self::stream_of(user_id);
-                let detail = user_id.to_string();
-                (0..windows).map(move |k| {
-                    let window_start = first + chrono::Duration::seconds(k * window_secs);
-                    Chunk {
-                        stream: stream.clone(),
-                        window_start,
-                        window_end: window_start + window,
-                        detail: detail.clone(),
-                    }
-                })
-            });
+        let chunks = self.config.user_ids.iter().flat_map(move |&user_id| {
+            let first = first_window(stored.get(&user_id));
+            let stream = Self::stream_of(user_id);
+            let detail = user_id.to_string();
+            (0..windows_from(first)).map(move |k| {
+                let window_start = first + chrono::Duration::seconds(k * window_secs);
+                Chunk {
+                    stream: stream.clone(),
+                    window_start,
+                    window_end: window_start + window,
+                    detail: detail.clone(),
+                }
+            })
+        });
         Ok(Plan {
             len,
             chunks: Box::new(chunks),
