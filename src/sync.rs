@@ -677,27 +677,34 @@ impl Pipeline {
         src: &mut SourceSummary,
         summary: &mut RunSummary,
     ) -> Result<(), PullError> {
-        let cursors = self.ledger.cursors(provider.name()).await?;
-        let chunks = provider
-            .plan(&cursors, now)
-            .await
-            .map_err(|e| PullError::Provider(e.to_string()))?;
-        info!(source = provider.name(), chunks = chunks.len(), "pulling");
+        // Chunks are made as the puller takes them, never all held at once; the stored
+        // cursors are only needed to plan.
+        let plan = {
+            let cursors = self.ledger.cursors(provider.name()).await?;
+            provider
+                .plan_lazily(&cursors, now)
+                .await
+                .map_err(|e| PullError::Provider(e.to_string()))?
+        };
+        info!(source = provider.name(), chunks = plan.len, "pulling");
         self.progress
-            .source_started(provider.name(), chunks.len() as u64);
+            .source_started(provider.name(), plan.len as u64);
         // Two halves run side by side: the puller fetches chunks (several at once when the
         // provider allows, answers taken in plan order), maps them and encodes their bodies;
         // the stager writes pages to the ledger, several per transaction, each with its cursor.
         // A crash loses at most the pages of the open buffer, which are then pulled again (same
         // keys: no-op). A bounded channel keeps the puller at most a few pages ahead.
         let push_provisional = provider.push_provisional();
-        let total = chunks.len();
+        let total = plan.len;
         let (pages_tx, pages_rx) = tokio::sync::mpsc::channel::<PulledPage>(PAGES_AHEAD);
         let pull = async move {
             use futures_util::stream::{self, StreamExt};
             let mut stats = PullStats::default();
-            let mut fetches = stream::iter(chunks.iter().enumerate())
-                .map(|(i, chunk)| async move { (i, chunk, provider.fetch(chunk, now).await) })
+            let mut fetches = stream::iter(plan.chunks.enumerate())
+                .map(|(i, chunk)| async move {
+                    let fetched = provider.fetch(&chunk, now).await;
+                    (i, chunk, fetched)
+                })
                 .buffered(provider.concurrent_fetches().max(1));
             loop {
                 if self.shutdown.is_requested() {
@@ -744,7 +751,7 @@ impl Pipeline {
                     .unzip();
                 timed(&self.timings, |t| &t.map, started);
                 let page = PulledPage {
-                    stream: chunk.stream.clone(),
+                    stream: chunk.stream,
                     cursor: page.cursor,
                     rows,
                     shares,

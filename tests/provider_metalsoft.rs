@@ -17,7 +17,7 @@ use billsync::providers::metalsoft::{
 use billsync::providers::{Chunk, Cursors, Provider, ProviderError};
 use billsync::record::UsageRecord;
 use billsync::simulators::metalsoft::{Fault, MetalsoftDataset, MetalsoftSim};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use fixtures::{FIXTURE_BIGSTEP_2020, FIXTURE_CURRENT};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
@@ -577,6 +577,102 @@ async fn a_bad_stored_cursor_is_a_config_error() {
     ));
 }
 
+/// Users 5, 2, 9, 4 (in that order), one-hour windows, two hours of look-back, `NOW` settled
+/// up to 11:00. User 5 has no stored cursor; 2 and 9 have one; 4's is ahead of 11:00.
+fn mixed_users() -> (MetalsoftProvider, Cursors) {
+    let mut cfg = MetalsoftConfig::new(
+        "http://127.0.0.1:9",
+        Secret::new(KEY),
+        vec![5, 2, 9, 4],
+        t("2024-05-10T07:30:00Z"),
+    );
+    cfg.look_back = Some(chrono::Duration::hours(2));
+    let p = MetalsoftProvider::new("ms".into(), cfg).expect("valid");
+    let mut cursors = Cursors::new();
+    cursors.insert("user:2".into(), "2024-05-10T10:15:00Z".into());
+    cursors.insert("user:9".into(), "2024-05-10T11:00:00Z".into());
+    cursors.insert("user:4".into(), "2024-05-10T13:00:00Z".into());
+    (p, cursors)
+}
+
+#[tokio::test]
+async fn the_lazy_plan_yields_user_by_user_window_by_window_what_plan_lists() {
+    let (p, cursors) = mixed_users();
+    let expected = vec![
+        // user 5, first run: from `start` aligned down, no look-back.
+        chunk(5, "2024-05-10T07:00:00Z", "2024-05-10T08:00:00Z"),
+        chunk(5, "2024-05-10T08:00:00Z", "2024-05-10T09:00:00Z"),
+        chunk(5, "2024-05-10T09:00:00Z", "2024-05-10T10:00:00Z"),
+        chunk(5, "2024-05-10T10:00:00Z", "2024-05-10T11:00:00Z"),
+        // user 2: 10:15 - 2h = 08:15, aligned down to 08:00.
+        chunk(2, "2024-05-10T08:00:00Z", "2024-05-10T09:00:00Z"),
+        chunk(2, "2024-05-10T09:00:00Z", "2024-05-10T10:00:00Z"),
+        chunk(2, "2024-05-10T10:00:00Z", "2024-05-10T11:00:00Z"),
+        // user 9: already at 11:00, only the look-back is re-read.
+        chunk(9, "2024-05-10T09:00:00Z", "2024-05-10T10:00:00Z"),
+        chunk(9, "2024-05-10T10:00:00Z", "2024-05-10T11:00:00Z"),
+        // user 4: 13:00 - 2h = 11:00, no window ends by 11:00.
+    ];
+    let plan = p.plan_lazily(&cursors, t(NOW)).await.expect("lazy plan");
+    assert_eq!(plan.len, expected.len());
+    let lazy: Vec<Chunk> = plan.chunks.collect();
+    assert_eq!(lazy, expected);
+    assert_eq!(p.plan(&cursors, t(NOW)).await.expect("plan"), expected);
+}
+
+#[tokio::test]
+async fn users_without_a_complete_window_yield_nothing_and_count_nothing() {
+    // User 1 starts inside the last unsettled hour; user 2's cursor (minus one window of
+    // look-back) is past 11:00.
+    let p = provider("http://127.0.0.1:9", vec![1, 2], t("2024-05-10T11:10:00Z"));
+    let mut cursors = Cursors::new();
+    cursors.insert("user:2".into(), "2024-05-10T12:00:00Z".into());
+    let mut plan = p.plan_lazily(&cursors, t(NOW)).await.expect("lazy plan");
+    assert_eq!(plan.len, 0);
+    assert_eq!(plan.chunks.next(), None);
+}
+
+#[tokio::test]
+async fn a_bad_stored_cursor_fails_the_lazy_plan_before_any_chunk() {
+    let (p, mut cursors) = mixed_users();
+    cursors.insert("user:4".into(), "yesterday".into());
+    let err = p
+        .plan_lazily(&cursors, t(NOW))
+        .await
+        .expect_err("a cursor that is no time");
+    assert!(err.to_string().contains("user:4"), "{err}");
+}
+
+#[tokio::test]
+async fn chunks_are_made_as_they_are_taken_not_all_at_once() {
+    // 1,000,000 users × 43,200 one-minute windows: 43.2 billion chunks, far more than memory
+    // holds, so a plan that made them up front would never return.
+    let mut cfg = MetalsoftConfig::new(
+        "http://127.0.0.1:9",
+        Secret::new(KEY),
+        (1..=1_000_000).collect(),
+        t("2024-04-10T12:34:56Z"),
+    );
+    cfg.window = chrono::Duration::minutes(1);
+    cfg.settle_delay = chrono::Duration::zero();
+    let p = MetalsoftProvider::new("ms".into(), cfg).expect("valid");
+    let mut plan = p.plan_lazily(&Cursors::new(), t(NOW)).await.expect("plan");
+    assert_eq!(plan.len, 1_000_000 * 43_200);
+    assert_eq!(
+        plan.chunks.next(),
+        Some(chunk(1, "2024-04-10T12:34:00Z", "2024-04-10T12:35:00Z"))
+    );
+    // The last window of user 1 ends at NOW aligned down; user 2 follows.
+    assert_eq!(
+        plan.chunks.nth(43_198),
+        Some(chunk(1, "2024-05-10T12:33:00Z", "2024-05-10T12:34:00Z"))
+    );
+    assert_eq!(
+        plan.chunks.next(),
+        Some(chunk(2, "2024-04-10T12:34:00Z", "2024-04-10T12:35:00Z"))
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Transport (wiremock serving the documentation example as the `result`)
 // ---------------------------------------------------------------------------------------------
@@ -845,6 +941,52 @@ async fn wrong_shaped_bodies_are_shape_errors() {
 fn store(cursors: &mut Cursors, chunk: &Chunk, cursor: Option<String>) {
     if let Some(c) = cursor {
         cursors.insert(chunk.stream.clone(), c);
+    }
+}
+
+#[tokio::test]
+async fn look_back_rereads_never_move_a_stored_cursor_back() {
+    let day = t("2024-03-01T00:00:00Z");
+    let end = t("2024-03-02T00:00:00Z");
+    let dataset = MetalsoftDataset::generated(2, 5, 7, day, end);
+    let sim = MetalsoftSim::start(dataset, KEY).await.expect("sim");
+    let mut cfg = MetalsoftConfig::new(&sim.url, Secret::new(KEY), vec![1, 2], day);
+    cfg.look_back = Some(chrono::Duration::hours(3));
+    cfg.retry = fast_retry();
+    let p = MetalsoftProvider::new("ms".into(), cfg).expect("valid");
+    let now = t("2024-03-01T12:10:00Z"); // settled up to 11:00
+                                         // User 1 read up to 10:00 (re-reads 07:00-10:00, then 10:00); user 2 never ran.
+    let mut cursors = Cursors::new();
+    cursors.insert("user:1".into(), "2024-03-01T10:00:00Z".into());
+    let plan = p.plan_lazily(&cursors, now).await.expect("plan");
+    assert_eq!(plan.len, 4 + 11);
+    let mut got = Vec::new();
+    for c in plan.chunks {
+        let page = p.fetch(&c, now).await.expect("fetch");
+        got.push((c.stream, c.window_end, page.cursor.expect("a cursor")));
+    }
+    let user1: Vec<&str> = got
+        .iter()
+        .filter(|(s, _, _)| s == "user:1")
+        .map(|(_, _, cursor)| cursor.as_str())
+        .collect();
+    assert_eq!(
+        user1,
+        [
+            "2024-03-01T10:00:00Z", // 07:00-08:00 re-read: the stored cursor, not 08:00
+            "2024-03-01T10:00:00Z",
+            "2024-03-01T10:00:00Z",
+            "2024-03-01T11:00:00Z",
+        ]
+    );
+    // A first run's cursor is each window's end.
+    for (stream, window_end, cursor) in &got {
+        if stream == "user:2" {
+            assert_eq!(
+                *cursor,
+                window_end.to_rfc3339_opts(SecondsFormat::Secs, true)
+            );
+        }
     }
 }
 

@@ -200,13 +200,7 @@ impl MappingSet {
             }
         }
         if !self.directory.rows.is_empty() {
-            let key = (record.provider.clone(), record.sub_account_id.clone());
-            match self
-                .directory
-                .index
-                .get(&key)
-                .map(|&i| &self.directory.rows[i])
-            {
+            match self.directory.get(&record.provider, &record.sub_account_id) {
                 Some(row) => {
                     let label = format!(
                         "{}:{} (directory: provider={} sub_account_id={}, bills {}, priority {})",
@@ -240,7 +234,7 @@ impl MappingSet {
                     failed: Some(ConditionFailure {
                         field: "provider, sub_account_id".into(),
                         expected: "a row of the directory".into(),
-                        actual: Some(format!("{}, {}", key.0, key.1)),
+                        actual: Some(format!("{}, {}", record.provider, record.sub_account_id)),
                     }),
                 }),
                 None => {}

@@ -195,11 +195,11 @@ fn check_customers(set: &MappingSet, errors: &mut Vec<MappingError>) {
                     &[
                         (
                             FieldName("provider".into()),
-                            Condition::Exact(row.provider.clone()),
+                            Condition::Exact(row.provider.to_string()),
                         ),
                         (
                             FieldName("sub_account_id".into()),
-                            Condition::Exact(row.sub_account_id.clone()),
+                            Condition::Exact(row.sub_account_id.to_string()),
                         ),
                     ],
                 )

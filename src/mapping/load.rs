@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
@@ -883,7 +884,7 @@ fn load_directory(
         return;
     }
     dir.rows.reserve(table.rows.len());
-    dir.index.reserve(table.rows.len());
+    let file_name: Arc<str> = Arc::from(file);
     for row in &table.rows {
         let mut get = |name: &str, required: bool| -> Option<String> {
             let (col, v) = table.cell(row, name)?;
@@ -922,26 +923,32 @@ fn load_directory(
         else {
             continue;
         };
-        let key = (provider, account);
-        if let Some(&first) = dir.index.get(&key) {
+        // One provider name for all its rows.
+        let provider: Arc<str> = match dir.index.get_key_value(provider.as_str()) {
+            Some((shared, _)) => Arc::clone(shared),
+            None => Arc::from(provider),
+        };
+        let accounts = dir.index.entry(Arc::clone(&provider)).or_default();
+        if let Some(&first) = accounts.get(account.as_str()) {
             let f = &dir.rows[first];
             errs.push(
                 row.line,
                 1,
                 format!(
-                    "duplicate account provider={} sub_account_id={} (first at {}:{}); \
-                     an account belongs to one subscription—remove one of the rows",
-                    key.0, key.1, f.file, f.line
+                    "duplicate account provider={provider} sub_account_id={account} (first at \
+                     {}:{}); an account belongs to one subscription—remove one of the rows",
+                    f.file, f.line
                 ),
             );
             continue;
         }
-        dir.index.insert(key.clone(), dir.rows.len());
+        let account: Arc<str> = Arc::from(account);
+        accounts.insert(Arc::clone(&account), dir.rows.len());
         dir.rows.push(DirectoryRow {
-            file: file.to_string(),
+            file: Arc::clone(&file_name),
             line: row.line,
-            provider: key.0,
-            sub_account_id: key.1,
+            provider,
+            sub_account_id: account,
             subscription,
             customer,
             priority,

@@ -130,6 +130,7 @@ pub use period::{PeriodPrice, PeriodShare, PeriodSpec};
 pub use schema::json_schema_text;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -197,24 +198,34 @@ impl LoadedCustomer {
     }
 }
 
-/// One row of an account directory (`customers_csv`).
+/// One row of an account directory (`customers_csv`). A directory can have a row per
+/// customer account, so the file name, the provider and the account id are shared with the
+/// other rows and the index rather than copied.
 #[derive(Debug, Clone)]
 struct DirectoryRow {
-    file: String,
+    file: Arc<str>,
     line: usize,
-    provider: String,
-    sub_account_id: String,
+    provider: Arc<str>,
+    sub_account_id: Arc<str>,
     subscription: String,
     customer: Option<String>,
     priority: i64,
 }
 
-/// The account directories of all files: rows plus a hash index on
-/// (`provider`, `sub_account_id`), so a lookup costs the same for 10 rows or 100,000.
+/// The account directories of all files: rows plus a hash index on `provider`, then
+/// `sub_account_id`, so a lookup costs the same for 10 rows or 100,000 and allocates nothing.
 #[derive(Debug, Clone, Default)]
 struct Directory {
     rows: Vec<DirectoryRow>,
-    index: HashMap<(String, String), usize>,
+    index: HashMap<Arc<str>, HashMap<Arc<str>, usize>>,
+}
+
+impl Directory {
+    /// The row of (`provider`, `sub_account_id`), if any.
+    fn get(&self, provider: &str, sub_account_id: &str) -> Option<&DirectoryRow> {
+        let &i = self.index.get(provider)?.get(sub_account_id)?;
+        self.rows.get(i)
+    }
 }
 
 /// Rates of one currency pair: (effective_from, rate), sorted by date.

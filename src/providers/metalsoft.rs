@@ -70,7 +70,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -83,7 +83,7 @@ use tracing::{debug, info, warn};
 use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
-use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
+use crate::providers::{Chunk, Cursors, Page, Plan, Provider, ProviderError};
 use crate::record::UsageRecord;
 
 /// The provider kind, also the `provider` field of every record.
@@ -222,8 +222,9 @@ pub struct MetalsoftProvider {
     client: reqwest::Client,
     window_secs: i64,
     next_id: AtomicU64,
-    /// The watermark `plan` saw per stream, so `fetch` never returns an older cursor.
-    watermarks: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// The stored watermarks the last plan read, by user, so `fetch` never returns an older
+    /// cursor.
+    watermarks: Mutex<Arc<HashMap<u64, DateTime<Utc>>>>,
 }
 
 impl MetalsoftProvider {
@@ -275,7 +276,7 @@ impl MetalsoftProvider {
             url,
             billing_account_id,
             next_id: AtomicU64::new(1),
-            watermarks: Mutex::new(HashMap::new()),
+            watermarks: Mutex::new(Arc::new(HashMap::new())),
         })
     }
 
@@ -468,45 +469,73 @@ impl Provider for MetalsoftProvider {
         cursors: &Cursors,
         now: DateTime<Utc>,
     ) -> Result<Vec<Chunk>, ProviderError> {
+        Ok(self.plan_lazily(cursors, now).await?.chunks.collect())
+    }
+
+    /// User by user, window by window. Nothing per chunk is held: each user's windows follow
+    /// from its watermark, and each chunk is made when the iterator is advanced (a run over
+    /// many users and windows would otherwise hold all of them at once).
+    async fn plan_lazily<'a>(
+        &'a self,
+        cursors: &Cursors,
+        now: DateTime<Utc>,
+    ) -> Result<Plan<'a>, ProviderError> {
         let window = self.config.window;
+        let window_secs = self.window_secs;
         let upper = self.align_down(now - self.config.settle_delay);
-        let mut chunks = Vec::new();
-        let mut seen = HashMap::new();
+        // With a stored cursor, re-read `look_back` before it; on the first run nothing was
+        // read before `start`, so there is nothing to re-read.
+        let look_back = self.config.effective_look_back();
+        let first_run = self.align_down(self.config.start);
+        let first_window = move |stored: Option<&DateTime<Utc>>| match stored {
+            Some(watermark) => align_down(*watermark - look_back, window_secs),
+            None => first_run,
+        };
+        // The windows `first + k·window` that end by `upper`.
+        let windows_from = move |first: DateTime<Utc>| {
+            (upper - first).num_seconds().div_euclid(window_secs).max(0)
+        };
+
+        let mut stored = HashMap::new();
+        let mut len: usize = 0;
         for &user_id in &self.config.user_ids {
             let stream = Self::stream_of(user_id);
-            // With a stored cursor, re-read `look_back` before it; on the first run nothing was
-            // read before `start`, so there is nothing to re-read.
-            let (watermark, look_back) = match cursors.get(&stream) {
-                Some(text) => (
-                    parse_time(text).ok_or_else(|| ProviderError::Config {
-                        provider: self.name.clone(),
-                        message: format!(
-                            "stored cursor {stream} = {text:?} is not an RFC 3339 time"
-                        ),
-                    })?,
-                    self.config.effective_look_back(),
-                ),
-                None => (self.config.start, chrono::Duration::zero()),
-            };
-            seen.insert(stream.clone(), watermark);
-            let mut window_start = self.align_down(watermark - look_back);
-            let before = chunks.len();
-            while window_start + window <= upper {
-                chunks.push(Chunk {
+            if let Some(text) = cursors.get(&stream) {
+                let watermark = parse_time(text).ok_or_else(|| ProviderError::Config {
+                    provider: self.name.clone(),
+                    message: format!("stored cursor {stream} = {text:?} is not an RFC 3339 time"),
+                })?;
+                stored.insert(user_id, watermark);
+            }
+            let windows = windows_from(first_window(stored.get(&user_id)));
+            debug!(source = %self.name, user_id, %upper, windows, "metalsoft: planned");
+            len += windows as usize;
+        }
+        // One map serves the iterator and `fetch`. Users without a stored cursor are not in
+        // it: their watermark is `start`, and every window they are planned ends after it.
+        let stored = Arc::new(stored);
+        if let Ok(mut map) = self.watermarks.lock() {
+            *map = Arc::clone(&stored);
+        }
+        info!(source = %self.name, chunks = len, "metalsoft: plan ready");
+        let chunks = self.config.user_ids.iter().flat_map(move |&user_id| {
+            let first = first_window(stored.get(&user_id));
+            let stream = Self::stream_of(user_id);
+            let detail = user_id.to_string();
+            (0..windows_from(first)).map(move |k| {
+                let window_start = first + chrono::Duration::seconds(k * window_secs);
+                Chunk {
                     stream: stream.clone(),
                     window_start,
                     window_end: window_start + window,
-                    detail: user_id.to_string(),
-                });
-                window_start += window;
-            }
-            debug!(source = %self.name, user_id, %watermark, %upper, windows = chunks.len() - before, "metalsoft: planned");
-        }
-        if let Ok(mut map) = self.watermarks.lock() {
-            map.extend(seen);
-        }
-        info!(source = %self.name, chunks = chunks.len(), "metalsoft: plan ready");
-        Ok(chunks)
+                    detail: detail.clone(),
+                }
+            })
+        });
+        Ok(Plan {
+            len,
+            chunks: Box::new(chunks),
+        })
     }
 
     async fn fetch(&self, chunk: &Chunk, now: DateTime<Utc>) -> Result<Page, ProviderError> {
@@ -529,7 +558,7 @@ impl Provider for MetalsoftProvider {
         // concurrently, and a later window's answer must not lend its end to an earlier page.
         let cursor = match self.watermarks.lock() {
             Ok(map) => map
-                .get(&chunk.stream)
+                .get(&user_id)
                 .map_or(chunk.window_end, |w| (*w).max(chunk.window_end)),
             Err(_) => chunk.window_end,
         };

@@ -34,6 +34,31 @@ pub struct Chunk {
     pub detail: String,
 }
 
+/// The chunks of one run, made one at a time as the pipeline takes them, so that a run over many
+/// streams and windows holds a few chunks in memory rather than all of them.
+pub struct Plan<'a> {
+    /// How many chunks `chunks` yields (for progress and the log).
+    pub len: usize,
+    /// The chunks, in the order [`Provider::plan`] lists them.
+    pub chunks: Box<dyn Iterator<Item = Chunk> + Send + 'a>,
+}
+
+impl Plan<'static> {
+    /// A plan over chunks already in memory.
+    pub fn from_vec(chunks: Vec<Chunk>) -> Self {
+        Plan {
+            len: chunks.len(),
+            chunks: Box::new(chunks.into_iter()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Plan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan").field("len", &self.len).finish()
+    }
+}
+
 /// What one chunk yielded.
 #[derive(Debug, Clone, Default)]
 pub struct Page {
@@ -95,6 +120,16 @@ pub trait Provider: Send + Sync {
         cursors: &Cursors,
         now: DateTime<Utc>,
     ) -> Result<Vec<Chunk>, ProviderError>;
+    /// The same chunks as [`Provider::plan`], made as they are taken. Errors (a bad stored
+    /// cursor, ...) come here, before the first chunk. Providers whose plans can be long
+    /// override it; the default lists them with `plan`.
+    async fn plan_lazily<'a>(
+        &'a self,
+        cursors: &Cursors,
+        now: DateTime<Utc>,
+    ) -> Result<Plan<'a>, ProviderError> {
+        Ok(Plan::from_vec(self.plan(cursors, now).await?))
+    }
     /// How many chunks may be fetched at once (they are staged in plan order regardless).
     /// Providers whose chunks depend on each other, or whose API limits concurrency, keep 1.
     fn concurrent_fetches(&self) -> usize {
