@@ -45,6 +45,9 @@ const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// Acknowledgements are committed together once this many records are delivered (or when
 /// nothing else is in flight): an ack may be delayed, never recorded before its delivery.
 const ACK_RECORDS_PER_COMMIT: usize = 2000;
+/// Pending records are read this many sink batches at a time (one query instead of one per
+/// batch: at 1M records the per-batch reads were a third of the push phase).
+const BATCHES_READ_AHEAD: usize = 10;
 /// The `provider` and `source` of period adjustment records (no provider sent them).
 pub const PERIOD_PROVIDER: &str = "period";
 /// Default of [`Pipeline::period_close_delay`], in days.
@@ -922,6 +925,10 @@ impl Pipeline {
             let mut exhausted = false;
             let mut stopping = false;
             let mut acks: Vec<(i64, Outcome)> = Vec::new();
+            // Pending records read ahead, in id order, several batches per query.
+            let mut ahead: std::collections::VecDeque<crate::sinks::Outgoing> =
+                std::collections::VecDeque::new();
+            let mut read_all = false;
             loop {
                 while !exhausted && !stopping && in_flight.len() < window {
                     if self.shutdown.is_requested() {
@@ -929,15 +936,24 @@ impl Pipeline {
                         stopping = true;
                         break;
                     }
-                    let batch = self
-                        .ledger
-                        .pending_batch(sink.name(), after_id, sink.max_batch())
-                        .await?;
-                    let Some(last) = batch.last() else {
+                    let max_batch = sink.max_batch().max(1);
+                    if ahead.len() < max_batch && !read_all {
+                        let want = max_batch * BATCHES_READ_AHEAD;
+                        let more = self
+                            .ledger
+                            .pending_batch(sink.name(), after_id, want)
+                            .await?;
+                        read_all = more.len() < want;
+                        if let Some(last) = more.last() {
+                            after_id = last.id;
+                        }
+                        ahead.extend(more);
+                    }
+                    if ahead.is_empty() {
                         exhausted = true;
                         break;
-                    };
-                    after_id = last.id;
+                    }
+                    let batch: Vec<_> = ahead.drain(..max_batch.min(ahead.len())).collect();
                     in_flight.push_back(Box::pin(async move {
                         let result = sink.deliver(&batch).await;
                         (batch, result)

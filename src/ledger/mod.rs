@@ -535,13 +535,32 @@ impl Ledger {
     }
 
     /// The stored cursors of one source.
+    ///
+    /// Read on the raw handle: a source has a cursor per stream (a MetalSoft user), and for
+    /// 18,000 streams decoding rows through sqlx took ~28 ms, most of a run with nothing new.
     pub async fn cursors(&self, source: &str) -> Result<Cursors, LedgerError> {
-        let rows = sqlx::query("SELECT stream, value FROM cursors WHERE source = ?1")
-            .bind(source)
-            .fetch_all(&self.pool)
+        let mut conn = self.pool.acquire().await.map_err(sql("connecting"))?;
+        let mut handle = conn
+            .lock_handle()
             .await
-            .map_err(sql("reading cursors"))?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+            .map_err(sql("locking the connection"))?;
+        let raw = raw::Raw::new(&mut handle);
+        let mut query = raw
+            .prepare("SELECT stream, value FROM cursors WHERE source = ?1")
+            .map_err(sqlite("reading cursors"))?;
+        query.text(1, source).map_err(sqlite("reading cursors"))?;
+        let mut cursors = Cursors::new();
+        while let Some(row) = query.next_row().map_err(sqlite("reading cursors"))? {
+            let (Some(stream), Some(value)) = (row.text(0), row.text(1)) else {
+                return Err(LedgerError::Corrupt {
+                    id: 0,
+                    field: "cursors",
+                    message: format!("a cursor of {source} is NULL or not UTF-8"),
+                });
+            };
+            cursors.insert(stream.to_owned(), value.to_owned());
+        }
+        Ok(cursors)
     }
 
     /// Store a cursor on its own (a page with nothing to stage still moves the cursor).
