@@ -52,6 +52,8 @@ pub struct BenchOptions {
     pub baseline_records: u64,
     pub noop: bool,
     pub stage_only: bool,
+    /// Logs are JSON: progress goes to the log instead of bars (as for `sync`).
+    pub json_logs: bool,
 }
 
 fn period_start() -> DateTime<Utc> {
@@ -382,7 +384,8 @@ async fn bench_with(
         return Ok(0);
     }
 
-    let pipeline = pipeline_for(sims, ledger, users, chrono::Duration::days(1))?;
+    let mut pipeline = pipeline_for(sims, ledger, users, chrono::Duration::days(1))?;
+    pipeline.progress = crate::observe::progress(opts.json_logs);
     let before = sims.stats()?;
     let t = Instant::now();
     let summary = pipeline

@@ -383,6 +383,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                 baseline_records,
                 noop,
                 stage_only,
+                json_logs: ctx.json_logs,
             })
             .await
         }
