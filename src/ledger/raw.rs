@@ -108,12 +108,13 @@ impl Statement<'_, '_> {
     }
 
     pub fn text(&mut self, index: c_int, value: &str) -> Result<(), RawError> {
-        // SAFETY: SQLITE_TRANSIENT makes SQLite copy the bytes before returning.
+        // SAFETY: SQLITE_TRANSIENT makes SQLite copy the bytes before returning; an empty
+        // value points at a real (static) byte rather than a dangling address.
         let rc = unsafe {
             ffi::sqlite3_bind_text64(
                 self.stmt.as_ptr(),
                 index,
-                value.as_ptr().cast(),
+                non_dangling(value.as_bytes()).cast(),
                 value.len() as u64,
                 ffi::SQLITE_TRANSIENT(),
                 ffi::SQLITE_UTF8 as u8,
@@ -135,7 +136,7 @@ impl Statement<'_, '_> {
             ffi::sqlite3_bind_blob64(
                 self.stmt.as_ptr(),
                 index,
-                value.as_ptr().cast(),
+                non_dangling(value),
                 value.len() as u64,
                 ffi::SQLITE_TRANSIENT(),
             )
@@ -164,17 +165,19 @@ impl Statement<'_, '_> {
 
     /// Step a statement that returns no rows (an `INSERT`), then reset it for the next values.
     pub fn run(&mut self) -> Result<(), RawError> {
-        // SAFETY: stepping and resetting a live statement of a locked connection.
+        // SAFETY: stepping and resetting a live statement of a locked connection. A failed
+        // step's message is taken before the reset.
         let rc = unsafe { ffi::sqlite3_step(self.stmt.as_ptr()) };
-        let reset = unsafe { ffi::sqlite3_reset(self.stmt.as_ptr()) };
-        match rc {
-            ffi::SQLITE_DONE => self.check(reset),
+        let result = match rc {
+            ffi::SQLITE_DONE => Ok(()),
             ffi::SQLITE_ROW => Err(RawError {
                 code: ffi::SQLITE_MISUSE,
                 message: "statement returned rows".into(),
             }),
             rc => Err(self.raw.error(rc)),
-        }
+        };
+        let reset = unsafe { ffi::sqlite3_reset(self.stmt.as_ptr()) };
+        result.and_then(|()| self.check(reset))
     }
 
     /// Step a query: `Some(row)` while it has rows, `None` at the end (the statement is then
@@ -207,6 +210,17 @@ impl Drop for Statement<'_, '_> {
     }
 }
 
+/// A pointer SQLite may read `bytes.len()` bytes from: for an empty slice, a static byte
+/// instead of the dangling address Rust gives empty slices.
+fn non_dangling(bytes: &[u8]) -> *const std::ffi::c_void {
+    static EMPTY: u8 = 0;
+    if bytes.is_empty() {
+        std::ptr::from_ref(&EMPTY).cast()
+    } else {
+        bytes.as_ptr().cast()
+    }
+}
+
 /// The current row of a query; borrowing the statement keeps it from stepping meanwhile.
 pub struct Row<'s> {
     stmt: NonNull<ffi::sqlite3_stmt>,
@@ -233,5 +247,68 @@ impl Row<'_> {
             let bytes = std::slice::from_raw_parts(ptr, usize::try_from(len).ok()?);
             std::str::from_utf8(bytes).ok()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    #[tokio::test]
+    async fn binds_reads_and_reports_errors_by_name() {
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, s TEXT, b BLOB NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let mut handle = conn.lock_handle().await.unwrap();
+        let raw = Raw::new(&mut handle);
+        let mut insert = raw.prepare("INSERT INTO t VALUES (?1, ?2, ?3)").unwrap();
+        let mut put = |id: i64, s: Option<&str>, b: &[u8]| -> Result<(), RawError> {
+            insert.int(1, id)?;
+            insert.opt_text(2, s)?;
+            insert.blob(3, b)?;
+            insert.run()
+        };
+        put(1, Some(""), b"").unwrap();
+        put(2, Some("ü€"), &[0, 1, 2]).unwrap();
+        // A duplicate id: SQLite's own message and extended code, and the statement is reset
+        // and usable for the next values.
+        let err = put(1, Some("again"), b"x").unwrap_err();
+        assert_eq!(err.code, ffi::SQLITE_CONSTRAINT_PRIMARYKEY, "{err}");
+        assert!(
+            err.message.contains("UNIQUE constraint failed: t.id"),
+            "{err}"
+        );
+        put(3, None, b"x").unwrap();
+
+        let mut query = raw
+            .prepare("SELECT id, s, length(b), typeof(b) FROM t ORDER BY id")
+            .unwrap();
+        let mut rows = Vec::new();
+        while let Some(row) = query.next_row().unwrap() {
+            rows.push((
+                row.int(0),
+                row.text(1).map(str::to_owned),
+                row.int(2),
+                row.text(3).unwrap().to_owned(),
+            ));
+        }
+        assert_eq!(
+            rows,
+            [
+                (1, Some(String::new()), 0, "blob".to_string()),
+                (2, Some("ü€".to_string()), 3, "blob".to_string()),
+                (3, None, 1, "blob".to_string()),
+            ]
+        );
+        // Done and reset: the same query runs again.
+        assert_eq!(query.next_row().unwrap().map(|r| r.int(0)), Some(1));
+
+        let err = raw.prepare("SELEC 1").err().expect("a syntax error");
+        assert!(err.message.contains("syntax error"), "{err}");
     }
 }
