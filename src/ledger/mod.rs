@@ -590,7 +590,11 @@ impl Ledger {
         keys: &[&str],
     ) -> Result<HashMap<String, (i64, String, Status)>, LedgerError> {
         let mut conn = self.pool.acquire().await.map_err(sql("connecting"))?;
-        lookup(&mut conn, keys).await
+        let mut handle = conn
+            .lock_handle()
+            .await
+            .map_err(sql("locking the connection"))?;
+        lookup(&mut handle, keys.iter().copied())
     }
 
     /// Stage a page of records and advance its cursor, in one transaction.
@@ -637,7 +641,7 @@ impl Ledger {
                 .lock_handle()
                 .await
                 .map_err(sql("locking the connection for staging"))?;
-            lookup_staged(&mut handle, rows.iter().map(|r| r.key.as_str()))?
+            lookup(&mut handle, rows.iter().map(|r| r.key.as_str()))?
         };
         // Rows to insert, by key: a key repeated inside one page keeps its last content.
         let mut inserts: Vec<&StageRow> = Vec::new();
@@ -1552,8 +1556,9 @@ fn write_ts(buf: &mut String, t: DateTime<Utc>) {
     }
 }
 
-/// [`lookup`] on the raw handle: one prepared point query per key, for staging.
-fn lookup_staged<'k>(
+/// Which keys exist, with their id, content hash and status: one prepared point query per key
+/// on the unique index (the raw handle: staging looks up every record it stages).
+fn lookup<'k>(
     handle: &mut sqlx::sqlite::LockedSqliteHandle<'_>,
     keys: impl Iterator<Item = &'k str>,
 ) -> Result<HashMap<String, (i64, String, Status)>, LedgerError> {
@@ -1590,37 +1595,6 @@ fn lookup_staged<'k>(
             .map_err(sqlite("looking up staged records"))?
             .is_some()
         {}
-    }
-    Ok(found)
-}
-
-async fn lookup(
-    conn: &mut sqlx::SqliteConnection,
-    keys: &[&str],
-) -> Result<HashMap<String, (i64, String, Status)>, LedgerError> {
-    let mut found = HashMap::with_capacity(keys.len());
-    for chunk in keys.chunks(LOOKUP_KEYS_PER_STATEMENT) {
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT id, idem_key, content_hash, status FROM records WHERE idem_key IN (",
-        );
-        push_list(&mut qb, chunk.iter().copied());
-        qb.push(")");
-        for r in qb
-            .build()
-            .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(sql("looking up staged records"))?
-        {
-            let id: i64 = r.get(0);
-            let status: String = r.get(3);
-            let status = status.parse().map_err(|message| LedgerError::Corrupt {
-                id,
-                field: "status",
-                message,
-            })?;
-            found.insert(r.get(1), (id, r.get(2), status));
-        }
     }
     Ok(found)
 }
