@@ -2176,3 +2176,33 @@ async fn mark_dirty(tx: &mut sqlx::SqliteConnection, group_key: &str) -> Result<
         .map_err(sql("marking a period group"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Timelike};
+
+    /// Staging formats timestamps with `write_ts` (no allocation); every query compares them
+    /// as text with `ts`, so the two must agree to the byte.
+    #[test]
+    fn staged_timestamps_are_written_exactly_as_ts_writes_them() {
+        let times = [
+            Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 59).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+            Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(2026, 6, 30, 23, 59, 59).unwrap()
+                + chrono::Duration::milliseconds(123),
+            // A leap second (chrono keeps it in the nanoseconds).
+            Utc.with_ymd_and_hms(2016, 12, 31, 23, 59, 59)
+                .unwrap()
+                .with_nanosecond(1_500_000_000)
+                .unwrap(),
+        ];
+        for t in times {
+            let mut buf = String::new();
+            write_ts(&mut buf, t);
+            assert_eq!(buf, ts(t), "{t:?}");
+        }
+    }
+}
