@@ -269,7 +269,24 @@ pub enum MappingsCommand {
 }
 
 /// Parse the command line, run, and return the documented exit code.
+/// At most two glibc malloc arenas. glibc gives each thread that allocates its own arena (up
+/// to eight per core), and a run allocates on the runtime's workers, the SQLite connection
+/// threads and the blocking pool: records freed on another thread's arena stay mapped there,
+/// which cost about 5 MB of peak RSS in `billsync bench` for no measurable speed. (musl, in
+/// the container image, has no per-thread arenas.)
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread is started.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 pub fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let json_logs = observe::logs_are_json(explicit(cli.log_format));
     observe::init_tracing(json_logs);

@@ -45,6 +45,16 @@ pub fn demo_start() -> DateTime<Utc> {
         .expect("valid date")
 }
 
+/// The demo's clock. Its data lies in September to November 2026, and whether a month or an
+/// invoice is final depends on the time of the run: on a fixed clock the demo shows the same
+/// run on every date (November's SAKURA bills and an unpaid SoftLayer invoice provisional,
+/// the rest final) instead of one that changes as the real calendar moves past its data.
+pub fn demo_now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0)
+        .single()
+        .expect("valid date")
+}
+
 /// The dataset of the demo: MetalSoft user 1 with the current documentation example, user 2
 /// with the 2020 one, placed in October 2026.
 pub fn demo_dataset() -> anyhow::Result<MetalsoftDataset> {
@@ -170,7 +180,16 @@ pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     );
     pipeline.shutdown = ctx.shutdown.clone();
     pipeline.progress = crate::observe::progress(ctx.json_logs);
-    let summary = pipeline.sync(&SyncOptions::default()).await?;
+    // The run lock is taken on the demo's fixed clock too, where it would never expire: a demo
+    // killed outright must not lock its directory for good. (Two demos on one directory at
+    // once only stage the same keys twice, which is a no-op.)
+    pipeline.lock_ttl = Duration::ZERO;
+    let summary = pipeline
+        .sync(&SyncOptions {
+            now: Some(demo_now()),
+            ..Default::default()
+        })
+        .await?;
     crate::observe::print_summary(&summary, ctx.json_output);
     println!(
         "Lago simulator received {} events in {} requests during this run.",

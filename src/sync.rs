@@ -126,9 +126,15 @@ fn timed(timings: &Option<Arc<Timings>>, stage: fn(&Timings) -> &AtomicU64, sinc
     }
 }
 
-/// Pages pulled but not staged yet: their rows and, in page order, their cursors.
-/// Pages the puller may run ahead of the stager.
-const PAGES_AHEAD: usize = 4;
+/// Records the puller may hold pulled and mapped but not staged yet (those the stager buffers
+/// for its open transaction included). Two transactions' worth lets the puller fill the next
+/// transaction while the stager writes one, so the two overlap instead of taking turns; rows
+/// waiting carry only their columns and encoded body (about a kilobyte each), so the bound is
+/// a few megabytes.
+const RECORDS_AHEAD: usize = 2 * STAGE_ROWS_PER_TRANSACTION;
+/// Pages that may wait in the channel, whatever their size: small pages (a provider window of
+/// a handful of records) must still be able to fill a transaction ahead.
+const PAGES_AHEAD: usize = 256;
 
 /// One fetched and mapped chunk on its way to the ledger.
 struct PulledPage {
@@ -136,6 +142,8 @@ struct PulledPage {
     cursor: Option<String>,
     rows: Vec<StageRow>,
     shares: Vec<Option<PeriodShare>>,
+    /// This page's share of [`RECORDS_AHEAD`], given back once its rows are staged.
+    room: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// What the puller did for one source.
@@ -152,6 +160,8 @@ struct StageBuffer {
     rows: Vec<StageRow>,
     keys: HashSet<String>,
     cursors: Vec<(String, String)>,
+    /// The buffered pages' room in [`RECORDS_AHEAD`], released when they are staged.
+    room: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// When the oldest buffered page arrived.
     since: Option<Instant>,
 }
@@ -503,7 +513,11 @@ impl Pipeline {
             return Correction::Unresolved(format!("sink {:?} is not configured", row.mapped.sink));
         };
         let difference = new_value - sent.sent_total;
-        let mut delta = row.record.clone();
+        // The whole record (raw fields too): the correction's body is kept for audit.
+        let mut delta = match row.full_record() {
+            Ok(record) => record.into_owned(),
+            Err(e) => return Correction::Unresolved(format!("{}: {e}", sent.key)),
+        };
         delta.billed_cost = row.record.billed_cost - sent_cost;
         delta.consumed_quantity = row.record.consumed_quantity - sent_quantity;
         // Lago, Stripe, webhook and JSON Lines carry only the mapped value; the FOCUS export
@@ -696,10 +710,11 @@ impl Pipeline {
         // provider allows, answers taken in plan order), maps them and encodes their bodies;
         // the stager writes pages to the ledger, several per transaction, each with its cursor.
         // A crash loses at most the pages of the open buffer, which are then pulled again (same
-        // keys: no-op). A bounded channel keeps the puller at most a few pages ahead.
+        // keys: no-op). The puller runs at most RECORDS_AHEAD records ahead.
         let push_provisional = provider.push_provisional();
         let total = plan.len;
         let (pages_tx, pages_rx) = tokio::sync::mpsc::channel::<PulledPage>(PAGES_AHEAD);
+        let records_ahead = Arc::new(tokio::sync::Semaphore::new(RECORDS_AHEAD));
         let pull = async move {
             use futures_util::stream::{self, StreamExt};
             let mut stats = PullStats::default();
@@ -747,17 +762,25 @@ impl Pipeline {
                         let (mut row, share) = self.stage_row_with_period(r, push_provisional);
                         if run_id.is_some() {
                             // On failure the ledger encodes it again and reports the error.
-                            let _ = row.encode_body();
+                            let _ = row.encode_body_and_shed_raw();
                         }
                         (row, share)
                     })
                     .unzip();
                 timed(&self.timings, |t| &t.map, started);
+                // A page takes room for its rows, at most a transaction's worth: a larger page
+                // is flushed as soon as it arrives. A buffer that is not flushed therefore
+                // holds less than a transaction's worth of room, and the wait always ends.
+                let need = rows.len().min(STAGE_ROWS_PER_TRANSACTION) as u32;
+                let Ok(room) = records_ahead.clone().acquire_many_owned(need).await else {
+                    break; // never closed
+                };
                 let page = PulledPage {
                     stream: chunk.stream,
                     cursor: page.cursor,
                     rows,
                     shares,
+                    room,
                 };
                 if pages_tx.send(page).await.is_err() {
                     break; // the stager stopped (a ledger error it reports)
@@ -792,6 +815,7 @@ impl Pipeline {
                 self.progress.chunk_done(page.rows.len() as u64);
                 buffer.keys.extend(page.rows.iter().map(|r| r.key.clone()));
                 buffer.rows.extend(page.rows);
+                buffer.room.push(page.room);
                 if let Some(value) = page.cursor {
                     buffer.cursors.push((page.stream, value));
                 }
@@ -857,6 +881,7 @@ impl Pipeline {
         buffer.rows.clear();
         buffer.keys.clear();
         buffer.cursors.clear();
+        buffer.room.clear();
         buffer.since = None;
         timed(&self.timings, |t| &t.stage, started);
         Ok(())

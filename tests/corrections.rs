@@ -131,6 +131,69 @@ async fn a_changed_provisional_sakura_month_yields_one_correction_and_ends_equal
         net + tax - before,
         "the correction carries the exact difference"
     );
+    // The ledger keeps the whole new content for audit, the provider's raw line and the
+    // record's attributes included (rows travel to the stager without them; the stored body
+    // has them): the correction's own record and the change of the sent original.
+    let ledger = &pipeline().await.ledger;
+    let all = ledger
+        .records_matching(
+            &RecordFilter {
+                status: None,
+                provider: None,
+                since: None,
+                until: None,
+                run: None,
+            },
+            0,
+            1000,
+        )
+        .await
+        .unwrap();
+    let corr = all
+        .iter()
+        .find(|r| r.correction_of.is_some())
+        .expect("the correction is in the ledger");
+    let original = all
+        .iter()
+        .find(|r| Some(r.id) == corr.correction_of)
+        .unwrap();
+    for (what, record) in [
+        ("correction", corr.record.clone()),
+        (
+            "change of the original",
+            ledger
+                .correction_basis(corr.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .latest
+                .expect("the change is kept"),
+        ),
+    ] {
+        assert!(!record.raw.is_null(), "{what}: raw provider fields kept");
+        assert_eq!(
+            record.attributes.keys().collect::<Vec<_>>(),
+            original.record.attributes.keys().collect::<Vec<_>>(),
+            "{what}: attributes kept"
+        );
+        assert_eq!(
+            record.attributes["price_excl_tax"],
+            net.to_string(),
+            "{what}: the new content's attributes"
+        );
+    }
+    assert_ne!(
+        ledger
+            .correction_basis(corr.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .latest
+            .unwrap()
+            .raw,
+        original.record.raw,
+        "the change carries the provider's new line"
+    );
     // What was sent before is untouched: same keys, same timestamps, same amounts.
     for e in &frozen {
         let now = lago

@@ -498,4 +498,97 @@ async fn a_ledger_from_schema_0001_keeps_its_records_and_payloads_after_the_upgr
     let third = ledger.record_by_id(3).await.unwrap().unwrap();
     assert_eq!(third.resource_id, "instance:3");
     assert_eq!(third.billed_cost, fresh.billed_cost);
+    // The upgrade rewrote the status CHECK too (migration 0004), and it still holds.
+    let pool = sqlx::SqlitePool::connect_with(SqliteConnectOptions::new().filename(&path))
+        .await
+        .unwrap();
+    let schema: String = sqlx::query_scalar(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'records'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(!schema.contains("status IN ("), "{schema}");
+    assert!(
+        sqlx::query("UPDATE records SET status = 'lost' WHERE id = 1")
+            .execute(&pool)
+            .await
+            .is_err()
+    );
+}
+
+/// The status CHECK accepts exactly the six statuses and nothing else, written so that SQLite
+/// checks it without building a temporary B-tree per written row (a constant `IN` list of
+/// more than two values is evaluated through one; migration 0004 rewrites it as comparisons).
+/// The same holds for a ledger upgraded from schema 0001.
+#[tokio::test]
+async fn the_status_check_allows_the_six_statuses_without_a_temporary_btree_per_row() {
+    use sqlx::Row;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let run = ledger.start_run("sync", Utc::now()).await.unwrap();
+    ledger
+        .stage(run, &[row(record("a", "1.00"))], None, Utc::now(), &by_hand)
+        .await
+        .unwrap();
+    ledger.close().await;
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("ledger.db").display()
+    ))
+    .await
+    .unwrap();
+    let schema: String = sqlx::query_scalar(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'records'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(!schema.contains("status IN ("), "{schema}");
+    for status in [
+        "pending",
+        "sent",
+        "unmapped",
+        "ignored",
+        "provisional",
+        "rejected",
+    ] {
+        assert!(schema.contains(&format!("status = '{status}'")), "{schema}");
+        sqlx::query("UPDATE records SET status = ?1 WHERE id = 1")
+            .bind(status)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{status}: {e}"));
+    }
+    for wrong in ["Pending", "done", "", "sent "] {
+        let err = sqlx::query("UPDATE records SET status = ?1 WHERE id = 1")
+            .bind(wrong)
+            .execute(&pool)
+            .await
+            .expect_err(wrong);
+        assert!(err.to_string().contains("CHECK constraint failed"), "{err}");
+    }
+    // What staging and acknowledging execute: no ephemeral table opened for the check.
+    for statement in [
+        "EXPLAIN UPDATE records SET status = 'sent' WHERE id = 1",
+        "EXPLAIN INSERT INTO records (status) VALUES ('pending')",
+    ] {
+        let opcodes: Vec<String> = sqlx::query(statement)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>("opcode"))
+            .collect();
+        assert!(opcodes.iter().any(|o| o == "Halt"), "{opcodes:?}");
+        assert!(
+            !opcodes.iter().any(|o| o == "OpenEphemeral"),
+            "{statement}: {opcodes:?}"
+        );
+    }
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
 }

@@ -394,3 +394,33 @@ async fn a_dry_run_pulls_and_maps_but_writes_and_sends_nothing() {
     let status = pipeline.ledger.status().await.unwrap();
     assert!(status.counts.is_empty() && status.cursors.is_empty() && status.runs.is_empty());
 }
+
+/// One provider page larger than everything the puller may hold ahead of the stager (two
+/// staging transactions, 8,000 records): it is neither refused nor waited on forever, but
+/// staged whole and delivered exactly once in the same run.
+#[tokio::test]
+async fn a_page_larger_than_the_pull_ahead_bound_is_delivered_whole_in_one_run() {
+    let from = billsync::demo::demo_start();
+    // Two users, one day: one page per user, of 9,000 lines each.
+    let dataset = billsync::simulators::metalsoft::MetalsoftDataset::generated(
+        2,
+        9_000,
+        11,
+        from,
+        from + chrono::Duration::hours(20),
+    );
+    let world = World::start_with(Behaviour::ClickHouse, dataset).await;
+    let run = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        world.pipeline().await.sync(&opts()).await.unwrap()
+    })
+    .await
+    .expect("the run ends");
+    assert_eq!(run.outcome, RunOutcome::Ok, "{run:?}");
+    let source = run.sources.values().next().unwrap();
+    assert!(
+        source.pulled > 8_000 * source.chunks.min(2) && source.pulled >= 17_000,
+        "pages larger than the bound: {source:?}"
+    );
+    assert_eq!(run.new, run.pulled, "{run:?}");
+    assert_delivered_exactly_once(&world).await;
+}

@@ -176,6 +176,38 @@ impl StageRow {
         self.body = Some(record_body(&self.record)?);
         Ok(())
     }
+
+    /// Encode the body and drop the record's raw provider fields and attributes from memory:
+    /// the body keeps them, and they are most of a row's memory (a parsed JSON object and a
+    /// map per record), so rows waiting for the stager take a fraction of the room. Staging a
+    /// new record needs only the columns; the rare paths that need the whole record (a
+    /// correction, a restage, a change of a sent record) call [`StageRow::full_record`], which
+    /// decodes the body.
+    pub fn encode_body_and_shed_raw(&mut self) -> Result<(), LedgerError> {
+        self.encode_body()?;
+        self.record.raw = serde_json::Value::Null;
+        self.record.attributes = Default::default();
+        Ok(())
+    }
+
+    /// The whole record, raw fields and attributes included: the row's own when it still has them, else
+    /// decoded from the encoded body (see [`StageRow::encode_body_and_shed_raw`]).
+    pub fn full_record(&self) -> Result<std::borrow::Cow<'_, UsageRecord>, LedgerError> {
+        match &self.body {
+            Some(body) if self.record.raw.is_null() => {
+                decode_body(0, Some(body)).map(std::borrow::Cow::Owned)
+            }
+            _ => Ok(std::borrow::Cow::Borrowed(&self.record)),
+        }
+    }
+
+    /// The stored form of the record: the body encoded beforehand, or encoded now.
+    fn stored_body(&self) -> Result<std::borrow::Cow<'_, [u8]>, LedgerError> {
+        match &self.body {
+            Some(b) => Ok(std::borrow::Cow::Borrowed(b)),
+            None => record_body(&self.record).map(std::borrow::Cow::Owned),
+        }
+    }
 }
 
 /// What was sent for a record so far, for deciding its correction.
@@ -766,7 +798,7 @@ impl Ledger {
             )
             .bind(id)
             .bind(&row.content_hash)
-            .bind(record_json(&row.record)?)
+            .bind(record_json(&*row.full_record()?)?)
             .bind(run_id)
             .bind(&now_s)
             .bind(state)
@@ -1517,18 +1549,11 @@ fn insert_staged(
                 s.run()
             };
         bind(&mut record, &mut buf).map_err(sqlite("staging records"))?;
-        let encoded;
-        let stored: &[u8] = match &r.body {
-            Some(b) => b,
-            None => {
-                encoded = record_body(&r.record)?;
-                &encoded
-            }
-        };
+        let stored = r.stored_body()?;
         (|| {
             body.int(1, id)?;
             body.opt_text(2, m.payload.as_deref())?;
-            body.blob(3, stored)?;
+            body.blob(3, &stored)?;
             body.run()
         })()
         .map_err(sqlite("staging record bodies"))?;
@@ -1733,7 +1758,7 @@ async fn restage(
     sqlx::query("UPDATE record_bodies SET payload = ?2, record = ?3 WHERE id = ?1")
         .bind(id)
         .bind(&row.mapped.payload)
-        .bind(record_body(rec)?)
+        .bind(row.stored_body()?.as_ref())
         .execute(&mut *tx)
         .await
         .map_err(sql("restaging a changed record"))?;
