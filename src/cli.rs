@@ -276,6 +276,10 @@ pub enum MappingsCommand {
 /// the container image, has no per-thread arenas.)
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
+    // glibc's own setting, when given, wins.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
     // SAFETY: mallopt only sets an allocator parameter; called before any thread is started.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);

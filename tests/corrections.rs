@@ -157,18 +157,16 @@ async fn a_changed_provisional_sakura_month_yields_one_correction_and_ends_equal
         .iter()
         .find(|r| Some(r.id) == corr.correction_of)
         .unwrap();
+    let change = ledger
+        .correction_basis(corr.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .latest
+        .expect("the change is kept");
     for (what, record) in [
-        ("correction", corr.record.clone()),
-        (
-            "change of the original",
-            ledger
-                .correction_basis(corr.id)
-                .await
-                .unwrap()
-                .unwrap()
-                .latest
-                .expect("the change is kept"),
-        ),
+        ("correction", &corr.record),
+        ("change of the original", &change),
     ] {
         assert!(!record.raw.is_null(), "{what}: raw provider fields kept");
         assert_eq!(
@@ -183,15 +181,7 @@ async fn a_changed_provisional_sakura_month_yields_one_correction_and_ends_equal
         );
     }
     assert_ne!(
-        ledger
-            .correction_basis(corr.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .latest
-            .unwrap()
-            .raw,
-        original.record.raw,
+        change.raw, original.record.raw,
         "the change carries the provider's new line"
     );
     // What was sent before is untouched: same keys, same timestamps, same amounts.

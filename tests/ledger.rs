@@ -499,15 +499,7 @@ async fn a_ledger_from_schema_0001_keeps_its_records_and_payloads_after_the_upgr
     assert_eq!(third.resource_id, "instance:3");
     assert_eq!(third.billed_cost, fresh.billed_cost);
     // The upgrade rewrote the status CHECK too (migration 0004), and it still holds.
-    let pool = sqlx::SqlitePool::connect_with(SqliteConnectOptions::new().filename(&path))
-        .await
-        .unwrap();
-    let schema: String = sqlx::query_scalar(
-        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'records'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (pool, schema) = records_schema(&path).await;
     assert!(!schema.contains("status IN ("), "{schema}");
     assert!(
         sqlx::query("UPDATE records SET status = 'lost' WHERE id = 1")
@@ -517,10 +509,25 @@ async fn a_ledger_from_schema_0001_keeps_its_records_and_payloads_after_the_upgr
     );
 }
 
+/// A connection of its own to the ledger at `path`, and the `records` table's schema text.
+async fn records_schema(path: &std::path::Path) -> (sqlx::SqlitePool, String) {
+    let pool =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(path))
+            .await
+            .unwrap();
+    let schema = sqlx::query_scalar(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'records'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    (pool, schema)
+}
+
 /// The status CHECK accepts exactly the six statuses and nothing else, written so that SQLite
 /// checks it without building a temporary B-tree per written row (a constant `IN` list of
 /// more than two values is evaluated through one; migration 0004 rewrites it as comparisons).
-/// The same holds for a ledger upgraded from schema 0001.
+/// (A ledger upgraded from schema 0001 is checked in the upgrade test above.)
 #[tokio::test]
 async fn the_status_check_allows_the_six_statuses_without_a_temporary_btree_per_row() {
     use sqlx::Row;
@@ -532,18 +539,7 @@ async fn the_status_check_allows_the_six_statuses_without_a_temporary_btree_per_
         .await
         .unwrap();
     ledger.close().await;
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("ledger.db").display()
-    ))
-    .await
-    .unwrap();
-    let schema: String = sqlx::query_scalar(
-        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'records'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (pool, schema) = records_schema(&dir.path().join("ledger.db")).await;
     assert!(!schema.contains("status IN ("), "{schema}");
     for status in [
         "pending",

@@ -12,7 +12,8 @@ use std::time::Duration;
 use billsync::config::Secret;
 use billsync::http::RetryPolicy;
 use billsync::providers::metalsoft::{
-    parse_report, parse_report_str, MetalsoftConfig, MetalsoftProvider, ReportContext,
+    parse_report, parse_report_owned, parse_report_str, MetalsoftConfig, MetalsoftProvider,
+    ReportContext,
 };
 use billsync::providers::{Chunk, Cursors, Provider, ProviderError};
 use billsync::record::UsageRecord;
@@ -128,6 +129,44 @@ fn current_docs_fixture_parses_to_exact_sums() {
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     assert_eq!(counts(&records), expected);
+}
+
+/// The fetch path parses a report it owns and moves each line into its record instead of
+/// copying it: the records are the same, raw fields included, for every kind of line
+/// (resources, waypoints, reservation installments) and for keys that JSON pointers must
+/// escape.
+#[test]
+fn a_report_parsed_by_moving_its_lines_gives_the_same_records() {
+    let mut odd: Value = serde_json::from_str(FIXTURE_BIGSTEP_2020).unwrap();
+    // Rename a resource type, a bucket and a direction to keys with `/` and `~`.
+    fn first_key(map: &Value) -> String {
+        map.as_object().unwrap().keys().next().unwrap().clone()
+    }
+    fn rename_first(map: &mut Value, to: &str) {
+        let from = first_key(map);
+        let m = map.as_object_mut().unwrap();
+        let v = m.remove(&from).unwrap();
+        m.insert(to.to_string(), v);
+    }
+    let detailed = &mut odd["detailed_report"];
+    let infra = first_key(detailed);
+    rename_first(&mut detailed[&infra], "odd/type~0");
+    let network = &mut odd["network_report"];
+    let net_infra = first_key(network);
+    let bucket = first_key(&network[&net_infra]);
+    rename_first(&mut network[&net_infra][&bucket], "up/~1");
+    rename_first(&mut network[&net_infra], "b/~");
+    for report in [
+        serde_json::from_str::<Value>(FIXTURE_CURRENT).unwrap(),
+        serde_json::from_str::<Value>(FIXTURE_BIGSTEP_2020).unwrap(),
+        odd,
+    ] {
+        let copied = parse_report(&report, &fixture_ctx()).expect("parses");
+        let moved = parse_report_owned(report.clone(), &fixture_ctx()).expect("parses");
+        assert_eq!(moved, copied);
+        assert!(copied.len() >= 8);
+        assert!(moved.iter().all(|r| r.raw.is_object()), "{moved:?}");
+    }
 }
 
 #[test]

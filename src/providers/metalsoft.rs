@@ -552,7 +552,7 @@ impl Provider for MetalsoftProvider {
             window_end: chunk.window_end,
             settled: chunk.window_end <= now - self.config.settle_delay,
         };
-        let records = parse_report(&result, &ctx)?;
+        let records = parse_report_owned(result, &ctx)?;
         // The page's cursor is its window's end, never below what `plan` saw (a look-back
         // re-read must not move a cursor back). Read-only here: pages may be fetched
         // concurrently, and a later window's answer must not lend its end to an earlier page.
@@ -659,7 +659,7 @@ pub fn parse_report_str(
         call: METHOD.into(),
         message: format!("the report is not JSON: {e}"),
     })?;
-    parse_report(&value, ctx)
+    parse_report_owned(value, ctx)
 }
 
 /// Turn the `result` of `resource_utilization_detailed` into records.
@@ -674,6 +674,43 @@ pub fn parse_report(
     result: &Value,
     ctx: &ReportContext,
 ) -> Result<Vec<UsageRecord>, ProviderError> {
+    parse_report_at(result, ctx, None)
+}
+
+/// [`parse_report`] of a report the caller owns: each record's raw fields are moved out of the
+/// report instead of copied. A deep copy of every line (a JSON object of some twenty fields)
+/// was one of the largest costs of pulling.
+pub fn parse_report_owned(
+    mut result: Value,
+    ctx: &ReportContext,
+) -> Result<Vec<UsageRecord>, ProviderError> {
+    let mut pointers = Vec::new();
+    let mut records = parse_report_at(&result, ctx, Some(&mut pointers))?;
+    for (record, pointer) in records.iter_mut().zip(&pointers) {
+        if let Some(line) = result.pointer_mut(pointer) {
+            record.raw = std::mem::take(line);
+        }
+    }
+    Ok(records)
+}
+
+/// A JSON pointer segment (RFC 6901): `~` and `/` escaped.
+fn pointer_segment(key: &str) -> std::borrow::Cow<'_, str> {
+    if key.contains(['~', '/']) {
+        key.replace('~', "~0").replace('/', "~1").into()
+    } else {
+        key.into()
+    }
+}
+
+/// [`parse_report`]; with `pointers`, records are left without raw fields and the JSON
+/// pointer of each record's line is pushed instead, in record order.
+fn parse_report_at(
+    result: &Value,
+    ctx: &ReportContext,
+    mut pointers: Option<&mut Vec<String>>,
+) -> Result<Vec<UsageRecord>, ProviderError> {
+    let copy_raw = pointers.is_none();
     let shape = |message: String| ProviderError::Shape {
         provider: ctx.source.clone(),
         call: METHOD.into(),
@@ -723,7 +760,16 @@ pub fn parse_report(
                         index,
                         path: format!("{path}[{index}]"),
                     };
-                    records.push(line_record(entry, &site, None, &labels, ctx).map_err(&shape)?);
+                    records.push(
+                        line_record(entry, &site, None, &labels, ctx, copy_raw).map_err(&shape)?,
+                    );
+                    if let Some(p) = pointers.as_deref_mut() {
+                        p.push(format!(
+                            "/detailed_report/{}/{}/{index}",
+                            pointer_segment(infra),
+                            pointer_segment(resource_type)
+                        ));
+                    }
                 }
             }
         }
@@ -761,7 +807,18 @@ pub fn parse_report(
                             path: format!("{path}.metered_waypoints[{index}]"),
                         };
                         let nk = Some((bucket.as_str(), direction.as_str()));
-                        records.push(line_record(entry, &site, nk, &labels, ctx).map_err(&shape)?);
+                        records.push(
+                            line_record(entry, &site, nk, &labels, ctx, copy_raw)
+                                .map_err(&shape)?,
+                        );
+                        if let Some(p) = pointers.as_deref_mut() {
+                            p.push(format!(
+                                "/network_report/{}/{}/{}/metered_waypoints/{index}",
+                                pointer_segment(infra),
+                                pointer_segment(bucket),
+                                pointer_segment(direction)
+                            ));
+                        }
                     }
                     check_aggregate(aggregate, &records[first..], &path, ctx);
                 }
@@ -782,8 +839,12 @@ pub fn parse_report(
                 .enumerate()
             {
                 records.push(
-                    installment_record(entry, &format!("{path}[{index}]"), ctx).map_err(&shape)?,
+                    installment_record(entry, &format!("{path}[{index}]"), ctx, copy_raw)
+                        .map_err(&shape)?,
                 );
+                if let Some(p) = pointers.as_deref_mut() {
+                    p.push(format!("/reservation_installments/server_types/{index}"));
+                }
             }
         }
     }
@@ -903,6 +964,7 @@ fn line_record(
     network: Option<(&str, &str)>,
     labels: &HashMap<String, String>,
     ctx: &ReportContext,
+    copy_raw: bool,
 ) -> Result<UsageRecord, String> {
     let Value::Object(e) = entry else {
         return Err(format!(
@@ -1070,7 +1132,7 @@ fn line_record(
         natural_key,
         is_final: ctx.settled,
         attributes,
-        raw: entry.clone(),
+        raw: if copy_raw { entry.clone() } else { Value::Null },
     })
 }
 
@@ -1079,6 +1141,7 @@ fn installment_record(
     entry: &Value,
     path: &str,
     ctx: &ReportContext,
+    copy_raw: bool,
 ) -> Result<UsageRecord, String> {
     let Value::Object(e) = entry else {
         return Err(format!("reservation installment {path}: not an object"));
@@ -1156,7 +1219,7 @@ fn installment_record(
         resource_type,
         is_final: ctx.settled,
         attributes,
-        raw: entry.clone(),
+        raw: if copy_raw { entry.clone() } else { Value::Null },
     })
 }
 
