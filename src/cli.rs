@@ -268,12 +268,11 @@ pub enum MappingsCommand {
     },
 }
 
-/// Parse the command line, run, and return the documented exit code.
-/// At most two glibc malloc arenas. glibc gives each thread that allocates its own arena (up
-/// to eight per core), and a run allocates on the runtime's workers, the SQLite connection
-/// threads and the blocking pool: records freed on another thread's arena stay mapped there,
-/// which cost about 5 MB of peak RSS in `billsync bench` for no measurable speed. (musl, in
-/// the container image, has no per-thread arenas.)
+/// At most two glibc malloc arenas. glibc gives each thread that allocates an arena of its own
+/// (up to eight per core on 64-bit), and a run allocates on the runtime's workers, the SQLite
+/// connection threads and the blocking pool: memory freed in one arena is not reused by
+/// another, which cost 3–5 MB of peak RSS in `billsync bench` for no measurable speed. (musl,
+/// in the container image, has no per-thread arenas.)
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
     // glibc's own setting, when given, wins.
@@ -289,6 +288,7 @@ fn limit_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
 
+/// Parse the command line, run, and return the documented exit code.
 pub fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();

@@ -223,9 +223,14 @@ impl Progress for Bars {
 /// Print a run summary: a table for a person, or one JSON line for a machine.
 pub fn print_summary(s: &RunSummary, json: bool) {
     if json {
-        if let Ok(line) = serde_json::to_string(s) {
-            println!("{line}");
+        // Written as it is serialized: a backfill's summary holds one total per subscription
+        // and metric, megabytes of JSON that need not sit in memory at once.
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        if serde_json::to_writer(&mut out, s).is_ok() {
+            let _ = writeln!(out);
         }
+        let _ = out.flush();
         return;
     }
     let mut out = String::new();

@@ -424,3 +424,41 @@ async fn a_page_larger_than_the_pull_ahead_bound_is_delivered_whole_in_one_run()
     assert_eq!(run.new, run.pulled, "{run:?}");
     assert_delivered_exactly_once(&world).await;
 }
+
+/// The run summary is stored in the ledger's `runs` table with its totals; a run with more
+/// totals than the pipeline keeps there (a backfill: one per subscription and metric) stores
+/// their count instead, and still reports every total to its caller.
+#[tokio::test]
+async fn a_run_with_many_totals_stores_their_count_not_the_list() {
+    async fn stored_summary(world: &World, run_id: i64) -> serde_json::Value {
+        let pool = sqlx::SqlitePool::connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new().filename(world.dir.path().join("ledger.db")),
+        )
+        .await
+        .unwrap();
+        let text: String = sqlx::query_scalar("SELECT summary FROM runs WHERE id = ?1")
+            .bind(run_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+    // The default keeps the demo's few totals.
+    let world = World::start(Behaviour::Postgres).await;
+    let run = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert!(run.totals.len() > 2, "{run:?}");
+    let stored = stored_summary(&world, run.run_id.unwrap()).await;
+    assert_eq!(stored["totals"], serde_json::to_value(&run.totals).unwrap());
+    assert!(stored.get("totals_left_out").is_none(), "{stored}");
+
+    let world = World::start(Behaviour::Postgres).await;
+    let mut pipeline = world.pipeline().await;
+    pipeline.stored_totals_max = 2;
+    let run = pipeline.sync(&opts()).await.unwrap();
+    assert!(run.totals.len() > 2, "every total still reported: {run:?}");
+    assert_eq!(run.totals_left_out, None);
+    let stored = stored_summary(&world, run.run_id.unwrap()).await;
+    assert_eq!(stored["totals"], serde_json::json!([]), "{stored}");
+    assert_eq!(stored["totals_left_out"], run.totals.len());
+    assert_eq!(stored["sent"], run.sent);
+}
