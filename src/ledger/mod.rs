@@ -190,13 +190,19 @@ impl StageRow {
         Ok(())
     }
 
-    /// The whole record, raw fields and attributes included: the row's own when it still has them, else
-    /// decoded from the encoded body (see [`StageRow::encode_body_and_shed_raw`]).
+    /// The whole record, raw fields and attributes included: the row's own when it still has
+    /// them, else decoded from the encoded body (see [`StageRow::encode_body_and_shed_raw`]).
+    /// (A body is the encoding of the whole record, so decoding it is right even for a record
+    /// whose raw fields were null to begin with.)
     pub fn full_record(&self) -> Result<std::borrow::Cow<'_, UsageRecord>, LedgerError> {
         match &self.body {
-            Some(body) if self.record.raw.is_null() => {
-                decode_body(0, Some(body)).map(std::borrow::Cow::Owned)
-            }
+            Some(body) if self.record.raw.is_null() => body::decode(body)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|message| LedgerError::Corrupt {
+                    id: 0,
+                    field: "record",
+                    message: format!("the encoded body of {}: {message}", self.key),
+                }),
             _ => Ok(std::borrow::Cow::Borrowed(&self.record)),
         }
     }

@@ -687,9 +687,16 @@ pub fn parse_report_owned(
     let mut pointers = Vec::new();
     let mut records = parse_report_at(&result, ctx, Some(&mut pointers))?;
     for (record, pointer) in records.iter_mut().zip(&pointers) {
-        if let Some(line) = result.pointer_mut(pointer) {
-            record.raw = std::mem::take(line);
-        }
+        // Every pointer was made from the keys just read, so a miss is a bug here: said, not
+        // passed over with a record that silently lacks its raw fields.
+        let line = result
+            .pointer_mut(pointer)
+            .ok_or_else(|| ProviderError::Shape {
+                provider: ctx.source.clone(),
+                call: METHOD.into(),
+                message: format!("line {pointer} of the report could not be found again"),
+            })?;
+        record.raw = std::mem::take(line);
     }
     Ok(records)
 }
