@@ -172,6 +172,110 @@ struct StageBuffer {
     since: Option<Instant>,
 }
 
+/// Where one sink's push stands in a run: the pushes alongside the pull and the final pass
+/// continue from it, so a record is tried at most once per run.
+#[derive(Debug, Clone)]
+struct SinkProgress {
+    /// The last record id read for this sink.
+    after_id: i64,
+    /// Batches in flight allowed now (AIMD, see [`MAX_BATCHES_IN_FLIGHT`]).
+    window: usize,
+    /// The sink's 429 count when the window last shrank.
+    throttled_seen: u64,
+    batches: u64,
+    /// The sink stopped (down, refusing credentials): nothing more is sent to it this run.
+    stopped: bool,
+}
+
+/// What the stager and the pusher share while records are pushed during the pull.
+///
+/// The danger is a record the pusher has read (payload P1 under key K) and the stager then
+/// restages with new content (P2, same K): the acknowledgement would mark P2 as sent while the
+/// sink holds P1, and sending P2 later would be refused as a duplicate of K. So a pending
+/// record read for delivery is *carried* until its acknowledgement commits, and a staging
+/// transaction that would restage a carried record writes nothing and waits (staged again,
+/// the record is sent by then and its change becomes a correction). The turn makes "read and
+/// carry" and "look up and write" exclusive, so the stager cannot slip a restage in between.
+#[derive(Default)]
+struct Alongside {
+    /// Held by the stager for a whole staging transaction, and by the pusher while it reads
+    /// pending records and marks them carried.
+    turn: tokio::sync::Mutex<()>,
+    /// Ids read for delivery and not acknowledged yet.
+    carried: std::sync::Mutex<HashSet<i64>>,
+    /// Carried records were released.
+    released: tokio::sync::Notify,
+    /// The stager committed a transaction: there may be more to push.
+    staged: tokio::sync::Notify,
+    /// Every source is pulled, or the pull stopped.
+    pulling_done: std::sync::atomic::AtomicBool,
+}
+
+impl Alongside {
+    fn carried(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        // The set stays consistent whatever panicked while holding it (plain inserts/removes).
+        self.carried.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn carries(&self, id: i64) -> bool {
+        self.carried().contains(&id)
+    }
+
+    fn carry(&self, ids: impl Iterator<Item = i64>) {
+        self.carried().extend(ids);
+    }
+
+    fn release(&self, ids: impl Iterator<Item = i64>) {
+        {
+            let mut carried = self.carried();
+            for id in ids {
+                carried.remove(&id);
+            }
+        }
+        self.released.notify_one();
+    }
+
+    fn release_all(&self) {
+        self.carried().clear();
+        self.released.notify_one();
+    }
+
+    /// Wait until none of `ids` is carried.
+    async fn wait_released(&self, ids: &[i64]) {
+        loop {
+            let notified = self.released.notified();
+            if !ids.iter().any(|id| self.carries(*id)) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Tells the pusher alongside that the pull is over, however it ends.
+struct PullingDone<'a>(Option<&'a Alongside>);
+
+impl Drop for PullingDone<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.0 {
+            a.pulling_done.store(true, Ordering::Release);
+            a.staged.notify_one();
+        }
+    }
+}
+
+/// Releases every carried record when a push ends, however it ends (an error, a stop, a
+/// stopped sink): the stager must never wait for a pusher that is gone.
+struct ReleaseOnDrop<'a>(Option<&'a Alongside>);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.0 {
+            a.release_all();
+        }
+    }
+}
+
 /// Progress of a run, for a person watching (the logs carry the same facts for machines).
 pub trait Progress: Send + Sync {
     /// A source starts pulling `chunks` windows or pages.
@@ -326,6 +430,19 @@ impl RunSummary {
             duration_ms: 0,
             preview: Vec::new(),
         }
+    }
+
+    /// Take in what a push alongside the pull delivered.
+    fn merge_push(&mut self, pushed: RunSummary) {
+        self.sent += pushed.sent;
+        self.already_delivered += pushed.already_delivered;
+        self.rejected += pushed.rejected;
+        self.failed += pushed.failed;
+        self.sink_errors.extend(pushed.sink_errors);
+        if pushed.outcome != RunOutcome::Ok {
+            self.outcome = pushed.outcome;
+        }
+        self.interrupted |= pushed.interrupted;
     }
 
     fn add_counts(&mut self, c: &StageCounts) {
@@ -648,39 +765,73 @@ impl Pipeline {
         summary: &mut RunSummary,
     ) -> Result<(), SyncError> {
         let mut last_refresh = Instant::now();
-        for provider in selected {
-            let mut src = SourceSummary {
-                provider: provider.kind().to_string(),
-                ..Default::default()
-            };
-            if let Err(e) = self
-                .pull_source(
-                    *provider,
-                    run_id,
-                    now,
-                    holder,
-                    &mut last_refresh,
-                    &mut src,
-                    summary,
-                )
-                .await
+        let mut sinks = self.sink_progress();
+        // Records are pushed while later pages are still pulled and staged: waiting for the
+        // whole pull left the sink idle for most of a run, and the pull's cores half idle
+        // while pushing. The final pass below (after month settlement) goes on from where this
+        // one stopped, so each record is still tried at most once per run.
+        // Not with monthly pricing: a page's month shares are kept before its records are
+        // staged, on the premise that no record's status changes in between.
+        let alongside = match run_id {
+            Some(_)
+                if !opts.skip_push
+                    && !self.sinks.is_empty()
+                    && !self.mappings.has_period_pricing() =>
             {
-                match e {
-                    PullError::Ledger(e) => return Err(e.into()),
-                    PullError::Provider(message) => {
-                        error!(source = provider.name(), error = %message, "pull failed; what was staged before is kept");
-                        src.error = Some(message);
-                        summary.outcome = RunOutcome::ProviderFailed;
+                Some(Alongside::default())
+            }
+            _ => None,
+        };
+        let pull_all = async {
+            // However the pull ends, the pusher alongside learns it and stops.
+            let _done = PullingDone(alongside.as_ref());
+            for provider in selected {
+                let mut src = SourceSummary {
+                    provider: provider.kind().to_string(),
+                    ..Default::default()
+                };
+                if let Err(e) = self
+                    .pull_source(
+                        *provider,
+                        run_id,
+                        now,
+                        holder,
+                        &mut last_refresh,
+                        &mut src,
+                        summary,
+                        alongside.as_ref(),
+                    )
+                    .await
+                {
+                    match e {
+                        PullError::Ledger(e) => return Err(SyncError::from(e)),
+                        PullError::Provider(message) => {
+                            error!(source = provider.name(), error = %message, "pull failed; what was staged before is kept");
+                            src.error = Some(message);
+                            summary.outcome = RunOutcome::ProviderFailed;
+                        }
                     }
                 }
+                info!(
+                    source = provider.name(),
+                    chunks = src.chunks,
+                    pulled = src.pulled,
+                    "source pulled"
+                );
+                summary.sources.insert(provider.name().to_string(), src);
             }
-            info!(
-                source = provider.name(),
-                chunks = src.chunks,
-                pulled = src.pulled,
-                "source pulled"
-            );
-            summary.sources.insert(provider.name().to_string(), src);
+            Ok(())
+        };
+        match (&alongside, run_id) {
+            (Some(together), Some(run_id)) => {
+                let mut pushed = RunSummary::new("sync", false);
+                let push = self.push_alongside(run_id, holder, together, &mut sinks, &mut pushed);
+                let (pulled, push_result) = run_side_by_side(pull_all, push).await;
+                summary.merge_push(pushed);
+                pulled?;
+                push_result?;
+            }
+            _ => pull_all.await?,
         }
 
         if let Some(run_id) = run_id {
@@ -688,7 +839,7 @@ impl Pipeline {
                 self.settle_periods(run_id, now, summary).await?;
             }
             if !opts.skip_push {
-                self.push_all(run_id, holder, &mut last_refresh, summary)
+                self.push_pending(run_id, holder, &mut last_refresh, summary, &mut sinks, None)
                     .await?;
             }
             self.finish(run_id, summary).await?;
@@ -706,6 +857,7 @@ impl Pipeline {
         last_refresh: &mut Instant,
         src: &mut SourceSummary,
         summary: &mut RunSummary,
+        alongside: Option<&Alongside>,
     ) -> Result<(), PullError> {
         // Chunks are made as the puller takes them, never all held at once; the stored
         // cursors are only needed to plan.
@@ -822,7 +974,7 @@ impl Pipeline {
                 // stage what is buffered first, so the repeat meets it in the ledger exactly as
                 // it would page by page.
                 if page.rows.iter().any(|r| buffer.keys.contains(&r.key)) {
-                    self.flush_stage(provider, run_id, &mut buffer, summary)
+                    self.flush_stage(provider, run_id, &mut buffer, summary, alongside)
                         .await?;
                 }
                 self.progress.chunk_done(page.rows.len() as u64);
@@ -836,7 +988,7 @@ impl Pipeline {
                 if buffer.rows.len() >= STAGE_ROWS_PER_TRANSACTION
                     || since.elapsed() >= STAGE_MAX_DELAY
                 {
-                    self.flush_stage(provider, run_id, &mut buffer, summary)
+                    self.flush_stage(provider, run_id, &mut buffer, summary, alongside)
                         .await?;
                 }
                 if last_refresh.elapsed() > LOCK_REFRESH {
@@ -849,7 +1001,7 @@ impl Pipeline {
             // Whatever ended the pull (the last page, a provider failure, a stop), what was
             // pulled before is kept.
             if let Some(run_id) = run_id {
-                self.flush_stage(provider, run_id, &mut buffer, summary)
+                self.flush_stage(provider, run_id, &mut buffer, summary, alongside)
                     .await?;
             }
             Ok::<(), LedgerError>(())
@@ -875,6 +1027,7 @@ impl Pipeline {
         run_id: i64,
         buffer: &mut StageBuffer,
         summary: &mut RunSummary,
+        alongside: Option<&Alongside>,
     ) -> Result<(), LedgerError> {
         if buffer.rows.is_empty() && buffer.cursors.is_empty() {
             return Ok(());
@@ -886,10 +1039,44 @@ impl Pipeline {
             .map(|(stream, value)| (provider.name(), stream.as_str(), value.as_str()))
             .collect();
         let correct = |row: &StageRow, sent: &SentState| self.correction(row, sent);
-        let counts = self
-            .ledger
-            .stage_pages(run_id, &buffer.rows, &cursors, Utc::now(), &correct)
-            .await?;
+        let counts = loop {
+            // The turn: no pending record is read for delivery while this transaction looks
+            // records up and writes them.
+            let turn = match alongside {
+                Some(a) => Some(a.turn.lock().await),
+                None => None,
+            };
+            let in_flight = |id: i64| alongside.is_some_and(|a| a.carries(id));
+            match self
+                .ledger
+                .stage_pages(
+                    run_id,
+                    &buffer.rows,
+                    &cursors,
+                    Utc::now(),
+                    &correct,
+                    &in_flight,
+                )
+                .await
+            {
+                Err(LedgerError::InFlight { ids }) => {
+                    drop(turn);
+                    let Some(a) = alongside else {
+                        return Err(LedgerError::InFlight { ids });
+                    };
+                    info!(
+                        source = provider.name(),
+                        records = ids.len(),
+                        "records changed while a sink request carries them; staging waits for the acknowledgement"
+                    );
+                    a.wait_released(&ids).await;
+                }
+                other => break other?,
+            }
+        };
+        if let Some(a) = alongside {
+            a.staged.notify_one();
+        }
         summary.add_counts(&counts);
         buffer.rows.clear();
         buffer.keys.clear();
@@ -921,15 +1108,124 @@ impl Pipeline {
         Ok(c)
     }
 
+    /// Where each configured sink's push stands at the start of a run.
+    fn sink_progress(&self) -> Vec<SinkProgress> {
+        self.sinks
+            .iter()
+            .map(|sink| SinkProgress {
+                after_id: 0,
+                window: 1,
+                throttled_seen: sink.throttled(),
+                batches: 0,
+                stopped: false,
+            })
+            .collect()
+    }
+
     /// Send every pending record of every sink, batch by batch. Each record is tried at most
     /// once per run (the walk is by id), so a sink that keeps failing cannot hold a run forever.
+    async fn push_all(
+        &self,
+        run_id: i64,
+        holder: &str,
+        last_refresh: &mut Instant,
+        summary: &mut RunSummary,
+    ) -> Result<(), LedgerError> {
+        let mut sinks = self.sink_progress();
+        self.push_pending(run_id, holder, last_refresh, summary, &mut sinks, None)
+            .await
+    }
+
+    /// While the sources are pulled: push what the stager has committed, then wait for its
+    /// next commit, until the pull is over (or a stop is asked for). What is left is pushed
+    /// by the run's final pass, which goes on from `sinks`.
+    async fn push_alongside(
+        &self,
+        run_id: i64,
+        holder: &str,
+        together: &Alongside,
+        sinks: &mut [SinkProgress],
+        summary: &mut RunSummary,
+    ) -> Result<(), LedgerError> {
+        let mut last_refresh = Instant::now();
+        loop {
+            if together.pulling_done.load(Ordering::Acquire) || self.shutdown.is_requested() {
+                return Ok(());
+            }
+            self.push_pending(
+                run_id,
+                holder,
+                &mut last_refresh,
+                summary,
+                sinks,
+                Some(together),
+            )
+            .await?;
+            if sinks.iter().all(|s| s.stopped) {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = together.staged.notified() => {}
+                _ = self.shutdown.requested() => return Ok(()),
+            }
+        }
+    }
+
+    /// Push what is pending now for every sink that has not stopped, going on from where
+    /// each stands (`sinks`).
     ///
     /// Up to [`MAX_BATCHES_IN_FLIGHT`] batches are delivered at once (the window grows by one
     /// per delivered batch and halves when the sink reports a 429); outcomes are taken in
     /// batch order and acknowledged in order, several batches per commit.
-    async fn push_all(
+    async fn push_pending(
         &self,
         run_id: i64,
+        holder: &str,
+        last_refresh: &mut Instant,
+        summary: &mut RunSummary,
+        sinks: &mut [SinkProgress],
+        alongside: Option<&Alongside>,
+    ) -> Result<(), LedgerError> {
+        let push_started = Instant::now();
+        for (sink, state) in self.sinks.iter().zip(sinks.iter_mut()) {
+            if self.shutdown.is_requested() {
+                summary.interrupted = true;
+                break;
+            }
+            if state.stopped {
+                continue;
+            }
+            let sink: &dyn Sink = sink.as_ref();
+            if alongside.is_none() {
+                self.progress
+                    .push_started(sink.name(), self.ledger.pending_count(sink.name()).await?);
+            }
+            self.push_sink(
+                run_id,
+                sink,
+                state,
+                alongside,
+                holder,
+                last_refresh,
+                summary,
+            )
+            .await?;
+            if alongside.is_none() {
+                info!(sink = sink.name(), batches = state.batches, "sink done");
+            }
+        }
+        timed(&self.timings, |t| &t.push_wall, push_started);
+        Ok(())
+    }
+
+    /// [`Self::push_pending`] for one sink: returns once nothing it read is in flight.
+    #[allow(clippy::too_many_arguments)]
+    async fn push_sink(
+        &self,
+        run_id: i64,
+        sink: &dyn Sink,
+        state: &mut SinkProgress,
+        alongside: Option<&Alongside>,
         holder: &str,
         last_refresh: &mut Instant,
         summary: &mut RunSummary,
@@ -946,151 +1242,163 @@ impl Pipeline {
                     + 'a,
             >,
         >;
-        let push_started = Instant::now();
-        for sink in &self.sinks {
-            if self.shutdown.is_requested() {
-                summary.interrupted = true;
+        // Whatever way this returns, the stager is no longer kept from the records it read.
+        let _release = ReleaseOnDrop(alongside);
+        let mut in_flight: FuturesOrdered<Delivery<'_>> = FuturesOrdered::new();
+        let mut exhausted = false;
+        let mut stopping = false;
+        let mut acks: Vec<(i64, Outcome)> = Vec::new();
+        // Pending records read ahead, in id order, several batches per query.
+        let mut ahead: std::collections::VecDeque<crate::sinks::Outgoing> =
+            std::collections::VecDeque::new();
+        let mut read_all = false;
+        loop {
+            while !exhausted && !stopping && in_flight.len() < state.window {
+                if self.shutdown.is_requested() {
+                    summary.interrupted = true;
+                    stopping = true;
+                    break;
+                }
+                let max_batch = sink.max_batch().max(1);
+                if ahead.len() < max_batch && !read_all {
+                    let want = max_batch * BATCHES_READ_AHEAD;
+                    let more = match alongside {
+                        None => {
+                            self.ledger
+                                .pending_batch(sink.name(), state.after_id, want)
+                                .await?
+                        }
+                        Some(a) => {
+                            // Read and registered in one turn: a staging transaction either
+                            // ran before (the rows read are its content) or sees them carried.
+                            let _turn = a.turn.lock().await;
+                            let more = self
+                                .ledger
+                                .pending_batch(sink.name(), state.after_id, want)
+                                .await?;
+                            a.carry(more.iter().map(|o| o.id));
+                            more
+                        }
+                    };
+                    read_all = more.len() < want;
+                    if let Some(last) = more.last() {
+                        state.after_id = last.id;
+                    }
+                    ahead.extend(more);
+                }
+                if ahead.is_empty() {
+                    exhausted = true;
+                    break;
+                }
+                let batch: Vec<_> = ahead.drain(..max_batch.min(ahead.len())).collect();
+                in_flight.push_back(Box::pin(async move {
+                    let result = sink.deliver(&batch).await;
+                    (batch, result)
+                }));
+            }
+            if in_flight.is_empty() {
                 break;
             }
-            let sink: &dyn Sink = sink.as_ref();
-            let mut after_id = 0;
-            let mut batches = 0u64;
-            self.progress
-                .push_started(sink.name(), self.ledger.pending_count(sink.name()).await?);
-            let mut in_flight: FuturesOrdered<Delivery<'_>> = FuturesOrdered::new();
-            let mut window = 1usize;
-            let mut throttled_seen = sink.throttled();
-            let mut exhausted = false;
-            let mut stopping = false;
-            let mut acks: Vec<(i64, Outcome)> = Vec::new();
-            // Pending records read ahead, in id order, several batches per query.
-            let mut ahead: std::collections::VecDeque<crate::sinks::Outgoing> =
-                std::collections::VecDeque::new();
-            let mut read_all = false;
-            loop {
-                while !exhausted && !stopping && in_flight.len() < window {
-                    if self.shutdown.is_requested() {
+            let waited = Instant::now();
+            let next = if stopping {
+                // Let the requests in flight finish, within the deadline: their answers
+                // are worth recording. Past the deadline their batches stay pending and
+                // are resent, byte for byte, by the next run.
+                match tokio::time::timeout(self.shutdown_deadline, in_flight.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        warn!(sink = sink.name(), batches = in_flight.len(),
+                            "shutdown deadline passed with requests in flight; their records stay pending");
+                        summary.interrupted = true;
+                        break;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    next = in_flight.next() => next,
+                    _ = self.shutdown.requested() => {
                         summary.interrupted = true;
                         stopping = true;
-                        break;
+                        continue;
                     }
-                    let max_batch = sink.max_batch().max(1);
-                    if ahead.len() < max_batch && !read_all {
-                        let want = max_batch * BATCHES_READ_AHEAD;
-                        let more = self
-                            .ledger
-                            .pending_batch(sink.name(), after_id, want)
-                            .await?;
-                        read_all = more.len() < want;
-                        if let Some(last) = more.last() {
-                            after_id = last.id;
-                        }
-                        ahead.extend(more);
-                    }
-                    if ahead.is_empty() {
-                        exhausted = true;
-                        break;
-                    }
-                    let batch: Vec<_> = ahead.drain(..max_batch.min(ahead.len())).collect();
-                    in_flight.push_back(Box::pin(async move {
-                        let result = sink.deliver(&batch).await;
-                        (batch, result)
-                    }));
                 }
-                if in_flight.is_empty() {
+            };
+            timed(&self.timings, |t| &t.push, waited);
+            let Some((batch, delivered)) = next else {
+                break;
+            };
+            let outcomes = match delivered {
+                Ok(o) => o,
+                Err(stopped) => {
+                    error!(sink = sink.name(), error = %stopped, "sink stopped; its records stay pending");
+                    summary.sink_errors.push(stopped.to_string());
+                    summary.outcome = RunOutcome::SinkStopped;
+                    state.stopped = true;
                     break;
                 }
-                let waited = Instant::now();
-                let next = if stopping {
-                    // Let the requests in flight finish, within the deadline: their answers
-                    // are worth recording. Past the deadline their batches stay pending and
-                    // are resent, byte for byte, by the next run.
-                    match tokio::time::timeout(self.shutdown_deadline, in_flight.next()).await {
-                        Ok(next) => next,
-                        Err(_) => {
-                            warn!(sink = sink.name(), batches = in_flight.len(),
-                                "shutdown deadline passed with requests in flight; their records stay pending");
-                            summary.interrupted = true;
-                            break;
-                        }
-                    }
-                } else {
-                    tokio::select! {
-                        next = in_flight.next() => next,
-                        _ = self.shutdown.requested() => {
-                            summary.interrupted = true;
-                            stopping = true;
-                            continue;
-                        }
-                    }
-                };
-                timed(&self.timings, |t| &t.push, waited);
-                let Some((batch, delivered)) = next else {
-                    break;
-                };
-                let outcomes = match delivered {
-                    Ok(o) => o,
-                    Err(stopped) => {
-                        error!(sink = sink.name(), error = %stopped, "sink stopped; its records stay pending");
-                        summary.sink_errors.push(stopped.to_string());
-                        summary.outcome = RunOutcome::SinkStopped;
-                        break;
-                    }
-                };
-                let throttled = sink.throttled();
-                if throttled > throttled_seen {
-                    window = (window / 2).max(1);
-                    throttled_seen = throttled;
-                } else {
-                    window = (window + 1).min(MAX_BATCHES_IN_FLIGHT);
-                }
-                for (out, outcome) in batch.iter().zip(outcomes) {
-                    match &outcome {
-                        Outcome::Delivered => summary.sent += 1,
-                        Outcome::AlreadyDelivered => summary.already_delivered += 1,
-                        Outcome::Rejected(reason) => {
-                            summary.rejected += 1;
-                            warn!(sink = sink.name(), key = %out.key, %reason, "record rejected; held in the ledger");
-                        }
-                        Outcome::Failed(_) => summary.failed += 1,
-                    }
-                    acks.push((out.id, outcome));
-                }
-                batches += 1;
-                self.progress.batch_done(batch.len() as u64);
-                if acks.len() >= ACK_RECORDS_PER_COMMIT || in_flight.is_empty() {
-                    self.ack_now(run_id, &mut acks).await?;
-                }
-                if batches % 100 == 0 {
-                    info!(sink = sink.name(), batches, sent = summary.sent, "pushing");
-                }
-                if last_refresh.elapsed() > LOCK_REFRESH {
-                    self.ledger
-                        .refresh_lock(holder, Utc::now(), self.lock_ttl)
-                        .await?;
-                    *last_refresh = Instant::now();
-                }
+            };
+            let throttled = sink.throttled();
+            if throttled > state.throttled_seen {
+                state.window = (state.window / 2).max(1);
+                state.throttled_seen = throttled;
+            } else {
+                state.window = (state.window + 1).min(MAX_BATCHES_IN_FLIGHT);
             }
-            // Batches still in flight (a stop) are dropped: their records stay pending.
-            drop(in_flight);
-            self.ack_now(run_id, &mut acks).await?;
-            info!(sink = sink.name(), batches, "sink done");
+            for (out, outcome) in batch.iter().zip(outcomes) {
+                match &outcome {
+                    Outcome::Delivered => summary.sent += 1,
+                    Outcome::AlreadyDelivered => summary.already_delivered += 1,
+                    Outcome::Rejected(reason) => {
+                        summary.rejected += 1;
+                        warn!(sink = sink.name(), key = %out.key, %reason, "record rejected; held in the ledger");
+                    }
+                    Outcome::Failed(_) => summary.failed += 1,
+                }
+                acks.push((out.id, outcome));
+            }
+            state.batches += 1;
+            if alongside.is_none() {
+                self.progress.batch_done(batch.len() as u64);
+            }
+            if acks.len() >= ACK_RECORDS_PER_COMMIT || in_flight.is_empty() {
+                self.ack_now(run_id, &mut acks, alongside).await?;
+            }
+            if state.batches % 100 == 0 {
+                info!(
+                    sink = sink.name(),
+                    batches = state.batches,
+                    sent = summary.sent,
+                    "pushing"
+                );
+            }
+            if last_refresh.elapsed() > LOCK_REFRESH {
+                self.ledger
+                    .refresh_lock(holder, Utc::now(), self.lock_ttl)
+                    .await?;
+                *last_refresh = Instant::now();
+            }
         }
-        timed(&self.timings, |t| &t.push_wall, push_started);
-        Ok(())
+        // Batches still in flight (a stop) are dropped: their records stay pending.
+        drop(in_flight);
+        self.ack_now(run_id, &mut acks, alongside).await
     }
 
-    /// Commit the outcomes gathered so far (in delivery order), in one transaction.
+    /// Commit the outcomes gathered so far (in delivery order), in one transaction; then the
+    /// stager may change those records again.
     async fn ack_now(
         &self,
         run_id: i64,
         acks: &mut Vec<(i64, Outcome)>,
+        alongside: Option<&Alongside>,
     ) -> Result<(), LedgerError> {
         if acks.is_empty() {
             return Ok(());
         }
         let started = Instant::now();
         self.ledger.ack(run_id, acks, Utc::now()).await?;
+        if let Some(a) = alongside {
+            a.release(acks.iter().map(|(id, _)| *id));
+        }
         acks.clear();
         timed(&self.timings, |t| &t.ack, started);
         Ok(())

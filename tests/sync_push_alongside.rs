@@ -1,0 +1,267 @@
+//! Pushing while the pull is still running. Records a run has staged go to the sink while
+//! later pages are pulled, and the promise stays the same: each key once in Lago, Lago's
+//! totals equal to the provider's. A record that a later page of the same run changes while a
+//! sink request carries its first content is neither overwritten nor lost: the first content
+//! is acknowledged as sent, and the change goes out as a correction.
+
+#[path = "common/world.rs"]
+mod world;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use billsync::ledger::{RecordFilter, Status};
+use billsync::mapping::{MapOutcome, MappingSet};
+use billsync::providers::metalsoft::MetalsoftProvider;
+use billsync::providers::{Chunk, Cursors, Page, Provider, ProviderError};
+use billsync::record::UsageRecord;
+use billsync::simulators::lago::Behaviour;
+use billsync::sync::{Pipeline, RunOutcome, SyncOptions};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use world::{now, World};
+
+/// Chunks pulled in each run of these tests.
+const CHUNKS: usize = 5;
+
+/// The MetalSoft provider of the test world, slowed down and with a last page that waits for
+/// Lago: it is fetched only once Lago has stored an event of this run, which can happen only
+/// if records are pushed before the pull ends. With `repeat_changed`, that last page also
+/// carries the first mapped record of the first page again, with twice its quantity and cost.
+struct SlowProvider {
+    inner: MetalsoftProvider,
+    world: Arc<World>,
+    plan: Mutex<Vec<Chunk>>,
+    first_mapped: Mutex<Option<UsageRecord>>,
+    repeat_changed: bool,
+}
+
+#[async_trait]
+impl Provider for SlowProvider {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn plan(
+        &self,
+        cursors: &Cursors,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Chunk>, ProviderError> {
+        // The first chunks that hold records (the demo's first days may be empty).
+        let mut chunks = Vec::new();
+        for chunk in self.inner.plan(cursors, now).await? {
+            if chunks.len() == CHUNKS {
+                break;
+            }
+            if !self.inner.fetch(&chunk, now).await?.records.is_empty() {
+                chunks.push(chunk);
+            }
+        }
+        *self.plan.lock().unwrap() = chunks.clone();
+        Ok(chunks)
+    }
+    async fn fetch(&self, chunk: &Chunk, now: DateTime<Utc>) -> Result<Page, ProviderError> {
+        let index = self
+            .plan
+            .lock()
+            .unwrap()
+            .iter()
+            .position(|c| c == chunk)
+            .expect("a planned chunk");
+        let stalled = |message: &str| ProviderError::Transport {
+            provider: "test".into(),
+            call: "fetch".into(),
+            message: message.into(),
+        };
+        let mut page = self.inner.fetch(chunk, now).await?;
+        if index == 0 {
+            let mappings = MappingSet::examples().unwrap();
+            let first = page
+                .records
+                .iter()
+                .find(|r| matches!(mappings.apply(r), MapOutcome::Mapped(_)))
+                .cloned();
+            *self.first_mapped.lock().unwrap() = first;
+        } else if index + 1 < CHUNKS {
+            // Slow pages: the stager commits what has waited a second, so the pusher has
+            // records before the last page.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        } else {
+            let waited = std::time::Instant::now();
+            while self.world.lago.event_count() == 0 {
+                if waited.elapsed() > Duration::from_secs(15) {
+                    return Err(stalled("nothing reached Lago while the pull was running"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if self.repeat_changed {
+                let mut changed = self
+                    .first_mapped
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .expect("a mapped record");
+                changed.consumed_quantity *= Decimal::TWO;
+                changed.billed_cost *= Decimal::TWO;
+                page.records.push(changed);
+            }
+        }
+        Ok(page)
+    }
+}
+
+async fn pipeline(world: &Arc<World>, repeat_changed: bool) -> (Pipeline, Arc<SlowProvider>) {
+    let mut pipeline = world.pipeline().await;
+    let provider = Arc::new(SlowProvider {
+        inner: world.provider(),
+        world: world.clone(),
+        plan: Mutex::new(Vec::new()),
+        first_mapped: Mutex::new(None),
+        repeat_changed,
+    });
+    pipeline.providers = vec![Box::new(Shared(provider.clone()))];
+    (pipeline, provider)
+}
+
+/// The provider, shared with the test so that it can read what the provider saw.
+struct Shared(Arc<SlowProvider>);
+
+#[async_trait]
+impl Provider for Shared {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    async fn plan(
+        &self,
+        cursors: &Cursors,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Chunk>, ProviderError> {
+        self.0.plan(cursors, now).await
+    }
+    async fn fetch(&self, chunk: &Chunk, now: DateTime<Utc>) -> Result<Page, ProviderError> {
+        self.0.fetch(chunk, now).await
+    }
+}
+
+fn opts() -> SyncOptions {
+    SyncOptions {
+        now: Some(now()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_reach_lago_while_the_pull_is_still_running_and_each_key_once() {
+    let world = Arc::new(World::start(Behaviour::Postgres).await);
+    let (pipeline, _) = pipeline(&world, false).await;
+
+    let summary = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!(summary.outcome, RunOutcome::Ok, "{summary:?}");
+    assert!(
+        summary.sources.values().all(|s| s.error.is_none()),
+        "{summary:?}"
+    );
+    assert!(summary.sent > 0);
+
+    // Every pending record went out once; the run's totals are what Lago holds.
+    let ledger = &pipeline.ledger;
+    assert_eq!(ledger.pending_count("lago").await.unwrap(), 0);
+    let counts = world.lago.counts();
+    assert_eq!(counts.len() as u64, summary.sent);
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "a key stored twice: {counts:?}"
+    );
+    let run_totals: std::collections::BTreeMap<(String, String), Decimal> = summary
+        .totals
+        .iter()
+        .map(|t| ((t.subscription.clone(), t.metric.clone()), t.value))
+        .collect();
+    assert_eq!(run_totals, world.lago_totals());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_changed_while_a_request_carries_it_is_sent_then_corrected() {
+    let world = Arc::new(World::start(Behaviour::Postgres).await);
+    // Lago stores each batch, then answers 1.5 s later: the last page (with the change)
+    // arrives while the request carrying the first content is unanswered.
+    world.lago.set_answer_delay(Duration::from_millis(1500));
+    let (pipeline, provider) = pipeline(&world, true).await;
+
+    let summary = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!(summary.outcome, RunOutcome::Ok, "{summary:?}");
+    assert!(
+        summary.sources.values().all(|s| s.error.is_none()),
+        "{summary:?}"
+    );
+    assert_eq!(summary.corrections, 1, "{summary:?}");
+    assert_eq!(
+        summary.restaged, 0,
+        "the carried record was not restaged: {summary:?}"
+    );
+
+    let first = provider.first_mapped.lock().unwrap().clone().unwrap();
+    let key = first.idempotency_key();
+    let mappings = MappingSet::examples().unwrap();
+    let MapOutcome::Mapped(sent) = mappings.apply(&first) else {
+        panic!("the first record maps");
+    };
+    let mut doubled = first.clone();
+    doubled.consumed_quantity *= Decimal::TWO;
+    doubled.billed_cost *= Decimal::TWO;
+    let MapOutcome::Mapped(latest) = mappings.apply(&doubled) else {
+        panic!("the changed record maps");
+    };
+    assert_ne!(sent.value, latest.value);
+
+    // Lago holds the first content under the record's key and the difference under the
+    // correction's: together, the latest content.
+    let stored: Vec<_> = world
+        .lago
+        .events()
+        .into_iter()
+        .filter(|e| e.transaction_id == key || e.transaction_id.starts_with(&format!("{key}.r")))
+        .collect();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    let property = World::value_property(&latest.metric_code);
+    let value = |transaction_id: &str| -> Decimal {
+        let e = stored
+            .iter()
+            .find(|e| e.transaction_id == transaction_id)
+            .unwrap();
+        e.properties[property].as_str().unwrap().parse().unwrap()
+    };
+    assert_eq!(value(&key), sent.value);
+    assert_eq!(value(&format!("{key}.r1")), latest.value - sent.value);
+
+    // The ledger says the same: the original sent with its first content, the correction
+    // (the difference: the first quantity again) sent.
+    let records = pipeline
+        .ledger
+        .records_matching(&RecordFilter::status(Status::Sent), 0, 10_000)
+        .await
+        .unwrap();
+    let original = records.iter().find(|r| r.key == key).unwrap();
+    assert_eq!(original.status, Status::Sent);
+    assert_eq!(original.record.consumed_quantity, first.consumed_quantity);
+    let correction = records
+        .iter()
+        .find(|r| r.key == format!("{key}.r1"))
+        .unwrap();
+    assert_eq!(correction.status, Status::Sent);
+    assert_eq!(correction.correction_of, Some(original.id));
+    assert_eq!(correction.record.consumed_quantity, first.consumed_quantity);
+
+    // Each key once, and Lago's totals are the ledger's.
+    let counts = world.lago.counts();
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "a key stored twice: {counts:?}"
+    );
+}
