@@ -927,7 +927,7 @@ impl Pipeline {
                         let (mut row, share) = self.stage_row_with_period(r, push_provisional);
                         if run_id.is_some() {
                             // On failure the ledger encodes it again and reports the error.
-                            let _ = row.encode_body_and_shed_raw();
+                            let _ = row.encode_body_and_shed();
                         }
                         (row, share)
                     })

@@ -179,6 +179,22 @@ async fn a_changed_provisional_sakura_month_yields_one_correction_and_ends_equal
             net.to_string(),
             "{what}: the new content's attributes"
         );
+        // Rows travel without what staging does not write as a column, either.
+        assert_eq!(
+            record.natural_key, original.record.natural_key,
+            "{what}: natural key"
+        );
+        assert_eq!(record.scope, original.record.scope, "{what}: scope");
+        assert_eq!(
+            record.service_name, original.record.service_name,
+            "{what}: service"
+        );
+        assert_eq!(record.sku_id, original.record.sku_id, "{what}: SKU");
+        assert_eq!(
+            record.resource_name, original.record.resource_name,
+            "{what}: resource name"
+        );
+        assert!(!record.natural_key.is_empty() && !record.service_name.is_empty());
     }
     assert_ne!(
         change.raw, original.record.raw,

@@ -181,21 +181,29 @@ impl StageRow {
         Ok(())
     }
 
-    /// Encode the body and drop the record's raw provider fields and attributes from memory:
-    /// the body keeps them, and they are most of a row's memory (a parsed JSON object and a
-    /// map per record), so rows waiting for the stager take a fraction of the room. Staging a
-    /// new record needs only the columns; the rare paths that need the whole record (a
-    /// correction, a restage, a change of a sent record) call [`StageRow::full_record`], which
-    /// decodes the body.
-    pub fn encode_body_and_shed_raw(&mut self) -> Result<(), LedgerError> {
+    /// Encode the body and drop from memory what staging does not write as a column: the raw
+    /// provider fields and attributes (a parsed JSON object and a map per record, most of a
+    /// row's memory), the natural key's parts, scope, names and description. The body keeps
+    /// them all, so rows waiting for the stager take a fraction of the room. Staging a new
+    /// record needs only the columns; the rare paths that need the whole record (a correction,
+    /// a restage, a change of a sent record) call [`StageRow::full_record`], which decodes the
+    /// body.
+    pub fn encode_body_and_shed(&mut self) -> Result<(), LedgerError> {
         self.encode_body()?;
-        self.record.raw = serde_json::Value::Null;
-        self.record.attributes = Default::default();
+        let r = &mut self.record;
+        r.raw = serde_json::Value::Null;
+        r.attributes = Default::default();
+        r.natural_key = Vec::new();
+        r.scope = String::new();
+        r.resource_name = None;
+        r.service_name = String::new();
+        r.sku_id = None;
+        r.charge_description = None;
         Ok(())
     }
 
     /// The whole record, raw fields and attributes included: the row's own when it still has
-    /// them, else decoded from the encoded body (see [`StageRow::encode_body_and_shed_raw`]).
+    /// them, else decoded from the encoded body (see [`StageRow::encode_body_and_shed`]).
     /// (A body is the encoding of the whole record, so decoding it is right even for a record
     /// whose raw fields were null to begin with.)
     pub fn full_record(&self) -> Result<std::borrow::Cow<'_, UsageRecord>, LedgerError> {
