@@ -1169,33 +1169,53 @@ impl Ledger {
         Ok(())
     }
 
-    /// Totals of what a run sent, per (subscription, metric), summed exactly.
+    /// Totals of what a run sent, per (source, subscription, metric), summed exactly.
+    ///
+    /// Read on the raw handle and summed under a reused key buffer: a backfill sends millions
+    /// of records to a few thousand (source, subscription, metric) groups, and through sqlx
+    /// each row cost an owned row and three owned strings (2.4 s of a 1M-record run).
     pub async fn sent_totals(&self, run_id: i64) -> Result<SentTotals, LedgerError> {
-        use futures_util::TryStreamExt;
-        let mut totals = SentTotals::new();
-        let mut rows = sqlx::query(
-            "SELECT id, subscription, metric, value, source FROM records WHERE sent_run = ?1",
-        )
-        .bind(run_id)
-        .fetch(&self.pool);
-        while let Some(r) = rows.try_next().await.map_err(sql("summing sent records"))? {
-            let id: i64 = r.get(0);
-            let value: Option<String> = r.get(3);
-            let value = Decimal::from_str(value.as_deref().unwrap_or("0")).map_err(|e| {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(sql("summing sent records"))?;
+        let mut handle = conn
+            .lock_handle()
+            .await
+            .map_err(sql("summing sent records"))?;
+        let raw = raw::Raw::new(&mut handle);
+        let mut query = raw
+            .prepare(
+                "SELECT id, source, subscription, metric, value FROM records WHERE sent_run = ?1",
+            )
+            .map_err(sqlite("summing sent records"))?;
+        query
+            .int(1, run_id)
+            .map_err(sqlite("summing sent records"))?;
+        // source → subscription → metric → total, looked up by the row's own text: a key is
+        // allocated only the first time it is seen.
+        let mut sums: HashMap<String, HashMap<String, HashMap<String, Decimal>>> = HashMap::new();
+        while let Some(row) = query.next_row().map_err(sqlite("summing sent records"))? {
+            let id = row.int(0);
+            let value = Decimal::from_str(row.text(4).unwrap_or("0")).map_err(|e| {
                 LedgerError::Corrupt {
                     id,
                     field: "value",
                     message: e.to_string(),
                 }
             })?;
-            let key: (Option<String>, Option<String>) = (r.get(1), r.get(2));
-            *totals
-                .entry((
-                    r.get(4),
-                    key.0.unwrap_or_default(),
-                    key.1.unwrap_or_default(),
-                ))
-                .or_default() += value;
+            let by_subscription = slot(&mut sums, row.text(1).unwrap_or_default());
+            let by_metric = slot(by_subscription, row.text(2).unwrap_or_default());
+            *slot(by_metric, row.text(3).unwrap_or_default()) += value;
+        }
+        let mut totals = SentTotals::new();
+        for (source, by_subscription) in sums {
+            for (subscription, by_metric) in by_subscription {
+                for (metric, value) in by_metric {
+                    totals.insert((source.clone(), subscription.clone(), metric), value);
+                }
+            }
         }
         Ok(totals)
     }
@@ -1493,6 +1513,15 @@ impl Ledger {
 }
 
 /// Bind `items` as a comma-separated list (the inside of an `IN (…)`).
+/// The value under `key`, inserted as the default the first time (the key is copied only
+/// then; `entry` would need an owned key on every call).
+fn slot<'m, V: Default>(map: &'m mut HashMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("inserted just above")
+}
+
 fn push_list<'t, T>(qb: &mut QueryBuilder<Sqlite>, items: impl IntoIterator<Item = T>)
 where
     T: sqlx::Encode<'t, Sqlite> + sqlx::Type<Sqlite>,
