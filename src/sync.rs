@@ -102,7 +102,8 @@ pub struct TimingsSnapshot {
     pub push: Duration,
     /// Ledger acknowledgement transactions.
     pub ack: Duration,
-    /// The whole push phase, reads and acks included.
+    /// The push passes (beside the pull and after it), reads and acks included; not the
+    /// waits for the stager between passes.
     pub push_wall: Duration,
 }
 
