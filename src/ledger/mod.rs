@@ -1171,9 +1171,10 @@ impl Ledger {
 
     /// Totals of what a run sent, per (source, subscription, metric), summed exactly.
     ///
-    /// Read on the raw handle and summed under a reused key buffer: a backfill sends millions
-    /// of records to a few thousand (source, subscription, metric) groups, and through sqlx
-    /// each row cost an owned row and three owned strings (2.4 s of a 1M-record run).
+    /// Read on the raw handle and summed in maps looked up by each row's own text: a backfill
+    /// sends millions of records to a few thousand (source, subscription, metric) groups, and
+    /// through sqlx each row cost an owned row and three owned strings (2.4 s of a 1M-record
+    /// run; 25.4 s instead of 4.4 s for the 8.9M sent rows of a 10M run).
     pub async fn sent_totals(&self, run_id: i64) -> Result<SentTotals, LedgerError> {
         let mut conn = self
             .pool
