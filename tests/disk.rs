@@ -96,8 +96,14 @@ async fn a_ledger_deleted_mid_run_is_rebuilt_and_nothing_is_billed_twice() {
         let world = World::start(behaviour).await;
         // First run: stage and send part (the first batch fails for good, stays pending).
         world.lago.fail_next(4, 503);
-        let first = world.pipeline().await.sync(&opts()).await.unwrap();
+        let p = world.pipeline().await;
+        let first = p.sync(&opts()).await.unwrap();
         assert_eq!((first.sent, first.failed), (46, 25));
+        // Runs are processes of their own: this one is over before the files go. Dropped
+        // without `close`, its connections would close in the background, and the last one
+        // to close removes `ledger.db-wal` *by name* — the new ledger's WAL, with its schema.
+        p.ledger.close().await;
+        drop(p);
         // The ledger disappears (an operator, a wiped volume).
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(world.dir.path().join(format!("ledger.db{suffix}")));
