@@ -361,6 +361,70 @@ fn account_directory_of_50000_rows_loads_fast_and_maps() {
     assert_eq!(ev.external_customer_id.as_deref(), Some("cust_43210"));
 }
 
+/// Directories of several files share one packed table: each row is found by its own
+/// (provider, account), the same account id of another provider bills elsewhere, an empty
+/// customer cell is no customer, and a duplicate across files names the first file and line.
+#[test]
+fn account_directories_of_several_files_and_providers() {
+    let yaml = |csv: &str| {
+        format!("version: 1\ncustomers_csv: {csv}\nrules:\n  - name: r\n    match: {{}}\n    metric: m\n    value: {{ quantity: {{}} }}\n")
+    };
+    let a = "provider,sub_account_id,external_subscription_id,external_customer_id,priority\n\
+             metalsoft,7,sub_ms_7,cust_ms_7,2\n\
+             metalsoft,8,sub_ms_8,,\n";
+    let b = "provider,sub_account_id,external_subscription_id,external_customer_id\n\
+             sakura,7,sub_sk_7,cust_sk_7\n";
+    let set = load(&[
+        ("d/a.yaml", &yaml("a.csv")),
+        ("d/a.csv", a),
+        ("e/b.yaml", "version: 1\ncustomers_csv: b.csv\n"),
+        ("e/b.csv", b),
+    ]);
+    assert_eq!(set.directory_len(), 3);
+    let mut r = record();
+    let bills = |r: &UsageRecord| {
+        let ev = mapped(set.apply(r));
+        (ev.external_subscription_id, ev.external_customer_id)
+    };
+    r.sub_account_id = "7".into();
+    assert_eq!(bills(&r), ("sub_ms_7".into(), Some("cust_ms_7".into())));
+    r.sub_account_id = "8".into();
+    assert_eq!(bills(&r), ("sub_ms_8".into(), None));
+    r.provider = "sakura".into();
+    r.sub_account_id = "7".into();
+    assert_eq!(bills(&r), ("sub_sk_7".into(), Some("cust_sk_7".into())));
+    r.sub_account_id = "8".into();
+    assert!(matches!(set.apply(&r), MapOutcome::Unmapped { .. }));
+    // The explanation names the row it used, its file, line and priority.
+    r.provider = "metalsoft".into();
+    r.sub_account_id = "7".into();
+    let text = set.explain(&r).to_string();
+    assert!(
+        text.contains(
+            "a.csv:2 (directory: provider=metalsoft sub_account_id=7, bills sub_ms_7, priority 2)"
+        ),
+        "{text}"
+    );
+
+    let dup = "provider,sub_account_id,external_subscription_id\nmetalsoft,8,sub_other\n";
+    let sources: Vec<(String, String)> = [
+        ("d/a.yaml", yaml("a.csv")),
+        ("d/a.csv", a.to_string()),
+        ("e/b.yaml", "version: 1\ncustomers_csv: b.csv\n".to_string()),
+        ("e/b.csv", dup.to_string()),
+    ]
+    .into_iter()
+    .map(|(n, t)| (n.to_string(), t))
+    .collect();
+    let err = MappingSet::from_sources(&sources).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "b.csv:2:1: duplicate account provider=metalsoft sub_account_id=8 (first at d/a.csv:3)"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn overlapping_customers_with_a_priority_are_fine() {
     let text = "version: 1

@@ -199,7 +199,7 @@ impl MappingSet {
                 });
             }
         }
-        if !self.directory.rows.is_empty() {
+        if !self.directory.is_empty() {
             match self.directory.get(&record.provider, &record.sub_account_id) {
                 Some(row) => {
                     let label = format!(
@@ -215,8 +215,8 @@ impl MappingSet {
                         best = Some((
                             row.priority,
                             Chosen {
-                                subscription: row.subscription.clone(),
-                                customer: row.customer.clone(),
+                                subscription: row.subscription.to_string(),
+                                customer: row.customer.map(str::to_string),
                                 pricing: None,
                             },
                             label.clone(),
@@ -230,7 +230,7 @@ impl MappingSet {
                     }
                 }
                 None if trace => ex.customers.push(CustomerCheck {
-                    entry: format!("account directory ({} rows)", self.directory.rows.len()),
+                    entry: format!("account directory ({} rows)", self.directory.len()),
                     failed: Some(ConditionFailure {
                         field: "provider, sub_account_id".into(),
                         expected: "a row of the directory".into(),
@@ -279,7 +279,7 @@ impl MappingSet {
             None => self.choose_customer(record, trace, ex).ok_or_else(|| {
                 let mut fields = self
                     .referenced_fields(&[], self.customers.iter().map(|c| &c.entry.conditions.0));
-                if !self.directory.rows.is_empty() {
+                if !self.directory.is_empty() {
                     for f in ["provider", "sub_account_id"] {
                         if !fields.iter().any(|x| x == f) {
                             fields.insert(0, f.to_string());

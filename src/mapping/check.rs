@@ -187,7 +187,7 @@ fn check_customers(set: &MappingSet, errors: &mut Vec<MappingError>) {
             }
         }
         // Against the account directory: one error per entry, naming the first row.
-        let mut clashes = set.directory.rows.iter().filter(|row| {
+        let mut clashes = set.directory.iter().filter(|row| {
             row.subscription != b.entry.external_subscription_id.0
                 && row.priority == b.priority()
                 && may_overlap(
@@ -433,7 +433,7 @@ fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
             continue;
         }
         if sig(b).is_some() {
-            if let Some(row) = set.directory.rows.iter().find(|r| r.subscription == sub.0) {
+            if let Some(row) = set.directory.iter().find(|r| r.subscription == sub.0) {
                 errors.push(at(
                     &b.file,
                     b.line,

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
@@ -17,7 +16,7 @@ use thiserror::Error;
 
 use super::schema::{Condition, Conversion, Currency, MappingFile, Rule, ValueSpec};
 use super::units::Unit;
-use super::{DirectoryRow, LoadedCustomer, LoadedRule, MappingSet, Rates};
+use super::{LoadedCustomer, LoadedRule, MappingSet, Rates};
 
 /// One problem in a mapping file, with its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,7 +278,7 @@ impl MappingSet {
     pub fn summary(&self) -> MappingSummary {
         MappingSummary {
             files: self.files.len(),
-            customers: self.customers.len() + self.directory.rows.len(),
+            customers: self.customers.len() + self.directory.len(),
             rules: self.rules.len(),
             ignore_rules: self.rules.iter().filter(|r| r.rule.ignore).count(),
             rule_lines: self
@@ -884,9 +883,9 @@ fn load_directory(
         return;
     }
     dir.rows.reserve(table.rows.len());
-    let file_name: Arc<str> = Arc::from(file);
+    let file_number = dir.file_number(file);
     for row in &table.rows {
-        let mut get = |name: &str, required: bool| -> Option<String> {
+        let mut get = |name: &str, required: bool| -> Option<&str> {
             let (col, v) = table.cell(row, name)?;
             if v.is_empty() {
                 if required {
@@ -898,7 +897,7 @@ fn load_directory(
                 }
                 return None;
             }
-            Some(v.to_string())
+            Some(v)
         };
         let provider = get("provider", true);
         let account = get("sub_account_id", true);
@@ -923,37 +922,38 @@ fn load_directory(
         else {
             continue;
         };
-        // One provider name for all its rows.
-        let provider: Arc<str> = match dir.index.get_key_value(provider.as_str()) {
-            Some((shared, _)) => Arc::clone(shared),
-            None => Arc::from(provider),
-        };
-        let accounts = dir.index.entry(Arc::clone(&provider)).or_default();
-        if let Some(&first) = accounts.get(account.as_str()) {
-            let f = &dir.rows[first];
-            errs.push(
-                row.line,
-                1,
-                format!(
-                    "duplicate account provider={provider} sub_account_id={account} (first at \
-                     {}:{}); an account belongs to one subscription—remove one of the rows",
-                    f.file, f.line
-                ),
-            );
-            continue;
-        }
-        let account: Arc<str> = Arc::from(account);
-        accounts.insert(Arc::clone(&account), dir.rows.len());
-        dir.rows.push(DirectoryRow {
-            file: Arc::clone(&file_name),
-            line: row.line,
+        let added = dir.insert(
+            file_number,
+            row.line,
             provider,
-            sub_account_id: account,
+            account,
             subscription,
             customer,
             priority,
-        });
+        );
+        match added {
+            Ok(Ok(())) => {}
+            Ok(Err(first)) => {
+                let message = format!(
+                    "duplicate account provider={provider} sub_account_id={account} (first at \
+                     {}:{}); an account belongs to one subscription—remove one of the rows",
+                    first.file, first.line
+                );
+                errs.push(row.line, 1, message);
+            }
+            Err(super::DirectoryFull) => {
+                errs.push(
+                    row.line,
+                    1,
+                    "the account directories hold more than 4 GB of text; split the accounts \
+                     over fewer, shorter ids"
+                        .to_string(),
+                );
+                break;
+            }
+        }
     }
+    dir.shrink_to_fit();
     errs.finish();
 }
 

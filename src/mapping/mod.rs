@@ -130,7 +130,6 @@ pub use period::{PeriodPrice, PeriodShare, PeriodSpec};
 pub use schema::json_schema_text;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -198,34 +197,183 @@ impl LoadedCustomer {
     }
 }
 
-/// One row of an account directory (`customers_csv`). A directory can have a row per
-/// customer account, so the file name, the provider and the account id are shared with the
-/// other rows and the index rather than copied.
-#[derive(Debug, Clone)]
-struct DirectoryRow {
-    file: Arc<str>,
+/// One row of an account directory (`customers_csv`), as lookups and messages see it.
+#[derive(Debug, Clone, Copy)]
+struct DirectoryRow<'a> {
+    file: &'a str,
     line: usize,
-    provider: Arc<str>,
-    sub_account_id: Arc<str>,
-    subscription: String,
-    customer: Option<String>,
+    provider: &'a str,
+    sub_account_id: &'a str,
+    subscription: &'a str,
+    customer: Option<&'a str>,
     priority: i64,
 }
 
-/// The account directories of all files: rows plus a hash index on `provider`, then
-/// `sub_account_id`, so a lookup costs the same for 10 rows or 100,000 and allocates nothing.
+/// Where one row's text lies in [`Directory::text`] (account, subscription, customer, one
+/// after another), with its position and priority: 40 bytes, no allocation of its own.
+#[derive(Debug, Clone)]
+struct PackedRow {
+    start: u32,
+    account_len: u32,
+    subscription_len: u32,
+    /// 0: no customer (an empty cell is none).
+    customer_len: u32,
+    line: u32,
+    file: u32,
+    provider: u32,
+    priority: i64,
+}
+
+/// The account directories of all files, packed: a reseller's directory has a row per end
+/// user, and it stays in memory for the whole run. Rows keep their text in one string and the
+/// hash index keeps row numbers only (a key is read back from its row), so a row costs about
+/// 45 bytes beside its text instead of ~250 with a `String` per field and keys copied into a
+/// map (18,210 accounts: ~3 MB less). A lookup hashes once, allocates nothing and costs the
+/// same for 10 rows or 100,000.
 #[derive(Debug, Clone, Default)]
 struct Directory {
-    rows: Vec<DirectoryRow>,
-    index: HashMap<Arc<str>, HashMap<Arc<str>, usize>>,
+    text: String,
+    rows: Vec<PackedRow>,
+    files: Vec<String>,
+    providers: Vec<String>,
+    index: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
 }
 
 impl Directory {
-    /// The row of (`provider`, `sub_account_id`), if any.
-    fn get(&self, provider: &str, sub_account_id: &str) -> Option<&DirectoryRow> {
-        let &i = self.index.get(provider)?.get(sub_account_id)?;
-        self.rows.get(i)
+    fn len(&self) -> usize {
+        self.rows.len()
     }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn hash(&self, provider: &str, sub_account_id: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((provider, sub_account_id))
+    }
+
+    fn row(&self, i: usize) -> DirectoryRow<'_> {
+        let r = &self.rows[i];
+        let at = |from: u32, len: u32| &self.text[from as usize..(from + len) as usize];
+        let account_end = r.start + r.account_len;
+        let subscription_end = account_end + r.subscription_len;
+        DirectoryRow {
+            file: &self.files[r.file as usize],
+            line: r.line as usize,
+            provider: &self.providers[r.provider as usize],
+            sub_account_id: at(r.start, r.account_len),
+            subscription: at(account_end, r.subscription_len),
+            customer: (r.customer_len > 0).then(|| at(subscription_end, r.customer_len)),
+            priority: r.priority,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = DirectoryRow<'_>> {
+        (0..self.rows.len()).map(|i| self.row(i))
+    }
+
+    /// The row of (`provider`, `sub_account_id`), if any.
+    fn get(&self, provider: &str, sub_account_id: &str) -> Option<DirectoryRow<'_>> {
+        let i = self.find(
+            self.hash(provider, sub_account_id),
+            provider,
+            sub_account_id,
+        )?;
+        Some(self.row(i))
+    }
+
+    fn find(&self, hash: u64, provider: &str, sub_account_id: &str) -> Option<usize> {
+        let &i = self.index.find(hash, |&i| {
+            let row = self.row(i as usize);
+            row.provider == provider && row.sub_account_id == sub_account_id
+        })?;
+        Some(i as usize)
+    }
+
+    /// The hash of row `i`'s key, for the index when it grows: the index keeps no keys.
+    fn rehasher(&self) -> impl Fn(&u32) -> u64 + '_ {
+        |&i| {
+            let row = self.row(i as usize);
+            self.hash(row.provider, row.sub_account_id)
+        }
+    }
+
+    /// The number of the directory file `file`, added if new.
+    fn file_number(&mut self, file: &str) -> u32 {
+        number_of(&mut self.files, file)
+    }
+
+    /// Adds a row, or gives back the row that already has (`provider`, `sub_account_id`).
+    /// Fails only when the directory outgrows its 32-bit offsets (4 GB of text).
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &mut self,
+        file: u32,
+        line: usize,
+        provider: &str,
+        sub_account_id: &str,
+        subscription: &str,
+        customer: Option<&str>,
+        priority: i64,
+    ) -> Result<Result<(), DirectoryRow<'_>>, DirectoryFull> {
+        let hash = self.hash(provider, sub_account_id);
+        if let Some(i) = self.find(hash, provider, sub_account_id) {
+            return Ok(Err(self.row(i)));
+        }
+        let customer = customer.unwrap_or("");
+        let len = |s: &str| u32::try_from(s.len()).map_err(|_| DirectoryFull);
+        let packed = PackedRow {
+            start: u32::try_from(self.text.len()).map_err(|_| DirectoryFull)?,
+            account_len: len(sub_account_id)?,
+            subscription_len: len(subscription)?,
+            customer_len: len(customer)?,
+            line: u32::try_from(line).map_err(|_| DirectoryFull)?,
+            file,
+            provider: number_of(&mut self.providers, provider),
+            priority,
+        };
+        let number = u32::try_from(self.rows.len()).map_err(|_| DirectoryFull)?;
+        let end = self.text.len() + sub_account_id.len() + subscription.len() + customer.len();
+        if u32::try_from(end).is_err() {
+            return Err(DirectoryFull);
+        }
+        self.text.push_str(sub_account_id);
+        self.text.push_str(subscription);
+        self.text.push_str(customer);
+        self.rows.push(packed);
+        // The index is taken out while it grows: growing rehashes rows through `self`.
+        let mut index = std::mem::take(&mut self.index);
+        index.insert_unique(hash, number, self.rehasher());
+        self.index = index;
+        Ok(Ok(()))
+    }
+
+    /// Gives back the room reserved while loading.
+    fn shrink_to_fit(&mut self) {
+        self.text.shrink_to_fit();
+        self.rows.shrink_to_fit();
+        let mut index = std::mem::take(&mut self.index);
+        index.shrink_to_fit(self.rehasher());
+        self.index = index;
+    }
+}
+
+/// The directory's text passed 4 GB (its offsets are 32-bit).
+#[derive(Debug)]
+struct DirectoryFull;
+
+/// The position of `name` in `names`, added at the end if absent (a handful of names).
+fn number_of(names: &mut Vec<String>, name: &str) -> u32 {
+    let i = match names.iter().position(|n| n == name) {
+        Some(i) => i,
+        None => {
+            names.push(name.to_string());
+            names.len() - 1
+        }
+    };
+    i as u32
 }
 
 /// Rates of one currency pair: (effective_from, rate), sorted by date.
@@ -273,7 +421,7 @@ impl MappingSet {
 
     /// Number of account-directory rows (`customers_csv`) loaded.
     pub fn directory_len(&self) -> usize {
-        self.directory.rows.len()
+        self.directory.len()
     }
 
     /// The rule ids (`file#name`), in evaluation order.
@@ -304,5 +452,16 @@ fn effective_round(rule: &schema::Rule, currency: Option<&str>) -> (u32, schema:
     match rule.round {
         Some(r) => (r.scale.map_or(default_scale, |s| s.0), r.mode),
         None => (default_scale, schema::RoundMode::HalfUp),
+    }
+}
+
+#[cfg(test)]
+mod directory_tests {
+    use super::*;
+
+    /// A directory row stays small: it is held for every account of every run.
+    #[test]
+    fn a_packed_row_is_40_bytes() {
+        assert!(std::mem::size_of::<PackedRow>() <= 40);
     }
 }

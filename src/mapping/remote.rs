@@ -73,8 +73,8 @@ impl MappingSet {
             out.entry(c.entry.external_subscription_id.0.clone())
                 .or_insert_with(|| format!("{}:{} (customer entry)", c.file, c.line));
         }
-        for row in &self.directory.rows {
-            out.entry(row.subscription.clone())
+        for row in self.directory.iter() {
+            out.entry(row.subscription.to_string())
                 .or_insert_with(|| format!("{}:{} (account directory)", row.file, row.line));
         }
         out
