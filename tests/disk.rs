@@ -100,8 +100,10 @@ async fn a_ledger_deleted_mid_run_is_rebuilt_and_nothing_is_billed_twice() {
         let first = p.sync(&opts()).await.unwrap();
         assert_eq!((first.sent, first.failed), (46, 25));
         // Runs are processes of their own: this one is over before the files go. Dropped
-        // without `close`, its connections would close in the background, and the last one
-        // to close removes `ledger.db-wal` *by name* — the new ledger's WAL, with its schema.
+        // without `close`, its connections close on sqlx's worker threads meanwhile, and one
+        // that began closing before the deletion ends by removing `ledger.db-wal` and
+        // `-shm` *by name* — by then the new ledger's, with its schema (seen once in CI:
+        // "no such table: locks").
         p.ledger.close().await;
         drop(p);
         // The ledger disappears (an operator, a wiped volume).
