@@ -34,8 +34,11 @@ const REPLAY_PAGE: i64 = 500;
 /// Records a dry-run replay lists one by one (the counts cover all of them).
 const PREVIEW_LINES: usize = 200;
 /// Staging accumulates pages (each with its cursor) up to this many records per transaction:
-/// a provider window may hold a handful of records, and a commit costs an fsync.
-const STAGE_ROWS_PER_TRANSACTION: usize = 4000;
+/// a provider window may hold a handful of records, and a commit costs an fsync. It also sets
+/// how many records wait in memory ([`RECORDS_AHEAD`]): 4,000 took a 1M-record `billsync
+/// bench` to 52–54 MB peak RSS, 2,000 to 40–41 MB, at the same speed (1,000: 33–36 MB, but
+/// twice the commits, which a slow volume pays for in fsyncs).
+const STAGE_ROWS_PER_TRANSACTION: usize = 2000;
 /// ...or once the oldest buffered page has waited this long: a run stopped early (a crash, an
 /// OOM kill) loses at most this much pulling, however small the pages are.
 const STAGE_MAX_DELAY: Duration = Duration::from_secs(1);
@@ -136,8 +139,9 @@ pub const STORED_TOTALS_MAX: usize = 1_000;
 /// Records the puller may hold pulled and mapped but not staged yet (those the stager buffers
 /// for its open transaction included). Two transactions' worth lets the puller fill the next
 /// transaction while the stager writes one, so the two overlap instead of taking turns; rows
-/// waiting carry only their columns and encoded body (about a kilobyte each), so the bound is
-/// a few megabytes.
+/// waiting carry only their columns and encoded body (about a kilobyte each, but made of many
+/// small allocations freed on another thread: each record allowed ahead costs ~3 KB of peak
+/// RSS in `billsync bench`).
 const RECORDS_AHEAD: usize = 2 * STAGE_ROWS_PER_TRANSACTION;
 /// Pages that may wait in the channel, whatever their size: small pages (a provider window of
 /// a handful of records) must still be able to fill a transaction ahead.
