@@ -945,8 +945,8 @@ fn load_directory(
                 errs.push(
                     row.line,
                     1,
-                    "the account directories hold more than 4 GB of text; split the accounts \
-                     over fewer, shorter ids"
+                    "the account directories hold more than 4 GB of ids, more than billsync \
+                     keeps in memory; this row and the rest of the file are not loaded"
                         .to_string(),
                 );
                 break;

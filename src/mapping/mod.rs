@@ -226,10 +226,10 @@ struct PackedRow {
 
 /// The account directories of all files, packed: a reseller's directory has a row per end
 /// user, and it stays in memory for the whole run. Rows keep their text in one string and the
-/// hash index keeps row numbers only (a key is read back from its row), so a row costs about
-/// 45 bytes beside its text instead of ~250 with a `String` per field and keys copied into a
-/// map (18,210 accounts: ~3 MB less). A lookup hashes once, allocates nothing and costs the
-/// same for 10 rows or 100,000.
+/// hash index keeps row numbers only (a key is read back from its row): 18,210 accounts of
+/// `billsync bench` take 1.5 MB instead of 3.8 MB with a `String` per field and keys copied
+/// into maps (83 bytes per account, text included, instead of 210). A lookup hashes once,
+/// allocates nothing and costs the same for 10 rows or 100,000.
 #[derive(Debug, Clone, Default)]
 struct Directory {
     text: String,
