@@ -353,10 +353,11 @@ pub struct SourceSummary {
 /// One line of the totals table.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Total {
-    /// The source (configured provider) the records came from.
-    pub source: String,
-    pub subscription: String,
-    pub metric: String,
+    /// The source (configured provider) the records came from. Names are shared between the
+    /// totals of one run (a backfill has tens of thousands).
+    pub source: Arc<str>,
+    pub subscription: Arc<str>,
+    pub metric: Arc<str>,
     pub value: Decimal,
 }
 
@@ -1412,10 +1413,10 @@ impl Pipeline {
     async fn finish(&self, run_id: i64, summary: &mut RunSummary) -> Result<(), LedgerError> {
         summary.totals = self
             .ledger
-            .sent_totals(run_id)
+            .sent_total_list(run_id)
             .await?
             .into_iter()
-            .map(|((source, subscription, metric), value)| Total {
+            .map(|(source, subscription, metric, value)| Total {
                 source,
                 subscription,
                 metric,

@@ -181,7 +181,7 @@ async fn records_reach_lago_while_the_pull_is_still_running_and_each_key_once() 
     let run_totals: std::collections::BTreeMap<(String, String), Decimal> = summary
         .totals
         .iter()
-        .map(|t| ((t.subscription.clone(), t.metric.clone()), t.value))
+        .map(|t| ((t.subscription.to_string(), t.metric.to_string()), t.value))
         .collect();
     assert_eq!(run_totals, world.lago_totals());
 }

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -1176,12 +1177,36 @@ impl Ledger {
     }
 
     /// Totals of what a run sent, per (source, subscription, metric), summed exactly.
-    ///
-    /// Read on the raw handle and summed in maps looked up by each row's own text: a backfill
-    /// sends millions of records to a few thousand (source, subscription, metric) groups, and
-    /// through sqlx each row cost an owned row and three owned strings (2.4 s of a 1M-record
-    /// run; 25.4 s instead of 4.4 s for the 8.9M sent rows of a 10M run).
     pub async fn sent_totals(&self, run_id: i64) -> Result<SentTotals, LedgerError> {
+        Ok(self
+            .sent_total_list(run_id)
+            .await?
+            .into_iter()
+            .map(|(source, subscription, metric, value)| {
+                (
+                    (
+                        source.to_string(),
+                        subscription.to_string(),
+                        metric.to_string(),
+                    ),
+                    value,
+                )
+            })
+            .collect())
+    }
+
+    /// [`Ledger::sent_totals`] as a list sorted by source, subscription and metric, the names
+    /// shared: what a run's summary holds.
+    ///
+    /// A backfill sends millions of records to tens of thousands of (source, subscription,
+    /// metric) groups: read on the raw handle (through sqlx each row cost an owned row and three
+    /// owned strings: 25.4 s instead of 4.4 s for the 8.9M sent rows of a 10M run) and summed
+    /// by name numbers, each name copied once. Nested maps by name, then a sorted map, then a
+    /// list of owned strings peaked at 14.8 MB of live heap for 54,630 totals.
+    pub async fn sent_total_list(
+        &self,
+        run_id: i64,
+    ) -> Result<Vec<(Arc<str>, Arc<str>, Arc<str>, Decimal)>, LedgerError> {
         let mut conn = self
             .pool
             .acquire()
@@ -1200,9 +1225,8 @@ impl Ledger {
         query
             .int(1, run_id)
             .map_err(sqlite("summing sent records"))?;
-        // source → subscription → metric → total, looked up by the row's own text: a key is
-        // allocated only the first time it is seen.
-        let mut sums: HashMap<String, HashMap<String, HashMap<String, Decimal>>> = HashMap::new();
+        let mut names: HashMap<Arc<str>, u32> = HashMap::new();
+        let mut sums: HashMap<[u32; 3], Decimal> = HashMap::new();
         while let Some(row) = query.next_row().map_err(sqlite("summing sent records"))? {
             let id = row.int(0);
             let value = Decimal::from_str(row.text(4).unwrap_or("0")).map_err(|e| {
@@ -1212,19 +1236,23 @@ impl Ledger {
                     message: e.to_string(),
                 }
             })?;
-            let by_subscription = slot(&mut sums, row.text(1).unwrap_or_default());
-            let by_metric = slot(by_subscription, row.text(2).unwrap_or_default());
-            *slot(by_metric, row.text(3).unwrap_or_default()) += value;
+            let group = [1, 2, 3].map(|i| name_number(&mut names, row.text(i).unwrap_or_default()));
+            *sums.entry(group).or_default() += value;
         }
-        let mut totals = SentTotals::new();
-        for (source, by_subscription) in sums {
-            for (subscription, by_metric) in by_subscription {
-                for (metric, value) in by_metric {
-                    totals.insert((source.clone(), subscription.clone(), metric), value);
-                }
-            }
+        let mut by_number: Vec<Arc<str>> = vec![Arc::from(""); names.len()];
+        for (name, n) in names {
+            by_number[n as usize] = name;
         }
-        Ok(totals)
+        let mut totals: Vec<([u32; 3], Decimal)> = sums.into_iter().collect();
+        let name = |n: u32| &*by_number[n as usize];
+        totals.sort_unstable_by(|(a, _), (b, _)| a.map(name).cmp(&b.map(name)));
+        let shared = |n: u32| Arc::clone(&by_number[n as usize]);
+        Ok(totals
+            .into_iter()
+            .map(|([source, subscription, metric], value)| {
+                (shared(source), shared(subscription), shared(metric), value)
+            })
+            .collect())
     }
 
     /// Every record (and correction) whose charge period starts in `[from, to)`, for
@@ -1519,16 +1547,18 @@ impl Ledger {
     }
 }
 
-/// Bind `items` as a comma-separated list (the inside of an `IN (…)`).
-/// The value under `key`, inserted as the default the first time (the key is copied only
-/// then; `entry` would need an owned key on every call).
-fn slot<'m, V: Default>(map: &'m mut HashMap<String, V>, key: &str) -> &'m mut V {
-    if !map.contains_key(key) {
-        map.insert(key.to_owned(), V::default());
+/// The number of `name` among `names`, added the first time it is seen (the only time the
+/// name is copied).
+fn name_number(names: &mut HashMap<Arc<str>, u32>, name: &str) -> u32 {
+    if let Some(&n) = names.get(name) {
+        return n;
     }
-    map.get_mut(key).expect("inserted just above")
+    let n = names.len() as u32;
+    names.insert(Arc::from(name), n);
+    n
 }
 
+/// Bind `items` as a comma-separated list (the inside of an `IN (…)`).
 fn push_list<'t, T>(qb: &mut QueryBuilder<Sqlite>, items: impl IntoIterator<Item = T>)
 where
     T: sqlx::Encode<'t, Sqlite> + sqlx::Type<Sqlite>,
