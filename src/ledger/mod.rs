@@ -431,8 +431,8 @@ impl Ledger {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
-            // 16 KB pages (SQLite's default is 4 KB): a staged record writes a ~300-byte row,
-            // a ~400-byte body and three index entries, and each WAL frame is one write of a
+            // 16 KB pages (SQLite's default is 4 KB): a staged record writes a ~450-byte row,
+            // a ~460-byte body and three index entries, and each WAL frame is one write of a
             // page, so larger pages mean a quarter of the frames and writes. Staging in
             // `billsync bench` went from 40–51k to 53–59k records/s. Only a new ledger takes
             // it: a database in WAL mode keeps the page size it was created with.
