@@ -832,7 +832,8 @@ impl Pipeline {
             (Some(together), Some(run_id)) => {
                 let mut pushed = RunSummary::new("sync", false);
                 let push = self.push_alongside(run_id, holder, together, &mut sinks, &mut pushed);
-                let (pulled, push_result) = run_side_by_side(pull_all, push).await;
+                let (pulled, push_result) =
+                    run_side_by_side(pull_all, push, "billsync-pusher").await;
                 summary.merge_push(pushed);
                 pulled?;
                 push_result?;
@@ -1012,7 +1013,7 @@ impl Pipeline {
             }
             Ok::<(), LedgerError>(())
         };
-        let (stats, staged) = run_side_by_side(pull, stage).await;
+        let (stats, staged) = run_side_by_side(pull, stage, "billsync-stager").await;
         src.chunks += stats.chunks;
         src.pulled += stats.pulled;
         summary.pulled += stats.pulled;
@@ -2119,14 +2120,15 @@ impl Pipeline {
     }
 }
 
-/// Run the puller and the stager of a source side by side.
+/// Run two halves side by side: the puller and the stager of a source, or the whole pull and
+/// the pusher. `name` names the second half's thread (seen in `top -H` and profiles).
 ///
 /// On the multi-threaded runtime (the binary) the stager gets a thread of its own: the puller's
 /// parsing, mapping and encoding and the stager's ledger writes are both CPU work, and awaited
 /// in one task they would take turns on one core. On a current-thread runtime (most tests) the
 /// two halves are awaited together in this task, as they must be: there the runtime's only
 /// thread is the one driving its I/O.
-async fn run_side_by_side<P, S>(pull: P, stage: S) -> (P::Output, S::Output)
+async fn run_side_by_side<P, S>(pull: P, stage: S, name: &str) -> (P::Output, S::Output)
 where
     P: std::future::Future,
     S: std::future::Future + Send,
@@ -2139,9 +2141,9 @@ where
     tokio::task::block_in_place(|| {
         std::thread::scope(|scope| {
             let stager = std::thread::Builder::new()
-                .name("billsync-stager".into())
+                .name(name.into())
                 .spawn_scoped(scope, || handle.block_on(stage))
-                .expect("spawning the stager thread");
+                .unwrap_or_else(|e| panic!("spawning the {name} thread: {e}"));
             let pulled = handle.block_on(pull);
             let staged = match stager.join() {
                 Ok(staged) => staged,

@@ -118,19 +118,39 @@ pub struct StoredEvent {
 
 impl StoredEvent {
     fn to_json(&self) -> Value {
-        json!({
-            "lago_id": self.lago_id,
-            "transaction_id": self.transaction_id,
-            "lago_customer_id": Value::Null,
-            "code": self.code,
-            "timestamp": self.timestamp.to_rfc3339_opts(SecondsFormat::Millis, true),
-            "lago_subscription_id": Value::Null,
-            "external_subscription_id": self.external_subscription_id,
-            "precise_total_amount_cents": self.precise_total_amount_cents,
-            "properties": self.properties,
-            "created_at": self.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-        })
+        serde_json::to_value(self).expect("an event always serialises")
     }
+}
+
+/// The event as Lago answers it. Written straight from the stored event (not through a
+/// `Value`): the simulator answers every batch of the benchmark harness, on the cores billsync
+/// runs on.
+impl serde::Serialize for StoredEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let time = |t: &DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut e = serializer.serialize_struct("Event", 10)?;
+        e.serialize_field("lago_id", &self.lago_id)?;
+        e.serialize_field("transaction_id", &self.transaction_id)?;
+        e.serialize_field("lago_customer_id", &None::<()>)?;
+        e.serialize_field("code", &self.code)?;
+        e.serialize_field("timestamp", &time(&self.timestamp))?;
+        e.serialize_field("lago_subscription_id", &None::<()>)?;
+        e.serialize_field("external_subscription_id", &self.external_subscription_id)?;
+        e.serialize_field(
+            "precise_total_amount_cents",
+            &self.precise_total_amount_cents,
+        )?;
+        e.serialize_field("properties", &self.properties)?;
+        e.serialize_field("created_at", &time(&self.created_at))?;
+        e.end()
+    }
+}
+
+/// The answer to a batch: `{"events": [...]}`.
+#[derive(serde::Serialize)]
+struct EventList<'a> {
+    events: &'a [StoredEvent],
 }
 
 /// An injected answer for the next ingestion requests.
@@ -1012,8 +1032,7 @@ async fn post_batch(
             if let Some(r) = maybe_drop(&shared, &kill, &stored) {
                 return r;
             }
-            let events: Vec<Value> = stored.iter().map(StoredEvent::to_json).collect();
-            (StatusCode::OK, Json(json!({ "events": events }))).into_response()
+            (StatusCode::OK, Json(EventList { events: &stored })).into_response()
         }
     }
 }
@@ -1258,4 +1277,35 @@ async fn list_subscriptions(
         })
         .collect();
     paginate("subscriptions", items, &q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn an_event_is_answered_with_lagos_fields_in_lagos_order() {
+        let event = StoredEvent {
+            lago_id: "00000000-0000-4000-8000-000000000001".into(),
+            transaction_id: "tx-1".into(),
+            external_subscription_id: "sub-1".into(),
+            code: "cpu_hours".into(),
+            timestamp: Utc.with_ymd_and_hms(2026, 10, 1, 12, 0, 0).unwrap(),
+            properties: json!({"value": "1.5", "region": "eu"})
+                .as_object()
+                .unwrap()
+                .clone(),
+            precise_total_amount_cents: None,
+            created_at: Utc.timestamp_millis_opt(1_790_000_000_123).unwrap(),
+        };
+        let expected = r#"{"lago_id":"00000000-0000-4000-8000-000000000001","transaction_id":"tx-1","lago_customer_id":null,"code":"cpu_hours","timestamp":"2026-10-01T12:00:00.000Z","lago_subscription_id":null,"external_subscription_id":"sub-1","precise_total_amount_cents":null,"properties":{"value":"1.5","region":"eu"},"created_at":"2026-09-21T14:13:20.123Z"}"#;
+        assert_eq!(serde_json::to_string(&event).unwrap(), expected);
+        assert_eq!(event.to_json().to_string(), expected);
+        let list = serde_json::to_string(&EventList {
+            events: std::slice::from_ref(&event),
+        })
+        .unwrap();
+        assert_eq!(list, format!(r#"{{"events":[{expected}]}}"#));
+    }
 }
