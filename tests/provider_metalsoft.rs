@@ -1289,3 +1289,49 @@ fn embedded_fixtures_are_the_shared_fixtures() {
         assert_eq!(shared, embedded, "{file} differs from the shared fixture");
     }
 }
+
+/// Keys and content hashes are stored in ledgers and sent as `transaction_id`s: a change in
+/// how either is derived would resend every record (or take every re-read for a change). They
+/// are pinned here on the documentation examples and a generated report.
+#[test]
+fn keys_and_content_hashes_never_change() {
+    let mut records = parse_report(
+        &serde_json::from_str(FIXTURE_BIGSTEP_2020).expect("fixture"),
+        &fixture_ctx(),
+    )
+    .expect("parses");
+    records.extend(
+        parse_report(
+            &serde_json::from_str(FIXTURE_CURRENT).expect("fixture"),
+            &fixture_ctx(),
+        )
+        .expect("parses"),
+    );
+    let start = t("2026-10-02T00:00:00Z");
+    let end = t("2026-10-03T00:00:00Z");
+    let dataset = MetalsoftDataset::generated(3, 40, 42, t("2026-10-01T00:00:00Z"), end);
+    for user in 1..=3 {
+        let ctx = ReportContext {
+            user_id: user,
+            ..window_ctx("2026-10-02T00:00:00Z", "2026-10-03T00:00:00Z")
+        };
+        records
+            .extend(parse_report(&dataset.report(user, start, end, None), &ctx).expect("parses"));
+    }
+    assert_eq!(records.len(), 131);
+    let all: Vec<String> = records
+        .iter()
+        .map(|r| format!("{} {}", r.idempotency_key(), r.content_hash()))
+        .collect();
+    assert_eq!(
+        all[0],
+        "metalsoft.1.20160201T131005.0baab94df2cea8769692e1b9 d14aee13cfb6712dce99d1f7478ea678"
+    );
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(all.join("\n").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        hex,
+        "1652aecbb9ba50c82fbe8906f6d132ae6afe4f87163cb430861ba837995cf4fc"
+    );
+}
