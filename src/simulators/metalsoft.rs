@@ -167,7 +167,6 @@ fn u64_of(v: &Value) -> Option<u64> {
     }
 }
 
-/// A JSON number with exactly the decimal's digits (serde_json's `arbitrary_precision`).
 fn pick_str<'a>(rng: &mut SplitMix, items: &[&'a str]) -> &'a str {
     items[rng.below(items.len() as u64) as usize]
 }
@@ -243,7 +242,8 @@ fn write_json(out: &mut Vec<u8>, value: &(impl serde::Serialize + ?Sized)) {
     serde_json::to_writer(out, value).expect("JSON into memory");
 }
 
-/// A number as the report writes it: the decimal's shortest form, unquoted.
+/// A number as the report writes it: the decimal's shortest form, unquoted (what serde_json's
+/// `arbitrary_precision` numbers keep).
 fn write_number(out: &mut Vec<u8>, d: Decimal) {
     use std::io::Write as _;
     let _ = write!(out, "{}", d.normalize());
