@@ -503,3 +503,52 @@ async fn remote_check_against_the_lago_simulator() {
     assert!(!all.contains("`sub_acme_main`"), "{all}");
     sim.shutdown().await;
 }
+
+/// `apply` (the sync's path, which writes no reasons) and `explain` reach the same outcome:
+/// same rule, customer, value and properties, or the same held reason. Checked over a grid
+/// of records against the shipped mappings, which covers every kind of outcome.
+#[test]
+fn explain_reaches_the_outcome_apply_does() {
+    let set = MappingSet::load(&[root().join("mappings")]).unwrap();
+    let (mut mapped_n, mut ignored_n, mut held_n) = (0, 0, 0);
+    for provider in ["metalsoft", "sakura", "softlayer", "jelastic"] {
+        for resource_type in [
+            "drive",
+            "instance",
+            "subnet",
+            "reservation_installment",
+            "gpu",
+        ] {
+            for unit in ["seconds", "gbytes", "GB"] {
+                for currency in ["GBP", "JPY", "USD"] {
+                    for sub in ["1", "2", "unknown-42"] {
+                        for reserved in ["0", "1"] {
+                            let mut r = record();
+                            r.provider = provider.into();
+                            r.source = provider.into();
+                            r.resource_type = resource_type.into();
+                            r.consumed_unit = unit.into();
+                            r.billing_currency = currency.into();
+                            r.sub_account_id = sub.into();
+                            r.attributes
+                                .insert("is_reservation".into(), reserved.into());
+                            r.attributes.insert("infrastructure_id".into(), "7".into());
+                            let applied = set.apply(&r);
+                            let explained = set.explain(&r);
+                            assert_eq!(applied, explained.outcome, "{r:?}");
+                            match applied {
+                                MapOutcome::Mapped(_) => mapped_n += 1,
+                                MapOutcome::Ignored { .. } => ignored_n += 1,
+                                MapOutcome::Unmapped { .. } => held_n += 1,
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        mapped_n > 0 && ignored_n > 0 && held_n > 0,
+        "{mapped_n} mapped, {ignored_n} ignored, {held_n} held"
+    );
+}

@@ -684,7 +684,8 @@ impl Ledger {
         correct: &(dyn Fn(&StageRow, &SentState) -> Correction + Sync),
     ) -> Result<StageCounts, LedgerError> {
         let cursors: Vec<(&str, &str, &str)> = cursor.into_iter().collect();
-        self.stage_pages(run_id, rows, &cursors, now, correct, &|_| false)
+        let rows: Vec<&StageRow> = rows.iter().collect();
+        self.stage_pages(run_id, &rows, &cursors, now, correct, &|_| false)
             .await
     }
 
@@ -701,7 +702,7 @@ impl Ledger {
     pub async fn stage_pages(
         &self,
         run_id: i64,
-        rows: &[StageRow],
+        rows: &[&StageRow],
         cursors: &[(&str, &str, &str)],
         now: DateTime<Utc>,
         correct: &(dyn Fn(&StageRow, &SentState) -> Correction + Sync),
@@ -747,7 +748,7 @@ impl Ledger {
         let mut changes: Vec<ChangeSeen> = Vec::new();
         let mut insert_at: HashMap<&str, usize> = HashMap::new();
 
-        for row in rows {
+        for &row in rows {
             if let Some(&i) = insert_at.get(row.key.as_str()) {
                 if inserts[i].content_hash == row.content_hash {
                     counts.unchanged += 1;

@@ -97,7 +97,7 @@ impl MappingSet {
     }
 
     /// [`apply`](MappingSet::apply), with the reasons: every rule tried, the customer lookup
-    /// and each pricing step. Same code path as `apply`.
+    /// and each pricing step. Same code path as `apply`, which only skips writing the reasons.
     pub fn explain(&self, record: &UsageRecord) -> Explanation {
         self.evaluate(record, true)
     }
@@ -133,14 +133,17 @@ impl MappingSet {
         };
         let mut found = None;
         for r in &self.rules {
-            let failed = first_failure(&r.rule.conditions.0, record);
-            let matched = failed.is_none();
-            if trace {
+            let matched = if trace {
+                let failed = first_failure(&r.rule.conditions.0, record);
+                let matched = failed.is_none();
                 ex.rules.push(RuleCheck {
                     rule: r.id.clone(),
                     failed,
                 });
-            }
+                matched
+            } else {
+                all_hold(&r.rule.conditions.0, record)
+            };
             if matched {
                 found = Some(r);
                 break;
@@ -171,17 +174,27 @@ impl MappingSet {
         trace: bool,
         ex: &mut Explanation,
     ) -> Option<Chosen<'_>> {
+        // Labels are only written when tracing (`explain`): the sync maps every record here.
         let mut best: Option<(i64, Chosen<'_>, String)> = None;
         for c in &self.customers {
-            let failed = first_failure(&c.entry.conditions.0, record);
-            let label = format!(
-                "{}:{} (bills {}, priority {})",
-                c.file,
-                c.line,
-                c.entry.external_subscription_id.0,
-                c.priority()
-            );
-            if failed.is_none() && best.as_ref().is_none_or(|(p, _, _)| c.priority() > *p) {
+            let (matched, failed) = if trace {
+                let failed = first_failure(&c.entry.conditions.0, record);
+                (failed.is_none(), failed)
+            } else {
+                (all_hold(&c.entry.conditions.0, record), None)
+            };
+            let label = if trace {
+                format!(
+                    "{}:{} (bills {}, priority {})",
+                    c.file,
+                    c.line,
+                    c.entry.external_subscription_id.0,
+                    c.priority()
+                )
+            } else {
+                String::new()
+            };
+            if matched && best.as_ref().is_none_or(|(p, _, _)| c.priority() > *p) {
                 best = Some((
                     c.priority(),
                     Chosen {
@@ -202,15 +215,19 @@ impl MappingSet {
         if !self.directory.is_empty() {
             match self.directory.get(&record.provider, &record.sub_account_id) {
                 Some(row) => {
-                    let label = format!(
-                        "{}:{} (directory: provider={} sub_account_id={}, bills {}, priority {})",
-                        row.file,
-                        row.line,
-                        row.provider,
-                        row.sub_account_id,
-                        row.subscription,
-                        row.priority
-                    );
+                    let label = if trace {
+                        format!(
+                            "{}:{} (directory: provider={} sub_account_id={}, bills {}, priority {})",
+                            row.file,
+                            row.line,
+                            row.provider,
+                            row.sub_account_id,
+                            row.subscription,
+                            row.priority
+                        )
+                    } else {
+                        String::new()
+                    };
                     if best.as_ref().is_none_or(|(p, _, _)| row.priority > *p) {
                         best = Some((
                             row.priority,
@@ -484,6 +501,16 @@ impl MappingSet {
         used.sort_by(|a, b| order(a).cmp(&order(b)).then_with(|| a.cmp(b)));
         used
     }
+}
+
+/// Whether every condition holds: [`first_failure`] is `None`, without describing a failure.
+fn all_hold(
+    conditions: &[(super::schema::FieldName, super::schema::Condition)],
+    record: &UsageRecord,
+) -> bool {
+    conditions
+        .iter()
+        .all(|(f, c)| c.matches(record.field(f.as_str())))
 }
 
 /// The first condition that does not hold (`None`: all hold).

@@ -772,18 +772,7 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// A decimal from a JSON number or string, read from its text (never through a float).
-/// `0.012846` stays `0.012846`; a value needing more than 28 digits is refused, not rounded.
-pub fn decimal_of(value: &Value) -> Option<Decimal> {
-    let text = match value {
-        Value::String(s) => s.trim().to_string(),
-        Value::Number(n) => n.to_string(),
-        _ => return None,
-    };
-    Decimal::from_str_exact(&text)
-        .or_else(|_| Decimal::from_scientific(&text))
-        .ok()
-}
+pub use super::json_decimal as decimal_of;
 
 fn scalar_text(v: &Value) -> Option<String> {
     match v {

@@ -604,22 +604,12 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// A decimal from a JSON string or number, read from its text (never through a float).
-pub fn decimal_of(value: &Value) -> Option<Decimal> {
-    let text = match value {
-        Value::String(s) => s.trim().to_string(),
-        Value::Number(n) => n.to_string(),
-        _ => return None,
-    };
-    Decimal::from_str_exact(&text)
-        .or_else(|_| Decimal::from_scientific(&text))
-        .ok()
-}
+pub use super::json_decimal as decimal_of;
 
 /// A non-negative integer from a JSON string or number (`"3600"` or `3600`).
 pub fn integer_of(value: &Value) -> Option<u64> {
     match value {
-        Value::Number(n) => n.as_u64().or_else(|| n.to_string().parse::<u64>().ok()),
+        Value::Number(n) => n.as_u64().or_else(|| n.as_str().parse::<u64>().ok()),
         Value::String(s) => s.trim().parse::<u64>().ok(),
         _ => None,
     }

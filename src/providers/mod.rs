@@ -17,6 +17,20 @@ pub mod metalsoft;
 pub mod sakura;
 pub mod softlayer;
 
+/// A decimal from a JSON number or string, read from its text (never through a float):
+/// `0.012846` stays `0.012846`, `"7.25925278"` too; a value needing more than 28 digits is
+/// refused, not rounded. (`arbitrary_precision` keeps a number's text as sent.)
+pub fn json_decimal(value: &serde_json::Value) -> Option<rust_decimal::Decimal> {
+    let text = match value {
+        serde_json::Value::String(s) => s.trim(),
+        serde_json::Value::Number(n) => n.as_str(),
+        _ => return None,
+    };
+    rust_decimal::Decimal::from_str_exact(text)
+        .or_else(|_| rust_decimal::Decimal::from_scientific(text))
+        .ok()
+}
+
 /// Stored cursor values of one source, by stream (e.g. `user:1`).
 pub type Cursors = HashMap<String, String>;
 
