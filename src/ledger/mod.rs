@@ -746,7 +746,8 @@ impl Ledger {
         let mut inserts: Vec<&StageRow> = Vec::new();
         let mut corrections: Vec<StageRow> = Vec::new();
         let mut changes: Vec<ChangeSeen> = Vec::new();
-        let mut insert_at: HashMap<&str, usize> = HashMap::new();
+        let mut insert_at: hashbrown::HashMap<&str, usize> =
+            hashbrown::HashMap::with_capacity(rows.len());
 
         for &row in rows {
             if let Some(&i) = insert_at.get(row.key.as_str()) {
@@ -1624,11 +1625,14 @@ fn insert_staged(
         .prepare(INSERT_BODY)
         .map_err(sqlite("preparing the staging statement"))?;
     let mut buf = String::with_capacity(64);
+    // Rows come window by window, so their periods repeat: each is written out once.
+    let mut start = TsText::default();
+    let mut end = TsText::default();
     for (i, r) in rows.iter().enumerate() {
         let id = first_id + i as i64;
         let rec = &r.record;
         let m = &r.mapped;
-        let bind =
+        let mut bind =
             |s: &mut raw::Statement<'_, '_>, buf: &mut String| -> Result<(), raw::RawError> {
                 s.int(1, id)?;
                 s.text(2, &r.key)?;
@@ -1637,12 +1641,8 @@ fn insert_staged(
                 s.text(5, &r.content_hash)?;
                 s.text(6, r.status.as_str())?;
                 s.int(7, i64::from(rec.is_final))?;
-                buf.clear();
-                write_ts(buf, rec.charge_period_start);
-                s.text(8, buf)?;
-                buf.clear();
-                write_ts(buf, rec.charge_period_end);
-                s.text(9, buf)?;
+                s.text(8, start.of(rec.charge_period_start))?;
+                s.text(9, end.of(rec.charge_period_end))?;
                 s.text(10, &rec.billing_account_id)?;
                 s.text(11, &rec.sub_account_id)?;
                 s.text(12, &rec.resource_type)?;
@@ -1687,6 +1687,24 @@ fn insert_staged(
         .map_err(sqlite("staging record bodies"))?;
     }
     Ok(())
+}
+
+/// The last timestamp written out by [`write_ts`], kept with its text.
+#[derive(Default)]
+struct TsText {
+    last: Option<DateTime<Utc>>,
+    text: String,
+}
+
+impl TsText {
+    fn of(&mut self, t: DateTime<Utc>) -> &str {
+        if self.last != Some(t) {
+            self.text.clear();
+            write_ts(&mut self.text, t);
+            self.last = Some(t);
+        }
+        &self.text
+    }
 }
 
 /// [`ts`] into a buffer, without allocating.
