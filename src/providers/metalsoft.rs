@@ -618,9 +618,11 @@ pub fn integer_of(value: &Value) -> Option<u64> {
 /// Where in the report a line sits, for error messages and keys.
 struct Site<'a> {
     infra: &'a str,
-    resource_type: String,
+    resource_type: &'a str,
     index: usize,
-    path: String,
+    /// Path of the list the line is in (`detailed_report.<infra>.<type>`); the line itself is
+    /// `{path}[{index}]`, written out only into an error.
+    path: &'a str,
 }
 
 /// Entry fields that become record fields rather than pass-through attributes.
@@ -664,60 +666,25 @@ pub fn parse_report(
     result: &Value,
     ctx: &ReportContext,
 ) -> Result<Vec<UsageRecord>, ProviderError> {
-    parse_report_at(result, ctx, None)
+    parse_report_owned(result.clone(), ctx)
 }
 
 /// [`parse_report`] of a report the caller owns: each record's raw fields are moved out of the
-/// report instead of copied: the fetch path drops the report anyway, and a deep copy of every
-/// line is a JSON object of some twenty fields, an allocation or two per field.
+/// report as its line is read instead of copied: the fetch path drops the report anyway, and a
+/// deep copy of every line is a JSON object of some twenty fields, an allocation or two per
+/// field.
 pub fn parse_report_owned(
     mut result: Value,
     ctx: &ReportContext,
 ) -> Result<Vec<UsageRecord>, ProviderError> {
-    let mut pointers = Vec::new();
-    let mut records = parse_report_at(&result, ctx, Some(&mut pointers))?;
-    for (record, pointer) in records.iter_mut().zip(&pointers) {
-        // Every pointer was made from the keys just read, so a miss is a bug here: said, not
-        // passed over with a record that silently lacks its raw fields.
-        let line = result
-            .pointer_mut(pointer)
-            .ok_or_else(|| ProviderError::Shape {
-                provider: ctx.source.clone(),
-                call: METHOD.into(),
-                message: format!("line {pointer} of the report could not be found again"),
-            })?;
-        record.raw = std::mem::take(line);
-    }
-    Ok(records)
-}
-
-/// A JSON pointer segment (RFC 6901): `~` and `/` escaped.
-fn pointer_segment(key: &str) -> std::borrow::Cow<'_, str> {
-    if key.contains(['~', '/']) {
-        key.replace('~', "~0").replace('/', "~1").into()
-    } else {
-        key.into()
-    }
-}
-
-/// [`parse_report`]; with `pointers`, records are left without raw fields and the JSON
-/// pointer of each record's line is pushed instead, in record order.
-fn parse_report_at(
-    result: &Value,
-    ctx: &ReportContext,
-    mut pointers: Option<&mut Vec<String>>,
-) -> Result<Vec<UsageRecord>, ProviderError> {
-    let copy_raw = pointers.is_none();
     let shape = |message: String| ProviderError::Shape {
         provider: ctx.source.clone(),
         call: METHOD.into(),
         message,
     };
-    let Value::Object(root) = result else {
-        return Err(shape(format!(
-            "the result is not an object but {}",
-            type_name(result)
-        )));
+    let kind = type_name(&result);
+    let Value::Object(root) = &mut result else {
+        return Err(shape(format!("the result is not an object but {kind}")));
     };
     if !root.contains_key("detailed_report") && !root.contains_key("network_report") {
         return Err(shape(
@@ -725,97 +692,84 @@ fn parse_report_at(
         ));
     }
     check_report_window(root, ctx).map_err(&shape)?;
-    let labels: HashMap<String, String> = object_of(root.get("infrastructures"), "infrastructures")
-        .map_err(&shape)?
-        .map(|m| {
-            m.iter()
-                .filter_map(|(id, v)| {
-                    v.get("infrastructure_label")
-                        .and_then(Value::as_str)
-                        .map(|l| (id.clone(), l.to_string()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let labels: HashMap<String, String> =
+        object_of(root.get_mut("infrastructures"), "infrastructures")
+            .map_err(&shape)?
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(id, v)| {
+                        v.get("infrastructure_label")
+                            .and_then(Value::as_str)
+                            .map(|l| (id.clone(), l.to_string()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
 
     let mut records = Vec::new();
     if let Some(detailed) =
-        object_of(root.get("detailed_report"), "detailed_report").map_err(&shape)?
+        object_of(root.get_mut("detailed_report"), "detailed_report").map_err(&shape)?
     {
-        for (infra, types) in detailed {
+        for (infra, types) in detailed.iter_mut() {
             let path = format!("detailed_report.{infra}");
             let Some(types) = object_of(Some(types), &path).map_err(&shape)? else {
                 continue;
             };
-            for (resource_type, entries) in types {
+            for (resource_type, entries) in types.iter_mut() {
                 let path = format!("detailed_report.{infra}.{resource_type}");
                 let entries = array_of(entries, &path).map_err(&shape)?;
-                for (index, entry) in entries.iter().enumerate() {
+                for (index, entry) in entries.iter_mut().enumerate() {
                     let site = Site {
                         infra,
-                        resource_type: resource_type.clone(),
+                        resource_type,
                         index,
-                        path: format!("{path}[{index}]"),
+                        path: &path,
                     };
-                    records.push(
-                        line_record(entry, &site, None, &labels, ctx, copy_raw).map_err(&shape)?,
-                    );
-                    if let Some(p) = pointers.as_deref_mut() {
-                        p.push(format!(
-                            "/detailed_report/{}/{}/{index}",
-                            pointer_segment(infra),
-                            pointer_segment(resource_type)
-                        ));
-                    }
+                    let mut record =
+                        line_record(entry, &site, None, &labels, ctx).map_err(&shape)?;
+                    record.raw = std::mem::take(entry);
+                    records.push(record);
                 }
             }
         }
     }
     if let Some(network) =
-        object_of(root.get("network_report"), "network_report").map_err(&shape)?
+        object_of(root.get_mut("network_report"), "network_report").map_err(&shape)?
     {
-        for (infra, buckets) in network {
+        for (infra, buckets) in network.iter_mut() {
             let path = format!("network_report.{infra}");
             let Some(buckets) = object_of(Some(buckets), &path).map_err(&shape)? else {
                 continue;
             };
-            for (bucket, directions) in buckets {
+            for (bucket, directions) in buckets.iter_mut() {
                 let path = format!("network_report.{infra}.{bucket}");
                 let Some(directions) = object_of(Some(directions), &path).map_err(&shape)? else {
                     continue;
                 };
-                for (direction, aggregate) in directions {
+                for (direction, aggregate) in directions.iter_mut() {
                     let path = format!("network_report.{infra}.{bucket}.{direction}");
                     let Value::Object(aggregate) = aggregate else {
                         return Err(shape(format!("{path} is not an object")));
                     };
-                    let waypoints = match aggregate.get("metered_waypoints") {
-                        None | Some(Value::Null) => &[][..],
-                        Some(w) => {
-                            array_of(w, &format!("{path}.metered_waypoints")).map_err(&shape)?
-                        }
+                    let waypoints_path = format!("{path}.metered_waypoints");
+                    let waypoints = match aggregate.get_mut("metered_waypoints") {
+                        None | Some(Value::Null) => &mut [][..],
+                        Some(w) => array_of(w, &waypoints_path).map_err(&shape)?,
                     };
+                    let resource_type = format!("{bucket}_{direction}");
                     let first = records.len();
-                    for (index, entry) in waypoints.iter().enumerate() {
+                    for (index, entry) in waypoints.iter_mut().enumerate() {
                         let site = Site {
                             infra,
-                            resource_type: format!("{bucket}_{direction}"),
+                            resource_type: &resource_type,
                             index,
-                            path: format!("{path}.metered_waypoints[{index}]"),
+                            path: &waypoints_path,
                         };
                         let nk = Some((bucket.as_str(), direction.as_str()));
-                        records.push(
-                            line_record(entry, &site, nk, &labels, ctx, copy_raw)
-                                .map_err(&shape)?,
-                        );
-                        if let Some(p) = pointers.as_deref_mut() {
-                            p.push(format!(
-                                "/network_report/{}/{}/{}/metered_waypoints/{index}",
-                                pointer_segment(infra),
-                                pointer_segment(bucket),
-                                pointer_segment(direction)
-                            ));
-                        }
+                        let mut record =
+                            line_record(entry, &site, nk, &labels, ctx).map_err(&shape)?;
+                        record.raw = std::mem::take(entry);
+                        records.push(record);
                     }
                     check_aggregate(aggregate, &records[first..], &path, ctx);
                 }
@@ -823,25 +777,25 @@ fn parse_report_at(
         }
     }
     if let Some(installments) = object_of(
-        root.get("reservation_installments"),
+        root.get_mut("reservation_installments"),
         "reservation_installments",
     )
     .map_err(&shape)?
     {
-        if let Some(server_types) = installments.get("server_types").filter(|v| !v.is_null()) {
+        if let Some(server_types) = installments
+            .get_mut("server_types")
+            .filter(|v| !v.is_null())
+        {
             let path = "reservation_installments.server_types";
             for (index, entry) in array_of(server_types, path)
                 .map_err(&shape)?
-                .iter()
+                .iter_mut()
                 .enumerate()
             {
-                records.push(
-                    installment_record(entry, &format!("{path}[{index}]"), ctx, copy_raw)
-                        .map_err(&shape)?,
-                );
-                if let Some(p) = pointers.as_deref_mut() {
-                    p.push(format!("/reservation_installments/server_types/{index}"));
-                }
+                let mut record =
+                    installment_record(entry, &format!("{path}[{index}]"), ctx).map_err(&shape)?;
+                record.raw = std::mem::take(entry);
+                records.push(record);
             }
         }
     }
@@ -887,11 +841,12 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// A map that may be absent, `null` or `[]` (empty, PHP-encoded).
+/// A map that may be absent, `null` or `[]` (empty, PHP-encoded). Mutable, so that lines can
+/// be moved out of the report into their records.
 fn object_of<'a>(
-    value: Option<&'a Value>,
+    value: Option<&'a mut Value>,
     path: &str,
-) -> Result<Option<&'a Map<String, Value>>, String> {
+) -> Result<Option<&'a mut Map<String, Value>>, String> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(m)) => Ok(Some(m)),
@@ -903,10 +858,10 @@ fn object_of<'a>(
     }
 }
 
-fn array_of<'a>(value: &'a Value, path: &str) -> Result<&'a [Value], String> {
+fn array_of<'a>(value: &'a mut Value, path: &str) -> Result<&'a mut [Value], String> {
     match value {
         Value::Array(a) => Ok(a),
-        Value::Null => Ok(&[]),
+        Value::Null => Ok(&mut []),
         other => Err(format!(
             "{path} should be an array but is {}",
             type_name(other)
@@ -961,18 +916,17 @@ fn line_record(
     network: Option<(&str, &str)>,
     labels: &HashMap<String, String>,
     ctx: &ReportContext,
-    copy_raw: bool,
 ) -> Result<UsageRecord, String> {
     let Value::Object(e) = entry else {
         return Err(format!(
-            "infrastructure {}, {} line {}: not an object ({})",
-            site.infra, site.resource_type, site.index, site.path
+            "infrastructure {}, {} line {}: not an object ({}[{}])",
+            site.infra, site.resource_type, site.index, site.path, site.index
         ));
     };
     let err = |field: &str, what: &str| {
         format!(
-            "infrastructure {}, {} line {}: field `{field}` {what} ({}.{field})",
-            site.infra, site.resource_type, site.index, site.path
+            "infrastructure {}, {} line {}: field `{field}` {what} ({}[{}].{field})",
+            site.infra, site.resource_type, site.index, site.path, site.index
         )
     };
     let decimal = |field: &str| -> Result<Decimal, String> {
@@ -1018,7 +972,7 @@ fn line_record(
             rfc3339(end),
             rfc3339(ctx.window_start),
             rfc3339(ctx.window_end),
-            site.path
+            format_args!("{}[{}]", site.path, site.index)
         ));
     }
     let product_id = match e.get("product_id") {
@@ -1079,14 +1033,17 @@ fn line_record(
         Some((bucket, direction)) => {
             attributes.insert("bucket".to_string(), bucket.to_string());
             attributes.insert("direction".to_string(), direction.to_string());
-            (format!("{bucket}:{product_id}"), site.resource_type.clone())
+            (
+                format!("{bucket}:{product_id}"),
+                site.resource_type.to_string(),
+            )
         }
         None => {
             let sku = e
                 .get("server_type_id")
                 .and_then(integer_of)
                 .map(|id| format!("server_type:{id}"))
-                .unwrap_or_else(|| site.resource_type.clone());
+                .unwrap_or_else(|| site.resource_type.to_string());
             (format!("{}:{product_id}", site.resource_type), sku)
         }
     };
@@ -1094,7 +1051,7 @@ fn line_record(
     let mut natural_key = vec![
         ("user_id_owner".to_string(), ctx.user_id.to_string()),
         ("infrastructure_id".to_string(), site.infra.to_string()),
-        ("resource_type".to_string(), site.resource_type.clone()),
+        ("resource_type".to_string(), site.resource_type.to_string()),
         ("product_id".to_string(), product_id.to_string()),
         ("start_timestamp".to_string(), rfc3339(start)),
         (
@@ -1115,8 +1072,8 @@ fn line_record(
         sub_account_id: ctx.user_id.to_string(),
         resource_id,
         resource_name: label.clone(),
-        resource_type: site.resource_type.clone(),
-        service_name: service_name_of(&site.resource_type),
+        resource_type: site.resource_type.to_string(),
+        service_name: service_name_of(site.resource_type),
         sku_id: Some(sku_id),
         charge_description: label,
         charge_period_start: start,
@@ -1129,7 +1086,7 @@ fn line_record(
         natural_key,
         is_final: ctx.settled,
         attributes,
-        raw: if copy_raw { entry.clone() } else { Value::Null },
+        raw: Value::Null,
     })
 }
 
@@ -1138,7 +1095,6 @@ fn installment_record(
     entry: &Value,
     path: &str,
     ctx: &ReportContext,
-    copy_raw: bool,
 ) -> Result<UsageRecord, String> {
     let Value::Object(e) = entry else {
         return Err(format!("reservation installment {path}: not an object"));
@@ -1216,7 +1172,7 @@ fn installment_record(
         resource_type,
         is_final: ctx.settled,
         attributes,
-        raw: if copy_raw { entry.clone() } else { Value::Null },
+        raw: Value::Null,
     })
 }
 
