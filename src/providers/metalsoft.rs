@@ -625,6 +625,22 @@ struct Site<'a> {
     path: &'a str,
 }
 
+impl Site<'_> {
+    /// The line's own path, `{path}[{index}]`, for an error message.
+    fn line_path(&self) -> LinePath<'_> {
+        LinePath(self.path, self.index)
+    }
+}
+
+/// `{path}[{index}]`, written out only when displayed.
+struct LinePath<'a>(&'a str, usize);
+
+impl std::fmt::Display for LinePath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.0, self.1)
+    }
+}
+
 /// Entry fields that become record fields rather than pass-through attributes.
 const KNOWN_FIELDS: &[&str] = &[
     "cost",
@@ -919,14 +935,20 @@ fn line_record(
 ) -> Result<UsageRecord, String> {
     let Value::Object(e) = entry else {
         return Err(format!(
-            "infrastructure {}, {} line {}: not an object ({}[{}])",
-            site.infra, site.resource_type, site.index, site.path, site.index
+            "infrastructure {}, {} line {}: not an object ({})",
+            site.infra,
+            site.resource_type,
+            site.index,
+            site.line_path()
         ));
     };
     let err = |field: &str, what: &str| {
         format!(
-            "infrastructure {}, {} line {}: field `{field}` {what} ({}[{}].{field})",
-            site.infra, site.resource_type, site.index, site.path, site.index
+            "infrastructure {}, {} line {}: field `{field}` {what} ({}.{field})",
+            site.infra,
+            site.resource_type,
+            site.index,
+            site.line_path()
         )
     };
     let decimal = |field: &str| -> Result<Decimal, String> {
@@ -972,7 +994,7 @@ fn line_record(
             rfc3339(end),
             rfc3339(ctx.window_start),
             rfc3339(ctx.window_end),
-            format_args!("{}[{}]", site.path, site.index)
+            site.line_path()
         ));
     }
     let product_id = match e.get("product_id") {
