@@ -271,8 +271,8 @@ pub enum MappingsCommand {
 /// At most two glibc malloc arenas. glibc gives each thread that allocates an arena of its own
 /// (up to eight per core on 64-bit), and a run allocates on the runtime's workers, the SQLite
 /// connection threads and the blocking pool: memory freed in one arena is not reused by
-/// another, which cost 3–5 MB of peak RSS in `billsync bench` for no measurable speed. (musl,
-/// in the container image, has no per-thread arenas.)
+/// another, which cost 3–5 MB of peak RSS in `billsync bench` for no measurable speed. (The
+/// container image is a glibc build too: deploy/Dockerfile.)
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
     // glibc's own setting, when given, wins.
