@@ -676,7 +676,7 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                     rec.resource_id,
                     rec.resource_name.as_deref().unwrap_or("")
                 );
-                for step in rec.raw["steps"].as_array().into_iter().flatten() {
+                for step in rec.raw.to_value()["steps"].as_array().into_iter().flatten() {
                     println!("  {}", step.as_str().unwrap_or_default());
                 }
                 return Ok(exit::OK);

@@ -62,7 +62,95 @@ pub struct UsageRecord {
     pub attributes: BTreeMap<String, String>,
     /// The raw provider fields, kept for audit.
     #[serde(default)]
-    pub raw: serde_json::Value,
+    pub raw: RawJson,
+}
+
+/// A provider's raw fields as their JSON text, kept for audit.
+///
+/// Text rather than a parsed [`serde_json::Value`]: a parsed line is a tree of some forty small
+/// allocations that staging only ever writes back out as JSON (into the record's body). A
+/// provider that reads its answer as text keeps each line's own bytes ([`RawJson::from_raw`]),
+/// one allocation, written into the body verbatim.
+#[derive(Clone)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// JSON `null`: no raw fields.
+    pub fn null() -> Self {
+        Self::from_value(&serde_json::Value::Null)
+    }
+
+    /// The text of a parsed value.
+    pub fn from_value(value: &serde_json::Value) -> Self {
+        // Serialising a `Value` cannot fail: its keys are strings and its numbers valid.
+        Self(serde_json::value::to_raw_value(value).expect("a JSON value serialises"))
+    }
+
+    /// A provider's own JSON text of one value, kept as it came, unless it spans lines (a
+    /// pretty-printed answer): then its compact form, so indentation does not fill the ledger.
+    pub fn from_raw(raw: &serde_json::value::RawValue) -> Self {
+        if raw.get().contains('\n') {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(raw.get()) {
+                return Self::from_value(&value);
+            }
+        }
+        Self(raw.to_owned())
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The fields parsed (for audit output and tests; staging never needs it).
+    pub fn to_value(&self) -> serde_json::Value {
+        // The text was valid JSON when this was made.
+        serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn is_null(&self) -> bool {
+        self.0.get() == "null"
+    }
+}
+
+impl Default for RawJson {
+    fn default() -> Self {
+        Self::null()
+    }
+}
+
+impl From<serde_json::Value> for RawJson {
+    fn from(value: serde_json::Value) -> Self {
+        Self::from_value(&value)
+    }
+}
+
+impl std::fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.get())
+    }
+}
+
+/// Equal when they are the same JSON, whatever the spacing.
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get() || self.to_value() == other.to_value()
+    }
+}
+
+/// Written as the JSON it is (verbatim into a JSON serialiser, the body's only format).
+impl Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+/// Read through a `Value`, so that any self-describing format works (bodies are decoded only
+/// on the rare paths that need a whole record).
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(deserializer).map(|v| Self::from_value(&v))
+    }
 }
 
 /// The fields of [`UsageRecord`] a mapping rule may refer to, besides `attributes.<name>`.

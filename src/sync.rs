@@ -1836,7 +1836,7 @@ fn adjustment_record(
         ],
         is_final: true,
         attributes: BTreeMap::new(),
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     }
 }
 
@@ -2094,7 +2094,7 @@ impl Pipeline {
             "period adjustment of {} {} {}",
             g.subscription, g.metric, g.label
         ));
-        record.raw = serde_json::json!({ "steps": steps });
+        record.raw = serde_json::json!({ "steps": steps }).into();
         record.attributes = attributes;
         let key = record.idempotency_key();
         debug_assert_eq!(key, g.adjustment_key);

@@ -447,7 +447,7 @@ fn instance_line(cost: &str) -> billsync::record::UsageRecord {
             ("is_reservation".to_string(), "0".to_string()),
         ]
         .into(),
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     }
 }
 

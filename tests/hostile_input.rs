@@ -612,7 +612,7 @@ fn record() -> impl Strategy<Value = UsageRecord> {
                     natural_key: vec![],
                     is_final,
                     attributes,
-                    raw: Value::Null,
+                    raw: Default::default(),
                 }
             },
         )

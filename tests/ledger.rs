@@ -35,7 +35,7 @@ fn record(resource: &str, cost: &str) -> UsageRecord {
         natural_key: vec![("resource".into(), resource.into())],
         is_final: true,
         attributes: Default::default(),
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     }
 }
 

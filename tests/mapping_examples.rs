@@ -45,7 +45,7 @@ fn ms(
             ("infrastructure_id".into(), "3668".into()),
             ("is_reservation".into(), "0".into()),
         ]),
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     }
 }
 

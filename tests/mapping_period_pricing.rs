@@ -489,7 +489,7 @@ fn drive(cost: &str) -> billsync::record::UsageRecord {
         natural_key: vec![],
         is_final: true,
         attributes: Default::default(),
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     }
 }
 
@@ -674,7 +674,7 @@ async fn a_minimum_changed_mid_month_prices_the_whole_month() {
     let mut filter = RecordFilter::status(Status::Sent);
     filter.provider = Some("period".into());
     let adj = p.ledger.records_matching(&filter, 0, 10).await.unwrap();
-    let steps = adj[0].record.raw["steps"].to_string();
+    let steps = adj[0].record.raw.to_value()["steps"].to_string();
     assert!(
         steps.contains("were staged under another period rule"),
         "{steps}"

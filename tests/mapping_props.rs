@@ -38,7 +38,7 @@ fn record(cost: Decimal, day: u32) -> UsageRecord {
         natural_key: vec![],
         is_final: true,
         attributes: BTreeMap::new(),
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     }
 }
 

@@ -42,7 +42,7 @@ fn record() -> UsageRecord {
         natural_key: vec![],
         is_final: true,
         attributes: BTreeMap::new(),
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     }
 }
 

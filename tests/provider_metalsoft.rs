@@ -12,8 +12,7 @@ use std::time::Duration;
 use billsync::config::Secret;
 use billsync::http::RetryPolicy;
 use billsync::providers::metalsoft::{
-    parse_report, parse_report_owned, parse_report_str, MetalsoftConfig, MetalsoftProvider,
-    ReportContext,
+    parse_report, parse_report_str, MetalsoftConfig, MetalsoftProvider, ReportContext,
 };
 use billsync::providers::{Chunk, Cursors, Provider, ProviderError};
 use billsync::record::UsageRecord;
@@ -131,14 +130,43 @@ fn current_docs_fixture_parses_to_exact_sums() {
     assert_eq!(counts(&records), expected);
 }
 
-/// The fetch path parses a report it owns and moves each line into its record instead of
-/// copying it: the records are the same, raw fields included, for every kind of line
-/// (resources, waypoints, reservation installments) and for keys that JSON pointers must
-/// escape.
+/// Every line of a report, in the order the records come: detailed lines, then waypoints, then
+/// reservation installments.
+fn lines_of(report: &Value) -> Vec<Value> {
+    let mut lines = Vec::new();
+    let objects = |v: &Value| v.as_object().cloned().unwrap_or_default();
+    for types in objects(&report["detailed_report"]).values() {
+        for list in objects(types).values() {
+            lines.extend(list.as_array().cloned().unwrap_or_default());
+        }
+    }
+    for buckets in objects(&report["network_report"]).values() {
+        for directions in objects(buckets).values() {
+            for aggregate in objects(directions).values() {
+                lines.extend(
+                    aggregate["metered_waypoints"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+            }
+        }
+    }
+    lines.extend(
+        report["reservation_installments"]["server_types"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    lines
+}
+
+/// A record's raw fields are its line as the report gave it (kept as the line's text, not a
+/// parsed copy): for every kind of line (resources, waypoints, reservation installments), for
+/// keys with `/`, `~`, quotes and escapes, and from pretty-printed text (kept compact).
 #[test]
-fn a_report_parsed_by_moving_its_lines_gives_the_same_records() {
+fn each_record_keeps_its_line_as_raw_fields() {
     let mut odd: Value = serde_json::from_str(FIXTURE_BIGSTEP_2020).unwrap();
-    // Rename a resource type, a bucket and a direction to keys with `/` and `~`.
     fn first_key(map: &Value) -> String {
         map.as_object().unwrap().keys().next().unwrap().clone()
     }
@@ -150,7 +178,7 @@ fn a_report_parsed_by_moving_its_lines_gives_the_same_records() {
     }
     let detailed = &mut odd["detailed_report"];
     let infra = first_key(detailed);
-    rename_first(&mut detailed[&infra], "odd/type~0");
+    rename_first(&mut detailed[&infra], "odd/type~0 \"q\" é");
     let network = &mut odd["network_report"];
     let net_infra = first_key(network);
     let bucket = first_key(&network[&net_infra]);
@@ -161,11 +189,33 @@ fn a_report_parsed_by_moving_its_lines_gives_the_same_records() {
         serde_json::from_str::<Value>(FIXTURE_BIGSTEP_2020).unwrap(),
         odd,
     ] {
-        let copied = parse_report(&report, &fixture_ctx()).expect("parses");
-        let moved = parse_report_owned(report.clone(), &fixture_ctx()).expect("parses");
-        assert_eq!(moved, copied);
-        assert!(copied.len() >= 8);
-        assert!(moved.iter().all(|r| r.raw.is_object()), "{moved:?}");
+        let compact = parse_report(&report, &fixture_ctx()).expect("parses");
+        let pretty = serde_json::to_string_pretty(&report).unwrap();
+        // The same text with every non-ASCII character and key escaped as \uXXXX.
+        let escaped: String = pretty
+            .chars()
+            .map(|c| {
+                if c.is_ascii() {
+                    c.to_string()
+                } else {
+                    format!("\\u{:04x}", c as u32)
+                }
+            })
+            .collect();
+        for text in [pretty, escaped] {
+            assert_eq!(
+                parse_report_str(&text, &fixture_ctx()).expect("parses"),
+                compact
+            );
+        }
+        assert!(compact.len() >= 8);
+        let lines = lines_of(&report);
+        assert_eq!(compact.len(), lines.len());
+        for (record, line) in compact.iter().zip(&lines) {
+            assert!(line.is_object());
+            assert_eq!(&record.raw.to_value(), line, "{}", record.resource_id);
+            assert!(!record.raw.get().contains('\n'), "kept compact");
+        }
     }
 }
 
@@ -240,7 +290,7 @@ fn record_fields_follow_the_documented_mapping() {
     assert!(!instance.attributes.contains_key("window_start"));
     assert!(!instance.attributes.contains_key("window_end"));
     assert!(instance.is_final);
-    assert_eq!(instance.raw["product_id"], json!(2416));
+    assert_eq!(instance.raw.to_value()["product_id"], json!(2416));
 
     let drive = records
         .iter()
@@ -399,6 +449,101 @@ fn wrong_shapes_are_shape_errors() {
         let err = parse_report(&bad, &fixture_ctx()).expect_err("must fail");
         assert!(matches!(err, ProviderError::Shape { .. }), "{bad}: {err:?}");
     }
+}
+
+/// A value of the wrong kind is refused with its path and what it is (numbers included, which
+/// the reader meets in disguise).
+#[test]
+fn wrong_kinds_are_named_with_their_path() {
+    for (bad, says) in [
+        (
+            json!({"detailed_report": 5}),
+            "detailed_report should be an object but is a number",
+        ),
+        (
+            json!({"detailed_report": {"1": "x"}}),
+            "detailed_report.1 should be an object but is a string",
+        ),
+        (
+            json!({"detailed_report": {"1": [4]}}),
+            "detailed_report.1 should be an object but is an array",
+        ),
+        (
+            json!({"detailed_report": {"1": {"instance": {"a": 1}}}}),
+            "detailed_report.1.instance should be an array but is an object",
+        ),
+        (
+            json!({"detailed_report": {"1": {"instance": [5]}}}),
+            "instance line 0: not an object (detailed_report.1.instance[0])",
+        ),
+        (
+            json!({"network_report": {"1": {"network": {"upload": []}}}}),
+            "network_report.1.network.upload is not an object",
+        ),
+        (
+            json!({"network_report": {"1": {"network": {"upload": {"metered_waypoints": true}}}}}),
+            "network_report.1.network.upload.metered_waypoints should be an array but is a boolean",
+        ),
+        (
+            json!({"detailed_report": [], "reservation_installments": {"server_types": "x"}}),
+            "reservation_installments.server_types should be an array but is a string",
+        ),
+        (
+            json!({"detailed_report": [], "reservation_installments": 1.5}),
+            "reservation_installments should be an object but is a number",
+        ),
+        (json!([1]), "the result is not an object but an array"),
+        (json!(7), "the result is not an object but a number"),
+        (json!(null), "the result is not an object but null"),
+    ] {
+        let err = parse_report(&bad, &fixture_ctx()).expect_err("must fail");
+        assert!(matches!(err, ProviderError::Shape { .. }), "{bad}: {err:?}");
+        assert!(err.to_string().contains(says), "{bad}: {err}");
+    }
+}
+
+/// A map of the report with a key given twice is refused, naming the key: read one way, a
+/// parsed object keeps only the last one's lines and the first's are lost without a word. A
+/// line's own field given twice is read as its last value, as a parsed object keeps it.
+#[test]
+fn a_key_given_twice_refuses_the_report() {
+    let line = r#"{"cost": "0.1", "cost_currency": "GBP", "measurement_unit": "seconds",
+        "product_id": 1, "quantity": "3600", "start_timestamp": "2024-01-01T00:00:00Z",
+        "end_timestamp": "2024-01-01T01:00:00Z"}"#;
+    let ctx = window_ctx("2024-01-01T00:00:00Z", "2024-01-01T01:00:00Z");
+    for (text, path) in [
+        (
+            format!(
+                r#"{{"detailed_report": {{"1": {{"instance": [{line}]}}, "1": {{"drive": [{line}]}}}}}}"#
+            ),
+            r#"detailed_report has the key "1" twice"#,
+        ),
+        (
+            format!(r#"{{"detailed_report": {{"1": {{"instance": [{line}], "instance": []}}}}}}"#),
+            r#"detailed_report.1 has the key "instance" twice"#,
+        ),
+        (
+            format!(
+                r#"{{"detailed_report": {{"1": {{"drive": [{line}]}}}}, "detailed_report": []}}"#
+            ),
+            r#"the result has the key "detailed_report" twice"#,
+        ),
+        (
+            format!(
+                r#"{{"network_report": {{"1": {{"network": {{"upload": {{"metered_waypoints": [{line}],
+                "metered_waypoints": []}}}}}}}}}}"#
+            ),
+            r#"network_report.1.network.upload has the key "metered_waypoints" twice"#,
+        ),
+    ] {
+        let err = parse_report_str(&text, &ctx).expect_err("refused");
+        assert!(matches!(err, ProviderError::Shape { .. }), "{err:?}");
+        assert!(err.to_string().contains(path), "{err}");
+    }
+    let twice = line.replace(r#""cost": "0.1","#, r#""cost": "0.1", "cost": "0.3","#);
+    let text = format!(r#"{{"detailed_report": {{"1": {{"drive": [{twice}]}}}}}}"#);
+    let records = parse_report_str(&text, &ctx).expect("parses");
+    assert_eq!(records[0].billed_cost, Decimal::from_str("0.3").unwrap());
 }
 
 #[test]

@@ -122,7 +122,7 @@ fn record() -> UsageRecord {
         natural_key: vec![("id".into(), "1".into())],
         is_final: true,
         attributes: BTreeMap::new(),
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     }
 }
 

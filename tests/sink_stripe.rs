@@ -472,7 +472,7 @@ fn waiting(
         natural_key: vec![("resource".into(), resource.into())],
         is_final: status == billsync::ledger::Status::Pending,
         attributes: Default::default(),
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     };
     billsync::ledger::StageRow {
         key: record.idempotency_key(),

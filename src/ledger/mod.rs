@@ -192,7 +192,7 @@ impl StageRow {
     pub fn encode_body_and_shed(&mut self) -> Result<(), LedgerError> {
         self.encode_body()?;
         let r = &mut self.record;
-        r.raw = serde_json::Value::Null;
+        r.raw = Default::default();
         r.attributes = Default::default();
         r.natural_key = Vec::new();
         r.scope = String::new();

@@ -646,6 +646,6 @@ fn build_record(fields: &BTreeMap<String, Value>) -> Result<UsageRecord, String>
         natural_key: Vec::new(),
         is_final: !matches!(fields.get("is_final"), Some(Value::Bool(false))),
         attributes,
-        raw: serde_json::Value::Null,
+        raw: Default::default(),
     })
 }

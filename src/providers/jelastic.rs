@@ -67,7 +67,7 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
-use crate::record::UsageRecord;
+use crate::record::{RawJson, UsageRecord};
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "jelastic";
@@ -899,14 +899,14 @@ fn merge(into: &mut UsageRecord, other: &UsageRecord) {
         + 1;
     into.attributes
         .insert("merged_rows".to_string(), merged.to_string());
-    let raw = std::mem::take(&mut into.raw);
-    into.raw = match raw {
+    into.raw = match into.raw.to_value() {
         Value::Array(mut rows) => {
-            rows.push(other.raw.clone());
+            rows.push(other.raw.to_value());
             Value::Array(rows)
         }
-        first => Value::Array(vec![first, other.raw.clone()]),
-    };
+        first => Value::Array(vec![first, other.raw.to_value()]),
+    }
+    .into();
 }
 
 /// One row of `array`, or `None` when its bucket lies outside the requested window.
@@ -1037,6 +1037,6 @@ fn row_record(
         natural_key,
         is_final,
         attributes,
-        raw: Value::Object(Map::clone(r)),
+        raw: RawJson::from_value(&Value::Object(Map::clone(r))),
     }))
 }

@@ -77,14 +77,17 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
 use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Plan, Provider, ProviderError};
-use crate::record::UsageRecord;
+use crate::record::{RawJson, UsageRecord};
+
+mod text;
+use text::Fields;
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "metalsoft";
@@ -328,7 +331,7 @@ impl MetalsoftProvider {
     }
 
     /// One HTTP exchange; classifies the outcome for the retry loop.
-    async fn call_once(&self, body: &Value) -> Result<Value, Attempt> {
+    async fn call_once(&self, body: &Value) -> Result<String, Attempt> {
         let transport = |message: String| Attempt::Retry {
             error: ProviderError::Transport {
                 provider: self.name.clone(),
@@ -378,27 +381,7 @@ impl MetalsoftProvider {
             }
             return Err(Attempt::Fatal(http_error(http::snippet(&text))));
         }
-        let envelope: Value = serde_json::from_str(&text).map_err(|e| {
-            Attempt::Fatal(self.shape(format!(
-                "the body is not JSON ({e}): {}",
-                http::snippet(&text)
-            )))
-        })?;
-        let Value::Object(mut envelope) = envelope else {
-            return Err(Attempt::Fatal(
-                self.shape("the body is not a JSON-RPC response object".into()),
-            ));
-        };
-        if let Some(error) = envelope.get("error").filter(|e| !e.is_null()) {
-            let (code, message) = rpc_error_fields(error);
-            return Err(Attempt::Fatal(self.api_error(code, message)));
-        }
-        match envelope.remove("result") {
-            Some(result) => Ok(result),
-            None => Err(Attempt::Fatal(self.shape(
-                "the JSON-RPC response has neither `result` nor `error`".into(),
-            ))),
-        }
+        Ok(text)
     }
 
     fn api_error(&self, code: String, message: String) -> ProviderError {
@@ -410,8 +393,8 @@ impl MetalsoftProvider {
         }
     }
 
-    /// Call `resource_utilization_detailed` with retries; returns the JSON-RPC `result`.
-    async fn call(&self, params: Value) -> Result<Value, ProviderError> {
+    /// Call `resource_utilization_detailed` with retries; returns the answer's text.
+    async fn call(&self, params: Value) -> Result<String, ProviderError> {
         let policy = self.config.retry.clone();
         let params = &params;
         let attempt = || async move {
@@ -429,6 +412,36 @@ fn rpc_error_of(text: &str) -> Option<(String, String)> {
     let value: Value = serde_json::from_str(text).ok()?;
     let error = value.get("error").filter(|e| e.is_object())?;
     Some(rpc_error_fields(error))
+}
+
+impl MetalsoftProvider {
+    /// The records of a JSON-RPC answer's text, or the error it states or is.
+    fn parse_answer(
+        &self,
+        text: &str,
+        ctx: &ReportContext,
+    ) -> Result<Vec<UsageRecord>, ProviderError> {
+        let answer = text::read_answer(text).map_err(|e| {
+            self.shape(format!(
+                "the body is not JSON ({e}): {}",
+                http::snippet(text)
+            ))
+        })?;
+        if !answer.is_object {
+            return Err(self.shape("the body is not a JSON-RPC response object".into()));
+        }
+        if let Some(error) = answer.error.filter(|e| !text::is_null(e)) {
+            let error: Value = serde_json::from_str(error.get()).unwrap_or(Value::Null);
+            let (code, message) = rpc_error_fields(&error);
+            return Err(self.api_error(code, message));
+        }
+        match answer.result {
+            Some(report) => records_of(report, ctx),
+            None => {
+                Err(self.shape("the JSON-RPC response has neither `result` nor `error`".into()))
+            }
+        }
+    }
 }
 
 fn rpc_error_fields(error: &Value) -> (String, String) {
@@ -543,7 +556,7 @@ impl Provider for MetalsoftProvider {
             provider: self.name.clone(),
             message: format!("chunk detail {:?} is not a user id", chunk.detail),
         })?;
-        let result = self.call(self.params(user_id, chunk)).await?;
+        let answer = self.call(self.params(user_id, chunk)).await?;
         let ctx = ReportContext {
             source: self.name.clone(),
             billing_account_id: self.billing_account_id.clone(),
@@ -552,7 +565,7 @@ impl Provider for MetalsoftProvider {
             window_end: chunk.window_end,
             settled: chunk.window_end <= now - self.config.settle_delay,
         };
-        let records = parse_report_owned(result, &ctx)?;
+        let records = self.parse_answer(&answer, &ctx)?;
         // The page's cursor is its window's end, never below what `plan` saw (a look-back
         // re-read must not move a cursor back). Read-only here: pages may be fetched
         // concurrently, and a later window's answer must not lend its end to an earlier page.
@@ -658,39 +671,37 @@ const KNOWN_FIELDS: &[&str] = &[
 ];
 
 /// Parse a report given as JSON text (the JSON-RPC `result` object).
+///
+/// Reads every resource type under `detailed_report`, every waypoint under `network_report`
+/// (the numeric aggregates are only checked against them) and every reservation installment.
+/// Empty maps may arrive as `[]` (PHP's encoding of an empty array) and are accepted; a map
+/// with a key given twice is refused. A line without `cost`, or with an unreadable timestamp,
+/// is an error naming where it sits; so is a line that does not lie inside `ctx`'s window,
+/// which refuses the whole report (module doc, "Window clipping"). Each record's raw fields
+/// are its line's own text.
 pub fn parse_report_str(
     text: &str,
     ctx: &ReportContext,
 ) -> Result<Vec<UsageRecord>, ProviderError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| ProviderError::Shape {
+    let report = text::read_report(text).map_err(|e| ProviderError::Shape {
         provider: ctx.source.clone(),
         call: METHOD.into(),
         message: format!("the report is not JSON: {e}"),
     })?;
-    parse_report_owned(value, ctx)
+    records_of(report, ctx)
 }
 
-/// Turn the `result` of `resource_utilization_detailed` into records.
-///
-/// Reads every resource type under `detailed_report`, every waypoint under `network_report`
-/// (the numeric aggregates are only checked against them) and every reservation installment.
-/// Empty maps may arrive as `[]` (PHP's encoding of an empty array) and are accepted. A line
-/// without `cost`, or with an unreadable timestamp, is an error naming where it sits; so is a
-/// line that does not lie inside `ctx`'s window, which refuses the whole report (module doc,
-/// "Window clipping").
+/// [`parse_report_str`] of a parsed report.
 pub fn parse_report(
     result: &Value,
     ctx: &ReportContext,
 ) -> Result<Vec<UsageRecord>, ProviderError> {
-    parse_report_owned(result.clone(), ctx)
+    parse_report_str(&result.to_string(), ctx)
 }
 
-/// [`parse_report`] of a report the caller owns: each record's raw fields are moved out of the
-/// report as its line is read instead of copied: the fetch path drops the report anyway, and a
-/// deep copy of every line is a JSON object of some twenty fields, an allocation or two per
-/// field.
-pub fn parse_report_owned(
-    mut result: Value,
+/// The records of a walked report (see [`parse_report_str`]).
+fn records_of(
+    mut report: text::Report<'_>,
     ctx: &ReportContext,
 ) -> Result<Vec<UsageRecord>, ProviderError> {
     let shape = |message: String| ProviderError::Shape {
@@ -698,140 +709,87 @@ pub fn parse_report_owned(
         call: METHOD.into(),
         message,
     };
-    let kind = type_name(&result);
-    let Value::Object(root) = &mut result else {
+    if let Some(kind) = report.not_an_object {
         return Err(shape(format!("the result is not an object but {kind}")));
-    };
-    if !root.contains_key("detailed_report") && !root.contains_key("network_report") {
+    }
+    if !report.has_report {
         return Err(shape(
             "the result has neither `detailed_report` nor `network_report`".into(),
         ));
     }
-    check_report_window(root, ctx).map_err(&shape)?;
-    let labels: HashMap<String, String> =
-        object_of(root.get_mut("infrastructures"), "infrastructures")
-            .map_err(&shape)?
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(id, v)| {
-                        v.get("infrastructure_label")
-                            .and_then(Value::as_str)
-                            .map(|l| (id.clone(), l.to_string()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-
-    let mut records = Vec::new();
-    if let Some(detailed) =
-        object_of(root.get_mut("detailed_report"), "detailed_report").map_err(&shape)?
-    {
-        for (infra, types) in detailed.iter_mut() {
-            let path = format!("detailed_report.{infra}");
-            let Some(types) = object_of(Some(types), &path).map_err(&shape)? else {
-                continue;
+    check_report_window(&report, ctx).map_err(&shape)?;
+    if let Some(problem) = report.problem.take() {
+        return Err(shape(problem));
+    }
+    // Detailed lines first, then waypoints, each in the report's order.
+    report.groups.sort_by_key(|g| g.network.is_some());
+    let label_of = |infra: &str| {
+        report
+            .labels
+            .iter()
+            .rev()
+            .find(|(id, _)| id == infra)
+            .map(|(_, label)| label.as_ref())
+    };
+    let lines = report.groups.iter().map(|g| g.lines.len()).sum::<usize>();
+    let mut records = Vec::with_capacity(lines + report.installments.len());
+    let mut fields = Fields::new();
+    for group in &report.groups {
+        let first = records.len();
+        let network = group
+            .network
+            .as_ref()
+            .map(|(bucket, direction)| (bucket.as_ref(), direction.as_ref()));
+        for (index, line) in group.lines.iter().enumerate() {
+            let site = Site {
+                infra: &group.infra,
+                resource_type: &group.resource_type,
+                index,
+                path: &group.path,
             };
-            for (resource_type, entries) in types.iter_mut() {
-                let path = format!("detailed_report.{infra}.{resource_type}");
-                let entries = array_of(entries, &path).map_err(&shape)?;
-                for (index, entry) in entries.iter_mut().enumerate() {
-                    let site = Site {
-                        infra,
-                        resource_type,
-                        index,
-                        path: &path,
-                    };
-                    let mut record =
-                        line_record(entry, &site, None, &labels, ctx).map_err(&shape)?;
-                    record.raw = std::mem::take(entry);
-                    records.push(record);
-                }
-            }
+            fields.read(line).map_err(|_| {
+                shape(format!(
+                    "infrastructure {}, {} line {}: not an object ({})",
+                    site.infra,
+                    site.resource_type,
+                    site.index,
+                    site.line_path()
+                ))
+            })?;
+            let mut record =
+                line_record(&fields, &site, network, label_of(site.infra), ctx).map_err(&shape)?;
+            record.raw = RawJson::from_raw(line);
+            records.push(record);
+        }
+        if let Some(aggregate) = &group.aggregate {
+            check_aggregate(aggregate, &records[first..], ctx);
         }
     }
-    if let Some(network) =
-        object_of(root.get_mut("network_report"), "network_report").map_err(&shape)?
-    {
-        for (infra, buckets) in network.iter_mut() {
-            let path = format!("network_report.{infra}");
-            let Some(buckets) = object_of(Some(buckets), &path).map_err(&shape)? else {
-                continue;
-            };
-            for (bucket, directions) in buckets.iter_mut() {
-                let path = format!("network_report.{infra}.{bucket}");
-                let Some(directions) = object_of(Some(directions), &path).map_err(&shape)? else {
-                    continue;
-                };
-                for (direction, aggregate) in directions.iter_mut() {
-                    let path = format!("network_report.{infra}.{bucket}.{direction}");
-                    let Value::Object(aggregate) = aggregate else {
-                        return Err(shape(format!("{path} is not an object")));
-                    };
-                    let waypoints_path = format!("{path}.metered_waypoints");
-                    let waypoints = match aggregate.get_mut("metered_waypoints") {
-                        None | Some(Value::Null) => &mut [][..],
-                        Some(w) => array_of(w, &waypoints_path).map_err(&shape)?,
-                    };
-                    let resource_type = format!("{bucket}_{direction}");
-                    let first = records.len();
-                    for (index, entry) in waypoints.iter_mut().enumerate() {
-                        let site = Site {
-                            infra,
-                            resource_type: &resource_type,
-                            index,
-                            path: &waypoints_path,
-                        };
-                        let nk = Some((bucket.as_str(), direction.as_str()));
-                        let mut record =
-                            line_record(entry, &site, nk, &labels, ctx).map_err(&shape)?;
-                        record.raw = std::mem::take(entry);
-                        records.push(record);
-                    }
-                    check_aggregate(aggregate, &records[first..], &path, ctx);
-                }
-            }
-        }
-    }
-    if let Some(installments) = object_of(
-        root.get_mut("reservation_installments"),
-        "reservation_installments",
-    )
-    .map_err(&shape)?
-    {
-        if let Some(server_types) = installments
-            .get_mut("server_types")
-            .filter(|v| !v.is_null())
-        {
-            let path = "reservation_installments.server_types";
-            for (index, entry) in array_of(server_types, path)
-                .map_err(&shape)?
-                .iter_mut()
-                .enumerate()
-            {
-                let mut record =
-                    installment_record(entry, &format!("{path}[{index}]"), ctx).map_err(&shape)?;
-                record.raw = std::mem::take(entry);
-                records.push(record);
-            }
-        }
+    for (index, entry) in report.installments.iter().enumerate() {
+        let path = format!("reservation_installments.server_types[{index}]");
+        fields
+            .read(entry)
+            .map_err(|_| shape(format!("reservation installment {path}: not an object")))?;
+        let mut record = installment_record(&fields, &path, ctx).map_err(&shape)?;
+        record.raw = RawJson::from_raw(entry);
+        records.push(record);
     }
     Ok(records)
 }
 
 /// The top-level `start_timestamp`/`end_timestamp` some servers add (the 2020 Bigstep example)
 /// must be the requested window; absent or `null` is fine.
-fn check_report_window(root: &Map<String, Value>, ctx: &ReportContext) -> Result<(), String> {
-    for (field, asked) in [
-        ("start_timestamp", ctx.window_start),
-        ("end_timestamp", ctx.window_end),
+fn check_report_window(report: &text::Report<'_>, ctx: &ReportContext) -> Result<(), String> {
+    for (field, stated, asked) in [
+        ("start_timestamp", report.start_timestamp, ctx.window_start),
+        ("end_timestamp", report.end_timestamp, ctx.window_end),
     ] {
-        let Some(v) = root.get(field).filter(|v| !v.is_null()) else {
+        let Some(v) = stated.filter(|v| !text::is_null(v)) else {
             continue;
         };
-        let stated = v
-            .as_str()
-            .and_then(parse_time)
-            .ok_or_else(|| format!("the report's `{field}` is not a UTC timestamp: {v}"))?;
+        let stated = text::as_str(v)
+            .and_then(|t| parse_time(&t))
+            .ok_or_else(|| format!("the report's `{field}` is not a UTC timestamp: {}", v.get()))?;
         if stated != asked {
             return Err(format!(
                 "the report's `{field}` is {}, but the requested window is {} → {}: the page \
@@ -846,56 +804,16 @@ fn check_report_window(root: &Map<String, Value>, ctx: &ReportContext) -> Result
     Ok(())
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// A map that may be absent, `null` or `[]` (empty, PHP-encoded). Mutable, so that lines can
-/// be moved out of the report into their records.
-fn object_of<'a>(
-    value: Option<&'a mut Value>,
-    path: &str,
-) -> Result<Option<&'a mut Map<String, Value>>, String> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(m)) => Ok(Some(m)),
-        Some(Value::Array(a)) if a.is_empty() => Ok(None),
-        Some(other) => Err(format!(
-            "{path} should be an object but is {}",
-            type_name(other)
-        )),
-    }
-}
-
-fn array_of<'a>(value: &'a mut Value, path: &str) -> Result<&'a mut [Value], String> {
-    match value {
-        Value::Array(a) => Ok(a),
-        Value::Null => Ok(&mut []),
-        other => Err(format!(
-            "{path} should be an array but is {}",
-            type_name(other)
-        )),
-    }
-}
-
 /// Log (not fail) when an aggregate disagrees with the sum of its waypoints.
-fn check_aggregate(
-    aggregate: &Map<String, Value>,
-    lines: &[UsageRecord],
-    path: &str,
-    ctx: &ReportContext,
-) {
+fn check_aggregate(aggregate: &text::Aggregate<'_>, lines: &[UsageRecord], ctx: &ReportContext) {
     let cost: Decimal = lines.iter().map(|r| r.billed_cost).sum();
     let quantity: Decimal = lines.iter().map(|r| r.consumed_quantity).sum();
-    for (field, sum) in [("cost", cost), ("quantity", quantity)] {
-        if let Some(stated) = aggregate.get(field).and_then(decimal_of) {
+    let path = &aggregate.path;
+    for (field, stated, sum) in [
+        ("cost", aggregate.cost, cost),
+        ("quantity", aggregate.quantity, quantity),
+    ] {
+        if let Some(stated) = stated.and_then(text::decimal) {
             if stated != sum {
                 warn!(source = %ctx.source, user_id = ctx.user_id, "metalsoft: {path}.{field} is {stated} but its waypoints sum to {sum}");
             }
@@ -916,32 +834,14 @@ fn service_name_of(resource_type: &str) -> String {
     .to_string()
 }
 
-fn scalar_text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
 /// One line of `detailed_report` or one network waypoint.
 fn line_record(
-    entry: &Value,
+    e: &Fields<'_>,
     site: &Site<'_>,
     network: Option<(&str, &str)>,
-    labels: &HashMap<String, String>,
+    label: Option<&str>,
     ctx: &ReportContext,
 ) -> Result<UsageRecord, String> {
-    let Value::Object(e) = entry else {
-        return Err(format!(
-            "infrastructure {}, {} line {}: not an object ({})",
-            site.infra,
-            site.resource_type,
-            site.index,
-            site.line_path()
-        ));
-    };
     let err = |field: &str, what: &str| {
         format!(
             "infrastructure {}, {} line {}: field `{field}` {what} ({}.{field})",
@@ -951,35 +851,34 @@ fn line_record(
             site.line_path()
         )
     };
+    let present = |field: &str| e.present(field).ok_or_else(|| err(field, "is missing"));
     let decimal = |field: &str| -> Result<Decimal, String> {
-        let v = e
-            .get(field)
-            .filter(|v| !v.is_null())
-            .ok_or_else(|| err(field, "is missing"))?;
-        decimal_of(v).ok_or_else(|| err(field, &format!("is not a decimal: {v}")))
+        let v = present(field)?;
+        text::decimal(v).ok_or_else(|| err(field, &format!("is not a decimal: {}", v.get())))
     };
     let time = |field: &str| -> Result<DateTime<Utc>, String> {
-        let v = e
-            .get(field)
-            .filter(|v| !v.is_null())
-            .ok_or_else(|| err(field, "is missing"))?;
-        v.as_str()
-            .and_then(parse_time)
-            .ok_or_else(|| err(field, &format!("is not a UTC timestamp: {v}")))
+        let v = present(field)?;
+        text::as_str(v)
+            .and_then(|t| parse_time(&t))
+            .ok_or_else(|| err(field, &format!("is not a UTC timestamp: {}", v.get())))
     };
-    let text = |field: &str| -> Result<String, String> {
-        match e.get(field) {
-            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-            Some(Value::Null) | None => Err(err(field, "is missing")),
-            Some(v) => Err(err(field, &format!("is not a string: {v}"))),
+    let string = |field: &str| -> Result<String, String> {
+        let v = present(field)?;
+        match text::as_str(v) {
+            Some(s) if !s.is_empty() => Ok(s.into_owned()),
+            _ => Err(err(field, &format!("is not a string: {}", v.get()))),
         }
     };
-    let optional_text = |field: &str| e.get(field).and_then(scalar_text);
+    let optional_text = |field: &str| {
+        e.get(field)
+            .and_then(text::scalar_text)
+            .map(std::borrow::Cow::into_owned)
+    };
 
     let cost = decimal("cost")?;
     let quantity = decimal("quantity")?;
-    let currency = text("cost_currency")?;
-    let unit = text("measurement_unit")?;
+    let currency = string("cost_currency")?;
+    let unit = string("measurement_unit")?;
     let start = time("start_timestamp")?;
     let end = time("end_timestamp")?;
     if start < ctx.window_start || end > ctx.window_end {
@@ -997,41 +896,43 @@ fn line_record(
             site.line_path()
         ));
     }
-    let product_id = match e.get("product_id") {
-        Some(v) if !v.is_null() => {
-            integer_of(v).ok_or_else(|| err("product_id", &format!("is not an id: {v}")))?
-        }
-        _ => return Err(err("product_id", "is missing")),
-    };
-    let is_reservation = match e.get("is_reservation") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => match scalar_text(v).as_deref().map(str::trim) {
+    let product_id = present("product_id").and_then(|v| {
+        text::integer(v).ok_or_else(|| err("product_id", &format!("is not an id: {}", v.get())))
+    })?;
+    let is_reservation = match e.present("is_reservation") {
+        None => false,
+        Some(v) => match text::scalar_text(v).as_deref().map(str::trim) {
             Some("0") | Some("false") => false,
             Some("1") | Some("true") => true,
-            _ => return Err(err("is_reservation", &format!("is not 0 or 1: {v}"))),
+            _ => {
+                return Err(err(
+                    "is_reservation",
+                    &format!("is not 0 or 1: {}", v.get()),
+                ))
+            }
         },
     };
-    let measurement_period = match e.get("measurement_period") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(integer_of(v).ok_or_else(|| {
+    let measurement_period = match e.present("measurement_period") {
+        None => None,
+        Some(v) => Some(text::integer(v).ok_or_else(|| {
             err(
                 "measurement_period",
-                &format!("is not a whole number of seconds: {v}"),
+                &format!("is not a whole number of seconds: {}", v.get()),
             )
         })?),
     };
-    let cost_per_unit = match e.get("cost_per_unit") {
-        None | Some(Value::Null) => None,
+    let cost_per_unit = match e.present("cost_per_unit") {
+        None => None,
         Some(v) => Some(
-            decimal_of(v).ok_or_else(|| err("cost_per_unit", &format!("is not a decimal: {v}")))?,
+            text::decimal(v)
+                .ok_or_else(|| err("cost_per_unit", &format!("is not a decimal: {}", v.get())))?,
         ),
     };
 
     let mut attributes = BTreeMap::new();
     attributes.insert("infrastructure_id".to_string(), site.infra.to_string());
-    if let Some(label) = labels.get(site.infra) {
-        attributes.insert("infrastructure_label".to_string(), label.clone());
+    if let Some(label) = label {
+        attributes.insert("infrastructure_label".to_string(), label.to_string());
     }
     attributes.insert("is_reservation".to_string(), is_reservation.to_string());
     if let Some(p) = measurement_period {
@@ -1043,10 +944,10 @@ fn line_record(
     if let Some(s) = optional_text("product_subdomain") {
         attributes.insert("product_subdomain".to_string(), s);
     }
-    for (k, v) in e {
-        if !KNOWN_FIELDS.contains(&k.as_str()) {
-            if let Some(t) = scalar_text(v) {
-                attributes.insert(k.clone(), t);
+    for (k, v) in e.iter() {
+        if !KNOWN_FIELDS.contains(&k) {
+            if let Some(t) = text::scalar_text(v) {
+                attributes.insert(k.to_string(), t.into_owned());
             }
         }
     }
@@ -1063,7 +964,7 @@ fn line_record(
         None => {
             let sku = e
                 .get("server_type_id")
-                .and_then(integer_of)
+                .and_then(text::integer)
                 .map(|id| format!("server_type:{id}"))
                 .unwrap_or_else(|| site.resource_type.to_string());
             (format!("{}:{product_id}", site.resource_type), sku)
@@ -1108,60 +1009,54 @@ fn line_record(
         natural_key,
         is_final: ctx.settled,
         attributes,
-        raw: Value::Null,
+        raw: RawJson::null(),
     })
 }
 
 /// One `reservation_installments.server_types[]` entry (see the module doc for the choices).
 fn installment_record(
-    entry: &Value,
+    e: &Fields<'_>,
     path: &str,
     ctx: &ReportContext,
 ) -> Result<UsageRecord, String> {
-    let Value::Object(e) = entry else {
-        return Err(format!("reservation installment {path}: not an object"));
-    };
     let err =
         |field: &str, what: &str| format!("reservation installment {path}: field `{field}` {what}");
-    let cost = e
-        .get("cost")
-        .filter(|v| !v.is_null())
-        .ok_or_else(|| err("cost", "is missing"))
-        .and_then(|v| {
-            decimal_of(v).ok_or_else(|| err("cost", &format!("is not a decimal: {v}")))
-        })?;
+    let present = |field: &str| e.present(field).ok_or_else(|| err(field, "is missing"));
+    let cost = present("cost").and_then(|v| {
+        text::decimal(v).ok_or_else(|| err("cost", &format!("is not a decimal: {}", v.get())))
+    })?;
     let time = |field: &str| -> Result<DateTime<Utc>, String> {
-        let v = e
-            .get(field)
-            .filter(|v| !v.is_null())
-            .ok_or_else(|| err(field, "is missing"))?;
-        v.as_str()
-            .and_then(parse_time)
-            .ok_or_else(|| err(field, &format!("is not a UTC timestamp: {v}")))
+        let v = present(field)?;
+        text::as_str(v)
+            .and_then(|t| parse_time(&t))
+            .ok_or_else(|| err(field, &format!("is not a UTC timestamp: {}", v.get())))
     };
     let start = time("start_timestamp")?;
     let end = time("end_timestamp")?;
     let currency = e
         .get("cost_currency")
-        .and_then(Value::as_str)
+        .and_then(text::as_str)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| err("cost_currency", "is missing"))?
-        .to_string();
+        .into_owned();
     let reservation_id = e
         .get("server_type_reservation_id")
-        .and_then(integer_of)
+        .and_then(text::integer)
         .ok_or_else(|| err("server_type_reservation_id", "is missing or not an id"))?;
-    let name = e.get("server_type_name").and_then(scalar_text);
+    let name = e
+        .get("server_type_name")
+        .and_then(text::scalar_text)
+        .map(std::borrow::Cow::into_owned);
 
     let mut attributes = BTreeMap::new();
     attributes.insert("is_reservation".to_string(), "true".to_string());
-    for (k, v) in e {
+    for (k, v) in e.iter() {
         if !matches!(
-            k.as_str(),
+            k,
             "cost" | "cost_currency" | "start_timestamp" | "end_timestamp"
         ) {
-            if let Some(t) = scalar_text(v) {
-                attributes.insert(k.clone(), t);
+            if let Some(t) = text::scalar_text(v) {
+                attributes.insert(k.to_string(), t.into_owned());
             }
         }
     }
@@ -1194,7 +1089,7 @@ fn installment_record(
         resource_type,
         is_final: ctx.settled,
         attributes,
-        raw: Value::Null,
+        raw: RawJson::null(),
     })
 }
 

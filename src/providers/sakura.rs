@@ -52,7 +52,7 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
-use crate::record::UsageRecord;
+use crate::record::{RawJson, UsageRecord};
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "sakura";
@@ -909,7 +909,7 @@ fn record_of(line: Line, ctx: &LineContext) -> UsageRecord {
         ],
         is_final: ctx.is_final,
         attributes,
-        raw: line.raw,
+        raw: RawJson::from_value(&line.raw),
     }
 }
 

@@ -62,7 +62,7 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
-use crate::record::UsageRecord;
+use crate::record::{RawJson, UsageRecord};
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "softlayer";
@@ -1014,7 +1014,7 @@ pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRe
         ],
         is_final: inv.is_closed(),
         attributes,
-        raw: item.clone(),
+        raw: RawJson::from_value(item),
     })
 }
 
@@ -1174,7 +1174,7 @@ pub fn billing_item_record(item: &Value, ctx: &NextContext) -> Result<UsageRecor
         ],
         is_final: false,
         attributes,
-        raw: item.clone(),
+        raw: RawJson::from_value(item),
     })
 }
 
