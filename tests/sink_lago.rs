@@ -139,6 +139,50 @@ async fn delivers_on_200_with_exact_body_and_bearer() {
     );
 }
 
+/// A 2xx answer is proof of delivery only when it is Lago's (an object with an `events` array):
+/// a proxy's page or another service's JSON leaves the records failed (pending for the next
+/// run, which resends them safely), never delivered.
+#[tokio::test]
+async fn a_2xx_that_is_not_lagos_answer_is_not_delivery() {
+    for body in [
+        "<html>gateway</html>",
+        r#"{"ok":true}"#,
+        r#"{"events":3}"#,
+        r#"{"events":{"0":{}}}"#,
+        r#"[{"events":[]}]"#,
+        r#"[[{},{},{},{}]]"#,
+        "",
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(body))
+            .mount(&server)
+            .await;
+        let s = sink(&server.uri(), fast_retry(0));
+        let out = s.deliver(&four_events(&s)).await.unwrap();
+        assert!(
+            out.iter().all(
+                |o| matches!(o, Outcome::Failed(r) if r.contains("not a Lago events response"))
+            ),
+            "{body}: {out:?}"
+        );
+    }
+    // Lago's answer, whatever the events echoed look like.
+    for body in [
+        r#"{"events":[]}"#,
+        r#" {"events":[{"lago_id":"x","properties":{"a":[1,{"b":null}]}}],"meta":{}}"#,
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(body))
+            .mount(&server)
+            .await;
+        let s = sink(&server.uri(), fast_retry(0));
+        let out = s.deliver(&four_events(&s)).await.unwrap();
+        assert_eq!(out, vec![Outcome::Delivered; 4], "{body}");
+    }
+}
+
 #[tokio::test]
 async fn rate_limited_waits_for_retry_after_and_resends_same_bytes() {
     let server = MockServer::start().await;
