@@ -350,10 +350,14 @@ impl MetalsoftProvider {
             .map_err(|e| transport(describe_reqwest(&e)))?;
         let status = resp.status();
         let hint = http::retry_hint(resp.headers());
-        let text = resp
-            .text()
+        let body = resp
+            .bytes()
             .await
             .map_err(|e| transport(format!("reading the body: {}", describe_reqwest(&e))))?;
+        // What `text()` does, without copying a valid body to check it (a report is tens of
+        // kilobytes, read once per window): invalid bytes become U+FFFD.
+        let text = String::from_utf8(Vec::from(body))
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         let http_error = |body: String| ProviderError::Http {
             provider: self.name.clone(),
             call: METHOD.into(),
