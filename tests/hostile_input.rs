@@ -6,6 +6,9 @@
 //! run by hand (`cargo test --release --test hostile_input -- --ignored`: minutes per parser in
 //! a debug build); `BILLSYNC_PROPTEST_CASES` overrides both.
 
+#[path = "common/metalsoft.rs"]
+mod metalsoft_fixtures;
+
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
@@ -291,9 +294,15 @@ fn raw_text_input(fixture: &'static str) -> impl Strategy<Value = String> {
 
 /// An error is typed and says something.
 fn check_err<T>(r: Result<T, ProviderError>) {
-    if let Err(e) = r {
+    let _ = check_ok_or_err(r);
+}
+
+/// [`check_err`], handing the result on.
+fn check_ok_or_err<T>(r: Result<T, ProviderError>) -> Result<T, ProviderError> {
+    if let Err(e) = &r {
         assert!(!e.to_string().is_empty());
     }
+    r
 }
 
 // ----- contexts -------------------------------------------------------------------------
@@ -383,7 +392,14 @@ fn metalsoft_parse_report_never_panics() {
     for fixture in [FIXTURE_CURRENT, FIXTURE_BIGSTEP_2020] {
         runner()
             .run(&json_input(fixture), |v| {
-                check_err(parse_report(&v, &ctx));
+                // Read or refused; read, the records are exactly the report's lines, in order.
+                if let Ok(records) = check_ok_or_err(parse_report(&v, &ctx)) {
+                    let lines = metalsoft_fixtures::lines_of(&v);
+                    assert_eq!(records.len(), lines.len());
+                    for (record, line) in records.iter().zip(&lines) {
+                        assert_eq!(&record.raw.to_value(), line);
+                    }
+                }
                 Ok(())
             })
             .unwrap();

@@ -18,7 +18,7 @@ use billsync::providers::{Chunk, Cursors, Provider, ProviderError};
 use billsync::record::UsageRecord;
 use billsync::simulators::metalsoft::{Fault, MetalsoftDataset, MetalsoftSim};
 use chrono::{DateTime, SecondsFormat, Utc};
-use fixtures::{FIXTURE_BIGSTEP_2020, FIXTURE_CURRENT};
+use fixtures::{lines_of, FIXTURE_BIGSTEP_2020, FIXTURE_CURRENT};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use wiremock::matchers::{body_partial_json, header, method, path};
@@ -128,37 +128,6 @@ fn current_docs_fixture_parses_to_exact_sums() {
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     assert_eq!(counts(&records), expected);
-}
-
-/// Every line of a report, in the order the records come: detailed lines, then waypoints, then
-/// reservation installments.
-fn lines_of(report: &Value) -> Vec<Value> {
-    let mut lines = Vec::new();
-    let objects = |v: &Value| v.as_object().cloned().unwrap_or_default();
-    for types in objects(&report["detailed_report"]).values() {
-        for list in objects(types).values() {
-            lines.extend(list.as_array().cloned().unwrap_or_default());
-        }
-    }
-    for buckets in objects(&report["network_report"]).values() {
-        for directions in objects(buckets).values() {
-            for aggregate in objects(directions).values() {
-                lines.extend(
-                    aggregate["metered_waypoints"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default(),
-                );
-            }
-        }
-    }
-    lines.extend(
-        report["reservation_installments"]["server_types"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default(),
-    );
-    lines
 }
 
 /// A record's raw fields are its line as the report gave it (kept as the line's text, not a
