@@ -26,7 +26,7 @@ use crate::http::RetryPolicy;
 use crate::ledger::Ledger;
 use crate::mapping::{MappingSet, EXAMPLE_MAPPINGS};
 use crate::providers::metalsoft::{
-    parse_report, MetalsoftConfig, MetalsoftProvider, ReportContext,
+    parse_report_str, MetalsoftConfig, MetalsoftProvider, ReportContext,
 };
 use crate::simulators::lago::{LagoSim, LagoSimConfig};
 use crate::simulators::metalsoft::{MetalsoftDataset, MetalsoftSim};
@@ -85,7 +85,8 @@ pub fn users_for(records: u64) -> u64 {
         for w in 0..WINDOWS {
             let start = period_start() + chrono::Duration::days(w);
             let end = start + chrono::Duration::days(1);
-            let result = sample.report(user_id, start, end, None);
+            let answer = String::from_utf8(sample.report_json(user_id, start, end, None))
+                .unwrap_or_default();
             let ctx = ReportContext {
                 source: "bench".into(),
                 billing_account_id: "bench".into(),
@@ -94,7 +95,7 @@ pub fn users_for(records: u64) -> u64 {
                 window_end: end,
                 settled: true,
             };
-            sampled += parse_report(&result, &ctx).map_or(0, |r| r.len() as u64);
+            sampled += parse_report_str(&answer, &ctx).map_or(0, |r| r.len() as u64);
         }
     }
     let per_user = (sampled as f64 / SAMPLE_USERS as f64).max(1.0);

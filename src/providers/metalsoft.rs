@@ -48,6 +48,11 @@
 //!   re-read.
 //! * **Money**: the wire mixes strings (`"7.25925278"`) and numbers (`0`, `119.81`); both are
 //!   read from their text into [`Decimal`], never through a float.
+//! * **Reading**: an answer is walked once over its text (module `text`); each line stays a
+//!   slice of it until its record is made, and becomes the record's raw fields as its own JSON.
+//!   A map of the report with a key given twice is refused (a parsed object would keep the last
+//!   one's lines and drop the first's without a word); a line's own field given twice is read
+//!   as its last value.
 //!
 //! Resource-type naming (documented choice):
 //! * `detailed_report.<infra>.<type>[]` → `resource_type = <type>` for any key the server sends
