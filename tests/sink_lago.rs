@@ -144,6 +144,16 @@ async fn delivers_on_200_with_exact_body_and_bearer() {
 /// run, which resends them safely), never delivered.
 #[tokio::test]
 async fn a_2xx_that_is_not_lagos_answer_is_not_delivery() {
+    /// The outcomes of delivering four events to a server that answers 200 with `body`.
+    async fn outcomes_of(body: &str) -> Vec<Outcome> {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(body))
+            .mount(&server)
+            .await;
+        let s = sink(&server.uri(), fast_retry(0));
+        s.deliver(&four_events(&s)).await.unwrap()
+    }
     for body in [
         "<html>gateway</html>",
         r#"{"ok":true}"#,
@@ -153,13 +163,7 @@ async fn a_2xx_that_is_not_lagos_answer_is_not_delivery() {
         r#"[[{},{},{},{}]]"#,
         "",
     ] {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_body_string(body))
-            .mount(&server)
-            .await;
-        let s = sink(&server.uri(), fast_retry(0));
-        let out = s.deliver(&four_events(&s)).await.unwrap();
+        let out = outcomes_of(body).await;
         assert!(
             out.iter().all(
                 |o| matches!(o, Outcome::Failed(r) if r.contains("not a Lago events response"))
@@ -172,14 +176,11 @@ async fn a_2xx_that_is_not_lagos_answer_is_not_delivery() {
         r#"{"events":[]}"#,
         r#" {"events":[{"lago_id":"x","properties":{"a":[1,{"b":null}]}}],"meta":{}}"#,
     ] {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).set_body_string(body))
-            .mount(&server)
-            .await;
-        let s = sink(&server.uri(), fast_retry(0));
-        let out = s.deliver(&four_events(&s)).await.unwrap();
-        assert_eq!(out, vec![Outcome::Delivered; 4], "{body}");
+        assert_eq!(
+            outcomes_of(body).await,
+            vec![Outcome::Delivered; 4],
+            "{body}"
+        );
     }
 }
 

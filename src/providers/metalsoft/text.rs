@@ -421,7 +421,7 @@ impl<'de> Walk<'de> for RootVisitor<'_, 'de> {
                     map.next_value_seed(Walker(Object {
                         path: "detailed_report".into(),
                         out,
-                        entry: Detailed,
+                        entry: Nested(Types),
                     }))?;
                 }
                 "network_report" => {
@@ -429,7 +429,9 @@ impl<'de> Walk<'de> for RootVisitor<'_, 'de> {
                     map.next_value_seed(Walker(Object {
                         path: "network_report".into(),
                         out,
-                        entry: Network,
+                        entry: Nested(|infra: Text<'de>| {
+                            Nested(move |bucket| Directions(infra.clone(), bucket))
+                        }),
                     }))?;
                 }
                 "infrastructures" => {
@@ -511,7 +513,7 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for PeekNumber<'de, A> {
 }
 
 /// What to do with each entry of an [`Object`].
-trait Entry<'de>: Copy {
+trait Entry<'de>: Clone {
     /// Walk the value of `key`; `path` is the object's.
     fn walk<A: MapAccess<'de>>(
         self,
@@ -555,36 +557,45 @@ impl<'de, E: Entry<'de>> Walk<'de> for Object<'_, 'de, E> {
                 note(&mut self.out.borrow_mut().problem, || twice(path, &key));
                 continue;
             }
-            self.entry.walk(&mut map, &self.path, key, self.out)?;
+            self.entry
+                .clone()
+                .walk(&mut map, &self.path, key, self.out)?;
         }
         Ok(())
     }
 }
 
-/// `detailed_report.<infra>`: resource types, each a list of lines.
-#[derive(Clone, Copy)]
-struct Detailed;
+/// An entry whose value is a map of the report too, whose entries are walked by what `child`
+/// makes of this entry's key: `detailed_report.<infra>.<type>`,
+/// `network_report.<infra>.<bucket>.<direction>`.
+#[derive(Clone)]
+struct Nested<F>(F);
 
-impl<'de> Entry<'de> for Detailed {
+impl<'de, F, E> Entry<'de> for Nested<F>
+where
+    F: Fn(Text<'de>) -> E + Clone,
+    E: Entry<'de>,
+{
     fn walk<A: MapAccess<'de>>(
         self,
         map: &mut A,
         path: &str,
-        infra: Text<'de>,
+        key: Text<'de>,
         out: &RefCell<Report<'de>>,
     ) -> Result<(), A::Error> {
         map.next_value_seed(Walker(Object {
-            path: format!("{path}.{infra}").into(),
+            path: format!("{path}.{key}").into(),
             out,
-            entry: Types(&infra),
+            entry: (self.0)(key),
         }))
     }
 }
 
-#[derive(Clone, Copy)]
-struct Types<'k, 'de>(&'k Text<'de>);
+/// `detailed_report.<infra>`: resource types, each a list of lines.
+#[derive(Clone)]
+struct Types<'de>(Text<'de>);
 
-impl<'de> Entry<'de> for Types<'_, 'de> {
+impl<'de> Entry<'de> for Types<'de> {
     fn walk<A: MapAccess<'de>>(
         self,
         map: &mut A,
@@ -595,7 +606,7 @@ impl<'de> Entry<'de> for Types<'_, 'de> {
         let path = format!("{path}.{resource_type}");
         let lines = map.next_value_seed(Walker(Lines { path: &path, out }))?;
         out.borrow_mut().groups.push(Group {
-            infra: self.0.clone(),
+            infra: self.0,
             resource_type,
             network: None,
             path,
@@ -632,49 +643,11 @@ impl<'de> Walk<'de> for Lines<'_, 'de> {
     }
 }
 
-/// `network_report.<infra>`: buckets of directions of aggregates.
-#[derive(Clone, Copy)]
-struct Network;
+/// `network_report.<infra>.<bucket>`: directions, each an aggregate with its waypoints.
+#[derive(Clone)]
+struct Directions<'de>(Text<'de>, Text<'de>);
 
-impl<'de> Entry<'de> for Network {
-    fn walk<A: MapAccess<'de>>(
-        self,
-        map: &mut A,
-        path: &str,
-        infra: Text<'de>,
-        out: &RefCell<Report<'de>>,
-    ) -> Result<(), A::Error> {
-        map.next_value_seed(Walker(Object {
-            path: format!("{path}.{infra}").into(),
-            out,
-            entry: Buckets(&infra),
-        }))
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Buckets<'k, 'de>(&'k Text<'de>);
-
-impl<'de> Entry<'de> for Buckets<'_, 'de> {
-    fn walk<A: MapAccess<'de>>(
-        self,
-        map: &mut A,
-        path: &str,
-        bucket: Text<'de>,
-        out: &RefCell<Report<'de>>,
-    ) -> Result<(), A::Error> {
-        map.next_value_seed(Walker(Object {
-            path: format!("{path}.{bucket}").into(),
-            out,
-            entry: Directions(self.0, &bucket),
-        }))
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Directions<'k, 'de>(&'k Text<'de>, &'k Text<'de>);
-
-impl<'de> Entry<'de> for Directions<'_, 'de> {
+impl<'de> Entry<'de> for Directions<'de> {
     fn walk<A: MapAccess<'de>>(
         self,
         map: &mut A,
@@ -685,11 +658,11 @@ impl<'de> Entry<'de> for Directions<'_, 'de> {
         let path = format!("{path}.{direction}");
         let group = map.next_value_seed(Walker(AggregateWalk { path: &path, out }))?;
         if let Some((lines, cost, quantity)) = group {
-            let (infra, bucket) = (self.0, self.1);
+            let Directions(infra, bucket) = self;
             out.borrow_mut().groups.push(Group {
-                infra: infra.clone(),
+                infra,
                 resource_type: format!("{bucket}_{direction}").into(),
-                network: Some((bucket.clone(), direction)),
+                network: Some((bucket, direction)),
                 path: format!("{path}.metered_waypoints"),
                 lines,
                 aggregate: Some(Aggregate {
@@ -768,7 +741,7 @@ impl<'de> Walk<'de> for AggregateWalk<'_, 'de> {
 
 /// `infrastructures.<id>`: only a string `infrastructure_label` is read; anything else there is
 /// no label.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Label;
 
 impl<'de> Entry<'de> for Label {
@@ -815,7 +788,7 @@ impl<'de> Walk<'de> for LabelWalk {
 }
 
 /// `reservation_installments`: its `server_types` list (`null` for none).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Installments;
 
 impl<'de> Entry<'de> for Installments {
