@@ -71,45 +71,58 @@ pub struct UsageRecord {
 /// allocations that staging only ever writes back out as JSON (into the record's body). A
 /// provider that reads its answer as text keeps each line's own bytes ([`RawJson::from_raw`]),
 /// one allocation, written into the body verbatim.
+///
+/// `null` is kept without an allocation: every record is made with it and the puller sets it
+/// back once the record's body is encoded.
 #[derive(Clone)]
-pub struct RawJson(Box<serde_json::value::RawValue>);
+pub struct RawJson(Option<Box<serde_json::value::RawValue>>);
+
+/// The JSON text of [`RawJson::null`].
+const NULL: &str = "null";
 
 impl RawJson {
     /// JSON `null`: no raw fields.
-    pub fn null() -> Self {
-        Self::from_value(&serde_json::Value::Null)
+    pub const fn null() -> Self {
+        Self(None)
     }
 
     /// The text of a parsed value.
     pub fn from_value(value: &serde_json::Value) -> Self {
+        if value.is_null() {
+            return Self::null();
+        }
         // Serialising a `Value` cannot fail: its keys are strings and its numbers valid.
-        Self(serde_json::value::to_raw_value(value).expect("a JSON value serialises"))
+        Self(Some(
+            serde_json::value::to_raw_value(value).expect("a JSON value serialises"),
+        ))
     }
 
     /// A provider's own JSON text of one value, kept as it came, unless it spans lines (a
     /// pretty-printed answer): then its compact form, so indentation does not fill the ledger.
     pub fn from_raw(raw: &serde_json::value::RawValue) -> Self {
-        if raw.get().contains('\n') {
+        if raw.get().contains('\n') || raw.get() == NULL {
             if let Ok(value) = serde_json::from_str::<serde_json::Value>(raw.get()) {
                 return Self::from_value(&value);
             }
         }
-        Self(raw.to_owned())
+        Self(Some(raw.to_owned()))
     }
 
     /// The JSON text.
     pub fn get(&self) -> &str {
-        self.0.get()
+        self.0
+            .as_deref()
+            .map_or(NULL, serde_json::value::RawValue::get)
     }
 
     /// The fields parsed (for audit output and tests; staging never needs it).
     pub fn to_value(&self) -> serde_json::Value {
         // The text was valid JSON when this was made.
-        serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+        serde_json::from_str(self.get()).unwrap_or(serde_json::Value::Null)
     }
 
     pub fn is_null(&self) -> bool {
-        self.0.get() == "null"
+        self.0.is_none()
     }
 }
 
@@ -127,7 +140,7 @@ impl From<serde_json::Value> for RawJson {
 
 impl std::fmt::Debug for RawJson {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.get())
+        f.write_str(self.get())
     }
 }
 
@@ -141,7 +154,10 @@ impl PartialEq for RawJson {
 /// Written as the JSON it is (verbatim into a JSON serialiser, the body's only format).
 impl Serialize for RawJson {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
+        match &self.0 {
+            Some(raw) => raw.serialize(serializer),
+            None => serializer.serialize_unit(),
+        }
     }
 }
 
@@ -281,4 +297,47 @@ fn hex_prefix(bytes: &[u8], n: usize) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RawJson;
+    use serde_json::json;
+    use serde_json::value::RawValue;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn raw_json_keeps_the_text_and_null_without_text() {
+        let null = RawJson::null();
+        assert!(null.is_null());
+        assert_eq!(null.get(), "null");
+        assert_eq!(serde_json::to_string(&null).unwrap(), "null");
+        assert!(RawJson::from_raw(&raw("null")).is_null());
+        assert!(RawJson::from_value(&json!(null)).is_null());
+        assert!(serde_json::from_str::<RawJson>("null").unwrap().is_null());
+
+        // The provider's own text, written verbatim.
+        let line = RawJson::from_raw(&raw(r#"{"b":"x","a":0.10}"#));
+        assert_eq!(line.get(), r#"{"b":"x","a":0.10}"#);
+        assert_eq!(
+            serde_json::to_string(&json!({"raw": serde_json::to_value(&line).unwrap()})).unwrap(),
+            r#"{"raw":{"b":"x","a":0.10}}"#
+        );
+        // Equal as JSON whatever the spacing; numbers as written.
+        assert_eq!(line, RawJson::from_raw(&raw(r#"{ "b": "x", "a": 0.10 }"#)));
+        assert_ne!(line, RawJson::from_raw(&raw(r#"{"b":"x","a":0.1}"#)));
+        // Pretty-printed text is kept compact.
+        assert_eq!(
+            RawJson::from_raw(&raw("{\n  \"a\": 1\n}")).get(),
+            r#"{"a":1}"#
+        );
+        // Read back through a `Value`.
+        let back: RawJson = serde_json::from_str(line.get()).unwrap();
+        assert_eq!(back, line);
+        let exact: serde_json::Value = serde_json::from_str("0.10").unwrap();
+        assert_eq!(back.to_value()["a"], exact);
+    }
 }

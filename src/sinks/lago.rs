@@ -627,19 +627,6 @@ fn transport_reason(e: &reqwest::Error) -> String {
 }
 
 /// A JSON string literal.
-fn json_string(s: &str) -> String {
-    // Serializing a &str to JSON cannot fail.
-    serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""))
-}
-
-/// A decimal as Lago should read it: plain digits, no exponent, no trailing zeros.
-fn decimal_text(value: rust_decimal::Decimal) -> String {
-    if value.is_zero() {
-        return "0".into();
-    }
-    value.normalize().to_string()
-}
-
 #[async_trait]
 impl Sink for LagoSink {
     fn kind(&self) -> &'static str {
@@ -756,35 +743,47 @@ impl Sink for LagoSink {
         if secs < 0 {
             return Err(self.encode_error(key, "the timestamp is before 1970"));
         }
-        let millis = event.timestamp.timestamp_subsec_millis();
-        let timestamp = if event.timestamp.timestamp_subsec_nanos() == 0 {
-            secs.to_string()
-        } else {
-            format!("\"{secs}.{millis:03}\"")
+        // Written in place, strings escaped by serde_json straight into the buffer: one
+        // allocation per event instead of one per field.
+        use std::io::Write;
+        let string = |out: &mut Vec<u8>, s: &str| {
+            // Writing a &str as JSON into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, s);
         };
-
-        let mut out = String::with_capacity(256);
-        out.push_str("{\"transaction_id\":");
-        out.push_str(&json_string(key));
-        out.push_str(",\"external_subscription_id\":");
-        out.push_str(&json_string(&event.external_subscription_id));
-        out.push_str(",\"code\":");
-        out.push_str(&json_string(&event.metric_code));
-        out.push_str(",\"timestamp\":");
-        out.push_str(&timestamp);
-        out.push_str(",\"properties\":{");
-        out.push_str(&json_string(&event.value_property));
-        out.push(':');
-        out.push_str(&json_string(&decimal_text(event.value)));
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"{\"transaction_id\":");
+        string(&mut out, key);
+        out.extend_from_slice(b",\"external_subscription_id\":");
+        string(&mut out, &event.external_subscription_id);
+        out.extend_from_slice(b",\"code\":");
+        string(&mut out, &event.metric_code);
+        out.extend_from_slice(b",\"timestamp\":");
+        if event.timestamp.timestamp_subsec_nanos() == 0 {
+            let _ = write!(out, "{secs}");
+        } else {
+            let millis = event.timestamp.timestamp_subsec_millis();
+            let _ = write!(out, "\"{secs}.{millis:03}\"");
+        }
+        out.extend_from_slice(b",\"properties\":{");
+        string(&mut out, &event.value_property);
+        out.push(b':');
+        // The value as Lago should read it: a string of plain digits, no exponent, no trailing
+        // zeros (`0` for any zero).
+        if event.value.is_zero() {
+            out.extend_from_slice(b"\"0\"");
+        } else {
+            let _ = write!(out, "\"{}\"", event.value.normalize());
+        }
         // BTreeMap: already sorted by key.
         for (name, value) in &event.properties {
-            out.push(',');
-            out.push_str(&json_string(name));
-            out.push(':');
-            out.push_str(&json_string(value));
+            out.push(b',');
+            string(&mut out, name);
+            out.push(b':');
+            string(&mut out, value);
         }
-        out.push_str("}}");
-        Ok(out)
+        out.extend_from_slice(b"}}");
+        // Only UTF-8 was written (JSON text of `str`s, ASCII around it).
+        String::from_utf8(out).map_err(|_| self.encode_error(key, "the event is not UTF-8"))
     }
 
     fn throttled(&self) -> u64 {
