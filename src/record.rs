@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Timelike, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -232,40 +232,78 @@ impl UsageRecord {
     /// whole natural key, so the prefix only orders and never decides uniqueness on its own.
     /// At most 100 characters, which every sink accepts (Stripe's `identifier` limit).
     pub fn idempotency_key(&self) -> String {
-        let digest = Sha256::digest(self.natural_key_string().as_bytes());
-        let hex = hex_prefix(&digest, 12);
-        let scope: String = self
-            .scope
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(24)
-            .collect();
-        format!(
-            "{}.{}.{}.{}",
-            self.provider,
-            scope,
-            self.charge_period_start.format("%Y%m%dT%H%M%S"),
-            hex
-        )
+        use std::fmt::Write;
+        // The digest of `natural_key_string()`, fed part by part; the key written into one
+        // buffer (this runs once per record on the puller's thread: no allocation but the key).
+        let mut h = Sha256::new();
+        h.update(self.source.as_bytes());
+        for (k, v) in &self.natural_key {
+            h.update(b"|");
+            h.update(k.as_bytes());
+            h.update(b"=");
+            h.update(v.as_bytes());
+        }
+        let digest = h.finalize();
+        let mut key = String::with_capacity(self.provider.len() + 24 + 15 + 24 + 3);
+        key.push_str(&self.provider);
+        key.push('.');
+        key.extend(
+            self.scope
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(24),
+        );
+        key.push('.');
+        let t = self.charge_period_start;
+        if (0..=9999).contains(&t.year()) {
+            let _ = write!(
+                key,
+                "{:04}{:02}{:02}T{:02}{:02}{:02}",
+                t.year(),
+                t.month(),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            );
+        } else {
+            let _ = write!(key, "{}", t.format("%Y%m%dT%H%M%S"));
+        }
+        key.push('.');
+        hex_into(&mut key, &digest[..12]);
+        key
     }
 
     /// A hash of everything billable in the record: two reads of the same natural key with the
     /// same content hash are the same record; a different hash is a change to resolve.
     pub fn content_hash(&self) -> String {
+        use std::fmt::Write;
         let mut h = Sha256::new();
-        for part in [
-            self.charge_period_start.to_rfc3339().as_str(),
-            self.charge_period_end.to_rfc3339().as_str(),
-            &self.consumed_quantity.normalize().to_string(),
-            &self.consumed_unit,
-            &self.billed_cost.normalize().to_string(),
-            &self.billing_currency,
+        let part = |h: &mut Sha256, text: &str| {
+            h.update(text.as_bytes());
+            h.update([0u8]);
+        };
+        // Numbers and times are written into one reused buffer.
+        let mut buf = String::with_capacity(40);
+        rfc3339_into(&mut buf, self.charge_period_start);
+        part(&mut h, &buf);
+        rfc3339_into(&mut buf, self.charge_period_end);
+        part(&mut h, &buf);
+        buf.clear();
+        let _ = write!(buf, "{}", self.consumed_quantity.normalize());
+        part(&mut h, &buf);
+        part(&mut h, &self.consumed_unit);
+        buf.clear();
+        let _ = write!(buf, "{}", self.billed_cost.normalize());
+        part(&mut h, &buf);
+        for text in [
+            self.billing_currency.as_str(),
             &self.billing_account_id,
             &self.sub_account_id,
             &self.resource_id,
@@ -277,8 +315,7 @@ impl UsageRecord {
                 "provisional"
             },
         ] {
-            h.update(part.as_bytes());
-            h.update([0u8]);
+            part(&mut h, text);
         }
         for (k, v) in &self.attributes {
             h.update(k.as_bytes());
@@ -286,17 +323,39 @@ impl UsageRecord {
             h.update(v.as_bytes());
             h.update([0u8]);
         }
-        hex_prefix(&h.finalize(), 16)
+        let mut hash = String::with_capacity(32);
+        hex_into(&mut hash, &h.finalize()[..16]);
+        hash
     }
 }
 
-fn hex_prefix(bytes: &[u8], n: usize) -> String {
+/// `t.to_rfc3339()` into `buf` (cleared first), without allocating for whole seconds.
+fn rfc3339_into(buf: &mut String, t: DateTime<Utc>) {
     use std::fmt::Write;
-    let mut s = String::with_capacity(n * 2);
-    for b in bytes.iter().take(n) {
-        let _ = write!(s, "{b:02x}");
+    buf.clear();
+    if t.nanosecond() == 0 && (0..=9999).contains(&t.year()) {
+        let _ = write!(
+            buf,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}+00:00",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        );
+    } else {
+        buf.push_str(&t.to_rfc3339());
     }
-    s
+}
+
+/// Lower-case hex of `bytes`, appended.
+fn hex_into(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
 }
 
 #[cfg(test)]
