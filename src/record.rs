@@ -261,18 +261,7 @@ impl UsageRecord {
         );
         key.push('.');
         let t = self.charge_period_start;
-        if (0..=9999).contains(&t.year()) {
-            let _ = write!(
-                key,
-                "{:04}{:02}{:02}T{:02}{:02}{:02}",
-                t.year(),
-                t.month(),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            );
-        } else {
+        if !write_utc_fields(&mut key, t, "", "", "") {
             let _ = write!(key, "{}", t.format("%Y%m%dT%H%M%S"));
         }
         key.push('.');
@@ -331,22 +320,38 @@ impl UsageRecord {
 
 /// `t.to_rfc3339()` into `buf` (cleared first), without allocating for whole seconds.
 fn rfc3339_into(buf: &mut String, t: DateTime<Utc>) {
-    use std::fmt::Write;
     buf.clear();
-    if t.nanosecond() == 0 && (0..=9999).contains(&t.year()) {
-        let _ = write!(
-            buf,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}+00:00",
-            t.year(),
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        );
-    } else {
+    if t.nanosecond() != 0 || !write_utc_fields(buf, t, "-", ":", "+00:00") {
+        buf.clear();
         buf.push_str(&t.to_rfc3339());
     }
+}
+
+/// `YYYY{date}MM{date}DDTHH{time}MM{time}SS{end}` of `t`'s whole seconds, appended; `false` (and
+/// nothing written) when that is not how chrono would write it: a year without four digits, or
+/// a leap second.
+pub(crate) fn write_utc_fields(
+    buf: &mut String,
+    t: DateTime<Utc>,
+    date: &str,
+    time: &str,
+    end: &str,
+) -> bool {
+    use std::fmt::Write;
+    if !(0..=9999).contains(&t.year()) || t.nanosecond() >= 1_000_000_000 {
+        return false;
+    }
+    let _ = write!(
+        buf,
+        "{:04}{date}{:02}{date}{:02}T{:02}{time}{:02}{time}{:02}{end}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    true
 }
 
 /// Lower-case hex of `bytes`, appended.

@@ -1709,20 +1709,7 @@ impl TsText {
 
 /// [`ts`] into a buffer, without allocating.
 fn write_ts(buf: &mut String, t: DateTime<Utc>) {
-    use chrono::{Datelike, Timelike};
-    use std::fmt::Write;
-    if (0..=9999).contains(&t.year()) && t.nanosecond() < 1_000_000_000 {
-        let _ = write!(
-            buf,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            t.year(),
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        );
-    } else {
+    if !crate::record::write_utc_fields(buf, t, "-", ":", "Z") {
         buf.push_str(&ts(t));
     }
 }
