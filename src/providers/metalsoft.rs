@@ -393,6 +393,34 @@ impl MetalsoftProvider {
         Ok(text)
     }
 
+    /// The records of a JSON-RPC answer's text, or the error it states or is.
+    fn parse_answer(
+        &self,
+        text: &str,
+        ctx: &ReportContext,
+    ) -> Result<Vec<UsageRecord>, ProviderError> {
+        let answer = text::read_answer(text).map_err(|e| {
+            self.shape(format!(
+                "the body is not JSON ({e}): {}",
+                http::snippet(text)
+            ))
+        })?;
+        if !answer.is_object {
+            return Err(self.shape("the body is not a JSON-RPC response object".into()));
+        }
+        if let Some(error) = answer.error.filter(|e| !text::is_null(e)) {
+            let error: Value = serde_json::from_str(error.get()).unwrap_or(Value::Null);
+            let (code, message) = rpc_error_fields(&error);
+            return Err(self.api_error(code, message));
+        }
+        match answer.result {
+            Some(report) => records_of(report, ctx),
+            None => {
+                Err(self.shape("the JSON-RPC response has neither `result` nor `error`".into()))
+            }
+        }
+    }
+
     fn api_error(&self, code: String, message: String) -> ProviderError {
         ProviderError::Api {
             provider: self.name.clone(),
@@ -421,36 +449,6 @@ fn rpc_error_of(text: &str) -> Option<(String, String)> {
     let value: Value = serde_json::from_str(text).ok()?;
     let error = value.get("error").filter(|e| e.is_object())?;
     Some(rpc_error_fields(error))
-}
-
-impl MetalsoftProvider {
-    /// The records of a JSON-RPC answer's text, or the error it states or is.
-    fn parse_answer(
-        &self,
-        text: &str,
-        ctx: &ReportContext,
-    ) -> Result<Vec<UsageRecord>, ProviderError> {
-        let answer = text::read_answer(text).map_err(|e| {
-            self.shape(format!(
-                "the body is not JSON ({e}): {}",
-                http::snippet(text)
-            ))
-        })?;
-        if !answer.is_object {
-            return Err(self.shape("the body is not a JSON-RPC response object".into()));
-        }
-        if let Some(error) = answer.error.filter(|e| !text::is_null(e)) {
-            let error: Value = serde_json::from_str(error.get()).unwrap_or(Value::Null);
-            let (code, message) = rpc_error_fields(&error);
-            return Err(self.api_error(code, message));
-        }
-        match answer.result {
-            Some(report) => records_of(report, ctx),
-            None => {
-                Err(self.shape("the JSON-RPC response has neither `result` nor `error`".into()))
-            }
-        }
-    }
 }
 
 fn rpc_error_fields(error: &Value) -> (String, String) {
