@@ -476,7 +476,7 @@ async fn bench_with(
         let _ = std::fs::remove_dir_all(&base_dir);
         std::fs::create_dir_all(&base_dir)?;
         let before = sims.stats()?;
-        let script = baseline_script()?;
+        let script = baseline_script(&base_dir)?;
         let t = Instant::now();
         let out = Command::new("python3")
             .arg(&script)
@@ -532,9 +532,11 @@ async fn bench_with(
     Ok(0)
 }
 
-/// `bench/naive_baseline.py`, embedded so the harness works from any directory.
-fn baseline_script() -> anyhow::Result<PathBuf> {
-    let path = std::env::temp_dir().join(format!("billsync-naive-{}.py", std::process::id()));
+/// `bench/naive_baseline.py`, embedded so the harness works from any directory. Written into
+/// the baseline's own directory, which the next run removes (the system's temporary directory
+/// kept one script per run).
+fn baseline_script(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir.join("naive_baseline.py");
     std::fs::write(&path, include_str!("../bench/naive_baseline.py"))?;
     Ok(path)
 }

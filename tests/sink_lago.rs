@@ -611,3 +611,68 @@ async fn simulator_read_back_and_validation() {
     assert_eq!(lago.count("d"), 0);
     lago.shutdown().await;
 }
+
+/// What the sink sees of a simulator in a scripted exchange: every delivery's outcomes, then
+/// the stored-event and request counts.
+async fn script_on(
+    behaviour: Behaviour,
+    lean: bool,
+) -> (Vec<Vec<Outcome>>, usize, usize, LagoSimHandle) {
+    let lago = sim(behaviour).await;
+    lago.set_lean(lean);
+    let s = sink(&lago.url, fast_retry(2));
+    let mut outcomes = Vec::new();
+    for b in [
+        four_events(&s),
+        // The same four again.
+        four_events(&s),
+        // One new key, one known key, one key twice in the call.
+        batch(
+            &s,
+            &[
+                ("k5", event("sub-1", "1", at(1_710_000_000))),
+                ("k0", event("sub-1", "0.012846", at(1_710_000_000))),
+                ("k6", event("sub-2", "2", at(1_710_000_000))),
+                ("k6", event("sub-2", "2", at(1_710_000_000))),
+            ],
+        ),
+        // A known key with another timestamp (a second event on ClickHouse).
+        batch(&s, &[("k1", event("sub-1", "1.5", at(1_710_999_999)))]),
+    ] {
+        outcomes.push(s.deliver(&b).await.unwrap());
+    }
+    let (events, requests) = (lago.event_count(), lago.request_count());
+    (outcomes, events, requests, lago)
+}
+
+#[tokio::test]
+async fn a_lean_simulator_answers_exactly_like_the_full_one() {
+    // The benchmark harness runs the simulator lean (millions of events, none kept): its
+    // idempotency must be the same, or the harness would measure another sink.
+    for behaviour in [Behaviour::Postgres, Behaviour::ClickHouse] {
+        let (full, full_events, full_requests, full_sim) = script_on(behaviour, false).await;
+        let (lean, lean_events, lean_requests, lean_sim) = script_on(behaviour, true).await;
+        assert_eq!(lean, full, "{behaviour:?}");
+        assert_eq!(
+            (lean_events, lean_requests),
+            (full_events, full_requests),
+            "{behaviour:?}"
+        );
+        assert_eq!(full_sim.events().len(), full_events, "{behaviour:?}");
+        assert!(
+            lean_sim.events().is_empty(),
+            "{behaviour:?}: lean keeps no event"
+        );
+        assert!(
+            lean_sim.bodies().is_empty(),
+            "{behaviour:?}: lean keeps no body"
+        );
+        // Both counted what each store bills: 6 keys (k0–k3, k5, k6) on Postgres, plus the
+        // second timestamp of k1 on ClickHouse.
+        let expected = match behaviour {
+            Behaviour::Postgres => 6,
+            Behaviour::ClickHouse => 7,
+        };
+        assert_eq!(lean_events, expected, "{behaviour:?}");
+    }
+}
