@@ -11,11 +11,17 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// A name the code itself gives: a provider, a service, a natural-key part, an attribute.
+/// Static text in the common case, owned only when it comes from the provider's data (an
+/// unknown field kept as an attribute). Records are made by the million and these names were
+/// a dozen allocations each.
+pub type Name = std::borrow::Cow<'static, str>;
+
 /// One line of provider usage or cost, normalized.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// Provider kind, e.g. `metalsoft` (FOCUS `ProviderName`, lower-case).
-    pub provider: String,
+    pub provider: Name,
     /// The configured source this record came from (one provider kind may be configured twice).
     pub source: String,
     /// FOCUS `BillingAccountId`: the account the provider invoices.
@@ -30,7 +36,7 @@ pub struct UsageRecord {
     /// FOCUS `ResourceType` (e.g. `instance`, `drive`).
     pub resource_type: String,
     /// FOCUS `ServiceName`: the provider's service or product family.
-    pub service_name: String,
+    pub service_name: Name,
     /// FOCUS `SkuId`: the provider's product/SKU identifier, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sku_id: Option<String>,
@@ -53,13 +59,13 @@ pub struct UsageRecord {
     pub scope: String,
     /// The provider's natural key, as ordered `name=value` parts. Together with the provider and
     /// source it identifies the record across runs; the idempotency key is derived from it.
-    pub natural_key: Vec<(String, String)>,
+    pub natural_key: Vec<(Name, String)>,
     /// Whether the provider will not change this record any more. Non-final records are held
     /// as `provisional` and re-read until they are final.
     pub is_final: bool,
     /// Provider-specific fields that mapping rules may match on (`attributes.<name>`).
     #[serde(default)]
-    pub attributes: BTreeMap<String, String>,
+    pub attributes: BTreeMap<Name, String>,
     /// The raw provider fields, kept for audit.
     #[serde(default)]
     pub raw: RawJson,

@@ -2043,10 +2043,10 @@ impl Pipeline {
             format!("period {} of {} {}", g.label, g.subscription, g.metric),
         );
         let mut attributes = BTreeMap::new();
-        attributes.insert("period_total".to_string(), price.total.to_string());
-        attributes.insert("records_total".to_string(), price.records_total.to_string());
-        attributes.insert("tier_base".to_string(), price.tier_base.to_string());
-        attributes.insert("adjustment".to_string(), price.adjustment.to_string());
+        attributes.insert("period_total".into(), price.total.to_string());
+        attributes.insert("records_total".into(), price.records_total.to_string());
+        attributes.insert("tier_base".into(), price.tier_base.to_string());
+        attributes.insert("adjustment".into(), price.adjustment.to_string());
         Ok(
             match self.adjustment(
                 g,
@@ -2074,7 +2074,7 @@ impl Pipeline {
             DateTime<Utc>,
             &[&crate::ledger::PeriodMemberRecord],
         )>,
-        attributes: BTreeMap<String, String>,
+        attributes: BTreeMap<crate::record::Name, String>,
         value: Decimal,
         steps: Vec<String>,
     ) -> Settlement {

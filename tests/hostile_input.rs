@@ -608,14 +608,14 @@ fn record() -> impl Strategy<Value = UsageRecord> {
                 (attributes, is_final),
             )| {
                 UsageRecord {
-                    provider,
+                    provider: provider.into(),
                     source,
                     billing_account_id: account,
                     sub_account_id: sub,
                     resource_id: resource,
                     resource_name: None,
                     resource_type: rtype,
-                    service_name: service,
+                    service_name: service.into(),
                     sku_id: sku,
                     charge_description: None,
                     charge_period_start: start,
@@ -627,7 +627,7 @@ fn record() -> impl Strategy<Value = UsageRecord> {
                     scope: "1".into(),
                     natural_key: vec![],
                     is_final,
-                    attributes,
+                    attributes: attributes.into_iter().map(|(k, v)| (k.into(), v)).collect(),
                     raw: Default::default(),
                 }
             },

@@ -185,7 +185,7 @@ fn documented_row_parses_exactly_with_the_documented_mapping() {
     // Charge-state flags change after the fact: raw only, never attributes.
     assert!(!r.attributes.contains_key("isPaid"));
     assert_eq!(r.raw.to_value()["isPaid"], Value::Bool(false));
-    let names: Vec<&str> = r.natural_key.iter().map(|(k, _)| k.as_str()).collect();
+    let names: Vec<&str> = r.natural_key.iter().map(|(k, _)| k.as_ref()).collect();
     assert_eq!(
         names,
         [

@@ -295,7 +295,7 @@ fn natural_keys_are_unique_and_complete() {
     let names: Vec<&str> = instance
         .natural_key
         .iter()
-        .map(|(k, _)| k.as_str())
+        .map(|(k, _)| k.as_ref())
         .collect();
     assert_eq!(
         names,
@@ -312,7 +312,7 @@ fn natural_keys_are_unique_and_complete() {
         .iter()
         .find(|r| r.resource_type == "data_lake_upload")
         .expect("waypoint");
-    let names: Vec<&str> = wp.natural_key.iter().map(|(k, _)| k.as_str()).collect();
+    let names: Vec<&str> = wp.natural_key.iter().map(|(k, _)| k.as_ref()).collect();
     assert!(names.contains(&"bucket") && names.contains(&"direction"));
 }
 

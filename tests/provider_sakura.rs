@@ -204,10 +204,10 @@ fn json_details_parse_to_exact_sums_and_are_named_through_the_price_list() {
     assert_eq!(
         iso.natural_key,
         vec![
-            ("account_id".to_string(), "000000526782".to_string()),
-            ("bill_id".to_string(), "13327977".to_string()),
-            ("contract_id".to_string(), "112700654736".to_string()),
-            ("service_class_id".to_string(), "50118".to_string()),
+            ("account_id".into(), "000000526782".to_string()),
+            ("bill_id".into(), "13327977".to_string()),
+            ("contract_id".into(), "112700654736".to_string()),
+            ("service_class_id".into(), "50118".to_string()),
         ]
     );
     assert!(records

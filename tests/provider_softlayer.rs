@@ -204,7 +204,7 @@ fn next_invoice_fixture_is_a_provisional_hourly_estimate_of_exactly_048() {
     // Period = [lastBillDate, nextBillDate) in UTC.
     assert_eq!(r.charge_period_start, t("2017-02-27T13:01:23Z"));
     assert_eq!(r.charge_period_end, t("2017-03-20T05:00:00Z"));
-    let names: Vec<&str> = r.natural_key.iter().map(|(k, _)| k.as_str()).collect();
+    let names: Vec<&str> = r.natural_key.iter().map(|(k, _)| k.as_ref()).collect();
     assert_eq!(names, ["kind", "billing_item_id", "next_bill_date"]);
     assert_eq!(r.natural_key[1].1, "153540813");
 }
@@ -303,8 +303,8 @@ fn lines_of_open_invoices_are_provisional_with_the_same_key_they_will_have_when_
     assert_eq!(
         closed[1].natural_key,
         vec![
-            ("invoice_id".to_string(), "1001".to_string()),
-            ("invoice_item_id".to_string(), "1111222".to_string())
+            ("invoice_id".into(), "1001".to_string()),
+            ("invoice_item_id".into(), "1111222".to_string())
         ]
     );
     // Period: the invoice's monthly cycle from its creation, in UTC.

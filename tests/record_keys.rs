@@ -124,9 +124,12 @@ prop_compose! {
             billed_cost: cost,
             billing_currency: "EUR".into(),
             scope,
-            natural_key: parts,
+            natural_key: parts.into_iter().map(|(k, v)| (k.into(), v)).collect(),
             is_final,
-            attributes: attributes.into_iter().collect::<BTreeMap<_, _>>(),
+            attributes: attributes
+                .into_iter()
+                .map(|(k, v)| (k.into(), v))
+                .collect::<BTreeMap<_, _>>(),
             raw: Default::default(),
         }
     }

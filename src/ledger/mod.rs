@@ -197,7 +197,7 @@ impl StageRow {
         r.natural_key = Vec::new();
         r.scope = String::new();
         r.resource_name = None;
-        r.service_name = String::new();
+        r.service_name = Default::default();
         r.sku_id = None;
         r.charge_description = None;
         Ok(())

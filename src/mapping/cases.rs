@@ -622,19 +622,19 @@ fn build_record(fields: &BTreeMap<String, Value>) -> Result<UsageRecord, String>
             let (Some(k), Some(v)) = (scalar_text(k), scalar_text(v)) else {
                 return Err("`attributes` values must be single values".into());
             };
-            attributes.insert(k, v);
+            attributes.insert(k.into(), v);
         }
     }
     Ok(UsageRecord {
         source: text("source")?.unwrap_or_else(|| provider.clone()),
         scope: text("scope")?.unwrap_or_else(|| sub_account_id.clone()),
-        provider,
+        provider: provider.into(),
         billing_account_id: req("billing_account_id")?,
         sub_account_id,
         resource_id: req("resource_id")?,
         resource_name: text("resource_name")?,
         resource_type: req("resource_type")?,
-        service_name: req("service_name")?,
+        service_name: req("service_name")?.into(),
         sku_id: text("sku_id")?,
         charge_description: text("charge_description")?,
         charge_period_start: start,

@@ -67,7 +67,7 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
-use crate::record::{RawJson, UsageRecord};
+use crate::record::{Name, RawJson, UsageRecord};
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "jelastic";
@@ -484,7 +484,7 @@ impl JelasticProvider {
     /// The cursor streams: `account`, or `env:<appid>` per configured target environment.
     pub fn streams(&self) -> Vec<(String, Option<String>)> {
         if self.config.target_appids.is_empty() {
-            vec![("account".to_string(), None)]
+            vec![("account".into(), None)]
         } else {
             self.config
                 .target_appids
@@ -898,7 +898,7 @@ fn merge(into: &mut UsageRecord, other: &UsageRecord) {
         .unwrap_or(1)
         + 1;
     into.attributes
-        .insert("merged_rows".to_string(), merged.to_string());
+        .insert("merged_rows".into(), merged.to_string());
     into.raw = match into.raw.to_value() {
         Value::Array(mut rows) => {
             rows.push(other.raw.to_value());
@@ -975,29 +975,29 @@ fn row_record(
     for (k, v) in r {
         if !NOT_ATTRIBUTES.contains(&k.as_str()) {
             if let Some(t) = scalar_text(v) {
-                attributes.insert(k.clone(), t);
+                attributes.insert(Name::Owned(k.clone()), t);
             }
         }
     }
-    attributes.insert("period".to_string(), ctx.period.as_str().to_string());
-    attributes.insert("bucket_local".to_string(), local_text.clone());
-    attributes.insert("time_offset".to_string(), ctx.time_offset.to_string());
+    attributes.insert("period".into(), ctx.period.as_str().to_string());
+    attributes.insert("bucket_local".into(), local_text.clone());
+    attributes.insert("time_offset".into(), ctx.time_offset.to_string());
 
     let charged = flag("isPaid") || flag("isWithdrawn") || flag("isBonus");
     let settled = end <= ctx.settled_before;
     let is_final = settled && (!ctx.final_requires_charge || charged);
 
     let natural_key = vec![
-        ("appid".to_string(), appid.clone()),
-        ("nodeid".to_string(), nodeid.clone()),
-        ("type".to_string(), kind.clone().unwrap_or_default()),
+        ("appid".into(), appid.clone()),
+        ("nodeid".into(), nodeid.clone()),
+        ("type".into(), kind.clone().unwrap_or_default()),
         (
-            "resourceType".to_string(),
+            "resourceType".into(),
             resource_kind.clone().unwrap_or_default(),
         ),
-        ("hostGroupUniqueName".to_string(), host_group),
-        ("period".to_string(), ctx.period.as_str().to_string()),
-        ("bucket_start".to_string(), rfc3339(start)),
+        ("hostGroupUniqueName".into(), host_group),
+        ("period".into(), ctx.period.as_str().to_string()),
+        ("bucket_start".into(), rfc3339(start)),
     ];
     let resource_id = if nodeid.is_empty() {
         appid.clone()
@@ -1006,7 +1006,7 @@ fn row_record(
     };
     let env_name = domain.clone().unwrap_or_else(|| appid.clone());
     Ok(Some(UsageRecord {
-        provider: KIND.to_string(),
+        provider: KIND.into(),
         source: ctx.source.clone(),
         billing_account_id: ctx.billing_account_id.clone(),
         sub_account_id: appid.clone(),
@@ -1017,7 +1017,7 @@ fn row_record(
             format!("{env_name}/{nodeid}")
         }),
         resource_type: resource_type.clone(),
-        service_name,
+        service_name: service_name.into(),
         sku_id: Some(format!(
             "{}:{}",
             resource_kind.as_deref().unwrap_or(""),

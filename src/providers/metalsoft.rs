@@ -89,7 +89,7 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Plan, Provider, ProviderError};
-use crate::record::{RawJson, UsageRecord};
+use crate::record::{Name, RawJson, UsageRecord};
 
 mod text;
 use text::Fields;
@@ -828,7 +828,7 @@ fn check_aggregate(aggregate: &text::Aggregate<'_>, lines: &[UsageRecord], ctx: 
     }
 }
 
-fn service_name_of(resource_type: &str) -> String {
+fn service_name_of(resource_type: &str) -> Name {
     match resource_type {
         "instance" => "compute",
         "drive" | "shared_drive" => "storage",
@@ -836,9 +836,9 @@ fn service_name_of(resource_type: &str) -> String {
         "data_lake" => "data_lake",
         "reservation_installment" => "reservations",
         t if t.ends_with("_download") || t.ends_with("_upload") => "traffic",
-        other => other,
+        other => return Name::Owned(other.to_string()),
     }
-    .to_string()
+    .into()
 }
 
 /// One line of `detailed_report` or one network waypoint.
@@ -937,32 +937,32 @@ fn line_record(
     };
 
     let mut attributes = BTreeMap::new();
-    attributes.insert("infrastructure_id".to_string(), site.infra.to_string());
+    attributes.insert("infrastructure_id".into(), site.infra.to_string());
     if let Some(label) = label {
-        attributes.insert("infrastructure_label".to_string(), label.to_string());
+        attributes.insert("infrastructure_label".into(), label.to_string());
     }
-    attributes.insert("is_reservation".to_string(), is_reservation.to_string());
+    attributes.insert("is_reservation".into(), is_reservation.to_string());
     if let Some(p) = measurement_period {
-        attributes.insert("measurement_period".to_string(), p.to_string());
+        attributes.insert("measurement_period".into(), p.to_string());
     }
     if let Some(c) = cost_per_unit {
-        attributes.insert("cost_per_unit".to_string(), c.to_string());
+        attributes.insert("cost_per_unit".into(), c.to_string());
     }
     if let Some(s) = optional_text("product_subdomain") {
-        attributes.insert("product_subdomain".to_string(), s);
+        attributes.insert("product_subdomain".into(), s);
     }
     for (k, v) in e.iter() {
         if !KNOWN_FIELDS.contains(&k) {
             if let Some(t) = text::scalar_text(v) {
-                attributes.insert(k.to_string(), t.into_owned());
+                attributes.insert(Name::Owned(k.to_string()), t.into_owned());
             }
         }
     }
 
     let (resource_id, sku_id) = match network {
         Some((bucket, direction)) => {
-            attributes.insert("bucket".to_string(), bucket.to_string());
-            attributes.insert("direction".to_string(), direction.to_string());
+            attributes.insert("bucket".into(), bucket.to_string());
+            attributes.insert("direction".into(), direction.to_string());
             (
                 format!("{bucket}:{product_id}"),
                 site.resource_type.to_string(),
@@ -979,24 +979,24 @@ fn line_record(
     };
 
     let mut natural_key = vec![
-        ("user_id_owner".to_string(), ctx.user_id.to_string()),
-        ("infrastructure_id".to_string(), site.infra.to_string()),
-        ("resource_type".to_string(), site.resource_type.to_string()),
-        ("product_id".to_string(), product_id.to_string()),
-        ("start_timestamp".to_string(), rfc3339(start)),
+        ("user_id_owner".into(), ctx.user_id.to_string()),
+        ("infrastructure_id".into(), site.infra.to_string()),
+        ("resource_type".into(), site.resource_type.to_string()),
+        ("product_id".into(), product_id.to_string()),
+        ("start_timestamp".into(), rfc3339(start)),
         (
-            "is_reservation".to_string(),
+            "is_reservation".into(),
             if is_reservation { "1" } else { "0" }.to_string(),
         ),
     ];
     if let Some((bucket, direction)) = network {
-        natural_key.push(("bucket".to_string(), bucket.to_string()));
-        natural_key.push(("direction".to_string(), direction.to_string()));
+        natural_key.push(("bucket".into(), bucket.to_string()));
+        natural_key.push(("direction".into(), direction.to_string()));
     }
 
     let label = optional_text("product_label");
     Ok(UsageRecord {
-        provider: KIND.to_string(),
+        provider: KIND.into(),
         source: ctx.source.clone(),
         billing_account_id: ctx.billing_account_id.clone(),
         sub_account_id: ctx.user_id.to_string(),
@@ -1056,20 +1056,20 @@ fn installment_record(
         .map(std::borrow::Cow::into_owned);
 
     let mut attributes = BTreeMap::new();
-    attributes.insert("is_reservation".to_string(), "true".to_string());
+    attributes.insert("is_reservation".into(), "true".to_string());
     for (k, v) in e.iter() {
         if !matches!(
             k,
             "cost" | "cost_currency" | "start_timestamp" | "end_timestamp"
         ) {
             if let Some(t) = text::scalar_text(v) {
-                attributes.insert(k.to_string(), t.into_owned());
+                attributes.insert(Name::Owned(k.to_string()), t.into_owned());
             }
         }
     }
     let resource_type = "reservation_installment".to_string();
     Ok(UsageRecord {
-        provider: KIND.to_string(),
+        provider: KIND.into(),
         source: ctx.source.clone(),
         billing_account_id: ctx.billing_account_id.clone(),
         sub_account_id: ctx.user_id.to_string(),
@@ -1086,12 +1086,12 @@ fn installment_record(
         billing_currency: currency,
         scope: ctx.user_id.to_string(),
         natural_key: vec![
-            ("user_id_owner".to_string(), ctx.user_id.to_string()),
-            ("infrastructure_id".to_string(), String::new()),
-            ("resource_type".to_string(), resource_type.clone()),
-            ("product_id".to_string(), reservation_id.to_string()),
-            ("start_timestamp".to_string(), rfc3339(start)),
-            ("is_reservation".to_string(), "1".to_string()),
+            ("user_id_owner".into(), ctx.user_id.to_string()),
+            ("infrastructure_id".into(), String::new()),
+            ("resource_type".into(), resource_type.clone()),
+            ("product_id".into(), reservation_id.to_string()),
+            ("start_timestamp".into(), rfc3339(start)),
+            ("is_reservation".into(), "1".to_string()),
         ],
         resource_type,
         is_final: ctx.settled,

@@ -52,7 +52,7 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
-use crate::record::{RawJson, UsageRecord};
+use crate::record::{Name, RawJson, UsageRecord};
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "sakura";
@@ -870,7 +870,7 @@ struct Line {
     quantity: Decimal,
     unit: &'static str,
     cost: Decimal,
-    attributes: BTreeMap<String, String>,
+    attributes: BTreeMap<Name, String>,
     raw: Value,
 }
 
@@ -884,14 +884,14 @@ fn record_of(line: Line, ctx: &LineContext) -> UsageRecord {
         attributes.insert("service_class_path".into(), p.clone());
     }
     UsageRecord {
-        provider: KIND.to_string(),
+        provider: KIND.into(),
         source: ctx.source.clone(),
         billing_account_id: ctx.account.account_id.clone(),
         sub_account_id: ctx.account.account_id.clone(),
         resource_id: line.contract_id.clone(),
         resource_name: line.resource_name,
         resource_type: "contract".into(),
-        service_name: category_of(line.class_path.as_deref()),
+        service_name: category_of(line.class_path.as_deref()).into(),
         sku_id: Some(line.service_class_id.clone()),
         charge_description: line.product_name,
         charge_period_start: ctx.month.start_utc(),
@@ -915,7 +915,7 @@ fn record_of(line: Line, ctx: &LineContext) -> UsageRecord {
 
 /// Give repeated natural keys inside one bill an `occurrence` part (2, 3, … in provider order).
 fn disambiguate(records: &mut [UsageRecord]) {
-    let mut seen: HashMap<Vec<(String, String)>, u32> = HashMap::new();
+    let mut seen: HashMap<Vec<(Name, String)>, u32> = HashMap::new();
     for r in records.iter_mut() {
         let n = seen.entry(r.natural_key.clone()).or_insert(0);
         *n += 1;

@@ -62,7 +62,7 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
-use crate::record::{RawJson, UsageRecord};
+use crate::record::{Name, RawJson, UsageRecord};
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "softlayer";
@@ -872,10 +872,7 @@ fn hourly(v: &Value) -> bool {
 }
 
 /// Common record fields of an invoice line or a billing item.
-fn naming(
-    v: &Value,
-    attributes: &mut BTreeMap<String, String>,
-) -> (String, String, Option<String>) {
+fn naming(v: &Value, attributes: &mut BTreeMap<Name, String>) -> (String, String, Option<String>) {
     let category_code = text_field(v, "categoryCode");
     let category_name = v.get("category").and_then(|c| text_field(c, "name"));
     for (name, value) in [
@@ -999,7 +996,7 @@ pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRe
         resource_name: fqdn,
         sku_id: Some(resource_type.clone()),
         resource_type,
-        service_name,
+        service_name: service_name.into(),
         charge_description: text_field(item, "description"),
         charge_period_start: start,
         charge_period_end: end,
@@ -1158,7 +1155,7 @@ pub fn billing_item_record(item: &Value, ctx: &NextContext) -> Result<UsageRecor
         resource_name: fqdn,
         sku_id: Some(resource_type.clone()),
         resource_type,
-        service_name,
+        service_name: service_name.into(),
         charge_description: text_field(item, "description"),
         charge_period_start: start,
         charge_period_end: end,

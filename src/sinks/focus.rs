@@ -263,7 +263,7 @@ impl FocusSink {
     }
 
     fn service_category(&self, record: &UsageRecord) -> String {
-        if let Some(c) = self.service_categories.get(&record.service_name) {
+        if let Some(c) = self.service_categories.get(&*record.service_name) {
             return c.clone();
         }
         guess_service_category(&record.resource_type, &record.service_name).to_string()
@@ -406,9 +406,9 @@ impl Sink for FocusSink {
         let provider = self.provider_name(&record.provider);
         let cost = money(record.billed_cost);
         let service_name = if record.service_name.trim().is_empty() {
-            record.provider.clone()
+            record.provider.to_string()
         } else {
-            record.service_name.clone()
+            record.service_name.to_string()
         };
         let opt = |o: &Option<String>| o.clone().unwrap_or_default();
         // A correction restates usage whatever its sign (FOCUS: Usage is "positive or negative
