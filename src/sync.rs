@@ -22,7 +22,7 @@ use crate::ledger::{
     PeriodMemberRow, PeriodShareRow, RecordFilter, SentState, StageCounts, StageRow, Status,
     StoredRecord,
 };
-use crate::mapping::{MapOutcome, MappingSet, PeriodShare, PeriodSpec};
+use crate::mapping::{MapOutcome, MappedEvent, MappingSet, PeriodShare, PeriodSpec};
 use crate::providers::Provider;
 use crate::record::UsageRecord;
 use crate::shutdown::Shutdown;
@@ -563,7 +563,6 @@ impl Pipeline {
     ) -> (StageRow, Option<PeriodShare>) {
         let content_hash = record.content_hash();
         let mut mapped = MappedColumns::default();
-        let mut mapped_event = None;
         let (outcome, share) = self.mappings.apply_with_period(&record);
         let (status, note) = match outcome {
             MapOutcome::Unmapped { reason } => (Status::Unmapped, Some(reason)),
@@ -572,13 +571,7 @@ impl Pipeline {
                 (Status::Ignored, None)
             }
             MapOutcome::Mapped(event) => {
-                mapped.rule = Some(event.rule.clone());
-                mapped.subscription = Some(event.external_subscription_id.clone());
-                mapped.customer = event.external_customer_id.clone();
-                mapped.metric = Some(event.metric_code.clone());
-                mapped.value = Some(event.value);
-                mapped.value_property = Some(event.value_property.clone());
-                match self.sink(event.sink.as_deref()) {
+                let held = match self.sink(event.sink.as_deref()) {
                     None => (
                         Status::Unmapped,
                         Some(format!(
@@ -593,7 +586,6 @@ impl Pipeline {
                             Err(e) => (Status::Unmapped, Some(e.to_string())),
                             Ok(payload) => {
                                 mapped.payload = Some(payload);
-                                mapped_event = Some(event);
                                 if record.is_final || push_provisional {
                                     (Status::Pending, None)
                                 } else {
@@ -608,7 +600,16 @@ impl Pipeline {
                             }
                         }
                     }
-                }
+                };
+                // Moved, not cloned, and the event is not kept: a correction (rare) maps the
+                // record again (`Pipeline::event_of`). Records are staged by the million.
+                mapped.rule = Some(event.rule);
+                mapped.subscription = Some(event.external_subscription_id);
+                mapped.customer = event.external_customer_id;
+                mapped.metric = Some(event.metric_code);
+                mapped.value = Some(event.value);
+                mapped.value_property = Some(event.value_property);
+                held
             }
         };
         let row = StageRow {
@@ -618,7 +619,7 @@ impl Pipeline {
             status,
             mapped,
             note,
-            event: mapped_event,
+            event: None,
             correction_of: None,
             revision: 0,
             body: None,
@@ -642,7 +643,11 @@ impl Pipeline {
 
     /// [`Self::correction`] under a given key (replay keeps the stored one).
     fn correction_as(&self, row: &StageRow, sent: &SentState, key: String) -> Correction {
-        let (Some(event), Some(new_value)) = (&row.event, row.mapped.value) else {
+        let event = match self.event_of(row) {
+            Ok(event) => event,
+            Err(e) => return Correction::Unresolved(format!("{}: {e}", sent.key)),
+        };
+        let (Some(mut event), Some(new_value)) = (event, row.mapped.value) else {
             return Correction::Unresolved(format!(
                 "{} changed after it was sent but no longer maps ({}): resolve by hand",
                 sent.key,
@@ -684,7 +689,6 @@ impl Pipeline {
         {
             return Correction::NoDifference;
         }
-        let mut event = event.clone();
         event.value = difference;
         match sink.encode_record(&key, &event, &delta) {
             Err(e) => Correction::Unresolved(e.to_string()),
@@ -709,6 +713,25 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// The event a row's payload was encoded from: kept by the rows made here (corrections,
+    /// period adjustments), else the record mapped again. Mapping is a pure function of the
+    /// record and the mapping set, so this is the event staging encoded, rebuilt only on the
+    /// rare path that needs it. `None` for a row that has no payload (held, ignored, or its
+    /// sink refused to encode it).
+    fn event_of(&self, row: &StageRow) -> Result<Option<MappedEvent>, LedgerError> {
+        if let Some(event) = &row.event {
+            return Ok(Some(event.clone()));
+        }
+        if row.mapped.payload.is_none() {
+            return Ok(None);
+        }
+        // The whole record: a row waiting for the stager has shed its attributes.
+        Ok(match self.mappings.apply(&*row.full_record()?) {
+            MapOutcome::Mapped(event) => Some(event),
+            _ => None,
+        })
     }
 
     fn lock_holder() -> String {

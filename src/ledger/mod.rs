@@ -164,7 +164,10 @@ pub struct StageRow {
     pub mapped: MappedColumns,
     /// Why the record is held (unmapped reason), if it is.
     pub note: Option<String>,
-    /// The mapped event the payload was built from (not stored; corrections re-encode it).
+    /// The mapped event the payload was built from (not stored; corrections re-encode it),
+    /// kept only by rows no mapping rule rebuilds: corrections and period adjustments. A
+    /// provider record's row goes without it (a dozen strings per record, carried to the
+    /// stager); a correction maps its record again.
     pub event: Option<crate::mapping::MappedEvent>,
     /// For a correction: the original record's id.
     pub correction_of: Option<i64>,
