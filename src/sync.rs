@@ -571,7 +571,7 @@ impl Pipeline {
                 (Status::Ignored, None)
             }
             MapOutcome::Mapped(event) => {
-                let held = match self.sink(event.sink.as_deref()) {
+                let decided = match self.sink(event.sink.as_deref()) {
                     None => (
                         Status::Unmapped,
                         Some(format!(
@@ -609,7 +609,7 @@ impl Pipeline {
                 mapped.metric = Some(event.metric_code);
                 mapped.value = Some(event.value);
                 mapped.value_property = Some(event.value_property);
-                held
+                decided
             }
         };
         let row = StageRow {
