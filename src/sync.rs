@@ -830,6 +830,7 @@ impl Pipeline {
             }
             _ => None,
         };
+        let _checkpoints = run_id.map(|_| Checkpoints::start(self.ledger.clone()));
         let pull_all = async {
             // However the pull ends, the pusher alongside learns it and stops.
             let _done = PullingDone(alongside.as_ref());
@@ -2192,6 +2193,40 @@ impl Pipeline {
 /// in one task they would take turns on one core. On a current-thread runtime (most tests) the
 /// two halves are awaited together in this task, as they must be: there the runtime's only
 /// thread is the one driving its I/O.
+/// WAL checkpoints every [`Checkpoints::EVERY`] while a sync runs, on a task of their own,
+/// until dropped. SQLite checkpoints in the commit that takes the WAL past 1,000 pages (16 MB),
+/// so one staging or acknowledgement commit in a few paid for copying everything before it
+/// into the database file: measured, a ninth of the stager's time in a 1M run. Kept
+/// checkpointed from the side, those commits find the checkpoint done or busy and skip it.
+struct Checkpoints {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Checkpoints {
+    const EVERY: Duration = Duration::from_millis(200);
+
+    fn start(ledger: Ledger) -> Checkpoints {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            // Not at once: a run with nothing to do is over before the first.
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + Self::EVERY, Self::EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = ledger.checkpoint().await {
+                            debug!(error = %e, "WAL checkpoint skipped");
+                        }
+                    }
+                }
+            }
+        });
+        Checkpoints { _stop: stop }
+    }
+}
+
 async fn run_side_by_side<P, S>(pull: P, stage: S, name: &str) -> (P::Output, S::Output)
 where
     P: std::future::Future,

@@ -504,6 +504,18 @@ impl Ledger {
             })
     }
 
+    /// Copy what the WAL holds into the database file, without waiting for readers or writers
+    /// (a PASSIVE checkpoint; a busy one is skipped). A sync runs this beside its work (see
+    /// `sync::Checkpoints`): SQLite's own checkpoint runs inside the commit that takes the WAL
+    /// past 1,000 pages, so staging and acknowledging paid for it while holding up the run.
+    pub async fn checkpoint(&self) -> Result<(), LedgerError> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.pool)
+            .await
+            .map_err(sql("checkpointing the WAL"))?;
+        Ok(())
+    }
+
     /// Close the pool, checkpointing the WAL.
     pub async fn close(&self) {
         self.stage_pool.close().await;
