@@ -588,3 +588,33 @@ async fn the_status_check_allows_the_six_statuses_without_a_temporary_btree_per_
         .unwrap();
     assert_eq!(check, "ok");
 }
+
+#[tokio::test]
+async fn a_checkpoint_copies_committed_pages_into_the_database_file() {
+    // A sync checkpoints from the side so that its commits need not: what it copies must be
+    // in the database file itself afterwards, not only in the WAL.
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let db = dir.path().join("ledger.db");
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    // Well below the 1,000 pages at which SQLite would checkpoint on its own.
+    let rows: Vec<StageRow> = (0..500)
+        .map(|i| row(record(&format!("r{i}"), "1.25")))
+        .collect();
+    ledger.stage(run, &rows, None, now, &by_hand).await.unwrap();
+    let size = || std::fs::metadata(&db).unwrap().len();
+    let before = size();
+
+    ledger.checkpoint().await.unwrap();
+    assert!(
+        size() > before + 100 * 1024,
+        "the staged pages reached the database file: {before} → {} bytes",
+        size()
+    );
+    // Nothing left to copy: a second checkpoint changes nothing, and the records read back.
+    let after = size();
+    ledger.checkpoint().await.unwrap();
+    assert_eq!(size(), after);
+    assert_eq!(ledger.record_count().await.unwrap(), 500);
+}
