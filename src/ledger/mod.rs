@@ -9,7 +9,7 @@
 //! of records and advancing its cursor happen in one transaction (outbox), and so does
 //! acknowledging a batch.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -440,17 +440,17 @@ impl Ledger {
             // `billsync bench` went from 40–51k to 53–59k records/s. Only a new ledger takes
             // it: a database in WAL mode keeps the page size it was created with.
             .page_size(16384);
-        // Staging looks every key up and inserts beside it: its connection gets a 4 MB page
-        // cache, where the indexes' current pages stay and a whole staging transaction's new
-        // pages fit (2,000 records write ~2 MB of rows and bodies; with SQLite's default 2 MB
-        // the cache spilled pages into the WAL mid-transaction, some to be written again at
-        // the commit). The others (reads,
+        // Staging looks every key up and inserts beside it: its connection keeps SQLite's
+        // default page cache (2 MB), where the indexes' current pages stay. A 2,000-record
+        // transaction writes a little more than that, so some pages spill into the WAL before
+        // the commit; a 4 MB cache kept them in memory but moved the same writes into the
+        // commit (measured: no less CPU, 2 MB more peak RSS). The others (reads,
         // acknowledgements, operations) do with half: a run pushes while it stages, and each
         // connection's cache fills up to its size (1M records in `billsync bench`: ~4 MB less
         // peak RSS). Connections are opened when first used.
         let stage_pool = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_lazy_with(options.clone().pragma("cache_size", "-4096"));
+            .connect_lazy_with(options.clone());
         // While a run stages, it reads pending records and acknowledges them; the third
         // connection is headroom.
         let pool = SqlitePoolOptions::new()
@@ -1661,7 +1661,7 @@ fn insert_staged(
         if let Some(v) = m.value {
             let _ = write!(value, "{v}");
         }
-        let (start, end) = (
+        let (start_text, end_text) = (
             start.of(rec.charge_period_start),
             end.of(rec.charge_period_end),
         );
@@ -1674,8 +1674,8 @@ fn insert_staged(
                 s.text(5, &r.content_hash)?;
                 s.text(6, r.status.as_str())?;
                 s.int(7, i64::from(rec.is_final))?;
-                s.text(8, start)?;
-                s.text(9, end)?;
+                s.text(8, start_text)?;
+                s.text(9, end_text)?;
                 s.text(10, &rec.billing_account_id)?;
                 s.text(11, &rec.sub_account_id)?;
                 s.text(12, &rec.resource_type)?;
@@ -1738,124 +1738,47 @@ fn write_ts(buf: &mut String, t: DateTime<Utc>) {
     }
 }
 
-/// Keys sharing a prefix (up to their last `.`) that are looked up with one range scan
-/// instead of one point query each, when at least this many come together.
-const RANGE_LOOKUP_MIN: usize = 8;
-
-/// Which keys exist, with their id, content hash and status (the raw handle: staging looks up
-/// every record it stages).
-///
-/// Keys made by [`UsageRecord::idempotency_key`] begin with provider, scope and period, and a
-/// page's keys mostly share that prefix: such a group is read with one range scan of the
-/// unique index (`prefix.` < key < `prefix/`), so that a window never seen before costs one
-/// descent of the index instead of one per key. The scan is limited to a few times the group's
-/// size; a prefix holding more keys than that (a coarse scope) falls back to point queries.
-/// Nothing here depends on the key format for correctness: a key without a `.`, or a group too
-/// small, is looked up by itself, and a scan only ever returns keys that were asked for.
+/// Which keys exist, with their id, content hash and status: one prepared point query per key
+/// on the unique index (the raw handle: staging looks up every record it stages).
 fn lookup<'k>(
     handle: &mut sqlx::sqlite::LockedSqliteHandle<'_>,
     keys: impl Iterator<Item = &'k str>,
 ) -> Result<HashMap<String, (i64, String, Status)>, LedgerError> {
     let raw = raw::Raw::new(handle);
-    let mut point = raw
-        .prepare("SELECT idem_key, id, content_hash, status FROM records WHERE idem_key = ?1")
+    let mut query = raw
+        .prepare("SELECT id, content_hash, status FROM records WHERE idem_key = ?1")
         .map_err(sqlite("preparing the staging look-up"))?;
-    let mut range = raw
-        .prepare(
-            "SELECT idem_key, id, content_hash, status FROM records
-             WHERE idem_key > ?1 AND idem_key < ?2 ORDER BY idem_key LIMIT ?3",
-        )
-        .map_err(sqlite("preparing the staging look-up"))?;
-    // Groups in order of first appearance (`IndexMap`-like without the dependency: a map to
-    // the group's index).
-    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
-    let mut group_of: HashMap<&str, usize> = HashMap::new();
-    let mut alone: Vec<&str> = Vec::new();
-    for key in keys {
-        match key.rsplit_once('.') {
-            Some((prefix, _)) => {
-                let at = *group_of.entry(prefix).or_insert_with(|| {
-                    groups.push((prefix, Vec::new()));
-                    groups.len() - 1
-                });
-                groups[at].1.push(key);
-            }
-            None => alone.push(key),
-        }
-    }
     let mut found = HashMap::new();
-    let mut bounds = (String::new(), String::new());
-    for (prefix, keys) in groups {
-        if keys.len() < RANGE_LOOKUP_MIN {
-            alone.extend(keys);
-            continue;
-        }
-        let limit = 4 * keys.len() + 16;
-        bounds.0.clear();
-        bounds.0.push_str(prefix);
-        bounds.0.push('.');
-        bounds.1.clear();
-        bounds.1.push_str(prefix);
-        bounds.1.push('/'); // the byte after '.': every `prefix.…` sorts below it
-        let wanted: HashSet<&str> = keys.iter().copied().collect();
-        range
-            .text(1, &bounds.0)
-            .and_then(|()| range.text(2, &bounds.1))
-            .and_then(|()| range.int(3, limit as i64))
-            .map_err(sqlite("looking up staged records"))?;
-        let mut seen = 0;
-        while let Some(row) = range
-            .next_row()
-            .map_err(sqlite("looking up staged records"))?
-        {
-            seen += 1;
-            if row.text(0).is_some_and(|k| wanted.contains(k)) {
-                let (key, value) = found_row(&row)?;
-                found.insert(key, value);
-            }
-        }
-        if seen == limit {
-            // More under this prefix than the scan may read: look the rest up one by one.
-            alone.extend(keys.into_iter().filter(|k| !found.contains_key(*k)));
-        }
-    }
-    for key in alone {
-        point
+    for key in keys {
+        query
             .text(1, key)
             .map_err(sqlite("looking up staged records"))?;
-        let Some(row) = point
+        let Some(row) = query
             .next_row()
             .map_err(sqlite("looking up staged records"))?
         else {
             continue;
         };
-        let (key, value) = found_row(&row)?;
-        found.insert(key, value);
+        let id = row.int(0);
+        let hash = row.text(1).unwrap_or_default().to_owned();
+        let status =
+            row.text(2)
+                .unwrap_or_default()
+                .parse()
+                .map_err(|message| LedgerError::Corrupt {
+                    id,
+                    field: "status",
+                    message,
+                })?;
+        found.insert(key.to_owned(), (id, hash, status));
         // `idem_key` is unique: drain the query so it is reset for the next key.
-        while point
+        while query
             .next_row()
             .map_err(sqlite("looking up staged records"))?
             .is_some()
         {}
     }
     Ok(found)
-}
-
-/// `(idem_key, (id, content_hash, status))` of a look-up's row.
-fn found_row(row: &raw::Row<'_>) -> Result<(String, (i64, String, Status)), LedgerError> {
-    let id = row.int(1);
-    let key = row.text(0).unwrap_or_default().to_owned();
-    let hash = row.text(2).unwrap_or_default().to_owned();
-    let status =
-        row.text(3)
-            .unwrap_or_default()
-            .parse()
-            .map_err(|message| LedgerError::Corrupt {
-                id,
-                field: "status",
-                message,
-            })?;
-    Ok((key, (id, hash, status)))
 }
 
 /// A change of a sent record, written to `record_changes` once the correction rows exist.
@@ -2440,75 +2363,6 @@ async fn mark_dirty(tx: &mut sqlx::SqliteConnection, group_key: &str) -> Result<
 mod tests {
     use super::*;
     use chrono::{TimeZone, Timelike};
-
-    /// The range scans of `lookup` find exactly what one point query per key finds: keys of
-    /// a group and nothing else under its prefix, neighbours of the prefix left alone, a
-    /// prefix too full to scan looked up key by key.
-    #[tokio::test]
-    async fn looking_up_by_prefix_finds_exactly_what_point_queries_find() {
-        use sqlx::Connection;
-        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
-            .await
-            .unwrap();
-        sqlx::query(
-            "CREATE TABLE records (id INTEGER PRIMARY KEY, idem_key TEXT NOT NULL UNIQUE,
-             content_hash TEXT NOT NULL, status TEXT NOT NULL)",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        let window = "metalsoft.7.20261001T000000";
-        let mut stored: Vec<String> = (0..50).map(|i| format!("{window}.k{i:02}")).collect();
-        stored.extend((0..3).map(|i| format!("metalsoft.8.20261001T000000.k{i:02}")));
-        stored.extend((0..1000).map(|i| format!("sakura.a.202610.k{i:04}")));
-        stored.extend([
-            "nodot".to_string(),
-            format!("{window}.k07.deeper"),
-            format!("{window}/k07"),
-            format!("{window}-k07"),
-        ]);
-        for (i, key) in stored.iter().enumerate() {
-            let status = if i % 3 == 0 { "sent" } else { "pending" };
-            sqlx::query(
-                "INSERT INTO records (id, idem_key, content_hash, status) VALUES (?, ?, ?, ?)",
-            )
-            .bind(i as i64 + 1)
-            .bind(key)
-            .bind(format!("h{i}"))
-            .bind(status)
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        }
-        // Half of the window's keys known, half new; a small group; a prefix of 1,000 keys
-        // of which 40 are asked (scan limit 176: falls back); keys without a group.
-        let mut asked: Vec<String> = (40..60).map(|i| format!("{window}.k{i:02}")).collect();
-        asked.extend((1..5).map(|i| format!("metalsoft.8.20261001T000000.k{i:02}")));
-        asked.extend((0..40).map(|i| format!("sakura.a.202610.k{:04}", i * 25)));
-        asked.extend([
-            "nodot".to_string(),
-            "other".to_string(),
-            format!("{window}.k07"),
-        ]);
-
-        let mut handle = conn.lock_handle().await.unwrap();
-        let found = lookup(&mut handle, asked.iter().map(String::as_str)).unwrap();
-        drop(handle);
-        let mut expected = HashMap::new();
-        for key in &asked {
-            let row: Option<(i64, String, String)> =
-                sqlx::query_as("SELECT id, content_hash, status FROM records WHERE idem_key = ?")
-                    .bind(key)
-                    .fetch_optional(&mut conn)
-                    .await
-                    .unwrap();
-            if let Some((id, hash, status)) = row {
-                expected.insert(key.clone(), (id, hash, status.parse::<Status>().unwrap()));
-            }
-        }
-        assert_eq!(expected.len(), 10 + 2 + 40 + 1 + 1);
-        assert_eq!(found, expected);
-    }
 
     /// Staging formats timestamps with `write_ts` (no allocation); every query compares them
     /// as text with `ts`, so the two must agree to the byte.
