@@ -335,9 +335,43 @@ fn rfc3339_into(buf: &mut String, t: DateTime<Utc>) {
     }
 }
 
+/// The digits `YYYYMMDDHHMMSS` of `t`'s whole seconds, written by hand (`write!` with six
+/// integers went through `core::fmt` several times for every staged record, a measurable share
+/// of the puller's time); `None` when chrono would not write them so: a year without four
+/// digits, or a leap second.
+fn utc_digits(t: DateTime<Utc>) -> Option<[u8; 14]> {
+    if !(0..=9999).contains(&t.year()) || t.nanosecond() >= 1_000_000_000 {
+        return None;
+    }
+    let year = t.year() as u32; // 0..=9999, checked above
+    let mut out = [b'0'; 14];
+    for (at, n) in [
+        (0, year / 100),
+        (2, year % 100),
+        (4, t.month()),
+        (6, t.day()),
+        (8, t.hour()),
+        (10, t.minute()),
+        (12, t.second()),
+    ] {
+        out[at] = b'0' + (n / 10) as u8;
+        out[at + 1] = b'0' + (n % 10) as u8;
+    }
+    Some(out)
+}
+
+/// Where the parts of [`utc_digits`] go in `YYYY-MM-DDTHH:MM:SS`: (digits, offset).
+const UTC_PARTS: [(std::ops::Range<usize>, usize); 6] = [
+    (0..4, 0),
+    (4..6, 5),
+    (6..8, 8),
+    (8..10, 11),
+    (10..12, 14),
+    (12..14, 17),
+];
+
 /// `YYYY{date}MM{date}DDTHH{time}MM{time}SS{end}` of `t`'s whole seconds, appended; `false` (and
-/// nothing written) when that is not how chrono would write it: a year without four digits, or
-/// a leap second.
+/// nothing written) when that is not how chrono would write it (see [`utc_digits`]).
 pub(crate) fn write_utc_fields(
     buf: &mut String,
     t: DateTime<Utc>,
@@ -345,49 +379,35 @@ pub(crate) fn write_utc_fields(
     time: &str,
     end: &str,
 ) -> bool {
-    if !(0..=9999).contains(&t.year()) || t.nanosecond() >= 1_000_000_000 {
+    let Some(digits) = utc_digits(t) else {
         return false;
+    };
+    buf.reserve(15 + 2 * date.len() + 2 * time.len() + end.len());
+    for (i, (part, _)) in UTC_PARTS.into_iter().enumerate() {
+        buf.push_str(match i {
+            1 | 2 => date,
+            3 => "T",
+            4 | 5 => time,
+            _ => "",
+        });
+        // ASCII digits.
+        buf.push_str(std::str::from_utf8(&digits[part]).unwrap_or_default());
     }
-    // Digits by hand: `write!` with six integers went through `core::fmt` for every staged
-    // record (several per record), a measurable share of the puller's time.
-    let year = t.year() as u32; // 0..=9999, checked above
-    buf.reserve(19 + end.len());
-    push_digits(buf, year / 100);
-    push_digits(buf, year % 100);
-    buf.push_str(date);
-    push_digits(buf, t.month());
-    buf.push_str(date);
-    push_digits(buf, t.day());
-    buf.push('T');
-    push_digits(buf, t.hour());
-    buf.push_str(time);
-    push_digits(buf, t.minute());
-    buf.push_str(time);
-    push_digits(buf, t.second());
     buf.push_str(end);
     true
 }
 
-/// `t` as chrono writes a whole-second UTC time in JSON and in the ledger
-/// (`2026-10-01T00:00:00Z`), in a fixed array; `None` when chrono would write something else
-/// (fractional seconds, a leap second, a year without four digits).
-pub(crate) fn utc_z(t: DateTime<Utc>) -> Option<[u8; 20]> {
-    if !(0..=9999).contains(&t.year()) || t.nanosecond() != 0 {
+/// `t` as chrono's `Serialize` writes a whole-second UTC time (`2026-10-01T00:00:00Z`), in a
+/// fixed array; `None` when chrono would write something else (fractional seconds, a leap
+/// second, a year without four digits).
+fn utc_z(t: DateTime<Utc>) -> Option<[u8; 20]> {
+    if t.nanosecond() != 0 {
         return None;
     }
-    let year = t.year() as u32; // 0..=9999, checked above
+    let digits = utc_digits(t)?;
     let mut out = *b"0000-00-00T00:00:00Z";
-    for (at, n) in [
-        (0, year / 100),
-        (2, year % 100),
-        (5, t.month()),
-        (8, t.day()),
-        (11, t.hour()),
-        (14, t.minute()),
-        (17, t.second()),
-    ] {
-        out[at] = b'0' + (n / 10) as u8;
-        out[at + 1] = b'0' + (n % 10) as u8;
+    for (part, at) in UTC_PARTS {
+        out[at..at + part.len()].copy_from_slice(&digits[part]);
     }
     Some(out)
 }
@@ -404,13 +424,6 @@ fn serialize_utc<S: serde::Serializer>(
         Some(text) => serializer.serialize_str(std::str::from_utf8(&text).unwrap_or_default()),
         None => t.serialize(serializer),
     }
-}
-
-/// `n` (below 100) as two decimal digits, appended.
-fn push_digits(buf: &mut String, n: u32) {
-    debug_assert!(n < 100);
-    buf.push(char::from(b'0' + (n / 10) as u8));
-    buf.push(char::from(b'0' + (n % 10) as u8));
 }
 
 /// Lower-case hex of `bytes`, appended.

@@ -1661,6 +1661,7 @@ fn insert_staged(
         if let Some(v) = m.value {
             let _ = write!(value, "{v}");
         }
+        let value = m.value.map(|_| value.as_str());
         let (start_text, end_text) = (
             start.of(rec.charge_period_start),
             end.of(rec.charge_period_end),
@@ -1689,10 +1690,7 @@ fn insert_staged(
                 s.opt_text(20, m.subscription.as_deref())?;
                 s.opt_text(21, m.customer.as_deref())?;
                 s.opt_text(22, m.metric.as_deref())?;
-                match m.value {
-                    Some(_) => s.text(23, &value)?,
-                    None => s.null(23)?,
-                }
+                s.opt_text(23, value)?;
                 s.opt_text(24, m.value_property.as_deref())?;
                 s.opt_text(25, r.note.as_deref())?;
                 s.int(26, run_id)?;
@@ -1732,9 +1730,8 @@ impl TsText {
 
 /// [`ts`] into a buffer, without allocating.
 fn write_ts(buf: &mut String, t: DateTime<Utc>) {
-    match crate::record::utc_z(t) {
-        Some(text) => buf.push_str(std::str::from_utf8(&text).unwrap_or_default()),
-        None => buf.push_str(&ts(t)),
+    if !crate::record::write_utc_fields(buf, t, "-", ":", "Z") {
+        buf.push_str(&ts(t));
     }
 }
 

@@ -258,10 +258,6 @@ impl<'v> Values<'_, '_, '_, 'v> {
     pub fn opt_int(&mut self, index: c_int, value: Option<i64>) -> Result<(), RawError> {
         self.stmt.opt_int(index, value)
     }
-
-    pub fn null(&mut self, index: c_int) -> Result<(), RawError> {
-        self.stmt.null(index)
-    }
 }
 
 impl Drop for Statement<'_, '_> {
