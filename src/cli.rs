@@ -268,11 +268,14 @@ pub enum MappingsCommand {
     },
 }
 
-/// At most two glibc malloc arenas. glibc gives each thread that allocates an arena of its own
-/// (up to eight per core on 64-bit), and a run allocates on the runtime's workers, the SQLite
-/// connection threads and the blocking pool: memory freed in one arena is not reused by
-/// another, which cost 3–5 MB of peak RSS in `billsync bench` for no measurable speed. (The
-/// container image is a glibc build too: deploy/Dockerfile.)
+/// At most eight glibc malloc arenas. glibc gives each thread that allocates an arena of its
+/// own, up to eight per core on 64-bit: on a large node that is hundreds, and memory freed in
+/// one arena is not reused by another. But too few arenas make the busy threads of a sync (the
+/// puller, the stager, the pusher, the SQLite connection threads, the runtime's workers) queue
+/// for each other's arena locks: with two, the puller slept on a malloc lock about 70 times per
+/// thousand records and a 1M-record `billsync bench` took 24.9 s instead of 19.1–21.7 s, for
+/// 2–3 MB less peak RSS. Eight covers those threads. (The container image is a glibc build
+/// too: deploy/Dockerfile.)
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
     // glibc's own setting, when given, wins.
@@ -281,7 +284,7 @@ fn limit_malloc_arenas() {
     }
     // SAFETY: mallopt only sets an allocator parameter; called before any thread is started.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 8);
     }
 }
 

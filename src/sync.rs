@@ -223,7 +223,8 @@ struct SinkProgress {
 #[derive(Default)]
 struct Alongside {
     /// Held by the stager for a whole staging transaction, and by the pusher while it reads
-    /// pending records and marks them carried.
+    /// pending records and marks them carried, and while it commits acknowledgements (the
+    /// ledger's two writers take turns here rather than in SQLite's busy handler).
     turn: tokio::sync::Mutex<()>,
     /// Ids read for delivery and not acknowledged yet.
     carried: std::sync::Mutex<HashSet<i64>>,
@@ -1467,7 +1468,17 @@ impl Pipeline {
             return Ok(());
         }
         let started = Instant::now();
-        self.ledger.ack(run_id, acks, Utc::now()).await?;
+        {
+            // The turn here too: staging and acknowledging both write, and SQLite lets one
+            // writer in at a time. The other, refused, would poll through the busy handler's
+            // sleeps (1, 2, 5, 10 ms…, each slept in full); waiting for the turn, it starts as
+            // soon as the writer before it has committed.
+            let _turn = match alongside {
+                Some(a) => Some(a.turn.lock().await),
+                None => None,
+            };
+            self.ledger.ack(run_id, acks, Utc::now()).await?;
+        }
         if let Some(a) = alongside {
             a.release(acks.iter().map(|(id, _)| *id));
         }
@@ -2185,14 +2196,6 @@ impl Pipeline {
     }
 }
 
-/// Run two halves side by side: the puller and the stager of a source, or the whole pull and
-/// the pusher. `name` names the second half's thread (seen in `top -H` and profiles).
-///
-/// On the multi-threaded runtime (the binary) the stager gets a thread of its own: the puller's
-/// parsing, mapping and encoding and the stager's ledger writes are both CPU work, and awaited
-/// in one task they would take turns on one core. On a current-thread runtime (most tests) the
-/// two halves are awaited together in this task, as they must be: there the runtime's only
-/// thread is the one driving its I/O.
 /// WAL checkpoints every [`Checkpoints::EVERY`] while a sync runs, on a task of their own,
 /// until dropped. SQLite checkpoints in the commit that takes the WAL past 1,000 pages (16 MB),
 /// so one staging or acknowledgement commit in a few paid for copying everything before it
@@ -2227,6 +2230,14 @@ impl Checkpoints {
     }
 }
 
+/// Run two halves side by side: the puller and the stager of a source, or the whole pull and
+/// the pusher. `name` names the second half's thread (seen in `top -H` and profiles).
+///
+/// On the multi-threaded runtime (the binary) the stager gets a thread of its own: the puller's
+/// parsing, mapping and encoding and the stager's ledger writes are both CPU work, and awaited
+/// in one task they would take turns on one core. On a current-thread runtime (most tests) the
+/// two halves are awaited together in this task, as they must be: there the runtime's only
+/// thread is the one driving its I/O.
 async fn run_side_by_side<P, S>(pull: P, stage: S, name: &str) -> (P::Output, S::Output)
 where
     P: std::future::Future,

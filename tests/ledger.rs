@@ -618,3 +618,44 @@ async fn a_checkpoint_copies_committed_pages_into_the_database_file() {
     assert_eq!(size(), after);
     assert_eq!(ledger.record_count().await.unwrap(), 500);
 }
+
+/// Pending records are read in id order, after the given id, at most `limit`; a pending record
+/// whose frozen payload is gone is an error naming the record and the field, not a silent skip.
+#[tokio::test]
+async fn pending_records_read_in_order_and_a_missing_payload_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    let rows: Vec<StageRow> = (1..=5)
+        .map(|i| row(record(&format!("instance:{i}"), "1.00")))
+        .collect();
+    ledger.stage(run, &rows, None, now, &by_hand).await.unwrap();
+    let all = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    let next = ledger.pending_batch("lago", all[1].id, 2).await.unwrap();
+    let ids: Vec<i64> = next.iter().map(|o| o.id).collect();
+    assert_eq!(ids, [all[2].id, all[3].id]);
+    assert_eq!(next[0].key, all[2].key);
+    assert_eq!(next[0].payload, all[2].payload);
+    assert!(ledger
+        .pending_batch("other-sink", 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let (pool, _) = records_schema(&dir.path().join("ledger.db")).await;
+    sqlx::query("UPDATE record_bodies SET payload = NULL WHERE id = ?1")
+        .bind(all[3].id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = ledger
+        .pending_batch("lago", all[1].id, 10)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("payload"), "{err}");
+    assert!(err.contains(&all[3].id.to_string()), "{err}");
+}
