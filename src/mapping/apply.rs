@@ -316,7 +316,8 @@ impl MappingSet {
             .as_ref()
             .map(|m| m.0.clone())
             .ok_or_else(|| "the rule has no metric".to_string())?;
-        let (value, period) = self.compute_value(rule, record, chosen.pricing, &mut ex.steps)?;
+        let mut steps = Steps(trace.then_some(&mut ex.steps));
+        let (value, period) = self.compute_value(rule, record, chosen.pricing, &mut steps)?;
         ex.period = period;
         let properties = render_properties(rule, record)?;
         Ok(MapOutcome::Mapped(MappedEvent {
@@ -341,24 +342,24 @@ impl MappingSet {
         rule: &Rule,
         record: &UsageRecord,
         customer_pricing: Option<&Pricing>,
-        steps: &mut Vec<PricingStep>,
+        steps: &mut Steps<'_>,
     ) -> Result<(Decimal, Option<PeriodShare>), String> {
         let mut period = PeriodCtx::new();
         let (raw, currency) = match &rule.value {
             Some(ValueSpec::Quantity(q)) => {
                 let v = record.consumed_quantity;
-                steps.push(step(
+                steps.push(
                     "base",
-                    format!("consumed_quantity {v} {}", record.consumed_unit),
+                    || format!("consumed_quantity {v} {}", record.consumed_unit),
                     v,
-                ));
+                );
                 let v = match &q.conversion {
                     Conversion::AsReported => v,
                     Conversion::Factor(f) => {
                         let out = v
                             .checked_mul(*f)
                             .ok_or_else(|| format!("{v} × {f} overflows"))?;
-                        steps.push(step("conversion", format!("× factor {f}"), out));
+                        steps.push("conversion", || format!("× factor {f}"), out);
                         out
                     }
                     Conversion::Unit(to) => {
@@ -369,30 +370,32 @@ impl MappingSet {
                             )
                         })?;
                         let out = from.convert(v, *to)?;
-                        steps.push(step(
+                        steps.push(
                             "conversion",
-                            format!("{} → {to}", record.consumed_unit),
+                            || format!("{} → {to}", record.consumed_unit),
                             out,
-                        ));
+                        );
                         out
                     }
                 };
                 if let Some(p) = customer_pricing.filter(|p| !p.is_empty()) {
-                    steps.push(step(
+                    steps.push(
                         "customer pricing",
-                        format!(
-                            "not applied: the value is a quantity, not money ({})",
-                            super::load::describe_pricing(p).trim_start_matches([' ', '+'])
-                        ),
+                        || {
+                            format!(
+                                "not applied: the value is a quantity, not money ({})",
+                                super::load::describe_pricing(p).trim_start_matches([' ', '+'])
+                            )
+                        },
                         v,
-                    ));
+                    );
                 }
                 (v, None)
             }
             Some(ValueSpec::Cost(c)) => {
                 let mut v = record.billed_cost;
                 let mut currency = record.billing_currency.clone();
-                steps.push(step("base", format!("billed_cost {v} {currency}"), v));
+                steps.push("base", || format!("billed_cost {v} {currency}"), v);
                 if let Some(to) = c.currency.as_ref().filter(|to| to.0 != currency) {
                     let (since, rate) = self
                         .rates
@@ -404,15 +407,17 @@ impl MappingSet {
                             )
                         })?;
                     v = v.checked_mul(rate).ok_or("currency conversion overflows")?;
-                    steps.push(step(
+                    steps.push(
                         "currency",
-                        format!(
-                            "{currency} → {} at rate {rate} (effective {})",
-                            to.0,
-                            since.date_naive()
-                        ),
+                        || {
+                            format!(
+                                "{currency} → {} at rate {rate} (effective {})",
+                                to.0,
+                                since.date_naive()
+                            )
+                        },
                         v,
-                    ));
+                    );
                     currency = to.0.clone();
                 }
                 let own = c.pricing();
@@ -438,29 +443,32 @@ impl MappingSet {
                         ));
                     }
                     if v >= Decimal::ZERO && v < min {
-                        steps.push(step(
+                        steps.push(
                             "minimum",
-                            format!("raised to the minimum charge {min} {currency} per record"),
+                            || format!("raised to the minimum charge {min} {currency} per record"),
                             min,
-                        ));
+                        );
                         v = min;
                     } else {
-                        steps.push(step(
+                        steps.push(
                             "minimum",
-                            format!("{min} {currency} per record: no effect"),
+                            || format!("{min} {currency} per record: no effect"),
                             v,
-                        ));
+                        );
                     }
                 }
                 if let Some(min) = minimum(true) {
-                    steps.push(step(
+                    steps.push(
                         "minimum",
-                        format!(
-                            "{min} {currency} per month: applies to the month's total, settled \
-                             by one adjustment when the month closes (not to this record)"
-                        ),
+                        || {
+                            format!(
+                                "{min} {currency} per month: applies to the month's total, \
+                                 settled by one adjustment when the month closes (not to this \
+                                 record)"
+                            )
+                        },
                         v,
-                    ));
+                    );
                     period.minimum = Some(min);
                 }
                 (v, Some(currency))
@@ -469,11 +477,11 @@ impl MappingSet {
         };
         let (scale, mode) = effective_round(rule, currency.as_deref());
         let out = raw.round_dp_with_strategy(scale, mode.strategy());
-        steps.push(step(
+        steps.push(
             "rounding",
-            format!("{} to {scale} places", mode.name()),
+            || format!("{} to {scale} places", mode.name()),
             out,
-        ));
+        );
         let share = period.share(record, currency.as_deref().unwrap_or(""), scale, mode);
         Ok((out, share))
     }
@@ -541,11 +549,20 @@ fn describe_record(record: &UsageRecord, fields: &[String]) -> String {
         .join(" ")
 }
 
-fn step(step: &'static str, detail: String, value: Decimal) -> PricingStep {
-    PricingStep {
-        step,
-        detail,
-        value,
+/// Where the steps computing a value are written: an explanation keeps them; a sync, which
+/// maps millions of records and never shows them, does not write them (each step was a
+/// `format!`: some six allocations per record).
+struct Steps<'a>(Option<&'a mut Vec<PricingStep>>);
+
+impl Steps<'_> {
+    fn push(&mut self, step: &'static str, detail: impl FnOnce() -> String, value: Decimal) {
+        if let Some(steps) = self.0.as_deref_mut() {
+            steps.push(PricingStep {
+                step,
+                detail: detail(),
+                value,
+            });
+        }
     }
 }
 
@@ -640,7 +657,7 @@ fn price(
     mut v: Decimal,
     p: &Pricing,
     whose: &str,
-    steps: &mut Vec<PricingStep>,
+    steps: &mut Steps<'_>,
     period: &mut PeriodCtx,
 ) -> Result<Decimal, String> {
     let overflow = || format!("{whose} pricing overflows");
@@ -672,21 +689,24 @@ fn price(
             v = v
                 .checked_mul(Decimal::ONE + lowest / Decimal::ONE_HUNDRED)
                 .ok_or_else(overflow)?;
-            steps.push(step(
+            steps.push(
                 "tiers",
-                format!(
-                    "{whose} tiered markup per month ({}): this record at the lowest rate \
-                     {lowest}%; the month's total is tiered by one adjustment when it closes",
-                    spec.iter()
-                        .map(|t| match t.up_to {
-                            Some(u) => format!("{}% up to {u}", t.markup_percent),
-                            None => format!("{}% above", t.markup_percent),
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                || {
+                    format!(
+                        "{whose} tiered markup per month ({}): this record at the lowest \
+                         rate {lowest}%; the month's total is tiered by one adjustment when it \
+                         closes",
+                        spec.iter()
+                            .map(|t| match t.up_to {
+                                Some(u) => format!("{}% up to {u}", t.markup_percent),
+                                None => format!("{}% above", t.markup_percent),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
                 v,
-            ));
+            );
             period.tiers = Some((spec, base));
         } else {
             // Per record: each tier's percentage applies to the part of |v| inside it; a credit
@@ -694,32 +714,32 @@ fn price(
             let (added, parts) = tiered_markup(v.abs(), &spec).map_err(|_| overflow())?;
             let signed = if v.is_sign_negative() { -added } else { added };
             v = v.checked_add(signed).ok_or_else(overflow)?;
-            steps.push(step(
+            steps.push(
                 "tiers",
-                format!("{whose} tiered markup per record: {}", parts.join(", ")),
+                || format!("{whose} tiered markup per record: {}", parts.join(", ")),
                 v,
-            ));
+            );
         }
     }
     if let Some(m) = p.markup_percent {
         let by = Decimal::ONE + m.0 / Decimal::ONE_HUNDRED;
         v = v.checked_mul(by).ok_or_else(overflow)?;
         period.scale(by)?;
-        steps.push(step("markup", format!("{whose} markup +{}%", m.0), v));
+        steps.push("markup", || format!("{whose} markup +{}%", m.0), v);
     }
     if let Some(c) = p.commission_percent {
         let keep = Decimal::ONE - c.0 / Decimal::ONE_HUNDRED;
         v = v.checked_div(keep).ok_or_else(overflow)?;
         period.scale(Decimal::ONE.checked_div(keep).ok_or_else(overflow)?)?;
-        steps.push(step(
+        steps.push(
             "commission",
-            format!("{whose} commission {}% of the price: ÷ {keep}", c.0),
+            || format!("{whose} commission {}% of the price: ÷ {keep}", c.0),
             v,
-        ));
+        );
     }
     if let Some(f) = p.markup_fixed {
         v = v.checked_add(f.0).ok_or_else(overflow)?;
-        steps.push(step("fixed", format!("{whose} fixed markup +{}", f.0), v));
+        steps.push("fixed", || format!("{whose} fixed markup +{}", f.0), v);
     }
     Ok(v)
 }
