@@ -273,8 +273,8 @@ pub enum MappingsCommand {
 /// one arena is not reused by another. But too few arenas make the busy threads of a sync (the
 /// puller, the stager, the pusher, the SQLite connection threads, the runtime's workers) queue
 /// for each other's arena locks: with two, the puller slept on a malloc lock about 70 times per
-/// thousand records and a 1M-record `billsync bench` took 24.9 s instead of 19.1–21.7 s, for
-/// 2–3 MB less peak RSS. Eight covers those threads. (The container image is a glibc build
+/// thousand records and a 1M-record `billsync bench` took 24.9 s instead of 19.1–21.9 s, for
+/// 2–6 MB less peak RSS. Eight covers those threads. (The container image is a glibc build
 /// too: deploy/Dockerfile.)
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
