@@ -50,8 +50,8 @@ const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// nothing else is in flight): an ack may be delayed, never recorded before its delivery.
 /// While a sync pushes alongside the pull, each acknowledgement transaction holds the turn
 /// the stager needs: 1,000 rather than 2,000 made the stager wait less (1M in `billsync
-/// bench`: staging +4–8 %, peak RSS 2.5–3.5 MB lower) for twice the commits (end to end 1–4 %
-/// slower); 5,000 made staging 12–19 % slower.
+/// bench`: staging +3–9 %, peak RSS 2.7–3.5 MB lower) for twice the commits (end to end 1–4 %
+/// slower); 5,000 made staging 13–16 % slower.
 const ACK_RECORDS_PER_COMMIT: usize = 1000;
 /// Pending records are read this many sink batches at a time (one query instead of one per
 /// batch: at 1M records the per-batch reads were a third of the push phase).
