@@ -49,10 +49,10 @@ const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// Acknowledgements are committed together once this many records are delivered (or when
 /// nothing else is in flight): an ack may be delayed, never recorded before its delivery.
 /// While a sync pushes alongside the pull, each acknowledgement transaction holds the turn
-/// the stager needs: 1,000 rather than 2,000 made the stager wait less (1M in `billsync
-/// bench`: staging +3–9 %, peak RSS 2.7–3.5 MB lower) for twice the commits (end to end 1–4 %
-/// slower); 5,000 made staging 13–16 % slower.
-const ACK_RECORDS_PER_COMMIT: usize = 1000;
+/// the stager needs. Measured against 2,000 (1M in `billsync bench`): 1,000 made the stager
+/// wait less (staging +3–9 %) but took twice the commits (end to end 1–6 % slower); 5,000
+/// made staging 13–16 % slower for no gain end to end.
+const ACK_RECORDS_PER_COMMIT: usize = 2000;
 /// Pending records are read this many sink batches at a time (one query instead of one per
 /// batch: at 1M records the per-batch reads were a third of the push phase).
 const BATCHES_READ_AHEAD: usize = 10;
