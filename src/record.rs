@@ -383,13 +383,10 @@ pub(crate) fn write_utc_fields(
         return false;
     };
     buf.reserve(15 + 2 * date.len() + 2 * time.len() + end.len());
-    for (i, (part, _)) in UTC_PARTS.into_iter().enumerate() {
-        buf.push_str(match i {
-            1 | 2 => date,
-            3 => "T",
-            4 | 5 => time,
-            _ => "",
-        });
+    // The separator before each part of `UTC_PARTS`.
+    let before = ["", date, date, "T", time, time];
+    for (sep, (part, _)) in before.into_iter().zip(UTC_PARTS) {
+        buf.push_str(sep);
         // ASCII digits.
         buf.push_str(std::str::from_utf8(&digits[part]).unwrap_or_default());
     }

@@ -1674,7 +1674,7 @@ fn insert_staged(
         if let Some(v) = m.value {
             let _ = write!(value, "{v}");
         }
-        let value = m.value.map(|_| value.as_str());
+        let value_text = m.value.map(|_| value.as_str());
         let (start_text, end_text) = (
             start.of(rec.charge_period_start),
             end.of(rec.charge_period_end),
@@ -1703,7 +1703,7 @@ fn insert_staged(
                 s.opt_text(20, m.subscription.as_deref())?;
                 s.opt_text(21, m.customer.as_deref())?;
                 s.opt_text(22, m.metric.as_deref())?;
-                s.opt_text(23, value)?;
+                s.opt_text(23, value_text)?;
                 s.opt_text(24, m.value_property.as_deref())?;
                 s.opt_text(25, r.note.as_deref())?;
                 s.int(26, run_id)?;
