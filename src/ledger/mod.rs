@@ -1164,8 +1164,12 @@ impl Ledger {
         for chunk in sent.chunks(LOOKUP_KEYS_PER_STATEMENT) {
             // `+status`: look the rows up by id. Without it SQLite walks the status index
             // through every pending record for each statement (quadratic over a backlog).
+            // `OR FAIL`: a statement that changes many rows and may abort on a constraint
+            // makes SQLite copy every page it touches into a statement journal first (spilled
+            // to a temporary file past 64 KB: one per acknowledgement here). A failure rolls
+            // the whole transaction back anyway, so the statement's own undo is not needed.
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "UPDATE records SET status = 'sent', attempts = attempts + 1, last_error = NULL, sent_run = ",
+                "UPDATE OR FAIL records SET status = 'sent', attempts = attempts + 1, last_error = NULL, sent_run = ",
             );
             qb.push_bind(run_id)
                 .push(", last_run = ")
