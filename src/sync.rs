@@ -24,9 +24,10 @@ use crate::ledger::{
 };
 use crate::mapping::{MapOutcome, MappedEvent, MappingSet, PeriodShare, PeriodSpec};
 use crate::providers::Provider;
-use crate::record::UsageRecord;
+use crate::record::{Text, UsageRecord};
 use crate::shutdown::Shutdown;
 use crate::sinks::{Outcome, Sink};
+use compact_str::ToCompactString;
 
 /// How often a long run extends its lock.
 const LOCK_REFRESH: Duration = Duration::from_secs(30);
@@ -1852,7 +1853,7 @@ fn adjustment_record(
     UsageRecord {
         provider: PERIOD_PROVIDER.into(),
         source: PERIOD_PROVIDER.into(),
-        billing_account_id: String::new(),
+        billing_account_id: Text::default(),
         sub_account_id: subscription.into(),
         resource_id: metric.into(),
         resource_name: Some(label.into()),
@@ -1863,7 +1864,7 @@ fn adjustment_record(
         charge_period_start: start,
         charge_period_end: end,
         consumed_quantity: Decimal::ZERO,
-        consumed_unit: String::new(),
+        consumed_unit: Text::default(),
         billed_cost: Decimal::ZERO,
         billing_currency: currency.into(),
         scope: subscription.into(),
@@ -1871,7 +1872,7 @@ fn adjustment_record(
             ("sink".into(), sink.into()),
             ("subscription".into(), subscription.into()),
             ("metric".into(), metric.into()),
-            ("period".into(), crate::ledger::ts(start)),
+            ("period".into(), crate::ledger::ts(start).into()),
         ],
         is_final: true,
         attributes: BTreeMap::new(),
@@ -2082,10 +2083,13 @@ impl Pipeline {
             format!("period {} of {} {}", g.label, g.subscription, g.metric),
         );
         let mut attributes = BTreeMap::new();
-        attributes.insert("period_total".into(), price.total.to_string());
-        attributes.insert("records_total".into(), price.records_total.to_string());
-        attributes.insert("tier_base".into(), price.tier_base.to_string());
-        attributes.insert("adjustment".into(), price.adjustment.to_string());
+        attributes.insert("period_total".into(), price.total.to_compact_string());
+        attributes.insert(
+            "records_total".into(),
+            price.records_total.to_compact_string(),
+        );
+        attributes.insert("tier_base".into(), price.tier_base.to_compact_string());
+        attributes.insert("adjustment".into(), price.adjustment.to_compact_string());
         Ok(
             match self.adjustment(
                 g,
@@ -2113,7 +2117,7 @@ impl Pipeline {
             DateTime<Utc>,
             &[&crate::ledger::PeriodMemberRecord],
         )>,
-        attributes: BTreeMap<crate::record::Name, String>,
+        attributes: BTreeMap<crate::record::Name, Text>,
         value: Decimal,
         steps: Vec<String>,
     ) -> Settlement {
@@ -2129,9 +2133,11 @@ impl Pipeline {
             &g.label,
             &currency,
         );
-        record.charge_description = Some(format!(
+        record.charge_description = Some(compact_str::format_compact!(
             "period adjustment of {} {} {}",
-            g.subscription, g.metric, g.label
+            g.subscription,
+            g.metric,
+            g.label
         ));
         record.raw = serde_json::json!({ "steps": steps }).into();
         record.attributes = attributes;

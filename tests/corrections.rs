@@ -443,8 +443,8 @@ fn instance_line(cost: &str) -> billsync::record::UsageRecord {
         natural_key: vec![("instance".into(), "2416".into())],
         is_final: true,
         attributes: [
-            ("infrastructure_id".into(), "3668".to_string()),
-            ("is_reservation".into(), "0".to_string()),
+            ("infrastructure_id".into(), "3668".into()),
+            ("is_reservation".into(), "0".into()),
         ]
         .into(),
         raw: Default::default(),

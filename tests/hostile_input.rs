@@ -609,25 +609,28 @@ fn record() -> impl Strategy<Value = UsageRecord> {
             )| {
                 UsageRecord {
                     provider: provider.into(),
-                    source,
-                    billing_account_id: account,
-                    sub_account_id: sub,
-                    resource_id: resource,
+                    source: source.into(),
+                    billing_account_id: account.into(),
+                    sub_account_id: sub.into(),
+                    resource_id: resource.into(),
                     resource_name: None,
-                    resource_type: rtype,
+                    resource_type: rtype.into(),
                     service_name: service.into(),
-                    sku_id: sku,
+                    sku_id: sku.map(Into::into),
                     charge_description: None,
                     charge_period_start: start,
                     charge_period_end: end,
                     consumed_quantity: qty,
-                    consumed_unit: unit,
+                    consumed_unit: unit.into(),
                     billed_cost: cost,
-                    billing_currency: currency,
+                    billing_currency: currency.into(),
                     scope: "1".into(),
                     natural_key: vec![],
                     is_final,
-                    attributes: attributes.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+                    attributes: attributes
+                        .into_iter()
+                        .map(|(k, v)| (k.into(), v.into()))
+                        .collect(),
                     raw: Default::default(),
                 }
             },
@@ -687,8 +690,8 @@ fn mapping_apply_with_arbitrary_records_never_panics() {
     let currencies = prop::sample::select(vec!["GBP", "JPY", "EUR", "USD", "XXX", ""]);
     let strategy = (record(), units, currencies, any::<bool>()).prop_map(|(mut r, u, c, keep)| {
         if !keep {
-            r.consumed_unit = u.to_string();
-            r.billing_currency = c.to_string();
+            r.consumed_unit = u.to_string().into();
+            r.billing_currency = c.to_string().into();
         }
         r
     });

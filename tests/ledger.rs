@@ -456,7 +456,7 @@ async fn a_ledger_from_schema_0001_keeps_its_records_and_payloads_after_the_upgr
         .bind(r.natural_key_string())
         .bind(r.content_hash())
         .bind(status)
-        .bind(&r.resource_id)
+        .bind(r.resource_id.as_str())
         .bind(r.billed_cost.to_string())
         .bind(payload)
         .bind(serde_json::to_string(r).unwrap())

@@ -67,7 +67,7 @@ fn sums(records: &[UsageRecord]) -> (Decimal, Decimal) {
 fn counts(records: &[UsageRecord]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for r in records {
-        *m.entry(r.resource_type.clone()).or_insert(0) += 1;
+        *m.entry(r.resource_type.to_string()).or_insert(0) += 1;
     }
     m
 }

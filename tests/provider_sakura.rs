@@ -204,10 +204,10 @@ fn json_details_parse_to_exact_sums_and_are_named_through_the_price_list() {
     assert_eq!(
         iso.natural_key,
         vec![
-            ("account_id".into(), "000000526782".to_string()),
-            ("bill_id".into(), "13327977".to_string()),
-            ("contract_id".into(), "112700654736".to_string()),
-            ("service_class_id".into(), "50118".to_string()),
+            ("account_id".into(), "000000526782".into()),
+            ("bill_id".into(), "13327977".into()),
+            ("contract_id".into(), "112700654736".into()),
+            ("service_class_id".into(), "50118".into()),
         ]
     );
     assert!(records

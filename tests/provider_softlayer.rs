@@ -303,8 +303,8 @@ fn lines_of_open_invoices_are_provisional_with_the_same_key_they_will_have_when_
     assert_eq!(
         closed[1].natural_key,
         vec![
-            ("invoice_id".into(), "1001".to_string()),
-            ("invoice_item_id".into(), "1111222".to_string())
+            ("invoice_id".into(), "1001".into()),
+            ("invoice_item_id".into(), "1111222".into())
         ]
     );
     // Period: the invoice's monthly cycle from its creation, in UTC.

@@ -108,14 +108,14 @@ prop_compose! {
     ) -> UsageRecord {
         UsageRecord {
             provider: "metalsoft".into(),
-            source,
+            source: source.into(),
             billing_account_id: "acct".into(),
-            sub_account_id: scope.clone(),
+            sub_account_id: scope.as_str().into(),
             resource_id: "instance:1".into(),
             resource_name: None,
             resource_type: "instance".into(),
             service_name: "compute".into(),
-            sku_id: sku,
+            sku_id: sku.map(Into::into),
             charge_description: None,
             charge_period_start: start,
             charge_period_end: end,
@@ -123,12 +123,12 @@ prop_compose! {
             consumed_unit: "seconds".into(),
             billed_cost: cost,
             billing_currency: "EUR".into(),
-            scope,
-            natural_key: parts.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+            scope: scope.into(),
+            natural_key: parts.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
             is_final,
             attributes: attributes
                 .into_iter()
-                .map(|(k, v)| (k.into(), v))
+                .map(|(k, v)| (k.into(), v.into()))
                 .collect::<BTreeMap<_, _>>(),
             raw: Default::default(),
         }

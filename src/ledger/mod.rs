@@ -198,7 +198,7 @@ impl StageRow {
         r.raw = Default::default();
         r.attributes = Default::default();
         r.natural_key = Vec::new();
-        r.scope = String::new();
+        r.scope = Default::default();
         r.resource_name = None;
         r.service_name = Default::default();
         r.sku_id = None;
@@ -1905,14 +1905,14 @@ async fn restage(
     .bind(rec.is_final)
     .bind(ts(rec.charge_period_start))
     .bind(ts(rec.charge_period_end))
-    .bind(&rec.billing_account_id)
-    .bind(&rec.sub_account_id)
-    .bind(&rec.resource_type)
-    .bind(&rec.resource_id)
+    .bind(rec.billing_account_id.as_str())
+    .bind(rec.sub_account_id.as_str())
+    .bind(rec.resource_type.as_str())
+    .bind(rec.resource_id.as_str())
     .bind(rec.consumed_quantity.to_string())
-    .bind(&rec.consumed_unit)
+    .bind(rec.consumed_unit.as_str())
     .bind(rec.billed_cost.to_string())
-    .bind(&rec.billing_currency)
+    .bind(rec.billing_currency.as_str())
     .bind(&row.mapped.rule)
     .bind(&row.mapped.sink)
     .bind(&row.mapped.subscription)

@@ -394,7 +394,7 @@ impl MappingSet {
             }
             Some(ValueSpec::Cost(c)) => {
                 let mut v = record.billed_cost;
-                let mut currency = record.billing_currency.clone();
+                let mut currency = record.billing_currency.to_string();
                 steps.push("base", || format!("billed_cost {v} {currency}"), v);
                 if let Some(to) = c.currency.as_ref().filter(|to| to.0 != currency) {
                     let (since, rate) = self

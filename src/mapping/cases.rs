@@ -51,7 +51,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use super::{MapOutcome, MappingError, MappingSet};
-use crate::record::UsageRecord;
+use crate::record::{Text, UsageRecord};
 
 /// One case file as written.
 #[derive(Debug, Deserialize)]
@@ -606,7 +606,8 @@ fn build_record(fields: &BTreeMap<String, Value>) -> Result<UsageRecord, String>
                 .map_err(|e| format!("`{name}`: {e} (expected e.g. 2026-01-01T00:00:00Z)")),
         }
     };
-    let req = |name: &str| -> Result<String, String> { Ok(text(name)?.unwrap_or_default()) };
+    let req = |name: &str| -> Result<Text, String> { Ok(text(name)?.unwrap_or_default().into()) };
+    let opt_text = |name: &str| -> Result<Option<Text>, String> { Ok(text(name)?.map(Text::from)) };
     let provider = req("provider")?;
     let sub_account_id = req("sub_account_id")?;
     let start = time("charge_period_start")?
@@ -622,21 +623,21 @@ fn build_record(fields: &BTreeMap<String, Value>) -> Result<UsageRecord, String>
             let (Some(k), Some(v)) = (scalar_text(k), scalar_text(v)) else {
                 return Err("`attributes` values must be single values".into());
             };
-            attributes.insert(k.into(), v);
+            attributes.insert(k.into(), v.into());
         }
     }
     Ok(UsageRecord {
-        source: text("source")?.unwrap_or_else(|| provider.clone()),
-        scope: text("scope")?.unwrap_or_else(|| sub_account_id.clone()),
-        provider: provider.into(),
+        source: opt_text("source")?.unwrap_or_else(|| provider.clone()),
+        scope: opt_text("scope")?.unwrap_or_else(|| sub_account_id.clone()),
+        provider: provider.to_string().into(),
         billing_account_id: req("billing_account_id")?,
         sub_account_id,
         resource_id: req("resource_id")?,
-        resource_name: text("resource_name")?,
+        resource_name: opt_text("resource_name")?,
         resource_type: req("resource_type")?,
-        service_name: req("service_name")?.into(),
-        sku_id: text("sku_id")?,
-        charge_description: text("charge_description")?,
+        service_name: req("service_name")?.to_string().into(),
+        sku_id: opt_text("sku_id")?,
+        charge_description: opt_text("charge_description")?,
         charge_period_start: start,
         charge_period_end: end,
         consumed_quantity: dec("consumed_quantity")?,

@@ -67,7 +67,8 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
-use crate::record::{Name, RawJson, UsageRecord};
+use crate::record::{Name, RawJson, Text, UsageRecord};
+use compact_str::ToCompactString;
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "jelastic";
@@ -898,7 +899,7 @@ fn merge(into: &mut UsageRecord, other: &UsageRecord) {
         .unwrap_or(1)
         + 1;
     into.attributes
-        .insert("merged_rows".into(), merged.to_string());
+        .insert("merged_rows".into(), merged.to_compact_string());
     into.raw = match into.raw.to_value() {
         Value::Array(mut rows) => {
             rows.push(other.raw.to_value());
@@ -971,33 +972,33 @@ fn row_record(
     };
     let host_group = text("hostGroupUniqueName").unwrap_or_default();
 
-    let mut attributes = BTreeMap::new();
+    let mut attributes: BTreeMap<Name, Text> = BTreeMap::new();
     for (k, v) in r {
         if !NOT_ATTRIBUTES.contains(&k.as_str()) {
             if let Some(t) = scalar_text(v) {
-                attributes.insert(Name::Owned(k.clone()), t);
+                attributes.insert(Name::Owned(k.clone()), t.into());
             }
         }
     }
-    attributes.insert("period".into(), ctx.period.as_str().to_string());
-    attributes.insert("bucket_local".into(), local_text.clone());
-    attributes.insert("time_offset".into(), ctx.time_offset.to_string());
+    attributes.insert("period".into(), ctx.period.as_str().to_compact_string());
+    attributes.insert("bucket_local".into(), local_text.as_str().into());
+    attributes.insert("time_offset".into(), ctx.time_offset.to_compact_string());
 
     let charged = flag("isPaid") || flag("isWithdrawn") || flag("isBonus");
     let settled = end <= ctx.settled_before;
     let is_final = settled && (!ctx.final_requires_charge || charged);
 
-    let natural_key = vec![
-        ("appid".into(), appid.clone()),
-        ("nodeid".into(), nodeid.clone()),
-        ("type".into(), kind.clone().unwrap_or_default()),
+    let natural_key: Vec<(Name, Text)> = vec![
+        ("appid".into(), appid.as_str().into()),
+        ("nodeid".into(), nodeid.as_str().into()),
+        ("type".into(), kind.clone().unwrap_or_default().into()),
         (
             "resourceType".into(),
-            resource_kind.clone().unwrap_or_default(),
+            resource_kind.clone().unwrap_or_default().into(),
         ),
-        ("hostGroupUniqueName".into(), host_group),
-        ("period".into(), ctx.period.as_str().to_string()),
-        ("bucket_start".into(), rfc3339(start)),
+        ("hostGroupUniqueName".into(), host_group.into()),
+        ("period".into(), ctx.period.as_str().to_compact_string()),
+        ("bucket_start".into(), rfc3339(start).into()),
     ];
     let resource_id = if nodeid.is_empty() {
         appid.clone()
@@ -1007,33 +1008,36 @@ fn row_record(
     let env_name = domain.clone().unwrap_or_else(|| appid.clone());
     Ok(Some(UsageRecord {
         provider: KIND.into(),
-        source: ctx.source.clone(),
-        billing_account_id: ctx.billing_account_id.clone(),
-        sub_account_id: appid.clone(),
-        resource_id,
+        source: ctx.source.as_str().into(),
+        billing_account_id: ctx.billing_account_id.as_str().into(),
+        sub_account_id: appid.as_str().into(),
+        resource_id: resource_id.into(),
         resource_name: Some(if nodeid.is_empty() {
-            env_name
+            env_name.into()
         } else {
-            format!("{env_name}/{nodeid}")
+            format!("{env_name}/{nodeid}").into()
         }),
-        resource_type: resource_type.clone(),
+        resource_type: resource_type.as_str().into(),
         service_name: service_name.into(),
-        sku_id: Some(format!(
-            "{}:{}",
-            resource_kind.as_deref().unwrap_or(""),
-            kind.as_deref().unwrap_or("")
-        )),
+        sku_id: Some(
+            format!(
+                "{}:{}",
+                resource_kind.as_deref().unwrap_or(""),
+                kind.as_deref().unwrap_or("")
+            )
+            .into(),
+        ),
         charge_description: Some(match &resource_kind {
-            Some(rt) => format!("{rt} {resource_type}"),
-            None => resource_type,
+            Some(rt) => format!("{rt} {resource_type}").into(),
+            None => resource_type.into(),
         }),
         charge_period_start: start,
         charge_period_end: end,
         consumed_quantity: quantity,
-        consumed_unit: "count".to_string(),
+        consumed_unit: "count".into(),
         billed_cost: cost,
-        billing_currency: ctx.currency.clone(),
-        scope: appid,
+        billing_currency: ctx.currency.as_str().into(),
+        scope: appid.into(),
         natural_key,
         is_final,
         attributes,

@@ -89,7 +89,8 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Plan, Provider, ProviderError};
-use crate::record::{Name, RawJson, UsageRecord};
+use crate::record::{utc_secs_text, Name, RawJson, Text, UsageRecord};
+use compact_str::{format_compact, ToCompactString};
 
 mod text;
 use text::Fields;
@@ -206,9 +207,9 @@ impl MetalsoftConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportContext {
     /// The configured source name (`UsageRecord::source`; also names the provider in errors).
-    pub source: String,
+    pub source: Text,
     /// `UsageRecord::billing_account_id`.
-    pub billing_account_id: String,
+    pub billing_account_id: Text,
     /// The `user_id_owner` the report was requested for.
     pub user_id: u64,
     /// Start of the requested window (inclusive).
@@ -565,8 +566,8 @@ impl Provider for MetalsoftProvider {
         })?;
         let answer = self.call(self.params(user_id, chunk)).await?;
         let ctx = ReportContext {
-            source: self.name.clone(),
-            billing_account_id: self.billing_account_id.clone(),
+            source: self.name.as_str().into(),
+            billing_account_id: self.billing_account_id.as_str().into(),
             user_id,
             window_start: chunk.window_start,
             window_end: chunk.window_end,
@@ -691,7 +692,7 @@ pub fn parse_report_str(
     ctx: &ReportContext,
 ) -> Result<Vec<UsageRecord>, ProviderError> {
     let report = text::read_report(text).map_err(|e| ProviderError::Shape {
-        provider: ctx.source.clone(),
+        provider: ctx.source.to_string(),
         call: METHOD.into(),
         message: format!("the report is not JSON: {e}"),
     })?;
@@ -712,7 +713,7 @@ fn records_of(
     ctx: &ReportContext,
 ) -> Result<Vec<UsageRecord>, ProviderError> {
     let shape = |message: String| ProviderError::Shape {
-        provider: ctx.source.clone(),
+        provider: ctx.source.to_string(),
         call: METHOD.into(),
         message,
     };
@@ -869,17 +870,17 @@ fn line_record(
             .and_then(|t| parse_time(&t))
             .ok_or_else(|| err(field, &format!("is not a UTC timestamp: {}", v.get())))
     };
-    let string = |field: &str| -> Result<String, String> {
+    let string = |field: &str| -> Result<Text, String> {
         let v = present(field)?;
         match text::as_str(v) {
-            Some(s) if !s.is_empty() => Ok(s.into_owned()),
+            Some(s) if !s.is_empty() => Ok(Text::from(s.as_ref())),
             _ => Err(err(field, &format!("is not a string: {}", v.get()))),
         }
     };
     let optional_text = |field: &str| {
         e.get(field)
             .and_then(text::scalar_text)
-            .map(std::borrow::Cow::into_owned)
+            .map(|t| Text::from(t.as_ref()))
     };
 
     let cost = decimal("cost")?;
@@ -937,16 +938,16 @@ fn line_record(
     };
 
     let mut attributes = BTreeMap::new();
-    attributes.insert("infrastructure_id".into(), site.infra.to_string());
+    attributes.insert("infrastructure_id".into(), Text::from(site.infra));
     if let Some(label) = label {
-        attributes.insert("infrastructure_label".into(), label.to_string());
+        attributes.insert("infrastructure_label".into(), Text::from(label));
     }
-    attributes.insert("is_reservation".into(), is_reservation.to_string());
+    attributes.insert("is_reservation".into(), is_reservation.to_compact_string());
     if let Some(p) = measurement_period {
-        attributes.insert("measurement_period".into(), p.to_string());
+        attributes.insert("measurement_period".into(), p.to_compact_string());
     }
     if let Some(c) = cost_per_unit {
-        attributes.insert("cost_per_unit".into(), c.to_string());
+        attributes.insert("cost_per_unit".into(), c.to_compact_string());
     }
     if let Some(s) = optional_text("product_subdomain") {
         attributes.insert("product_subdomain".into(), s);
@@ -954,44 +955,46 @@ fn line_record(
     for (k, v) in e.iter() {
         if !KNOWN_FIELDS.contains(&k) {
             if let Some(t) = text::scalar_text(v) {
-                attributes.insert(Name::Owned(k.to_string()), t.into_owned());
+                attributes.insert(Name::Owned(k.to_string()), Text::from(t.as_ref()));
             }
         }
     }
 
     let (resource_id, sku_id) = match network {
         Some((bucket, direction)) => {
-            attributes.insert("bucket".into(), bucket.to_string());
-            attributes.insert("direction".into(), direction.to_string());
+            attributes.insert("bucket".into(), Text::from(bucket));
+            attributes.insert("direction".into(), Text::from(direction));
             (
-                format!("{bucket}:{product_id}"),
-                site.resource_type.to_string(),
+                format_compact!("{bucket}:{product_id}"),
+                Text::from(site.resource_type),
             )
         }
         None => {
             let sku = e
                 .get("server_type_id")
                 .and_then(text::integer)
-                .map(|id| format!("server_type:{id}"))
-                .unwrap_or_else(|| site.resource_type.to_string());
-            (format!("{}:{product_id}", site.resource_type), sku)
+                .map(|id| format_compact!("server_type:{id}"))
+                .unwrap_or_else(|| Text::from(site.resource_type));
+            (format_compact!("{}:{product_id}", site.resource_type), sku)
         }
     };
 
-    let mut natural_key = vec![
-        ("user_id_owner".into(), ctx.user_id.to_string()),
-        ("infrastructure_id".into(), site.infra.to_string()),
-        ("resource_type".into(), site.resource_type.to_string()),
-        ("product_id".into(), product_id.to_string()),
-        ("start_timestamp".into(), rfc3339(start)),
+    let user_id = ctx.user_id.to_compact_string();
+    let mut natural_key = Vec::with_capacity(if network.is_some() { 8 } else { 6 });
+    natural_key.extend([
+        ("user_id_owner".into(), user_id.clone()),
+        ("infrastructure_id".into(), Text::from(site.infra)),
+        ("resource_type".into(), Text::from(site.resource_type)),
+        ("product_id".into(), product_id.to_compact_string()),
+        ("start_timestamp".into(), utc_secs_text(start)),
         (
             "is_reservation".into(),
-            if is_reservation { "1" } else { "0" }.to_string(),
+            Text::const_new(if is_reservation { "1" } else { "0" }),
         ),
-    ];
+    ]);
     if let Some((bucket, direction)) = network {
-        natural_key.push(("bucket".into(), bucket.to_string()));
-        natural_key.push(("direction".into(), direction.to_string()));
+        natural_key.push(("bucket".into(), Text::from(bucket)));
+        natural_key.push(("direction".into(), Text::from(direction)));
     }
 
     let label = optional_text("product_label");
@@ -999,10 +1002,10 @@ fn line_record(
         provider: KIND.into(),
         source: ctx.source.clone(),
         billing_account_id: ctx.billing_account_id.clone(),
-        sub_account_id: ctx.user_id.to_string(),
+        sub_account_id: user_id.clone(),
         resource_id,
         resource_name: label.clone(),
-        resource_type: site.resource_type.to_string(),
+        resource_type: Text::from(site.resource_type),
         service_name: service_name_of(site.resource_type),
         sku_id: Some(sku_id),
         charge_description: label,
@@ -1012,7 +1015,7 @@ fn line_record(
         consumed_unit: unit,
         billed_cost: cost,
         billing_currency: currency,
-        scope: ctx.user_id.to_string(),
+        scope: user_id,
         natural_key,
         is_final: ctx.settled,
         attributes,
@@ -1044,8 +1047,8 @@ fn installment_record(
         .get("cost_currency")
         .and_then(text::as_str)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| err("cost_currency", "is missing"))?
-        .into_owned();
+        .ok_or_else(|| err("cost_currency", "is missing"))
+        .map(|c| Text::from(c.as_ref()))?;
     let reservation_id = e
         .get("server_type_reservation_id")
         .and_then(text::integer)
@@ -1053,45 +1056,45 @@ fn installment_record(
     let name = e
         .get("server_type_name")
         .and_then(text::scalar_text)
-        .map(std::borrow::Cow::into_owned);
+        .map(|n| Text::from(n.as_ref()));
 
     let mut attributes = BTreeMap::new();
-    attributes.insert("is_reservation".into(), "true".to_string());
+    attributes.insert("is_reservation".into(), Text::const_new("true"));
     for (k, v) in e.iter() {
         if !matches!(
             k,
             "cost" | "cost_currency" | "start_timestamp" | "end_timestamp"
         ) {
             if let Some(t) = text::scalar_text(v) {
-                attributes.insert(Name::Owned(k.to_string()), t.into_owned());
+                attributes.insert(Name::Owned(k.to_string()), Text::from(t.as_ref()));
             }
         }
     }
-    let resource_type = "reservation_installment".to_string();
+    let resource_type = Text::const_new("reservation_installment");
     Ok(UsageRecord {
         provider: KIND.into(),
         source: ctx.source.clone(),
         billing_account_id: ctx.billing_account_id.clone(),
-        sub_account_id: ctx.user_id.to_string(),
-        resource_id: format!("server_type_reservation:{reservation_id}"),
+        sub_account_id: ctx.user_id.to_compact_string(),
+        resource_id: format_compact!("server_type_reservation:{reservation_id}"),
         resource_name: name.clone(),
         service_name: service_name_of(&resource_type),
         sku_id: Some(name.clone().unwrap_or_else(|| resource_type.clone())),
-        charge_description: name.map(|n| format!("reservation installment {n}")),
+        charge_description: name.map(|n| format_compact!("reservation installment {n}")),
         charge_period_start: start,
         charge_period_end: end,
         consumed_quantity: Decimal::ONE,
-        consumed_unit: "installment".to_string(),
+        consumed_unit: Text::const_new("installment"),
         billed_cost: cost,
         billing_currency: currency,
-        scope: ctx.user_id.to_string(),
+        scope: ctx.user_id.to_compact_string(),
         natural_key: vec![
-            ("user_id_owner".into(), ctx.user_id.to_string()),
-            ("infrastructure_id".into(), String::new()),
+            ("user_id_owner".into(), ctx.user_id.to_compact_string()),
+            ("infrastructure_id".into(), Text::default()),
             ("resource_type".into(), resource_type.clone()),
-            ("product_id".into(), reservation_id.to_string()),
-            ("start_timestamp".into(), rfc3339(start)),
-            ("is_reservation".into(), "1".to_string()),
+            ("product_id".into(), reservation_id.to_compact_string()),
+            ("start_timestamp".into(), utc_secs_text(start)),
+            ("is_reservation".into(), Text::const_new("1")),
         ],
         resource_type,
         is_final: ctx.settled,

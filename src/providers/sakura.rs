@@ -52,7 +52,8 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
-use crate::record::{Name, RawJson, UsageRecord};
+use crate::record::{Name, RawJson, Text, UsageRecord};
+use compact_str::ToCompactString;
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "sakura";
@@ -870,42 +871,48 @@ struct Line {
     quantity: Decimal,
     unit: &'static str,
     cost: Decimal,
-    attributes: BTreeMap<Name, String>,
+    attributes: BTreeMap<Name, Text>,
     raw: Value,
 }
 
 fn record_of(line: Line, ctx: &LineContext) -> UsageRecord {
     let mut attributes = line.attributes;
-    attributes.insert("account_code".into(), ctx.account.account_code.clone());
-    attributes.insert("member_code".into(), ctx.account.member_code.clone());
-    attributes.insert("bill_id".into(), ctx.bill_id.clone());
-    attributes.insert("month".into(), ctx.month.to_string());
+    attributes.insert(
+        "account_code".into(),
+        ctx.account.account_code.as_str().into(),
+    );
+    attributes.insert(
+        "member_code".into(),
+        ctx.account.member_code.as_str().into(),
+    );
+    attributes.insert("bill_id".into(), ctx.bill_id.as_str().into());
+    attributes.insert("month".into(), ctx.month.to_compact_string());
     if let Some(p) = &line.class_path {
-        attributes.insert("service_class_path".into(), p.clone());
+        attributes.insert("service_class_path".into(), p.as_str().into());
     }
     UsageRecord {
         provider: KIND.into(),
-        source: ctx.source.clone(),
-        billing_account_id: ctx.account.account_id.clone(),
-        sub_account_id: ctx.account.account_id.clone(),
-        resource_id: line.contract_id.clone(),
-        resource_name: line.resource_name,
+        source: ctx.source.as_str().into(),
+        billing_account_id: ctx.account.account_id.as_str().into(),
+        sub_account_id: ctx.account.account_id.as_str().into(),
+        resource_id: line.contract_id.as_str().into(),
+        resource_name: line.resource_name.map(Text::from),
         resource_type: "contract".into(),
         service_name: category_of(line.class_path.as_deref()).into(),
-        sku_id: Some(line.service_class_id.clone()),
-        charge_description: line.product_name,
+        sku_id: Some(line.service_class_id.as_str().into()),
+        charge_description: line.product_name.map(Text::from),
         charge_period_start: ctx.month.start_utc(),
         charge_period_end: ctx.month.end_utc(),
         consumed_quantity: line.quantity,
-        consumed_unit: line.unit.to_string(),
+        consumed_unit: line.unit.to_compact_string(),
         billed_cost: line.cost,
-        billing_currency: CURRENCY.to_string(),
-        scope: ctx.account.account_id.clone(),
+        billing_currency: CURRENCY.to_compact_string(),
+        scope: ctx.account.account_id.as_str().into(),
         natural_key: vec![
-            ("account_id".into(), ctx.account.account_id.clone()),
-            ("bill_id".into(), ctx.bill_id.clone()),
-            ("contract_id".into(), line.contract_id),
-            ("service_class_id".into(), line.service_class_id),
+            ("account_id".into(), ctx.account.account_id.as_str().into()),
+            ("bill_id".into(), ctx.bill_id.as_str().into()),
+            ("contract_id".into(), line.contract_id.into()),
+            ("service_class_id".into(), line.service_class_id.into()),
         ],
         is_final: ctx.is_final,
         attributes,
@@ -915,13 +922,14 @@ fn record_of(line: Line, ctx: &LineContext) -> UsageRecord {
 
 /// Give repeated natural keys inside one bill an `occurrence` part (2, 3, … in provider order).
 fn disambiguate(records: &mut [UsageRecord]) {
-    let mut seen: HashMap<Vec<(Name, String)>, u32> = HashMap::new();
+    let mut seen: HashMap<Vec<(Name, Text)>, u32> = HashMap::new();
     for r in records.iter_mut() {
         let n = seen.entry(r.natural_key.clone()).or_insert(0);
         *n += 1;
         if *n > 1 {
             warn!(source = %r.source, key = %r.natural_key_string(), occurrence = *n, "sakura: a bill repeats a contract and service class");
-            r.natural_key.push(("occurrence".into(), n.to_string()));
+            r.natural_key
+                .push(("occurrence".into(), n.to_compact_string()));
         }
     }
 }
@@ -988,7 +996,7 @@ pub fn parse_bill_details(
         if class.is_none() {
             warn!(source = %ctx.source, bill_id = %ctx.bill_id, service_class_id = %class_id, "sakura: ServiceClassID not in the price list; the line stays unnamed");
         }
-        let mut attributes = BTreeMap::new();
+        let mut attributes: BTreeMap<Name, Text> = BTreeMap::new();
         attributes.insert("detail_source".into(), "json".into());
         for (k, attr) in [
             ("Index", "index"),
@@ -999,7 +1007,7 @@ pub fn parse_bill_details(
             ("ContractEndAt", "contract_end_at"),
         ] {
             if let Some(v) = o.get(k).and_then(scalar_text).filter(|s| !s.is_empty()) {
-                attributes.insert(attr.into(), v);
+                attributes.insert(attr.into(), v.into());
             }
         }
         let class_path = o
@@ -1122,12 +1130,12 @@ pub fn parse_bill_csv(body: &str, ctx: &LineContext) -> Result<Vec<UsageRecord>,
         for (c, name) in CSV_COLUMNS.iter().enumerate() {
             raw.insert((*name).into(), Value::String(field(c)));
         }
-        let mut attributes = BTreeMap::new();
+        let mut attributes: BTreeMap<Name, Text> = BTreeMap::new();
         attributes.insert("detail_source".into(), "csv".into());
-        attributes.insert("price_excl_tax".into(), net.to_string());
-        attributes.insert("tax".into(), tax.to_string());
-        attributes.insert("days".into(), days.to_string());
-        attributes.insert("hours".into(), hours.to_string());
+        attributes.insert("price_excl_tax".into(), net.to_compact_string());
+        attributes.insert("tax".into(), tax.to_compact_string());
+        attributes.insert("days".into(), days.to_compact_string());
+        attributes.insert("hours".into(), hours.to_compact_string());
         for (c, attr) in [
             (0, "seq"),
             (1, "csv_bill_no"),
@@ -1137,7 +1145,7 @@ pub fn parse_bill_csv(body: &str, ctx: &LineContext) -> Result<Vec<UsageRecord>,
         ] {
             let v = field(c);
             if !v.is_empty() {
-                attributes.insert(attr.into(), v);
+                attributes.insert(attr.into(), v.into());
             }
         }
         let nonempty = |c: usize| Some(field(c)).filter(|s| !s.is_empty());

@@ -62,7 +62,8 @@ use crate::config::Secret;
 use crate::http::{self, RetryPolicy};
 use crate::providers::http::{describe_reqwest, send_with_retry, Attempt};
 use crate::providers::{Chunk, Cursors, Page, Provider, ProviderError};
-use crate::record::{Name, RawJson, UsageRecord};
+use crate::record::{Name, RawJson, Text, UsageRecord};
+use compact_str::ToCompactString;
 
 /// The provider kind, also the `provider` field of every record.
 pub const KIND: &str = "softlayer";
@@ -872,7 +873,7 @@ fn hourly(v: &Value) -> bool {
 }
 
 /// Common record fields of an invoice line or a billing item.
-fn naming(v: &Value, attributes: &mut BTreeMap<Name, String>) -> (String, String, Option<String>) {
+fn naming(v: &Value, attributes: &mut BTreeMap<Name, Text>) -> (String, String, Option<String>) {
     let category_code = text_field(v, "categoryCode");
     let category_name = v.get("category").and_then(|c| text_field(c, "name"));
     for (name, value) in [
@@ -886,7 +887,7 @@ fn naming(v: &Value, attributes: &mut BTreeMap<Name, String>) -> (String, String
         ),
     ] {
         if let Some(value) = value {
-            attributes.insert(name.into(), value);
+            attributes.insert(name.into(), value.into());
         }
     }
     let resource_type = category_code.clone().unwrap_or_else(|| "item".into());
@@ -940,7 +941,7 @@ pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRe
         cost = -cost.abs();
     }
 
-    let mut attributes = BTreeMap::new();
+    let mut attributes: BTreeMap<Name, Text> = BTreeMap::new();
     let (resource_type, service_name, fqdn) = naming(item, &mut attributes);
     let billing_item = item.get("billingItem").filter(|b| b.is_object());
     let billing_item_id = item
@@ -958,18 +959,21 @@ pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRe
         attributes.insert("attributed_to_account".into(), "true".into());
     }
     attributes.insert("record_kind".into(), "invoice".into());
-    attributes.insert("invoice_id".into(), inv.id.to_string());
-    attributes.insert("invoice_type".into(), inv.type_code.clone());
-    attributes.insert("invoice_status".into(), inv.status_code.clone());
-    attributes.insert("invoice_create_date".into(), inv.create_date_text.clone());
-    attributes.insert("own_cost".into(), own.to_string());
-    attributes.insert("children_cost".into(), children_cost.to_string());
-    attributes.insert("children".into(), children.to_string());
+    attributes.insert("invoice_id".into(), inv.id.to_compact_string());
+    attributes.insert("invoice_type".into(), inv.type_code.as_str().into());
+    attributes.insert("invoice_status".into(), inv.status_code.as_str().into());
+    attributes.insert(
+        "invoice_create_date".into(),
+        inv.create_date_text.as_str().into(),
+    );
+    attributes.insert("own_cost".into(), own.to_compact_string());
+    attributes.insert("children_cost".into(), children_cost.to_compact_string());
+    attributes.insert("children".into(), children.to_compact_string());
     if let Some(b) = billing_item_id {
-        attributes.insert("billing_item_id".into(), b.to_string());
+        attributes.insert("billing_item_id".into(), b.to_compact_string());
     }
     if let Some(c) = text_field(item, "createDate") {
-        attributes.insert("item_create_date".into(), c);
+        attributes.insert("item_create_date".into(), c.into());
     }
 
     // Quantity: hours for an hourly line when recurringFee / hourlyRecurringFee is whole,
@@ -987,27 +991,28 @@ pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRe
     let (start, end) = inv.period();
     Ok(UsageRecord {
         provider: KIND.into(),
-        source: ctx.source.clone(),
-        billing_account_id: ctx.account_id.clone(),
-        sub_account_id: sub_account,
+        source: ctx.source.as_str().into(),
+        billing_account_id: ctx.account_id.as_str().into(),
+        sub_account_id: sub_account.into(),
         resource_id: billing_item_id
             .map(|b| format!("billing_item:{b}"))
-            .unwrap_or_else(|| format!("invoice_item:{id}")),
-        resource_name: fqdn,
-        sku_id: Some(resource_type.clone()),
-        resource_type,
+            .unwrap_or_else(|| format!("invoice_item:{id}"))
+            .into(),
+        resource_name: fqdn.map(Text::from),
+        sku_id: Some(resource_type.as_str().into()),
+        resource_type: resource_type.into(),
         service_name: service_name.into(),
-        charge_description: text_field(item, "description"),
+        charge_description: text_field(item, "description").map(Text::from),
         charge_period_start: start,
         charge_period_end: end,
         consumed_quantity: quantity,
         consumed_unit: unit.into(),
         billed_cost: cost,
-        billing_currency: ctx.currency.clone(),
-        scope: ctx.account_id.clone(),
+        billing_currency: ctx.currency.as_str().into(),
+        scope: ctx.account_id.as_str().into(),
         natural_key: vec![
-            ("invoice_id".into(), inv.id.to_string()),
-            ("invoice_item_id".into(), id.to_string()),
+            ("invoice_id".into(), inv.id.to_compact_string()),
+            ("invoice_item_id".into(), id.to_compact_string()),
         ],
         is_final: inv.is_closed(),
         attributes,
@@ -1116,7 +1121,7 @@ pub fn billing_item_record(item: &Value, ctx: &NextContext) -> Result<UsageRecor
         Some(t) if t > start => t,
         _ => start.checked_add_months(Months::new(1)).unwrap_or(start),
     };
-    let mut attributes = BTreeMap::new();
+    let mut attributes: BTreeMap<Name, Text> = BTreeMap::new();
     let (resource_type, service_name, fqdn) = naming(item, &mut attributes);
     let (sub_account, how) = attribution(
         item.get("orderItem").filter(|o| o.is_object()),
@@ -1128,9 +1133,9 @@ pub fn billing_item_record(item: &Value, ctx: &NextContext) -> Result<UsageRecor
     }
     attributes.insert("record_kind".into(), "estimate".into());
     attributes.insert("amount_source".into(), source.into());
-    attributes.insert("billing_item_id".into(), id.to_string());
+    attributes.insert("billing_item_id".into(), id.to_compact_string());
     if let Some(c) = text_field(item, "cancellationDate") {
-        attributes.insert("cancellation_date".into(), c);
+        attributes.insert("cancellation_date".into(), c.into());
     }
     if let Some(total) = item
         .get("invoiceItem")
@@ -1139,7 +1144,7 @@ pub fn billing_item_record(item: &Value, ctx: &NextContext) -> Result<UsageRecor
     {
         attributes.insert(
             "invoice_item_total_recurring_amount".into(),
-            total.to_string(),
+            total.to_compact_string(),
         );
     }
     let (quantity, unit) = match decimal_field(item, "hoursUsed", &site)? {
@@ -1148,26 +1153,26 @@ pub fn billing_item_record(item: &Value, ctx: &NextContext) -> Result<UsageRecor
     };
     Ok(UsageRecord {
         provider: KIND.into(),
-        source: ctx.source.clone(),
-        billing_account_id: ctx.account_id.clone(),
-        sub_account_id: sub_account,
-        resource_id: format!("billing_item:{id}"),
-        resource_name: fqdn,
-        sku_id: Some(resource_type.clone()),
-        resource_type,
+        source: ctx.source.as_str().into(),
+        billing_account_id: ctx.account_id.as_str().into(),
+        sub_account_id: sub_account.into(),
+        resource_id: format!("billing_item:{id}").into(),
+        resource_name: fqdn.map(Text::from),
+        sku_id: Some(resource_type.as_str().into()),
+        resource_type: resource_type.into(),
         service_name: service_name.into(),
-        charge_description: text_field(item, "description"),
+        charge_description: text_field(item, "description").map(Text::from),
         charge_period_start: start,
         charge_period_end: end,
         consumed_quantity: quantity,
         consumed_unit: unit.into(),
         billed_cost: cost,
-        billing_currency: ctx.currency.clone(),
-        scope: ctx.account_id.clone(),
+        billing_currency: ctx.currency.as_str().into(),
+        scope: ctx.account_id.as_str().into(),
         natural_key: vec![
             ("kind".into(), STREAM_NEXT.into()),
-            ("billing_item_id".into(), id.to_string()),
-            ("next_bill_date".into(), rfc3339(end)),
+            ("billing_item_id".into(), id.to_compact_string()),
+            ("next_bill_date".into(), rfc3339(end).into()),
         ],
         is_final: false,
         attributes,

@@ -410,7 +410,7 @@ impl Sink for FocusSink {
         } else {
             record.service_name.to_string()
         };
-        let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+        let opt = |o: &Option<crate::record::Text>| o.as_deref().unwrap_or_default().to_string();
         // A correction restates usage whatever its sign (FOCUS: Usage is "positive or negative
         // charges … including refunds"); it sees only the difference, not the corrected cost.
         let credit = correction_of.is_none()
@@ -422,14 +422,14 @@ impl Sink for FocusSink {
         } else {
             (
                 decimal_text(record.consumed_quantity),
-                record.consumed_unit.clone(),
+                record.consumed_unit.to_string(),
             )
         };
 
         // In the order of FOCUS_COLUMNS.
         let mut fields: Vec<String> = vec![
             cost.clone(),                                        // BilledCost
-            record.billing_account_id.clone(),                   // BillingAccountId
+            record.billing_account_id.to_string(),               // BillingAccountId
             String::new(),                                       // BillingAccountName
             record.billing_currency.trim().to_ascii_uppercase(), // BillingCurrency
             focus_time(period_end),                              // BillingPeriodEnd
@@ -463,19 +463,19 @@ impl Sink for FocusSink {
             String::new(),                                       // ListUnitPrice
             String::new(),                                       // PricingCategory
             decimal_text(record.consumed_quantity),              // PricingQuantity
-            record.consumed_unit.clone(),                        // PricingUnit
+            record.consumed_unit.to_string(),                    // PricingUnit
             provider.clone(),                                    // ProviderName
             provider,                                            // PublisherName
             String::new(),                                       // RegionId
             String::new(),                                       // RegionName
-            record.resource_id.clone(),                          // ResourceId
+            record.resource_id.to_string(),                      // ResourceId
             opt(&record.resource_name),                          // ResourceName
-            record.resource_type.clone(),                        // ResourceType
+            record.resource_type.to_string(),                    // ResourceType
             self.service_category(record),                       // ServiceCategory
             service_name,                                        // ServiceName
             opt(&record.sku_id),                                 // SkuId
             String::new(),                                       // SkuPriceId
-            record.sub_account_id.clone(),                       // SubAccountId
+            record.sub_account_id.to_string(),                   // SubAccountId
             String::new(),                                       // SubAccountName
             String::new(),                                       // Tags
         ];
@@ -483,7 +483,7 @@ impl Sink for FocusSink {
         fields.extend([
             key.to_string(),
             correction_of.unwrap_or_default().to_string(),
-            record.source.clone(),
+            record.source.to_string(),
             event.external_subscription_id.clone(),
             event.external_customer_id.clone().unwrap_or_default(),
             event.metric_code.clone(),
