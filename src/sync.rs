@@ -573,7 +573,7 @@ impl Pipeline {
         let (status, note) = match outcome {
             MapOutcome::Unmapped { reason } => (Status::Unmapped, Some(reason)),
             MapOutcome::Ignored { rule } => {
-                mapped.rule = Some(rule);
+                mapped.rule = Some(rule.into());
                 (Status::Ignored, None)
             }
             MapOutcome::Mapped(event) => {
@@ -587,7 +587,7 @@ impl Pipeline {
                         )),
                     ),
                     Some(sink) => {
-                        mapped.sink = Some(sink.name().to_string());
+                        mapped.sink = Some(sink.name().into());
                         match sink.encode_record(&key, &event, &record) {
                             Err(e) => (Status::Unmapped, Some(e.to_string())),
                             Ok(payload) => {
@@ -660,9 +660,9 @@ impl Pipeline {
                 row.note.as_deref().unwrap_or(row.status.as_str())
             ));
         };
-        if row.mapped.subscription != sent.subscription
-            || row.mapped.metric != sent.metric
-            || row.mapped.sink != sent.sink
+        if row.mapped.subscription.as_deref() != sent.subscription.as_deref()
+            || row.mapped.metric.as_deref() != sent.metric.as_deref()
+            || row.mapped.sink.as_deref() != sent.sink.as_deref()
         {
             return Correction::Unresolved(format!(
                 "{} changed after it was sent and now maps to {:?}/{:?} instead of {:?}/{:?}: resolve by hand",
@@ -2149,15 +2149,17 @@ impl Pipeline {
         let first = context.and_then(|(_, _, r)| r.first().copied());
         let event = crate::mapping::MappedEvent {
             rule: first
-                .and_then(|r| r.rule.clone())
-                .unwrap_or_else(|| PERIOD_PROVIDER.to_string()),
-            sink: Some(g.sink.clone()),
-            external_subscription_id: g.subscription.clone(),
-            external_customer_id: first.and_then(|r| r.customer.clone()),
-            metric_code: g.metric.clone(),
+                .and_then(|r| r.rule.as_deref())
+                .unwrap_or(PERIOD_PROVIDER)
+                .into(),
+            sink: Some(g.sink.as_str().into()),
+            external_subscription_id: g.subscription.as_str().into(),
+            external_customer_id: first.and_then(|r| r.customer.as_deref()).map(Text::from),
+            metric_code: g.metric.as_str().into(),
             value_property: first
-                .and_then(|r| r.value_property.clone())
-                .unwrap_or_else(|| "value".to_string()),
+                .and_then(|r| r.value_property.as_deref())
+                .unwrap_or("value")
+                .into(),
             value,
             properties: BTreeMap::new(),
             // In the month, at its latest record, so it lands in the same billing period and
@@ -2170,10 +2172,10 @@ impl Pipeline {
         };
         let mapped = MappedColumns {
             rule: Some(event.rule.clone()),
-            sink: Some(g.sink.clone()),
-            subscription: Some(g.subscription.clone()),
+            sink: Some(g.sink.as_str().into()),
+            subscription: Some(g.subscription.as_str().into()),
             customer: event.external_customer_id.clone(),
-            metric: Some(g.metric.clone()),
+            metric: Some(g.metric.as_str().into()),
             value: Some(value),
             value_property: Some(event.value_property.clone()),
             payload: Some(payload),

@@ -497,9 +497,9 @@ async fn a_cost_only_restatement_is_corrected_in_the_focus_export_only() {
     // Sent: 3600 s for 0.50; the provider now says 0.80 for the same 3600 s (1 hour billed).
     let sent_state = |row: &billsync::ledger::StageRow, cost: Option<&str>| SentState {
         key: row.key.clone(),
-        subscription: row.mapped.subscription.clone(),
-        metric: row.mapped.metric.clone(),
-        sink: row.mapped.sink.clone(),
+        subscription: row.mapped.subscription.as_deref().map(str::to_string),
+        metric: row.mapped.metric.as_deref().map(str::to_string),
+        sink: row.mapped.sink.as_deref().map(str::to_string),
         sent_total: row.mapped.value.unwrap(),
         sent_cost: cost.map(|c| Decimal::from_str(c).unwrap()),
         sent_quantity: cost.map(|_| Decimal::from(3600)),

@@ -300,7 +300,10 @@ async fn crash_loop(behaviour: Behaviour) -> Figures {
             if let MapOutcome::Mapped(ev) = mappings.apply(&record) {
                 assert!(record.is_final, "{record:?}");
                 *expected_totals
-                    .entry((ev.external_subscription_id.clone(), ev.metric_code.clone()))
+                    .entry((
+                        ev.external_subscription_id.to_string(),
+                        ev.metric_code.to_string(),
+                    ))
                     .or_insert(Decimal::ZERO) += ev.value;
                 assert!(
                     expected_keys

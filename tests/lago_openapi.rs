@@ -24,9 +24,9 @@ use rust_decimal::Decimal;
 fn varied_events() -> Vec<(&'static str, billsync::mapping::MappedEvent)> {
     let mut extra = event("sub-2", "123456789012345678.123456789", at(1_710_421_740));
     extra.properties = BTreeMap::from([
-        ("instance_type".to_string(), "gpu.large".to_string()),
-        ("operation_type".to_string(), "add".to_string()),
-        ("region".to_string(), "eu-west-1".to_string()),
+        ("instance_type".into(), "gpu.large".into()),
+        ("operation_type".into(), "add".into()),
+        ("region".into(), "eu-west-1".into()),
     ]);
     let subsecond = chrono::Utc
         .timestamp_opt(1_710_421_740, 123_000_000)

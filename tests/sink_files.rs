@@ -93,8 +93,8 @@ fn event(value: &str) -> MappedEvent {
         value_property: "hours".into(),
         value: Decimal::from_str(value).unwrap(),
         properties: BTreeMap::from([
-            ("instance".to_string(), "i-1".to_string()),
-            ("note".to_string(), "a \"quoted\", value".to_string()),
+            ("instance".into(), "i-1".into()),
+            ("note".into(), "a \"quoted\", value".into()),
         ]),
         timestamp: t(2026, 10, 5, 0),
     }

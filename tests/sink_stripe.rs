@@ -51,7 +51,7 @@ fn event(customer: &str, value: &str, timestamp: DateTime<Utc>) -> MappedEvent {
         metric_code: "api_calls".into(),
         value_property: "ignored".into(),
         value: Decimal::from_str(value).unwrap(),
-        properties: BTreeMap::from([("region".to_string(), "eu west/1".to_string())]),
+        properties: BTreeMap::from([("region".into(), "eu west/1".into())]),
         timestamp,
     }
 }

@@ -207,7 +207,7 @@ fn event(sub: &str, value: &str) -> MappedEvent {
         metric_code: "storage".into(),
         value_property: "gb".into(),
         value: Decimal::from_str(value).unwrap(),
-        properties: BTreeMap::from([("region".to_string(), "eu-west".to_string())]),
+        properties: BTreeMap::from([("region".into(), "eu-west".into())]),
         timestamp: chrono::Utc.with_ymd_and_hms(2026, 10, 5, 0, 0, 0).unwrap(),
     }
 }

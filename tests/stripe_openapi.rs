@@ -119,7 +119,7 @@ fn event(customer: &str, value: &str, t: DateTime<Utc>, props: &[(&str, &str)]) 
         value: Decimal::from_str(value).unwrap(),
         properties: props
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect::<BTreeMap<_, _>>(),
         timestamp: t,
     }

@@ -26,7 +26,7 @@ mod body;
 mod raw;
 
 use crate::providers::Cursors;
-use crate::record::UsageRecord;
+use crate::record::{Text, UsageRecord};
 use crate::sinks::{Outcome, Outgoing};
 
 /// Keys per `IN (…)` look-up.
@@ -142,14 +142,14 @@ impl FromStr for Status {
 /// The mapping result stored with a record.
 #[derive(Debug, Clone, Default)]
 pub struct MappedColumns {
-    pub rule: Option<String>,
-    pub sink: Option<String>,
-    pub subscription: Option<String>,
-    pub customer: Option<String>,
-    pub metric: Option<String>,
+    pub rule: Option<Text>,
+    pub sink: Option<Text>,
+    pub subscription: Option<Text>,
+    pub customer: Option<Text>,
+    pub metric: Option<Text>,
     pub value: Option<Decimal>,
     /// The event property carrying the value (for read-back).
-    pub value_property: Option<String>,
+    pub value_property: Option<Text>,
     /// The frozen payload (only for records that will be sent).
     pub payload: Option<String>,
 }
@@ -928,16 +928,16 @@ impl Ledger {
         )
         .bind(id)
         .bind(status.as_str())
-        .bind(&mapped.rule)
-        .bind(&mapped.sink)
-        .bind(&mapped.subscription)
-        .bind(&mapped.customer)
-        .bind(&mapped.metric)
+        .bind(mapped.rule.as_deref())
+        .bind(mapped.sink.as_deref())
+        .bind(mapped.subscription.as_deref())
+        .bind(mapped.customer.as_deref())
+        .bind(mapped.metric.as_deref())
         .bind(mapped.value.map(|v| v.to_string()))
         .bind(note)
         .bind(run_id)
         .bind(ts(now))
-        .bind(&mapped.value_property)
+        .bind(mapped.value_property.as_deref())
         .execute(&mut *tx)
         .await
         .map_err(sql("re-mapping a record"))?
@@ -1913,16 +1913,16 @@ async fn restage(
     .bind(rec.consumed_unit.as_str())
     .bind(rec.billed_cost.to_string())
     .bind(rec.billing_currency.as_str())
-    .bind(&row.mapped.rule)
-    .bind(&row.mapped.sink)
-    .bind(&row.mapped.subscription)
-    .bind(&row.mapped.customer)
-    .bind(&row.mapped.metric)
+    .bind(row.mapped.rule.as_deref())
+    .bind(row.mapped.sink.as_deref())
+    .bind(row.mapped.subscription.as_deref())
+    .bind(row.mapped.customer.as_deref())
+    .bind(row.mapped.metric.as_deref())
     .bind(row.mapped.value.map(|v| v.to_string()))
     .bind(&row.note)
     .bind(run_id)
     .bind(now_s)
-    .bind(&row.mapped.value_property)
+    .bind(row.mapped.value_property.as_deref())
     .execute(&mut *tx)
     .await
     .map_err(sql("restaging a changed record"))?;

@@ -11,7 +11,7 @@ use super::period::{month_of, tiered_markup, PeriodShare, PeriodSpec, TierSpec};
 use super::schema::{Conversion, Pricing, Rule, TemplatePart, ValueSpec};
 use super::units::Unit;
 use super::{effective_round, LoadedRule, MapOutcome, MappedEvent, MappingSet};
-use crate::record::{UsageRecord, MATCHABLE_FIELDS};
+use crate::record::{Text, UsageRecord, MATCHABLE_FIELDS};
 
 /// Fields always named in an "unmapped" reason, besides those the rules refer to.
 const KEY_FIELDS: &[&str] = &[
@@ -83,8 +83,8 @@ pub struct Explanation {
 
 /// The chosen customer: subscription, customer id, pricing, how it was chosen.
 struct Chosen<'a> {
-    subscription: String,
-    customer: Option<String>,
+    subscription: Text,
+    customer: Option<Text>,
     pricing: Option<&'a super::schema::Pricing>,
 }
 
@@ -198,8 +198,12 @@ impl MappingSet {
                 best = Some((
                     c.priority(),
                     Chosen {
-                        subscription: c.entry.external_subscription_id.0.clone(),
-                        customer: c.entry.external_customer_id.as_ref().map(|x| x.0.clone()),
+                        subscription: c.entry.external_subscription_id.0.as_str().into(),
+                        customer: c
+                            .entry
+                            .external_customer_id
+                            .as_ref()
+                            .map(|x| x.0.as_str().into()),
                         pricing: c.entry.pricing.as_ref(),
                     },
                     label.clone(),
@@ -232,8 +236,8 @@ impl MappingSet {
                         best = Some((
                             row.priority,
                             Chosen {
-                                subscription: row.subscription.to_string(),
-                                customer: row.customer.map(str::to_string),
+                                subscription: row.subscription.into(),
+                                customer: row.customer.map(Text::from),
                                 pricing: None,
                             },
                             label.clone(),
@@ -288,8 +292,8 @@ impl MappingSet {
                     ));
                 }
                 Chosen {
-                    subscription: t.external_subscription_id.0.clone(),
-                    customer: t.external_customer_id.as_ref().map(|c| c.0.clone()),
+                    subscription: t.external_subscription_id.0.as_str().into(),
+                    customer: t.external_customer_id.as_ref().map(|c| c.0.as_str().into()),
                     pricing: None,
                 }
             }
@@ -321,15 +325,15 @@ impl MappingSet {
         ex.period = period;
         let properties = render_properties(rule, record)?;
         Ok(MapOutcome::Mapped(MappedEvent {
-            rule: loaded.id.clone(),
-            sink: rule.sink.as_ref().map(|s| s.0.clone()),
+            rule: loaded.id.as_str().into(),
+            sink: rule.sink.as_ref().map(|s| s.0.as_str().into()),
             external_subscription_id: chosen.subscription,
             external_customer_id: chosen.customer,
-            metric_code: metric,
+            metric_code: metric.into(),
             value_property: rule
                 .property
                 .as_ref()
-                .map_or_else(|| "value".to_string(), |p| p.0.clone()),
+                .map_or(Text::const_new("value"), |p| p.0.as_str().into()),
             value,
             properties,
             timestamp: record.charge_period_start,
@@ -746,13 +750,10 @@ fn price(
 
 /// Fills `{field}` placeholders. A placeholder whose field is absent on the record makes the
 /// record unmapped rather than sending an empty property (Lago may group or filter on it).
-fn render_properties(
-    rule: &Rule,
-    record: &UsageRecord,
-) -> Result<BTreeMap<String, String>, String> {
+fn render_properties(rule: &Rule, record: &UsageRecord) -> Result<BTreeMap<Text, Text>, String> {
     let mut out = BTreeMap::new();
     for (key, template) in &rule.properties {
-        let mut s = String::new();
+        let mut s = Text::default();
         for part in &template.0 {
             match part {
                 TemplatePart::Literal(l) => s.push_str(l),
@@ -767,7 +768,7 @@ fn render_properties(
                 },
             }
         }
-        out.insert(key.clone(), s);
+        out.insert(key.as_str().into(), s);
     }
     Ok(out)
 }

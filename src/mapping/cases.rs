@@ -414,17 +414,18 @@ fn run_one(
                     cmp(field, w.clone(), got.clone(), *w == got);
                 }
             };
-            s("rule", &x.rule, &|e| e.rule.clone());
+            s("rule", &x.rule, &|e| e.rule.to_string());
             s("subscription", &x.subscription, &|e| {
-                e.external_subscription_id.clone()
+                e.external_subscription_id.to_string()
             });
             s("customer", &x.customer, &|e| {
                 e.external_customer_id
-                    .clone()
-                    .unwrap_or_else(|| "<none>".into())
+                    .as_deref()
+                    .unwrap_or("<none>")
+                    .to_string()
             });
-            s("metric", &x.metric, &|e| e.metric_code.clone());
-            s("property", &x.property, &|e| e.value_property.clone());
+            s("metric", &x.metric, &|e| e.metric_code.to_string());
+            s("property", &x.property, &|e| e.value_property.to_string());
             let value: Decimal = events.iter().map(|e| e.value).sum();
             if let Some(v) = &x.value {
                 let text = scalar_text(v).unwrap_or_default();
@@ -436,14 +437,20 @@ fn run_one(
                     .iter()
                     .map(|(k, v)| (k.clone(), scalar_text(v).unwrap_or_default()))
                     .collect();
-                let keys: std::collections::BTreeSet<&String> =
-                    want.keys().chain(ev.properties.keys()).collect();
+                let keys: std::collections::BTreeSet<&str> = want
+                    .keys()
+                    .map(String::as_str)
+                    .chain(ev.properties.keys().map(Text::as_str))
+                    .collect();
                 for k in keys {
-                    let (w, g) = (want.get(k), ev.properties.get(k));
+                    let (w, g) = (
+                        want.get(k).map(String::as_str),
+                        ev.properties.get(k).map(Text::as_str),
+                    );
                     cmp(
                         &format!("properties.{k}"),
-                        w.cloned().unwrap_or_else(|| "<absent>".into()),
-                        g.cloned().unwrap_or_else(|| "<absent>".into()),
+                        w.unwrap_or("<absent>").to_string(),
+                        g.unwrap_or("<absent>").to_string(),
                         w == g,
                     );
                 }

@@ -129,6 +129,7 @@ pub use load::{MappingError, MappingErrors, MappingSummary};
 pub use period::{PeriodPrice, PeriodShare, PeriodSpec};
 pub use schema::json_schema_text;
 
+use crate::record::Text;
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
@@ -139,23 +140,23 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MappedEvent {
     /// The rule that matched, as `file#name`.
-    pub rule: String,
+    pub rule: Text,
     /// The sink this event is for (`None`: the default sink).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sink: Option<String>,
+    pub sink: Option<Text>,
     /// Lago `external_subscription_id` (or the sink's equivalent target).
-    pub external_subscription_id: String,
+    pub external_subscription_id: Text,
     /// The customer, for reports (Lago routes by subscription only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub external_customer_id: Option<String>,
+    pub external_customer_id: Option<Text>,
     /// The billable metric code.
-    pub metric_code: String,
+    pub metric_code: Text,
     /// The property carrying the value (the metric's `field_name`).
-    pub value_property: String,
+    pub value_property: Text,
     /// The value sent, after unit conversion or markup and rounding.
     pub value: Decimal,
     /// Extra event properties (strings).
-    pub properties: BTreeMap<String, String>,
+    pub properties: BTreeMap<Text, Text>,
     /// The event timestamp: the record's charge period start, fixed at staging.
     pub timestamp: DateTime<Utc>,
 }

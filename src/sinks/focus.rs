@@ -484,12 +484,16 @@ impl Sink for FocusSink {
             key.to_string(),
             correction_of.unwrap_or_default().to_string(),
             record.source.to_string(),
-            event.external_subscription_id.clone(),
-            event.external_customer_id.clone().unwrap_or_default(),
-            event.metric_code.clone(),
-            event.value_property.clone(),
+            event.external_subscription_id.to_string(),
+            event
+                .external_customer_id
+                .as_deref()
+                .unwrap_or_default()
+                .to_string(),
+            event.metric_code.to_string(),
+            event.value_property.to_string(),
             decimal_text(event.value),
-            event.rule.clone(),
+            event.rule.to_string(),
         ]);
         if fields.iter().any(|f| f.contains(['\n', '\r'])) {
             // A quoted line break is valid CSV, but line-oriented tools split on it; the

@@ -371,7 +371,7 @@ impl Sink for JsonlSink {
                 event
                     .properties
                     .iter()
-                    .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                    .map(|(k, v)| (k.to_string(), Value::from(v.as_str())))
                     .collect(),
             ),
         );

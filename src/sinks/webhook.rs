@@ -501,7 +501,7 @@ impl Sink for WebhookSink {
                 event
                     .properties
                     .iter()
-                    .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                    .map(|(k, v)| (k.to_string(), Value::from(v.as_str())))
                     .collect(),
             ),
         );

@@ -62,7 +62,7 @@ pub fn event(sub: &str, value: &str, timestamp: DateTime<Utc>) -> MappedEvent {
         metric_code: "storage".into(),
         value_property: "gb".into(),
         value: Decimal::from_str(value).expect("decimal literal"),
-        properties: BTreeMap::from([("region".to_string(), "eu-west".to_string())]),
+        properties: BTreeMap::from([("region".into(), "eu-west".into())]),
         timestamp,
     }
 }

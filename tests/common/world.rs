@@ -128,7 +128,10 @@ impl World {
                 if let MapOutcome::Mapped(ev) = mappings.apply(&record) {
                     assert!(record.is_final);
                     *totals
-                        .entry((ev.external_subscription_id.clone(), ev.metric_code.clone()))
+                        .entry((
+                            ev.external_subscription_id.to_string(),
+                            ev.metric_code.to_string(),
+                        ))
                         .or_insert(Decimal::ZERO) += ev.value;
                     by_key.insert(record.idempotency_key(), ev.value);
                 }
