@@ -318,7 +318,7 @@ impl MappingSet {
         let metric = rule
             .metric
             .as_ref()
-            .map(|m| m.0.clone())
+            .map(|m| Text::from(m.0.as_str()))
             .ok_or_else(|| "the rule has no metric".to_string())?;
         let mut steps = Steps(trace.then_some(&mut ex.steps));
         let (value, period) = self.compute_value(rule, record, chosen.pricing, &mut steps)?;
@@ -329,7 +329,7 @@ impl MappingSet {
             sink: rule.sink.as_ref().map(|s| s.0.as_str().into()),
             external_subscription_id: chosen.subscription,
             external_customer_id: chosen.customer,
-            metric_code: metric.into(),
+            metric_code: metric,
             value_property: rule
                 .property
                 .as_ref()
