@@ -659,3 +659,56 @@ async fn pending_records_read_in_order_and_a_missing_payload_is_named() {
     assert!(err.contains("payload"), "{err}");
     assert!(err.contains(&all[3].id.to_string()), "{err}");
 }
+
+/// A record SQLite refuses to write is named in the error, with SQLite's reason; the page's
+/// transaction is rolled back whole (its other records and its cursor too), so nothing is half
+/// staged and the next run pulls the page again.
+#[tokio::test]
+async fn a_record_sqlite_refuses_is_named_and_its_page_is_not_half_staged() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    let rows: Vec<StageRow> = ["a", "b", "c"]
+        .iter()
+        .map(|r| row(record(r, "1.00")))
+        .collect();
+    let refused = rows[1].key.clone();
+    let cursor = Some(("ms", "user:1", "2026-10-05T01:00:00Z"));
+    let (pool, _) = records_schema(&dir.path().join("ledger.db")).await;
+    // The key is the test's own (letters, digits and dots): safe inside quotes.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.idem_key = '{refused}'
+         BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let err = ledger
+        .stage(run, &rows, cursor, now, &by_hand)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&refused), "{err}");
+    assert!(err.contains("refused by a test trigger"), "{err}");
+    assert!(!err.contains(&rows[0].key), "{err}");
+    assert_eq!(ledger.record_count().await.unwrap(), 0);
+    assert!(!ledger.cursors("ms").await.unwrap().contains_key("user:1"));
+
+    // Once SQLite takes it, the same page stages whole.
+    sqlx::query("DROP TRIGGER refuse")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let counts = ledger
+        .stage(run, &rows, cursor, now, &by_hand)
+        .await
+        .unwrap();
+    assert_eq!(counts.new, 3);
+    assert_eq!(ledger.record_count().await.unwrap(), 3);
+    assert_eq!(
+        ledger.cursors("ms").await.unwrap()["user:1"],
+        "2026-10-05T01:00:00Z"
+    );
+}

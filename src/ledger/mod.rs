@@ -54,6 +54,14 @@ pub enum LedgerError {
         context: &'static str,
         source: raw::RawError,
     },
+    /// Writing one staged record failed: the whole staging transaction is rolled back (its
+    /// cursor with it), so the page is pulled again on the next run.
+    #[error("ledger: {context}, record {key}: {source}")]
+    StageRecord {
+        context: &'static str,
+        key: String,
+        source: raw::RawError,
+    },
     #[error("ledger row {id} ({field}) is unreadable: {message}")]
     Corrupt {
         id: i64,
@@ -1715,14 +1723,22 @@ fn insert_staged(
                 s.opt_int(28, r.correction_of)?;
                 s.int(29, r.revision)
             })
-            .map_err(sqlite("staging records"))?;
+            .map_err(|source| LedgerError::StageRecord {
+                context: "staging records",
+                key: r.key.clone(),
+                source,
+            })?;
         let stored = r.stored_body()?;
         body.run_with(|b| {
             b.int(1, id)?;
             b.opt_text(2, m.payload.as_deref())?;
             b.blob(3, &stored)
         })
-        .map_err(sqlite("staging record bodies"))?;
+        .map_err(|source| LedgerError::StageRecord {
+            context: "staging record bodies",
+            key: r.key.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
