@@ -7,8 +7,9 @@
 //!
 //! Data: [`MetalsoftDataset::generated`] (instances, drives, shared drives, subnets, data lakes,
 //! network waypoints over 1–3 infrastructures per user) with `RESOURCES_PER_USER` resources per
-//! user over `WINDOWS` daily windows; the number of users is chosen from a sample so that the
-//! run pulls about `--records` records. Every user has an entry in a generated account
+//! user over `--days` daily windows (default [`DEFAULT_DAYS`]); the number of users is chosen
+//! from a sample so that the run pulls about `--records` records. More days at the same
+//! records is a backfill: fewer users, each pulled over a longer period. Every user has an entry in a generated account
 //! directory, and the rules are the shipped MetalSoft example rules.
 
 use std::io::{BufRead, BufReader, Write};
@@ -37,8 +38,14 @@ const MS_KEY: &str = "bench-metalsoft-key";
 const LAGO_KEY: &str = "bench-lago-key";
 /// Metered resources per user (plus 2–6 network waypoints).
 pub const RESOURCES_PER_USER: usize = 100;
-/// Daily windows pulled per user.
-pub const WINDOWS: i64 = 7;
+/// Daily windows pulled per user, unless `--days` says otherwise.
+pub const DEFAULT_DAYS: i64 = 7;
+/// Days of the sample that [`users_for`] measures, spread over the period: half the resources
+/// live through it, the rest a random part of it, so its middle days have more records than
+/// its first and last.
+const SAMPLE_DAYS: i64 = 7;
+/// The longest period `--days` accepts (a year's backfill).
+pub const MAX_DAYS: i64 = 366;
 const SEED: u64 = 42;
 const SAMPLE_USERS: u64 = 20;
 
@@ -46,6 +53,8 @@ const SAMPLE_USERS: u64 = 20;
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub records: u64,
+    /// Daily windows per user (the period pulled).
+    pub days: i64,
     pub ledger: Option<PathBuf>,
     pub rate: Option<u32>,
     pub baseline: bool,
@@ -62,27 +71,30 @@ fn period_start() -> DateTime<Utc> {
         .expect("valid date")
 }
 
-fn period_end() -> DateTime<Utc> {
-    period_start() + chrono::Duration::days(WINDOWS)
+fn period_end(days: i64) -> DateTime<Utc> {
+    period_start() + chrono::Duration::days(days)
 }
 
 /// "Now" of every bench run: every window has settled.
-fn bench_now() -> DateTime<Utc> {
-    period_end() + chrono::Duration::hours(3)
+fn bench_now(days: i64) -> DateTime<Utc> {
+    period_end(days) + chrono::Duration::hours(3)
 }
 
-/// Users needed for about `records` records (measured on the first users of the dataset).
-pub fn users_for(records: u64) -> u64 {
+/// Users needed for about `records` records over `days` daily windows (measured on the first
+/// users and days of the dataset).
+pub fn users_for(records: u64, days: i64) -> u64 {
     let sample = MetalsoftDataset::generated(
         SAMPLE_USERS,
         RESOURCES_PER_USER,
         SEED,
         period_start(),
-        period_end(),
+        period_end(days),
     );
+    let sample_days = days.min(SAMPLE_DAYS);
     let mut sampled = 0u64;
     for user_id in 1..=SAMPLE_USERS {
-        for w in 0..WINDOWS {
+        for k in 0..sample_days {
+            let w = k * days / sample_days;
             let start = period_start() + chrono::Duration::days(w);
             let end = start + chrono::Duration::days(1);
             let answer = String::from_utf8(sample.report_json(user_id, start, end, None))
@@ -98,18 +110,19 @@ pub fn users_for(records: u64) -> u64 {
             sampled += parse_report_str(&answer, &ctx).map_or(0, |r| r.len() as u64);
         }
     }
-    let per_user = (sampled as f64 / SAMPLE_USERS as f64).max(1.0);
+    let per_user =
+        (sampled as f64 / SAMPLE_USERS as f64 * days as f64 / sample_days as f64).max(1.0);
     ((records as f64 / per_user).round() as u64).max(1)
 }
 
 /// The hidden `bench-sim` command: serve both simulators until `quit` or end of input.
-pub async fn serve_simulators(users: u64, rate: Option<u32>) -> anyhow::Result<u8> {
+pub async fn serve_simulators(users: u64, days: i64, rate: Option<u32>) -> anyhow::Result<u8> {
     let dataset = MetalsoftDataset::generated(
         users,
         RESOURCES_PER_USER,
         SEED,
         period_start(),
-        period_end(),
+        period_end(days),
     );
     let metalsoft = MetalsoftSim::start(dataset, MS_KEY).await?;
     let lago = LagoSim::start(LagoSimConfig {
@@ -174,10 +187,16 @@ struct SimStats {
 }
 
 impl Simulators {
-    fn start(users: u64, rate: Option<u32>) -> anyhow::Result<Simulators> {
+    fn start(users: u64, days: i64, rate: Option<u32>) -> anyhow::Result<Simulators> {
         let exe = std::env::current_exe().context("finding the billsync binary")?;
         let mut cmd = Command::new(exe);
-        cmd.args(["bench-sim", "--users", &users.to_string()]);
+        cmd.args([
+            "bench-sim",
+            "--users",
+            &users.to_string(),
+            "--days",
+            &days.to_string(),
+        ]);
         if let Some(r) = rate {
             cmd.args(["--rate", &r.to_string()]);
         }
@@ -319,7 +338,13 @@ fn rate(n: u64, d: Duration) -> String {
 
 /// Run the benchmark and print its figures.
 pub async fn run(opts: &BenchOptions) -> anyhow::Result<u8> {
-    let users = users_for(opts.records);
+    let days = opts.days;
+    if !(1..=MAX_DAYS).contains(&days) {
+        return Err(anyhow!(
+            "--days must be between 1 and {MAX_DAYS}, not {days}"
+        ));
+    }
+    let users = users_for(opts.records, days);
     let tmp;
     let dir: PathBuf = match &opts.ledger {
         Some(d) => d.clone(),
@@ -331,11 +356,11 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<u8> {
     std::fs::create_dir_all(&dir)?;
     let ledger_path = dir.join("ledger.db");
     println!(
-        "billsync bench: {users} MetalSoft users × {RESOURCES_PER_USER} resources × {WINDOWS} daily windows (target {} records); ledger {}",
+        "billsync bench: {users} MetalSoft users × {RESOURCES_PER_USER} resources × {days} daily windows (target {} records); ledger {}",
         opts.records,
         ledger_path.display()
     );
-    let mut sims = Simulators::start(users, opts.rate)?;
+    let mut sims = Simulators::start(users, days, opts.rate)?;
     let result = bench_with(opts, &mut sims, users, &dir, &ledger_path).await;
     sims.quit();
     result
@@ -359,7 +384,7 @@ async fn bench_with(
             let t = Instant::now();
             let summary = pipeline
                 .sync(&SyncOptions {
-                    now: Some(bench_now()),
+                    now: Some(bench_now(opts.days)),
                     ..Default::default()
                 })
                 .await?;
@@ -391,7 +416,7 @@ async fn bench_with(
     let t = Instant::now();
     let summary = pipeline
         .sync(&SyncOptions {
-            now: Some(bench_now()),
+            now: Some(bench_now(opts.days)),
             skip_push: opts.stage_only,
             ..Default::default()
         })
@@ -470,7 +495,7 @@ async fn bench_with(
 
     if opts.baseline {
         let n = opts.baseline_records.min(opts.records);
-        let base_users = users_for(n);
+        let base_users = users_for(n, opts.days);
         println!("naive baseline: bench/naive_baseline.py on the first {base_users} users (about {n} records), same simulators");
         let base_dir = dir.join("naive");
         let _ = std::fs::remove_dir_all(&base_dir);
@@ -494,7 +519,7 @@ async fn bench_with(
                 "--start",
                 &period_start().to_rfc3339(),
                 "--days",
-                &WINDOWS.to_string(),
+                &opts.days.to_string(),
                 "--db",
                 &base_dir.join("naive.db").to_string_lossy(),
                 "--prefix",

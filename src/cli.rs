@@ -150,6 +150,11 @@ pub enum Command {
         /// About how many records to pull (MetalSoft users are chosen to reach it).
         #[arg(long, default_value_t = 100_000)]
         records: u64,
+        /// Daily windows pulled per user, 1 to 366. More days for the same `--records` is a
+        /// backfill: fewer users, a longer period each. A `--noop` run must repeat the days of
+        /// the run that filled its ledger.
+        #[arg(long, default_value_t = crate::bench::DEFAULT_DAYS)]
+        days: i64,
         /// Ledger directory (kept; default: a temporary directory).
         #[arg(long)]
         ledger: Option<PathBuf>,
@@ -174,6 +179,8 @@ pub enum Command {
     BenchSim {
         #[arg(long)]
         users: u64,
+        #[arg(long, default_value_t = crate::bench::DEFAULT_DAYS)]
+        days: i64,
         #[arg(long)]
         rate: Option<u32>,
     },
@@ -392,6 +399,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
         Command::Demo { dir } => crate::demo::run(&dir, ctx).await,
         Command::Bench {
             records,
+            days,
             ledger,
             rate,
             baseline,
@@ -401,6 +409,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
         } => {
             crate::bench::run(&crate::bench::BenchOptions {
                 records,
+                days,
                 ledger,
                 rate,
                 baseline,
@@ -411,7 +420,9 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             })
             .await
         }
-        Command::BenchSim { users, rate } => crate::bench::serve_simulators(users, rate).await,
+        Command::BenchSim { users, days, rate } => {
+            crate::bench::serve_simulators(users, days, rate).await
+        }
         Command::Mappings { command } => run_mappings(&cli.config, command).await,
         Command::Reconcile {
             period,

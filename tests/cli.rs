@@ -203,3 +203,105 @@ async fn sync_status_and_replay_against_the_simulators_with_documented_exit_code
     assert_eq!(world.lago.events().len(), 72);
     assert!(world.lago.counts().values().all(|&n| n == 1));
 }
+
+/// `billsync bench` (the harness of BENCHMARKS.md) on a few thousand records: every stage runs
+/// and the figures add up; `--days` pulls a longer period from fewer users (a backfill); a
+/// no-op sync on the kept ledger pulls and sends nothing.
+#[test]
+fn the_bench_harness_runs_every_stage_and_a_backfill_takes_fewer_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let week = dir.path().join("week");
+    let backfill = dir.path().join("backfill");
+    let number_after = |text: &str, label: &str| -> u64 {
+        let at = text
+            .find(label)
+            .unwrap_or_else(|| panic!("no {label:?} in {text}"));
+        text[at + label.len()..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {label:?} in {text}"))
+    };
+
+    let out = billsync(
+        &[
+            "bench",
+            "--records",
+            "3000",
+            "--ledger",
+            week.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("× 7 daily windows"), "{stdout}");
+    let week_users = number_after(&stdout, "billsync bench:");
+    let pulled = number_after(&stdout, "records pulled");
+    let sent = number_after(&stdout, ", sent");
+    let ignored = number_after(&stdout, ", ignored");
+    assert!((2000..=4500).contains(&pulled), "{stdout}");
+    assert_eq!(number_after(&stdout, "staged new"), pulled, "{stdout}");
+    // The shipped rules ignore reserved time and subnets and send the rest.
+    assert_eq!(sent + ignored, pulled, "{stdout}");
+    assert_eq!(number_after(&stdout, "lago:"), sent, "{stdout}");
+    for stage in ["pull", "map", "stage", "push", "ack", "end to end"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(stage)),
+            "no {stage} line in {stdout}"
+        );
+    }
+    assert!(stdout.contains("peak RSS (VmHWM)"), "{stdout}");
+
+    let out = billsync(
+        &[
+            "bench",
+            "--records",
+            "3000",
+            "--days",
+            "28",
+            "--stage-only",
+            "--ledger",
+            backfill.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("× 28 daily windows"), "{stdout}");
+    let backfill_users = number_after(&stdout, "billsync bench:");
+    assert!(
+        backfill_users * 2 < week_users,
+        "{backfill_users} users for 28 days, {week_users} for 7"
+    );
+    let pulled = number_after(&stdout, "records pulled");
+    assert!((2000..=4500).contains(&pulled), "{stdout}");
+    assert_eq!(number_after(&stdout, ", sent"), 0, "{stdout}");
+
+    let out = billsync(
+        &[
+            "bench",
+            "--records",
+            "3000",
+            "--ledger",
+            week.to_str().unwrap(),
+            "--noop",
+        ],
+        &[],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("(pulled 0, sent 0, simulator requests 0)"),
+        "{stdout}"
+    );
+
+    let out = billsync(&["bench", "--records", "3000", "--days", "0"], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("--days must be between 1 and 366"),
+        "{stderr}"
+    );
+}
