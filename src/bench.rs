@@ -152,6 +152,7 @@ pub async fn serve_simulators(users: u64, days: i64, rate: Option<u32>) -> anyho
                     "requests": lago.request_count(),
                     "throttled": lago.throttled_count(),
                     "metalsoft_requests": metalsoft.request_count(),
+                    "cpu_seconds": cpu_seconds(),
                 });
                 println!("{stats}");
             }
@@ -184,6 +185,8 @@ struct SimStats {
     events: u64,
     requests: u64,
     throttled: u64,
+    /// The simulators' process: user + system CPU time so far.
+    cpu_seconds: f64,
 }
 
 impl Simulators {
@@ -243,6 +246,7 @@ impl Simulators {
             events: n("events"),
             requests: n("requests"),
             throttled: n("throttled"),
+            cpu_seconds: v["cpu_seconds"].as_f64().unwrap_or(0.0),
         })
     }
 
@@ -318,6 +322,17 @@ fn pipeline_for(
 }
 
 /// Peak resident set size of this process, in kB (`VmHWM`).
+/// User + system CPU time of this process (all its threads) so far, in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: `getrusage` only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 pub fn peak_rss_kb() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
@@ -413,6 +428,7 @@ async fn bench_with(
     let mut pipeline = pipeline_for(sims, ledger, users, chrono::Duration::days(1))?;
     pipeline.progress = crate::observe::progress(opts.json_logs);
     let before = sims.stats()?;
+    let cpu_before = cpu_seconds();
     let t = Instant::now();
     let summary = pipeline
         .sync(&SyncOptions {
@@ -422,6 +438,7 @@ async fn bench_with(
         })
         .await?;
     let run_time = t.elapsed();
+    let cpu = cpu_seconds() - cpu_before;
     let after = sims.stats()?;
     let timings = pipeline.timings.clone().unwrap_or_default();
     let t = timings.snapshot();
@@ -480,6 +497,14 @@ async fn bench_with(
         } else {
             0.0
         }
+    );
+    // The simulators share the machine's cores with billsync (see BENCHMARKS.md, Method).
+    let sims_cpu = after.cpu_seconds - before.cpu_seconds;
+    let wall = run_time.as_secs_f64().max(f64::MIN_POSITIVE);
+    println!(
+        "CPU time: billsync {cpu:.1}s ({:.2} cores), simulators {sims_cpu:.1}s ({:.2} cores)",
+        cpu / wall,
+        sims_cpu / wall
     );
     if let Some(r) = opts.rate {
         let ideal = batches as f64 / r as f64;

@@ -253,6 +253,7 @@ fn the_bench_harness_runs_every_stage_and_a_backfill_takes_fewer_users() {
         );
     }
     assert!(stdout.contains("peak RSS (VmHWM)"), "{stdout}");
+    assert!(stdout.contains("CPU time: billsync"), "{stdout}");
 
     let out = billsync(
         &[
