@@ -9,8 +9,9 @@
 //! network waypoints over 1–3 infrastructures per user) with `RESOURCES_PER_USER` resources per
 //! user over `--days` daily windows (default [`DEFAULT_DAYS`]); the number of users is chosen
 //! from a sample so that the run pulls about `--records` records. More days at the same
-//! records is a backfill: fewer users, each pulled over a longer period. Every user has an entry in a generated account
-//! directory, and the rules are the shipped MetalSoft example rules.
+//! records is a backfill: fewer users, each pulled over a longer period. Every user has an
+//! entry in a generated account directory, and the rules are the shipped MetalSoft example
+//! rules.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -81,7 +82,7 @@ fn bench_now(days: i64) -> DateTime<Utc> {
 }
 
 /// Users needed for about `records` records over `days` daily windows (measured on the first
-/// users and days of the dataset).
+/// users of the dataset, on days spread over the period).
 pub fn users_for(records: u64, days: i64) -> u64 {
     let sample = MetalsoftDataset::generated(
         SAMPLE_USERS,
@@ -321,10 +322,10 @@ fn pipeline_for(
     Ok(pipeline)
 }
 
-/// Peak resident set size of this process, in kB (`VmHWM`).
 /// User + system CPU time of this process (all its threads) so far, in seconds.
 fn cpu_seconds() -> f64 {
-    // SAFETY: `getrusage` only writes the struct it is given.
+    // SAFETY: `rusage` is a plain C struct, for which all zeroes is a valid value, and
+    // `getrusage` only writes into the one it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
         return 0.0;
@@ -333,6 +334,7 @@ fn cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
+/// Peak resident set size of this process, in kB (`VmHWM`).
 pub fn peak_rss_kb() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
