@@ -223,19 +223,15 @@ fn the_bench_harness_runs_every_stage_and_a_backfill_takes_fewer_users() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no number after {label:?} in {text}"))
     };
+    // `billsync bench --records 3000 …`, which must succeed: its standard output.
+    let bench = |args: &[&str]| -> String {
+        let out = billsync(&[&["bench", "--records", "3000"], args].concat(), &[]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}\n{stderr}");
+        stdout
+    };
 
-    let out = billsync(
-        &[
-            "bench",
-            "--records",
-            "3000",
-            "--ledger",
-            week.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let stdout = bench(&["--ledger", week.to_str().unwrap()]);
     assert!(stdout.contains("× 7 daily windows"), "{stdout}");
     let week_users = number_after(&stdout, "billsync bench:");
     let pulled = number_after(&stdout, "records pulled");
@@ -255,21 +251,13 @@ fn the_bench_harness_runs_every_stage_and_a_backfill_takes_fewer_users() {
     assert!(stdout.contains("peak RSS (VmHWM)"), "{stdout}");
     assert!(stdout.contains("CPU time: billsync"), "{stdout}");
 
-    let out = billsync(
-        &[
-            "bench",
-            "--records",
-            "3000",
-            "--days",
-            "28",
-            "--stage-only",
-            "--ledger",
-            backfill.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let stdout = bench(&[
+        "--days",
+        "28",
+        "--stage-only",
+        "--ledger",
+        backfill.to_str().unwrap(),
+    ]);
     assert!(stdout.contains("× 28 daily windows"), "{stdout}");
     let backfill_users = number_after(&stdout, "billsync bench:");
     assert!(
@@ -280,19 +268,7 @@ fn the_bench_harness_runs_every_stage_and_a_backfill_takes_fewer_users() {
     assert!((2000..=4500).contains(&pulled), "{stdout}");
     assert_eq!(number_after(&stdout, ", sent"), 0, "{stdout}");
 
-    let out = billsync(
-        &[
-            "bench",
-            "--records",
-            "3000",
-            "--ledger",
-            week.to_str().unwrap(),
-            "--noop",
-        ],
-        &[],
-    );
-    let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let stdout = bench(&["--ledger", week.to_str().unwrap(), "--noop"]);
     assert!(
         stdout.contains("(pulled 0, sent 0, simulator requests 0)"),
         "{stdout}"
