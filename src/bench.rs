@@ -64,6 +64,8 @@ pub struct BenchOptions {
     pub stage_only: bool,
     /// Logs are JSON: progress goes to the log instead of bars (as for `sync`).
     pub json_logs: bool,
+    /// The figures as one JSON line at the end instead of text lines.
+    pub json_output: bool,
 }
 
 fn period_start() -> DateTime<Utc> {
@@ -346,11 +348,92 @@ pub fn peak_rss_kb() -> Option<u64> {
         .ok()
 }
 
-fn rate(n: u64, d: Duration) -> String {
-    if d.is_zero() {
-        return "-".into();
-    }
-    format!("{:.0}", n as f64 / d.as_secs_f64())
+/// Records per second, when the time is not zero.
+fn per_second(n: u64, d: Duration) -> Option<f64> {
+    (!d.is_zero()).then(|| n as f64 / d.as_secs_f64())
+}
+
+/// What a bench run measured: printed as text lines as the run goes, or as one JSON line at its
+/// end (`--output json`, or standard output not a terminal), for scripts that collect figures.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    users: u64,
+    days: i64,
+    resources_per_user: usize,
+    target_records: u64,
+    ledger: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run: Option<RunFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    noop: Option<NoopFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline: Option<BaselineFigures>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct RunFigures {
+    pulled: u64,
+    staged_new: u64,
+    sent: u64,
+    held: u64,
+    ignored: u64,
+    failed: u64,
+    /// pull, map, stage, push, ack: busy seconds and records per busy second.
+    stages: Vec<StageFigures>,
+    seconds: f64,
+    records_per_second: Option<f64>,
+    lago_events: u64,
+    lago_requests: u64,
+    lago_throttled: u64,
+    billsync_cpu_seconds: f64,
+    simulators_cpu_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<RateFigures>,
+    peak_rss_kb: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct StageFigures {
+    stage: &'static str,
+    busy_seconds: f64,
+    records_per_second: Option<f64>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct RateFigures {
+    requests_per_second: u32,
+    accepted_batches: u64,
+    ideal_seconds: f64,
+    push_phase_seconds: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct NoopFigures {
+    ledger_records: i64,
+    /// Each sync: milliseconds, records pulled and sent, simulator requests.
+    syncs: Vec<NoopSync>,
+    min_ms: f64,
+    median_ms: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct NoopSync {
+    ms: f64,
+    pulled: u64,
+    sent: u64,
+    simulator_requests: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct BaselineFigures {
+    users: u64,
+    target_records: u64,
+    pulled: u64,
+    events: u64,
+    seconds: f64,
+    records_per_second: f64,
+    /// billsync's end-to-end records/s over the baseline's.
+    ratio: f64,
 }
 
 /// Run the benchmark and print its figures.
@@ -372,30 +455,48 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<u8> {
     };
     std::fs::create_dir_all(&dir)?;
     let ledger_path = dir.join("ledger.db");
-    println!(
-        "billsync bench: {users} MetalSoft users × {RESOURCES_PER_USER} resources × {days} daily windows (target {} records); ledger {}",
-        opts.records,
-        ledger_path.display()
-    );
+    let mut report = Report {
+        users,
+        days,
+        resources_per_user: RESOURCES_PER_USER,
+        target_records: opts.records,
+        ledger: ledger_path.display().to_string(),
+        run: None,
+        noop: None,
+        baseline: None,
+    };
+    if !opts.json_output {
+        println!(
+            "billsync bench: {users} MetalSoft users × {RESOURCES_PER_USER} resources × {days} daily windows (target {} records); ledger {}",
+            opts.records,
+            ledger_path.display()
+        );
+    }
     let mut sims = Simulators::start(users, days, opts.rate)?;
-    let result = bench_with(opts, &mut sims, users, &dir, &ledger_path).await;
+    let result = bench_with(opts, &mut sims, &mut report, &dir, &ledger_path).await;
     sims.quit();
-    result
+    result?;
+    if opts.json_output {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(0)
 }
 
 async fn bench_with(
     opts: &BenchOptions,
     sims: &mut Simulators,
-    users: u64,
+    report: &mut Report,
     dir: &Path,
     ledger_path: &Path,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<()> {
+    let text = !opts.json_output;
+    let users = report.users;
     let ledger = Ledger::open(ledger_path).await?;
     if opts.noop {
         // A run with nothing new: every window is already pulled (no look-back), nothing is
         // pending. What is left is the local work: lock, run row, cursors, plan, queries.
         let pipeline = pipeline_for(sims, ledger, users, chrono::Duration::zero())?;
-        let mut times = Vec::new();
+        let mut syncs = Vec::new();
         for _ in 0..7 {
             let before = sims.stats()?;
             let t = Instant::now();
@@ -407,24 +508,38 @@ async fn bench_with(
                 .await?;
             let took = t.elapsed();
             let after = sims.stats()?;
-            times.push(took);
-            println!(
-                "no-op sync: {:.1} ms (pulled {}, sent {}, simulator requests {})",
-                took.as_secs_f64() * 1000.0,
-                summary.pulled,
-                summary.sent,
-                after.requests - before.requests
-            );
+            let sync = NoopSync {
+                ms: took.as_secs_f64() * 1000.0,
+                pulled: summary.pulled,
+                sent: summary.sent,
+                simulator_requests: after.requests - before.requests,
+            };
+            if text {
+                println!(
+                    "no-op sync: {:.1} ms (pulled {}, sent {}, simulator requests {})",
+                    sync.ms, sync.pulled, sync.sent, sync.simulator_requests
+                );
+            }
+            syncs.push(sync);
         }
         let rows: i64 = pipeline.ledger.record_count().await?;
-        times.sort();
-        println!(
-            "no-op sync on a ledger of {rows} records: min {:.1} ms, median {:.1} ms (7 runs)",
-            times[0].as_secs_f64() * 1000.0,
-            times[times.len() / 2].as_secs_f64() * 1000.0
-        );
+        let mut ms: Vec<f64> = syncs.iter().map(|s| s.ms).collect();
+        ms.sort_by(f64::total_cmp);
+        let figures = NoopFigures {
+            ledger_records: rows,
+            min_ms: ms[0],
+            median_ms: ms[ms.len() / 2],
+            syncs,
+        };
+        if text {
+            println!(
+                "no-op sync on a ledger of {rows} records: min {:.1} ms, median {:.1} ms (7 runs)",
+                figures.min_ms, figures.median_ms
+            );
+        }
+        report.noop = Some(figures);
         pipeline.ledger.close().await;
-        return Ok(0);
+        return Ok(());
     }
 
     let mut pipeline = pipeline_for(sims, ledger, users, chrono::Duration::days(1))?;
@@ -446,84 +561,61 @@ async fn bench_with(
     let t = timings.snapshot();
     let pulled = summary.pulled;
     let sent = summary.sent + summary.already_delivered;
-    println!(
-        "records pulled {pulled}, staged new {}, sent {sent}, held {}, ignored {}, failed {}",
-        summary.new,
-        summary.held(),
-        summary
+    let requests = after.requests - before.requests;
+    let throttled = after.throttled - before.throttled;
+    let batches = requests - throttled;
+    let stage = |stage: &'static str, busy: Duration, records: u64| StageFigures {
+        stage,
+        busy_seconds: busy.as_secs_f64(),
+        records_per_second: per_second(records, busy),
+    };
+    let figures = RunFigures {
+        pulled,
+        staged_new: summary.new,
+        sent,
+        held: summary.held(),
+        ignored: summary
             .staged_by_status
             .get("ignored")
             .copied()
             .unwrap_or(0),
-        summary.failed
-    );
-    println!("stage      busy time   records/s");
-    println!(
-        "pull       {:>8.2}s   {:>9}",
-        t.pull.as_secs_f64(),
-        rate(pulled, t.pull)
-    );
-    println!(
-        "map        {:>8.2}s   {:>9}",
-        t.map.as_secs_f64(),
-        rate(pulled, t.map)
-    );
-    println!(
-        "stage      {:>8.2}s   {:>9}",
-        t.stage.as_secs_f64(),
-        rate(pulled, t.stage)
-    );
-    println!(
-        "push       {:>8.2}s   {:>9}",
-        t.push.as_secs_f64(),
-        rate(sent, t.push)
-    );
-    println!(
-        "ack        {:>8.2}s   {:>9}",
-        t.ack.as_secs_f64(),
-        rate(sent, t.ack)
-    );
-    println!(
-        "end to end {:>8.2}s   {:>9} records/s (pulled records over the whole run)",
-        run_time.as_secs_f64(),
-        rate(pulled, run_time)
-    );
-    let requests = after.requests - before.requests;
-    let throttled = after.throttled - before.throttled;
-    let batches = requests - throttled;
-    println!(
-        "lago: {} events stored, {requests} requests, {throttled} answered 429 ({:.2}%)",
-        after.events - before.events,
-        if requests > 0 {
-            throttled as f64 * 100.0 / requests as f64
-        } else {
-            0.0
-        }
-    );
-    // The simulators share the machine's cores with billsync (see BENCHMARKS.md, Method).
-    let sims_cpu = after.cpu_seconds - before.cpu_seconds;
-    let wall = run_time.as_secs_f64().max(f64::MIN_POSITIVE);
-    println!(
-        "CPU time: billsync {cpu:.1}s ({:.2} cores), simulators {sims_cpu:.1}s ({:.2} cores)",
-        cpu / wall,
-        sims_cpu / wall
-    );
-    if let Some(r) = opts.rate {
-        let ideal = batches as f64 / r as f64;
-        println!(
-            "rate limit {r}/s: {batches} accepted batches → ideal {ideal:.2}s; push phase took {:.2}s ({:+.1}%)",
-            t.push_wall.as_secs_f64(),
-            (t.push_wall.as_secs_f64() / ideal - 1.0) * 100.0
-        );
+        failed: summary.failed,
+        stages: vec![
+            stage("pull", t.pull, pulled),
+            stage("map", t.map, pulled),
+            stage("stage", t.stage, pulled),
+            stage("push", t.push, sent),
+            stage("ack", t.ack, sent),
+        ],
+        seconds: run_time.as_secs_f64(),
+        records_per_second: per_second(pulled, run_time),
+        lago_events: after.events - before.events,
+        lago_requests: requests,
+        lago_throttled: throttled,
+        billsync_cpu_seconds: cpu,
+        // The simulators share the machine's cores with billsync (see BENCHMARKS.md, Method).
+        simulators_cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+        rate_limit: opts.rate.map(|r| RateFigures {
+            requests_per_second: r,
+            accepted_batches: batches,
+            ideal_seconds: batches as f64 / f64::from(r),
+            push_phase_seconds: t.push_wall.as_secs_f64(),
+        }),
+        peak_rss_kb: peak_rss_kb().unwrap_or(0),
+    };
+    if text {
+        print_run(&figures);
     }
-    let rss = peak_rss_kb().unwrap_or(0);
-    println!("peak RSS (VmHWM) {:.1} MB", rss as f64 / 1024.0);
+    let ours = figures.records_per_second.unwrap_or(0.0);
+    report.run = Some(figures);
     pipeline.ledger.close().await;
 
     if opts.baseline {
         let n = opts.baseline_records.min(opts.records);
         let base_users = users_for(n, opts.days);
-        println!("naive baseline: bench/naive_baseline.py on the first {base_users} users (about {n} records), same simulators");
+        if text {
+            println!("naive baseline: bench/naive_baseline.py on the first {base_users} users (about {n} records), same simulators");
+        }
         let base_dir = dir.join("naive");
         let _ = std::fs::remove_dir_all(&base_dir);
         std::fs::create_dir_all(&base_dir)?;
@@ -568,20 +660,82 @@ async fn bench_with(
             .find_map(|w| w.strip_prefix("pulled="))
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
-        let reached = after.events - before.events;
         let base_rate = base_pulled as f64 / took.as_secs_f64();
-        let ours = pulled as f64 / run_time.as_secs_f64();
+        let base = BaselineFigures {
+            users: base_users,
+            target_records: n,
+            pulled: base_pulled,
+            events: after.events - before.events,
+            seconds: took.as_secs_f64(),
+            records_per_second: base_rate,
+            ratio: ours / base_rate.max(f64::MIN_POSITIVE),
+        };
+        if text {
+            println!(
+                "naive baseline: {} records pulled, {} events reached Lago in {:.2}s → {:.0} records/s",
+                base.pulled, base.events, base.seconds, base.records_per_second
+            );
+            println!(
+                "ratio billsync / naive (end to end, records/s): {:.1}×",
+                base.ratio
+            );
+        }
+        report.baseline = Some(base);
+    }
+    Ok(())
+}
+
+/// A run's figures as the text lines BENCHMARKS.md quotes.
+fn print_run(f: &RunFigures) {
+    let rate = |r: Option<f64>| r.map_or_else(|| "-".to_string(), |r| format!("{r:.0}"));
+    println!(
+        "records pulled {}, staged new {}, sent {}, held {}, ignored {}, failed {}",
+        f.pulled, f.staged_new, f.sent, f.held, f.ignored, f.failed
+    );
+    println!("stage      busy time   records/s");
+    for s in &f.stages {
         println!(
-            "naive baseline: {base_pulled} records pulled, {reached} events reached Lago in {:.2}s → {:.0} records/s",
-            took.as_secs_f64(),
-            base_rate
-        );
-        println!(
-            "ratio billsync / naive (end to end, records/s): {:.1}×",
-            ours / base_rate.max(f64::MIN_POSITIVE)
+            "{:<10} {:>8.2}s   {:>9}",
+            s.stage,
+            s.busy_seconds,
+            rate(s.records_per_second)
         );
     }
-    Ok(0)
+    println!(
+        "end to end {:>8.2}s   {:>9} records/s (pulled records over the whole run)",
+        f.seconds,
+        rate(f.records_per_second)
+    );
+    println!(
+        "lago: {} events stored, {} requests, {} answered 429 ({:.2}%)",
+        f.lago_events,
+        f.lago_requests,
+        f.lago_throttled,
+        if f.lago_requests > 0 {
+            f.lago_throttled as f64 * 100.0 / f.lago_requests as f64
+        } else {
+            0.0
+        }
+    );
+    let wall = f.seconds.max(f64::MIN_POSITIVE);
+    println!(
+        "CPU time: billsync {:.1}s ({:.2} cores), simulators {:.1}s ({:.2} cores)",
+        f.billsync_cpu_seconds,
+        f.billsync_cpu_seconds / wall,
+        f.simulators_cpu_seconds,
+        f.simulators_cpu_seconds / wall
+    );
+    if let Some(r) = &f.rate_limit {
+        println!(
+            "rate limit {}/s: {} accepted batches → ideal {:.2}s; push phase took {:.2}s ({:+.1}%)",
+            r.requests_per_second,
+            r.accepted_batches,
+            r.ideal_seconds,
+            r.push_phase_seconds,
+            (r.push_phase_seconds / r.ideal_seconds - 1.0) * 100.0
+        );
+    }
+    println!("peak RSS (VmHWM) {:.1} MB", f.peak_rss_kb as f64 / 1024.0);
 }
 
 /// `bench/naive_baseline.py`, embedded so the harness works from any directory. Written into

@@ -417,6 +417,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                 noop,
                 stage_only,
                 json_logs: ctx.json_logs,
+                json_output: ctx.json_output,
             })
             .await
         }

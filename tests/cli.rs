@@ -251,22 +251,44 @@ fn the_bench_harness_runs_every_stage_and_a_backfill_takes_fewer_users() {
     assert!(stdout.contains("peak RSS (VmHWM)"), "{stdout}");
     assert!(stdout.contains("CPU time: billsync"), "{stdout}");
 
-    let stdout = bench(&[
-        "--days",
-        "28",
-        "--stage-only",
-        "--ledger",
-        backfill.to_str().unwrap(),
-    ]);
-    assert!(stdout.contains("× 28 daily windows"), "{stdout}");
-    let backfill_users = number_after(&stdout, "billsync bench:");
+    // The backfill's figures as one JSON line, as a script collecting them reads them.
+    let out = Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .args([
+            "--output",
+            "json",
+            "bench",
+            "--records",
+            "3000",
+            "--days",
+            "28",
+        ])
+        .args(["--stage-only", "--ledger", backfill.to_str().unwrap()])
+        .env_remove("BILLSYNC_CONFIG")
+        .output()
+        .expect("billsync runs");
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("not one JSON line ({e}): {stdout}"));
+    assert_eq!(report["days"], 28, "{report}");
+    let backfill_users = report["users"].as_u64().unwrap();
     assert!(
         backfill_users * 2 < week_users,
         "{backfill_users} users for 28 days, {week_users} for 7"
     );
-    let pulled = number_after(&stdout, "records pulled");
-    assert!((2000..=4500).contains(&pulled), "{stdout}");
-    assert_eq!(number_after(&stdout, ", sent"), 0, "{stdout}");
+    let run = &report["run"];
+    let pulled = run["pulled"].as_u64().unwrap();
+    assert!((2000..=4500).contains(&pulled), "{report}");
+    assert_eq!(run["staged_new"], pulled, "{report}");
+    assert_eq!(run["sent"], 0, "{report}");
+    let stages: Vec<&str> = run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["pull", "map", "stage", "push", "ack"], "{report}");
+    assert!(run["peak_rss_kb"].as_u64().unwrap() > 0, "{report}");
 
     let stdout = bench(&["--ledger", week.to_str().unwrap(), "--noop"]);
     assert!(
