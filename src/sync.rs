@@ -219,12 +219,12 @@ struct SinkProgress {
 /// What the stager and the pusher share while records are pushed during the pull.
 ///
 /// The danger is a record the pusher has read (payload P1 under key K) and the stager then
-/// restages with new content (P2, same K): the acknowledgement would mark P2 as sent while the
-/// sink holds P1, and sending P2 later would be refused as a duplicate of K. So a pending
-/// record read for delivery is *carried* until its acknowledgement commits, and a staging
-/// transaction that would restage a carried record writes nothing and waits (staged again,
-/// the record is sent by then and its change becomes a correction). The turn makes "read and
-/// carry" and "look up and write" exclusive, so the stager cannot slip a restage in between.
+/// changes (P2, same K) while the request is out. Staging no longer overwrites a pending
+/// payload (a change becomes a correction, see `Ledger::stage`), and besides, a pending
+/// record read for delivery is *carried* until its acknowledgement commits: a staging
+/// transaction that would change a carried record writes nothing and waits, then stages the
+/// change as a correction of what the sink answered for. The turn makes "read and carry" and
+/// "look up and write" exclusive, so the stager cannot slip a change in between.
 #[derive(Default)]
 struct Alongside {
     /// Held by the stager for a whole staging transaction, and by the pusher while it reads
@@ -655,7 +655,7 @@ impl Pipeline {
         };
         let (Some(mut event), Some(new_value)) = (event, row.mapped.value) else {
             return Correction::Unresolved(format!(
-                "{} changed after it was sent but no longer maps ({}): resolve by hand",
+                "{} changed after it was sent or queued for sending, but no longer maps ({}): resolve by hand",
                 sent.key,
                 row.note.as_deref().unwrap_or(row.status.as_str())
             ));
@@ -665,7 +665,7 @@ impl Pipeline {
             || row.mapped.sink.as_deref() != sent.sink.as_deref()
         {
             return Correction::Unresolved(format!(
-                "{} changed after it was sent and now maps to {:?}/{:?} instead of {:?}/{:?}: resolve by hand",
+                "{} changed after it was sent or queued for sending, and now maps to {:?}/{:?} instead of {:?}/{:?}: resolve by hand",
                 sent.key, row.mapped.subscription, row.mapped.metric, sent.subscription, sent.metric
             ));
         }
@@ -1176,7 +1176,9 @@ impl Pipeline {
                     *c.by_status.entry(r.status.as_str()).or_default() += 1;
                 }
                 Some((_, hash, _)) if *hash == r.content_hash => c.unchanged += 1,
-                Some((_, _, Status::Sent)) => c.changed_after_send += 1,
+                // Pending or sent: a correction (see `Ledger::stage`), which a dry run cannot
+                // decide; counted as a change to look at.
+                Some((_, _, Status::Sent | Status::Pending)) => c.changed_after_send += 1,
                 Some(_) => {
                     c.restaged += 1;
                     *c.by_status.entry(r.status.as_str()).or_default() += 1;

@@ -220,24 +220,80 @@ async fn corrections_carry_the_difference_to_what_was_sent_so_far() {
     assert_eq!(ledger.status().await.unwrap().corrections, 2);
 }
 
+/// A pending record may be at the sink already (a delivery whose answer was lost, a crash
+/// before its acknowledgement), under its key, which the sink would not take again with new
+/// content: its payload stays frozen and the change goes out as a correction, so the sink ends
+/// with the latest value whether or not it had the first.
 #[tokio::test]
-async fn an_unsent_record_that_changes_is_restaged_in_place() {
+async fn a_pending_record_that_changes_keeps_its_payload_and_the_change_is_a_correction() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = open(&dir).await;
     let now = Utc::now();
     let run = ledger.start_run("sync", now).await.unwrap();
     ledger
-        .stage(run, &[row(record("a", "1.10"))], None, now, &by_hand)
+        .stage(run, &[row(record("a", "1.10"))], None, now, &difference)
+        .await
+        .unwrap();
+    // Offered to the sink, the answer lost: still pending.
+    let offered = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    ledger
+        .ack(
+            run,
+            &[(offered[0].id, Outcome::Failed("timed out".into()))],
+            now,
+        )
         .await
         .unwrap();
     let c = ledger
-        .stage(run, &[row(record("a", "1.25"))], None, now, &by_hand)
+        .stage(run, &[row(record("a", "1.25"))], None, now, &difference)
         .await
         .unwrap();
-    assert_eq!(c.restaged, 1);
+    assert_eq!((c.restaged, c.corrections), (0, 1));
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    let key = record("a", "1").idempotency_key();
+    let sent: Vec<(&str, &str)> = batch
+        .iter()
+        .map(|o| (o.key.as_str(), o.payload.as_str()))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            (key.as_str(), "{\"value\":\"1.10\"}"),
+            (format!("{key}.r1").as_str(), "{\"value\":\"0.15\"}"),
+        ]
+    );
+    // The same new content again: nothing more.
+    let same = ledger
+        .stage(run, &[row(record("a", "1.25"))], None, now, &difference)
+        .await
+        .unwrap();
+    assert_eq!((same.corrections, same.unchanged), (0, 1));
+}
+
+/// What no sink was ever offered (held: unmapped, ignored, provisional, rejected) is simply
+/// staged again with its new content, in place.
+#[tokio::test]
+async fn a_held_record_that_changes_is_restaged_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    let provisional = |cost: &str| StageRow {
+        status: Status::Provisional,
+        ..row(record("a", cost))
+    };
+    ledger
+        .stage(run, &[provisional("1.10")], None, now, &difference)
+        .await
+        .unwrap();
+    let c = ledger
+        .stage(run, &[row(record("a", "1.25"))], None, now, &difference)
+        .await
+        .unwrap();
+    assert_eq!((c.restaged, c.corrections), (1, 0));
     let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
     assert_eq!(batch.len(), 1);
-    assert!(batch[0].payload.contains("1.25"));
+    assert_eq!(batch[0].payload, "{\"value\":\"1.25\"}");
 }
 
 #[tokio::test]

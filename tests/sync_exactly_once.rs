@@ -462,3 +462,130 @@ async fn a_run_with_many_totals_stores_their_count_not_the_list() {
     assert_eq!(stored["totals_left_out"], run.totals.len());
     assert_eq!(stored["sent"], run.sent);
 }
+
+/// A provider that serves one record again with new content (a restatement), under its key.
+struct Restating {
+    inner: billsync::providers::metalsoft::MetalsoftProvider,
+    record: billsync::record::UsageRecord,
+}
+
+#[async_trait::async_trait]
+impl billsync::providers::Provider for Restating {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn plan(
+        &self,
+        _cursors: &billsync::providers::Cursors,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<billsync::providers::Chunk>, billsync::providers::ProviderError> {
+        Ok(vec![billsync::providers::Chunk {
+            stream: "restated".into(),
+            window_start: now,
+            window_end: now,
+            detail: String::new(),
+        }])
+    }
+    async fn fetch(
+        &self,
+        _chunk: &billsync::providers::Chunk,
+        _now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<billsync::providers::Page, billsync::providers::ProviderError> {
+        Ok(billsync::providers::Page {
+            records: vec![self.record.clone()],
+            cursor: None,
+        })
+    }
+}
+
+/// Lago stored a batch, the process died before the acknowledgement, and before the next run
+/// the provider restated one record of it. The record is still pending in the ledger, but Lago
+/// holds its first content under its key: the next run must still bill the difference.
+#[tokio::test]
+async fn a_record_restated_after_lago_stored_it_unacknowledged_reaches_lago_in_full() {
+    use billsync::mapping::MapOutcome;
+    use billsync::providers::Provider;
+    use rust_decimal::Decimal;
+    let world = World::start(Behaviour::Postgres).await;
+    let mappings = MappingSet::examples().unwrap();
+    let provider = world.provider();
+    let mut first = None;
+    'chunks: for chunk in provider.plan(&Default::default(), now()).await.unwrap() {
+        for r in provider.fetch(&chunk, now()).await.unwrap().records {
+            if matches!(mappings.apply(&r), MapOutcome::Mapped(_)) {
+                first = Some(r);
+                break 'chunks;
+            }
+        }
+    }
+    let first = first.expect("a mapped record");
+    {
+        let pipeline = world.pipeline().await;
+        pipeline
+            .sync(&SyncOptions {
+                skip_push: true,
+                ..opts()
+            })
+            .await
+            .unwrap();
+        let sink = world.sink_with_key(LAGO_KEY);
+        let mut after = 0;
+        loop {
+            let batch = pipeline
+                .ledger
+                .pending_batch("lago", after, 25)
+                .await
+                .unwrap();
+            let Some(last) = batch.last() else { break };
+            after = last.id;
+            sink.deliver(&batch).await.unwrap();
+        }
+    }
+    let mut restated = first.clone();
+    restated.consumed_quantity *= Decimal::TWO;
+    restated.billed_cost *= Decimal::TWO;
+    let mut pipeline = world.pipeline().await;
+    pipeline.providers = vec![Box::new(Restating {
+        inner: world.provider(),
+        record: restated.clone(),
+    })];
+    // This run stages the restatement and dies before pushing (in a real run: the record lies
+    // beyond what the pusher alongside has read when the stager reaches it).
+    let staged = pipeline
+        .sync(&SyncOptions {
+            skip_push: true,
+            ..opts()
+        })
+        .await
+        .unwrap();
+    assert_eq!((staged.restaged, staged.corrections), (0, 1), "{staged:?}");
+    pipeline.providers = vec![];
+    pipeline.sync(&opts()).await.unwrap();
+    let key = first.idempotency_key();
+    let MapOutcome::Mapped(latest) = mappings.apply(&restated) else {
+        panic!("the restated record maps");
+    };
+    let property = World::value_property(&latest.metric_code);
+    let in_lago: Decimal = world
+        .lago
+        .events()
+        .into_iter()
+        .filter(|e| e.transaction_id == key || e.transaction_id.starts_with(&format!("{key}.r")))
+        .map(|e| {
+            e.properties[property]
+                .as_str()
+                .unwrap()
+                .parse::<Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(pipeline.ledger.pending_count("lago").await.unwrap(), 0);
+    assert_eq!(
+        in_lago, latest.value,
+        "Lago holds {in_lago} for {key} and its corrections; the restated record maps to {}",
+        latest.value
+    );
+}

@@ -265,3 +265,128 @@ async fn a_record_changed_while_a_request_carries_it_is_sent_then_corrected() {
         "a key stored twice: {counts:?}"
     );
 }
+
+/// The test world's Lago sink, except that the request carrying the first mapped record loses
+/// its answer after Lago stored it: what `LagoSink::deliver` reports (`Failed`, records stay
+/// pending) when Lago stores a batch and then does not answer until the retries are spent
+/// (timeouts, a 503 burst).
+struct LosesFirstAnswer {
+    inner: billsync::sinks::lago::LagoSink,
+    provider: Arc<SlowProvider>,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl billsync::sinks::Sink for LosesFirstAnswer {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn encode(
+        &self,
+        key: &str,
+        event: &billsync::mapping::MappedEvent,
+    ) -> Result<String, billsync::sinks::EncodeError> {
+        self.inner.encode(key, event)
+    }
+    fn encode_record(
+        &self,
+        key: &str,
+        event: &billsync::mapping::MappedEvent,
+        record: &UsageRecord,
+    ) -> Result<String, billsync::sinks::EncodeError> {
+        self.inner.encode_record(key, event, record)
+    }
+    async fn deliver(
+        &self,
+        batch: &[billsync::sinks::Outgoing],
+    ) -> Result<Vec<billsync::sinks::Outcome>, billsync::sinks::SinkStopped> {
+        use std::sync::atomic::Ordering;
+        let key = self
+            .provider
+            .first_mapped
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|r| r.idempotency_key());
+        let outcomes = self.inner.deliver(batch).await?;
+        if key.is_some_and(|k| batch.iter().any(|o| o.key == k))
+            && !self.lost.swap(true, Ordering::SeqCst)
+        {
+            return Ok(vec![
+                billsync::sinks::Outcome::Failed(
+                    "timed out (gave up after 4 attempts)".into()
+                );
+                batch.len()
+            ]);
+        }
+        Ok(outcomes)
+    }
+    fn throttled(&self) -> u64 {
+        self.inner.throttled()
+    }
+}
+
+/// A record whose request was stored by Lago but whose answer was lost stays pending; if a
+/// later page of the same run changes it, it must not be restaged in place (Lago holds the
+/// first content under its key and will refuse the second as a duplicate): the change must
+/// reach Lago (as a correction), or the difference is never billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_changed_after_its_answer_was_lost_reaches_lago_in_full() {
+    let world = Arc::new(World::start(Behaviour::Postgres).await);
+    let (mut pipeline, provider) = pipeline(&world, true).await;
+    pipeline.sinks = vec![Box::new(LosesFirstAnswer {
+        inner: world.sink_with_key(world::LAGO_KEY),
+        provider: provider.clone(),
+        lost: std::sync::atomic::AtomicBool::new(false),
+    })];
+    let first_run = pipeline.sync(&opts()).await.unwrap();
+    assert!(first_run.failed > 0, "{first_run:?}");
+    // Pending after its lost answer, the record's change is a correction, not a restage.
+    assert_eq!(
+        (first_run.restaged, first_run.corrections),
+        (0, 1),
+        "{first_run:?}"
+    );
+
+    // The next run (Lago answering again) pushes what is left.
+    pipeline.providers = vec![];
+    pipeline.sinks = vec![Box::new(world.sink_with_key(world::LAGO_KEY))];
+    let second_run = pipeline.sync(&opts()).await.unwrap();
+    assert!(second_run.already_delivered > 0, "{second_run:?}");
+    assert_eq!(pipeline.ledger.pending_count("lago").await.unwrap(), 0);
+
+    let first = provider.first_mapped.lock().unwrap().clone().unwrap();
+    let key = first.idempotency_key();
+    let mut doubled = first.clone();
+    doubled.consumed_quantity *= Decimal::TWO;
+    doubled.billed_cost *= Decimal::TWO;
+    let mappings = MappingSet::examples().unwrap();
+    let MapOutcome::Mapped(latest) = mappings.apply(&doubled) else {
+        panic!("the changed record maps");
+    };
+    let property = World::value_property(&latest.metric_code);
+    let in_lago: Decimal = world
+        .lago
+        .events()
+        .into_iter()
+        .filter(|e| e.transaction_id == key || e.transaction_id.starts_with(&format!("{key}.r")))
+        .map(|e| {
+            e.properties[property]
+                .as_str()
+                .unwrap()
+                .parse::<Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        in_lago, latest.value,
+        "Lago holds {in_lago} for {key} and its corrections; the provider's latest content maps to {}",
+        latest.value
+    );
+}

@@ -282,11 +282,11 @@ pub struct StageCounts {
     pub new: u64,
     /// Seen before with the same content: nothing to do.
     pub unchanged: u64,
-    /// Seen before, not yet sent, with new content: restaged in place.
+    /// Seen before, never offered to a sink (held), with new content: restaged in place.
     pub restaged: u64,
-    /// Seen before, already sent, with new content that needs a person: kept as unresolved.
+    /// Seen before, pending or sent, with new content that needs a person: kept as unresolved.
     pub changed_after_send: u64,
-    /// Correction records staged for sent records whose content changed.
+    /// Correction records staged for pending or sent records whose content changed.
     pub corrections: u64,
     /// New or restaged rows per status.
     pub by_status: BTreeMap<&'static str, u64>,
@@ -697,10 +697,11 @@ impl Ledger {
     /// Stage a page of records and advance its cursor, in one transaction.
     ///
     /// A key seen before with the same content is a no-op; with different content it is
-    /// restaged in place while unsent. Once sent, its frozen payload is never overwritten:
-    /// `correct` decides, from what was sent so far, whether a correction record carrying the
-    /// difference is staged beside it (same transaction), or there is nothing to send, or a
-    /// person must resolve the change.
+    /// restaged in place while held (unmapped, ignored, provisional, rejected: never offered to
+    /// a sink). Once pending or sent, its frozen payload is never overwritten (a pending one may
+    /// be at the sink already): `correct` decides, from what was sent or goes out so far,
+    /// whether a correction record carrying the difference is staged beside it (same
+    /// transaction), or there is nothing to send, or a person must resolve the change.
     pub async fn stage(
         &self,
         run_id: i64,
@@ -790,8 +791,13 @@ impl Ledger {
                     inserts.push(row);
                 }
                 Some((_, hash, _)) if *hash == row.content_hash => counts.unchanged += 1,
-                Some((id, _, Status::Sent)) => {
-                    let id = *id;
+                // Sent, or pending: a pending record's payload may be at a sink already (a
+                // delivery whose answer was lost, or a crash before its acknowledgement) under
+                // the record's key, which the sink would refuse to take again with new content.
+                // So its payload is frozen as a sent one is, and a change goes out as a
+                // correction; only what no sink was ever offered is restaged in place.
+                Some((id, _, original @ (Status::Sent | Status::Pending))) => {
+                    let (id, original) = (*id, *original);
                     let sent = sent_state(&mut tx, id, None).await?;
                     let decision = correct(row, &sent);
                     let (state, difference, note) = match &decision {
@@ -835,10 +841,7 @@ impl Ledger {
                         difference,
                         note,
                     });
-                    known.insert(
-                        row.key.clone(),
-                        (id, row.content_hash.clone(), Status::Sent),
-                    );
+                    known.insert(row.key.clone(), (id, row.content_hash.clone(), original));
                 }
                 Some((id, _, _)) => {
                     let id = *id;
