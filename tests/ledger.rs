@@ -768,3 +768,35 @@ async fn a_record_sqlite_refuses_is_named_and_its_page_is_not_half_staged() {
         "2026-10-05T01:00:00Z"
     );
 }
+
+/// A page that carries one key twice with two new contents (a provider repeating a record in
+/// one answer): what goes out adds up to the last content, not to both changes.
+#[tokio::test]
+async fn a_key_changed_twice_in_one_page_is_corrected_once_to_its_last_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    ledger
+        .stage(run, &[row(record("a", "1.10"))], None, now, &difference)
+        .await
+        .unwrap();
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    ledger
+        .ack(run, &[(batch[0].id, Outcome::Delivered)], now)
+        .await
+        .unwrap();
+    ledger
+        .stage(
+            run,
+            &[row(record("a", "1.25")), row(record("a", "1.40"))],
+            None,
+            now,
+            &difference,
+        )
+        .await
+        .unwrap();
+    let corrections = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    let payloads: Vec<&str> = corrections.iter().map(|o| o.payload.as_str()).collect();
+    assert_eq!(payloads, ["{\"value\":\"0.30\"}"]);
+}

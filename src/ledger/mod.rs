@@ -776,7 +776,19 @@ impl Ledger {
         let mut insert_at: hashbrown::HashMap<&str, usize> =
             hashbrown::HashMap::with_capacity(rows.len());
 
-        for &row in rows {
+        // A known key that these rows repeat (a provider repeating a record in one answer) is
+        // staged once, with its last content: its changes compared one by one against the
+        // ledger would each become a correction of the same original (under the same next
+        // revision, which the unique key refuses, failing the whole page on every run).
+        let mut last_of: hashbrown::HashMap<&str, usize> =
+            hashbrown::HashMap::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            last_of.insert(row.key.as_str(), i);
+        }
+        for (at, &row) in rows.iter().enumerate() {
+            if known.contains_key(&row.key) && last_of.get(row.key.as_str()) != Some(&at) {
+                continue;
+            }
             if let Some(&i) = insert_at.get(row.key.as_str()) {
                 if inserts[i].content_hash == row.content_hash {
                     counts.unchanged += 1;
