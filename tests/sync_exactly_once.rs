@@ -111,6 +111,23 @@ async fn a_crash_after_staging_is_resumed_by_the_next_run() {
     assert_delivered_exactly_once(&world).await;
 }
 
+/// Push every pending record to Lago (which stores them) and commit no acknowledgement: what
+/// a crash right after the requests leaves behind.
+async fn deliver_without_acknowledging(world: &World, pipeline: &billsync::sync::Pipeline) {
+    let sink = world.sink_with_key(LAGO_KEY);
+    let mut after = 0;
+    loop {
+        let batch = pipeline
+            .ledger
+            .pending_batch("lago", after, 25)
+            .await
+            .unwrap();
+        let Some(last) = batch.last() else { break };
+        after = last.id;
+        sink.deliver(&batch).await.unwrap();
+    }
+}
+
 async fn crash_between_lago_storing_and_the_ledger_recording(behaviour: Behaviour) {
     let world = World::start(behaviour).await;
     {
@@ -124,18 +141,7 @@ async fn crash_between_lago_storing_and_the_ledger_recording(behaviour: Behaviou
             .unwrap();
         // The push reaches Lago, which stores every batch; the process dies before the
         // acknowledgements are committed.
-        let sink = world.sink_with_key(LAGO_KEY);
-        let mut after = 0;
-        loop {
-            let batch = pipeline
-                .ledger
-                .pending_batch("lago", after, 25)
-                .await
-                .unwrap();
-            let Some(last) = batch.last() else { break };
-            after = last.id;
-            sink.deliver(&batch).await.unwrap();
-        }
+        deliver_without_acknowledging(&world, &pipeline).await;
         assert_eq!(world.lago.events().len(), 71);
     }
     let restarted = world.pipeline().await;
@@ -531,18 +537,7 @@ async fn a_record_restated_after_lago_stored_it_unacknowledged_reaches_lago_in_f
             })
             .await
             .unwrap();
-        let sink = world.sink_with_key(LAGO_KEY);
-        let mut after = 0;
-        loop {
-            let batch = pipeline
-                .ledger
-                .pending_batch("lago", after, 25)
-                .await
-                .unwrap();
-            let Some(last) = batch.last() else { break };
-            after = last.id;
-            sink.deliver(&batch).await.unwrap();
-        }
+        deliver_without_acknowledging(&world, &pipeline).await;
     }
     let mut restated = first.clone();
     restated.consumed_quantity *= Decimal::TWO;
@@ -568,20 +563,7 @@ async fn a_record_restated_after_lago_stored_it_unacknowledged_reaches_lago_in_f
     let MapOutcome::Mapped(latest) = mappings.apply(&restated) else {
         panic!("the restated record maps");
     };
-    let property = World::value_property(&latest.metric_code);
-    let in_lago: Decimal = world
-        .lago
-        .events()
-        .into_iter()
-        .filter(|e| e.transaction_id == key || e.transaction_id.starts_with(&format!("{key}.r")))
-        .map(|e| {
-            e.properties[property]
-                .as_str()
-                .unwrap()
-                .parse::<Decimal>()
-                .unwrap()
-        })
-        .sum();
+    let in_lago = world.lago_value_of(&key);
     assert_eq!(pipeline.ledger.pending_count("lago").await.unwrap(), 0);
     assert_eq!(
         in_lago, latest.value,

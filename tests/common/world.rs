@@ -149,17 +149,33 @@ impl World {
         }
     }
 
+    /// The value an event stored by the Lago simulator carries.
+    fn lago_value(e: &billsync::simulators::lago::StoredEvent) -> Decimal {
+        e.properties
+            .get(Self::value_property(&e.code))
+            .and_then(|v| v.as_str())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("event {} has no value property", e.transaction_id))
+    }
+
+    /// What the Lago simulator holds for one record: the event under its key and its
+    /// corrections' (`<key>.rN`), summed.
+    pub fn lago_value_of(&self, key: &str) -> Decimal {
+        let corrections = format!("{key}.r");
+        self.lago
+            .events()
+            .iter()
+            .filter(|e| e.transaction_id == key || e.transaction_id.starts_with(&corrections))
+            .map(Self::lago_value)
+            .sum()
+    }
+
     /// What the Lago simulator holds, per (subscription, metric), summing every stored event
     /// (a duplicate would be counted twice).
     pub fn lago_totals(&self) -> BTreeMap<(String, String), Decimal> {
         let mut totals = BTreeMap::new();
         for e in self.lago.events() {
-            let value: Decimal = e
-                .properties
-                .get(Self::value_property(&e.code))
-                .and_then(|v| v.as_str())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("event {} has no value property", e.transaction_id));
+            let value = Self::lago_value(&e);
             *totals
                 .entry((e.external_subscription_id.clone(), e.code.clone()))
                 .or_insert(Decimal::ZERO) += value;
