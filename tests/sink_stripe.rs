@@ -590,3 +590,61 @@ async fn status_warns_about_waiting_records_near_the_35_day_limit() {
     assert!(warning.contains(", 33 days old)"), "{warning}");
     assert_eq!(out.matches("warning").count(), 1, "{out}");
 }
+
+/// Stripe answers an unknown URL with 404 *and* its error envelope ("Unrecognized request URL"),
+/// e.g. with api_url `https://api.stripe.com/api`: the address is wrong, not the records, so
+/// the sink stops (naming api_url) and they stay pending.
+#[tokio::test]
+async fn an_unrecognized_url_stops_the_sink_instead_of_rejecting_records() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(404).set_body_string(
+            r#"{"error":{"message":"Unrecognized request URL (POST: /api/v1/billing/meter_events). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.","type":"invalid_request_error"}}"#,
+        ))
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(1));
+    let b = batch(
+        &s,
+        &[
+            ("k.1", event("cus_A", "1", ago(chrono::Duration::hours(1)))),
+            ("k.2", event("cus_B", "2", ago(chrono::Duration::hours(1)))),
+        ],
+    );
+    let stop = s.deliver(&b).await.expect_err("a wrong URL stops the sink");
+    assert!(stop.message.contains("check api_url"), "{stop}");
+}
+
+/// A bad `api_version` (a setting) makes Stripe answer every request 400
+/// `invalid_request_error` "Invalid Stripe API version": the sink stops (naming api_version)
+/// and the records stay pending.
+#[tokio::test]
+async fn an_invalid_api_version_stops_the_sink_instead_of_rejecting_records() {
+    use wiremock::matchers::{header, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(header("Stripe-Version", "2026-13-45"))
+        .respond_with(ResponseTemplate::new(400).set_body_string(
+            r#"{"error":{"message":"Invalid Stripe API version: 2026-13-45","type":"invalid_request_error"}}"#,
+        ))
+        .mount(&server)
+        .await;
+    let mut c = config(&server.uri(), fast_retry(1));
+    c.api_version = Some("2026-13-45".into());
+    let s = StripeSink::new("stripe-test".into(), c).unwrap();
+    let b = batch(
+        &s,
+        &[
+            ("k.1", event("cus_A", "1", ago(chrono::Duration::hours(1)))),
+            ("k.2", event("cus_B", "2", ago(chrono::Duration::hours(1)))),
+        ],
+    );
+    let stop = s
+        .deliver(&b)
+        .await
+        .expect_err("a bad api_version stops the sink");
+    assert!(stop.message.contains("check api_version"), "{stop}");
+}

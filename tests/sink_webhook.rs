@@ -449,3 +449,29 @@ async fn exactly_once_through_a_lost_answer_and_a_restart() {
         assert_eq!(Some(&value), expected.get(key), "{key}");
     }
 }
+
+/// A wrong `url` path (or a receiver deployed without the route yet) answers 404: the address
+/// is wrong, not the records, so the sink stops (naming url) and they stay pending.
+#[tokio::test]
+async fn a_404_stops_the_sink_instead_of_rejecting_records() {
+    let rx = Receiver::start(vec![]).await;
+    let s = sink(&format!("{}-typo", rx.url), 2, fast_retry(2));
+    let stop = s
+        .deliver(&batch(&s, 2))
+        .await
+        .expect_err("a 404 stops the sink");
+    assert!(stop.message.contains("check url"), "{stop}");
+}
+
+/// 413 means the configured `batch_size` is too large for the receiver (or its proxy): the
+/// sink stops (naming batch_size) and the records stay pending.
+#[tokio::test]
+async fn a_413_stops_the_sink_instead_of_rejecting_records() {
+    let rx = Receiver::start(vec![Script::Answer(413, "request entity too large")]).await;
+    let s = sink(&rx.url, 2, fast_retry(2));
+    let stop = s
+        .deliver(&batch(&s, 2))
+        .await
+        .expect_err("a 413 stops the sink");
+    assert!(stop.message.contains("lower batch_size"), "{stop}");
+}

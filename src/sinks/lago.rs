@@ -379,7 +379,9 @@ impl LagoSink {
         let code = status.as_u16();
         let lago_error = match code {
             200..=299 => None,
-            _ => serde_json::from_str::<LagoError>(&text).ok(),
+            _ => serde_json::from_str::<LagoError>(&text)
+                .ok()
+                .filter(|e| e.status == code),
         };
         let result = match code {
             200..=299 => match BatchAnswer::read(&text) {
@@ -424,6 +426,15 @@ impl LagoSink {
                 return Err(self.stopped(format!(
                     "{} answered 404 Not Found: check api_url; records stay pending",
                     self.endpoint
+                )));
+            }
+            400 if lago_error.is_none() => {
+                // Not Lago's answer: a proxy or gateway in front of it (nginx's "plain HTTP
+                // request was sent to HTTPS port", say) refused the request itself.
+                return Err(self.stopped(format!(
+                    "{} answered 400 Bad Request, not in Lago's error format: check api_url (http or https, the proxy in front of Lago); records stay pending: {}",
+                    self.endpoint,
+                    snippet(&text)
                 )));
             }
             400 | 404 => RequestResult::Rejected(format!("Lago answered {status}: {}", snippet(&text))),
@@ -527,11 +538,14 @@ impl<'de> Deserialize<'de> for Echoed {
     }
 }
 
-/// Lago's error body (`ApiError*` in the spec).
+/// Lago's error body (`ApiError*` in the spec: `status` and `error` always there). Only a
+/// body of this shape, with the answer's own status, is Lago speaking about the records; any
+/// other (a gateway's JSON, a proxy's HTML page) is about the way to Lago.
 #[derive(Debug, Deserialize)]
 struct LagoError {
+    status: u16,
     #[allow(dead_code)]
-    status: Option<u16>,
+    error: String,
     code: Option<String>,
     error_details: Option<Value>,
 }

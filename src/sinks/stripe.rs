@@ -32,7 +32,8 @@
 //!   timeouts, 408/409/429 and 5xx, always with the identical body and key. A 5xx marked
 //!   `Idempotent-Replayed` is Stripe replaying a stored failure for this key: retrying within
 //!   the run cannot help, so the record stays pending at once. 401/403 stop the sink (records stay
-//!   pending); 402/404 with a Stripe error body reject the record.
+//!   pending); 402/404 with a Stripe error body reject the record, except an unknown URL or
+//!   API version (a wrong `api_url` or `api_version`), which stops the sink.
 //! - **v1 has no batch endpoint**: one request per record, `concurrency` requests at a time, but
 //!   records of the same (customer, event name) are sent one after another, since Stripe allows
 //!   one concurrent call per customer per meter.
@@ -538,6 +539,14 @@ impl StripeSink {
         let verdict = match code {
             200..=299 if replayed => V1::Outcome(Outcome::AlreadyDelivered),
             200..=299 => V1::Outcome(Outcome::Delivered),
+            400 | 402 | 404 if error.as_ref().is_some_and(|e| e.configuration_problem().is_some()) => {
+                let e = error.as_ref().expect("checked above");
+                V1::Stop(format!(
+                    "Stripe answered {code}: {} ({}); records stay pending",
+                    e.describe(),
+                    e.configuration_problem().unwrap_or_default()
+                ))
+            }
             400 => match &error {
                 Some(e) if e.is_identifier_duplicate(&out.key) => {
                     V1::Outcome(Outcome::AlreadyDelivered)
@@ -708,6 +717,13 @@ impl StripeSink {
                             )))
                         }
                         400 | 402 | 404 | 422 => match &error {
+                            Some(e) if e.configuration_problem().is_some() => {
+                                return Err(self.stopped(format!(
+                                    "Stripe stream answered {code}: {} ({}); records stay pending",
+                                    e.describe(),
+                                    e.configuration_problem().unwrap_or_default()
+                                )))
+                            }
                             Some(e) => {
                                 return Ok(StreamResult::Rejected(format!(
                                     "Stripe stream answered {code}: {}",
@@ -855,6 +871,21 @@ impl StripeError {
         serde_json::from_str::<ErrorEnvelope>(text)
             .ok()
             .map(|e| e.error)
+    }
+
+    /// What Stripe says about the request's address or API version rather than about the
+    /// event: an unknown URL (404 "Unrecognized request URL", a wrong `api_url`) or an
+    /// unknown `Stripe-Version` (400 "Invalid Stripe API version", a wrong `api_version`).
+    /// Records are not at fault: the sink stops and they stay pending.
+    fn configuration_problem(&self) -> Option<&'static str> {
+        let message = self.message.as_deref()?;
+        if message.starts_with("Unrecognized request URL") {
+            Some("check api_url")
+        } else if message.starts_with("Invalid Stripe API version") {
+            Some("check api_version")
+        } else {
+            None
+        }
     }
 
     /// Stripe's identifier dedup: a 400 `invalid_request_error` saying that an event with

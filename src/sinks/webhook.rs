@@ -21,9 +21,10 @@
 //!   signature as a deduplication key.
 //! - **Retry classes** as for Lago: transport errors, timeouts, 408, 429 and 5xx are retried
 //!   with the same body ([`RetryPolicy`], honouring `Retry-After`); 2xx = delivered; 409 =
-//!   already delivered; 400, 404, 413 and 422 reject the batch's records (held in the ledger
-//!   with the answer); 401 and 403 stop the sink (records stay pending); anything else leaves
-//!   the records pending for the next run.
+//!   already delivered; 400 and 422 reject the batch's records (held in the ledger with the
+//!   answer); 401 and 403 stop the sink (records stay pending), and so do 404 (a wrong `url`)
+//!   and 413 (a `batch_size` the receiver cannot take): the address or the size is at fault,
+//!   not the records; anything else leaves the records pending for the next run.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -399,7 +400,20 @@ impl WebhookSink {
                     snippet(&text)
                 )))
             }
-            400 | 404 | 413 | 422 => Outcome::Rejected(format!(
+            // The address or the batch size, not the records: stop, keep them pending.
+            404 => {
+                return Err(self.stopped(format!(
+                    "the receiver answered 404 Not Found: check url; records stay pending: {}",
+                    snippet(&text)
+                )))
+            }
+            413 => {
+                return Err(self.stopped(format!(
+                    "the receiver answered 413 Payload Too Large: lower batch_size; records stay pending: {}",
+                    snippet(&text)
+                )))
+            }
+            400 | 422 => Outcome::Rejected(format!(
                 "the receiver answered {status}: {}",
                 snippet(&text)
             )),
