@@ -536,15 +536,17 @@ impl StripeSink {
             }
         };
         let error = StripeError::parse(&text);
+        // Stripe's verdict on the address or the API version, not on the record.
+        let configuration = error
+            .as_ref()
+            .and_then(|e| Some((e.describe(), e.configuration_problem()?)));
         let verdict = match code {
             200..=299 if replayed => V1::Outcome(Outcome::AlreadyDelivered),
             200..=299 => V1::Outcome(Outcome::Delivered),
-            400 | 402 | 404 if error.as_ref().is_some_and(|e| e.configuration_problem().is_some()) => {
-                let e = error.as_ref().expect("checked above");
+            400 | 402 | 404 if configuration.is_some() => {
+                let (described, check) = configuration.unwrap_or_default();
                 V1::Stop(format!(
-                    "Stripe answered {code}: {} ({}); records stay pending",
-                    e.describe(),
-                    e.configuration_problem().unwrap_or_default()
+                    "Stripe answered {code}: {described} ({check}); records stay pending"
                 ))
             }
             400 => match &error {
