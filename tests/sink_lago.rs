@@ -677,42 +677,25 @@ async fn a_lean_simulator_answers_exactly_like_the_full_one() {
     }
 }
 
-/// A 404 from an API gateway in front of Lago (a wrong api_url path) carries JSON that is not
-/// Lago's error shape (`status` and `error`, the answer's own status): the way to Lago is
-/// wrong, not the records, so none is quarantined.
+/// Answers that are not in Lago's error format (`status` and `error`, the answer's own status)
+/// come from what stands in front of Lago: a gateway's JSON 404 for a wrong api_url path, and
+/// nginx's 400 "The plain HTTP request was sent to HTTPS port" for http:// on a TLS port. The
+/// way to Lago is wrong, not the records: the sink stops and they stay pending.
 #[tokio::test]
-async fn a_gateways_404_that_is_not_lagos_stops_the_sink_and_rejects_no_record() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(404)
-                .set_body_string(r#"{"message":"no Route matched with those values"}"#),
-        )
-        .mount(&server)
-        .await;
-    let s = sink(&server.uri(), fast_retry(2));
-    let stop = s
-        .deliver(&four_events(&s))
-        .await
-        .expect_err("a gateway's 404 stops the sink");
-    assert!(stop.message.contains("check api_url"), "{stop}");
-}
-
-/// nginx answers 400 "The plain HTTP request was sent to HTTPS port" when api_url says http://
-/// for a TLS port: a configuration problem, so the sink stops and the records stay pending.
-#[tokio::test]
-async fn a_proxys_400_that_is_not_lagos_stops_the_sink_and_rejects_no_record() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(400).set_body_string(
-            "<html>\r\n<head><title>400 The plain HTTP request was sent to HTTPS port</title></head>\r\n<body><center><h1>400 Bad Request</h1></center><hr><center>nginx</center></body></html>",
-        ))
-        .mount(&server)
-        .await;
-    let s = sink(&server.uri(), fast_retry(2));
-    let stop = s
-        .deliver(&four_events(&s))
-        .await
-        .expect_err("a proxy's 400 stops the sink");
-    assert!(stop.message.contains("check api_url"), "{stop}");
+async fn answers_not_in_lagos_error_format_stop_the_sink_and_reject_no_record() {
+    let gateway_404 = r#"{"message":"no Route matched with those values"}"#;
+    let nginx_400 = "<html>\r\n<head><title>400 The plain HTTP request was sent to HTTPS port</title></head>\r\n<body><center><h1>400 Bad Request</h1></center><hr><center>nginx</center></body></html>";
+    for (status, body) in [(404, gateway_404), (400, nginx_400)] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(status).set_body_string(body))
+            .mount(&server)
+            .await;
+        let s = sink(&server.uri(), fast_retry(2));
+        let stop = s
+            .deliver(&four_events(&s))
+            .await
+            .expect_err("an answer from in front of Lago stops the sink");
+        assert!(stop.message.contains("check api_url"), "{status}: {stop}");
+    }
 }
