@@ -780,13 +780,18 @@ impl Ledger {
         // staged once, with its last content: its changes compared one by one against the
         // ledger would each become a correction of the same original (under the same next
         // revision, which the unique key refuses, failing the whole page on every run).
-        let mut last_of: hashbrown::HashMap<&str, usize> =
-            hashbrown::HashMap::with_capacity(rows.len());
+        // Only known keys are indexed: a page of new records (the common case) adds nothing.
+        let mut last_of: hashbrown::HashMap<&str, usize> = hashbrown::HashMap::new();
         for (i, row) in rows.iter().enumerate() {
-            last_of.insert(row.key.as_str(), i);
+            if known.contains_key(&row.key) {
+                last_of.insert(row.key.as_str(), i);
+            }
         }
         for (at, &row) in rows.iter().enumerate() {
-            if known.contains_key(&row.key) && last_of.get(row.key.as_str()) != Some(&at) {
+            if last_of
+                .get(row.key.as_str())
+                .is_some_and(|&last| last != at)
+            {
                 continue;
             }
             if let Some(&i) = insert_at.get(row.key.as_str()) {
