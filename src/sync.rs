@@ -202,7 +202,9 @@ struct SpentRows {
 }
 
 /// Where one sink's push stands in a run: the pushes alongside the pull and the final pass
-/// continue from it, so a record is tried at most once per run.
+/// continue from it, so a record is tried at most once per run (per content: a record held
+/// after its try, rejected, and restaged to pending by a later page of the run goes out again,
+/// read by id from `revisit`).
 #[derive(Debug, Clone)]
 struct SinkProgress {
     /// The last record id read for this sink.
@@ -214,6 +216,24 @@ struct SinkProgress {
     batches: u64,
     /// The sink stopped (down, refusing credentials): nothing more is sent to it this run.
     stopped: bool,
+    /// How many of [`Alongside::restaged`] this sink has looked at.
+    restaged_seen: usize,
+    /// Records that became pending behind `after_id`: read by id before the walk goes on.
+    revisit: Vec<i64>,
+}
+
+impl SinkProgress {
+    /// Take the records restaged to pending since this sink last read. `after_id` has not
+    /// moved since then (it moves only when the sink reads, under the turn, as restaging
+    /// happens), so those at or below it were restaged after the walk went past them, and the
+    /// walk will never see them; those above it it will.
+    fn take_restaged(&mut self, together: &Alongside) {
+        let restaged = together.restaged();
+        let new = restaged.get(self.restaged_seen..).unwrap_or_default();
+        self.revisit
+            .extend(new.iter().copied().filter(|&id| id <= self.after_id));
+        self.restaged_seen = restaged.len();
+    }
 }
 
 /// What the stager and the pusher share while records are pushed during the pull.
@@ -239,9 +259,16 @@ struct Alongside {
     staged: tokio::sync::Notify,
     /// Every source is pulled, or the pull stopped.
     pulling_done: std::sync::atomic::AtomicBool,
+    /// Ids of held records the stager restaged to pending, in staging order (appended under
+    /// the turn). They keep their ids, which the pusher's walk may have passed already.
+    restaged: std::sync::Mutex<Vec<i64>>,
 }
 
 impl Alongside {
+    fn restaged(&self) -> std::sync::MutexGuard<'_, Vec<i64>> {
+        self.restaged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn carried(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
         // The set stays consistent whatever panicked while holding it (plain inserts/removes).
         self.carried.lock().unwrap_or_else(|e| e.into_inner())
@@ -895,6 +922,12 @@ impl Pipeline {
                 self.settle_periods(run_id, now, summary).await?;
             }
             if !opts.skip_push {
+                if let Some(together) = &alongside {
+                    // Restaged after the pusher alongside last read: what it had gone past.
+                    for state in &mut sinks {
+                        state.take_restaged(together);
+                    }
+                }
                 self.push_pending(run_id, holder, &mut last_refresh, summary, &mut sinks, None)
                     .await?;
             }
@@ -1142,10 +1175,15 @@ impl Pipeline {
                     );
                     a.wait_released(&ids).await;
                 }
-                other => break other?,
+                Ok(counts) => break (counts, turn),
+                Err(e) => return Err(e),
             }
         };
+        let (mut counts, turn) = counts;
         if let Some(a) = alongside {
+            // Under the turn still: the pusher compares them with where its walk stood.
+            a.restaged().append(&mut counts.restaged_pending);
+            drop(turn);
             a.staged.notify_one();
         }
         summary.add_counts(&counts);
@@ -1198,6 +1236,8 @@ impl Pipeline {
                 throttled_seen: sink.throttled(),
                 batches: 0,
                 stopped: false,
+                restaged_seen: 0,
+                revisit: Vec::new(),
             })
             .collect()
     }
@@ -1342,28 +1382,35 @@ impl Pipeline {
                 let max_batch = sink.max_batch().max(1);
                 if ahead.len() < max_batch && !read_all {
                     let want = max_batch * BATCHES_READ_AHEAD;
-                    let more = match alongside {
-                        None => {
-                            self.ledger
-                                .pending_batch(sink.name(), state.after_id, want)
-                                .await?
-                        }
+                    // Read and registered in one turn: a staging transaction either ran
+                    // before (the rows read are its content) or sees them carried.
+                    let turn = match alongside {
                         Some(a) => {
-                            // Read and registered in one turn: a staging transaction either
-                            // ran before (the rows read are its content) or sees them carried.
-                            let _turn = a.turn.lock().await;
-                            let more = self
-                                .ledger
-                                .pending_batch(sink.name(), state.after_id, want)
-                                .await?;
-                            a.carry(more.iter().map(|o| o.id));
-                            more
+                            let turn = a.turn.lock().await;
+                            state.take_restaged(a);
+                            Some(turn)
                         }
+                        None => None,
                     };
-                    read_all = more.len() < want;
-                    if let Some(last) = more.last() {
+                    let mut more = if state.revisit.is_empty() {
+                        Vec::new()
+                    } else {
+                        let ids = std::mem::take(&mut state.revisit);
+                        self.ledger.pending_by_ids(sink.name(), &ids).await?
+                    };
+                    let walked = self
+                        .ledger
+                        .pending_batch(sink.name(), state.after_id, want)
+                        .await?;
+                    read_all = walked.len() < want;
+                    if let Some(last) = walked.last() {
                         state.after_id = last.id;
                     }
+                    more.extend(walked);
+                    if let Some(a) = alongside {
+                        a.carry(more.iter().map(|o| o.id));
+                    }
+                    drop(turn);
                     ahead.extend(more);
                 }
                 if ahead.is_empty() {

@@ -35,6 +35,9 @@ struct SlowProvider {
     plan: Mutex<Vec<Chunk>>,
     first_mapped: Mutex<Option<UsageRecord>>,
     repeat_changed: bool,
+    /// The first page reports its first mapped record as not final yet (held as provisional),
+    /// the last page reports it again, final.
+    first_provisional: bool,
 }
 
 #[async_trait]
@@ -81,10 +84,16 @@ impl Provider for SlowProvider {
             let mappings = MappingSet::examples().unwrap();
             let first = page
                 .records
-                .iter()
-                .find(|r| matches!(mappings.apply(r), MapOutcome::Mapped(_)))
-                .cloned();
-            *self.first_mapped.lock().unwrap() = first;
+                .iter_mut()
+                .find(|r| matches!(mappings.apply(r), MapOutcome::Mapped(_)));
+            let kept = first.as_deref().cloned();
+            if self.first_provisional {
+                if let Some(r) = first {
+                    assert!(r.is_final, "the simulator's past days are final");
+                    r.is_final = false;
+                }
+            }
+            *self.first_mapped.lock().unwrap() = kept;
         } else if index + 1 < CHUNKS {
             // Slow pages: the stager commits what has waited a second, so the pusher has
             // records before the last page.
@@ -108,12 +117,29 @@ impl Provider for SlowProvider {
                 changed.billed_cost *= Decimal::TWO;
                 page.records.push(changed);
             }
+            if self.first_provisional {
+                let now_final = self
+                    .first_mapped
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .expect("a mapped record");
+                page.records.push(now_final);
+            }
         }
         Ok(page)
     }
 }
 
 async fn pipeline(world: &Arc<World>, repeat_changed: bool) -> (Pipeline, Arc<SlowProvider>) {
+    pipeline_with(world, repeat_changed, false).await
+}
+
+async fn pipeline_with(
+    world: &Arc<World>,
+    repeat_changed: bool,
+    first_provisional: bool,
+) -> (Pipeline, Arc<SlowProvider>) {
     let mut pipeline = world.pipeline().await;
     let provider = Arc::new(SlowProvider {
         inner: world.provider(),
@@ -121,6 +147,7 @@ async fn pipeline(world: &Arc<World>, repeat_changed: bool) -> (Pipeline, Arc<Sl
         plan: Mutex::new(Vec::new()),
         first_mapped: Mutex::new(None),
         repeat_changed,
+        first_provisional,
     });
     pipeline.providers = vec![Box::new(Shared(provider.clone()))];
     (pipeline, provider)
@@ -375,5 +402,44 @@ async fn a_record_changed_after_its_answer_was_lost_reaches_lago_in_full() {
         in_lago, latest.value,
         "Lago holds {in_lago} for {key} and its corrections; the provider's latest content maps to {}",
         latest.value
+    );
+}
+
+/// A record held as provisional by an early page becomes final in a later page of the same
+/// run, while the pusher has already gone past its id: it is pushed in this run all the same,
+/// not left pending for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_record_that_becomes_final_later_in_the_run_is_sent_in_that_run() {
+    let world = Arc::new(World::start(Behaviour::Postgres).await);
+    let (pipeline, provider) = pipeline_with(&world, false, true).await;
+
+    let summary = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!(summary.outcome, RunOutcome::Ok, "{summary:?}");
+    assert!(
+        summary.sources.values().all(|s| s.error.is_none()),
+        "{summary:?}"
+    );
+    assert_eq!(
+        (summary.restaged, summary.corrections),
+        (1, 0),
+        "{summary:?}"
+    );
+
+    let first = provider.first_mapped.lock().unwrap().clone().unwrap();
+    let key = first.idempotency_key();
+    let MapOutcome::Mapped(event) = MappingSet::examples().unwrap().apply(&first) else {
+        panic!("the record maps");
+    };
+    assert_eq!(
+        pipeline.ledger.pending_count("lago").await.unwrap(),
+        0,
+        "something was left pending for the next run"
+    );
+    assert_eq!(world.lago_value_of(&key), event.value);
+    let counts = world.lago.counts();
+    assert_eq!(counts.len() as u64, summary.sent);
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "a key stored twice: {counts:?}"
     );
 }

@@ -284,6 +284,11 @@ pub struct StageCounts {
     pub unchanged: u64,
     /// Seen before, never offered to a sink (held), with new content: restaged in place.
     pub restaged: u64,
+    /// Ids of the records restaged in place that are now pending (a provisional record that
+    /// became final, an unmapped one that maps now): they keep their old, lower ids, which a
+    /// pusher walking pending records by id may have gone past. Not summed by [`Self::add`]:
+    /// the caller takes them.
+    pub restaged_pending: Vec<i64>,
     /// Seen before, pending or sent, with new content that needs a person: kept as unresolved.
     pub changed_after_send: u64,
     /// Correction records staged for pending or sent records whose content changed.
@@ -864,6 +869,9 @@ impl Ledger {
                     let id = *id;
                     restage(&mut tx, id, row, run_id, &now_s).await?;
                     counts.restaged += 1;
+                    if row.status == Status::Pending {
+                        counts.restaged_pending.push(id);
+                    }
                     *counts.by_status.entry(row.status.as_str()).or_default() += 1;
                     known.insert(row.key.clone(), (id, row.content_hash.clone(), row.status));
                 }
@@ -1149,22 +1157,41 @@ impl Ledger {
             .int(3, i64::try_from(limit).unwrap_or(i64::MAX))
             .map_err(sqlite(CONTEXT))?;
         let mut out = Vec::with_capacity(limit.min(4096));
-        while let Some(row) = query.next_row().map_err(sqlite(CONTEXT))? {
-            let id = row.int(0);
-            let text = |column, field, what| {
-                row.text(column)
-                    .map(str::to_owned)
-                    .ok_or_else(|| LedgerError::Corrupt {
-                        id,
-                        field,
-                        message: format!("a pending record has no {what} (or it is not UTF-8)"),
-                    })
-            };
-            out.push(Outgoing {
-                id,
-                key: text(1, "idem_key", "key")?,
-                payload: text(2, "payload", "frozen payload")?,
-            });
+        read_outgoing(&mut query, &mut out)?;
+        Ok(out)
+    }
+
+    /// Those of `ids` that are pending for `sink`, in id order, for delivery: records that
+    /// became pending behind a pusher's walk (see [`StageCounts::restaged_pending`]).
+    pub async fn pending_by_ids(
+        &self,
+        sink: &str,
+        ids: &[i64],
+    ) -> Result<Vec<Outgoing>, LedgerError> {
+        const CONTEXT: &str = "reading pending records by id";
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut conn = self.pool.acquire().await.map_err(sql(CONTEXT))?;
+        let mut handle = conn.lock_handle().await.map_err(sql(CONTEXT))?;
+        let raw = raw::Raw::new(&mut handle);
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(LOOKUP_KEYS_PER_STATEMENT) {
+            // Integers written into the text: nothing to escape.
+            let list = chunk
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut query = raw
+                .prepare(&format!(
+                    "SELECT r.id, r.idem_key, b.payload
+                     FROM records r LEFT JOIN record_bodies b ON b.id = r.id
+                     WHERE r.status = 'pending' AND r.sink = ?1 AND r.id IN ({list}) ORDER BY r.id"
+                ))
+                .map_err(sqlite(CONTEXT))?;
+            query.text(1, sink).map_err(sqlite(CONTEXT))?;
+            read_outgoing(&mut query, &mut out)?;
         }
         Ok(out)
     }
@@ -1916,6 +1943,32 @@ async fn sent_state(
         sent_quantity,
         next_revision: last_revision + 1,
     })
+}
+
+/// The rows of a query selecting `id, idem_key, payload` of pending records, as deliveries.
+fn read_outgoing(
+    query: &mut raw::Statement<'_, '_>,
+    out: &mut Vec<Outgoing>,
+) -> Result<(), LedgerError> {
+    const CONTEXT: &str = "reading pending records";
+    while let Some(row) = query.next_row().map_err(sqlite(CONTEXT))? {
+        let id = row.int(0);
+        let text = |column, field, what| {
+            row.text(column)
+                .map(str::to_owned)
+                .ok_or_else(|| LedgerError::Corrupt {
+                    id,
+                    field,
+                    message: format!("a pending record has no {what} (or it is not UTF-8)"),
+                })
+        };
+        out.push(Outgoing {
+            id,
+            key: text(1, "idem_key", "key")?,
+            payload: text(2, "payload", "frozen payload")?,
+        });
+    }
+    Ok(())
 }
 
 async fn restage(
