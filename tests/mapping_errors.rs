@@ -354,3 +354,54 @@ fn garbage_never_panics() {
         assert!(result.is_err(), "expected an error for {text:?}");
     }
 }
+
+/// Two customer entries that can match one record at the same priority bill by file order.
+/// Billing the same subscription does not make the tie harmless when they price differently
+/// (or name another customer): a 10 % and a 50 % markup for the same record is a wrong
+/// invoice decided by which entry happens to come first. It must be a load error, as for two
+/// subscriptions.
+#[test]
+fn tied_customer_entries_with_different_pricing_are_ambiguous() {
+    let text = "version: 1
+customers:
+  - match: { sub_account_id: \"1\" }
+    external_subscription_id: sub_a
+    pricing: { markup_percent: 10 }
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_a
+    pricing: { markup_percent: 50 }
+";
+    assert_one(
+        text,
+        6,
+        3,
+        "can match the same records as the entry at m.yaml:3:3",
+    );
+    // Another customer id on the same subscription is just as ambiguous.
+    let text = "version: 1
+customers:
+  - match: { sub_account_id: \"1\" }
+    external_subscription_id: sub_a
+    external_customer_id: acme
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_a
+    external_customer_id: globex
+";
+    assert_one(
+        text,
+        6,
+        3,
+        "can match the same records as the entry at m.yaml:3:3",
+    );
+    // Entries that bill alike (same subscription, customer and pricing; `10` = `10.0`) may tie.
+    let text = "version: 1
+customers:
+  - match: { sub_account_id: \"1\" }
+    external_subscription_id: sub_a
+    pricing: { markup_percent: 10 }
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_a
+    pricing: { markup_percent: \"10.0\" }
+";
+    assert!(load(&[("m.yaml", text)]).is_ok());
+}

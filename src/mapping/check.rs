@@ -9,9 +9,9 @@
 //!   metric, or customer entries billing one subscription, that disagree on their monthly
 //!   pricing (a month's records would be priced by two rules at once).
 //! - **Error**: a rule no record can reach (an earlier rule matches all it does); two customer
-//!   entries (or an entry and a directory row) that can match the same record, bill different
-//!   subscriptions and have the same priority: which subscription pays would depend on file
-//!   order, an accident nobody reviews; pricing that cannot be computed (`markup_percent` with
+//!   entries (or an entry and a directory row) that can match the same record, bill differently
+//!   (another subscription, customer id or pricing) and have the same priority: who pays and
+//!   how much would depend on file order, an accident nobody reviews; pricing that cannot be computed (`markup_percent` with
 //!   `tiers`; a currency conversion without a rates table).
 //! - **Warning**: two billing rules (not `ignore`) that overlap partly (neither contains the
 //!   other) with different metrics or targets. First-match-wins makes them deterministic and such layering is common
@@ -162,12 +162,46 @@ fn describe_customer(c: &LoadedCustomer) -> String {
     )
 }
 
+/// What a customer entry decides for a record: subscription, customer id and pricing (its
+/// amounts normalized, so `10` and `10.0` are the same pricing). Entries that tie must agree
+/// on all of it, or file order would decide the invoice.
+fn bills(c: &LoadedCustomer) -> (String, Option<String>, String) {
+    let pricing = c
+        .entry
+        .pricing
+        .as_ref()
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let n = |d: rust_decimal::Decimal| d.normalize().to_string();
+            format!(
+                "{:?} {:?} {:?} {:?} {:?} {}",
+                p.markup_percent.map(|m| n(m.0)),
+                p.commission_percent.map(|c| n(c.0)),
+                p.markup_fixed.map(|f| n(f.0)),
+                p.tiers.as_ref().map(|t| t
+                    .0
+                    .iter()
+                    .map(|t| (t.up_to.map(|u| n(u.0)), n(t.markup_percent.0)))
+                    .collect::<Vec<_>>()),
+                p.minimum.map(|m| n(m.0)),
+                monthly_signature(p).unwrap_or_else(|| format!("{:?}", p.period)),
+            )
+        })
+        .unwrap_or_default();
+    (
+        c.entry.external_subscription_id.0.clone(),
+        c.entry.external_customer_id.as_ref().map(|x| x.0.clone()),
+        pricing,
+    )
+}
+
 fn check_customers(set: &MappingSet, errors: &mut Vec<MappingError>) {
-    let hint = "which subscription pays would depend on file order; give the entry that must \
-                win a higher `priority:`, or make the matches disjoint";
+    let hint = "which subscription pays, as which customer and at which price, would depend \
+                on file order; give the entry that must win a higher `priority:`, or make the \
+                matches disjoint";
     for (j, b) in set.customers.iter().enumerate() {
         for a in &set.customers[..j] {
-            if a.entry.external_subscription_id != b.entry.external_subscription_id
+            if bills(a) != bills(b)
                 && a.priority() == b.priority()
                 && may_overlap(&a.entry.conditions.0, &b.entry.conditions.0)
             {
@@ -188,7 +222,11 @@ fn check_customers(set: &MappingSet, errors: &mut Vec<MappingError>) {
         }
         // Against the account directory: one error per entry, naming the first row.
         let mut clashes = set.directory.iter().filter(|row| {
-            row.subscription != b.entry.external_subscription_id.0
+            (
+                row.subscription.to_string(),
+                row.customer.map(str::to_string),
+                String::new(),
+            ) != bills(b)
                 && row.priority == b.priority()
                 && may_overlap(
                     &b.entry.conditions.0,

@@ -59,8 +59,8 @@
 //! holds and the account-directory row of the record's (`provider`, `sub_account_id`), the one
 //! with the highest `priority` (default 0); ties go to the first in file order (files in load
 //! order), inline entries before directory rows. Entries that can match one record, bill
-//! different subscriptions and share a priority are a load error, so the tie-break only ever
-//! decides between entries billing the same subscription. No customer → unmapped (`no customer
+//! differently (subscription, customer id or pricing) and share a priority are a load error,
+//! so the tie-break only ever decides between entries that bill alike. No customer → unmapped (`no customer
 //! matches sub_account_id=7`).
 //!
 //! **Account directory.** `customers_csv: accounts.csv` (relative to the YAML file), header
