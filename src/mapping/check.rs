@@ -199,10 +199,12 @@ fn check_customers(set: &MappingSet, errors: &mut Vec<MappingError>) {
     let hint = "which subscription pays, as which customer and at which price, would depend \
                 on file order; give the entry that must win a higher `priority:`, or make the \
                 matches disjoint";
+    // Computed once per entry: the directory below may have tens of thousands of rows.
+    let billing: Vec<_> = set.customers.iter().map(bills).collect();
     for (j, b) in set.customers.iter().enumerate() {
-        for a in &set.customers[..j] {
-            if bills(a) != bills(b)
-                && a.priority() == b.priority()
+        for (i, a) in set.customers[..j].iter().enumerate() {
+            if a.priority() == b.priority()
+                && billing[i] != billing[j]
                 && may_overlap(&a.entry.conditions.0, &b.entry.conditions.0)
             {
                 errors.push(at(
@@ -221,13 +223,13 @@ fn check_customers(set: &MappingSet, errors: &mut Vec<MappingError>) {
             }
         }
         // Against the account directory: one error per entry, naming the first row.
+        // A directory row bills its subscription and customer id, without pricing of its own.
+        let (subscription, customer, pricing) = &billing[j];
         let mut clashes = set.directory.iter().filter(|row| {
-            (
-                row.subscription.to_string(),
-                row.customer.map(str::to_string),
-                String::new(),
-            ) != bills(b)
-                && row.priority == b.priority()
+            row.priority == b.priority()
+                && (row.subscription != subscription.as_str()
+                    || row.customer != customer.as_deref()
+                    || !pricing.is_empty())
                 && may_overlap(
                     &b.entry.conditions.0,
                     &[
