@@ -803,6 +803,65 @@ async fn the_stored_watermark_never_moves_backwards() {
     assert_eq!(page.cursor.as_deref(), Some("2026-03-02T00:00:00Z"));
 }
 
+/// With `final_requires_charge`, a settled bucket whose rows are not charged yet is
+/// provisional: the watermark must stay at it, so that it is read again until it is charged.
+/// A watermark that passes it leaves its records provisional for ever once the look-back no
+/// longer reaches them: never sent, revenue lost.
+#[tokio::test]
+async fn uncharged_buckets_pin_the_watermark_until_they_are_charged() {
+    let mut unpaid = generated(6, 2);
+    // Charges up to 03:00 are paid; the buckets after it are not yet.
+    unpaid.paid_before = Some(t("2026-03-01T03:00:00Z"));
+    let mut paid = unpaid.clone();
+    paid.paid_before = Some(t("2026-03-02T00:00:00Z"));
+    let (sim_unpaid, sim_paid) = (sim(unpaid).await, sim(paid).await);
+    let config_of = |url: &str| {
+        let mut c = config(url, "2026-03-01T00:00:00Z");
+        c.final_requires_charge = true;
+        c
+    };
+    let now = t("2026-03-01T12:05:00Z");
+    let mut cursors = Cursors::new();
+    let (_, first) = run(&provider(config_of(&sim_unpaid.url)), &mut cursors, now)
+        .await
+        .expect("first run");
+    let earliest_unpaid = first
+        .iter()
+        .filter(|r| !r.is_final)
+        .map(|r| r.charge_period_start)
+        .min()
+        .expect("later buckets are unpaid");
+    assert!(
+        earliest_unpaid < t("2026-03-01T09:00:00Z"),
+        "the dataset has unpaid buckets before the look-back of the next run"
+    );
+    assert_eq!(
+        t(&cursors["account"]),
+        earliest_unpaid,
+        "the watermark stops at the first uncharged bucket"
+    );
+    // Later the platform has charged everything: the next run makes every record final.
+    let (_, second) = run(&provider(config_of(&sim_paid.url)), &mut cursors, now)
+        .await
+        .expect("second run");
+    let mut all = first;
+    all.extend(second);
+    let kept = ledger(&all);
+    let provisional: Vec<&String> = kept
+        .iter()
+        .filter(|(_, r)| !r.is_final)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(provisional.is_empty(), "left provisional: {provisional:?}");
+    assert_eq!(
+        total(kept.into_values()),
+        sim_paid
+            .dataset()
+            .total_cost(t("2026-03-01T00:00:00Z"), t("2026-03-01T11:00:00Z"), None)
+    );
+    assert_eq!(cursors["account"], "2026-03-01T11:00:00Z");
+}
+
 #[tokio::test]
 async fn day_period_pulls_local_days_and_adds_up() {
     let sim = sim(generated(6, 2)).await;

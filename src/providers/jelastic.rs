@@ -36,7 +36,9 @@
 //! * **Finality**: a bucket is final once it ended at least `settle_delay` ago. The reference
 //!   suggests also waiting for `isPaid || isWithdrawn || isBonus`; that is opt-in
 //!   (`final_requires_charge`), because an account that is never charged through these flags
-//!   would otherwise hold every record provisional forever.
+//!   would otherwise hold every record provisional forever. With it, the cursor of a stream
+//!   stops at the first bucket that still holds a provisional record, so that bucket is read
+//!   again until it is charged (a cursor past it would leave it provisional, never sent).
 //! * **Money**: `cost` is a JSON float on the wire (`0.012846`). With serde_json's
 //!   `arbitrary_precision` a number keeps its text, which is read into [`Decimal`] exactly; no
 //!   amount ever passes through a binary float. The payload has no currency: it is configuration.
@@ -402,6 +404,10 @@ pub struct JelasticProvider {
     client: reqwest::Client,
     /// The watermark `plan` saw per stream, so `fetch` never returns an older cursor.
     watermarks: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// Per stream, the start of the earliest bucket of this run that held a provisional record
+    /// (settled but not charged yet, with `final_requires_charge`): no page's cursor passes it,
+    /// so the bucket is read again until it is final. Cleared by `plan`.
+    pins: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
 impl JelasticProvider {
@@ -461,6 +467,7 @@ impl JelasticProvider {
             url,
             billing_account_id,
             watermarks: Mutex::new(HashMap::new()),
+            pins: Mutex::new(HashMap::new()),
         })
     }
 
@@ -704,6 +711,9 @@ impl Provider for JelasticProvider {
         if let Ok(mut map) = self.watermarks.lock() {
             map.extend(seen);
         }
+        if let Ok(mut pins) = self.pins.lock() {
+            pins.clear();
+        }
         info!(source = %self.name, chunks = chunks.len(), "jelastic: plan ready");
         Ok(chunks)
     }
@@ -738,11 +748,30 @@ impl Provider for JelasticProvider {
         // The page's cursor is its window's end, never below what `plan` saw (a look-back
         // re-read must not move a cursor back). Read-only here: pages may be fetched
         // concurrently, and a later window's answer must not lend its end to an earlier page.
+        //
+        // A provisional record (a settled bucket not charged yet) pins the cursor of its
+        // stream at its bucket for the rest of the run: a cursor past it would leave it
+        // provisional for ever once the look-back no longer reaches it. (Chunks are fetched
+        // one at a time, in plan order, so a pin is set before any later page is made.)
+        let provisional = records
+            .iter()
+            .filter(|r| !r.is_final)
+            .map(|r| r.charge_period_start)
+            .min();
+        let pin = match self.pins.lock() {
+            Ok(mut pins) => {
+                if let Some(p) = provisional {
+                    let at = pins.entry(chunk.stream.clone()).or_insert(p);
+                    *at = (*at).min(p);
+                }
+                pins.get(&chunk.stream).copied()
+            }
+            Err(_) => provisional,
+        };
+        let end = pin.map_or(chunk.window_end, |p| p.min(chunk.window_end));
         let cursor = match self.watermarks.lock() {
-            Ok(map) => map
-                .get(&chunk.stream)
-                .map_or(chunk.window_end, |w| (*w).max(chunk.window_end)),
-            Err(_) => chunk.window_end,
+            Ok(map) => map.get(&chunk.stream).map_or(end, |w| (*w).max(end)),
+            Err(_) => end,
         };
         debug!(
             source = %self.name,
