@@ -278,6 +278,51 @@ fn record_fields_follow_the_documented_mapping() {
     assert_eq!(wan_down.consumed_unit, "gbytes");
 }
 
+/// Two lines of one report can share every part of the natural key: two metered waypoints of
+/// one network, both clipped to the window start, are two charges of the same network product
+/// starting at the same instant. Each must stay a record of its own, under a key that a re-read
+/// gives again: with one key the ledger keeps only the last line, and the other one's amount is
+/// never billed.
+#[test]
+fn lines_sharing_a_natural_key_stay_separate_records() {
+    let waypoint = |cost: &str| {
+        format!(
+            r#"{{"cost": "{cost}", "cost_currency": "GBP", "cost_per_unit": "0.06",
+                "measurement_unit": "gbytes", "measurement_period": "3600",
+                "is_reservation": "0", "product_id": 8381, "product_label": "wan",
+                "quantity": "1.0", "start_timestamp": "2026-03-01T10:00:00Z",
+                "end_timestamp": "2026-03-01T11:00:00Z"}}"#
+        )
+    };
+    let text = format!(
+        r#"{{"network_report": {{"7": {{"network": {{"download": {{"cost": 0.5,
+            "cost_currency": "GBP", "measurement_unit": "gbytes", "quantity": 2,
+            "metered_waypoints": [{}, {}]}}}}}}}}}}"#,
+        waypoint("0.2"),
+        waypoint("0.3")
+    );
+    let ctx = window_ctx("2026-03-01T10:00:00Z", "2026-03-01T11:00:00Z");
+    let records = parse_report_str(&text, &ctx).expect("parses");
+    assert_eq!(records.len(), 2);
+    // What the ledger keeps: one record per idempotency key, the last one read.
+    let kept: BTreeMap<String, Decimal> = records
+        .iter()
+        .map(|r| (r.idempotency_key(), r.billed_cost))
+        .collect();
+    assert_eq!(kept.len(), 2, "each line keeps a key of its own");
+    assert_eq!(kept.values().copied().sum::<Decimal>(), dec("0.5"));
+    // A re-read of the window gives the same keys to the same lines.
+    let again = parse_report_str(&text, &ctx).expect("parses");
+    let keys = |rs: &[UsageRecord]| -> Vec<(String, Decimal)> {
+        rs.iter()
+            .map(|r| (r.idempotency_key(), r.billed_cost))
+            .collect()
+    };
+    assert_eq!(keys(&again), keys(&records));
+    // The first line keeps the key it always had (no key of a unique line changes).
+    assert_eq!(records[0].natural_key.len(), 8);
+}
+
 #[test]
 fn natural_keys_are_unique_and_complete() {
     for fixture in [FIXTURE_CURRENT, FIXTURE_BIGSTEP_2020] {

@@ -15,6 +15,9 @@
 //! * **Natural key** (reference 4.5): `(user_id_owner, infrastructure_id, resource_type,
 //!   product_id, start_timestamp, is_reservation)`, plus `bucket`/`direction` for network
 //!   waypoints: the line's own identity, never the window that was asked for (see below).
+//!   Lines of one report that still share a key (two waypoints of one network clipped to the
+//!   same window start) are separate charges: the second and later get an `occurrence` part
+//!   (2, 3, … in report order) instead of overwriting each other in the ledger.
 //! * **Window clipping**: the server computes the report for the requested window, so a
 //!   resource running across a window boundary comes back as one clipped line per window, each
 //!   starting and ending inside its window (`start_timestamp` = the window start, or
@@ -782,7 +785,34 @@ fn records_of(
         record.raw = RawJson::from_raw(entry);
         records.push(record);
     }
+    disambiguate(&mut records, ctx);
     Ok(records)
+}
+
+/// Give lines of one report that share a natural key an `occurrence` part (2, 3, … in report
+/// order): they are separate charges (two waypoints of one network clipped to the same window
+/// start, …), and under one key the ledger would keep only the last one's amount. The first
+/// keeps its key, so a line that is unique keeps the key it always had.
+fn disambiguate(records: &mut [UsageRecord], ctx: &ReportContext) {
+    let repeats: Vec<(usize, u32)> = {
+        let mut seen: HashMap<&[(Name, Text)], u32> = HashMap::with_capacity(records.len());
+        records
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let n = seen.entry(r.natural_key.as_slice()).or_insert(0);
+                *n += 1;
+                (*n > 1).then_some((i, *n))
+            })
+            .collect()
+    };
+    for (i, n) in repeats {
+        let r = &mut records[i];
+        warn!(source = %ctx.source, user_id = ctx.user_id, key = %r.natural_key_string(), occurrence = n,
+            "metalsoft: a report repeats a natural key; the line is kept as a separate record");
+        r.natural_key
+            .push(("occurrence".into(), n.to_compact_string()));
+    }
 }
 
 /// The top-level `start_timestamp`/`end_timestamp` some servers add (the 2020 Bigstep example)
