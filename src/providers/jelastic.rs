@@ -36,9 +36,10 @@
 //! * **Finality**: a bucket is final once it ended at least `settle_delay` ago. The reference
 //!   suggests also waiting for `isPaid || isWithdrawn || isBonus`; that is opt-in
 //!   (`final_requires_charge`), because an account that is never charged through these flags
-//!   would otherwise hold every record provisional forever. With it, the cursor of a stream
-//!   stops at the first bucket that still holds a provisional record, so that bucket is read
-//!   again until it is charged (a cursor past it would leave it provisional, never sent).
+//!   would otherwise hold every record provisional forever. The cursor of a stream stops at
+//!   the first bucket that still holds a provisional record (not settled yet, or with
+//!   `final_requires_charge` not charged yet), so that bucket is read again until it is final
+//!   (a cursor past it, out of the look-back's reach, would leave it provisional, never sent).
 //! * **Money**: `cost` is a JSON float on the wire (`0.012846`). With serde_json's
 //!   `arbitrary_precision` a number keeps its text, which is read into [`Decimal`] exactly; no
 //!   amount ever passes through a binary float. The payload has no currency: it is configuration.

@@ -795,7 +795,9 @@ fn records_of(
 /// keeps its key, so a line that is unique keeps the key it always had.
 fn disambiguate(records: &mut [UsageRecord], ctx: &ReportContext) {
     let repeats: Vec<(usize, u32)> = {
-        let mut seen: HashMap<&[(Name, Text)], u32> = HashMap::with_capacity(records.len());
+        // hashbrown's default hasher: this runs for every line of every report.
+        let mut seen: hashbrown::HashMap<&[(Name, Text)], u32> =
+            hashbrown::HashMap::with_capacity(records.len());
         records
             .iter()
             .enumerate()
