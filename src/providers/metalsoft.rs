@@ -17,7 +17,8 @@
 //!   waypoints: the line's own identity, never the window that was asked for (see below).
 //!   Lines of one report that still share a key (two waypoints of one network clipped to the
 //!   same window start) are separate charges: the second and later get an `occurrence` part
-//!   (2, 3, … in report order) instead of overwriting each other in the ledger.
+//!   (2, 3, … in report order) instead of overwriting each other in the ledger. A line repeated
+//!   byte for byte is one charge listed twice and keeps the key of its first listing.
 //! * **Window clipping**: the server computes the report for the requested window, so a
 //!   resource running across a window boundary comes back as one clipped line per window, each
 //!   starting and ending inside its window (`start_timestamp` = the window start, or
@@ -789,29 +790,38 @@ fn records_of(
     Ok(records)
 }
 
-/// Give lines of one report that share a natural key an `occurrence` part (2, 3, … in report
-/// order): they are separate charges (two waypoints of one network clipped to the same window
-/// start, …), and under one key the ledger would keep only the last one's amount. The first
-/// keeps its key, so a line that is unique keeps the key it always had.
+/// Give lines of one report that share a natural key but differ an `occurrence` part (2, 3, …
+/// in report order): they are separate charges (two waypoints of one network clipped to the
+/// same window start, …), and under one key the ledger would keep only the last one's amount.
+/// The first keeps its key, so a line that is unique keeps the key it always had. A line that
+/// repeats an earlier one byte for byte is the same charge listed twice: it takes that line's
+/// key, and the ledger stages it once.
 fn disambiguate(records: &mut [UsageRecord], ctx: &ReportContext) {
-    let repeats: Vec<(usize, u32)> = {
+    let occurrences: Vec<(usize, usize)> = {
         // hashbrown's default hasher: this runs for every line of every report.
-        let mut seen: hashbrown::HashMap<&[(Name, Text)], u32> =
+        let mut seen: hashbrown::HashMap<&[(Name, Text)], Vec<&str>> =
             hashbrown::HashMap::with_capacity(records.len());
         records
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
-                let n = seen.entry(r.natural_key.as_slice()).or_insert(0);
-                *n += 1;
-                (*n > 1).then_some((i, *n))
+                let lines = seen.entry(r.natural_key.as_slice()).or_default();
+                let line = r.raw.get();
+                let n = match lines.iter().position(|l| *l == line) {
+                    Some(p) => p + 1,
+                    None => {
+                        lines.push(line);
+                        lines.len()
+                    }
+                };
+                (n > 1).then_some((i, n))
             })
             .collect()
     };
-    for (i, n) in repeats {
+    for (i, n) in occurrences {
         let r = &mut records[i];
         warn!(source = %ctx.source, user_id = ctx.user_id, key = %r.natural_key_string(), occurrence = n,
-            "metalsoft: a report repeats a natural key; the line is kept as a separate record");
+            "metalsoft: a report repeats a natural key with another line; kept as a separate record");
         r.natural_key
             .push(("occurrence".into(), n.to_compact_string()));
     }
