@@ -737,7 +737,7 @@ impl Pipeline {
                         status: Status::Pending,
                         mapped,
                         note: Some(format!("correction of {}", sent.key)),
-                        event: Some(event),
+                        event: Some(Box::new(event)),
                         correction_of: None,
                         revision: sent.next_revision,
                         body: None,
@@ -755,7 +755,7 @@ impl Pipeline {
     /// sink refused to encode it).
     fn event_of(&self, row: &StageRow) -> Result<Option<MappedEvent>, LedgerError> {
         if let Some(event) = &row.event {
-            return Ok(Some(event.clone()));
+            return Ok(Some((**event).clone()));
         }
         if row.mapped.payload.is_none() {
             return Ok(None);
@@ -2248,7 +2248,7 @@ impl Pipeline {
                 status,
                 mapped,
                 note,
-                event: Some(event),
+                event: Some(Box::new(event)),
                 correction_of: None,
                 revision: 0,
                 body: None,

@@ -175,8 +175,9 @@ pub struct StageRow {
     /// The mapped event the payload was built from (not stored; corrections re-encode it),
     /// kept only by rows no mapping rule rebuilds: corrections and period adjustments. A
     /// provider record's row goes without it (a dozen strings per record, carried to the
-    /// stager); a correction maps its record again.
-    pub event: Option<crate::mapping::MappedEvent>,
+    /// stager); a correction maps its record again. Boxed: a row is moved by value a few
+    /// times between the provider's page and the stager, and nearly every row has none.
+    pub event: Option<Box<crate::mapping::MappedEvent>>,
     /// For a correction: the original record's id.
     pub correction_of: Option<i64>,
     /// 0 for an original record, n for its n-th correction.
