@@ -29,7 +29,8 @@ use crate::shutdown::Shutdown;
 use crate::sinks::{Outcome, Sink};
 use compact_str::ToCompactString;
 
-/// How often a long run extends its lock.
+/// How often a long run extends its lock (more often when `lock_ttl` is short: see
+/// [`Pipeline::lock_refresh_every`]).
 const LOCK_REFRESH: Duration = Duration::from_secs(30);
 /// Records read per page when replaying.
 const REPLAY_PAGE: i64 = 500;
@@ -767,6 +768,12 @@ impl Pipeline {
         })
     }
 
+    /// How often the run lock is extended: every [`LOCK_REFRESH`], or a third of `lock_ttl`
+    /// when that is shorter, so that the lock never expires between two refreshes.
+    fn lock_refresh_every(&self) -> Duration {
+        LOCK_REFRESH.min(self.lock_ttl / 3)
+    }
+
     fn lock_holder() -> String {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
         format!(
@@ -1101,7 +1108,7 @@ impl Pipeline {
                     self.flush_stage(provider, run_id, &mut buffer, summary, alongside)
                         .await?;
                 }
-                if last_refresh.elapsed() > LOCK_REFRESH {
+                if last_refresh.elapsed() > self.lock_refresh_every() {
                     self.ledger
                         .refresh_lock(holder, Utc::now(), self.lock_ttl)
                         .await?;
@@ -1498,10 +1505,18 @@ impl Pipeline {
                     "pushing"
                 );
             }
-            if last_refresh.elapsed() > LOCK_REFRESH {
-                self.ledger
+            if last_refresh.elapsed() > self.lock_refresh_every() {
+                if let Err(e) = self
+                    .ledger
                     .refresh_lock(holder, Utc::now(), self.lock_ttl)
-                    .await?;
+                    .await
+                {
+                    // The lock is lost (another run took it): send nothing more; what was
+                    // delivered is still recorded.
+                    drop(in_flight);
+                    self.ack_now(run_id, &mut acks, alongside).await?;
+                    return Err(e);
+                }
                 *last_refresh = Instant::now();
             }
         }

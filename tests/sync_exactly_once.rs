@@ -383,6 +383,75 @@ async fn a_second_run_while_one_holds_the_lock_is_refused() {
     assert_eq!(world.metalsoft.request_count(), 0);
 }
 
+/// A run whose lock expired and was taken by another run (here one whose clock is a day ahead,
+/// or a run that outlived `lock_ttl`) must notice it at its next refresh and stop: two runs
+/// pushing from one ledger at once is how a record gets billed twice. With a short `lock_ttl`
+/// the lock is refreshed often enough to be noticed within the run. What the run delivered is
+/// still recorded, the new holder keeps its lock, and the next run delivers the rest once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_lock_was_taken_over_stops_at_its_next_refresh() {
+    let world = World::start(Behaviour::Postgres).await;
+    let mut pipeline = world.pipeline().await;
+    pipeline.lock_ttl = std::time::Duration::from_secs(1);
+    // 71 records in batches of 25, each request taking 0.5 s.
+    world.lago.set_delay(std::time::Duration::from_millis(500));
+    let other = billsync::ledger::Ledger::open(&world.dir.path().join("ledger.db"))
+        .await
+        .unwrap();
+    let run = tokio::spawn(async move { pipeline.sync(&opts()).await });
+    for _ in 0..200 {
+        if world.lago.request_count() >= 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        world.lago.request_count(),
+        1,
+        "the first batch is in flight"
+    );
+    other
+        .acquire_lock(
+            "intruder:1:0",
+            chrono::Utc::now() + chrono::Duration::days(1),
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    let result = run.await.unwrap();
+    assert!(
+        matches!(result, Err(SyncError::Ledger(LedgerError::Locked { ref holder, .. })) if holder == "intruder:1:0"),
+        "the run must stop once its lock is gone: {result:?}"
+    );
+    assert_eq!(
+        world.lago.request_count(),
+        1,
+        "no batch was sent after the lock was lost"
+    );
+    let st = other.status().await.unwrap();
+    assert_eq!(
+        st.lock.as_ref().map(|l| l.0.as_str()),
+        Some("intruder:1:0"),
+        "the new holder keeps the lock"
+    );
+    assert_eq!(
+        st.counts
+            .get(&("metalsoft_test".to_string(), "sent".to_string()))
+            .copied(),
+        Some(world.lago.events().len() as i64),
+        "what was delivered before the run stopped is recorded as sent"
+    );
+    other.release_lock("intruder:1:0").await.unwrap();
+    world.lago.set_delay(std::time::Duration::ZERO);
+    let next = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(
+        next.outcome,
+        RunOutcome::Undelivered,
+        "only the held record"
+    );
+    assert_delivered_exactly_once(&world).await;
+}
+
 #[tokio::test]
 async fn a_dry_run_pulls_and_maps_but_writes_and_sends_nothing() {
     let world = World::start(Behaviour::Postgres).await;

@@ -577,7 +577,9 @@ impl Ledger {
         })
     }
 
-    /// Extend the lock of a live run.
+    /// Extend the lock of a live run. A run whose lock expired and was taken by another run
+    /// (or removed) no longer holds it: that is [`LedgerError::Locked`], and the run must stop
+    /// writing.
     pub async fn refresh_lock(
         &self,
         holder: &str,
@@ -585,13 +587,34 @@ impl Ledger {
         ttl: Duration,
     ) -> Result<(), LedgerError> {
         let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
-        sqlx::query("UPDATE locks SET expires_at = ?2 WHERE name = 'sync' AND holder = ?1")
-            .bind(holder)
-            .bind(ts(expires))
-            .execute(&self.pool)
-            .await
-            .map_err(sql("refreshing the run lock"))?;
-        Ok(())
+        let done =
+            sqlx::query("UPDATE locks SET expires_at = ?2 WHERE name = 'sync' AND holder = ?1")
+                .bind(holder)
+                .bind(ts(expires))
+                .execute(&self.pool)
+                .await
+                .map_err(sql("refreshing the run lock"))?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+        let row =
+            sqlx::query("SELECT holder, acquired_at, expires_at FROM locks WHERE name = 'sync'")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(sql("reading the run lock"))?;
+        let (holder, acquired_at, expires_at) = match row {
+            Some(row) => (row.get(0), row.get(1), row.get(2)),
+            None => (
+                "nobody (this run's lock was removed)".into(),
+                "-".into(),
+                "-".into(),
+            ),
+        };
+        Err(LedgerError::Locked {
+            holder,
+            acquired_at,
+            expires_at,
+        })
     }
 
     /// Release the lock if this holder has it.
