@@ -1374,6 +1374,9 @@ impl Pipeline {
         let mut in_flight: FuturesOrdered<Delivery<'_>> = FuturesOrdered::new();
         let mut exhausted = false;
         let mut stopping = false;
+        // Once stopping: when the requests still in flight are abandoned (one deadline for all
+        // of them, not one each).
+        let mut stop_deadline: Option<tokio::time::Instant> = None;
         let mut acks: Vec<(i64, Outcome)> = Vec::new();
         // Pending records read ahead, in id order, several batches per query.
         let mut ahead: std::collections::VecDeque<crate::sinks::Outgoing> =
@@ -1438,7 +1441,9 @@ impl Pipeline {
                 // Let the requests in flight finish, within the deadline: their answers
                 // are worth recording. Past the deadline their batches stay pending and
                 // are resent, byte for byte, by the next run.
-                match tokio::time::timeout(self.shutdown_deadline, in_flight.next()).await {
+                let deadline = *stop_deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + self.shutdown_deadline);
+                match tokio::time::timeout_at(deadline, in_flight.next()).await {
                     Ok(next) => next,
                     Err(_) => {
                         warn!(sink = sink.name(), batches = in_flight.len(),

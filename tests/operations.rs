@@ -296,3 +296,106 @@ async fn mappings_check_remote_finds_what_lago_lacks_and_explain_reads_a_ledger_
         "each rule tried is listed: {output}"
     );
 }
+
+/// A sink in front of the Lago simulator whose n-th request waits `delays[n]` before it is
+/// sent, and whose second request asks the run to stop (as SIGTERM does), so that the requests
+/// in flight at the stop end one after the other.
+struct StaggeredSink {
+    inner: billsync::sinks::lago::LagoSink,
+    calls: std::sync::atomic::AtomicUsize,
+    delays: Vec<Duration>,
+    trigger: std::sync::Mutex<Option<billsync::shutdown::ShutdownTrigger>>,
+}
+
+#[async_trait::async_trait]
+impl billsync::sinks::Sink for StaggeredSink {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn encode(
+        &self,
+        key: &str,
+        event: &billsync::mapping::MappedEvent,
+    ) -> Result<String, billsync::sinks::EncodeError> {
+        self.inner.encode(key, event)
+    }
+    async fn deliver(
+        &self,
+        batch: &[billsync::sinks::Outgoing],
+    ) -> Result<Vec<billsync::sinks::Outcome>, billsync::sinks::SinkStopped> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n == 1 {
+            if let Some(trigger) = self.trigger.lock().unwrap().take() {
+                trigger.trigger();
+            }
+        }
+        tokio::time::sleep(self.delays.get(n).copied().unwrap_or_default()).await;
+        self.inner.deliver(batch).await
+    }
+}
+
+/// `shutdown_deadline` bounds the whole wait for the requests in flight after a stop, not each
+/// of them in turn: Kubernetes kills the pod `terminationGracePeriodSeconds` after SIGTERM,
+/// and a run killed there records nothing and keeps its lock. Here two requests are in flight
+/// at the stop, ending 1.8 s and 3.6 s later, with a 2 s deadline: the second is abandoned at
+/// the deadline (its records stay pending) and the run ends interrupted, on time.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_stop_the_shutdown_deadline_bounds_all_requests_in_flight_together() {
+    use billsync::sync::{RunOutcome, SyncOptions};
+    let world = World::start(Behaviour::Postgres).await;
+    let (trigger, shutdown) = billsync::shutdown::channel();
+    let mut pipeline = world.pipeline().await;
+    pipeline.sinks = vec![Box::new(StaggeredSink {
+        inner: world.sink_with_key(LAGO_KEY),
+        calls: Default::default(),
+        delays: vec![
+            Duration::ZERO,
+            Duration::from_millis(1800),
+            Duration::from_millis(3600),
+        ],
+        trigger: std::sync::Mutex::new(Some(trigger)),
+    })];
+    pipeline.shutdown = shutdown.clone();
+    pipeline.shutdown_deadline = Duration::from_secs(2);
+    let run = tokio::spawn(async move {
+        let summary = pipeline
+            .sync(&SyncOptions {
+                now: Some(world::now()),
+                ..Default::default()
+            })
+            .await;
+        (summary, std::time::Instant::now())
+    });
+    shutdown.requested().await;
+    let stopped_at = std::time::Instant::now();
+    let (summary, ended_at) = run.await.unwrap();
+    let summary = summary.unwrap();
+    let took = ended_at - stopped_at;
+    assert_eq!(summary.outcome, RunOutcome::Interrupted);
+    assert!(
+        took < Duration::from_millis(3000),
+        "the run ended {took:?} after the stop, past its 2 s shutdown deadline"
+    );
+    // The abandoned request never reached Lago; the next run sends what is left, once.
+    let next = world
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(world::now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(next.sent > 0, "the abandoned batch is sent by the next run");
+    assert_eq!(world.lago.events().len(), 71);
+    assert!(
+        world.lago.counts().values().all(|&n| n == 1),
+        "nothing pushed twice"
+    );
+}
