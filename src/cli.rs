@@ -458,7 +458,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
         }
         Command::Ledger { command } => {
             let settings = Settings::load(&cli.config)?;
-            let ledger = Ledger::open(&settings.ledger.path).await?;
+            let ledger = Ledger::open_existing(&settings.ledger.path).await?;
             match command {
                 LedgerCommand::Export {
                     status,
@@ -498,7 +498,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
         }
         Command::Status => {
             let settings = Settings::load(&cli.config)?;
-            let ledger = Ledger::open(&settings.ledger.path).await?;
+            let ledger = Ledger::open_existing(&settings.ledger.path).await?;
             print_status(&ledger).await?;
             print_stripe_age_warnings(&settings, &ledger).await?;
             Ok(exit::OK)
@@ -673,7 +673,7 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                 }
                 (None, Some(id)) => {
                     let settings = Settings::load(config)?;
-                    let ledger = Ledger::open(&settings.ledger.path).await?;
+                    let ledger = Ledger::open_existing(&settings.ledger.path).await?;
                     ledger.record_by_id(id).await?.ok_or_else(|| {
                         ConfigError(format!("no record with id {id} in the ledger"))
                     })?

@@ -399,3 +399,34 @@ async fn after_a_stop_the_shutdown_deadline_bounds_all_requests_in_flight_togeth
         "nothing pushed twice"
     );
 }
+
+/// `status` and `ledger export` only read: pointed at a ledger that does not exist (a typo in
+/// `ledger.path`, a volume not mounted) they say so, naming the file, and create nothing —
+/// instead of creating an empty ledger and reporting "lock: free", no records and no runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_export_of_a_missing_ledger_fail_naming_it_and_create_nothing() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let ledger_dir = world.dir.path().join("ledger");
+    let ledger = ledger_dir.join("ledger.db");
+    for args in [&["status"][..], &["ledger", "export"][..]] {
+        let out = run(&cfg, args).await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {output}");
+        assert!(
+            output.contains(&ledger.display().to_string()) && output.contains("does not exist"),
+            "{args:?} names the missing ledger: {output}"
+        );
+        assert!(
+            !ledger_dir.exists(),
+            "{args:?} created {}",
+            ledger_dir.display()
+        );
+    }
+    // A sync creates it; then status reads it.
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let status = run(&cfg, &["status"]).await;
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    assert!(text(&status).contains("metalsoft_test sent: 71"));
+}

@@ -37,6 +37,10 @@ const LOOKUP_KEYS_PER_STATEMENT: usize = 500;
 pub enum LedgerError {
     #[error("ledger {path}: cannot open: {source}")]
     Open { path: PathBuf, source: sqlx::Error },
+    #[error(
+        "ledger {path} does not exist (no sync has created it yet, or `ledger.path` is wrong)"
+    )]
+    Missing { path: PathBuf },
     #[error("ledger {path} was written by a newer billsync (it has schema migration {version} that this binary does not know); run a billsync at least as new as the one that wrote it")]
     Newer { path: PathBuf, version: i64 },
     #[error("ledger {path}: schema migration failed: {source}")]
@@ -482,6 +486,17 @@ impl Ledger {
         };
         ledger.migrate().await?;
         Ok(ledger)
+    }
+
+    /// Open a ledger that must exist already (commands that only read it, such as `status`):
+    /// a missing file is [`LedgerError::Missing`], and nothing is created.
+    pub async fn open_existing(path: &Path) -> Result<Ledger, LedgerError> {
+        if !path.is_file() {
+            return Err(LedgerError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        Ledger::open(path).await
     }
 
     /// The file this ledger lives in.
