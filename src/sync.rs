@@ -1667,7 +1667,21 @@ impl Pipeline {
         summary: &mut RunSummary,
     ) -> Result<(), SyncError> {
         let mut after_id = 0;
+        let mut last_refresh = Instant::now();
         loop {
+            // Page by page (each record is its own transaction, so any page boundary is a
+            // clean stop): a stop asked for ends the re-mapping, and a long replay keeps its
+            // lock (or learns it lost it, and stops writing).
+            if self.shutdown.is_requested() {
+                summary.interrupted = true;
+                break;
+            }
+            if run_id.is_some() && last_refresh.elapsed() > self.lock_refresh_every() {
+                self.ledger
+                    .refresh_lock(holder, Utc::now(), self.lock_ttl)
+                    .await?;
+                last_refresh = Instant::now();
+            }
             let page = self
                 .ledger
                 .records_matching(&opts.filter, after_id, REPLAY_PAGE)
@@ -1772,9 +1786,10 @@ impl Pipeline {
             }
         }
         if let Some(run_id) = run_id {
-            let mut last_refresh = Instant::now();
-            self.settle_periods(run_id, opts.now.unwrap_or_else(Utc::now), summary)
-                .await?;
+            if !summary.interrupted {
+                self.settle_periods(run_id, opts.now.unwrap_or_else(Utc::now), summary)
+                    .await?;
+            }
             self.push_all(run_id, holder, &mut last_refresh, summary)
                 .await?;
             self.finish(run_id, summary).await?;

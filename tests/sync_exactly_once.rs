@@ -326,6 +326,45 @@ async fn an_unmapped_record_is_held_then_delivered_by_replay_after_a_mapping_fix
     assert_eq!(stored[0].properties["amount"], "119.81");
 }
 
+/// A replay asked to stop (SIGTERM) stops re-mapping between pages, sends nothing it has not
+/// re-mapped, and ends interrupted; the held record waits, unchanged, for the next replay.
+#[tokio::test]
+async fn a_replay_asked_to_stop_re_maps_nothing_more_and_holds_what_is_left() {
+    let world = World::start(Behaviour::Postgres).await;
+    let run = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(run.held(), 1);
+
+    let mut sources: Vec<(String, String)> = billsync::mapping::EXAMPLE_MAPPINGS
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    sources.push(("reservations.yaml".into(), RESERVATION_RULE.into()));
+    let fixed = MappingSet::from_sources(&sources).unwrap();
+    let mut pipeline = world.pipeline_with(fixed, LAGO_KEY).await;
+    let (trigger, shutdown) = billsync::shutdown::channel();
+    pipeline.shutdown = shutdown;
+    trigger.trigger();
+
+    let replay = pipeline
+        .replay(&ReplayOptions {
+            filter: RecordFilter::status(Status::Unmapped),
+            dry_run: false,
+            reason: "added the reservation rule".into(),
+            now: Some(now()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(replay.outcome, RunOutcome::Interrupted, "{replay:?}");
+    assert_eq!((replay.pulled, replay.sent), (0, 0), "{replay:?}");
+    let held = pipeline
+        .ledger
+        .records_matching(&RecordFilter::status(Status::Unmapped), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1, "the held record is still held");
+    assert_eq!(world.lago.events().len(), 71);
+}
+
 #[tokio::test]
 async fn a_provider_failure_is_reported_and_the_next_run_completes() {
     let world = World::start(Behaviour::Postgres).await;
