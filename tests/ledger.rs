@@ -800,3 +800,68 @@ async fn a_key_changed_twice_in_one_page_is_corrected_once_to_its_last_content()
     let payloads: Vec<&str> = corrections.iter().map(|o| o.payload.as_str()).collect();
     assert_eq!(payloads, ["{\"value\":\"0.30\"}"]);
 }
+
+/// Replay's writes (`remap`, `restage_correction`) change only records no sink was offered:
+/// a pending or sent record's frozen payload stays what it is, whatever a caller asks. (The CLI
+/// only replays unmapped or rejected records; this is the ledger's own guard.)
+#[tokio::test]
+async fn replay_writes_never_touch_the_payload_of_a_pending_or_sent_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    ledger
+        .stage(
+            run,
+            &[row(record("a", "1.10")), row(record("b", "2.20"))],
+            None,
+            now,
+            &by_hand,
+        )
+        .await
+        .unwrap();
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    let (sent, pending) = (&batch[0], &batch[1]);
+    ledger
+        .ack(run, &[(sent.id, Outcome::Delivered)], now)
+        .await
+        .unwrap();
+
+    let other = row(record("z", "9.99"));
+    for id in [sent.id, pending.id] {
+        ledger
+            .restage_correction(run, id, &other, now)
+            .await
+            .unwrap();
+        ledger
+            .remap(run, id, Status::Pending, &other.mapped, None, now)
+            .await
+            .unwrap();
+    }
+    let still = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    assert_eq!(still.len(), 1);
+    assert_eq!(
+        (&still[0].key, &still[0].payload),
+        (&pending.key, &pending.payload),
+        "the pending record's payload was rewritten"
+    );
+    let stored = ledger
+        .records_matching(&RecordFilter::status(Status::Sent), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].record.billed_cost,
+        Decimal::from_str("1.10").unwrap()
+    );
+    let (pool, _) = records_schema(&dir.path().join("ledger.db")).await;
+    let payload: String = sqlx::query_scalar("SELECT payload FROM record_bodies WHERE id = ?1")
+        .bind(sent.id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        payload, sent.payload,
+        "the sent record's frozen payload was rewritten"
+    );
+}

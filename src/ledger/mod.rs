@@ -906,6 +906,7 @@ impl Ledger {
                 }
                 Some((id, _, _)) => {
                     let id = *id;
+                    // Held (the look-up above is in this transaction), so it is restaged.
                     restage(&mut tx, id, row, run_id, &now_s).await?;
                     counts.restaged += 1;
                     if row.status == Status::Pending {
@@ -980,7 +981,9 @@ impl Ledger {
         Ok(counts)
     }
 
-    /// Change the mapping of one stored record (replay), keeping its key and content.
+    /// Change the mapping of one stored record (replay), keeping its key and content. Only a
+    /// held record (never offered to a sink) changes; a pending or sent one keeps its frozen
+    /// payload.
     pub async fn remap(
         &self,
         run_id: i64,
@@ -999,7 +1002,7 @@ impl Ledger {
             "UPDATE records SET status = ?2, rule = ?3, sink = ?4, subscription = ?5, customer = ?6,
                  metric = ?7, value = ?8, last_error = ?9, attempts = 0,
                  last_run = ?10, updated_at = ?11, value_property = ?12
-             WHERE id = ?1 AND status <> 'sent'",
+             WHERE id = ?1 AND status NOT IN ('sent', 'pending')",
         )
         .bind(id)
         .bind(status.as_str())
@@ -1110,7 +1113,8 @@ impl Ledger {
     }
 
     /// Replace a correction that did not go out by its re-derived row (replay): difference,
-    /// normalized record, mapping and payload, keeping its key. A sent row is never touched.
+    /// normalized record, mapping and payload, keeping its key. A pending or sent row is never
+    /// touched.
     pub async fn restage_correction(
         &self,
         run_id: i64,
@@ -1124,7 +1128,12 @@ impl Ledger {
             .begin()
             .await
             .map_err(sql("beginning a transaction"))?;
-        restage(&mut tx, id, row, run_id, &ts(now)).await?;
+        if !restage(&mut tx, id, row, run_id, &ts(now)).await? {
+            tracing::warn!(
+                id,
+                "replay: a correction that is pending or sent is left as it is"
+            );
+        }
         tx.commit()
             .await
             .map_err(sql("committing a re-derived correction"))
@@ -2010,22 +2019,25 @@ fn read_outgoing(
     Ok(())
 }
 
+/// Rewrite a held record (never offered to a sink) with new content, mapping and payload,
+/// keeping its id and key. A pending or sent record is left as it is (its payload may be at a
+/// sink): `false`.
 async fn restage(
     tx: &mut sqlx::SqliteConnection,
     id: i64,
     row: &StageRow,
     run_id: i64,
     now_s: &str,
-) -> Result<(), LedgerError> {
+) -> Result<bool, LedgerError> {
     let rec = &row.record;
-    sqlx::query(
+    let changed = sqlx::query(
         "UPDATE records SET content_hash = ?2, status = ?3, is_final = ?4, charge_period_start = ?5,
              charge_period_end = ?6, billing_account_id = ?7, sub_account_id = ?8, resource_type = ?9,
              resource_id = ?10, consumed_quantity = ?11, consumed_unit = ?12, billed_cost = ?13,
              billing_currency = ?14, rule = ?15, sink = ?16, subscription = ?17, customer = ?18,
              metric = ?19, value = ?20, last_error = ?21,
              attempts = 0, last_run = ?22, updated_at = ?23, value_property = ?24
-         WHERE id = ?1 AND status <> 'sent'",
+         WHERE id = ?1 AND status NOT IN ('sent', 'pending')",
     )
     .bind(id)
     .bind(&row.content_hash)
@@ -2053,7 +2065,11 @@ async fn restage(
     .bind(row.mapped.value_property.as_deref())
     .execute(&mut *tx)
     .await
-    .map_err(sql("restaging a changed record"))?;
+    .map_err(sql("restaging a changed record"))?
+    .rows_affected();
+    if changed == 0 {
+        return Ok(false);
+    }
     sqlx::query("UPDATE record_bodies SET payload = ?2, record = ?3 WHERE id = ?1")
         .bind(id)
         .bind(&row.mapped.payload)
@@ -2061,7 +2077,7 @@ async fn restage(
         .execute(&mut *tx)
         .await
         .map_err(sql("restaging a changed record"))?;
-    Ok(())
+    Ok(true)
 }
 
 async fn upsert_cursor(
