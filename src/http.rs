@@ -113,3 +113,47 @@ pub fn snippet(text: &str) -> String {
         format!("{}…", &t[..end])
     }
 }
+
+/// A transport failure (no HTTP answer, or an answer cut short) as one line: its kind, then
+/// reqwest's message and each source's (reqwest's own is generic; the cause is below it).
+///
+/// The request's URL appears without user info and query: a configured URL may carry a
+/// token there (webhook receivers often take one), and this line is logged and stored as a
+/// record's last error in the ledger, where no secret may go.
+pub fn transport_reason(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "answer cut"
+    } else {
+        "transport error"
+    };
+    let mut detail = e.to_string();
+    if let Some(url) = e.url() {
+        detail = detail.replace(url.as_str(), &redacted_url(url));
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    format!("{kind}: {detail}")
+}
+
+/// `url` without user info, query or fragment (`?…` marks a query left out).
+pub fn redacted_url(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_fragment(None);
+    let had_query = shown.query().is_some();
+    shown.set_query(None);
+    let mut text = shown.to_string();
+    if had_query {
+        text.push_str("?…");
+    }
+    text
+}

@@ -475,3 +475,23 @@ async fn a_413_stops_the_sink_instead_of_rejecting_records() {
         .expect_err("a 413 stops the sink");
     assert!(stop.message.contains("lower batch_size"), "{stop}");
 }
+
+/// A webhook URL may carry credentials (user info, a `?token=` query): a transport failure's
+/// reason, which is logged and stored as the record's last error in the ledger, names the
+/// host and path but not them.
+#[tokio::test]
+async fn a_transport_failure_names_the_url_without_its_credentials() {
+    let s = sink(
+        "http://hookuser:hookpass@127.0.0.1:1/hook?token=tok-secret-123",
+        100,
+        fast_retry(0),
+    );
+    let outcomes = s.deliver(&batch(&s, 1)).await.unwrap();
+    let Outcome::Failed(reason) = &outcomes[0] else {
+        panic!("a refused connection is a failure to retry: {outcomes:?}");
+    };
+    assert!(reason.contains("127.0.0.1:1/hook"), "{reason}");
+    for secret in ["hookpass", "hookuser", "tok-secret-123"] {
+        assert!(!reason.contains(secret), "{secret} in: {reason}");
+    }
+}

@@ -71,24 +71,10 @@ where
         .map_err(Attempt::into_error)
 }
 
-/// A transport error in words: its kind (timeout, connect error, other) and its whole source
-/// chain. reqwest's text may include the URL but never headers or bodies, where every provider
-/// keeps its credentials (MetalSoft's Bearer header, SoftLayer's and SAKURA's Basic header,
-/// Jelastic's session in the form body), so nothing secret can leak through it.
+/// A transport error in words ([`crate::http::transport_reason`]): its kind and its whole
+/// source chain, the URL without user info or query. Providers keep their credentials in
+/// headers or bodies (MetalSoft's Bearer header, SoftLayer's and SAKURA's Basic header,
+/// Jelastic's session in the form body), which reqwest's text never includes.
 pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect error"
-    } else {
-        "transport error"
-    };
-    let mut message = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
+    crate::http::transport_reason(e)
 }

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Secret;
-use crate::http::{retry_hint, snippet, RetryPolicy};
+use crate::http::{retry_hint, snippet, transport_reason, RetryPolicy};
 use crate::mapping::MappedEvent;
 use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
 
@@ -617,27 +617,6 @@ fn describe_errors(errors: &Value) -> String {
         Value::String(s) => s.clone(),
         other => snippet(&other.to_string()),
     }
-}
-
-fn transport_reason(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "answer cut"
-    } else {
-        "transport error"
-    };
-    // Walk the sources: reqwest's top message is generic. URLs carry no secret here.
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
-    format!("{kind}: {detail}")
 }
 
 /// A JSON string literal.

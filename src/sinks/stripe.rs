@@ -59,7 +59,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::Secret;
-use crate::http::{retry_hint, snippet, RetryPolicy};
+use crate::http::{retry_hint, snippet, transport_reason, RetryPolicy};
 use crate::mapping::MappedEvent;
 use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
 
@@ -968,26 +968,6 @@ pub fn human(d: chrono::Duration) -> String {
         return format!("{days} day{}", if days == 1 { "" } else { "s" });
     }
     humantime::format_duration(Duration::from_secs(secs as u64)).to_string()
-}
-
-fn transport_reason(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "answer cut"
-    } else {
-        "transport error"
-    };
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
-    format!("{kind}: {detail}")
 }
 
 // --- the form body ------------------------------------------------------------------------

@@ -37,7 +37,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::Secret;
-use crate::http::{retry_hint, snippet, RetryPolicy};
+use crate::http::{retry_hint, snippet, transport_reason, RetryPolicy};
 use crate::mapping::MappedEvent;
 use crate::sinks::jsonl::{decimal_text, utc_text};
 use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
@@ -435,26 +435,6 @@ enum Attempt {
         reason: String,
         hint: Option<Duration>,
     },
-}
-
-fn transport_reason(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "answer cut"
-    } else {
-        "transport error"
-    };
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
-    format!("{kind}: {detail}")
 }
 
 #[async_trait]
