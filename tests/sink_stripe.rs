@@ -284,13 +284,46 @@ async fn records_outside_stripes_window_are_rejected_without_a_request() {
         other => panic!("expected Rejected, got {other:?}"),
     }
     assert_eq!(out[1], Outcome::Delivered);
+    // Too early is not wrong: it stays pending (see
+    // `a_record_stamped_ahead_of_stripes_window_waits_instead_of_being_quarantined`).
     match &out[2] {
-        Outcome::Rejected(r) => assert!(r.contains("in the future"), "{r}"),
-        other => panic!("expected Rejected, got {other:?}"),
+        Outcome::Failed(r) => assert!(r.contains("in the future"), "{r}"),
+        other => panic!("expected Failed, got {other:?}"),
     }
     let reqs = stripe.requests();
     assert_eq!(reqs.len(), 1);
     assert_eq!(reqs[0].idempotency_key.as_deref(), Some("k.now"));
+}
+
+/// A record stamped more than 5 minutes ahead (a provider clock or time zone ahead of ours) is
+/// not wrong, only early: Stripe takes it once its time is inside the window. It stays pending
+/// (Failed, with the reason) and goes out by itself on a later run. Rejected would quarantine
+/// billable usage until a person replays it, and past 35 days it could never be billed.
+#[tokio::test]
+async fn a_record_stamped_ahead_of_stripes_window_waits_instead_of_being_quarantined() {
+    let stripe = sim().await;
+    let s = sink(&stripe.url, fast_retry(0));
+    let early = event("cus_A", "3", ago(-chrono::Duration::minutes(30)));
+    let b = batch(&s, &[("k.early", early.clone())]);
+    match &s.deliver(&b).await.unwrap()[0] {
+        Outcome::Failed(r) => assert!(r.contains("in the future"), "{r}"),
+        other => panic!("expected Failed (stays pending), got {other:?}"),
+    }
+    assert_eq!(stripe.request_count(), 0, "nothing sent before its time");
+
+    // Later (here: a sink and a Stripe whose window already covers that time), the same
+    // frozen payload goes out as it is.
+    let later = StripeSim::start(StripeSimConfig {
+        max_future: Duration::from_secs(3600),
+        ..StripeSimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut c = config(&later.url, fast_retry(0));
+    c.max_future = Duration::from_secs(3600);
+    let s = StripeSink::new("stripe-test".into(), c).unwrap();
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered]);
+    assert_eq!(later.count("k.early"), 1);
 }
 
 #[test]

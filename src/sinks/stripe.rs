@@ -22,8 +22,10 @@
 //! - **Integer timestamps.** Stripe wants Unix seconds; a sub-second event time is truncated
 //!   (floored) at staging, so the frozen body never changes.
 //! - **The 35-day window is checked before any request.** Stripe refuses events older than 35
-//!   days or more than 5 minutes ahead; such a record is rejected (quarantined in the ledger with
-//!   that reason) without being sent. `billsync status` warns when pending records approach it.
+//!   days or more than 5 minutes ahead. A record too old is rejected (quarantined in the ledger
+//!   with that reason) without being sent; one too early stays pending (failed, with the reason)
+//!   and goes out on a later run once its time is inside the window. `billsync status` warns
+//!   when pending records approach the 35-day limit.
 //! - **Duplicates are success, narrowly.** A `2xx` with `Idempotent-Replayed: true` is Stripe
 //!   replaying the stored answer of an earlier attempt → already delivered. A 400 whose message
 //!   says an event *already exists with identifier `<this key>`* is Stripe's identifier dedup →
@@ -344,25 +346,27 @@ impl StripeSink {
         r
     }
 
-    /// The time guard: `Some(reason)` if Stripe would refuse this event time.
-    fn out_of_window(&self, timestamp: i64, now: DateTime<Utc>) -> Option<String> {
+    /// The time guard: `Some(outcome)` if Stripe would refuse this event time now. Too old is
+    /// for good (rejected); too early only for now: the record stays pending (failed) and goes
+    /// out on a later run, once its time is inside the window.
+    fn out_of_window(&self, timestamp: i64, now: DateTime<Utc>) -> Option<Outcome> {
         let when = Utc.timestamp_opt(timestamp, 0).single()?;
         let shown = when.to_rfc3339_opts(SecondsFormat::Secs, true);
         if when < now - self.max_age {
             let age = now - when;
-            return Some(format!(
+            return Some(Outcome::Rejected(format!(
                 "Stripe refuses meter events older than {} (timestamp {shown} is {} days old)",
                 human(self.max_age),
                 age.num_days()
-            ));
+            )));
         }
         if when > now + self.max_future {
             let ahead = when - now;
-            return Some(format!(
-                "Stripe refuses meter events more than {} in the future (timestamp {shown} is {} ahead)",
+            return Some(Outcome::Failed(format!(
+                "Stripe refuses meter events more than {} in the future (timestamp {shown} is {} ahead); kept pending until then",
                 human(self.max_future),
                 human(ahead)
-            ));
+            )));
         }
         None
     }
@@ -382,9 +386,9 @@ impl StripeSink {
                         event.identifier
                     )));
                 }
-                if let Some(reason) = self.out_of_window(event.timestamp, now) {
-                    tracing::warn!(sink = %self.name, key = %out.key, %reason, "meter event outside Stripe's time window; not sent");
-                    return Err(Outcome::Rejected(reason));
+                if let Some(outcome) = self.out_of_window(event.timestamp, now) {
+                    tracing::warn!(sink = %self.name, key = %out.key, ?outcome, "meter event outside Stripe's time window; not sent");
+                    return Err(outcome);
                 }
                 Ok(event)
             })
