@@ -410,6 +410,39 @@ async fn the_stream_sends_100_events_per_request() {
         .all(|r| r.authorization.as_deref() == Some("Bearer mes_tok_sim_1")));
 }
 
+/// A stream request of several events refused as a whole is resent event by event. If the sink
+/// is stopped part-way through (here a 403: the key may no longer write), the events Stripe
+/// already took one by one are reported delivered, as v1 does mid-batch: left pending, they
+/// would go out again on a later run and, once Stripe's 24 h identifier window has passed,
+/// be billed twice.
+#[tokio::test]
+async fn the_stream_reports_events_taken_one_by_one_before_a_stop() {
+    let stripe = sim().await;
+    let s = stream_sink(&stripe);
+    let t = ago(chrono::Duration::hours(5));
+    let b = batch(
+        &s,
+        &[
+            ("k.1", event("cus_S", "1", t)),
+            ("k.2", event("cus_S", "2", t)),
+        ],
+    );
+    stripe.fail_next(1, 400); // the request of both: refused as a whole
+    stripe.pass_next(1); // k.1 alone: taken
+    stripe.fail_next(1, 403); // k.2 alone: the key may no longer write
+    let out = s
+        .deliver(&b)
+        .await
+        .expect("k.1 reached Stripe: its outcome is reported, not dropped with a stop");
+    assert_eq!(out[0], Outcome::Delivered);
+    assert!(
+        matches!(&out[1], Outcome::Failed(r) if r.contains("403")),
+        "k.2 stays pending: {out:?}"
+    );
+    assert_eq!(stripe.count("k.1"), 1);
+    assert_eq!(stripe.count("k.2"), 0);
+}
+
 #[tokio::test]
 async fn the_stream_renews_an_expired_session_and_resends() {
     let stripe = sim().await;

@@ -116,8 +116,12 @@ pub enum DropMode {
 
 #[derive(Debug, Clone)]
 enum Injected {
+    /// Answer normally (a gap between injected faults).
+    Pass,
     Status(u16),
-    RateLimited { retry_after: Option<u64> },
+    RateLimited {
+        retry_after: Option<u64>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -250,6 +254,14 @@ impl StripeSimHandle {
         lock(&self.shared.faults)
             .queue
             .extend(std::iter::repeat_n(Injected::Status(status), n));
+    }
+
+    /// Let the next `n` ingestion requests through untouched: faults queued after them apply
+    /// to the requests that follow (e.g. a 400, then a success, then a 403).
+    pub fn pass_next(&self, n: usize) {
+        lock(&self.shared.faults)
+            .queue
+            .extend(std::iter::repeat_n(Injected::Pass, n));
     }
 
     /// Answer the next `n` ingestion requests 429, with `Retry-After: <secs>` when given.
@@ -469,6 +481,7 @@ async fn injected(shared: &Shared) -> Option<Response> {
     }
     let next = lock(&shared.faults).queue.pop_front()?;
     Some(match next {
+        Injected::Pass => return None,
         Injected::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             stripe_error(status, "api_error", None, "simulated failure")

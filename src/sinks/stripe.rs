@@ -622,24 +622,23 @@ impl StripeSink {
             }
         }
         for chunk in ready.chunks(STREAM_MAX_EVENTS) {
-            match self.send_stream(chunk).await {
-                Ok(list) => {
-                    for (i, o) in list {
-                        outcomes[i] = Some(o);
-                    }
+            // Outcomes settled before a stop (events resent one by one) are kept: they reached
+            // Stripe, and left pending they would be billed twice after its 24 h window.
+            let (list, stop) = self.send_stream(chunk).await;
+            for (i, o) in list {
+                outcomes[i] = Some(o);
+            }
+            if let Some(stop) = stop {
+                let delivered = outcomes
+                    .iter()
+                    .any(|o| matches!(o, Some(Outcome::Delivered | Outcome::AlreadyDelivered)));
+                if !delivered {
+                    return Err(stop);
                 }
-                Err(stop) => {
-                    let delivered = outcomes
-                        .iter()
-                        .any(|o| matches!(o, Some(Outcome::Delivered | Outcome::AlreadyDelivered)));
-                    if !delivered {
-                        return Err(stop);
-                    }
-                    for o in outcomes.iter_mut().filter(|o| o.is_none()) {
-                        *o = Some(Outcome::Failed(format!("not sent: {}", stop.message)));
-                    }
-                    break;
+                for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+                    *o = Some(Outcome::Failed(format!("not sent: {}", stop.message)));
                 }
+                break;
             }
         }
         Ok(outcomes
@@ -649,33 +648,48 @@ impl StripeSink {
     }
 
     /// One stream request (≤ 100 events). A 400 on several events is resent event by event,
-    /// so one malformed event does not quarantine the others.
+    /// so one malformed event does not quarantine the others. Returns the outcomes settled, and
+    /// the stop if the sink stopped: events resent one by one before it keep their outcome.
     async fn send_stream(
         &self,
         events: &[(usize, Value)],
-    ) -> Result<Vec<(usize, Outcome)>, SinkStopped> {
+    ) -> (Vec<(usize, Outcome)>, Option<SinkStopped>) {
         let list: Vec<Value> = events.iter().map(|(_, e)| e.clone()).collect();
         let body = serde_json::json!({ "events": list }).to_string();
-        match self.stream_request(&body).await? {
-            StreamResult::Accepted => Ok(events
-                .iter()
-                .map(|(i, _)| (*i, Outcome::Delivered))
-                .collect()),
-            StreamResult::Failed(reason) => Ok(events
-                .iter()
-                .map(|(i, _)| (*i, Outcome::Failed(reason.clone())))
-                .collect()),
+        let result = match self.stream_request(&body).await {
+            Ok(r) => r,
+            Err(stop) => return (Vec::new(), Some(stop)),
+        };
+        match result {
+            StreamResult::Accepted => (
+                events
+                    .iter()
+                    .map(|(i, _)| (*i, Outcome::Delivered))
+                    .collect(),
+                None,
+            ),
+            StreamResult::Failed(reason) => (
+                events
+                    .iter()
+                    .map(|(i, _)| (*i, Outcome::Failed(reason.clone())))
+                    .collect(),
+                None,
+            ),
             StreamResult::Rejected(reason) if events.len() == 1 => {
-                Ok(vec![(events[0].0, Outcome::Rejected(reason))])
+                (vec![(events[0].0, Outcome::Rejected(reason))], None)
             }
             StreamResult::Rejected(reason) => {
                 tracing::warn!(sink = %self.name, events = events.len(), %reason,
                     "stripe stream refused a request; resending its events one by one");
                 let mut out = Vec::with_capacity(events.len());
                 for one in events {
-                    out.extend(Box::pin(self.send_stream(std::slice::from_ref(one))).await?);
+                    let (done, stop) = Box::pin(self.send_stream(std::slice::from_ref(one))).await;
+                    out.extend(done);
+                    if stop.is_some() {
+                        return (out, stop);
+                    }
                 }
-                Ok(out)
+                (out, None)
             }
         }
     }
