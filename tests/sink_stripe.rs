@@ -166,6 +166,8 @@ async fn transient_failures_are_retried_with_the_same_key_and_body() {
     stripe.fail_next(1, 503);
     stripe.rate_limit_next(1, Some(0));
     assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered]);
+    // The 429 is counted, so the pipeline halves the batches it keeps in flight.
+    assert_eq!(s.throttled(), 1);
     let reqs = stripe.requests();
     assert_eq!(reqs.len(), 4);
     assert!(reqs.iter().all(|r| r.body == b[0].payload));

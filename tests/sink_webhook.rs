@@ -341,6 +341,8 @@ async fn retries_429_and_5xx_with_identical_body_and_key_and_fresh_valid_signatu
     let s = sink(&rx.url, 100, fast_retry(3));
     let b = batch(&s, 2);
     assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered; 2]);
+    // The 429 is counted (not the 503), so the pipeline halves the batches it keeps in flight.
+    assert_eq!(s.throttled(), 1);
     let reqs = rx.requests();
     assert_eq!(
         reqs.iter().map(|r| r.status).collect::<Vec<_>>(),

@@ -217,6 +217,8 @@ pub struct StripeSink {
     value_property: String,
     client: reqwest::Client,
     session: tokio::sync::Mutex<Option<Session>>,
+    /// 429 answers so far (see [`Sink::throttled`]).
+    throttled: std::sync::atomic::AtomicU64,
 }
 
 /// Check a base URL: absolute http(s), host, no query; returned without trailing slash.
@@ -242,6 +244,15 @@ fn base_url(sink: &str, field: &str, url: &str) -> Result<String, StripeConfigEr
 }
 
 impl StripeSink {
+    /// Count a 429: the pipeline halves the batches it keeps in flight when this grows
+    /// (Stripe limits meter events per account and per customer and meter at a time).
+    fn count_throttled(&self, code: u16) {
+        if code == 429 {
+            self.throttled
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Check the configuration and build the sink (no network access).
     pub fn new(name: String, config: StripeConfig) -> Result<Self, StripeConfigError> {
         let fail = |message: String| StripeConfigError {
@@ -300,6 +311,7 @@ impl StripeSink {
             value_property,
             client,
             session: tokio::sync::Mutex::new(None),
+            throttled: std::sync::atomic::AtomicU64::new(0),
             name,
         })
     }
@@ -596,6 +608,7 @@ impl StripeSink {
                 snippet(&text)
             ))),
             408 | 409 | 429 | 500..=599 => {
+                self.count_throttled(code);
                 return Attempt::Transient {
                     reason: format!("HTTP {code}: {}", snippet(&text)),
                     hint,
@@ -758,6 +771,7 @@ impl StripeSink {
                             }
                         },
                         408 | 409 | 429 | 500..=599 => {
+                            self.count_throttled(code);
                             (format!("HTTP {code}: {}", snippet(&text)), hint)
                         }
                         _ => {
@@ -821,6 +835,7 @@ impl StripeSink {
                             return Ok(Ok(token));
                         }
                         408 | 409 | 429 | 500..=599 => {
+                            self.count_throttled(code);
                             (format!("HTTP {code}: {}", snippet(&text)), hint)
                         }
                         401 => {
@@ -1124,6 +1139,10 @@ fn integer_text(value: rust_decimal::Decimal) -> Option<String> {
 impl Sink for StripeSink {
     fn kind(&self) -> &'static str {
         "stripe"
+    }
+
+    fn throttled(&self) -> u64 {
+        self.throttled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn name(&self) -> &str {

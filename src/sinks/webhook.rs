@@ -162,6 +162,8 @@ pub struct WebhookSink {
     headers: reqwest::header::HeaderMap,
     retry: RetryPolicy,
     client: reqwest::Client,
+    /// 429 answers so far (see [`Sink::throttled`]).
+    throttled: std::sync::atomic::AtomicU64,
 }
 
 /// The batch id of a list of record keys: hex SHA-256 over the keys, each followed by `\n`.
@@ -285,6 +287,7 @@ impl WebhookSink {
             headers,
             retry: config.retry,
             client,
+            throttled: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -418,6 +421,11 @@ impl WebhookSink {
                 snippet(&text)
             )),
             408 | 429 | 500..=599 => {
+                if status.as_u16() == 429 {
+                    // The pipeline halves the batches it keeps in flight when this grows.
+                    self.throttled
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 return Ok(Attempt::Transient {
                     reason: format!("HTTP {status}: {}", snippet(&text)),
                     hint,
@@ -441,6 +449,10 @@ enum Attempt {
 impl Sink for WebhookSink {
     fn kind(&self) -> &'static str {
         "webhook"
+    }
+
+    fn throttled(&self) -> u64 {
+        self.throttled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn name(&self) -> &str {
