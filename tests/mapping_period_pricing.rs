@@ -681,3 +681,122 @@ async fn a_minimum_changed_mid_month_prices_the_whole_month() {
     );
     assert!(steps.contains("raised to 60"), "{steps}");
 }
+
+/// The first `n` pending provider records (not adjustments) of the ledger, by key.
+async fn pending_provider_keys(w: &JelasticWorld, n: i64) -> Vec<String> {
+    let p = w.pipeline().await;
+    let mut filter = RecordFilter::status(Status::Pending);
+    filter.provider = Some("jelastic".into());
+    p.ledger
+        .records_matching(&filter, 0, n)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect()
+}
+
+async fn sync_allowing_rejections(w: &JelasticWorld, now: DateTime<Utc>) -> RunSummary {
+    w.pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(now),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// Lago refuses a few hourly records during the month (say a transient validation problem),
+/// the month closes without them (topped up to the minimum from what Lago holds), then the
+/// records are replayed and accepted. The month must still cost its price: replaying them into
+/// a settled month re-settles it, so Lago's October stays at the minimum, not above it.
+#[tokio::test]
+async fn records_replayed_into_a_settled_month_re_settle_it() {
+    use billsync::sync::ReplayOptions;
+
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    w.pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 10, 15, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let refused = pending_provider_keys(&w, 3).await;
+    assert_eq!(refused.len(), 3);
+    for k in &refused {
+        w.lago.reject_transaction(k.clone());
+    }
+    let mid = sync_allowing_rejections(&w, at(2026, 10, 15, 1, 0)).await;
+    assert_eq!(mid.rejected, 3, "{mid:?}");
+    // The month closes with the three records held as rejected.
+    let close = sync_allowing_rejections(&w, at(2026, 11, 3, 0, 0)).await;
+    assert_eq!(close.period_adjustments, 1, "{close:?}");
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+
+    // The problem is fixed in Lago; the records are replayed and sent.
+    w.lago.clear_faults();
+    let done = w
+        .pipeline()
+        .await
+        .replay(&ReplayOptions {
+            filter: RecordFilter::status(Status::Rejected),
+            dry_run: false,
+            reason: "fixed in Lago".into(),
+            now: Some(at(2026, 11, 3, 1, 0)),
+        })
+        .await
+        .unwrap();
+    assert!(done.sent >= 3, "{done:?}");
+    for k in &refused {
+        assert_eq!(w.lago.count(k), 1);
+    }
+    // Whatever run settles again, once it has: October costs its minimum.
+    w.sync(at(2026, 11, 3, 2, 0)).await;
+    assert_eq!(
+        lago_total(&w.lago, from, to),
+        dec("50"),
+        "a month under its minimum costs the minimum, with or without the replayed records"
+    );
+    let again = w.sync(at(2026, 11, 3, 3, 0)).await;
+    assert_eq!((again.sent, again.period_adjustments), (0, 0), "{again:?}");
+}
+
+/// The month is settled while its last records still wait to be sent (staged, then the push
+/// was cut short); Lago then refuses one of them. The adjustment was computed as if Lago held
+/// it: the next run re-settles the month, so Lago's October is the minimum, not less.
+#[tokio::test]
+async fn a_record_rejected_after_its_month_was_settled_re_settles_it() {
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    w.sync(at(2026, 10, 15, 0, 0)).await;
+    let staged = w
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 3, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(staged.period_adjustments, 1, "{staged:?}");
+    let refused = pending_provider_keys(&w, 1).await;
+    assert_eq!(refused.len(), 1);
+    w.lago.reject_transaction(refused[0].clone());
+    let pushed = sync_allowing_rejections(&w, at(2026, 11, 3, 1, 0)).await;
+    assert_eq!(pushed.rejected, 1, "{pushed:?}");
+    let next = sync_allowing_rejections(&w, at(2026, 11, 3, 2, 0)).await;
+    assert_eq!(next.rejected, 0, "{next:?}");
+    assert_eq!(
+        lago_total(&w.lago, from, to),
+        dec("50"),
+        "the month is settled on what Lago holds"
+    );
+    let again = sync_allowing_rejections(&w, at(2026, 11, 3, 3, 0)).await;
+    assert_eq!((again.sent, again.period_adjustments), (0, 0), "{again:?}");
+}
