@@ -800,3 +800,105 @@ async fn a_record_rejected_after_its_month_was_settled_re_settles_it() {
     let again = sync_allowing_rejections(&w, at(2026, 11, 3, 3, 0)).await;
     assert_eq!((again.sent, again.period_adjustments), (0, 0), "{again:?}");
 }
+
+/// A record queued for Lago (pending: Lago was down) is re-read unchanged after the billing
+/// engineer changed the mapping so that it is no longer billed. Its payload is frozen (Lago may
+/// hold it already), so it still goes out as queued; the month must then be priced with it,
+/// as it is in Lago: here a month under its minimum costs exactly the minimum.
+#[tokio::test]
+async fn a_queued_record_whose_mapping_changed_still_counts_in_its_month() {
+    let november = Month::new(2026, 11).unwrap();
+    let sakura = SakuraSim::start(
+        SakuraDataset::generate(3, november, 1, 3).unwrap(),
+        "tok",
+        "sec",
+    )
+    .await
+    .unwrap();
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: "lago-key".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let minimum = sakura.dataset().month_total(november) + dec("500");
+    let dropped = sakura.dataset().bills_of(november)[0].lines[0]
+        .contract_id
+        .clone();
+    let mapping = |ignore_one: bool| {
+        let ignore = if ignore_one {
+            format!(
+                "  - name: dropped
+    match: {{ provider: sakura, resource_id: \"{dropped}\" }}
+    ignore: true
+"
+            )
+        } else {
+            String::new()
+        };
+        let text = format!(
+            "version: 1
+customers:
+  - match: {{ provider: sakura }}
+    external_subscription_id: sub_sakura
+rules:
+{ignore}  - name: sakura-jpy
+    match: {{ provider: sakura, billing_currency: JPY }}
+    metric: sakura_cost
+    property: amount
+    value:
+      cost: {{ minimum: \"{minimum}\", period: month, period_utc_offset: \"+09:00\" }}
+"
+        );
+        MappingSet::from_sources(&[("sakura.yaml".to_string(), text)]).unwrap()
+    };
+    let sync = async |now, ignore_one: bool| {
+        let mut cfg = SakuraConfig::new(
+            sakura.endpoint.clone(),
+            Secret::new("tok"),
+            Secret::new("sec"),
+            november,
+        );
+        cfg.push_provisional = true;
+        cfg.final_lag = chrono::Duration::days(7);
+        cfg.retry = retry();
+        let mut p = Pipeline::new(
+            Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+            vec![Box::new(SakuraProvider::new("sakura".into(), cfg).unwrap())],
+            vec![Box::new(lago_sink(&lago))],
+            mapping(ignore_one),
+        );
+        p.period_close_delay = chrono::Duration::days(1);
+        p.sync(&SyncOptions {
+            now: Some(now),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    };
+    let (from, to) = (november.start_utc(), november.end_utc());
+
+    // Lago is down: the month's records are queued (pending).
+    lago.fail_next(1000, 503);
+    let first = sync(at(2026, 11, 20, 3, 0), false).await;
+    assert_eq!(first.sent, 0, "{first:?}");
+    // The mapping now leaves one line unbilled; the month closes while Lago is still down.
+    let closed = sync(at(2026, 12, 2, 0, 0), true).await;
+    assert_eq!(closed.sent, 0, "{closed:?}");
+    // Lago is back: what was queued goes out, the queued line with it (frozen payload).
+    lago.clear_faults();
+    sync(at(2026, 12, 2, 1, 0), true).await;
+    let dropped_events = lago
+        .events()
+        .into_iter()
+        .filter(|e| e.transaction_id.starts_with("sakura"))
+        .count();
+    assert_eq!(dropped_events, 3, "the three queued lines went out");
+    sync(at(2026, 12, 2, 2, 0), true).await;
+    assert_eq!(
+        lago_total(&lago, from, to),
+        minimum,
+        "the month holds exactly its minimum"
+    );
+}
