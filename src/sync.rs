@@ -1080,7 +1080,7 @@ impl Pipeline {
                 };
                 // Month shares are kept before their records are staged: a crash in between
                 // leaves the month waiting for the re-read, never miscounted.
-                self.register_shares(&page.rows, &page.shares, true).await?;
+                self.register_shares(&page.rows, &page.shares).await?;
                 // A key already waiting in the buffer (a record repeated by the next window):
                 // stage what is buffered first, so the repeat meets it in the ledger exactly as
                 // it would page by page.
@@ -1736,7 +1736,7 @@ impl Pipeline {
                     let key = stored.key.clone();
                     let (row, share) = self.stage_row_as(key, stored.record, push_provisional);
                     if run_id.is_some() {
-                        self.register_shares(std::slice::from_ref(&row), &[share], false)
+                        self.register_shares(std::slice::from_ref(&row), &[share])
                             .await?;
                     }
                     (row, false)
@@ -1971,7 +1971,6 @@ impl Pipeline {
         &self,
         rows: &[StageRow],
         shares: &[Option<PeriodShare>],
-        pending_frozen: bool,
     ) -> Result<(), LedgerError> {
         if !self.mappings.has_period_pricing() {
             return Ok(());
@@ -2006,9 +2005,7 @@ impl Pipeline {
                 _ => others.push(row.key.as_str()),
             }
         }
-        self.ledger
-            .register_period_shares(&keep, &others, pending_frozen)
-            .await
+        self.ledger.register_period_shares(&keep, &others).await
     }
 
     /// Settle every month that closed and changed since it was last settled.

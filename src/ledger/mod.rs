@@ -2212,14 +2212,12 @@ impl Ledger {
     /// its group (and the group it left) for settlement. `others` are the page's keys that have
     /// no monthly share now: an unsent one leaves its group; a sent one stays in the group it
     /// was billed in (its value is in the sink under that subscription and metric).
-    /// `pending_frozen`: the rows are about to be staged, which never changes a pending record's
-    /// payload either (it may be at the sink already), so a pending one stays in its group as a
-    /// sent one does; `false` for replay, which re-maps a pending record in place.
+    /// A pending record counts as sent here: neither staging nor replay changes its payload
+    /// (it may be at the sink already), so it goes out as it was and stays in its group.
     pub async fn register_period_shares(
         &self,
         shares: &[PeriodShareRow],
         others: &[&str],
-        pending_frozen: bool,
     ) -> Result<(), LedgerError> {
         if shares.is_empty() && others.is_empty() {
             return Ok(());
@@ -2233,10 +2231,7 @@ impl Ledger {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "DELETE FROM period_members WHERE NOT EXISTS (SELECT 1 FROM records r
                      WHERE r.idem_key = period_members.idem_key
-                       AND (r.status = 'sent' OR (",
-            );
-            qb.push_bind(pending_frozen).push(
-                " AND r.status = 'pending')))
+                       AND (r.status = 'sent' OR r.status = 'pending'))
                    AND idem_key IN (",
             );
             push_list(&mut qb, chunk.iter().copied());
@@ -2251,17 +2246,14 @@ impl Ledger {
                 mark_dirty(&mut tx, &g).await?;
             }
         }
-        // key → (group, content hash, record sent (or pending and frozen)?)
+        // key → (group, content hash, record sent or pending (frozen)?)
         let mut known: HashMap<String, (String, String, bool)> = HashMap::new();
         let keys: Vec<&str> = shares.iter().map(|s| s.key.as_str()).collect();
         for chunk in keys.chunks(LOOKUP_KEYS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "SELECT m.idem_key, m.group_key, m.content_hash,
                      EXISTS (SELECT 1 FROM records r WHERE r.idem_key = m.idem_key
-                         AND (r.status = 'sent' OR (",
-            );
-            qb.push_bind(pending_frozen).push(
-                " AND r.status = 'pending')))
+                         AND (r.status = 'sent' OR r.status = 'pending'))
                  FROM period_members m WHERE m.idem_key IN (",
             );
             push_list(&mut qb, chunk.iter().copied());
