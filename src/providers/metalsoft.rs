@@ -797,27 +797,44 @@ fn records_of(
 /// repeats an earlier one byte for byte is the same charge listed twice: it takes that line's
 /// key, and the ledger stages it once.
 fn disambiguate(records: &mut [UsageRecord], ctx: &ReportContext) {
-    let occurrences: Vec<(usize, usize)> = {
-        // hashbrown's default hasher: this runs for every line of every report.
-        let mut seen: hashbrown::HashMap<&[(Name, Text)], Vec<&str>> =
+    // Each record's key against the first record that had it; nothing more is kept for the
+    // common case, a report without repeats (this runs for every line of every report, so
+    // on hashbrown's default hasher and without an allocation per line).
+    let repeats: Vec<(usize, usize)> = {
+        let mut first_of: hashbrown::HashMap<&[(Name, Text)], usize> =
             hashbrown::HashMap::with_capacity(records.len());
         records
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
-                let lines = seen.entry(r.natural_key.as_slice()).or_default();
-                let line = r.raw.get();
-                let n = match lines.iter().position(|l| *l == line) {
-                    Some(p) => p + 1,
-                    None => {
-                        lines.push(line);
-                        lines.len()
-                    }
-                };
-                (n > 1).then_some((i, n))
+                let first = *first_of.entry(r.natural_key.as_slice()).or_insert(i);
+                (first != i).then_some((i, first))
             })
             .collect()
     };
+    if repeats.is_empty() {
+        return;
+    }
+    // Per first record, the distinct lines under its key in report order: a repeat takes the
+    // occurrence of the equal line before it, or the next one.
+    let mut lines: HashMap<usize, Vec<String>> = HashMap::new();
+    let mut occurrences = Vec::with_capacity(repeats.len());
+    for (i, first) in repeats {
+        let seen = lines
+            .entry(first)
+            .or_insert_with(|| vec![records[first].raw.get().to_string()]);
+        let line = records[i].raw.get();
+        let n = match seen.iter().position(|l| l == line) {
+            Some(p) => p + 1,
+            None => {
+                seen.push(line.to_string());
+                seen.len()
+            }
+        };
+        if n > 1 {
+            occurrences.push((i, n));
+        }
+    }
     for (i, n) in occurrences {
         let r = &mut records[i];
         warn!(source = %ctx.source, user_id = ctx.user_id, key = %r.natural_key_string(), occurrence = n,
