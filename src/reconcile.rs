@@ -51,6 +51,9 @@ pub struct Line {
     pub in_sink_unacknowledged: Decimal,
     /// `read_back − sent − in_sink_unacknowledged`: zero when everything is explained.
     pub unexplained: Decimal,
+    /// Events that disagree with the ledger one by one (stored twice, another value, missing,
+    /// without the value property), whether or not their differences cancel out in the sums.
+    pub unexplained_keys: u64,
     /// Keys behind an unexplained difference (at most 20).
     pub notes: Vec<String>,
 }
@@ -68,11 +71,15 @@ pub struct Report {
 }
 
 impl Report {
-    /// Whether every difference is explained.
+    /// Whether every difference is explained: the sums agree, and so does every event (an
+    /// event stored twice and another lost, of the same value, cancel out in the sums).
     pub fn is_reconciled(&self) -> bool {
         self.unknown_events.is_empty()
             && self.read_back_errors.is_empty()
-            && self.lines.values().all(|(_, l)| l.unexplained.is_zero())
+            && self
+                .lines
+                .values()
+                .all(|(_, l)| l.unexplained.is_zero() && l.unexplained_keys == 0)
     }
 }
 
@@ -233,6 +240,7 @@ pub async fn reconcile(
                     other => other.to_string().parse::<Decimal>().ok(),
                 });
             let Some(stored) = stored else {
+                line.unexplained_keys += 1;
                 line.notes
                     .push(format!("{}: value property missing in the sink", event.key));
                 continue;
@@ -240,6 +248,7 @@ pub async fn reconcile(
             let n = seen.entry(event.key.clone()).or_default();
             *n += 1;
             if *n > 1 {
+                line.unexplained_keys += 1;
                 line.notes
                     .push(format!("{}: stored {} times in the sink", event.key, n));
             }
@@ -249,6 +258,7 @@ pub async fn reconcile(
             if *status != Status::Sent {
                 line.in_sink_unacknowledged += stored;
             } else if stored != *value {
+                line.unexplained_keys += 1;
                 line.notes.push(format!(
                     "{}: sink holds {stored}, ledger sent {value}",
                     event.key
@@ -263,6 +273,7 @@ pub async fn reconcile(
                         && lk.subscription == key.subscription
                         && lk.metric == key.metric
                     {
+                        line.unexplained_keys += 1;
                         line.notes
                             .push(format!("{k}: sent ({value}) but not in the sink"));
                     }
@@ -374,10 +385,15 @@ pub fn to_table(report: &Report) -> String {
                     l.in_sink_unacknowledged
                 ));
             }
-            if l.unexplained.is_zero() {
-                out.push_str(" — agrees");
-            } else {
+            if !l.unexplained.is_zero() {
                 out.push_str(&format!(" — UNEXPLAINED DIFFERENCE {}", l.unexplained));
+            } else if l.unexplained_keys > 0 {
+                out.push_str(&format!(
+                    " — the sums agree, but {} event(s) do not (UNEXPLAINED)",
+                    l.unexplained_keys
+                ));
+            } else {
+                out.push_str(" — agrees");
             }
         }
         out.push('\n');

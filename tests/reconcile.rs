@@ -108,3 +108,58 @@ async fn events_stored_by_the_sink_but_not_yet_acknowledged_are_explained() {
     assert!(unacknowledged > Decimal::ZERO);
     assert!(to_table(&report).contains("not yet acknowledged"));
 }
+
+/// Differences of single events that cancel out in the sums (one event stored higher than sent,
+/// another as much lower) are still differences: the report is not reconciled, and names both.
+#[tokio::test]
+async fn key_level_differences_that_cancel_out_in_the_sums_are_not_reconciled() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let storage: Vec<_> = world
+        .lago
+        .events()
+        .into_iter()
+        .filter(|e| e.code == "storage_cost" && e.external_subscription_id == "sub_acme_main")
+        .collect();
+    assert!(storage.len() >= 2, "two storage events to alter");
+    let amount = |e: &billsync::simulators::lago::StoredEvent| {
+        Decimal::from_str(e.properties["amount"].as_str().unwrap()).unwrap()
+    };
+    let (up, down) = (&storage[0], &storage[1]);
+    let shift = Decimal::from_str("0.01").unwrap();
+    for (event, value) in [(up, amount(up) + shift), (down, amount(down) - shift)] {
+        assert_eq!(
+            world.lago.set_event_property(
+                &event.transaction_id,
+                "amount",
+                serde_json::Value::String(value.to_string())
+            ),
+            1
+        );
+    }
+
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    let (_, line) = report
+        .lines
+        .values()
+        .find(|(k, _)| k.subscription == "sub_acme_main" && k.metric == "storage_cost")
+        .unwrap();
+    assert_eq!(line.unexplained, Decimal::ZERO, "the sums agree");
+    assert!(!report.is_reconciled(), "{}", to_table(&report));
+    for event in [up, down] {
+        assert!(
+            line.notes.iter().any(|n| n.contains(&event.transaction_id)),
+            "{:?}",
+            line.notes
+        );
+    }
+}

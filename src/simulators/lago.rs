@@ -475,6 +475,23 @@ impl LagoSimHandle {
         before - store.events.len()
     }
 
+    /// Overwrite one property of every stored event with this transaction id (a sink whose
+    /// stored value differs from what was sent, for reconciliation tests). Returns how many
+    /// events changed.
+    pub fn set_event_property(&self, transaction_id: &str, property: &str, value: Value) -> usize {
+        let mut store = lock(&self.shared.store);
+        let mut changed = 0;
+        for e in store
+            .events
+            .iter_mut()
+            .filter(|e| e.transaction_id == transaction_id)
+        {
+            e.properties.insert(property.to_string(), value.clone());
+            changed += 1;
+        }
+        changed
+    }
+
     /// How many stored events carry this transaction id (any subscription).
     pub fn count(&self, transaction_id: &str) -> usize {
         lock(&self.shared.store)
