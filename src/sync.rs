@@ -2020,6 +2020,12 @@ impl Pipeline {
             let members = self.ledger.period_group_members(&g.group_key).await?;
             let label = format!("{} {} {}", g.subscription, g.metric, g.label);
             match self.settlement(&due, &members, now).await? {
+                Settlement::Wait(why) if now >= g.end + self.period_close_delay => {
+                    // Closed, and still waiting: a member that is not staged (or not re-read)
+                    // yet, or a change of a sent record left to a person. Say it where an
+                    // operator looks; it settles on the run that resolves it.
+                    warn!(group = %label, %why, "month closed but not settled yet");
+                }
                 Settlement::Wait(why) => {
                     debug!(group = %label, %why, "period not settled yet");
                 }
