@@ -12,7 +12,7 @@ use billsync::http::RetryPolicy;
 use billsync::providers::softlayer::{
     decimal_of, parse_invoice_items, parse_invoice_items_str, parse_next_items_str, InvoiceContext,
     InvoiceHeader, NextContext, SoftlayerConfig, SoftlayerProvider, CALL_INVOICES, CALL_ITEMS,
-    STREAM_INVOICES, STREAM_NEXT,
+    ITEM_MASK, STREAM_INVOICES, STREAM_NEXT,
 };
 use billsync::providers::{Cursors, Provider, ProviderError};
 use billsync::record::UsageRecord;
@@ -737,4 +737,44 @@ fn settings_accept_a_softlayer_source() {
     assert!(c.provisional);
     let p = SoftlayerProvider::new("sl".into(), c).expect("valid");
     assert_eq!(p.kind(), "softlayer");
+}
+
+/// SLDN `SoftLayer_Billing_Invoice_Item` documents four after-tax totals of one line, each
+/// "not including any child invoice items": `recurringAfterTaxAmount`,
+/// `oneTimeAfterTaxAmount`, `setupAfterTaxAmount` and `laborAfterTaxAmount` (the labor fee is
+/// "a one-time fee of a special type", with its own tax rate and tax amount). A line's cost is
+/// all four, for the top-level item and for each child; and the mask must ask for them, since
+/// SoftLayer only sends the properties a mask names.
+#[test]
+fn setup_and_labor_fees_are_part_of_a_lines_cost() {
+    let items = json!([{
+        "id": 7,
+        "recurringAfterTaxAmount": "100",
+        "oneTimeAfterTaxAmount": "0",
+        "setupAfterTaxAmount": "25.50",
+        "laborAfterTaxAmount": ".75",
+        "children": [
+            {"id": 8, "recurringAfterTaxAmount": "10", "oneTimeAfterTaxAmount": "0",
+             "setupAfterTaxAmount": 5, "laborAfterTaxAmount": "0"},
+            {"id": 9, "setupAfterTaxAmount": "1.25"}
+        ]
+    }, {
+        "id": 10,
+        "laborAfterTaxAmount": "60"
+    }]);
+    let records = parse_invoice_items(&items, &ctx(header(1004, "CLOSED", "ONE-TIME-CHARGE")))
+        .expect("parses");
+    assert_eq!(records[0].billed_cost, dec("142.50"));
+    assert_eq!(records[0].attributes["own_cost"], "126.25");
+    assert_eq!(records[0].attributes["children_cost"], "16.25");
+    assert_eq!(records[1].billed_cost, dec("60"), "a labor-only line");
+    let top_level = ITEM_MASK.split("children[").next().expect("mask");
+    let children = ITEM_MASK.split("children[").nth(1).expect("children mask");
+    for field in ["setupAfterTaxAmount", "laborAfterTaxAmount"] {
+        assert!(top_level.contains(field), "the item mask asks for {field}");
+        assert!(
+            children.contains(field),
+            "the children mask asks for {field}"
+        );
+    }
 }

@@ -22,7 +22,8 @@
 //! * **One chunk per invoice.** Its top-level items are paged too (`resultLimit`), so memory
 //!   is one invoice at a time.
 //! * **Natural key** (reference 1.9): `(invoice_id, invoice_item_id)` of the top-level item.
-//! * **Amounts.** `recurringAfterTaxAmount + oneTimeAfterTaxAmount` of the top-level line
+//! * **Amounts.** `recurringAfterTaxAmount + oneTimeAfterTaxAmount + setupAfterTaxAmount +
+//!   laborAfterTaxAmount` of the top-level line
 //!   **plus the same of each child**: the `*AfterTaxAmount` fields cover one line only, never
 //!   its children (the documentation example: a parent `18.03` with children `10.00` and
 //!   `2.33`), so adding them never double counts; one record per top-level item keeps the
@@ -91,10 +92,11 @@ typeCode,invoiceTotalAmount,invoiceTopLevelItemCount]";
 /// as the seed says masks need them).
 pub const ITEM_MASK: &str = "mask[id,invoiceId,billingItemId,parentId,categoryCode,description,\
 hostName,domainName,createDate,hourlyFlag,hourlyRecurringFee,recurringFee,\
-oneTimeAfterTaxAmount,recurringAfterTaxAmount,category[name],location[name],\
+oneTimeAfterTaxAmount,recurringAfterTaxAmount,setupAfterTaxAmount,laborAfterTaxAmount,\
+category[name],location[name],\
 billingItem[id,orderItem[id,order[id,userRecordId,userRecord[id,username]]]],\
 children[id,billingItemId,categoryCode,description,oneTimeAfterTaxAmount,\
-recurringAfterTaxAmount,category[name]]]";
+recurringAfterTaxAmount,setupAfterTaxAmount,laborAfterTaxAmount,category[name]]]";
 /// Object mask of the next-invoice items: the seed's mask
 /// (`mask[id,orderItem[id,order[userRecordId,userRecord[username]]],invoiceItem[id,totalRecurringAmount]]`)
 /// plus the local properties an estimate needs.
@@ -904,16 +906,24 @@ fn naming(v: &Value, attributes: &mut BTreeMap<Name, Text>) -> (String, String, 
 // Closed invoices
 // ---------------------------------------------------------------------------------------------
 
-/// `recurringAfterTaxAmount + oneTimeAfterTaxAmount` of one line (children not included).
+/// The after-tax amounts of one line (children not included): SLDN documents a separate
+/// "fee total after taxes" for the recurring, one-time, setup and labor fees.
+const LINE_AMOUNTS: [&str; 4] = [
+    "recurringAfterTaxAmount",
+    "oneTimeAfterTaxAmount",
+    "setupAfterTaxAmount",
+    "laborAfterTaxAmount",
+];
+
+/// The sum of [`LINE_AMOUNTS`] of one line (children not included).
 fn line_amount(v: &Value, site: &str) -> Result<Decimal, String> {
-    let recurring = decimal_field(v, "recurringAfterTaxAmount", site)?;
-    let one_time = decimal_field(v, "oneTimeAfterTaxAmount", site)?;
-    if recurring.is_none() && one_time.is_none() {
-        return Err(format!(
-            "{site}: neither recurringAfterTaxAmount nor oneTimeAfterTaxAmount is present"
-        ));
+    let mut sum = None;
+    for name in LINE_AMOUNTS {
+        if let Some(d) = decimal_field(v, name, site)? {
+            sum = Some(sum.unwrap_or(Decimal::ZERO) + d);
+        }
     }
-    Ok(recurring.unwrap_or_default() + one_time.unwrap_or_default())
+    sum.ok_or_else(|| format!("{site}: none of {} is present", LINE_AMOUNTS.join(", ")))
 }
 
 /// One record from one top-level invoice item (see the module doc for every choice).

@@ -140,10 +140,15 @@ fn decimal_of(v: &Value) -> Option<Decimal> {
 }
 
 fn line_amount(v: &Value) -> Decimal {
-    ["recurringAfterTaxAmount", "oneTimeAfterTaxAmount"]
-        .iter()
-        .filter_map(|k| v.get(*k).and_then(decimal_of))
-        .sum()
+    [
+        "recurringAfterTaxAmount",
+        "oneTimeAfterTaxAmount",
+        "setupAfterTaxAmount",
+        "laborAfterTaxAmount",
+    ]
+    .iter()
+    .filter_map(|k| v.get(*k).and_then(decimal_of))
+    .sum()
 }
 
 /// A top-level item's own lines plus its children's.
