@@ -1289,9 +1289,15 @@ impl Provider for SakuraProvider {
             };
             let lines = self.details(&ctx).await?;
             let sum: Decimal = lines.iter().map(|r| r.billed_cost).sum();
-            if sum != bill.amount {
+            // Tax rounded once per bill against once per line: up to a yen per line apart.
+            // More than that looks like lines missing from the details (or extra ones).
+            let rounding = Decimal::from(lines.len().max(1));
+            if (sum - bill.amount).abs() > rounding {
+                warn!(source = %self.name, bill_id = %bill.bill_id, bill_amount = %bill.amount, lines = %sum,
+                    "sakura: the bill's lines add up to another amount than the bill (more than tax rounding): details missing?");
+            } else if sum != bill.amount {
                 debug!(source = %self.name, bill_id = %bill.bill_id, bill_amount = %bill.amount, lines = %sum,
-                    "sakura: bill amount differs from the sum of its lines");
+                    "sakura: bill amount differs from the sum of its lines (tax rounding)");
             }
             records.extend(lines);
         }
