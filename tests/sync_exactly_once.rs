@@ -272,6 +272,16 @@ rules:
     round: { scale: 2, mode: half_up }
 "#;
 
+/// The example mappings plus [`RESERVATION_RULE`]: the mapping fix the held record waits for.
+fn mappings_with_the_reservation_rule() -> MappingSet {
+    let mut sources: Vec<(String, String)> = billsync::mapping::EXAMPLE_MAPPINGS
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    sources.push(("reservations.yaml".into(), RESERVATION_RULE.into()));
+    MappingSet::from_sources(&sources).unwrap()
+}
+
 #[tokio::test]
 async fn an_unmapped_record_is_held_then_delivered_by_replay_after_a_mapping_fix() {
     let world = World::start(Behaviour::Postgres).await;
@@ -279,12 +289,7 @@ async fn an_unmapped_record_is_held_then_delivered_by_replay_after_a_mapping_fix
     assert_eq!(run.held(), 1);
     assert_eq!(world.lago.events().len(), 71);
 
-    let mut sources: Vec<(String, String)> = billsync::mapping::EXAMPLE_MAPPINGS
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.to_string()))
-        .collect();
-    sources.push(("reservations.yaml".into(), RESERVATION_RULE.into()));
-    let fixed = MappingSet::from_sources(&sources).unwrap();
+    let fixed = mappings_with_the_reservation_rule();
     let pipeline = world.pipeline_with(fixed, LAGO_KEY).await;
 
     let dry = pipeline
@@ -334,12 +339,7 @@ async fn a_replay_asked_to_stop_re_maps_nothing_more_and_holds_what_is_left() {
     let run = world.pipeline().await.sync(&opts()).await.unwrap();
     assert_eq!(run.held(), 1);
 
-    let mut sources: Vec<(String, String)> = billsync::mapping::EXAMPLE_MAPPINGS
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.to_string()))
-        .collect();
-    sources.push(("reservations.yaml".into(), RESERVATION_RULE.into()));
-    let fixed = MappingSet::from_sources(&sources).unwrap();
+    let fixed = mappings_with_the_reservation_rule();
     let mut pipeline = world.pipeline_with(fixed, LAGO_KEY).await;
     let (trigger, shutdown) = billsync::shutdown::channel();
     pipeline.shutdown = shutdown;
