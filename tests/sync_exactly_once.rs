@@ -259,6 +259,85 @@ async fn a_record_lago_rejects_is_held_with_the_reason_and_the_rest_is_delivered
     assert_delivered_exactly_once(&world).await;
 }
 
+/// Lago behind a key that is rotated while a run pushes: the last, partial batch goes out with
+/// the rotated key and Lago answers it 401, while the batch before it is still being answered.
+struct RotatedDuringThePush {
+    valid: billsync::sinks::lago::LagoSink,
+    rotated: billsync::sinks::lago::LagoSink,
+}
+
+#[async_trait::async_trait]
+impl Sink for RotatedDuringThePush {
+    fn kind(&self) -> &'static str {
+        self.valid.kind()
+    }
+    fn name(&self) -> &str {
+        self.valid.name()
+    }
+    fn max_batch(&self) -> usize {
+        self.valid.max_batch()
+    }
+    fn encode(
+        &self,
+        key: &str,
+        event: &billsync::mapping::MappedEvent,
+    ) -> Result<String, billsync::sinks::EncodeError> {
+        self.valid.encode(key, event)
+    }
+    async fn deliver(
+        &self,
+        batch: &[billsync::sinks::Outgoing],
+    ) -> Result<Vec<billsync::sinks::Outcome>, billsync::sinks::SinkStopped> {
+        if batch.len() < self.valid.max_batch() {
+            self.rotated.deliver(batch).await
+        } else {
+            self.valid.deliver(batch).await
+        }
+    }
+}
+
+/// A sink that stops mid-run (a key rotated while batches are in flight) stops the run's push,
+/// but what Lago stored before is acknowledged in that run: left pending it would be sent
+/// again by the next one, and only a sink that deduplicates would keep that from billing twice.
+#[tokio::test]
+async fn what_lago_stored_before_a_key_rotated_mid_push_is_recorded_as_sent() {
+    let world = World::start(Behaviour::Postgres).await;
+    let mut pipeline = world.pipeline().await;
+    // Everything is staged first, so the push reads all 71 records at once: batches of 25,
+    // 25 and 21, the second and third in flight together.
+    pipeline
+        .sync(&SyncOptions {
+            skip_push: true,
+            ..opts()
+        })
+        .await
+        .unwrap();
+    pipeline.sinks = vec![Box::new(RotatedDuringThePush {
+        valid: world.sink_with_key(LAGO_KEY),
+        rotated: world.sink_with_key("rotated-key"),
+    })];
+    let run = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!(run.outcome, RunOutcome::SinkStopped, "{run:?}");
+    assert!(run.sink_errors[0].contains("401"), "{:?}", run.sink_errors);
+    assert_eq!(world.lago.events().len(), 50, "the two full batches");
+    assert_eq!(run.sent, 50);
+    assert_eq!(
+        pipeline.ledger.pending_count("lago").await.unwrap(),
+        21,
+        "every record Lago stored is acknowledged; only the refused batch is pending"
+    );
+    let requests = world.lago.request_count();
+
+    let next = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(
+        (next.sent, next.already_delivered),
+        (21, 0),
+        "only the refused batch is sent again"
+    );
+    assert_eq!(world.lago.request_count(), requests + 1);
+    assert_delivered_exactly_once(&world).await;
+}
+
 const RESERVATION_RULE: &str = r#"
 version: 1
 rules:
