@@ -216,21 +216,30 @@ fn default_rounding_is_scale_6_for_quantities_and_2_for_cost() {
 
 #[test]
 fn rounding_modes() {
+    // Each mode on a midpoint, off a midpoint and below zero (credits and corrections are
+    // negative): `down` and `floor`, `up` and `ceiling` only part there.
     let cases = [
-        ("half_up", "0.3"),
-        ("half_even", "0.2"),
-        ("down", "0.2"),
-        ("up", "0.3"),
-        ("floor", "0.2"),
-        ("ceiling", "0.3"),
+        ("half_up", ["0.3", "0.2", "-0.3", "-0.2", "-0.4"]),
+        ("half_even", ["0.2", "0.2", "-0.2", "-0.2", "-0.4"]),
+        ("down", ["0.2", "0.2", "-0.2", "-0.2", "-0.3"]),
+        ("up", ["0.3", "0.3", "-0.3", "-0.3", "-0.4"]),
+        ("floor", ["0.2", "0.2", "-0.3", "-0.3", "-0.4"]),
+        ("ceiling", ["0.3", "0.3", "-0.2", "-0.2", "-0.3"]),
     ];
+    let quantities = ["0.25", "0.21", "-0.25", "-0.21", "-0.35"];
     for (mode, expected) in cases {
         let s = set(&format!(
             "  - name: r\n    match: {{}}\n    metric: m\n    value: {{ quantity: {{}} }}\n    round: {{ scale: 1, mode: {mode} }}\n"
         ));
-        let mut r = record();
-        r.consumed_quantity = dec("0.25");
-        assert_eq!(mapped(s.apply(&r)).value, dec(expected), "mode {mode}");
+        for (quantity, expected) in quantities.iter().zip(expected) {
+            let mut r = record();
+            r.consumed_quantity = dec(quantity);
+            assert_eq!(
+                mapped(s.apply(&r)).value,
+                dec(expected),
+                "mode {mode}, {quantity}"
+            );
+        }
     }
 }
 
