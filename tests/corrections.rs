@@ -536,6 +536,63 @@ async fn a_cost_only_restatement_is_corrected_in_the_focus_export_only() {
     }
 }
 
+/// A sent record whose rule now routes it to another sink is left to a person: a correction
+/// would carry only the difference to a sink that never got the original, while the sink that
+/// did keeps billing the old value.
+#[tokio::test]
+async fn a_sent_record_now_routed_to_another_sink_is_unresolved_not_corrected() {
+    use billsync::ledger::{Correction, SentState};
+    let dir = tempfile::tempdir().unwrap();
+    let lago = Pipeline::new(
+        Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+        Vec::new(),
+        vec![Box::new(
+            LagoSink::new(
+                "lago".into(),
+                LagoConfig {
+                    api_url: "http://127.0.0.1:9".into(),
+                    api_key: Secret::new("k"),
+                    batch_size: 10,
+                    timeout: Duration::from_secs(1),
+                    retry: retry(),
+                },
+            )
+            .unwrap(),
+        )],
+        MappingSet::examples().unwrap(),
+    );
+    // One hour was sent; the provider now says two hours.
+    let mut line = instance_line("0.50");
+    line.consumed_quantity = Decimal::from(7200);
+    let row = lago.stage_row(line, false);
+    assert_eq!(row.mapped.value, Some(Decimal::TWO), "{:?}", row.note);
+    let sent = |sink: Option<&str>| SentState {
+        key: row.key.clone(),
+        subscription: row.mapped.subscription.as_deref().map(str::to_string),
+        metric: row.mapped.metric.as_deref().map(str::to_string),
+        sink: sink.map(str::to_string),
+        sent_total: Decimal::ONE,
+        sent_cost: Some(Decimal::from_str("0.50").unwrap()),
+        sent_quantity: Some(Decimal::from(3600)),
+        next_revision: 1,
+    };
+    // Sent to the same sink: the difference goes out.
+    match lago.correction(&row, &sent(row.mapped.sink.as_deref())) {
+        Correction::Send { difference, .. } => assert_eq!(difference, Decimal::ONE),
+        other => panic!("expected a correction, got {other:?}"),
+    }
+    // Sent to another sink (the rule's `sink:` changed since): a person decides.
+    let elsewhere = if row.mapped.sink.as_deref() == Some("focus") {
+        "lago"
+    } else {
+        "focus"
+    };
+    match lago.correction(&row, &sent(Some(elsewhere))) {
+        Correction::Unresolved(reason) => assert!(reason.contains(&row.key), "{reason}"),
+        other => panic!("expected unresolved, got {other:?}"),
+    }
+}
+
 // ----- replaying corrections ----------------------------------------------------------------
 
 /// SAKURA (pushing provisional months early) → Lago, one ledger: the world of the replay tests.
