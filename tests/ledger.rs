@@ -329,8 +329,29 @@ async fn rejected_and_failed_outcomes_keep_the_record_with_its_reason() {
         .await
         .unwrap();
     assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].key, batch[0].key);
     assert_eq!(ledger.pending_batch("lago", 0, 100).await.unwrap().len(), 1);
     assert_eq!(ledger.undelivered().await.unwrap(), 2);
+    // Each keeps the reason its sink gave, shown by `export`.
+    let mut csv = Vec::new();
+    let all = RecordFilter {
+        status: None,
+        ..RecordFilter::status(Status::Sent)
+    };
+    ledger.export_csv(&all, &mut csv).await.unwrap();
+    let csv = String::from_utf8(csv).unwrap();
+    let line_of = |key: &str| {
+        csv.lines()
+            .find(|l| l.contains(key))
+            .unwrap_or_else(|| panic!("{key} exported: {csv}"))
+            .to_string()
+    };
+    let (a, b) = (line_of(&batch[0].key), line_of(&batch[1].key));
+    assert!(
+        a.contains(",rejected,") && a.contains(",code: invalid,"),
+        "{a}"
+    );
+    assert!(b.contains(",pending,") && b.contains(",HTTP 503,"), "{b}");
 }
 
 #[tokio::test]
