@@ -158,8 +158,7 @@ fn default_lock_ttl() -> std::time::Duration {
 }
 
 /// One source, by kind.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug)]
 pub enum ProviderSettings {
     /// MetalSoft JSON-RPC `resource_utilization_detailed`.
     Metalsoft(crate::providers::metalsoft::MetalsoftConfig),
@@ -172,8 +171,7 @@ pub enum ProviderSettings {
 }
 
 /// One sink, by kind.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug)]
 pub enum SinkSettings {
     /// Lago `POST /api/v1/events/batch`.
     Lago(crate::sinks::lago::LagoConfig),
@@ -185,6 +183,102 @@ pub enum SinkSettings {
     Jsonl(crate::sinks::jsonl::JsonlConfig),
     /// FOCUS cost-and-usage CSV files, one per batch.
     Focus(crate::sinks::focus::FocusConfig),
+}
+
+/// Read a `kind:`-tagged section. Not `#[serde(tag = "kind")]`: serde buffers such a section
+/// before reading it, which loses the key of a bad field (an error said `sinks.lago`, not
+/// `sinks.lago.batch_size`) and the `config` crate's reading of environment overrides (a
+/// `BILLSYNC__SINKS__LAGO__BATCH_SIZE=50` string refused as "expected usize").
+fn by_kind<'de, D: Deserializer<'de>, T>(
+    d: D,
+    kinds: &'static [&'static str],
+    read: impl FnOnce(&str, config::Value) -> Result<T, config::ConfigError>,
+) -> Result<T, D::Error> {
+    use serde::de::Error;
+    let mut table = config::Value::deserialize(d)?
+        .into_table()
+        .map_err(D::Error::custom)?;
+    let kind = table
+        .remove("kind")
+        .ok_or_else(|| D::Error::missing_field("kind"))?
+        .into_string()
+        .map_err(D::Error::custom)?;
+    if !kinds.contains(&kind.as_str()) {
+        let expected: Vec<String> = kinds.iter().map(|k| format!("`{k}`")).collect();
+        return Err(D::Error::custom(format!(
+            "unknown variant `{kind}`, expected one of {} for key `kind`",
+            expected.join(", ")
+        )));
+    }
+    read(&kind, config::Value::new(None, table)).map_err(|e| match e {
+        // Keep the field's key: `Settings::load` joins it to the section's.
+        config::ConfigError::NotFound(key) => {
+            D::Error::custom(format!("missing configuration field {key:?}"))
+        }
+        e => D::Error::custom(e),
+    })
+}
+
+impl<'de> Deserialize<'de> for ProviderSettings {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        by_kind(
+            d,
+            &["metalsoft", "softlayer", "jelastic", "sakura"],
+            |kind, v| {
+                Ok(match kind {
+                    "metalsoft" => ProviderSettings::Metalsoft(v.try_deserialize()?),
+                    "softlayer" => ProviderSettings::Softlayer(v.try_deserialize()?),
+                    "jelastic" => ProviderSettings::Jelastic(v.try_deserialize()?),
+                    _ => ProviderSettings::Sakura(v.try_deserialize()?),
+                })
+            },
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for SinkSettings {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        by_kind(
+            d,
+            &["lago", "stripe", "webhook", "jsonl", "focus"],
+            |kind, v| {
+                Ok(match kind {
+                    "lago" => SinkSettings::Lago(v.try_deserialize()?),
+                    "stripe" => SinkSettings::Stripe(v.try_deserialize()?),
+                    "webhook" => SinkSettings::Webhook(v.try_deserialize()?),
+                    "jsonl" => SinkSettings::Jsonl(v.try_deserialize()?),
+                    _ => SinkSettings::Focus(v.try_deserialize()?),
+                })
+            },
+        )
+    }
+}
+
+/// A field's key inside a `kind:` section comes first (`… for key `batch_size``), the
+/// section's after it (`… for key `sinks.lago``): one key, `sinks.lago.batch_size`.
+fn join_keys(message: String) -> String {
+    let missing = "missing configuration field \"";
+    if let Some(rest) = message.strip_prefix(missing) {
+        if let Some((field, section)) = rest.split_once("\" for key `") {
+            if let Some(section) = section.strip_suffix('`') {
+                return format!("{missing}{section}.{field}\"");
+            }
+        }
+    }
+    let mut parts: Vec<&str> = message.split(" for key `").collect();
+    if parts.len() < 3 {
+        return message;
+    }
+    let (Some(field), Some(section)) = (
+        parts[parts.len() - 2].strip_suffix('`'),
+        parts[parts.len() - 1].strip_suffix('`'),
+    ) else {
+        return message;
+    };
+    let key = format!("{section}.{field}`");
+    parts.truncate(parts.len() - 2);
+    parts.push(&key);
+    parts.join(" for key `")
 }
 
 /// Errors reading the settings.
@@ -207,7 +301,7 @@ impl Settings {
         }
         let invalid = |e: config::ConfigError| SettingsError::Invalid {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: join_keys(e.to_string()),
         };
         let settings: Settings = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Yaml))

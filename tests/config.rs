@@ -50,3 +50,98 @@ fn the_example_settings_load_with_secrets_from_the_environment_and_env_overrides
     assert_eq!(s.expose(), "from-a-file");
     assert_eq!(format!("{s:?} {s}"), "Secret(***) ***");
 }
+
+/// A bad value inside a provider or sink section names its whole key (not only the section),
+/// and an environment override of a number there is read as a number.
+#[test]
+fn a_bad_field_of_a_provider_or_sink_names_its_key_and_env_overrides_are_parsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "k\n").unwrap();
+    let settings = |sink_extra: &str, provider_extra: &str| {
+        format!(
+            "ledger: {{ path: {d}/ledger.db }}\nmappings: [{m}]\nproviders:\n  ms:\n    kind: metalsoft\n    endpoint: http://127.0.0.1:9\n    api_key: file:{k}\n{provider_extra}sinks:\n  lago:\n    kind: lago\n    api_url: http://127.0.0.1:9\n    api_key: file:{k}\n{sink_extra}",
+            d = dir.path().display(),
+            m = concat!(env!("CARGO_MANIFEST_DIR"), "/mappings"),
+            k = key.display(),
+        )
+    };
+    let load = |text: String| {
+        let path = dir.path().join("billsync.yaml");
+        std::fs::write(&path, text).unwrap();
+        Settings::load(&path).map(|_| ()).map_err(|e| e.to_string())
+    };
+    for (sink, provider, key) in [
+        (
+            "    batch_size: \"ten\"\n",
+            "    user_ids: [1]\n    start: 2026-10-01T00:00:00Z\n",
+            "sinks.lago.batch_size",
+        ),
+        (
+            "",
+            "    user_ids: [one]\n    start: 2026-10-01T00:00:00Z\n",
+            "providers.ms.user_ids[0]",
+        ),
+        (
+            "",
+            "    user_ids: [1]\n    window: abc\n    start: 2026-10-01T00:00:00Z\n",
+            "providers.ms.window",
+        ),
+        (
+            "",
+            "    user_ids: [1]\n    start: yesterday\n",
+            "providers.ms.start",
+        ),
+        (
+            "",
+            "    start: 2026-10-01T00:00:00Z\n",
+            "providers.ms.user_ids",
+        ),
+        (
+            "    retry: { max_retries: x }\n",
+            "    user_ids: [1]\n    start: 2026-10-01T00:00:00Z\n",
+            "sinks.lago.retry.max_retries",
+        ),
+        (
+            "",
+            "    user_ids: [1]\n    kind: metalsfot\n    start: 2026-10-01T00:00:00Z\n",
+            "providers.ms.kind",
+        ),
+    ] {
+        let text = settings(sink, provider).replace(
+            "    kind: metalsoft\n",
+            if provider.contains("kind:") {
+                ""
+            } else {
+                "    kind: metalsoft\n"
+            },
+        );
+        let err = load(text).expect_err(key);
+        assert!(
+            err.contains(&format!("{key}`")) || err.contains(&format!("\"{key}\"")),
+            "{key}: {err}"
+        );
+    }
+    load(settings(
+        "",
+        "    user_ids: [1]\n    start: 2026-10-01T00:00:00Z\n",
+    ))
+    .expect("loads");
+
+    // `BILLSYNC__SINKS__LAGO__BATCH_SIZE=50`: a number (a child process: the environment is
+    // the process's own).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .args(["--config"])
+        .arg(dir.path().join("billsync.yaml"))
+        .args(["mappings", "validate"])
+        .env("BILLSYNC__SINKS__LAGO__BATCH_SIZE", "50")
+        .env_remove("BILLSYNC_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
