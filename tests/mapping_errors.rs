@@ -405,3 +405,37 @@ customers:
 ";
     assert!(load(&[("m.yaml", text)]).is_ok());
 }
+
+/// A byte that is not UTF-8 in an account directory or a mapping file is reported at its line
+/// and column in that file, not as "stream did not contain valid UTF-8" without a place.
+#[test]
+fn a_byte_that_is_not_utf8_is_reported_at_its_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        "version: 1\ncustomers_csv: accounts.csv\nrules: []\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("accounts.csv"),
+        b"provider,sub_account_id,external_subscription_id\nmetalsoft,1,sub_a\nmetalsoft,2\xff,sub_b\n",
+    )
+    .unwrap();
+    let err = MappingSet::load(&[dir.path().to_path_buf()])
+        .map(|_| ())
+        .expect_err("a load error")
+        .to_string();
+    assert!(err.contains("accounts.csv:3:12: "), "{err}");
+    assert!(err.contains("UTF-8"), "{err}");
+
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        b"version: 1\n# caf\xe9\nrules: []\n",
+    )
+    .unwrap();
+    let err = MappingSet::load(&[dir.path().to_path_buf()])
+        .map(|_| ())
+        .expect_err("a load error")
+        .to_string();
+    assert!(err.contains("m.yaml:2:6: "), "{err}");
+}

@@ -109,14 +109,15 @@ impl MappingSet {
             .filter(|(n, _)| is_csv(n))
             .map(|(n, t)| (normalize(n), t.as_str()))
             .collect();
-        let read_table = |path: &str| -> Result<String, String> {
+        // Err(Ok(e)): an error of the table itself, at its own line; Err(Err(e)): at the key.
+        let read_table = |path: &str| -> Result<String, Result<MappingError, String>> {
             if let Some(t) = tables.get(&normalize(path)) {
                 return Ok((*t).to_string());
             }
             if disk {
-                std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))
+                read_utf8(Path::new(path)).map_err(|e| e.map_err(|e| format!("cannot read: {e}")))
             } else {
-                Err("not among the given sources".into())
+                Err(Err("not among the given sources".into()))
             }
         };
         for (name, text) in sources.iter().filter(|(n, _)| !is_csv(n)) {
@@ -137,14 +138,18 @@ impl MappingSet {
                         let path = relative_to(name, &csv.0);
                         match read_table(&path) {
                             Ok(t) => load_directory(&path, &t, &mut set.directory, &mut errors),
-                            Err(e) => errors.push(at_key(name, text, "customers_csv", e, &path)),
+                            Err(Ok(e)) => errors.push(e),
+                            Err(Err(e)) => {
+                                errors.push(at_key(name, text, "customers_csv", e, &path))
+                            }
                         }
                     }
                     if let Some(csv) = &file.rates_csv {
                         let path = relative_to(name, &csv.0);
                         match read_table(&path) {
                             Ok(t) => load_rates(&path, &t, &mut set.rates, &mut errors),
-                            Err(e) => errors.push(at_key(name, text, "rates_csv", e, &path)),
+                            Err(Ok(e)) => errors.push(e),
+                            Err(Err(e)) => errors.push(at_key(name, text, "rates_csv", e, &path)),
                         }
                     }
                     // `period` of each pricing, at the position of the key concerned.
@@ -321,10 +326,27 @@ fn yaml_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 fn read_into(path: &Path, sources: &mut Vec<(String, String)>, errors: &mut Vec<MappingError>) {
-    match std::fs::read_to_string(path) {
+    match read_utf8(path) {
         Ok(text) => sources.push((path.display().to_string(), text)),
-        Err(e) => errors.push(whole_file(path, &format!("cannot read: {e}"))),
+        Err(Ok(e)) => errors.push(e),
+        Err(Err(e)) => errors.push(whole_file(path, &format!("cannot read: {e}"))),
     }
+}
+
+/// A text file; a byte that is not UTF-8 is an error at its line and column (Err(Ok)), a
+/// file that cannot be read an I/O error (Err(Err)).
+fn read_utf8(path: &Path) -> Result<String, Result<MappingError, std::io::Error>> {
+    let bytes = std::fs::read(path).map_err(Err)?;
+    String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        Ok(MappingError {
+            file: path.display().to_string(),
+            line: good.iter().filter(|&&b| b == b'\n').count() + 1,
+            column: good.len() - line_start + 1,
+            message: "not valid UTF-8 (save the file as UTF-8)".into(),
+        })
+    })
 }
 
 /// Turns a parser error into `file:line:column: message`, dropping the parser's own
