@@ -382,6 +382,7 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
                 .downcast_ref::<crate::mapping::MappingErrors>()
                 .is_some()
             || cause.downcast_ref::<ConfigError>().is_some()
+            || matches!(cause.downcast_ref(), Some(SyncError::UnknownProvider(_)))
         {
             return exit::CONFIG;
         }
@@ -660,8 +661,9 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             let set = MappingSet::load(&mapping_paths(config, mappings)?)?;
             let rec: crate::record::UsageRecord = match (record, id) {
                 (Some(path), _) => {
-                    let text = std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        ConfigError(format!("--record {}: cannot read: {e}", path.display()))
+                    })?;
                     serde_json::from_str(&text).map_err(|e| {
                         ConfigError(format!(
                             "{}:{}:{}: not a usage record: {e}",

@@ -299,6 +299,14 @@ impl Settings {
                 path: path.to_path_buf(),
             });
         }
+        if path.is_dir() {
+            return Err(SettingsError::Invalid {
+                path: path.to_path_buf(),
+                message:
+                    "is a directory, not a settings file (pass --config FILE, e.g. billsync.yaml)"
+                        .into(),
+            });
+        }
         let invalid = |e: config::ConfigError| SettingsError::Invalid {
             path: path.to_path_buf(),
             message: join_keys(e.to_string()),

@@ -304,3 +304,49 @@ fn the_bench_harness_runs_every_stage_and_a_backfill_takes_fewer_users() {
         "{stderr}"
     );
 }
+
+/// Bad command-line input exits 2 (README "Exit codes") with a message that says what is
+/// wrong: `--config` naming a directory, an unknown `--provider`, a `--record` file that does
+/// not exist.
+#[test]
+fn a_directory_as_config_an_unknown_provider_and_a_missing_record_file_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = billsync(&["--config", d, "sync"], &[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is a directory"), "{stderr}");
+    assert!(!stderr.contains("not found"), "{stderr}");
+
+    let cfg = world::write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/mappings"),
+        "",
+    );
+    let keys = [("TEST_MS_KEY", "x"), ("TEST_LAGO_KEY", "y")];
+    let out = billsync(
+        &["--config", cfg.as_str(), "sync", "--provider", "nosuch"],
+        &keys,
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("nosuch"), "{stderr}");
+
+    let missing = dir.path().join("no-such-record.json");
+    let out = billsync(
+        &[
+            "mappings",
+            "explain",
+            "--record",
+            missing.to_str().unwrap(),
+            "--mappings",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/mappings"),
+        ],
+        &[],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no-such-record.json"), "{stderr}");
+}
