@@ -354,6 +354,70 @@ async fn rejected_and_failed_outcomes_keep_the_record_with_its_reason() {
     assert!(b.contains(",pending,") && b.contains(",HTTP 503,"), "{b}");
 }
 
+/// An acknowledgement moves only pending records. A late or repeated "delivered" for a record
+/// that is no longer pending (rejected by the sink, or sent by an earlier run) changes nothing:
+/// the rejected record stays rejected with its reason (a person must look at it), and the sent
+/// one stays counted in the run that sent it, not again in the next.
+#[tokio::test]
+async fn an_acknowledgement_moves_only_pending_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let first = ledger.start_run("sync", now).await.unwrap();
+    ledger
+        .stage(
+            first,
+            &[row(record("a", "1")), row(record("b", "2"))],
+            None,
+            now,
+            &by_hand,
+        )
+        .await
+        .unwrap();
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    let (rejected, sent) = (&batch[0], &batch[1]);
+    ledger
+        .ack(
+            first,
+            &[
+                (rejected.id, Outcome::Rejected("code: invalid".into())),
+                (sent.id, Outcome::Delivered),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    let sent_in_first = ledger.sent_totals(first).await.unwrap();
+    assert_eq!(
+        sent_in_first.values().copied().sum::<Decimal>(),
+        Decimal::from(2)
+    );
+
+    let second = ledger.start_run("sync", now).await.unwrap();
+    ledger
+        .ack(
+            second,
+            &[
+                (rejected.id, Outcome::Delivered),
+                (sent.id, Outcome::AlreadyDelivered),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    let still_rejected = ledger
+        .records_matching(&RecordFilter::status(Status::Rejected), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        still_rejected.iter().map(|r| &r.key).collect::<Vec<_>>(),
+        [&rejected.key]
+    );
+    assert_eq!(ledger.undelivered().await.unwrap(), 1);
+    assert_eq!(ledger.sent_totals(first).await.unwrap(), sent_in_first);
+    assert!(ledger.sent_totals(second).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn the_lock_keeps_a_second_run_out_until_released_or_expired() {
     let dir = tempfile::tempdir().unwrap();
