@@ -425,13 +425,19 @@ async fn the_lock_keeps_a_second_run_out_until_released_or_expired() {
     let now = Utc::now();
     let ttl = Duration::from_secs(60);
     ledger.acquire_lock("run-a", now, ttl).await.unwrap();
-    match ledger.acquire_lock("run-b", now, ttl).await {
-        Err(LedgerError::Locked { holder, .. }) => assert_eq!(holder, "run-a"),
-        other => panic!("expected Locked, got {other:?}"),
+    // Live up to its last second: refused at once and one second before it expires.
+    for later in [0, 59] {
+        match ledger
+            .acquire_lock("run-b", now + chrono::Duration::seconds(later), ttl)
+            .await
+        {
+            Err(LedgerError::Locked { holder, .. }) => assert_eq!(holder, "run-a", "+{later}s"),
+            other => panic!("expected Locked at +{later}s, got {other:?}"),
+        }
     }
-    // A crashed holder's lock expires.
+    // A crashed holder's lock expires: from the second its ttl ends, another run takes it.
     ledger
-        .acquire_lock("run-b", now + chrono::Duration::seconds(61), ttl)
+        .acquire_lock("run-b", now + chrono::Duration::seconds(60), ttl)
         .await
         .unwrap();
     ledger.release_lock("run-b").await.unwrap();
