@@ -9,15 +9,19 @@
 mod world;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant};
 
 use billsync::config::Secret;
 use billsync::ledger::{Ledger, RecordFilter, Status};
+use billsync::mapping::MappedEvent;
 use billsync::mapping::MappingSet;
 use billsync::providers::metalsoft::MetalsoftProvider;
 use billsync::simulators::lago::{Behaviour, DropMode};
 use billsync::simulators::metalsoft::Fault;
 use billsync::sinks::lago::{LagoConfig, LagoSink};
+use billsync::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
 use billsync::sync::{Pipeline, ReplayOptions, RunOutcome, RunSummary, SyncOptions};
 use world::{fast_retry, now, World, LAGO_KEY};
 
@@ -217,6 +221,137 @@ async fn lago_429_with_and_without_retry_after_is_honoured_and_retried() {
     assert_eq!((run.sent, run.failed), (71, 0));
     assert_eq!(world.lago.request_count(), 3 + 3);
     assert_complete(&world).await;
+}
+
+/// The world's Lago sink behind a gate: each batch the pipeline hands it waits until the test
+/// lets it through (oldest first), so the test sees how many batches the pipeline keeps in
+/// flight at each step. Its 429 count is the Lago sink's own.
+struct Gated {
+    lago: LagoSink,
+    counts: std::sync::Arc<GateCounts>,
+    /// How many of the batches handed over may go on to Lago.
+    released: tokio::sync::watch::Receiver<usize>,
+}
+
+#[derive(Default)]
+struct GateCounts {
+    /// Batches handed over so far.
+    started: AtomicUsize,
+    /// Batches that came back from Lago.
+    completed: AtomicUsize,
+    /// The Lago sink's 429 count after the last batch came back.
+    throttled: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl Sink for Gated {
+    fn kind(&self) -> &'static str {
+        self.lago.kind()
+    }
+    fn name(&self) -> &str {
+        self.lago.name()
+    }
+    fn max_batch(&self) -> usize {
+        self.lago.max_batch()
+    }
+    fn encode(&self, key: &str, event: &MappedEvent) -> Result<String, EncodeError> {
+        self.lago.encode(key, event)
+    }
+    fn throttled(&self) -> u64 {
+        self.lago.throttled()
+    }
+    async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
+        let n = self.counts.started.fetch_add(1, SeqCst);
+        let mut released = self.released.clone();
+        released.wait_for(|r| *r > n).await.unwrap();
+        let outcomes = self.lago.deliver(batch).await;
+        self.counts.throttled.store(self.lago.throttled(), SeqCst);
+        self.counts.completed.fetch_add(1, SeqCst);
+        outcomes
+    }
+}
+
+/// Batches in flight follow the sink's answers (AIMD): the window opens by one batch per
+/// answer up to eight; a 429 halves it to four, so the pipeline sends nothing more until its
+/// batches in flight drain below the window (which opens again by one per answer meanwhile).
+#[tokio::test]
+async fn a_429_halves_the_batches_in_flight_then_they_grow_back_one_per_answer() {
+    let world = World::start(Behaviour::Postgres).await;
+    let mut pipeline = default_pipeline(&world).await;
+    pipeline
+        .sync(&SyncOptions {
+            skip_push: true,
+            ..opts()
+        })
+        .await
+        .unwrap();
+    let (release, released) = tokio::sync::watch::channel(0usize);
+    let counts = std::sync::Arc::new(GateCounts::default());
+    pipeline.sinks = vec![Box::new(Gated {
+        lago: LagoSink::new(
+            "lago".into(),
+            LagoConfig {
+                api_url: world.lago.url.clone(),
+                api_key: Secret::new(LAGO_KEY),
+                // 36 batches of the 71 records.
+                batch_size: 2,
+                timeout: Duration::from_secs(5),
+                retry: fast_retry(),
+            },
+        )
+        .unwrap(),
+        counts: counts.clone(),
+        released,
+    })];
+
+    let done = AtomicBool::new(false);
+    let run = async {
+        let run = pipeline.sync(&opts()).await.unwrap();
+        done.store(true, SeqCst);
+        run
+    };
+    // Lets the oldest batch through, waits for Lago's answer and for the pipeline to act on
+    // it, and gives the batches then in flight.
+    let step = || async {
+        release.send_modify(|r| *r += 1);
+        let through = *release.borrow();
+        while counts.completed.load(SeqCst) < through {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        counts.started.load(SeqCst) - through
+    };
+    let drive = async {
+        let mut opening = Vec::new();
+        while opening.last() != Some(&8) && opening.len() < 20 {
+            opening.push(step().await);
+        }
+        // Lago answers the next request 429: the oldest batch's, let through next (retried
+        // at once, then stored).
+        world.lago.rate_limit_next(1, Some(0));
+        let mut after = Vec::new();
+        for _ in 0..8 {
+            after.push(step().await);
+        }
+        while !done.load(SeqCst) {
+            if counts.started.load(SeqCst) > *release.borrow() {
+                step().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        (opening, after)
+    };
+    let (run, (opening, after)) = tokio::join!(run, drive);
+    assert_eq!((run.sent, run.failed), (71, 0), "{run:?}");
+    assert_complete(&world).await;
+    assert_eq!(counts.throttled.load(SeqCst), 1, "the 429 reached the sink");
+    // One more batch in flight per answer, up to eight.
+    assert_eq!(opening, [2, 3, 4, 5, 6, 7, 8], "before the 429");
+    // The 429'd batch's answer: the window halves to 4 with 7 in flight, so nothing is sent;
+    // each further answer frees one batch and opens the window by one (6 in flight, window 5;
+    // 5 in flight, window 6: one batch sent), until it is back at eight.
+    assert_eq!(after, [7, 6, 6, 7, 8, 8, 8, 8], "after the 429");
 }
 
 async fn lago_slower_than_the_timeout(behaviour: Behaviour) {
