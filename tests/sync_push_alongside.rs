@@ -293,6 +293,126 @@ async fn a_record_changed_while_a_request_carries_it_is_sent_then_corrected() {
     );
 }
 
+/// The test world's Lago sink, except that Lago refuses the first mapped record the first time
+/// a request carries it (a 422 for that event alone, as for a subscription not created yet);
+/// the rest of that request is stored.
+struct RejectsFirstOnce {
+    inner: billsync::sinks::lago::LagoSink,
+    provider: Arc<SlowProvider>,
+    rejected: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl billsync::sinks::Sink for RejectsFirstOnce {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn encode(
+        &self,
+        key: &str,
+        event: &billsync::mapping::MappedEvent,
+    ) -> Result<String, billsync::sinks::EncodeError> {
+        self.inner.encode(key, event)
+    }
+    async fn deliver(
+        &self,
+        batch: &[billsync::sinks::Outgoing],
+    ) -> Result<Vec<billsync::sinks::Outcome>, billsync::sinks::SinkStopped> {
+        use std::sync::atomic::Ordering;
+        let key = self
+            .provider
+            .first_mapped
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|r| r.idempotency_key());
+        let Some(at) = key.and_then(|k| batch.iter().position(|o| o.key == k)) else {
+            return self.inner.deliver(batch).await;
+        };
+        if self.rejected.swap(true, Ordering::SeqCst) {
+            return self.inner.deliver(batch).await;
+        }
+        let rest: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != at)
+            .map(|(_, o)| o.clone())
+            .collect();
+        let mut outcomes = if rest.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.deliver(&rest).await?
+        };
+        outcomes.insert(
+            at,
+            billsync::sinks::Outcome::Rejected("Lago validation: subscription: not_found".into()),
+        );
+        Ok(outcomes)
+    }
+    fn throttled(&self) -> u64 {
+        self.inner.throttled()
+    }
+}
+
+/// A record that a later page changes while a request carries it, and that Lago refuses in that
+/// request: its change is staged once the refusal is acknowledged, in place of the refused
+/// content, and goes out whole. Never a correction of the refused original: Lago would then
+/// hold the difference alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_changed_while_a_request_carries_it_and_refused_goes_out_whole() {
+    let world = Arc::new(World::start(Behaviour::Postgres).await);
+    // Lago stores each batch, then answers 1.5 s later: the last page (with the change)
+    // arrives while the request carrying the first content is unanswered.
+    world.lago.set_answer_delay(Duration::from_millis(1500));
+    let (mut pipeline, provider) = pipeline(&world, true).await;
+    pipeline.sinks = vec![Box::new(RejectsFirstOnce {
+        inner: world.sink_with_key(world::LAGO_KEY),
+        provider: provider.clone(),
+        rejected: std::sync::atomic::AtomicBool::new(false),
+    })];
+
+    let summary = pipeline.sync(&opts()).await.unwrap();
+    assert_eq!(summary.outcome, RunOutcome::Ok, "{summary:?}");
+    assert_eq!(
+        (summary.rejected, summary.restaged, summary.corrections),
+        (1, 1, 0),
+        "{summary:?}"
+    );
+    assert_eq!(pipeline.ledger.pending_count("lago").await.unwrap(), 0);
+
+    let first = provider.first_mapped.lock().unwrap().clone().unwrap();
+    let key = first.idempotency_key();
+    let mut doubled = first.clone();
+    doubled.consumed_quantity *= Decimal::TWO;
+    doubled.billed_cost *= Decimal::TWO;
+    let MapOutcome::Mapped(latest) = MappingSet::examples().unwrap().apply(&doubled) else {
+        panic!("the changed record maps");
+    };
+    // One event, under the record's own key, with the latest content.
+    let stored: Vec<_> = world
+        .lago
+        .events()
+        .into_iter()
+        .filter(|e| e.transaction_id == key || e.transaction_id.starts_with(&format!("{key}.r")))
+        .map(|e| e.transaction_id)
+        .collect();
+    assert_eq!(stored, std::slice::from_ref(&key));
+    assert_eq!(world.lago_value_of(&key), latest.value);
+    let sent = pipeline
+        .ledger
+        .records_matching(&RecordFilter::status(Status::Sent), 0, 10_000)
+        .await
+        .unwrap();
+    let record = sent.iter().find(|r| r.key == key).expect("the record sent");
+    assert_eq!(record.record.consumed_quantity, doubled.consumed_quantity);
+}
+
 /// The test world's Lago sink, except that the request carrying the first mapped record loses
 /// its answer after Lago stored it: what `LagoSink::deliver` reports (`Failed`, records stay
 /// pending) when Lago stores a batch and then does not answer until the retries are spent
