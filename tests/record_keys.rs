@@ -2,7 +2,7 @@
 //! changed between releases would send every record again under a new `transaction_id`, a hash
 //! that changed would see every record as changed. The ledger's keys are pinned on real data in
 //! `provider_metalsoft`; here the formulas are written out plainly and compared on arbitrary
-//! records (odd scopes, sub-second and far-off times, long decimals, any attributes).
+//! records (odd scopes, sub-second, leap-second and far-off times, long decimals, any attributes).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -89,6 +89,13 @@ fn time() -> impl Strategy<Value = DateTime<Utc>> {
         // Sub-second.
         (1_500_000_000i64..2_000_000_000, 1u32..1_000_000_000)
             .prop_map(|(s, n)| Utc.timestamp_opt(s, n).unwrap()),
+        // Leap seconds (chrono keeps them in the nanoseconds of a :59 second), their very
+        // first nanosecond included.
+        (
+            25_000_000i64..33_333_333,
+            prop_oneof![Just(1_000_000_000u32), 1_000_000_000u32..2_000_000_000]
+        )
+            .prop_map(|(m, n)| Utc.timestamp_opt(m * 60 + 59, n).unwrap()),
         // Years before 1000 and after 9999.
         (-62_000_000_000i64..-30_000_000_000).prop_map(|s| Utc.timestamp_opt(s, 0).unwrap()),
         (253_402_300_800i64..300_000_000_000).prop_map(|s| Utc.timestamp_opt(s, 0).unwrap()),
