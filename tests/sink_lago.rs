@@ -609,6 +609,21 @@ async fn simulator_read_back_and_validation() {
         "value_already_exist"
     );
     assert_eq!(lago.count("d"), 0);
+    // `precise_total_amount_cents` (dynamic pricing) is kept and answered back, as a string.
+    let r = post(r#"{"events":[{"transaction_id":"p","code":"c","external_subscription_id":"s","precise_total_amount_cents":"1234.56"}]}"#).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["events"][0]["precise_total_amount_cents"], "1234.56");
+    let found: serde_json::Value = http
+        .get(format!("{}/api/v1/events/p", lago.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["event"]["precise_total_amount_cents"], "1234.56");
     lago.shutdown().await;
 }
 
