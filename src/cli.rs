@@ -205,6 +205,26 @@ pub enum LedgerCommand {
         #[arg(long)]
         run: Option<i64>,
     },
+    /// Move one source's cursor by hand, to read a period again after a fix: the next sync
+    /// pulls from there. Records read again with the same content are no-ops, changed ones go
+    /// out as corrections. Forward (skipping what lies between) only with `--allow-forward`.
+    SetCursor {
+        /// The source (its configured name).
+        #[arg(long)]
+        source: String,
+        /// The stream, as `billsync status` lists it (e.g. `user:42` for MetalSoft).
+        #[arg(long)]
+        stream: String,
+        /// The new value, in the form the cursor has (a time, a month, an invoice id).
+        #[arg(long)]
+        value: String,
+        /// Allow moving the cursor forward: what lies between is never read.
+        #[arg(long)]
+        allow_forward: bool,
+        /// Why (kept in the ledger's audit trail).
+        #[arg(long)]
+        reason: String,
+    },
     /// Prune sent (and ignored) records older than the retention: payloads and raw fields go, a
     /// tombstone with the key stays so they can never be billed again. Unsent records are
     /// never touched.
@@ -216,6 +236,96 @@ pub enum LedgerCommand {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+/// `billsync ledger set-cursor`: checked against the stored value (same form; backwards
+/// unless `allow_forward`), written under the run lock with an audit line.
+async fn set_cursor(
+    ledger: &Ledger,
+    source: &str,
+    stream: &str,
+    value: &str,
+    allow_forward: bool,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let cursors = ledger.cursors(source).await?;
+    let Some(old) = cursors.get(stream) else {
+        return Err(ConfigError(format!(
+            "no cursor {source} {stream} in the ledger ({} stream(s) of {source}; a cursor is \
+             made by a sync, `billsync status` lists them)",
+            cursors.len()
+        ))
+        .into());
+    };
+    let forward = match cursor_order(old, value) {
+        Some(order) => order == std::cmp::Ordering::Less,
+        None => {
+            return Err(ConfigError(format!(
+                "--value {value:?} is not in the form of {source} {stream}'s cursor {old:?} \
+                 (a time, a YYYY-MM month or an id, as it is now)"
+            ))
+            .into())
+        }
+    };
+    if forward && !allow_forward {
+        return Err(ConfigError(format!(
+            "{value} is after {source} {stream}'s cursor {old}: what lies between would never be \
+             read (lost revenue); pass --allow-forward if that is meant"
+        ))
+        .into());
+    }
+    let holder = format!(
+        "set-cursor@{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+        std::process::id()
+    );
+    let now = Utc::now();
+    ledger
+        .acquire_lock(&holder, now, std::time::Duration::from_secs(60))
+        .await?;
+    let detail = serde_json::json!({
+        "source": source, "stream": stream, "from": old, "to": value, "reason": reason,
+    })
+    .to_string();
+    let written = async {
+        let run = ledger.start_run("set-cursor", now).await?;
+        let result = ledger
+            .move_cursor(run, (source, stream, value), &detail, now)
+            .await;
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        ledger.finish_run(run, outcome, &detail, Utc::now()).await?;
+        result
+    }
+    .await;
+    if let Err(e) = ledger.release_lock(&holder).await {
+        tracing::warn!(error = %e, "could not release the run lock; it expires by itself");
+    }
+    written?.ok_or_else(|| ConfigError(format!("no cursor {source} {stream} in the ledger")))?;
+    println!("cursor {source} {stream}: {old} → {value}");
+    Ok(())
+}
+
+/// How `old` compares with `new` when both have the same form (an integer id, an RFC 3339
+/// time, a `YYYY-MM` month); `None` when they do not.
+fn cursor_order(old: &str, new: &str) -> Option<std::cmp::Ordering> {
+    if let (Ok(a), Ok(b)) = (old.parse::<i64>(), new.parse::<i64>()) {
+        return Some(a.cmp(&b));
+    }
+    if let (Ok(a), Ok(b)) = (
+        DateTime::parse_from_rfc3339(old),
+        DateTime::parse_from_rfc3339(new),
+    ) {
+        return Some(a.cmp(&b));
+    }
+    let month = |t: &str| {
+        (t.len() == 7)
+            .then(|| NaiveDate::parse_from_str(&format!("{t}-01"), "%Y-%m-%d").ok())
+            .flatten()
+    };
+    match (month(old), month(new)) {
+        (Some(a), Some(b)) => Some(a.cmp(&b)),
+        _ => None,
+    }
 }
 
 fn parse_status(text: &str) -> Result<Status, String> {
@@ -479,6 +589,15 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                     let n = ledger.export_csv(&filter, &mut out).await?;
                     std::io::Write::flush(&mut out)?;
                     tracing::info!(records = n, "exported");
+                }
+                LedgerCommand::SetCursor {
+                    source,
+                    stream,
+                    value,
+                    allow_forward,
+                    reason,
+                } => {
+                    set_cursor(&ledger, &source, &stream, &value, allow_forward, &reason).await?;
                 }
                 LedgerCommand::Vacuum {
                     older_than,

@@ -350,3 +350,127 @@ fn a_directory_as_config_an_unknown_provider_and_a_missing_record_file_exit_2() 
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no-such-record.json"), "{stderr}");
 }
+
+/// `billsync ledger set-cursor` moves one stored cursor back so the next sync reads that period
+/// again (same content: nothing sent twice), keeps a line in the audit trail, and refuses a
+/// stream that does not exist, a value of another form, and a forward move unless asked for.
+#[tokio::test(flavor = "multi_thread")]
+async fn set_cursor_rereads_a_period_and_refuses_typos_and_silent_skips() {
+    let world = World::start(Behaviour::Postgres).await;
+    let dir = world.dir.path();
+    let mappings = world::example_mappings_dir(dir);
+    let cfg = world::write_config(
+        dir,
+        &world.metalsoft.url,
+        &world.lago.url,
+        mappings.to_str().unwrap(),
+        "",
+    )
+    .to_string();
+    let good = [("TEST_MS_KEY", MS_KEY), ("TEST_LAGO_KEY", LAGO_KEY)];
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = billsync(&a, &good);
+            let (stdout, stderr) = text(&out);
+            (out.status.code(), stdout, stderr)
+        })
+    };
+    let args = |extra: &[&str]| -> Vec<String> {
+        ["--config", cfg.as_str()]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let (code, stdout, stderr) = run(args(&["sync"])).await.unwrap();
+    assert_eq!(code, Some(4), "{stdout}\n{stderr}");
+    let sent = world.lago.events().len();
+    let (_, status, _) = run(args(&["status"])).await.unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.contains("metalsoft_test user:1:"))
+        .unwrap_or_else(|| panic!("a cursor for user 1: {status}"));
+    let old = line.split(": ").nth(1).unwrap().split(' ').next().unwrap();
+    let old_time = chrono::DateTime::parse_from_rfc3339(old).unwrap();
+
+    let set = |value: String, more: &[&str]| {
+        let mut a = args(&[
+            "ledger",
+            "set-cursor",
+            "--source",
+            "metalsoft_test",
+            "--stream",
+            "user:1",
+            "--reason",
+            "re-read after a provider fix",
+            "--value",
+        ]);
+        a.push(value);
+        a.extend(more.iter().map(|s| s.to_string()));
+        run(a)
+    };
+    // Back a day: allowed, said, audited.
+    let back =
+        (old_time - chrono::Duration::days(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (code, stdout, stderr) = set(back.clone(), &[]).await.unwrap();
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("{old} → {back}")), "{stdout}");
+    let (_, status, _) = run(args(&["status"])).await.unwrap();
+    assert!(
+        status.contains(&format!("metalsoft_test user:1: {back}")),
+        "{status}"
+    );
+
+    // The next sync asks MetalSoft for that day again and sends nothing twice.
+    world.metalsoft.clear_calls();
+    let (code, stdout, stderr) = run(args(&["sync"])).await.unwrap();
+    assert_eq!(
+        code,
+        Some(4),
+        "still the one held record: {stdout}\n{stderr}"
+    );
+    let windows_of = |user: u64| {
+        world
+            .metalsoft
+            .calls()
+            .iter()
+            .filter(|c| c.params.get(0).and_then(|u| u.as_u64()) == Some(user))
+            .count()
+    };
+    assert!(
+        windows_of(1) > windows_of(2),
+        "user 1 is read from a day further back than user 2: {} against {} windows",
+        windows_of(1),
+        windows_of(2)
+    );
+    assert_eq!(world.lago.events().len(), sent);
+    assert!(world.lago.counts().values().all(|&n| n == 1));
+
+    // Refused (exit 2, nothing changed): a stream that does not exist, another form, forward.
+    let ahead =
+        (old_time + chrono::Duration::days(30)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for (value, stream, why) in [
+        (back.clone(), "user:99", "no cursor"),
+        ("2026-10".to_string(), "user:1", "not in the form"),
+        (ahead.clone(), "user:1", "--allow-forward"),
+    ] {
+        let mut a = args(&[
+            "ledger",
+            "set-cursor",
+            "--source",
+            "metalsoft_test",
+            "--reason",
+            "typo",
+            "--stream",
+            stream,
+            "--value",
+        ]);
+        a.push(value);
+        let (code, stdout, stderr) = run(a).await.unwrap();
+        assert_eq!(code, Some(2), "{why}: {stdout}\n{stderr}");
+        assert!(stderr.contains(why), "{why}: {stderr}");
+    }
+    let (code, stdout, stderr) = set(ahead.clone(), &["--allow-forward"]).await.unwrap();
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+}

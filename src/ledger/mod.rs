@@ -675,6 +675,44 @@ impl Ledger {
         Ok(())
     }
 
+    /// Move one stored cursor by hand (`billsync ledger set-cursor`), in one transaction with
+    /// its audit line. Returns the value it had, or `None` (nothing written) when the source
+    /// has no such stream: a cursor is only ever created by a sync, never by a typo.
+    pub async fn move_cursor(
+        &self,
+        run_id: i64,
+        (source, stream, value): (&str, &str, &str),
+        audit: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>, LedgerError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        let old: Option<String> =
+            sqlx::query_scalar("SELECT value FROM cursors WHERE source = ?1 AND stream = ?2")
+                .bind(source)
+                .bind(stream)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(sql("reading a cursor"))?;
+        if old.is_none() {
+            return Ok(None);
+        }
+        upsert_cursor(&mut tx, run_id, source, stream, value, now).await?;
+        sqlx::query("INSERT INTO audit (run_id, at, action, detail) VALUES (?1, ?2, ?3, ?4)")
+            .bind(run_id)
+            .bind(ts(now))
+            .bind("set-cursor")
+            .bind(audit)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("writing the audit trail"))?;
+        tx.commit().await.map_err(sql("committing a cursor"))?;
+        Ok(old)
+    }
+
     /// The stored cursors of one source.
     ///
     /// Read on the raw handle: a source has a cursor per stream (a MetalSoft user), and for
