@@ -956,3 +956,53 @@ async fn replay_writes_never_touch_the_payload_of_a_pending_or_sent_record() {
         "the sent record's frozen payload was rewritten"
     );
 }
+
+/// A command that only reads (`status`, `ledger export`, …) opens an existing ledger as it is:
+/// one of an older schema is refused with a clear error and left at its schema (an older
+/// billsync, the one that runs the syncs, would refuse an upgraded one); `open` (sync,
+/// replay) upgrades it, after which it opens for reading too.
+#[tokio::test]
+async fn reading_commands_never_upgrade_an_older_ledger() {
+    use sqlx::sqlite::SqliteConnectOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let only_first = dir.path().join("migrations");
+    std::fs::create_dir(&only_first).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/0001_ledger.sql"),
+        only_first.join("0001_ledger.sql"),
+    )
+    .unwrap();
+    let pool = sqlx::SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await
+    .unwrap();
+    sqlx::migrate::Migrator::new(only_first.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    let version = || async {
+        sqlx::query_scalar::<_, i64>("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+
+    match Ledger::open_existing(&path).await {
+        Err(LedgerError::Older {
+            version: 1, known, ..
+        }) => assert!(known > 1),
+        Err(e) => panic!("expected Older, got {e}"),
+        Ok(_) => panic!("an older ledger opened for reading"),
+    }
+    assert_eq!(version().await, 1, "left at its schema");
+
+    Ledger::open(&path).await.unwrap();
+    assert!(version().await > 1, "sync and replay upgrade it");
+    Ledger::open_existing(&path).await.unwrap();
+}

@@ -43,6 +43,12 @@ pub enum LedgerError {
     Missing { path: PathBuf },
     #[error("ledger {path} was written by a newer billsync (it has schema migration {version} that this binary does not know); run a billsync at least as new as the one that wrote it")]
     Newer { path: PathBuf, version: i64 },
+    #[error("ledger {path} has schema migration {version}, this billsync knows up to {known}: a command that only reads does not upgrade a ledger (the older billsync that runs your syncs would then refuse it); run this version's `billsync sync` to upgrade it, or read it with the version that wrote it")]
+    Older {
+        path: PathBuf,
+        version: i64,
+        known: i64,
+    },
     #[error("ledger {path}: schema migration failed: {source}")]
     Migrate {
         path: PathBuf,
@@ -445,9 +451,16 @@ impl Ledger {
                 source: sqlx::Error::Io(e),
             })?;
         }
+        let ledger = Ledger::connect(path, true).await?;
+        ledger.migrate().await?;
+        Ok(ledger)
+    }
+
+    /// The pools of a ledger file, without touching its schema.
+    async fn connect(path: &Path, create: bool) -> Result<Ledger, LedgerError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
-            .create_if_missing(true)
+            .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
@@ -479,24 +492,61 @@ impl Ledger {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let ledger = Ledger {
+        Ok(Ledger {
             pool,
             stage_pool,
             path: path.to_path_buf(),
-        };
-        ledger.migrate().await?;
-        Ok(ledger)
+        })
     }
 
-    /// Open a ledger that must exist already (commands that only read it, such as `status`):
-    /// a missing file is [`LedgerError::Missing`], and nothing is created.
+    /// Open a ledger that must exist already, for commands that only read it or move a cursor
+    /// (`status`, `ledger export`, `ledger set-cursor`, `explain --id`): a missing file is
+    /// [`LedgerError::Missing`] and nothing is created; a ledger of an older schema is
+    /// [`LedgerError::Older`] and is not upgraded (an older billsync, the one that runs the
+    /// syncs, would then refuse it).
     pub async fn open_existing(path: &Path) -> Result<Ledger, LedgerError> {
         if !path.is_file() {
             return Err(LedgerError::Missing {
                 path: path.to_path_buf(),
             });
         }
-        Ledger::open(path).await
+        let ledger = Ledger::connect(path, false).await?;
+        let (version, known) = ledger.schema_versions().await?;
+        if version > known {
+            return Err(LedgerError::Newer {
+                path: path.to_path_buf(),
+                version,
+            });
+        }
+        if version < known {
+            return Err(LedgerError::Older {
+                path: path.to_path_buf(),
+                version,
+                known,
+            });
+        }
+        Ok(ledger)
+    }
+
+    /// The newest schema migration applied to this ledger (0 for none) and the newest this
+    /// binary knows.
+    async fn schema_versions(&self) -> Result<(i64, i64), LedgerError> {
+        let known: i64 = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let has_table: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(sql("reading the schema version"))?;
+        if has_table.is_none() {
+            return Ok((0, known));
+        }
+        let newest: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(sql("reading the schema version"))?;
+        Ok((newest.unwrap_or(0), known))
     }
 
     /// The file this ledger lives in.
@@ -507,25 +557,12 @@ impl Ledger {
     async fn migrate(&self) -> Result<(), LedgerError> {
         // A ledger from a newer binary has migrations this one does not know: refuse clearly
         // instead of running against a schema it does not understand.
-        let known: i64 = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let has_table: Option<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(sql("reading the schema version"))?;
-        if has_table.is_some() {
-            let newest: Option<i64> =
-                sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(sql("reading the schema version"))?;
-            if let Some(v) = newest.filter(|v| *v > known) {
-                return Err(LedgerError::Newer {
-                    path: self.path.clone(),
-                    version: v,
-                });
-            }
+        let (version, known) = self.schema_versions().await?;
+        if version > known {
+            return Err(LedgerError::Newer {
+                path: self.path.clone(),
+                version,
+            });
         }
         MIGRATOR
             .run(&self.pool)
