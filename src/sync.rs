@@ -804,14 +804,24 @@ impl Pipeline {
         }
 
         let holder = Self::lock_holder();
-        if !opts.dry_run {
+        let lock = if opts.dry_run {
+            RunLock::none()
+        } else {
             self.ledger
                 .acquire_lock(&holder, now, self.lock_ttl)
                 .await?;
-        }
+            RunLock::keep(
+                &self.ledger,
+                &holder,
+                self.lock_ttl,
+                self.lock_refresh_every(),
+            )
+        };
         let result = self
-            .sync_locked(opts, now, &selected, &holder, &mut summary)
+            .sync_locked(opts, now, &selected, &lock, &mut summary)
             .await;
+        // Stop extending the lock before releasing it.
+        drop(lock);
         if !opts.dry_run {
             if let Err(e) = self.ledger.release_lock(&holder).await {
                 warn!(error = %e, "could not release the run lock; it expires by itself");
@@ -827,7 +837,7 @@ impl Pipeline {
         opts: &SyncOptions,
         now: DateTime<Utc>,
         selected: &[&dyn Provider],
-        holder: &str,
+        lock: &RunLock,
         summary: &mut RunSummary,
     ) -> Result<(), SyncError> {
         let run_id = if opts.dry_run {
@@ -838,7 +848,7 @@ impl Pipeline {
         summary.run_id = run_id;
         // Every log line of the run carries its id (JSON logs show the span's fields).
         let span = tracing::info_span!("run", run_id = run_id.unwrap_or(0), command = "sync");
-        self.sync_run(opts, now, selected, holder, run_id, summary)
+        self.sync_run(opts, now, selected, lock, run_id, summary)
             .instrument(span)
             .await
     }
@@ -848,11 +858,10 @@ impl Pipeline {
         opts: &SyncOptions,
         now: DateTime<Utc>,
         selected: &[&dyn Provider],
-        holder: &str,
+        lock: &RunLock,
         run_id: Option<i64>,
         summary: &mut RunSummary,
     ) -> Result<(), SyncError> {
-        let mut last_refresh = Instant::now();
         let mut sinks = self.sink_progress();
         // Records are pushed while later pages are still pulled and staged: waiting for the
         // whole pull left the sink idle for most of a run, and the pull's cores half idle
@@ -884,8 +893,7 @@ impl Pipeline {
                         *provider,
                         run_id,
                         now,
-                        holder,
-                        &mut last_refresh,
+                        lock,
                         &mut src,
                         summary,
                         alongside.as_ref(),
@@ -914,7 +922,7 @@ impl Pipeline {
         match (&alongside, run_id) {
             (Some(together), Some(run_id)) => {
                 let mut pushed = RunSummary::new("sync", false);
-                let push = self.push_alongside(run_id, holder, together, &mut sinks, &mut pushed);
+                let push = self.push_alongside(run_id, lock, together, &mut sinks, &mut pushed);
                 let (pulled, push_result) =
                     run_side_by_side(pull_all, push, "billsync-pusher").await;
                 summary.merge_push(pushed);
@@ -926,6 +934,7 @@ impl Pipeline {
 
         if let Some(run_id) = run_id {
             if !summary.interrupted {
+                lock.held()?;
                 self.settle_periods(run_id, now, summary).await?;
             }
             if !opts.skip_push {
@@ -935,7 +944,7 @@ impl Pipeline {
                         state.take_restaged(together);
                     }
                 }
-                self.push_pending(run_id, holder, &mut last_refresh, summary, &mut sinks, None)
+                self.push_pending(run_id, lock, summary, &mut sinks, None)
                     .await?;
             }
             self.finish(run_id, summary).await?;
@@ -949,8 +958,7 @@ impl Pipeline {
         provider: &dyn Provider,
         run_id: Option<i64>,
         now: DateTime<Utc>,
-        holder: &str,
-        last_refresh: &mut Instant,
+        lock: &RunLock,
         src: &mut SourceSummary,
         summary: &mut RunSummary,
         alongside: Option<&Alongside>,
@@ -1103,16 +1111,13 @@ impl Pipeline {
                 if let Some(value) = page.cursor {
                     buffer.cursors.push((page.stream, value));
                 }
+                // Nothing more is written once another run holds the ledger (what is buffered
+                // is pulled again by the next run: its cursors did not move).
+                lock.held()?;
                 let since = *buffer.since.get_or_insert_with(Instant::now);
                 if buffer.rows >= STAGE_ROWS_PER_TRANSACTION || since.elapsed() >= STAGE_MAX_DELAY {
                     self.flush_stage(provider, run_id, &mut buffer, summary, alongside)
                         .await?;
-                }
-                if last_refresh.elapsed() > self.lock_refresh_every() {
-                    self.ledger
-                        .refresh_lock(holder, Utc::now(), self.lock_ttl)
-                        .await?;
-                    *last_refresh = Instant::now();
                 }
             }
             // Whatever ended the pull (the last page, a provider failure, a stop), what was
@@ -1254,12 +1259,11 @@ impl Pipeline {
     async fn push_all(
         &self,
         run_id: i64,
-        holder: &str,
-        last_refresh: &mut Instant,
+        lock: &RunLock,
         summary: &mut RunSummary,
     ) -> Result<(), LedgerError> {
         let mut sinks = self.sink_progress();
-        self.push_pending(run_id, holder, last_refresh, summary, &mut sinks, None)
+        self.push_pending(run_id, lock, summary, &mut sinks, None)
             .await
     }
 
@@ -1269,25 +1273,17 @@ impl Pipeline {
     async fn push_alongside(
         &self,
         run_id: i64,
-        holder: &str,
+        lock: &RunLock,
         together: &Alongside,
         sinks: &mut [SinkProgress],
         summary: &mut RunSummary,
     ) -> Result<(), LedgerError> {
-        let mut last_refresh = Instant::now();
         loop {
             if together.pulling_done.load(Ordering::Acquire) || self.shutdown.is_requested() {
                 return Ok(());
             }
-            self.push_pending(
-                run_id,
-                holder,
-                &mut last_refresh,
-                summary,
-                sinks,
-                Some(together),
-            )
-            .await?;
+            self.push_pending(run_id, lock, summary, sinks, Some(together))
+                .await?;
             if sinks.iter().all(|s| s.stopped) {
                 return Ok(());
             }
@@ -1307,8 +1303,7 @@ impl Pipeline {
     async fn push_pending(
         &self,
         run_id: i64,
-        holder: &str,
-        last_refresh: &mut Instant,
+        lock: &RunLock,
         summary: &mut RunSummary,
         sinks: &mut [SinkProgress],
         alongside: Option<&Alongside>,
@@ -1327,16 +1322,8 @@ impl Pipeline {
                 self.progress
                     .push_started(sink.name(), self.ledger.pending_count(sink.name()).await?);
             }
-            self.push_sink(
-                run_id,
-                sink,
-                state,
-                alongside,
-                holder,
-                last_refresh,
-                summary,
-            )
-            .await?;
+            self.push_sink(run_id, sink, state, alongside, lock, summary)
+                .await?;
             if alongside.is_none() {
                 info!(sink = sink.name(), batches = state.batches, "sink done");
             }
@@ -1353,8 +1340,7 @@ impl Pipeline {
         sink: &dyn Sink,
         state: &mut SinkProgress,
         alongside: Option<&Alongside>,
-        holder: &str,
-        last_refresh: &mut Instant,
+        lock: &RunLock,
         summary: &mut RunSummary,
     ) -> Result<(), LedgerError> {
         use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -1383,6 +1369,14 @@ impl Pipeline {
             std::collections::VecDeque::new();
         let mut read_all = false;
         loop {
+            // Before sending anything more, and after each answer.
+            if let Err(e) = lock.held() {
+                // The lock is lost (another run took it): send nothing more; what was
+                // delivered is still recorded.
+                drop(in_flight);
+                self.ack_now(run_id, &mut acks, alongside).await?;
+                return Err(e);
+            }
             while !exhausted && !stopping && in_flight.len() < state.window {
                 if self.shutdown.is_requested() {
                     summary.interrupted = true;
@@ -1510,20 +1504,6 @@ impl Pipeline {
                     "pushing"
                 );
             }
-            if last_refresh.elapsed() > self.lock_refresh_every() {
-                if let Err(e) = self
-                    .ledger
-                    .refresh_lock(holder, Utc::now(), self.lock_ttl)
-                    .await
-                {
-                    // The lock is lost (another run took it): send nothing more; what was
-                    // delivered is still recorded.
-                    drop(in_flight);
-                    self.ack_now(run_id, &mut acks, alongside).await?;
-                    return Err(e);
-                }
-                *last_refresh = Instant::now();
-            }
         }
         // Batches still in flight (a stop) are dropped: their records stay pending.
         drop(in_flight);
@@ -1611,12 +1591,21 @@ impl Pipeline {
         let now = opts.now.unwrap_or_else(Utc::now);
         let mut summary = RunSummary::new("replay", opts.dry_run);
         let holder = Self::lock_holder();
-        if !opts.dry_run {
+        let lock = if opts.dry_run {
+            RunLock::none()
+        } else {
             self.ledger
                 .acquire_lock(&holder, now, self.lock_ttl)
                 .await?;
-        }
-        let result = self.replay_locked(opts, now, &holder, &mut summary).await;
+            RunLock::keep(
+                &self.ledger,
+                &holder,
+                self.lock_ttl,
+                self.lock_refresh_every(),
+            )
+        };
+        let result = self.replay_locked(opts, now, &lock, &mut summary).await;
+        drop(lock);
         if !opts.dry_run {
             if let Err(e) = self.ledger.release_lock(&holder).await {
                 warn!(error = %e, "could not release the run lock; it expires by itself");
@@ -1631,7 +1620,7 @@ impl Pipeline {
         &self,
         opts: &ReplayOptions,
         now: DateTime<Utc>,
-        holder: &str,
+        lock: &RunLock,
         summary: &mut RunSummary,
     ) -> Result<(), SyncError> {
         let run_id = if opts.dry_run {
@@ -1654,7 +1643,7 @@ impl Pipeline {
         };
         summary.run_id = run_id;
         let span = tracing::info_span!("run", run_id = run_id.unwrap_or(0), command = "replay");
-        self.replay_run(opts, holder, run_id, summary)
+        self.replay_run(opts, lock, run_id, summary)
             .instrument(span)
             .await
     }
@@ -1662,12 +1651,11 @@ impl Pipeline {
     async fn replay_run(
         &self,
         opts: &ReplayOptions,
-        holder: &str,
+        lock: &RunLock,
         run_id: Option<i64>,
         summary: &mut RunSummary,
     ) -> Result<(), SyncError> {
         let mut after_id = 0;
-        let mut last_refresh = Instant::now();
         loop {
             // Page by page (each record is its own transaction, so any page boundary is a
             // clean stop): a stop asked for ends the re-mapping, and a long replay keeps its
@@ -1676,12 +1664,7 @@ impl Pipeline {
                 summary.interrupted = true;
                 break;
             }
-            if run_id.is_some() && last_refresh.elapsed() > self.lock_refresh_every() {
-                self.ledger
-                    .refresh_lock(holder, Utc::now(), self.lock_ttl)
-                    .await?;
-                last_refresh = Instant::now();
-            }
+            lock.held()?;
             let page = self
                 .ledger
                 .records_matching(&opts.filter, after_id, REPLAY_PAGE)
@@ -1787,11 +1770,11 @@ impl Pipeline {
         }
         if let Some(run_id) = run_id {
             if !summary.interrupted {
+                lock.held()?;
                 self.settle_periods(run_id, opts.now.unwrap_or_else(Utc::now), summary)
                     .await?;
             }
-            self.push_all(run_id, holder, &mut last_refresh, summary)
-                .await?;
+            self.push_all(run_id, lock, summary).await?;
             self.finish(run_id, summary).await?;
         }
         Ok(())
@@ -2294,6 +2277,91 @@ impl Pipeline {
                 revision: 0,
                 body: None,
             })),
+        }
+    }
+}
+
+/// The run lock of a sync or replay, extended on a timer by a task of its own for as long as
+/// the run lives (until dropped), not on the run's progress: a provider answer or a retry
+/// slower than `lock_ttl` must not let another run take the ledger and push the same records
+/// beside this one. A stuck process keeps its lock; the CronJob's `activeDeadlineSeconds`
+/// ends it, and a killed run's lock expires after `lock_ttl`.
+///
+/// The run asks [`RunLock::held`] wherever it may write or send (per page pulled, per batch):
+/// once a refresh finds the lock taken by another run, the answer is
+/// [`LedgerError::Locked`] and the run stops.
+struct RunLock {
+    /// The new holder, since when and until when, once this run's lock was found taken.
+    lost: Arc<std::sync::Mutex<Option<(String, String, String)>>>,
+    keeper: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunLock {
+    /// No lock to keep (a dry run takes none).
+    fn none() -> RunLock {
+        RunLock {
+            lost: Arc::default(),
+            keeper: None,
+        }
+    }
+
+    /// Keep `holder`'s lock (just acquired) alive: extended to `ttl` from now every `every`.
+    fn keep(ledger: &Ledger, holder: &str, ttl: Duration, every: Duration) -> RunLock {
+        let lost: Arc<std::sync::Mutex<Option<(String, String, String)>>> = Arc::default();
+        let (ledger, holder, found) = (ledger.clone(), holder.to_string(), lost.clone());
+        // A zero `lock_ttl` (the demo's: its lock must never outlive it) still notices a takeover.
+        let every = every.max(Duration::from_millis(100));
+        let keeper = tokio::spawn(
+            async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    match ledger.refresh_lock(&holder, Utc::now(), ttl).await {
+                        Ok(()) => {}
+                        Err(LedgerError::Locked {
+                            holder,
+                            acquired_at,
+                            expires_at,
+                        }) => {
+                            error!(%holder, %acquired_at, %expires_at,
+                                "this run's lock expired and was taken by another run; stopping");
+                            if let Ok(mut lost) = found.lock() {
+                                *lost = Some((holder, acquired_at, expires_at));
+                            }
+                            return;
+                        }
+                        // A busy or failing ledger: the lock stays valid until it expires, and
+                        // the run itself will meet the same trouble; try again at the next tick.
+                        Err(e) => warn!(error = %e, "could not extend the run lock; trying again"),
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        RunLock {
+            lost,
+            keeper: Some(keeper),
+        }
+    }
+
+    /// Whether the run still holds its lock (as of the last refresh).
+    fn held(&self) -> Result<(), LedgerError> {
+        match self.lost.lock().ok().and_then(|lost| lost.clone()) {
+            None => Ok(()),
+            Some((holder, acquired_at, expires_at)) => Err(LedgerError::Locked {
+                holder,
+                acquired_at,
+                expires_at,
+            }),
+        }
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
         }
     }
 }

@@ -758,3 +758,66 @@ async fn a_record_restated_after_lago_stored_it_unacknowledged_reaches_lago_in_f
         latest.value
     );
 }
+
+/// The run lock is a lease kept alive by the live run itself, not by its progress: a provider
+/// answer slower than `lock_ttl` (a slow API, retries with backoff) must not let another run
+/// take the ledger and push the same records beside it.
+#[tokio::test]
+async fn a_run_keeps_its_lock_while_a_provider_answer_takes_longer_than_the_lock_ttl() {
+    let world = World::start(Behaviour::Postgres).await;
+    let mut pipeline = world.pipeline().await;
+    // The ledger keeps lock times to the second: 2 s, extended every 0.67 s, never looks
+    // expired to another run while this one lives.
+    pipeline.lock_ttl = std::time::Duration::from_secs(2);
+    world
+        .metalsoft
+        .set_delay(std::time::Duration::from_millis(4000));
+    let other = billsync::ledger::Ledger::open(&world.dir.path().join("ledger.db"))
+        .await
+        .unwrap();
+    let run = tokio::spawn(async move { pipeline.sync(&opts()).await });
+    // Past the lock's first expiry, while the first provider answer is still awaited.
+    tokio::time::sleep(std::time::Duration::from_millis(2800)).await;
+    let intruder = other
+        .acquire_lock(
+            "intruder:1:0",
+            chrono::Utc::now(),
+            std::time::Duration::from_secs(600),
+        )
+        .await;
+    assert!(
+        matches!(intruder, Err(LedgerError::Locked { .. })),
+        "a live run's lock must not be taken: {intruder:?}"
+    );
+    world.metalsoft.set_delay(std::time::Duration::ZERO);
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(
+        summary.outcome,
+        RunOutcome::Undelivered,
+        "only the held record"
+    );
+    assert_delivered_exactly_once(&world).await;
+}
+
+/// A dry run takes no lock, so it has none to lose: a dry run that lasts longer than a lock
+/// refresh interval still completes (and still writes nothing).
+#[tokio::test]
+async fn a_dry_run_longer_than_a_lock_refresh_interval_completes() {
+    let world = World::start(Behaviour::Postgres).await;
+    let mut pipeline = world.pipeline().await;
+    pipeline.lock_ttl = std::time::Duration::from_millis(300);
+    world
+        .metalsoft
+        .set_delay(std::time::Duration::from_millis(150));
+    let dry = pipeline
+        .sync(&SyncOptions {
+            dry_run: true,
+            ..opts()
+        })
+        .await
+        .unwrap();
+    assert_eq!((dry.new, dry.mapped(), dry.held()), (80, 71, 1));
+    assert_eq!(world.lago.request_count(), 0);
+    let status = pipeline.ledger.status().await.unwrap();
+    assert!(status.lock.is_none() && status.counts.is_empty() && status.runs.is_empty());
+}
