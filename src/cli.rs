@@ -722,7 +722,7 @@ fn mapping_paths(config: &std::path::Path, given: Vec<PathBuf>) -> anyhow::Resul
     if !given.is_empty() {
         return Ok(given);
     }
-    match Settings::load(config) {
+    match Settings::load_for_mappings(config) {
         Ok(s) => Ok(s.mappings),
         Err(SettingsError::Missing { .. }) => Ok(vec![PathBuf::from("mappings")]),
         Err(e) => Err(e.into()),
@@ -732,9 +732,23 @@ fn mapping_paths(config: &std::path::Path, given: Vec<PathBuf>) -> anyhow::Resul
 async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> anyhow::Result<u8> {
     match command {
         MappingsCommand::Validate { paths } => {
+            let given = !paths.is_empty();
             let set = MappingSet::load(&mapping_paths(config, paths)?)?;
             for w in set.warnings() {
                 println!("{w}");
+            }
+            // The sinks rules may name are those of the settings, when there are any.
+            match Settings::load_for_mappings(config) {
+                Ok(settings) => {
+                    let unknown = set.rules_naming_unknown_sinks(&settings.sinks);
+                    if !unknown.is_empty() {
+                        return Err(crate::mapping::MappingErrors { errors: unknown }.into());
+                    }
+                }
+                Err(SettingsError::Missing { .. }) => {}
+                // Files given on the command line are checked even beside broken settings.
+                Err(e) if given => println!("sinks not checked: {e}"),
+                Err(e) => return Err(e.into()),
             }
             println!("mappings OK: {}", set.summary());
             Ok(exit::OK)
@@ -874,6 +888,12 @@ pub fn exit_code(summary: &RunSummary) -> u8 {
 /// Wire providers, sinks, mappings and the ledger from the settings.
 pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pipeline> {
     let mappings = MappingSet::load(&settings.mappings)?;
+    // Not an error here: the other rules' records still go out, and these are held with the
+    // reason (`mappings validate` refuses them).
+    let configured: Vec<String> = settings.sinks.keys().cloned().collect();
+    for problem in mappings.rules_naming_unknown_sinks(&configured) {
+        tracing::warn!(%problem, "its records are held until the sink is configured");
+    }
     let mut providers: Vec<Box<dyn Provider>> = Vec::new();
     for (name, p) in &settings.providers {
         match p {

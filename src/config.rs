@@ -98,6 +98,15 @@ pub fn default_path() -> PathBuf {
     PathBuf::from("billsync.yaml")
 }
 
+/// The part of the settings the offline mapping commands read ([`Settings::load_for_mappings`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappingSettings {
+    /// Mapping files or directories.
+    pub mappings: Vec<PathBuf>,
+    /// The configured sinks' names.
+    pub sinks: Vec<String>,
+}
+
 /// The whole settings file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -294,6 +303,34 @@ impl Settings {
     /// Read the file, then apply `BILLSYNC__SECTION__KEY` environment overrides
     /// (e.g. `BILLSYNC__LEDGER__PATH=/data/ledger.db`).
     pub fn load(path: &std::path::Path) -> Result<Settings, SettingsError> {
+        let settings: Settings = Self::read(path)?;
+        settings.check().map_err(|message| SettingsError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(settings)
+    }
+
+    /// What the offline mapping commands (`mappings validate|test|explain`) need: read like
+    /// [`Settings::load`] but without resolving a secret (a mapping repository's CI job has no
+    /// API keys) nor judging the sections it does not use.
+    pub fn load_for_mappings(path: &std::path::Path) -> Result<MappingSettings, SettingsError> {
+        #[derive(Deserialize)]
+        struct Only {
+            #[serde(default = "default_mappings")]
+            mappings: Vec<PathBuf>,
+            #[serde(default)]
+            sinks: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+        }
+        let only: Only = Self::read(path)?;
+        Ok(MappingSettings {
+            mappings: only.mappings,
+            sinks: only.sinks.into_keys().collect(),
+        })
+    }
+
+    /// The file, then `BILLSYNC__SECTION__KEY` environment overrides, as `T`.
+    fn read<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, SettingsError> {
         if !path.exists() {
             return Err(SettingsError::Missing {
                 path: path.to_path_buf(),
@@ -311,7 +348,7 @@ impl Settings {
             path: path.to_path_buf(),
             message: join_keys(e.to_string()),
         };
-        let settings: Settings = config::Config::builder()
+        config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Yaml))
             .add_source(
                 config::Environment::with_prefix("BILLSYNC")
@@ -321,12 +358,7 @@ impl Settings {
             .build()
             .map_err(invalid)?
             .try_deserialize()
-            .map_err(invalid)?;
-        settings.check().map_err(|message| SettingsError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        })?;
-        Ok(settings)
+            .map_err(invalid)
     }
 
     fn check(&self) -> Result<(), String> {

@@ -474,3 +474,42 @@ async fn set_cursor_rereads_a_period_and_refuses_typos_and_silent_skips() {
     let (code, stdout, stderr) = set(ahead.clone(), &["--allow-forward"]).await.unwrap();
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
 }
+
+/// `mappings validate` is the offline check a mapping repository's CI job runs: it takes where
+/// the mapping files are and which sinks exist from the settings without resolving the API keys
+/// (such a job does not have them), and refuses a rule that names a sink the settings do not
+/// configure (a sync would hold every record it maps).
+#[test]
+fn mappings_validate_needs_no_secrets_and_refuses_a_rule_naming_an_unconfigured_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let mappings = world::example_mappings_dir(dir.path());
+    let cfg = world::write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+        mappings.to_str().unwrap(),
+        "",
+    );
+    // Neither TEST_MS_KEY nor TEST_LAGO_KEY is set.
+    let ok = billsync(&["--config", cfg.as_str(), "mappings", "validate"], &[]);
+    let (stdout, stderr) = text(&ok);
+    assert_eq!(ok.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("mappings OK"), "{stdout}");
+
+    std::fs::write(
+        mappings.join("zz_stripe.yaml"),
+        "version: 1\nrules:\n  - name: instances_to_stripe\n    match: { resource_type: instance }\n    metric: instance_hours\n    sink: strpie\n    value: { quantity: { unit: hours } }\n",
+    )
+    .unwrap();
+    let typo = billsync(&["--config", cfg.as_str(), "mappings", "validate"], &[]);
+    let (stdout, stderr) = text(&typo);
+    assert_eq!(typo.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("zz_stripe.yaml:3:"), "{stderr}");
+    assert!(
+        stderr.contains("strpie") && stderr.contains("lago"),
+        "names the sink and the configured ones: {stderr}"
+    );
+    // Without settings the sinks are unknown: the files themselves are fine.
+    let alone = billsync(&["mappings", "validate", mappings.to_str().unwrap()], &[]);
+    assert_eq!(alone.status.code(), Some(0), "{}", text(&alone).1);
+}

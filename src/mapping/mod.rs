@@ -420,6 +420,27 @@ impl MappingSet {
         &self.warnings
     }
 
+    /// Rules that send to a sink not among `sinks` (the configured ones), as errors at the
+    /// rule: a sync holds every record such a rule maps (status `unmapped`, with the reason).
+    pub fn rules_naming_unknown_sinks(&self, sinks: &[String]) -> Vec<MappingError> {
+        self.rules
+            .iter()
+            .filter_map(|r| {
+                let sink = &r.rule.sink.as_ref()?.0;
+                (!sinks.contains(sink)).then(|| MappingError {
+                    file: r.file.clone(),
+                    line: r.line,
+                    column: r.column,
+                    message: format!(
+                        "rule {} sends to sink {sink:?}, which the settings do not configure (configured: {})",
+                        r.id,
+                        if sinks.is_empty() { "none".to_string() } else { sinks.join(", ") }
+                    ),
+                })
+            })
+            .collect()
+    }
+
     /// Number of account-directory rows (`customers_csv`) loaded.
     pub fn directory_len(&self) -> usize {
         self.directory.len()
