@@ -518,6 +518,210 @@ async fn generated_datasets_are_deterministic_and_sum_exactly() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Paged bill details (envelope `Total`, `From`, `Count`; `?{"From":n,"Count":m}`)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn bill_details_served_in_pages_are_read_to_the_last_line() {
+    let ds = SakuraDataset::generate(3, month("2025-01"), 1, 7).unwrap();
+    let expected = ds.month_total(month("2025-01"));
+    let sim = SakuraSim::start(ds, TOKEN, SECRET).await.unwrap();
+    // The API caps a page; the bill has 7 lines, a page 3: pages of 3, 3 and 1.
+    sim.set_detail_page_size(3);
+    for use_csv in [true, false] {
+        sim.clear_requests();
+        let p = provider(&sim, "2025-01", use_csv);
+        let (records, _) = run(&p, &mut Cursors::new(), t("2025-03-01T00:00:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(
+            records.len(),
+            7,
+            "use_csv {use_csv}: every line of the bill"
+        );
+        assert_eq!(cost(&records), expected, "use_csv {use_csv}");
+        assert_eq!(by_key(&records).len(), 7, "no line read twice");
+        assert!(
+            records
+                .iter()
+                .all(|r| !r.natural_key_string().contains("occurrence")),
+            "pages never repeat a line"
+        );
+        assert_eq!(sim.count("billdetail"), 3, "use_csv {use_csv}: three pages");
+    }
+}
+
+/// A wiremock SAKURA whose detail calls answer `detail(from)` for the `From` asked (0 when the
+/// query has none); the month 2016-06 has the one bill `JUNE_BILL`.
+async fn paging_server(
+    detail: impl Fn(u64) -> Value + Send + Sync + 'static,
+) -> wiremock::MockServer {
+    use wiremock::matchers::{method, path, path_regex};
+    use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/cloud/zone/is1a/api/cloud/1.1/auth-status"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(FIXTURE_AUTH_STATUS))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/cloud/zone/is1a/api/cloud/1.1/public/price"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(FIXTURE_PRICE_SYNTHETIC))
+        .mount(&server)
+        .await;
+    let bills = serde_json::json!({
+        "is_ok": true, "Count": 1,
+        "Bills": [{"PaymentClassID": 200, "Paid": false, "MemberID": "xxx000001",
+                   "Date": "2016-06-10T00:00:00+09:00", "BillID": JUNE_BILL, "Amount": 540}]
+    });
+    Mock::given(method("GET"))
+        .and(path_regex(r"/bill/by-contract/"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(bills))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path_regex(r"/billdetail/"))
+        .respond_with(move |req: &Request| {
+            let from = req
+                .url
+                .query()
+                .map(|q| {
+                    let q = q
+                        .replace("%22", "\"")
+                        .replace("%7B", "{")
+                        .replace("%7D", "}");
+                    serde_json::from_str::<Value>(&q).unwrap_or(Value::Null)
+                })
+                .and_then(|v| v.get("From").and_then(Value::as_u64))
+                .unwrap_or(0);
+            ResponseTemplate::new(200).set_body_json(detail(from))
+        })
+        .mount(&server)
+        .await;
+    server
+}
+
+fn wiremock_provider(server: &wiremock::MockServer, use_csv: bool) -> SakuraProvider {
+    let mut config = SakuraConfig::new(
+        format!("{}/cloud/zone/is1a/api/system/1.0", server.uri()),
+        Secret::new(TOKEN),
+        Secret::new(SECRET),
+        month("2016-06"),
+    );
+    config.use_csv = use_csv;
+    config.retry = fast_retry();
+    config.timeout = Duration::from_secs(5);
+    SakuraProvider::new(SOURCE.into(), config).expect("valid config")
+}
+
+fn csv_rows(indexes: &[u64]) -> String {
+    indexes
+        .iter()
+        .map(|i| {
+            format!(
+                "\"{i}\",\"000000000\",\"2016/06\",\"未入金\",\"xxx000001\",\"billTest\",\"1127000000{i:02}\",\"50118\",\"ISOイメージアップロード/5GB\",\"is1b\",\"石狩第2ゾーン\",\"30\",\"0\",\"100\",\"8\",\"r{i}\"\r\n"
+            )
+        })
+        .collect()
+}
+
+fn json_lines(indexes: &[u64]) -> Value {
+    Value::Array(
+        indexes
+            .iter()
+            .map(|i| {
+                serde_json::json!({"Usage": 2592000, "ServiceClassID": 50118, "Index": i,
+                                   "ContractID": format!("1127000000{i:02}"), "Amount": 108})
+            })
+            .collect(),
+    )
+}
+
+async fn fetch_june(p: &SakuraProvider) -> Result<Vec<UsageRecord>, ProviderError> {
+    let fetched = tokio::time::timeout(
+        Duration::from_secs(10),
+        run(p, &mut Cursors::new(), t("2016-06-20T00:00:00Z")),
+    )
+    .await
+    .expect("the provider stops (no endless paging)");
+    fetched.map(|(records, _)| records)
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_from_is_an_error_naming_the_bill_not_a_truncation() {
+    // Total says 5 lines; every answer is the first page (From 0, 2 lines), whatever was asked.
+    let server = paging_server(|_| {
+        serde_json::json!({"is_ok": true, "Total": 5, "From": 0, "Count": 2,
+            "BillDetails": json_lines(&[1, 2]), "Body": csv_rows(&[1, 2])})
+    })
+    .await;
+    for use_csv in [true, false] {
+        let err = fetch_june(&wiremock_provider(&server, use_csv))
+            .await
+            .expect_err("5 lines announced, 2 reachable: an error, not 2 records");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(SOURCE) && msg.contains(&JUNE_BILL.to_string()),
+            "use_csv {use_csv}: names source and bill: {msg}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_answers_an_empty_page_before_the_total_is_an_error() {
+    // Honours From, but the lines after the first page never come.
+    let server = paging_server(|from| {
+        let lines: Vec<u64> = if from == 0 { vec![1, 2] } else { vec![] };
+        serde_json::json!({"is_ok": true, "Total": 5, "From": from, "Count": lines.len(),
+            "BillDetails": json_lines(&lines), "Body": csv_rows(&lines)})
+    })
+    .await;
+    for use_csv in [true, false] {
+        let err = fetch_june(&wiremock_provider(&server, use_csv))
+            .await
+            .expect_err("no progress: an error");
+        assert!(
+            err.to_string().contains(&JUNE_BILL.to_string()),
+            "use_csv {use_csv}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_page_that_counts_more_lines_than_it_carries_is_an_error() {
+    // No Total, but Count 3 with 2 lines: a line is missing from the answer.
+    let server = paging_server(|_| {
+        serde_json::json!({"is_ok": true, "Count": 3,
+            "BillDetails": json_lines(&[1, 2]), "Body": csv_rows(&[1, 2])})
+    })
+    .await;
+    for use_csv in [true, false] {
+        let err = fetch_june(&wiremock_provider(&server, use_csv))
+            .await
+            .expect_err("Count 3, 2 lines");
+        assert!(
+            err.to_string().contains(&JUNE_BILL.to_string()),
+            "use_csv {use_csv}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_manuals_single_page_answer_without_total_is_read_as_complete() {
+    let server = paging_server(|_| {
+        serde_json::json!({"is_ok": true, "Count": 3,
+            "BillDetails": json_lines(&[1, 2, 3]), "Body": csv_rows(&[1, 2, 3])})
+    })
+    .await;
+    for use_csv in [true, false] {
+        let records = fetch_june(&wiremock_provider(&server, use_csv))
+            .await
+            .unwrap();
+        assert_eq!(records.len(), 3, "use_csv {use_csv}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Errors and retries
 // ---------------------------------------------------------------------------------------------
 

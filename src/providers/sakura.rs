@@ -13,6 +13,11 @@
 //!   only when JSON details are used; `billdetail/{member}/{bill}/csv` gives the same lines as
 //!   CSV inside a JSON object (`Body`), with Japanese product names, the tax-excluded price and
 //!   the consumption tax separately.
+//! * **Paging**: list answers carry `Total`, `From` and `Count`. When `Total` says more than
+//!   was read, the next page is asked with find-style JSON in the query
+//!   (`?{"From":n,"Count":m}`) until `Total` is reached; an answer without `Total` (the
+//!   manual's examples) is complete. A bill that cannot be read completely is an error naming
+//!   it, never a silent truncation: lost lines are lost revenue.
 //! * **Cursor** (`account:<id>` → `YYYY-MM`): the last **final** month that was fully staged.
 //!   A run plans every month after it (or from `start_month`) through the running JST month.
 //!   A month is final once `now ≥ 1st of the next month 00:00 JST + final_lag`; months that are
@@ -613,27 +618,143 @@ impl SakuraProvider {
     /// The bills of one month.
     pub async fn bills(&self, account_id: &str, month: Month) -> Result<Vec<Bill>, ProviderError> {
         let (y, m) = (month.year.to_string(), month.month.to_string());
-        let url = self.url(false, &["bill", "by-contract", account_id, &y, &m]);
-        let value = self.get(calls::BILLS, url).await?;
-        parse_bills(&value, &self.name)
+        let what = format!("the bills of {month}");
+        self.read_pages(
+            calls::BILLS,
+            &["bill", "by-contract", account_id, &y, &m],
+            &what,
+            false,
+            |value| parse_bills(value, &self.name),
+        )
+        .await
     }
 
+    /// Every page of a list call. SAKURA's list envelopes carry `Total` (all entries), `From`
+    /// (where this answer starts) and `Count` (entries in this answer); a later page is asked
+    /// for with find-style JSON in the query, `?{"From":n,"Count":m}`. An answer without
+    /// `Total` (the manual's examples) is complete. Whatever cannot be read completely is an
+    /// error naming `what`, never a silent truncation and never an endless loop:
+    /// * `Count` larger than the entries carried (when `check_count`): entries are missing;
+    /// * a page that starts elsewhere than asked (or does not say where, after the first): the
+    ///   server does not page, and its pages would repeat or skip entries;
+    /// * an empty page before `Total` is reached, or more entries than `Total`.
+    async fn read_pages<T>(
+        &self,
+        call: &str,
+        segments: &[&str],
+        what: &str,
+        check_count: bool,
+        mut read_page: impl FnMut(&Value) -> Result<Vec<T>, ProviderError>,
+    ) -> Result<Vec<T>, ProviderError> {
+        /// More pages than any bill has lines: a server that keeps raising `Total`.
+        const MAX_PAGES: usize = 10_000;
+        let bad = |message: String| self.shape(call, format!("{what}: {message}"));
+        let mut items = Vec::new();
+        let mut read: u64 = 0;
+        let mut page_size: Option<u64> = None;
+        for _ in 0..MAX_PAGES {
+            let mut url = self.url(false, segments);
+            if read > 0 {
+                let query = match page_size {
+                    Some(n) => format!("{{\"From\":{read},\"Count\":{n}}}"),
+                    None => format!("{{\"From\":{read}}}"),
+                };
+                url.set_query(Some(&query));
+            }
+            let value = self.get(call, url).await?;
+            let page = read_page(&value)?;
+            let got = page.len() as u64;
+            let field = |k: &str| value.get(k).and_then(count_of);
+            if let Some(count) = field("Count").filter(|c| check_count && *c > got) {
+                return Err(bad(format!(
+                    "the answer from entry {read} says `Count` {count} but carries {got}: \
+                     entries are missing"
+                )));
+            }
+            match field("From") {
+                Some(from) if from != read => {
+                    return Err(bad(format!(
+                        "asked for the entries from {read}, the answer starts at {from}: the \
+                         server does not page as asked (its pages would repeat or skip entries)"
+                    )))
+                }
+                None if read > 0 => {
+                    return Err(bad(format!(
+                        "the page asked from entry {read} does not say where it starts \
+                         (`From`): the server may not page, so its entries could repeat"
+                    )))
+                }
+                _ => {}
+            }
+            items.extend(page);
+            read += got;
+            match field("Total") {
+                Some(total) if read < total => {
+                    if got == 0 {
+                        return Err(bad(format!(
+                            "`Total` is {total} but the answer from entry {read} is empty: the \
+                             server makes no progress"
+                        )));
+                    }
+                    page_size.get_or_insert(got);
+                }
+                Some(total) if read > total => {
+                    return Err(bad(format!(
+                        "read {read} entries, more than `Total` {total}"
+                    )))
+                }
+                _ => return Ok(items),
+            }
+        }
+        Err(bad(format!(
+            "still not complete after {MAX_PAGES} pages ({read} entries)"
+        )))
+    }
+
+    /// Every detail line of a bill, from all pages, with repeated keys disambiguated over the
+    /// whole bill.
     async fn details(&self, ctx: &LineContext) -> Result<Vec<UsageRecord>, ProviderError> {
         let member = ctx.account.member_code.as_str();
-        if self.config.use_csv {
-            let url = self.url(false, &["billdetail", member, &ctx.bill_id, "csv"]);
-            let value = self.get(calls::DETAILS_CSV, url).await?;
-            let body = value
-                .get("Body")
-                .and_then(Value::as_str)
-                .ok_or_else(|| self.shape(calls::DETAILS_CSV, "`Body` is missing".into()))?;
-            parse_bill_csv(body, ctx)
+        let what = format!("bill {}", ctx.bill_id);
+        let mut records = if self.config.use_csv {
+            self.read_pages(
+                calls::DETAILS_CSV,
+                &["billdetail", member, &ctx.bill_id, "csv"],
+                &what,
+                true,
+                |value| {
+                    let body = value.get("Body").and_then(Value::as_str).ok_or_else(|| {
+                        self.shape(
+                            calls::DETAILS_CSV,
+                            format!("bill {}: `Body` is missing", ctx.bill_id),
+                        )
+                    })?;
+                    csv_lines(body, ctx)
+                },
+            )
+            .await?
         } else {
             let prices = self.price_list().await?;
-            let url = self.url(false, &["billdetail", member, &ctx.bill_id]);
-            let value = self.get(calls::DETAILS, url).await?;
-            parse_bill_details(&value, ctx, &prices)
-        }
+            self.read_pages(
+                calls::DETAILS,
+                &["billdetail", member, &ctx.bill_id],
+                &what,
+                true,
+                |value| json_lines(value, ctx, &prices),
+            )
+            .await?
+        };
+        disambiguate(&mut records);
+        Ok(records)
+    }
+}
+
+/// A count of an envelope (`Total`, `From`, `Count`): a JSON number or a string of digits.
+fn count_of(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
     }
 }
 
@@ -941,6 +1062,18 @@ pub fn parse_bill_details(
     ctx: &LineContext,
     prices: &PriceList,
 ) -> Result<Vec<UsageRecord>, ProviderError> {
+    let mut records = json_lines(value, ctx, prices)?;
+    disambiguate(&mut records);
+    Ok(records)
+}
+
+/// The records of one answer of JSON details, one per `BillDetails[]` entry (not disambiguated:
+/// a bill may come in pages).
+fn json_lines(
+    value: &Value,
+    ctx: &LineContext,
+    prices: &PriceList,
+) -> Result<Vec<UsageRecord>, ProviderError> {
     let shape = |message: String| ProviderError::Shape {
         provider: ctx.source.clone(),
         call: calls::DETAILS.into(),
@@ -1032,7 +1165,6 @@ pub fn parse_bill_details(
             ctx,
         ));
     }
-    disambiguate(&mut records);
     Ok(records)
 }
 
@@ -1063,6 +1195,13 @@ pub const CSV_COLUMNS: [&str; 16] = [
 /// and quoted fields with Japanese text are accepted. Every row must have the 16 documented
 /// columns; `billed_cost = price excluding tax + tax`, quantity = days × 24 + hours (`hours`).
 pub fn parse_bill_csv(body: &str, ctx: &LineContext) -> Result<Vec<UsageRecord>, ProviderError> {
+    let mut records = csv_lines(body, ctx)?;
+    disambiguate(&mut records);
+    Ok(records)
+}
+
+/// The records of one CSV body, one per data row (not disambiguated: a bill may come in pages).
+fn csv_lines(body: &str, ctx: &LineContext) -> Result<Vec<UsageRecord>, ProviderError> {
     let shape = |message: String| ProviderError::Shape {
         provider: ctx.source.clone(),
         call: calls::DETAILS_CSV.into(),
@@ -1165,7 +1304,6 @@ pub fn parse_bill_csv(body: &str, ctx: &LineContext) -> Result<Vec<UsageRecord>,
             ctx,
         ));
     }
-    disambiguate(&mut records);
     Ok(records)
 }
 

@@ -18,7 +18,8 @@
 //! * `/cloud/zone/{zone}/api/cloud/1.1/public/price` (`?{"From":n,"Count":m}` pages it)
 //! * `/cloud/zone/{zone}/api/system/1.0/bill/by-contract/{account}[/{year}[/{month}]]`
 //! * `/cloud/zone/{zone}/api/system/1.0/bill/id/{bill}`
-//! * `/cloud/zone/{zone}/api/system/1.0/billdetail/{member}/{bill}[/csv]`
+//! * `/cloud/zone/{zone}/api/system/1.0/billdetail/{member}/{bill}[/csv]` (envelope `Total`,
+//!   `From`, `Count`; paged with `?{"From":n,"Count":m}` once a page size is set)
 //!
 //! Errors use SAKURA's body `{"is_fatal", "serial", "status", "error_code", "error_msg"}`:
 //! 401 for bad credentials, 403 when the key lacks the `bill` permission, 404 for an unknown
@@ -527,6 +528,7 @@ struct SimState {
     requests: Mutex<Vec<RecordedRequest>>,
     csv_header: std::sync::atomic::AtomicBool,
     price_page_size: AtomicU64,
+    detail_page_size: AtomicU64,
     serial: AtomicU64,
 }
 
@@ -548,6 +550,7 @@ impl SakuraSim {
             requests: Mutex::new(Vec::new()),
             csv_header: std::sync::atomic::AtomicBool::new(true),
             price_page_size: AtomicU64::new(0),
+            detail_page_size: AtomicU64::new(0),
             serial: AtomicU64::new(1),
         });
         let st = state.clone();
@@ -688,6 +691,14 @@ impl SakuraSimHandle {
         self.state.price_page_size.store(n, Ordering::Relaxed);
     }
 
+    /// Answer bill details (JSON and CSV) in pages of at most `n` lines (0: all at once, the
+    /// default), as a find-style API caps its page size: the envelope then says `Total` (all
+    /// lines of the bill), `From` and `Count` (this page), and `?{"From":n,"Count":m}` asks for
+    /// the next page (a larger `Count` than the cap is cut to the cap).
+    pub fn set_detail_page_size(&self, n: u64) {
+        self.state.detail_page_size.store(n, Ordering::Relaxed);
+    }
+
     /// Answer the next `n` requests with `fault` (queued after earlier faults).
     pub fn fail_next(&self, n: usize, fault: Fault) {
         if let Ok(mut q) = self.state.faults.lock() {
@@ -749,6 +760,24 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `(From, Count)` of a find-style query `?{"From":n,"Count":m}` (URL-encoded JSON), capped at
+/// `cap` when `cap > 0`; no `Count` and no cap means everything from `From`.
+fn page_of(query: Option<&str>, cap: u64, total: usize) -> (usize, usize) {
+    let params: Value = query
+        .map(percent_decode)
+        .and_then(|q| serde_json::from_str(&q).ok())
+        .unwrap_or(Value::Null);
+    let from = params.get("From").and_then(int_of).unwrap_or(0) as usize;
+    let asked = params.get("Count").and_then(int_of).filter(|c| *c > 0);
+    let count = match (asked, cap) {
+        (Some(c), 0) => c as usize,
+        (Some(c), cap) => c.min(cap) as usize,
+        (None, 0) => total,
+        (None, cap) => cap as usize,
+    };
+    (from, count)
 }
 
 fn error_body(state: &SimState, status: StatusCode, code: &str, message: &str) -> Response {
@@ -975,21 +1004,30 @@ fn handle(state: Arc<SimState>, method: Method, uri: Uri, headers: HeaderMap) ->
             let Some(b) = ds.bills.iter().find(|b| b.bill_id.to_string() == *bill) else {
                 return not_found();
             };
+            let total = b.lines.len();
+            let cap = state.detail_page_size.load(Ordering::Relaxed);
+            let (from, count) = page_of(query.as_deref(), cap, total);
+            let mut page = b.clone();
+            page.lines = b.lines.iter().skip(from).take(count).cloned().collect();
             if tail.is_empty() {
-                let details = ds.details_json(b);
+                let details = ds.details_json(&page);
                 Json(json!({
                     "is_ok": true,
                     "ResponsedAt": responsed_at(),
+                    "Total": total,
+                    "From": from,
                     "Count": details.len(),
                     "BillDetails": details,
                 }))
                 .into_response()
             } else {
-                let body = ds.details_csv(b, state.csv_header.load(Ordering::Relaxed));
+                let body = ds.details_csv(&page, state.csv_header.load(Ordering::Relaxed));
                 Json(json!({
                     "is_ok": true,
                     "ResponsedAt": responsed_at(),
-                    "Count": b.lines.len(),
+                    "Total": total,
+                    "From": from,
+                    "Count": page.lines.len(),
                     "Filename": format!("sakura_cloud_{}_{:04}{:02}.csv", b.bill_id, b.month.year, b.month.month),
                     "Body": body,
                 }))
