@@ -765,6 +765,32 @@ async fn a_sakura_error_body_names_provider_call_and_message() {
 }
 
 #[tokio::test]
+async fn an_error_on_a_bills_details_names_the_bill() {
+    let sim = fixture_sim().await;
+    let now = t("2016-06-15T00:00:00Z");
+    for use_csv in [true, false] {
+        let p = provider(&sim, "2016-05", use_csv);
+        let chunks = p.plan(&Cursors::new(), now).await.unwrap();
+        for fault in [
+            Fault::Http(404),
+            Fault::Api {
+                status: 404,
+                code: "not_found".into(),
+                message: "リソースが見つかりません".into(),
+            },
+        ] {
+            sim.fail_next_on("billdetail", 1, fault.clone());
+            let err = p.fetch(&chunks[0], now).await.expect_err("404");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("billdetail") && msg.contains(&MAY_BILL.to_string()),
+                "use_csv {use_csv}, {fault:?}: the operator can tell which bill failed: {msg}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn server_errors_are_retried_then_succeed() {
     let sim = fixture_sim().await;
     let p = provider(&sim, "2016-05", true);

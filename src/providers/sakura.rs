@@ -661,7 +661,7 @@ impl SakuraProvider {
                 };
                 url.set_query(Some(&query));
             }
-            let value = self.get(call, url).await?;
+            let value = self.get(call, url).await.map_err(|e| about(what, e))?;
             let page = read_page(&value)?;
             let got = page.len() as u64;
             let field = |k: &str| value.get(k).and_then(count_of);
@@ -746,6 +746,45 @@ impl SakuraProvider {
         };
         disambiguate(&mut records);
         Ok(records)
+    }
+}
+
+/// `error` with `what` (the bill, or the month of a bill list) in front of its message, so an
+/// HTTP, API or transport failure says which bill it stopped at (`Shape` errors already do).
+fn about(what: &str, error: ProviderError) -> ProviderError {
+    match error {
+        ProviderError::Api {
+            provider,
+            call,
+            code,
+            message,
+        } => ProviderError::Api {
+            provider,
+            call,
+            code,
+            message: format!("{what}: {message}"),
+        },
+        ProviderError::Http {
+            provider,
+            call,
+            status,
+            body,
+        } => ProviderError::Http {
+            provider,
+            call,
+            status,
+            body: format!("{what}: {body}"),
+        },
+        ProviderError::Transport {
+            provider,
+            call,
+            message,
+        } => ProviderError::Transport {
+            provider,
+            call,
+            message: format!("{what}: {message}"),
+        },
+        other => other,
     }
 }
 
