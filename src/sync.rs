@@ -6,7 +6,7 @@
 //! the payload frozen at staging, so a crash between a sink accepting and the ledger recording
 //! it ends in a resend of identical bytes that the sink recognises as a duplicate.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -82,7 +82,8 @@ pub struct Pipeline {
     /// Time spent per stage (the benchmark harness reads it); `None`: not measured.
     pub timings: Option<Arc<Timings>>,
     /// `period: month` pricing: a month is settled this long after it ends at the latest
-    /// (earlier once every record of the group is final and the records reach the month's end).
+    /// (earlier once every record of the group is final, the records of every source feeding it
+    /// reach the month's end and no source's pull failed in the run).
     pub period_close_delay: chrono::Duration,
     /// Most totals the run summary stored in the ledger carries ([`STORED_TOTALS_MAX`]).
     pub stored_totals_max: usize,
@@ -1864,6 +1865,9 @@ impl From<LedgerError> for PullError {
 enum Settlement {
     /// Not closed yet (or its shares are ahead of the ledger): look again next run.
     Wait(String),
+    /// A source feeding the month has not pulled past its end (its pull failed in this run,
+    /// or its records stop before the month's end): look again next run.
+    WaitForSource(String),
     /// Cannot be settled without a person (the note says why); looked at again every run.
     Problem(String),
     /// Settled at `total`; stage `row` when there is an adjustment to send or to change.
@@ -1998,11 +2002,27 @@ impl Pipeline {
         now: DateTime<Utc>,
         summary: &mut RunSummary,
     ) -> Result<(), LedgerError> {
+        // Sources whose pull failed in this run: what they have not staged yet may belong to
+        // any month, so no month is settled early, and a month they feed waits for them.
+        let failed: BTreeSet<String> = summary
+            .sources
+            .iter()
+            .filter(|(_, s)| s.error.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
         for due in self.ledger.period_groups_due(now).await? {
             let g = &due.group;
             let members = self.ledger.period_group_members(&g.group_key).await?;
             let label = format!("{} {} {}", g.subscription, g.metric, g.label);
-            match self.settlement(&due, &members, now).await? {
+            match self.settlement(&due, &members, now, &failed).await? {
+                Settlement::WaitForSource(why) => {
+                    // Said at info level at least: the month's invoice waits for a source.
+                    if now >= g.end + self.period_close_delay {
+                        warn!(group = %label, %why, "month closed but waits for a source");
+                    } else {
+                        info!(group = %label, %why, "month waits for a source");
+                    }
+                }
                 Settlement::Wait(why) if now >= g.end + self.period_close_delay => {
                     // Closed, and still waiting: a member that is not staged (or not re-read)
                     // yet, or a change of a sent record left to a person. Say it where an
@@ -2048,8 +2068,24 @@ impl Pipeline {
         due: &PeriodGroupState,
         members: &[PeriodMemberRow],
         now: DateTime<Utc>,
+        failed: &BTreeSet<String>,
     ) -> Result<Settlement, LedgerError> {
         let g = &due.group;
+        // A source that feeds this month and failed to pull in this run may hold back records
+        // of it (or changes of them): settling now would price the month on part of its data.
+        let failed_here: BTreeSet<&str> = members
+            .iter()
+            .filter_map(|m| m.record.as_ref())
+            .map(|r| r.source.as_str())
+            .filter(|s| failed.contains(*s))
+            .collect();
+        if !failed_here.is_empty() {
+            return Ok(Settlement::WaitForSource(format!(
+                "the pull of {} failed in this run: the month is settled on a run in which every \
+                 source feeding it pulls",
+                failed_here.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
         let mut counted = Vec::new();
         for m in members {
             let Some(r) = &m.record else {
@@ -2071,14 +2107,52 @@ impl Pipeline {
             }
         }
         let closed_by_delay = now >= g.end + self.period_close_delay;
-        let complete = !counted.is_empty()
-            && counted.iter().all(|(m, _)| m.is_final)
-            && counted.iter().any(|(m, _)| m.charge_period_end >= g.end);
-        if due.settled_at.is_none() && !closed_by_delay && !complete {
-            return Ok(Settlement::Wait(format!(
-                "the month closes at {} at the latest",
-                g.end + self.period_close_delay
-            )));
+        if due.settled_at.is_none() && !closed_by_delay {
+            let at_the_latest = g.end + self.period_close_delay;
+            if counted.is_empty() {
+                return Ok(Settlement::Wait(format!(
+                    "no record of the month is at the sink or on its way; the month closes at \
+                     {at_the_latest} at the latest"
+                )));
+            }
+            if !counted.iter().all(|(m, _)| m.is_final) {
+                return Ok(Settlement::Wait(format!(
+                    "not every record is final; the month closes at {at_the_latest} at the latest"
+                )));
+            }
+            if !failed.is_empty() {
+                // A failed source may feed this month with records not staged yet.
+                return Ok(Settlement::WaitForSource(format!(
+                    "the pull of {} failed in this run, and it may feed this month: the month \
+                     closes early only on a run in which every source pulls, at \
+                     {at_the_latest} at the latest",
+                    failed
+                        .iter()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            // Every source feeding the month must have reached its end, not just one of them.
+            let mut reached: BTreeMap<&str, DateTime<Utc>> = BTreeMap::new();
+            for (m, r) in &counted {
+                let end = reached
+                    .entry(r.source.as_str())
+                    .or_insert(m.charge_period_end);
+                *end = (*end).max(m.charge_period_end);
+            }
+            let behind: Vec<String> = reached
+                .iter()
+                .filter(|(_, end)| **end < g.end)
+                .map(|(source, end)| format!("{source} (up to {end})"))
+                .collect();
+            if !behind.is_empty() {
+                return Ok(Settlement::WaitForSource(format!(
+                    "the records of {} do not reach the month's end yet; the month closes at \
+                     {at_the_latest} at the latest",
+                    behind.join(", ")
+                )));
+            }
         }
         let known = self.ledger.existing(&[g.adjustment_key.as_str()]).await?;
         if counted.is_empty() {

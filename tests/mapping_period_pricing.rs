@@ -902,3 +902,125 @@ rules:
         "the month holds exactly its minimum"
     );
 }
+
+/// One subscription's month is fed by two Jelastic sources (two hoster accounts of the same
+/// customer). On the run just after the month, source A pulls to the month's end while the
+/// pull of source B fails: B's last three weeks are not in the ledger. The month must not be
+/// settled on A's complete data alone (the minimum's adjustment would be computed on a month
+/// missing B's part, sent, and then taken back by a correction on a later run, after Lago may
+/// have invoiced it). It settles, once, on the run where B has pulled past the month's end too.
+#[tokio::test]
+async fn a_month_fed_by_a_source_whose_pull_failed_waits_for_it() {
+    let (from, to) = october();
+    let jelastic_a = JelasticSim::start(october_dataset(), "sess").await.unwrap();
+    let jelastic_b = JelasticSim::start(october_dataset(), "sess").await.unwrap();
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: "lago-key".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sync = async |now, b_fails: bool| {
+        let source = |name: &str, url: &str, session: &str| {
+            let mut cfg = JelasticConfig::new(url, Secret::new(session), "EUR", october().0);
+            cfg.max_buckets_per_request = 168;
+            cfg.retry = retry();
+            Box::new(JelasticProvider::new(name.into(), cfg).unwrap()) as Box<dyn Provider>
+        };
+        let b_session = if b_fails { "expired" } else { "sess" };
+        let p = Pipeline::new(
+            Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+            vec![
+                source("paas_a", &jelastic_a.url, "sess"),
+                source("paas_b", &jelastic_b.url, b_session),
+            ],
+            vec![Box::new(lago_sink(&lago))],
+            jelastic_mapping(r#"{ markup_percent: 10, minimum: "50", period: month }"#),
+        );
+        p.sync(&SyncOptions {
+            now: Some(now),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    };
+    let mid = sync(at(2026, 10, 10, 0, 0), false).await;
+    assert_eq!(mid.period_adjustments, 0, "{mid:?}");
+
+    // A reaches the month's end, every record it has is final; B's pull fails.
+    let partial = sync(at(2026, 11, 1, 2, 0), true).await;
+    assert!(
+        partial.sources["paas_b"].error.is_some(),
+        "B's pull fails: {partial:?}"
+    );
+    assert!(partial.sources["paas_a"].error.is_none(), "{partial:?}");
+    assert_eq!(
+        partial.period_adjustments, 0,
+        "a month is not settled while a source feeding it has not pulled past its end: {partial:?}"
+    );
+    assert!(adjustments(&lago).is_empty(), "{:?}", adjustments(&lago));
+
+    // B is back: the month settles once, on both sources' complete data.
+    let close = sync(at(2026, 11, 1, 3, 0), false).await;
+    assert_eq!(close.period_adjustments, 1, "{close:?}");
+    let records_total = dec("2") * october_cost() * dec("1.1");
+    let adj = adjustments(&lago);
+    assert_eq!(adj.len(), 1, "one adjustment, no correction of it: {adj:?}");
+    assert_eq!(amount(&adj[0]), dec("50") - records_total);
+    assert_eq!(lago_total(&lago, from, to), dec("50"));
+}
+
+/// The same two sources, both pulling fine, but B only reads buckets a day old (a longer
+/// `settle_delay`): just after the month, A's records reach its end and B's stop a day before.
+/// A month closes early only once the records of every source feeding it reach its end;
+/// one source's complete month says nothing about the other's.
+#[tokio::test]
+async fn a_month_closes_early_only_when_every_source_feeding_it_reaches_its_end() {
+    let (from, to) = october();
+    let jelastic_a = JelasticSim::start(october_dataset(), "sess").await.unwrap();
+    let jelastic_b = JelasticSim::start(october_dataset(), "sess").await.unwrap();
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: "lago-key".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sync = async |now| {
+        let source = |name: &str, url: &str, settle_delay: chrono::Duration| {
+            let mut cfg = JelasticConfig::new(url, Secret::new("sess"), "EUR", october().0);
+            cfg.max_buckets_per_request = 168;
+            cfg.retry = retry();
+            cfg.settle_delay = settle_delay;
+            Box::new(JelasticProvider::new(name.into(), cfg).unwrap()) as Box<dyn Provider>
+        };
+        let p = Pipeline::new(
+            Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+            vec![
+                source("paas_a", &jelastic_a.url, chrono::Duration::hours(1)),
+                source("paas_b", &jelastic_b.url, chrono::Duration::days(1)),
+            ],
+            vec![Box::new(lago_sink(&lago))],
+            jelastic_mapping(r#"{ markup_percent: 10, minimum: "50", period: month }"#),
+        );
+        p.sync(&SyncOptions {
+            now: Some(now),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    };
+    let early = sync(at(2026, 11, 1, 2, 0)).await;
+    assert_eq!(early.period_adjustments, 0, "B is a day behind: {early:?}");
+    assert!(adjustments(&lago).is_empty(), "{:?}", adjustments(&lago));
+    let close = sync(at(2026, 11, 2, 2, 0)).await;
+    assert_eq!(close.period_adjustments, 1, "{close:?}");
+    let adj = adjustments(&lago);
+    assert_eq!(adj.len(), 1, "{adj:?}");
+    assert_eq!(
+        amount(&adj[0]),
+        dec("50") - dec("2") * october_cost() * dec("1.1")
+    );
+    assert_eq!(lago_total(&lago, from, to), dec("50"));
+}

@@ -2227,6 +2227,8 @@ pub struct PeriodGroupState {
 #[derive(Debug, Clone)]
 pub struct PeriodMemberRecord {
     pub id: i64,
+    /// The configured source the record came from.
+    pub source: String,
     pub status: Status,
     pub content_hash: String,
     /// The record's value (what it carries to the sink).
@@ -2449,7 +2451,8 @@ impl Ledger {
                  m.charge_period_end, r.id, r.status, r.content_hash, r.value, r.customer,
                  r.value_property, r.rule,
                  (SELECT group_concat(c.value, ' ') FROM records c
-                    WHERE c.correction_of = r.id AND c.status <> 'rejected')
+                    WHERE c.correction_of = r.id AND c.status <> 'rejected'),
+                 r.source
              FROM period_members m LEFT JOIN records r ON r.idem_key = m.idem_key
              WHERE m.group_key = ?1 ORDER BY m.idem_key",
         )
@@ -2476,6 +2479,7 @@ impl Ledger {
                     }
                     Some(PeriodMemberRecord {
                         id,
+                        source: r.get(15),
                         status: status.parse().map_err(|message| LedgerError::Corrupt {
                             id,
                             field: "status",
