@@ -698,6 +698,46 @@ impl Pipeline {
                 sent.key, row.mapped.subscription, row.mapped.metric, sent.subscription, sent.metric
             ));
         }
+        // The difference goes out under the event's property: one the metric that summed the
+        // original does not read would never be billed.
+        if let Some(then) = sent.value_property.as_deref() {
+            if then != event.value_property.as_str() {
+                return Correction::Unresolved(format!(
+                    "{} changed after it was sent or queued for sending, and its value now goes \
+                     out as `{}` instead of `{then}`: resolve by hand",
+                    sent.key, event.value_property
+                ));
+            }
+        }
+        // Full record: a row waiting for the stager has shed its attributes.
+        let full = match row.full_record() {
+            Ok(record) => record,
+            Err(e) => return Correction::Unresolved(format!("{}: {e}", sent.key)),
+        };
+        // A difference is only meaningful in the currency the original went out in: the
+        // provider restating a line in another currency (or a rule now converting to another)
+        // would add amounts of two currencies up. Period adjustments carry their own event
+        // (their month's currency is checked when the month is settled).
+        if let Some(then) = sent.billing_currency.as_deref() {
+            if row.event.is_none() && then != full.billing_currency.as_str() {
+                let mut as_sent = full.clone().into_owned();
+                as_sent.billing_currency = then.into();
+                let (was, now) = (
+                    self.mappings.value_currency(&as_sent),
+                    self.mappings.value_currency(&full),
+                );
+                if was != now {
+                    return Correction::Unresolved(format!(
+                        "{} changed after it was sent or queued for sending, and its value is now \
+                         in {} instead of {} (billing_currency {then} → {}): resolve by hand",
+                        sent.key,
+                        now.as_deref().unwrap_or("no currency"),
+                        was.as_deref().unwrap_or("no currency"),
+                        full.billing_currency
+                    ));
+                }
+            }
+        }
         let (Some(sent_cost), Some(sent_quantity)) = (sent.sent_cost, sent.sent_quantity) else {
             return Correction::Unresolved(format!(
                 "{} changed after it was sent, but `vacuum` pruned what was sent: resolve by hand",
@@ -709,10 +749,7 @@ impl Pipeline {
         };
         let difference = new_value - sent.sent_total;
         // The whole record (raw fields too): the correction's body is kept for audit.
-        let mut delta = match row.full_record() {
-            Ok(record) => record.into_owned(),
-            Err(e) => return Correction::Unresolved(format!("{}: {e}", sent.key)),
-        };
+        let mut delta = full.into_owned();
         delta.billed_cost = row.record.billed_cost - sent_cost;
         delta.consumed_quantity = row.record.consumed_quantity - sent_quantity;
         // Lago, Stripe, webhook and JSON Lines carry only the mapped value; the FOCUS export

@@ -500,6 +500,8 @@ async fn a_cost_only_restatement_is_corrected_in_the_focus_export_only() {
         subscription: row.mapped.subscription.as_deref().map(str::to_string),
         metric: row.mapped.metric.as_deref().map(str::to_string),
         sink: row.mapped.sink.as_deref().map(str::to_string),
+        value_property: row.mapped.value_property.as_deref().map(str::to_string),
+        billing_currency: Some(row.record.billing_currency.to_string()),
         sent_total: row.mapped.value.unwrap(),
         sent_cost: cost.map(|c| Decimal::from_str(c).unwrap()),
         sent_quantity: cost.map(|_| Decimal::from(3600)),
@@ -571,6 +573,8 @@ async fn a_sent_record_now_routed_to_another_sink_is_unresolved_not_corrected() 
         subscription: row.mapped.subscription.as_deref().map(str::to_string),
         metric: row.mapped.metric.as_deref().map(str::to_string),
         sink: sink.map(str::to_string),
+        value_property: row.mapped.value_property.as_deref().map(str::to_string),
+        billing_currency: Some(row.record.billing_currency.to_string()),
         sent_total: Decimal::ONE,
         sent_cost: Some(Decimal::from_str("0.50").unwrap()),
         sent_quantity: Some(Decimal::from(3600)),
@@ -984,4 +988,100 @@ async fn replay_sends_a_record_under_its_stored_key_whatever_the_key_derivation_
     assert_eq!(w.lago.count(&legacy), 1, "the stored key is the identity");
     assert_eq!(w.lago.count(&derived), 0, "no key minted by replay");
     assert_eq!(w.lago_november(), w.provider_november());
+}
+
+// ----- what a correction may add to --------------------------------------------------------
+
+/// A Lago pipeline with no provider over `mapping` (one rule billing MetalSoft cost, in the
+/// record's own currency), for staging rows by hand.
+async fn cost_pipeline(dir: &tempfile::TempDir, property: &str) -> Pipeline {
+    let text = format!(
+        "version: 1
+customers:
+  - match: {{ provider: metalsoft, sub_account_id: \"1\" }}
+    external_subscription_id: sub_acme
+rules:
+  - name: cost
+    match: {{ provider: metalsoft }}
+    metric: resale_cost
+    property: {property}
+    value: {{ cost: {{ markup_percent: 0 }} }}
+"
+    );
+    Pipeline::new(
+        Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+        Vec::new(),
+        vec![Box::new(
+            LagoSink::new(
+                "lago".into(),
+                LagoConfig {
+                    api_url: "http://127.0.0.1:9".into(),
+                    api_key: Secret::new("k"),
+                    batch_size: 10,
+                    timeout: Duration::from_secs(1),
+                    retry: retry(),
+                },
+            )
+            .unwrap(),
+        )],
+        MappingSet::from_sources(&[("cost.yaml".to_string(), text)]).unwrap(),
+    )
+}
+
+/// Stage `line` through `p` (its corrections decided by the pipeline) as a sync would.
+async fn stage_line(
+    p: &Pipeline,
+    run: i64,
+    line: billsync::record::UsageRecord,
+) -> billsync::ledger::StageCounts {
+    let row = p.stage_row(line, false);
+    let correct = |row: &billsync::ledger::StageRow, sent: &billsync::ledger::SentState| {
+        p.correction(row, sent)
+    };
+    p.ledger
+        .stage(run, &[row], None, Utc::now(), &correct)
+        .await
+        .unwrap()
+}
+
+/// The provider re-states a line that went out as 10.00 GBP as 12.00 EUR. A correction would
+/// add "+2.00" to a sum of GBP amounts (and a restatement to 10.00 EUR would send nothing at
+/// all): the sink would keep billing a GBP amount for a EUR charge. A person decides.
+#[tokio::test]
+async fn a_sent_record_restated_in_another_currency_is_unresolved_not_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = cost_pipeline(&dir, "amount").await;
+    let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+    let first = stage_line(&p, run, instance_line("10.00")).await;
+    assert_eq!(first.new, 1);
+    for cost in ["12.00", "10.00"] {
+        let mut restated = instance_line(cost);
+        restated.billing_currency = "EUR".into();
+        let c = stage_line(&p, run, restated).await;
+        assert_eq!(
+            (c.corrections, c.changed_after_send),
+            (0, 1),
+            "GBP 10.00 re-read as EUR {cost}: {c:?}"
+        );
+    }
+    // In the sent currency, a restatement is corrected as usual.
+    let c = stage_line(&p, run, instance_line("11.00")).await;
+    assert_eq!((c.corrections, c.changed_after_send), (1, 0), "{c:?}");
+}
+
+/// The rule's `property` changed (`amount` → `cost`) between the send and a restatement. The
+/// correction would carry the difference under `cost`, a property the metric that summed the
+/// original's `amount` does not read: the difference would never be billed. A person decides.
+#[tokio::test]
+async fn a_sent_record_whose_value_property_changed_is_unresolved_not_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = cost_pipeline(&dir, "amount").await;
+    let run = before.ledger.start_run("sync", Utc::now()).await.unwrap();
+    assert_eq!(
+        stage_line(&before, run, instance_line("10.00")).await.new,
+        1
+    );
+    let after = cost_pipeline(&dir, "cost").await;
+    let c = stage_line(&after, run, instance_line("12.00")).await;
+    assert_eq!((c.corrections, c.changed_after_send), (0, 1), "{c:?}");
 }

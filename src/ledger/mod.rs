@@ -258,6 +258,11 @@ pub struct SentState {
     pub subscription: Option<String>,
     pub metric: Option<String>,
     pub sink: Option<String>,
+    /// The event property the original's value went out under (the metric's `field_name`).
+    pub value_property: Option<String>,
+    /// The original's `billing_currency` as it was sent (the column keeps it: a change of a
+    /// sent record updates only the content columns that corrections carry).
+    pub billing_currency: Option<String>,
     /// The original value plus every correction that went or goes out (sent or pending): a
     /// rejected, held or superseded correction does not count.
     pub sent_total: Decimal,
@@ -2015,7 +2020,8 @@ async fn sent_state(
              (SELECT group_concat(c.billed_cost, ' ') FROM records c
                 WHERE c.correction_of = o.id AND c.status IN ('pending', 'sent') AND c.id IS NOT ?2),
              (SELECT group_concat(c.consumed_quantity, ' ') FROM records c
-                WHERE c.correction_of = o.id AND c.status IN ('pending', 'sent') AND c.id IS NOT ?2)
+                WHERE c.correction_of = o.id AND c.status IN ('pending', 'sent') AND c.id IS NOT ?2),
+             o.value_property, o.billing_currency
          FROM records o WHERE o.id = ?1",
     )
     .bind(id)
@@ -2061,6 +2067,8 @@ async fn sent_state(
         subscription: r.get(1),
         metric: r.get(2),
         sink: r.get(3),
+        value_property: r.get(10),
+        billing_currency: r.get(11),
         sent_total,
         sent_cost,
         sent_quantity,

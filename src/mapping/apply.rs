@@ -109,6 +109,24 @@ impl MappingSet {
         (ex.outcome, ex.period)
     }
 
+    /// The currency of the value `record` maps to: the invoice currency of a `cost` value (the
+    /// rule's `currency`, else the record's own), `None` for a quantity or when no rule
+    /// matches. Corrections compare it: a difference is only meaningful in one currency.
+    pub fn value_currency(&self, record: &UsageRecord) -> Option<String> {
+        let rule = self
+            .rules
+            .iter()
+            .find(|r| all_hold(&r.rule.conditions.0, record))?;
+        match &rule.rule.value {
+            Some(ValueSpec::Cost(c)) => Some(
+                c.currency
+                    .as_ref()
+                    .map_or_else(|| record.billing_currency.to_string(), |to| to.0.clone()),
+            ),
+            _ => None,
+        }
+    }
+
     /// Whether any rule or customer entry prices per month (the sync then keeps shares).
     pub fn has_period_pricing(&self) -> bool {
         self.rules.iter().any(|r| match &r.rule.value {
