@@ -439,3 +439,25 @@ fn a_byte_that_is_not_utf8_is_reported_at_its_line_and_column() {
         .to_string();
     assert!(err.contains("m.yaml:2:6: "), "{err}");
 }
+
+/// Months are cut at a fixed UTC offset only: a time zone name (whose offset changes with
+/// daylight saving time) is a load error at its line, never read as some fixed offset.
+#[test]
+fn a_time_zone_name_as_period_offset_is_refused_at_its_line() {
+    for zone in ["Europe/Berlin", "CET", "UTC+1", "+0900", "9"] {
+        let text = format!(
+            "version: 1
+rules:
+  - name: paas
+    match: {{ provider: jelastic }}
+    metric: paas_cost
+    value:
+      cost:
+        minimum: \"50\"
+        period: month
+        period_utc_offset: \"{zone}\"
+"
+        );
+        assert_one(&text, 10, 28, "invalid UTC offset");
+    }
+}
