@@ -650,24 +650,19 @@ async fn provisional_mode_adds_never_final_estimates_and_the_push_flag_is_the_co
 
 #[tokio::test]
 async fn total_header_stops_paging_and_a_short_count_is_an_error() {
-    let server = MockServer::start().await;
-    // Every page is full and holds the same id: after 4 rows the header's 3 is reached, but
-    // only one distinct invoice was seen (an unstable server order would look like this).
-    Mock::given(method("GET"))
-        .and(path("/SoftLayer_Account/getInvoices.json"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .insert_header("SoftLayer-Total-Items", "3")
-                .set_body_json(json!([
-                    {"id": 5, "createDate": "2025-01-04T00:00:00-06:00", "statusCode": "CLOSED", "typeCode": "RECURRING"},
-                    {"id": 5, "createDate": "2025-01-04T00:00:00-06:00", "statusCode": "CLOSED", "typeCode": "RECURRING"}
-                ])),
-        )
-        .mount(&server)
-        .await;
+    // The header announces 4 invoices; the second page repeats one row of the first (an
+    // unstable server order would look like this): after 4 rows the total is reached, but only
+    // 3 distinct invoices were seen.
+    let server = invoices_server(
+        |offset, _| if offset == 0 { vec![5, 6] } else { vec![6, 7] },
+        Some(4),
+    )
+    .await;
     let p = provider_at(&server.uri(), 2);
     let err = p.plan(&Cursors::new(), now()).await.expect_err("short");
-    assert!(err.to_string().contains("announced 3"), "{err}");
+    assert!(err.to_string().contains("announced 4"), "{err}");
+    let requests = server.received_requests().await.expect("recorded").len();
+    assert_eq!(requests, 2, "the header's total ends paging");
 }
 
 #[tokio::test]
@@ -777,4 +772,127 @@ fn setup_and_labor_fees_are_part_of_a_lines_cost() {
             "the children mask asks for {field}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paging without `SoftLayer-Total-Items`
+// ---------------------------------------------------------------------------------------------
+
+/// A `getInvoices` server: `rows(offset, limit)` decides what a page holds; `total` is the
+/// `SoftLayer-Total-Items` header, never sent when `None`.
+struct Pages<F: Fn(u64, u64) -> Vec<u64> + Send + Sync + 'static> {
+    rows: F,
+    total: Option<u64>,
+}
+
+impl<F: Fn(u64, u64) -> Vec<u64> + Send + Sync + 'static> wiremock::Respond for Pages<F> {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let (offset, limit) = request
+            .url
+            .query_pairs()
+            .find(|(k, _)| k == "resultLimit")
+            .and_then(|(_, v)| {
+                let (o, l) = v.split_once(',')?;
+                Some((o.parse().ok()?, l.parse().ok()?))
+            })
+            .unwrap_or((0, 100));
+        let rows: Vec<Value> = (self.rows)(offset, limit)
+            .into_iter()
+            .map(|id| {
+                json!({"id": id, "createDate": "2025-01-04T00:00:00-06:00",
+                       "statusCode": "CLOSED", "typeCode": "RECURRING"})
+            })
+            .collect();
+        let response = ResponseTemplate::new(200).set_body_json(Value::Array(rows));
+        match self.total {
+            Some(total) => response.insert_header("SoftLayer-Total-Items", total.to_string()),
+            None => response,
+        }
+    }
+}
+
+async fn invoices_server<F: Fn(u64, u64) -> Vec<u64> + Send + Sync + 'static>(
+    rows: F,
+    total: Option<u64>,
+) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/SoftLayer_Account/getInvoices.json"))
+        .respond_with(Pages { rows, total })
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn headerless_invoices<F: Fn(u64, u64) -> Vec<u64> + Send + Sync + 'static>(
+    rows: F,
+) -> MockServer {
+    invoices_server(rows, None).await
+}
+
+/// SoftLayer caps a page below the `resultLimit` asked for; without `SoftLayer-Total-Items` a
+/// short page is not the end: paging goes on until an empty page, and no invoice is lost.
+#[tokio::test]
+async fn without_the_total_header_a_page_capped_by_the_server_does_not_end_the_listing() {
+    // 7 invoices, never more than 2 a page, whatever the limit asked.
+    let server = headerless_invoices(|offset, limit| {
+        (offset..(offset + limit.min(2)).min(7))
+            .map(|i| 100 + i)
+            .collect()
+    })
+    .await;
+    let p = provider_at(&server.uri(), 5);
+    let chunks = tokio::time::timeout(Duration::from_secs(10), p.plan(&Cursors::new(), now()))
+        .await
+        .expect("paging ends")
+        .expect("plan");
+    let ids: Vec<u64> = chunks
+        .iter()
+        .map(|c| {
+            let detail: Value = serde_json::from_str(&c.detail).expect("detail");
+            detail["invoice"]["id"].as_u64().expect("id")
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        (100..107).collect::<Vec<u64>>(),
+        "every invoice listed"
+    );
+}
+
+/// A server that ignores the offset answers the same full page for ever: that is an error
+/// naming the call, never an endless loop and never a silent stop.
+#[tokio::test]
+async fn without_the_total_header_a_page_repeating_rows_already_read_is_an_error() {
+    let server = headerless_invoices(|_, limit| (1..=limit).collect()).await;
+    let p = provider_at(&server.uri(), 3);
+    let err = tokio::time::timeout(Duration::from_secs(10), p.plan(&Cursors::new(), now()))
+        .await
+        .expect("paging must not loop for ever")
+        .expect_err("no progress");
+    let text = err.to_string();
+    assert!(matches!(err, ProviderError::Shape { .. }), "{text}");
+    assert!(text.contains(CALL_INVOICES), "{text}");
+    assert!(text.contains("no progress"), "{text}");
+}
+
+/// A server that answers full pages of new rows for ever (no header to stop at) is cut off at
+/// `max_pages`, naming the call.
+#[tokio::test]
+async fn without_the_total_header_an_endless_stream_of_pages_is_an_error() {
+    let server = headerless_invoices(|offset, limit| (offset + 1..=offset + limit).collect()).await;
+    let mut config = SoftlayerConfig::new(server.uri(), USER, Secret::new(KEY));
+    config.retry = fast_retry();
+    config.page_size = 4;
+    config.max_pages = 25;
+    let p = SoftlayerProvider::new("sl-test".into(), config).expect("valid");
+    let err = tokio::time::timeout(Duration::from_secs(10), p.plan(&Cursors::new(), now()))
+        .await
+        .expect("paging must not loop for ever")
+        .expect_err("endless");
+    let text = err.to_string();
+    assert!(text.contains(CALL_INVOICES), "{text}");
+    assert!(text.contains("max_pages"), "{text}");
+    let requests = server.received_requests().await.expect("recorded").len();
+    assert_eq!(requests, 25, "stops at max_pages");
 }

@@ -4,8 +4,10 @@
 //! next-invoice forecast is only an optional estimate. That shapes everything here:
 //!
 //! * **Listing.** `SoftLayer_Account::getInvoices` with an object filter `id > <cursor>`,
-//!   paged with `resultLimit=<offset>,<limit>` until a page is short or the
-//!   `SoftLayer-Total-Items` header total is reached. SLDN states that one property cannot be
+//!   paged with `resultLimit=<offset>,<limit>` until the `SoftLayer-Total-Items` header total
+//!   is reached, or, without that header, until an empty page (a short page may be the
+//!   server's own cap, not the end); a page of rows already read, or more than `max_pages`
+//!   pages, is an error. SLDN states that one property cannot be
 //!   both filtered and sorted, so the filter is on `id` and the server sort on `createDate`
 //!   ASC; the client then de-duplicates by id, checks that it saw as many distinct invoices as
 //!   the total header announced (an unstable server order across pages would otherwise lose
@@ -124,6 +126,10 @@ pub struct SoftlayerConfig {
     /// Rows per request (`resultLimit`), for invoices and for invoice items.
     #[serde(default = "default_page_size")]
     pub page_size: u32,
+    /// Most pages one listing may take; a listing still not at its end after that many is an
+    /// error (a server that never ends a listing), not an endless loop.
+    #[serde(default = "default_max_pages")]
+    pub max_pages: u32,
     /// Only invoices created at or after this time yield records; older ones are skipped (the
     /// cursor still moves past them). All invoices when absent.
     #[serde(default)]
@@ -156,6 +162,10 @@ fn default_page_size() -> u32 {
     100
 }
 
+fn default_max_pages() -> u32 {
+    10_000
+}
+
 fn default_timeout() -> Duration {
     Duration::from_secs(120)
 }
@@ -172,6 +182,7 @@ impl SoftlayerConfig {
             username: username.into(),
             api_key,
             page_size: default_page_size(),
+            max_pages: default_max_pages(),
             start: None,
             timeout: default_timeout(),
             retry: RetryPolicy::default(),
@@ -350,6 +361,9 @@ impl SoftlayerProvider {
         if config.page_size == 0 {
             return Err(bad("page_size must be at least 1".into()));
         }
+        if config.max_pages == 0 {
+            return Err(bad("max_pages must be at least 1".into()));
+        }
         if config.push_provisional && config.provisional {
             warn!(source = %name, "softlayer: push_provisional with provisional estimates: map estimates (attributes.record_kind = estimate) apart from invoice lines, or they are billed twice");
         }
@@ -521,6 +535,12 @@ impl SoftlayerProvider {
 
     /// Every row of a list call, paged; de-duplicated by `id` and checked against the total
     /// header (the server order is not guaranteed stable across pages).
+    ///
+    /// A short page is not the end: SoftLayer may cap a page below the `resultLimit` asked
+    /// for. With `SoftLayer-Total-Items` paging goes on until the announced total is reached;
+    /// without it, until an empty page. A page that brings no row not already read (a server
+    /// ignoring the offset) and more than `max_pages` pages are errors naming the call, never
+    /// an endless loop and never a silent stop.
     async fn list_all(
         &self,
         call: &str,
@@ -533,12 +553,24 @@ impl SoftlayerProvider {
         let mut announced = None;
         let mut pages = 0u32;
         loop {
+            if pages >= self.config.max_pages {
+                return Err(self.shape(
+                    call,
+                    format!(
+                        "still not at the end after {pages} pages ({} rows, max_pages = {}): \
+                         the listing does not end; nothing was staged",
+                        rows.len(),
+                        self.config.max_pages
+                    ),
+                ));
+            }
             let page = self
                 .list_page(call, service_path, mask, filter, offset)
                 .await?;
             pages += 1;
             let n = page.rows.len() as u64;
             announced = page.total.or(announced);
+            let mut fresh = 0u64;
             for row in page.rows {
                 let id = row.get("id").and_then(id_of).ok_or_else(|| {
                     self.shape(
@@ -549,12 +581,24 @@ impl SoftlayerProvider {
                         ),
                     )
                 })?;
-                rows.insert(id, row);
+                if rows.insert(id, row).is_none() {
+                    fresh += 1;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            if fresh == 0 {
+                return Err(self.shape(
+                    call,
+                    format!(
+                        "paging makes no progress: the page at offset {offset} holds {n} rows \
+                         already read (the server ignores resultLimit?); nothing was staged"
+                    ),
+                ));
             }
             offset += n;
-            let done = n < u64::from(self.config.page_size)
-                || announced.is_some_and(|total| offset >= total);
-            if done {
+            if announced.is_some_and(|total| offset >= total) {
                 break;
             }
         }
