@@ -896,3 +896,176 @@ async fn without_the_total_header_an_endless_stream_of_pages_is_an_error() {
     let requests = server.received_requests().await.expect("recorded").len();
     assert_eq!(requests, 25, "stops at max_pages");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Object masks: the simulator sends only what a mask asks for, as SoftLayer does
+// ---------------------------------------------------------------------------------------------
+
+async fn sim_get(sim: &SoftlayerSimHandle, path: &str, mask: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{}/{path}.json", sim.url))
+        .basic_auth(USER, Some(KEY))
+        .query(&[("objectMask", mask)])
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json")
+}
+
+fn keys(v: &Value) -> Vec<&str> {
+    let mut k: Vec<&str> = v
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    k.sort_unstable();
+    k
+}
+
+/// SoftLayer returns only the properties an object mask names (local and relational, at every
+/// depth); the simulator does the same, so a property the provider reads but its mask forgets
+/// is missing in tests too.
+#[tokio::test]
+async fn the_simulator_returns_only_the_properties_the_mask_names() {
+    let ds = SoftlayerDataset::generate(&GenerateOptions {
+        invoices: 1,
+        items_per_invoice: 4,
+        next_items: 2,
+        ..Default::default()
+    });
+    let invoice = ds.invoices[0].id;
+    let sim = sim(ds).await;
+
+    let items = sim_get(
+        &sim,
+        &format!("SoftLayer_Billing_Invoice/{invoice}/getInvoiceTopLevelItems"),
+        "mask[id,recurringAfterTaxAmount,billingItem[id,orderItem[order[userRecord[id]]]],\
+         children[id,childrenCount]]",
+    )
+    .await;
+    let items = items.as_array().expect("array");
+    assert_eq!(items.len(), 4);
+    for item in items {
+        let k = keys(item);
+        assert!(
+            k.iter()
+                .all(|k| ["billingItem", "children", "id", "recurringAfterTaxAmount"].contains(k)),
+            "{k:?}"
+        );
+        assert!(k.contains(&"id") && k.contains(&"recurringAfterTaxAmount"));
+        if let Some(user) = item.pointer("/billingItem/orderItem/order/userRecord") {
+            assert_eq!(keys(user), ["id"], "no username unless masked");
+        }
+        assert_eq!(keys(&item["billingItem"])[0], "id");
+        for child in item["children"].as_array().into_iter().flatten() {
+            assert_eq!(keys(child), ["childrenCount", "id"]);
+            assert_eq!(child["childrenCount"], 0, "a count property is computed");
+        }
+    }
+    assert!(items.iter().any(|i| i["children"].is_array()));
+    assert!(items.iter().any(|i| i
+        .pointer("/billingItem/orderItem/order/userRecord")
+        .is_some()));
+
+    let invoices = sim_get(&sim, "SoftLayer_Account/getInvoices", "mask[id,statusCode]").await;
+    assert_eq!(keys(&invoices[0]), ["id", "statusCode"]);
+
+    let next = sim_get(
+        &sim,
+        "SoftLayer_Account/getNextInvoiceTopLevelBillingItems",
+        "mask[id,orderItem[id]]",
+    )
+    .await;
+    assert_eq!(keys(&next[0]), ["id", "orderItem"]);
+    assert_eq!(keys(&next[0]["orderItem"]), ["id"]);
+}
+
+/// An invoice line carrying every property the provider reads (and some it does not), with a
+/// child: what SoftLayer would send for a mask asking for everything.
+fn rich_item(id: u64, invoice: u64, username: &str) -> Value {
+    json!({
+        "id": id, "invoiceId": invoice, "billingItemId": id + 10, "parentId": null,
+        "categoryCode": "server", "description": "Dual E5-2690 v3", "hostName": "web1",
+        "domainName": "example.com", "createDate": "2025-03-03T22:08:36-06:00",
+        "hourlyFlag": true, "hourlyRecurringFee": ".5", "recurringFee": "360",
+        "recurringAfterTaxAmount": "360", "oneTimeAfterTaxAmount": 1.5,
+        "setupAfterTaxAmount": "20", "laborAfterTaxAmount": ".25",
+        "recurringTaxAmount": "0", "notes": "not read",
+        "category": {"name": "Server", "categoryCode": "server"},
+        "location": {"name": "dal10", "longName": "Dallas 10"},
+        "billingItem": {"id": id + 10, "recurringFee": "360", "orderItem": {"id": id + 20,
+            "order": {"id": id + 30, "userRecordId": 14,
+                "userRecord": {"id": 14, "username": username, "email": "not read"}}}},
+        "children": [{"id": id + 1, "billingItemId": id + 11, "categoryCode": "ram",
+            "description": "16 GB", "recurringAfterTaxAmount": "10", "oneTimeAfterTaxAmount": "0",
+            "setupAfterTaxAmount": "1", "laborAfterTaxAmount": "2", "notes": "not read",
+            "category": {"name": "RAM"}}]
+    })
+}
+
+/// A next-invoice billing item carrying every property the provider reads.
+fn rich_billing_item(id: u64, username: &str) -> Value {
+    json!({
+        "id": id, "categoryCode": "guest_core", "description": "1 x 2.0 GHz Core",
+        "hostName": "next1", "domainName": "example.com",
+        "createDate": "2025-02-27T06:58:38-06:00", "cancellationDate": "2025-04-01T00:00:00-06:00",
+        "cycleStartDate": "2025-03-04T00:00:00-06:00", "lastBillDate": "2025-03-04T00:00:00-06:00",
+        "nextBillDate": "2025-04-04T00:00:00-05:00", "hourlyFlag": true, "hoursUsed": "20",
+        "hourlyRecurringFee": ".024", "currentHourlyCharge": ".48", "recurringFee": ".024",
+        "oneTimeFee": "0", "setupFee": "0", "laborFee": "0",
+        "nextInvoiceTotalRecurringAmount": "12.5", "nextInvoiceTotalOneTimeAmount": 0,
+        "nextInvoiceTotalRecurringTaxAmount": "1.25", "nextInvoiceTotalOneTimeTaxAmount": "0",
+        "resourceTableId": 9, "notes": "not read",
+        "category": {"name": "Computing Instance"}, "location": {"name": "ams01"},
+        "orderItem": {"id": id + 1, "order": {"id": id + 2, "userRecordId": 15,
+            "userRecord": {"id": 15, "username": username}}},
+        "invoiceItem": {"id": id + 3, "totalRecurringAmount": "12.5"}
+    })
+}
+
+fn without_raw(mut records: Vec<UsageRecord>) -> Vec<UsageRecord> {
+    for r in &mut records {
+        r.raw = billsync::record::RawJson::null();
+    }
+    records
+}
+
+/// Through the simulator (which applies the provider's own masks) the records are exactly
+/// those the full, unmasked data gives: the masks ask for every property the provider reads.
+#[tokio::test]
+async fn the_provider_masks_ask_for_every_property_it_reads() {
+    let mut ds = SoftlayerDataset::new(123);
+    ds.add_invoice(
+        501,
+        "2025-03-04T00:17:42-06:00",
+        "CLOSED",
+        "RECURRING",
+        vec![rich_item(1, 501, "alice"), rich_item(5, 501, "bob")],
+    );
+    ds.next_items = vec![rich_billing_item(70, "carol")];
+    let raw_items = Value::Array(ds.invoices[0].items.clone());
+    let header = InvoiceHeader::from_value(&ds.invoices[0].header).expect("header");
+    let expected_lines = parse_invoice_items(&raw_items, &ctx(header)).expect("parses");
+    let expected_next = billsync::providers::softlayer::parse_next_items(
+        &Value::Array(ds.next_items.clone()),
+        &next_ctx(),
+    )
+    .expect("parses");
+    assert_eq!(expected_lines[0].sub_account_id, "alice");
+    assert_eq!(expected_next[0].sub_account_id, "carol");
+
+    let sim = sim(ds).await;
+    let mut config = SoftlayerConfig::new(&sim.url, USER, Secret::new(KEY));
+    config.retry = fast_retry();
+    config.provisional = true;
+    let p = SoftlayerProvider::new("sl-test".into(), config).expect("valid");
+    let records = run(&p, &mut Cursors::new()).await.expect("run");
+    let (next, lines): (Vec<UsageRecord>, Vec<UsageRecord>) = records
+        .into_iter()
+        .partition(|r| r.attributes["record_kind"] == "estimate");
+    assert_eq!(without_raw(lines), without_raw(expected_lines));
+    assert_eq!(without_raw(next), without_raw(expected_next));
+}

@@ -9,8 +9,13 @@
 //!   `SoftLayer-Total-Items` header carries the filtered total. Rows come in `createDate`
 //!   order, then `id` (as the provider's filter asks).
 //! * `GET /SoftLayer_Billing_Invoice/{id}/getInvoiceTopLevelItems.json`: the invoice's items,
-//!   by id, paged the same way; nested `billingItem.orderItem.order.userRecord` and `children`
-//!   as the provider's mask asks. The mask itself is recorded, not applied.
+//!   by id, paged the same way; nested `billingItem.orderItem.order.userRecord` and `children`.
+//!
+//! **Object masks are applied** to every answer, as SoftLayer does: only the properties the
+//! `objectMask` names come back, at every depth (`mask[id,billingItem[id,orderItem[id]]]`);
+//! a count property (`childrenCount`) is computed from the list it counts. A property the
+//! provider reads but its mask forgets is therefore missing here too. Without a mask the
+//! dataset is sent whole.
 //! * `GET /SoftLayer_Account/getNextInvoiceTopLevelBillingItems.json`: the next-invoice items.
 //! * `GET /SoftLayer_Account/getObject.json`: `{"id": <account id>}`.
 //!
@@ -653,6 +658,104 @@ fn fault_response(fault: Fault) -> Response {
     }
 }
 
+/// An object mask as a tree: each named property and the mask of its own properties (empty:
+/// the property as it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectMask(BTreeMap<String, ObjectMask>);
+
+impl ObjectMask {
+    /// Read `mask[a,b[c,d],e.f]` (the `mask` word is optional). `None` when it is not a mask.
+    pub fn parse(text: &str) -> Option<ObjectMask> {
+        let text = text.trim();
+        let text = text.strip_prefix("mask").unwrap_or(text).trim_start();
+        let mut chars = text.chars().peekable();
+        if chars.next() != Some('[') {
+            return None;
+        }
+        let mask = Self::parse_list(&mut chars)?;
+        chars.all(char::is_whitespace).then_some(mask)
+    }
+
+    /// The properties up to the closing `]` (consumed).
+    fn parse_list(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<ObjectMask> {
+        let mut mask = ObjectMask::default();
+        let mut name = String::new();
+        loop {
+            match chars.next()? {
+                ',' => {
+                    mask.add(&name, ObjectMask::default());
+                    name.clear();
+                }
+                '[' => {
+                    let sub = Self::parse_list(chars)?;
+                    mask.add(&name, sub);
+                    name.clear();
+                    if chars.peek() == Some(&',') {
+                        chars.next();
+                    }
+                }
+                ']' => {
+                    mask.add(&name, ObjectMask::default());
+                    return Some(mask);
+                }
+                c if c.is_whitespace() => {}
+                c => name.push(c),
+            }
+        }
+    }
+
+    /// Add `a.b.c` with `sub` as the mask of its last part, merging with what is there.
+    fn add(&mut self, name: &str, sub: ObjectMask) {
+        let name = name.trim();
+        if name.is_empty() {
+            return;
+        }
+        match name.split_once('.') {
+            Some((head, rest)) => self.0.entry(head.to_string()).or_default().add(rest, sub),
+            None => {
+                let entry = self.0.entry(name.to_string()).or_default();
+                for (k, v) in sub.0 {
+                    entry.0.insert(k, v);
+                }
+            }
+        }
+    }
+
+    /// `value` with only the masked properties, at every depth. A masked `xCount` missing from
+    /// the data is the length of the list `x`.
+    pub fn apply(&self, value: &Value) -> Value {
+        match value {
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.apply(v)).collect()),
+            Value::Object(obj) => {
+                let mut out = Map::new();
+                for (name, sub) in &self.0 {
+                    let kept = match obj.get(name) {
+                        Some(v) if sub.0.is_empty() => Some(v.clone()),
+                        Some(v) => Some(sub.apply(v)),
+                        None => name.strip_suffix("Count").map(|list| match obj.get(list) {
+                            Some(Value::Array(a)) => json!(a.len()),
+                            _ => json!(0),
+                        }),
+                    };
+                    if let Some(v) = kept {
+                        out.insert(name.clone(), v);
+                    }
+                }
+                Value::Object(out)
+            }
+            other => other.clone(),
+        }
+    }
+}
+
+/// The request's `objectMask` applied to `value` (unchanged without a mask).
+fn masked(value: Value, query: &BTreeMap<String, String>) -> Value {
+    match query.get("objectMask").and_then(|m| ObjectMask::parse(m)) {
+        Some(mask) => mask.apply(&value),
+        None => value,
+    }
+}
+
 /// `"offset,limit"` → (offset, limit).
 fn result_limit(query: &BTreeMap<String, String>) -> Option<(usize, usize)> {
     let text = query.get("resultLimit")?;
@@ -669,7 +772,7 @@ fn paged(rows: Vec<Value>, query: &BTreeMap<String, String>) -> Response {
     };
     let mut h = HeaderMap::new();
     h.insert("softlayer-total-items", HeaderValue::from(total));
-    (h, Json(Value::Array(rows))).into_response()
+    (h, Json(masked(Value::Array(rows), query))).into_response()
 }
 
 /// Does `id` pass an object-filter operation such as `"> 123"`?
@@ -787,9 +890,11 @@ async fn serve(
     };
     match (service, method) {
         ("SoftLayer_Account", "getInvoices") => list_invoices(&ds, &query),
-        ("SoftLayer_Account", "getObject") => Json(json!({"id": ds.account_id})).into_response(),
+        ("SoftLayer_Account", "getObject") => {
+            Json(masked(json!({"id": ds.account_id}), &query)).into_response()
+        }
         ("SoftLayer_Account", "getNextInvoiceTopLevelBillingItems") => {
-            Json(Value::Array(ds.next_items.clone())).into_response()
+            Json(masked(Value::Array(ds.next_items.clone()), &query)).into_response()
         }
         ("SoftLayer_Billing_Invoice", "getInvoiceTopLevelItems") => {
             match init_id.and_then(|id| ds.invoices.iter().find(|i| i.id == id)) {
