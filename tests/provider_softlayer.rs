@@ -1069,3 +1069,81 @@ async fn the_provider_masks_ask_for_every_property_it_reads() {
     assert_eq!(without_raw(lines), without_raw(expected_lines));
     assert_eq!(without_raw(next), without_raw(expected_next));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Children at every depth
+// ---------------------------------------------------------------------------------------------
+
+/// A server line, its components (children) and their own sub-items (grandchildren). SLDN: every
+/// `*AfterTaxAmount` covers "this line only, not including any child invoice items", so each
+/// level carries its own cost and adding them never counts anything twice.
+fn server_with_grandchildren() -> Value {
+    json!([{
+        "id": 100, "categoryCode": "server", "recurringAfterTaxAmount": "500",
+        "oneTimeAfterTaxAmount": "0", "childrenCount": 2,
+        "children": [
+            {"id": 101, "categoryCode": "ram", "recurringAfterTaxAmount": "40",
+             "oneTimeAfterTaxAmount": "0", "childrenCount": 0, "children": []},
+            {"id": 102, "categoryCode": "disk_controller", "recurringAfterTaxAmount": "30",
+             "oneTimeAfterTaxAmount": "0", "childrenCount": 2,
+             "children": [
+                 {"id": 103, "categoryCode": "disk0", "recurringAfterTaxAmount": "12.25",
+                  "setupAfterTaxAmount": ".75", "childrenCount": 0},
+                 {"id": 104, "categoryCode": "disk1", "recurringAfterTaxAmount": 7,
+                  "laborAfterTaxAmount": "1"}
+             ]}
+        ]
+    }])
+}
+
+#[test]
+fn grandchildren_lines_are_part_of_the_top_level_items_cost() {
+    let records = parse_invoice_items(
+        &server_with_grandchildren(),
+        &ctx(header(2001, "CLOSED", "RECURRING")),
+    )
+    .expect("parses");
+    assert_eq!(records.len(), 1, "one record per top-level item");
+    // 500 + 40 + 30 + (12.25 + .75) + (7 + 1)
+    assert_eq!(records[0].billed_cost, dec("591"));
+    assert_eq!(records[0].attributes["own_cost"], "500");
+    assert_eq!(records[0].attributes["children_cost"], "91.00");
+    assert_eq!(records[0].attributes["children"], "4");
+}
+
+/// `childrenCount` larger than the children that came (a level deeper than the mask reaches,
+/// or a cut list) would lose lines: an error naming the line, never a silent shortfall.
+#[test]
+fn children_announced_but_missing_are_an_error() {
+    let mut items = server_with_grandchildren();
+    items[0]["children"][1]["children"] = Value::Null;
+    let err = parse_invoice_items(&items, &ctx(header(2001, "CLOSED", "RECURRING")))
+        .expect_err("lines missing");
+    let text = err.to_string();
+    assert!(text.contains("invoice 2001 item 100"), "{text}");
+    assert!(text.contains("childrenCount"), "{text}");
+}
+
+/// Through the simulator (masks applied): the item mask reaches the grandchildren, so the
+/// invoice's lines add up to what SoftLayer billed.
+#[tokio::test]
+async fn the_item_mask_reaches_grandchildren() {
+    let mut ds = SoftlayerDataset::new(77);
+    let items = server_with_grandchildren()
+        .as_array()
+        .expect("array")
+        .clone();
+    ds.add_invoice(
+        2001,
+        "2025-03-04T00:00:00-06:00",
+        "CLOSED",
+        "RECURRING",
+        items,
+    );
+    assert_eq!(ds.invoice_cost(2001), dec("591"));
+    assert_eq!(ds.invoices[0].header["invoiceTotalAmount"], "591.00");
+    let sim = sim(ds).await;
+    let p = provider_at(&sim.url, 100);
+    let records = run(&p, &mut Cursors::new()).await.expect("run");
+    assert_eq!(total(&records), dec("591"));
+}

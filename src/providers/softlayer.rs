@@ -26,7 +26,8 @@
 //! * **Natural key** (reference 1.9): `(invoice_id, invoice_item_id)` of the top-level item.
 //! * **Amounts.** `recurringAfterTaxAmount + oneTimeAfterTaxAmount + setupAfterTaxAmount +
 //!   laborAfterTaxAmount` of the top-level line
-//!   **plus the same of each child**: the `*AfterTaxAmount` fields cover one line only, never
+//!   **plus the same of each child, at every depth** (children's children are read too, and
+//!   a `childrenCount` above what came is an error): the `*AfterTaxAmount` fields cover one line only, never
 //!   its children (the documentation example: a parent `18.03` with children `10.00` and
 //!   `2.33`), so adding them never double counts; one record per top-level item keeps the
 //!   seed's "item with children" granularity. After-tax, because that is what was billed.
@@ -89,16 +90,21 @@ pub const RATE_LIMIT_CODE: &str = "SoftLayer_Exception_WebService_RateLimitExcee
 /// Object mask of the invoice listing.
 pub const INVOICE_MASK: &str = "mask[id,accountId,createDate,modifyDate,closedDate,statusCode,\
 typeCode,invoiceTotalAmount,invoiceTopLevelItemCount]";
-/// Object mask of an invoice's top-level items: amounts, naming, children and the seed's
-/// per-user chain `billingItem.orderItem.order.userRecord.username` (relational ids included,
-/// as the seed says masks need them).
+/// Object mask of an invoice's top-level items: amounts, naming, children and their own
+/// children (a server's components and their sub-items), `childrenCount` at every level (so a
+/// level deeper than this mask reaches is an error, not lost lines) and the seed's per-user
+/// chain `billingItem.orderItem.order.userRecord.username` (relational ids included, as the
+/// seed says masks need them).
 pub const ITEM_MASK: &str = "mask[id,invoiceId,billingItemId,parentId,categoryCode,description,\
 hostName,domainName,createDate,hourlyFlag,hourlyRecurringFee,recurringFee,\
 oneTimeAfterTaxAmount,recurringAfterTaxAmount,setupAfterTaxAmount,laborAfterTaxAmount,\
 category[name],location[name],\
 billingItem[id,orderItem[id,order[id,userRecordId,userRecord[id,username]]]],\
+childrenCount,\
 children[id,billingItemId,categoryCode,description,oneTimeAfterTaxAmount,\
-recurringAfterTaxAmount,setupAfterTaxAmount,laborAfterTaxAmount,category[name]]]";
+recurringAfterTaxAmount,setupAfterTaxAmount,laborAfterTaxAmount,category[name],childrenCount,\
+children[id,billingItemId,categoryCode,description,oneTimeAfterTaxAmount,\
+recurringAfterTaxAmount,setupAfterTaxAmount,laborAfterTaxAmount,category[name],childrenCount]]]";
 /// Object mask of the next-invoice items: the seed's mask
 /// (`mask[id,orderItem[id,order[userRecordId,userRecord[username]]],invoiceItem[id,totalRecurringAmount]]`)
 /// plus the local properties an estimate needs.
@@ -970,6 +976,44 @@ fn line_amount(v: &Value, site: &str) -> Result<Decimal, String> {
     sum.ok_or_else(|| format!("{site}: none of {} is present", LINE_AMOUNTS.join(", ")))
 }
 
+/// How deep `children` may nest under a top-level item before the lines are refused.
+const MAX_CHILD_DEPTH: usize = 16;
+
+/// The cost of every line below `v` (children, their children, ...) and how many lines that
+/// is. Each line's `*AfterTaxAmount` covers that line alone, so adding every level never
+/// counts anything twice. A `childrenCount` larger than the children that came means lines the
+/// mask did not reach (or a cut list): an error, never a silent shortfall.
+fn descendants_cost(v: &Value, site: &str, depth: usize) -> Result<(Decimal, usize), String> {
+    let list = match v.get("children") {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(list)) => list.as_slice(),
+        Some(_) => return Err(format!("{site}: children is not an array")),
+    };
+    if let Some(announced) = v.get("childrenCount").and_then(id_of) {
+        if announced > list.len() as u64 {
+            return Err(format!(
+                "{site}: childrenCount is {announced} but {} children came; their lines would \
+                 be lost (nested deeper than the object mask reaches?)",
+                list.len()
+            ));
+        }
+    }
+    if !list.is_empty() && depth >= MAX_CHILD_DEPTH {
+        return Err(format!(
+            "{site}: children nested more than {MAX_CHILD_DEPTH} levels deep"
+        ));
+    }
+    let mut cost = Decimal::ZERO;
+    let mut lines = 0usize;
+    for (i, child) in list.iter().enumerate() {
+        let child_site = format!("{site} child {i}");
+        let (below, below_lines) = descendants_cost(child, &child_site, depth + 1)?;
+        cost += line_amount(child, &child_site)? + below;
+        lines += 1 + below_lines;
+    }
+    Ok((cost, lines))
+}
+
 /// One record from one top-level invoice item (see the module doc for every choice).
 pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRecord, String> {
     let inv = &ctx.invoice;
@@ -979,17 +1023,7 @@ pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRe
         .ok_or_else(|| format!("invoice {}: an item without a usable id", inv.id))?;
     let site = format!("invoice {} item {id}", inv.id);
     let own = line_amount(item, &site)?;
-    let mut children_cost = Decimal::ZERO;
-    let mut children = 0usize;
-    if let Some(list) = item.get("children").filter(|c| !c.is_null()) {
-        let list = list
-            .as_array()
-            .ok_or_else(|| format!("{site}: children is not an array"))?;
-        for (i, child) in list.iter().enumerate() {
-            children_cost += line_amount(child, &format!("{site} child {i}"))?;
-            children += 1;
-        }
-    }
+    let (children_cost, children) = descendants_cost(item, &site, 0)?;
     let mut cost = own + children_cost;
     if inv.is_credit() {
         cost = -cost.abs();

@@ -156,12 +156,12 @@ fn line_amount(v: &Value) -> Decimal {
     .sum()
 }
 
-/// A top-level item's own lines plus its children's.
+/// A top-level item's own lines plus its children's, at every depth.
 fn item_total(item: &Value) -> Decimal {
     let children: Decimal = item
         .get("children")
         .and_then(Value::as_array)
-        .map(|c| c.iter().map(line_amount).sum())
+        .map(|c| c.iter().map(item_total).sum())
         .unwrap_or_default();
     line_amount(item) + children
 }
