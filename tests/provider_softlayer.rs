@@ -1147,3 +1147,33 @@ async fn the_item_mask_reaches_grandchildren() {
     let records = run(&p, &mut Cursors::new()).await.expect("run");
     assert_eq!(total(&records), dec("591"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Estimates: every one-time fee kind, like invoice lines
+// ---------------------------------------------------------------------------------------------
+
+/// A billing item without `nextInvoiceTotal*` is estimated from its fees. SLDN: the setup fee is
+/// "normally a one-time fee" and the labor fee is "also a one-time fee of a special type";
+/// invoice lines count `setupAfterTaxAmount` and `laborAfterTaxAmount`, so the estimate counts
+/// `setupFee` and `laborFee` along with `oneTimeFee`, and the mask asks for them.
+#[tokio::test]
+async fn an_estimate_from_fees_counts_setup_and_labor_fees_like_invoice_lines() {
+    let item = json!({"id": 71, "createDate": "2025-03-01T00:00:00-06:00",
+        "nextBillDate": "2025-04-04T00:00:00-05:00", "hourlyFlag": false,
+        "recurringFee": "10", "oneTimeFee": "1", "setupFee": "5", "laborFee": ".5"});
+    let records = parse_next_items_str(&Value::Array(vec![item.clone()]).to_string(), &next_ctx())
+        .expect("parses");
+    assert_eq!(records[0].billed_cost, dec("16.5"));
+    assert_eq!(records[0].attributes["amount_source"], "fees");
+
+    // Through the simulator, which applies the provider's mask.
+    let mut ds = SoftlayerDataset::new(123);
+    ds.next_items = vec![item];
+    let sim = sim(ds).await;
+    let mut config = SoftlayerConfig::new(&sim.url, USER, Secret::new(KEY));
+    config.retry = fast_retry();
+    config.provisional = true;
+    let p = SoftlayerProvider::new("sl-test".into(), config).expect("valid");
+    let records = run(&p, &mut Cursors::new()).await.expect("run");
+    assert_eq!(total(&records), dec("16.5"));
+}

@@ -110,7 +110,7 @@ recurringAfterTaxAmount,setupAfterTaxAmount,laborAfterTaxAmount,category[name],c
 /// plus the local properties an estimate needs.
 pub const NEXT_MASK: &str = "mask[id,categoryCode,description,hostName,domainName,createDate,\
 cancellationDate,cycleStartDate,lastBillDate,nextBillDate,hourlyFlag,hoursUsed,\
-hourlyRecurringFee,currentHourlyCharge,recurringFee,oneTimeFee,\
+hourlyRecurringFee,currentHourlyCharge,recurringFee,oneTimeFee,setupFee,laborFee,\
 nextInvoiceTotalRecurringAmount,nextInvoiceTotalOneTimeAmount,\
 nextInvoiceTotalRecurringTaxAmount,nextInvoiceTotalOneTimeTaxAmount,category[name],\
 location[name],orderItem[id,order[id,userRecordId,userRecord[id,username]]],\
@@ -1145,7 +1145,8 @@ pub fn parse_invoice_items_str(
 
 /// The estimated amount of a billing item on the next invoice and where it came from:
 /// `nextInvoiceTotal{Recurring,OneTime}[Tax]Amount` when masked (includes children), else
-/// `currentHourlyCharge` for an hourly item, else `recurringFee + oneTimeFee`.
+/// `currentHourlyCharge` for an hourly item, else `recurringFee + oneTimeFee + setupFee +
+/// laborFee`.
 fn estimate(v: &Value, site: &str) -> Result<(Decimal, &'static str), String> {
     let mut next = None;
     for name in [
@@ -1167,17 +1168,21 @@ fn estimate(v: &Value, site: &str) -> Result<(Decimal, &'static str), String> {
             return Ok((d, "current_hourly_charge"));
         }
     }
-    let recurring = decimal_field(v, "recurringFee", site)?;
-    let one_time = decimal_field(v, "oneTimeFee", site)?;
-    if recurring.is_none() && one_time.is_none() {
-        return Err(format!(
-            "{site}: no amount (nextInvoiceTotal*, currentHourlyCharge, recurringFee, oneTimeFee)"
-        ));
+    // The setup and labor fees are one-time fees too (SLDN), counted like invoice lines count
+    // setupAfterTaxAmount and laborAfterTaxAmount.
+    let mut sum = None;
+    for name in ["recurringFee", "oneTimeFee", "setupFee", "laborFee"] {
+        if let Some(d) = decimal_field(v, name, site)? {
+            sum = Some(sum.unwrap_or(Decimal::ZERO) + d);
+        }
     }
-    Ok((
-        recurring.unwrap_or_default() + one_time.unwrap_or_default(),
-        "fees",
-    ))
+    let sum = sum.ok_or_else(|| {
+        format!(
+            "{site}: no amount (nextInvoiceTotal*, currentHourlyCharge, recurringFee, \
+             oneTimeFee, setupFee, laborFee)"
+        )
+    })?;
+    Ok((sum, "fees"))
 }
 
 /// One provisional record from one `SoftLayer_Billing_Item` of the next invoice.
