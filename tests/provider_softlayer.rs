@@ -1177,3 +1177,20 @@ async fn an_estimate_from_fees_counts_setup_and_labor_fees_like_invoice_lines() 
     let records = run(&p, &mut Cursors::new()).await.expect("run");
     assert_eq!(total(&records), dec("16.5"));
 }
+
+/// The hours of an hourly line are `recurringFee / hourlyRecurringFee`; a quotient beyond what a
+/// decimal holds must not panic the run (the whole sync would crash for one odd line).
+#[test]
+fn an_hours_quotient_too_large_for_a_decimal_does_not_panic() {
+    let items = json!([{"id": 1, "hourlyFlag": true,
+        "recurringFee": "79000000000000000000000000000", "hourlyRecurringFee": ".001",
+        "recurringAfterTaxAmount": "12.5"}]);
+    let records = std::panic::catch_unwind(|| {
+        parse_invoice_items(&items, &ctx(header(3001, "CLOSED", "RECURRING")))
+    })
+    .expect("no panic")
+    .expect("parses");
+    assert_eq!(records[0].billed_cost, dec("12.5"));
+    assert_eq!(records[0].consumed_unit, "month");
+    assert_eq!(records[0].consumed_quantity, dec("1"));
+}

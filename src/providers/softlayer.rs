@@ -1066,15 +1066,18 @@ pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRe
 
     // Quantity: hours for an hourly line when recurringFee / hourlyRecurringFee is whole,
     // otherwise one line of the monthly cycle.
-    let (quantity, unit) = match (
+    let hours = match (
         hourly(item),
         decimal_field(item, "recurringFee", &site)?,
         decimal_field(item, "hourlyRecurringFee", &site)?,
     ) {
-        (true, Some(fee), Some(rate)) if !rate.is_zero() && (fee / rate).fract().is_zero() => {
-            ((fee / rate).normalize(), "hours")
-        }
-        _ => (Decimal::ONE, "month"),
+        // checked: a quotient beyond a decimal's range is not hours, and must not panic
+        (true, Some(fee), Some(rate)) => fee.checked_div(rate).filter(|h| h.fract().is_zero()),
+        _ => None,
+    };
+    let (quantity, unit) = match hours {
+        Some(h) => (h.normalize(), "hours"),
+        None => (Decimal::ONE, "month"),
     };
     let (start, end) = inv.period();
     Ok(UsageRecord {
