@@ -2143,6 +2143,28 @@ impl Pipeline {
                 counted.push((m, r));
             }
         }
+        // Months of one subscription and metric that overlap (a changed `period_utc_offset`):
+        // each would be brought up to its own minimum, charging the time they share twice.
+        let overlapping = if counted.is_empty() {
+            Vec::new()
+        } else {
+            self.ledger.overlapping_period_groups(g).await?
+        };
+        if !overlapping.is_empty() {
+            return Ok(Settlement::Problem(format!(
+                "this month ({} from {}) overlaps {} of the same subscription and metric \
+                 (`period_utc_offset` changed while its records came in): settling both would \
+                 charge their common time twice. Not settled (looked at again every run): \
+                 settle the month in the invoicing system by hand",
+                g.label,
+                crate::ledger::ts(g.start),
+                overlapping
+                    .iter()
+                    .map(|(label, start)| format!("{label} from {start}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let closed_by_delay = now >= g.end + self.period_close_delay;
         if due.settled_at.is_none() && !closed_by_delay {
             let at_the_latest = g.end + self.period_close_delay;

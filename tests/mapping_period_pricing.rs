@@ -1024,3 +1024,47 @@ async fn a_month_closes_early_only_when_every_source_feeding_it_reaches_its_end(
     );
     assert_eq!(lago_total(&lago, from, to), dec("50"));
 }
+
+/// `period_utc_offset` changed in the middle of a month: the records before the change belong
+/// to the UTC month, those after to the +09:00 month, and the two months overlap. Settling both
+/// would bring each up to the minimum: the customer charged the minimum twice for one month.
+/// Neither is settled; both are reported as problems to resolve by hand.
+#[tokio::test]
+async fn months_that_overlap_after_a_change_of_utc_offset_are_not_both_charged_the_minimum() {
+    let w = JelasticWorld::start(r#"{ minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    let mid = w.sync(at(2026, 10, 15, 12, 0)).await;
+    assert!(mid.sent > 500, "{mid:?}");
+    let shifted =
+        jelastic_mapping(r#"{ minimum: "50", period: month, period_utc_offset: "+09:00" }"#);
+    let close = w
+        .pipeline_with(shifted)
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 5, 0, 0)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(close.period_adjustments, 0, "{close:?}");
+    assert!(
+        adjustments(&w.lago).is_empty(),
+        "{:?}",
+        adjustments(&w.lago)
+    );
+    assert!(
+        lago_total(&w.lago, from, to) <= dec("50"),
+        "never more than the month's minimum: {}",
+        lago_total(&w.lago, from, to)
+    );
+    let status = w.pipeline().await.ledger.period_status().await.unwrap();
+    assert_eq!(status.problems.len(), 2, "{status:?}");
+    assert!(
+        status
+            .problems
+            .iter()
+            .all(|(_, note)| note.contains("overlaps")),
+        "{:?}",
+        status.problems
+    );
+}

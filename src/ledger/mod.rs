@@ -2449,6 +2449,32 @@ impl Ledger {
             .collect()
     }
 
+    /// Other months of `group`'s sink, subscription and metric, with records, whose time range
+    /// overlaps its own (`period_utc_offset` changed while records were staged): `(label,
+    /// start)` each.
+    pub async fn overlapping_period_groups(
+        &self,
+        group: &PeriodGroupRow,
+    ) -> Result<Vec<(String, String)>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT period_label, period_start FROM period_groups
+             WHERE sink = ?1 AND subscription = ?2 AND metric = ?3 AND group_key <> ?4
+               AND period_start < ?6 AND period_end > ?5
+               AND EXISTS (SELECT 1 FROM period_members m WHERE m.group_key = period_groups.group_key)
+             ORDER BY period_start",
+        )
+        .bind(&group.sink)
+        .bind(&group.subscription)
+        .bind(&group.metric)
+        .bind(&group.group_key)
+        .bind(ts(group.start))
+        .bind(ts(group.end))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql("reading overlapping period groups"))?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// The members of a group with what the ledger holds for each.
     pub async fn period_group_members(
         &self,
