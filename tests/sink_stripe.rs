@@ -328,6 +328,112 @@ async fn a_record_stamped_ahead_of_stripes_window_waits_instead_of_being_quarant
     assert_eq!(later.count("k.early"), 1);
 }
 
+/// Stripe's own clock decides in the end: a record our guard lets through (here a sink whose
+/// `max_future` is an hour, like a clock of ours running ahead of Stripe's) can still be refused
+/// by Stripe as too far in the future. That refusal is about the time, not the record: the
+/// record stays pending (Failed) and goes out on a later run. Rejected would quarantine billable
+/// usage for good.
+#[tokio::test]
+async fn stripes_own_too_early_refusal_keeps_the_record_pending() {
+    let stripe = sim().await;
+    let mut c = config(&stripe.url, fast_retry(2));
+    c.max_future = Duration::from_secs(3600);
+    let s = StripeSink::new("stripe-test".into(), c).unwrap();
+    let b = batch(
+        &s,
+        &[(
+            "k.early",
+            event("cus_A", "3", ago(-chrono::Duration::minutes(30))),
+        )],
+    );
+    match &s.deliver(&b).await.unwrap()[0] {
+        Outcome::Failed(r) => assert!(r.contains("pending"), "{r}"),
+        other => panic!("expected Failed (stays pending), got {other:?}"),
+    }
+    assert_eq!(
+        stripe.request_count(),
+        1,
+        "a time window refusal is not retried within the run"
+    );
+    assert_eq!(stripe.count("k.early"), 0);
+
+    // Once Stripe's window covers the time, the same frozen payload is taken.
+    let later = StripeSim::start(StripeSimConfig {
+        max_future: Duration::from_secs(3600),
+        ..StripeSimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut c = config(&later.url, fast_retry(0));
+    c.max_future = Duration::from_secs(3600);
+    let s = StripeSink::new("stripe-test".into(), c).unwrap();
+    assert_eq!(s.deliver(&b).await.unwrap(), vec![Outcome::Delivered]);
+    assert_eq!(later.count("k.early"), 1);
+}
+
+/// Stripe's time window answers are classified by Stripe's documented meter event error codes
+/// (`timestamp_in_future`, `timestamp_too_far_in_past`), whatever the message says: too early
+/// waits (Failed), too old is rejected for good with a reason naming the record. A refusal of
+/// the `timestamp` parameter without one of those codes is time-dependent too: it waits (our
+/// own guard rejects the record once it is older than `max_age`).
+#[tokio::test]
+async fn stripes_time_window_answers_are_classified_by_their_code() {
+    use wiremock::matchers::{body_string_contains, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    for (key, body) in [
+        (
+            "k.future",
+            r#"{"error":{"type":"invalid_request_error","code":"timestamp_in_future","message":"Invalid timestamp."}}"#,
+        ),
+        (
+            "k.past",
+            r#"{"error":{"type":"invalid_request_error","code":"timestamp_too_far_in_past","message":"Invalid timestamp."}}"#,
+        ),
+        (
+            "k.nocode",
+            r#"{"error":{"type":"invalid_request_error","param":"timestamp","message":"Invalid timestamp."}}"#,
+        ),
+    ] {
+        Mock::given(method("POST"))
+            .and(body_string_contains(format!("identifier={key}&")))
+            .respond_with(ResponseTemplate::new(400).set_body_string(body))
+            .mount(&server)
+            .await;
+    }
+    let s = sink(&server.uri(), fast_retry(2));
+    let t = ago(chrono::Duration::hours(1));
+    let b = batch(
+        &s,
+        &[
+            ("k.future", event("cus_A", "1", t)),
+            ("k.past", event("cus_B", "1", t)),
+            ("k.nocode", event("cus_C", "1", t)),
+        ],
+    );
+    let out = s.deliver(&b).await.unwrap();
+    match &out[0] {
+        Outcome::Failed(r) => assert!(r.contains("timestamp_in_future"), "{r}"),
+        other => panic!("too early must wait, got {other:?}"),
+    }
+    match &out[1] {
+        Outcome::Rejected(r) => {
+            assert!(r.contains("k.past"), "{r}");
+            assert!(r.contains("timestamp_too_far_in_past"), "{r}");
+        }
+        other => panic!("too old is final, got {other:?}"),
+    }
+    match &out[2] {
+        Outcome::Failed(r) => assert!(r.contains("param timestamp"), "{r}"),
+        other => panic!("a timestamp refusal without a code must wait, got {other:?}"),
+    }
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        3,
+        "time window answers are not retried within the run"
+    );
+}
+
 #[test]
 fn what_stripe_cannot_take_is_refused_at_staging() {
     let s = sink("http://127.0.0.1:1", fast_retry(0));

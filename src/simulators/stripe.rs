@@ -7,7 +7,10 @@
 //! - `POST /v1/billing/meter_events`: form body (`event_name`, `payload[…]`, `identifier`,
 //!   `timestamp`, `expand[]`), Bearer secret key; unknown or missing parameters → 400;
 //!   `identifier` unique over a rolling window (24 h) → 400 "An event already exists with
-//!   identifier …"; timestamps older than 35 days or more than 5 minutes ahead → 400;
+//!   identifier …"; timestamps older than 35 days or more than 5 minutes ahead → 400 with
+//!   `param: timestamp` and Stripe's meter event error code (`timestamp_too_far_in_past`,
+//!   `timestamp_in_future`: the codes Stripe documents for meter event errors; that the
+//!   synchronous answer carries them is an assumption the sink does not depend on);
 //!   `Idempotency-Key`: the same key with the same body replays the saved answer (header
 //!   `Idempotent-Replayed: true`), with another body → 400 `idempotency_error`. Only answers of
 //!   requests that passed validation are saved, as Stripe documents.
@@ -503,23 +506,33 @@ async fn injected(shared: &Shared) -> Option<Response> {
     })
 }
 
-/// The time window check; `Err(message)` when Stripe would refuse the time.
-fn window(shared: &Shared, ts: i64, now: DateTime<Utc>) -> Result<(), String> {
+/// The time window check; `Err((code, message))` when Stripe would refuse the time.
+fn window(
+    shared: &Shared,
+    ts: i64,
+    now: DateTime<Utc>,
+) -> Result<(), (Option<&'static str>, String)> {
     let max_age = chrono::Duration::from_std(shared.config.max_age).unwrap_or_default();
     let max_future = chrono::Duration::from_std(shared.config.max_future).unwrap_or_default();
     let Some(t) = Utc.timestamp_opt(ts, 0).single() else {
-        return Err(format!("Invalid timestamp: {ts}"));
+        return Err((None, format!("Invalid timestamp: {ts}")));
     };
     if t < now - max_age {
-        return Err(format!(
-            "The timestamp {ts} is too far in the past: meter events must be within the past {} calendar days.",
-            max_age.num_days()
+        return Err((
+            Some("timestamp_too_far_in_past"),
+            format!(
+                "The timestamp {ts} is too far in the past: meter events must be within the past {} calendar days.",
+                max_age.num_days()
+            ),
         ));
     }
     if t > now + max_future {
-        return Err(format!(
-            "The timestamp {ts} is too far in the future: meter events may be at most {} seconds ahead.",
-            max_future.num_seconds()
+        return Err((
+            Some("timestamp_in_future"),
+            format!(
+                "The timestamp {ts} is too far in the future: meter events may be at most {} seconds ahead.",
+                max_future.num_seconds()
+            ),
         ));
     }
     Ok(())
@@ -649,8 +662,13 @@ async fn post_v1(State(shared): Sim, headers: HeaderMap, body: String) -> Respon
         );
     }
     let timestamp = timestamp.unwrap_or_else(|| now.timestamp());
-    if let Err(m) = window(&shared, timestamp, now) {
-        return invalid(&m, Some("timestamp"));
+    if let Err((code, m)) = window(&shared, timestamp, now) {
+        let mut error =
+            json!({ "type": "invalid_request_error", "message": m, "param": "timestamp" });
+        if let Some(c) = code {
+            error["code"] = json!(c);
+        }
+        return (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response();
     }
     if let Some(code) = lock(&shared.faults).saved_failures.pop_front() {
         let response =
@@ -867,7 +885,7 @@ async fn post_stream(State(shared): Sim, headers: HeaderMap, body: String) -> Re
                     format!("sim_{}", store.generated)
                 }
             };
-            if let Err(m) = window(&shared, timestamp, now) {
+            if let Err((_, m)) = window(&shared, timestamp, now) {
                 store.async_errors.push((identifier, m));
                 continue;
             }

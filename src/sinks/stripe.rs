@@ -26,6 +26,15 @@
 //!   with that reason) without being sent; one too early stays pending (failed, with the reason)
 //!   and goes out on a later run once its time is inside the window. `billsync status` warns
 //!   when pending records approach the 35-day limit.
+//! - **Stripe's own clock decides in the end.** Its time window answers are classified by
+//!   Stripe's documented meter event error codes, not by their wording: `timestamp_in_future`
+//!   (and any refusal of the `timestamp` parameter without a code) only says "not yet" (a clock
+//!   ahead of Stripe's, a looser `max_future`): the record stays pending (failed) and is sent
+//!   again on a later run; `timestamp_too_far_in_past` is final: the record is rejected with a
+//!   reason naming it (Stripe can never take it; bill it another way). The codes are those
+//!   Stripe lists for meter event errors (`v1.billing.meter.error_report_triggered`); that the
+//!   synchronous v1 answer carries them is not documented, hence the `param` fallback, which
+//!   errs on the side of waiting: our own guard rejects the record once it is past `max_age`.
 //! - **Duplicates are success, narrowly.** A `2xx` with `Idempotent-Replayed: true` is Stripe
 //!   replaying the stored answer of an earlier attempt → already delivered. A 400 whose message
 //!   says an event *already exists with identifier `<this key>`* is Stripe's identifier dedup →
@@ -81,6 +90,10 @@ pub const STREAM_MAX_EVENTS: usize = 100;
 pub const CUSTOMER_KEY: &str = "stripe_customer_id";
 /// The records `deliver` accepts at once.
 pub const MAX_BATCH: usize = 100;
+/// Stripe's meter event error code for an event time more than 5 minutes ahead.
+pub const TIMESTAMP_IN_FUTURE: &str = "timestamp_in_future";
+/// Stripe's meter event error code for an event time older than 35 days.
+pub const TIMESTAMP_TOO_FAR_IN_PAST: &str = "timestamp_too_far_in_past";
 /// Renew a v2 session this long before it expires.
 const SESSION_MARGIN: Duration = Duration::from_secs(60);
 
@@ -569,6 +582,9 @@ impl StripeSink {
                 Some(e) if e.is_identifier_duplicate(&out.key) => {
                     V1::Outcome(Outcome::AlreadyDelivered)
                 }
+                Some(e) if e.time_window().is_some() => {
+                    V1::Outcome(self.time_window_outcome(&out.key, e))
+                }
                 Some(e) if e.kind.as_deref() == Some("idempotency_error") => {
                     V1::Outcome(Outcome::Rejected(format!(
                         "Stripe refused the Idempotency-Key (used earlier with other parameters): {}",
@@ -621,6 +637,27 @@ impl StripeSink {
             ))),
         };
         Attempt::Done(verdict)
+    }
+
+    /// Stripe refused the event time: too old is final, anything else waits for a later run.
+    fn time_window_outcome(&self, key: &str, e: &StripeError) -> Outcome {
+        let described = e.describe();
+        match e.time_window() {
+            Some(TimeWindow::TooOld) => {
+                tracing::warn!(sink = %self.name, %key, error = %described,
+                    "Stripe refuses the record as older than its window; it can never be sent to Stripe");
+                Outcome::Rejected(format!(
+                    "Stripe refused record {key} for good: its timestamp is older than Stripe accepts (the past 35 calendar days), so it can never be billed through Stripe: {described}"
+                ))
+            }
+            _ => {
+                tracing::warn!(sink = %self.name, %key, error = %described,
+                    "Stripe refused the record's time for now; it stays pending");
+                Outcome::Failed(format!(
+                    "Stripe refused the timestamp for now (not yet inside its window, or the clocks differ); kept pending and sent again on a later run: {described}"
+                ))
+            }
+        }
     }
 
     // --- v2 stream ------------------------------------------------------------------------
@@ -886,6 +923,17 @@ enum StreamResult {
     Failed(String),
 }
 
+/// Which side of Stripe's time window an answer refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimeWindow {
+    /// `timestamp_too_far_in_past`: never acceptable.
+    TooOld,
+    /// `timestamp_in_future`: acceptable later.
+    TooEarly,
+    /// The `timestamp` parameter refused without either code: time-dependent, so it waits.
+    Unspecified,
+}
+
 /// `{"error": {"type", "code", "message", "param"}}`.
 #[derive(Debug, Deserialize)]
 struct StripeError {
@@ -920,6 +968,17 @@ impl StripeError {
             Some("check api_version")
         } else {
             None
+        }
+    }
+
+    /// A refusal of the event time, by Stripe's documented codes (or the `timestamp` parameter
+    /// named without a code).
+    fn time_window(&self) -> Option<TimeWindow> {
+        match self.code.as_deref() {
+            Some(TIMESTAMP_TOO_FAR_IN_PAST) => Some(TimeWindow::TooOld),
+            Some(TIMESTAMP_IN_FUTURE) => Some(TimeWindow::TooEarly),
+            None if self.param.as_deref() == Some("timestamp") => Some(TimeWindow::Unspecified),
+            _ => None,
         }
     }
 
