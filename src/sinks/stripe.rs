@@ -36,9 +36,11 @@
 //!   synchronous v1 answer carries them is not documented, hence the `param` fallback, which
 //!   errs on the side of waiting: our own guard rejects the record once it is past `max_age`.
 //! - **Duplicates are success, narrowly.** A `2xx` with `Idempotent-Replayed: true` is Stripe
-//!   replaying the stored answer of an earlier attempt → already delivered. A 400 whose message
-//!   says an event *already exists with identifier `<this key>`* is Stripe's identifier dedup →
-//!   already delivered. Every other 400 is a rejection with Stripe's `error.message`.
+//!   replaying the stored answer of an earlier attempt → already delivered. A 400
+//!   `invalid_request_error` whose message says an event *already exists with identifier
+//!   `<this key>`* is Stripe's identifier dedup → already delivered (Stripe documents no error
+//!   code for it; one about another parameter, or carrying a documented meter event error
+//!   code, never counts). Every other 400 is a rejection with Stripe's `error.message`.
 //! - **Retries** (shared [`RetryPolicy`], honouring `Retry-After`) only for transport errors,
 //!   timeouts, 408/409/429 and 5xx, always with the identical body and key. A 5xx marked
 //!   `Idempotent-Replayed` is Stripe replaying a stored failure for this key: retrying within
@@ -94,6 +96,20 @@ pub const MAX_BATCH: usize = 100;
 pub const TIMESTAMP_IN_FUTURE: &str = "timestamp_in_future";
 /// Stripe's meter event error code for an event time older than 35 days.
 pub const TIMESTAMP_TOO_FAR_IN_PAST: &str = "timestamp_too_far_in_past";
+/// The error codes Stripe documents for meter events (`v1.billing.meter.error_report_triggered`):
+/// each names a fault other than a duplicate identifier.
+const METER_EVENT_ERROR_CODES: [&str; 10] = [
+    "archived_meter",
+    "meter_event_customer_not_found",
+    "meter_event_dimension_count_too_high",
+    "meter_event_invalid_value",
+    "meter_event_no_customer_defined",
+    "meter_event_value_too_many_digits",
+    "missing_dimension_payload_keys",
+    "no_meter",
+    TIMESTAMP_IN_FUTURE,
+    TIMESTAMP_TOO_FAR_IN_PAST,
+];
 /// Renew a v2 session this long before it expires.
 const SESSION_MARGIN: Duration = Duration::from_secs(60);
 
@@ -984,25 +1000,37 @@ impl StripeError {
 
     /// Stripe's identifier dedup: a 400 `invalid_request_error` saying that an event with
     /// *this* identifier already exists (observed text: "An event already exists with
-    /// identifier <id>."). Nothing looser counts, so an unrelated 400 is never taken for success.
+    /// identifier <id>."). Stripe documents no error code for it (the answer was observed
+    /// without one), so the message decides, narrowly: Stripe's error envelope (a `type`),
+    /// about the `identifier` parameter when it names one, no documented meter event error
+    /// code saying something else, and this identifier as the word right after "identifier".
+    /// Taking anything else for "already delivered" would lose the record.
     fn is_identifier_duplicate(&self, identifier: &str) -> bool {
+        if self.kind.as_deref() != Some("invalid_request_error") {
+            return false;
+        }
+        if self.param.as_deref().is_some_and(|p| p != "identifier") {
+            return false;
+        }
         if self
-            .kind
+            .code
             .as_deref()
-            .is_some_and(|k| k != "invalid_request_error")
+            .is_some_and(|c| METER_EVENT_ERROR_CODES.contains(&c))
         {
             return false;
         }
         let Some(message) = self.message.as_deref() else {
             return false;
         };
-        let lower = message.to_ascii_lowercase();
-        lower.contains("already exists")
-            && lower.contains("identifier")
-            && message
-                .split(|c: char| c.is_whitespace() || matches!(c, '\'' | '"' | '`' | '(' | ')'))
-                .map(|w| w.strip_suffix('.').unwrap_or(w))
-                .any(|w| w == identifier)
+        if !message.to_ascii_lowercase().contains("already exists") {
+            return false;
+        }
+        let words: Vec<&str> = message.split_whitespace().collect();
+        words.windows(2).any(|w| {
+            let named = w[1].strip_suffix('.').unwrap_or(w[1]);
+            let named = named.trim_matches(|c: char| matches!(c, '\'' | '"' | '`' | '(' | ')'));
+            w[0].eq_ignore_ascii_case("identifier") && named == identifier
+        })
     }
 
     fn describe(&self) -> String {
@@ -1362,6 +1390,55 @@ mod tests {
         assert!(!e(
             "api_error",
             &format!("An event already exists with identifier {k}.")
+        )
+        .is_identifier_duplicate(k));
+    }
+
+    /// Only Stripe's own identifier answer counts as delivered: its error envelope with type
+    /// `invalid_request_error`, about the `identifier` parameter when it names one, and with no
+    /// documented meter event error code saying something else; the message must name this
+    /// identifier right after the word "identifier".
+    #[test]
+    fn a_duplicate_is_only_stripes_identifier_answer() {
+        let k = "ms.a.20260101T000000.abc";
+        let dup = format!("An event already exists with identifier {k}.");
+        let e =
+            |kind: Option<&str>, code: Option<&str>, param: Option<&str>, msg: &str| StripeError {
+                kind: kind.map(str::to_string),
+                code: code.map(str::to_string),
+                message: Some(msg.into()),
+                param: param.map(str::to_string),
+            };
+        let yes = Some("invalid_request_error");
+        assert!(e(yes, None, None, &dup).is_identifier_duplicate(k));
+        assert!(e(yes, None, Some("identifier"), &dup).is_identifier_duplicate(k));
+        assert!(e(
+            yes,
+            None,
+            None,
+            &format!("An event already exists with identifier '{k}'.")
+        )
+        .is_identifier_duplicate(k));
+        // Not Stripe's error envelope (no type): a proxy or something else answered.
+        assert!(!e(None, None, None, &dup).is_identifier_duplicate(k));
+        // About another parameter, or with a documented code that says something else.
+        assert!(!e(yes, None, Some("timestamp"), &dup).is_identifier_duplicate(k));
+        for code in [
+            TIMESTAMP_IN_FUTURE,
+            TIMESTAMP_TOO_FAR_IN_PAST,
+            "meter_event_invalid_value",
+        ] {
+            assert!(
+                !e(yes, Some(code), None, &dup).is_identifier_duplicate(k),
+                "{code}"
+            );
+        }
+        // The identifier named is not the one right after "identifier".
+        assert!(!e(
+            yes,
+            None,
+            None,
+            &format!("An event already exists with identifier other.1 (not {k}).")
         )
         .is_identifier_duplicate(k));
     }
