@@ -56,6 +56,9 @@ struct ReceiverState {
     stored: BTreeMap<String, usize>,
     records: Vec<Value>,
     requests: Vec<Received>,
+    /// Answer a new batch holding keys already stored with 409 and
+    /// `{"duplicates":[those keys]}`, storing nothing of it (a receiver deduplicating by key).
+    list_duplicates: bool,
 }
 
 type Shared = Arc<Mutex<ReceiverState>>;
@@ -118,7 +121,19 @@ async fn handle(
                     .to_string();
                 let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                 let known = st.batches.contains(&id);
-                if !known {
+                let duplicates: Vec<String> = if st.list_duplicates && !known {
+                    parsed["records"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r["key"].as_str())
+                        .filter(|k| st.stored.contains_key(*k))
+                        .map(str::to_string)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                if !known && duplicates.is_empty() {
                     st.batches.insert(id);
                     for r in parsed["records"].as_array().cloned().unwrap_or_default() {
                         let key = r["key"].as_str().unwrap_or_default().to_string();
@@ -130,6 +145,10 @@ async fn handle(
                     }
                 }
                 match script {
+                    _ if !duplicates.is_empty() => (
+                        409,
+                        serde_json::json!({ "duplicates": duplicates }).to_string(),
+                    ),
                     Script::StoreThenAnswer(code) => (code, "lost answer".to_string()),
                     _ if known => (409, "batch already received".to_string()),
                     _ => (200, "{}".to_string()),
@@ -450,6 +469,64 @@ async fn exactly_once_through_a_lost_answer_and_a_restart() {
         let value = Decimal::from_str(r["value"].as_str().unwrap()).unwrap();
         assert_eq!(Some(&value), expected.get(key), "{key}");
     }
+}
+
+/// After a crash, the pending queue can hold more records than the lost attempt: the resent
+/// batch has a new id and only some of its records are at the receiver. A receiver that answers
+/// 409 naming the keys it already has (`{"duplicates":[…]}`) gets exactly those recorded as
+/// delivered before; the other records of the batch are sent again at once, never taken for
+/// delivered. A 409 naming none of the batch's keys delivers nothing.
+#[tokio::test]
+async fn a_409_naming_its_duplicates_never_marks_the_other_records_delivered() {
+    let rx = Receiver::start(vec![Script::StoreThenAnswer(500)]).await;
+    rx.state.lock().unwrap().list_duplicates = true;
+    let s = sink(&rx.url, 10, fast_retry(0));
+    let all = batch(&s, 3);
+    // The first attempt carried k0 and k1: stored, but the answer was lost.
+    let first = s.deliver(&all[..2]).await.unwrap();
+    assert!(matches!(first[0], Outcome::Failed(_)), "{first:?}");
+    // The next run's batch also carries the new record k2.
+    let out = s.deliver(&all).await.unwrap();
+    assert_eq!(
+        out,
+        vec![
+            Outcome::AlreadyDelivered,
+            Outcome::AlreadyDelivered,
+            Outcome::Delivered
+        ]
+    );
+    {
+        let st = rx.state.lock().unwrap();
+        assert_eq!(
+            st.stored.get("k2"),
+            Some(&1),
+            "the new record reached the receiver"
+        );
+        assert!(st.stored.values().all(|&n| n == 1), "a record stored twice");
+    }
+    let reqs = rx.requests();
+    let last = reqs.last().unwrap();
+    let body: Value = serde_json::from_str(&last.body).unwrap();
+    let keys: Vec<&str> = body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        vec!["k2"],
+        "only the record the receiver lacked is resent"
+    );
+
+    // A 409 whose list names none of the batch's records: nothing is taken for delivered.
+    let rx = Receiver::start(vec![Script::Answer(409, r#"{"duplicates":["elsewhere"]}"#)]).await;
+    let s = sink(&rx.url, 10, fast_retry(0));
+    let out = s.deliver(&batch(&s, 2)).await.unwrap();
+    assert!(
+        out.iter().all(|o| matches!(o, Outcome::Failed(_))),
+        "{out:?}"
+    );
 }
 
 /// A wrong `url` path (or a receiver deployed without the route yet) answers 404: the address

@@ -12,8 +12,15 @@
 //!   between the receiver's answer and the ledger's acknowledgement, carries the same id. A
 //!   batch after a crash can hold *more* records than the lost attempt (new records join the
 //!   pending queue), so a receiver must in the end deduplicate by each record's `key`; the
-//!   batch id is a shortcut. A receiver answers **409** for a batch (or records) it already
-//!   has: the sink records them as delivered before.
+//!   batch id is a shortcut. A bare **409** means "I already have this whole batch" (its
+//!   `Idempotency-Key`, i.e. every one of its records): the sink records them all as delivered
+//!   before. A receiver that has only *some* of the records either stores the others and
+//!   answers 2xx, or answers 409 with `{"duplicates":["<key>",…]}` naming the keys it already
+//!   has and storing nothing of the request: exactly those are recorded as delivered before
+//!   and the others are sent again at once as a new batch (new id). A listed 409 that names
+//!   none of the batch's keys delivers nothing (the records stay pending). A bare 409 for a
+//!   batch the receiver has only in part would take records it never stored for delivered:
+//!   lost revenue, so the README forbids it.
 //! - **Signature**: `X-Billsync-Timestamp: <unix seconds>` and
 //!   `X-Billsync-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<raw body>")>`. Each
 //!   attempt is signed afresh (a retry has a new timestamp and signature over the same body),
@@ -21,12 +28,12 @@
 //!   signature as a deduplication key.
 //! - **Retry classes** as for Lago: transport errors, timeouts, 408, 429 and 5xx are retried
 //!   with the same body ([`RetryPolicy`], honouring `Retry-After`); 2xx = delivered; 409 =
-//!   already delivered; 400 and 422 reject the batch's records (held in the ledger with the
+//!   already delivered (as above); 400 and 422 reject the batch's records (held in the ledger with the
 //!   answer); 401 and 403 stop the sink (records stay pending), and so do 404 (a wrong `url`)
 //!   and 413 (a `batch_size` the receiver cannot take): the address or the size is at fault,
 //!   not the records; anything else leaves the records pending for the next run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -303,8 +310,57 @@ impl WebhookSink {
         }
     }
 
+    /// Send one batch and settle each of its records: a 409 naming its duplicates settles
+    /// those and sends the rest again as a new batch.
+    async fn send(&self, records: &[&Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
+        let duplicates = match self.send_once(records).await? {
+            Answer::All(outcome) => return Ok(vec![outcome; records.len()]),
+            Answer::Duplicates(keys) => keys,
+        };
+        let known: Vec<bool> = records
+            .iter()
+            .map(|o| duplicates.contains(&o.key))
+            .collect();
+        if !known.contains(&true) {
+            tracing::warn!(sink = %self.name, records = records.len(),
+                "the receiver answered 409 listing none of the batch's keys; records stay pending");
+            return Ok(vec![
+                Outcome::Failed(
+                    "the receiver answered 409 but listed none of this batch's records as duplicates; not delivered".into()
+                );
+                records.len()
+            ]);
+        }
+        let rest: Vec<&Outgoing> = records
+            .iter()
+            .zip(&known)
+            .filter(|(_, k)| !**k)
+            .map(|(o, _)| *o)
+            .collect();
+        tracing::info!(sink = %self.name, duplicates = records.len() - rest.len(), rest = rest.len(),
+            "the receiver already has some records of the batch; sending the others as a new batch");
+        let mut rest_outcomes = if rest.is_empty() {
+            Vec::new()
+        } else {
+            Box::pin(self.send(&rest)).await?
+        }
+        .into_iter();
+        Ok(known
+            .into_iter()
+            .map(|k| {
+                if k {
+                    Outcome::AlreadyDelivered
+                } else {
+                    rest_outcomes
+                        .next()
+                        .unwrap_or_else(|| Outcome::Failed("internal: no outcome".into()))
+                }
+            })
+            .collect())
+    }
+
     /// Send one batch, retrying transient failures with the same body.
-    async fn send(&self, records: &[&Outgoing]) -> Result<Outcome, SinkStopped> {
+    async fn send_once(&self, records: &[&Outgoing]) -> Result<Answer, SinkStopped> {
         let id = batch_id(records.iter().map(|o| o.key.as_str()));
         let payloads: Vec<&str> = records.iter().map(|o| o.payload.as_str()).collect();
         let body = batch_body(&id, &payloads);
@@ -314,17 +370,17 @@ impl WebhookSink {
             attempt += 1;
             let started = Instant::now();
             let (reason, hint) = match self.attempt(&id, &body).await? {
-                Attempt::Done(outcome) => {
+                Attempt::Done(answer) => {
                     tracing::debug!(
                         sink = %self.name,
                         batch_id = %id,
                         records = records.len(),
                         attempt,
                         elapsed_ms = started.elapsed().as_millis() as u64,
-                        outcome = ?outcome,
+                        answer = ?answer,
                         "webhook batch done"
                     );
-                    return Ok(outcome);
+                    return Ok(answer);
                 }
                 Attempt::Transient { reason, hint } => (reason, hint),
             };
@@ -348,9 +404,9 @@ impl WebhookSink {
                         %reason,
                         "webhook request failed, retries exhausted; records stay pending"
                     );
-                    return Ok(Outcome::Failed(format!(
+                    return Ok(Answer::All(Outcome::Failed(format!(
                         "{reason} (gave up after {attempt} attempts)"
-                    )));
+                    ))));
                 }
             }
         }
@@ -396,7 +452,10 @@ impl WebhookSink {
         };
         let outcome = match status.as_u16() {
             200..=299 => Outcome::Delivered,
-            409 => Outcome::AlreadyDelivered,
+            409 => match listed_duplicates(&text) {
+                Some(keys) => return Ok(Attempt::Done(Answer::Duplicates(keys))),
+                None => Outcome::AlreadyDelivered,
+            },
             401 | 403 => {
                 return Err(self.stopped(format!(
                     "the receiver refused the signature or credentials (HTTP {status}): {}; records stay pending",
@@ -433,12 +492,34 @@ impl WebhookSink {
             }
             _ => Outcome::Failed(format!("unexpected HTTP {status}: {}", snippet(&text))),
         };
-        Ok(Attempt::Done(outcome))
+        Ok(Attempt::Done(Answer::All(outcome)))
     }
 }
 
+/// The keys of a 409 answer `{"duplicates":["<key>",…]}`; `None` for a bare 409 (any other
+/// body), which means the whole batch.
+fn listed_duplicates(text: &str) -> Option<HashSet<String>> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    let list = v.as_object()?.get("duplicates")?.as_array()?;
+    Some(
+        list.iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// The receiver's verdict on one request.
+#[derive(Debug)]
+enum Answer {
+    /// The same outcome for every record of the batch.
+    All(Outcome),
+    /// 409 naming the keys it already has; it stored nothing of this request.
+    Duplicates(HashSet<String>),
+}
+
 enum Attempt {
-    Done(Outcome),
+    Done(Answer),
     Transient {
         reason: String,
         hint: Option<Duration>,
@@ -518,8 +599,7 @@ impl Sink for WebhookSink {
         let mut outcomes = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(self.batch_size) {
             let records: Vec<&Outgoing> = chunk.iter().collect();
-            let outcome = self.send(&records).await?;
-            outcomes.extend(std::iter::repeat_n(outcome, chunk.len()));
+            outcomes.extend(self.send(&records).await?);
         }
         Ok(outcomes)
     }
