@@ -262,6 +262,39 @@ async fn rewrite_after_a_crash_replaces_the_file_instead_of_duplicating() {
     assert_eq!(lines.len(), 8);
 }
 
+/// A crash between creating the temporary file and the rename leaves a `.tmp` file behind.
+/// Its records were never acknowledged (the ack follows the rename), so they are still pending
+/// and the next write holds them: the leftover is garbage. The sink's first write removes the
+/// leftovers of its own prefix (and only those), without touching the temporary files of
+/// writes of its own that are in flight.
+#[tokio::test]
+async fn a_temporary_file_left_by_a_crash_is_removed_by_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir
+        .path()
+        .join(".export-00000000000000000001.jsonl.Xy12ab.tmp");
+    std::fs::write(&stale, "{\"key\":\"half a line").unwrap();
+    let other = dir.path().join(".cur-00000000000000000001.csv.Qw34cd.tmp");
+    std::fs::write(&other, "another sink's file").unwrap();
+    let s = jsonl(dir.path());
+    // Two batches in flight at once: neither may lose its temporary file to the clean-up.
+    let (first, second) = (outgoing(&s, &[1, 2]), outgoing(&s, &[3, 4]));
+    let (a, b) = tokio::join!(s.deliver(&first), s.deliver(&second));
+    assert_eq!(a.unwrap(), vec![Outcome::Delivered; 2]);
+    assert_eq!(b.unwrap(), vec![Outcome::Delivered; 2]);
+    assert!(!stale.exists(), "the crash leftover is removed");
+    assert!(other.exists(), "another prefix's file is left alone");
+    let names: Vec<String> = files(dir.path()).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        vec![
+            ".cur-00000000000000000001.csv.Qw34cd.tmp",
+            "export-00000000000000000001.jsonl",
+            "export-00000000000000000003.jsonl"
+        ]
+    );
+}
+
 /// A sink that writes through the JSONL sink and then "crashes" once (SinkStopped: the run
 /// ends, nothing of the batch is acknowledged) — the window between rename and ack.
 struct CrashAfterWrite {

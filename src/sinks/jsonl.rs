@@ -20,6 +20,11 @@
 //! - **Writes are atomic**: a temporary file in the same directory, `fsync`, rename over the
 //!   final name, `fsync` of the directory. A reader never sees half a file; a crash leaves at
 //!   most a `.tmp` file, which no reader should pick up (the final names never end in `.tmp`).
+//! - **Crash leftovers are removed.** A `.tmp` file of this writer's prefix that exists before
+//!   the writer's first write in a process was left by a crash before its rename: its records
+//!   were never acknowledged (the ack follows the rename), so they are still pending and the
+//!   new files hold them. The first write removes such files (and only those of its own
+//!   prefix); later writes of the same process, whose temporary files are in flight, never do.
 //!
 //! Readers should collect files after a run has finished: during a run a superseded file can
 //! exist next to its replacement for a moment. Give every file sink its own `prefix` (default:
@@ -92,6 +97,9 @@ pub struct BatchFiles {
     directory: PathBuf,
     prefix: String,
     extension: &'static str,
+    /// Whether this process already removed the crash leftovers (see the module
+    /// documentation); held while doing it, so no write of ours has a temporary file yet.
+    swept: std::sync::Arc<std::sync::Mutex<bool>>,
 }
 
 impl BatchFiles {
@@ -119,6 +127,7 @@ impl BatchFiles {
             directory,
             prefix,
             extension,
+            swept: Default::default(),
         })
     }
 
@@ -140,6 +149,51 @@ impl BatchFiles {
             return None;
         }
         digits.parse().ok()
+    }
+
+    /// Whether `name` is a temporary file of this writer: `.<final name>.<random>.tmp`.
+    fn is_own_temporary(&self, name: &str) -> bool {
+        let Some(rest) = name.strip_prefix('.').and_then(|r| r.strip_suffix(".tmp")) else {
+            return false;
+        };
+        let marker = format!(".{}.", self.extension);
+        let Some(at) = rest.rfind(&marker) else {
+            return false;
+        };
+        self.first_id_of(&rest[..at + marker.len() - 1]).is_some()
+    }
+
+    /// Before the first write of this process: remove the temporary files a crash left
+    /// behind. Writes wait here until it is done, so none of their own files is touched.
+    fn sweep_once(&self, dir: &Path) -> Result<(), String> {
+        let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+        if *swept {
+            return Ok(());
+        }
+        let mut removed = 0usize;
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| format!("cannot list directory {}: {e}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+            let name = entry.file_name();
+            if !name.to_str().is_some_and(|n| self.is_own_temporary(n)) {
+                continue;
+            }
+            std::fs::remove_file(entry.path()).map_err(|e| {
+                format!(
+                    "cannot remove the temporary file {} left by an interrupted run: {e}",
+                    entry.path().display()
+                )
+            })?;
+            tracing::info!(sink = %self.sink, file = %entry.path().display(),
+                "removed a temporary file left by an interrupted run (its records are still pending)");
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(dir)?;
+        }
+        *swept = true;
+        Ok(())
     }
 
     fn stopped(&self, message: String) -> SinkStopped {
@@ -207,6 +261,7 @@ impl BatchFiles {
         let dir = &self.directory;
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
+        self.sweep_once(dir)?;
         let final_path = dir.join(name);
         let mut tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
