@@ -17,9 +17,13 @@
 //!   pending (acks are all-or-nothing per batch): the new file holds them, or a later batch
 //!   will. It is deleted after the new file is in place, so a record is on disk at least once
 //!   at every moment and exactly once when the run is over.
-//! - **Writes are atomic**: a temporary file in the same directory, `fsync`, rename over the
-//!   final name, `fsync` of the directory. A reader never sees half a file; a crash leaves at
-//!   most a `.tmp` file, which no reader should pick up (the final names never end in `.tmp`).
+//! - **Writes are atomic and durable**: a temporary file in the same directory, `fsync`,
+//!   rename over the final name, `fsync` of the directory; a directory the sink creates (and
+//!   every missing parent) is `fsync`ed into its parent first, and the first write of a process
+//!   syncs the parent of an existing one too (an earlier process may have created it and died
+//!   before the kernel wrote it out), so an acknowledged file cannot vanish with its directory's
+//!   entry after a power loss. A reader never sees half a file; a crash leaves at most a `.tmp`
+//!   file, which no reader should pick up (the final names never end in `.tmp`).
 //! - **Crash leftovers are removed.** A `.tmp` file of this writer's prefix that exists before
 //!   the writer's first write in a process was left by a crash before its rename: its records
 //!   were never acknowledged (the ack follows the rename), so they are still pending and the
@@ -167,8 +171,18 @@ impl BatchFiles {
     /// behind. Writes wait here until it is done, so none of their own files is touched.
     fn sweep_once(&self, dir: &Path) -> Result<(), String> {
         let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock: a write never goes on while another one's new directory is not yet
+        // durable.
+        let created = create_dir_durably(dir)?;
         if *swept {
             return Ok(());
+        }
+        if created.is_empty() {
+            // Best effort: the directory is there; a parent we may not read (a mount point
+            // owned by someone else) must not stop the export.
+            if let Err(e) = sync_dir(parent_of(dir)) {
+                tracing::warn!(sink = %self.sink, error = %e, "cannot fsync the export directory's parent");
+            }
         }
         let mut removed = 0usize;
         let entries = std::fs::read_dir(dir)
@@ -259,8 +273,6 @@ impl BatchFiles {
         ids: &HashSet<i64>,
     ) -> Result<(PathBuf, usize), String> {
         let dir = &self.directory;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
         self.sweep_once(dir)?;
         let final_path = dir.join(name);
         let mut tmp = tempfile::Builder::new()
@@ -308,6 +320,37 @@ impl BatchFiles {
         }
         Ok((final_path, removed))
     }
+}
+
+/// Create `dir` and its missing parents, each `fsync`ed into its parent (a new directory's
+/// entry is only durable once its parent is synced). Returns the directories created.
+pub(crate) fn create_dir_durably(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    if dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        at = d.parent();
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
+    // Deepest first: each new directory's entry, then its parent's, up to the one that existed.
+    for d in &missing {
+        sync_dir(parent_of(d))?;
+    }
+    Ok(missing)
+}
+
+/// The directory holding `path`'s entry (`.` for a bare relative name).
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// `fsync` a directory, so a rename or removal in it survives a power loss.
@@ -440,5 +483,22 @@ impl Sink for JsonlSink {
 
     async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
         self.files.write(None, batch).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every directory created is reported (deepest first), so each one's entry is synced
+    /// into its parent; an existing directory needs nothing.
+    #[test]
+    fn creating_an_export_directory_syncs_each_new_level() {
+        let root = tempfile::tempdir().unwrap();
+        let deep = root.path().join("a").join("b");
+        let created = create_dir_durably(&deep).unwrap();
+        assert_eq!(created, vec![deep.clone(), root.path().join("a")]);
+        assert!(deep.is_dir());
+        assert!(create_dir_durably(&deep).unwrap().is_empty());
     }
 }
