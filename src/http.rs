@@ -144,6 +144,25 @@ pub fn transport_reason(e: &reqwest::Error) -> String {
 }
 
 /// `url` without user info, query or fragment (`?…` marks a query left out).
+/// A configured URL for a message (a start-up error, a log line): as [`redacted_url`] when it
+/// parses, else the text with any user info and query cut off, so a URL that is refused
+/// never shows the credentials it may carry.
+pub fn shown_url(text: &str) -> String {
+    if let Ok(url) = reqwest::Url::parse(text) {
+        return redacted_url(&url);
+    }
+    let (base, had_query) = match text.find(['?', '#']) {
+        Some(i) => (&text[..i], true),
+        None => (text, false),
+    };
+    let (scheme, rest) = match base.find("://") {
+        Some(i) => base.split_at(i + 3),
+        None => ("", base),
+    };
+    let rest = rest.rfind('@').map_or(rest, |i| &rest[i + 1..]);
+    format!("{scheme}{rest}{}", if had_query { "?…" } else { "" })
+}
+
 pub fn redacted_url(url: &reqwest::Url) -> String {
     let mut shown = url.clone();
     let _ = shown.set_username("");

@@ -434,6 +434,24 @@ async fn stripes_time_window_answers_are_classified_by_their_code() {
     );
 }
 
+/// A refused `api_url` (or `meter_events_url`) is printed at start-up: without the
+/// credentials a URL may carry.
+#[test]
+fn a_refused_url_is_shown_without_its_credentials() {
+    for url in [
+        "ftp://apiuser:apipass@api.example.invalid?key=sk_live_secret",
+        "https://apiuser:apipass@api.example.invalid/v1",
+        "https://apiuser:apipass@[::1",
+    ] {
+        let err = StripeSink::new("stripe-test".into(), config(url, fast_retry(0)))
+            .expect_err("not a usable URL")
+            .to_string();
+        for secret in ["apipass", "apiuser", "sk_live_secret"] {
+            assert!(!err.contains(secret), "{secret} in: {err}");
+        }
+    }
+}
+
 #[test]
 fn what_stripe_cannot_take_is_refused_at_staging() {
     let s = sink("http://127.0.0.1:1", fast_retry(0));

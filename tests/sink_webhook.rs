@@ -555,6 +555,23 @@ async fn a_413_stops_the_sink_instead_of_rejecting_records() {
     assert!(stop.message.contains("lower batch_size"), "{stop}");
 }
 
+/// A `url` that cannot work is a configuration error printed at start-up (and logged by the
+/// CronJob): it names the URL without the credentials it may carry.
+#[test]
+fn a_refused_url_is_shown_without_its_credentials() {
+    for url in [
+        "ftp://hookuser:hookpass@billing.example.invalid/hook?token=tok-secret-123",
+        "http://hookuser:hookpass@[::1/hook?token=tok-secret-123",
+    ] {
+        let err = WebhookSink::new("h".into(), config(url, 100, fast_retry(0)))
+            .expect_err("not a usable URL")
+            .to_string();
+        for secret in ["hookpass", "hookuser", "tok-secret-123"] {
+            assert!(!err.contains(secret), "{secret} in: {err}");
+        }
+    }
+}
+
 /// A webhook URL may carry credentials (user info, a `?token=` query): a transport failure's
 /// reason, which is logged and stored as the record's last error in the ledger, names the
 /// host and path but not them.

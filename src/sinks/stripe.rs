@@ -72,7 +72,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::Secret;
-use crate::http::{retry_hint, snippet, transport_reason, RetryPolicy};
+use crate::http::{retry_hint, shown_url, snippet, transport_reason, RetryPolicy};
 use crate::mapping::MappedEvent;
 use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
 
@@ -255,7 +255,8 @@ fn base_url(sink: &str, field: &str, url: &str) -> Result<String, StripeConfigEr
     let base = url.trim().trim_end_matches('/').to_string();
     let err = |m: String| StripeConfigError {
         sink: sink.to_string(),
-        message: format!("{field} {url:?} {m}"),
+        // The URL may carry credentials: shown without them.
+        message: format!("{field} {:?} {m}", shown_url(url.trim())),
     };
     let parsed = reqwest::Url::parse(&base).map_err(|e| err(format!("is not a valid URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {

@@ -44,7 +44,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::Secret;
-use crate::http::{retry_hint, snippet, transport_reason, RetryPolicy};
+use crate::http::{retry_hint, shown_url, snippet, transport_reason, RetryPolicy};
 use crate::mapping::MappedEvent;
 use crate::sinks::jsonl::{decimal_text, utc_text};
 use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
@@ -237,15 +237,16 @@ impl WebhookSink {
             return Err(WebhookConfigError::Timeout { sink: name });
         }
         let url = config.url.trim().to_string();
+        // The URL may carry credentials: an error shows it without them.
         let parsed = reqwest::Url::parse(&url).map_err(|e| WebhookConfigError::Url {
             sink: name.clone(),
-            url: url.clone(),
+            url: shown_url(&url),
             reason: format!("is not a valid URL: {e}"),
         })?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
             return Err(WebhookConfigError::Url {
                 sink: name,
-                url,
+                url: shown_url(&url),
                 reason: "must be an http:// or https:// URL with a host".into(),
             });
         }
