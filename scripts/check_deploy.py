@@ -156,6 +156,10 @@ def main():
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
     check(env.get("BILLSYNC_CONFIG") == "/etc/billsync/billsync.yaml", "BILLSYNC_CONFIG must be /etc/billsync/billsync.yaml")
     check("BILLSYNC_LOG" in env, "BILLSYNC_LOG must be set")
+    # SQLite's temporary files (VACUUM copies the whole ledger into one) go to SQLITE_TMPDIR, else
+    # /tmp: a small emptyDir, over whose sizeLimit the kubelet evicts the pod. They belong on the
+    # ledger's volume, which is sized for the ledger.
+    check(env.get("SQLITE_TMPDIR") == "/var/lib/billsync", "SQLITE_TMPDIR must be /var/lib/billsync (the ledger volume), not the small /tmp")
     check(
         not [e for e in c.get("env", []) if e["name"].startswith("BILLSYNC__") and "valueFrom" in e],
         "no secret in BILLSYNC__ env overrides: secrets are files",
