@@ -353,7 +353,8 @@ pub struct MetricsSettings {
     /// The `job` label (default `billsync`).
     #[serde(default = "default_job")]
     pub job: String,
-    /// The `instance` label (default: the host name).
+    /// The `instance` label (default: none, the job's one group). Not the host name: in a
+    /// CronJob that is the pod's name, new every run, which would make a group per run.
     #[serde(default)]
     pub instance: Option<String>,
     /// Optional basic-auth password or bearer token (`env:` / `file:`), sent as Bearer.
@@ -519,19 +520,19 @@ fn outcome_label(o: RunOutcome) -> &'static str {
 }
 
 /// Push the run's metrics. POST replaces only the metrics it carries, so a failed run keeps the
-/// last success timestamp of the one before.
+/// last success timestamp of the one before — in the same group: every run pushes to
+/// `/metrics/job/<job>` (plus `/instance/<instance>` only when one is configured), never to a
+/// group named after the host, which in a CronJob is a new pod name every run.
 pub async fn push_metrics(settings: &MetricsSettings, body: String) -> Result<(), String> {
-    let instance = settings
-        .instance
-        .clone()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "billsync".into());
-    let url = format!(
-        "{}/metrics/job/{}/instance/{}",
+    let mut url = format!(
+        "{}/metrics/job/{}",
         settings.pushgateway_url.trim_end_matches('/'),
         settings.job,
-        instance
     );
+    if let Some(instance) = settings.instance.as_deref().filter(|i| !i.is_empty()) {
+        url.push_str("/instance/");
+        url.push_str(instance);
+    }
     let mut req = crate::http::client(settings.timeout)
         .post(&url)
         .header("content-type", "text/plain; version=0.0.4")

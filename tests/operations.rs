@@ -430,3 +430,43 @@ async fn status_and_export_of_a_missing_ledger_fail_naming_it_and_create_nothing
     assert_eq!(status.status.code(), Some(0), "{}", text(&status));
     assert!(text(&status).contains("metalsoft_test sent: 71"));
 }
+
+/// In a CronJob the host name is the pod's name, new every hour (`billsync-29412345-x7k2p`).
+/// Used as the Pushgateway's `instance`, every run would push into a group of its own: groups
+/// pile up forever (the Pushgateway never forgets), an old failed run's `run_outcome` stays 1,
+/// and "the last success" is one series per pod instead of one value a failed run keeps. Without
+/// an `instance` setting the run pushes to the job's one group (`/metrics/job/<job>`, the
+/// Pushgateway's convention for batch jobs).
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_of_every_cronjob_pod_go_to_one_group_not_one_per_pod_name() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&gateway)
+        .await;
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(
+        &world,
+        &format!("metrics:\n  pushgateway_url: {}\n", gateway.uri()),
+    );
+    for pod in ["billsync-29412345-x7k2p", "billsync-29412405-q9m4d"] {
+        let out = finish(
+            command(&cfg, &["sync"])
+                .env("HOSTNAME", pod)
+                .spawn()
+                .unwrap(),
+        )
+        .await;
+        assert!(matches!(out.status.code(), Some(0 | 4)), "{}", text(&out));
+    }
+    let paths: Vec<String> = gateway
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.url.path().to_string())
+        .collect();
+    assert_eq!(paths, ["/metrics/job/billsync", "/metrics/job/billsync"]);
+}
