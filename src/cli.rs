@@ -995,7 +995,17 @@ async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyh
 async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
     let st = ledger.status().await?;
     println!("ledger {}", ledger.path().display());
+    // A killed run (SIGKILL, OOM) leaves its lock row behind; once it has expired the next
+    // run takes it over, so it is free, not held.
+    let expired = |until: &str| {
+        chrono::DateTime::parse_from_rfc3339(until)
+            .is_ok_and(|t| t.with_timezone(&chrono::Utc) <= chrono::Utc::now())
+    };
     match &st.lock {
+        Some((holder, since, until)) if expired(until) => println!(
+            "lock: free (the lock of {holder}, taken {since}, expired {until}: that run was \
+             killed or crashed; the next run takes the lock over)"
+        ),
         Some((holder, since, until)) => {
             println!("lock: held by {holder} since {since}, expires {until}")
         }

@@ -470,3 +470,46 @@ async fn metrics_of_every_cronjob_pod_go_to_one_group_not_one_per_pod_name() {
         .collect();
     assert_eq!(paths, ["/metrics/job/billsync", "/metrics/job/billsync"]);
 }
+
+/// A run killed by SIGKILL or the OOM killer leaves its lock row behind until `lock_ttl`
+/// passes. After that, `status` must not say the lock is "held": on a bad day that sends the
+/// on-call engineer looking for a run that is not there.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_tells_an_expired_lock_of_a_killed_run_from_a_held_one() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let ledger_path = world.dir.path().join("ledger").join("ledger.db");
+    let ledger = billsync::ledger::Ledger::open(&ledger_path).await.unwrap();
+    let killed_at = chrono::Utc::now() - chrono::Duration::hours(2);
+    ledger
+        .acquire_lock("billsync@killed-pod:1", killed_at, Duration::from_secs(900))
+        .await
+        .unwrap();
+    let status = run(&cfg, &["status"]).await;
+    let output = text(&status);
+    assert_eq!(status.status.code(), Some(0), "{output}");
+    let lock_line = output
+        .lines()
+        .find(|l| l.starts_with("lock:"))
+        .unwrap_or_else(|| panic!("no lock line: {output}"));
+    assert!(
+        lock_line.starts_with("lock: free") && lock_line.contains("expired"),
+        "an expired lock is free: {lock_line}"
+    );
+    assert!(lock_line.contains("billsync@killed-pod:1"), "{lock_line}");
+
+    // A live holder is still shown as holding it.
+    ledger.release_lock("billsync@killed-pod:1").await.unwrap();
+    ledger
+        .acquire_lock("billsync@live-pod:2", chrono::Utc::now(), Duration::from_secs(900))
+        .await
+        .unwrap();
+    let status = run(&cfg, &["status"]).await;
+    let output = text(&status);
+    assert!(
+        output.contains("lock: held by billsync@live-pod:2"),
+        "{output}"
+    );
+}
