@@ -513,3 +513,42 @@ async fn status_tells_an_expired_lock_of_a_killed_run_from_a_held_one() {
         "{output}"
     );
 }
+
+/// `ledger vacuum` rewrites the whole file (SQLite's VACUUM holds the write lock throughout):
+/// beside a sync it would make the sync's writes time out (exit 1, retried by the Job) or
+/// itself fail half-way. Like `set-cursor`, it takes the run lock, so beside a run it exits 3
+/// and changes nothing; `--dry-run` only counts and needs no lock.
+#[tokio::test(flavor = "multi_thread")]
+async fn ledger_vacuum_beside_a_running_sync_exits_locked_and_prunes_nothing() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    // Send times are stored to the second: let "older than 0s" include them.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let ledger_path = world.dir.path().join("ledger").join("ledger.db");
+    let ledger = billsync::ledger::Ledger::open(&ledger_path).await.unwrap();
+    ledger
+        .acquire_lock("billsync@cronjob-pod:1", chrono::Utc::now(), Duration::from_secs(900))
+        .await
+        .unwrap();
+
+    let dry = run(&cfg, &["ledger", "vacuum", "--older-than", "0s", "--dry-run"]).await;
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
+    assert!(text(&dry).contains("would prune 79"), "{}", text(&dry));
+
+    let vacuum = run(&cfg, &["ledger", "vacuum", "--older-than", "0s"]).await;
+    let output = text(&vacuum);
+    assert_eq!(vacuum.status.code(), Some(3), "{output}");
+    assert!(output.contains("holds the ledger lock"), "{output}");
+    let still = run(&cfg, &["ledger", "vacuum", "--older-than", "0s", "--dry-run"]).await;
+    assert!(text(&still).contains("would prune 79"), "{}", text(&still));
+
+    // Once the run is over, it prunes, and leaves the lock free.
+    ledger.release_lock("billsync@cronjob-pod:1").await.unwrap();
+    let vacuum = run(&cfg, &["ledger", "vacuum", "--older-than", "0s"]).await;
+    assert_eq!(vacuum.status.code(), Some(0), "{}", text(&vacuum));
+    assert!(text(&vacuum).contains("pruned 79"), "{}", text(&vacuum));
+    let status = run(&cfg, &["status"]).await;
+    assert!(text(&status).contains("lock: free"), "{}", text(&status));
+}
