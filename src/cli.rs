@@ -1051,6 +1051,21 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
     for ((source, status), n) in &st.counts {
         println!("  {source} {status}: {n}");
     }
+    if !st.held_reasons.is_empty() {
+        println!("undelivered records by source, status and resource type, with the oldest one's reason:");
+        for h in &st.held_reasons {
+            println!(
+                "  {} {} {}: {} (oldest staged {}): {}",
+                h.source, h.status, h.resource_type, h.count, h.oldest_staged, h.reason
+            );
+        }
+        let more = st.held_reason_groups - st.held_reasons.len() as i64;
+        if more > 0 {
+            println!(
+                "  … and {more} more groups (`billsync ledger export --status unmapped|rejected|pending` lists every record)"
+            );
+        }
+    }
     println!("corrections staged: {}", st.corrections);
     println!(
         "changes of sent records to resolve by hand: {}",

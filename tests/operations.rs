@@ -552,3 +552,28 @@ async fn ledger_vacuum_beside_a_running_sync_exits_locked_and_prunes_nothing() {
     let status = run(&cfg, &["status"]).await;
     assert!(text(&status).contains("lock: free"), "{}", text(&status));
 }
+
+/// On a bad day `status` must say why records are held, not only how many: every distinct
+/// reason (largest groups first), not just the oldest record's. Here two gaps in the mappings
+/// (MetalSoft reservation installments, and subnets once their rule is gone) hold records for
+/// two different reasons.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_lists_held_records_by_reason_not_only_the_oldest_one() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let metalsoft = world.dir.path().join("mappings").join("metalsoft.yaml");
+    let text_of = std::fs::read_to_string(&metalsoft).unwrap();
+    let cut = text_of.find("  # Subnets are free").expect("the subnets rule");
+    std::fs::write(&metalsoft, &text_of[..cut]).unwrap();
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let status = run(&cfg, &["status"]).await;
+    let output = text(&status);
+    assert_eq!(status.status.code(), Some(0), "{output}");
+    for gap in ["resource_type=subnet", "resource_type=reservation_installment"] {
+        let line = output
+            .lines()
+            .find(|l| l.contains(gap) && l.contains("unmapped") && l.contains("no rule matches"));
+        assert!(line.is_some(), "no held line naming {gap}:\n{output}");
+    }
+}

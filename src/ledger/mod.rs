@@ -392,6 +392,27 @@ pub struct LedgerStatus {
     pub oldest_undelivered: Option<(String, String, String, Option<String>)>,
     /// Current lock: (holder, acquired_at, expires_at).
     pub lock: Option<(String, String, String)>,
+    /// Why records are held (unmapped, rejected) or failing (pending after a failed attempt):
+    /// the largest groups of (status, source, resource type), at most [`HELD_REASONS_SHOWN`].
+    pub held_reasons: Vec<HeldReason>,
+    /// How many such groups there are in all (more than `held_reasons` lists when large).
+    pub held_reason_groups: i64,
+}
+
+/// How many groups of held records by reason `status` lists.
+pub const HELD_REASONS_SHOWN: i64 = 10;
+
+/// Undelivered records of one source and resource type that share a status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldReason {
+    pub status: String,
+    pub source: String,
+    pub resource_type: String,
+    /// The reason of the oldest of them.
+    pub reason: String,
+    pub count: i64,
+    /// When the oldest of them was staged.
+    pub oldest_staged: String,
 }
 
 /// One record of a period, as reconciliation reads it.
@@ -1757,6 +1778,43 @@ impl Ledger {
         .await
         .map_err(sql("finding the oldest undelivered record"))?
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)));
+        // Undelivered records that carry a reason: held ones always, pending ones after a
+        // failed attempt. Grouped by resource type, not by the exact reason: "no rule matches"
+        // names fields of the record (its description, its account), so one gap in the
+        // mappings would be one group per record. Each group shows its oldest record's reason
+        // (SQLite takes the bare column from the row of the MIN).
+        macro_rules! held {
+            ($select:literal) => {
+                concat!(
+                    $select,
+                    " FROM records WHERE status IN ('unmapped', 'rejected', 'pending')
+                      AND last_error IS NOT NULL GROUP BY status, source, resource_type"
+                )
+            };
+        }
+        st.held_reason_groups =
+            sqlx::query_scalar(concat!("SELECT COUNT(*) FROM (", held!("SELECT 1"), ")"))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(sql("counting groups of held records"))?;
+        st.held_reasons = sqlx::query(concat!(
+            held!("SELECT status, source, resource_type, COUNT(*), MIN(staged_at), last_error"),
+            " ORDER BY COUNT(*) DESC, MIN(staged_at), status, source, resource_type LIMIT ?1"
+        ))
+        .bind(HELD_REASONS_SHOWN)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql("reading groups of held records"))?
+        .into_iter()
+        .map(|r| HeldReason {
+            status: r.get(0),
+            source: r.get(1),
+            resource_type: r.get(2),
+            count: r.get(3),
+            oldest_staged: r.get(4),
+            reason: r.get(5),
+        })
+        .collect();
         st.lock =
             sqlx::query("SELECT holder, acquired_at, expires_at FROM locks WHERE name = 'sync'")
                 .fetch_optional(&self.pool)
