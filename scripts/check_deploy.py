@@ -126,6 +126,9 @@ def main():
     check(isinstance(job.get("ttlSecondsAfterFinished"), int), "ttlSecondsAfterFinished must be set")
     pfp_codes = [c for r in (job.get("podFailurePolicy") or {}).get("rules", []) if r.get("action") == "FailJob" for c in r.get("onExitCodes", {}).get("values", [])]
     check(1 not in pfp_codes and 0 not in pfp_codes, "podFailurePolicy must not fail the Job at once on exit code 1 (retryable)")
+    # README "Exit codes": settings/mappings (2), lock held (3), undelivered (4), sink credentials
+    # (5) repeat on a retry; 1, 6 (a SIGTERM) and crashes are worth one.
+    check(sorted(pfp_codes) == [2, 3, 4, 5], f"podFailurePolicy FailJob exit codes must be exactly [2, 3, 4, 5] (README), got {sorted(pfp_codes)}")
     pod = job["template"]["spec"]
     check(pod.get("restartPolicy") == "Never", "restartPolicy must be Never")
     tgps = pod.get("terminationGracePeriodSeconds")
@@ -205,7 +208,8 @@ def main():
     # --- settings --------------------------------------------------------------------------
     settings = load_one(os.path.join(k8s, "billsync.yaml"))
     known = {
-        "": {"ledger", "mappings", "providers", "sinks", "default_sink"},
+        "": {"ledger", "mappings", "providers", "sinks", "default_sink", "shutdown_deadline", "period_close_delay", "metrics"},
+        "metrics": {"pushgateway_url", "job", "instance", "token", "timeout"},
         "ledger": {"path", "lock_ttl"},
         "metalsoft": {"kind", "endpoint", "api_key", "user_ids", "window", "look_back", "settle_delay", "start", "timeout", "retry", "send_datacenter_param", "infrastructure_ids", "billing_account_id"},
         "lago": {"kind", "api_url", "api_key", "batch_size", "timeout", "retry"},
@@ -218,6 +222,19 @@ def main():
     check(os.path.dirname(lpath) == "/var/lib/billsync", f"ledger.path {lpath} must be in the PVC mount /var/lib/billsync")
     ttl = duration_seconds(settings["ledger"].get("lock_ttl", "15m"))
     check(ttl is not None and ttl < 3600, "ledger.lock_ttl must be under an hour (a killed run's lock expires before the next run)")
+    # After SIGTERM billsync lets requests in flight run for shutdown_deadline, records the run,
+    # pushes its metrics (metrics.timeout) and releases the lock: all of it before the SIGKILL
+    # at terminationGracePeriodSeconds, with room to spare, or the lock stays until lock_ttl.
+    deadline = duration_seconds(settings.get("shutdown_deadline", "20s"))
+    metrics = settings.get("metrics")
+    push = duration_seconds(metrics.get("timeout", "10s")) if isinstance(metrics, dict) else 0
+    check(deadline is not None and push is not None, "shutdown_deadline and metrics.timeout must be durations (e.g. 20s)")
+    if deadline is not None and push is not None and isinstance(tgps, int):
+        check(deadline + push + 10 <= tgps, f"shutdown_deadline ({deadline:g}s) + metrics push ({push:g}s) + 10s must fit in terminationGracePeriodSeconds ({tgps}s)")
+    if isinstance(metrics, dict):
+        check(set(metrics) <= known["metrics"] and "pushgateway_url" in metrics, f"metrics: pushgateway_url required, unknown keys {sorted(set(metrics) - known['metrics'])}")
+        if "token" in metrics:
+            check(str(metrics["token"]).startswith(("file:", "env:")), "metrics.token must be a file:/env: reference, never a literal")
     check(settings.get("mappings") == ["/etc/billsync/mappings"], "settings mappings must be [/etc/billsync/mappings]")
     check(settings.get("sinks"), "at least one sink")
     check(len(settings.get("sinks", {})) == 1 or settings.get("default_sink") in settings.get("sinks", {}), "default_sink required with several sinks")
