@@ -414,31 +414,36 @@ pub fn render_metrics(
         "gauge",
         by_source(&|src| src.pulled),
     );
-    let sink_label = |v: u64| {
+    // Each configured sink's own figures (0 for a sink the run sent nothing to).
+    let sink_label = |v: &dyn Fn(&crate::sync::SinkCounts) -> u64| {
         sink_names
             .iter()
-            .map(|n| (format!("{{sink=\"{}\"}}", escape_label(n)), v.to_string()))
+            .map(|n| {
+                let counts = s.by_sink.get(n).copied().unwrap_or_default();
+                (
+                    format!("{{sink=\"{}\"}}", escape_label(n)),
+                    v(&counts).to_string(),
+                )
+            })
             .collect::<Vec<_>>()
     };
-    // Per-sink figures of one run: with one sink (today's normal case) they are exact; with
-    // several, the run's totals are reported under each sink name.
     metric(
         "billsync_records_sent",
-        "Records the sinks accepted in the last run (already-delivered included).",
+        "Records the sink accepted in the last run (already-delivered included).",
         "gauge",
-        sink_label(s.sent + s.already_delivered),
+        sink_label(&|c| c.sent + c.already_delivered),
     );
     metric(
         "billsync_records_rejected",
-        "Records the sinks refused for good in the last run.",
+        "Records the sink refused for good in the last run.",
         "gauge",
-        sink_label(s.rejected),
+        sink_label(&|c| c.rejected),
     );
     metric(
         "billsync_records_failed",
-        "Records left pending after retries in the last run.",
+        "Records the sink left pending after retries in the last run.",
         "gauge",
-        sink_label(s.failed),
+        sink_label(&|c| c.failed),
     );
     let mut held = std::collections::BTreeMap::<String, i64>::new();
     for ((source, st), n) in &status.counts {

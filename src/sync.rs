@@ -415,6 +415,15 @@ pub struct Total {
     pub value: Decimal,
 }
 
+/// What one sink did in a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SinkCounts {
+    pub sent: u64,
+    pub already_delivered: u64,
+    pub rejected: u64,
+    pub failed: u64,
+}
+
 /// What a run did. Printed at the end and stored as JSON in the ledger's `runs` table.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
@@ -443,6 +452,10 @@ pub struct RunSummary {
     pub rejected: u64,
     /// Left pending after retries; sent again by the next run.
     pub failed: u64,
+    /// `sent`, `already_delivered`, `rejected` and `failed` of each sink that was pushed to
+    /// (the pushed metrics are per sink).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_sink: BTreeMap<String, SinkCounts>,
     pub sink_errors: Vec<String>,
     /// Stopped early on a signal.
     pub interrupted: bool,
@@ -482,6 +495,7 @@ impl RunSummary {
             already_delivered: 0,
             rejected: 0,
             failed: 0,
+            by_sink: BTreeMap::new(),
             sink_errors: Vec::new(),
             interrupted: false,
             totals: Vec::new(),
@@ -498,6 +512,13 @@ impl RunSummary {
         self.already_delivered += pushed.already_delivered;
         self.rejected += pushed.rejected;
         self.failed += pushed.failed;
+        for (sink, c) in pushed.by_sink {
+            let mine = self.by_sink.entry(sink).or_default();
+            mine.sent += c.sent;
+            mine.already_delivered += c.already_delivered;
+            mine.rejected += c.rejected;
+            mine.failed += c.failed;
+        }
         self.sink_errors.extend(pushed.sink_errors);
         if pushed.outcome != RunOutcome::Ok {
             self.outcome = pushed.outcome;
@@ -1515,18 +1536,28 @@ impl Pipeline {
             } else {
                 state.window = (state.window + 1).min(MAX_BATCHES_IN_FLIGHT);
             }
+            let mut counts = SinkCounts::default();
             for (out, outcome) in batch.iter().zip(outcomes) {
                 match &outcome {
-                    Outcome::Delivered => summary.sent += 1,
-                    Outcome::AlreadyDelivered => summary.already_delivered += 1,
+                    Outcome::Delivered => counts.sent += 1,
+                    Outcome::AlreadyDelivered => counts.already_delivered += 1,
                     Outcome::Rejected(reason) => {
-                        summary.rejected += 1;
+                        counts.rejected += 1;
                         warn!(sink = sink.name(), key = %out.key, %reason, "record rejected; held in the ledger");
                     }
-                    Outcome::Failed(_) => summary.failed += 1,
+                    Outcome::Failed(_) => counts.failed += 1,
                 }
                 acks.push((out.id, outcome));
             }
+            summary.sent += counts.sent;
+            summary.already_delivered += counts.already_delivered;
+            summary.rejected += counts.rejected;
+            summary.failed += counts.failed;
+            let mine = summary.by_sink.entry(sink.name().to_string()).or_default();
+            mine.sent += counts.sent;
+            mine.already_delivered += counts.already_delivered;
+            mine.rejected += counts.rejected;
+            mine.failed += counts.failed;
             state.batches += 1;
             if alongside.is_none() {
                 self.progress.batch_done(batch.len() as u64);

@@ -577,3 +577,38 @@ async fn status_lists_held_records_by_reason_not_only_the_oldest_one() {
         assert!(line.is_some(), "no held line naming {gap}:\n{output}");
     }
 }
+
+/// With two sinks, each sink's pushed counts are its own: a sink that received nothing reports
+/// 0, not the run's totals (an alert on `billsync_records_rejected{sink=…}` must point at the
+/// sink that refused the records).
+#[tokio::test(flavor = "multi_thread")]
+async fn pushed_metrics_count_each_sinks_records_separately() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&gateway)
+        .await;
+    let world = World::start(Behaviour::Postgres).await;
+    let files = world.dir.path().join("files");
+    let cfg = setup(
+        &world,
+        &format!(
+            "  files:\n    kind: jsonl\n    directory: {}\ndefault_sink: lago\nmetrics:\n  pushgateway_url: {}\n",
+            files.display(),
+            gateway.uri()
+        ),
+    );
+    let out = run(&cfg, &["sync"]).await;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let requests = gateway.received_requests().await.unwrap();
+    let body = String::from_utf8_lossy(&requests[0].body).into_owned();
+    for line in [
+        "billsync_records_sent{sink=\"lago\"} 71\n",
+        "billsync_records_sent{sink=\"files\"} 0\n",
+        "billsync_records_failed{sink=\"files\"} 0\n",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in\n{body}");
+    }
+}
