@@ -503,7 +503,11 @@ async fn status_tells_an_expired_lock_of_a_killed_run_from_a_held_one() {
     // A live holder is still shown as holding it.
     ledger.release_lock("billsync@killed-pod:1").await.unwrap();
     ledger
-        .acquire_lock("billsync@live-pod:2", chrono::Utc::now(), Duration::from_secs(900))
+        .acquire_lock(
+            "billsync@live-pod:2",
+            chrono::Utc::now(),
+            Duration::from_secs(900),
+        )
         .await
         .unwrap();
     let status = run(&cfg, &["status"]).await;
@@ -529,11 +533,19 @@ async fn ledger_vacuum_beside_a_running_sync_exits_locked_and_prunes_nothing() {
     let ledger_path = world.dir.path().join("ledger").join("ledger.db");
     let ledger = billsync::ledger::Ledger::open(&ledger_path).await.unwrap();
     ledger
-        .acquire_lock("billsync@cronjob-pod:1", chrono::Utc::now(), Duration::from_secs(900))
+        .acquire_lock(
+            "billsync@cronjob-pod:1",
+            chrono::Utc::now(),
+            Duration::from_secs(900),
+        )
         .await
         .unwrap();
 
-    let dry = run(&cfg, &["ledger", "vacuum", "--older-than", "0s", "--dry-run"]).await;
+    let dry = run(
+        &cfg,
+        &["ledger", "vacuum", "--older-than", "0s", "--dry-run"],
+    )
+    .await;
     assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
     assert!(text(&dry).contains("would prune 79"), "{}", text(&dry));
 
@@ -541,7 +553,11 @@ async fn ledger_vacuum_beside_a_running_sync_exits_locked_and_prunes_nothing() {
     let output = text(&vacuum);
     assert_eq!(vacuum.status.code(), Some(3), "{output}");
     assert!(output.contains("holds the ledger lock"), "{output}");
-    let still = run(&cfg, &["ledger", "vacuum", "--older-than", "0s", "--dry-run"]).await;
+    let still = run(
+        &cfg,
+        &["ledger", "vacuum", "--older-than", "0s", "--dry-run"],
+    )
+    .await;
     assert!(text(&still).contains("would prune 79"), "{}", text(&still));
 
     // Once the run is over, it prunes, and leaves the lock free.
@@ -563,14 +579,19 @@ async fn status_lists_held_records_by_reason_not_only_the_oldest_one() {
     let cfg = setup(&world, "");
     let metalsoft = world.dir.path().join("mappings").join("metalsoft.yaml");
     let text_of = std::fs::read_to_string(&metalsoft).unwrap();
-    let cut = text_of.find("  # Subnets are free").expect("the subnets rule");
+    let cut = text_of
+        .find("  # Subnets are free")
+        .expect("the subnets rule");
     std::fs::write(&metalsoft, &text_of[..cut]).unwrap();
     let sync = run(&cfg, &["sync"]).await;
     assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
     let status = run(&cfg, &["status"]).await;
     let output = text(&status);
     assert_eq!(status.status.code(), Some(0), "{output}");
-    for gap in ["resource_type=subnet", "resource_type=reservation_installment"] {
+    for gap in [
+        "resource_type=subnet",
+        "resource_type=reservation_installment",
+    ] {
         let line = output
             .lines()
             .find(|l| l.contains(gap) && l.contains("unmapped") && l.contains("no rule matches"));
