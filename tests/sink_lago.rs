@@ -714,3 +714,36 @@ async fn answers_not_in_lagos_error_format_stop_the_sink_and_reject_no_record() 
         assert!(stop.message.contains("check api_url"), "{status}: {stop}");
     }
 }
+
+/// Lago itself answers every unknown route with its own error shape: lago-api's
+/// `config/routes.rb` ends with `match "*unmatched" => "application#not_found"`, which renders
+/// `{"status":404,"error":"Not Found","code":"resource_not_found"}`. So an api_url with a wrong
+/// path in front of a real Lago (`https://lago.example.com/lago`, an extra `/api`) gets a 404 in
+/// Lago's format for every batch. Nothing in the batch endpoint answers 404 about an event: the
+/// sink stops with the records pending, instead of quarantining every record it is given as
+/// rejected (revenue held until someone replays them all).
+#[tokio::test]
+async fn a_404_from_lago_itself_stops_the_sink_and_rejects_no_record() {
+    let lago = sim(Behaviour::Postgres).await;
+    let s = sink(&format!("{}/lago", lago.url), fast_retry(2));
+    let result = s.deliver(&four_events(&s)).await;
+    let stop = result.expect_err("a wrong path in api_url stops the sink, no record rejected");
+    assert!(stop.message.contains("404"), "{stop}");
+    assert!(stop.message.contains("check api_url"), "{stop}");
+    assert_eq!(lago.event_count(), 0);
+
+    // The answer the simulator gives is lago-api's, byte for byte in its fields.
+    let answer = reqwest::Client::new()
+        .post(format!("{}/lago/api/v1/events/batch", lago.url))
+        .bearer_auth(KEY)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 404);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"status": 404, "error": "Not Found", "code": "resource_not_found"})
+    );
+}

@@ -303,6 +303,7 @@ impl LagoSim {
             .route("/api/v1/events/{transaction_id}", get(show_event))
             .route("/api/v1/billable_metrics", get(list_metrics))
             .route("/api/v1/subscriptions", get(list_subscriptions))
+            .fallback(unmatched)
             .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -1306,6 +1307,13 @@ async fn show_event(
         Some(event) => (StatusCode::OK, Json(json!({ "event": event }))).into_response(),
         None => error_body(StatusCode::NOT_FOUND, json!({"code": "event_not_found"})),
     }
+}
+
+/// Any other route, as lago-api answers it (`match "*unmatched" => "application#not_found"`
+/// in `config/routes.rb`): a 404 in Lago's own error format, not an empty one. A sink whose
+/// api_url carries a wrong path meets this answer from a real Lago.
+async fn unmatched() -> Response {
+    error_body(StatusCode::NOT_FOUND, json!({"code": "resource_not_found"}))
 }
 
 // --- catalogue listings ---------------------------------------------------------------------

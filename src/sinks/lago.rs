@@ -420,11 +420,19 @@ impl LagoSink {
                     "Lago forbids the request (403 {lago_code}): the API key needs write permission on events; records stay pending"
                 )));
             }
-            404 if lago_error.is_none() => {
-                // Lago itself never answers 404 on the batch endpoint with its error shape
-                // missing: this is a wrong api_url, not a property of the records.
+            404 => {
+                // The batch endpoint never answers 404 about an event. A 404 is a wrong
+                // api_url: from what stands in front of Lago, or from Lago itself, whose
+                // catch-all route answers any unknown path in its own format
+                // (`{"status":404,…,"code":"resource_not_found"}`, lago-api `config/routes.rb`
+                // `*unmatched`). Rejecting the records would quarantine every one of them.
+                let lago_code = lago_error
+                    .as_ref()
+                    .and_then(|e| e.code.as_deref())
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default();
                 return Err(self.stopped(format!(
-                    "{} answered 404 Not Found: check api_url; records stay pending",
+                    "{} answered 404 Not Found{lago_code}: check api_url; records stay pending",
                     self.endpoint
                 )));
             }
@@ -437,7 +445,7 @@ impl LagoSink {
                     snippet(&text)
                 )));
             }
-            400 | 404 => RequestResult::Rejected(format!("Lago answered {status}: {}", snippet(&text))),
+            400 => RequestResult::Rejected(format!("Lago answered {status}: {}", snippet(&text))),
             422 => self.split_422(&text, count)?,
             408 | 429 | 500..=599 => {
                 return Ok(Attempt::Transient {
