@@ -747,3 +747,48 @@ async fn a_404_from_lago_itself_stops_the_sink_and_rejects_no_record() {
         serde_json::json!({"status": 404, "error": "Not Found", "code": "resource_not_found"})
     );
 }
+
+/// Read-back for reconciliation covers `[from, to)` to the millisecond. The sink sends event
+/// times to the millisecond and Lago keeps and answers them so (`timestamp.iso8601(3)`), with
+/// `timestamp_to` inclusive (`EventsQuery#with_timestamp_range`: `..timestamp_to`). Ending the
+/// query a whole second early left out what the sink stored in the period's last second
+/// (23:59:59.500 of the month's last day): reconciliation then called a delivered event lost.
+#[tokio::test]
+async fn read_back_covers_the_whole_period_to_the_millisecond() {
+    use billsync::sinks::ReadBackQuery;
+    let lago = sim(Behaviour::Postgres).await;
+    let s = sink(&lago.url, fast_retry(1));
+    let from = at(1_790_000_000);
+    let to = at(1_790_003_600);
+    let ms =
+        |t: chrono::DateTime<chrono::Utc>, millis: i64| t + chrono::Duration::milliseconds(millis);
+    let b = batch(
+        &s,
+        &[
+            ("first", event("sub-1", "1", from)),
+            ("last-whole-second", event("sub-1", "2", ms(to, -1000))),
+            ("last-millisecond", event("sub-1", "4", ms(to, -1))),
+            ("next-period", event("sub-1", "8", to)),
+            ("before", event("sub-1", "16", ms(from, -1))),
+        ],
+    );
+    assert!(s
+        .deliver(&b)
+        .await
+        .unwrap()
+        .iter()
+        .all(|o| *o == Outcome::Delivered));
+    let read = s
+        .read_back(&ReadBackQuery {
+            subscription: "sub-1".into(),
+            metric: "storage".into(),
+            from,
+            to,
+        })
+        .await
+        .unwrap()
+        .expect("Lago can be read back");
+    let mut keys: Vec<&str> = read.iter().map(|e| e.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["first", "last-millisecond", "last-whole-second"]);
+}

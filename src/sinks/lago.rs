@@ -636,21 +636,26 @@ impl Sink for LagoSink {
 
     /// `GET /api/v1/events?external_subscription_id=&code=&timestamp_from=&timestamp_to=`,
     /// page by page (100 a page) until `meta.next_page` is null. Lago's `timestamp_to` is
-    /// inclusive, so the query ends one second before `to`.
+    /// inclusive (`..timestamp_to`), so the query ends one millisecond before `to`: the sink
+    /// sends event times to the millisecond and Lago answers them so (`iso8601(3)`); a query
+    /// ending a whole second early missed events of the period's last second.
     async fn read_back(
         &self,
         query: &crate::sinks::ReadBackQuery,
     ) -> Result<Option<Vec<crate::sinks::ReadBackEvent>>, String> {
         let url = format!("{}/api/v1/events", self.base);
-        let to = query.to - chrono::Duration::seconds(1);
+        let to = query.to - chrono::Duration::milliseconds(1);
+        let time = |t: chrono::DateTime<chrono::Utc>| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        };
         let mut page = 1u64;
         let mut out = Vec::new();
         loop {
             let params = [
                 ("external_subscription_id", query.subscription.clone()),
                 ("code", query.metric.clone()),
-                ("timestamp_from", query.from.to_rfc3339()),
-                ("timestamp_to", to.to_rfc3339()),
+                ("timestamp_from", time(query.from)),
+                ("timestamp_to", time(to)),
                 ("page", page.to_string()),
                 ("per_page", "100".to_string()),
             ];
