@@ -6,9 +6,11 @@
 //! lines up: the provider's cost, the mapped value (markup included), what was sent, what is
 //! still pending, provisional or rejected, and the sink's read-back. Differences between the
 //! mapped and the sent value are explained by the ledger's statuses; a difference between what
-//! was sent and what the sink holds is explained only when the sink holds records the ledger has
-//! not acknowledged yet (a crash between the sink storing and the ledger recording, repaired by
-//! the next run). Anything else is *unexplained* and makes the command exit non-zero.
+//! was sent and what the sink holds is explained only when the sink holds, once and with the
+//! ledger's value, pending records the ledger has not acknowledged yet (a crash between the sink
+//! storing and the ledger recording, repaired by the next run). Anything else (another value, a
+//! second copy, a rejected or provisional record in the sink) is *unexplained* and makes the
+//! command exit non-zero.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -255,14 +257,41 @@ pub async fn reconcile(
             if let Some(rb) = line.read_back.as_mut() {
                 *rb += stored;
             }
-            if *status != Status::Sent {
-                line.in_sink_unacknowledged += stored;
-            } else if stored != *value {
-                line.unexplained_keys += 1;
-                line.notes.push(format!(
-                    "{}: sink holds {stored}, ledger sent {value}",
-                    event.key
-                ));
+            match status {
+                Status::Sent => {
+                    if stored != *value {
+                        line.unexplained_keys += 1;
+                        line.notes.push(format!(
+                            "{}: sink holds {stored}, ledger sent {value}",
+                            event.key
+                        ));
+                    }
+                }
+                // Stored by the sink before the ledger recorded it (a crash, a lost answer):
+                // the next run resends the frozen payload and records it as delivered. That
+                // explains the ledger's value, once; another value or a second copy is not
+                // what the next run confirms.
+                Status::Pending => {
+                    if *n == 1 {
+                        line.in_sink_unacknowledged += *value;
+                    }
+                    if stored != *value {
+                        line.unexplained_keys += 1;
+                        line.notes.push(format!(
+                            "{}: sink holds {stored}, ledger has {value} pending",
+                            event.key
+                        ));
+                    }
+                }
+                // Rejected or not final: no run sends it as it stands, yet the sink bills it.
+                other => {
+                    line.unexplained_keys += 1;
+                    line.notes.push(format!(
+                        "{}: sink holds {stored}, but the ledger has the record {}",
+                        event.key,
+                        other.as_str()
+                    ));
+                }
             }
         }
         // Sent records the sink does not have.
