@@ -792,3 +792,51 @@ async fn read_back_covers_the_whole_period_to_the_millisecond() {
     keys.sort_unstable();
     assert_eq!(keys, ["first", "last-millisecond", "last-whole-second"]);
 }
+
+/// On the Postgres store lago-api matches the rows `insert_all` stored back to the batch by
+/// `transaction_id` alone (`saved_attributes.index_by { |attrs| attrs[0] }`, then one `delete`
+/// per event, in `Events::CreateBatchService#bulk_insert_events`), although its unique index is
+/// (organization, external_subscription_id, transaction_id). So one transaction id sent for two
+/// subscriptions in one batch is refused whole, the second event reported
+/// `value_already_exist` although it was stored nowhere: a client taking that as "delivered"
+/// would lose it. The simulator answers so, in full and lean mode; the sink sends a repeated key
+/// in a later request, where each subscription's event is stored once.
+#[tokio::test]
+async fn one_transaction_id_for_two_subscriptions_in_one_batch_is_refused_as_lago_does() {
+    for lean in [false, true] {
+        let lago = sim(Behaviour::Postgres).await;
+        lago.set_lean(lean);
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v1/events/batch", lago.url))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(r#"{"events":[{"transaction_id":"x","code":"c","external_subscription_id":"s1"},{"transaction_id":"x","code":"c","external_subscription_id":"s2"}]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 422, "lean: {lean}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            v["error_details"],
+            serde_json::json!({"1": {"transaction_id": ["value_already_exist"]}}),
+            "lean: {lean}"
+        );
+        assert_eq!(lago.event_count(), 0, "lean: {lean}: rolled back whole");
+
+        let s = sink(&lago.url, fast_retry(1));
+        let b = batch(
+            &s,
+            &[
+                ("k", event("sub-1", "1", at(1_710_000_000))),
+                ("k", event("sub-2", "2", at(1_710_000_000))),
+            ],
+        );
+        assert_eq!(
+            s.deliver(&b).await.unwrap(),
+            vec![Outcome::Delivered, Outcome::Delivered],
+            "lean: {lean}"
+        );
+        assert_eq!(lago.event_count(), 2, "lean: {lean}");
+        assert_eq!(lago.request_count(), 3, "lean: {lean}");
+    }
+}

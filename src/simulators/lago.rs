@@ -8,8 +8,8 @@
 //! - per-index validation (`value_is_mandatory`, `invalid_format`), `no_events`,
 //!   `too_many_events`;
 //! - the two event stores, chosen at start ([`Behaviour`]): **Postgres** (dedup on
-//!   subscription + transaction id; a batch with any duplicate is refused whole with 422 and
-//!   nothing stored) and **ClickHouse** (dedup on code + subscription + timestamp +
+//!   subscription + transaction id; a batch with any duplicate, or with one transaction id for
+//!   two subscriptions, is refused whole with 422 and nothing stored) and **ClickHouse** (dedup on code + subscription + timestamp +
 //!   transaction id; same key and timestamp replaces, another timestamp is a second
 //!   billable event; never a 422 for duplicates);
 //! - read-back: `GET /api/v1/events` (filters, pagination `meta`) and
@@ -953,18 +953,15 @@ fn store(
     }
     match shared.config.behaviour {
         Behaviour::Postgres => {
-            let mut seen = HashSet::new();
-            let mut duplicates = Vec::new();
-            for (i, e) in incoming.iter().enumerate() {
-                let key = (e.external_subscription_id.clone(), e.transaction_id.clone());
-                if store.keys.contains(&key) || !seen.insert(key) {
-                    duplicates.push(i);
-                }
-            }
+            let keys: Vec<(String, String)> = incoming
+                .iter()
+                .map(|e| (e.external_subscription_id.clone(), e.transaction_id.clone()))
+                .collect();
+            let duplicates = postgres_duplicates(&incoming, |i| store.keys.contains(&keys[i]));
             if !duplicates.is_empty() {
                 return Err(duplicates);
             }
-            store.keys.extend(seen);
+            store.keys.extend(keys);
             let stored: Vec<StoredEvent> = incoming
                 .into_iter()
                 .map(|e| new_stored(&mut store, e, now))
@@ -999,6 +996,33 @@ fn store(
     }
 }
 
+/// The positions lago-api reports `value_already_exist` for in a batch on the Postgres store
+/// (`Events::CreateBatchService#bulk_insert_events`): `insert_all` stores every event whose
+/// (external_subscription_id, transaction_id) is neither stored (`stored(i)`) nor taken by an
+/// earlier event of the batch; the stored rows are then matched back to the events by
+/// `transaction_id` alone, in order, each stored row once. So an event is reported when no
+/// stored row of its transaction id is left: a repeat of a stored key, and also the second
+/// of one transaction id sent for two subscriptions (stored, but its row went to the first).
+fn postgres_duplicates(incoming: &[Incoming], stored: impl Fn(usize) -> bool) -> Vec<usize> {
+    let mut taken: HashSet<(&str, &str)> = HashSet::with_capacity(incoming.len());
+    let mut inserted: HashSet<&str> = HashSet::with_capacity(incoming.len());
+    for (i, e) in incoming.iter().enumerate() {
+        let key = (
+            e.external_subscription_id.as_str(),
+            e.transaction_id.as_str(),
+        );
+        if !stored(i) && taken.insert(key) {
+            inserted.insert(e.transaction_id.as_str());
+        }
+    }
+    incoming
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !inserted.remove(e.transaction_id.as_str()))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// [`store`] in lean mode: the same answers and the same duplicates, only digests kept.
 fn store_lean(
     store: &mut Store,
@@ -1012,23 +1036,16 @@ fn store_lean(
         .collect();
     match behaviour {
         Behaviour::Postgres => {
-            let mut seen = hashbrown::HashSet::with_capacity(keys.len());
-            let duplicates: Vec<usize> = keys
-                .iter()
-                .zip(&incoming)
-                .enumerate()
-                .filter(|(_, (key, e))| {
-                    store.lean.digests.contains(*key)
-                        || !seen.insert(**key)
-                        // An event stored before lean mode was switched on.
-                        || (!store.keys.is_empty()
-                            && store.keys.contains(&(
-                                e.external_subscription_id.clone(),
-                                e.transaction_id.clone(),
-                            )))
-                })
-                .map(|(i, _)| i)
-                .collect();
+            let duplicates = postgres_duplicates(&incoming, |i| {
+                let e = &incoming[i];
+                store.lean.digests.contains(&keys[i])
+                    // An event stored before lean mode was switched on.
+                    || (!store.keys.is_empty()
+                        && store.keys.contains(&(
+                            e.external_subscription_id.clone(),
+                            e.transaction_id.clone(),
+                        )))
+            });
             if !duplicates.is_empty() {
                 return Err(duplicates);
             }
