@@ -504,6 +504,50 @@ async fn remote_check_against_the_lago_simulator() {
     sim.shutdown().await;
 }
 
+/// `GET /api/v1/subscriptions` lists only active subscriptions unless asked for others
+/// (lago-api `SubscriptionIndex`: `filters[:status] = ["active"] if filters[:status].blank?`).
+/// A subscription that starts later (pending) or was terminated this month (its usage up to the
+/// termination is still invoiced) exists in Lago: the remote check must not call it missing and
+/// fail, or someone "fixes" a mapping away from a subscription that still bills.
+#[tokio::test]
+async fn remote_check_knows_pending_and_terminated_subscriptions() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let sim = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    sim.register_subscription("sub_acme_main", "acme");
+    sim.register_subscription_with_status("sub_globex_main", "globex", "terminated");
+    sim.register_subscription_with_status("sub_initech_next", "initech", "pending");
+    sim.register_subscription_with_status("sub_never", "x", "canceled");
+    // As Lago answers without a status filter: the active ones only.
+    let plain: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/subscriptions", sim.url))
+        .bearer_auth("lago-sim-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(plain["meta"]["total_count"], 1, "{plain}");
+    let cfg = billsync::sinks::lago::LagoConfig {
+        api_url: sim.url.clone(),
+        api_key: billsync::config::Secret::new("lago-sim-key"),
+        batch_size: 100,
+        timeout: std::time::Duration::from_secs(5),
+        retry: Default::default(),
+    };
+    let admin = billsync::sinks::lago_admin::LagoAdmin::new(&cfg).unwrap();
+    let subs: BTreeSet<String> = admin.subscription_ids().await.unwrap();
+    assert_eq!(
+        subs,
+        BTreeSet::from([
+            "sub_acme_main".to_string(),
+            "sub_globex_main".to_string(),
+            "sub_initech_next".to_string()
+        ])
+    );
+    sim.shutdown().await;
+}
+
 /// `apply` (the sync's path, which writes no reasons) and `explain` reach the same outcome:
 /// same rule, customer, value and properties, or the same held reason. Checked over a grid
 /// of records against the shipped mappings, which covers every kind of outcome.

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -192,8 +192,8 @@ struct Store {
     next_id: u64,
     /// Registered billable metrics: (code, aggregation_type, field_name).
     metrics: Vec<(String, String, Option<String>)>,
-    /// Registered subscriptions: (external_id, external_customer_id).
-    subscriptions: Vec<(String, String)>,
+    /// Registered subscriptions: (external_id, external_customer_id, status).
+    subscriptions: Vec<(String, String, String)>,
     /// What lean mode keeps instead of `events` and `keys`.
     lean: LeanStore,
 }
@@ -452,11 +452,25 @@ impl LagoSimHandle {
         ));
     }
 
-    /// Register a subscription, listed by `GET /api/v1/subscriptions`.
+    /// Register an active subscription, listed by `GET /api/v1/subscriptions`.
     pub fn register_subscription(&self, external_id: &str, external_customer_id: &str) {
-        lock(&self.shared.store)
-            .subscriptions
-            .push((external_id.to_string(), external_customer_id.to_string()));
+        self.register_subscription_with_status(external_id, external_customer_id, "active");
+    }
+
+    /// Register a subscription in a given status (`active`, `pending`, `terminated`,
+    /// `canceled`): listed by `GET /api/v1/subscriptions` when the request asks for that status
+    /// (`status[]=…`); without a status filter Lago lists the active ones only.
+    pub fn register_subscription_with_status(
+        &self,
+        external_id: &str,
+        external_customer_id: &str,
+        status: &str,
+    ) {
+        lock(&self.shared.store).subscriptions.push((
+            external_id.to_string(),
+            external_customer_id.to_string(),
+            status.to_string(),
+        ));
     }
 
     // --- inspection ---------------------------------------------------------------------
@@ -1404,24 +1418,42 @@ async fn list_metrics(
     paginate("billable_metrics", items, &q)
 }
 
+/// `GET /api/v1/subscriptions`: filtered on `status[]`, the active ones when no status is asked
+/// for (lago-api `SubscriptionIndex`: `filters[:status] = ["active"] if filters[:status].blank?`).
 async fn list_subscriptions(
     State(shared): Sim,
     headers: HeaderMap,
     Query(q): Query<PageQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
     record(&shared, "GET /api/v1/subscriptions", "");
     if let Err(r) = authorize(&shared, &headers, false) {
         return r;
     }
+    let mut statuses: Vec<String> = reqwest::Url::parse(&format!(
+        "http://sim/?{}",
+        raw.as_deref().unwrap_or_default()
+    ))
+    .map(|u| {
+        u.query_pairs()
+            .filter(|(k, v)| k == "status[]" && !v.is_empty())
+            .map(|(_, v)| v.into_owned())
+            .collect()
+    })
+    .unwrap_or_default();
+    if statuses.is_empty() {
+        statuses.push("active".into());
+    }
     let items: Vec<Value> = lock(&shared.store)
         .subscriptions
         .iter()
-        .map(|(id, customer)| {
+        .filter(|(_, _, status)| statuses.contains(status))
+        .map(|(id, customer, status)| {
             json!({
                 "lago_id": format!("sub_{id}"),
                 "external_id": id,
                 "external_customer_id": customer,
-                "status": "active",
+                "status": status,
             })
         })
         .collect();

@@ -63,8 +63,13 @@ impl LagoAdmin {
         })
     }
 
-    /// Every item under `key` of the paginated `path`.
-    async fn list(&self, path: &str, key: &str) -> Result<Vec<Value>, LagoAdminError> {
+    /// Every item under `key` of the paginated `path`, with `filters` added to each request.
+    async fn list(
+        &self,
+        path: &str,
+        key: &str,
+        filters: &[(&str, &str)],
+    ) -> Result<Vec<Value>, LagoAdminError> {
         let url = format!("{}{path}", self.base);
         let mut out = Vec::new();
         let mut page = 1usize;
@@ -74,6 +79,7 @@ impl LagoAdmin {
                 .get(&url)
                 .bearer_auth(self.api_key.expose())
                 .query(&[("page", page), ("per_page", PER_PAGE)])
+                .query(filters)
                 .send()
                 .await
                 .map_err(|e| LagoAdminError::Transport {
@@ -119,7 +125,7 @@ impl LagoAdmin {
     /// `GET /api/v1/billable_metrics`, every page.
     pub async fn billable_metrics(&self) -> Result<Vec<RemoteMetric>, LagoAdminError> {
         let items = self
-            .list("/api/v1/billable_metrics", "billable_metrics")
+            .list("/api/v1/billable_metrics", "billable_metrics", &[])
             .await?;
         Ok(items
             .iter()
@@ -140,9 +146,23 @@ impl LagoAdmin {
             .collect())
     }
 
-    /// `GET /api/v1/subscriptions`, every page: the `external_id`s.
+    /// `GET /api/v1/subscriptions`, every page: the `external_id`s of the subscriptions that
+    /// bill usage: active, pending (starts later) and terminated (its usage up to the
+    /// termination is still invoiced). Lago lists only the active ones unless asked
+    /// (lago-api `SubscriptionIndex`: `status` defaults to `["active"]`); canceled ones never
+    /// started and bill nothing.
     pub async fn subscription_ids(&self) -> Result<BTreeSet<String>, LagoAdminError> {
-        let items = self.list("/api/v1/subscriptions", "subscriptions").await?;
+        let items = self
+            .list(
+                "/api/v1/subscriptions",
+                "subscriptions",
+                &[
+                    ("status[]", "active"),
+                    ("status[]", "pending"),
+                    ("status[]", "terminated"),
+                ],
+            )
+            .await?;
         Ok(items
             .iter()
             .filter_map(|s| s.get("external_id")?.as_str().map(str::to_string))
