@@ -231,9 +231,28 @@ pub async fn reconcile(
                 ));
                 continue;
             };
-            let Some((_, line)) = lines.get_mut(line_id) else {
+            let Some((owner, line)) = lines.get_mut(line_id) else {
                 continue;
             };
+            // The ledger has this key for another sink, subscription or metric: here it is an
+            // event the ledger does not have (billed to another subscription), and the
+            // record's own line misses it.
+            if owner.sink != key.sink
+                || owner.subscription != key.subscription
+                || owner.metric != key.metric
+            {
+                unknown_events.push(format!(
+                    "{}: {} {}: event {} is in the ledger for {} {} (sink {})",
+                    key.sink,
+                    key.subscription,
+                    key.metric,
+                    event.key,
+                    owner.subscription,
+                    owner.metric,
+                    owner.sink
+                ));
+                continue;
+            }
             let stored = property
                 .as_deref()
                 .and_then(|p| event.properties.get(p))

@@ -220,11 +220,9 @@ async fn events_held_by_the_sink_for_unacknowledged_records_must_match_them() {
         "{}",
         to_table(&report)
     );
-    world.lago.set_event_property(
-        other,
-        property,
-        serde_json::Value::String(held.to_string()),
-    );
+    world
+        .lago
+        .set_event_property(other, property, serde_json::Value::String(held.to_string()));
 
     // The ledger rejected a record whose event Lago holds.
     let rejected = &batch[1];
@@ -252,6 +250,88 @@ async fn events_held_by_the_sink_for_unacknowledged_records_must_match_them() {
             .lines
             .values()
             .any(|(_, l)| l.notes.iter().any(|n| n.contains(rejected.key.as_str()))),
+        "{}",
+        to_table(&report)
+    );
+}
+
+/// An event is matched to the ledger within the subscription and metric it was read back
+/// under. Lago holding a record's key under another subscription (billed to another customer)
+/// is a difference on both sides: the record's own line misses it, and the subscription Lago
+/// holds it under has an event the ledger does not have there. It was counted into the
+/// record's own line instead, whose sum then agreed, and the subscription billed for it looked
+/// clean.
+#[tokio::test]
+async fn an_event_held_under_another_subscription_is_a_difference_of_both_lines() {
+    use billsync::sinks::Outgoing;
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let moved = world
+        .lago
+        .events()
+        .into_iter()
+        .find(|e| e.code == "storage_cost" && e.external_subscription_id == "sub_acme_main")
+        .unwrap();
+    let value = world.lago_value_of(&moved.transaction_id);
+    assert_eq!(world.lago.delete_event(&moved.transaction_id), 1);
+    let sink = world.sink_with_key(LAGO_KEY);
+    let payload = sink
+        .encode(
+            &moved.transaction_id,
+            &billsync::mapping::MappedEvent {
+                rule: "test".into(),
+                sink: None,
+                external_subscription_id: "sub_globex_main".into(),
+                external_customer_id: None,
+                metric_code: "storage_cost".into(),
+                value_property: "amount".into(),
+                value,
+                properties: Default::default(),
+                timestamp: moved.timestamp,
+            },
+        )
+        .unwrap();
+    sink.deliver(&[Outgoing {
+        id: 1,
+        key: moved.transaction_id.clone(),
+        payload,
+    }])
+    .await
+    .unwrap();
+
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(!report.is_reconciled(), "{}", to_table(&report));
+    let line = |sub: &str| {
+        report
+            .lines
+            .values()
+            .find(|(k, _)| k.subscription == sub && k.metric == "storage_cost")
+            .map(|(_, l)| l.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        line("sub_acme_main").unexplained,
+        -value,
+        "{}",
+        to_table(&report)
+    );
+    // Like any event the ledger does not have for the line it was read back under.
+    assert!(
+        report
+            .unknown_events
+            .iter()
+            .any(|n| n.contains(&moved.transaction_id)
+                && n.contains("sub_globex_main")
+                && n.contains("sub_acme_main")),
         "{}",
         to_table(&report)
     );
