@@ -840,3 +840,87 @@ async fn one_transaction_id_for_two_subscriptions_in_one_batch_is_refused_as_lag
         assert_eq!(lago.request_count(), 3, "lean: {lean}");
     }
 }
+
+/// Lago pages `GET /api/v1/events` by offset, newest first (`order(timestamp: :desc)`), and
+/// counts the list again on every page (`meta.total_count`). An event ingested while the pages
+/// are read (a sync running beside a month-end reconcile) shifts the list: the next page
+/// repeats the previous page's last event and the new one is never seen. Read as is, that is an
+/// event "stored twice" (a double billing that is not there, which someone may credit) and
+/// one missing. A read whose count changed, or that ends short of the count, is read again.
+#[tokio::test]
+async fn read_back_reads_again_when_the_list_changes_between_pages() {
+    use billsync::sinks::ReadBackQuery;
+    use wiremock::matchers::query_param;
+    let event = |i: usize| {
+        serde_json::json!({
+            "transaction_id": format!("e{i:03}"),
+            "external_subscription_id": "sub-1",
+            "code": "storage",
+            "timestamp": "2026-10-01T00:00:00.000Z",
+            "properties": {"gb": "1"}
+        })
+    };
+    let page = |events: Vec<serde_json::Value>, page: u64, next: Option<u64>, total: usize| {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "events": events,
+            "meta": {"current_page": page, "next_page": next, "total_count": total}
+        }))
+    };
+    let server = MockServer::start().await;
+    // First pass: 101 events, then e000 arrives before page 2 is read.
+    Mock::given(method("GET"))
+        .and(query_param("page", "1"))
+        .respond_with(page((1..=100).map(event).collect(), 1, Some(2), 101))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(query_param("page", "2"))
+        .respond_with(page(vec![event(100)], 2, None, 102))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    // Afterwards the list holds e000 to e101.
+    Mock::given(method("GET"))
+        .and(query_param("page", "1"))
+        .respond_with(page((0..100).map(event).collect(), 1, Some(2), 102))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(query_param("page", "2"))
+        .respond_with(page(vec![event(100), event(101)], 2, None, 102))
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(1));
+    let read = s
+        .read_back(&ReadBackQuery {
+            subscription: "sub-1".into(),
+            metric: "storage".into(),
+            from: at(1_790_000_000),
+            to: at(1_790_003_600),
+        })
+        .await
+        .unwrap()
+        .expect("Lago can be read back");
+    let keys: Vec<String> = read.iter().map(|e| e.key.clone()).collect();
+    let expected: Vec<String> = (0..102).map(|i| format!("e{i:03}")).collect();
+    assert_eq!(keys, expected);
+
+    // A list that never holds still is an error, not a partial read.
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(page((0..3).map(event).collect(), 1, None, 4))
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(1));
+    let err = s
+        .read_back(&ReadBackQuery {
+            subscription: "sub-1".into(),
+            metric: "storage".into(),
+            from: at(1_790_000_000),
+            to: at(1_790_003_600),
+        })
+        .await
+        .expect_err("3 events read of 4 counted");
+    assert!(err.contains("sub-1") && err.contains('4'), "{err}");
+}

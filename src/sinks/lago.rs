@@ -36,6 +36,9 @@ use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
 /// The largest batch Lago accepts (`LAGO_EVENTS_BATCH_MAX_LENGTH`, default 100).
 pub const MAX_BATCH: usize = 100;
 
+/// How often reconciliation's read-back reads a list that changes while it is read.
+const READ_BACK_PASSES: usize = 3;
+
 /// The path of the batch endpoint, below `api_url`.
 pub const BATCH_PATH: &str = "/api/v1/events/batch";
 
@@ -459,6 +462,82 @@ impl LagoSink {
         Ok(Attempt::Done(result))
     }
 
+    /// One read of `GET /api/v1/events`, page by page until `meta.next_page` is null: the
+    /// events and `meta.total_count` of the first and of the last page.
+    async fn read_back_pass(
+        &self,
+        url: &str,
+        query: &crate::sinks::ReadBackQuery,
+        to: &str,
+    ) -> Result<(Vec<crate::sinks::ReadBackEvent>, Option<u64>, Option<u64>), String> {
+        let from = query
+            .from
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut page = 1u64;
+        let mut out = Vec::new();
+        let mut first = None;
+        loop {
+            let params = [
+                ("external_subscription_id", query.subscription.as_str()),
+                ("code", query.metric.as_str()),
+                ("timestamp_from", from.as_str()),
+                ("timestamp_to", to),
+                ("page", &page.to_string()),
+                ("per_page", "100"),
+            ];
+            let resp = self
+                .client
+                .get(url)
+                .bearer_auth(self.api_key.expose())
+                .query(&params)
+                .send()
+                .await
+                .map_err(|e| format!("sink {}: GET /api/v1/events: {e}", self.name))?;
+            let status = resp.status();
+            let text = resp.text().await.map_err(|e| {
+                format!(
+                    "sink {}: GET /api/v1/events: reading the answer: {e}",
+                    self.name
+                )
+            })?;
+            if !status.is_success() {
+                return Err(format!(
+                    "sink {}: GET /api/v1/events answered HTTP {}: {}",
+                    self.name,
+                    status.as_u16(),
+                    snippet(&text)
+                ));
+            }
+            let body: Value = serde_json::from_str(&text)
+                .map_err(|e| format!("sink {}: GET /api/v1/events: not JSON: {e}", self.name))?;
+            let events = body
+                .get("events")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    format!("sink {}: GET /api/v1/events: no `events` array", self.name)
+                })?;
+            for e in events {
+                let key = e
+                    .get("transaction_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let properties = e
+                    .get("properties")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                out.push(crate::sinks::ReadBackEvent { key, properties });
+            }
+            let count = body.pointer("/meta/total_count").and_then(Value::as_u64);
+            first = first.or(count);
+            match body.pointer("/meta/next_page").and_then(Value::as_u64) {
+                Some(next) if next > page => page = next,
+                _ => return Ok((out, first, count)),
+            }
+        }
+    }
+
     /// Classify a 422 answer: per-index outcomes, or one verdict for the whole request.
     fn split_422(&self, text: &str, count: usize) -> Result<RequestResult, SinkStopped> {
         let whole = |why: &str| {
@@ -638,77 +717,39 @@ impl Sink for LagoSink {
     /// page by page (100 a page) until `meta.next_page` is null. Lago's `timestamp_to` is
     /// inclusive (`..timestamp_to`), so the query ends one millisecond before `to`: the sink
     /// sends event times to the millisecond and Lago answers them so (`iso8601(3)`); a query
-    /// ending a whole second early missed events of the period's last second.
+    /// ending a whole second early missed events of the period's last second. A read whose
+    /// `meta.total_count` changed between pages, or that ends short of it, is read again (at
+    /// most three times, then an error): the list changed while it was paged.
     async fn read_back(
         &self,
         query: &crate::sinks::ReadBackQuery,
     ) -> Result<Option<Vec<crate::sinks::ReadBackEvent>>, String> {
         let url = format!("{}/api/v1/events", self.base);
-        let to = query.to - chrono::Duration::milliseconds(1);
-        let time = |t: chrono::DateTime<chrono::Utc>| {
-            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        };
-        let mut page = 1u64;
-        let mut out = Vec::new();
-        loop {
-            let params = [
-                ("external_subscription_id", query.subscription.clone()),
-                ("code", query.metric.clone()),
-                ("timestamp_from", time(query.from)),
-                ("timestamp_to", time(to)),
-                ("page", page.to_string()),
-                ("per_page", "100".to_string()),
-            ];
-            let resp = self
-                .client
-                .get(&url)
-                .bearer_auth(self.api_key.expose())
-                .query(&params)
-                .send()
-                .await
-                .map_err(|e| format!("sink {}: GET /api/v1/events: {e}", self.name))?;
-            let status = resp.status();
-            let text = resp.text().await.map_err(|e| {
-                format!(
-                    "sink {}: GET /api/v1/events: reading the answer: {e}",
-                    self.name
-                )
-            })?;
-            if !status.is_success() {
-                return Err(format!(
-                    "sink {}: GET /api/v1/events answered HTTP {}: {}",
-                    self.name,
-                    status.as_u16(),
-                    snippet(&text)
-                ));
-            }
-            let body: Value = serde_json::from_str(&text)
-                .map_err(|e| format!("sink {}: GET /api/v1/events: not JSON: {e}", self.name))?;
-            let events = body
-                .get("events")
-                .and_then(Value::as_array)
-                .ok_or_else(|| {
-                    format!("sink {}: GET /api/v1/events: no `events` array", self.name)
-                })?;
-            for e in events {
-                let key = e
-                    .get("transaction_id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                let properties = e
-                    .get("properties")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .unwrap_or_default();
-                out.push(crate::sinks::ReadBackEvent { key, properties });
-            }
-            match body.pointer("/meta/next_page").and_then(Value::as_u64) {
-                Some(next) if next > page => page = next,
-                _ => break,
+        let to = (query.to - chrono::Duration::milliseconds(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        // Lago counts the list again on every page: a count that changed between the pages,
+        // or a read that ends short of it, means events were added or removed meanwhile and
+        // the offsets shifted (an event read twice, another never). Read it again.
+        let mut counts = Vec::new();
+        for _ in 0..READ_BACK_PASSES {
+            let (events, first, last) = self.read_back_pass(&url, query, &to).await?;
+            match (first, last) {
+                (Some(first), Some(last)) if first != last || events.len() as u64 != last => {
+                    counts.push(format!(
+                        "{} read, {first} then {last} counted",
+                        events.len()
+                    ));
+                }
+                _ => return Ok(Some(events)),
             }
         }
-        Ok(Some(out))
+        Err(format!(
+            "sink {}: GET /api/v1/events for {} {}: the list kept changing while it was read ({}); run reconcile again",
+            self.name,
+            query.subscription,
+            query.metric,
+            counts.join("; ")
+        ))
     }
 
     fn name(&self) -> &str {
