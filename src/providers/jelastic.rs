@@ -732,20 +732,8 @@ impl Provider for JelasticProvider {
             settled_before: now - self.config.settle_delay,
             final_requires_charge: self.config.final_requires_charge,
         };
-        let records = parse_response(&text, &ctx).map_err(|e| match e {
-            ProviderError::Api {
-                provider,
-                call,
-                code,
-                message,
-            } => ProviderError::Api {
-                provider,
-                call,
-                code,
-                message: self.redact(&message),
-            },
-            other => other,
-        })?;
+        let records = parse_response(&text, &ctx)
+            .map_err(|e| e.map_remote_text(|text| self.redact(&text)))?;
         // The page's cursor is its window's end, never below what `plan` saw (a look-back
         // re-read must not move a cursor back). Read-only here: pages may be fetched
         // concurrently, and a later window's answer must not lend its end to an earlier page.

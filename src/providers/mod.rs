@@ -121,6 +121,48 @@ pub enum ProviderError {
     Config { provider: String, message: String },
 }
 
+impl ProviderError {
+    /// The same error with the text that came from outside (the API's message, the HTTP body,
+    /// the transport's reason) passed through `f`: to say which bill or window it concerns, or
+    /// to redact a secret the server echoed. `Shape` and `Config` messages are billsync's own.
+    pub fn map_remote_text(self, f: impl FnOnce(String) -> String) -> ProviderError {
+        match self {
+            ProviderError::Api {
+                provider,
+                call,
+                code,
+                message,
+            } => ProviderError::Api {
+                provider,
+                call,
+                code,
+                message: f(message),
+            },
+            ProviderError::Http {
+                provider,
+                call,
+                status,
+                body,
+            } => ProviderError::Http {
+                provider,
+                call,
+                status,
+                body: f(body),
+            },
+            ProviderError::Transport {
+                provider,
+                call,
+                message,
+            } => ProviderError::Transport {
+                provider,
+                call,
+                message: f(message),
+            },
+            other => other,
+        }
+    }
+}
+
 /// A source of usage records.
 #[async_trait]
 pub trait Provider: Send + Sync {

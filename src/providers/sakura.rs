@@ -752,40 +752,7 @@ impl SakuraProvider {
 /// `error` with `what` (the bill, or the month of a bill list) in front of its message, so an
 /// HTTP, API or transport failure says which bill it stopped at (`Shape` errors already do).
 fn about(what: &str, error: ProviderError) -> ProviderError {
-    match error {
-        ProviderError::Api {
-            provider,
-            call,
-            code,
-            message,
-        } => ProviderError::Api {
-            provider,
-            call,
-            code,
-            message: format!("{what}: {message}"),
-        },
-        ProviderError::Http {
-            provider,
-            call,
-            status,
-            body,
-        } => ProviderError::Http {
-            provider,
-            call,
-            status,
-            body: format!("{what}: {body}"),
-        },
-        ProviderError::Transport {
-            provider,
-            call,
-            message,
-        } => ProviderError::Transport {
-            provider,
-            call,
-            message: format!("{what}: {message}"),
-        },
-        other => other,
-    }
+    error.map_remote_text(|text| format!("{what}: {text}"))
 }
 
 /// A count of an envelope (`Total`, `From`, `Count`): a JSON number or a string of digits.
