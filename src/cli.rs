@@ -28,7 +28,8 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// A runtime failure: a provider failed, the ledger could not be written, ...
     pub const FAILED: u8 = 1;
-    /// Bad command line, settings or mapping files. Nothing was pulled or sent.
+    /// Bad command line, settings or mapping files, or a ledger written by a newer billsync (a
+    /// deployment mismatch). Nothing was pulled or sent.
     pub const CONFIG: u8 = 2;
     /// Another run holds the ledger lock. Nothing was done.
     pub const LOCKED: u8 = 3;
@@ -486,6 +487,15 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
         }
         if let Some(SyncError::Ledger(LedgerError::Locked { .. })) = cause.downcast_ref() {
             return exit::LOCKED;
+        }
+        // A ledger written by a newer billsync is a deployment mismatch (an image rolled back
+        // under a ledger the newer one upgraded): running the same image again cannot fix it,
+        // so it is not the retried exit 1. Nothing was pulled or sent.
+        if let Some(LedgerError::Newer { .. }) = cause.downcast_ref::<LedgerError>() {
+            return exit::CONFIG;
+        }
+        if let Some(SyncError::Ledger(LedgerError::Newer { .. })) = cause.downcast_ref() {
+            return exit::CONFIG;
         }
         if cause.downcast_ref::<SettingsError>().is_some()
             || cause

@@ -633,3 +633,38 @@ async fn pushed_metrics_count_each_sinks_records_separately() {
         assert!(body.contains(line), "missing {line:?} in\n{body}");
     }
 }
+
+/// A ledger written by a newer billsync (an image rolled back under a ledger the newer one
+/// upgraded) is a deployment mismatch: running the same image again cannot fix it. Exit 1 is
+/// retried by the CronJob's Job (`backoffLimit`) and reads as a passing fault; exit 2
+/// (configuration) fails the Job at once, and nothing is pulled or sent either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ledger_written_by_a_newer_billsync_exits_2_as_a_deployment_error_not_a_retryable_1() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let path = world.dir.path().join("ledger").join("ledger.db");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let ledger = billsync::ledger::Ledger::open(&path).await.unwrap();
+    ledger.close().await;
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (9999, 'from the future', 1, x'00', 0)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    for args in [&["sync"][..], &["status"][..]] {
+        let out = run(&cfg, args).await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {output}");
+        assert!(output.contains("newer billsync"), "{args:?}: {output}");
+    }
+    assert_eq!(world.metalsoft.request_count(), 0, "nothing was pulled");
+    assert!(world.lago.events().is_empty(), "nothing was sent");
+}
