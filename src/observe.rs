@@ -530,13 +530,12 @@ fn outcome_label(o: RunOutcome) -> &'static str {
 /// group named after the host, which in a CronJob is a new pod name every run.
 pub async fn push_metrics(settings: &MetricsSettings, body: String) -> Result<(), String> {
     let mut url = format!(
-        "{}/metrics/job/{}",
+        "{}/metrics{}",
         settings.pushgateway_url.trim_end_matches('/'),
-        settings.job,
+        grouping_segment("job", &settings.job),
     );
     if let Some(instance) = settings.instance.as_deref().filter(|i| !i.is_empty()) {
-        url.push_str("/instance/");
-        url.push_str(instance);
+        url.push_str(&grouping_segment("instance", instance));
     }
     let mut req = crate::http::client(settings.timeout)
         .post(&url)
@@ -550,6 +549,48 @@ pub async fn push_metrics(settings: &MetricsSettings, body: String) -> Result<()
         Ok(r) => Err(format!("pushgateway {url} answered HTTP {}", r.status())),
         Err(e) => Err(format!("pushgateway {url}: {e}")),
     }
+}
+
+/// One label of a Pushgateway grouping key as a path segment, `/name/value`, escaped as the
+/// Pushgateway's API wants it: a value with a `/` (which no URI encoding can carry: the path is
+/// split on it) or an empty one as `/name@base64/<base64url>`, any other value
+/// percent-encoded (RFC 3986 unreserved characters kept).
+fn grouping_segment(name: &str, value: &str) -> String {
+    if value.is_empty() || value.contains('/') {
+        return format!("/{name}@base64/{}", base64url(value.as_bytes()));
+    }
+    let mut out = format!("/{name}/");
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// RFC 4648 §5 base64 (URL and filename safe alphabet), padded: the empty value is `=`, as the
+/// Pushgateway requires for it.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    if bytes.is_empty() {
+        return "=".into();
+    }
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(chunk.get(1).copied().unwrap_or(0)) << 8)
+            | u32::from(chunk.get(2).copied().unwrap_or(0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -618,6 +659,32 @@ mod tests {
         );
         assert_eq!(lines[0]["unit"], "windows");
         assert_eq!(lines[2]["unit"], "records");
+    }
+
+    #[test]
+    fn grouping_values_are_base64url_with_a_slash_or_empty_and_percent_encoded_otherwise() {
+        assert_eq!(grouping_segment("job", "billsync"), "/job/billsync");
+        assert_eq!(grouping_segment("job", ""), "/job@base64/=");
+        // RFC 4648 test vectors, with the URL-safe alphabet.
+        for (plain, encoded) in [
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64url(plain.as_bytes()), encoded);
+        }
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8=");
+        assert_eq!(
+            grouping_segment("instance", "a/b"),
+            format!("/instance@base64/{}", base64url(b"a/b"))
+        );
+        assert_eq!(
+            grouping_segment("instance", "eu west:1é"),
+            "/instance/eu%20west%3A1%C3%A9"
+        );
     }
 
     #[test]

@@ -668,3 +668,55 @@ async fn a_ledger_written_by_a_newer_billsync_exits_2_as_a_deployment_error_not_
     assert_eq!(world.metalsoft.request_count(), 0, "nothing was pulled");
     assert!(world.lago.events().is_empty(), "nothing was sent");
 }
+/// The Pushgateway takes the grouping key from the URL path: a `/` in the job name or the
+/// instance would split it into other labels (or a 404), and a space or `%` would be read as
+/// something else. Values are escaped as its README says: base64url (`job@base64/…`) for a
+/// value with a `/`, percent-encoding otherwise.
+#[tokio::test(flavor = "multi_thread")]
+async fn pushgateway_job_and_instance_with_slashes_and_spaces_are_escaped_in_the_push_path() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&gateway)
+        .await;
+    for (job, instance, path) in [
+        (
+            "billing/eu",
+            Some("eu west"),
+            "/metrics/job@base64/YmlsbGluZy9ldQ==/instance/eu%20west",
+        ),
+        (
+            "billsync",
+            Some("eu-west/1"),
+            "/metrics/job/billsync/instance@base64/ZXUtd2VzdC8x",
+        ),
+        ("bill sync%", None, "/metrics/job/bill%20sync%25"),
+    ] {
+        let settings: billsync::observe::MetricsSettings = serde_yaml_ng::from_str(&format!(
+            "pushgateway_url: {}\njob: {job:?}\n{}",
+            gateway.uri(),
+            instance
+                .map(|i| format!("instance: {i:?}\n"))
+                .unwrap_or_default()
+        ))
+        .unwrap();
+        gateway.reset().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&gateway)
+            .await;
+        billsync::observe::push_metrics(&settings, "billsync_up 1\n".into())
+            .await
+            .unwrap();
+        let paths: Vec<String> = gateway
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.url.path().to_string())
+            .collect();
+        assert_eq!(paths, [path], "job {job:?}, instance {instance:?}");
+    }
+}
