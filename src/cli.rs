@@ -727,7 +727,7 @@ async fn push_metrics(settings: &Settings, pipeline: &Pipeline, summary: &RunSum
         .map(|s| s.name().to_string())
         .collect();
     let body = observe::render_metrics(summary, &status, chrono::Utc::now(), &sinks);
-    if let Err(e) = observe::push_metrics(metrics, body).await {
+    if let Err(e) = observe::push_metrics(metrics, &summary.command, body).await {
         tracing::warn!(error = %e, "metrics not pushed");
     }
 }

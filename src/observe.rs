@@ -380,6 +380,12 @@ fn escape_label(v: &str) -> String {
 }
 
 /// The metrics of one run in the Prometheus text format. Names are documented in the README.
+///
+/// A sync pushes everything. Any other command (a replay) pushes only what describes its own
+/// run (outcome, duration, per-sink counts), into a group of its own ([`push_metrics`]): the
+/// ledger-wide figures (records pulled, undelivered, cursor lag) and the last success belong to
+/// the sync's group, which every hourly run refreshes; a replay's group keeps its values until
+/// the next replay.
 pub fn render_metrics(
     s: &RunSummary,
     status: &LedgerStatus,
@@ -393,6 +399,7 @@ pub fn render_metrics(
             out.push_str(&format!("{name}{labels} {value}\n"));
         }
     };
+    let sync = s.command == "sync";
     let by_source = |f: &dyn Fn(&crate::sync::SourceSummary) -> u64| {
         s.sources
             .iter()
@@ -408,12 +415,14 @@ pub fn render_metrics(
             })
             .collect::<Vec<_>>()
     };
-    metric(
-        "billsync_records_pulled",
-        "Records pulled from a source by the last run.",
-        "gauge",
-        by_source(&|src| src.pulled),
-    );
+    if sync {
+        metric(
+            "billsync_records_pulled",
+            "Records pulled from a source by the last run.",
+            "gauge",
+            by_source(&|src| src.pulled),
+        );
+    }
     // Each configured sink's own figures (0 for a sink the run sent nothing to).
     let sink_label = |v: &dyn Fn(&crate::sync::SinkCounts) -> u64| {
         sink_names
@@ -457,12 +466,14 @@ pub fn render_metrics(
                 .or_default() += n;
         }
     }
-    metric(
-        "billsync_records_undelivered",
-        "Undelivered records in the ledger by source and status (pending, unmapped, rejected).",
-        "gauge",
-        held.into_iter().map(|(l, n)| (l, n.to_string())).collect(),
-    );
+    if sync {
+        metric(
+            "billsync_records_undelivered",
+            "Undelivered records in the ledger by source and status (pending, unmapped, rejected).",
+            "gauge",
+            held.into_iter().map(|(l, n)| (l, n.to_string())).collect(),
+        );
+    }
     metric(
         "billsync_run_duration_seconds",
         "Duration of the last run.",
@@ -497,6 +508,9 @@ pub fn render_metrics(
             ))
         })
         .collect();
+    if !sync {
+        return out;
+    }
     metric(
         "billsync_cursor_lag_seconds",
         "How far each cursor is behind now.",
@@ -524,11 +538,17 @@ fn outcome_label(o: RunOutcome) -> &'static str {
     }
 }
 
-/// Push the run's metrics. POST replaces only the metrics it carries, so a failed run keeps the
-/// last success timestamp of the one before — in the same group: every run pushes to
-/// `/metrics/job/<job>` (plus `/instance/<instance>` only when one is configured), never to a
-/// group named after the host, which in a CronJob is a new pod name every run.
-pub async fn push_metrics(settings: &MetricsSettings, body: String) -> Result<(), String> {
+/// Push the metrics of a run of `command`. POST replaces only the metrics it carries, so a
+/// failed run keeps the last success timestamp of the one before — in the same group: every
+/// sync pushes to `/metrics/job/<job>` (plus `/instance/<instance>` only when one is
+/// configured), never to a group named after the host, which in a CronJob is a new pod name
+/// every run. Another command (a replay) pushes below it, to `…/command/<command>`, and never
+/// touches the sync's group.
+pub async fn push_metrics(
+    settings: &MetricsSettings,
+    command: &str,
+    body: String,
+) -> Result<(), String> {
     let mut url = format!(
         "{}/metrics{}",
         settings.pushgateway_url.trim_end_matches('/'),
@@ -536,6 +556,9 @@ pub async fn push_metrics(settings: &MetricsSettings, body: String) -> Result<()
     );
     if let Some(instance) = settings.instance.as_deref().filter(|i| !i.is_empty()) {
         url.push_str(&grouping_segment("instance", instance));
+    }
+    if command != "sync" {
+        url.push_str(&grouping_segment("command", command));
     }
     let mut req = crate::http::client(settings.timeout)
         .post(&url)

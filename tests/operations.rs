@@ -707,7 +707,7 @@ async fn pushgateway_job_and_instance_with_slashes_and_spaces_are_escaped_in_the
             .respond_with(ResponseTemplate::new(200))
             .mount(&gateway)
             .await;
-        billsync::observe::push_metrics(&settings, "billsync_up 1\n".into())
+        billsync::observe::push_metrics(&settings, "sync", "billsync_up 1\n".into())
             .await
             .unwrap();
         let paths: Vec<String> = gateway
@@ -718,5 +718,65 @@ async fn pushgateway_job_and_instance_with_slashes_and_spaces_are_escaped_in_the
             .map(|r| r.url.path().to_string())
             .collect();
         assert_eq!(paths, [path], "job {job:?}, instance {instance:?}");
+    }
+}
+/// A replay is not the hourly sync: pushed into the sync's group it would set
+/// `billsync_last_success_timestamp_seconds` (hiding a failing sync CronJob from the alert on
+/// that age), overwrite the sync's outcome and per-sink figures, and replace the sync's
+/// `billsync_records_pulled` with an empty family. It pushes to a group of its own
+/// (`…/command/replay`) with only what describes the replay itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_pushes_its_metrics_to_its_own_group_and_leaves_the_syncs_untouched() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&gateway)
+        .await;
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(
+        &world,
+        &format!("metrics:\n  pushgateway_url: {}\n", gateway.uri()),
+    );
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let replay = run(
+        &cfg,
+        &["replay", "--status", "unmapped", "--reason", "rule fixed"],
+    )
+    .await;
+    assert!(
+        matches!(replay.status.code(), Some(0 | 4)),
+        "{}",
+        text(&replay)
+    );
+    let requests = gateway.received_requests().await.unwrap();
+    let paths: Vec<&str> = requests.iter().map(|r| r.url.path()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/metrics/job/billsync",
+            "/metrics/job/billsync/command/replay"
+        ]
+    );
+    let body = String::from_utf8_lossy(&requests[1].body).into_owned();
+    for line in [
+        "billsync_run_outcome{outcome=",
+        "billsync_run_duration_seconds ",
+        "billsync_records_sent{sink=\"lago\"} ",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in\n{body}");
+    }
+    for sync_only in [
+        "billsync_last_success_timestamp_seconds",
+        "billsync_records_pulled",
+        "billsync_cursor_lag_seconds",
+        "billsync_records_undelivered",
+    ] {
+        assert!(
+            !body.contains(sync_only),
+            "a replay pushes no {sync_only}:\n{body}"
+        );
     }
 }
