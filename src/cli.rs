@@ -653,15 +653,28 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Sync { provider, dry_run } => {
+            let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
-            let pipeline = build_pipeline(&settings, ctx).await?;
-            let summary = pipeline
-                .sync(&SyncOptions {
-                    provider,
-                    dry_run,
-                    ..Default::default()
-                })
-                .await?;
+            let done = async {
+                let pipeline = build_pipeline(&settings, ctx).await?;
+                let summary = pipeline
+                    .sync(&SyncOptions {
+                        provider,
+                        dry_run,
+                        ..Default::default()
+                    })
+                    .await?;
+                anyhow::Ok((pipeline, summary))
+            }
+            .await;
+            let (pipeline, summary) = match done {
+                Ok(done) => done,
+                Err(e) if dry_run => return Err(e),
+                Err(e) => {
+                    push_failed_metrics(&settings, "sync", &e, started).await;
+                    return Err(e);
+                }
+            };
             observe::print_summary(&summary, ctx.json_output);
             if !dry_run {
                 push_metrics(&settings, &pipeline, &summary).await;
@@ -680,25 +693,38 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             if reason.trim().is_empty() {
                 return Err(ConfigError("--reason must say why you replay".into()).into());
             }
+            let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
-            let pipeline = build_pipeline(&settings, ctx).await?;
-            let summary = pipeline
-                .replay(&ReplayOptions {
-                    filter: RecordFilter {
-                        status: Some(match status {
-                            ReplayStatus::Unmapped => Status::Unmapped,
-                            ReplayStatus::Rejected => Status::Rejected,
-                        }),
-                        provider,
-                        since,
-                        until,
-                        run,
-                    },
-                    dry_run,
-                    reason,
-                    now: None,
-                })
-                .await?;
+            let done = async {
+                let pipeline = build_pipeline(&settings, ctx).await?;
+                let summary = pipeline
+                    .replay(&ReplayOptions {
+                        filter: RecordFilter {
+                            status: Some(match status {
+                                ReplayStatus::Unmapped => Status::Unmapped,
+                                ReplayStatus::Rejected => Status::Rejected,
+                            }),
+                            provider,
+                            since,
+                            until,
+                            run,
+                        },
+                        dry_run,
+                        reason,
+                        now: None,
+                    })
+                    .await?;
+                anyhow::Ok((pipeline, summary))
+            }
+            .await;
+            let (pipeline, summary) = match done {
+                Ok(done) => done,
+                Err(e) if dry_run => return Err(e),
+                Err(e) => {
+                    push_failed_metrics(&settings, "replay", &e, started).await;
+                    return Err(e);
+                }
+            };
             observe::print_summary(&summary, ctx.json_output);
             if !dry_run {
                 push_metrics(&settings, &pipeline, &summary).await;
@@ -728,6 +754,28 @@ async fn push_metrics(settings: &Settings, pipeline: &Pipeline, summary: &RunSum
         .collect();
     let body = observe::render_metrics(summary, &status, chrono::Utc::now(), &sinks);
     if let Err(e) = observe::push_metrics(metrics, &summary.command, body).await {
+        tracing::warn!(error = %e, "metrics not pushed");
+    }
+}
+
+/// Push the outcome (`locked`, `config` or `failed`, by the exit code) and duration of a run
+/// that ended in an error, when a Pushgateway is configured; never its last success.
+async fn push_failed_metrics(
+    settings: &Settings,
+    command: &str,
+    error: &anyhow::Error,
+    started: std::time::Instant,
+) {
+    let Some(metrics) = &settings.metrics else {
+        return;
+    };
+    let outcome = match exit_code_of(error) {
+        exit::LOCKED => "locked",
+        exit::CONFIG => "config",
+        _ => "failed",
+    };
+    let body = observe::render_failed_metrics(outcome, started.elapsed());
+    if let Err(e) = observe::push_metrics(metrics, command, body).await {
         tracing::warn!(error = %e, "metrics not pushed");
     }
 }

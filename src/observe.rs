@@ -528,6 +528,26 @@ pub fn render_metrics(
     out
 }
 
+/// The metrics of a run that ended in an error instead of a summary (exit 1, 2 or 3: the ledger
+/// locked, unwritable or from a newer billsync, a broken mapping file): `outcome` (`failed`,
+/// `config`, `locked`) and the duration. Without them `billsync_run_outcome` would keep showing
+/// the run before. Never the last success, so the alert on its age fires; the per-run figures
+/// of the run before stay as they were (this run has none).
+pub fn render_failed_metrics(outcome: &str, duration: Duration) -> String {
+    let millis = duration.as_millis();
+    format!(
+        "# HELP billsync_run_duration_seconds Duration of the last run.\n\
+         # TYPE billsync_run_duration_seconds gauge\n\
+         billsync_run_duration_seconds {}.{:03}\n\
+         # HELP billsync_run_outcome 1 for the outcome of the last run.\n\
+         # TYPE billsync_run_outcome gauge\n\
+         billsync_run_outcome{{outcome=\"{}\"}} 1\n",
+        millis / 1000,
+        millis % 1000,
+        escape_label(outcome)
+    )
+}
+
 fn outcome_label(o: RunOutcome) -> &'static str {
     match o {
         RunOutcome::Ok => "ok",

@@ -668,6 +668,7 @@ async fn a_ledger_written_by_a_newer_billsync_exits_2_as_a_deployment_error_not_
     assert_eq!(world.metalsoft.request_count(), 0, "nothing was pulled");
     assert!(world.lago.events().is_empty(), "nothing was sent");
 }
+
 /// The Pushgateway takes the grouping key from the URL path: a `/` in the job name or the
 /// instance would split it into other labels (or a 404), and a space or `%` would be read as
 /// something else. Values are escaped as its README says: base64url (`job@base64/…`) for a
@@ -720,6 +721,7 @@ async fn pushgateway_job_and_instance_with_slashes_and_spaces_are_escaped_in_the
         assert_eq!(paths, [path], "job {job:?}, instance {instance:?}");
     }
 }
+
 /// A replay is not the hourly sync: pushed into the sync's group it would set
 /// `billsync_last_success_timestamp_seconds` (hiding a failing sync CronJob from the alert on
 /// that age), overwrite the sync's outcome and per-sink figures, and replace the sync's
@@ -777,6 +779,64 @@ async fn a_replay_pushes_its_metrics_to_its_own_group_and_leaves_the_syncs_untou
         assert!(
             !body.contains(sync_only),
             "a replay pushes no {sync_only}:\n{body}"
+        );
+    }
+}
+
+/// A run that ends in an error (the ledger locked by another run: exit 3; a ledger that cannot
+/// be opened: exit 1) still pushes its outcome and duration: otherwise
+/// `billsync_run_outcome` keeps showing the run before, and an alert on the outcome never
+/// fires. It never pushes `billsync_last_success_timestamp_seconds`, so the alert on its age
+/// does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_fails_with_an_error_still_pushes_its_outcome_but_no_last_success() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&gateway)
+        .await;
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(
+        &world,
+        &format!("metrics:\n  pushgateway_url: {}\n", gateway.uri()),
+    );
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let ledger_path = world.dir.path().join("ledger").join("ledger.db");
+    let ledger = billsync::ledger::Ledger::open(&ledger_path).await.unwrap();
+    ledger
+        .acquire_lock(
+            "billsync@other-pod:1",
+            chrono::Utc::now(),
+            Duration::from_secs(900),
+        )
+        .await
+        .unwrap();
+    let locked = run(&cfg, &["sync"]).await;
+    assert_eq!(locked.status.code(), Some(3), "{}", text(&locked));
+    ledger.close().await;
+
+    // A ledger that is not a database (a wrong volume, a damaged file): exit 1.
+    for f in ["ledger.db", "ledger.db-wal", "ledger.db-shm"] {
+        let _ = std::fs::remove_file(world.dir.path().join("ledger").join(f));
+    }
+    std::fs::write(&ledger_path, vec![b'x'; 8192]).unwrap();
+    let broken = run(&cfg, &["sync"]).await;
+    assert_eq!(broken.status.code(), Some(1), "{}", text(&broken));
+
+    let requests = gateway.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 3, "one push per run");
+    for (request, outcome) in requests[1..].iter().zip(["locked", "failed"]) {
+        assert_eq!(request.url.path(), "/metrics/job/billsync");
+        let body = String::from_utf8_lossy(&request.body).into_owned();
+        let line = format!("billsync_run_outcome{{outcome=\"{outcome}\"}} 1\n");
+        assert!(body.contains(&line), "missing {line:?} in\n{body}");
+        assert!(body.contains("billsync_run_duration_seconds "), "{body}");
+        assert!(
+            !body.contains("billsync_last_success_timestamp_seconds"),
+            "a failed run pushes no last success:\n{body}"
         );
     }
 }
