@@ -617,20 +617,21 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                         - chrono::Duration::from_std(older_than)
                             .map_err(|_| ConfigError("--older-than is too large".into()))?;
                     let n = if dry_run {
-                        ledger.vacuum(cutoff, true).await?
+                        ledger.prunable(cutoff).await?
                     } else {
                         // A write of the whole file (VACUUM holds SQLite's write lock until it
                         // is done): under the run lock, like any run, so that beside a sync it
-                        // exits 3 instead of making the sync's writes time out.
+                        // exits 3 instead of making the sync's writes time out. The prune
+                        // checks and extends the lock itself (a prune longer than `lock_ttl`
+                        // that finds it taken by a sync stops: exit 3).
                         let holder = format!(
                             "vacuum@{}:{}",
                             std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
                             std::process::id()
                         );
-                        ledger
-                            .acquire_lock(&holder, Utc::now(), settings.ledger.lock_ttl)
-                            .await?;
-                        let pruned = ledger.vacuum(cutoff, false).await;
+                        let ttl = settings.ledger.lock_ttl;
+                        ledger.acquire_lock(&holder, Utc::now(), ttl).await?;
+                        let pruned = ledger.vacuum(cutoff, &holder, ttl).await;
                         if let Err(e) = ledger.release_lock(&holder).await {
                             tracing::warn!(error = %e, "could not release the run lock; it expires by itself");
                         }

@@ -524,25 +524,29 @@ async fn export_writes_filtered_csv_and_vacuum_prunes_only_old_sent_records() {
     assert_eq!(ledger.export_csv(&all, &mut csv).await.unwrap(), 2);
 
     // Nothing is old enough yet; then, a cutoff in the future prunes the sent record only.
+    let ttl = Duration::from_secs(60);
+    ledger.acquire_lock("vacuum", now, ttl).await.unwrap();
     assert_eq!(
         ledger
-            .vacuum(now - chrono::Duration::days(1), false)
+            .vacuum(now - chrono::Duration::days(1), "vacuum", ttl)
             .await
             .unwrap(),
         0
     );
     let later = now + chrono::Duration::days(400);
+    assert_eq!(ledger.prunable(later).await.unwrap(), 1, "dry run counts");
+    assert_eq!(ledger.vacuum(later, "vacuum", ttl).await.unwrap(), 1);
     assert_eq!(
-        ledger.vacuum(later, true).await.unwrap(),
-        1,
-        "dry run counts"
-    );
-    assert_eq!(ledger.vacuum(later, false).await.unwrap(), 1);
-    assert_eq!(
-        ledger.vacuum(later, false).await.unwrap(),
+        ledger.vacuum(later, "vacuum", ttl).await.unwrap(),
         0,
         "already pruned"
     );
+    // Without the run lock, nothing is pruned.
+    ledger.release_lock("vacuum").await.unwrap();
+    assert!(matches!(
+        ledger.vacuum(later, "vacuum", ttl).await,
+        Err(LedgerError::Locked { .. })
+    ));
     // The pending record is untouched and still goes out with its payload.
     let pending = ledger.pending_batch("lago", 0, 100).await.unwrap();
     assert_eq!(pending.len(), 1);
@@ -988,4 +992,75 @@ async fn reading_commands_never_upgrade_an_older_ledger() {
     Ledger::open(&path).await.unwrap();
     assert!(version().await > 1, "sync and replay upgrade it");
     Ledger::open_existing(&path).await.unwrap();
+}
+
+/// `ledger vacuum` prunes under the run lock. A prune that waits for SQLite's write lock (a
+/// long transaction of another writer) or that itself lasts longer than `lock_ttl` outlives
+/// its lock, and a sync may take the expired lock meanwhile: the vacuum must then change
+/// nothing, instead of pruning and rewriting the file beside that sync. Its lock is checked and
+/// extended in the prune's own transaction (and again before the VACUUM), where no other
+/// writer can come in between.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vacuum_that_outlives_its_lock_prunes_nothing_once_a_sync_took_the_lock() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    ledger
+        .stage(run, &[row(record("a", "1.10"))], None, now, &by_hand)
+        .await
+        .unwrap();
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    ledger
+        .ack(run, &[(batch[0].id, Outcome::Delivered)], now)
+        .await
+        .unwrap();
+    let later = now + chrono::Duration::days(400);
+
+    let ttl = Duration::from_millis(300);
+    ledger
+        .acquire_lock("vacuum@ops:1", Utc::now(), ttl)
+        .await
+        .unwrap();
+    // Another writer holds SQLite's write lock: the prune waits for it.
+    let path = dir.path().join("ledger.db");
+    let mut writer = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let vacuum = {
+        let ledger = ledger.clone();
+        tokio::spawn(async move { ledger.vacuum(later, "vacuum@ops:1", ttl).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Meanwhile the vacuum's lock expired, and a sync takes it.
+    let taken = Utc::now();
+    sqlx::query(
+        "INSERT INTO locks (name, holder, acquired_at, expires_at) VALUES ('sync', ?1, ?2, ?3)
+         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+             acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
+         WHERE locks.expires_at <= excluded.acquired_at",
+    )
+    .bind("sync@cronjob-pod:7")
+    .bind(billsync::ledger::ts(taken))
+    .bind(billsync::ledger::ts(taken + chrono::Duration::minutes(15)))
+    .execute(&mut writer)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT").execute(&mut writer).await.unwrap();
+
+    let result = vacuum.await.unwrap();
+    assert!(
+        matches!(&result, Err(LedgerError::Locked { holder, .. }) if holder == "sync@cronjob-pod:7"),
+        "the vacuum must stop once its lock is taken: {result:?}"
+    );
+    assert_eq!(
+        ledger.prunable(later).await.unwrap(),
+        1,
+        "nothing was pruned beside the sync"
+    );
 }

@@ -90,6 +90,29 @@ pub enum LedgerError {
     InFlight { ids: Vec<i64> },
 }
 
+/// Records `vacuum` prunes for a cutoff (`?1`): sent or ignored, old by charge period and send
+/// time, not pruned yet.
+const PRUNABLE_COUNT: &str = "SELECT COUNT(*) FROM records WHERE status IN ('sent', 'ignored')
+       AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1
+       AND id IN (SELECT id FROM record_bodies WHERE length(record) > 0)";
+
+/// The lock a run found taken (the row of `locks`, or none when its lock was removed).
+fn lock_taken(row: Option<sqlx::sqlite::SqliteRow>) -> LedgerError {
+    let (holder, acquired_at, expires_at) = match row {
+        Some(row) => (row.get(0), row.get(1), row.get(2)),
+        None => (
+            "nobody (this run's lock was removed)".into(),
+            "-".into(),
+            "-".into(),
+        ),
+    };
+    LedgerError::Locked {
+        holder,
+        acquired_at,
+        expires_at,
+    }
+}
+
 fn sql(context: &'static str) -> impl FnOnce(sqlx::Error) -> LedgerError {
     move |source| LedgerError::Sql { context, source }
 }
@@ -680,19 +703,7 @@ impl Ledger {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(sql("reading the run lock"))?;
-        let (holder, acquired_at, expires_at) = match row {
-            Some(row) => (row.get(0), row.get(1), row.get(2)),
-            None => (
-                "nobody (this run's lock was removed)".into(),
-                "-".into(),
-                "-".into(),
-            ),
-        };
-        Err(LedgerError::Locked {
-            holder,
-            acquired_at,
-            expires_at,
-        })
+        Err(lock_taken(row))
     }
 
     /// Release the lock if this holder has it.
@@ -1609,29 +1620,69 @@ impl Ledger {
         Ok(n)
     }
 
+    /// How many sent (or ignored) records [`Ledger::vacuum`] would prune for `cutoff` (a dry
+    /// run: no lock, nothing written).
+    pub async fn prunable(&self, cutoff: DateTime<Utc>) -> Result<u64, LedgerError> {
+        let n: i64 = sqlx::query_scalar(PRUNABLE_COUNT)
+            .bind(ts(cutoff))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql("counting prunable records"))?;
+        Ok(n as u64)
+    }
+
     /// Prune sent records whose charge period started before `cutoff` and that were sent before
     /// it: their payload, raw fields and change history go, a tombstone stays (key, content
     /// hash, status, amounts), so a late re-read of the same source record is still a no-op and
     /// can never bill it again. Unsent records are never touched. Returns the records pruned.
-    pub async fn vacuum(&self, cutoff: DateTime<Utc>, dry_run: bool) -> Result<u64, LedgerError> {
+    ///
+    /// Only under the run lock of `holder` (taken with [`Ledger::acquire_lock`]), which is
+    /// checked and extended by `ttl` as the prune's first write, in its transaction, and again
+    /// right before the VACUUM: a prune that waited for SQLite's write lock, or lasted, longer
+    /// than `ttl` may find its lock taken by a sync, and then changes nothing
+    /// ([`LedgerError::Locked`]). No timer can extend the lock while the prune or the VACUUM
+    /// runs: both hold SQLite's write lock, so the lock row cannot be written by anyone, this
+    /// run or another, until they end.
+    pub async fn vacuum(
+        &self,
+        cutoff: DateTime<Utc>,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<u64, LedgerError> {
         let cutoff = ts(cutoff);
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM records WHERE status IN ('sent', 'ignored')
-               AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1
-               AND id IN (SELECT id FROM record_bodies WHERE length(record) > 0)",
-        )
-        .bind(&cutoff)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(sql("counting prunable records"))?;
-        if dry_run || n == 0 {
-            return Ok(n as u64);
-        }
         let mut tx = self
             .pool
             .begin()
             .await
             .map_err(sql("beginning a transaction"))?;
+        let expires = |now: DateTime<Utc>| {
+            ts(now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1)))
+        };
+        let held =
+            sqlx::query("UPDATE locks SET expires_at = ?2 WHERE name = 'sync' AND holder = ?1")
+                .bind(holder)
+                .bind(expires(Utc::now()))
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("refreshing the run lock"))?;
+        if held.rows_affected() != 1 {
+            let row = sqlx::query(
+                "SELECT holder, acquired_at, expires_at FROM locks WHERE name = 'sync'",
+            )
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql("reading the run lock"))?;
+            return Err(lock_taken(row));
+        }
+        let n: i64 = sqlx::query_scalar(PRUNABLE_COUNT)
+            .bind(&cutoff)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql("counting prunable records"))?;
+        if n == 0 {
+            tx.commit().await.map_err(sql("committing the prune"))?;
+            return Ok(0);
+        }
         sqlx::query(
             "DELETE FROM record_changes WHERE record_id IN (
                  SELECT id FROM records WHERE status IN ('sent', 'ignored')
@@ -1651,6 +1702,9 @@ impl Ledger {
         .await
         .map_err(sql("pruning sent records"))?;
         tx.commit().await.map_err(sql("committing the prune"))?;
+        // The prune may have outlasted the lock: the VACUUM (a write of the whole file) only
+        // while it is still this run's, with a full `ttl` ahead.
+        self.refresh_lock(holder, Utc::now(), ttl).await?;
         // Give the space back to the file system.
         sqlx::query("VACUUM")
             .execute(&self.pool)
