@@ -1064,3 +1064,39 @@ async fn a_vacuum_that_outlives_its_lock_prunes_nothing_once_a_sync_took_the_loc
         "nothing was pruned beside the sync"
     );
 }
+
+/// While a `ledger vacuum` rewrites the file, SQLite's write lock keeps every other writer out
+/// for as long as the VACUUM lasts. A sync started then must read the run lock and exit 3 ("another
+/// run holds the lock", the Job is not retried), not wait for the write lock for the busy timeout
+/// and fail with "database is locked" (exit 1, retried by the Job, and again).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_beside_a_vacuum_that_holds_the_write_lock_is_told_the_ledger_is_locked_at_once() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    ledger
+        .acquire_lock("vacuum@ops:1", now, Duration::from_secs(900))
+        .await
+        .unwrap();
+    // The VACUUM: a writer holding SQLite's write lock.
+    let path = dir.path().join("ledger.db");
+    let mut vacuum = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut vacuum)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let sync = ledger
+        .acquire_lock("sync@cronjob-pod:7", Utc::now(), Duration::from_secs(900))
+        .await;
+    let took = started.elapsed();
+    sqlx::query("COMMIT").execute(&mut vacuum).await.unwrap();
+    assert!(
+        matches!(&sync, Err(LedgerError::Locked { holder, .. }) if holder == "vacuum@ops:1"),
+        "{sync:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "waited {took:?}");
+}

@@ -651,6 +651,21 @@ impl Ledger {
         ttl: Duration,
     ) -> Result<(), LedgerError> {
         let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
+        // Look before writing: while another run holds SQLite's write lock for long (a `ledger
+        // vacuum`'s prune or VACUUM), the write below would wait for the busy timeout and fail
+        // ("database is locked": exit 1, retried), although the row already says who holds the
+        // run lock (exit 3). Reading needs no write lock (WAL). The write still decides.
+        let current =
+            sqlx::query("SELECT holder, acquired_at, expires_at FROM locks WHERE name = 'sync'")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(sql("reading the run lock"))?;
+        if let Some(row) = current {
+            let (other, until): (String, String) = (row.get(0), row.get(2));
+            if other != holder && until > ts(now) {
+                return Err(lock_taken(Some(row)));
+            }
+        }
         let done = sqlx::query(
             "INSERT INTO locks (name, holder, acquired_at, expires_at) VALUES ('sync', ?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
