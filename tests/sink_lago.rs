@@ -380,19 +380,45 @@ async fn whole_request_422_and_other_permanent_errors() {
     );
     assert_eq!(bodies(&server).await.len(), 1);
 
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(400).set_body_string(
+    // A 400 in Lago's format used to reject every record of the batch. lago-api answers 400 on
+    // this endpoint only about the request as a whole, never about one of its events: Rails'
+    // answer to a body it cannot parse (`{"status":400,"error":"Bad Request"}`) and
+    // `Api::BaseController`'s `rescue_from ActionController::ParameterMissing`; a missing or
+    // empty `events` is the 422 `no_events` (`Events::CreateBatchService#call`). All of these
+    // mean the request was damaged on its way (a proxy, a connector bug), so every batch would
+    // meet the same answer and quarantine its records: the sink stops instead, naming Lago's
+    // answer, records pending, no retry.
+    for (status, answer, named) in [
+        (
+            400,
             r#"{"status":400,"error":"BadRequest: param is missing or the value is empty: events"}"#,
-        ))
-        .mount(&server)
-        .await;
-    let s = sink(&server.uri(), fast_retry(2));
-    let out = s.deliver(&four_events(&s)).await.unwrap();
-    assert!(
-        out.iter().all(|o| matches!(o, Outcome::Rejected(_))),
-        "{out:?}"
-    );
+            "BadRequest: param is missing or the value is empty: events",
+        ),
+        (
+            400,
+            r#"{"status":400,"error":"Bad Request"}"#,
+            "Bad Request",
+        ),
+        (
+            422,
+            r#"{"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":{"events":["no_events"]}}"#,
+            "no_events",
+        ),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(status).set_body_string(answer))
+            .mount(&server)
+            .await;
+        let s = sink(&server.uri(), fast_retry(2));
+        let stop = s
+            .deliver(&four_events(&s))
+            .await
+            .expect_err("a request Lago could not read stops the sink, no record rejected");
+        assert!(stop.message.contains(named), "{stop}");
+        assert!(stop.message.contains("records stay pending"), "{stop}");
+        assert_eq!(bodies(&server).await.len(), 1, "{answer}: not retried");
+    }
 
     // A server with a lower batch limit: a configuration problem, records stay pending.
     let lago = LagoSim::start(LagoSimConfig {

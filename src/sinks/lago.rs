@@ -17,8 +17,9 @@
 //!   error are rejected; every other record is resent in a new batch until all are resolved.
 //! - **Retries are for transient failures only** (transport errors, timeouts, 429, 5xx), with
 //!   the shared [`RetryPolicy`] and the server's own wait hint. 401/403 stop the sink (records
-//!   stay pending) instead of burning retries; nothing is ever marked delivered without a
-//!   2xx or a per-record `value_already_exist`.
+//!   stay pending) instead of burning retries, and so does a 400 (lago-api answers it only
+//!   about the request as a whole: a body it cannot read, never one event); nothing is ever
+//!   marked delivered without a 2xx or a per-record `value_already_exist`.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -448,7 +449,23 @@ impl LagoSink {
                     snippet(&text)
                 )));
             }
-            400 => RequestResult::Rejected(format!("Lago answered {status}: {}", snippet(&text))),
+            400 => {
+                // lago-api answers 400 about the request as a whole, never about one of its
+                // events: Rails' own answer to a body it cannot parse
+                // (`{"status":400,"error":"Bad Request"}`) and `Api::BaseController`'s
+                // `rescue_from ActionController::ParameterMissing` ("BadRequest: param is
+                // missing…", for a required root; `batch` only permits `events`, a missing or
+                // empty one is the 422 `no_events` below). Per-event faults are 422s by index.
+                // So a 400 is a damaged request (a proxy that altered the body, a connector
+                // bug) that every batch would meet: rejecting the records quarantined every
+                // record of every batch. Stop; they stay pending.
+                let said = lago_error
+                    .as_ref()
+                    .map_or_else(|| snippet(&text), |e| snippet(&e.error));
+                return Err(self.stopped(format!(
+                    "Lago answered 400 Bad Request ({said}): Lago could not read the request as a whole, not any record of it; check what stands between billsync and Lago (a proxy altering the body); records stay pending"
+                )));
+            }
             422 => self.split_422(&text, count)?,
             408 | 429 | 500..=599 => {
                 return Ok(Attempt::Transient {
@@ -551,6 +568,14 @@ impl LagoSink {
             _ => return Ok(whole("errors not per event")),
         };
         if let Some(Value::Array(list)) = details.get("events") {
+            if list.iter().any(|e| e.as_str() == Some("no_events")) {
+                // The sink never sends an empty batch: Lago did not find the `events` it was
+                // sent (lago-api `Events::CreateBatchService`: `events_params.blank?`), e.g. a
+                // proxy that dropped the body or changed its Content-Type. Not the records.
+                return Err(self.stopped(format!(
+                    "Lago found no events in a request of {count} (no_events): the body did not reach Lago as sent (a proxy, a changed Content-Type); records stay pending"
+                )));
+            }
             if list.iter().any(|e| e.as_str() == Some("too_many_events")) {
                 // The server's batch limit is lower than ours: a configuration problem, not
                 // a property of the records.
@@ -631,7 +656,6 @@ impl<'de> Deserialize<'de> for Echoed {
 #[derive(Debug, Deserialize)]
 struct LagoError {
     status: u16,
-    #[allow(dead_code)]
     error: String,
     code: Option<String>,
     error_details: Option<Value>,
