@@ -59,6 +59,9 @@ struct ReceiverState {
     /// Answer a new batch holding keys already stored with 409 and
     /// `{"duplicates":[those keys]}`, storing nothing of it (a receiver deduplicating by key).
     list_duplicates: bool,
+    /// Record key → the status (400 or 422) the receiver refuses any request holding it with,
+    /// naming the key and storing nothing of the request (a receiver validating each record).
+    refuse: BTreeMap<String, u16>,
 }
 
 type Shared = Arc<Mutex<ReceiverState>>;
@@ -111,8 +114,17 @@ async fn handle(
     let (status, answer) = match script {
         Script::Answer(code, msg) => (code, msg.to_string()),
         Script::Normal | Script::StoreThenAnswer(_) => {
+            let sent: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let refused = sent["records"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["key"].as_str())
+                .find_map(|k| st.refuse.get(k).map(|code| (*code, k.to_string())));
             if !verify(&headers, &body, SECRET) {
                 (401, "bad signature".to_string())
+            } else if let Some((code, key)) = refused {
+                (code, format!("record {key}: unknown subscription"))
             } else {
                 let id = headers
                     .get("idempotency-key")
@@ -387,24 +399,120 @@ async fn retries_429_and_5xx_with_identical_body_and_key_and_fresh_valid_signatu
     assert_eq!(rx.requests().len(), 2);
 }
 
+/// A 400 rejects only the record it is about, never the batch it travelled in, and a 403 stops
+/// the sink. (This test used to expect the whole batch rejected, its good record with it; see
+/// `a_refused_batch_is_halved_until_only_the_refused_records_are_rejected`.)
 #[tokio::test]
-async fn a_400_rejects_only_its_batch_and_401_stops_the_sink() {
-    let rx = Receiver::start(vec![
-        Script::Answer(400, "unknown subscription sub-1"),
-        Script::Normal,
-    ])
-    .await;
+async fn a_400_rejects_only_its_record_and_403_stops_the_sink() {
+    let rx = Receiver::start(vec![]).await;
+    rx.state.lock().unwrap().refuse = BTreeMap::from([("k0".to_string(), 400)]);
     let s = sink(&rx.url, 2, fast_retry(2));
     let out = s.deliver(&batch(&s, 4)).await.unwrap();
-    assert!(matches!(&out[0], Outcome::Rejected(m) if m.contains("unknown subscription sub-1")));
-    assert_eq!(out[0], out[1]);
-    assert_eq!(&out[2..], &[Outcome::Delivered, Outcome::Delivered]);
-    assert_eq!(rx.requests().len(), 2);
+    assert!(
+        matches!(&out[0], Outcome::Rejected(m) if m.contains("record k0: unknown subscription")),
+        "{out:?}"
+    );
+    assert_eq!(
+        &out[1..],
+        &[Outcome::Delivered, Outcome::Delivered, Outcome::Delivered]
+    );
+    // [k0, k1] refused, [k0] refused, [k1], then [k2, k3].
+    assert_eq!(rx.requests().len(), 4);
 
     let rx = Receiver::start(vec![Script::Answer(403, "forbidden")]).await;
     let s = sink(&rx.url, 2, fast_retry(2));
     assert!(s.deliver(&batch(&s, 2)).await.is_err());
     assert_eq!(rx.requests().len(), 1, "no retry on 403");
+}
+
+/// One record the receiver refuses (400 or 422) used to reject every record of its batch: up to
+/// `batch_size` good records quarantined (revenue held until someone replays them) for one bad
+/// one. A refused batch of several records is split in halves, each sent as a new batch with its
+/// own batch id (the SHA-256 of its keys, as the README documents), down to single records: the
+/// good ones are delivered once, only the refused ones are rejected, each with the receiver's
+/// answer about it. A batch of n records takes at most 2n - 1 requests.
+#[tokio::test]
+async fn a_refused_batch_is_halved_until_only_the_refused_records_are_rejected() {
+    let rx = Receiver::start(vec![]).await;
+    rx.state.lock().unwrap().refuse =
+        BTreeMap::from([("k3".to_string(), 422), ("k6".to_string(), 400)]);
+    let s = sink(&rx.url, 8, fast_retry(0));
+    let out = s.deliver(&batch(&s, 8)).await.unwrap();
+    for (i, o) in out.iter().enumerate() {
+        match i {
+            3 => assert!(
+                matches!(o, Outcome::Rejected(m) if m.contains("422") && m.contains("record k3: unknown subscription")),
+                "k3: {o:?}"
+            ),
+            6 => assert!(
+                matches!(o, Outcome::Rejected(m) if m.contains("400") && m.contains("record k6: unknown subscription")),
+                "k6: {o:?}"
+            ),
+            _ => assert_eq!(*o, Outcome::Delivered, "k{i}"),
+        }
+    }
+    {
+        let st = rx.state.lock().unwrap();
+        let stored: Vec<(&str, usize)> = st.stored.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        assert_eq!(
+            stored,
+            vec![
+                ("k0", 1),
+                ("k1", 1),
+                ("k2", 1),
+                ("k4", 1),
+                ("k5", 1),
+                ("k7", 1)
+            ]
+        );
+    }
+    let reqs = rx.requests();
+    let mut sent = Vec::new();
+    for r in &reqs {
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        let keys: Vec<String> = body["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["key"].as_str().unwrap().to_string())
+            .collect();
+        let id = billsync::sinks::webhook::batch_id(keys.iter().map(String::as_str));
+        assert_eq!(r.headers["idempotency-key"], id.as_str(), "{keys:?}");
+        assert_eq!(body["batch_id"], id.as_str(), "{keys:?}");
+        sent.push(keys.join(","));
+    }
+    assert_eq!(
+        sent,
+        [
+            "k0,k1,k2,k3,k4,k5,k6,k7",
+            "k0,k1,k2,k3",
+            "k0,k1",
+            "k2,k3",
+            "k2",
+            "k3",
+            "k4,k5,k6,k7",
+            "k4,k5",
+            "k6,k7",
+            "k6",
+            "k7",
+        ]
+    );
+    assert!(reqs.len() < 2 * 8, "at most 2n - 1 batches");
+
+    // A receiver refusing every record: each is rejected with its own reason, in 2n - 1
+    // requests.
+    let rx = Receiver::start(vec![]).await;
+    rx.state.lock().unwrap().refuse = (0..5).map(|i| (format!("k{i}"), 422)).collect();
+    let s = sink(&rx.url, 5, fast_retry(0));
+    let out = s.deliver(&batch(&s, 5)).await.unwrap();
+    for (i, o) in out.iter().enumerate() {
+        let own = format!("record k{i}: unknown subscription");
+        assert!(
+            matches!(o, Outcome::Rejected(m) if m.contains(&own)),
+            "k{i}: {o:?}"
+        );
+    }
+    assert_eq!(rx.requests().len(), 2 * 5 - 1);
 }
 
 /// A pipeline of the MetalSoft demo data into the webhook sink, ledger in the world's dir.

@@ -28,9 +28,11 @@
 //!   signature as a deduplication key.
 //! - **Retry classes** as for Lago: transport errors, timeouts, 408, 429 and 5xx are retried
 //!   with the same body ([`RetryPolicy`], honouring `Retry-After`); 2xx = delivered; 409 =
-//!   already delivered (as above); 400 and 422 reject the batch's records (held in the ledger with the
-//!   answer); 401 and 403 stop the sink (records stay pending), and so do 404 (a wrong `url`)
-//!   and 413 (a `batch_size` the receiver cannot take): the address or the size is at fault,
+//!   already delivered (as above); a 400 or 422 about a single record rejects it (held in the
+//!   ledger with the answer), and about several records sends each half again as a new batch
+//!   (its own id), down to single records, so one bad record never rejects good ones (at most
+//!   2n - 1 batches for n records); 401 and 403 stop the sink (records stay pending), and so
+//!   do 404 (a wrong `url`) and 413 (a `batch_size` the receiver cannot take): the address or the size is at fault,
 //!   not the records; anything else leaves the records pending for the next run.
 
 use std::collections::{BTreeMap, HashSet};
@@ -312,9 +314,29 @@ impl WebhookSink {
     }
 
     /// Send one batch and settle each of its records: a 409 naming its duplicates settles
-    /// those and sends the rest again as a new batch.
-    async fn send(&self, records: &[&Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
-        let duplicates = match self.send_once(records).await? {
+    /// those and sends the rest again as a new batch; a 400/422 about a batch of several
+    /// records sends each half again as a new batch, down to single records, so only the
+    /// records the receiver refuses are rejected (a binary tree: at most 2n - 1 batches for n
+    /// records, about 2k·log2(n) when k of them are refused; each retried on transient failures
+    /// like any batch).
+    async fn send(
+        &self,
+        records: &[&Outgoing],
+        tally: &mut Tally,
+    ) -> Result<Vec<Outcome>, SinkStopped> {
+        tally.batches += 1;
+        let duplicates = match self.send_once(records, tally).await? {
+            Answer::All(Outcome::Rejected(reason)) if records.len() > 1 => {
+                // Which record the receiver refused is unknown: each half is a new batch (its
+                // own id, the hash of its keys), and only a single record is rejected.
+                tally.splits += 1;
+                tracing::debug!(sink = %self.name, records = records.len(), %reason,
+                    "the receiver refused the batch; sending each half as a new batch");
+                let (left, right) = records.split_at(records.len() / 2);
+                let mut outcomes = Box::pin(self.send(left, tally)).await?;
+                outcomes.extend(Box::pin(self.send(right, tally)).await?);
+                return Ok(outcomes);
+            }
             Answer::All(outcome) => return Ok(vec![outcome; records.len()]),
             Answer::Duplicates(keys) => keys,
         };
@@ -343,7 +365,7 @@ impl WebhookSink {
         let mut rest_outcomes = if rest.is_empty() {
             Vec::new()
         } else {
-            Box::pin(self.send(&rest)).await?
+            Box::pin(self.send(&rest, tally)).await?
         }
         .into_iter();
         Ok(known
@@ -361,7 +383,11 @@ impl WebhookSink {
     }
 
     /// Send one batch, retrying transient failures with the same body.
-    async fn send_once(&self, records: &[&Outgoing]) -> Result<Answer, SinkStopped> {
+    async fn send_once(
+        &self,
+        records: &[&Outgoing],
+        tally: &mut Tally,
+    ) -> Result<Answer, SinkStopped> {
         let id = batch_id(records.iter().map(|o| o.key.as_str()));
         let payloads: Vec<&str> = records.iter().map(|o| o.payload.as_str()).collect();
         let body = batch_body(&id, &payloads);
@@ -369,6 +395,7 @@ impl WebhookSink {
         let mut attempt = 0usize;
         loop {
             attempt += 1;
+            tally.requests += 1;
             let started = Instant::now();
             let (reason, hint) = match self.attempt(&id, &body).await? {
                 Attempt::Done(answer) => {
@@ -510,6 +537,16 @@ fn listed_duplicates(text: &str) -> Option<HashSet<String>> {
     )
 }
 
+/// What settling one batch took: the batches sent (the first, its halves, resends after a
+/// listed 409), the HTTP requests they took (retries included), and how many batches were
+/// split after a 400/422.
+#[derive(Debug, Default)]
+struct Tally {
+    batches: usize,
+    requests: usize,
+    splits: usize,
+}
+
 /// The receiver's verdict on one request.
 #[derive(Debug)]
 enum Answer {
@@ -600,7 +637,23 @@ impl Sink for WebhookSink {
         let mut outcomes = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(self.batch_size) {
             let records: Vec<&Outgoing> = chunk.iter().collect();
-            outcomes.extend(self.send(&records).await?);
+            let mut tally = Tally::default();
+            let settled = self.send(&records, &mut tally).await?;
+            if tally.splits > 0 {
+                let rejected = settled
+                    .iter()
+                    .filter(|o| matches!(o, Outcome::Rejected(_)))
+                    .count();
+                tracing::warn!(
+                    sink = %self.name,
+                    records = records.len(),
+                    rejected,
+                    batches = tally.batches,
+                    requests = tally.requests,
+                    "the receiver refused records: isolated them by halving the batch"
+                );
+            }
+            outcomes.extend(settled);
         }
         Ok(outcomes)
     }
