@@ -548,6 +548,52 @@ async fn remote_check_knows_pending_and_terminated_subscriptions() {
     sim.shutdown().await;
 }
 
+/// `mappings check --remote` compares the mappings with every subscription and metric Lago
+/// lists. A listing that never ends its pagination (a server or proxy answering every page with
+/// a next one) was cut at 10,000 pages without a word, and the check then ran on a part of the
+/// list: subscriptions beyond it reported missing, and someone "fixes" a mapping away from a
+/// subscription that bills. Reaching the stop is an error naming the listing.
+#[tokio::test]
+async fn a_remote_listing_that_never_ends_is_an_error_naming_it() {
+    use axum::extract::RawQuery;
+    async fn endless(RawQuery(raw): RawQuery) -> axum::Json<serde_json::Value> {
+        let page: u64 = raw
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|p| p.strip_prefix("page="))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
+        axum::Json(serde_json::json!({
+            "subscriptions": [{"external_id": format!("sub_{page}"), "status": "active"}],
+            "meta": {"current_page": page, "next_page": page + 1, "prev_page": null}
+        }))
+    }
+    let app = axum::Router::new().route("/api/v1/subscriptions", axum::routing::get(endless));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let cfg = billsync::sinks::lago::LagoConfig {
+        api_url: format!("http://{addr}"),
+        api_key: billsync::config::Secret::new("lago-sim-key"),
+        batch_size: 100,
+        timeout: std::time::Duration::from_secs(5),
+        retry: Default::default(),
+    };
+    let admin = billsync::sinks::lago_admin::LagoAdmin::new(&cfg).unwrap();
+    let err = admin
+        .subscription_ids()
+        .await
+        .expect_err("a list that never ends is not checked in part");
+    let text = err.to_string();
+    assert!(
+        text.contains("/api/v1/subscriptions") && text.contains("list of subscriptions"),
+        "{text}"
+    );
+    assert!(text.contains("after 10000 pages"), "{text}");
+}
+
 /// `apply` (the sync's path, which writes no reasons) and `explain` reach the same outcome:
 /// same rule, customer, value and properties, or the same held reason. Checked over a grid
 /// of records against the shipped mappings, which covers every kind of outcome.

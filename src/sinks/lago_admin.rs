@@ -16,7 +16,8 @@ use crate::sinks::lago::LagoConfig;
 
 /// Largest page Lago serves.
 const PER_PAGE: usize = 100;
-/// A safety stop against a server that never ends its pagination.
+/// A safety stop against a server that never ends its pagination (a million items): reaching
+/// it is an error, never a silently shortened list.
 const MAX_PAGES: usize = 10_000;
 
 /// A catalogue call that failed.
@@ -35,6 +36,15 @@ pub enum LagoAdminError {
     /// The answer is not the JSON Lago documents.
     #[error("GET {url}: unexpected answer: {message}")]
     Shape { url: String, message: String },
+    /// The listing still had a next page after 10,000 pages: the items read are not all of
+    /// them, and a check on a part of the list would call the others missing.
+    #[error("GET {url}: the list of {listing} did not end after {pages} pages ({items} items read): not checked on a partial list")]
+    Unending {
+        url: String,
+        listing: String,
+        pages: usize,
+        items: usize,
+    },
 }
 
 /// Lists Lago's billable metrics and subscriptions.
@@ -119,7 +129,12 @@ impl LagoAdmin {
                 _ => return Ok(out),
             }
         }
-        Ok(out)
+        Err(LagoAdminError::Unending {
+            url,
+            listing: key.to_string(),
+            pages: MAX_PAGES,
+            items: out.len(),
+        })
     }
 
     /// `GET /api/v1/billable_metrics`, every page.
