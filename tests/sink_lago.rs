@@ -950,3 +950,111 @@ async fn read_back_reads_again_when_the_list_changes_between_pages() {
         .expect_err("3 events read of 4 counted");
     assert!(err.contains("sub-1") && err.contains('4'), "{err}");
 }
+
+/// Reconciliation's read-back pages through `GET /api/v1/events`, hundreds of requests for a
+/// month: Lago rate-limits it like any endpoint, and a 5xx or a timeout is as transient there
+/// as on the batch endpoint. The first 429 or 503 used to end the read with an error, leaving
+/// the lines of that subscription and metric without read-back (reconcile exits non-zero for a
+/// hiccup). It is retried with the sink's policy, honouring `Retry-After`; other answers, and
+/// retries exhausted, are an error naming the status.
+#[tokio::test]
+async fn read_back_retries_429_5xx_and_timeouts_with_the_sink_policy() {
+    use billsync::sinks::ReadBackQuery;
+    let query = ReadBackQuery {
+        subscription: "sub-1".into(),
+        metric: "storage".into(),
+        from: at(1_790_000_000),
+        to: at(1_790_003_600),
+    };
+    let one_page = ResponseTemplate::new(200).set_body_json(serde_json::json!({
+        "events": [{"transaction_id": "e1", "properties": {"gb": "1"}}],
+        "meta": {"current_page": 1, "next_page": null, "total_count": 1}
+    }));
+
+    // A 503, then a 429 asking for a second, then the page.
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(one_page.clone())
+        .mount(&server)
+        .await;
+    let s = sink(
+        &server.uri(),
+        RetryPolicy {
+            max_retries: 3,
+            min_delay: Duration::from_millis(5),
+            max_delay: Duration::from_secs(5),
+        },
+    );
+    let started = Instant::now();
+    let read = s
+        .read_back(&query)
+        .await
+        .expect("a 503 and a 429 are retried")
+        .expect("Lago can be read back");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After ignored"
+    );
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].key, "e1");
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+
+    // A page that times out once.
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(one_page.clone().set_delay(Duration::from_millis(600)))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(one_page.clone())
+        .mount(&server)
+        .await;
+    let s = sink_with(
+        &server.uri(),
+        KEY,
+        fast_retry(2),
+        Duration::from_millis(200),
+    );
+    let read = s
+        .read_back(&query)
+        .await
+        .expect("a timeout is retried")
+        .expect("Lago can be read back");
+    assert_eq!(read.len(), 1);
+
+    // Retries exhausted: an error naming the status, after 1 + max_retries requests.
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(502))
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(2));
+    let err = s.read_back(&query).await.expect_err("502 every time");
+    assert!(err.contains("502") && err.contains("3 attempts"), "{err}");
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+
+    // A 400 is not transient: one request, an error.
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_string(r#"{"status":400,"error":"BadRequest: invalid timestamp_from"}"#),
+        )
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(2));
+    let err = s.read_back(&query).await.expect_err("400");
+    assert!(err.contains("400"), "{err}");
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}

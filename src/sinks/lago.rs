@@ -502,29 +502,7 @@ impl LagoSink {
                 ("page", &page.to_string()),
                 ("per_page", "100"),
             ];
-            let resp = self
-                .client
-                .get(url)
-                .bearer_auth(self.api_key.expose())
-                .query(&params)
-                .send()
-                .await
-                .map_err(|e| format!("sink {}: GET /api/v1/events: {e}", self.name))?;
-            let status = resp.status();
-            let text = resp.text().await.map_err(|e| {
-                format!(
-                    "sink {}: GET /api/v1/events: reading the answer: {e}",
-                    self.name
-                )
-            })?;
-            if !status.is_success() {
-                return Err(format!(
-                    "sink {}: GET /api/v1/events answered HTTP {}: {}",
-                    self.name,
-                    status.as_u16(),
-                    snippet(&text)
-                ));
-            }
+            let text = self.read_back_page(url, &params).await?;
             let body: Value = serde_json::from_str(&text)
                 .map_err(|e| format!("sink {}: GET /api/v1/events: not JSON: {e}", self.name))?;
             let events = body
@@ -551,6 +529,72 @@ impl LagoSink {
             match body.pointer("/meta/next_page").and_then(Value::as_u64) {
                 Some(next) if next > page => page = next,
                 _ => return Ok((out, first, count)),
+            }
+        }
+    }
+
+    /// One page of `GET /api/v1/events`: its text once Lago answered 2xx. Transport errors,
+    /// timeouts, a cut answer, 408, 429 and 5xx are retried with the sink's [`RetryPolicy`]
+    /// and the server's wait hint (`Retry-After`), as the batch endpoint's are: a month-end
+    /// reconcile reads hundreds of pages, and one rate-limited page must not leave a line
+    /// without read-back. Any other answer is an error at once.
+    async fn read_back_page(&self, url: &str, params: &[(&str, &str)]) -> Result<String, String> {
+        let mut delays = self.retry.backoff().build();
+        let mut attempt = 0usize;
+        loop {
+            attempt += 1;
+            let response = self
+                .client
+                .get(url)
+                .bearer_auth(self.api_key.expose())
+                .query(params)
+                .send()
+                .await;
+            let (reason, hint) = match response {
+                Err(e) => (transport_reason(&e), None),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let hint = retry_hint(resp.headers());
+                    match resp.text().await {
+                        Err(e) => (
+                            format!(
+                                "HTTP {status}, reading the answer failed: {}",
+                                transport_reason(&e)
+                            ),
+                            hint,
+                        ),
+                        Ok(text) if status.is_success() => return Ok(text),
+                        Ok(text) if matches!(status.as_u16(), 408 | 429 | 500..=599) => {
+                            (format!("HTTP {status}: {}", snippet(&text)), hint)
+                        }
+                        Ok(text) => {
+                            return Err(format!(
+                                "sink {}: GET /api/v1/events answered HTTP {}: {}",
+                                self.name,
+                                status.as_u16(),
+                                snippet(&text)
+                            ))
+                        }
+                    }
+                }
+            };
+            match self.retry.with_hint(delays.next(), hint) {
+                Some(wait) => {
+                    tracing::warn!(
+                        sink = %self.name,
+                        attempt,
+                        wait_ms = wait.as_millis() as u64,
+                        %reason,
+                        "lago read-back request failed, retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    return Err(format!(
+                        "sink {}: GET /api/v1/events: {reason} (gave up after {attempt} attempts)",
+                        self.name
+                    ))
+                }
             }
         }
     }
