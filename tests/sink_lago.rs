@@ -653,6 +653,52 @@ async fn simulator_read_back_and_validation() {
     lago.shutdown().await;
 }
 
+/// The simulator answers a batch request Lago cannot read as lago-api does. `batch_params` only
+/// permits `events`, it does not require it: a missing root, or one that is not an array, is
+/// dropped and answered like an empty list, 422 `no_events` (`Events::CreateBatchService#call`),
+/// never a 400 ParameterMissing (which the simulator answered). A body that is not JSON is Rails'
+/// own 400, `{"status":400,"error":"Bad Request"}` (the sink stops on either, records pending).
+#[tokio::test]
+async fn the_simulator_answers_an_unreadable_batch_as_lago_api_does() {
+    let lago = sim(Behaviour::Postgres).await;
+    let http = reqwest::Client::new();
+    let post = |body: &'static str| {
+        http.post(format!("{}/api/v1/events/batch", lago.url))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .body(body)
+            .send()
+    };
+    for body in [
+        "{}",
+        r#"{"events":"x"}"#,
+        r#"{"event":{"transaction_id":"a","code":"c","external_subscription_id":"s"}}"#,
+    ] {
+        let r = post(body).await.unwrap();
+        assert_eq!(r.status(), 422, "{body}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "status": 422,
+                "error": "Unprocessable Entity",
+                "code": "validation_errors",
+                "error_details": {"events": ["no_events"]}
+            }),
+            "{body}"
+        );
+    }
+    let r = post(r#"{"events":["#).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"status": 400, "error": "Bad Request"})
+    );
+    assert_eq!(lago.event_count(), 0);
+}
+
 /// What the sink sees of a simulator in a scripted exchange: every delivery's outcomes, then
 /// the stored-event and request counts.
 async fn script_on(

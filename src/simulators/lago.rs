@@ -719,6 +719,17 @@ fn validation_errors(details: Value) -> Response {
     )
 }
 
+/// A JSON body Rails cannot parse: `ActionDispatch::Http::Parameters::ParseError`, which no
+/// lago-api controller rescues, is a 400 rendered by Rails' public exceptions app in the
+/// request's format: `{"status":400,"error":"Bad Request"}`.
+fn unparsable_body() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"status": 400, "error": "Bad Request"})),
+    )
+        .into_response()
+}
+
 fn bad_request(message: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
@@ -1138,17 +1149,16 @@ async fn post_batch(
         return r;
     }
     let Ok(mut parsed) = serde_json::from_str::<Value>(&body) else {
-        return bad_request("body is not JSON");
+        return unparsable_body();
     };
-    let Some(events) = parsed.get_mut("events").map(Value::take) else {
-        return bad_request("param is missing or the value is empty: events");
+    // lago-api's `batch_params` only *permits* `events` (an array of event hashes), it does not
+    // require it: a missing root, or one that is not an array, is dropped, and
+    // `Events::CreateBatchService#call` answers the blank list with 422 `no_events`, as it
+    // does an empty one. There is no 400 ParameterMissing on this endpoint.
+    let events = match parsed.get_mut("events").map(Value::take) {
+        Some(Value::Array(events)) if !events.is_empty() => events,
+        _ => return validation_errors(json!({"events": ["no_events"]})),
     };
-    let Value::Array(events) = events else {
-        return validation_errors(json!({"events": ["invalid_format"]}));
-    };
-    if events.is_empty() {
-        return validation_errors(json!({"events": ["no_events"]}));
-    }
     if events.len() > shared.config.max_batch {
         return validation_errors(json!({"events": ["too_many_events"]}));
     }
@@ -1206,7 +1216,7 @@ async fn post_single(
         return r;
     }
     let Ok(mut parsed) = serde_json::from_str::<Value>(&body) else {
-        return bad_request("body is not JSON");
+        return unparsable_body();
     };
     let Some(event) = parsed
         .get_mut("event")
