@@ -11,6 +11,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
 
 use crate::config::Secret;
@@ -602,38 +603,25 @@ fn grouping_segment(name: &str, value: &str) -> String {
     if value.is_empty() || value.contains('/') {
         return format!("/{name}@base64/{}", base64url(value.as_bytes()));
     }
-    let mut out = format!("/{name}/");
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    format!("/{name}/{}", utf8_percent_encode(value, PATH_SEGMENT))
 }
+
+/// What a path segment may carry as is (RFC 3986 unreserved characters); the rest is
+/// percent-encoded.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// RFC 4648 §5 base64 (URL and filename safe alphabet), padded: the empty value is `=`, as the
 /// Pushgateway requires for it.
 fn base64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    use base64::Engine;
     if bytes.is_empty() {
         return "=".into();
     }
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16)
-            | (u32::from(chunk.get(1).copied().unwrap_or(0)) << 8)
-            | u32::from(chunk.get(2).copied().unwrap_or(0));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    base64::engine::general_purpose::URL_SAFE.encode(bytes)
 }
 
 #[cfg(test)]
