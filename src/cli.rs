@@ -616,8 +616,8 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                     let cutoff = Utc::now()
                         - chrono::Duration::from_std(older_than)
                             .map_err(|_| ConfigError("--older-than is too large".into()))?;
-                    let n = if dry_run {
-                        ledger.prunable(cutoff).await?
+                    let (n, pages_freed) = if dry_run {
+                        (ledger.prunable(cutoff).await?, None)
                     } else {
                         // A write of the whole file (VACUUM holds SQLite's write lock until it
                         // is done): under the run lock, like any run, so that beside a sync it
@@ -635,13 +635,17 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                         if let Err(e) = ledger.release_lock(&holder).await {
                             tracing::warn!(error = %e, "could not release the run lock; it expires by itself");
                         }
-                        pruned?
+                        let done = pruned?;
+                        (done.pruned, Some(done.pages_freed))
                     };
                     println!(
                         "{} {n} sent or ignored records older than {}",
                         if dry_run { "would prune" } else { "pruned" },
                         crate::ledger::ts(cutoff)
                     );
+                    if let Some(pages) = pages_freed {
+                        println!("gave back {pages} pages of the ledger file");
+                    }
                 }
             }
             Ok(exit::OK)

@@ -530,14 +530,15 @@ async fn export_writes_filtered_csv_and_vacuum_prunes_only_old_sent_records() {
         ledger
             .vacuum(now - chrono::Duration::days(1), "vacuum", ttl)
             .await
-            .unwrap(),
+            .unwrap()
+            .pruned,
         0
     );
     let later = now + chrono::Duration::days(400);
     assert_eq!(ledger.prunable(later).await.unwrap(), 1, "dry run counts");
-    assert_eq!(ledger.vacuum(later, "vacuum", ttl).await.unwrap(), 1);
+    assert_eq!(ledger.vacuum(later, "vacuum", ttl).await.unwrap().pruned, 1);
     assert_eq!(
-        ledger.vacuum(later, "vacuum", ttl).await.unwrap(),
+        ledger.vacuum(later, "vacuum", ttl).await.unwrap().pruned,
         0,
         "already pruned"
     );
@@ -1099,4 +1100,92 @@ async fn a_run_beside_a_vacuum_that_holds_the_write_lock_is_told_the_ledger_is_l
         "{sync:?} after {took:?}"
     );
     assert!(took < Duration::from_secs(2), "waited {took:?}");
+}
+
+/// A `ledger vacuum` that pruned (committed) and then lost its run lock before the VACUUM exits
+/// 3 with the space still on SQLite's free list. The next vacuum finds nothing left to prune,
+/// but must still compact the file (the pruned rows' pages go back to the file system), or the
+/// ledger volume never shrinks: it runs the VACUUM whenever the free list is not empty, under
+/// its lock, and says how many pages it gave back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vacuum_after_one_that_lost_its_lock_before_the_vacuum_still_compacts_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    // Large payloads (noise, as bodies are compressed) spill to overflow pages, which a prune
+    // frees.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let rows: Vec<StageRow> = (0..50)
+        .map(|i| {
+            let padding: String = (0..40_000)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    char::from(b'a' + (seed % 26) as u8)
+                })
+                .collect();
+            let mut r = row(record(&format!("r{i}"), "1.10"));
+            r.mapped.payload = Some(format!("{{\"value\":\"1.10\",\"pad\":\"{padding}\"}}"));
+            r
+        })
+        .collect();
+    ledger.stage(run, &rows, None, now, &by_hand).await.unwrap();
+    let batch = ledger.pending_batch("lago", 0, 1000).await.unwrap();
+    let acks: Vec<_> = batch.iter().map(|r| (r.id, Outcome::Delivered)).collect();
+    ledger.ack(run, &acks, now).await.unwrap();
+    let later = now + chrono::Duration::days(400);
+    let ttl = Duration::from_secs(60);
+
+    // The first vacuum prunes; a sync takes its lock as the prune commits (a trigger stands in
+    // for the lock expiring meanwhile), so it stops before the VACUUM.
+    let path = dir.path().join("ledger.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER take_lock AFTER UPDATE ON record_bodies BEGIN
+             UPDATE locks SET holder = 'sync@cronjob-pod:7' WHERE name = 'sync';
+         END",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    ledger.acquire_lock("vacuum@ops:1", now, ttl).await.unwrap();
+    let first = ledger.vacuum(later, "vacuum@ops:1", ttl).await;
+    assert!(
+        matches!(&first, Err(LedgerError::Locked { holder, .. }) if holder == "sync@cronjob-pod:7"),
+        "{first:?}"
+    );
+    assert_eq!(ledger.prunable(later).await.unwrap(), 0, "the prune stayed");
+    let free = || async {
+        sqlx::query_scalar::<_, i64>("PRAGMA freelist_count")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let left = free().await;
+    assert!(
+        left > 50,
+        "the pruned rows' pages wait on the free list: {left}"
+    );
+
+    // The sync is over; the next vacuum has nothing to prune, and compacts the file.
+    sqlx::query("DROP TRIGGER take_lock")
+        .execute(&pool)
+        .await
+        .unwrap();
+    ledger.release_lock("sync@cronjob-pod:7").await.unwrap();
+    ledger.acquire_lock("vacuum@ops:2", now, ttl).await.unwrap();
+    let second = ledger.vacuum(later, "vacuum@ops:2", ttl).await.unwrap();
+    assert_eq!(second.pruned, 0);
+    assert_eq!(free().await, 0, "the file was compacted");
+    assert!(
+        second.pages_freed >= left as u64,
+        "{second:?} gives back the {left} free pages"
+    );
+    // Nothing free, nothing to do: no VACUUM.
+    let third = ledger.vacuum(later, "vacuum@ops:2", ttl).await.unwrap();
+    assert_eq!((third.pruned, third.pages_freed), (0, 0));
 }

@@ -565,6 +565,7 @@ async fn ledger_vacuum_beside_a_running_sync_exits_locked_and_prunes_nothing() {
     let vacuum = run(&cfg, &["ledger", "vacuum", "--older-than", "0s"]).await;
     assert_eq!(vacuum.status.code(), Some(0), "{}", text(&vacuum));
     assert!(text(&vacuum).contains("pruned 79"), "{}", text(&vacuum));
+    assert!(text(&vacuum).contains("gave back "), "{}", text(&vacuum));
     let status = run(&cfg, &["status"]).await;
     assert!(text(&status).contains("lock: free"), "{}", text(&status));
 }

@@ -32,6 +32,15 @@ use crate::sinks::{Outcome, Outgoing};
 /// Keys per `IN (…)` look-up.
 const LOOKUP_KEYS_PER_STATEMENT: usize = 500;
 
+/// What a [`Ledger::vacuum`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vacuumed {
+    /// Records pruned by this vacuum.
+    pub pruned: u64,
+    /// Pages the VACUUM gave back to the file system (0 when none were free: no VACUUM ran).
+    pub pages_freed: u64,
+}
+
 /// Errors of the ledger. They name the ledger file.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -1649,7 +1658,10 @@ impl Ledger {
     /// Prune sent records whose charge period started before `cutoff` and that were sent before
     /// it: their payload, raw fields and change history go, a tombstone stays (key, content
     /// hash, status, amounts), so a late re-read of the same source record is still a no-op and
-    /// can never bill it again. Unsent records are never touched. Returns the records pruned.
+    /// can never bill it again. Unsent records are never touched. Then, whenever the file has
+    /// free pages (this prune's, or those of an earlier vacuum that lost its lock between its
+    /// prune and its VACUUM), a VACUUM gives them back to the file system. Returns the records
+    /// pruned and the pages given back.
     ///
     /// Only under the run lock of `holder` (taken with [`Ledger::acquire_lock`]), which is
     /// checked and extended by `ttl` as the prune's first write, in its transaction, and again
@@ -1663,7 +1675,7 @@ impl Ledger {
         cutoff: DateTime<Utc>,
         holder: &str,
         ttl: Duration,
-    ) -> Result<u64, LedgerError> {
+    ) -> Result<Vacuumed, LedgerError> {
         let cutoff = ts(cutoff);
         let mut tx = self
             .pool
@@ -1694,29 +1706,46 @@ impl Ledger {
             .fetch_one(&mut *tx)
             .await
             .map_err(sql("counting prunable records"))?;
-        if n == 0 {
-            tx.commit().await.map_err(sql("committing the prune"))?;
-            return Ok(0);
-        }
-        sqlx::query(
-            "DELETE FROM record_changes WHERE record_id IN (
+        if n > 0 {
+            sqlx::query(
+                "DELETE FROM record_changes WHERE record_id IN (
                  SELECT id FROM records WHERE status IN ('sent', 'ignored')
                    AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1)",
-        )
-        .bind(&cutoff)
-        .execute(&mut *tx)
-        .await
-        .map_err(sql("pruning change history"))?;
-        sqlx::query(
-            "UPDATE record_bodies SET payload = NULL, record = X''
-             WHERE id IN (SELECT id FROM records WHERE status IN ('sent', 'ignored')
-               AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1)",
-        )
-        .bind(&cutoff)
-        .execute(&mut *tx)
-        .await
-        .map_err(sql("pruning sent records"))?;
+            )
+            .bind(&cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("pruning change history"))?;
+            sqlx::query(
+                "UPDATE record_bodies SET payload = NULL, record = X''
+                 WHERE id IN (SELECT id FROM records WHERE status IN ('sent', 'ignored')
+                   AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1)",
+            )
+            .bind(&cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("pruning sent records"))?;
+        }
         tx.commit().await.map_err(sql("committing the prune"))?;
+        // Free pages are this prune's, or those of an earlier one that lost its lock before
+        // its VACUUM (exit 3): without them there is nothing to give back.
+        let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql("counting free pages"))?;
+        if free == 0 {
+            return Ok(Vacuumed {
+                pruned: n as u64,
+                pages_freed: 0,
+            });
+        }
+        let pages = || async {
+            sqlx::query_scalar::<_, i64>("PRAGMA page_count")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(sql("counting pages"))
+        };
+        let before = pages().await?;
         // The prune may have outlasted the lock: the VACUUM (a write of the whole file) only
         // while it is still this run's, with a full `ttl` ahead.
         self.refresh_lock(holder, Utc::now(), ttl).await?;
@@ -1725,7 +1754,11 @@ impl Ledger {
             .execute(&self.pool)
             .await
             .map_err(sql("vacuuming"))?;
-        Ok(n as u64)
+        let after = pages().await?;
+        Ok(Vacuumed {
+            pruned: n as u64,
+            pages_freed: before.saturating_sub(after) as u64,
+        })
     }
 
     /// How many records the ledger holds (benchmarks).
