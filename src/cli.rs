@@ -489,12 +489,18 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
             return exit::LOCKED;
         }
         // A ledger written by a newer billsync is a deployment mismatch (an image rolled back
-        // under a ledger the newer one upgraded): running the same image again cannot fix it,
-        // so it is not the retried exit 1. Nothing was pulled or sent.
-        if let Some(LedgerError::Newer { .. }) = cause.downcast_ref::<LedgerError>() {
+        // under a ledger the newer one upgraded), and so is one of an older schema opened by a
+        // command that does not upgrade it (a newer image's `status` beside the CronJob's older
+        // one): running the same image again cannot fix either, so neither is the retried
+        // exit 1. Nothing was pulled or sent.
+        if let Some(LedgerError::Newer { .. } | LedgerError::Older { .. }) =
+            cause.downcast_ref::<LedgerError>()
+        {
             return exit::CONFIG;
         }
-        if let Some(SyncError::Ledger(LedgerError::Newer { .. })) = cause.downcast_ref() {
+        if let Some(SyncError::Ledger(LedgerError::Newer { .. } | LedgerError::Older { .. })) =
+            cause.downcast_ref()
+        {
             return exit::CONFIG;
         }
         if cause.downcast_ref::<SettingsError>().is_some()

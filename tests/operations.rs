@@ -670,6 +670,60 @@ async fn a_ledger_written_by_a_newer_billsync_exits_2_as_a_deployment_error_not_
     assert!(world.lago.events().is_empty(), "nothing was sent");
 }
 
+/// A ledger of an older schema, opened by a command that does not upgrade it (`status`,
+/// `ledger …`, `mappings explain --id`: a newer image's one-off command beside the CronJob's
+/// older image), is the same deployment mismatch as a newer one: running the same command again
+/// cannot help, so it exits 2 like a newer ledger, not the retried exit 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ledger_of_an_older_schema_opened_by_a_reading_command_exits_2_not_a_retryable_1() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let path = world.dir.path().join("ledger").join("ledger.db");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let ledger = billsync::ledger::Ledger::open(&path).await.unwrap();
+    ledger.close().await;
+    {
+        // The newest migration not applied yet: the ledger of the billsync before this one.
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query(
+            "DELETE FROM _sqlx_migrations
+             WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    for args in [
+        &["status"][..],
+        &["ledger", "export"][..],
+        &[
+            "ledger",
+            "set-cursor",
+            "--source",
+            "metalsoft",
+            "--stream",
+            "usage",
+            "--value",
+            "2026-10-01T00:00:00Z",
+            "--reason",
+            "re-read October",
+        ][..],
+        &["ledger", "vacuum", "--older-than", "400d"][..],
+        &["mappings", "explain", "--id", "1"][..],
+    ] {
+        let out = run(&cfg, args).await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {output}");
+        assert!(
+            output.contains("this billsync knows up to"),
+            "{args:?}: {output}"
+        );
+    }
+}
+
 /// The Pushgateway takes the grouping key from the URL path: a `/` in the job name or the
 /// instance would split it into other labels (or a 404), and a space or `%` would be read as
 /// something else. Values are escaped as its README says: base64url (`job@base64/…`) for a
