@@ -71,6 +71,76 @@ impl RetryPolicy {
     }
 }
 
+/// Why a read ([`get_text`]) failed for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadFailure {
+    /// An answer that no retry changes (not 2xx, 408, 429 or 5xx), as status and a snippet of
+    /// its body.
+    Answered { status: u16, body: String },
+    /// Transient failures until the policy gave up: the last one's reason and the attempts.
+    GaveUp { reason: String, attempts: usize },
+}
+
+/// A read-only request (a GET built anew by `request` for each attempt) and its body once the
+/// server answered 2xx. Transport errors, timeouts, a cut answer, 408, 429 and 5xx are retried
+/// with `retry` and the server's wait hint (`Retry-After`); any other answer fails at once.
+/// `what` names the request in the retry warnings.
+pub async fn get_text(
+    request: impl Fn() -> reqwest::RequestBuilder,
+    retry: &RetryPolicy,
+    what: &str,
+) -> Result<String, ReadFailure> {
+    let mut delays = retry.backoff().build();
+    let mut attempt = 0usize;
+    loop {
+        attempt += 1;
+        let (reason, hint) = match request().send().await {
+            Err(e) => (transport_reason(&e), None),
+            Ok(resp) => {
+                let status = resp.status();
+                let hint = retry_hint(resp.headers());
+                match resp.text().await {
+                    Err(e) => (
+                        format!(
+                            "HTTP {status}, reading the answer failed: {}",
+                            transport_reason(&e)
+                        ),
+                        hint,
+                    ),
+                    Ok(text) if status.is_success() => return Ok(text),
+                    Ok(text) if matches!(status.as_u16(), 408 | 429 | 500..=599) => {
+                        (format!("HTTP {status}: {}", snippet(&text)), hint)
+                    }
+                    Ok(text) => {
+                        return Err(ReadFailure::Answered {
+                            status: status.as_u16(),
+                            body: snippet(&text),
+                        })
+                    }
+                }
+            }
+        };
+        match retry.with_hint(delays.next(), hint) {
+            Some(wait) => {
+                tracing::warn!(
+                    request = what,
+                    attempt,
+                    wait_ms = wait.as_millis() as u64,
+                    %reason,
+                    "read request failed, retrying"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            None => {
+                return Err(ReadFailure::GaveUp {
+                    reason,
+                    attempts: attempt,
+                })
+            }
+        }
+    }
+}
+
 /// The server's wait hint: `Retry-After` (seconds or HTTP date) or `X-RateLimit-Reset` (seconds).
 pub fn retry_hint(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let text = |name: &str| {

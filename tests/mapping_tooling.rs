@@ -642,3 +642,152 @@ fn explain_reaches_the_outcome_apply_does() {
         "{mapped_n} mapped, {ignored_n} ignored, {held_n} held"
     );
 }
+
+/// A `LagoAdmin` for a fake Lago at `url`, retrying quickly.
+fn quick_admin(url: &str) -> billsync::sinks::lago_admin::LagoAdmin {
+    let cfg = billsync::sinks::lago::LagoConfig {
+        api_url: url.to_string(),
+        api_key: billsync::config::Secret::new("lago-sim-key"),
+        batch_size: 100,
+        timeout: std::time::Duration::from_secs(1),
+        retry: billsync::http::RetryPolicy {
+            max_retries: 4,
+            min_delay: std::time::Duration::from_millis(10),
+            max_delay: std::time::Duration::from_millis(50),
+        },
+    };
+    billsync::sinks::lago_admin::LagoAdmin::new(&cfg).unwrap()
+}
+
+/// One page of Lago's `GET /api/v1/subscriptions`, `meta` as Lago documents it
+/// (`PaginationMeta`: `current_page`, `total_pages` and `total_count` are required).
+fn subscriptions_page(
+    ids: &[&str],
+    page: u64,
+    next: Option<u64>,
+    total_pages: u64,
+    total: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "subscriptions": ids
+            .iter()
+            .map(|id| serde_json::json!({"external_id": id, "status": "active"}))
+            .collect::<Vec<_>>(),
+        "meta": {
+            "current_page": page,
+            "next_page": next,
+            "prev_page": if page > 1 { Some(page - 1) } else { None },
+            "total_pages": total_pages,
+            "total_count": total,
+        }
+    })
+}
+
+/// A listing whose `next_page` does not move forward (a proxy that drops the `page` parameter,
+/// a server bug) cannot be followed: ending the list there checked the mappings against its
+/// first page only, and every subscription beyond it was reported missing. It is an error
+/// naming the listing and the page.
+#[tokio::test]
+async fn a_remote_listing_whose_next_page_does_not_move_forward_is_an_error_naming_it() {
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let lago = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/subscriptions"))
+        .and(query_param("page", "1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(subscriptions_page(
+            &["sub_acme_main"],
+            1,
+            Some(1),
+            2,
+            2,
+        )))
+        .mount(&lago)
+        .await;
+    let err = quick_admin(&lago.uri())
+        .subscription_ids()
+        .await
+        .expect_err("a list that cannot be followed is not checked in part");
+    let text = err.to_string();
+    assert!(text.contains("list of subscriptions"), "{text}");
+    assert!(text.contains("next_page 1"), "{text}");
+}
+
+/// A listing that ends (`next_page` null) with fewer items than its `meta.total_count` is not
+/// the whole list: checked as if it were, the subscriptions left out are reported missing.
+#[tokio::test]
+async fn a_remote_listing_shorter_than_its_total_count_is_an_error_not_missing_subscriptions() {
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let lago = MockServer::start().await;
+    for (page, ids, next) in [
+        ("1", &["sub_acme_main", "sub_globex_main"][..], Some(2)),
+        ("2", &["sub_initech_main"][..], None),
+    ] {
+        Mock::given(method("GET"))
+            .and(path("/api/v1/subscriptions"))
+            .and(query_param("page", page))
+            .respond_with(ResponseTemplate::new(200).set_body_json(subscriptions_page(
+                ids,
+                page.parse().unwrap(),
+                next,
+                2,
+                4,
+            )))
+            .mount(&lago)
+            .await;
+    }
+    let err = quick_admin(&lago.uri())
+        .subscription_ids()
+        .await
+        .expect_err("a short list is not checked");
+    let text = err.to_string();
+    assert!(text.contains("list of subscriptions"), "{text}");
+    assert!(
+        text.contains("total_count 4") && text.contains("3 items read"),
+        "{text}"
+    );
+}
+
+/// Listings are read with the sink's retry policy, as the sink's read-back is: a 503, a 429
+/// (with its `Retry-After`) or a timeout on one page must not fail `mappings check --remote`.
+#[tokio::test]
+async fn remote_listings_retry_5xx_429_and_timeouts_with_the_sinks_retry_policy() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let lago = MockServer::start().await;
+    let ok = subscriptions_page(&["sub_acme_main"], 1, None, 1, 1);
+    for (priority, answer) in [
+        (
+            1,
+            ResponseTemplate::new(503).set_body_string("upstream down"),
+        ),
+        (
+            2,
+            ResponseTemplate::new(429).insert_header("Retry-After", "0"),
+        ),
+        (
+            3,
+            ResponseTemplate::new(200)
+                .set_body_json(ok.clone())
+                .set_delay(std::time::Duration::from_secs(3)),
+        ),
+    ] {
+        Mock::given(method("GET"))
+            .and(path("/api/v1/subscriptions"))
+            .respond_with(answer)
+            .up_to_n_times(1)
+            .with_priority(priority)
+            .mount(&lago)
+            .await;
+    }
+    Mock::given(method("GET"))
+        .and(path("/api/v1/subscriptions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok))
+        .with_priority(4)
+        .mount(&lago)
+        .await;
+    let subs = quick_admin(&lago.uri()).subscription_ids().await.unwrap();
+    assert_eq!(subs, BTreeSet::from(["sub_acme_main".to_string()]));
+    assert_eq!(lago.received_requests().await.unwrap().len(), 4);
+}

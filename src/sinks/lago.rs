@@ -30,7 +30,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Secret;
-use crate::http::{retry_hint, snippet, transport_reason, RetryPolicy};
+use crate::http::{get_text, retry_hint, snippet, transport_reason, ReadFailure, RetryPolicy};
 use crate::mapping::MappedEvent;
 use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
 
@@ -539,64 +539,25 @@ impl LagoSink {
     /// reconcile reads hundreds of pages, and one rate-limited page must not leave a line
     /// without read-back. Any other answer is an error at once.
     async fn read_back_page(&self, url: &str, params: &[(&str, &str)]) -> Result<String, String> {
-        let mut delays = self.retry.backoff().build();
-        let mut attempt = 0usize;
-        loop {
-            attempt += 1;
-            let response = self
-                .client
+        let request = || {
+            self.client
                 .get(url)
                 .bearer_auth(self.api_key.expose())
                 .query(params)
-                .send()
-                .await;
-            let (reason, hint) = match response {
-                Err(e) => (transport_reason(&e), None),
-                Ok(resp) => {
-                    let status = resp.status();
-                    let hint = retry_hint(resp.headers());
-                    match resp.text().await {
-                        Err(e) => (
-                            format!(
-                                "HTTP {status}, reading the answer failed: {}",
-                                transport_reason(&e)
-                            ),
-                            hint,
-                        ),
-                        Ok(text) if status.is_success() => return Ok(text),
-                        Ok(text) if matches!(status.as_u16(), 408 | 429 | 500..=599) => {
-                            (format!("HTTP {status}: {}", snippet(&text)), hint)
-                        }
-                        Ok(text) => {
-                            return Err(format!(
-                                "sink {}: GET /api/v1/events answered HTTP {}: {}",
-                                self.name,
-                                status.as_u16(),
-                                snippet(&text)
-                            ))
-                        }
-                    }
-                }
-            };
-            match self.retry.with_hint(delays.next(), hint) {
-                Some(wait) => {
-                    tracing::warn!(
-                        sink = %self.name,
-                        attempt,
-                        wait_ms = wait.as_millis() as u64,
-                        %reason,
-                        "lago read-back request failed, retrying"
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-                None => {
-                    return Err(format!(
-                        "sink {}: GET /api/v1/events: {reason} (gave up after {attempt} attempts)",
-                        self.name
-                    ))
-                }
-            }
-        }
+        };
+        let what = format!("sink {}: lago read-back", self.name);
+        get_text(request, &self.retry, &what)
+            .await
+            .map_err(|failure| match failure {
+                ReadFailure::Answered { status, body } => format!(
+                    "sink {}: GET /api/v1/events answered HTTP {status}: {body}",
+                    self.name
+                ),
+                ReadFailure::GaveUp { reason, attempts } => format!(
+                    "sink {}: GET /api/v1/events: {reason} (gave up after {attempts} attempts)",
+                    self.name
+                ),
+            })
     }
 
     /// Classify a 422 answer: per-index outcomes, or one verdict for the whole request.

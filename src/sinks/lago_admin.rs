@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::config::Secret;
+use crate::http::{get_text, ReadFailure, RetryPolicy};
 use crate::mapping::remote::RemoteMetric;
 use crate::sinks::lago::LagoConfig;
 
@@ -23,7 +24,7 @@ const MAX_PAGES: usize = 10_000;
 /// A catalogue call that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LagoAdminError {
-    /// Transport failure or timeout.
+    /// Transport failure or timeout (after the sink's retries, for a request that was sent).
     #[error("GET {url}: {message}")]
     Transport { url: String, message: String },
     /// A non-2xx answer.
@@ -36,6 +37,23 @@ pub enum LagoAdminError {
     /// The answer is not the JSON Lago documents.
     #[error("GET {url}: unexpected answer: {message}")]
     Shape { url: String, message: String },
+    /// A `meta.next_page` that does not move forward: the list cannot be followed, and
+    /// ending it there would check a part of it.
+    #[error("GET {url}: the list of {listing} answered next_page {next} on page {page}: it cannot be followed, not checked on a partial list")]
+    Backwards {
+        url: String,
+        listing: String,
+        page: u64,
+        next: u64,
+    },
+    /// The listing ended with another number of items than its `meta.total_count`.
+    #[error("GET {url}: the list of {listing} counts total_count {total} but ended after {items} items read: not checked on a partial list")]
+    Short {
+        url: String,
+        listing: String,
+        total: u64,
+        items: usize,
+    },
     /// The listing still had a next page after 10,000 pages: the items read are not all of
     /// them, and a check on a part of the list would call the others missing.
     #[error("GET {url}: the list of {listing} did not end after {pages} pages ({items} items read): not checked on a partial list")]
@@ -53,6 +71,7 @@ pub struct LagoAdmin {
     base: String,
     api_key: Secret,
     client: reqwest::Client,
+    retry: RetryPolicy,
 }
 
 impl LagoAdmin {
@@ -70,10 +89,14 @@ impl LagoAdmin {
             base,
             api_key: config.api_key.clone(),
             client,
+            retry: config.retry.clone(),
         })
     }
 
     /// Every item under `key` of the paginated `path`, with `filters` added to each request.
+    /// Each page is retried as the sink's read-back is (its [`RetryPolicy`]); the list must
+    /// end (`meta.next_page` null) with as many items as its `meta.total_count`, or it is an
+    /// error: a check on a part of the list would call the others missing.
     async fn list(
         &self,
         path: &str,
@@ -81,53 +104,76 @@ impl LagoAdmin {
         filters: &[(&str, &str)],
     ) -> Result<Vec<Value>, LagoAdminError> {
         let url = format!("{}{path}", self.base);
+        let shape = |message: String| LagoAdminError::Shape {
+            url: url.clone(),
+            message,
+        };
         let mut out = Vec::new();
-        let mut page = 1usize;
+        let mut page = 1u64;
         for _ in 0..MAX_PAGES {
-            let resp = self
-                .client
-                .get(&url)
-                .bearer_auth(self.api_key.expose())
-                .query(&[("page", page), ("per_page", PER_PAGE)])
-                .query(filters)
-                .send()
-                .await
-                .map_err(|e| LagoAdminError::Transport {
-                    url: url.clone(),
-                    message: e.to_string(),
+            let request = || {
+                self.client
+                    .get(&url)
+                    .bearer_auth(self.api_key.expose())
+                    .query(&[("page", page), ("per_page", PER_PAGE as u64)])
+                    .query(filters)
+            };
+            let what = format!("lago: GET {path}");
+            let body =
+                get_text(request, &self.retry, &what)
+                    .await
+                    .map_err(|failure| match failure {
+                        ReadFailure::Answered { status, body } => LagoAdminError::Status {
+                            url: url.clone(),
+                            status,
+                            body,
+                        },
+                        ReadFailure::GaveUp { reason, attempts } => LagoAdminError::Transport {
+                            url: url.clone(),
+                            message: format!("{reason} (gave up after {attempts} attempts)"),
+                        },
+                    })?;
+            let json: Value = serde_json::from_str(&body).map_err(|e| shape(e.to_string()))?;
+            let items = json
+                .get(key)
+                .and_then(Value::as_array)
+                .ok_or_else(|| shape(format!("no `{key}` array")))?;
+            out.extend(items.iter().cloned());
+            match json.pointer("/meta/next_page") {
+                None | Some(Value::Null) => {}
+                Some(next) => {
+                    let next = next
+                        .as_u64()
+                        .ok_or_else(|| shape(format!("meta.next_page is {next}")))?;
+                    if next <= page {
+                        return Err(LagoAdminError::Backwards {
+                            url: url.clone(),
+                            listing: key.to_string(),
+                            page,
+                            next,
+                        });
+                    }
+                    page = next;
+                    continue;
+                }
+            }
+            // The last page: Lago counts the whole list in every page's meta (required in
+            // its `PaginationMeta`).
+            let total = json
+                .pointer("/meta/total_count")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| {
+                    shape("no meta.total_count: cannot tell whether the list is whole".into())
                 })?;
-            let status = resp.status();
-            let body = resp.text().await.map_err(|e| LagoAdminError::Transport {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
-            if !status.is_success() {
-                return Err(LagoAdminError::Status {
-                    url,
-                    status: status.as_u16(),
-                    body: crate::http::snippet(&body),
+            if total != out.len() as u64 {
+                return Err(LagoAdminError::Short {
+                    url: url.clone(),
+                    listing: key.to_string(),
+                    total,
+                    items: out.len(),
                 });
             }
-            let json: Value = serde_json::from_str(&body).map_err(|e| LagoAdminError::Shape {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
-            let items =
-                json.get(key)
-                    .and_then(Value::as_array)
-                    .ok_or_else(|| LagoAdminError::Shape {
-                        url: url.clone(),
-                        message: format!("no `{key}` array"),
-                    })?;
-            out.extend(items.iter().cloned());
-            match json
-                .get("meta")
-                .and_then(|m| m.get("next_page"))
-                .and_then(Value::as_u64)
-            {
-                Some(next) if next as usize > page => page = next as usize,
-                _ => return Ok(out),
-            }
+            return Ok(out);
         }
         Err(LagoAdminError::Unending {
             url,
