@@ -349,6 +349,39 @@ pub trait Progress: Send + Sync {
     fn finish(&self) {}
 }
 
+/// Count each outcome of a batch into the run's summary (and its sink's) and queue it for
+/// acknowledgement, in batch order. Returns how many records it took.
+fn record_outcomes<'b>(
+    sink: &str,
+    outcomes: impl Iterator<Item = (&'b crate::sinks::Outgoing, Outcome)>,
+    summary: &mut RunSummary,
+    acks: &mut Vec<(i64, Outcome)>,
+) -> u64 {
+    let mut counts = SinkCounts::default();
+    for (out, outcome) in outcomes {
+        match &outcome {
+            Outcome::Delivered => counts.sent += 1,
+            Outcome::AlreadyDelivered => counts.already_delivered += 1,
+            Outcome::Rejected(reason) => {
+                counts.rejected += 1;
+                warn!(sink, key = %out.key, %reason, "record rejected; held in the ledger");
+            }
+            Outcome::Failed(_) => counts.failed += 1,
+        }
+        acks.push((out.id, outcome));
+    }
+    summary.sent += counts.sent;
+    summary.already_delivered += counts.already_delivered;
+    summary.rejected += counts.rejected;
+    summary.failed += counts.failed;
+    let mine = summary.by_sink.entry(sink.to_string()).or_default();
+    mine.sent += counts.sent;
+    mine.already_delivered += counts.already_delivered;
+    mine.rejected += counts.rejected;
+    mine.failed += counts.failed;
+    counts.sent + counts.already_delivered + counts.rejected + counts.failed
+}
+
 /// No progress display.
 pub struct NoProgress;
 impl Progress for NoProgress {}
@@ -1522,10 +1555,29 @@ impl Pipeline {
             let outcomes = match delivered {
                 Ok(o) => o,
                 Err(stopped) => {
-                    error!(sink = sink.name(), error = %stopped, "sink stopped; its records stay pending");
+                    // What the sink settled in this batch before it stopped (half of a refused
+                    // batch stored, a 422 by index) is recorded like any answer; the rest of
+                    // the batch stays pending.
+                    let settled = stopped.settled.len();
+                    error!(sink = sink.name(), error = %stopped, settled,
+                        "sink stopped; the records it had not settled stay pending");
                     summary.sink_errors.push(stopped.to_string());
                     summary.outcome = RunOutcome::SinkStopped;
                     state.stopped = true;
+                    if settled > 0 {
+                        let done = record_outcomes(
+                            sink.name(),
+                            stopped
+                                .settled
+                                .into_iter()
+                                .filter_map(|(i, o)| batch.get(i).map(|out| (out, o))),
+                            summary,
+                            &mut acks,
+                        );
+                        if alongside.is_none() {
+                            self.progress.batch_done(done);
+                        }
+                    }
                     break;
                 }
             };
@@ -1536,28 +1588,7 @@ impl Pipeline {
             } else {
                 state.window = (state.window + 1).min(MAX_BATCHES_IN_FLIGHT);
             }
-            let mut counts = SinkCounts::default();
-            for (out, outcome) in batch.iter().zip(outcomes) {
-                match &outcome {
-                    Outcome::Delivered => counts.sent += 1,
-                    Outcome::AlreadyDelivered => counts.already_delivered += 1,
-                    Outcome::Rejected(reason) => {
-                        counts.rejected += 1;
-                        warn!(sink = sink.name(), key = %out.key, %reason, "record rejected; held in the ledger");
-                    }
-                    Outcome::Failed(_) => counts.failed += 1,
-                }
-                acks.push((out.id, outcome));
-            }
-            summary.sent += counts.sent;
-            summary.already_delivered += counts.already_delivered;
-            summary.rejected += counts.rejected;
-            summary.failed += counts.failed;
-            let mine = summary.by_sink.entry(sink.name().to_string()).or_default();
-            mine.sent += counts.sent;
-            mine.already_delivered += counts.already_delivered;
-            mine.rejected += counts.rejected;
-            mine.failed += counts.failed;
+            record_outcomes(sink.name(), batch.iter().zip(outcomes), summary, &mut acks);
             state.batches += 1;
             if alongside.is_none() {
                 self.progress.batch_done(batch.len() as u64);

@@ -525,6 +525,69 @@ async fn lago_422_with_a_malformed_body_holds_the_batch_as_rejected_until_replay
     assert_complete(&world).await;
 }
 
+/// Lago answers the first batch's request 422 by index (event 0 already exists, event 1 is
+/// invalid): both are settled there and then, and the rest of the batch is resent, to be
+/// answered 401 (the key was rotated): the sink stops. The two settled outcomes used to be
+/// dropped with the stop, both records left pending: the run's counts said nothing was
+/// delivered or rejected, and the next run sent the invalid one again (rejected again) and the
+/// one Lago already had. Now the stop carries what was settled before it.
+#[tokio::test]
+async fn outcomes_settled_in_a_batch_before_lago_stops_the_sink_are_recorded() {
+    let world = World::start(Behaviour::Postgres).await;
+    world.lago.answer_next(
+        1,
+        422,
+        r#"{"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":{"0":{"transaction_id":["value_already_exist"]},"1":{"properties":["invalid_value"]}}}"#,
+    );
+    world.lago.fail_next(1, 401);
+    let run = sync(&world).await;
+    assert_eq!(run.outcome, RunOutcome::SinkStopped, "{run:?}");
+    assert_eq!(
+        (run.sent, run.already_delivered, run.rejected),
+        (0, 1, 1),
+        "{run:?}"
+    );
+    assert_eq!(
+        ledger_counts(&world).await,
+        counts(&[
+            ("sent", 1),
+            ("rejected", 1),
+            ("pending", 69),
+            ("unmapped", 1),
+            ("ignored", 8)
+        ])
+    );
+    // Which ones: the first two events of the first request.
+    let first: serde_json::Value = serde_json::from_str(&world.lago.bodies()[0]).unwrap();
+    let key = |i: usize| {
+        first["events"][i]["transaction_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let ledger = Ledger::open(&world.dir.path().join("ledger.db"))
+        .await
+        .unwrap();
+    for (status, i) in [(Status::Sent, 0), (Status::Rejected, 1)] {
+        let keys: Vec<String> = ledger
+            .records_matching(&RecordFilter::status(status), 0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(keys, vec![key(i)], "{status:?}");
+    }
+    ledger.close().await;
+    // The next run sends the 69 others and nothing else.
+    let next = sync(&world).await;
+    assert_eq!(
+        (next.sent, next.already_delivered, next.rejected),
+        (69, 0, 0),
+        "{next:?}"
+    );
+}
+
 // ----- provider side --------------------------------------------------------------------
 
 #[tokio::test]

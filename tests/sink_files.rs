@@ -319,10 +319,10 @@ impl Sink for CrashAfterWrite {
     async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
         let out = self.inner.deliver(batch).await?;
         if !self.crashed.swap(true, Ordering::SeqCst) {
-            return Err(SinkStopped {
-                sink: self.name().into(),
-                message: "simulated crash before the ledger's ack".into(),
-            });
+            return Err(SinkStopped::new(
+                self.name(),
+                "simulated crash before the ledger's ack",
+            ));
         }
         Ok(out)
     }

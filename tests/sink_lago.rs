@@ -342,6 +342,75 @@ async fn split_422_by_index_and_resend_remainder() {
     assert_eq!(sent[1], body_of(&[&b[1], &b[3]]));
 }
 
+/// Outcomes an earlier request of the same call settled go with a stop on a later one, by
+/// position in the batch; the records not settled stay pending. Here a 422 by index settles
+/// events 0 and 2, and the resend of 1 and 3 is answered 401.
+#[tokio::test]
+async fn a_stop_on_the_resend_after_a_422_by_index_carries_what_the_422_settled() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(422).set_body_string(
+            r#"{"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":{"0":{"transaction_id":["value_already_exist"]},"2":{"properties":["invalid_value"]}}}"#,
+        ))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_string(r#"{"status":401,"error":"Unauthorized","code":"unauthorized"}"#),
+        )
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(2));
+    let b = four_events(&s);
+    let stop = s.deliver(&b).await.expect_err("a 401 stops the sink");
+    assert!(stop.message.contains("401"), "{stop}");
+    assert_eq!(stop.settled.len(), 2, "{:?}", stop.settled);
+    assert_eq!(stop.settled[0], (0, Outcome::AlreadyDelivered));
+    assert!(
+        matches!(&stop.settled[1], (2, Outcome::Rejected(r)) if r.contains("invalid_value")),
+        "{:?}",
+        stop.settled
+    );
+    let sent = bodies(&server).await;
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[1], body_of(&[&b[1], &b[3]]));
+}
+
+/// A key repeated in one call goes in a later request; if that one stops the sink, the records
+/// the first request delivered go with the stop.
+#[tokio::test]
+async fn a_stop_on_a_later_request_carries_what_the_first_delivered() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[{},{}]}"#))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(403)
+                .set_body_string(r#"{"status":403,"error":"Forbidden","code":"forbidden"}"#),
+        )
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(2));
+    let b = batch(
+        &s,
+        &[
+            ("k0", event("sub-1", "1", at(1_710_000_000))),
+            ("k1", event("sub-1", "2", at(1_710_000_000))),
+            ("k0", event("sub-1", "1", at(1_710_000_000))),
+        ],
+    );
+    let stop = s.deliver(&b).await.expect_err("a 403 stops the sink");
+    assert_eq!(
+        stop.settled,
+        vec![(0, Outcome::Delivered), (1, Outcome::Delivered)]
+    );
+}
+
 #[tokio::test]
 async fn split_422_against_the_simulator() {
     let lago = sim(Behaviour::Postgres).await;

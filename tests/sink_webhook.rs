@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use billsync::config::Secret;
 use billsync::http::RetryPolicy;
-use billsync::ledger::Ledger;
+use billsync::ledger::{Ledger, RecordFilter, Status};
 use billsync::mapping::{MappedEvent, MappingSet};
 use billsync::simulators::lago::Behaviour;
 use billsync::sinks::webhook::{HeaderValue, WebhookConfig, WebhookSink};
@@ -579,6 +579,74 @@ async fn exactly_once_through_a_lost_answer_and_a_restart() {
     }
 }
 
+/// Keys of the ledger's records with `status`, in id order.
+async fn keys_with(p: &Pipeline, status: Status) -> Vec<String> {
+    p.ledger
+        .records_matching(&RecordFilter::status(status), 0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect()
+}
+
+/// A batch refused as a whole (422) is halved; the receiver stores the first half (200), then
+/// refuses the credentials on the second half's request (401): the sink stops. The first half
+/// is at the receiver, so the ledger must say `sent` for it now. It used to stay `pending` (the
+/// stop dropped every outcome of the batch): the run's counts were wrong, and the next run sent
+/// those records again in a new batch (a new batch id), billed twice by a receiver that does
+/// not deduplicate by record key.
+#[tokio::test]
+async fn records_stored_before_a_stop_in_the_same_batch_are_recorded_as_sent() {
+    let world = world::World::start(Behaviour::default()).await;
+    let rx = Receiver::start(vec![
+        Script::Answer(422, "one record of this batch is invalid"),
+        Script::Normal,
+        Script::Answer(401, "key rotated"),
+    ])
+    .await;
+    let opts = SyncOptions {
+        now: Some(world::now()),
+        ..Default::default()
+    };
+    let p = pipeline(&world, &rx.url, fast_retry(0)).await;
+    let first = p.sync(&opts).await.unwrap();
+    assert_eq!(
+        first.outcome,
+        billsync::sync::RunOutcome::SinkStopped,
+        "{first:?}"
+    );
+    let stored: Vec<String> = rx.state.lock().unwrap().stored.keys().cloned().collect();
+    assert_eq!(
+        stored.len(),
+        2,
+        "the first half of a batch of 5: {stored:?}"
+    );
+    let mut sent = keys_with(&p, Status::Sent).await;
+    sent.sort();
+    assert_eq!(
+        sent, stored,
+        "what the receiver stored is sent in the ledger"
+    );
+    assert_eq!(first.sent, 2, "{first:?}");
+    assert!(keys_with(&p, Status::Rejected).await.is_empty());
+    drop(p);
+
+    // The next run (credentials fixed) sends only the others: nothing reaches the receiver twice.
+    let second = pipeline(&world, &rx.url, fast_retry(0))
+        .await
+        .sync(&opts)
+        .await
+        .unwrap();
+    assert_eq!(second.already_delivered, 0, "{second:?}");
+    let st = rx.state.lock().unwrap();
+    assert!(
+        st.stored.values().all(|&n| n == 1),
+        "a record stored twice: {:?}",
+        st.stored
+    );
+}
+
 /// After a crash, the pending queue can hold more records than the lost attempt: the resent
 /// batch has a new id and only some of its records are at the receiver. A receiver that answers
 /// 409 naming the keys it already has (`{"duplicates":[…]}`) gets exactly those recorded as
@@ -635,6 +703,36 @@ async fn a_409_naming_its_duplicates_never_marks_the_other_records_delivered() {
         out.iter().all(|o| matches!(o, Outcome::Failed(_))),
         "{out:?}"
     );
+}
+
+/// A 409 naming some records of the batch settles those (already delivered); when the resend
+/// of the others then stops the sink (401), the stop carries the named ones, by position in the
+/// batch, and only the others stay pending.
+#[tokio::test]
+async fn duplicates_named_by_a_409_go_with_a_stop_on_the_resend() {
+    let rx = Receiver::start(vec![
+        Script::StoreThenAnswer(500),
+        Script::Normal,
+        Script::Answer(401, "key rotated"),
+    ])
+    .await;
+    rx.state.lock().unwrap().list_duplicates = true;
+    let s = sink(&rx.url, 10, fast_retry(0));
+    let all = batch(&s, 3);
+    // k1 and k2 reach the receiver, the answer is lost.
+    let first = s.deliver(&all[1..]).await.unwrap();
+    assert!(matches!(first[0], Outcome::Failed(_)), "{first:?}");
+    // [k0, k1, k2]: 409 naming k1 and k2; [k0] alone: 401.
+    let stop = s.deliver(&all).await.expect_err("a 401 stops the sink");
+    assert!(stop.message.contains("401"), "{stop}");
+    assert_eq!(
+        stop.settled,
+        vec![
+            (1, Outcome::AlreadyDelivered),
+            (2, Outcome::AlreadyDelivered)
+        ]
+    );
+    assert_eq!(rx.requests().len(), 3);
 }
 
 /// A wrong `url` path (or a receiver deployed without the route yet) answers 404: the address

@@ -211,10 +211,7 @@ impl BatchFiles {
     }
 
     fn stopped(&self, message: String) -> SinkStopped {
-        SinkStopped {
-            sink: self.sink.clone(),
-            message,
-        }
+        SinkStopped::new(self.sink.clone(), message)
     }
 
     /// Write `header` (if any) and the payloads of `batch` in ledger id order, one a line, to

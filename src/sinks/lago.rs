@@ -17,7 +17,7 @@
 //!   error are rejected; every other record is resent in a new batch until all are resolved.
 //! - **Retries are for transient failures only** (transport errors, timeouts, 429, 5xx), with
 //!   the shared [`RetryPolicy`] and the server's own wait hint. 401/403 stop the sink (records
-//!   stay pending) instead of burning retries, and so does a 400 (lago-api answers it only
+//!   not settled by an earlier request of the batch stay pending) instead of burning retries, and so does a 400 (lago-api answers it only
 //!   about the request as a whole: a body it cannot read, never one event); nothing is ever
 //!   marked delivered without a 2xx or a per-record `value_already_exist`.
 
@@ -251,10 +251,7 @@ impl LagoSink {
     }
 
     fn stopped(&self, message: impl Into<String>) -> SinkStopped {
-        SinkStopped {
-            sink: self.name.clone(),
-            message: message.into(),
-        }
+        SinkStopped::new(self.name.clone(), message)
     }
 
     /// Send one request (retrying transient failures) and classify Lago's answer.
@@ -891,7 +888,13 @@ impl Sink for LagoSink {
             let payloads: Vec<&str> = request.iter().map(|&i| batch[i].payload.as_str()).collect();
             tracing::debug!(sink = %self.name, events = request.len(), request = requests, "lago batch request");
             let mut unresolved = Vec::new();
-            match self.send(&payloads).await? {
+            let result = match self.send(&payloads).await {
+                Ok(result) => result,
+                // What earlier requests settled (a 422 by index) goes with the stop; the rest
+                // stays pending.
+                Err(stop) => return Err(stop.after(outcomes)),
+            };
+            match result {
                 RequestResult::Delivered => {
                     for &i in &request {
                         outcomes[i] = Some(Outcome::Delivered);

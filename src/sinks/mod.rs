@@ -40,12 +40,54 @@ pub enum Outcome {
 }
 
 /// A failure that stops the sink for the rest of the run (bad or rotated key, no permission).
-/// Records of the batch stay pending.
+///
+/// A stop can come in the middle of a batch, after some of its records were settled by earlier
+/// requests of the same `deliver` (half of a refused batch stored, duplicates named by a 409, a
+/// 422 by index): those outcomes travel with the stop in `settled`, and the pipeline records
+/// them like any other; every other record of the batch stays pending. Dropping them would
+/// leave records the sink already holds pending, sent again by the next run.
 #[derive(Debug, thiserror::Error)]
 #[error("sink {sink}: {message}")]
 pub struct SinkStopped {
     pub sink: String,
     pub message: String,
+    /// Outcomes settled before the stop, by position in the batch given to `deliver` (each
+    /// position at most once, in ascending order). Empty when nothing was settled.
+    pub settled: Vec<(usize, Outcome)>,
+}
+
+impl SinkStopped {
+    /// A stop with nothing settled.
+    pub fn new(sink: impl Into<String>, message: impl Into<String>) -> SinkStopped {
+        SinkStopped {
+            sink: sink.into(),
+            message: message.into(),
+            settled: Vec::new(),
+        }
+    }
+
+    /// Add what `outcomes` settled before the stop: one slot per record of the batch, in
+    /// batch order, `None` for a record not settled.
+    pub fn after(mut self, outcomes: impl IntoIterator<Item = Option<Outcome>>) -> SinkStopped {
+        self.settled.extend(
+            outcomes
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, o)| o.map(|o| (i, o))),
+        );
+        self.settled.sort_by_key(|(i, _)| *i);
+        self
+    }
+
+    /// Re-base `settled` from a sub-batch onto the batch it was taken from: the record at
+    /// position `i` of the sub-batch is at `position(i)` of the batch.
+    pub fn remap(mut self, position: impl Fn(usize) -> usize) -> SinkStopped {
+        for (i, _) in &mut self.settled {
+            *i = position(*i);
+        }
+        self.settled.sort_by_key(|(i, _)| *i);
+        self
+    }
 }
 
 /// Errors encoding an event into a payload.
@@ -79,7 +121,8 @@ pub trait Sink: Send + Sync {
         self.encode(key, event)
     }
     /// Deliver a batch (at most `max_batch`, keys unique). Returns one outcome per input, in
-    /// input order, or stops the sink.
+    /// input order, or stops the sink, with the outcomes settled before the stop
+    /// ([`SinkStopped::settled`]).
     async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped>;
     /// How many requests the sink has answered 429 (rate limited) so far. The push loop halves
     /// the number of batches it keeps in flight when this grows. Default: never throttled.

@@ -370,10 +370,7 @@ impl StripeSink {
     }
 
     fn stopped(&self, message: impl Into<String>) -> SinkStopped {
-        SinkStopped {
-            sink: self.name.clone(),
-            message: message.into(),
-        }
+        SinkStopped::new(self.name.clone(), message)
     }
 
     fn request(&self, url: &str, bearer: &str) -> reqwest::RequestBuilder {
@@ -491,19 +488,10 @@ impl StripeSink {
         }
         let reason = stop_reason.into_inner().unwrap_or_else(|e| e.into_inner());
         if let Some(reason) = reason {
-            let delivered = outcomes
-                .iter()
-                .any(|o| matches!(o, Some(Outcome::Delivered | Outcome::AlreadyDelivered)));
-            if !delivered {
-                return Err(self.stopped(reason));
-            }
-            // Some records of this batch reached Stripe before the refusal: report them, so the
-            // ledger records them now (resending them after Stripe's 24 h dedup window would bill
-            // twice). The rest stays pending; the next batch stops the sink at its first request.
-            tracing::error!(sink = %self.name, %reason, "Stripe refused the credentials mid-batch; recording what was delivered");
-            for o in outcomes.iter_mut().filter(|o| o.is_none()) {
-                *o = Some(Outcome::Failed(format!("not sent: {reason}")));
-            }
+            // Records of this batch settled before the refusal go with the stop, so the ledger
+            // records them now (resending them after Stripe's 24 h dedup window would bill
+            // twice); the rest stays pending.
+            return Err(self.stopped(reason).after(outcomes));
         }
         Ok(outcomes
             .into_iter()
@@ -689,23 +677,15 @@ impl StripeSink {
             }
         }
         for chunk in ready.chunks(STREAM_MAX_EVENTS) {
-            // Outcomes settled before a stop (events resent one by one) are kept: they reached
-            // Stripe, and left pending they would be billed twice after its 24 h window.
+            // Outcomes settled before a stop (events resent one by one, and earlier chunks) go
+            // with it: they reached Stripe, and left pending they would be billed twice after
+            // its 24 h window.
             let (list, stop) = self.send_stream(chunk).await;
             for (i, o) in list {
                 outcomes[i] = Some(o);
             }
             if let Some(stop) = stop {
-                let delivered = outcomes
-                    .iter()
-                    .any(|o| matches!(o, Some(Outcome::Delivered | Outcome::AlreadyDelivered)));
-                if !delivered {
-                    return Err(stop);
-                }
-                for o in outcomes.iter_mut().filter(|o| o.is_none()) {
-                    *o = Some(Outcome::Failed(format!("not sent: {}", stop.message)));
-                }
-                break;
+                return Err(stop.after(outcomes));
             }
         }
         Ok(outcomes

@@ -307,10 +307,7 @@ impl WebhookSink {
     }
 
     fn stopped(&self, message: impl Into<String>) -> SinkStopped {
-        SinkStopped {
-            sink: self.name.clone(),
-            message: message.into(),
-        }
+        SinkStopped::new(self.name.clone(), message)
     }
 
     /// Send one batch and settle each of its records: a 409 naming its duplicates settles
@@ -318,7 +315,7 @@ impl WebhookSink {
     /// records sends each half again as a new batch, down to single records, so only the
     /// records the receiver refuses are rejected (a binary tree: at most 2n - 1 batches for n
     /// records, about 2k·log2(n) when k of them are refused; each retried on transient failures
-    /// like any batch).
+    /// like any batch). A stop on a later request carries what the earlier ones settled.
     async fn send(
         &self,
         records: &[&Outgoing],
@@ -332,9 +329,18 @@ impl WebhookSink {
                 tally.splits += 1;
                 tracing::debug!(sink = %self.name, records = records.len(), %reason,
                     "the receiver refused the batch; sending each half as a new batch");
-                let (left, right) = records.split_at(records.len() / 2);
+                let mid = records.len() / 2;
+                let (left, right) = records.split_at(mid);
                 let mut outcomes = Box::pin(self.send(left, tally)).await?;
-                outcomes.extend(Box::pin(self.send(right, tally)).await?);
+                match Box::pin(self.send(right, tally)).await {
+                    Ok(more) => outcomes.extend(more),
+                    // The left half is settled (the receiver may hold it): it goes with the stop.
+                    Err(stop) => {
+                        return Err(stop
+                            .remap(|i| mid + i)
+                            .after(outcomes.into_iter().map(Some)))
+                    }
+                }
                 return Ok(outcomes);
             }
             Answer::All(outcome) => return Ok(vec![outcome; records.len()]),
@@ -365,7 +371,18 @@ impl WebhookSink {
         let mut rest_outcomes = if rest.is_empty() {
             Vec::new()
         } else {
-            Box::pin(self.send(&rest, tally)).await?
+            match Box::pin(self.send(&rest, tally)).await {
+                Ok(o) => o,
+                // The duplicates named are settled: they go with the stop.
+                Err(stop) => {
+                    let positions: Vec<usize> = (0..records.len()).filter(|&i| !known[i]).collect();
+                    return Err(stop.remap(|i| positions[i]).after(
+                        known
+                            .iter()
+                            .map(|&k| k.then_some(Outcome::AlreadyDelivered)),
+                    ));
+                }
+            }
         }
         .into_iter();
         Ok(known
@@ -638,7 +655,16 @@ impl Sink for WebhookSink {
         for chunk in batch.chunks(self.batch_size) {
             let records: Vec<&Outgoing> = chunk.iter().collect();
             let mut tally = Tally::default();
-            let settled = self.send(&records, &mut tally).await?;
+            let start = outcomes.len();
+            let settled = match self.send(&records, &mut tally).await {
+                Ok(settled) => settled,
+                // What earlier chunks and requests settled goes with the stop.
+                Err(stop) => {
+                    return Err(stop
+                        .remap(|i| start + i)
+                        .after(outcomes.into_iter().map(Some)))
+                }
+            };
             if tally.splits > 0 {
                 let rejected = settled
                     .iter()
