@@ -678,19 +678,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                 anyhow::Ok((pipeline, summary))
             }
             .await;
-            let (pipeline, summary) = match done {
-                Ok(done) => done,
-                Err(e) if dry_run => return Err(e),
-                Err(e) => {
-                    push_failed_metrics(&settings, "sync", &e, started).await;
-                    return Err(e);
-                }
-            };
-            observe::print_summary(&summary, ctx.json_output);
-            if !dry_run {
-                push_metrics(&settings, &pipeline, &summary).await;
-            }
-            Ok(exit_code(&summary))
+            report_run(&settings, ctx, "sync", dry_run, started, done).await
         }
         Command::Replay {
             status,
@@ -728,19 +716,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                 anyhow::Ok((pipeline, summary))
             }
             .await;
-            let (pipeline, summary) = match done {
-                Ok(done) => done,
-                Err(e) if dry_run => return Err(e),
-                Err(e) => {
-                    push_failed_metrics(&settings, "replay", &e, started).await;
-                    return Err(e);
-                }
-            };
-            observe::print_summary(&summary, ctx.json_output);
-            if !dry_run {
-                push_metrics(&settings, &pipeline, &summary).await;
-            }
-            Ok(exit_code(&summary))
+            report_run(&settings, ctx, "replay", dry_run, started, done).await
         }
     }
 }
@@ -957,6 +933,31 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             Ok(if errors == 0 { exit::OK } else { exit::CONFIG })
         }
     }
+}
+
+/// The end of a sync or replay: its summary printed and its metrics pushed (a run that ended in
+/// an error pushes its outcome only; a dry run pushes nothing), and its exit code.
+async fn report_run(
+    settings: &Settings,
+    ctx: &Ctx,
+    command: &str,
+    dry_run: bool,
+    started: std::time::Instant,
+    done: anyhow::Result<(Pipeline, RunSummary)>,
+) -> anyhow::Result<u8> {
+    let (pipeline, summary) = match done {
+        Ok(done) => done,
+        Err(e) if dry_run => return Err(e),
+        Err(e) => {
+            push_failed_metrics(settings, command, &e, started).await;
+            return Err(e);
+        }
+    };
+    observe::print_summary(&summary, ctx.json_output);
+    if !dry_run {
+        push_metrics(settings, &pipeline, &summary).await;
+    }
+    Ok(exit_code(&summary))
 }
 
 /// The exit code a finished run deserves.
