@@ -45,10 +45,10 @@ pub fn demo_start() -> DateTime<Utc> {
         .expect("valid date")
 }
 
-/// The demo's clock. Its data lies in September to November 2026, and whether a month or an
-/// invoice is final depends on the time of the run: on a fixed clock the demo shows the same
-/// run on every date (November's SAKURA bills and an unpaid SoftLayer invoice provisional,
-/// the rest final) instead of one that changes as the real calendar moves past its data.
+/// The demo's clock. Its data lies in September to November 2026, and whether a month is final
+/// depends on the time of the run: on a fixed clock the demo shows the same run on every date
+/// (November's SAKURA bills provisional, the rest final) instead of one that changes as the
+/// real calendar moves past its data.
 pub fn demo_now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0)
         .single()

@@ -35,7 +35,7 @@ fn demo_twice_on_one_ledger_sends_nothing_the_second_time() {
     let first = billsync(&["demo", "--dir", d], &[]);
     let (stdout, stderr) = text(&first);
     assert_eq!(first.status.code(), Some(0), "{stdout}\n{stderr}");
-    assert!(stdout.contains("sent 136"), "{stdout}");
+    assert!(stdout.contains("sent 141"), "{stdout}");
     assert!(stdout.contains("held (unmapped) 1"), "{stdout}");
     // Totals per provider, customer and metric, for all four providers.
     for source in [

@@ -179,7 +179,7 @@ fn invoices_fixture_headers_parse_and_convert_to_utc() {
                                       // "2019-03-04T00:17:42-06:00" is 06:17:42 UTC.
     assert_eq!(headers[0].create_date, t("2019-03-04T06:17:42Z"));
     assert_eq!(headers[0].period().1, t("2019-04-04T06:17:42Z"));
-    // OPEN means unpaid: not closed, its lines are not final yet.
+    // OPEN means unpaid (payment, not finality: their lines are final all the same).
     assert!(headers.iter().all(|h| !h.is_closed()));
 }
 
@@ -286,20 +286,13 @@ fn credit_and_refund_invoices_become_negative_records() {
 }
 
 #[test]
-fn lines_of_open_invoices_are_provisional_with_the_same_key_they_will_have_when_final() {
-    let open = parse_invoice_items(&attributed_items(), &ctx(header(1001, "OPEN", "RECURRING")))
-        .expect("parses");
+fn invoice_lines_are_keyed_by_invoice_and_item_and_monthly_ones_dated_to_the_cycle_they_open() {
     let closed = parse_invoice_items(
         &attributed_items(),
         &ctx(header(1001, "CLOSED", "RECURRING")),
     )
     .expect("parses");
-    assert!(open.iter().all(|r| !r.is_final));
     assert!(closed.iter().all(|r| r.is_final));
-    for (o, c) in open.iter().zip(&closed) {
-        assert_eq!(o.natural_key, c.natural_key);
-        assert_eq!(o.idempotency_key(), c.idempotency_key());
-    }
     assert_eq!(
         closed[1].natural_key,
         vec![
@@ -403,84 +396,6 @@ async fn pages_across_several_pages_then_a_second_run_pulls_nothing_new() {
     assert_eq!(calls.len(), 1, "{calls:?}");
     let filter: Value = serde_json::from_str(&calls[0].query["objectFilter"]).expect("json");
     assert_eq!(filter["invoices"]["id"]["operation"], format!("> {max_id}"));
-}
-
-#[tokio::test]
-async fn the_cursor_never_moves_past_an_open_invoice_and_its_lines_turn_final_when_it_closes() {
-    let ds = SoftlayerDataset::generate(&GenerateOptions {
-        invoices: 6,
-        ..Default::default()
-    });
-    let closed = ds.closed_ids();
-    let open_id = ds.invoices.iter().map(|i| i.id).max().expect("invoices");
-    assert!(!closed.contains(&open_id));
-    let sim = sim(ds).await;
-    let p = provider_at(&sim.url, 100);
-
-    let mut cursors = Cursors::new();
-    let first = run(&p, &mut cursors).await.expect("first run");
-    assert_eq!(
-        cursors[STREAM_INVOICES],
-        closed.last().expect("closed").to_string()
-    );
-    let open_lines: Vec<&UsageRecord> = first
-        .iter()
-        .filter(|r| r.natural_key[0].1 == open_id.to_string())
-        .collect();
-    assert!(!open_lines.is_empty() && open_lines.iter().all(|r| !r.is_final));
-
-    // Still open: only that invoice is read again.
-    let second = run(&p, &mut cursors).await.expect("second run");
-    assert_eq!(second.len(), open_lines.len());
-    assert!(second.iter().all(|r| !r.is_final));
-
-    sim.update(|d| d.close_invoice(open_id));
-    let third = run(&p, &mut cursors).await.expect("third run");
-    assert_eq!(third.len(), open_lines.len());
-    assert!(third.iter().all(|r| r.is_final));
-    let before: Vec<String> = open_lines.iter().map(|r| r.idempotency_key()).collect();
-    let after: Vec<String> = third.iter().map(|r| r.idempotency_key()).collect();
-    assert_eq!(
-        before, after,
-        "same keys: the ledger turns them final in place"
-    );
-    assert_eq!(cursors[STREAM_INVOICES], open_id.to_string());
-    assert!(run(&p, &mut cursors).await.expect("fourth run").is_empty());
-}
-
-#[tokio::test]
-async fn a_lower_open_invoice_pins_the_cursor_while_later_closed_ones_are_still_pulled() {
-    let mut ds = SoftlayerDataset::new(77);
-    let item = |id: u64, amount: &str| json!({"id": id, "recurringAfterTaxAmount": amount, "oneTimeAfterTaxAmount": "0"});
-    ds.add_invoice(
-        10,
-        "2025-01-04T00:00:00-06:00",
-        "CLOSED",
-        "RECURRING",
-        vec![item(1, "1.10")],
-    );
-    ds.add_invoice(
-        11,
-        "2025-02-04T00:00:00-06:00",
-        "OPEN",
-        "RECURRING",
-        vec![item(2, "2.20")],
-    );
-    ds.add_invoice(
-        12,
-        "2025-03-04T00:00:00-06:00",
-        "CLOSED",
-        "RECURRING",
-        vec![item(3, "3.30")],
-    );
-    let sim = sim(ds).await;
-    let p = provider_at(&sim.url, 100);
-    let chunks = p.plan(&Cursors::new(), now()).await.expect("plan");
-    let mut cursors_seen = Vec::new();
-    for c in &chunks {
-        cursors_seen.push(p.fetch(c, now()).await.expect("fetch").cursor);
-    }
-    assert_eq!(cursors_seen, [Some("10".to_string()), None, None]);
 }
 
 #[tokio::test]
@@ -1193,4 +1108,98 @@ fn an_hours_quotient_too_large_for_a_decimal_does_not_panic() {
     assert_eq!(records[0].billed_cost, dec("12.5"));
     assert_eq!(records[0].consumed_unit, "month");
     assert_eq!(records[0].consumed_quantity, dec("1"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finality: an invoice's lines are fixed when it is created; OPEN only means "not paid yet"
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn lines_of_an_unpaid_invoice_are_final_under_the_keys_they_always_had() {
+    // softlayer-go `Billing_Invoice.StatusCode`: OPEN = SoftLayer has not received payment,
+    // CLOSED = paid, CLOSED_FAILED = closed without payment. Lines are a copy of the billing
+    // items made when the invoice is created (`Billing_Invoice_Item`; reference 1.9).
+    let open = parse_invoice_items(&attributed_items(), &ctx(header(1001, "OPEN", "RECURRING")))
+        .expect("parses");
+    let closed = parse_invoice_items(
+        &attributed_items(),
+        &ctx(header(1001, "CLOSED", "RECURRING")),
+    )
+    .expect("parses");
+    assert!(
+        open.iter().all(|r| r.is_final),
+        "an unpaid invoice is final"
+    );
+    for (o, c) in open.iter().zip(&closed) {
+        assert_eq!(o.idempotency_key(), c.idempotency_key());
+        assert_eq!(o.billed_cost, c.billed_cost);
+    }
+}
+
+#[tokio::test]
+async fn the_cursor_moves_past_an_unpaid_invoice_which_is_read_once() {
+    let mut ds = SoftlayerDataset::new(77);
+    let item = |id: u64, amount: &str| json!({"id": id, "recurringAfterTaxAmount": amount, "oneTimeAfterTaxAmount": "0"});
+    ds.add_invoice(
+        10,
+        "2025-01-04T00:00:00-06:00",
+        "CLOSED",
+        "RECURRING",
+        vec![item(1, "1.10")],
+    );
+    ds.add_invoice(
+        11,
+        "2025-02-04T00:00:00-06:00",
+        "OPEN",
+        "RECURRING",
+        vec![item(2, "2.20")],
+    );
+    ds.add_invoice(
+        12,
+        "2025-03-04T00:00:00-06:00",
+        "CLOSED",
+        "RECURRING",
+        vec![item(3, "3.30")],
+    );
+    let sim = sim(ds).await;
+    let p = provider_at(&sim.url, 100);
+    let mut cursors = Cursors::new();
+    let first = run(&p, &mut cursors).await.expect("first run");
+    assert_eq!(total(&first), dec("6.60"));
+    assert!(first.iter().all(|r| r.is_final));
+    assert_eq!(cursors[STREAM_INVOICES], "12");
+    // Paid meanwhile: not read again, nothing new.
+    sim.update(|d| d.close_invoice(11));
+    sim.clear_calls();
+    assert!(run(&p, &mut cursors).await.expect("second run").is_empty());
+    assert!(sim.calls().iter().all(|c| c.call == CALL_INVOICES));
+}
+
+#[tokio::test]
+async fn an_invoice_read_with_fewer_items_than_it_announces_fails_and_is_read_again() {
+    // Read once, an invoice caught while its lines were still being written would lose the
+    // rest for ever: its items must number its invoiceTopLevelItemCount.
+    let mut ds = SoftlayerDataset::new(77);
+    let item = |id: u64, amount: &str| json!({"id": id, "recurringAfterTaxAmount": amount, "oneTimeAfterTaxAmount": "0"});
+    ds.add_invoice(
+        10,
+        "2025-01-04T00:00:00-06:00",
+        "OPEN",
+        "RECURRING",
+        vec![item(1, "1.10"), item(2, "2.20")],
+    );
+    ds.invoices[0].header["invoiceTopLevelItemCount"] = json!(3);
+    let sim = sim(ds).await;
+    let p = provider_at(&sim.url, 100);
+    let mut cursors = Cursors::new();
+    let err = run(&p, &mut cursors).await.expect_err("incomplete invoice");
+    let text = err.to_string();
+    assert!(text.contains("invoice 10") && text.contains('3'), "{text}");
+    assert!(!cursors.contains_key(STREAM_INVOICES));
+
+    // The third line is there by the next run: the whole invoice is read.
+    sim.update(|d| d.invoices[0].items.push(item(3, "3.30")));
+    let records = run(&p, &mut cursors).await.expect("complete");
+    assert_eq!(total(&records), dec("6.60"));
+    assert_eq!(cursors[STREAM_INVOICES], "10");
 }

@@ -12,15 +12,21 @@
 //!   ASC; the client then de-duplicates by id, checks that it saw as many distinct invoices as
 //!   the total header announced (an unstable server order across pages would otherwise lose
 //!   rows silently) and sorts by id itself.
-//! * **Status.** No server-side status filter: SoftLayer's `statusCode` tracks *payment*
-//!   (`OPEN` = unpaid, `CLOSED` = paid), and an invoice with a lower id may close after one
-//!   with a higher id. Filtering on `CLOSED` while moving the cursor would skip that invoice for
-//!   ever. Instead every invoice above the cursor is read; lines of a closed invoice
-//!   (`CLOSED`, `CLOSED_FAILED`, any `CLOSED*`) are final, lines of an open one are provisional
-//!   with the **same** natural key, so they become final in place when the invoice closes.
-//! * **Cursor** (stream `invoices`): the highest invoice id such that it and every listed
-//!   invoice below it are closed and staged. It never moves past an open invoice, so an open
-//!   invoice (and what follows it) is re-read until it closes; the ledger de-duplicates.
+//! * **Finality.** Every line is final when it is read, whatever the invoice's `statusCode`:
+//!   that code tracks *payment* (`OPEN` = SoftLayer has not received payment, `CLOSED` = paid,
+//!   `CLOSED_FAILED` = closed without payment; softlayer-go `Billing_Invoice.StatusCode`), not
+//!   whether the lines may change. An invoice's lines are a copy of the billing items made when
+//!   SoftLayer creates it (`Billing_Invoice_Item`), and corrections come as invoices of their
+//!   own (`CREDIT`, `REFUND`; reference 1.9). Holding an unpaid invoice's lines until the
+//!   reseller pays SoftLayer delayed its customers' bills by SoftLayer's payment terms, and
+//!   never sent them for an invoice that stays unpaid; re-reading an open invoice would also
+//!   count an in-place change beside the refund that carries it. No server-side status
+//!   filter either (an invoice with a lower id may close after one with a higher id).
+//! * **Cursor** (stream `invoices`): the highest invoice id read and staged, open or closed:
+//!   every invoice is read once. An invoice's items must number its
+//!   `invoiceTopLevelItemCount`: fewer is an error naming the invoice (nothing of it staged,
+//!   the cursor stays below it, the next run reads it again), so a read that caught an invoice
+//!   while its lines were still being written is never taken as the whole invoice.
 //! * **One chunk per invoice.** Its top-level items are paged too (`resultLimit`), so memory
 //!   is one invoice at a time.
 //! * **Natural key** (reference 1.9): `(invoice_id, invoice_item_id)` of the top-level item.
@@ -150,9 +156,10 @@ pub struct SoftlayerConfig {
     /// estimates. They are never final.
     #[serde(default)]
     pub provisional: bool,
-    /// Let the pipeline send records that are not final (estimates, lines of unpaid invoices).
-    /// Estimates and invoice lines have different keys: map estimates to a separate metric
-    /// (`attributes.record_kind = estimate`) or they are billed twice.
+    /// Let the pipeline send records that are not final: the next-invoice estimates (invoice
+    /// lines are final when read, paid or not). Estimates and invoice lines have different
+    /// keys: map estimates to a separate metric (`attributes.record_kind = estimate`) or they
+    /// are billed twice.
     #[serde(default)]
     pub push_provisional: bool,
     /// `BillingCurrency` of the records (SoftLayer states amounts in USD).
@@ -266,7 +273,8 @@ impl InvoiceHeader {
         })
     }
 
-    /// Closed (`CLOSED`, `CLOSED_FAILED`, ...): its lines are final.
+    /// Closed (`CLOSED`, `CLOSED_FAILED`, ...): paid, or closed unpaid. Payment, not
+    /// finality: every invoice's lines are final when read (module doc).
     pub fn is_closed(&self) -> bool {
         self.status_code.starts_with("CLOSED")
     }
@@ -295,11 +303,13 @@ impl InvoiceHeader {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct InvoiceChunk {
     invoice: InvoiceHeader,
-    /// The cursor after this invoice is staged, when it and every listed invoice before it
-    /// are closed.
+    /// The cursor after this invoice is staged: its id.
     cursor: Option<String>,
     /// Created before `start`: skip its items.
     skip: bool,
+    /// `invoiceTopLevelItemCount` of the listing: the items a complete read brings.
+    #[serde(default)]
+    items: Option<u64>,
 }
 
 /// Everything the record builders need besides the item itself.
@@ -673,6 +683,20 @@ impl SoftlayerProvider {
                 &filter,
             )
             .await?;
+        if let Some(announced) = detail.items {
+            if (items.len() as u64) < announced {
+                return Err(self.shape(
+                    CALL_ITEMS,
+                    format!(
+                        "invoice {} announces {announced} top-level items \
+                         (invoiceTopLevelItemCount) but {} came; nothing of it was staged and it \
+                         is read again next run",
+                        inv.id,
+                        items.len()
+                    ),
+                ));
+            }
+        }
         let ctx = InvoiceContext {
             source: self.name.clone(),
             account_id,
@@ -771,24 +795,32 @@ impl Provider for SoftlayerProvider {
             .await?;
         let mut headers = rows
             .iter()
-            .map(InvoiceHeader::from_value)
+            .map(|row| {
+                let items = match row.get("invoiceTopLevelItemCount") {
+                    None | Some(Value::Null) => None,
+                    Some(n) => Some(id_of(n).ok_or_else(|| {
+                        let id = row.get("id").unwrap_or(&Value::Null);
+                        format!("invoice {id}: invoiceTopLevelItemCount {n} is not a count")
+                    })?),
+                };
+                InvoiceHeader::from_value(row).map(|h| (h, items))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|m| self.shape(CALL_INVOICES, m))?;
-        headers.retain(|h| h.id > after);
-        headers.sort_by_key(|h| h.id);
+        headers.retain(|(h, _)| h.id > after);
+        headers.sort_by_key(|(h, _)| h.id);
         let mut chunks = Vec::with_capacity(headers.len() + 1);
-        let mut prefix_closed = true;
         let mut open = 0usize;
-        for invoice in headers {
-            prefix_closed &= invoice.is_closed();
+        for (invoice, items) in headers {
             if !invoice.is_closed() {
                 open += 1;
             }
             let (window_start, window_end) = invoice.period();
             let skip = self.config.start.is_some_and(|s| invoice.create_date < s);
             let detail = InvoiceChunk {
-                cursor: prefix_closed.then(|| invoice.id.to_string()),
+                cursor: Some(invoice.id.to_string()),
                 skip,
+                items,
                 invoice,
             };
             chunks.push(Chunk {
@@ -1105,7 +1137,8 @@ pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRe
             ("invoice_id".into(), inv.id.to_compact_string()),
             ("invoice_item_id".into(), id.to_compact_string()),
         ],
-        is_final: inv.is_closed(),
+        // Final when read: `statusCode` is payment, not finality (module doc).
+        is_final: true,
         attributes,
         raw: RawJson::from_value(item),
     })
