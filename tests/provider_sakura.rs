@@ -929,3 +929,76 @@ async fn a_chunk_fetched_by_a_fresh_provider_gives_the_same_records() {
     let unplanned = fresh.fetch(&chunks[0], now).await.unwrap().records;
     assert_eq!(planned, unplanned);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Final months: the cursor passes a month only once its lines add up to its bills, and the
+// months just before the cursor are read again for bills SAKURA lists late
+// ---------------------------------------------------------------------------------------------
+
+const STREAM: &str = "account:000000526782";
+
+fn of_month<'a>(records: &'a [UsageRecord], m: &str) -> Vec<&'a UsageRecord> {
+    records
+        .iter()
+        .filter(|r| r.attributes.get("month").map(|v| v.as_str()) == Some(m))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_final_month_whose_lines_miss_the_bill_amount_is_read_again_and_the_cursor_waits() {
+    let sim = fixture_sim().await;
+    let p = provider(&sim, "2016-05", true);
+    let mut cursors = Cursors::new();
+    // May's bill says 648 JPY, but its details list only 0 + 108 so far (540 not generated yet).
+    sim.withhold_details(MAY_BILL, 1);
+    let now = t("2016-06-15T00:00:00Z"); // May final, June running
+    let (records, months) = run(&p, &mut cursors, now).await.unwrap();
+    assert_eq!(months, vec![month("2016-05"), month("2016-06")]);
+    let may = of_month(&records, "2016-05");
+    assert_eq!(may.len(), 2, "the lines SAKURA lists are staged");
+    assert!(may.iter().all(|r| r.is_final));
+    assert_eq!(
+        cursors.get(STREAM),
+        None,
+        "May's lines add up to 108 of its bill's 648 JPY: the cursor must not pass May"
+    );
+
+    // The next run reads May again; once the last line is listed, it comes and May is done.
+    sim.withhold_details(MAY_BILL, 0);
+    let (records, months) = run(&p, &mut cursors, now).await.unwrap();
+    assert_eq!(months, vec![month("2016-05"), month("2016-06")]);
+    let may = of_month(&records, "2016-05");
+    assert_eq!(may.len(), 3);
+    assert_eq!(
+        may.iter().map(|r| r.billed_cost).sum::<Decimal>(),
+        dec("648")
+    );
+    assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-05"));
+}
+
+#[tokio::test]
+async fn a_month_held_for_missing_lines_keeps_later_final_months_from_moving_the_cursor() {
+    let sim = fixture_sim().await;
+    let p = provider(&sim, "2016-04", true);
+    let mut cursors = Cursors::new();
+    sim.withhold_details(MAY_BILL, 1);
+    let now = t("2016-07-05T00:00:00Z"); // April, May and June final; July running
+    let (records, _) = run(&p, &mut cursors, now).await.unwrap();
+    assert_eq!(of_month(&records, "2016-06").len(), 3, "June is complete");
+    assert_eq!(
+        cursors.get(STREAM).map(String::as_str),
+        Some("2016-04"),
+        "April (no bill) is done, May is not: June's page must not carry the cursor past May"
+    );
+    let (_, months) = run(&p, &mut cursors, now).await.unwrap();
+    assert_eq!(
+        months.first(),
+        Some(&month("2016-05")),
+        "May is read again: {months:?}"
+    );
+
+    sim.withhold_details(MAY_BILL, 0);
+    let (records, _) = run(&p, &mut cursors, now).await.unwrap();
+    assert_eq!(of_month(&records, "2016-05").len(), 3);
+    assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-06"));
+}

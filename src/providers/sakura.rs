@@ -18,8 +18,13 @@
 //!   (`?{"From":n,"Count":m}`) until `Total` is reached; an answer without `Total` (the
 //!   manual's examples) is complete. A bill that cannot be read completely is an error naming
 //!   it, never a silent truncation: lost lines are lost revenue.
-//! * **Cursor** (`account:<id>` → `YYYY-MM`): the last **final** month that was fully staged.
-//!   A run plans every month after it (or from `start_month`) through the running JST month.
+//! * **Cursor** (`account:<id>` → `YYYY-MM`): the last **final** month that was fully staged,
+//!   every month up to it with lines that add up to their bills. A bill whose lines miss its
+//!   `Amount` by more than tax rounding (a yen per line) is incomplete (details not generated
+//!   yet, or lost on the way): its month is **held** — its lines are staged, a warning names the
+//!   bills, and neither its page nor any later page of the run moves the cursor, so every run
+//!   reads it again until it adds up (or a person moves the cursor with `ledger set-cursor`).
+//!   A run plans every month after the cursor (or from `start_month`) through the running JST month.
 //!   A month is final once `now ≥ 1st of the next month 00:00 JST + final_lag`; months that are
 //!   not final are re-read on every run and the cursor never passes them, so the running and
 //!   the previous month are pulled again until they settle.
@@ -366,6 +371,9 @@ pub struct SakuraProvider {
     account: Mutex<Option<AccountInfo>>,
     /// The price list of this run (cleared by `plan`, read at most once per run).
     prices: Mutex<Option<Arc<PriceList>>>,
+    /// Per cursor stream, the earliest final month of this run whose lines do not add up to its
+    /// bills (cleared by `plan`): no page's cursor passes it.
+    holds: Mutex<HashMap<String, Month>>,
 }
 
 fn parse_base(name: &str, what: &str, text: &str) -> Result<reqwest::Url, ProviderError> {
@@ -423,6 +431,7 @@ impl SakuraProvider {
             cloud_base,
             account: Mutex::new(None),
             prices: Mutex::new(None),
+            holds: Mutex::new(HashMap::new()),
         })
     }
 
@@ -439,6 +448,37 @@ impl SakuraProvider {
     /// Whether `month` is final at `now`.
     pub fn is_final(&self, month: Month, now: DateTime<Utc>) -> bool {
         now >= month.final_at(self.config.final_lag)
+    }
+
+    /// The cursor a page of `month` leaves: the month, once it is final and its lines add up to
+    /// its bills (`reconciled`), and no earlier month of this run was held. A final month whose
+    /// lines do not add up is held for the rest of the run (chunks are fetched one at a time, in
+    /// plan order, so the hold is set before any later page is made): the cursor stays before
+    /// it, so the next run reads it again instead of passing it for good with lines missing.
+    fn page_cursor(
+        &self,
+        stream: &str,
+        month: Month,
+        is_final: bool,
+        reconciled: bool,
+    ) -> Option<String> {
+        if !is_final {
+            return None;
+        }
+        let held = match self.holds.lock() {
+            Ok(mut holds) => {
+                if !reconciled {
+                    let at = holds.entry(stream.to_string()).or_insert(month);
+                    *at = (*at).min(month);
+                }
+                holds.get(stream).copied()
+            }
+            Err(_) => (!reconciled).then_some(month),
+        };
+        match held {
+            Some(h) if h <= month => None,
+            _ => Some(month.to_string()),
+        }
     }
 
     fn url(&self, cloud: bool, segments: &[&str]) -> reqwest::Url {
@@ -1333,9 +1373,12 @@ impl Provider for SakuraProvider {
         cursors: &Cursors,
         now: DateTime<Utc>,
     ) -> Result<Vec<Chunk>, ProviderError> {
-        // A new run: forget the previous run's price list.
+        // A new run: forget the previous run's price list and held months.
         if let Ok(mut p) = self.prices.lock() {
             *p = None;
+        }
+        if let Ok(mut h) = self.holds.lock() {
+            h.clear();
         }
         let account = self.auth_status().await?;
         let stream = Self::stream_of(&account.account_id);
@@ -1414,6 +1457,8 @@ impl Provider for SakuraProvider {
         let is_final = self.is_final(month, now);
         let bills = self.bills(account_id, month).await?;
         let mut records = Vec::new();
+        // Bills whose lines add up to another amount than the bill: `bill id (lines/amount)`.
+        let mut unreconciled = Vec::new();
         for bill in &bills {
             if let Some(d) = bill.date {
                 let m = Month {
@@ -1439,6 +1484,7 @@ impl Provider for SakuraProvider {
             if (sum - bill.amount).abs() > rounding {
                 warn!(source = %self.name, bill_id = %bill.bill_id, bill_amount = %bill.amount, lines = %sum,
                     "sakura: the bill's lines add up to another amount than the bill (more than tax rounding): details missing?");
+                unreconciled.push(format!("{} ({sum}/{})", bill.bill_id, bill.amount));
             } else if sum != bill.amount {
                 debug!(source = %self.name, bill_id = %bill.bill_id, bill_amount = %bill.amount, lines = %sum,
                     "sakura: bill amount differs from the sum of its lines (tax rounding)");
@@ -1447,10 +1493,14 @@ impl Provider for SakuraProvider {
         }
         info!(source = %self.name, %month, bills = bills.len(), records = records.len(), is_final,
             "sakura: month fetched");
-        Ok(Page {
-            records,
-            cursor: is_final.then(|| month.to_string()),
-        })
+        if is_final && !unreconciled.is_empty() {
+            warn!(source = %self.name, %month, bills = %unreconciled.join(", "),
+                "sakura: a final month whose lines do not add up to its bills (lines/bill JPY) is held: \
+                 its lines are staged, the cursor stays before it and every run reads it again until \
+                 they do (check the bill with SAKURA; `ledger set-cursor --allow-forward` accepts it as it is)");
+        }
+        let cursor = self.page_cursor(&chunk.stream, month, is_final, unreconciled.is_empty());
+        Ok(Page { records, cursor })
     }
 
     fn push_provisional(&self) -> bool {

@@ -11,7 +11,9 @@
 //! To let tests model "the running month changes, then settles", the handle can change a line
 //! ([`SakuraSimHandle::set_detail_amount`]), add one, and **finalize** a month, after which its
 //! lines refuse changes (the provider decides finality from the clock; the simulator only
-//! guarantees that a confirmed month no longer moves).
+//! guarantees that a confirmed month no longer moves). It can also leave a bill's last lines out
+//! of its details while the bill's `Amount` counts them ([`SakuraSimHandle::withhold_details`]),
+//! as a read may find details not generated yet, and list a bill late ([`SakuraSimHandle::add_bill`]).
 //!
 //! Routes (all `GET`, HTTP Basic `token:secret`, any zone):
 //! * `/cloud/zone/{zone}/api/cloud/1.1/auth-status`
@@ -25,7 +27,7 @@
 //! 401 for bad credentials, 403 when the key lacks the `bill` permission, 404 for an unknown
 //! account, member, bill or path. Fault injection and a request log go through the handle.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -530,6 +532,9 @@ struct SimState {
     price_page_size: AtomicU64,
     detail_page_size: AtomicU64,
     serial: AtomicU64,
+    /// Per bill, how many of its last lines the details do not list yet (the bill's `Amount`
+    /// counts them): details still being generated.
+    withheld: Mutex<HashMap<u64, usize>>,
 }
 
 /// Entry point of the simulator.
@@ -552,6 +557,7 @@ impl SakuraSim {
             price_page_size: AtomicU64::new(0),
             detail_page_size: AtomicU64::new(0),
             serial: AtomicU64::new(1),
+            withheld: Mutex::new(HashMap::new()),
         });
         let st = state.clone();
         let app = Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
@@ -697,6 +703,20 @@ impl SakuraSimHandle {
     /// the next page (a larger `Count` than the cap is cut to the cap).
     pub fn set_detail_page_size(&self, n: u64) {
         self.state.detail_page_size.store(n, Ordering::Relaxed);
+    }
+
+    /// Leave the last `n` lines of a bill out of its details (JSON and CSV, `Total` included)
+    /// while its `Amount` still counts them: SAKURA's data is generated after the fact ("if
+    /// billing data have not been updated, please obtain the data again after a while"), so a
+    /// read may find a bill whose lines are not all listed yet. `0` lists them all again.
+    pub fn withhold_details(&self, bill_id: u64, n: usize) {
+        if let Ok(mut w) = self.state.withheld.lock() {
+            if n == 0 {
+                w.remove(&bill_id);
+            } else {
+                w.insert(bill_id, n);
+            }
+        }
     }
 
     /// Answer the next `n` requests with `fault` (queued after earlier faults).
@@ -1004,11 +1024,22 @@ fn handle(state: Arc<SimState>, method: Method, uri: Uri, headers: HeaderMap) ->
             let Some(b) = ds.bills.iter().find(|b| b.bill_id.to_string() == *bill) else {
                 return not_found();
             };
-            let total = b.lines.len();
+            let withheld = state
+                .withheld
+                .lock()
+                .ok()
+                .and_then(|w| w.get(&b.bill_id).copied())
+                .unwrap_or(0);
+            let total = b.lines.len().saturating_sub(withheld);
             let cap = state.detail_page_size.load(Ordering::Relaxed);
             let (from, count) = page_of(query.as_deref(), cap, total);
             let mut page = b.clone();
-            page.lines = b.lines.iter().skip(from).take(count).cloned().collect();
+            page.lines = b.lines[..total]
+                .iter()
+                .skip(from)
+                .take(count)
+                .cloned()
+                .collect();
             if tail.is_empty() {
                 let details = ds.details_json(&page);
                 Json(json!({
