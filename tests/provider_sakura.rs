@@ -16,8 +16,8 @@ use billsync::providers::sakura::{
 use billsync::providers::{Cursors, Provider, ProviderError};
 use billsync::record::UsageRecord;
 use billsync::simulators::sakura::{
-    Fault, SakuraDataset, SakuraSim, SakuraSimHandle, FIXTURE_AUTH_STATUS, FIXTURE_BILLS,
-    FIXTURE_CSV_BODY, FIXTURE_DETAILS, FIXTURE_PRICE_SYNTHETIC,
+    billing_date, Fault, SakuraDataset, SakuraSim, SakuraSimHandle, SimBill, FIXTURE_AUTH_STATUS,
+    FIXTURE_BILLS, FIXTURE_CSV_BODY, FIXTURE_DETAILS, FIXTURE_PRICE_SYNTHETIC,
 };
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -320,7 +320,8 @@ async fn a_month_becomes_final_after_the_first_of_the_next_month_plus_the_lag() 
 #[tokio::test]
 async fn running_and_previous_month_are_re_read_until_final_then_the_cursor_passes_them() {
     let sim = fixture_sim().await;
-    let p = provider(&sim, "2016-04", true);
+    // Without the look-back, which reads the months up to the cursor again (specified below).
+    let p = provider_from_yaml(&sim, "start_month: 2016-04\nlook_back_months: 0\n");
     let mut cursors = Cursors::new();
     let stream = "account:000000526782";
 
@@ -944,6 +945,30 @@ fn of_month<'a>(records: &'a [UsageRecord], m: &str) -> Vec<&'a UsageRecord> {
         .collect()
 }
 
+fn of_bill(records: &[UsageRecord], bill: u64) -> Vec<&UsageRecord> {
+    let id = bill.to_string();
+    records
+        .iter()
+        .filter(|r| r.attributes.get("bill_id").map(|v| v.as_str()) == Some(id.as_str()))
+        .collect()
+}
+
+/// A copy of the simulator's bill of `like` (its three lines, 648 JPY), listed for `m` as
+/// bill `id`: a bill SAKURA lists after the cursor passed its month.
+fn late_bill(sim: &SakuraSimHandle, like: u64, id: u64, m: &str) -> SimBill {
+    let mut bill = sim
+        .dataset()
+        .bills
+        .into_iter()
+        .find(|b| b.bill_id == like)
+        .expect("bill to copy");
+    bill.bill_id = id;
+    bill.month = month(m);
+    bill.date = billing_date(month(m));
+    bill.finalized = true;
+    bill
+}
+
 #[tokio::test]
 async fn a_final_month_whose_lines_miss_the_bill_amount_is_read_again_and_the_cursor_waits() {
     let sim = fixture_sim().await;
@@ -990,15 +1015,166 @@ async fn a_month_held_for_missing_lines_keeps_later_final_months_from_moving_the
         Some("2016-04"),
         "April (no bill) is done, May is not: June's page must not carry the cursor past May"
     );
+    // May is read again (April too: the look-back reads the months up to the cursor again).
     let (_, months) = run(&p, &mut cursors, now).await.unwrap();
     assert_eq!(
-        months.first(),
-        Some(&month("2016-05")),
-        "May is read again: {months:?}"
+        months,
+        vec![
+            month("2016-04"),
+            month("2016-05"),
+            month("2016-06"),
+            month("2016-07")
+        ]
     );
 
     sim.withhold_details(MAY_BILL, 0);
     let (records, _) = run(&p, &mut cursors, now).await.unwrap();
     assert_eq!(of_month(&records, "2016-05").len(), 3);
     assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-06"));
+}
+
+#[tokio::test]
+async fn a_bill_listed_late_for_a_final_month_that_had_none_is_found_by_the_look_back() {
+    let sim = fixture_sim().await;
+    let p = provider(&sim, "2016-04", true);
+    let mut cursors = Cursors::new();
+    let now = t("2016-06-15T00:00:00Z");
+    // April has no bill (yet), May has one: both are final and the cursor passes them.
+    let (records, _) = run(&p, &mut cursors, now).await.unwrap();
+    assert!(of_month(&records, "2016-04").is_empty());
+    assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-05"));
+
+    // SAKURA lists a bill for April afterwards.
+    sim.add_bill(late_bill(&sim, MAY_BILL, 13200001, "2016-04"));
+    let (records, months) = run(&p, &mut cursors, now).await.unwrap();
+    assert!(
+        months.contains(&month("2016-04")),
+        "April is within the look-back and must be read again: {months:?}"
+    );
+    let april = of_bill(&records, 13200001);
+    assert_eq!(april.len(), 3);
+    assert_eq!(
+        april.iter().map(|r| r.billed_cost).sum::<Decimal>(),
+        dec("648")
+    );
+    assert!(april.iter().all(|r| r.is_final));
+    assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-05"));
+}
+
+#[tokio::test]
+async fn a_second_bill_listed_late_for_a_month_the_cursor_passed_is_found_and_the_first_is_unchanged(
+) {
+    let sim = fixture_sim().await;
+    let p = provider(&sim, "2016-05", true);
+    let mut cursors = Cursors::new();
+    let now = t("2016-07-05T00:00:00Z");
+    let (first, _) = run(&p, &mut cursors, now).await.unwrap();
+    assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-06"));
+
+    sim.add_bill(late_bill(&sim, MAY_BILL, 13500001, "2016-05"));
+    let (second, _) = run(&p, &mut cursors, now).await.unwrap();
+    let late = of_bill(&second, 13500001);
+    assert_eq!(late.len(), 3, "the late May bill's lines are pulled");
+    // What was read before is read again with the same keys and content: no-ops in the ledger.
+    let before = by_key(&first);
+    for r in of_bill(&second, MAY_BILL)
+        .into_iter()
+        .chain(of_bill(&second, JUNE_BILL))
+    {
+        let old = before[&r.natural_key_string()];
+        assert_eq!(old.idempotency_key(), r.idempotency_key());
+        assert_eq!(old.content_hash(), r.content_hash());
+    }
+    assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-06"));
+}
+
+#[tokio::test]
+async fn a_late_bill_whose_lines_are_incomplete_is_read_again_while_in_the_look_back_and_the_cursor_stays(
+) {
+    let sim = fixture_sim().await;
+    let p = provider(&sim, "2016-05", true);
+    let mut cursors = Cursors::new();
+    let now = t("2016-07-05T00:00:00Z");
+    run(&p, &mut cursors, now).await.unwrap();
+    assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-06"));
+
+    // A late May bill whose details are still being generated: what it lists is staged, and
+    // May is read again by the next runs (it is within the look-back); the cursor neither
+    // moves back (a person may have accepted May with `ledger set-cursor`) nor forward.
+    sim.add_bill(late_bill(&sim, MAY_BILL, 13500001, "2016-05"));
+    sim.withhold_details(13500001, 2);
+    let (records, _) = run(&p, &mut cursors, now).await.unwrap();
+    assert_eq!(of_bill(&records, 13500001).len(), 1);
+    assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-06"));
+
+    sim.withhold_details(13500001, 0);
+    let (records, months) = run(&p, &mut cursors, now).await.unwrap();
+    assert_eq!(months.first(), Some(&month("2016-05")));
+    assert_eq!(of_bill(&records, 13500001).len(), 3);
+    assert_eq!(cursors.get(STREAM).map(String::as_str), Some("2016-06"));
+}
+
+/// A provider on the simulator configured from YAML (the settings a user writes).
+fn provider_from_yaml(sim: &SakuraSimHandle, yaml: &str) -> SakuraProvider {
+    std::env::set_var("BILLSYNC_TEST_SAKURA_TOKEN", TOKEN);
+    std::env::set_var("BILLSYNC_TEST_SAKURA_SECRET", SECRET);
+    let mut c = SakuraConfig::from_str(&format!(
+        "endpoint: {}\ntoken: env:BILLSYNC_TEST_SAKURA_TOKEN\nsecret: env:BILLSYNC_TEST_SAKURA_SECRET\n{yaml}",
+        sim.endpoint
+    ))
+    .expect("config");
+    c.retry = fast_retry();
+    SakuraProvider::new(SOURCE.into(), c).expect("valid config")
+}
+
+async fn planned(p: &SakuraProvider, cursor: Option<&str>, now: DateTime<Utc>) -> Vec<Month> {
+    let mut cursors = Cursors::new();
+    if let Some(c) = cursor {
+        cursors.insert(STREAM.into(), c.into());
+    }
+    p.plan(&cursors, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| Month::of(c.window_start))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_look_back_reads_the_last_look_back_months_up_to_the_cursor_again_never_before_start() {
+    let sim = fixture_sim().await;
+    let now = t("2016-07-05T00:00:00Z");
+    let months = |m: &[&str]| m.iter().map(|m| month(m)).collect::<Vec<_>>();
+    assert_eq!(month("2016-02").back(3), month("2015-11"));
+    assert_eq!(month("2016-02").back(0), month("2016-02"));
+    assert_eq!(month("2016-02").back(26), month("2013-12"));
+
+    // Default: the three months up to the cursor, then what follows it.
+    let p = provider_from_yaml(&sim, "start_month: 2016-01\n");
+    assert_eq!(p.config().look_back_months, 3);
+    assert_eq!(
+        planned(&p, Some("2016-06"), now).await,
+        months(&["2016-04", "2016-05", "2016-06", "2016-07"])
+    );
+    // Never before `start_month`, and a ledger without a cursor starts there.
+    let p = provider_from_yaml(&sim, "start_month: 2016-05\n");
+    assert_eq!(
+        planned(&p, Some("2016-06"), now).await,
+        months(&["2016-05", "2016-06", "2016-07"])
+    );
+    assert_eq!(
+        planned(&p, None, now).await,
+        months(&["2016-05", "2016-06", "2016-07"])
+    );
+    // Configurable; 0 reads nothing the cursor passed.
+    let p = provider_from_yaml(&sim, "start_month: 2016-01\nlook_back_months: 1\n");
+    assert_eq!(
+        planned(&p, Some("2016-06"), now).await,
+        months(&["2016-06", "2016-07"])
+    );
+    let p = provider_from_yaml(&sim, "start_month: 2016-01\nlook_back_months: 0\n");
+    assert_eq!(
+        planned(&p, Some("2016-06"), now).await,
+        months(&["2016-07"])
+    );
 }

@@ -1,6 +1,7 @@
 //! The SAKURA provider inside the real pipeline (ledger, Lago simulator): a provisional month is
 //! staged as provisional, a changed line is restaged under the same key, and once the month is
-//! final and staged a further run stages nothing new.
+//! final and staged a further run stages nothing new; a final month whose lines miss its bill
+//! keeps the cursor, and a bill SAKURA lists late is found by the look-back and sent once.
 
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ fn retry() -> RetryPolicy {
 }
 
 #[tokio::test]
-async fn provisional_month_is_restaged_when_it_changes_and_final_months_are_not_pulled_again() {
+async fn provisional_month_is_restaged_when_it_changes_and_final_months_read_again_stage_nothing() {
     let sim = SakuraSim::start(SakuraDataset::from_fixtures().unwrap(), "tok", "sec")
         .await
         .unwrap();
@@ -82,9 +83,10 @@ async fn provisional_month_is_restaged_when_it_changes_and_final_months_are_not_
     let s = p.sync(&sync(t("2016-06-15T00:00:00Z"))).await.unwrap();
     assert_eq!((s.pulled, s.new), (6, 6), "{s:?}");
 
-    // Same day, nothing changed: only June is pulled again, and it is unchanged.
+    // Same day, nothing changed: June is pulled again, May too (the look-back reads the final
+    // months up to the cursor again, for bills SAKURA lists late); both are unchanged.
     let s = p.sync(&sync(t("2016-06-15T00:00:00Z"))).await.unwrap();
-    assert_eq!((s.pulled, s.new, s.unchanged), (3, 0, 3), "{s:?}");
+    assert_eq!((s.pulled, s.new, s.unchanged), (6, 0, 6), "{s:?}");
 
     // June's ISO line changes: same key, restaged, not new.
     sim.set_detail_amount(13481639, 2, Decimal::from(200), Decimal::from(16))
@@ -92,13 +94,117 @@ async fn provisional_month_is_restaged_when_it_changes_and_final_months_are_not_
     let s = p.sync(&sync(t("2016-06-16T00:00:00Z"))).await.unwrap();
     assert_eq!(
         (s.pulled, s.new, s.unchanged, s.restaged),
-        (3, 0, 2, 1),
+        (6, 0, 5, 1),
         "{s:?}"
     );
 
-    // July: June becomes final (restaged as final); then only the running month is asked.
+    // July: June becomes final (restaged as final); after that the final months read again
+    // stage nothing.
     let s = p.sync(&sync(t("2016-07-05T00:00:00Z"))).await.unwrap();
-    assert_eq!((s.pulled, s.new), (3, 0), "{s:?}");
+    assert_eq!((s.pulled, s.new, s.restaged), (6, 0, 3), "{s:?}");
     let s = p.sync(&sync(t("2016-07-06T00:00:00Z"))).await.unwrap();
-    assert_eq!((s.pulled, s.new), (0, 0), "{s:?}");
+    assert_eq!(
+        (s.pulled, s.new, s.unchanged, s.restaged),
+        (6, 0, 6, 0),
+        "{s:?}"
+    );
+}
+
+/// A pipeline on `ledger` (a path) reading `sim` with the example mappings, sending to `lago`.
+fn mapped_pipeline(
+    ledger: Ledger,
+    sim_endpoint: &str,
+    lago_url: &str,
+    start_month: &str,
+) -> Pipeline {
+    let mut cfg = SakuraConfig::new(
+        sim_endpoint.to_string(),
+        Secret::new("tok"),
+        Secret::new("sec"),
+        start_month.parse().unwrap(),
+    );
+    cfg.retry = retry();
+    Pipeline::new(
+        ledger,
+        vec![Box::new(SakuraProvider::new("sakura".into(), cfg).unwrap())],
+        vec![Box::new(
+            LagoSink::new(
+                "lago".into(),
+                LagoConfig {
+                    api_url: lago_url.to_string(),
+                    api_key: Secret::new("lago-key"),
+                    batch_size: 25,
+                    timeout: Duration::from_secs(5),
+                    retry: retry(),
+                },
+            )
+            .unwrap(),
+        )],
+        MappingSet::examples().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_held_month_keeps_the_ledger_cursor_and_a_late_bill_is_sent_once_nothing_twice() {
+    const MAY_BILL: u64 = 13327977;
+    let sim = SakuraSim::start(SakuraDataset::from_fixtures().unwrap(), "tok", "sec")
+        .await
+        .unwrap();
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: "lago-key".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let p = mapped_pipeline(
+        Ledger::open(&path).await.unwrap(),
+        &sim.endpoint,
+        &lago.url,
+        "2016-05",
+    );
+    let sync = |now: &str| SyncOptions {
+        now: Some(t(now)),
+        ..Default::default()
+    };
+    let cursor = || async {
+        Ledger::open(&path)
+            .await
+            .unwrap()
+            .cursors("sakura")
+            .await
+            .unwrap()
+            .get("account:000000526782")
+            .cloned()
+    };
+
+    // July 2016: May and June are final; May's details miss a line its bill counts.
+    sim.withhold_details(MAY_BILL, 1);
+    let s = p.sync(&sync("2016-07-05T00:00:00Z")).await.unwrap();
+    assert_eq!((s.new, s.sent), (5, 5), "{s:?}");
+    assert_eq!(cursor().await, None, "May is held: no cursor passes it");
+
+    // The missing line is listed: it alone goes out, and the cursor passes May and June.
+    sim.withhold_details(MAY_BILL, 0);
+    let s = p.sync(&sync("2016-07-06T00:00:00Z")).await.unwrap();
+    assert_eq!((s.new, s.sent), (1, 1), "{s:?}");
+    assert_eq!(cursor().await.as_deref(), Some("2016-06"));
+
+    // August: SAKURA lists a second bill for May, which the cursor passed: the look-back reads
+    // May again, the new bill's lines go out once, and what was sent is not sent again.
+    let mut late = sim
+        .dataset()
+        .bills
+        .into_iter()
+        .find(|b| b.bill_id == MAY_BILL)
+        .unwrap();
+    late.bill_id = 13500001;
+    sim.add_bill(late);
+    let s = p.sync(&sync("2016-08-05T00:00:00Z")).await.unwrap();
+    assert_eq!((s.new, s.sent, s.restaged), (3, 3, 0), "{s:?}");
+    assert_eq!(cursor().await.as_deref(), Some("2016-07"));
+    assert_eq!(lago.event_count(), 9);
+    let twice: Vec<_> = lago.counts().into_iter().filter(|(_, n)| *n != 1).collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
 }

@@ -24,7 +24,14 @@
 //!   yet, or lost on the way): its month is **held** — its lines are staged, a warning names the
 //!   bills, and neither its page nor any later page of the run moves the cursor, so every run
 //!   reads it again until it adds up (or a person moves the cursor with `ledger set-cursor`).
-//!   A run plans every month after the cursor (or from `start_month`) through the running JST month.
+//!   A run plans every month after the cursor (or from `start_month`) through the running JST
+//!   month, and before them the last `look_back_months` (default 3) up to the cursor again:
+//!   SAKURA may list a bill for a month, or complete its lines, after the cursor passed it
+//!   ("if billing data have not been updated, please obtain the data again after a while").
+//!   Lines read again unchanged are no-ops in the ledger (same keys, same content: `Paid` is
+//!   not content), a late bill's lines are new records. A look-back page never moves the
+//!   cursor, neither back nor forward; one that no longer adds up is warned about and read
+//!   again while it stays within the look-back.
 //!   A month is final once `now ≥ 1st of the next month 00:00 JST + final_lag`; months that are
 //!   not final are re-read on every run and the cursor never passes them, so the running and
 //!   the previous month are pulled again until they settle.
@@ -140,6 +147,15 @@ impl Month {
         }
     }
 
+    /// The month `n` months before this one.
+    pub fn back(self, n: u32) -> Month {
+        let index = i64::from(self.year) * 12 + i64::from(self.month) - 1 - i64::from(n);
+        Month {
+            year: i32::try_from(index.div_euclid(12)).unwrap_or(i32::MIN),
+            month: index.rem_euclid(12) as u32 + 1,
+        }
+    }
+
     /// The JST month containing `t`.
     pub fn of(t: DateTime<Utc>) -> Month {
         let local = t.with_timezone(&jst());
@@ -239,6 +255,12 @@ pub struct SakuraConfig {
     /// Send records of months that are not final yet (corrections follow as they change).
     #[serde(default)]
     pub push_provisional: bool,
+    /// How many final months up to the cursor every run reads again, for bills SAKURA lists
+    /// (or completes) after the cursor passed their month. Lines read again unchanged are
+    /// no-ops in the ledger (same keys, same content); a late bill's lines are new records, a
+    /// changed line a correction. 0 reads nothing the cursor passed. Default: 3.
+    #[serde(default = "default_look_back_months")]
+    pub look_back_months: u32,
 }
 
 fn default_endpoint() -> String {
@@ -247,6 +269,10 @@ fn default_endpoint() -> String {
 
 fn default_final_lag() -> chrono::Duration {
     chrono::Duration::days(1)
+}
+
+fn default_look_back_months() -> u32 {
+    3
 }
 
 fn default_true() -> bool {
@@ -276,6 +302,7 @@ impl SakuraConfig {
             timeout: default_timeout(),
             retry: RetryPolicy::default(),
             push_provisional: false,
+            look_back_months: default_look_back_months(),
         }
     }
 }
@@ -374,6 +401,9 @@ pub struct SakuraProvider {
     /// Per cursor stream, the earliest final month of this run whose lines do not add up to its
     /// bills (cleared by `plan`): no page's cursor passes it.
     holds: Mutex<HashMap<String, Month>>,
+    /// Per cursor stream, the month its stored cursor named when `plan` ran: months up to it
+    /// are look-back re-reads, which never move the cursor.
+    planned_cursors: Mutex<HashMap<String, Month>>,
 }
 
 fn parse_base(name: &str, what: &str, text: &str) -> Result<reqwest::Url, ProviderError> {
@@ -432,6 +462,7 @@ impl SakuraProvider {
             account: Mutex::new(None),
             prices: Mutex::new(None),
             holds: Mutex::new(HashMap::new()),
+            planned_cursors: Mutex::new(HashMap::new()),
         })
     }
 
@@ -450,7 +481,20 @@ impl SakuraProvider {
         now >= month.final_at(self.config.final_lag)
     }
 
-    /// The cursor a page of `month` leaves: the month, once it is final and its lines add up to
+    /// Whether `month` is a look-back re-read: at or before the cursor `plan` found. Its page
+    /// leaves the cursor as it is (never back: a person may have accepted a month with
+    /// `ledger set-cursor`), and it holds no later month. A chunk fetched without a `plan` in
+    /// this process counts as after the cursor (its page may then name an earlier month than
+    /// the one stored: read again, never skipped).
+    fn is_look_back(&self, stream: &str, month: Month) -> bool {
+        self.planned_cursors
+            .lock()
+            .ok()
+            .and_then(|p| p.get(stream).copied())
+            .is_some_and(|c| month <= c)
+    }
+
+    /// The cursor a page of `month` after the stored cursor leaves: the month, once it is final and its lines add up to
     /// its bills (`reconciled`), and no earlier month of this run was held. A final month whose
     /// lines do not add up is held for the rest of the run (chunks are fetched one at a time, in
     /// plan order, so the hold is set before any later page is made): the cursor stays before
@@ -1382,17 +1426,28 @@ impl Provider for SakuraProvider {
         }
         let account = self.auth_status().await?;
         let stream = Self::stream_of(&account.account_id);
-        let first = match cursors.get(&stream) {
-            Some(text) => text
-                .parse::<Month>()
-                .map_err(|e| ProviderError::Config {
-                    provider: self.name.clone(),
-                    message: format!("stored cursor {stream} = {text:?}: {e}"),
-                })?
+        let stored = match cursors.get(&stream) {
+            Some(text) => Some(text.parse::<Month>().map_err(|e| ProviderError::Config {
+                provider: self.name.clone(),
+                message: format!("stored cursor {stream} = {text:?}: {e}"),
+            })?),
+            None => None,
+        };
+        // The months after the cursor, and the last `look_back_months` up to it again (bills
+        // SAKURA lists late); never before `start_month`.
+        let first = match stored {
+            Some(c) => c
                 .next()
+                .back(self.config.look_back_months)
                 .max(self.config.start_month),
             None => self.config.start_month,
         };
+        if let Ok(mut planned) = self.planned_cursors.lock() {
+            match stored {
+                Some(c) => planned.insert(stream.clone(), c),
+                None => planned.remove(&stream),
+            };
+        }
         let running = Month::of(now);
         let mut chunks = Vec::new();
         let mut month = first;
@@ -1409,8 +1464,14 @@ impl Provider for SakuraProvider {
             .iter()
             .filter(|c| now < c.window_end + self.config.final_lag)
             .count();
+        let look_back = stored.map_or(0, |c| {
+            chunks
+                .iter()
+                .filter(|ch| Month::of(ch.window_start) <= c)
+                .count()
+        });
         info!(source = %self.name, account_id = %account.account_id, from = %first, to = %running,
-            months = chunks.len(), provisional, "sakura: plan ready");
+            months = chunks.len(), provisional, look_back, "sakura: plan ready");
         if let Ok(mut a) = self.account.lock() {
             *a = Some(account);
         }
@@ -1493,13 +1554,23 @@ impl Provider for SakuraProvider {
         }
         info!(source = %self.name, %month, bills = bills.len(), records = records.len(), is_final,
             "sakura: month fetched");
-        if is_final && !unreconciled.is_empty() {
+        let look_back = self.is_look_back(&chunk.stream, month);
+        if look_back && !unreconciled.is_empty() {
+            warn!(source = %self.name, %month, bills = %unreconciled.join(", "),
+                "sakura: a month the cursor passed no longer adds up to its bills (lines/bill JPY): \
+                 its lines are staged and it is read again while within look_back_months; the \
+                 cursor does not move back (check the bill with SAKURA)");
+        } else if is_final && !unreconciled.is_empty() {
             warn!(source = %self.name, %month, bills = %unreconciled.join(", "),
                 "sakura: a final month whose lines do not add up to its bills (lines/bill JPY) is held: \
                  its lines are staged, the cursor stays before it and every run reads it again until \
                  they do (check the bill with SAKURA; `ledger set-cursor --allow-forward` accepts it as it is)");
         }
-        let cursor = self.page_cursor(&chunk.stream, month, is_final, unreconciled.is_empty());
+        let cursor = if look_back {
+            None
+        } else {
+            self.page_cursor(&chunk.stream, month, is_final, unreconciled.is_empty())
+        };
         Ok(Page { records, cursor })
     }
 
