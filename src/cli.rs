@@ -1103,9 +1103,9 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
     println!("cursors:");
     let now = chrono::Utc::now();
     for c in &st.cursors {
-        let lag = chrono::DateTime::parse_from_rfc3339(&c.value)
+        let lag = crate::providers::cursor_time(&c.value)
             .map(|t| {
-                let secs = (now - t.with_timezone(&chrono::Utc)).num_seconds().max(0) as u64;
+                let secs = (now - t).num_seconds().max(0) as u64;
                 format!(
                     ", lag {}",
                     humantime::format_duration(std::time::Duration::from_secs(secs))

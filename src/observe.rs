@@ -497,8 +497,8 @@ pub fn render_metrics(
         .cursors
         .iter()
         .filter_map(|c| {
-            let t = chrono::DateTime::parse_from_rfc3339(&c.value).ok()?;
-            let lag = (now - t.with_timezone(&chrono::Utc)).num_seconds().max(0);
+            let t = crate::providers::cursor_time(&c.value)?;
+            let lag = (now - t).num_seconds().max(0);
             Some((
                 format!(
                     "{{source=\"{}\",stream=\"{}\"}}",
@@ -514,7 +514,7 @@ pub fn render_metrics(
     }
     metric(
         "billsync_cursor_lag_seconds",
-        "How far each cursor is behind now.",
+        "How far each time or month cursor is behind now (a month from its end, JST).",
         "gauge",
         lag,
     );

@@ -59,6 +59,35 @@ fn demo_twice_on_one_ledger_sends_nothing_the_second_time() {
     );
 }
 
+/// `status` shows how far every cursor with a time is behind, a SAKURA month cursor (`YYYY-MM`)
+/// included (counted from the end of its month): a month held for missing lines shows as a lag
+/// that keeps growing, as with a time cursor.
+#[test]
+fn status_shows_the_lag_of_a_sakura_month_cursor_as_of_a_time_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let demo = billsync(&["demo", "--dir", d], &[]);
+    assert_eq!(demo.status.code(), Some(0), "{:?}", text(&demo));
+    let cfg = dir.path().join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger: {{ path: {d}/ledger.db }}\nsinks:\n  out:\n    kind: jsonl\n    directory: {d}/out\n"
+        ),
+    )
+    .unwrap();
+    let out = billsync(&["--config", cfg.to_str().unwrap(), "status"], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    for source in ["metalsoft_demo user:1", "sakura_demo account:"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(source))
+            .unwrap_or_else(|| panic!("no cursor of {source}: {stdout}"));
+        assert!(line.contains(", lag "), "no lag on {line:?}: {stdout}");
+    }
+}
+
 #[test]
 fn a_mapping_typo_is_reported_with_file_line_and_column_and_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,8 @@
 //! The SAKURA provider inside the real pipeline (ledger, Lago simulator): a provisional month is
 //! staged as provisional, a changed line is restaged under the same key, and once the month is
 //! final and staged a further run stages nothing new; a final month whose lines miss its bill
-//! keeps the cursor, and a bill SAKURA lists late is found by the look-back and sent once.
+//! keeps the cursor (and shows in the cursor lag metric), and a bill SAKURA lists late is found
+//! by the look-back and sent once.
 
 use std::time::Duration;
 
@@ -207,4 +208,46 @@ async fn a_held_month_keeps_the_ledger_cursor_and_a_late_bill_is_sent_once_nothi
     assert_eq!(lago.event_count(), 9);
     let twice: Vec<_> = lago.counts().into_iter().filter(|(_, n)| *n != 1).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
+}
+
+/// A held month must be visible to alerting, not only in the log: the SAKURA cursor (a month)
+/// shows in `billsync_cursor_lag_seconds`, counted from the end of its month (JST), so a cursor
+/// stuck before a held month shows a lag that keeps growing past a month and `final_lag`.
+#[tokio::test]
+async fn a_month_cursor_shows_in_the_cursor_lag_metric_so_a_held_month_can_be_alerted_on() {
+    const MAY_BILL: u64 = 13327977;
+    let sim = SakuraSim::start(SakuraDataset::from_fixtures().unwrap(), "tok", "sec")
+        .await
+        .unwrap();
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: "lago-key".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = mapped_pipeline(
+        Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+        &sim.endpoint,
+        &lago.url,
+        "2016-04",
+    );
+    sim.withhold_details(MAY_BILL, 1);
+    let now = t("2016-07-05T00:00:00Z");
+    let s = p
+        .sync(&SyncOptions {
+            now: Some(now),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let status = p.ledger.status().await.unwrap();
+    let body = billsync::observe::render_metrics(&s, &status, now, &["lago".to_string()]);
+    // The cursor stays at April (May is held): April ended 2016-05-01 00:00 JST, 65 days and
+    // 9 hours before now.
+    let lag = 65 * 86_400 + 9 * 3_600;
+    let line = format!(
+        "billsync_cursor_lag_seconds{{source=\"sakura\",stream=\"account:000000526782\"}} {lag}\n"
+    );
+    assert!(body.contains(&line), "missing {line:?} in\n{body}");
 }

@@ -34,6 +34,19 @@ pub fn json_decimal(value: &serde_json::Value) -> Option<rust_decimal::Decimal> 
 /// Stored cursor values of one source, by stream (e.g. `user:1`).
 pub type Cursors = HashMap<String, String>;
 
+/// The time up to which a stored cursor says everything is pulled, for its lag: an RFC 3339
+/// time (a watermark) as it is, a SAKURA month (`YYYY-MM`) at its end (the 1st of the next
+/// month, 00:00 JST). `None` for a cursor that is no time (a SoftLayer invoice id).
+pub fn cursor_time(value: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(value) {
+        return Some(t.with_timezone(&Utc));
+    }
+    value
+        .parse::<sakura::Month>()
+        .ok()
+        .map(sakura::Month::end_utc)
+}
+
 /// One unit of pulling work: small enough to hold in memory, staged in one transaction with
 /// the cursor advance that follows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
