@@ -24,6 +24,9 @@
 //!   yet, or lost on the way): its month is **held** — its lines are staged, a warning names the
 //!   bills, and neither its page nor any later page of the run moves the cursor, so every run
 //!   reads it again until it adds up (or a person moves the cursor with `ledger set-cursor`).
+//!   A final month with no bill at all adds up and moves the cursor (an account may have no
+//!   usage in a month; holding it would stop the cursor for good): a bill listed for it later
+//!   is found by the look-back below.
 //!   A run plans every month after the cursor (or from `start_month`) through the running JST
 //!   month, and before them the last `look_back_months` (default 3) up to the cursor again:
 //!   SAKURA may list a bill for a month, or complete its lines, after the cursor passed it
