@@ -1469,7 +1469,9 @@ impl Pipeline {
                 self.ack_now(run_id, &mut acks, alongside).await?;
                 return Err(e);
             }
-            while !exhausted && !stopping && in_flight.len() < state.window {
+            // Nothing more goes out once a stop is asked for or the sink stopped; what is in
+            // flight is still awaited below.
+            while !exhausted && !stopping && !state.stopped && in_flight.len() < state.window {
                 if self.shutdown.is_requested() {
                     summary.interrupted = true;
                     stopping = true;
@@ -1552,16 +1554,52 @@ impl Pipeline {
             let Some((batch, delivered)) = next else {
                 break;
             };
-            let outcomes = match delivered {
-                Ok(o) => o,
+            match delivered {
+                Ok(outcomes) => {
+                    let throttled = sink.throttled();
+                    if throttled > state.throttled_seen {
+                        state.window = (state.window / 2).max(1);
+                        state.throttled_seen = throttled;
+                    } else {
+                        state.window = (state.window + 1).min(MAX_BATCHES_IN_FLIGHT);
+                    }
+                    record_outcomes(sink.name(), batch.iter().zip(outcomes), summary, &mut acks);
+                    state.batches += 1;
+                    if alongside.is_none() {
+                        self.progress.batch_done(batch.len() as u64);
+                    }
+                    if state.batches % 100 == 0 {
+                        info!(
+                            sink = sink.name(),
+                            batches = state.batches,
+                            sent = summary.sent,
+                            "pushing"
+                        );
+                    }
+                }
                 Err(stopped) => {
-                    // What the sink settled in this batch before it stopped (half of a refused
-                    // batch stored, a 422 by index) is recorded like any answer; the rest of
-                    // the batch stays pending.
+                    // The sink stopped: nothing more is sent to it this run, but the batches
+                    // already in flight are awaited (each within the sink's own timeouts and
+                    // retries) and their answers recorded like any other. The sink may have
+                    // stored them: left pending with no attempt, they would be sent again by
+                    // the next run (a receiver that does not deduplicate bills them twice).
+                    // What the sink settled in this batch before it stopped (half of a
+                    // refused batch stored, a 422 by index) is recorded too; the rest of the
+                    // batch stays pending.
                     let settled = stopped.settled.len();
-                    error!(sink = sink.name(), error = %stopped, settled,
-                        "sink stopped; the records it had not settled stay pending");
-                    summary.sink_errors.push(stopped.to_string());
+                    if state.stopped {
+                        // Another batch in flight met the stop as well.
+                        warn!(sink = sink.name(), error = %stopped, settled,
+                            "a batch in flight when the sink stopped was stopped too; the records it had not settled stay pending");
+                    } else {
+                        error!(sink = sink.name(), error = %stopped, settled,
+                            in_flight = in_flight.len(),
+                            "sink stopped; the batches in flight are awaited and recorded, the records not settled stay pending");
+                    }
+                    let message = stopped.to_string();
+                    if !summary.sink_errors.contains(&message) {
+                        summary.sink_errors.push(message);
+                    }
                     summary.outcome = RunOutcome::SinkStopped;
                     state.stopped = true;
                     if settled > 0 {
@@ -1578,34 +1616,14 @@ impl Pipeline {
                             self.progress.batch_done(done);
                         }
                     }
-                    break;
                 }
-            };
-            let throttled = sink.throttled();
-            if throttled > state.throttled_seen {
-                state.window = (state.window / 2).max(1);
-                state.throttled_seen = throttled;
-            } else {
-                state.window = (state.window + 1).min(MAX_BATCHES_IN_FLIGHT);
-            }
-            record_outcomes(sink.name(), batch.iter().zip(outcomes), summary, &mut acks);
-            state.batches += 1;
-            if alongside.is_none() {
-                self.progress.batch_done(batch.len() as u64);
             }
             if acks.len() >= ACK_RECORDS_PER_COMMIT || in_flight.is_empty() {
                 self.ack_now(run_id, &mut acks, alongside).await?;
             }
-            if state.batches % 100 == 0 {
-                info!(
-                    sink = sink.name(),
-                    batches = state.batches,
-                    sent = summary.sent,
-                    "pushing"
-                );
-            }
         }
-        // Batches still in flight (a stop) are dropped: their records stay pending.
+        // Batches still in flight here were abandoned at the shutdown deadline: their records
+        // stay pending, resent (same key, same bytes) by the next run.
         drop(in_flight);
         self.ack_now(run_id, &mut acks, alongside).await
     }

@@ -588,6 +588,129 @@ async fn outcomes_settled_in_a_batch_before_lago_stops_the_sink_are_recorded() {
     );
 }
 
+/// The Lago sink's records in ledger id order (the order the push walks them): key, status,
+/// attempts, last error.
+async fn ledger_rows(world: &World) -> Vec<(String, String, i64, Option<String>)> {
+    use sqlx::{Connection, Row};
+    let path = world.dir.path().join("ledger.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let rows = sqlx::query(
+        "SELECT idem_key, status, attempts, last_error FROM records WHERE sink = 'lago' ORDER BY id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    rows.iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+/// Batch 1 is delivered (the window grows to two), then batches 2 and 3 go out together.
+/// Lago answers batch 2 with its own 404 (a route gone: the sink stops) and batch 3 with a 422
+/// by index (its last event invalid), the other four then delivered by the resend. Batch 3's
+/// outcomes used to be dropped with the stop: four events Lago holds stayed `pending` with no
+/// attempt (resent next run), the invalid one with no error. Now they are awaited and recorded.
+#[tokio::test]
+async fn lago_batches_in_flight_when_the_sink_stops_are_awaited_and_recorded() {
+    use wiremock::matchers::{body_string_contains, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let world = World::start(Behaviour::Postgres).await;
+    let server = MockServer::start().await;
+    // The world's pipeline, its Lago sink sending batches of 5 to the mock server.
+    let (world_ref, uri) = (&world, server.uri());
+    let pipeline = move || {
+        let uri = uri.clone();
+        async move {
+            let mut p = default_pipeline(world_ref).await;
+            p.sinks = vec![Box::new(
+                LagoSink::new(
+                    "lago".into(),
+                    LagoConfig {
+                        api_url: uri,
+                        api_key: Secret::new(LAGO_KEY),
+                        batch_size: 5,
+                        timeout: Duration::from_secs(5),
+                        retry: fast_retry(),
+                    },
+                )
+                .unwrap(),
+            )];
+            p
+        }
+    };
+    // Stage only, to know which records make up each batch of 5 (the push walks by id).
+    pipeline()
+        .await
+        .sync(&SyncOptions {
+            skip_push: true,
+            ..opts()
+        })
+        .await
+        .unwrap();
+    let pending: Vec<String> = ledger_rows(&world)
+        .await
+        .into_iter()
+        .filter(|(_, status, _, _)| status == "pending")
+        .map(|(key, ..)| key)
+        .collect();
+    assert_eq!(pending.len(), DELIVERED);
+    let (second, third) = (&pending[5..10], &pending[10..15]);
+    Mock::given(method("POST"))
+        .and(body_string_contains(format!("\"{}\"", second[0])))
+        .respond_with(
+            ResponseTemplate::new(404).set_body_string(
+                r#"{"status":404,"error":"Not Found","code":"resource_not_found"}"#,
+            ),
+        )
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains(format!("\"{}\"", third[4])))
+        .respond_with(ResponseTemplate::new(422).set_body_string(
+            r#"{"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":{"4":{"properties":["invalid_value"]}}}"#,
+        ))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/events/batch"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[]}"#))
+        .with_priority(5)
+        .mount(&server)
+        .await;
+
+    let run = pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(run.outcome, RunOutcome::SinkStopped, "{run:?}");
+    assert_eq!((run.sent, run.rejected), (9, 1), "{run:?}");
+    let rows: BTreeMap<String, (String, i64, Option<String>)> = ledger_rows(&world)
+        .await
+        .into_iter()
+        .map(|(key, status, attempts, error)| (key, (status, attempts, error)))
+        .collect();
+    for key in &third[..4] {
+        assert_eq!(rows[key], ("sent".to_string(), 1, None), "{key}");
+    }
+    let (status, attempts, error) = &rows[&third[4]];
+    assert_eq!((status.as_str(), *attempts), ("rejected", 1), "{error:?}");
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("invalid_value")),
+        "{error:?}"
+    );
+    for key in second {
+        assert_eq!(rows[key], ("pending".to_string(), 0, None), "{key}");
+    }
+    // Lago was sent batch 1, 2 and 3, and the resend of batch 3's four valid events: nothing
+    // else (no batch started after the stop).
+    let requests = server.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 4, "{}", requests.len());
+}
+
 // ----- provider side --------------------------------------------------------------------
 
 #[tokio::test]

@@ -400,6 +400,120 @@ async fn after_a_stop_the_shutdown_deadline_bounds_all_requests_in_flight_togeth
     );
 }
 
+/// A sink in front of the Lago simulator whose second batch stops it (as a 401 does) and whose
+/// third, in flight beside the second, is still out when a stop is asked for (as SIGTERM
+/// does): it asks for the stop, then takes `slow` before it is sent.
+struct StopThenSigtermSink {
+    inner: billsync::sinks::lago::LagoSink,
+    calls: std::sync::atomic::AtomicUsize,
+    slow: Duration,
+    trigger: std::sync::Mutex<Option<billsync::shutdown::ShutdownTrigger>>,
+}
+
+#[async_trait::async_trait]
+impl billsync::sinks::Sink for StopThenSigtermSink {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn encode(
+        &self,
+        key: &str,
+        event: &billsync::mapping::MappedEvent,
+    ) -> Result<String, billsync::sinks::EncodeError> {
+        self.inner.encode(key, event)
+    }
+    async fn deliver(
+        &self,
+        batch: &[billsync::sinks::Outgoing],
+    ) -> Result<Vec<billsync::sinks::Outcome>, billsync::sinks::SinkStopped> {
+        match self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            1 => Err(billsync::sinks::SinkStopped::new(
+                self.inner.name(),
+                "refused the credentials (401)",
+            )),
+            2 => {
+                // Let the stop be seen first, then ask the run to stop.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Some(trigger) = self.trigger.lock().unwrap().take() {
+                    trigger.trigger();
+                }
+                tokio::time::sleep(self.slow).await;
+                self.inner.deliver(batch).await
+            }
+            _ => self.inner.deliver(batch).await,
+        }
+    }
+}
+
+/// A stopped sink's batches in flight are awaited (their answers recorded), but a SIGTERM
+/// during that wait keeps its guarantee: `shutdown_deadline` bounds it, the run ends
+/// interrupted on time (Kubernetes kills the pod `terminationGracePeriodSeconds` after
+/// SIGTERM), and the abandoned batch stays pending for the next run, which sends it once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigterm_while_a_stopped_sink_drains_its_batches_in_flight_ends_the_run_on_time() {
+    use billsync::sync::{RunOutcome, SyncOptions};
+    let world = World::start(Behaviour::Postgres).await;
+    let (trigger, shutdown) = billsync::shutdown::channel();
+    let mut pipeline = world.pipeline().await;
+    pipeline.sinks = vec![Box::new(StopThenSigtermSink {
+        inner: world.sink_with_key(LAGO_KEY),
+        calls: Default::default(),
+        slow: Duration::from_secs(30),
+        trigger: std::sync::Mutex::new(Some(trigger)),
+    })];
+    pipeline.shutdown = shutdown.clone();
+    pipeline.shutdown_deadline = Duration::from_secs(1);
+    let run = tokio::spawn(async move {
+        let summary = pipeline
+            .sync(&SyncOptions {
+                now: Some(world::now()),
+                ..Default::default()
+            })
+            .await;
+        (summary, std::time::Instant::now())
+    });
+    // The third batch asks for the stop only if it is still awaited after the sink stopped.
+    tokio::time::timeout(Duration::from_secs(20), shutdown.requested())
+        .await
+        .expect("the batch in flight beside the stopped one was dropped, not awaited");
+    let stopped_at = std::time::Instant::now();
+    let (summary, ended_at) = run.await.unwrap();
+    let summary = summary.unwrap();
+    let took = ended_at - stopped_at;
+    assert_eq!(summary.outcome, RunOutcome::Interrupted, "{summary:?}");
+    assert!(
+        summary.interrupted && summary.sink_errors.len() == 1,
+        "{summary:?}"
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "the run ended {took:?} after the stop, past its 1 s shutdown deadline"
+    );
+    assert_eq!(summary.sent, 25, "only the first batch: {summary:?}");
+    // The stopped and the abandoned batches are sent by the next run, once each.
+    let next = world
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(world::now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.sent, 46, "{next:?}");
+    assert_eq!(world.lago.events().len(), 71);
+    assert!(
+        world.lago.counts().values().all(|&n| n == 1),
+        "nothing pushed twice"
+    );
+}
+
 /// `status` and `ledger export` only read: pointed at a ledger that does not exist (a typo in
 /// `ledger.path`, a volume not mounted) they say so, naming the file, and create nothing —
 /// instead of creating an empty ledger and reporting "lock: free", no records and no runs.

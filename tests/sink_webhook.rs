@@ -647,6 +647,133 @@ async fn records_stored_before_a_stop_in_the_same_batch_are_recorded_as_sent() {
     );
 }
 
+/// The sink's records in ledger id order (the order the push walks them): key, status,
+/// attempts, last error.
+async fn ledger_rows(world: &world::World) -> Vec<(String, String, i64, Option<String>)> {
+    use sqlx::{Connection, Row};
+    let path = world.dir.path().join("ledger.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let rows = sqlx::query(
+        "SELECT idem_key, status, attempts, last_error FROM records WHERE sink = 'hook' ORDER BY id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    rows.iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+/// Several batches are in flight when one of them stops the sink. Here batch 1 is delivered
+/// (the window grows to two), then batches 2 and 3 go out together: the receiver refuses the
+/// credentials on batch 2 (401), and takes batch 3 apart (one record refused with 422, so it
+/// is halved down to that record: the four others are stored). The answers of batch 3 used to
+/// be dropped with the stop: four records the receiver holds stayed `pending` with no attempt,
+/// sent again by the next run in new batches (new ids) and billed twice by a receiver that
+/// does not deduplicate by record key, and the refused one had no error recorded. Now the
+/// batches in flight are awaited and their outcomes recorded; only batch 2 stays pending.
+#[tokio::test]
+async fn batches_in_flight_when_the_sink_stops_are_awaited_and_recorded() {
+    let world = world::World::start(Behaviour::default()).await;
+    let rx = Receiver::start(vec![]).await;
+    let opts = SyncOptions {
+        now: Some(world::now()),
+        ..Default::default()
+    };
+    // Stage only, to know which records make up each batch of 5 (the push walks by id).
+    let staged = pipeline(&world, &rx.url, fast_retry(0))
+        .await
+        .sync(&SyncOptions {
+            skip_push: true,
+            ..opts.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(staged.sent, 0);
+    let pending: Vec<String> = ledger_rows(&world)
+        .await
+        .into_iter()
+        .filter(|(_, status, _, _)| status == "pending")
+        .map(|(key, ..)| key)
+        .collect();
+    assert!(pending.len() > 20, "{}", pending.len());
+    let (second, third) = (&pending[5..10], &pending[10..15]);
+    {
+        let mut st = rx.state.lock().unwrap();
+        st.refuse.insert(second[0].clone(), 401);
+        st.refuse.insert(third[4].clone(), 422);
+    }
+
+    let run = pipeline(&world, &rx.url, fast_retry(0))
+        .await
+        .sync(&opts)
+        .await
+        .unwrap();
+    assert_eq!(
+        run.outcome,
+        billsync::sync::RunOutcome::SinkStopped,
+        "{run:?}"
+    );
+    // Batch 1 and the four stored records of batch 3 are sent; batch 3's refused record is
+    // rejected with the receiver's reason; each tried once.
+    assert_eq!((run.sent, run.rejected), (9, 1), "{run:?}");
+    let rows: BTreeMap<String, (String, i64, Option<String>)> = ledger_rows(&world)
+        .await
+        .into_iter()
+        .map(|(key, status, attempts, error)| (key, (status, attempts, error)))
+        .collect();
+    for key in &third[..4] {
+        assert_eq!(
+            rows[key],
+            ("sent".to_string(), 1, None),
+            "{key}: stored by the receiver"
+        );
+    }
+    let (status, attempts, error) = &rows[&third[4]];
+    assert_eq!((status.as_str(), *attempts), ("rejected", 1), "{error:?}");
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("unknown subscription")),
+        "{error:?}"
+    );
+    for key in second {
+        assert_eq!(
+            rows[key].0, "pending",
+            "{key}: the stopped batch stays pending"
+        );
+    }
+    let stored: Vec<String> = rx.state.lock().unwrap().stored.keys().cloned().collect();
+    let mut sent: Vec<String> = rows
+        .iter()
+        .filter(|(_, (status, ..))| status == "sent")
+        .map(|(key, _)| key.clone())
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent, stored,
+        "what the receiver stored is sent in the ledger"
+    );
+
+    // The credentials fixed, the next run sends the rest: nothing reaches the receiver twice.
+    rx.state.lock().unwrap().refuse.clear();
+    let next = pipeline(&world, &rx.url, fast_retry(0))
+        .await
+        .sync(&opts)
+        .await
+        .unwrap();
+    assert_eq!(next.already_delivered, 0, "{next:?}");
+    let st = rx.state.lock().unwrap();
+    assert!(
+        st.stored.values().all(|&n| n == 1),
+        "a record stored twice: {:?}",
+        st.stored
+    );
+}
+
 /// After a crash, the pending queue can hold more records than the lost attempt: the resent
 /// batch has a new id and only some of its records are at the receiver. A receiver that answers
 /// 409 naming the keys it already has (`{"duplicates":[…]}`) gets exactly those recorded as
