@@ -1460,6 +1460,9 @@ impl Pipeline {
         let mut ahead: std::collections::VecDeque<crate::sinks::Outgoing> =
             std::collections::VecDeque::new();
         let mut read_all = false;
+        // Reading the next pending records failed: nothing more is sent, what is in flight is
+        // awaited and recorded, then the run ends with this error.
+        let mut read_failed: Option<LedgerError> = None;
         loop {
             // Before sending anything more, and after each answer.
             if let Err(e) = lock.held() {
@@ -1469,9 +1472,14 @@ impl Pipeline {
                 self.ack_now(run_id, &mut acks, alongside).await?;
                 return Err(e);
             }
-            // Nothing more goes out once a stop is asked for or the sink stopped; what is in
-            // flight is still awaited below.
-            while !exhausted && !stopping && !state.stopped && in_flight.len() < state.window {
+            // Nothing more goes out once a stop is asked for, the sink stopped or the ledger
+            // could not be read; what is in flight is still awaited below.
+            while !exhausted
+                && !stopping
+                && !state.stopped
+                && read_failed.is_none()
+                && in_flight.len() < state.window
+            {
                 if self.shutdown.is_requested() {
                     summary.interrupted = true;
                     stopping = true;
@@ -1490,21 +1498,38 @@ impl Pipeline {
                         }
                         None => None,
                     };
-                    let mut more = if state.revisit.is_empty() {
-                        Vec::new()
-                    } else {
-                        let ids = std::mem::take(&mut state.revisit);
-                        self.ledger.pending_by_ids(sink.name(), &ids).await?
-                    };
-                    let walked = self
-                        .ledger
-                        .pending_batch(sink.name(), state.after_id, want)
-                        .await?;
-                    read_all = walked.len() < want;
-                    if let Some(last) = walked.last() {
-                        state.after_id = last.id;
+                    let read = async {
+                        let mut more = if state.revisit.is_empty() {
+                            Vec::new()
+                        } else {
+                            let ids = std::mem::take(&mut state.revisit);
+                            self.ledger.pending_by_ids(sink.name(), &ids).await?
+                        };
+                        let walked = self
+                            .ledger
+                            .pending_batch(sink.name(), state.after_id, want)
+                            .await?;
+                        read_all = walked.len() < want;
+                        if let Some(last) = walked.last() {
+                            state.after_id = last.id;
+                        }
+                        more.extend(walked);
+                        Ok::<_, LedgerError>(more)
                     }
-                    more.extend(walked);
+                    .await;
+                    let more = match read {
+                        Ok(more) => more,
+                        Err(e) => {
+                            // The answers of the batches in flight, and those received but
+                            // not committed yet, are still recorded: dropped, the records the
+                            // sink took would stay pending and be sent again by the next run
+                            // (which may meet the same unreadable record at the same place).
+                            error!(sink = sink.name(), error = %e, in_flight = in_flight.len(),
+                                "cannot read the next pending records; nothing more is sent, the batches in flight are awaited and recorded");
+                            read_failed = Some(e);
+                            break;
+                        }
+                    };
                     if let Some(a) = alongside {
                         a.carry(more.iter().map(|o| o.id));
                     }
@@ -1625,7 +1650,11 @@ impl Pipeline {
         // Batches still in flight here were abandoned at the shutdown deadline: their records
         // stay pending, resent (same key, same bytes) by the next run.
         drop(in_flight);
-        self.ack_now(run_id, &mut acks, alongside).await
+        self.ack_now(run_id, &mut acks, alongside).await?;
+        match read_failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Commit the outcomes gathered so far (in delivery order), in one transaction; then the

@@ -774,6 +774,76 @@ async fn batches_in_flight_when_the_sink_stops_are_awaited_and_recorded() {
     );
 }
 
+/// The ledger fails to read the next pending records while batches are in flight (here a
+/// pending record whose frozen payload is gone: `Corrupt`, and the run fails). The answers of
+/// the batches in flight, and those received but not yet committed (acknowledgements are
+/// committed together, once nothing is in flight), used to be dropped with the error: records
+/// the receiver stored stayed `pending`, and since the next run fails at the same record, each
+/// run sent them again. Now sending stops, what is in flight is awaited, and every answer is
+/// recorded before the error ends the run.
+#[tokio::test]
+async fn a_ledger_read_failure_mid_push_still_records_every_answer_received() {
+    let world = world::World::start(Behaviour::default()).await;
+    let rx = Receiver::start(vec![]).await;
+    let opts = SyncOptions {
+        now: Some(world::now()),
+        ..Default::default()
+    };
+    pipeline(&world, &rx.url, fast_retry(0))
+        .await
+        .sync(&SyncOptions {
+            skip_push: true,
+            ..opts.clone()
+        })
+        .await
+        .unwrap();
+    // Batches of 5, read 50 at a time: the second read meets the damaged record (the 61st),
+    // while batches of the first 50 are still in flight.
+    {
+        use sqlx::Connection;
+        let path = world.dir.path().join("ledger.db");
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let damaged = sqlx::query(
+            "UPDATE record_bodies SET payload = NULL WHERE id = (SELECT id FROM records
+             WHERE sink = 'hook' AND status = 'pending' ORDER BY id LIMIT 1 OFFSET 60)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(damaged.rows_affected(), 1);
+        conn.close().await.unwrap();
+    }
+    for run in 1..=2 {
+        let failed = pipeline(&world, &rx.url, fast_retry(0))
+            .await
+            .sync(&opts)
+            .await
+            .expect_err("a pending record without its payload fails the run");
+        assert!(failed.to_string().contains("payload"), "{failed}");
+        let stored: Vec<String> = rx.state.lock().unwrap().stored.keys().cloned().collect();
+        assert!(!stored.is_empty(), "run {run}: nothing was sent");
+        let mut sent: Vec<String> = ledger_rows(&world)
+            .await
+            .into_iter()
+            .filter(|(_, status, _, _)| status == "sent")
+            .map(|(key, ..)| key)
+            .collect();
+        sent.sort();
+        assert_eq!(
+            sent, stored,
+            "run {run}: what the receiver stored is sent in the ledger"
+        );
+        let st = rx.state.lock().unwrap();
+        assert!(
+            st.stored.values().all(|&n| n == 1),
+            "run {run}: a record stored twice: {:?}",
+            st.stored
+        );
+    }
+}
+
 /// After a crash, the pending queue can hold more records than the lost attempt: the resent
 /// batch has a new id and only some of its records are at the receiver. A receiver that answers
 /// 409 naming the keys it already has (`{"duplicates":[…]}`) gets exactly those recorded as
