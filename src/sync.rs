@@ -382,6 +382,105 @@ fn record_outcomes<'b>(
     counts.sent + counts.already_delivered + counts.rejected + counts.failed
 }
 
+/// A sink's answer to one batch, with the batch.
+type Answer = (
+    Vec<crate::sinks::Outgoing>,
+    Result<Vec<Outcome>, crate::sinks::SinkStopped>,
+);
+
+/// A batch on its way to the sink.
+type Delivery<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 'a>>;
+
+/// A delivery with its place in the order the batches were sent (no allocation of its own).
+struct Numbered<'a> {
+    seq: u64,
+    delivery: Delivery<'a>,
+}
+
+impl std::future::Future for Numbered<'_> {
+    type Output = (u64, Answer);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let seq = self.seq;
+        self.delivery.as_mut().poll(cx).map(|answer| (seq, answer))
+    }
+}
+
+/// The batches in flight to one sink. Answers are taken in the order the batches were sent
+/// (outcomes are acknowledged in batch order); one that arrives before its turn waits here,
+/// so that when the wait is cut short (the shutdown deadline) the answers already received
+/// are still recorded instead of being dropped with the batch still out before them.
+///
+/// Per batch: a sequence number; an answer that arrives in its turn (the usual case) is
+/// handed over at once, only one that arrives early goes through `arrived`.
+struct InFlight<'a> {
+    running: futures_util::stream::FuturesUnordered<Numbered<'a>>,
+    /// Answers received before their turn, by sequence number.
+    arrived: BTreeMap<u64, Answer>,
+    /// The sequence number of the next batch sent, and of the next answer to take.
+    sent: u64,
+    taken: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn new() -> Self {
+        InFlight {
+            running: futures_util::stream::FuturesUnordered::new(),
+            arrived: BTreeMap::new(),
+            sent: 0,
+            taken: 0,
+        }
+    }
+
+    /// Batches sent and not taken yet (answered or not).
+    fn len(&self) -> usize {
+        self.running.len() + self.arrived.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, delivery: Delivery<'a>) {
+        let seq = self.sent;
+        self.sent += 1;
+        self.running.push(Numbered { seq, delivery });
+    }
+
+    /// The next answer in batch order; `None` when nothing is in flight. Cancel-safe: an
+    /// answer received while this waits is kept for its turn.
+    async fn next(&mut self) -> Option<Answer> {
+        use futures_util::stream::StreamExt;
+        loop {
+            if let Some(answer) = self.arrived.remove(&self.taken) {
+                self.taken += 1;
+                return Some(answer);
+            }
+            let (seq, answer) = self.running.next().await?;
+            if seq == self.taken {
+                self.taken += 1;
+                return Some(answer);
+            }
+            self.arrived.insert(seq, answer);
+        }
+    }
+
+    /// When the wait is abandoned: every answer already received, whatever its turn, in
+    /// batch order. The batches still out stay here, to be dropped (their records stay
+    /// pending); nothing is taken from this afterwards.
+    fn take_received(&mut self) -> Vec<Answer> {
+        use futures_util::future::FutureExt;
+        use futures_util::stream::StreamExt;
+        while let Some(Some((seq, answer))) = self.running.next().now_or_never() {
+            self.arrived.insert(seq, answer);
+        }
+        std::mem::take(&mut self.arrived).into_values().collect()
+    }
+}
+
 /// No progress display.
 pub struct NoProgress;
 impl Progress for NoProgress {}
@@ -1435,21 +1534,9 @@ impl Pipeline {
         lock: &RunLock,
         summary: &mut RunSummary,
     ) -> Result<(), LedgerError> {
-        use futures_util::stream::{FuturesOrdered, StreamExt};
-        type Delivery<'a> = std::pin::Pin<
-            Box<
-                dyn std::future::Future<
-                        Output = (
-                            Vec<crate::sinks::Outgoing>,
-                            Result<Vec<Outcome>, crate::sinks::SinkStopped>,
-                        ),
-                    > + Send
-                    + 'a,
-            >,
-        >;
         // Whatever way this returns, the stager is no longer kept from the records it read.
         let _release = ReleaseOnDrop(alongside);
-        let mut in_flight: FuturesOrdered<Delivery<'_>> = FuturesOrdered::new();
+        let mut in_flight = InFlight::new();
         let mut exhausted = false;
         let mut stopping = false;
         // Once stopping: when the requests still in flight are abandoned (one deadline for all
@@ -1541,7 +1628,7 @@ impl Pipeline {
                     break;
                 }
                 let batch: Vec<_> = ahead.drain(..max_batch.min(ahead.len())).collect();
-                in_flight.push_back(Box::pin(async move {
+                in_flight.push(Box::pin(async move {
                     let result = sink.deliver(&batch).await;
                     (batch, result)
                 }));
@@ -1559,9 +1646,24 @@ impl Pipeline {
                 match tokio::time::timeout_at(deadline, in_flight.next()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        warn!(sink = sink.name(), batches = in_flight.len(),
+                        // Answers already received behind the batch still out are recorded;
+                        // only the batches still out are abandoned.
+                        let received = in_flight.take_received();
+                        warn!(sink = sink.name(), batches = in_flight.len(), received = received.len(),
                             "shutdown deadline passed with requests in flight; their records stay pending");
                         summary.interrupted = true;
+                        for (batch, delivered) in received {
+                            self.take_answer(
+                                sink,
+                                state,
+                                alongside,
+                                summary,
+                                &mut acks,
+                                batch,
+                                delivered,
+                                in_flight.len(),
+                            );
+                        }
                         break;
                     }
                 }
@@ -1579,70 +1681,16 @@ impl Pipeline {
             let Some((batch, delivered)) = next else {
                 break;
             };
-            match delivered {
-                Ok(outcomes) => {
-                    let throttled = sink.throttled();
-                    if throttled > state.throttled_seen {
-                        state.window = (state.window / 2).max(1);
-                        state.throttled_seen = throttled;
-                    } else {
-                        state.window = (state.window + 1).min(MAX_BATCHES_IN_FLIGHT);
-                    }
-                    record_outcomes(sink.name(), batch.iter().zip(outcomes), summary, &mut acks);
-                    state.batches += 1;
-                    if alongside.is_none() {
-                        self.progress.batch_done(batch.len() as u64);
-                    }
-                    if state.batches % 100 == 0 {
-                        info!(
-                            sink = sink.name(),
-                            batches = state.batches,
-                            sent = summary.sent,
-                            "pushing"
-                        );
-                    }
-                }
-                Err(stopped) => {
-                    // The sink stopped: nothing more is sent to it this run, but the batches
-                    // already in flight are awaited (each within the sink's own timeouts and
-                    // retries) and their answers recorded like any other. The sink may have
-                    // stored them: left pending with no attempt, they would be sent again by
-                    // the next run (a receiver that does not deduplicate bills them twice).
-                    // What the sink settled in this batch before it stopped (half of a
-                    // refused batch stored, a 422 by index) is recorded too; the rest of the
-                    // batch stays pending.
-                    let settled = stopped.settled.len();
-                    if state.stopped {
-                        // Another batch in flight met the stop as well.
-                        warn!(sink = sink.name(), error = %stopped, settled,
-                            "a batch in flight when the sink stopped was stopped too; the records it had not settled stay pending");
-                    } else {
-                        error!(sink = sink.name(), error = %stopped, settled,
-                            in_flight = in_flight.len(),
-                            "sink stopped; the batches in flight are awaited and recorded, the records not settled stay pending");
-                    }
-                    let message = stopped.to_string();
-                    if !summary.sink_errors.contains(&message) {
-                        summary.sink_errors.push(message);
-                    }
-                    summary.outcome = RunOutcome::SinkStopped;
-                    state.stopped = true;
-                    if settled > 0 {
-                        let done = record_outcomes(
-                            sink.name(),
-                            stopped
-                                .settled
-                                .into_iter()
-                                .filter_map(|(i, o)| batch.get(i).map(|out| (out, o))),
-                            summary,
-                            &mut acks,
-                        );
-                        if alongside.is_none() {
-                            self.progress.batch_done(done);
-                        }
-                    }
-                }
-            }
+            self.take_answer(
+                sink,
+                state,
+                alongside,
+                summary,
+                &mut acks,
+                batch,
+                delivered,
+                in_flight.len(),
+            );
             if acks.len() >= ACK_RECORDS_PER_COMMIT || in_flight.is_empty() {
                 self.ack_now(run_id, &mut acks, alongside).await?;
             }
@@ -1654,6 +1702,87 @@ impl Pipeline {
         match read_failed {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Record one batch's answer: its outcomes (or, when it stopped the sink, what it settled
+    /// before the stop) are counted and queued for acknowledgement. `in_flight`: how many
+    /// other batches are still out.
+    #[allow(clippy::too_many_arguments)]
+    fn take_answer(
+        &self,
+        sink: &dyn Sink,
+        state: &mut SinkProgress,
+        alongside: Option<&Alongside>,
+        summary: &mut RunSummary,
+        acks: &mut Vec<(i64, Outcome)>,
+        batch: Vec<crate::sinks::Outgoing>,
+        delivered: Result<Vec<Outcome>, crate::sinks::SinkStopped>,
+        in_flight: usize,
+    ) {
+        match delivered {
+            Ok(outcomes) => {
+                let throttled = sink.throttled();
+                if throttled > state.throttled_seen {
+                    state.window = (state.window / 2).max(1);
+                    state.throttled_seen = throttled;
+                } else {
+                    state.window = (state.window + 1).min(MAX_BATCHES_IN_FLIGHT);
+                }
+                record_outcomes(sink.name(), batch.iter().zip(outcomes), summary, acks);
+                state.batches += 1;
+                if alongside.is_none() {
+                    self.progress.batch_done(batch.len() as u64);
+                }
+                if state.batches % 100 == 0 {
+                    info!(
+                        sink = sink.name(),
+                        batches = state.batches,
+                        sent = summary.sent,
+                        "pushing"
+                    );
+                }
+            }
+            Err(stopped) => {
+                // The sink stopped: nothing more is sent to it this run, but the batches
+                // already in flight are awaited (each within the sink's own timeouts and
+                // retries) and their answers recorded like any other. The sink may have
+                // stored them: left pending with no attempt, they would be sent again by
+                // the next run (a receiver that does not deduplicate bills them twice).
+                // What the sink settled in this batch before it stopped (half of a
+                // refused batch stored, a 422 by index) is recorded too; the rest of the
+                // batch stays pending.
+                let settled = stopped.settled.len();
+                if state.stopped {
+                    // Another batch in flight met the stop as well.
+                    warn!(sink = sink.name(), error = %stopped, settled,
+                        "a batch in flight when the sink stopped was stopped too; the records it had not settled stay pending");
+                } else {
+                    error!(sink = sink.name(), error = %stopped, settled,
+                        in_flight,
+                        "sink stopped; the batches in flight are awaited and recorded, the records not settled stay pending");
+                }
+                let message = stopped.to_string();
+                if !summary.sink_errors.contains(&message) {
+                    summary.sink_errors.push(message);
+                }
+                summary.outcome = RunOutcome::SinkStopped;
+                state.stopped = true;
+                if settled > 0 {
+                    let done = record_outcomes(
+                        sink.name(),
+                        stopped
+                            .settled
+                            .into_iter()
+                            .filter_map(|(i, o)| batch.get(i).map(|out| (out, o))),
+                        summary,
+                        acks,
+                    );
+                    if alongside.is_none() {
+                        self.progress.batch_done(done);
+                    }
+                }
+            }
         }
     }
 

@@ -514,6 +514,120 @@ async fn a_sigterm_while_a_stopped_sink_drains_its_batches_in_flight_ends_the_ru
     );
 }
 
+/// A sink in front of the Lago simulator whose second batch is slow (`slow` before it is
+/// sent) and whose third, sent beside it, asks the run to stop (as SIGTERM does) once Lago has
+/// answered it.
+struct SlowThenSigtermSink {
+    inner: billsync::sinks::lago::LagoSink,
+    calls: std::sync::atomic::AtomicUsize,
+    slow: Duration,
+    trigger: std::sync::Mutex<Option<billsync::shutdown::ShutdownTrigger>>,
+}
+
+#[async_trait::async_trait]
+impl billsync::sinks::Sink for SlowThenSigtermSink {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn encode(
+        &self,
+        key: &str,
+        event: &billsync::mapping::MappedEvent,
+    ) -> Result<String, billsync::sinks::EncodeError> {
+        self.inner.encode(key, event)
+    }
+    async fn deliver(
+        &self,
+        batch: &[billsync::sinks::Outgoing],
+    ) -> Result<Vec<billsync::sinks::Outcome>, billsync::sinks::SinkStopped> {
+        match self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            1 => {
+                tokio::time::sleep(self.slow).await;
+                self.inner.deliver(batch).await
+            }
+            2 => {
+                let answer = self.inner.deliver(batch).await;
+                if let Some(trigger) = self.trigger.lock().unwrap().take() {
+                    trigger.trigger();
+                }
+                answer
+            }
+            _ => self.inner.deliver(batch).await,
+        }
+    }
+}
+
+/// Batches are answered in the order they were sent; at the shutdown deadline a batch still
+/// out (here the second, slow) is abandoned. The third batch's answer had already arrived
+/// (Lago stored its events) but waited behind the second's, and was dropped with it: Lago held
+/// 46 events, the ledger said 25 were sent, and the next run sent the third batch again (a
+/// webhook receiver that does not deduplicate by key bills it twice). Answers received before
+/// the deadline are recorded, whatever their turn.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_shutdown_deadline_answers_already_received_are_recorded() {
+    use billsync::sync::{RunOutcome, SyncOptions};
+    let world = World::start(Behaviour::Postgres).await;
+    // Staged first, so that the batches are the same whatever the timing: 25, 25, 21.
+    world
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(world::now()),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (trigger, shutdown) = billsync::shutdown::channel();
+    let mut pipeline = world.pipeline().await;
+    pipeline.sinks = vec![Box::new(SlowThenSigtermSink {
+        inner: world.sink_with_key(LAGO_KEY),
+        calls: Default::default(),
+        slow: Duration::from_secs(30),
+        trigger: std::sync::Mutex::new(Some(trigger)),
+    })];
+    pipeline.shutdown = shutdown.clone();
+    pipeline.shutdown_deadline = Duration::from_millis(500);
+    let summary = tokio::time::timeout(
+        Duration::from_secs(20),
+        pipeline.sync(&SyncOptions {
+            now: Some(world::now()),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("the run ends at the shutdown deadline")
+    .unwrap();
+    assert_eq!(summary.outcome, RunOutcome::Interrupted, "{summary:?}");
+    // Batches of 25: the first and the third (21 events) reached Lago.
+    assert_eq!(world.lago.events().len(), 46);
+    assert_eq!(
+        summary.sent, 46,
+        "what Lago answered is recorded: {summary:?}"
+    );
+    let next = world
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(world::now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (next.sent, next.already_delivered),
+        (25, 0),
+        "the next run sends only the abandoned batch: {next:?}"
+    );
+    assert_eq!(world.lago.events().len(), 71);
+}
+
 /// `status` and `ledger export` only read: pointed at a ledger that does not exist (a typo in
 /// `ledger.path`, a volume not mounted) they say so, naming the file, and create nothing —
 /// instead of creating an empty ledger and reporting "lock: free", no records and no runs.
