@@ -1553,8 +1553,23 @@ impl Pipeline {
         loop {
             // Before sending anything more, and after each answer.
             if let Err(e) = lock.held() {
-                // The lock is lost (another run took it): send nothing more; what was
-                // delivered is still recorded.
+                // The lock is lost (another run took it): send nothing more and await
+                // nothing more; what was delivered is still recorded, including the answers
+                // already received behind a batch still out (left pending, they would be
+                // sent again by whichever run pushes next).
+                let received = in_flight.take_received();
+                for (batch, delivered) in received {
+                    self.take_answer(
+                        sink,
+                        state,
+                        alongside,
+                        summary,
+                        &mut acks,
+                        batch,
+                        delivered,
+                        in_flight.len(),
+                    );
+                }
                 drop(in_flight);
                 self.ack_now(run_id, &mut acks, alongside).await?;
                 return Err(e);

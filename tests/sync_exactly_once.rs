@@ -570,6 +570,126 @@ async fn a_run_whose_lock_was_taken_over_stops_at_its_next_refresh() {
     assert_delivered_exactly_once(&world).await;
 }
 
+/// A sink in front of the Lago simulator whose second batch is held until `go` is notified and
+/// whose third, sent beside it, notifies `third_answered` once Lago has answered it.
+struct HeldSecondBatchSink {
+    inner: billsync::sinks::lago::LagoSink,
+    calls: std::sync::atomic::AtomicUsize,
+    go: std::sync::Arc<tokio::sync::Notify>,
+    third_answered: std::sync::Arc<tokio::sync::Notify>,
+}
+
+#[async_trait::async_trait]
+impl Sink for HeldSecondBatchSink {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn encode(
+        &self,
+        key: &str,
+        event: &billsync::mapping::MappedEvent,
+    ) -> Result<String, billsync::sinks::EncodeError> {
+        self.inner.encode(key, event)
+    }
+    async fn deliver(
+        &self,
+        batch: &[billsync::sinks::Outgoing],
+    ) -> Result<Vec<billsync::sinks::Outcome>, billsync::sinks::SinkStopped> {
+        match self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            1 => {
+                self.go.notified().await;
+                self.inner.deliver(batch).await
+            }
+            2 => {
+                let answer = self.inner.deliver(batch).await;
+                self.third_answered.notify_one();
+                answer
+            }
+            _ => self.inner.deliver(batch).await,
+        }
+    }
+}
+
+/// Answers are taken in the order the batches were sent, so the third batch's answer (Lago
+/// stored it) waits behind the second's. When the run then finds its lock taken over, it stops
+/// sending and records what was delivered; an answer already received but not yet in its turn
+/// was dropped: Lago held 71 events, the ledger said 50 were sent, and whichever run pushes
+/// next sends those 21 again (a webhook receiver that does not deduplicate by key bills them
+/// twice). Every answer already received is recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_lock_was_taken_over_records_every_answer_already_received() {
+    let world = World::start(Behaviour::Postgres).await;
+    // Staged first, so that the batches are the same whatever the timing: 25, 25, 21.
+    world
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            skip_push: true,
+            ..opts()
+        })
+        .await
+        .unwrap();
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let third_answered = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut pipeline = world.pipeline().await;
+    pipeline.lock_ttl = std::time::Duration::from_secs(1);
+    pipeline.sinks = vec![Box::new(HeldSecondBatchSink {
+        inner: world.sink_with_key(LAGO_KEY),
+        calls: Default::default(),
+        go: go.clone(),
+        third_answered: third_answered.clone(),
+    })];
+    let run = tokio::spawn(async move { pipeline.sync(&opts()).await });
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        third_answered.notified(),
+    )
+    .await
+    .expect("the third batch is answered while the second is held");
+    let other = billsync::ledger::Ledger::open(&world.dir.path().join("ledger.db"))
+        .await
+        .unwrap();
+    other
+        .acquire_lock(
+            "intruder:1:0",
+            chrono::Utc::now() + chrono::Duration::days(1),
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    // The run refreshes its lock every third of a second: it has found it taken by now.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    go.notify_one();
+    let result = run.await.unwrap();
+    assert!(
+        matches!(result, Err(SyncError::Ledger(LedgerError::Locked { ref holder, .. })) if holder == "intruder:1:0"),
+        "the run stops once its lock is gone: {result:?}"
+    );
+    assert_eq!(world.lago.events().len(), 71, "every batch reached Lago");
+    let st = other.status().await.unwrap();
+    assert_eq!(
+        st.counts
+            .get(&("metalsoft_test".to_string(), "sent".to_string()))
+            .copied(),
+        Some(71),
+        "every answer received before the run stopped is recorded as sent"
+    );
+    other.release_lock("intruder:1:0").await.unwrap();
+    let next = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(
+        (next.sent, next.already_delivered),
+        (0, 0),
+        "the next run sends nothing again: {next:?}"
+    );
+    assert_delivered_exactly_once(&world).await;
+}
+
 #[tokio::test]
 async fn a_dry_run_pulls_and_maps_but_writes_and_sends_nothing() {
     let world = World::start(Behaviour::Postgres).await;
