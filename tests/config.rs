@@ -39,6 +39,65 @@ fn the_example_settings_load_with_secrets_from_the_environment_and_env_overrides
         assert!(!debug.contains(secret), "{debug}");
     }
 
+    // Every key the example shows commented out (an optional one at its default or an example
+    // value) is a real key of its section with a valid value: uncommented, the file still
+    // loads (provider sections refuse unknown keys).
+    let text = std::fs::read_to_string(path).unwrap();
+    let uncommented: Vec<String> = text
+        .lines()
+        .map(|l| match l.strip_prefix("    # ") {
+            Some(rest)
+                if rest.split(':').next().is_some_and(|k| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                }) =>
+            {
+                format!("    {rest}")
+            }
+            _ => l.to_string(),
+        })
+        .collect();
+    let shown = uncommented
+        .iter()
+        .zip(text.lines())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(shown >= 20, "only {shown} optional keys shown");
+    let all = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(all.path(), uncommented.join("\n")).unwrap();
+    Settings::load(all.path()).expect("the example with every optional key shown loads");
+    // And every key a provider kind has is shown: an unknown key makes the loader list the
+    // kind's keys, each of which must be in that provider's section of the example.
+    let mut probed = 0;
+    for (at, line) in uncommented.iter().enumerate() {
+        if !line.starts_with("    kind: ") || at < 1 || !uncommented[at - 1].starts_with("  ") {
+            continue;
+        }
+        let section: Vec<&str> = uncommented[at..]
+            .iter()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(String::as_str)
+            .collect();
+        let mut probe = uncommented.clone();
+        probe.insert(at + 1, "    zz_not_a_key: 1".to_string());
+        std::fs::write(all.path(), probe.join("\n")).unwrap();
+        let err = format!("{:?}", Settings::load(all.path()).unwrap_err());
+        let Some(expected) = err.split("expected one of").nth(1) else {
+            continue; // a sink kind without a closed key set
+        };
+        probed += 1;
+        let expected = expected.split(" for key").next().unwrap_or_default();
+        for key in expected.split('`').skip(1).step_by(2) {
+            assert!(
+                section
+                    .iter()
+                    .any(|l| l.starts_with(&format!("    {key}:"))),
+                "key `{key}` of {} is not in billsync.example.yaml",
+                uncommented[at - 1].trim()
+            );
+        }
+    }
+    assert!(probed >= 4, "only {probed} sections list their keys");
+
     // A key pasted into the file is refused, with the reason.
     let err = Secret::resolve("sk_live_pasted").unwrap_err();
     assert!(err.contains("env:VARIABLE"), "{err}");
