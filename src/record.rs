@@ -330,6 +330,79 @@ impl UsageRecord {
         hex_into(&mut hash, &h.finalize()[..16]);
         hash
     }
+
+    /// A hash of what a mapping rule or a sink reads from the record and
+    /// [`content_hash`](Self::content_hash) leaves out: `resource_name`, `resource_type`,
+    /// `charge_description` (rules match on them, `{field}` properties copy them, the FOCUS
+    /// export writes them) and whether `sku_id` is present at all (the content hash takes an
+    /// absent SKU for an empty one; a condition does not). Every other field a rule can read is
+    /// in the content hash or, like `provider` and `source`, fixed by the idempotency key.
+    ///
+    /// Kept beside the content hash rather than in it: ledgers hold content hashes of records
+    /// already sent, and a new content hash for the same content would make every re-read
+    /// record look changed. Two reads of a key are the same record only when both hashes
+    /// agree. Each field is written with its presence and length, so no two sets of values
+    /// hash alike by shifting text from one field to the next.
+    pub fn match_hash(&self) -> MatchHash {
+        let mut h = Sha256::new();
+        for field in [
+            self.resource_name.as_deref(),
+            Some(self.resource_type.as_str()),
+            self.charge_description.as_deref(),
+            self.sku_id.as_deref(),
+        ] {
+            match field {
+                None => h.update([0u8]),
+                Some(text) => {
+                    h.update([1u8]);
+                    h.update((text.len() as u64).to_le_bytes());
+                    h.update(text.as_bytes());
+                }
+            }
+        }
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, b) in h.finalize()[..16].iter().enumerate() {
+            out[2 * i] = HEX[usize::from(b >> 4)];
+            out[2 * i + 1] = HEX[usize::from(b & 0x0f)];
+        }
+        MatchHash(out)
+    }
+}
+
+/// The hash of what mapping rules and sinks read from a record besides what
+/// [`UsageRecord::content_hash`] covers (see [`UsageRecord::match_hash`]): 16 bytes of SHA-256 as
+/// 32 lower-case hex digits, held inline (one per staged record, without an allocation).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MatchHash([u8; 32]);
+
+impl MatchHash {
+    /// The hex text, as the ledger stores it.
+    pub fn as_str(&self) -> &str {
+        // Only ever made of ASCII hex digits.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// A stored hash read back; `None` unless it is 32 lower-case hex digits.
+    pub fn parse(text: &str) -> Option<Self> {
+        let bytes: [u8; 32] = text.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            .then_some(MatchHash(bytes))
+    }
+}
+
+impl std::fmt::Debug for MatchHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for MatchHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `t.to_rfc3339()` into `buf` (cleared first), without allocating for whole seconds.

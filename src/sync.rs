@@ -750,6 +750,7 @@ impl Pipeline {
         push_provisional: bool,
     ) -> (StageRow, Option<PeriodShare>) {
         let content_hash = record.content_hash();
+        let match_hash = record.match_hash();
         let mut mapped = MappedColumns::default();
         let (outcome, share) = self.mappings.apply_with_period(&record);
         let (status, note) = match outcome {
@@ -803,6 +804,7 @@ impl Pipeline {
         let row = StageRow {
             key,
             content_hash,
+            match_hash,
             record,
             status,
             mapped,
@@ -925,6 +927,7 @@ impl Pipeline {
                     row: Box::new(StageRow {
                         key,
                         content_hash: row.content_hash.clone(),
+                        match_hash: row.match_hash,
                         record: delta,
                         status: Status::Pending,
                         mapped,
@@ -1407,8 +1410,7 @@ impl Pipeline {
     }
 
     async fn dry_run_counts(&self, rows: &[StageRow]) -> Result<StageCounts, LedgerError> {
-        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
-        let known = self.ledger.existing(&keys).await?;
+        let known = self.ledger.known(rows).await?;
         let mut c = StageCounts::default();
         for r in rows {
             match known.get(&r.key) {
@@ -1416,10 +1418,12 @@ impl Pipeline {
                     c.new += 1;
                     *c.by_status.entry(r.status.as_str()).or_default() += 1;
                 }
-                Some((_, hash, _)) if *hash == r.content_hash => c.unchanged += 1,
+                Some(k) if k.holds(r) => c.unchanged += 1,
                 // Pending or sent: a correction (see `Ledger::stage`), which a dry run cannot
                 // decide; counted as a change to look at.
-                Some((_, _, Status::Sent | Status::Pending)) => c.changed_after_send += 1,
+                Some(k) if matches!(k.status, Status::Sent | Status::Pending) => {
+                    c.changed_after_send += 1
+                }
                 Some(_) => {
                     c.restaged += 1;
                     *c.by_status.entry(r.status.as_str()).or_default() += 1;
@@ -2090,6 +2094,7 @@ impl Pipeline {
         let held = |status: Status, note: String| StageRow {
             key: stored.key.clone(),
             content_hash: String::new(),
+            match_hash: stored.record.match_hash(),
             record: stored.record.clone(),
             status,
             mapped: MappedColumns::default(),
@@ -2649,11 +2654,13 @@ impl Pipeline {
             (Status::Pending, None)
         };
         let content_hash = record.content_hash();
+        let match_hash = record.match_hash();
         Settlement::Settle {
             total: Decimal::ZERO,
             row: Some(Box::new(StageRow {
                 key,
                 content_hash,
+                match_hash,
                 record,
                 status,
                 mapped,

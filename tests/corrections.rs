@@ -1085,3 +1085,439 @@ async fn a_sent_record_whose_value_property_changed_is_unresolved_not_corrected(
     let c = stage_line(&after, run, instance_line("12.00")).await;
     assert_eq!((c.corrections, c.changed_after_send), (0, 1), "{c:?}");
 }
+
+// ----- re-reads that change what a rule matches on -------------------------------------------
+
+/// A Lago pipeline with no provider whose rules and customers look at fields that carry no
+/// money: `charge_description` picks the rule (GPU lines are resold at +50 %), `resource_name`
+/// picks who pays (`acme-*` or `globex-*`; any other name has no customer).
+async fn naming_pipeline(dir: &tempfile::TempDir) -> Pipeline {
+    let text = "version: 1
+customers:
+  - match: { provider: metalsoft, resource_name: { glob: \"acme-*\" } }
+    external_subscription_id: sub_acme
+  - match: { provider: metalsoft, resource_name: { glob: \"globex-*\" } }
+    external_subscription_id: sub_globex
+rules:
+  - name: gpu
+    match: { provider: metalsoft, charge_description: { glob: \"gpu-*\" } }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 50 } }
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 0 } }
+";
+    Pipeline::new(
+        Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+        Vec::new(),
+        vec![Box::new(
+            LagoSink::new(
+                "lago".into(),
+                LagoConfig {
+                    api_url: "http://127.0.0.1:9".into(),
+                    api_key: Secret::new("k"),
+                    batch_size: 10,
+                    timeout: Duration::from_secs(1),
+                    retry: retry(),
+                },
+            )
+            .unwrap(),
+        )],
+        MappingSet::from_sources(&[("naming.yaml".to_string(), text.to_string())]).unwrap(),
+    )
+}
+
+/// [`instance_line`] at 10.00 GBP, named `name` and described as `description`.
+fn named_line(name: &str, description: &str) -> billsync::record::UsageRecord {
+    let mut line = instance_line("10.00");
+    line.resource_name = Some(name.into());
+    line.charge_description = Some(description.into());
+    line
+}
+
+/// The mapping stored for `line`'s key (the original, not a correction): status,
+/// subscription and value, read from the ledger file.
+async fn stored_mapping(
+    p: &Pipeline,
+    line: &billsync::record::UsageRecord,
+) -> (Status, Option<String>, Option<Decimal>) {
+    let pool = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new().filename(p.ledger.path()),
+    )
+    .await
+    .unwrap();
+    let (status, subscription, value): (String, Option<String>, Option<String>) =
+        sqlx::query_as("SELECT status, subscription, value FROM records WHERE idem_key = ?1")
+            .bind(line.idempotency_key())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    (
+        status.parse().unwrap(),
+        subscription,
+        value.map(|v| Decimal::from_str(&v).unwrap()),
+    )
+}
+
+/// The value stored for the record under `key`.
+async fn value_of(path: &std::path::Path, key: &str) -> Decimal {
+    let pool =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(path))
+            .await
+            .unwrap();
+    let value: String = sqlx::query_scalar("SELECT value FROM records WHERE idem_key = ?1")
+        .bind(key)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    Decimal::from_str(&value).unwrap()
+}
+
+/// The provider re-states a line's description only (cost, quantity and everything else as
+/// before), and the new description is one a GPU rule prices at +50 %. The value the invoice
+/// must show changed by 5.00: a correction carries it. Taking the re-read for "unchanged"
+/// because no amount changed would keep billing 10.00 for a 15.00 line.
+#[tokio::test]
+async fn a_sent_record_re_read_with_a_description_another_rule_prices_is_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = naming_pipeline(&dir).await;
+    let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+    let before = named_line("acme-web", "instance-2416");
+    assert_eq!(stage_line(&p, run, before.clone()).await.new, 1);
+    assert_eq!(
+        stored_mapping(&p, &before).await,
+        (
+            Status::Pending,
+            Some("sub_acme".into()),
+            Some(Decimal::from(10))
+        )
+    );
+    // The same content read again is a no-op.
+    let again = stage_line(&p, run, before.clone()).await;
+    assert_eq!((again.unchanged, again.corrections), (1, 0), "{again:?}");
+
+    let after = named_line("acme-web", "gpu-2416");
+    assert_eq!(before.idempotency_key(), after.idempotency_key());
+    let c = stage_line(&p, run, after.clone()).await;
+    assert_eq!(
+        (c.unchanged, c.corrections, c.changed_after_send),
+        (0, 1, 0),
+        "a re-read that now maps to the GPU rule: {c:?}"
+    );
+    assert_eq!(
+        value_of(p.ledger.path(), &format!("{}.r1", before.idempotency_key())).await,
+        Decimal::from(5),
+        "the correction: 15.00 - 10.00"
+    );
+    // The new description read again is a no-op: one correction, not one per run.
+    let third = stage_line(&p, run, after).await;
+    assert_eq!((third.unchanged, third.corrections), (1, 0), "{third:?}");
+}
+
+/// The provider re-states a sent line's resource name only, and the new name belongs to
+/// another customer. The original went to `sub_acme`; a correction cannot move it (it would
+/// add to the wrong subscription), so a person must decide. Taking the re-read for
+/// "unchanged" leaves the usage on acme's invoice with nobody told.
+#[tokio::test]
+async fn a_sent_record_re_read_with_a_name_another_customer_pays_for_is_left_to_a_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = naming_pipeline(&dir).await;
+    let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+    let before = named_line("acme-web", "instance-2416");
+    assert_eq!(stage_line(&p, run, before.clone()).await.new, 1);
+    let after = named_line("globex-web", "instance-2416");
+    let c = stage_line(&p, run, after).await;
+    assert_eq!(
+        (c.unchanged, c.corrections, c.changed_after_send),
+        (0, 0, 1),
+        "a re-read that now bills sub_globex: {c:?}"
+    );
+    assert_eq!(p.ledger.status().await.unwrap().open_changes, 1);
+    // The original keeps what was sent.
+    assert_eq!(
+        stored_mapping(&p, &before).await,
+        (
+            Status::Pending,
+            Some("sub_acme".into()),
+            Some(Decimal::from(10))
+        )
+    );
+}
+
+/// A line held because its resource name has no customer is re-read under a name that has
+/// one: it is restaged in place and goes out. Taking the re-read for "unchanged" would hold
+/// billable usage as `unmapped` until someone replays it by hand.
+#[tokio::test]
+async fn a_held_record_re_read_with_a_name_that_now_maps_is_restaged_for_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = naming_pipeline(&dir).await;
+    let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+    let before = named_line("web-1", "instance-2416");
+    assert_eq!(stage_line(&p, run, before.clone()).await.new, 1);
+    assert_eq!(
+        stored_mapping(&p, &before).await,
+        (Status::Unmapped, None, None)
+    );
+    let after = named_line("acme-web-1", "instance-2416");
+    let c = stage_line(&p, run, after.clone()).await;
+    assert_eq!((c.unchanged, c.restaged), (0, 1), "{c:?}");
+    assert_eq!(
+        stored_mapping(&p, &after).await,
+        (
+            Status::Pending,
+            Some("sub_acme".into()),
+            Some(Decimal::from(10))
+        )
+    );
+}
+
+// ----- ledgers from before match hashes ------------------------------------------------------
+
+/// `line` under another resource, so that it is a record of its own.
+fn named_line_of(resource: &str, name: &str, description: &str) -> billsync::record::UsageRecord {
+    let mut line = named_line(name, description);
+    line.resource_id = resource.into();
+    line.natural_key = vec![("instance".into(), resource.into())];
+    line
+}
+
+/// The `match_hash` column of the record under `line`'s key (`None`: NULL).
+async fn stored_match_hash(
+    path: &std::path::Path,
+    line: &billsync::record::UsageRecord,
+) -> Option<String> {
+    let pool =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(path))
+            .await
+            .unwrap();
+    let hash = sqlx::query_scalar("SELECT match_hash FROM records WHERE idem_key = ?1")
+        .bind(line.idempotency_key())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    hash
+}
+
+/// Copy the ledger at `staged` into a new ledger at `path` of schema 6, the last before
+/// `match_hash`: runs, records (every column but the match hash), bodies and changes, as a
+/// billsync of that schema wrote them (the content hash, bodies and changes are written as
+/// they were then).
+async fn as_schema_6(staged: &std::path::Path, dir: &tempfile::TempDir) -> std::path::PathBuf {
+    use sqlx::Connection;
+    let path = dir.path().join("ledger.db");
+    let migrations = dir.path().join("migrations-0001-0006");
+    std::fs::create_dir(&migrations).unwrap();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        let version: u32 = name[..4].parse().unwrap();
+        if version <= 6 {
+            std::fs::copy(entry.path(), migrations.join(&name)).unwrap();
+        }
+    }
+    let mut conn = sqlx::SqliteConnection::connect_with(
+        &sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await
+    .unwrap();
+    sqlx::migrate::Migrator::new(migrations.as_path())
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("ATTACH DATABASE ?1 AS staged")
+        .bind(staged.to_str().unwrap())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for table in ["runs", "records", "record_bodies", "record_changes"] {
+        let columns: String =
+            sqlx::query_scalar("SELECT group_concat(name, ', ') FROM pragma_table_info(?1)")
+                .bind(table)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert!(!columns.contains("match_hash"), "{table}: {columns}");
+        // The table and column names are the schema's own.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO main.{table} ({columns}) SELECT {columns} FROM staged.{table}"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    conn.close().await.unwrap();
+    path
+}
+
+/// Records staged before match hashes existed carry no match hash. After the upgrade, their
+/// first re-read is compared with the content the ledger holds for them: unchanged, it stays a
+/// no-op (one correction for every record of the look-back would bill them all again, or fill
+/// `changes to resolve`); with a description or name changed meanwhile, it is a change like
+/// any other, corrected or restaged. The hash is stored on the way, so later re-reads compare
+/// it directly.
+#[tokio::test]
+async fn records_staged_before_match_hashes_are_compared_with_what_the_ledger_holds() {
+    // Staged, as a billsync of schema 6 would have:
+    let unchanged = named_line_of("1", "acme-web", "instance-1");
+    let described = named_line_of("2", "acme-db", "instance-2");
+    let held = named_line_of("3", "web-3", "instance-3");
+    // restated after it was queued: 10.00 → 12.00 and described as a GPU (a correction of +8.00)
+    let restated = named_line_of("4", "acme-gpu", "instance-4");
+    let mut restated_now = named_line_of("4", "acme-gpu", "gpu-4");
+    restated_now.billed_cost = Decimal::from(12);
+    // its body pruned by `vacuum`
+    let pruned = named_line_of("5", "acme-old", "instance-5");
+    // restated like the fourth, then described as before
+    let redescribed = named_line_of("6", "acme-gpu-2", "instance-6");
+    let mut redescribed_then = named_line_of("6", "acme-gpu-2", "gpu-6");
+    redescribed_then.billed_cost = Decimal::from(12);
+
+    let staged_dir = tempfile::tempdir().unwrap();
+    let before = naming_pipeline(&staged_dir).await;
+    let run = before.ledger.start_run("sync", Utc::now()).await.unwrap();
+    for line in [
+        &unchanged,
+        &described,
+        &held,
+        &restated,
+        &pruned,
+        &redescribed,
+    ] {
+        assert_eq!(stage_line(&before, run, line.clone()).await.new, 1);
+    }
+    for line in [&restated_now, &redescribed_then] {
+        let c = stage_line(&before, run, line.clone()).await;
+        assert_eq!(c.corrections, 1, "{c:?}");
+    }
+    before.ledger.close().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = as_schema_6(&staged_dir.path().join("ledger.db"), &dir).await;
+    {
+        let pool = sqlx::SqlitePool::connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new().filename(&path),
+        )
+        .await
+        .unwrap();
+        let id: i64 = sqlx::query_scalar("SELECT id FROM records WHERE idem_key = ?1")
+            .bind(pruned.idempotency_key())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE record_bodies SET record = X'', payload = NULL WHERE id = ?1")
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+
+    // The upgrade: the column is there, empty for every record staged before it.
+    let p = naming_pipeline(&dir).await;
+    for line in [
+        &unchanged,
+        &described,
+        &held,
+        &restated,
+        &pruned,
+        &redescribed,
+    ] {
+        assert_eq!(stored_match_hash(&path, line).await, None);
+    }
+    let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+    let mut described_now = described.clone();
+    described_now.charge_description = Some("gpu-2".into());
+    let mut held_now = held.clone();
+    held_now.resource_name = Some("acme-web-3".into());
+    let mut pruned_now = pruned.clone();
+    pruned_now.resource_name = Some("globex-old".into());
+    let mut redescribed_now = redescribed_then.clone();
+    redescribed_now.charge_description = Some("instance-6".into());
+    let reread = [
+        unchanged.clone(),
+        described_now.clone(),
+        held_now.clone(),
+        restated_now.clone(),
+        pruned_now.clone(),
+        redescribed_now.clone(),
+    ];
+    let rows: Vec<_> = reread
+        .iter()
+        .map(|line| p.stage_row(line.clone(), false))
+        .collect();
+
+    // What a dry run sees, without writing anything.
+    let known = p.ledger.known(&rows).await.unwrap();
+    let holds: Vec<bool> = rows.iter().map(|r| known[&r.key].holds(r)).collect();
+    assert_eq!(holds, [true, false, false, true, true, false]);
+    assert_eq!(
+        stored_match_hash(&path, &unchanged).await,
+        None,
+        "a dry run writes nothing"
+    );
+
+    let correct = |row: &billsync::ledger::StageRow, sent: &billsync::ledger::SentState| {
+        p.correction(row, sent)
+    };
+    let c = p
+        .ledger
+        .stage(run, &rows, None, Utc::now(), &correct)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            c.new,
+            c.unchanged,
+            c.corrections,
+            c.restaged,
+            c.changed_after_send
+        ),
+        (0, 3, 2, 1, 0),
+        "unchanged, restated before the upgrade (compared with its latest change, not with \
+         its body) and pruned: no-ops; described and described back: corrections; held: \
+         restaged. {c:?}"
+    );
+    // 10.00 went out for the second; as a GPU it bills 15.00.
+    assert_eq!(
+        value_of(&path, &format!("{}.r1", described.idempotency_key())).await,
+        Decimal::from(5)
+    );
+    // 10.00 and +8.00 went out for the sixth; no longer a GPU it bills 12.00.
+    assert_eq!(
+        value_of(&path, &format!("{}.r2", redescribed.idempotency_key())).await,
+        Decimal::from(-6)
+    );
+    assert_eq!(
+        stored_mapping(&p, &held_now).await,
+        (
+            Status::Pending,
+            Some("sub_acme".into()),
+            Some(Decimal::from(10))
+        )
+    );
+    // Every record has its match hash now, the one of its latest content.
+    for line in &reread {
+        assert_eq!(
+            stored_match_hash(&path, line).await,
+            Some(line.match_hash().to_string()),
+            "{}",
+            line.idempotency_key()
+        );
+    }
+    // The same re-read again: nothing to do.
+    let c = p
+        .ledger
+        .stage(run, &rows, None, Utc::now(), &correct)
+        .await
+        .unwrap();
+    assert_eq!((c.unchanged, c.corrections, c.restaged), (6, 0, 0), "{c:?}");
+}

@@ -44,6 +44,7 @@ fn row(r: UsageRecord) -> StageRow {
     StageRow {
         key: r.idempotency_key(),
         content_hash: r.content_hash(),
+        match_hash: r.match_hash(),
         status: Status::Pending,
         mapped: MappedColumns {
             rule: Some("test#rule".into()),

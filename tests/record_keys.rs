@@ -1,13 +1,15 @@
-//! A record's idempotency key and content hash are fixed formulas of its fields: a key that
-//! changed between releases would send every record again under a new `transaction_id`, a hash
-//! that changed would see every record as changed. The ledger's keys are pinned on real data in
-//! `provider_metalsoft`; here the formulas are written out plainly and compared on arbitrary
-//! records (odd scopes, sub-second, leap-second and far-off times, long decimals, any attributes).
+//! A record's idempotency key, content hash and match hash are fixed formulas of its fields: a
+//! key that changed between releases would send every record again under a new
+//! `transaction_id`, a hash that changed would see every record as changed. The ledger's keys
+//! are pinned on real data in `provider_metalsoft`; here the formulas are written out plainly
+//! and compared on arbitrary records (odd scopes, sub-second, leap-second and far-off times, long
+//! decimals, any attributes). And every field a mapping rule can read is in one of the three: a
+//! re-read that changes only such a field must be a change, never a no-op.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use billsync::record::UsageRecord;
+use billsync::record::{UsageRecord, MATCHABLE_FIELDS};
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
@@ -78,6 +80,28 @@ fn hash_formula(r: &UsageRecord) -> String {
         h.update([1u8]);
         h.update(v.as_bytes());
         h.update([0u8]);
+    }
+    hex(&h.finalize())[..32].to_string()
+}
+
+/// SHA-256 of `resource_name`, `resource_type`, `charge_description`, `sku_id`, each as a 0
+/// byte when absent, else a 1 byte, its length (u64, little-endian) and its text; 32 hex.
+fn match_formula(r: &UsageRecord) -> String {
+    let mut h = Sha256::new();
+    for field in [
+        r.resource_name.as_deref(),
+        Some(r.resource_type.as_str()),
+        r.charge_description.as_deref(),
+        r.sku_id.as_deref(),
+    ] {
+        match field {
+            None => h.update([0u8]),
+            Some(text) => {
+                h.update([1u8]);
+                h.update((text.len() as u64).to_le_bytes());
+                h.update(text.as_bytes());
+            }
+        }
     }
     hex(&h.finalize())[..32].to_string()
 }
@@ -156,4 +180,120 @@ proptest! {
         prop_assert_eq!(r.idempotency_key(), key_formula(&r));
         prop_assert_eq!(r.content_hash(), hash_formula(&r));
     }
+
+    #[test]
+    fn match_hashes_are_the_documented_formula(
+        r in record(),
+        name in proptest::option::of(".{0,30}"),
+        kind in ".{0,12}",
+        description in proptest::option::of(".{0,30}"),
+    ) {
+        let mut r = r;
+        r.resource_name = name.map(Into::into);
+        r.resource_type = kind.into();
+        r.charge_description = description.map(Into::into);
+        prop_assert_eq!(r.match_hash().to_string(), match_formula(&r));
+    }
+}
+
+/// The key and both hashes of a record: two reads with the same three are the same record.
+fn identity(r: &UsageRecord) -> (String, String, String) {
+    (
+        r.idempotency_key(),
+        r.content_hash(),
+        r.match_hash().to_string(),
+    )
+}
+
+/// A mapping rule can match on every field of `MATCHABLE_FIELDS` and on attributes, copy them
+/// into event properties, and the FOCUS export writes them: a re-read that changes only one of
+/// them may map to another rule, customer or none. So each must change the key, the content
+/// hash or the match hash, or the ledger takes the re-read for the record it already holds.
+#[test]
+fn every_field_a_rule_can_read_is_in_the_key_or_a_hash() {
+    let base = UsageRecord {
+        provider: "metalsoft".into(),
+        source: "ms".into(),
+        billing_account_id: "acct".into(),
+        sub_account_id: "1".into(),
+        resource_id: "instance:1".into(),
+        resource_name: Some("acme-web".into()),
+        resource_type: "instance".into(),
+        service_name: "compute".into(),
+        sku_id: Some("M.8.8".into()),
+        charge_description: Some("instance-1".into()),
+        charge_period_start: Utc.with_ymd_and_hms(2026, 10, 5, 0, 0, 0).unwrap(),
+        charge_period_end: Utc.with_ymd_and_hms(2026, 10, 5, 1, 0, 0).unwrap(),
+        consumed_quantity: Decimal::from(3600),
+        consumed_unit: "seconds".into(),
+        billed_cost: Decimal::new(50, 2),
+        billing_currency: "EUR".into(),
+        scope: "1".into(),
+        natural_key: vec![("instance".into(), "1".into())],
+        is_final: true,
+        attributes: [("is_reservation".into(), "0".into())].into(),
+        raw: Default::default(),
+    };
+    // Each field changed to another value, and each optional one to empty and to absent (a
+    // condition tells them apart: an absent field matches nothing).
+    let mut variants: Vec<(String, UsageRecord)> = Vec::new();
+    for field in MATCHABLE_FIELDS
+        .iter()
+        .copied()
+        .chain(["attributes.is_reservation"])
+    {
+        let texts: &[Option<&str>] = &[Some("other"), Some(""), None];
+        for &text in texts {
+            let mut r = base.clone();
+            let required = text.unwrap_or("");
+            match field {
+                "provider" => r.provider = required.to_string().into(),
+                "source" => r.source = required.into(),
+                "billing_account_id" => r.billing_account_id = required.into(),
+                "sub_account_id" => r.sub_account_id = required.into(),
+                "resource_id" => r.resource_id = required.into(),
+                "resource_name" => r.resource_name = text.map(Into::into),
+                "resource_type" => r.resource_type = required.into(),
+                "service_name" => r.service_name = required.to_string().into(),
+                "sku_id" => r.sku_id = text.map(Into::into),
+                "charge_description" => r.charge_description = text.map(Into::into),
+                "consumed_unit" => r.consumed_unit = required.into(),
+                "billing_currency" => r.billing_currency = required.into(),
+                "attributes.is_reservation" => match text {
+                    Some(t) => {
+                        r.attributes.insert("is_reservation".into(), t.into());
+                    }
+                    None => {
+                        r.attributes.remove("is_reservation");
+                    }
+                },
+                other => panic!("a field rules can read that this test does not change: {other}"),
+            }
+            if r.field(field) != base.field(field) {
+                variants.push((format!("{field} = {text:?}"), r));
+            }
+        }
+    }
+    for (what, r) in &variants {
+        assert_ne!(
+            identity(r),
+            identity(&base),
+            "{what}: taken for the same record"
+        );
+    }
+    // Absent and empty are told apart for every optional field, the SKU included.
+    let mut empty_sku = base.clone();
+    empty_sku.sku_id = Some("".into());
+    let mut no_sku = base.clone();
+    no_sku.sku_id = None;
+    assert_ne!(
+        identity(&empty_sku),
+        identity(&no_sku),
+        "sku_id absent or empty"
+    );
+    assert!(
+        variants.len() > 2 * MATCHABLE_FIELDS.len(),
+        "{}",
+        variants.len()
+    );
 }

@@ -668,6 +668,7 @@ fn waiting(
     billsync::ledger::StageRow {
         key: record.idempotency_key(),
         content_hash: record.content_hash(),
+        match_hash: record.match_hash(),
         status,
         mapped: billsync::ledger::MappedColumns {
             rule: Some("test#rule".into()),

@@ -26,7 +26,7 @@ mod body;
 mod raw;
 
 use crate::providers::Cursors;
-use crate::record::{Text, UsageRecord};
+use crate::record::{MatchHash, Text, UsageRecord};
 use crate::sinks::{Outcome, Outgoing};
 
 /// Keys per `IN (…)` look-up.
@@ -209,6 +209,9 @@ pub struct MappedColumns {
 pub struct StageRow {
     pub key: String,
     pub content_hash: String,
+    /// [`UsageRecord::match_hash`] of `record` (computed before the row sheds the fields it
+    /// covers): a re-read is the same record only when this agrees too.
+    pub match_hash: MatchHash,
     pub record: UsageRecord,
     pub status: Status,
     pub mapped: MappedColumns,
@@ -861,11 +864,11 @@ impl Ledger {
 
     // ----- staging (outbox) ----------------------------------------------------------------
 
-    /// Look up which keys exist and with which content hash and status (for dry runs).
+    /// Look up which keys exist, with their status and hashes as stored.
     pub async fn existing(
         &self,
         keys: &[&str],
-    ) -> Result<HashMap<String, (i64, String, Status)>, LedgerError> {
+    ) -> Result<HashMap<String, KnownRecord>, LedgerError> {
         let mut conn = self.pool.acquire().await.map_err(sql("connecting"))?;
         let mut handle = conn
             .lock_handle()
@@ -874,9 +877,26 @@ impl Ledger {
         lookup(&mut handle, keys.iter().copied())
     }
 
+    /// What the ledger holds for the keys of `rows`, as staging compares them (for dry runs):
+    /// [`KnownRecord::holds`] says whether a row is the content already held. Writes nothing.
+    pub async fn known(
+        &self,
+        rows: &[StageRow],
+    ) -> Result<HashMap<String, KnownRecord>, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(sql("connecting"))?;
+        let mut handle = conn
+            .lock_handle()
+            .await
+            .map_err(sql("locking the connection"))?;
+        let mut known = lookup(&mut handle, rows.iter().map(|r| r.key.as_str()))?;
+        resolve_unhashed(&mut handle, &mut known, rows.iter())?;
+        Ok(known)
+    }
+
     /// Stage a page of records and advance its cursor, in one transaction.
     ///
-    /// A key seen before with the same content is a no-op; with different content it is
+    /// A key seen before with the same content (content hash and match hash: see
+    /// [`KnownRecord::holds`]) is a no-op; with different content it is
     /// restaged in place while held (unmapped, ignored, provisional, rejected: never offered to
     /// a sink). Once pending or sent, its frozen payload is never overwritten (a pending one may
     /// be at the sink already): `correct` decides, from what was sent or goes out so far,
@@ -930,16 +950,16 @@ impl Ledger {
                 .lock_handle()
                 .await
                 .map_err(sql("locking the connection for staging"))?;
-            lookup(&mut handle, rows.iter().map(|r| r.key.as_str()))?
+            let mut known = lookup(&mut handle, rows.iter().map(|r| r.key.as_str()))?;
+            resolve_unhashed(&mut handle, &mut known, rows.iter().copied())?;
+            known
         };
         // Before anything is written: a restage of a record a sink request carries waits.
         let mut carried: Vec<i64> = rows
             .iter()
             .filter_map(|row| match known.get(&row.key) {
-                Some((id, hash, status))
-                    if *status != Status::Sent && *hash != row.content_hash && in_flight(*id) =>
-                {
-                    Some(*id)
+                Some(k) if k.status != Status::Sent && !k.holds(row) && in_flight(k.id) => {
+                    Some(k.id)
                 }
                 _ => None,
             })
@@ -955,6 +975,8 @@ impl Ledger {
         let mut changes: Vec<ChangeSeen> = Vec::new();
         let mut insert_at: hashbrown::HashMap<&str, usize> =
             hashbrown::HashMap::with_capacity(rows.len());
+        // Rows staged before `match_hash` existed, read again unchanged: their hash is stored.
+        let mut hash_now: Vec<(i64, MatchHash)> = Vec::new();
 
         // A known key that these rows repeat (a provider repeating a record in one answer) is
         // staged once, with its last content: its changes compared one by one against the
@@ -975,7 +997,9 @@ impl Ledger {
                 continue;
             }
             if let Some(&i) = insert_at.get(row.key.as_str()) {
-                if inserts[i].content_hash == row.content_hash {
+                if inserts[i].content_hash == row.content_hash
+                    && inserts[i].match_hash == row.match_hash
+                {
                     counts.unchanged += 1;
                 } else {
                     inserts[i] = row;
@@ -987,14 +1011,19 @@ impl Ledger {
                     insert_at.insert(&row.key, inserts.len());
                     inserts.push(row);
                 }
-                Some((_, hash, _)) if *hash == row.content_hash => counts.unchanged += 1,
+                Some(k) if k.holds(row) => {
+                    counts.unchanged += 1;
+                    if k.unhashed {
+                        hash_now.push((k.id, row.match_hash));
+                    }
+                }
                 // Sent, or pending: a pending record's payload may be at a sink already (a
                 // delivery whose answer was lost, or a crash before its acknowledgement) under
                 // the record's key, which the sink would refuse to take again with new content.
                 // So its payload is frozen as a sent one is, and a change goes out as a
                 // correction; only what no sink was ever offered is restaged in place.
-                Some((id, _, original @ (Status::Sent | Status::Pending))) => {
-                    let (id, original) = (*id, *original);
+                Some(k) if matches!(k.status, Status::Sent | Status::Pending) => {
+                    let (id, original) = (k.id, k.status);
                     let sent = sent_state(&mut tx, id, None).await?;
                     let decision = correct(row, &sent);
                     let (state, difference, note) = match &decision {
@@ -1018,7 +1047,8 @@ impl Ledger {
                     // content read again is a no-op and reports show the provider's latest cost.
                     sqlx::query(
                         "UPDATE records SET content_hash = ?2, last_run = ?3, updated_at = ?4,
-                             billed_cost = ?5, consumed_quantity = ?6, is_final = ?7
+                             billed_cost = ?5, consumed_quantity = ?6, is_final = ?7,
+                             match_hash = ?8
                          WHERE id = ?1",
                     )
                     .bind(id)
@@ -1028,6 +1058,7 @@ impl Ledger {
                     .bind(row.record.billed_cost.to_string())
                     .bind(row.record.consumed_quantity.to_string())
                     .bind(row.record.is_final)
+                    .bind(row.match_hash.as_str())
                     .execute(&mut *tx)
                     .await
                     .map_err(sql("recording the latest content of a sent record"))?;
@@ -1038,10 +1069,10 @@ impl Ledger {
                         difference,
                         note,
                     });
-                    known.insert(row.key.clone(), (id, row.content_hash.clone(), original));
+                    known.insert(row.key.clone(), KnownRecord::of(id, original, row));
                 }
-                Some((id, _, _)) => {
-                    let id = *id;
+                Some(k) => {
+                    let id = k.id;
                     // Held (the look-up above is in this transaction), so it is restaged.
                     restage(&mut tx, id, row, run_id, &now_s).await?;
                     counts.restaged += 1;
@@ -1049,7 +1080,7 @@ impl Ledger {
                         counts.restaged_pending.push(id);
                     }
                     *counts.by_status.entry(row.status.as_str()).or_default() += 1;
-                    known.insert(row.key.clone(), (id, row.content_hash.clone(), row.status));
+                    known.insert(row.key.clone(), KnownRecord::of(id, row.status, row));
                 }
             }
         }
@@ -1065,12 +1096,13 @@ impl Ledger {
             .fetch_one(&mut *tx)
             .await
             .map_err(sql("reading the next record id"))?;
-        if !inserts.is_empty() {
+        if !inserts.is_empty() || !hash_now.is_empty() {
             let mut handle = tx
                 .lock_handle()
                 .await
                 .map_err(sql("locking the connection for staging"))?;
             insert_staged(&mut handle, &inserts, next_id, run_id, &now_s)?;
+            store_match_hashes(&mut handle, &hash_now)?;
         }
         for ChangeSeen {
             record_id: id,
@@ -1977,9 +2009,9 @@ const INSERT_RECORD: &str = "INSERT INTO records (id, idem_key, source, provider
      status, is_final, charge_period_start, charge_period_end, billing_account_id, sub_account_id,
      resource_type, resource_id, consumed_quantity, consumed_unit, billed_cost, billing_currency,
      rule, sink, subscription, customer, metric, value, value_property, last_error, first_run,
-     last_run, staged_at, updated_at, correction_of, revision)
+     last_run, staged_at, updated_at, correction_of, revision, match_hash)
  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?26, ?27, ?27, ?28, ?29)";
+     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?26, ?27, ?27, ?28, ?29, ?30)";
 
 const INSERT_BODY: &str = "INSERT INTO record_bodies (id, payload, record) VALUES (?1, ?2, ?3)";
 
@@ -2056,7 +2088,8 @@ fn insert_staged(
                 s.int(26, run_id)?;
                 s.text(27, now)?;
                 s.opt_int(28, r.correction_of)?;
-                s.int(29, r.revision)
+                s.int(29, r.revision)?;
+                s.text(30, r.match_hash.as_str())
             })
             .map_err(|source| LedgerError::StageRecord {
                 context: "staging records",
@@ -2103,15 +2136,49 @@ fn write_ts(buf: &mut String, t: DateTime<Utc>) {
     }
 }
 
-/// Which keys exist, with their id, content hash and status: one prepared point query per key
-/// on the unique index (the raw handle: staging looks up every record it stages).
+/// What the ledger holds for a key that staging meets again.
+#[derive(Debug, Clone)]
+pub struct KnownRecord {
+    pub id: i64,
+    pub status: Status,
+    pub content_hash: String,
+    /// The stored `match_hash`; `None` for a record staged before the column existed.
+    /// [`Ledger::known`] and staging give such a record read again with the same content hash
+    /// the match hash of the content the ledger holds for it, so `None` is left only where the
+    /// content hash differs anyway.
+    pub match_hash: Option<MatchHash>,
+    /// Staged before `match_hash` existed: the hash above was derived from the stored content,
+    /// and staging stores it when the row read again is unchanged.
+    pub unhashed: bool,
+}
+
+impl KnownRecord {
+    fn of(id: i64, status: Status, row: &StageRow) -> Self {
+        KnownRecord {
+            id,
+            status,
+            content_hash: row.content_hash.clone(),
+            match_hash: Some(row.match_hash),
+            unhashed: false,
+        }
+    }
+
+    /// Whether `row` is the content the ledger holds: the same content hash and match hash.
+    /// Anything else is a change (restaged, corrected or left to a person).
+    pub fn holds(&self, row: &StageRow) -> bool {
+        self.content_hash == row.content_hash && self.match_hash == Some(row.match_hash)
+    }
+}
+
+/// Which keys exist, with their id, status and hashes: one prepared point query per key on the
+/// unique index (the raw handle: staging looks up every record it stages).
 fn lookup<'k>(
     handle: &mut sqlx::sqlite::LockedSqliteHandle<'_>,
     keys: impl Iterator<Item = &'k str>,
-) -> Result<HashMap<String, (i64, String, Status)>, LedgerError> {
+) -> Result<HashMap<String, KnownRecord>, LedgerError> {
     let raw = raw::Raw::new(handle);
     let mut query = raw
-        .prepare("SELECT id, content_hash, status FROM records WHERE idem_key = ?1")
+        .prepare("SELECT id, content_hash, status, match_hash FROM records WHERE idem_key = ?1")
         .map_err(sqlite("preparing the staging look-up"))?;
     let mut found = HashMap::new();
     for key in keys {
@@ -2125,7 +2192,7 @@ fn lookup<'k>(
             continue;
         };
         let id = row.int(0);
-        let hash = row.text(1).unwrap_or_default().to_owned();
+        let content_hash = row.text(1).unwrap_or_default().to_owned();
         let status =
             row.text(2)
                 .unwrap_or_default()
@@ -2135,7 +2202,18 @@ fn lookup<'k>(
                     field: "status",
                     message,
                 })?;
-        found.insert(key.to_owned(), (id, hash, status));
+        // Parsed in place: no allocation per key.
+        let match_hash = row.text(3).and_then(MatchHash::parse);
+        found.insert(
+            key.to_owned(),
+            KnownRecord {
+                id,
+                status,
+                content_hash,
+                match_hash,
+                unhashed: false,
+            },
+        );
         // `idem_key` is unique: drain the query so it is reset for the next key.
         while query
             .next_row()
@@ -2144,6 +2222,110 @@ fn lookup<'k>(
         {}
     }
     Ok(found)
+}
+
+/// For each record staged before `match_hash` existed (NULL) that `rows` read again with the
+/// same content hash: the match hash of the content the ledger holds for it, taken from its
+/// latest change kept in `record_changes` (a pending or sent record's columns follow it), else
+/// from its body, whichever has the stored content hash. So a name or description that changed
+/// across the upgrade is a change on the first re-read, and an unchanged re-read stays a no-op.
+/// With neither (`vacuum` pruned both) the held content is unknown: the row read again is taken
+/// as held, as before the match hash existed.
+///
+/// Reads only for such records, each once: staging then stores the hash
+/// ([`store_match_hashes`]). Pages with none (every page once the look-back has been read
+/// again) cost a pass over the keys found.
+fn resolve_unhashed<'r>(
+    handle: &mut sqlx::sqlite::LockedSqliteHandle<'_>,
+    known: &mut HashMap<String, KnownRecord>,
+    rows: impl DoubleEndedIterator<Item = &'r StageRow>,
+) -> Result<(), LedgerError> {
+    const CONTEXT: &str = "reading the content held for a record staged before match hashes";
+    if known.values().all(|k| k.match_hash.is_some()) {
+        return Ok(());
+    }
+    let raw = raw::Raw::new(handle);
+    let mut statements = None;
+    // Last rows first: a key a page repeats is staged with its last content.
+    for row in rows.rev() {
+        let Some(k) = known.get_mut(&row.key) else {
+            continue;
+        };
+        if k.match_hash.is_some() || k.content_hash != row.content_hash {
+            continue;
+        }
+        if statements.is_none() {
+            statements = Some((
+                raw.prepare(
+                    "SELECT content_hash, record_json FROM record_changes
+                     WHERE record_id = ?1 ORDER BY id DESC LIMIT 1",
+                )
+                .map_err(sqlite(CONTEXT))?,
+                raw.prepare("SELECT record FROM record_bodies WHERE id = ?1")
+                    .map_err(sqlite(CONTEXT))?,
+            ));
+        }
+        let Some((change, body)) = statements.as_mut() else {
+            continue;
+        };
+        let mut held: Option<UsageRecord> = None;
+        change.int(1, k.id).map_err(sqlite(CONTEXT))?;
+        if let Some(r) = change.next_row().map_err(sqlite(CONTEXT))? {
+            if r.text(0) == Some(k.content_hash.as_str()) {
+                match serde_json::from_str(r.text(1).unwrap_or_default()) {
+                    Ok(record) => held = Some(record),
+                    Err(e) => {
+                        tracing::warn!(id = k.id, error = %e, "an unreadable change of a record: its re-read is compared by content hash only")
+                    }
+                }
+            }
+        }
+        while change.next_row().map_err(sqlite(CONTEXT))?.is_some() {}
+        if held.is_none() {
+            body.int(1, k.id).map_err(sqlite(CONTEXT))?;
+            if let Some(r) = body.next_row().map_err(sqlite(CONTEXT))? {
+                let bytes = r.blob(0);
+                if !bytes.is_empty() {
+                    match body::decode(bytes) {
+                        Ok(record) if record.content_hash() == k.content_hash => {
+                            held = Some(record)
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(id = k.id, error = %e, "an unreadable record body: its re-read is compared by content hash only")
+                        }
+                    }
+                }
+            }
+            while body.next_row().map_err(sqlite(CONTEXT))?.is_some() {}
+        }
+        k.match_hash = Some(held.map_or(row.match_hash, |r| r.match_hash()));
+        k.unhashed = true;
+    }
+    Ok(())
+}
+
+/// Store the match hash of rows staged before it existed (see [`resolve_unhashed`]).
+fn store_match_hashes(
+    handle: &mut sqlx::sqlite::LockedSqliteHandle<'_>,
+    hashes: &[(i64, MatchHash)],
+) -> Result<(), LedgerError> {
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    let raw = raw::Raw::new(handle);
+    let mut update = raw
+        .prepare("UPDATE records SET match_hash = ?2 WHERE id = ?1")
+        .map_err(sqlite("preparing to store match hashes"))?;
+    for (id, hash) in hashes {
+        update
+            .run_with(|v| {
+                v.int(1, *id)?;
+                v.text(2, hash.as_str())
+            })
+            .map_err(sqlite("storing the match hash of a record"))?;
+    }
+    Ok(())
 }
 
 /// A change of a sent record, written to `record_changes` once the correction rows exist.
@@ -2279,7 +2461,8 @@ async fn restage(
              resource_id = ?10, consumed_quantity = ?11, consumed_unit = ?12, billed_cost = ?13,
              billing_currency = ?14, rule = ?15, sink = ?16, subscription = ?17, customer = ?18,
              metric = ?19, value = ?20, last_error = ?21,
-             attempts = 0, last_run = ?22, updated_at = ?23, value_property = ?24
+             attempts = 0, last_run = ?22, updated_at = ?23, value_property = ?24,
+             match_hash = ?25
          WHERE id = ?1 AND status NOT IN ('sent', 'pending')",
     )
     .bind(id)
@@ -2306,6 +2489,7 @@ async fn restage(
     .bind(run_id)
     .bind(now_s)
     .bind(row.mapped.value_property.as_deref())
+    .bind(row.match_hash.as_str())
     .execute(&mut *tx)
     .await
     .map_err(sql("restaging a changed record"))?

@@ -290,6 +290,21 @@ impl Row<'_> {
         unsafe { ffi::sqlite3_column_int64(self.stmt.as_ptr(), column) }
     }
 
+    /// A blob column; empty when it is NULL or empty.
+    pub fn blob(&self, column: c_int) -> &[u8] {
+        // SAFETY: as `text`: sqlite3_column_blob's buffer lives until the statement this row
+        // borrows steps, resets or is finalized; its length is read after it. NULL (and an
+        // empty blob) come back as a null pointer.
+        unsafe {
+            let ptr = ffi::sqlite3_column_blob(self.stmt.as_ptr(), column);
+            if ptr.is_null() {
+                return &[];
+            }
+            let len = ffi::sqlite3_column_bytes(self.stmt.as_ptr(), column);
+            std::slice::from_raw_parts(ptr.cast::<u8>(), usize::try_from(len).unwrap_or(0))
+        }
+    }
+
     /// A text column, `None` when it is NULL or not UTF-8.
     pub fn text(&self, column: c_int) -> Option<&str> {
         // SAFETY: sqlite3_column_text returns a buffer valid until the next step, reset or
