@@ -2276,6 +2276,7 @@ impl Pipeline {
                     keep.push(PeriodShareRow {
                         key: row.key.clone(),
                         content_hash: row.content_hash.clone(),
+                        match_hash: row.match_hash,
                         group: period_group(sink, sub, metric, share),
                         base: share.base,
                         spec,
@@ -2387,7 +2388,13 @@ impl Pipeline {
                 // Registered, then the staging did not commit: the re-read stages it.
                 return Ok(Settlement::Wait(format!("{} is not staged yet", m.key)));
             };
-            if r.content_hash != m.share_hash {
+            // Both hashes, where both sides have the match hash (a share or record kept before
+            // match hashes has none).
+            let matches_apart = matches!(
+                (&r.match_hash, &m.share_match_hash),
+                (Some(record), Some(share)) if record != share
+            );
+            if r.content_hash != m.share_hash || matches_apart {
                 return Ok(Settlement::Wait(format!(
                     "{} has a share newer than its ledger row",
                     m.key

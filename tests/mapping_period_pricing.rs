@@ -1068,3 +1068,318 @@ async fn months_that_overlap_after_a_change_of_utc_offset_are_not_both_charged_t
         status.problems
     );
 }
+
+/// A provider serving the records it is given, under one chunk: a source re-reading its lines.
+struct Serving(std::sync::Arc<std::sync::Mutex<Vec<billsync::record::UsageRecord>>>);
+
+#[async_trait::async_trait]
+impl Provider for Serving {
+    fn kind(&self) -> &'static str {
+        "metalsoft"
+    }
+    fn name(&self) -> &str {
+        "metalsoft"
+    }
+    async fn plan(
+        &self,
+        _cursors: &billsync::providers::Cursors,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<billsync::providers::Chunk>, billsync::providers::ProviderError> {
+        Ok(vec![billsync::providers::Chunk {
+            stream: "lines".into(),
+            window_start: now,
+            window_end: now,
+            detail: String::new(),
+        }])
+    }
+    async fn fetch(
+        &self,
+        _chunk: &billsync::providers::Chunk,
+        _now: DateTime<Utc>,
+    ) -> Result<billsync::providers::Page, billsync::providers::ProviderError> {
+        Ok(billsync::providers::Page {
+            records: self.0.lock().unwrap().clone(),
+            cursor: None,
+        })
+    }
+}
+
+/// One final MetalSoft line of October for instance `id`, 10.00 GBP, described as
+/// `description`.
+fn october_line(id: &str, description: &str) -> billsync::record::UsageRecord {
+    let start = at(2026, 10, 5, 0, 0);
+    billsync::record::UsageRecord {
+        provider: "metalsoft".into(),
+        source: "metalsoft".into(),
+        billing_account_id: "ms".into(),
+        sub_account_id: "1".into(),
+        resource_id: id.into(),
+        resource_name: Some("web".into()),
+        resource_type: "instance".into(),
+        service_name: "Instances".into(),
+        sku_id: Some("M.8.8".into()),
+        charge_description: Some(description.into()),
+        charge_period_start: start,
+        charge_period_end: start + chrono::Duration::hours(1),
+        consumed_quantity: Decimal::from(3600),
+        consumed_unit: "seconds".into(),
+        billed_cost: dec("10.00"),
+        billing_currency: "GBP".into(),
+        scope: "1".into(),
+        natural_key: vec![("instance".into(), id.into())],
+        is_final: true,
+        attributes: Default::default(),
+        raw: Default::default(),
+    }
+}
+
+/// Monthly tiers for the customer (+10 % up to 10.00 a month, +20 % above); before them, GPU
+/// lines (by description) +50 %, any other line `cost_markup` %.
+fn re_describable_rules(cost_markup: u32) -> MappingSet {
+    MappingSet::from_sources(&[(
+        "monthly.yaml".to_string(),
+        format!(
+            "version: 1
+customers:
+  - match: {{ provider: metalsoft }}
+    external_subscription_id: sub_acme
+    pricing:
+      tiers: [{{ up_to: \"10\", markup_percent: 10 }}, {{ markup_percent: 20 }}]
+      period: month
+rules:
+  - name: gpu
+    match: {{ provider: metalsoft, charge_description: {{ glob: \"gpu-*\" }} }}
+    metric: resale_cost
+    property: amount
+    value: {{ cost: {{ markup_percent: 50 }} }}
+  - name: cost
+    match: {{ provider: metalsoft }}
+    metric: resale_cost
+    property: amount
+    value: {{ cost: {{ markup_percent: {cost_markup} }} }}
+"
+        ),
+    )])
+    .unwrap()
+}
+
+/// One sync (nothing pushed) of the lines `served` holds into the ledger at `path`.
+async fn sync_lines(
+    path: &std::path::Path,
+    served: &std::sync::Arc<std::sync::Mutex<Vec<billsync::record::UsageRecord>>>,
+    mappings: &MappingSet,
+    now: DateTime<Utc>,
+) -> RunSummary {
+    Pipeline::new(
+        Ledger::open(path).await.unwrap(),
+        vec![Box::new(Serving(served.clone()))],
+        vec![Box::new(
+            LagoSink::new(
+                "lago".into(),
+                LagoConfig {
+                    api_url: "http://127.0.0.1:9".into(),
+                    api_key: Secret::new("k"),
+                    batch_size: 10,
+                    timeout: Duration::from_secs(1),
+                    retry: retry(),
+                },
+            )
+            .unwrap(),
+        )],
+        mappings.clone(),
+    )
+    .sync(&SyncOptions {
+        now: Some(now),
+        skip_push: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// The values of the month adjustments staged in the ledger at `path`.
+async fn adjustments_in(path: &std::path::Path) -> Vec<(String, String)> {
+    let pool =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(path))
+            .await
+            .unwrap();
+    let adjustments =
+        sqlx::query_as("SELECT idem_key, value FROM records WHERE provider = 'period'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    adjustments
+}
+
+/// The month's share of a record follows its mapping. A line re-described so that another
+/// rule prices it (+50 % before the customer's monthly tiers instead of +0 %) is corrected per
+/// record, and the month is tiered on its new value: 15.00 at the tiers' input, not the 10.00
+/// the old rule gave. Tiering the month on the share computed under the old rule would leave
+/// its 5.00 above the first tier at the first tier's rate (0.50 short).
+#[tokio::test]
+async fn a_line_re_described_under_another_rule_is_tiered_in_its_month_at_its_new_value() {
+    let mappings = re_describable_rules(0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let served = std::sync::Arc::new(std::sync::Mutex::new(vec![october_line(
+        "2416",
+        "instance-2416",
+    )]));
+    // October is open: the line goes out at 10.00 at the lowest tier's +10 %: 11.00.
+    let first = sync_lines(&path, &served, &mappings, at(2026, 10, 20, 0, 0)).await;
+    assert_eq!(first.new, 1, "{first:?}");
+    // Re-described as a GPU: 15.00 at the lowest tier, corrected by +5.50.
+    *served.lock().unwrap() = vec![october_line("2416", "gpu-2416")];
+    let second = sync_lines(&path, &served, &mappings, at(2026, 10, 21, 0, 0)).await;
+    assert_eq!(second.corrections, 1, "{second:?}");
+    // October closed: 15.00 tiered is 10.00 × 1.1 + 5.00 × 1.2 = 17.00, of which 16.50 went out.
+    sync_lines(&path, &served, &mappings, at(2026, 11, 10, 0, 0)).await;
+    let adjustments = adjustments_in(&path).await;
+    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
+    assert_eq!(
+        dec(&adjustments[0].1),
+        dec("0.50"),
+        "17.00 − 16.50 sent: {adjustments:?}"
+    );
+}
+
+/// A copy of the ledger at `staged` as a billsync of schema 6 (before match hashes) kept it:
+/// the tables of migrations 0001–0006 with every row, and no match hash anywhere.
+async fn as_schema_6(staged: &std::path::Path, dir: &tempfile::TempDir) -> std::path::PathBuf {
+    use sqlx::Connection;
+    let path = dir.path().join("ledger.db");
+    let migrations = dir.path().join("migrations-0001-0006");
+    std::fs::create_dir(&migrations).unwrap();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        if name[..4].parse::<u32>().unwrap() <= 6 {
+            std::fs::copy(entry.path(), migrations.join(&name)).unwrap();
+        }
+    }
+    let mut conn = sqlx::SqliteConnection::connect_with(
+        &sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .foreign_keys(false),
+    )
+    .await
+    .unwrap();
+    sqlx::migrate::Migrator::new(migrations.as_path())
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("ATTACH DATABASE ?1 AS staged")
+        .bind(staged.to_str().unwrap())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM main.sqlite_master WHERE type = 'table'
+           AND name NOT LIKE 'sqlite%' AND name <> '_sqlx_migrations'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(tables.iter().any(|t| t == "period_members"), "{tables:?}");
+    for table in tables {
+        let columns: String = sqlx::query_scalar(
+            "SELECT group_concat(name, ', ') FROM pragma_table_info(?1, 'main')",
+        )
+        .bind(&table)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(!columns.contains("match_hash"), "{table}: {columns}");
+        // The table and column names are the schema's own.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO main.{table} ({columns}) SELECT {columns} FROM staged.{table}"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    conn.close().await.unwrap();
+    path
+}
+
+/// Shares kept before match hashes have none. After the upgrade, the first re-read of each
+/// compares it with the content its record holds: a line re-described meanwhile so that
+/// another rule prices it gets its share computed again (its month tiered on 15.00, not on the
+/// 10.00 of the old rule, which would be 0.50 short and stay so once the new hash is kept); an
+/// unchanged line keeps its share, even under a mapping changed since (+20 % instead of
+/// +0 %), as it keeps its record's value: only replay reprices what did not change.
+#[tokio::test]
+async fn shares_kept_before_match_hashes_follow_a_line_re_described_across_the_upgrade() {
+    let staged = tempfile::tempdir().unwrap();
+    let served = std::sync::Arc::new(std::sync::Mutex::new(vec![
+        october_line("2416", "instance-2416"),
+        october_line("2417", "instance-2417"),
+    ]));
+    // Kept by a billsync of schema 6: two lines at 11.00, each a share of 10.00 of October.
+    let first = sync_lines(
+        &staged.path().join("ledger.db"),
+        &served,
+        &re_describable_rules(0),
+        at(2026, 10, 20, 0, 0),
+    )
+    .await;
+    assert_eq!(first.new, 2, "{first:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = as_schema_6(&staged.path().join("ledger.db"), &dir).await;
+
+    // The upgrade, with the plain rule's markup raised since: the first line unchanged, the
+    // second re-described as a GPU (15.00 at the lowest tier: a correction of +5.50).
+    let unchanged = october_line("2416", "instance-2416");
+    let re_described = october_line("2417", "gpu-2417");
+    *served.lock().unwrap() = vec![unchanged.clone(), re_described.clone()];
+    let mappings = re_describable_rules(20);
+    let second = sync_lines(&path, &served, &mappings, at(2026, 10, 21, 0, 0)).await;
+    assert_eq!(
+        (second.new, second.unchanged, second.corrections),
+        (0, 1, 1),
+        "{second:?}"
+    );
+    let pool =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path))
+            .await
+            .unwrap();
+    let shares: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT idem_key, base, match_hash FROM period_members ORDER BY idem_key")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    let share_of = |line: &billsync::record::UsageRecord| {
+        shares
+            .iter()
+            .find(|(key, _, _)| *key == line.idempotency_key())
+            .map(|(_, base, hash)| (dec(base), hash.clone()))
+            .unwrap_or_else(|| panic!("no share of {}: {shares:?}", line.idempotency_key()))
+    };
+    assert_eq!(
+        share_of(&unchanged),
+        (dec("10"), Some(unchanged.match_hash().to_string())),
+        "the unchanged line keeps its share, now with its hash"
+    );
+    assert_eq!(
+        share_of(&re_described),
+        (dec("15"), Some(re_described.match_hash().to_string())),
+        "the re-described line's share follows its new rule"
+    );
+
+    // October closed: 25.00 tiered is 10.00 × 10 % + 15.00 × 20 % = 4.00, of which the records
+    // carry 2.50 (the lowest rate): an adjustment of 1.50.
+    let last = sync_lines(&path, &served, &mappings, at(2026, 11, 10, 0, 0)).await;
+    assert_eq!((last.unchanged, last.corrections), (2, 0), "{last:?}");
+    let adjustments = adjustments_in(&path).await;
+    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
+    assert_eq!(
+        dec(&adjustments[0].1),
+        dec("1.50"),
+        "29.00 − 27.50 sent: {adjustments:?}"
+    );
+}

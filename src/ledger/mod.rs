@@ -2240,7 +2240,6 @@ fn resolve_unhashed<'r>(
     known: &mut HashMap<String, KnownRecord>,
     rows: impl DoubleEndedIterator<Item = &'r StageRow>,
 ) -> Result<(), LedgerError> {
-    const CONTEXT: &str = "reading the content held for a record staged before match hashes";
     if known.values().all(|k| k.match_hash.is_some()) {
         return Ok(());
     }
@@ -2255,54 +2254,85 @@ fn resolve_unhashed<'r>(
             continue;
         }
         if statements.is_none() {
-            statements = Some((
-                raw.prepare(
-                    "SELECT content_hash, record_json FROM record_changes
-                     WHERE record_id = ?1 ORDER BY id DESC LIMIT 1",
-                )
-                .map_err(sqlite(CONTEXT))?,
-                raw.prepare("SELECT record FROM record_bodies WHERE id = ?1")
-                    .map_err(sqlite(CONTEXT))?,
-            ));
+            statements = Some(HeldContent::prepare(&raw)?);
         }
-        let Some((change, body)) = statements.as_mut() else {
+        let Some(held) = statements.as_mut() else {
             continue;
         };
-        let mut held: Option<UsageRecord> = None;
-        change.int(1, k.id).map_err(sqlite(CONTEXT))?;
-        if let Some(r) = change.next_row().map_err(sqlite(CONTEXT))? {
-            if r.text(0) == Some(k.content_hash.as_str()) {
-                match serde_json::from_str(r.text(1).unwrap_or_default()) {
-                    Ok(record) => held = Some(record),
-                    Err(e) => {
-                        tracing::warn!(id = k.id, error = %e, "an unreadable change of a record: its re-read is compared by content hash only")
-                    }
-                }
-            }
-        }
-        while change.next_row().map_err(sqlite(CONTEXT))?.is_some() {}
-        if held.is_none() {
-            body.int(1, k.id).map_err(sqlite(CONTEXT))?;
-            if let Some(r) = body.next_row().map_err(sqlite(CONTEXT))? {
-                let bytes = r.blob(0);
-                if !bytes.is_empty() {
-                    match body::decode(bytes) {
-                        Ok(record) if record.content_hash() == k.content_hash => {
-                            held = Some(record)
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(id = k.id, error = %e, "an unreadable record body: its re-read is compared by content hash only")
-                        }
-                    }
-                }
-            }
-            while body.next_row().map_err(sqlite(CONTEXT))?.is_some() {}
-        }
-        k.match_hash = Some(held.map_or(row.match_hash, |r| r.match_hash()));
+        k.match_hash = Some(
+            held.match_hash(k.id, &k.content_hash)?
+                .unwrap_or(row.match_hash),
+        );
         k.unhashed = true;
     }
     Ok(())
+}
+
+const HELD_CONTEXT: &str = "reading the content held for a record staged before match hashes";
+
+/// The content the ledger holds for a record staged before match hashes, read for its match
+/// hash: the record's latest change kept in `record_changes` (a pending or sent record's
+/// columns follow it), else its body, whichever has the content hash asked for.
+struct HeldContent<'r, 'h> {
+    change: raw::Statement<'r, 'h>,
+    body: raw::Statement<'r, 'h>,
+}
+
+impl<'r, 'h> HeldContent<'r, 'h> {
+    fn prepare(raw: &'r raw::Raw<'h>) -> Result<Self, LedgerError> {
+        Ok(HeldContent {
+            change: raw
+                .prepare(
+                    "SELECT content_hash, record_json FROM record_changes
+                     WHERE record_id = ?1 ORDER BY id DESC LIMIT 1",
+                )
+                .map_err(sqlite(HELD_CONTEXT))?,
+            body: raw
+                .prepare("SELECT record FROM record_bodies WHERE id = ?1")
+                .map_err(sqlite(HELD_CONTEXT))?,
+        })
+    }
+
+    /// The match hash of the content held for record `id` under `content_hash`; `None` when
+    /// neither its latest change nor its body has that content (`vacuum` pruned the body) or
+    /// it cannot be read.
+    fn match_hash(
+        &mut self,
+        id: i64,
+        content_hash: &str,
+    ) -> Result<Option<MatchHash>, LedgerError> {
+        let (change, body) = (&mut self.change, &mut self.body);
+        let mut held: Option<UsageRecord> = None;
+        change.int(1, id).map_err(sqlite(HELD_CONTEXT))?;
+        if let Some(r) = change.next_row().map_err(sqlite(HELD_CONTEXT))? {
+            if r.text(0) == Some(content_hash) {
+                match serde_json::from_str(r.text(1).unwrap_or_default()) {
+                    Ok(record) => held = Some(record),
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, "an unreadable change of a record: its re-read is compared by content hash only")
+                    }
+                }
+            }
+        }
+        while change.next_row().map_err(sqlite(HELD_CONTEXT))?.is_some() {}
+        if held.is_none() {
+            body.int(1, id).map_err(sqlite(HELD_CONTEXT))?;
+            if let Some(r) = body.next_row().map_err(sqlite(HELD_CONTEXT))? {
+                let bytes = r.blob(0);
+                if !bytes.is_empty() {
+                    match body::decode(bytes) {
+                        Ok(record) if record.content_hash() == content_hash => held = Some(record),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(id, error = %e, "an unreadable record body: its re-read is compared by content hash only")
+                        }
+                    }
+                }
+            }
+            while body.next_row().map_err(sqlite(HELD_CONTEXT))?.is_some() {}
+        }
+        Ok(held.map(|r| r.match_hash()))
+    }
 }
 
 /// Store the match hash of rows staged before it existed (see [`resolve_unhashed`]).
@@ -2558,6 +2588,8 @@ pub struct PeriodGroupRow {
 pub struct PeriodShareRow {
     pub key: String,
     pub content_hash: String,
+    /// The record's match hash: with `content_hash`, the content the share was computed for.
+    pub match_hash: MatchHash,
     pub group: PeriodGroupRow,
     /// The value at the input of the monthly tiers.
     pub base: Decimal,
@@ -2583,6 +2615,8 @@ pub struct PeriodMemberRecord {
     pub source: String,
     pub status: Status,
     pub content_hash: String,
+    /// `None` for a record staged before match hashes, not read again since.
+    pub match_hash: Option<MatchHash>,
     /// The record's value (what it carries to the sink).
     pub value: Decimal,
     /// The sum of its corrections (rejected ones excluded).
@@ -2599,6 +2633,8 @@ pub struct PeriodMemberRow {
     pub base: Decimal,
     pub spec: String,
     pub share_hash: String,
+    /// The match hash the share was computed for (`None`: kept before match hashes).
+    pub share_match_hash: Option<MatchHash>,
     pub is_final: bool,
     pub charge_period_start: DateTime<Utc>,
     pub charge_period_end: DateTime<Utc>,
@@ -2634,6 +2670,82 @@ fn parse_dec(id: i64, field: &'static str, text: &str) -> Result<Decimal, Ledger
         field,
         message: e.to_string(),
     })
+}
+
+/// What `period_members` keeps for a key that a page's shares meet again.
+struct KnownShare {
+    group: String,
+    content_hash: String,
+    /// `None`: kept before match hashes (see [`resolve_unhashed_shares`]).
+    match_hash: Option<MatchHash>,
+    /// The record is sent or pending: its payload is frozen.
+    frozen: bool,
+    /// Kept before match hashes: `match_hash` was derived from the content the ledger holds,
+    /// and is stored when the share kept again is the same.
+    unhashed: bool,
+}
+
+/// For each share kept before match hashes (NULL) that `shares` keep again in the same group
+/// with the same content hash: the match hash of the content it was computed for. A share is
+/// kept just before its record is staged, with the same content, so that is the content the
+/// ledger holds for the record under that content hash: the record's stored match hash, else
+/// its latest change or its body ([`HeldContent`]). So a record renamed or re-described across
+/// the upgrade (another rule, another value at the input of the month's tiers) gets its share
+/// computed again on its first re-read, as its record is corrected or restaged; an unchanged
+/// one keeps its share (a mapping changed since does not reprice it, as before). With no record
+/// (its staging never committed) or no content left (`vacuum`), the share is taken as computed
+/// for the content read now, as before match hashes.
+///
+/// Reads only for such shares, each once (the hash is stored then); the caller skips it when
+/// every share found has a match hash.
+fn resolve_unhashed_shares(
+    handle: &mut sqlx::sqlite::LockedSqliteHandle<'_>,
+    known: &mut HashMap<String, KnownShare>,
+    shares: &[PeriodShareRow],
+) -> Result<(), LedgerError> {
+    const CONTEXT: &str = "reading the record of a period share kept before match hashes";
+    let raw = raw::Raw::new(handle);
+    let mut statements = None;
+    // Last shares first: a key a page repeats is staged with its last content.
+    for s in shares.iter().rev() {
+        let Some(k) = known.get_mut(&s.key) else {
+            continue;
+        };
+        if k.match_hash.is_some()
+            || k.group != s.group.group_key
+            || k.content_hash != s.content_hash
+        {
+            continue;
+        }
+        if statements.is_none() {
+            statements = Some((
+                raw.prepare("SELECT id, content_hash, match_hash FROM records WHERE idem_key = ?1")
+                    .map_err(sqlite(CONTEXT))?,
+                HeldContent::prepare(&raw)?,
+            ));
+        }
+        let Some((record, held)) = statements.as_mut() else {
+            continue;
+        };
+        record.text(1, &s.key).map_err(sqlite(CONTEXT))?;
+        let found = record.next_row().map_err(sqlite(CONTEXT))?.map(|r| {
+            let stored = if r.text(1) == Some(k.content_hash.as_str()) {
+                r.text(2).and_then(MatchHash::parse)
+            } else {
+                None
+            };
+            (r.int(0), stored)
+        });
+        while record.next_row().map_err(sqlite(CONTEXT))?.is_some() {}
+        let computed_for = match found {
+            Some((_, Some(stored))) => Some(stored),
+            Some((id, None)) => held.match_hash(id, &k.content_hash)?,
+            None => None,
+        };
+        k.match_hash = Some(computed_for.unwrap_or(s.match_hash));
+        k.unhashed = true;
+    }
+    Ok(())
 }
 
 impl Ledger {
@@ -2675,12 +2787,12 @@ impl Ledger {
                 mark_dirty(&mut tx, &g).await?;
             }
         }
-        // key → (group, content hash, record sent or pending (frozen)?)
-        let mut known: HashMap<String, (String, String, bool)> = HashMap::new();
+        // What each key has kept, if anything.
+        let mut known: HashMap<String, KnownShare> = HashMap::new();
         let keys: Vec<&str> = shares.iter().map(|s| s.key.as_str()).collect();
         for chunk in keys.chunks(LOOKUP_KEYS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT m.idem_key, m.group_key, m.content_hash,
+                "SELECT m.idem_key, m.group_key, m.content_hash, m.match_hash,
                      EXISTS (SELECT 1 FROM records r WHERE r.idem_key = m.idem_key
                          AND (r.status = 'sent' OR r.status = 'pending'))
                  FROM period_members m WHERE m.idem_key IN (",
@@ -2694,22 +2806,54 @@ impl Ledger {
                 .await
                 .map_err(sql("reading period shares"))?
             {
-                known.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
+                known.insert(
+                    r.get(0),
+                    KnownShare {
+                        group: r.get(1),
+                        content_hash: r.get(2),
+                        // Parsed in place: no allocation per share.
+                        match_hash: r.get::<Option<&str>, _>(3).and_then(MatchHash::parse),
+                        frozen: r.get(4),
+                        unhashed: false,
+                    },
+                );
             }
+        }
+        if known.values().any(|k| k.match_hash.is_none()) {
+            let mut handle = tx
+                .lock_handle()
+                .await
+                .map_err(sql("locking the connection for period shares"))?;
+            resolve_unhashed_shares(&mut handle, &mut known, shares)?;
         }
         for s in shares {
             let g = &s.group;
-            if let Some((group, hash, sent)) = known.get(&s.key) {
-                if *group == g.group_key && *hash == s.content_hash {
+            if let Some(k) = known.get_mut(&s.key) {
+                if k.group == g.group_key
+                    && k.content_hash == s.content_hash
+                    && k.match_hash == Some(s.match_hash)
+                {
+                    if k.unhashed {
+                        // Kept before match hashes, for the content read now: its hash is kept.
+                        sqlx::query(
+                            "UPDATE period_members SET match_hash = ?2 WHERE idem_key = ?1",
+                        )
+                        .bind(&s.key)
+                        .bind(s.match_hash.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql("keeping the match hash of a period share"))?;
+                        k.unhashed = false;
+                    }
                     continue;
                 }
-                if *group != g.group_key && *sent {
+                if k.group != g.group_key && k.frozen {
                     // Billed in its group: a move is a change for a person (the correction
                     // machinery leaves it unresolved), not a new share.
                     continue;
                 }
-                if *group != g.group_key {
-                    mark_dirty(&mut tx, group).await?;
+                if k.group != g.group_key {
+                    mark_dirty(&mut tx, &k.group).await?;
                 }
             }
             sqlx::query(
@@ -2731,12 +2875,12 @@ impl Ledger {
             .map_err(sql("registering a period group"))?;
             sqlx::query(
                 "INSERT INTO period_members (idem_key, group_key, content_hash, base, spec, is_final,
-                     charge_period_start, charge_period_end)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     charge_period_start, charge_period_end, match_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (idem_key) DO UPDATE SET group_key = excluded.group_key,
                      content_hash = excluded.content_hash, base = excluded.base, spec = excluded.spec,
                      is_final = excluded.is_final, charge_period_start = excluded.charge_period_start,
-                     charge_period_end = excluded.charge_period_end",
+                     charge_period_end = excluded.charge_period_end, match_hash = excluded.match_hash",
             )
             .bind(&s.key)
             .bind(&g.group_key)
@@ -2746,12 +2890,19 @@ impl Ledger {
             .bind(s.is_final)
             .bind(ts(s.charge_period_start))
             .bind(ts(s.charge_period_end))
+            .bind(s.match_hash.as_str())
             .execute(&mut *tx)
             .await
             .map_err(sql("keeping a period share"))?;
             known.insert(
                 s.key.clone(),
-                (g.group_key.clone(), s.content_hash.clone(), false),
+                KnownShare {
+                    group: g.group_key.clone(),
+                    content_hash: s.content_hash.clone(),
+                    match_hash: Some(s.match_hash),
+                    frozen: false,
+                    unhashed: false,
+                },
             );
         }
         tx.commit().await.map_err(sql("committing period shares"))?;
@@ -2830,7 +2981,7 @@ impl Ledger {
                  r.value_property, r.rule,
                  (SELECT group_concat(c.value, ' ') FROM records c
                     WHERE c.correction_of = r.id AND c.status <> 'rejected'),
-                 r.source
+                 r.source, m.match_hash, r.match_hash
              FROM period_members m LEFT JOIN records r ON r.idem_key = m.idem_key
              WHERE m.group_key = ?1 ORDER BY m.idem_key",
         )
@@ -2864,6 +3015,7 @@ impl Ledger {
                             message,
                         })?,
                         content_hash: r.get(9),
+                        match_hash: r.get::<Option<&str>, _>(17).and_then(MatchHash::parse),
                         value: parse_dec(id, "value", value.as_deref().unwrap_or("0"))?,
                         corrections: sum,
                         customer: r.get(11),
@@ -2877,6 +3029,7 @@ impl Ledger {
                 base: parse_dec(rid, "period base", &base)?,
                 spec: r.get(2),
                 share_hash: r.get(3),
+                share_match_hash: r.get::<Option<&str>, _>(16).and_then(MatchHash::parse),
                 is_final: r.get(4),
                 charge_period_start: parse_ts(rid, "charge_period_start", &start)?,
                 charge_period_end: parse_ts(rid, "charge_period_end", &end)?,

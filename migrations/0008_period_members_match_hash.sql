@@ -1,0 +1,13 @@
+-- A record's share of its month is kept for the content it was computed from, so that the same
+-- content read again does not touch the month. With `content_hash` alone, a record re-read under
+-- another name or description that another rule prices (another value at the input of the
+-- month's tiers) kept the share of the old rule, and its month was tiered on it. The share
+-- records the record's `match_hash` as well (see 0007).
+--
+-- Shares kept before this migration have none (NULL; adding a column with no default rewrites
+-- nothing). The first time such a share is kept again with the same content hash, it is
+-- compared with the match hash of the content the ledger holds for its record (the record's
+-- match hash, else its latest change, else its body): the same, the share stays and its hash is
+-- stored; different (renamed or re-described across the upgrade), the share is computed again
+-- and its month settled again.
+ALTER TABLE period_members ADD COLUMN match_hash TEXT;
