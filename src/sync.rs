@@ -2395,8 +2395,12 @@ impl Pipeline {
                 (Some(record), Some(share)) if record != share
             );
             if r.content_hash != m.share_hash || matches_apart {
+                // A staging that registered the share and did not commit (the re-read
+                // stages it), or a change of a sent record left to a person.
                 return Ok(Settlement::Wait(format!(
-                    "{} has a share newer than its ledger row",
+                    "{}: its share of the month and its ledger row hold different contents \
+                     (a staging that did not commit, or a change waiting for a person: \
+                     `changes to resolve` in status)",
                     m.key
                 )));
             }
