@@ -226,6 +226,27 @@ pub enum LedgerCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Changes of sent (or queued) records that wait for a person, oldest first: what was
+    /// sent, the new content and why it cannot go out as a correction.
+    Changes,
+    /// Resolve a change that waits for a person. `--keep-sent`: what was billed stays billed,
+    /// nothing is sent; the record's new content stays recorded (re-reading it changes
+    /// nothing) and a month with period pricing settles on what was sent.
+    Resolve {
+        /// The change, as `billsync ledger changes` lists it.
+        #[arg(long)]
+        change: i64,
+        /// Keep what was sent (the only resolution so far; a reversal and re-billing under the
+        /// new mapping is done in the invoicing system by hand).
+        #[arg(long)]
+        keep_sent: bool,
+        /// Resolve every open change of the change's record, not only this one.
+        #[arg(long)]
+        all_of_record: bool,
+        /// Why (kept in the ledger's audit trail).
+        #[arg(long)]
+        reason: String,
+    },
     /// Prune sent (and ignored) records older than the retention: payloads and raw fields go, a
     /// tombstone with the key stays so they can never be billed again. Unsent records are
     /// never touched.
@@ -304,6 +325,121 @@ async fn set_cursor(
     written?.ok_or_else(|| ConfigError(format!("no cursor {source} {stream} in the ledger")))?;
     println!("cursor {source} {stream}: {old} → {value}");
     Ok(())
+}
+
+/// `billsync ledger resolve --keep-sent`: under the run lock, in a run of its own, with an
+/// audit line; nothing is sent.
+async fn resolve_keep_sent(
+    ledger: &Ledger,
+    change: i64,
+    all_of_record: bool,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let holder = format!(
+        "resolve@{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+        std::process::id()
+    );
+    let now = Utc::now();
+    ledger
+        .acquire_lock(&holder, now, std::time::Duration::from_secs(60))
+        .await?;
+    let written = async {
+        let run = ledger.start_run("resolve", now).await?;
+        let result = ledger
+            .keep_sent(run, change, all_of_record, reason, now)
+            .await;
+        let (outcome, detail) = match &result {
+            Ok(done) => ("ok", done.detail.clone()),
+            Err(e) => (
+                "failed",
+                serde_json::json!({ "error": e.to_string() }).to_string(),
+            ),
+        };
+        ledger.finish_run(run, outcome, &detail, Utc::now()).await?;
+        result
+    }
+    .await;
+    if let Err(e) = ledger.release_lock(&holder).await {
+        tracing::warn!(error = %e, "could not release the run lock; it expires by itself");
+    }
+    let done = written.map_err(|e| match e {
+        LedgerError::NoOpenChange { .. } => anyhow::Error::new(ConfigError(e.to_string())),
+        other => anyhow::Error::new(other),
+    })?;
+    let ids: Vec<String> = done.changes.iter().map(i64::to_string).collect();
+    println!(
+        "change(s) {} of record {} ({}): kept what was sent; nothing sent",
+        ids.join(", "),
+        done.record,
+        done.key
+    );
+    if done.still_open > 0 {
+        println!(
+            "{} other change(s) of this record still wait (`billsync ledger changes`; \
+             --all-of-record resolves them all)",
+            done.still_open
+        );
+    }
+    for g in &done.months {
+        println!("month {g}: settles on what was sent at the next sync");
+    }
+    Ok(())
+}
+
+/// `billsync ledger changes`: a block per change for a person, or one JSON object a line.
+fn format_changes(changes: &[crate::ledger::OpenChange], json: bool) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if json {
+        for c in changes {
+            out.push_str(&serde_json::to_string(c)?);
+            out.push('\n');
+        }
+        return Ok(out);
+    }
+    if changes.is_empty() {
+        out.push_str("no change of a sent record waits for a person\n");
+        return Ok(out);
+    }
+    let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    writeln!(
+        out,
+        "{:<8} {:<8} {:<20} {:<12} KEY",
+        "CHANGE", "RECORD", "SEEN", "SOURCE"
+    )?;
+    for c in changes {
+        writeln!(
+            out,
+            "{:<8} {:<8} {:<20} {:<12} {}",
+            c.change, c.record, c.seen_at, c.source, c.key
+        )?;
+        writeln!(
+            out,
+            "         {} to {} {}/{}: {} = {} (with its corrections: {})",
+            if c.status == "sent" { "sent" } else { "queued" },
+            or(&c.sent_sink),
+            or(&c.sent_subscription),
+            or(&c.sent_metric),
+            or(&c.sent_value_property),
+            or(&c.sent_value),
+            or(&c.sent_total)
+        )?;
+        writeln!(
+            out,
+            "         new content: billed_cost {} {}, quantity {}",
+            or(&c.new_billed_cost),
+            or(&c.new_billing_currency),
+            or(&c.new_consumed_quantity)
+        )?;
+        writeln!(out, "         needs a person: {}", or(&c.reason))?;
+    }
+    writeln!(
+        out,
+        "{} change(s); keep what was sent: billsync ledger resolve --change ID --keep-sent --reason TEXT",
+        changes.len()
+    )?;
+    Ok(out)
 }
 
 /// How `old` compares with `new` when both have the same form (an integer id, an RFC 3339
@@ -614,6 +750,32 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                     reason,
                 } => {
                     set_cursor(&ledger, &source, &stream, &value, allow_forward, &reason).await?;
+                }
+                LedgerCommand::Changes => {
+                    let changes = ledger.open_changes(None).await?;
+                    print!("{}", format_changes(&changes, ctx.json_output)?);
+                }
+                LedgerCommand::Resolve {
+                    change,
+                    keep_sent,
+                    all_of_record,
+                    reason,
+                } => {
+                    if !keep_sent {
+                        return Err(ConfigError(
+                            "say how to resolve the change: --keep-sent (what was billed stays \
+                             billed; the only resolution billsync makes)"
+                                .into(),
+                        )
+                        .into());
+                    }
+                    if reason.trim().is_empty() {
+                        return Err(ConfigError(
+                            "--reason must say why the change is resolved so".into(),
+                        )
+                        .into());
+                    }
+                    resolve_keep_sent(&ledger, change, all_of_record, &reason).await?;
                 }
                 LedgerCommand::Vacuum {
                     older_than,
@@ -1081,6 +1243,9 @@ async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyh
     Ok(())
 }
 
+/// How many changes waiting for a person `status` shows (oldest first).
+const CHANGES_SHOWN: i64 = 5;
+
 async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
     let st = ledger.status().await?;
     println!("ledger {}", ledger.path().display());
@@ -1141,6 +1306,27 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
         "changes of sent records to resolve by hand: {}",
         st.open_changes
     );
+    if st.open_changes > 0 {
+        for c in ledger.open_changes(Some(CHANGES_SHOWN)).await? {
+            println!(
+                "  change {} of {} (seen {}): {}",
+                c.change,
+                c.key,
+                c.seen_at,
+                c.reason.as_deref().unwrap_or("-")
+            );
+        }
+        let more = st.open_changes - CHANGES_SHOWN;
+        println!(
+            "  {}`billsync ledger changes` lists them with what was sent; `billsync ledger \
+             resolve --change ID --keep-sent --reason TEXT` keeps what was sent",
+            if more > 0 {
+                format!("… and {more} more: ")
+            } else {
+                String::new()
+            }
+        );
+    }
     let periods = ledger.period_status().await?;
     if periods != Default::default() {
         println!(

@@ -2400,7 +2400,7 @@ impl Pipeline {
                 return Ok(Settlement::Wait(format!(
                     "{}: its share of the month and its ledger row hold different contents \
                      (a staging that did not commit, or a change waiting for a person: \
-                     `changes to resolve` in status)",
+                     `billsync ledger changes`, then `billsync ledger resolve`)",
                     m.key
                 )));
             }

@@ -97,6 +97,9 @@ pub enum LedgerError {
     /// is carrying: nothing was written; stage again once they are acknowledged.
     #[error("ledger: records {ids:?} changed while a sink request carries them; staging waits for their acknowledgement")]
     InFlight { ids: Vec<i64> },
+    /// `ledger resolve` named a change that does not wait for a person.
+    #[error("ledger: change {id} does not wait for a person: {found} (`billsync ledger changes` lists those that do)")]
+    NoOpenChange { id: i64, found: String },
 }
 
 /// Records `vacuum` prunes for a cutoff (`?1`): sent or ignored, old by charge period and send
@@ -409,6 +412,54 @@ pub struct CorrectionBasis {
     pub sent: SentState,
     /// The original's latest content (`None`: its change history was pruned).
     pub latest: Option<UsageRecord>,
+}
+
+/// A change of a sent or queued record that waits for a person (`billsync ledger changes`):
+/// what went out for the record, and what its new content is and why it cannot go out as a
+/// correction. Decimals are text, exactly as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpenChange {
+    /// The change's id (`billsync ledger resolve --change`).
+    pub change: i64,
+    pub record: i64,
+    pub key: String,
+    pub source: String,
+    /// The record's status: `sent`, or `pending` (queued; it goes out as it was).
+    pub status: String,
+    /// Where and how the record was billed (or is queued to be).
+    pub sent_sink: Option<String>,
+    pub sent_subscription: Option<String>,
+    pub sent_metric: Option<String>,
+    pub sent_value_property: Option<String>,
+    /// The original's value.
+    pub sent_value: Option<String>,
+    /// The original's value plus its corrections that went or go out.
+    pub sent_total: Option<String>,
+    /// The new content as the provider reported it.
+    pub new_billed_cost: Option<String>,
+    pub new_billing_currency: Option<String>,
+    pub new_consumed_quantity: Option<String>,
+    /// Why it needs a person (what the new content maps to instead).
+    pub reason: Option<String>,
+    /// When the new content was read, and by which run.
+    pub seen_at: String,
+    pub run: i64,
+}
+
+/// What `billsync ledger resolve` did.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The changes marked resolved.
+    pub changes: Vec<i64>,
+    pub record: i64,
+    pub key: String,
+    /// Changes of the record that still wait for a person.
+    pub still_open: i64,
+    /// Months (period groups) whose share of the record was confirmed and that are now due
+    /// for settlement.
+    pub months: Vec<String>,
+    /// The audit line written.
+    pub detail: String,
 }
 
 /// Counts and positions for `billsync status`.
@@ -1341,6 +1392,200 @@ impl Ledger {
             .await
             .map_err(sql("writing the audit trail"))?;
         Ok(())
+    }
+
+    // ----- changes of sent records that wait for a person ----------------------------------
+
+    /// Changes of sent or queued records that wait for a person (`unresolved`), oldest first;
+    /// at most `limit` (all when `None`).
+    pub async fn open_changes(&self, limit: Option<i64>) -> Result<Vec<OpenChange>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT c.id, c.record_id, r.idem_key, r.source, r.status, r.sink, r.subscription,
+                 r.metric, r.value_property, r.value,
+                 (SELECT group_concat(k.value, ' ') FROM records k
+                    WHERE k.correction_of = r.id AND (k.status = 'sent' OR k.status = 'pending')),
+                 c.record_json, c.note, c.seen_at, c.run_id
+             FROM record_changes c JOIN records r ON r.id = c.record_id
+             WHERE c.state = 'unresolved' ORDER BY c.id LIMIT ?1",
+        )
+        .bind(limit.unwrap_or(-1))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql("reading changes of sent records"))?;
+        rows.into_iter()
+            .map(|r| {
+                let record: i64 = r.get(1);
+                let value: Option<String> = r.get(9);
+                let corrections: Option<String> = r.get(10);
+                let sent_total = match &value {
+                    None => None,
+                    Some(v) => {
+                        let mut total = parse_dec(record, "value", v)?;
+                        for c in corrections.as_deref().unwrap_or("").split_whitespace() {
+                            total += parse_dec(record, "value", c)?;
+                        }
+                        Some(total.to_string())
+                    }
+                };
+                let json: String = r.get(11);
+                let new: serde_json::Value =
+                    serde_json::from_str(&json).map_err(|e| LedgerError::Corrupt {
+                        id: r.get(0),
+                        field: "record_changes.record_json",
+                        message: e.to_string(),
+                    })?;
+                let text = |field: &str| match new.get(field) {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(other) => Some(other.to_string()),
+                };
+                Ok(OpenChange {
+                    change: r.get(0),
+                    record,
+                    key: r.get(2),
+                    source: r.get(3),
+                    status: r.get(4),
+                    sent_sink: r.get(5),
+                    sent_subscription: r.get(6),
+                    sent_metric: r.get(7),
+                    sent_value_property: r.get(8),
+                    sent_value: value,
+                    sent_total,
+                    new_billed_cost: text("billed_cost"),
+                    new_billing_currency: text("billing_currency"),
+                    new_consumed_quantity: text("consumed_quantity"),
+                    reason: r.get(12),
+                    seen_at: r.get(13),
+                    run: r.get(14),
+                })
+            })
+            .collect()
+    }
+
+    /// Resolve a change that waits for a person by keeping what was sent (`billsync ledger
+    /// resolve --keep-sent`): the change (with `all_of_record`, every open change of its
+    /// record) becomes `kept`, with `reason`, in one transaction with its audit line. Nothing
+    /// is staged or sent: what was billed stays billed, and the record's latest content stays
+    /// recorded (a re-read of it is a no-op).
+    ///
+    /// Once no change of the record waits any more and its latest change is kept, its share of
+    /// a month with period pricing is confirmed for that content: the share (computed from the
+    /// content that was sent, in the month it was billed in) is what the month settles on, and
+    /// the month is marked for settlement. Until then the month waits, as before.
+    pub async fn keep_sent(
+        &self,
+        run_id: i64,
+        change: i64,
+        all_of_record: bool,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Resolved, LedgerError> {
+        let now_s = ts(now);
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        let found = sqlx::query(
+            "SELECT c.state, c.record_id, r.idem_key, r.content_hash, r.match_hash
+             FROM record_changes c JOIN records r ON r.id = c.record_id WHERE c.id = ?1",
+        )
+        .bind(change)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sql("reading a change of a sent record"))?;
+        let Some(found) = found else {
+            return Err(LedgerError::NoOpenChange {
+                id: change,
+                found: "there is no change with this id".into(),
+            });
+        };
+        let state: String = found.get(0);
+        if state != "unresolved" {
+            return Err(LedgerError::NoOpenChange {
+                id: change,
+                found: format!("its state is `{state}`: nothing to resolve"),
+            });
+        }
+        let record: i64 = found.get(1);
+        let key: String = found.get(2);
+        let content_hash: String = found.get(3);
+        let match_hash: Option<String> = found.get(4);
+        let changes: Vec<i64> = sqlx::query_scalar(
+            "UPDATE record_changes SET state = 'kept', resolved_at = ?4, resolved_run = ?5,
+                 resolution = ?6
+             WHERE state = 'unresolved' AND (id = ?1 OR (?2 AND record_id = ?3))
+             RETURNING id",
+        )
+        .bind(change)
+        .bind(all_of_record)
+        .bind(record)
+        .bind(&now_s)
+        .bind(run_id)
+        .bind(reason)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sql("resolving a change of a sent record"))?;
+        let still_open: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM record_changes WHERE record_id = ?1 AND state = 'unresolved'",
+        )
+        .bind(record)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(sql("reading changes of a sent record"))?;
+        let latest: Option<String> = sqlx::query_scalar(
+            "SELECT state FROM record_changes WHERE record_id = ?1 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(record)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sql("reading changes of a sent record"))?;
+        let mut months: Vec<String> = Vec::new();
+        if still_open == 0 && latest.as_deref() == Some("kept") {
+            // The share stays the one of the content that was sent (staging does not move a
+            // sent record's share to another month or subscription, see
+            // `register_period_shares`); it now stands for the record's latest content too.
+            months = sqlx::query_scalar(
+                "UPDATE period_members SET content_hash = ?2, match_hash = ?3
+                 WHERE idem_key = ?1 AND (content_hash <> ?2 OR match_hash IS NOT ?3)
+                 RETURNING group_key",
+            )
+            .bind(&key)
+            .bind(&content_hash)
+            .bind(match_hash.as_deref())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sql("confirming the period share of a sent record"))?;
+            for g in &months {
+                mark_dirty(&mut tx, g).await?;
+            }
+        }
+        let detail = serde_json::json!({
+            "changes": changes,
+            "record": record,
+            "key": key,
+            "resolution": "keep-sent",
+            "reason": reason,
+            "months": months,
+        })
+        .to_string();
+        sqlx::query("INSERT INTO audit (run_id, at, action, detail) VALUES (?1, ?2, ?3, ?4)")
+            .bind(run_id)
+            .bind(&now_s)
+            .bind("resolve")
+            .bind(&detail)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("writing the audit trail"))?;
+        tx.commit().await.map_err(sql("committing a resolution"))?;
+        Ok(Resolved {
+            changes,
+            record,
+            key,
+            still_open,
+            months,
+            detail,
+        })
     }
 
     // ----- pushing ------------------------------------------------------------------------

@@ -1,0 +1,553 @@
+//! Changes of sent records that wait for a person. A record already billed comes back with new
+//! content that cannot go out as a correction (here: renamed, it now belongs to another
+//! customer's subscription). `billsync ledger changes` lists it with what was sent and why;
+//! `billsync ledger resolve --keep-sent` resolves it without any sink traffic (what was billed
+//! stays billed), and the month it was billed in, priced per month, then settles on what was
+//! sent. Reading the same content again raises nothing.
+
+use std::process::{Command, Output, Stdio};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use billsync::config::Secret;
+use billsync::http::RetryPolicy;
+use billsync::ledger::Ledger;
+use billsync::mapping::MappingSet;
+use billsync::providers::Provider;
+use billsync::record::UsageRecord;
+use billsync::simulators::lago::{LagoSim, LagoSimConfig, LagoSimHandle, StoredEvent};
+use billsync::sinks::lago::{LagoConfig, LagoSink};
+use billsync::sync::{Pipeline, RunSummary, SyncOptions};
+use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+fn at(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap()
+}
+
+fn retry() -> RetryPolicy {
+    RetryPolicy {
+        max_retries: 2,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+    }
+}
+
+/// A provider serving the lines it is given, under one chunk: a source re-reading its lines.
+struct Serving(Arc<Mutex<Vec<UsageRecord>>>);
+
+#[async_trait::async_trait]
+impl Provider for Serving {
+    fn kind(&self) -> &'static str {
+        "metalsoft"
+    }
+    fn name(&self) -> &str {
+        "metalsoft"
+    }
+    async fn plan(
+        &self,
+        _cursors: &billsync::providers::Cursors,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<billsync::providers::Chunk>, billsync::providers::ProviderError> {
+        Ok(vec![billsync::providers::Chunk {
+            stream: "lines".into(),
+            window_start: now,
+            window_end: now,
+            detail: String::new(),
+        }])
+    }
+    async fn fetch(
+        &self,
+        _chunk: &billsync::providers::Chunk,
+        _now: DateTime<Utc>,
+    ) -> Result<billsync::providers::Page, billsync::providers::ProviderError> {
+        Ok(billsync::providers::Page {
+            records: self.0.lock().unwrap().clone(),
+            cursor: None,
+        })
+    }
+}
+
+/// One final MetalSoft line of October 2026 for instance 2416, 10.00 GBP, named `name`.
+fn october_line(name: &str) -> UsageRecord {
+    let start = at(2026, 10, 5, 0);
+    UsageRecord {
+        provider: "metalsoft".into(),
+        source: "metalsoft".into(),
+        billing_account_id: "ms".into(),
+        sub_account_id: "1".into(),
+        resource_id: "2416".into(),
+        resource_name: Some(name.into()),
+        resource_type: "instance".into(),
+        service_name: "Instances".into(),
+        sku_id: Some("M.8.8".into()),
+        charge_description: Some("instance-2416".into()),
+        charge_period_start: start,
+        charge_period_end: start + chrono::Duration::hours(1),
+        consumed_quantity: Decimal::from(3600),
+        consumed_unit: "seconds".into(),
+        billed_cost: dec("10.00"),
+        billing_currency: "GBP".into(),
+        scope: "1".into(),
+        natural_key: vec![("instance".into(), "2416".into())],
+        is_final: true,
+        attributes: Default::default(),
+        raw: Default::default(),
+    }
+}
+
+/// Instances named `acme-*` are billed to ACME, `globex-*` to Globex, each at least 50.00 a
+/// month; the line's cost goes out as it is.
+fn by_name() -> MappingSet {
+    MappingSet::from_sources(&[(
+        "customers.yaml".to_string(),
+        "version: 1
+customers:
+  - match: { provider: metalsoft, resource_name: { glob: \"acme-*\" } }
+    external_subscription_id: sub_acme
+    pricing: { minimum: \"50\", period: month }
+  - match: { provider: metalsoft, resource_name: { glob: \"globex-*\" } }
+    external_subscription_id: sub_globex
+    pricing: { minimum: \"50\", period: month }
+rules:
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 0 } }
+"
+        .to_string(),
+    )])
+    .unwrap()
+}
+
+struct World {
+    lago: LagoSimHandle,
+    dir: tempfile::TempDir,
+    served: Arc<Mutex<Vec<UsageRecord>>>,
+}
+
+impl World {
+    async fn start() -> World {
+        World {
+            lago: LagoSim::start(LagoSimConfig {
+                api_key: "lago-key".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+            served: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn ledger_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("ledger.db")
+    }
+
+    fn serve(&self, lines: Vec<UsageRecord>) {
+        *self.served.lock().unwrap() = lines;
+    }
+
+    async fn sync(&self, now: DateTime<Utc>) -> RunSummary {
+        let mut p = Pipeline::new(
+            Ledger::open(&self.ledger_path()).await.unwrap(),
+            vec![Box::new(Serving(self.served.clone()))],
+            vec![Box::new(
+                LagoSink::new(
+                    "lago".into(),
+                    LagoConfig {
+                        api_url: self.lago.url.clone(),
+                        api_key: Secret::new("lago-key"),
+                        batch_size: 10,
+                        timeout: Duration::from_secs(5),
+                        retry: retry(),
+                    },
+                )
+                .unwrap(),
+            )],
+            by_name(),
+        );
+        p.period_close_delay = chrono::Duration::days(1);
+        let summary = p
+            .sync(&SyncOptions {
+                now: Some(now),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        p.ledger.close().await;
+        assert_eq!(summary.sink_errors, Vec::<String>::new());
+        summary
+    }
+
+    /// A settings file for the binary: the ledger of this world (the provider and sink are
+    /// not reached by `status` and `ledger` commands).
+    fn config(&self) -> String {
+        let path = self.dir.path().join("billsync.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "ledger:\n  path: {ledger}\nmappings: []\nproviders:\n  metalsoft:\n    kind: metalsoft\n    endpoint: http://127.0.0.1:9\n    api_key: env:TEST_MS_KEY\n    user_ids: [1]\n    start: 2026-10-01T00:00:00Z\nsinks:\n  lago:\n    kind: lago\n    api_url: {lago}\n    api_key: env:TEST_LAGO_KEY\n",
+                ledger = self.ledger_path().display(),
+                lago = self.lago.url,
+            ),
+        )
+        .unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
+    fn run(&self, output: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_billsync"))
+            .args(["--config", &self.config(), "--output", output])
+            .args(args)
+            .env("TEST_MS_KEY", "ms-key")
+            .env("TEST_LAGO_KEY", "lago-key")
+            .env_remove("BILLSYNC_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    }
+
+    /// `billsync ledger changes --output json`: one object a line.
+    fn open_changes(&self) -> Vec<serde_json::Value> {
+        let out = self.run("json", &["ledger", "changes"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
+
+    fn status(&self) -> String {
+        let out = self.run("text", &["status"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        text(&out)
+    }
+
+    fn adjustments(&self) -> Vec<StoredEvent> {
+        self.lago
+            .events()
+            .into_iter()
+            .filter(|e| e.transaction_id.starts_with("period."))
+            .collect()
+    }
+
+    /// How many changes of sent records the ledger keeps, in any state.
+    async fn changes_kept(&self) -> i64 {
+        let pool = sqlx::SqlitePool::connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new().filename(self.ledger_path()),
+        )
+        .await
+        .unwrap();
+        let n = sqlx::query_scalar("SELECT COUNT(*) FROM record_changes")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        n
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn amount(e: &StoredEvent) -> Decimal {
+    dec(e.properties["amount"].as_str().expect("amount is a string"))
+}
+
+/// A line billed to ACME (10.00, October), renamed to a Globex instance after it was sent. It
+/// cannot be corrected (another subscription): it waits for a person, listed by `ledger
+/// changes` with what was sent and why, and shown by `status`. ACME's October, priced at a
+/// monthly minimum of 50.00, waits for it. Kept as sent, the change is no longer listed, the
+/// month settles on what was sent (an adjustment of exactly 40.00 to ACME, nothing to
+/// Globex), and re-reading the renamed line raises nothing again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_kept_as_sent_is_no_longer_listed_and_its_month_settles_on_what_was_sent() {
+    let w = World::start().await;
+    w.serve(vec![october_line("acme-web")]);
+    let first = w.sync(at(2026, 10, 20, 0)).await;
+    assert_eq!((first.new, first.sent), (1, 1), "{first:?}");
+    let key = october_line("acme-web").idempotency_key();
+
+    // Renamed: it would belong to Globex now. Nothing goes out.
+    w.serve(vec![october_line("globex-web")]);
+    let renamed = w.sync(at(2026, 10, 21, 0)).await;
+    assert_eq!(
+        (
+            renamed.changed_after_send,
+            renamed.corrections,
+            renamed.sent
+        ),
+        (1, 0, 0),
+        "{renamed:?}"
+    );
+    // October has closed: ACME's month waits for the change.
+    w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(w.adjustments().len(), 0, "{:?}", w.lago.events());
+
+    let open = w.open_changes();
+    assert_eq!(open.len(), 1, "{open:?}");
+    let c = &open[0];
+    assert_eq!(c["key"], key.as_str(), "{c}");
+    assert_eq!(c["source"], "metalsoft", "{c}");
+    assert_eq!(c["status"], "sent", "{c}");
+    assert_eq!(c["sent_sink"], "lago", "{c}");
+    assert_eq!(c["sent_subscription"], "sub_acme", "{c}");
+    assert_eq!(c["sent_metric"], "resale_cost", "{c}");
+    assert_eq!(dec(c["sent_value"].as_str().unwrap()), dec("10.00"), "{c}");
+    assert_eq!(dec(c["sent_total"].as_str().unwrap()), dec("10.00"), "{c}");
+    let reason = c["reason"].as_str().unwrap();
+    assert!(reason.contains("sub_globex"), "{reason}");
+    assert!(c["seen_at"].as_str().is_some(), "{c}");
+    let change = c["change"].as_i64().unwrap();
+
+    // A person reads it in the table and in `status`.
+    let table = w.run("text", &["ledger", "changes"]);
+    assert_eq!(table.status.code(), Some(0), "{}", text(&table));
+    let table = text(&table);
+    assert!(
+        table.contains(&key) && table.contains("sub_acme"),
+        "{table}"
+    );
+    assert!(table.contains("sub_globex"), "{table}");
+    let status = w.status();
+    assert!(
+        status.contains("changes of sent records to resolve by hand: 1"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("change {change} of {key}"))
+            && status.contains("billsync ledger changes"),
+        "{status}"
+    );
+
+    // Resolved: what was billed stays billed.
+    let events_before = w.lago.events().len();
+    let resolved = w.run(
+        "text",
+        &[
+            "ledger",
+            "resolve",
+            "--change",
+            &change.to_string(),
+            "--keep-sent",
+            "--reason",
+            "renamed on purpose; October stays with ACME",
+        ],
+    );
+    assert_eq!(resolved.status.code(), Some(0), "{}", text(&resolved));
+    assert_eq!(w.lago.events().len(), events_before, "no sink traffic");
+    assert_eq!(w.open_changes().len(), 0);
+    assert!(
+        w.status()
+            .contains("changes of sent records to resolve by hand: 0"),
+        "{}",
+        w.status()
+    );
+
+    // The next sync settles ACME's October on what was sent: 50.00 − 10.00.
+    let settled = w.sync(at(2026, 11, 10, 1)).await;
+    assert_eq!(
+        (
+            settled.changed_after_send,
+            settled.new,
+            settled.period_adjustments
+        ),
+        (0, 0, 1),
+        "{settled:?}"
+    );
+    let adjustments = w.adjustments();
+    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
+    assert_eq!(adjustments[0].external_subscription_id, "sub_acme");
+    assert_eq!(amount(&adjustments[0]), dec("40.00"));
+    let acme: Decimal = w
+        .lago
+        .events()
+        .iter()
+        .filter(|e| e.external_subscription_id == "sub_acme")
+        .map(amount)
+        .sum();
+    assert_eq!(acme, dec("50.00"), "ACME's October holds its minimum");
+    assert!(
+        w.lago
+            .events()
+            .iter()
+            .all(|e| e.external_subscription_id != "sub_globex"),
+        "{:?}",
+        w.lago.events()
+    );
+
+    // Re-reading the renamed line again raises nothing and sends nothing.
+    let kept = w.changes_kept().await;
+    let again = w.sync(at(2026, 11, 11, 0)).await;
+    assert_eq!(
+        (
+            again.changed_after_send,
+            again.corrections,
+            again.sent,
+            again.period_adjustments
+        ),
+        (0, 0, 0, 0),
+        "{again:?}"
+    );
+    assert_eq!(w.changes_kept().await, kept);
+    assert_eq!(w.open_changes().len(), 0);
+    assert_eq!(w.adjustments().len(), 1);
+}
+
+/// The resolution is kept in the ledger's audit trail with its reason, and only a change that
+/// waits can be resolved: an unknown id, one resolved already, or no resolution named is
+/// refused as a usage error (exit 2), changing nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resolution_is_audited_with_its_reason_and_only_an_open_change_is_resolved() {
+    let w = World::start().await;
+    w.serve(vec![october_line("acme-web")]);
+    w.sync(at(2026, 10, 20, 0)).await;
+    w.serve(vec![october_line("globex-web")]);
+    w.sync(at(2026, 10, 21, 0)).await;
+    let change = w.open_changes()[0]["change"].as_i64().unwrap().to_string();
+
+    let no_resolution = w.run(
+        "text",
+        &["ledger", "resolve", "--change", &change, "--reason", "x"],
+    );
+    assert_eq!(
+        no_resolution.status.code(),
+        Some(2),
+        "{}",
+        text(&no_resolution)
+    );
+    assert!(text(&no_resolution).contains("--keep-sent"));
+    let unknown = w.run(
+        "text",
+        &[
+            "ledger",
+            "resolve",
+            "--change",
+            "999",
+            "--keep-sent",
+            "--reason",
+            "x",
+        ],
+    );
+    assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
+    assert_eq!(w.open_changes().len(), 1, "nothing resolved");
+
+    let args = [
+        "ledger",
+        "resolve",
+        "--change",
+        &change,
+        "--keep-sent",
+        "--reason",
+        "ticket BILL-42",
+    ];
+    let ok = w.run("text", &args);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    let twice = w.run("text", &args);
+    assert_eq!(twice.status.code(), Some(2), "{}", text(&twice));
+    assert!(text(&twice).contains("kept"), "{}", text(&twice));
+
+    let pool = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new().filename(w.ledger_path()),
+    )
+    .await
+    .unwrap();
+    let audit: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, detail FROM audit WHERE action = 'resolve'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let detail: serde_json::Value = serde_json::from_str(&audit[0].1).unwrap();
+    assert_eq!(detail["reason"], "ticket BILL-42");
+    assert_eq!(detail["resolution"], "keep-sent");
+    assert_eq!(detail["changes"][0].as_i64(), change.parse().ok());
+    let (state, resolution): (String, Option<String>) =
+        sqlx::query_as("SELECT state, resolution FROM record_changes WHERE id = ?1")
+            .bind(change.parse::<i64>().unwrap())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), resolution.as_deref()),
+        ("kept", Some("ticket BILL-42"))
+    );
+    pool.close().await;
+}
+
+/// Two changes of one record wait (renamed, then restated at 12.00 while renamed). Resolving
+/// the newer alone leaves the older open: still listed, and the month still waits (a person
+/// has not looked at everything that happened to the record). `--all-of-record` resolves the
+/// rest, and the month settles on what was sent (10.00, not the restated 12.00).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_month_waits_until_every_change_of_its_record_is_resolved() {
+    let w = World::start().await;
+    w.serve(vec![october_line("acme-web")]);
+    w.sync(at(2026, 10, 20, 0)).await;
+    w.serve(vec![october_line("globex-web")]);
+    w.sync(at(2026, 10, 21, 0)).await;
+    let mut restated = october_line("globex-web");
+    restated.billed_cost = dec("12.00");
+    w.serve(vec![restated]);
+    let second = w.sync(at(2026, 10, 22, 0)).await;
+    assert_eq!(second.changed_after_send, 1, "{second:?}");
+    let open = w.open_changes();
+    assert_eq!(open.len(), 2, "{open:?}");
+    assert_eq!(
+        dec(open[1]["new_billed_cost"].as_str().unwrap()),
+        dec("12.00")
+    );
+    let (older, newer) = (
+        open[0]["change"].as_i64().unwrap().to_string(),
+        open[1]["change"].as_i64().unwrap().to_string(),
+    );
+
+    let resolve = |change: &str, all: bool| {
+        let mut args = vec![
+            "ledger",
+            "resolve",
+            "--change",
+            change,
+            "--keep-sent",
+            "--reason",
+            "stays with ACME",
+        ];
+        if all {
+            args.push("--all-of-record");
+        }
+        let out = w.run("text", &args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        text(&out)
+    };
+    let partly = resolve(&newer, false);
+    assert!(partly.contains("1 other change(s)"), "{partly}");
+    let open = w.open_changes();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0]["change"].as_i64().unwrap().to_string(), older);
+    let waiting = w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(waiting.period_adjustments, 0, "{waiting:?}");
+    assert_eq!(w.adjustments().len(), 0);
+
+    resolve(&older, true);
+    assert_eq!(w.open_changes().len(), 0);
+    let settled = w.sync(at(2026, 11, 10, 1)).await;
+    assert_eq!(settled.period_adjustments, 1, "{settled:?}");
+    let adjustments = w.adjustments();
+    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
+    assert_eq!(adjustments[0].external_subscription_id, "sub_acme");
+    assert_eq!(amount(&adjustments[0]), dec("40.00"));
+}
