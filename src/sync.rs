@@ -2388,6 +2388,18 @@ impl Pipeline {
                 // Registered, then the staging did not commit: the re-read stages it.
                 return Ok(Settlement::Wait(format!("{} is not staged yet", m.key)));
             };
+            // A sent or queued record stays where it was billed. A share of it in another
+            // subscription's or metric's month (it was billed without monthly pricing, then
+            // read again with content that maps here: a change for a person, never sent here)
+            // is not part of this month at the sink: counting its value would bill this month
+            // an adjustment for what another subscription holds.
+            if matches!(r.status, Status::Sent | Status::Pending)
+                && (r.sink.as_deref() != Some(g.sink.as_str())
+                    || r.subscription.as_deref() != Some(g.subscription.as_str())
+                    || r.metric.as_deref() != Some(g.metric.as_str()))
+            {
+                continue;
+            }
             // Both hashes, where both sides have the match hash (a share or record kept before
             // match hashes has none).
             let matches_apart = matches!(

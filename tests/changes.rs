@@ -130,10 +130,15 @@ struct World {
     lago: LagoSimHandle,
     dir: tempfile::TempDir,
     served: Arc<Mutex<Vec<UsageRecord>>>,
+    mappings: MappingSet,
 }
 
 impl World {
     async fn start() -> World {
+        World::start_with(by_name()).await
+    }
+
+    async fn start_with(mappings: MappingSet) -> World {
         World {
             lago: LagoSim::start(LagoSimConfig {
                 api_key: "lago-key".into(),
@@ -143,6 +148,7 @@ impl World {
             .unwrap(),
             dir: tempfile::tempdir().unwrap(),
             served: Arc::new(Mutex::new(Vec::new())),
+            mappings,
         }
     }
 
@@ -171,7 +177,7 @@ impl World {
                 )
                 .unwrap(),
             )],
-            by_name(),
+            self.mappings.clone(),
         );
         p.period_close_delay = chrono::Duration::days(1);
         let summary = p
@@ -550,4 +556,67 @@ async fn a_month_waits_until_every_change_of_its_record_is_resolved() {
     assert_eq!(adjustments.len(), 1, "{adjustments:?}");
     assert_eq!(adjustments[0].external_subscription_id, "sub_acme");
     assert_eq!(amount(&adjustments[0]), dec("40.00"));
+}
+
+/// A line billed to ACME, whose pricing is per record, is renamed to a Globex instance; Globex
+/// is priced at a monthly minimum of 50.00. The change waits for a person: nothing of the line
+/// is at Globex. Globex's October must not count the line (its value went to ACME): settling
+/// it with the line would send Globex an adjustment of 40.00 "up to the minimum" on a month in
+/// which Globex holds nothing but that adjustment.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sent_line_renamed_into_a_month_priced_customer_is_not_counted_in_that_month() {
+    let mappings = MappingSet::from_sources(&[(
+        "customers.yaml".to_string(),
+        "version: 1
+customers:
+  - match: { provider: metalsoft, resource_name: { glob: \"acme-*\" } }
+    external_subscription_id: sub_acme
+  - match: { provider: metalsoft, resource_name: { glob: \"globex-*\" } }
+    external_subscription_id: sub_globex
+    pricing: { minimum: \"50\", period: month }
+rules:
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 0 } }
+"
+        .to_string(),
+    )])
+    .unwrap();
+    let w = World::start_with(mappings).await;
+    w.serve(vec![october_line("acme-web")]);
+    let first = w.sync(at(2026, 10, 20, 0)).await;
+    assert_eq!(first.sent, 1, "{first:?}");
+    w.serve(vec![october_line("globex-web")]);
+    let renamed = w.sync(at(2026, 10, 21, 0)).await;
+    assert_eq!(renamed.changed_after_send, 1, "{renamed:?}");
+    let closed = w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(closed.period_adjustments, 0, "{closed:?}");
+    assert!(
+        w.lago
+            .events()
+            .iter()
+            .all(|e| e.external_subscription_id != "sub_globex"),
+        "{:?}",
+        w.lago.events()
+    );
+    // Kept as sent, it stays out of Globex's month too.
+    let change = w.open_changes()[0]["change"].as_i64().unwrap().to_string();
+    let out = w.run(
+        "text",
+        &[
+            "ledger",
+            "resolve",
+            "--change",
+            &change,
+            "--keep-sent",
+            "--reason",
+            "stays ACME's",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let after = w.sync(at(2026, 11, 10, 1)).await;
+    assert_eq!(after.period_adjustments, 0, "{after:?}");
+    assert_eq!(w.adjustments().len(), 0, "{:?}", w.lago.events());
 }

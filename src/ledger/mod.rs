@@ -2869,6 +2869,11 @@ pub struct PeriodMemberRecord {
     pub customer: Option<String>,
     pub value_property: Option<String>,
     pub rule: Option<String>,
+    /// Where the record goes: for a sent or pending record, where it was billed (or is queued
+    /// to be), which a later content cannot move.
+    pub sink: Option<String>,
+    pub subscription: Option<String>,
+    pub metric: Option<String>,
 }
 
 /// One member of a group: its share and the ledger's record (`None`: not staged yet).
@@ -3226,7 +3231,7 @@ impl Ledger {
                  r.value_property, r.rule,
                  (SELECT group_concat(c.value, ' ') FROM records c
                     WHERE c.correction_of = r.id AND c.status <> 'rejected'),
-                 r.source, m.match_hash, r.match_hash
+                 r.source, m.match_hash, r.match_hash, r.sink, r.subscription, r.metric
              FROM period_members m LEFT JOIN records r ON r.idem_key = m.idem_key
              WHERE m.group_key = ?1 ORDER BY m.idem_key",
         )
@@ -3266,6 +3271,9 @@ impl Ledger {
                         customer: r.get(11),
                         value_property: r.get(12),
                         rule: r.get(13),
+                        sink: r.get(18),
+                        subscription: r.get(19),
+                        metric: r.get(20),
                     })
                 }
             };
