@@ -620,3 +620,63 @@ rules:
     assert_eq!(after.period_adjustments, 0, "{after:?}");
     assert_eq!(w.adjustments().len(), 0, "{:?}", w.lago.events());
 }
+
+/// `ledger vacuum` prunes old sent records, with their change history. A change that still
+/// waits for a person is not history: a provider restating a line older than the retention
+/// (seen yesterday, on a record sent more than `--older-than` ago) must stay listed and
+/// counted until someone resolves it, not vanish with the next vacuum (the count would drop to
+/// 0 while the record's month kept waiting, with nothing left to resolve). Once resolved, the
+/// month settles on what was sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_waiting_for_a_person_survives_vacuum_until_it_is_resolved() {
+    let w = World::start().await;
+    w.serve(vec![october_line("acme-web")]);
+    w.sync(at(2026, 10, 20, 0)).await;
+    w.serve(vec![october_line("globex-web")]);
+    w.sync(at(2026, 10, 21, 0)).await;
+    assert_eq!(w.open_changes().len(), 1);
+
+    // Everything sent so far is older than the retention.
+    let ledger = Ledger::open(&w.ledger_path()).await.unwrap();
+    ledger
+        .acquire_lock("test-vacuum", Utc::now(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let pruned = ledger
+        .vacuum(
+            Utc::now() + chrono::Duration::days(1),
+            "test-vacuum",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    ledger.release_lock("test-vacuum").await.unwrap();
+    ledger.close().await;
+    assert_eq!(pruned.pruned, 1, "{pruned:?}");
+
+    let open = w.open_changes();
+    assert_eq!(open.len(), 1, "the change still waits: {open:?}");
+    assert!(
+        w.status()
+            .contains("changes of sent records to resolve by hand: 1"),
+        "{}",
+        w.status()
+    );
+    let change = open[0]["change"].as_i64().unwrap().to_string();
+    let out = w.run(
+        "text",
+        &[
+            "ledger",
+            "resolve",
+            "--change",
+            &change,
+            "--keep-sent",
+            "--reason",
+            "stays ACME's",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let settled = w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(settled.period_adjustments, 1, "{settled:?}");
+    assert_eq!(amount(&w.adjustments()[0]), dec("40.00"));
+}

@@ -1984,8 +1984,10 @@ impl Ledger {
             .await
             .map_err(sql("counting prunable records"))?;
         if n > 0 {
+            // A change that waits for a person is not history: it stays (listed and counted)
+            // until it is resolved, however old its record.
             sqlx::query(
-                "DELETE FROM record_changes WHERE record_id IN (
+                "DELETE FROM record_changes WHERE state <> 'unresolved' AND record_id IN (
                  SELECT id FROM records WHERE status IN ('sent', 'ignored')
                    AND charge_period_start < ?1 AND COALESCE(sent_at, updated_at) < ?1)",
             )
