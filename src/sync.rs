@@ -848,9 +848,28 @@ impl Pipeline {
             || row.mapped.metric.as_deref() != sent.metric.as_deref()
             || row.mapped.sink.as_deref() != sent.sink.as_deref()
         {
+            // sink:subscription/metric, `-` for what is not there.
+            let place = |sink: Option<&str>, sub: Option<&str>, metric: Option<&str>| {
+                format!(
+                    "{}:{}/{}",
+                    sink.unwrap_or("-"),
+                    sub.unwrap_or("-"),
+                    metric.unwrap_or("-")
+                )
+            };
             return Correction::Unresolved(format!(
-                "{} changed after it was sent or queued for sending, and now maps to {:?}/{:?} instead of {:?}/{:?}: resolve by hand",
-                sent.key, row.mapped.subscription, row.mapped.metric, sent.subscription, sent.metric
+                "{} changed after it was sent or queued for sending, and now maps to {} instead of {}: resolve by hand",
+                sent.key,
+                place(
+                    row.mapped.sink.as_deref(),
+                    row.mapped.subscription.as_deref(),
+                    row.mapped.metric.as_deref()
+                ),
+                place(
+                    sent.sink.as_deref(),
+                    sent.subscription.as_deref(),
+                    sent.metric.as_deref()
+                )
             ));
         }
         // The difference goes out under the event's property: one the metric that summed the

@@ -316,7 +316,12 @@ async fn a_change_kept_as_sent_is_no_longer_listed_and_its_month_settles_on_what
     assert_eq!(dec(c["sent_value"].as_str().unwrap()), dec("10.00"), "{c}");
     assert_eq!(dec(c["sent_total"].as_str().unwrap()), dec("10.00"), "{c}");
     let reason = c["reason"].as_str().unwrap();
-    assert!(reason.contains("sub_globex"), "{reason}");
+    assert!(
+        reason.contains(
+            "now maps to lago:sub_globex/resale_cost instead of lago:sub_acme/resale_cost"
+        ),
+        "{reason}"
+    );
     assert!(c["seen_at"].as_str().is_some(), "{c}");
     let change = c["change"].as_i64().unwrap();
 
