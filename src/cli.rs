@@ -901,7 +901,21 @@ async fn push_metrics(settings: &Settings, pipeline: &Pipeline, summary: &RunSum
         .iter()
         .map(|s| s.name().to_string())
         .collect();
-    let body = observe::render_metrics(summary, &status, chrono::Utc::now(), &sinks);
+    // Months with period pricing: a failed read leaves their metrics out, not the run's.
+    let periods = match pipeline.ledger.period_status().await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "period metrics not pushed: cannot read the months");
+            None
+        }
+    };
+    let body = observe::render_metrics(
+        summary,
+        &status,
+        periods.as_ref(),
+        chrono::Utc::now(),
+        &sinks,
+    );
     if let Err(e) = observe::push_metrics(metrics, &summary.command, body).await {
         tracing::warn!(error = %e, "metrics not pushed");
     }

@@ -390,6 +390,7 @@ fn escape_label(v: &str) -> String {
 pub fn render_metrics(
     s: &RunSummary,
     status: &LedgerStatus,
+    periods: Option<&crate::ledger::PeriodStatus>,
     now: chrono::DateTime<chrono::Utc>,
     sink_names: &[String],
 ) -> String {
@@ -518,6 +519,42 @@ pub fn render_metrics(
         "gauge",
         lag,
     );
+    // Revenue that waits for a person: a change of a sent record billsync will not correct on
+    // its own, and months with period pricing that do not settle (their tier adjustment or
+    // minimum is not sent while they wait).
+    metric(
+        "billsync_changes_unresolved",
+        "Changes of sent records that wait for a person (billsync ledger changes).",
+        "gauge",
+        vec![(String::new(), status.open_changes.to_string())],
+    );
+    if let Some(p) = periods.filter(|p| p.open + p.settled + p.changed > 0) {
+        metric(
+            "billsync_period_months",
+            "Months with period pricing by state (open: never settled; changed: settled, changed since; unsettleable: listed by status).",
+            "gauge",
+            [
+                ("open", p.open),
+                ("settled", p.settled),
+                ("changed", p.changed),
+                ("unsettleable", p.unsettleable),
+            ]
+            .into_iter()
+            .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n.to_string()))
+            .collect(),
+        );
+        metric(
+            "billsync_period_settlement_lag_seconds",
+            "How long ago the oldest month waiting to be settled (or settled again) ended; 0 when none has ended.",
+            "gauge",
+            vec![(
+                String::new(),
+                p.oldest_due_end
+                    .map_or(0, |end| (now - end).num_seconds().max(0))
+                    .to_string(),
+            )],
+        );
+    }
     if matches!(s.outcome, RunOutcome::Ok | RunOutcome::Undelivered) {
         metric(
             "billsync_last_success_timestamp_seconds",

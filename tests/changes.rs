@@ -192,6 +192,16 @@ impl World {
         summary
     }
 
+    /// The metrics a sync at `now` would push: the revenue that waits for a person shows
+    /// where alerts can see it.
+    async fn metrics(&self, summary: &RunSummary, now: DateTime<Utc>) -> String {
+        let ledger = Ledger::open(&self.ledger_path()).await.unwrap();
+        let status = ledger.status().await.unwrap();
+        let periods = ledger.period_status().await.unwrap();
+        ledger.close().await;
+        billsync::observe::render_metrics(summary, &status, Some(&periods), now, &["lago".into()])
+    }
+
     /// A settings file for the binary: the ledger of this world (the provider and sink are
     /// not reached by `status` and `ledger` commands).
     fn config(&self) -> String {
@@ -301,8 +311,18 @@ async fn a_change_kept_as_sent_is_no_longer_listed_and_its_month_settles_on_what
         "{renamed:?}"
     );
     // October has closed: ACME's month waits for the change.
-    w.sync(at(2026, 11, 10, 0)).await;
+    let waiting = w.sync(at(2026, 11, 10, 0)).await;
     assert_eq!(w.adjustments().len(), 0, "{:?}", w.lago.events());
+    // Alerts see both: one change waits for a person, and the oldest month due for settlement
+    // ended 9 days ago (its close delay is one day).
+    let metrics = w.metrics(&waiting, at(2026, 11, 10, 0)).await;
+    for line in [
+        "billsync_changes_unresolved 1\n",
+        "billsync_period_settlement_lag_seconds 777600\n",
+        "billsync_period_months{state=\"unsettleable\"} 0\n",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
 
     let open = w.open_changes();
     assert_eq!(open.len(), 1, "{open:?}");
@@ -380,6 +400,13 @@ async fn a_change_kept_as_sent_is_no_longer_listed_and_its_month_settles_on_what
         (0, 0, 1),
         "{settled:?}"
     );
+    let metrics = w.metrics(&settled, at(2026, 11, 10, 1)).await;
+    for line in [
+        "billsync_changes_unresolved 0\n",
+        "billsync_period_settlement_lag_seconds 0\n",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
     let adjustments = w.adjustments();
     assert_eq!(adjustments.len(), 1, "{adjustments:?}");
     assert_eq!(adjustments[0].external_subscription_id, "sub_acme");

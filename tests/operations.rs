@@ -167,9 +167,12 @@ async fn metrics_are_pushed_to_the_pushgateway_after_a_run() {
         "billsync_cursor_lag_seconds{source=\"metalsoft_test\",stream=\"user:1\"}",
         "billsync_last_success_timestamp_seconds ",
         "billsync_run_duration_seconds ",
+        "billsync_changes_unresolved 0\n",
     ] {
         assert!(body.contains(line), "missing {line:?} in\n{body}");
     }
+    // No mapping prices per month: no month metrics.
+    assert!(!body.contains("billsync_period_"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2904,6 +2904,12 @@ pub struct PeriodStatus {
     pub changed: i64,
     /// Groups that cannot be settled, with the reason: (group label, note).
     pub problems: Vec<(String, String)>,
+    /// How many groups cannot be settled (`problems` shows the first 20).
+    pub unsettleable: i64,
+    /// The end of the oldest month waiting to be settled, or settled again after a change
+    /// (`dirty`): a month that stays there well past `period_close_delay` is stuck (a change
+    /// waiting for a person, a source that keeps failing, a problem).
+    pub oldest_due_end: Option<DateTime<Utc>>,
 }
 
 fn parse_ts(id: i64, field: &'static str, text: &str) -> Result<DateTime<Utc>, LedgerError> {
@@ -3329,7 +3335,9 @@ impl Ledger {
         let r = sqlx::query(
             "SELECT COALESCE(SUM(settled_at IS NULL), 0),
                     COALESCE(SUM(settled_at IS NOT NULL AND dirty = 0), 0),
-                    COALESCE(SUM(settled_at IS NOT NULL AND dirty = 1), 0)
+                    COALESCE(SUM(settled_at IS NOT NULL AND dirty = 1), 0),
+                    COALESCE(SUM(note IS NOT NULL), 0),
+                    (SELECT MIN(period_end) FROM period_groups WHERE dirty = 1)
              FROM period_groups",
         )
         .fetch_one(&self.pool)
@@ -3345,11 +3353,16 @@ impl Ledger {
         .into_iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
+        let oldest: Option<String> = r.get(4);
         Ok(PeriodStatus {
             open: r.get(0),
             settled: r.get(1),
             changed: r.get(2),
             problems,
+            unsettleable: r.get(3),
+            oldest_due_end: oldest
+                .map(|t| parse_ts(0, "period_groups.period_end", &t))
+                .transpose()?,
         })
     }
 
