@@ -11,6 +11,11 @@
 //! storing and the ledger recording, repaired by the next run). Anything else (another value, a
 //! second copy, a rejected or provisional record in the sink) is *unexplained* and makes the
 //! command exit non-zero.
+//!
+//! A sink that keeps only aggregates (Stripe: what its meter counted per customer and event
+//! name) is read back as one total per (sink, subscription, metric) and compared with what was
+//! sent for that group ([`SinkTotal`]): any difference is unexplained, since a total cannot say
+//! which events it lacks.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -70,6 +75,31 @@ pub struct Report {
     /// Sink events whose key the ledger does not know, per (sink, subscription, metric).
     pub unknown_events: Vec<String>,
     pub read_back_errors: Vec<String>,
+    /// Sinks read back only as a total per (subscription, metric) (Stripe: what its meter
+    /// counted for a customer), compared with what was sent for all lines of that group.
+    pub sink_totals: Vec<SinkTotal>,
+}
+
+/// A sink's counted total for one (sink, subscription, metric) beside what the ledger sent,
+/// for sinks that keep no readable events (Stripe meter event summaries). When the group is a
+/// single line its `read_back` and `unexplained` carry the same comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkTotal {
+    pub sink: String,
+    /// For Stripe: the customer id.
+    pub subscription: String,
+    /// For Stripe: the meter's event name.
+    pub metric: String,
+    /// Report lines (sources, billing accounts) sharing this total.
+    pub lines: u64,
+    pub sent: Decimal,
+    pub pending: Decimal,
+    /// What the sink counted.
+    pub read_back: Decimal,
+    /// `read_back − sent`: zero when they agree.
+    pub unexplained: Decimal,
+    /// Where the total comes from (meter, customer, window).
+    pub source: String,
 }
 
 impl Report {
@@ -78,6 +108,7 @@ impl Report {
     pub fn is_reconciled(&self) -> bool {
         self.unknown_events.is_empty()
             && self.read_back_errors.is_empty()
+            && self.sink_totals.iter().all(|t| t.unexplained.is_zero())
             && self
                 .lines
                 .values()
@@ -185,6 +216,7 @@ pub async fn reconcile(
     // Read back each (sink, subscription, metric) that has anything mapped.
     let mut unknown_events = Vec::new();
     let mut read_back_errors = Vec::new();
+    let mut totals_read = Vec::new();
     let groups: Vec<(String, LineKey)> = lines
         .iter()
         .filter(|(_, (k, _))| !k.metric.is_empty())
@@ -210,7 +242,15 @@ pub async fn reconcile(
         };
         let events = match sink.read_back(&query).await {
             Ok(Some(events)) => events,
-            Ok(None) => continue,
+            // A sink that keeps only aggregates (Stripe): its counted total for the group.
+            Ok(None) => {
+                match sink.read_back_total(&query).await {
+                    Ok(Some(total)) => totals_read.push((key.clone(), total)),
+                    Ok(None) => {}
+                    Err(e) => read_back_errors.push(e),
+                }
+                continue;
+            }
             Err(e) => {
                 read_back_errors.push(e);
                 continue;
@@ -329,6 +369,7 @@ pub async fn reconcile(
             }
         }
     }
+    let sink_totals = compare_totals(&mut lines, totals_read, period);
     for (_, line) in lines.values_mut() {
         if let Some(rb) = line.read_back {
             line.unexplained = rb - line.sent - line.in_sink_unacknowledged;
@@ -343,7 +384,79 @@ pub async fn reconcile(
         lines,
         unknown_events,
         read_back_errors,
+        sink_totals,
     })
+}
+
+/// Line up each total read back from an aggregating sink with what the ledger sent for its
+/// (sink, subscription, metric). The total cannot be split by key, source or billing account:
+/// a group of one line gets it as its `read_back` (its `unexplained` is then the difference);
+/// a group of several lines is compared as a whole in the returned [`SinkTotal`], and each of
+/// its lines says so. A difference is explained by nothing: the total says how much, not
+/// which events, so the notes say what may cause it.
+fn compare_totals(
+    lines: &mut BTreeMap<String, (LineKey, Line)>,
+    totals: Vec<(LineKey, crate::sinks::ReadBackTotal)>,
+    period: &str,
+) -> Vec<SinkTotal> {
+    let mut out = Vec::new();
+    for (key, total) in totals {
+        let same = |k: &LineKey| {
+            k.sink == key.sink && k.subscription == key.subscription && k.metric == key.metric
+        };
+        let (mut count, mut sent, mut pending) = (0u64, Decimal::ZERO, Decimal::ZERO);
+        for (k, l) in lines.values() {
+            if same(k) {
+                count += 1;
+                sent += l.sent;
+                pending += l.pending;
+            }
+        }
+        let difference = total.total - sent;
+        let mut note = None;
+        if !difference.is_zero() {
+            let why = if difference < Decimal::ZERO {
+                "Stripe counted less than was sent: an event it accepted and dropped later (unknown customer, no meter, outside its window, a refused value) shows only in Stripe's meter error reports, not in its HTTP answer; or its summaries lag the last minutes"
+            } else {
+                "Stripe counted more than was sent: events sent by something else, or records still pending here that Stripe already holds"
+            };
+            let pending_hint = if pending.is_zero() {
+                String::new()
+            } else {
+                format!("; {pending} is still pending here (the next run sends or confirms it)")
+            };
+            note = Some(format!(
+                "{} counted {} for {} {} in {period}, billsync sent {sent}: difference {difference} ({why}{pending_hint})",
+                key.sink, total.total, key.subscription, key.metric
+            ));
+        }
+        for (k, l) in lines.values_mut() {
+            if !same(k) {
+                continue;
+            }
+            if count == 1 {
+                l.read_back = Some(total.total);
+                l.notes.extend(note.clone());
+            } else {
+                l.notes.push(format!(
+                    "{} counts {} {} only as one total for {count} lines: compared together under sink totals",
+                    key.sink, key.subscription, key.metric
+                ));
+            }
+        }
+        out.push(SinkTotal {
+            sink: key.sink.clone(),
+            subscription: key.subscription.clone(),
+            metric: key.metric.clone(),
+            lines: count,
+            sent,
+            pending,
+            read_back: total.total,
+            unexplained: difference,
+            source: total.source,
+        });
+    }
+    out
 }
 
 const CSV_HEADER: &str = "source,billing_account_id,subscription,metric,sink,currency,records,provider_cost,mapped,corrections,sent,pending,provisional,rejected,read_back,in_sink_unacknowledged,unexplained,notes";
@@ -380,6 +493,37 @@ pub fn to_csv(report: &Report) -> String {
             l.in_sink_unacknowledged.to_string(),
             l.unexplained.to_string(),
             l.notes.join("; "),
+        ];
+        out.push_str(
+            &fields
+                .iter()
+                .map(|f| csv_field(f))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        out.push('\n');
+    }
+    // Totals of aggregating sinks shared by several lines: one row for the group.
+    for t in report.sink_totals.iter().filter(|t| t.lines > 1) {
+        let fields = [
+            "(all)".to_string(),
+            "(all)".to_string(),
+            t.subscription.clone(),
+            t.metric.clone(),
+            t.sink.clone(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            t.sent.to_string(),
+            t.pending.to_string(),
+            String::new(),
+            String::new(),
+            t.read_back.to_string(),
+            "0".to_string(),
+            t.unexplained.to_string(),
+            t.source.clone(),
         ];
         out.push_str(
             &fields
@@ -448,6 +592,23 @@ pub fn to_table(report: &Report) -> String {
         for n in &l.notes {
             out.push_str(&format!("    {n}\n"));
         }
+    }
+    for t in report.sink_totals.iter().filter(|t| t.lines > 1) {
+        out.push_str(&format!(
+            "{} {} {} ({} lines together): sent {}, {} counted {} — {}\n",
+            t.sink,
+            t.subscription,
+            t.metric,
+            t.lines,
+            t.sent,
+            t.sink,
+            t.read_back,
+            if t.unexplained.is_zero() {
+                "agrees".to_string()
+            } else {
+                format!("UNEXPLAINED DIFFERENCE {}", t.unexplained)
+            }
+        ));
     }
     for e in &report.unknown_events {
         out.push_str(&format!("UNEXPLAINED: {e}\n"));

@@ -840,3 +840,195 @@ async fn an_invalid_api_version_stops_the_sink_instead_of_rejecting_records() {
         .expect_err("a bad api_version stops the sink");
     assert!(stop.message.contains("check api_version"), "{stop}");
 }
+
+// --- read-back: meters and event summaries --------------------------------------------------
+
+/// GET `path` on the simulator with the secret key: status and JSON.
+async fn sim_get(stripe: &StripeSimHandle, path: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .get(format!("{}{path}", stripe.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// The simulator counts what it accepted as Stripe's meters would, over Stripe's windows and
+/// pages, and refuses what Stripe refuses.
+#[tokio::test]
+async fn the_simulator_serves_meters_and_summaries_with_stripes_pagination_and_errors() {
+    use billsync::simulators::stripe::SimMeter;
+    let stripe = StripeSim::start(StripeSimConfig {
+        auto_meters: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    stripe.add_meter(SimMeter::sum("mtr_1", "api_calls"));
+    stripe.add_meter(SimMeter::sum("mtr_2", "storage"));
+    let s = sink(&stripe.url, fast_retry(0));
+    // Two hours on hour boundaries, an hour ago at most.
+    let hour = (Utc::now().timestamp() / 3600 - 2) * 3600;
+    let at = |secs: i64| Utc.timestamp_opt(hour + secs, 0).single().unwrap();
+    let b = batch(
+        &s,
+        &[
+            ("k1", event("cus_A", "5", at(10))),
+            ("k2", event("cus_A", "7", at(3_600 + 5))),
+            ("k3", event("cus_B", "100", at(20))),
+        ],
+    );
+    assert!(s
+        .deliver(&b)
+        .await
+        .unwrap()
+        .iter()
+        .all(|o| *o == Outcome::Delivered));
+
+    // Meters: newest first, paged by starting_after.
+    let (code, page) = sim_get(&stripe, "/v1/billing/meters?limit=1").await;
+    assert_eq!(code, 200);
+    assert_eq!(page["data"][0]["id"], "mtr_2");
+    assert_eq!(page["has_more"], true);
+    let (_, page) = sim_get(&stripe, "/v1/billing/meters?limit=1&starting_after=mtr_2").await;
+    assert_eq!(page["data"][0]["id"], "mtr_1");
+    assert_eq!(page["data"][0]["default_aggregation"]["formula"], "sum");
+    assert_eq!(page["has_more"], false);
+
+    // One summary for the whole range, per customer, end exclusive.
+    let (start, end) = (hour, hour + 7_200);
+    let q = |extra: &str| {
+        format!("/v1/billing/meters/mtr_1/event_summaries?customer=cus_A&start_time={start}&end_time={end}{extra}")
+    };
+    let (code, page) = sim_get(&stripe, &q("")).await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page["data"][0]["aggregated_value"].to_string(), "12");
+    assert_eq!(page["data"][0]["object"], "billing.meter_event_summary");
+    // Per hour, paged.
+    let (_, page) = sim_get(&stripe, &q("&value_grouping_window=hour&limit=1")).await;
+    assert_eq!(page["data"][0]["aggregated_value"].to_string(), "5");
+    assert_eq!(page["has_more"], true);
+    let after = page["data"][0]["id"].as_str().unwrap().to_string();
+    let (_, page) = sim_get(
+        &stripe,
+        &q(&format!(
+            "&value_grouping_window=hour&limit=1&starting_after={after}"
+        )),
+    )
+    .await;
+    assert_eq!(page["data"][0]["aggregated_value"].to_string(), "7");
+    assert_eq!(page["has_more"], false);
+
+    // Stripe's refusals: off a minute boundary, off the hour with hourly grouping, a missing
+    // customer, an unknown meter.
+    let off = format!(
+        "/v1/billing/meters/mtr_1/event_summaries?customer=cus_A&start_time={}&end_time={end}",
+        start + 30
+    );
+    let (code, e) = sim_get(&stripe, &off).await;
+    assert_eq!(code, 400);
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert_eq!(e["error"]["param"], "start_time");
+    let off_hour = format!(
+        "/v1/billing/meters/mtr_1/event_summaries?customer=cus_A&start_time={start}&end_time={}&value_grouping_window=hour",
+        end - 60
+    );
+    assert_eq!(sim_get(&stripe, &off_hour).await.0, 400);
+    let (code, e) = sim_get(
+        &stripe,
+        &format!("/v1/billing/meters/mtr_1/event_summaries?start_time={start}&end_time={end}"),
+    )
+    .await;
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (400, Some("parameter_missing"))
+    );
+    let (code, e) = sim_get(
+        &stripe,
+        &format!(
+            "/v1/billing/meters/mtr_9/event_summaries?customer=cus_A&start_time={start}&end_time={end}"
+        ),
+    )
+    .await;
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (404, Some("resource_missing"))
+    );
+}
+
+/// The sink's read-back: the meter found over several pages, the customer's summary read
+/// exactly; a window Stripe would refuse, or a meter that does not sum what the sink sends,
+/// is an error, not a number that cannot be compared.
+#[tokio::test]
+async fn read_back_sums_the_customers_meter_and_refuses_what_cannot_be_compared() {
+    use billsync::simulators::stripe::SimMeter;
+    use billsync::sinks::ReadBackQuery;
+    let stripe = StripeSim::start(StripeSimConfig {
+        auto_meters: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // 150 meters: the one read back is on the second page.
+    stripe.add_meter(SimMeter::sum("mtr_api", "api_calls"));
+    for i in 0..149 {
+        stripe.add_meter(SimMeter::sum(format!("mtr_{i}"), format!("other_{i}")));
+    }
+    let mut counted = SimMeter::sum("mtr_count", "requests");
+    counted.formula = "count".into();
+    stripe.add_meter(counted);
+    let s = sink(&stripe.url, fast_retry(0));
+    let t = ago(chrono::Duration::hours(1));
+    let b = batch(
+        &s,
+        &[
+            ("k1", event("cus_A", "9007199254740993", t)),
+            ("k2", event("cus_A", "2", t)),
+        ],
+    );
+    s.deliver(&b).await.unwrap();
+    let from = Utc
+        .timestamp_opt((t.timestamp() / 60 - 5) * 60, 0)
+        .single()
+        .unwrap();
+    let query = |metric: &str, from: DateTime<Utc>| ReadBackQuery {
+        subscription: "cus_A".into(),
+        metric: metric.into(),
+        from,
+        to: from + chrono::Duration::hours(2),
+    };
+    let total = s
+        .read_back_total(&query("api_calls", from))
+        .await
+        .unwrap()
+        .expect("Stripe is read back as a total");
+    // 2^53 + 1 + 2, odd: exact only if the JSON number never went through f64.
+    assert_eq!(total.total, Decimal::from_str("9007199254740995").unwrap());
+    assert!(total.source.contains("mtr_api"), "{}", total.source);
+    let meter_pages = stripe
+        .requests()
+        .iter()
+        .filter(|r| r.route == "GET /v1/billing/meters")
+        .count();
+    assert_eq!(meter_pages, 2);
+
+    let before = stripe.requests().len();
+    let err = s
+        .read_back_total(&query("api_calls", from + chrono::Duration::seconds(30)))
+        .await
+        .unwrap_err();
+    assert!(err.contains("minute boundaries"), "{err}");
+    assert_eq!(stripe.requests().len(), before, "refused without a request");
+
+    let err = s
+        .read_back_total(&query("requests", from))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("mtr_count") && err.contains("\"count\""),
+        "{err}"
+    );
+}

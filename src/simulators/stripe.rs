@@ -22,6 +22,25 @@
 //! - Value checks that Stripe makes asynchronously (missing customer key, value not a whole
 //!   number) are not HTTP errors either: the event is stored and an async error recorded.
 //!
+//! - Read-back: `GET /v1/billing/meters` (newest first, `status`, `limit` 1–100 default 10,
+//!   `starting_after`) and `GET /v1/billing/meters/{id}/event_summaries` (`customer`,
+//!   `start_time`, `end_time` required, Unix seconds on minute boundaries, end exclusive;
+//!   `value_grouping_window` `hour`/`day` needs hour/day boundaries and gives one summary per
+//!   window; paged like any list; `aggregated_value` an exact JSON number by the meter's
+//!   `sum`/`count`/`last`). Only events no async check refused are counted:
+//!   [`StripeSimHandle::drop_next_asynchronously`] accepts an event and then drops it, as Stripe
+//!   does for an unknown customer (reported by [`StripeSimHandle::async_errors`] only).
+//!
+//! Where the read-back differs from Stripe: summaries are exact at once (Stripe's are eventually
+//! consistent and lag recent events); with [`StripeSimConfig::auto_meters`] (the default) a meter
+//! springs up for each new event name (on Stripe an event without a meter is dropped, `no_meter`,
+//! as the simulator does with `auto_meters: false`); customers are not checked (no
+//! `meter_event_customer_not_found` unless injected); a refused window alignment is a 400
+//! `invalid_request_error` naming the parameter, with the simulator's own wording and no code
+//! (Stripe documents the rule, not its error); `ending_before` is refused as not simulated;
+//! meter objects carry only the fields read-back uses (fixed `created`), summary ids are
+//! synthetic.
+//!
 //! Error wording is the simulator's own where Stripe's exact text is not documented (the time
 //! window messages); the identifier duplicate text follows what Stripe was observed to answer.
 //! Faults ([`StripeSimHandle`]): 5xx and 429 (with `Retry-After`) for the next N ingestion
@@ -34,10 +53,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use axum::extract::Path;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use rust_decimal::Decimal;
@@ -63,6 +83,11 @@ pub struct StripeSimConfig {
     pub value_key: String,
     /// Largest stream request.
     pub max_stream_events: usize,
+    /// Create a meter (sum of `value_key`, customers by `stripe_customer_id`) for each new
+    /// event name, as a test account set up for its mapping would have. Off: only meters
+    /// added with [`StripeSimHandle::add_meter`] count, and an event without one is dropped
+    /// asynchronously (`no_meter`).
+    pub auto_meters: bool,
 }
 
 impl Default for StripeSimConfig {
@@ -75,6 +100,7 @@ impl Default for StripeSimConfig {
             session_ttl: Duration::from_secs(900),
             value_key: "value".into(),
             max_stream_events: 100,
+            auto_meters: true,
         }
     }
 }
@@ -107,6 +133,57 @@ pub struct StoredMeterEvent {
     pub api: Api,
 }
 
+/// A `billing.meter`, as far as the simulator models it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimMeter {
+    /// `mtr_…`.
+    pub id: String,
+    pub event_name: String,
+    /// `default_aggregation.formula`: `sum`, `count` or `last`.
+    pub formula: String,
+    /// `customer_mapping.event_payload_key`.
+    pub customer_key: String,
+    /// `value_settings.event_payload_key`.
+    pub value_key: String,
+    /// `active` or `inactive`.
+    pub status: String,
+    /// `event_time_window` (`hour`, `day`), `None` for none.
+    pub event_time_window: Option<String>,
+}
+
+impl SimMeter {
+    /// An active sum meter of `event_name` with Stripe's default keys.
+    pub fn sum(id: impl Into<String>, event_name: impl Into<String>) -> SimMeter {
+        SimMeter {
+            id: id.into(),
+            event_name: event_name.into(),
+            formula: "sum".into(),
+            customer_key: "stripe_customer_id".into(),
+            value_key: "value".into(),
+            status: "active".into(),
+            event_time_window: None,
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "object": "billing.meter",
+            "created": 1_700_000_000,
+            "customer_mapping": { "event_payload_key": self.customer_key, "type": "by_id" },
+            "default_aggregation": { "formula": self.formula },
+            "display_name": self.event_name,
+            "event_name": self.event_name,
+            "event_time_window": self.event_time_window,
+            "livemode": false,
+            "status": self.status,
+            "status_transitions": { "deactivated_at": null },
+            "updated": 1_700_000_000,
+            "value_settings": { "event_payload_key": self.value_key },
+        })
+    }
+}
+
 /// How a "store then lose the answer" fault loses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropMode {
@@ -134,6 +211,10 @@ struct Faults {
     drop_after_store: VecDeque<DropMode>,
     /// Statuses answered *and saved* under the request's Idempotency-Key.
     saved_failures: VecDeque<u16>,
+    /// Error codes for the next events stored: accepted, then dropped asynchronously.
+    async_drops: VecDeque<String>,
+    /// Statuses for the next read-back (GET) requests.
+    read_failures: VecDeque<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +233,9 @@ struct Store {
     sessions_created: usize,
     generated: u64,
     async_errors: Vec<(String, String)>,
+    meters: Vec<SimMeter>,
+    /// Identifiers of stored events Stripe would not count (refused asynchronously).
+    uncounted: std::collections::HashSet<String>,
 }
 
 /// A request the simulator received.
@@ -200,6 +284,8 @@ pub struct StripeSim;
 const V1_ROUTE: &str = "POST /v1/billing/meter_events";
 const STREAM_ROUTE: &str = "POST /v2/billing/meter_event_stream";
 const SESSION_ROUTE: &str = "POST /v2/billing/meter_event_session";
+const METERS_ROUTE: &str = "GET /v1/billing/meters";
+const SUMMARIES_ROUTE: &str = "GET /v1/billing/meters/{id}/event_summaries";
 
 impl StripeSim {
     /// Bind `127.0.0.1:0` and serve in a background task of the current Tokio runtime.
@@ -216,6 +302,11 @@ impl StripeSim {
             .route("/v1/billing/meter_events", post(post_v1))
             .route("/v2/billing/meter_event_session", post(post_session))
             .route("/v2/billing/meter_event_stream", post(post_stream))
+            .route("/v1/billing/meters", get(list_meters))
+            .route(
+                "/v1/billing/meters/{id}/event_summaries",
+                get(list_summaries),
+            )
             .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -291,6 +382,33 @@ impl StripeSimHandle {
     /// `Idempotency-Key`, as Stripe does for a 500 once the endpoint started executing.
     pub fn fail_and_save_next(&self, status: u16) {
         lock(&self.shared.faults).saved_failures.push_back(status);
+    }
+
+    /// Accept the next `n` events stored (v1 or stream) as usual, then drop each
+    /// asynchronously with Stripe's meter event error `code` (e.g.
+    /// `meter_event_customer_not_found`): the HTTP answer is a success, the event is listed by
+    /// [`StripeSimHandle::async_errors`] and no meter counts it.
+    pub fn drop_next_asynchronously(&self, n: usize, code: &str) {
+        lock(&self.shared.faults)
+            .async_drops
+            .extend(std::iter::repeat_n(code.to_string(), n));
+    }
+
+    /// Answer the next `n` read-back requests (`GET /v1/billing/meters…`) with `status`.
+    pub fn fail_next_reads(&self, n: usize, status: u16) {
+        lock(&self.shared.faults)
+            .read_failures
+            .extend(std::iter::repeat_n(status, n));
+    }
+
+    /// Add a meter (served by `GET /v1/billing/meters`).
+    pub fn add_meter(&self, meter: SimMeter) {
+        lock(&self.shared.store).meters.push(meter);
+    }
+
+    /// The meters, in creation order.
+    pub fn meters(&self) -> Vec<SimMeter> {
+        lock(&self.shared.store).meters.clone()
     }
 
     /// Expire every v2 session token now.
@@ -546,8 +664,35 @@ fn is_duplicate(store: &Store, shared: &Shared, identifier: &str, now: DateTime<
         .any(|e| e.identifier == identifier && e.created > now - window)
 }
 
-/// Async checks Stripe makes after accepting an event.
+/// Async checks Stripe makes after accepting an event. An event refused here is stored (for
+/// inspection) but no meter counts it.
 fn async_checks(shared: &Shared, store: &mut Store, e: &StoredMeterEvent) {
+    let before = store.async_errors.len();
+    async_value_checks(shared, store, e);
+    if shared.config.auto_meters && !store.meters.iter().any(|m| m.event_name == e.event_name) {
+        let id = format!("mtr_sim_{}", store.meters.len() + 1);
+        let mut meter = SimMeter::sum(id, e.event_name.clone());
+        meter.value_key = shared.config.value_key.clone();
+        store.meters.push(meter);
+    }
+    if !store
+        .meters
+        .iter()
+        .any(|m| m.event_name == e.event_name && m.status == "active")
+    {
+        store
+            .async_errors
+            .push((e.identifier.clone(), "no_meter".into()));
+    }
+    if let Some(code) = lock(&shared.faults).async_drops.pop_front() {
+        store.async_errors.push((e.identifier.clone(), code));
+    }
+    if store.async_errors.len() > before {
+        store.uncounted.insert(e.identifier.clone());
+    }
+}
+
+fn async_value_checks(shared: &Shared, store: &mut Store, e: &StoredMeterEvent) {
     if e.customer.is_empty() {
         store
             .async_errors
@@ -913,4 +1058,281 @@ async fn post_stream(State(shared): Sim, headers: HeaderMap, body: String) -> Re
         return r;
     }
     (StatusCode::OK, Json(Value::Object(Map::new()))).into_response()
+}
+
+// --- read-back: meters and their event summaries -------------------------------------------
+
+/// The query pairs of a GET, refusing parameters outside `allowed` as Stripe does.
+#[allow(clippy::result_large_err)]
+fn get_params(uri: &Uri, allowed: &[&str]) -> Result<BTreeMap<String, String>, Response> {
+    let pairs = match Query::<Vec<(String, String)>>::try_from_uri(uri) {
+        Ok(Query(p)) => p,
+        Err(_) => return Err(invalid("The query string could not be parsed.", None)),
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in pairs {
+        if !allowed.contains(&k.as_str()) && !k.starts_with("expand[") {
+            return Err(invalid(
+                &format!("Received unknown parameter: {k}"),
+                Some(&k),
+            ));
+        }
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+/// `limit`: 1 to 100, default 10.
+#[allow(clippy::result_large_err)]
+fn list_limit(params: &BTreeMap<String, String>) -> Result<usize, Response> {
+    match params.get("limit") {
+        None => Ok(10),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => Ok(n),
+            _ => Err(invalid_code(
+                &format!("Invalid limit: must be between 1 and 100, got {v}"),
+                "limit",
+                "parameter_invalid_integer",
+            )),
+        },
+    }
+}
+
+fn invalid_code(message: &str, param: &str, code: &str) -> Response {
+    let error = json!({
+        "type": "invalid_request_error",
+        "message": message,
+        "param": param,
+        "code": code,
+    });
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response()
+}
+
+/// One page of `items` (ids first) after `starting_after`, as a Stripe list.
+#[allow(clippy::result_large_err)]
+fn list_page(
+    items: Vec<(String, Value)>,
+    params: &BTreeMap<String, String>,
+    url: &str,
+    what: &str,
+) -> Result<Response, Response> {
+    let limit = list_limit(params)?;
+    let start = match params.get("starting_after") {
+        None => 0,
+        Some(after) => match items.iter().position(|(id, _)| id == after) {
+            Some(i) => i + 1,
+            None => {
+                return Err(invalid_code(
+                    &format!("No such {what}: '{after}'"),
+                    "starting_after",
+                    "resource_missing",
+                ))
+            }
+        },
+    };
+    let rest: Vec<Value> = items.into_iter().skip(start).map(|(_, v)| v).collect();
+    let has_more = rest.len() > limit;
+    let data: Vec<Value> = rest.into_iter().take(limit).collect();
+    Ok((
+        StatusCode::OK,
+        Json(json!({ "object": "list", "data": data, "has_more": has_more, "url": url })),
+    )
+        .into_response())
+}
+
+/// Authorization and injected read failures of a GET.
+#[allow(clippy::result_large_err)]
+fn read_gate(shared: &Shared, route: &str, headers: &HeaderMap, uri: &Uri) -> Result<(), Response> {
+    record(shared, route, headers, uri.query().unwrap_or(""));
+    authorize_secret(shared, headers)?;
+    if let Some(code) = lock(&shared.faults).read_failures.pop_front() {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Err(stripe_error(status, "api_error", None, "simulated failure"));
+    }
+    Ok(())
+}
+
+/// `GET /v1/billing/meters`: newest first, `status` filter, `limit`, `starting_after`.
+async fn list_meters(State(shared): Sim, headers: HeaderMap, uri: Uri) -> Response {
+    if let Err(r) = read_gate(&shared, METERS_ROUTE, &headers, &uri) {
+        return r;
+    }
+    let params = match get_params(
+        &uri,
+        &["limit", "starting_after", "ending_before", "status"],
+    ) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if params.contains_key("ending_before") {
+        return invalid("ending_before is not simulated.", Some("ending_before"));
+    }
+    let status = params.get("status").cloned();
+    let items: Vec<(String, Value)> = lock(&shared.store)
+        .meters
+        .iter()
+        .rev()
+        .filter(|m| status.as_ref().is_none_or(|s| *s == m.status))
+        .map(|m| (m.id.clone(), m.json()))
+        .collect();
+    list_page(items, &params, "/v1/billing/meters", "billing meter").unwrap_or_else(|r| r)
+}
+
+/// `GET /v1/billing/meters/{id}/event_summaries`: `customer`, `start_time`, `end_time`
+/// (Unix seconds on minute boundaries, or hour/day boundaries with `value_grouping_window`),
+/// one summary per window, chronological, paged.
+async fn list_summaries(
+    State(shared): Sim,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    if let Err(r) = read_gate(&shared, SUMMARIES_ROUTE, &headers, &uri) {
+        return r;
+    }
+    let params = match get_params(
+        &uri,
+        &[
+            "customer",
+            "start_time",
+            "end_time",
+            "value_grouping_window",
+            "limit",
+            "starting_after",
+            "ending_before",
+        ],
+    ) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let Some(meter) = lock(&shared.store)
+        .meters
+        .iter()
+        .find(|m| m.id == id)
+        .cloned()
+    else {
+        return stripe_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("resource_missing"),
+            &format!("No such billing meter: '{id}'"),
+        );
+    };
+    if params.contains_key("ending_before") {
+        return invalid("ending_before is not simulated.", Some("ending_before"));
+    }
+    let Some(customer) = params.get("customer").filter(|c| !c.is_empty()).cloned() else {
+        return invalid_code(
+            "Missing required param: customer.",
+            "customer",
+            "parameter_missing",
+        );
+    };
+    let mut bounds = [0i64; 2];
+    for (slot, name) in bounds.iter_mut().zip(["start_time", "end_time"]) {
+        let Some(v) = params.get(name) else {
+            return invalid_code(
+                &format!("Missing required param: {name}."),
+                name,
+                "parameter_missing",
+            );
+        };
+        match v.parse::<i64>() {
+            Ok(t) => *slot = t,
+            Err(_) => {
+                return invalid_code(
+                    &format!("Invalid integer: {v}"),
+                    name,
+                    "parameter_invalid_integer",
+                )
+            }
+        }
+    }
+    let [start, end] = bounds;
+    let (step, unit) = match params.get("value_grouping_window").map(String::as_str) {
+        None => (None, 60),
+        Some("hour") => (Some(3_600), 3_600),
+        Some("day") => (Some(86_400), 86_400),
+        Some(other) => {
+            return invalid(
+                &format!("Invalid value_grouping_window: must be one of day or hour, got {other}"),
+                Some("value_grouping_window"),
+            )
+        }
+    };
+    for (name, t) in [("start_time", start), ("end_time", end)] {
+        if t.rem_euclid(unit) != 0 {
+            let boundary = match unit {
+                60 => "minute",
+                3_600 => "hour",
+                _ => "day (00:00 UTC)",
+            };
+            return invalid(
+                &format!("{name} {t} must be aligned with {boundary} boundaries."),
+                Some(name),
+            );
+        }
+    }
+    if start >= end {
+        return invalid("start_time must be before end_time.", Some("start_time"));
+    }
+    let windows: Vec<(i64, i64)> = match step {
+        None => vec![(start, end)],
+        Some(step) => (0..)
+            .map(|i| start + i * step)
+            .take_while(|s| *s < end)
+            .map(|s| (s, (s + step).min(end)))
+            .collect(),
+    };
+    let store = lock(&shared.store);
+    let events: Vec<&StoredMeterEvent> = store
+        .events
+        .iter()
+        .filter(|e| {
+            e.event_name == meter.event_name
+                && e.payload.get(&meter.customer_key) == Some(&customer)
+                && !store.uncounted.contains(&e.identifier)
+        })
+        .collect();
+    let mut items = Vec::with_capacity(windows.len());
+    for (s, e) in windows {
+        let inside: Vec<&&StoredMeterEvent> = events
+            .iter()
+            .filter(|ev| ev.timestamp >= s && ev.timestamp < e)
+            .collect();
+        let value = |ev: &StoredMeterEvent| {
+            ev.payload
+                .get(&meter.value_key)
+                .and_then(|v| Decimal::from_str_exact(v).ok())
+                .unwrap_or_default()
+        };
+        let aggregated = match meter.formula.as_str() {
+            "count" => Decimal::from(inside.len()),
+            "last" => inside
+                .iter()
+                .max_by_key(|ev| ev.timestamp)
+                .map(|ev| value(ev))
+                .unwrap_or_default(),
+            _ => inside.iter().map(|ev| value(ev)).sum(),
+        };
+        // The exact number (serde_json keeps its text), as Stripe writes a JSON number.
+        let number: Value =
+            serde_json::from_str(&aggregated.normalize().to_string()).unwrap_or(Value::Null);
+        let sid = format!("mtrusg_sim_{}_{s}_{e}", meter.id);
+        items.push((
+            sid.clone(),
+            json!({
+                "id": sid,
+                "object": "billing.meter_event_summary",
+                "aggregated_value": number,
+                "end_time": e,
+                "livemode": false,
+                "meter": meter.id,
+                "start_time": s,
+            }),
+        ));
+    }
+    drop(store);
+    let url = format!("/v1/billing/meters/{}/event_summaries", meter.id);
+    list_page(items, &params, &url, "billing meter event summary").unwrap_or_else(|r| r)
 }

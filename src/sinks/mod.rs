@@ -137,6 +137,25 @@ pub trait Sink: Send + Sync {
     ) -> Result<Option<Vec<ReadBackEvent>>, String> {
         Ok(None)
     }
+    /// Read back what the sink *counted* for one subscription (for Stripe: customer) and metric
+    /// in `[from, to)`, as one total, for a sink that keeps no readable events, only aggregates
+    /// (Stripe's meter event summaries). Reconcile asks this when [`Sink::read_back`] gives
+    /// `Ok(None)`. `Ok(None)`: this sink cannot be read back so either.
+    async fn read_back_total(
+        &self,
+        _query: &ReadBackQuery,
+    ) -> Result<Option<ReadBackTotal>, String> {
+        Ok(None)
+    }
+}
+
+/// What a sink counted in all, for one subscription and metric over a window.
+#[derive(Debug, Clone)]
+pub struct ReadBackTotal {
+    /// The counted total, exact.
+    pub total: rust_decimal::Decimal,
+    /// Where it comes from, for the report (e.g. `meter mtr_… sum, customer cus_…`).
+    pub source: String,
 }
 
 /// What to read back from a sink.

@@ -59,6 +59,15 @@
 //!   billed, and duplicates are dropped silently by Stripe (reported here as delivered).
 //!   The v2 shapes come from Stripe's documentation (reference 2.3), not from a spec file, and
 //!   were checked only against billsync's own simulator.
+//! - **Read-back is a total** ([`Sink::read_back_total`], for `reconcile`): Stripe keeps no
+//!   readable list of meter events, only what its meters counted. The meter whose `event_name`
+//!   is the metric (`GET /v1/billing/meters`, listed once per sink, 100 a page while
+//!   `has_more`), then the customer's event summary over the window
+//!   (`GET /v1/billing/meters/{id}/event_summaries`, Unix seconds on minute boundaries, end
+//!   exclusive), `aggregated_value` read exactly from the JSON number. A meter that does not sum
+//!   what this sink sends (another formula, customer key or value key, pre-aggregated) gives an
+//!   error, not an incomparable number. Shapes from Stripe's OpenAPI description and API
+//!   reference (`GetBillingMeters`, `GetBillingMetersIdEventSummaries`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,9 +81,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::Secret;
-use crate::http::{retry_hint, shown_url, snippet, transport_reason, RetryPolicy};
+use crate::http::{
+    get_text, retry_hint, shown_url, snippet, transport_reason, ReadFailure, RetryPolicy,
+};
 use crate::mapping::MappedEvent;
-use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
+use crate::sinks::{
+    EncodeError, Outcome, Outgoing, ReadBackQuery, ReadBackTotal, Sink, SinkStopped,
+};
 
 /// The v1 endpoint, below `api_url`.
 pub const V1_PATH: &str = "/v1/billing/meter_events";
@@ -246,6 +259,10 @@ pub struct StripeSink {
     value_property: String,
     client: reqwest::Client,
     session: tokio::sync::Mutex<Option<Session>>,
+    /// `api_url` without trailing slash (read-back: meters and their event summaries).
+    api: String,
+    /// The account's meters, listed once per sink for read-back.
+    meters: tokio::sync::Mutex<Option<Vec<Meter>>>,
     /// 429 answers so far (see [`Sink::throttled`]).
     throttled: std::sync::atomic::AtomicU64,
 }
@@ -341,6 +358,8 @@ impl StripeSink {
             value_property,
             client,
             session: tokio::sync::Mutex::new(None),
+            api,
+            meters: tokio::sync::Mutex::new(None),
             throttled: std::sync::atomic::AtomicU64::new(0),
             name,
         })
@@ -900,6 +919,224 @@ impl StripeSink {
     }
 }
 
+// --- read-back ----------------------------------------------------------------------------
+
+/// The meters list, below `api_url`.
+pub const METERS_PATH: &str = "/v1/billing/meters";
+/// Objects per page of Stripe's list endpoints (its maximum).
+const LIST_LIMIT: &str = "100";
+/// Pages read of one list before giving up (10,000 objects: a loop, not a real account).
+const MAX_PAGES: usize = 100;
+
+/// What read-back needs of a `billing.meter`.
+#[derive(Debug, Clone, Deserialize)]
+struct Meter {
+    id: String,
+    event_name: String,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    default_aggregation: Option<MeterAggregation>,
+    #[serde(default)]
+    customer_mapping: Option<MeterKey>,
+    #[serde(default)]
+    value_settings: Option<MeterKey>,
+    #[serde(default)]
+    event_time_window: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct MeterAggregation {
+    formula: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct MeterKey {
+    event_payload_key: Option<String>,
+}
+
+/// One page of a Stripe list: `{"object":"list","data":[…],"has_more":…}`.
+#[derive(Debug, Deserialize)]
+struct ListPage {
+    data: Vec<Value>,
+    has_more: bool,
+}
+
+/// A JSON number as an exact decimal (this crate's `serde_json` keeps a number's text:
+/// `arbitrary_precision`), never through `f64`.
+fn exact_number(v: &Value) -> Option<rust_decimal::Decimal> {
+    let Value::Number(n) = v else {
+        return None;
+    };
+    let text = n.to_string();
+    if text.contains(['e', 'E']) {
+        rust_decimal::Decimal::from_scientific(&text).ok()
+    } else {
+        rust_decimal::Decimal::from_str_exact(&text).ok()
+    }
+}
+
+impl StripeSink {
+    /// One page of a read-only Stripe list, retried like the Lago read-back (transport
+    /// errors, timeouts, 408, 429, 5xx); any other answer is an error naming Stripe's.
+    async fn read_page(&self, path: &str, params: &[(&str, &str)]) -> Result<ListPage, String> {
+        let url = format!("{}{path}", self.api);
+        let request = || {
+            let mut r = self
+                .client
+                .get(&url)
+                .bearer_auth(self.api_key.expose())
+                .header(reqwest::header::ACCEPT, "application/json")
+                .query(params);
+            if let Some(v) = &self.api_version {
+                r = r.header("Stripe-Version", v);
+            }
+            r
+        };
+        let what = format!("sink {}: stripe read-back", self.name);
+        let text =
+            get_text(request, &self.retry, &what)
+                .await
+                .map_err(|failure| match failure {
+                    ReadFailure::Answered { status, body } => {
+                        let detail = StripeError::parse(&body)
+                            .map(|e| e.describe())
+                            .unwrap_or(body);
+                        format!(
+                            "sink {}: GET {path} answered HTTP {status}: {detail}",
+                            self.name
+                        )
+                    }
+                    ReadFailure::GaveUp { reason, attempts } => format!(
+                        "sink {}: GET {path}: {reason} (gave up after {attempts} attempts)",
+                        self.name
+                    ),
+                })?;
+        serde_json::from_str::<ListPage>(&text).map_err(|e| {
+            format!(
+                "sink {}: GET {path}: not a Stripe list ({e}): {}",
+                self.name,
+                snippet(&text)
+            )
+        })
+    }
+
+    /// Every meter of the account (`GET /v1/billing/meters`, 100 a page, `starting_after`
+    /// the last id while `has_more`), read once per sink.
+    async fn meters(&self) -> Result<Vec<Meter>, String> {
+        let mut cache = self.meters.lock().await;
+        if let Some(m) = cache.as_ref() {
+            return Ok(m.clone());
+        }
+        let mut out: Vec<Meter> = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut params = vec![("limit", LIST_LIMIT)];
+            if let Some(a) = after.as_deref() {
+                params.push(("starting_after", a));
+            }
+            let page = self.read_page(METERS_PATH, &params).await?;
+            let before = out.len();
+            for m in page.data {
+                out.push(serde_json::from_value::<Meter>(m).map_err(|e| {
+                    format!(
+                        "sink {}: GET {METERS_PATH}: unreadable meter: {e}",
+                        self.name
+                    )
+                })?);
+            }
+            let last = out[before..].last().map(|m| m.id.clone());
+            match (page.has_more, last) {
+                (true, Some(last)) => after = Some(last),
+                // `has_more` with an empty page would ask for the same page again.
+                _ => {
+                    *cache = Some(out.clone());
+                    return Ok(out);
+                }
+            }
+        }
+        Err(format!(
+            "sink {}: GET {METERS_PATH}: more than {MAX_PAGES} pages of meters",
+            self.name
+        ))
+    }
+
+    /// The meter whose `event_name` is `metric`, checked to count what the sink sends: summed
+    /// values of the sink's value key, per customer by `stripe_customer_id`, not pre-aggregated.
+    /// An active meter is preferred over inactive ones of the same name.
+    async fn meter_for(&self, metric: &str) -> Result<Meter, String> {
+        let meters = self.meters().await?;
+        let named: Vec<&Meter> = meters.iter().filter(|m| m.event_name == metric).collect();
+        let active: Vec<&Meter> = named
+            .iter()
+            .copied()
+            .filter(|m| m.status.as_deref() != Some("inactive"))
+            .collect();
+        let meter = match (active.as_slice(), named.as_slice()) {
+            ([one], _) => *one,
+            ([], [one]) => *one,
+            ([], []) => {
+                return Err(format!(
+                    "sink {}: no Stripe meter has event_name {metric:?}: Stripe counts none of these events (no_meter); create the meter or fix the mapping's metric",
+                    self.name
+                ))
+            }
+            (list, all) => {
+                let ids: Vec<&str> = if list.is_empty() { all } else { list }
+                    .iter()
+                    .map(|m| m.id.as_str())
+                    .collect();
+                return Err(format!(
+                    "sink {}: several Stripe meters have event_name {metric:?} ({}): cannot tell which one bills these events",
+                    self.name,
+                    ids.join(", ")
+                ));
+            }
+        };
+        let formula = meter
+            .default_aggregation
+            .as_ref()
+            .and_then(|a| a.formula.as_deref())
+            .unwrap_or("");
+        let customer_key = meter
+            .customer_mapping
+            .as_ref()
+            .and_then(|k| k.event_payload_key.as_deref())
+            .unwrap_or(CUSTOMER_KEY);
+        let value_key = meter
+            .value_settings
+            .as_ref()
+            .and_then(|k| k.event_payload_key.as_deref())
+            .unwrap_or("value");
+        let unlike = |what: String| {
+            Err(format!(
+                "sink {}: Stripe meter {} ({metric}) {what}: its summaries do not count what billsync sends, so they cannot be compared",
+                self.name, meter.id
+            ))
+        };
+        if formula != "sum" {
+            return unlike(format!("aggregates with {formula:?}, not \"sum\""));
+        }
+        if customer_key != CUSTOMER_KEY {
+            return unlike(format!(
+                "maps customers by payload key {customer_key:?}, the sink sends {CUSTOMER_KEY:?}"
+            ));
+        }
+        if value_key != self.value_property {
+            return unlike(format!(
+                "reads the value from payload key {value_key:?}, the sink sends {:?} (value_property)",
+                self.value_property
+            ));
+        }
+        if let Some(window) = meter.event_time_window.as_deref() {
+            return unlike(format!(
+                "is pre-aggregated per {window} (event_time_window: only the last event of each {window} counts)"
+            ));
+        }
+        Ok(meter.clone())
+    }
+}
+
 enum Attempt<T> {
     Done(T),
     Transient {
@@ -1324,6 +1561,95 @@ impl Sink for StripeSink {
             StripeMode::V1 => self.deliver_v1(batch).await,
             StripeMode::V2Stream => self.deliver_v2(batch).await,
         }
+    }
+
+    /// Stripe keeps no readable list of meter events, only what its meters counted: the meter
+    /// whose `event_name` is the metric (`GET /v1/billing/meters`), then its event summary for
+    /// the customer over `[from, to)` (`GET /v1/billing/meters/{id}/event_summaries`, no
+    /// `value_grouping_window`: one summary for the whole range; every page read while
+    /// `has_more`). Stripe wants both bounds as Unix seconds on minute boundaries (end
+    /// exclusive); a window that is not is refused here, without a request. The aggregated
+    /// value is read exactly from the JSON number. Summaries are eventually consistent: events
+    /// sent in the last minutes may not be counted yet.
+    async fn read_back_total(
+        &self,
+        query: &ReadBackQuery,
+    ) -> Result<Option<ReadBackTotal>, String> {
+        let (start, end) = (query.from.timestamp(), query.to.timestamp());
+        if start % 60 != 0
+            || end % 60 != 0
+            || query.from.timestamp_subsec_nanos() != 0
+            || query.to.timestamp_subsec_nanos() != 0
+            || start >= end
+        {
+            return Err(format!(
+                "sink {}: Stripe sums meter events only between minute boundaries, and [{}, {}) is not such a window",
+                self.name,
+                query.from.to_rfc3339(),
+                query.to.to_rfc3339()
+            ));
+        }
+        // As `encode` sent them: customer and event name trimmed.
+        let customer = query.subscription.trim();
+        let meter = self.meter_for(query.metric.trim()).await?;
+        let path = format!("{METERS_PATH}/{}/event_summaries", form_encode(&meter.id));
+        let (start_s, end_s) = (start.to_string(), end.to_string());
+        let mut total = rust_decimal::Decimal::ZERO;
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut params = vec![
+                ("customer", customer),
+                ("start_time", start_s.as_str()),
+                ("end_time", end_s.as_str()),
+                ("limit", LIST_LIMIT),
+            ];
+            if let Some(a) = after.as_deref() {
+                params.push(("starting_after", a));
+            }
+            let page = self.read_page(&path, &params).await?;
+            let mut last = None;
+            for summary in &page.data {
+                let value = summary
+                    .get("aggregated_value")
+                    .and_then(exact_number)
+                    .ok_or_else(|| {
+                        format!(
+                            "sink {}: GET {path}: a summary without a readable aggregated_value: {}",
+                            self.name,
+                            snippet(&summary.to_string())
+                        )
+                    })?;
+                total = total.checked_add(value).ok_or_else(|| {
+                    format!("sink {}: GET {path}: the summaries overflow", self.name)
+                })?;
+                last = summary
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+            }
+            match (page.has_more, last) {
+                (true, Some(last)) => after = Some(last),
+                (true, None) => {
+                    return Err(format!(
+                        "sink {}: GET {path}: has_more without a summary id to continue from",
+                        self.name
+                    ))
+                }
+                (false, _) => {
+                    return Ok(Some(ReadBackTotal {
+                        total,
+                        source: format!(
+                            "Stripe meter {} (event_name {}), customer {}, summed over [{}, {})",
+                            meter.id, meter.event_name, customer, start, end
+                        ),
+                    }))
+                }
+            }
+        }
+        Err(format!(
+            "sink {}: GET {path}: more than {MAX_PAGES} pages of summaries",
+            self.name
+        ))
     }
 }
 

@@ -1,0 +1,335 @@
+//! Reconciling a month billed through Stripe: what Stripe's meters counted per customer and
+//! event name (`GET /v1/billing/meters`, `GET /v1/billing/meters/{id}/event_summaries`) beside
+//! what billsync sent. A month sent to the simulator agrees exactly; an event Stripe accepted
+//! and dropped later (as the v2 stream does, reporting it only in its meter error reports) is
+//! a difference naming customer, meter and month; a read-back that fails is reported, not a
+//! crash.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use billsync::config::Secret;
+use billsync::http::RetryPolicy;
+use billsync::ledger::{Correction, Ledger, MappedColumns, SentState, StageRow, Status};
+use billsync::mapping::MappedEvent;
+use billsync::reconcile::{reconcile, to_csv, to_table, Report};
+use billsync::record::UsageRecord;
+use billsync::simulators::stripe::{SimMeter, StripeSim, StripeSimConfig, StripeSimHandle};
+use billsync::sinks::stripe::{StripeConfig, StripeMode, StripeSink};
+use billsync::sinks::Sink;
+use chrono::{DateTime, FixedOffset, TimeZone, Utc};
+use rust_decimal::Decimal;
+
+const KEY: &str = "sk_test_sim";
+
+fn utc() -> FixedOffset {
+    FixedOffset::east_opt(0).unwrap()
+}
+
+fn sink(stripe: &StripeSimHandle, mode: StripeMode) -> StripeSink {
+    let mut c = StripeConfig::new(&stripe.url, Secret::new(KEY));
+    c.meter_events_url = stripe.url.clone();
+    c.mode = mode;
+    c.timeout = Duration::from_secs(2);
+    c.retry = RetryPolicy {
+        max_retries: 1,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+    };
+    StripeSink::new("stripe".into(), c).unwrap()
+}
+
+/// An hour ago in whole seconds (inside Stripe's 35-day window), and its month.
+fn when() -> (DateTime<Utc>, String) {
+    let t = Utc::now() - chrono::Duration::hours(1);
+    let t = Utc.timestamp_opt(t.timestamp(), 0).single().unwrap();
+    (t, t.format("%Y-%m").to_string())
+}
+
+/// One usage record of `account`, mapped to `customer`/`metric` with `value`, at `t`.
+fn row(
+    s: &StripeSink,
+    account: &str,
+    resource: &str,
+    customer: &str,
+    metric: &str,
+    value: &str,
+    t: DateTime<Utc>,
+) -> StageRow {
+    let value = Decimal::from_str(value).unwrap();
+    let record = UsageRecord {
+        provider: "metalsoft".into(),
+        source: "ms".into(),
+        billing_account_id: account.into(),
+        sub_account_id: "1".into(),
+        resource_id: resource.into(),
+        resource_name: None,
+        resource_type: "instance".into(),
+        service_name: "instance".into(),
+        sku_id: None,
+        charge_description: None,
+        charge_period_start: t,
+        charge_period_end: t + chrono::Duration::hours(1),
+        consumed_quantity: value,
+        consumed_unit: "calls".into(),
+        billed_cost: Decimal::ONE,
+        billing_currency: "EUR".into(),
+        scope: account.into(),
+        natural_key: vec![("resource".into(), resource.into())],
+        is_final: true,
+        attributes: Default::default(),
+        raw: Default::default(),
+    };
+    let key = record.idempotency_key();
+    let event = MappedEvent {
+        rule: "test#stripe".into(),
+        sink: Some("stripe".into()),
+        external_subscription_id: customer.into(),
+        external_customer_id: None,
+        metric_code: metric.into(),
+        value_property: "value".into(),
+        value,
+        properties: BTreeMap::new(),
+        timestamp: t,
+    };
+    let payload = s.encode(&key, &event).unwrap();
+    StageRow {
+        key,
+        content_hash: record.content_hash(),
+        match_hash: record.match_hash(),
+        status: Status::Pending,
+        mapped: MappedColumns {
+            rule: Some("test#stripe".into()),
+            sink: Some("stripe".into()),
+            subscription: Some(customer.into()),
+            metric: Some(metric.into()),
+            value: Some(value),
+            value_property: Some("value".into()),
+            payload: Some(payload),
+            ..Default::default()
+        },
+        note: None,
+        event: None,
+        correction_of: None,
+        revision: 0,
+        body: None,
+        record,
+    }
+}
+
+/// Stage `rows`, push them through `s`, record the outcomes: what a sync does.
+async fn send(ledger: &Ledger, s: &StripeSink, rows: &[StageRow]) {
+    let by_hand = |_: &StageRow, st: &SentState| Correction::Unresolved(st.key.clone());
+    let run = ledger.start_run("sync", Utc::now()).await.unwrap();
+    ledger
+        .stage(run, rows, None, Utc::now(), &by_hand)
+        .await
+        .unwrap();
+    let batch = ledger.pending_batch("stripe", 0, 100).await.unwrap();
+    assert_eq!(batch.len(), rows.len());
+    let outcomes = s.deliver(&batch).await.unwrap();
+    let acks: Vec<_> = batch.iter().map(|o| o.id).zip(outcomes).collect();
+    ledger.ack(run, &acks, Utc::now()).await.unwrap();
+}
+
+fn line<'a>(report: &'a Report, customer: &str, metric: &str) -> &'a billsync::reconcile::Line {
+    report
+        .lines
+        .values()
+        .find(|(k, _)| k.subscription == customer && k.metric == metric)
+        .map(|(_, l)| l)
+        .unwrap_or_else(|| panic!("no line {customer} {metric}: {}", to_table(report)))
+}
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+#[tokio::test]
+async fn a_month_sent_to_stripe_reconciles_with_what_its_meters_counted() {
+    let stripe = StripeSim::start(StripeSimConfig::default()).await.unwrap();
+    let s = sink(&stripe, StripeMode::V1);
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&dir.path().join("ledger.db")).await.unwrap();
+    let (t, period) = when();
+    // 12345678901234567 is past f64's exact integers: the sum only agrees if Stripe's
+    // aggregated_value is read exactly.
+    let rows = [
+        row(
+            &s,
+            "acct",
+            "a",
+            "cus_A",
+            "api_calls",
+            "12345678901234567",
+            t,
+        ),
+        row(&s, "acct", "b", "cus_A", "api_calls", "25", t),
+        row(&s, "acct", "c", "cus_A", "api_calls", "7", t),
+        row(&s, "acct", "d", "cus_B", "storage_gb_hours", "3", t),
+    ];
+    send(&ledger, &s, &rows).await;
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(s)];
+    let report = reconcile(&ledger, &sinks, &period, utc()).await.unwrap();
+    assert!(report.is_reconciled(), "{}", to_table(&report));
+    assert!(
+        report.read_back_errors.is_empty(),
+        "{:?}",
+        report.read_back_errors
+    );
+    let calls = line(&report, "cus_A", "api_calls");
+    assert_eq!(calls.sent, d("12345678901234599"));
+    assert_eq!(calls.read_back, Some(d("12345678901234599")));
+    assert_eq!(calls.unexplained, Decimal::ZERO);
+    let storage = line(&report, "cus_B", "storage_gb_hours");
+    assert_eq!(storage.read_back, Some(d("3")));
+    assert_eq!(report.sink_totals.len(), 2);
+    assert!(to_table(&report).contains("sink holds 12345678901234599 — agrees"));
+}
+
+#[tokio::test]
+async fn an_event_stripe_dropped_after_accepting_it_is_a_difference_naming_customer_metric_and_month(
+) {
+    let stripe = StripeSim::start(StripeSimConfig::default()).await.unwrap();
+    let s = sink(&stripe, StripeMode::V2Stream);
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&dir.path().join("ledger.db")).await.unwrap();
+    let (t, period) = when();
+    let rows = [
+        row(&s, "acct", "a", "cus_A", "api_calls", "40", t),
+        row(&s, "acct", "b", "cus_A", "api_calls", "2", t),
+    ];
+    // The stream answers 200 for both; Stripe drops one later, as its meter error report says.
+    stripe.drop_next_asynchronously(1, "meter_event_customer_not_found");
+    send(&ledger, &s, &rows).await;
+    let dropped = stripe.async_errors();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    let lost = rows
+        .iter()
+        .find(|r| r.key == dropped[0].0)
+        .and_then(|r| r.mapped.value)
+        .unwrap();
+
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(s)];
+    let report = reconcile(&ledger, &sinks, &period, utc()).await.unwrap();
+    assert!(!report.is_reconciled(), "{}", to_table(&report));
+    let calls = line(&report, "cus_A", "api_calls");
+    assert_eq!(calls.sent, d("42"));
+    assert_eq!(calls.read_back, Some(d("42") - lost));
+    assert_eq!(calls.unexplained, -lost);
+    let note = calls
+        .notes
+        .iter()
+        .find(|n| n.contains("cus_A") && n.contains("api_calls") && n.contains(&period))
+        .unwrap_or_else(|| panic!("{:?}", calls.notes));
+    assert!(note.contains(&format!("difference -{lost}")), "{note}");
+    let table = to_table(&report);
+    assert!(
+        table.contains(&format!("UNEXPLAINED DIFFERENCE -{lost}")),
+        "{table}"
+    );
+    assert!(to_csv(&report).contains(&format!(",-{lost},")));
+}
+
+#[tokio::test]
+async fn a_failed_read_back_is_reported_not_a_crash() {
+    let stripe = StripeSim::start(StripeSimConfig {
+        auto_meters: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    stripe.add_meter(SimMeter::sum("mtr_calls", "api_calls"));
+    let s = sink(&stripe, StripeMode::V1);
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&dir.path().join("ledger.db")).await.unwrap();
+    let (t, period) = when();
+    let rows = [
+        row(&s, "acct", "a", "cus_A", "api_calls", "5", t),
+        // No meter has this event name: Stripe accepts the event and counts nothing.
+        row(&s, "acct", "b", "cus_A", "gpu_seconds", "9", t),
+    ];
+    send(&ledger, &s, &rows).await;
+    // Stripe refuses the first read (the key may not read meters): nothing read, reported.
+    stripe.fail_next_reads(1, 403);
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(s)];
+    let report = reconcile(&ledger, &sinks, &period, utc()).await.unwrap();
+    assert!(!report.is_reconciled());
+    assert!(
+        report
+            .read_back_errors
+            .iter()
+            .any(|e| e.contains("HTTP 403")),
+        "{:?}",
+        report.read_back_errors
+    );
+    let table = to_table(&report);
+    assert!(table.contains("read-back failed"), "{table}");
+
+    // Read again: the meter is read; the event name without a meter is an error naming it.
+    let report = reconcile(&ledger, &sinks, &period, utc()).await.unwrap();
+    assert!(!report.is_reconciled());
+    assert_eq!(
+        report.read_back_errors.len(),
+        1,
+        "{:?}",
+        report.read_back_errors
+    );
+    assert!(
+        report.read_back_errors[0].contains("no Stripe meter has event_name \"gpu_seconds\""),
+        "{:?}",
+        report.read_back_errors
+    );
+    assert_eq!(line(&report, "cus_A", "api_calls").read_back, Some(d("5")));
+    assert_eq!(line(&report, "cus_A", "gpu_seconds").read_back, None);
+}
+
+/// Stripe counts per customer and meter, not per source or billing account: lines sharing a
+/// customer and event name are compared together, once.
+#[tokio::test]
+async fn lines_sharing_a_customer_and_meter_are_compared_together() {
+    let stripe = StripeSim::start(StripeSimConfig::default()).await.unwrap();
+    let s = sink(&stripe, StripeMode::V1);
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&dir.path().join("ledger.db")).await.unwrap();
+    let (t, period) = when();
+    let rows = [
+        row(&s, "acct1", "a", "cus_A", "api_calls", "10", t),
+        row(&s, "acct2", "b", "cus_A", "api_calls", "5", t),
+    ];
+    send(&ledger, &s, &rows).await;
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(s)];
+    let report = reconcile(&ledger, &sinks, &period, utc()).await.unwrap();
+    assert!(report.is_reconciled(), "{}", to_table(&report));
+    assert_eq!(report.sink_totals.len(), 1);
+    let total = &report.sink_totals[0];
+    assert_eq!(
+        (total.lines, total.sent, total.read_back),
+        (2, d("15"), d("15"))
+    );
+
+    // One more event for that customer, sent by something else: the group disagrees.
+    let other = StripeSink::new(
+        "other".into(),
+        StripeConfig::new(&stripe.url, Secret::new(KEY)),
+    )
+    .unwrap();
+    let extra = row(&other, "x", "z", "cus_A", "api_calls", "4", t);
+    let payload = extra.mapped.payload.clone().unwrap();
+    assert_eq!(
+        other
+            .deliver(&[billsync::sinks::Outgoing {
+                id: 1,
+                key: extra.key.clone(),
+                payload
+            }])
+            .await
+            .unwrap(),
+        vec![billsync::sinks::Outcome::Delivered]
+    );
+    let report = reconcile(&ledger, &sinks, &period, utc()).await.unwrap();
+    assert!(!report.is_reconciled());
+    assert_eq!(report.sink_totals[0].unexplained, d("4"));
+    assert!(to_table(&report).contains("UNEXPLAINED DIFFERENCE 4"));
+}
