@@ -519,6 +519,10 @@ pub enum MappingsCommand {
         /// Query the Lago sinks of the settings (required: the check is remote only).
         #[arg(long)]
         remote: bool,
+        /// How often the sync runs (the CronJob: hourly): added to each source's lateness when
+        /// compared with Lago's invoice grace periods.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        run_interval: std::time::Duration,
     },
 }
 
@@ -1074,7 +1078,10 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             print!("{}", set.explain(&rec));
             Ok(exit::OK)
         }
-        MappingsCommand::Check { remote } => {
+        MappingsCommand::Check {
+            remote,
+            run_interval,
+        } => {
             if !remote {
                 return Err(ConfigError(
                     "`mappings check` queries the invoicing system; pass --remote (for an \
@@ -1093,8 +1100,16 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                 };
                 let admin = crate::sinks::lago_admin::LagoAdmin::new(cfg)?;
                 let metrics = admin.billable_metrics().await?;
-                let subs = admin.subscription_ids().await?;
-                let findings = set.check_remote(&metrics, &subs);
+                let subs = admin.subscriptions().await?;
+                let ids = subs.keys().cloned().collect();
+                let mut findings = set.check_remote(&metrics, &ids);
+                let interval = chrono::Duration::from_std(run_interval)?;
+                findings.extend(
+                    crate::sinks::lago_admin::period_findings(
+                        &admin, &settings, &set, &subs, interval,
+                    )
+                    .await?,
+                );
                 println!(
                     "sink {name}: {} metric(s), {} subscription(s) in Lago; {} finding(s)",
                     metrics.len(),

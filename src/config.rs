@@ -300,6 +300,88 @@ pub enum SettingsError {
 }
 
 impl Settings {
+    /// How late, after a billing period's end, each configured source's last records dated in
+    /// it reach a sink (at worst), with a run every `run_interval`; and the same for the
+    /// `period: month` adjustments. Per source: the largest delay after a period's end before
+    /// its records are final and sent, plus one run interval (a run may have just missed them);
+    /// for windowed sources that includes one window, the most a window dated in the period can
+    /// reach past its end.
+    pub fn lateness(
+        &self,
+        run_interval: chrono::Duration,
+    ) -> (
+        Vec<crate::mapping::remote::Lateness>,
+        crate::mapping::remote::Lateness,
+    ) {
+        use crate::mapping::remote::Lateness;
+        let human = crate::sinks::stripe::human;
+        let interval = format!("run interval {}", human(run_interval));
+        let sources = self
+            .providers
+            .iter()
+            .map(|(name, p)| {
+                let (kind, delay, why) = match p {
+                    // A window holding the period's end is dated before it and closes up to
+                    // one window after it (exactly at it only when the customer's periods
+                    // start on a window boundary, e.g. UTC days for 1d windows).
+                    ProviderSettings::Metalsoft(c) => (
+                        "metalsoft",
+                        c.window + c.settle_delay,
+                        format!(
+                            "window {} + settle_delay {} + {interval}",
+                            human(c.window),
+                            human(c.settle_delay)
+                        ),
+                    ),
+                    ProviderSettings::Jelastic(c) => (
+                        "jelastic",
+                        chrono::Duration::seconds(c.period.seconds()) + c.settle_delay,
+                        format!(
+                            "bucket {} + settle_delay {} + {interval}{}",
+                            human(chrono::Duration::seconds(c.period.seconds())),
+                            human(c.settle_delay),
+                            if c.final_requires_charge {
+                                ", plus however long charging takes (final_requires_charge)"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ),
+                    ProviderSettings::Sakura(c) => (
+                        "sakura",
+                        c.final_lag,
+                        format!(
+                            "a month is final on the 1st of the next, 00:00 JST, + final_lag {} + \
+                             {interval}",
+                            human(c.final_lag)
+                        ),
+                    ),
+                    ProviderSettings::Softlayer(_) => (
+                        "softlayer",
+                        chrono::Duration::zero(),
+                        format!("an invoice's lines are final when read: {interval}"),
+                    ),
+                };
+                Lateness {
+                    source: name.clone(),
+                    kind: kind.to_string(),
+                    after_end: delay + run_interval,
+                    why,
+                }
+            })
+            .collect();
+        let period = Lateness {
+            source: "period pricing".to_string(),
+            kind: String::new(),
+            after_end: self.period_close_delay + run_interval,
+            why: format!(
+                "month adjustments settle period_close_delay {} after the month + {interval}",
+                human(self.period_close_delay)
+            ),
+        };
+        (sources, period)
+    }
+
     /// Read the file, then apply `BILLSYNC__SECTION__KEY` environment overrides
     /// (e.g. `BILLSYNC__LEDGER__PATH=/data/ledger.db`).
     pub fn load(path: &std::path::Path) -> Result<Settings, SettingsError> {

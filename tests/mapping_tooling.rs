@@ -791,3 +791,246 @@ async fn remote_listings_retry_5xx_429_and_timeouts_with_the_sinks_retry_policy(
     assert_eq!(subs, BTreeSet::from(["sub_acme_main".to_string()]));
     assert_eq!(lago.received_requests().await.unwrap().len(), 4);
 }
+
+// --- invoicing periods: Lago's grace period and timezone ------------------------------------
+
+/// Settings with `providers` (YAML, indented two spaces) and a Lago sink at `lago_url`, and one
+/// mapping file billing MetalSoft to `sub_ms`, SAKURA to `sub_jp`.
+fn period_settings(dir: &Path, lago_url: &str, providers: &str) -> billsync::config::Settings {
+    let key = dir.join("lago.key");
+    std::fs::write(&key, "lago-sim-key").unwrap();
+    for name in ["ms.key", "sakura.token", "sakura.secret"] {
+        std::fs::write(dir.join(name), "x").unwrap();
+    }
+    let maps = dir.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    std::fs::write(
+        maps.join("m.yaml"),
+        "version: 1\ncustomers:\n  - match: { provider: metalsoft }\n    external_subscription_id: sub_ms\n  - match: { provider: sakura }\n    external_subscription_id: sub_jp\nrules:\n  - name: usage\n    match: {}\n    metric: usage\n    value: { cost: {} }\n",
+    )
+    .unwrap();
+    let providers = providers.replace("DIR", dir.to_str().unwrap());
+    let cfg = dir.join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger:\n  path: {}\nmappings: [{}]\nproviders:\n{providers}sinks:\n  lago:\n    kind: lago\n    api_url: {lago_url}\n    api_key: file:{}\n    retry: {{ max_retries: 0 }}\n",
+            dir.join("ledger.db").display(),
+            maps.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    billsync::config::Settings::load(&cfg).unwrap()
+}
+
+const METALSOFT_AND_SAKURA: &str = "  metalsoft_us01:\n    kind: metalsoft\n    endpoint: http://127.0.0.1:9\n    api_key: file:DIR/ms.key\n    user_ids: [1]\n    window: 1h\n    settle_delay: 2h\n    start: 2026-10-01T00:00:00Z\n  sakura_main:\n    kind: sakura\n    endpoint: http://127.0.0.1:9/cloud/zone/is1a/api/system/1.0\n    token: file:DIR/sakura.token\n    secret: file:DIR/sakura.secret\n    start_month: 2026-09\n    final_lag: 1d\n";
+
+/// What `mappings check --remote` says about invoicing periods for the settings' Lago sink,
+/// with an hourly run.
+async fn period_check(settings: &billsync::config::Settings) -> Vec<String> {
+    let billsync::config::SinkSettings::Lago(cfg) = &settings.sinks["lago"] else {
+        panic!("a lago sink")
+    };
+    let set = MappingSet::load(&settings.mappings).unwrap();
+    let admin = billsync::sinks::lago_admin::LagoAdmin::new(cfg).unwrap();
+    let subs = admin.subscriptions().await.unwrap();
+    billsync::sinks::lago_admin::period_findings(
+        &admin,
+        settings,
+        &set,
+        &subs,
+        chrono::Duration::hours(1),
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|f| f.to_string())
+    .collect()
+}
+
+/// Lago bills an event in the period of its timestamp, and not at all once that period's
+/// invoice is finalized, which happens when the invoice grace period after the period's end
+/// is over. SAKURA records of a month are final, and sent, only on the 1st of the next month
+/// 00:00 JST plus `final_lag` (then the next hourly run): with a grace period of one day, the
+/// month's records reach Lago after its invoice was finalized and are never billed. The check
+/// must say so, naming the billing entity whose grace period applies, the source and both
+/// figures; MetalSoft's 1h window + 2h + 1h fit in the day and are not warned about.
+#[tokio::test]
+async fn a_grace_period_shorter_than_a_sources_lateness_is_a_warning_naming_both_figures() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let sim = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    sim.register_billing_entity("acme_jp", 1, "Asia/Tokyo");
+    sim.register_subscription("sub_ms", "metal_co");
+    sim.register_subscription("sub_jp", "tokyo_co");
+    sim.register_customer("tokyo_co", Some("Asia/Tokyo"), None, None);
+    let dir = tempfile::tempdir().unwrap();
+    let settings = period_settings(dir.path(), &sim.url, METALSOFT_AND_SAKURA);
+    let findings = period_check(&settings).await;
+    let all = findings.join("\n");
+    assert_eq!(findings.len(), 1, "{all}");
+    assert!(
+        all.starts_with(
+            "warning: billing entity `acme_jp` (of customer(s) `tokyo_co` without a grace period \
+             of their own): invoice grace period 1 day is shorter than the 1day 1h after a \
+             period's end that `sakura_main` needs"
+        ),
+        "{all}"
+    );
+    assert!(all.contains("final_lag 1 day + run interval 1h"), "{all}");
+    assert!(
+        all.contains("set invoice_grace_period to at least 2 days"),
+        "{all}"
+    );
+    assert!(!all.contains("metalsoft_us01"), "{all}");
+    sim.shutdown().await;
+}
+
+/// The same sources with a customer's own grace period long enough (two days for SAKURA's
+/// 1 day + 1h; MetalSoft's customer inherits the entity's day for its 4h): nothing to say.
+#[tokio::test]
+async fn a_grace_period_covering_every_sources_lateness_gives_no_warning() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let sim = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    sim.register_billing_entity("acme_jp", 1, "Asia/Tokyo");
+    sim.register_subscription("sub_ms", "metal_co");
+    sim.register_subscription("sub_jp", "tokyo_co");
+    sim.register_customer("tokyo_co", Some("Asia/Tokyo"), Some(2), None);
+    let dir = tempfile::tempdir().unwrap();
+    let settings = period_settings(dir.path(), &sim.url, METALSOFT_AND_SAKURA);
+    let findings = period_check(&settings).await;
+    assert!(findings.is_empty(), "{findings:?}");
+    // The customers were read, one by one, and the billing entities.
+    let routes: Vec<String> = sim.requests().iter().map(|r| r.route.clone()).collect();
+    assert!(
+        routes.contains(&"GET /api/v1/billing_entities".to_string()),
+        "{routes:?}"
+    );
+    assert_eq!(
+        routes
+            .iter()
+            .filter(|r| *r == "GET /api/v1/customers/{external_customer_id}")
+            .count(),
+        2,
+        "{routes:?}"
+    );
+    sim.shutdown().await;
+}
+
+/// A SAKURA record is dated at its month's start, the 1st 00:00 JST: 15:00 UTC on the last day
+/// of the month before. A Lago customer billed in UTC (Lago's default) gets it in the previous
+/// billing period, finalized long before the SAKURA month is final: never billed, whatever the
+/// grace period. The check must say so for that customer.
+#[tokio::test]
+async fn sakura_usage_billed_to_a_customer_in_utc_is_a_warning_about_the_previous_period() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let sim = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    sim.register_billing_entity("acme", 3, "UTC");
+    sim.register_subscription("sub_ms", "metal_co");
+    sim.register_subscription("sub_jp", "tokyo_co");
+    let dir = tempfile::tempdir().unwrap();
+    let settings = period_settings(dir.path(), &sim.url, METALSOFT_AND_SAKURA);
+    let findings = period_check(&settings).await;
+    let all = findings.join("\n");
+    assert_eq!(findings.len(), 1, "{all}");
+    assert!(
+        all.starts_with(
+            "warning: customer `tokyo_co` is billed in timezone UTC but SAKURA source \
+             `sakura_main` feeds it"
+        ),
+        "{all}"
+    );
+    assert!(all.contains("previous billing period"), "{all}");
+    // In Asia/Tokyo (or east of it) the month starts inside the month: no warning.
+    sim.register_customer("tokyo_co", Some("Australia/Sydney"), None, None);
+    assert!(period_check(&settings).await.is_empty());
+    sim.shutdown().await;
+}
+
+/// `period: month` adjustments are settled `period_close_delay` (default 3 days) after the
+/// month and dated at its latest record: a grace period shorter than that (plus a run) loses
+/// them, even for a source that is itself on time.
+#[tokio::test]
+async fn month_pricing_needs_a_grace_period_of_its_close_delay() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let sim = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    sim.register_billing_entity("acme", 2, "UTC");
+    sim.register_subscription("sub_ms", "metal_co");
+    let dir = tempfile::tempdir().unwrap();
+    let metalsoft = METALSOFT_AND_SAKURA
+        .split("  sakura_main:")
+        .next()
+        .unwrap()
+        .to_string();
+    let settings = period_settings(dir.path(), &sim.url, &metalsoft);
+    assert!(period_check(&settings).await.is_empty());
+    std::fs::write(
+        dir.path().join("maps/m.yaml"),
+        "version: 1\ncustomers:\n  - match: { provider: metalsoft }\n    external_subscription_id: sub_ms\n    pricing: { minimum: \"50\", period: month }\nrules:\n  - name: usage\n    match: {}\n    metric: usage\n    value: { cost: {} }\n",
+    )
+    .unwrap();
+    let all = period_check(&settings).await.join("\n");
+    assert!(
+        all.contains(
+            "invoice grace period 2 days is shorter than the 3days 1h after a period's end that \
+             `period pricing` needs (month adjustments settle period_close_delay 3 days after \
+             the month + run interval 1h)"
+        ),
+        "{all}"
+    );
+    sim.shutdown().await;
+}
+
+/// More customers than are worth reading one by one (an account directory of resellers' end
+/// users) are read from the paginated customer listing instead, 100 a page; the warning about
+/// their billing entity names the first few and counts the rest.
+#[tokio::test]
+async fn many_customers_are_read_from_the_listing_and_one_warning_counts_them() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let sim = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let metalsoft = METALSOFT_AND_SAKURA
+        .split("  sakura_main:")
+        .next()
+        .unwrap()
+        .to_string();
+    let settings = period_settings(dir.path(), &sim.url, &metalsoft);
+    let mut csv =
+        String::from("provider,sub_account_id,external_subscription_id,external_customer_id\n");
+    for i in 0..150 {
+        csv.push_str(&format!("metalsoft,{i},sub_{i:03},c{i:03}\n"));
+        sim.register_subscription(&format!("sub_{i:03}"), &format!("c{i:03}"));
+    }
+    std::fs::write(dir.path().join("maps/accounts.csv"), csv).unwrap();
+    std::fs::write(
+        dir.path().join("maps/m.yaml"),
+        "version: 1\ncustomers_csv: accounts.csv\nrules:\n  - name: usage\n    match: {}\n    metric: usage\n    value: { cost: {} }\n",
+    )
+    .unwrap();
+    let findings = period_check(&settings).await;
+    let all = findings.join("\n");
+    assert_eq!(findings.len(), 1, "{all}");
+    assert!(
+        all.contains(
+            "billing entity `default` (of customer(s) `c000`, `c001`, `c002`, `c003`, `c004`, \
+             and 145 more without a grace period of their own): invoice grace period 0 days is \
+             shorter than the 4h after a period's end that `metalsoft_us01` needs (window 1h + \
+             settle_delay 2h + run interval 1h)"
+        ),
+        "{all}"
+    );
+    let routes: Vec<String> = sim.requests().iter().map(|r| r.route.clone()).collect();
+    assert_eq!(
+        routes
+            .iter()
+            .filter(|r| *r == "GET /api/v1/customers")
+            .count(),
+        2,
+        "two pages of 100: {routes:?}"
+    );
+    assert!(
+        !routes.contains(&"GET /api/v1/customers/{external_customer_id}".to_string()),
+        "{routes:?}"
+    );
+    sim.shutdown().await;
+}

@@ -276,7 +276,36 @@ async fn mappings_check_remote_finds_what_lago_lacks_and_explain_reads_a_ledger_
         .lago
         .register_metric("softlayer_cost", "sum_agg", Some("amount"));
     let out = run(&cfg, &["mappings", "check", "--remote"]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let output = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{output}");
+    // Lago's default billing entity has no invoice grace period: MetalSoft's last window of a
+    // month (1d, closing up to a day after the month's end in the customer's timezone, then
+    // settle_delay 2h and the next hourly run) reaches Lago after the month's invoice was
+    // finalized and is never billed. A warning (exit 0) naming the entity, the source and both
+    // figures.
+    assert!(
+        output.contains(
+            "warning: billing entity `default` (of customer(s) `customer` without a grace \
+             period of their own): invoice grace period 0 days is shorter than the 1day 3h \
+             after a period's end that `metalsoft_test` needs (window 1 day + settle_delay 2h \
+             + run interval 1h)"
+        ),
+        "{output}"
+    );
+    assert!(
+        output.contains("set invoice_grace_period to at least 2 days"),
+        "{output}"
+    );
+    let out = run(
+        &cfg,
+        &["mappings", "check", "--remote", "--run-interval", "30m"],
+    )
+    .await;
+    assert!(
+        text(&out).contains("the 1day 2h 30m after a period's end that `metalsoft_test` needs"),
+        "{}",
+        text(&out)
+    );
 
     // explain --id: the held reservation installment of the ledger, rule by rule.
     assert_eq!(run(&cfg, &["sync"]).await.status.code(), Some(4));
@@ -298,6 +327,62 @@ async fn mappings_check_remote_finds_what_lago_lacks_and_explain_reads_a_ledger_
         output.contains("metalsoft.yaml#instance-hours"),
         "each rule tried is listed: {output}"
     );
+}
+
+/// SAKURA bills by JST month and its records are dated at the month's start, the 1st 00:00 JST
+/// (the last day of the month before in UTC), sent once the month is final (1st of the next
+/// month + `final_lag`). Into a Lago customer billed in UTC (Lago's default) with no grace
+/// period, they land in the month before, long finalized, and are never billed: `mappings
+/// check --remote` says so, and that the grace period is too short, and still exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn mappings_check_remote_warns_about_sakura_into_a_utc_customer_without_grace_period() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: LAGO_SECRET.into(),
+        ..LagoSimConfig::default()
+    })
+    .await
+    .unwrap();
+    lago.register_metric("sakura_cost", "sum_agg", Some("amount"));
+    lago.register_subscription("sub_sakura_tenant", "sakura-tenant");
+    let dir = tempfile::tempdir().unwrap();
+    let maps = dir.path().join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/mappings/sakura.yaml"),
+        maps.join("sakura.yaml"),
+    )
+    .unwrap();
+    let cfg = dir.path().join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger:\n  path: {}\nmappings: [{}]\nproviders:\n  sakura_main:\n    kind: sakura\n    endpoint: http://127.0.0.1:9/cloud/zone/is1a/api/system/1.0\n    token: env:TEST_MS_KEY\n    secret: env:TEST_MS_KEY\n    start_month: 2026-09\nsinks:\n  lago:\n    kind: lago\n    api_url: {}\n    api_key: env:TEST_LAGO_KEY\n",
+            dir.path().join("ledger.db").display(),
+            maps.display(),
+            lago.url
+        ),
+    )
+    .unwrap();
+    let out = run(cfg.to_str().unwrap(), &["mappings", "check", "--remote"]).await;
+    let output = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{output}");
+    assert!(
+        output.contains(
+            "warning: customer `sakura-tenant` is billed in timezone UTC but SAKURA source \
+             `sakura_main` feeds it"
+        ),
+        "{output}"
+    );
+    assert!(
+        output.contains(
+            "invoice grace period 0 days is shorter than the 1day 1h after a period's end that \
+             `sakura_main` needs (a month is final on the 1st of the next, 00:00 JST, + \
+             final_lag 1 day + run interval 1h)"
+        ),
+        "{output}"
+    );
+    lago.shutdown().await;
 }
 
 /// A sink in front of the Lago simulator whose n-th request waits `delays[n]` before it is

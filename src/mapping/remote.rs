@@ -158,3 +158,311 @@ impl MappingSet {
         out
     }
 }
+
+// --- invoicing periods: grace period and timezone ------------------------------------------
+
+/// How long after the end of a billing period the last records a source dates in it reach the
+/// invoicing system (at worst), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lateness {
+    /// The source name (`providers.<name>`), or `period pricing` for the month adjustments.
+    pub source: String,
+    /// The provider kind (`sakura`, `metalsoft`, …); empty for period pricing.
+    pub kind: String,
+    /// From the period's end to the last records' arrival.
+    pub after_end: chrono::Duration,
+    /// How `after_end` is made up, e.g. `final_lag 1 day + run interval 1h`.
+    pub why: String,
+}
+
+/// A Lago customer as far as its invoicing periods go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteCustomer {
+    /// `external_id`.
+    pub external_id: String,
+    /// `applicable_timezone` (else `timezone`): the timezone of its billing periods.
+    pub timezone: Option<String>,
+    /// `billing_configuration.invoice_grace_period` (days): its own, `None` when it follows
+    /// its billing entity.
+    pub grace_days: Option<i64>,
+    /// `billing_entity_code`.
+    pub billing_entity: Option<String>,
+}
+
+/// A Lago billing entity (`GET /api/v1/billing_entities`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteBillingEntity {
+    /// `code`.
+    pub code: String,
+    /// `invoice_grace_period` (days).
+    pub grace_days: i64,
+    /// `timezone`.
+    pub timezone: Option<String>,
+    /// `is_default`: the entity of customers that name none.
+    pub is_default: bool,
+}
+
+/// Timezones of Lago's `Timezone` list whose offset is +09:00 or more all year: the start of a
+/// SAKURA month (the 1st, 00:00 JST) falls on the 1st there too, inside the month. Everywhere
+/// else (UTC, Europe, the Americas, the rest of Asia) it is still the last day of the month
+/// before. (Computed from the IANA database for each zone of the spec's enum.)
+pub const JST_MONTH_START_INSIDE: &[&str] = &[
+    "Asia/Kamchatka",
+    "Asia/Magadan",
+    "Asia/Seoul",
+    "Asia/Srednekolymsk",
+    "Asia/Tokyo",
+    "Asia/Vladivostok",
+    "Asia/Yakutsk",
+    "Australia/Adelaide",
+    "Australia/Brisbane",
+    "Australia/Darwin",
+    "Australia/Hobart",
+    "Australia/Melbourne",
+    "Australia/Sydney",
+    "Pacific/Apia",
+    "Pacific/Auckland",
+    "Pacific/Chatham",
+    "Pacific/Fakaofo",
+    "Pacific/Fiji",
+    "Pacific/Guadalcanal",
+    "Pacific/Guam",
+    "Pacific/Majuro",
+    "Pacific/Noumea",
+    "Pacific/Port_Moresby",
+    "Pacific/Tongatapu",
+];
+
+/// `2 days`, `1day 1h`: whole days when whole days.
+fn human(d: chrono::Duration) -> String {
+    let secs = d.num_seconds().max(0);
+    if secs > 0 && secs % 86_400 == 0 {
+        let days = secs / 86_400;
+        return format!("{days} day{}", if days == 1 { "" } else { "s" });
+    }
+    humantime::format_duration(std::time::Duration::from_secs(secs as u64)).to_string()
+}
+
+fn days(n: i64) -> String {
+    format!("{n} day{}", if n == 1 { "" } else { "s" })
+}
+
+/// Whether `conditions` can accept a record of source `name` of provider `kind` (only their
+/// `provider` and `source` conditions are looked at: conservative, it may say yes wrongly).
+fn admits(conditions: &super::schema::Conditions, name: &str, kind: &str) -> bool {
+    conditions
+        .0
+        .iter()
+        .all(|(field, c)| match field.0.as_str() {
+            "provider" => c.matches(Some(kind)),
+            "source" => c.matches(Some(name)),
+            _ => true,
+        })
+}
+
+impl MappingSet {
+    /// For each subscription the rules, customer entries and account directory bill, the
+    /// sources (`(name, kind)`) whose records may reach it, judged on their `provider` and
+    /// `source` conditions only (so it may name a source that never does, never miss one).
+    pub fn sources_by_subscription(
+        &self,
+        sources: &[(String, String)],
+    ) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let billing = |name: &str, kind: &str| {
+            self.rules.iter().any(|r| {
+                !r.rule.ignore && r.rule.target.is_none() && admits(&r.rule.conditions, name, kind)
+            })
+        };
+        for (name, kind) in sources {
+            for r in &self.rules {
+                if let Some(t) = &r.rule.target {
+                    if !r.rule.ignore && admits(&r.rule.conditions, name, kind) {
+                        out.entry(t.external_subscription_id.0.clone())
+                            .or_default()
+                            .insert(name.clone());
+                    }
+                }
+            }
+            if !billing(name, kind) {
+                continue;
+            }
+            for c in &self.customers {
+                if admits(&c.entry.conditions, name, kind) {
+                    out.entry(c.entry.external_subscription_id.0.clone())
+                        .or_default()
+                        .insert(name.clone());
+                }
+            }
+            for row in self.directory.iter() {
+                if row.provider == kind {
+                    out.entry(row.subscription.to_string())
+                        .or_default()
+                        .insert(name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The subscriptions some `period: month` pricing (a rule's or a customer entry's) may
+    /// settle by an adjustment event after the month's end.
+    pub fn month_priced_subscriptions(&self, sources: &[(String, String)]) -> BTreeSet<String> {
+        use super::schema::PeriodKind;
+        let by_sub = self.sources_by_subscription(sources);
+        let mut out = BTreeSet::new();
+        for c in &self.customers {
+            if c.entry.pricing.as_ref().and_then(|p| p.period) == Some(PeriodKind::Month) {
+                out.insert(c.entry.external_subscription_id.0.clone());
+            }
+        }
+        for r in &self.rules {
+            let monthly = matches!(&r.rule.value, Some(ValueSpec::Cost(c)) if c.period == Some(PeriodKind::Month));
+            if !monthly || r.rule.ignore {
+                continue;
+            }
+            if let Some(t) = &r.rule.target {
+                out.insert(t.external_subscription_id.0.clone());
+                continue;
+            }
+            let fed: BTreeSet<&String> = sources
+                .iter()
+                .filter(|(n, k)| admits(&r.rule.conditions, n, k))
+                .map(|(n, _)| n)
+                .collect();
+            for (sub, srcs) in &by_sub {
+                if srcs.iter().any(|s| fed.contains(s)) {
+                    out.insert(sub.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Compares how late the sources' records reach Lago with each billed customer's invoice
+    /// grace period (its own, else its billing entity's, else Lago's default 0), and SAKURA
+    /// sources with the customer's timezone. Warnings only: `subscriptions` maps each Lago
+    /// subscription to its customer; customers missing from `customers` are not judged.
+    pub fn check_periods(
+        &self,
+        sources: &[Lateness],
+        period_pricing: Option<&Lateness>,
+        subscriptions: &BTreeMap<String, String>,
+        customers: &BTreeMap<String, RemoteCustomer>,
+        entities: &[RemoteBillingEntity],
+    ) -> Vec<RemoteFinding> {
+        let pairs: Vec<(String, String)> = sources
+            .iter()
+            .map(|l| (l.source.clone(), l.kind.clone()))
+            .collect();
+        let by_source: BTreeMap<&str, &Lateness> =
+            sources.iter().map(|l| (l.source.as_str(), l)).collect();
+        let monthly = self.month_priced_subscriptions(&pairs);
+        // customer → the needs of the subscriptions billed to it
+        let mut needs: BTreeMap<&str, BTreeMap<&str, &Lateness>> = BTreeMap::new();
+        for (sub, srcs) in self.sources_by_subscription(&pairs) {
+            let Some(customer) = subscriptions.get(&sub) else {
+                continue;
+            };
+            let entry = needs.entry(customer.as_str()).or_default();
+            for s in &srcs {
+                if let Some(l) = by_source.get(s.as_str()) {
+                    entry.insert(l.source.as_str(), l);
+                }
+            }
+            if let Some(p) = period_pricing.filter(|_| monthly.contains(&sub)) {
+                entry.insert(p.source.as_str(), p);
+            }
+        }
+        let default_entity = entities
+            .iter()
+            .find(|e| e.is_default)
+            .or(if entities.len() == 1 {
+                entities.first()
+            } else {
+                None
+            });
+        // (whose grace period, its days, the source) → the customers
+        let mut short: BTreeMap<(String, i64, &str), Vec<&str>> = BTreeMap::new();
+        let mut out = Vec::new();
+        for (customer, wants) in &needs {
+            let Some(c) = customers.get(*customer) else {
+                continue;
+            };
+            let entity = c
+                .billing_entity
+                .as_deref()
+                .and_then(|code| entities.iter().find(|e| e.code == code))
+                .or(default_entity);
+            let (whose, grace) = match (c.grace_days, entity) {
+                (Some(d), _) => (format!("customer `{customer}`"), d),
+                (None, Some(e)) => (format!("billing entity `{}`", e.code), e.grace_days),
+                (None, None) => (format!("customer `{customer}` (no billing entity read)"), 0),
+            };
+            for l in wants.values() {
+                if chrono::Duration::days(grace.max(0)) < l.after_end {
+                    short
+                        .entry((whose.clone(), grace, l.source.as_str()))
+                        .or_default()
+                        .push(customer);
+                }
+            }
+            let timezone = c
+                .timezone
+                .clone()
+                .or_else(|| entity.and_then(|e| e.timezone.clone()))
+                .unwrap_or_else(|| "UTC".to_string());
+            for l in wants.values().filter(|l| l.kind == "sakura") {
+                if !JST_MONTH_START_INSIDE.contains(&timezone.as_str()) {
+                    out.push(RemoteFinding {
+                        error: false,
+                        message: format!(
+                            "customer `{customer}` is billed in timezone {timezone} but SAKURA \
+                             source `{}` feeds it: a SAKURA month's records are dated at its \
+                             start, the 1st 00:00 JST, which in {timezone} is still the last day \
+                             of the month before, so Lago puts them in the previous billing \
+                             period, whose invoice was finalized before the month is final and \
+                             sent: they are not billed. Bill SAKURA usage to a customer in \
+                             Asia/Tokyo (or another timezone at +09:00 or east of it)",
+                            l.source
+                        ),
+                    });
+                }
+            }
+        }
+        for ((whose, grace, source), fed) in short {
+            let l = by_source
+                .get(source)
+                .copied()
+                .or(period_pricing)
+                .expect("a need comes from a source or the period pricing");
+            let needed = (l.after_end.num_seconds() + 86_399) / 86_400;
+            let of = if whose.starts_with("billing entity") {
+                let mut names: Vec<String> = fed.iter().take(5).map(|c| format!("`{c}`")).collect();
+                if fed.len() > 5 {
+                    names.push(format!("and {} more", fed.len() - 5));
+                }
+                format!(
+                    " (of customer(s) {} without a grace period of their own)",
+                    names.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            out.push(RemoteFinding {
+                error: false,
+                message: format!(
+                    "{whose}{of}: invoice grace period {} is shorter than the {} after a \
+                     period's end that `{source}` needs ({}) before its last records of the \
+                     period reach Lago: those arrive after the period's invoice is finalized \
+                     and are never billed; set invoice_grace_period to at least {}",
+                    days(grace),
+                    human(l.after_end),
+                    l.why,
+                    days(needed)
+                ),
+            });
+        }
+        out
+    }
+}

@@ -183,6 +183,9 @@ struct RateWindow {
     used: u32,
 }
 
+/// A registered customer: its own timezone, its own invoice grace period, its billing entity.
+type SimCustomer = (Option<String>, Option<i64>, Option<String>);
+
 #[derive(Debug, Default)]
 struct Store {
     events: Vec<StoredEvent>,
@@ -194,6 +197,12 @@ struct Store {
     metrics: Vec<(String, String, Option<String>)>,
     /// Registered subscriptions: (external_id, external_customer_id, status).
     subscriptions: Vec<(String, String, String)>,
+    /// Registered billing entities: (code, invoice_grace_period, timezone). None registered:
+    /// one default entity `default`, grace period 0, UTC (Lago's defaults).
+    billing_entities: Vec<(String, i64, String)>,
+    /// Registered customers: external_id → (timezone, invoice_grace_period, billing entity).
+    /// A subscription's customer not registered is listed with neither (its entity's).
+    customers: BTreeMap<String, SimCustomer>,
     /// What lean mode keeps instead of `events` and `keys`.
     lean: LeanStore,
 }
@@ -303,6 +312,12 @@ impl LagoSim {
             .route("/api/v1/events/{transaction_id}", get(show_event))
             .route("/api/v1/billable_metrics", get(list_metrics))
             .route("/api/v1/subscriptions", get(list_subscriptions))
+            .route("/api/v1/billing_entities", get(list_billing_entities))
+            .route("/api/v1/customers", get(list_customers))
+            .route(
+                "/api/v1/customers/{external_customer_id}",
+                get(show_customer),
+            )
             .fallback(unmatched)
             .with_state(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -471,6 +486,37 @@ impl LagoSimHandle {
             external_customer_id.to_string(),
             status.to_string(),
         ));
+    }
+
+    /// Register a billing entity (`GET /api/v1/billing_entities`); the first registered is
+    /// the default one. Without any, Lago's default entity is listed: `default`, grace period
+    /// 0 days, UTC.
+    pub fn register_billing_entity(&self, code: &str, invoice_grace_period: i64, timezone: &str) {
+        lock(&self.shared.store).billing_entities.push((
+            code.to_string(),
+            invoice_grace_period,
+            timezone.to_string(),
+        ));
+    }
+
+    /// Register a customer (`GET /api/v1/customers[/{external_id}]`) with its own timezone
+    /// and invoice grace period (`None`: its billing entity's) and billing entity (`None`: the
+    /// default one).
+    pub fn register_customer(
+        &self,
+        external_id: &str,
+        timezone: Option<&str>,
+        invoice_grace_period: Option<i64>,
+        billing_entity: Option<&str>,
+    ) {
+        lock(&self.shared.store).customers.insert(
+            external_id.to_string(),
+            (
+                timezone.map(str::to_string),
+                invoice_grace_period,
+                billing_entity.map(str::to_string),
+            ),
+        );
     }
 
     // --- inspection ---------------------------------------------------------------------
@@ -1471,6 +1517,109 @@ async fn list_subscriptions(
         })
         .collect();
     paginate("subscriptions", items, &q)
+}
+
+/// The billing entities, the default one first.
+fn billing_entities(store: &Store) -> Vec<(String, i64, String)> {
+    if store.billing_entities.is_empty() {
+        vec![("default".to_string(), 0, "UTC".to_string())]
+    } else {
+        store.billing_entities.clone()
+    }
+}
+
+/// `GET /api/v1/billing_entities`: as the spec documents it, one answer without `meta`.
+async fn list_billing_entities(State(shared): Sim, headers: HeaderMap) -> Response {
+    record(&shared, "GET /api/v1/billing_entities", "");
+    if let Err(r) = authorize(&shared, &headers, false) {
+        return r;
+    }
+    let items: Vec<Value> = billing_entities(&lock(&shared.store))
+        .into_iter()
+        .enumerate()
+        .map(|(i, (code, grace, timezone))| {
+            json!({
+                "lago_id": format!("be_{code}"),
+                "code": code,
+                "name": code,
+                "default_currency": "USD",
+                "document_locale": "en",
+                "document_numbering": "per_customer",
+                "finalize_zero_amount_invoice": true,
+                "invoice_grace_period": grace,
+                "net_payment_term": 0,
+                "timezone": timezone,
+                "is_default": i == 0,
+                "created_at": "2026-01-01T00:00:00Z",
+                "updated_at": "2026-01-01T00:00:00Z",
+            })
+        })
+        .collect();
+    (StatusCode::OK, Json(json!({ "billing_entities": items }))).into_response()
+}
+
+/// Every customer: the registered ones and the subscriptions' others, as `CustomerObject`s.
+fn customers(store: &Store) -> Vec<Value> {
+    let entities = billing_entities(store);
+    let mut all = store.customers.clone();
+    for (_, customer, _) in &store.subscriptions {
+        all.entry(customer.clone()).or_insert((None, None, None));
+    }
+    all.into_iter()
+        .enumerate()
+        .map(|(i, (id, (timezone, grace, entity)))| {
+            let entity = entity.unwrap_or_else(|| entities[0].0.clone());
+            let entity_tz = entities
+                .iter()
+                .find(|e| e.0 == entity)
+                .map_or("UTC", |e| e.2.as_str())
+                .to_string();
+            json!({
+                "lago_id": format!("cus_{id}"),
+                "sequential_id": i + 1,
+                "slug": format!("SIM-{:04}", i + 1),
+                "external_id": id,
+                "billing_entity_code": entity,
+                "applicable_timezone": timezone.clone().unwrap_or(entity_tz),
+                "timezone": timezone,
+                "created_at": "2026-01-01T00:00:00Z",
+                "billing_configuration": { "invoice_grace_period": grace },
+            })
+        })
+        .collect()
+}
+
+/// `GET /api/v1/customers`, paginated.
+async fn list_customers(
+    State(shared): Sim,
+    headers: HeaderMap,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    record(&shared, "GET /api/v1/customers", "");
+    if let Err(r) = authorize(&shared, &headers, false) {
+        return r;
+    }
+    let items = customers(&lock(&shared.store));
+    paginate("customers", items, &q)
+}
+
+/// `GET /api/v1/customers/{external_customer_id}`: `{"customer": …}`, or 404.
+async fn show_customer(
+    State(shared): Sim,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    record(&shared, "GET /api/v1/customers/{external_customer_id}", "");
+    if let Err(r) = authorize(&shared, &headers, false) {
+        return r;
+    }
+    match customers(&lock(&shared.store))
+        .into_iter()
+        .find(|c| c["external_id"] == id.as_str())
+    {
+        Some(c) => (StatusCode::OK, Json(json!({ "customer": c }))).into_response(),
+        None => error_body(StatusCode::NOT_FOUND, json!({"code": "customer_not_found"})),
+    }
 }
 
 #[cfg(test)]

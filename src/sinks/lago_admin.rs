@@ -5,14 +5,14 @@
 //! payloads; these are plain GETs whose answers only feed a report. The comparison itself is
 //! pure and lives in [`crate::mapping::remote`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::config::Secret;
 use crate::http::{get_text, ReadFailure, RetryPolicy};
-use crate::mapping::remote::RemoteMetric;
+use crate::mapping::remote::{RemoteBillingEntity, RemoteCustomer, RemoteFinding, RemoteMetric};
 use crate::sinks::lago::LagoConfig;
 
 /// Largest page Lago serves.
@@ -103,6 +103,18 @@ impl LagoAdmin {
         key: &str,
         filters: &[(&str, &str)],
     ) -> Result<Vec<Value>, LagoAdminError> {
+        self.list_pages(path, key, filters, false).await
+    }
+
+    /// [`Self::list`]; with `meta_optional`, an answer without any `meta` is the whole list
+    /// (`GET /api/v1/billing_entities` is documented without pagination).
+    async fn list_pages(
+        &self,
+        path: &str,
+        key: &str,
+        filters: &[(&str, &str)],
+        meta_optional: bool,
+    ) -> Result<Vec<Value>, LagoAdminError> {
         let url = format!("{}{path}", self.base);
         let shape = |message: String| LagoAdminError::Shape {
             url: url.clone(),
@@ -139,6 +151,9 @@ impl LagoAdmin {
                 .and_then(Value::as_array)
                 .ok_or_else(|| shape(format!("no `{key}` array")))?;
             out.extend(items.iter().cloned());
+            if meta_optional && json.get("meta").is_none() {
+                return Ok(out);
+            }
             match json.pointer("/meta/next_page") {
                 None | Some(Value::Null) => {}
                 Some(next) => {
@@ -213,6 +228,11 @@ impl LagoAdmin {
     /// (lago-api `SubscriptionIndex`: `status` defaults to `["active"]`); canceled ones never
     /// started and bill nothing.
     pub async fn subscription_ids(&self) -> Result<BTreeSet<String>, LagoAdminError> {
+        Ok(self.subscriptions().await?.into_keys().collect())
+    }
+
+    /// [`Self::subscription_ids`], each with its `external_customer_id` (empty when absent).
+    pub async fn subscriptions(&self) -> Result<BTreeMap<String, String>, LagoAdminError> {
         let items = self
             .list(
                 "/api/v1/subscriptions",
@@ -226,7 +246,165 @@ impl LagoAdmin {
             .await?;
         Ok(items
             .iter()
-            .filter_map(|s| s.get("external_id")?.as_str().map(str::to_string))
+            .filter_map(|s| {
+                let id = s.get("external_id")?.as_str()?.to_string();
+                let customer = s
+                    .get("external_customer_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                Some((id, customer))
+            })
             .collect())
     }
+
+    /// `GET /api/v1/billing_entities` (every page if the answer is paginated): code, invoice
+    /// grace period (days), timezone, default or not.
+    pub async fn billing_entities(&self) -> Result<Vec<RemoteBillingEntity>, LagoAdminError> {
+        let url = format!("{}/api/v1/billing_entities", self.base);
+        // A Lago from before billing entities (2025) answers 404: none to read.
+        let items = match self
+            .list_pages("/api/v1/billing_entities", "billing_entities", &[], true)
+            .await
+        {
+            Err(LagoAdminError::Status { status: 404, .. }) => Vec::new(),
+            other => other?,
+        };
+        items
+            .iter()
+            .map(|e| {
+                let code = e.get("code").and_then(Value::as_str);
+                let grace = e.get("invoice_grace_period").and_then(Value::as_i64);
+                match (code, grace) {
+                    (Some(code), Some(grace_days)) => Ok(RemoteBillingEntity {
+                        code: code.to_string(),
+                        grace_days,
+                        timezone: e
+                            .get("timezone")
+                            .and_then(Value::as_str)
+                            .map(str::to_string),
+                        is_default: e
+                            .get("is_default")
+                            .and_then(Value::as_bool)
+                            .unwrap_or(false),
+                    }),
+                    _ => Err(LagoAdminError::Shape {
+                        url: url.clone(),
+                        message: format!(
+                            "a billing entity without `code` or integer `invoice_grace_period`: {}",
+                            crate::http::snippet(&e.to_string())
+                        ),
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// The customers `ids` as Lago describes them. Up to [`CUSTOMERS_ONE_BY_ONE`] ids, one
+    /// `GET /api/v1/customers/{external_id}` each (a 404 leaves that customer out); above,
+    /// the whole `GET /api/v1/customers` listing (100 a page), which costs fewer calls.
+    pub async fn customers(
+        &self,
+        ids: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, RemoteCustomer>, LagoAdminError> {
+        let mut out = BTreeMap::new();
+        if ids.len() > CUSTOMERS_ONE_BY_ONE {
+            for c in self.list("/api/v1/customers", "customers", &[]).await? {
+                if let Some(c) = customer_of(&c) {
+                    if ids.contains(&c.external_id) {
+                        out.insert(c.external_id.clone(), c);
+                    }
+                }
+            }
+            return Ok(out);
+        }
+        for id in ids.iter().filter(|id| !id.is_empty()) {
+            let path = format!(
+                "/api/v1/customers/{}",
+                percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
+            );
+            let url = format!("{}{path}", self.base);
+            let request = || self.client.get(&url).bearer_auth(self.api_key.expose());
+            let body = match get_text(request, &self.retry, &format!("lago: GET {path}")).await {
+                Ok(body) => body,
+                Err(ReadFailure::Answered { status: 404, .. }) => continue,
+                Err(ReadFailure::Answered { status, body }) => {
+                    return Err(LagoAdminError::Status { url, status, body })
+                }
+                Err(ReadFailure::GaveUp { reason, attempts }) => {
+                    return Err(LagoAdminError::Transport {
+                        url,
+                        message: format!("{reason} (gave up after {attempts} attempts)"),
+                    })
+                }
+            };
+            let json: Value = serde_json::from_str(&body).map_err(|e| LagoAdminError::Shape {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+            let c = json.get("customer").and_then(customer_of).ok_or_else(|| {
+                LagoAdminError::Shape {
+                    url: url.clone(),
+                    message: "no `customer` object with an `external_id`".into(),
+                }
+            })?;
+            out.insert(c.external_id.clone(), c);
+        }
+        Ok(out)
+    }
+}
+
+/// Up to this many customers are read one by one; more, by listing every customer.
+pub const CUSTOMERS_ONE_BY_ONE: usize = 100;
+
+/// A `CustomerObject`'s period settings: `applicable_timezone` (else `timezone`),
+/// `billing_configuration.invoice_grace_period` (null: the billing entity's),
+/// `billing_entity_code`.
+fn customer_of(c: &Value) -> Option<RemoteCustomer> {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    Some(RemoteCustomer {
+        external_id: c.get("external_id")?.as_str()?.to_string(),
+        timezone: text(c.get("applicable_timezone")).or_else(|| text(c.get("timezone"))),
+        grace_days: c
+            .pointer("/billing_configuration/invoice_grace_period")
+            .and_then(Value::as_i64),
+        billing_entity: text(c.get("billing_entity_code")),
+    })
+}
+
+/// The invoicing-period findings of `mappings check --remote` for one Lago sink: reads the
+/// subscriptions' customers (see [`LagoAdmin::customers`]) and the billing entities, and
+/// compares them with how late `settings`' sources reach Lago (one run every `run_interval`).
+pub async fn period_findings(
+    admin: &LagoAdmin,
+    settings: &crate::config::Settings,
+    set: &crate::mapping::MappingSet,
+    subscriptions: &BTreeMap<String, String>,
+    run_interval: chrono::Duration,
+) -> Result<Vec<RemoteFinding>, LagoAdminError> {
+    let (sources, period) = settings.lateness(run_interval);
+    let pairs: Vec<(String, String)> = sources
+        .iter()
+        .map(|l| (l.source.clone(), l.kind.clone()))
+        .collect();
+    let fed: BTreeSet<String> = set
+        .sources_by_subscription(&pairs)
+        .keys()
+        .chain(set.month_priced_subscriptions(&pairs).iter())
+        .filter_map(|sub| subscriptions.get(sub))
+        .filter(|c| !c.is_empty())
+        .cloned()
+        .collect();
+    if fed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let entities = admin.billing_entities().await?;
+    let customers = admin.customers(&fed).await?;
+    Ok(set.check_periods(
+        &sources,
+        Some(&period),
+        subscriptions,
+        &customers,
+        &entities,
+    ))
 }
