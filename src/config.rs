@@ -304,8 +304,9 @@ impl Settings {
     /// it reach a sink (at worst), with a run every `run_interval`; and the same for the
     /// `period: month` adjustments. Per source: the largest delay after a period's end before
     /// its records are final and sent, plus one run interval (a run may have just missed them);
-    /// for windowed sources that includes one window, the most a window dated in the period can
-    /// reach past its end.
+    /// for windowed sources that includes one window (the most a window dated in the period can
+    /// reach past its end) and the look-back (a window is read again, and a line the provider
+    /// added late sent, until the watermark is `look_back` past it).
     pub fn lateness(
         &self,
         run_interval: chrono::Duration,
@@ -323,22 +324,28 @@ impl Settings {
                 let (kind, delay, why) = match p {
                     // A window holding the period's end is dated before it and closes up to
                     // one window after it (exactly at it only when the customer's periods
-                    // start on a window boundary, e.g. UTC days for 1d windows).
+                    // start on a window boundary, e.g. UTC days for 1d windows); it is read
+                    // again until the watermark is `look_back` past it.
                     ProviderSettings::Metalsoft(c) => (
                         "metalsoft",
-                        c.window + c.settle_delay,
+                        c.window + c.effective_look_back() + c.settle_delay,
                         format!(
-                            "window {} + settle_delay {} + {interval}",
+                            "window {} + look_back {} + settle_delay {} + {interval}",
                             human(c.window),
+                            human(c.effective_look_back()),
                             human(c.settle_delay)
                         ),
                     ),
                     ProviderSettings::Jelastic(c) => (
                         "jelastic",
-                        chrono::Duration::seconds(c.period.seconds()) + c.settle_delay,
+                        chrono::Duration::seconds(c.period.seconds())
+                            // As the provider bounds it.
+                            * (c.look_back_buckets.min(100_000) as i32 + 1)
+                            + c.settle_delay,
                         format!(
-                            "bucket {} + settle_delay {} + {interval}{}",
+                            "bucket {} × (1 + look_back_buckets {}) + settle_delay {} + {interval}{}",
                             human(chrono::Duration::seconds(c.period.seconds())),
+                            c.look_back_buckets,
                             human(c.settle_delay),
                             if c.final_requires_charge {
                                 ", plus however long charging takes (final_requires_charge)"
@@ -352,7 +359,8 @@ impl Settings {
                         c.final_lag,
                         format!(
                             "a month is final on the 1st of the next, 00:00 JST, + final_lag {} + \
-                             {interval}",
+                             {interval}; a bill SAKURA lists later, found by the look-back or \
+                             after a held month, comes later still and no grace period covers it",
                             human(c.final_lag)
                         ),
                     ),

@@ -887,7 +887,7 @@ async fn a_grace_period_shorter_than_a_sources_lateness_is_a_warning_naming_both
 }
 
 /// The same sources with a customer's own grace period long enough (two days for SAKURA's
-/// 1 day + 1h; MetalSoft's customer inherits the entity's day for its 4h): nothing to say.
+/// 1 day + 1h; MetalSoft's customer inherits the entity's day for its 5h): nothing to say.
 #[tokio::test]
 async fn a_grace_period_covering_every_sources_lateness_gives_no_warning() {
     use billsync::simulators::lago::{LagoSim, LagoSimConfig};
@@ -1014,8 +1014,8 @@ async fn many_customers_are_read_from_the_listing_and_one_warning_counts_them() 
         all.contains(
             "billing entity `default` (of customer(s) `c000`, `c001`, `c002`, `c003`, `c004`, \
              and 145 more without a grace period of their own): invoice grace period 0 days is \
-             shorter than the 4h after a period's end that `metalsoft_us01` needs (window 1h + \
-             settle_delay 2h + run interval 1h)"
+             shorter than the 5h after a period's end that `metalsoft_us01` needs (window 1h + \
+             look_back 1h + settle_delay 2h + run interval 1h)"
         ),
         "{all}"
     );
@@ -1033,4 +1033,68 @@ async fn many_customers_are_read_from_the_listing_and_one_warning_counts_them() 
         "{routes:?}"
     );
     sim.shutdown().await;
+}
+
+/// The lateness `mappings check --remote` compares with Lago's grace period covers the
+/// look-back: Jelastic reads a DAY bucket again for `look_back_buckets` more buckets, and a
+/// charge the platform added late to a month's last day is sent that much later.
+#[tokio::test]
+async fn jelastic_lateness_covers_the_buckets_its_look_back_reads_again() {
+    use billsync::config::{ProviderSettings, Settings};
+    use billsync::providers::jelastic::JelasticProvider;
+    use billsync::providers::{Cursors, Provider};
+    use chrono::{DateTime, Duration};
+    let t = |text: &str| -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "k").unwrap();
+    let yaml = format!(
+        "ledger: {{ path: {d}/ledger.db }}\nmappings: [{m}]\nproviders:\n  jel:\n    kind: jelastic\n    hoster_url: http://127.0.0.1:9\n    session: file:{k}\n    period: DAY\n    settle_delay: 1h\n    start: 2026-10-01T00:00:00Z\n    time_offset: \"+00:00\"\n    currency: EUR\nsinks:\n  lago:\n    kind: lago\n    api_url: http://127.0.0.1:9\n    api_key: file:{k}\n",
+        d = dir.path().display(),
+        m = concat!(env!("CARGO_MANIFEST_DIR"), "/mappings"),
+        k = key.display(),
+    );
+    let path = dir.path().join("billsync.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut settings = Settings::load(&path).unwrap();
+    let (sources, _) = settings.lateness(Duration::hours(1));
+    let lateness = sources[0].after_end;
+    let Some(ProviderSettings::Jelastic(cfg)) = settings.providers.remove("jel") else {
+        panic!()
+    };
+    assert_eq!(cfg.look_back_buckets, 2, "the default look-back");
+    let p = JelasticProvider::new("jel".into(), cfg).unwrap();
+
+    // October ends at E. Hourly runs at :30. The run at `prev` stored its watermark (its upper).
+    let end = t("2026-11-01T00:00:00Z");
+    let prev = end + Duration::days(2) + Duration::minutes(30);
+    let mut cursors = Cursors::new();
+    let first = p.plan(&cursors, prev).await.unwrap();
+    let upper = first.iter().map(|c| c.window_end).max().unwrap();
+    cursors.insert(first[0].stream.clone(), upper.to_rfc3339());
+    // The next run, one hour later: it still asks again for October's last day bucket, so a
+    // late charge the platform added to it is pulled and sent now...
+    let now = prev + Duration::hours(1);
+    let chunks = p.plan(&cursors, now).await.unwrap();
+    let rereads_oct_31 = chunks.iter().any(|c| {
+        c.window_start <= end - Duration::days(1) && c.window_end > end - Duration::days(1)
+    });
+    assert!(
+        rereads_oct_31,
+        "the look-back re-reads 31 October: {chunks:?}"
+    );
+    // ...which is this long after the period's end, more than the lateness that
+    // `mappings check --remote` compares the grace period with.
+    let arrives = now - end;
+    assert!(
+        lateness >= arrives,
+        "lateness {}h ({}) but a record of 31 October found by the look-back reaches Lago {}h after the period's end",
+        lateness.num_hours(),
+        sources[0].why,
+        arrives.num_hours()
+    );
 }

@@ -279,21 +279,21 @@ async fn mappings_check_remote_finds_what_lago_lacks_and_explain_reads_a_ledger_
     let output = text(&out);
     assert_eq!(out.status.code(), Some(0), "{output}");
     // Lago's default billing entity has no invoice grace period: MetalSoft's last window of a
-    // month (1d, closing up to a day after the month's end in the customer's timezone, then
-    // settle_delay 2h and the next hourly run) reaches Lago after the month's invoice was
-    // finalized and is never billed. A warning (exit 0) naming the entity, the source and both
-    // figures.
+    // month (1d, closing up to a day after the month's end in the customer's timezone, read
+    // again for its look-back of 1d, then settle_delay 2h and the next hourly run) reaches Lago
+    // after the month's invoice was finalized and is never billed. A warning (exit 0) naming
+    // the entity, the source and both figures.
     assert!(
         output.contains(
             "warning: billing entity `default` (of customer(s) `customer` without a grace \
-             period of their own): invoice grace period 0 days is shorter than the 1day 3h \
-             after a period's end that `metalsoft_test` needs (window 1 day + settle_delay 2h \
-             + run interval 1h)"
+             period of their own): invoice grace period 0 days is shorter than the 2days 3h \
+             after a period's end that `metalsoft_test` needs (window 1 day + look_back 1 day \
+             + settle_delay 2h + run interval 1h)"
         ),
         "{output}"
     );
     assert!(
-        output.contains("set invoice_grace_period to at least 2 days"),
+        output.contains("set invoice_grace_period to at least 3 days"),
         "{output}"
     );
     let out = run(
@@ -302,7 +302,7 @@ async fn mappings_check_remote_finds_what_lago_lacks_and_explain_reads_a_ledger_
     )
     .await;
     assert!(
-        text(&out).contains("the 1day 2h 30m after a period's end that `metalsoft_test` needs"),
+        text(&out).contains("the 2days 2h 30m after a period's end that `metalsoft_test` needs"),
         "{}",
         text(&out)
     );
@@ -378,7 +378,8 @@ async fn mappings_check_remote_warns_about_sakura_into_a_utc_customer_without_gr
         output.contains(
             "invoice grace period 0 days is shorter than the 1day 1h after a period's end that \
              `sakura_main` needs (a month is final on the 1st of the next, 00:00 JST, + \
-             final_lag 1 day + run interval 1h)"
+             final_lag 1 day + run interval 1h; a bill SAKURA lists later, found by the \
+             look-back or after a held month, comes later still and no grace period covers it)"
         ),
         "{output}"
     );
