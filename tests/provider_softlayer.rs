@@ -1203,3 +1203,54 @@ async fn an_invoice_read_with_fewer_items_than_it_announces_fails_and_is_read_ag
     assert_eq!(total(&records), dec("6.60"));
     assert_eq!(cursors[STREAM_INVOICES], "10");
 }
+
+#[tokio::test]
+async fn an_invoice_younger_than_settle_delay_and_those_after_it_wait_for_a_later_run() {
+    // Every invoice is read once: one read while SoftLayer is still writing its lines would
+    // lose the rest (the item count it announces counts the lines there at the time). So an
+    // invoice is read only once it is `settle_delay` old, and nothing after it before it.
+    let mut ds = SoftlayerDataset::new(77);
+    let item = |id: u64, amount: &str| json!({"id": id, "recurringAfterTaxAmount": amount, "oneTimeAfterTaxAmount": "0"});
+    ds.add_invoice(
+        10,
+        "2025-01-04T00:00:00-06:00",
+        "CLOSED",
+        "RECURRING",
+        vec![item(1, "1.10")],
+    );
+    ds.add_invoice(
+        11,
+        "2025-02-04T00:00:00-06:00",
+        "OPEN",
+        "RECURRING",
+        vec![item(2, "2.20")],
+    );
+    let sim = sim(ds).await;
+    let p = provider_at(&sim.url, 100);
+    let created = DateTime::parse_from_rfc3339("2025-02-04T00:00:00-06:00")
+        .unwrap()
+        .with_timezone(&Utc);
+    let read = |now: DateTime<Utc>| {
+        let p = &p;
+        async move {
+            let mut cursors = Cursors::new();
+            let mut records = Vec::new();
+            for chunk in p.plan(&cursors, now).await.unwrap() {
+                let page = p.fetch(&chunk, now).await.unwrap();
+                if let Some(c) = page.cursor {
+                    cursors.insert(chunk.stream.clone(), c);
+                }
+                records.extend(page.records);
+            }
+            (records, cursors.get(STREAM_INVOICES).cloned())
+        }
+    };
+    // Half an hour after invoice 11 was made (default settle_delay 1h): only invoice 10.
+    let (early, cursor) = read(created + chrono::Duration::minutes(30)).await;
+    assert_eq!(total(&early), dec("1.10"));
+    assert_eq!(cursor.as_deref(), Some("10"));
+    // Two hours after: both.
+    let (later, cursor) = read(created + chrono::Duration::hours(2)).await;
+    assert_eq!(total(&later), dec("3.30"));
+    assert_eq!(cursor.as_deref(), Some("11"));
+}

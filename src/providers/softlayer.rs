@@ -165,6 +165,15 @@ pub struct SoftlayerConfig {
     /// `BillingCurrency` of the records (SoftLayer states amounts in USD).
     #[serde(default = "default_currency")]
     pub currency: String,
+    /// Only invoices created at least this long ago are read (the first younger one, and every
+    /// invoice after it, waits for a later run). Every invoice is read once, so a read must not
+    /// catch one while SoftLayer is still writing its lines, which the item count it announces
+    /// cannot tell (it counts the lines there at the time). Default 1h.
+    #[serde(
+        default = "default_invoice_settle_delay",
+        with = "crate::config::duration::chrono"
+    )]
+    pub settle_delay: chrono::Duration,
 }
 
 fn default_endpoint() -> String {
@@ -187,6 +196,10 @@ fn default_currency() -> String {
     "USD".into()
 }
 
+fn default_invoice_settle_delay() -> chrono::Duration {
+    chrono::Duration::hours(1)
+}
+
 impl SoftlayerConfig {
     /// A configuration with every optional setting at its default (tests, simulators, demo).
     pub fn new(endpoint: impl Into<String>, username: impl Into<String>, api_key: Secret) -> Self {
@@ -202,6 +215,7 @@ impl SoftlayerConfig {
             provisional: false,
             push_provisional: false,
             currency: default_currency(),
+            settle_delay: default_invoice_settle_delay(),
         }
     }
 }
@@ -809,6 +823,17 @@ impl Provider for SoftlayerProvider {
             .map_err(|m| self.shape(CALL_INVOICES, m))?;
         headers.retain(|(h, _)| h.id > after);
         headers.sort_by_key(|(h, _)| h.id);
+        // An invoice younger than `settle_delay` may still be being written: it and every
+        // invoice after it wait (the cursor never passes an invoice that was not read).
+        if let Some(young) = headers
+            .iter()
+            .position(|(h, _)| now - h.create_date < self.config.settle_delay)
+        {
+            let (h, _) = &headers[young];
+            info!(source = %self.name, invoice = h.id, created = %h.create_date,
+                waiting = headers.len() - young, "softlayer: invoices created less than settle_delay ago wait for a later run");
+            headers.truncate(young);
+        }
         let mut chunks = Vec::with_capacity(headers.len() + 1);
         let mut open = 0usize;
         for (invoice, items) in headers {
