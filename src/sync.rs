@@ -2419,6 +2419,16 @@ impl Pipeline {
             {
                 continue;
             }
+            // A change of it waits for a person: the share may follow content nobody approved
+            // (a change that stays in this month, e.g. under another value property, or of a
+            // record whose sent content `vacuum` pruned), so the month is not priced on it.
+            if r.open_change {
+                return Ok(Settlement::Wait(format!(
+                    "{}: a change of it waits for a person (`billsync ledger changes`, then \
+                     `billsync ledger resolve`)",
+                    m.key
+                )));
+            }
             // Both hashes, where both sides have the match hash (a share or record kept before
             // match hashes has none).
             let matches_apart = matches!(

@@ -712,3 +712,126 @@ async fn a_change_waiting_for_a_person_survives_vacuum_until_it_is_resolved() {
     assert_eq!(settled.period_adjustments, 1, "{settled:?}");
     assert_eq!(amount(&w.adjustments()[0]), dec("40.00"));
 }
+
+/// A change that cannot go out as a correction but stays in the same (sink, subscription,
+/// metric, month) — here because `vacuum` pruned what was sent; equally a restated currency or
+/// a changed value property — has its month share recomputed from the new content. While the
+/// change waits for a person the month waits too: settled, its tiers would be priced on the
+/// unreviewed 1000.00 base (10.00 billed before the fix).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_change_in_the_same_month_leaves_its_month_waiting() {
+    let mappings = MappingSet::from_sources(&[(
+        "customers.yaml".to_string(),
+        "version: 1
+customers:
+  - match: { provider: metalsoft, resource_name: { glob: \"acme-*\" } }
+    external_subscription_id: sub_acme
+    pricing:
+      tiers: [{ up_to: \"100\", markup_percent: 20 }, { markup_percent: 10 }]
+      period: month
+rules:
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 0 } }
+"
+        .to_string(),
+    )])
+    .unwrap();
+    let w = World::start_with(mappings).await;
+    w.serve(vec![october_line("acme-web")]);
+    let first = w.sync(at(2026, 10, 20, 0)).await;
+    assert_eq!(first.sent, 1, "{first:?}");
+
+    // Everything sent so far is older than the retention.
+    let ledger = Ledger::open(&w.ledger_path()).await.unwrap();
+    ledger
+        .acquire_lock("test-vacuum", Utc::now(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let pruned = ledger
+        .vacuum(
+            Utc::now() + chrono::Duration::days(1),
+            "test-vacuum",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    ledger.release_lock("test-vacuum").await.unwrap();
+    ledger.close().await;
+    assert_eq!(pruned.pruned, 1, "{pruned:?}");
+
+    // The provider restates the line: 1000.00 instead of 10.00. It cannot be corrected (what
+    // was sent is pruned): a change for a person.
+    let mut restated = october_line("acme-web");
+    restated.billed_cost = dec("1000.00");
+    w.serve(vec![restated]);
+    let changed = w.sync(at(2026, 10, 21, 0)).await;
+    assert_eq!(changed.changed_after_send, 1, "{changed:?}");
+    assert_eq!(w.open_changes().len(), 1);
+
+    // October closes while the change is open: the month must wait.
+    let closed = w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(
+        (closed.period_adjustments, w.adjustments().len()),
+        (0, 0),
+        "the month settled while its record's change waits for a person: {:?}",
+        w.adjustments()
+            .iter()
+            .map(|e| (e.transaction_id.clone(), amount(e)))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The same without `vacuum`: a line re-described under a rule of the same subscription and
+/// metric whose value goes out under another property cannot be corrected (a change for a
+/// person); its month waits while the change does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_re_described_line_under_another_property_leaves_its_month_waiting() {
+    let mappings = MappingSet::from_sources(&[(
+        "customers.yaml".to_string(),
+        "version: 1
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_acme
+    pricing:
+      tiers: [{ up_to: \"100\", markup_percent: 20 }, { markup_percent: 10 }]
+      period: month
+rules:
+  - name: gpu
+    match: { provider: metalsoft, charge_description: { glob: \"gpu*\" } }
+    metric: resale_cost
+    property: gpu_amount
+    value: { cost: { markup_percent: 0 } }
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 0 } }
+"
+        .to_string(),
+    )])
+    .unwrap();
+    let w = World::start_with(mappings).await;
+    w.serve(vec![october_line("acme-web")]);
+    let first = w.sync(at(2026, 10, 20, 0)).await;
+    assert_eq!(first.sent, 1, "{first:?}");
+    let mut restated = october_line("acme-web");
+    restated.billed_cost = dec("1000.00");
+    restated.charge_description = Some("gpu-2416".into());
+    w.serve(vec![restated]);
+    let changed = w.sync(at(2026, 10, 21, 0)).await;
+    assert_eq!(changed.changed_after_send, 1, "{changed:?}");
+    let closed = w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(
+        (closed.period_adjustments, w.adjustments().len()),
+        (0, 0),
+        "the month settled while its record's change waits for a person: {:?} {:?}",
+        w.adjustments()
+            .iter()
+            .map(|e| (e.transaction_id.clone(), e.properties.clone()))
+            .collect::<Vec<_>>(),
+        w.open_changes()
+    );
+}

@@ -2876,6 +2876,9 @@ pub struct PeriodMemberRecord {
     pub sink: Option<String>,
     pub subscription: Option<String>,
     pub metric: Option<String>,
+    /// A change of the record waits for a person (`unresolved`): its share may already follow
+    /// content nobody approved, so its month waits too.
+    pub open_change: bool,
 }
 
 /// One member of a group: its share and the ledger's record (`None`: not staged yet).
@@ -3239,7 +3242,9 @@ impl Ledger {
                  r.value_property, r.rule,
                  (SELECT group_concat(c.value, ' ') FROM records c
                     WHERE c.correction_of = r.id AND c.status <> 'rejected'),
-                 r.source, m.match_hash, r.match_hash, r.sink, r.subscription, r.metric
+                 r.source, m.match_hash, r.match_hash, r.sink, r.subscription, r.metric,
+                 EXISTS (SELECT 1 FROM record_changes x
+                    WHERE x.record_id = r.id AND x.state = 'unresolved')
              FROM period_members m LEFT JOIN records r ON r.idem_key = m.idem_key
              WHERE m.group_key = ?1 ORDER BY m.idem_key",
         )
@@ -3282,6 +3287,7 @@ impl Ledger {
                         sink: r.get(18),
                         subscription: r.get(19),
                         metric: r.get(20),
+                        open_change: r.get(21),
                     })
                 }
             };
