@@ -1236,6 +1236,13 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
     pipeline.shutdown = ctx.shutdown.clone();
     pipeline.shutdown_deadline = settings.shutdown_deadline;
     pipeline.period_close_delay = settings.period_close_delay;
+    // Each source's usual lateness with hourly runs (the CronJob): later records are flagged.
+    pipeline.late_after = settings
+        .lateness(chrono::Duration::hours(1))
+        .0
+        .into_iter()
+        .map(|l| (l.source, l.after_end))
+        .collect();
     pipeline.progress = observe::progress(ctx.json_logs);
     Ok(pipeline)
 }

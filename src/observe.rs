@@ -243,10 +243,19 @@ pub fn print_summary(s: &RunSummary, json: bool) {
     out.push_str(&format!("billsync {title}: {}\n", outcome_text(s.outcome)));
     for (name, src) in &s.sources {
         out.push_str(&format!(
-            "  source {name} ({}): {} windows, {} records pulled{}\n",
+            "  source {name} ({}): {} windows, {} records pulled{}{}\n",
             src.provider,
             src.chunks,
             src.pulled,
+            if src.late > 0 {
+                format!(
+                    ", {} LATE (their periods ended longer ago than usual: check the invoice \
+                     of each period bills them)",
+                    src.late
+                )
+            } else {
+                String::new()
+            },
             src.error
                 .as_deref()
                 .map(|e| format!(", FAILED: {e}"))
@@ -522,6 +531,12 @@ pub fn render_metrics(
     // Revenue that waits for a person: a change of a sent record billsync will not correct on
     // its own, and months with period pricing that do not settle (their tier adjustment or
     // minimum is not sent while they wait).
+    metric(
+        "billsync_records_late",
+        "Records the last run staged to be sent for periods that ended longer ago than their source's usual lateness (an invoice already finalized does not bill them).",
+        "gauge",
+        by_source(&|src| src.late),
+    );
     metric(
         "billsync_changes_unresolved",
         "Changes of sent records that wait for a person (billsync ledger changes).",

@@ -6,7 +6,7 @@
 //! the payload frozen at staging, so a crash between a sink accepting and the ledger recording
 //! it ends in a resend of identical bytes that the sink recognises as a duplicate.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -87,6 +87,11 @@ pub struct Pipeline {
     pub period_close_delay: chrono::Duration,
     /// Most totals the run summary stored in the ledger carries ([`STORED_TOTALS_MAX`]).
     pub stored_totals_max: usize,
+    /// Per source: how long after a charge period's end its records normally reach the sinks
+    /// (`Settings::lateness`). A record staged to be sent for a period that ended longer ago
+    /// than that is counted and warned about as *late*: an invoicing system may have finalized
+    /// that period's invoice already (Lago then stores it without billing it). Empty: no check.
+    pub late_after: HashMap<String, chrono::Duration>,
 }
 
 /// Busy time per stage of a run, accumulated across runs (nanoseconds).
@@ -190,6 +195,10 @@ struct StageBuffer {
     since: Option<Instant>,
     /// Where staged rows go to be freed: back to the puller that allocated them.
     spent: Option<tokio::sync::mpsc::UnboundedSender<SpentRows>>,
+    /// Late records staged so far ([`StageCounts::late`]), and the earliest end of their
+    /// periods.
+    late: u64,
+    late_oldest_end: Option<DateTime<Utc>>,
 }
 
 /// Rows staged and done with, with their room in [`RECORDS_AHEAD`], on their way back to the
@@ -526,12 +535,20 @@ pub enum RunOutcome {
     Interrupted,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Per-source figures of a run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SourceSummary {
     pub provider: String,
     pub chunks: u64,
     pub pulled: u64,
+    /// Records staged to be sent for periods that ended longer ago than the source's usual
+    /// lateness ([`Pipeline::late_after`]).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub late: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -711,6 +728,7 @@ impl Pipeline {
             timings: None,
             period_close_delay: chrono::Duration::days(DEFAULT_PERIOD_CLOSE_DAYS),
             stored_totals_max: STORED_TOTALS_MAX,
+            late_after: HashMap::new(),
         }
     }
 
@@ -1311,7 +1329,7 @@ impl Pipeline {
                     .iter()
                     .any(|r| buffer.keys.contains(&hasher.hash_one(&r.key)))
                 {
-                    self.flush_stage(provider, run_id, &mut buffer, summary, alongside)
+                    self.flush_stage(provider, run_id, now, &mut buffer, summary, alongside)
                         .await?;
                 }
                 self.progress.chunk_done(page.rows.len() as u64);
@@ -1329,17 +1347,17 @@ impl Pipeline {
                 lock.held()?;
                 let since = *buffer.since.get_or_insert_with(Instant::now);
                 if buffer.rows >= STAGE_ROWS_PER_TRANSACTION || since.elapsed() >= STAGE_MAX_DELAY {
-                    self.flush_stage(provider, run_id, &mut buffer, summary, alongside)
+                    self.flush_stage(provider, run_id, now, &mut buffer, summary, alongside)
                         .await?;
                 }
             }
             // Whatever ended the pull (the last page, a provider failure, a stop), what was
             // pulled before is kept.
             if let Some(run_id) = run_id {
-                self.flush_stage(provider, run_id, &mut buffer, summary, alongside)
+                self.flush_stage(provider, run_id, now, &mut buffer, summary, alongside)
                     .await?;
             }
-            Ok::<(), LedgerError>(())
+            Ok::<_, LedgerError>((buffer.late, buffer.late_oldest_end))
         };
         let (stats, staged) = run_side_by_side(pull, stage, "billsync-stager").await;
         src.chunks += stats.chunks;
@@ -1348,7 +1366,13 @@ impl Pipeline {
         if stats.interrupted {
             summary.interrupted = true;
         }
-        staged?;
+        let (late, oldest) = staged?;
+        if late > 0 {
+            warn!(source = provider.name(), records = late,
+                oldest_period_end = %oldest.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                "records staged to be sent for periods that ended longer ago than this source's usual lateness: an invoicing system that has finalized those periods' invoices (Lago past its invoice grace period) stores them without billing them; check them and bill by hand if so (`billsync ledger export --run N` lists this run's records)");
+            src.late += late;
+        }
         match stats.error {
             Some(message) => Err(PullError::Provider(message)),
             None => Ok(()),
@@ -1360,6 +1384,8 @@ impl Pipeline {
         &self,
         provider: &dyn Provider,
         run_id: i64,
+        // The run's clock (`SyncOptions::now`): what is late is judged against it.
+        run_now: DateTime<Utc>,
         buffer: &mut StageBuffer,
         summary: &mut RunSummary,
         alongside: Option<&Alongside>,
@@ -1383,9 +1409,19 @@ impl Pipeline {
                 None => None,
             };
             let in_flight = |id: i64| alongside.is_some_and(|a| a.carries(id));
+            let now = Utc::now();
+            let late_before = self.late_after.get(provider.name()).map(|d| run_now - *d);
             match self
                 .ledger
-                .stage_pages(run_id, &rows, &cursors, Utc::now(), &correct, &in_flight)
+                .stage_pages(
+                    run_id,
+                    &rows,
+                    &cursors,
+                    now,
+                    &correct,
+                    &in_flight,
+                    late_before,
+                )
                 .await
             {
                 Err(LedgerError::InFlight { ids }) => {
@@ -1412,6 +1448,11 @@ impl Pipeline {
             a.staged.notify_one();
         }
         summary.add_counts(&counts);
+        buffer.late += counts.late;
+        buffer.late_oldest_end = match (buffer.late_oldest_end, counts.late_oldest_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let spent = SpentRows {
             _pages: std::mem::take(&mut buffer.pages),
             _room: std::mem::take(&mut buffer.room),

@@ -159,12 +159,19 @@ async fn a_held_month_keeps_the_ledger_cursor_and_a_late_bill_is_sent_once_nothi
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
-    let p = mapped_pipeline(
+    let mut p = mapped_pipeline(
         Ledger::open(&path).await.unwrap(),
         &sim.endpoint,
         &lago.url,
         "2016-05",
     );
+    // A final month normally reaches the sinks within final_lag (1 day) and a run (1 hour)
+    // of its end (what `billsync sync` sets from the settings); later records are flagged.
+    p.late_after.insert(
+        "sakura".into(),
+        chrono::Duration::days(1) + chrono::Duration::hours(1),
+    );
+    let late_of = |s: &billsync::sync::RunSummary| s.sources["sakura"].late;
     let sync = |now: &str| SyncOptions {
         now: Some(t(now)),
         ..Default::default()
@@ -185,12 +192,20 @@ async fn a_held_month_keeps_the_ledger_cursor_and_a_late_bill_is_sent_once_nothi
     let s = p.sync(&sync("2016-07-05T00:00:00Z")).await.unwrap();
     assert_eq!((s.new, s.sent), (5, 5), "{s:?}");
     assert_eq!(cursor().await, None, "May is held: no cursor passes it");
+    // A first run reading months that ended weeks ago (a backfill): every line is late for
+    // an invoice of its month that may be finalized.
+    assert_eq!(late_of(&s), 5, "{s:?}");
 
     // The missing line is listed: it alone goes out, and the cursor passes May and June.
     sim.withhold_details(MAY_BILL, 0);
     let s = p.sync(&sync("2016-07-06T00:00:00Z")).await.unwrap();
     assert_eq!((s.new, s.sent), (1, 1), "{s:?}");
     assert_eq!(cursor().await.as_deref(), Some("2016-06"));
+    assert_eq!(
+        late_of(&s),
+        1,
+        "May's missing line comes a month late: {s:?}"
+    );
 
     // August: SAKURA lists a second bill for May, which the cursor passed: the look-back reads
     // May again, the new bill's lines go out once, and what was sent is not sent again.
@@ -205,6 +220,8 @@ async fn a_held_month_keeps_the_ledger_cursor_and_a_late_bill_is_sent_once_nothi
     let s = p.sync(&sync("2016-08-05T00:00:00Z")).await.unwrap();
     assert_eq!((s.new, s.sent, s.restaged), (3, 3, 0), "{s:?}");
     assert_eq!(cursor().await.as_deref(), Some("2016-07"));
+    // May's late bill is flagged (three months after May ended).
+    assert_eq!(late_of(&s), 3, "{s:?}");
     assert_eq!(lago.event_count(), 9);
     let twice: Vec<_> = lago.counts().into_iter().filter(|(_, n)| *n != 1).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
@@ -250,4 +267,48 @@ async fn a_month_cursor_shows_in_the_cursor_lag_metric_so_a_held_month_can_be_al
         "billsync_cursor_lag_seconds{{source=\"sakura\",stream=\"account:000000526782\"}} {lag}\n"
     );
     assert!(body.contains(&line), "missing {line:?} in\n{body}");
+}
+
+/// A month read as soon as it is final (the 1st of the next month, 00:00 JST, + final_lag) is
+/// within the source's usual lateness: nothing is flagged late. The same month read a day
+/// later than that is.
+#[tokio::test]
+async fn a_month_read_as_soon_as_it_is_final_is_not_flagged_late() {
+    let sim = SakuraSim::start(SakuraDataset::from_fixtures().unwrap(), "tok", "sec")
+        .await
+        .unwrap();
+    let lago = LagoSim::start(LagoSimConfig {
+        api_key: "lago-key".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for (now, expect_late) in [
+        // June is final at 2016-07-02 00:00 JST (2016-07-01T15:00Z); read half an hour later.
+        ("2016-07-01T15:30:00Z", false),
+        // Read a day and a half after that.
+        ("2016-07-03T03:30:00Z", true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = mapped_pipeline(
+            Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
+            &sim.endpoint,
+            &lago.url,
+            "2016-06",
+        );
+        p.late_after.insert(
+            "sakura".into(),
+            chrono::Duration::days(1) + chrono::Duration::hours(1),
+        );
+        let s = p
+            .sync(&SyncOptions {
+                now: Some(t(now)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(s.new > 0, "{s:?}");
+        let late = s.sources["sakura"].late;
+        assert_eq!(late > 0, expect_late, "at {now}: {late} late of {s:?}");
+    }
 }

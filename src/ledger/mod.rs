@@ -349,6 +349,12 @@ pub struct StageCounts {
     pub corrections: u64,
     /// New or restaged rows per status.
     pub by_status: BTreeMap<&'static str, u64>,
+    /// Records (new, restaged to pending, or corrections) to be sent for a charge period that
+    /// ended before the `late_before` given to staging: later than the source's usual lateness,
+    /// so an invoicing system may have finalized that period's invoice already.
+    pub late: u64,
+    /// The earliest end of those records' charge periods.
+    pub late_oldest_end: Option<DateTime<Utc>>,
 }
 
 impl StageCounts {
@@ -360,6 +366,20 @@ impl StageCounts {
         self.corrections += other.corrections;
         for (k, v) in &other.by_status {
             *self.by_status.entry(k).or_default() += v;
+        }
+        self.late += other.late;
+        self.late_oldest_end = match (self.late_oldest_end, other.late_oldest_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Count `row` as late if it goes to a sink for a period that ended before `late_before`.
+    fn count_late(&mut self, row: &StageRow, late_before: Option<DateTime<Utc>>) {
+        let end = row.record.charge_period_end;
+        if row.status == Status::Pending && late_before.is_some_and(|t| end < t) {
+            self.late += 1;
+            self.late_oldest_end = Some(self.late_oldest_end.map_or(end, |o| o.min(end)));
         }
     }
 }
@@ -963,7 +983,7 @@ impl Ledger {
     ) -> Result<StageCounts, LedgerError> {
         let cursors: Vec<(&str, &str, &str)> = cursor.into_iter().collect();
         let rows: Vec<&StageRow> = rows.iter().collect();
-        self.stage_pages(run_id, &rows, &cursors, now, correct, &|_| false)
+        self.stage_pages(run_id, &rows, &cursors, now, correct, &|_| false, None)
             .await
     }
 
@@ -977,6 +997,7 @@ impl Ledger {
     /// written and [`LedgerError::InFlight`] names them; the caller stages the same rows again
     /// once they are acknowledged (and, sent by then, their change becomes a correction). The
     /// caller keeps the set from changing while this runs.
+    #[allow(clippy::too_many_arguments)]
     pub async fn stage_pages(
         &self,
         run_id: i64,
@@ -985,6 +1006,7 @@ impl Ledger {
         now: DateTime<Utc>,
         correct: &(dyn Fn(&StageRow, &SentState) -> Correction + Sync),
         in_flight: &(dyn Fn(i64) -> bool + Sync),
+        late_before: Option<DateTime<Utc>>,
     ) -> Result<StageCounts, LedgerError> {
         let now_s = ts(now);
         let mut counts = StageCounts::default();
@@ -1085,6 +1107,7 @@ impl Ledger {
                                 ..(**c).clone()
                             });
                             counts.corrections += 1;
+                            counts.count_late(c, late_before);
                             ("corrected", Some(difference.to_string()), None)
                         }
                         Correction::NoDifference => ("no_difference", None, None),
@@ -1129,6 +1152,7 @@ impl Ledger {
                     counts.restaged += 1;
                     if row.status == Status::Pending {
                         counts.restaged_pending.push(id);
+                        counts.count_late(row, late_before);
                     }
                     *counts.by_status.entry(row.status.as_str()).or_default() += 1;
                     known.insert(row.key.clone(), KnownRecord::of(id, row.status, row));
@@ -1139,6 +1163,7 @@ impl Ledger {
         counts.new += inserts.len() as u64;
         for r in &inserts {
             *counts.by_status.entry(r.status.as_str()).or_default() += 1;
+            counts.count_late(r, late_before);
         }
         inserts.extend(corrections.iter());
         // Ids are given here, in order, so that the bodies can be written beside their rows
