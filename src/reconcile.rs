@@ -461,6 +461,18 @@ fn compare_totals(
 
 const CSV_HEADER: &str = "source,billing_account_id,subscription,metric,sink,currency,records,provider_cost,mapped,corrections,sent,pending,provisional,rejected,read_back,in_sink_unacknowledged,unexplained,notes";
 
+/// One CSV line of `fields`, each quoted as needed.
+fn push_csv_row(out: &mut String, fields: &[String]) {
+    out.push_str(
+        &fields
+            .iter()
+            .map(|f| csv_field(f))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    out.push('\n');
+}
+
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -494,14 +506,7 @@ pub fn to_csv(report: &Report) -> String {
             l.unexplained.to_string(),
             l.notes.join("; "),
         ];
-        out.push_str(
-            &fields
-                .iter()
-                .map(|f| csv_field(f))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-        out.push('\n');
+        push_csv_row(&mut out, &fields);
     }
     // Totals of aggregating sinks shared by several lines: one row for the group.
     for t in report.sink_totals.iter().filter(|t| t.lines > 1) {
@@ -525,14 +530,7 @@ pub fn to_csv(report: &Report) -> String {
             t.unexplained.to_string(),
             t.source.clone(),
         ];
-        out.push_str(
-            &fields
-                .iter()
-                .map(|f| csv_field(f))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-        out.push('\n');
+        push_csv_row(&mut out, &fields);
     }
     out
 }
