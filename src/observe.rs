@@ -528,9 +528,9 @@ pub fn render_metrics(
         "gauge",
         lag,
     );
-    // Revenue that waits for a person: a change of a sent record billsync will not correct on
-    // its own, and months with period pricing that do not settle (their tier adjustment or
-    // minimum is not sent while they wait).
+    // Revenue at risk: records sent too late for an invoice that may be finalized, a change of
+    // a sent record billsync will not correct on its own, and months with period pricing that
+    // do not settle (their tier adjustment or minimum is not sent while they wait).
     metric(
         "billsync_records_late",
         "Records the last run staged to be sent for periods that ended longer ago than their source's usual lateness (an invoice already finalized does not bill them).",
