@@ -5,6 +5,10 @@
 //! stays billed), and the month it was billed in, priced per month, then settles on what was
 //! sent. Reading the same content again raises nothing.
 
+#[path = "common/serving.rs"]
+mod serving;
+use serving::Serving;
+
 use std::process::{Command, Output, Stdio};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -14,7 +18,6 @@ use billsync::config::Secret;
 use billsync::http::RetryPolicy;
 use billsync::ledger::Ledger;
 use billsync::mapping::MappingSet;
-use billsync::providers::Provider;
 use billsync::record::UsageRecord;
 use billsync::simulators::lago::{LagoSim, LagoSimConfig, LagoSimHandle, StoredEvent};
 use billsync::sinks::lago::{LagoConfig, LagoSink};
@@ -35,41 +38,6 @@ fn retry() -> RetryPolicy {
         max_retries: 2,
         min_delay: Duration::from_millis(5),
         max_delay: Duration::from_millis(20),
-    }
-}
-
-/// A provider serving the lines it is given, under one chunk: a source re-reading its lines.
-struct Serving(Arc<Mutex<Vec<UsageRecord>>>);
-
-#[async_trait::async_trait]
-impl Provider for Serving {
-    fn kind(&self) -> &'static str {
-        "metalsoft"
-    }
-    fn name(&self) -> &str {
-        "metalsoft"
-    }
-    async fn plan(
-        &self,
-        _cursors: &billsync::providers::Cursors,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<billsync::providers::Chunk>, billsync::providers::ProviderError> {
-        Ok(vec![billsync::providers::Chunk {
-            stream: "lines".into(),
-            window_start: now,
-            window_end: now,
-            detail: String::new(),
-        }])
-    }
-    async fn fetch(
-        &self,
-        _chunk: &billsync::providers::Chunk,
-        _now: DateTime<Utc>,
-    ) -> Result<billsync::providers::Page, billsync::providers::ProviderError> {
-        Ok(billsync::providers::Page {
-            records: self.0.lock().unwrap().clone(),
-            cursor: None,
-        })
     }
 }
 

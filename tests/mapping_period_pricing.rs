@@ -5,6 +5,10 @@
 //! under a key derived from the month alone, so a re-run never sends it twice, and a change
 //! after the close yields a further adjustment `<key>.r<n>` with the exact difference.
 
+#[path = "common/serving.rs"]
+mod serving;
+use serving::Serving;
+
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -1067,41 +1071,6 @@ async fn months_that_overlap_after_a_change_of_utc_offset_are_not_both_charged_t
         "{:?}",
         status.problems
     );
-}
-
-/// A provider serving the records it is given, under one chunk: a source re-reading its lines.
-struct Serving(std::sync::Arc<std::sync::Mutex<Vec<billsync::record::UsageRecord>>>);
-
-#[async_trait::async_trait]
-impl Provider for Serving {
-    fn kind(&self) -> &'static str {
-        "metalsoft"
-    }
-    fn name(&self) -> &str {
-        "metalsoft"
-    }
-    async fn plan(
-        &self,
-        _cursors: &billsync::providers::Cursors,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<billsync::providers::Chunk>, billsync::providers::ProviderError> {
-        Ok(vec![billsync::providers::Chunk {
-            stream: "lines".into(),
-            window_start: now,
-            window_end: now,
-            detail: String::new(),
-        }])
-    }
-    async fn fetch(
-        &self,
-        _chunk: &billsync::providers::Chunk,
-        _now: DateTime<Utc>,
-    ) -> Result<billsync::providers::Page, billsync::providers::ProviderError> {
-        Ok(billsync::providers::Page {
-            records: self.0.lock().unwrap().clone(),
-            cursor: None,
-        })
-    }
 }
 
 /// One final MetalSoft line of October for instance `id`, 10.00 GBP, described as
