@@ -1614,29 +1614,23 @@ impl Pipeline {
         // Reading the next pending records failed: nothing more is sent, what is in flight is
         // awaited and recorded, then the run ends with this error.
         let mut read_failed: Option<LedgerError> = None;
+        // The run's lock was taken over: nothing more is sent, what is in flight is awaited
+        // (within the shutdown deadline) and recorded, then the run ends with this error.
+        let mut lock_lost: Option<LedgerError> = None;
         loop {
             // Before sending anything more, and after each answer.
-            if let Err(e) = lock.held() {
-                // The lock is lost (another run took it): send nothing more and await
-                // nothing more; what was delivered is still recorded, including the answers
-                // already received behind a batch still out (left pending, they would be
-                // sent again by whichever run pushes next).
-                let received = in_flight.take_received();
-                for (batch, delivered) in received {
-                    self.take_answer(
-                        sink,
-                        state,
-                        alongside,
-                        summary,
-                        &mut acks,
-                        batch,
-                        delivered,
-                        in_flight.len(),
-                    );
+            if lock_lost.is_none() {
+                if let Err(e) = lock.held() {
+                    // The sink may hold the batches still out: left pending with no answer
+                    // recorded, they would be sent again by whichever run pushes next (a
+                    // receiver that does not deduplicate bills them twice). Acknowledging
+                    // after the lock is gone is safe: an acknowledgement only moves a record
+                    // that is still pending.
+                    warn!(sink = sink.name(), error = %e, in_flight = in_flight.len(),
+                        "the run's lock was taken over; nothing more is sent, the batches in flight are awaited and recorded");
+                    lock_lost = Some(e);
+                    stopping = true;
                 }
-                drop(in_flight);
-                self.ack_now(run_id, &mut acks, alongside).await?;
-                return Err(e);
             }
             // Nothing more goes out once a stop is asked for, the sink stopped or the ledger
             // could not be read; what is in flight is still awaited below.
@@ -1727,22 +1721,17 @@ impl Pipeline {
                     Err(_) => {
                         // Answers already received behind the batch still out are recorded;
                         // only the batches still out are abandoned.
-                        let received = in_flight.take_received();
-                        warn!(sink = sink.name(), batches = in_flight.len(), received = received.len(),
-                            "shutdown deadline passed with requests in flight; their records stay pending");
+                        let received = self.take_received(
+                            &mut in_flight,
+                            sink,
+                            state,
+                            alongside,
+                            summary,
+                            &mut acks,
+                        );
+                        warn!(sink = sink.name(), batches = in_flight.len(), received,
+                            "the deadline for the requests in flight passed; their records stay pending");
                         summary.interrupted = true;
-                        for (batch, delivered) in received {
-                            self.take_answer(
-                                sink,
-                                state,
-                                alongside,
-                                summary,
-                                &mut acks,
-                                batch,
-                                delivered,
-                                in_flight.len(),
-                            );
-                        }
                         break;
                     }
                 }
@@ -1774,14 +1763,44 @@ impl Pipeline {
                 self.ack_now(run_id, &mut acks, alongside).await?;
             }
         }
-        // Batches still in flight here were abandoned at the shutdown deadline: their records
-        // stay pending, resent (same key, same bytes) by the next run.
+        // Batches still in flight here were abandoned at the deadline: their records stay
+        // pending, resent (same key, same bytes) by the next run.
         drop(in_flight);
         self.ack_now(run_id, &mut acks, alongside).await?;
-        match read_failed {
+        match lock_lost.or(read_failed) {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// The wait for the batches in flight is abandoned (a stop's deadline passed): every
+    /// answer already received, also behind a batch still out, is recorded in batch order.
+    /// Left pending, those records would be sent again by whichever run pushes next. Returns
+    /// how many answers were recorded.
+    fn take_received(
+        &self,
+        in_flight: &mut InFlight<'_>,
+        sink: &dyn Sink,
+        state: &mut SinkProgress,
+        alongside: Option<&Alongside>,
+        summary: &mut RunSummary,
+        acks: &mut Vec<(i64, Outcome)>,
+    ) -> usize {
+        let received = in_flight.take_received();
+        let count = received.len();
+        for (batch, delivered) in received {
+            self.take_answer(
+                sink,
+                state,
+                alongside,
+                summary,
+                acks,
+                batch,
+                delivered,
+                in_flight.len(),
+            );
+        }
+        count
     }
 
     /// Record one batch's answer: its outcomes (or, when it stopped the sink, what it settled

@@ -690,6 +690,131 @@ async fn a_run_whose_lock_was_taken_over_records_every_answer_already_received()
     assert_delivered_exactly_once(&world).await;
 }
 
+/// A sink in front of the Lago simulator: the first batch is answered at once (the push
+/// window then opens to two); the second is held until `second_go`; the third, sent beside it,
+/// reaches Lago (`third_stored`) and its answer is held until `third_go`.
+struct HeldSecondAndThirdSink {
+    inner: billsync::sinks::lago::LagoSink,
+    calls: std::sync::atomic::AtomicUsize,
+    second_go: std::sync::Arc<tokio::sync::Notify>,
+    third_stored: std::sync::Arc<tokio::sync::Notify>,
+    third_go: std::sync::Arc<tokio::sync::Notify>,
+}
+
+#[async_trait::async_trait]
+impl Sink for HeldSecondAndThirdSink {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn encode(
+        &self,
+        key: &str,
+        event: &billsync::mapping::MappedEvent,
+    ) -> Result<String, billsync::sinks::EncodeError> {
+        self.inner.encode(key, event)
+    }
+    async fn deliver(
+        &self,
+        batch: &[billsync::sinks::Outgoing],
+    ) -> Result<Vec<billsync::sinks::Outcome>, billsync::sinks::SinkStopped> {
+        match self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            1 => {
+                self.second_go.notified().await;
+                self.inner.deliver(batch).await
+            }
+            2 => {
+                let answer = self.inner.deliver(batch).await;
+                self.third_stored.notify_one();
+                self.third_go.notified().await;
+                answer
+            }
+            _ => self.inner.deliver(batch).await,
+        }
+    }
+}
+
+/// The run finds its lock taken over while a batch Lago has already stored is still out. It
+/// sends nothing more, but awaits that batch (within the shutdown deadline) and records its
+/// answer. Before, it was dropped: Lago held 71 events, the ledger said 50 were sent, and
+/// whichever run pushed next sent those 21 again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_lock_was_taken_over_awaits_and_records_the_batches_still_out() {
+    let world = World::start(Behaviour::Postgres).await;
+    // Staged first, so that the batches are the same whatever the timing: 25, 25, 21.
+    world
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            skip_push: true,
+            ..opts()
+        })
+        .await
+        .unwrap();
+    let second_go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let third_stored = std::sync::Arc::new(tokio::sync::Notify::new());
+    let third_go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut pipeline = world.pipeline().await;
+    pipeline.lock_ttl = std::time::Duration::from_secs(1);
+    pipeline.sinks = vec![Box::new(HeldSecondAndThirdSink {
+        inner: world.sink_with_key(LAGO_KEY),
+        calls: Default::default(),
+        second_go: second_go.clone(),
+        third_stored: third_stored.clone(),
+        third_go: third_go.clone(),
+    })];
+    let run = tokio::spawn(async move { pipeline.sync(&opts()).await });
+    let ten = std::time::Duration::from_secs(10);
+    tokio::time::timeout(ten, third_stored.notified())
+        .await
+        .expect("the third batch reaches Lago while the second is held");
+    let other = billsync::ledger::Ledger::open(&world.dir.path().join("ledger.db"))
+        .await
+        .unwrap();
+    other
+        .acquire_lock(
+            "intruder:1:0",
+            chrono::Utc::now() + chrono::Duration::days(1),
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    // The run refreshes its lock every third of a second: it has found it taken by now. The
+    // second answer then makes it look at the lock while the third batch is still out.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    second_go.notify_one();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!run.is_finished(), "the run awaits the batch still out");
+    third_go.notify_one();
+    let result = tokio::time::timeout(ten, run).await.unwrap().unwrap();
+    assert!(
+        matches!(result, Err(SyncError::Ledger(LedgerError::Locked { ref holder, .. })) if holder == "intruder:1:0"),
+        "the run stops once its lock is gone: {result:?}"
+    );
+    assert_eq!(world.lago.events().len(), 71, "every batch reached Lago");
+    let st = other.status().await.unwrap();
+    assert_eq!(
+        st.counts
+            .get(&("metalsoft_test".to_string(), "sent".to_string()))
+            .copied(),
+        Some(71),
+        "the batch still out when the run lost its lock is awaited and recorded as sent"
+    );
+    other.release_lock("intruder:1:0").await.unwrap();
+    let next = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(
+        (next.sent, next.already_delivered),
+        (0, 0),
+        "the next run sends nothing again: {next:?}"
+    );
+    assert_delivered_exactly_once(&world).await;
+}
+
 #[tokio::test]
 async fn a_dry_run_pulls_and_maps_but_writes_and_sends_nothing() {
     let world = World::start(Behaviour::Postgres).await;
