@@ -234,6 +234,11 @@ pub fn print_summary(s: &RunSummary, json: bool) {
         let _ = out.flush();
         return;
     }
+    print!("{}", summary_text(s));
+}
+
+/// A run summary as the table [`print_summary`] prints for a person.
+pub fn summary_text(s: &RunSummary) -> String {
     let mut out = String::new();
     let title = if s.dry_run {
         format!("{} (dry run: nothing written, nothing sent)", s.command)
@@ -241,12 +246,19 @@ pub fn print_summary(s: &RunSummary, json: bool) {
         format!("{} run {}", s.command, s.run_id.unwrap_or_default())
     };
     out.push_str(&format!("billsync {title}: {}\n", outcome_text(s.outcome)));
+    let replay = s.command == "replay";
     for (name, src) in &s.sources {
+        if replay && src.pulled == 0 {
+            continue; // a source this replay had no record of
+        }
         out.push_str(&format!(
-            "  source {name} ({}): {} windows, {} records pulled{}{}\n",
+            "  source {name} ({}): {}{}{}\n",
             src.provider,
-            src.chunks,
-            src.pulled,
+            if replay {
+                format!("{} records replayed", src.pulled)
+            } else {
+                format!("{} windows, {} records pulled", src.chunks, src.pulled)
+            },
             if src.late > 0 {
                 format!(
                     ", {} LATE (their periods ended longer ago than usual: check the invoice \
@@ -341,7 +353,7 @@ pub fn print_summary(s: &RunSummary, json: bool) {
             ""
         }
     ));
-    print!("{out}");
+    out
 }
 
 fn outcome_text(o: RunOutcome) -> &'static str {
@@ -392,7 +404,7 @@ fn escape_label(v: &str) -> String {
 /// The metrics of one run in the Prometheus text format. Names are documented in the README.
 ///
 /// A sync pushes everything. Any other command (a replay) pushes only what describes its own
-/// run (outcome, duration, per-sink counts), into a group of its own ([`push_metrics`]): the
+/// run (outcome, duration, per-sink counts, its late records per source), into a group of its own ([`push_metrics`]): the
 /// ledger-wide figures (records pulled, undelivered, cursor lag) and the last success belong to
 /// the sync's group, which every hourly run refreshes; a replay's group keeps its values until
 /// the next replay.
@@ -519,6 +531,14 @@ pub fn render_metrics(
             ))
         })
         .collect();
+    // Records sent too late for an invoice that may be finalized: a sync's and a replay's
+    // (each in its own group) alike.
+    metric(
+        "billsync_records_late",
+        "Records the last run staged to be sent for periods that ended longer ago than their source's usual lateness (an invoice already finalized does not bill them).",
+        "gauge",
+        by_source(&|src| src.late),
+    );
     if !sync {
         return out;
     }
@@ -528,15 +548,9 @@ pub fn render_metrics(
         "gauge",
         lag,
     );
-    // Revenue at risk: records sent too late for an invoice that may be finalized, a change of
-    // a sent record billsync will not correct on its own, and months with period pricing that
-    // do not settle (their tier adjustment or minimum is not sent while they wait).
-    metric(
-        "billsync_records_late",
-        "Records the last run staged to be sent for periods that ended longer ago than their source's usual lateness (an invoice already finalized does not bill them).",
-        "gauge",
-        by_source(&|src| src.late),
-    );
+    // Revenue at risk (besides the late records above): a change of a sent record billsync
+    // will not correct on its own, and months with period pricing that do not settle (their
+    // tier adjustment or minimum is not sent while they wait).
     metric(
         "billsync_changes_unresolved",
         "Changes of sent records that wait for a person (billsync ledger changes).",

@@ -14,8 +14,11 @@
 //!
 //! A sink that keeps only aggregates (Stripe: what its meter counted per customer and event
 //! name) is read back as one total per (sink, subscription, metric) and compared with what was
-//! sent for that group ([`SinkTotal`]): any difference is unexplained, since a total cannot say
-//! which events it lacks.
+//! sent for that group ([`SinkTotal`]). A total cannot say which events it holds, so the only
+//! explanation is the one the Lago read-back makes event by event, in bulk: pending records of
+//! the group the sink may hold already (a run stopped after the sink took them and before the
+//! ledger recorded it) explain as much of the difference as they could make up
+//! ([`Line::pending_maybe_in_sink`]); the rest is unexplained.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -56,7 +59,14 @@ pub struct Line {
     pub read_back: Option<Decimal>,
     /// Sink events of records the ledger has not acknowledged yet (explained).
     pub in_sink_unacknowledged: Decimal,
-    /// `read_back − sent − in_sink_unacknowledged`: zero when everything is explained.
+    /// For a sink read back only as a total (Stripe): the part of the difference between its
+    /// total and what was sent that records still pending here may make up, as they may be
+    /// counted there already (explained: the next run sends them again under the same
+    /// identifier, which the sink counts once): the difference as far as the sums of their
+    /// negative and of their positive values reach.
+    pub pending_maybe_in_sink: Decimal,
+    /// `read_back − sent − in_sink_unacknowledged − pending_maybe_in_sink`: zero when
+    /// everything is explained.
     pub unexplained: Decimal,
     /// Events that disagree with the ledger one by one (stored twice, another value, missing,
     /// without the value property), whether or not their differences cancel out in the sums.
@@ -96,7 +106,10 @@ pub struct SinkTotal {
     pub pending: Decimal,
     /// What the sink counted.
     pub read_back: Decimal,
-    /// `read_back − sent`: zero when they agree.
+    /// The part of `read_back − sent` that the group's pending records may make up
+    /// ([`Line::pending_maybe_in_sink`]): explained.
+    pub pending_maybe_in_sink: Decimal,
+    /// `read_back − sent − pending_maybe_in_sink`: zero when everything is explained.
     pub unexplained: Decimal,
     /// Where the total comes from (meter, customer, window).
     pub source: String,
@@ -369,10 +382,27 @@ pub async fn reconcile(
             }
         }
     }
-    let sink_totals = compare_totals(&mut lines, totals_read, period);
+    // What the pending records of each line could add to a sink's total, at least and at
+    // most: the sums of their negative and of their positive values (a correction may be
+    // negative). The same records the event-by-event read-back explains above when it finds
+    // them: every pending one, attempted or not (a batch out when a run stopped has no attempt
+    // recorded: `Ledger::ack` counts it with the answer).
+    let mut pending_range: HashMap<&str, (Decimal, Decimal)> = HashMap::new();
+    for (line_id, status, _, value) in by_key.values() {
+        if *status == Status::Pending {
+            let (low, high) = pending_range.entry(line_id.as_str()).or_default();
+            if value.is_sign_negative() {
+                *low += *value;
+            } else {
+                *high += *value;
+            }
+        }
+    }
+    let sink_totals = compare_totals(&mut lines, totals_read, &pending_range, period);
     for (_, line) in lines.values_mut() {
         if let Some(rb) = line.read_back {
-            line.unexplained = rb - line.sent - line.in_sink_unacknowledged;
+            line.unexplained =
+                rb - line.sent - line.in_sink_unacknowledged - line.pending_maybe_in_sink;
         }
         line.notes.sort();
         line.notes.truncate(20);
@@ -388,15 +418,28 @@ pub async fn reconcile(
     })
 }
 
+/// The part of `difference` (a sink's total minus what was sent) that pending records whose
+/// values sum to `low` (the negative ones) and `high` (the others) may make up, if the sink
+/// holds some of them already: `difference` itself when it lies between `low` and `high`, else
+/// the nearer of the two. A total cannot say which events it holds, so any difference within
+/// that range is taken as theirs (the next run sends them again and records them as sent;
+/// reconcile then compares without them); the rest is unexplained.
+fn explained_by_pending(difference: Decimal, low: Decimal, high: Decimal) -> Decimal {
+    difference.clamp(low.min(Decimal::ZERO), high.max(Decimal::ZERO))
+}
+
 /// Line up each total read back from an aggregating sink with what the ledger sent for its
 /// (sink, subscription, metric). The total cannot be split by key, source or billing account:
-/// a group of one line gets it as its `read_back` (its `unexplained` is then the difference);
-/// a group of several lines is compared as a whole in the returned [`SinkTotal`], and each of
-/// its lines says so. A difference is explained by nothing: the total says how much, not
-/// which events, so the notes say what may cause it.
+/// a group of one line gets it as its `read_back` (its `unexplained` is then the difference
+/// less what its pending records may make up); a group of several lines is compared as a whole
+/// in the returned [`SinkTotal`], and each of its lines says so. Only the group's pending
+/// records explain a difference ([`explained_by_pending`], from `pending_range`: per line, the
+/// sums of its negative and positive pending values); the total says how much, not which
+/// events, so the notes say what may cause the rest.
 fn compare_totals(
     lines: &mut BTreeMap<String, (LineKey, Line)>,
     totals: Vec<(LineKey, crate::sinks::ReadBackTotal)>,
+    pending_range: &HashMap<&str, (Decimal, Decimal)>,
     period: &str,
 ) -> Vec<SinkTotal> {
     let mut out = Vec::new();
@@ -405,28 +448,45 @@ fn compare_totals(
             k.sink == key.sink && k.subscription == key.subscription && k.metric == key.metric
         };
         let (mut count, mut sent, mut pending) = (0u64, Decimal::ZERO, Decimal::ZERO);
-        for (k, l) in lines.values() {
+        let (mut low, mut high) = (Decimal::ZERO, Decimal::ZERO);
+        for (id, (k, l)) in lines.iter() {
             if same(k) {
                 count += 1;
                 sent += l.sent;
                 pending += l.pending;
+                if let Some((lo, hi)) = pending_range.get(id.as_str()) {
+                    low += *lo;
+                    high += *hi;
+                }
             }
         }
         let difference = total.total - sent;
-        let mut note = None;
-        if !difference.is_zero() {
-            let why = if difference < Decimal::ZERO {
+        let maybe_pending = explained_by_pending(difference, low, high);
+        let unexplained = difference - maybe_pending;
+        let mut notes = Vec::new();
+        if !maybe_pending.is_zero() {
+            notes.push(format!(
+                "{} counted {} for {} {} in {period}, billsync sent {sent}: {maybe_pending} of the \
+                 difference may be records pending here that Stripe counted already (a run \
+                 stopped after Stripe took them and before recording it; {pending} is pending): \
+                 the next run sends them again under the same identifier, which Stripe counts \
+                 once; reconcile after it to confirm",
+                key.sink, total.total, key.subscription, key.metric
+            ));
+        }
+        if !unexplained.is_zero() {
+            let why = if unexplained < Decimal::ZERO {
                 "Stripe counted less than was sent: an event it accepted and dropped later (unknown customer, no meter, outside its window, a refused value) shows only in Stripe's meter error reports, not in its HTTP answer; or its summaries lag the last minutes"
             } else {
-                "Stripe counted more than was sent: events sent by something else, or records still pending here that Stripe already holds"
+                "Stripe counted more than was sent, and more than the records pending here make up: events sent by something else"
             };
-            let pending_hint = if pending.is_zero() {
+            let explained = if maybe_pending.is_zero() {
                 String::new()
             } else {
-                format!("; {pending} is still pending here (the next run sends or confirms it)")
+                format!(" beyond the {maybe_pending} pending here")
             };
-            note = Some(format!(
-                "{} counted {} for {} {} in {period}, billsync sent {sent}: difference {difference} ({why}{pending_hint})",
+            notes.push(format!(
+                "{} counted {} for {} {} in {period}, billsync sent {sent}: difference {unexplained}{explained} ({why})",
                 key.sink, total.total, key.subscription, key.metric
             ));
         }
@@ -436,7 +496,8 @@ fn compare_totals(
             }
             if count == 1 {
                 l.read_back = Some(total.total);
-                l.notes.extend(note.clone());
+                l.pending_maybe_in_sink = maybe_pending;
+                l.notes.extend(notes.iter().cloned());
             } else {
                 l.notes.push(format!(
                     "{} counts {} {} only as one total for {count} lines: compared together under sink totals",
@@ -452,14 +513,15 @@ fn compare_totals(
             sent,
             pending,
             read_back: total.total,
-            unexplained: difference,
+            pending_maybe_in_sink: maybe_pending,
+            unexplained,
             source: total.source,
         });
     }
     out
 }
 
-const CSV_HEADER: &str = "source,billing_account_id,subscription,metric,sink,currency,records,provider_cost,mapped,corrections,sent,pending,provisional,rejected,read_back,in_sink_unacknowledged,unexplained,notes";
+const CSV_HEADER: &str = "source,billing_account_id,subscription,metric,sink,currency,records,provider_cost,mapped,corrections,sent,pending,provisional,rejected,read_back,in_sink_unacknowledged,pending_maybe_in_sink,unexplained,notes";
 
 /// One CSV line of `fields`, each quoted as needed.
 fn push_csv_row(out: &mut String, fields: &[String]) {
@@ -503,6 +565,7 @@ pub fn to_csv(report: &Report) -> String {
             l.rejected.to_string(),
             l.read_back.map(|d| d.to_string()).unwrap_or_default(),
             l.in_sink_unacknowledged.to_string(),
+            l.pending_maybe_in_sink.to_string(),
             l.unexplained.to_string(),
             l.notes.join("; "),
         ];
@@ -527,12 +590,24 @@ pub fn to_csv(report: &Report) -> String {
             String::new(),
             t.read_back.to_string(),
             "0".to_string(),
+            t.pending_maybe_in_sink.to_string(),
             t.unexplained.to_string(),
             t.source.clone(),
         ];
         push_csv_row(&mut out, &fields);
     }
     out
+}
+
+/// The table's words for [`Line::pending_maybe_in_sink`] (nothing when zero).
+fn pending_maybe_text(amount: Decimal) -> String {
+    if amount.is_zero() {
+        return String::new();
+    }
+    format!(
+        " ({amount} pending here, may already be at Stripe: the next run sends it again under \
+         the same identifier, which Stripe counts once)"
+    )
 }
 
 /// The report as a table for a person.
@@ -575,6 +650,7 @@ pub fn to_table(report: &Report) -> String {
                     l.in_sink_unacknowledged
                 ));
             }
+            out.push_str(&pending_maybe_text(l.pending_maybe_in_sink));
             if !l.unexplained.is_zero() {
                 out.push_str(&format!(" — UNEXPLAINED DIFFERENCE {}", l.unexplained));
             } else if l.unexplained_keys > 0 {
@@ -593,7 +669,7 @@ pub fn to_table(report: &Report) -> String {
     }
     for t in report.sink_totals.iter().filter(|t| t.lines > 1) {
         out.push_str(&format!(
-            "{} {} {} ({} lines together): sent {}, {} counted {} — {}\n",
+            "{} {} {} ({} lines together): sent {}, {} counted {}{} — {}\n",
             t.sink,
             t.subscription,
             t.metric,
@@ -601,6 +677,7 @@ pub fn to_table(report: &Report) -> String {
             t.sent,
             t.sink,
             t.read_back,
+            pending_maybe_text(t.pending_maybe_in_sink),
             if t.unexplained.is_zero() {
                 "agrees".to_string()
             } else {

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::ledger::{
-    Correction, Ledger, LedgerError, MappedColumns, PeriodGroupRow, PeriodGroupState,
+    Correction, LateRecords, Ledger, LedgerError, MappedColumns, PeriodGroupRow, PeriodGroupState,
     PeriodMemberRow, PeriodShareRow, RecordFilter, SentState, StageCounts, StageRow, Status,
     StoredRecord,
 };
@@ -195,10 +195,8 @@ struct StageBuffer {
     since: Option<Instant>,
     /// Where staged rows go to be freed: back to the puller that allocated them.
     spent: Option<tokio::sync::mpsc::UnboundedSender<SpentRows>>,
-    /// Late records staged so far ([`StageCounts::late`]), and the earliest end of their
-    /// periods.
-    late: u64,
-    late_oldest_end: Option<DateTime<Utc>>,
+    /// Late records staged so far ([`StageCounts::late`]).
+    late: LateRecords,
 }
 
 /// Rows staged and done with, with their room in [`RECORDS_AHEAD`], on their way back to the
@@ -539,6 +537,18 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// Report a source's late records of a run (sync or replay): counted in its summary (`N LATE`,
+/// `billsync_records_late`) and one warning naming the oldest period end.
+fn report_late(source: &str, late: LateRecords, src: &mut SourceSummary) {
+    if late.count == 0 {
+        return;
+    }
+    warn!(source, records = late.count,
+        oldest_period_end = %late.oldest_end.map(|t| t.to_rfc3339()).unwrap_or_default(),
+        "records staged to be sent for periods that ended longer ago than this source's usual lateness: an invoicing system that has finalized those periods' invoices (Lago past its invoice grace period) stores them without billing them; check them and bill by hand if so (`billsync ledger export --run N` lists this run's records)");
+    src.late += late.count;
+}
+
 /// Per-source figures of a run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SourceSummary {
@@ -730,6 +740,14 @@ impl Pipeline {
             stored_totals_max: STORED_TOTALS_MAX,
             late_after: HashMap::new(),
         }
+    }
+
+    /// For a record of `source` sent by a run at `now`: the time before which its charge
+    /// period's end makes it late ([`LateRecords`]), `now` minus the source's usual lateness
+    /// ([`Self::late_after`]); `None` (no check) for a source without one. Every command that
+    /// sends records judges lateness with this.
+    fn late_before(&self, source: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.late_after.get(source).map(|d| now - *d)
     }
 
     fn sink(&self, name: Option<&str>) -> Option<&dyn Sink> {
@@ -1357,7 +1375,7 @@ impl Pipeline {
                 self.flush_stage(provider, run_id, now, &mut buffer, summary, alongside)
                     .await?;
             }
-            Ok::<_, LedgerError>((buffer.late, buffer.late_oldest_end))
+            Ok::<_, LedgerError>(buffer.late)
         };
         let (stats, staged) = run_side_by_side(pull, stage, "billsync-stager").await;
         src.chunks += stats.chunks;
@@ -1366,13 +1384,7 @@ impl Pipeline {
         if stats.interrupted {
             summary.interrupted = true;
         }
-        let (late, oldest) = staged?;
-        if late > 0 {
-            warn!(source = provider.name(), records = late,
-                oldest_period_end = %oldest.map(|t| t.to_rfc3339()).unwrap_or_default(),
-                "records staged to be sent for periods that ended longer ago than this source's usual lateness: an invoicing system that has finalized those periods' invoices (Lago past its invoice grace period) stores them without billing them; check them and bill by hand if so (`billsync ledger export --run N` lists this run's records)");
-            src.late += late;
-        }
+        report_late(provider.name(), staged?, src);
         match stats.error {
             Some(message) => Err(PullError::Provider(message)),
             None => Ok(()),
@@ -1410,7 +1422,7 @@ impl Pipeline {
             };
             let in_flight = |id: i64| alongside.is_some_and(|a| a.carries(id));
             let now = Utc::now();
-            let late_before = self.late_after.get(provider.name()).map(|d| run_now - *d);
+            let late_before = self.late_before(provider.name(), run_now);
             match self
                 .ledger
                 .stage_pages(
@@ -1448,11 +1460,7 @@ impl Pipeline {
             a.staged.notify_one();
         }
         summary.add_counts(&counts);
-        buffer.late += counts.late;
-        buffer.late_oldest_end = match (buffer.late_oldest_end, counts.late_oldest_end) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        buffer.late.add(counts.late);
         let spent = SpentRows {
             _pages: std::mem::take(&mut buffer.pages),
             _room: std::mem::take(&mut buffer.room),
@@ -2017,7 +2025,7 @@ impl Pipeline {
         };
         summary.run_id = run_id;
         let span = tracing::info_span!("run", run_id = run_id.unwrap_or(0), command = "replay");
-        self.replay_run(opts, lock, run_id, summary)
+        self.replay_run(opts, now, lock, run_id, summary)
             .instrument(span)
             .await
     }
@@ -2025,10 +2033,26 @@ impl Pipeline {
     async fn replay_run(
         &self,
         opts: &ReplayOptions,
+        // The run's clock (`ReplayOptions::now`): what is late is judged against it.
+        now: DateTime<Utc>,
         lock: &RunLock,
         run_id: Option<i64>,
         summary: &mut RunSummary,
     ) -> Result<(), SyncError> {
+        // Every configured source has its line (its late records' gauge is this replay's,
+        // 0 for a source it sent nothing late of).
+        for p in &self.providers {
+            summary.sources.insert(
+                p.name().to_string(),
+                SourceSummary {
+                    provider: p.kind().to_string(),
+                    ..Default::default()
+                },
+            );
+        }
+        // Per source: the records re-mapped to be sent for periods that ended longer ago than
+        // its usual lateness (as `sync` counts those it stages).
+        let mut late: BTreeMap<String, LateRecords> = BTreeMap::new();
         let mut after_id = 0;
         loop {
             // Page by page (each record is its own transaction, so any page boundary is a
@@ -2080,10 +2104,19 @@ impl Pipeline {
                     }
                     continue;
                 }
+                let source = stored.record.source.to_string();
+                summary
+                    .sources
+                    .entry(source.clone())
+                    .or_insert_with(|| SourceSummary {
+                        provider: stored.record.provider.to_string(),
+                        ..Default::default()
+                    })
+                    .pulled += 1;
                 let push_provisional = self
                     .providers
                     .iter()
-                    .find(|p| p.name() == stored.record.source)
+                    .find(|p| p.name() == source)
                     .is_some_and(|p| p.push_provisional());
                 // A correction is re-derived (its stored difference may be stale); any other
                 // record is re-mapped under its stored key.
@@ -2102,6 +2135,12 @@ impl Pipeline {
                     .staged_by_status
                     .entry(row.status.as_str().to_string())
                     .or_default() += 1;
+                let late_before = self.late_before(&source, now);
+                late.entry(source).or_default().note(
+                    row.status,
+                    row.record.charge_period_end,
+                    late_before,
+                );
                 if let Some(run_id) = run_id {
                     if rederived {
                         self.ledger
@@ -2140,6 +2179,11 @@ impl Pipeline {
                         }
                     ));
                 }
+            }
+        }
+        for (source, late) in late {
+            if let Some(src) = summary.sources.get_mut(&source) {
+                report_late(&source, late, src);
             }
         }
         if let Some(run_id) = run_id {

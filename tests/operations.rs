@@ -1098,7 +1098,7 @@ async fn pushgateway_job_and_instance_with_slashes_and_spaces_are_escaped_in_the
 /// `billsync_last_success_timestamp_seconds` (hiding a failing sync CronJob from the alert on
 /// that age), overwrite the sync's outcome and per-sink figures, and replace the sync's
 /// `billsync_records_pulled` with an empty family. It pushes to a group of its own
-/// (`…/command/replay`) with only what describes the replay itself.
+/// (`…/command/replay`) with only what describes the replay itself (its late records included).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replay_pushes_its_metrics_to_its_own_group_and_leaves_the_syncs_untouched() {
     use wiremock::matchers::method;
@@ -1139,6 +1139,8 @@ async fn a_replay_pushes_its_metrics_to_its_own_group_and_leaves_the_syncs_untou
         "billsync_run_outcome{outcome=",
         "billsync_run_duration_seconds ",
         "billsync_records_sent{sink=\"lago\"} ",
+        // Its late records, as a sync's: the records it sends may be for finalized periods.
+        "billsync_records_late{source=\"metalsoft_test\",provider=\"metalsoft\"} ",
     ] {
         assert!(body.contains(line), "missing {line:?} in\n{body}");
     }

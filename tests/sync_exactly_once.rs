@@ -410,6 +410,77 @@ async fn an_unmapped_record_is_held_then_delivered_by_replay_after_a_mapping_fix
     assert_eq!(stored[0].properties["amount"], "119.81");
 }
 
+/// A held record that a replay re-maps goes out for its charge period as a record a sync stages
+/// does, and is judged late by the same rule: the reservation installment (its period ends
+/// 2026-11-27 20:38 UTC) replayed two days later than that, within the source's usual lateness,
+/// is not late; replayed on 10 December, when the invoice of its period may be finalized (Lago
+/// would store it without billing it), it is flagged in the replay's summary (`1 LATE`) and
+/// in the replay's `billsync_records_late`.
+#[tokio::test]
+async fn a_held_record_replayed_later_than_its_sources_lateness_after_its_period_is_flagged_late() {
+    for (replayed_at, late) in [("2026-11-29T12:00:00Z", 0), ("2026-12-10T12:00:00Z", 1)] {
+        let world = World::start(Behaviour::Postgres).await;
+        let run = world.pipeline().await.sync(&opts()).await.unwrap();
+        assert_eq!(run.held(), 1);
+
+        let mut pipeline = world
+            .pipeline_with(mappings_with_the_reservation_rule(), LAGO_KEY)
+            .await;
+        // The world's source reads daily windows with the default look-back (one window) and
+        // `settle_delay: 2h`: its records normally reach the sinks within 1d + 1d + 2h, plus
+        // an hourly run, of their period's end (what `billsync replay` sets from the settings).
+        pipeline.late_after.insert(
+            "metalsoft_test".into(),
+            chrono::Duration::days(2) + chrono::Duration::hours(3),
+        );
+        let held = pipeline
+            .ledger
+            .records_matching(&RecordFilter::status(Status::Unmapped), 0, 10)
+            .await
+            .unwrap();
+        let replayed_at: chrono::DateTime<chrono::Utc> = replayed_at.parse().unwrap();
+        assert!(
+            held[0].record.charge_period_end < replayed_at,
+            "replayed after its period ended: {:?}",
+            held[0].record
+        );
+
+        let replay = |dry_run| ReplayOptions {
+            filter: RecordFilter::status(Status::Unmapped),
+            dry_run,
+            reason: "added the reservation rule".into(),
+            now: Some(replayed_at),
+        };
+        // A dry run says so beforehand.
+        let dry = pipeline.replay(&replay(true)).await.unwrap();
+        let flagged = dry.sources.get("metalsoft_test").map_or(0, |s| s.late);
+        assert_eq!(flagged, late, "dry run at {replayed_at}: {dry:?}");
+
+        let replay = pipeline.replay(&replay(false)).await.unwrap();
+        assert_eq!(replay.sent, 1, "{replay:?}");
+        let flagged = replay.sources.get("metalsoft_test").map_or(0, |s| s.late);
+        assert_eq!(flagged, late, "replayed at {replayed_at}: {replay:?}");
+        let text = billsync::observe::summary_text(&replay);
+        assert_eq!(
+            text.contains(" LATE "),
+            late > 0,
+            "replayed at {replayed_at}:\n{text}"
+        );
+        let status = pipeline.ledger.status().await.unwrap();
+        let metrics = billsync::observe::render_metrics(
+            &replay,
+            &status,
+            None,
+            replayed_at,
+            &["lago".into()],
+        );
+        let line = format!(
+            "billsync_records_late{{source=\"metalsoft_test\",provider=\"metalsoft\"}} {late}\n"
+        );
+        assert!(metrics.contains(&line), "missing {line:?} in\n{metrics}");
+    }
+}
+
 /// A replay asked to stop (SIGTERM) stops re-mapping between pages, sends nothing it has not
 /// re-mapped, and ends interrupted; the held record waits, unchanged, for the next replay.
 #[tokio::test]

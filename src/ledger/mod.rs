@@ -350,11 +350,49 @@ pub struct StageCounts {
     /// New or restaged rows per status.
     pub by_status: BTreeMap<&'static str, u64>,
     /// Records (new, restaged to pending, or corrections) to be sent for a charge period that
-    /// ended before the `late_before` given to staging: later than the source's usual lateness,
-    /// so an invoicing system may have finalized that period's invoice already.
-    pub late: u64,
-    /// The earliest end of those records' charge periods.
-    pub late_oldest_end: Option<DateTime<Utc>>,
+    /// ended before the `late_before` given to staging ([`LateRecords`]).
+    pub late: LateRecords,
+}
+
+/// Records going out for a charge period that ended before a given time, `late_before`: the
+/// run's time minus the source's usual lateness (`Pipeline::late_after`). An invoicing system
+/// may have finalized that period's invoice already (Lago then stores such a record without
+/// billing it), so they are counted and reported. The one definition of *late*, for every
+/// command that sends records (`sync` staging them, `replay` re-mapping them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LateRecords {
+    /// How many.
+    pub count: u64,
+    /// The earliest end of their charge periods.
+    pub oldest_end: Option<DateTime<Utc>>,
+}
+
+impl LateRecords {
+    /// Count a record that now has `status`, for a charge period ending at `end`, if it goes
+    /// to a sink (pending) for a period that ended before `late_before` (`None`: no check).
+    /// Returns whether it was counted.
+    pub fn note(
+        &mut self,
+        status: Status,
+        end: DateTime<Utc>,
+        late_before: Option<DateTime<Utc>>,
+    ) -> bool {
+        let late = status == Status::Pending && late_before.is_some_and(|t| end < t);
+        if late {
+            self.count += 1;
+            self.oldest_end = Some(self.oldest_end.map_or(end, |o| o.min(end)));
+        }
+        late
+    }
+
+    /// Take in the late records counted elsewhere.
+    pub fn add(&mut self, other: LateRecords) {
+        self.count += other.count;
+        self.oldest_end = match (self.oldest_end, other.oldest_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 impl StageCounts {
@@ -367,20 +405,13 @@ impl StageCounts {
         for (k, v) in &other.by_status {
             *self.by_status.entry(k).or_default() += v;
         }
-        self.late += other.late;
-        self.late_oldest_end = match (self.late_oldest_end, other.late_oldest_end) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        self.late.add(other.late);
     }
 
     /// Count `row` as late if it goes to a sink for a period that ended before `late_before`.
     fn count_late(&mut self, row: &StageRow, late_before: Option<DateTime<Utc>>) {
-        let end = row.record.charge_period_end;
-        if row.status == Status::Pending && late_before.is_some_and(|t| end < t) {
-            self.late += 1;
-            self.late_oldest_end = Some(self.late_oldest_end.map_or(end, |o| o.min(end)));
-        }
+        self.late
+            .note(row.status, row.record.charge_period_end, late_before);
     }
 }
 
