@@ -189,6 +189,9 @@ struct StageBuffer {
     /// hash is enough: two different keys with the same hash only flush a transaction early.
     keys: hashbrown::HashSet<u64>,
     cursors: Vec<(String, String)>,
+    /// Month shares of sent or pending records that staging keeps only if their new content
+    /// goes out ([`Ledger::register_period_shares`]).
+    shares: Vec<PeriodShareRow>,
     /// The buffered pages' room in [`RECORDS_AHEAD`], released when they are staged.
     room: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// When the oldest buffered page arrived.
@@ -1336,8 +1339,9 @@ impl Pipeline {
                     continue;
                 };
                 // Month shares are kept before their records are staged: a crash in between
-                // leaves the month waiting for the re-read, never miscounted.
-                self.register_shares(&page.rows, &page.shares).await?;
+                // leaves the month waiting for the re-read, never miscounted. Those of sent or
+                // pending records are kept by the staging, if their new content goes out.
+                let deferred = self.register_shares(&page.rows, &page.shares).await?;
                 // A key already waiting in the buffer (a record repeated by the next window):
                 // stage what is buffered first, so the repeat meets it in the ledger exactly as
                 // it would page by page.
@@ -1356,6 +1360,7 @@ impl Pipeline {
                     .extend(page.rows.iter().map(|r| hasher.hash_one(&r.key)));
                 buffer.rows += page.rows.len();
                 buffer.pages.push(page.rows);
+                buffer.shares.extend(deferred);
                 buffer.room.push(page.room);
                 if let Some(value) = page.cursor {
                     buffer.cursors.push((page.stream, value));
@@ -1428,6 +1433,7 @@ impl Pipeline {
                 .stage_pages(
                     run_id,
                     &rows,
+                    &buffer.shares,
                     &cursors,
                     now,
                     &correct,
@@ -1472,6 +1478,7 @@ impl Pipeline {
         buffer.rows = 0;
         buffer.keys.clear();
         buffer.cursors.clear();
+        buffer.shares.clear();
         buffer.since = None;
         timed(&self.timings, |t| &t.stage, started);
         Ok(())
@@ -2126,6 +2133,8 @@ impl Pipeline {
                     let key = stored.key.clone();
                     let (row, share) = self.stage_row_as(key, stored.record, push_provisional);
                     if run_id.is_some() {
+                        // A sent or pending record keeps its payload (`remap` leaves it), and
+                        // so its share: what `register_shares` leaves to staging is dropped.
                         self.register_shares(std::slice::from_ref(&row), &[share])
                             .await?;
                     }
@@ -2371,14 +2380,16 @@ fn adjustment_record(
 
 impl Pipeline {
     /// Keep the period shares of a page (before it is staged, so a crash leaves a share the
-    /// re-read confirms, never a staged record without its share).
+    /// re-read confirms, never a staged record without its share). Returns the shares of sent
+    /// or pending records with new content, which the staging keeps in its own transaction
+    /// only if that content goes out (see [`Ledger::register_period_shares`]).
     async fn register_shares(
         &self,
         rows: &[StageRow],
         shares: &[Option<PeriodShare>],
-    ) -> Result<(), LedgerError> {
+    ) -> Result<Vec<PeriodShareRow>, LedgerError> {
         if !self.mappings.has_period_pricing() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut keep = Vec::new();
         let mut others = Vec::new();
@@ -2523,9 +2534,9 @@ impl Pipeline {
             {
                 continue;
             }
-            // A change of it waits for a person: the share may follow content nobody approved
-            // (a change that stays in this month, e.g. under another value property, or of a
-            // record whose sent content `vacuum` pruned), so the month is not priced on it.
+            // A change of it waits for a person, who may yet bill it by hand: the month waits
+            // too. (Its share stays what was sent: staging moves a sent record's share only
+            // with content that goes out.)
             if r.open_change {
                 return Ok(Settlement::Wait(format!(
                     "{}: a change of it waits for a person (`billsync ledger changes`, then \

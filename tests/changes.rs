@@ -683,9 +683,9 @@ async fn a_change_waiting_for_a_person_survives_vacuum_until_it_is_resolved() {
 
 /// A change that cannot go out as a correction but stays in the same (sink, subscription,
 /// metric, month) — here because `vacuum` pruned what was sent; equally a restated currency or
-/// a changed value property — has its month share recomputed from the new content. While the
-/// change waits for a person the month waits too: settled, its tiers would be priced on the
-/// unreviewed 1000.00 base (10.00 billed before the fix).
+/// a changed value property — waits for a person, and so does the month: the person may yet
+/// bill the 1000.00 by hand (the share stays the 10.00 that was sent; see
+/// `a_restatement_kept_as_sent_after_vacuum_leaves_its_month_on_what_was_sent`).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_open_change_in_the_same_month_leaves_its_month_waiting() {
     let mappings = MappingSet::from_sources(&[(
@@ -802,4 +802,215 @@ rules:
             .collect::<Vec<_>>(),
         w.open_changes()
     );
+}
+
+impl World {
+    /// `ledger vacuum` of everything sent so far (all of it older than the retention).
+    async fn vacuum_everything(&self) {
+        let ledger = Ledger::open(&self.ledger_path()).await.unwrap();
+        ledger
+            .acquire_lock("test-vacuum", Utc::now(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let pruned = ledger
+            .vacuum(
+                Utc::now() + chrono::Duration::days(1),
+                "test-vacuum",
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        ledger.release_lock("test-vacuum").await.unwrap();
+        ledger.close().await;
+        assert_eq!(pruned.pruned, 1, "{pruned:?}");
+    }
+
+    /// `billsync ledger resolve --keep-sent` of every open change.
+    fn keep_every_change_as_sent(&self) {
+        let open = self.open_changes();
+        assert!(!open.is_empty(), "no change waits for a person");
+        for c in open {
+            let change = c["change"].as_i64().unwrap().to_string();
+            let out = self.run(
+                "text",
+                &[
+                    "ledger",
+                    "resolve",
+                    "--change",
+                    &change,
+                    "--keep-sent",
+                    "--reason",
+                    "the restatement is not billed",
+                ],
+            );
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        }
+        assert_eq!(self.open_changes().len(), 0);
+    }
+
+    /// The adjustments sent, as (key, amount).
+    fn adjustment_amounts(&self) -> Vec<(String, Decimal)> {
+        self.adjustments()
+            .iter()
+            .map(|e| (e.transaction_id.clone(), amount(e)))
+            .collect()
+    }
+}
+
+/// ACME's month tiered (+10 % on the first 5.00 of a month, +20 % above; each line goes out at
+/// the lowest rate, and the month's adjustment adds what the tiers add above it), with two
+/// rules for its lines: GPU lines (by description) go out under the event property
+/// `gpu_amount`, any other under `amount`.
+fn tiers_with_two_properties() -> MappingSet {
+    MappingSet::from_sources(&[(
+        "customers.yaml".to_string(),
+        "version: 1
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_acme
+    pricing:
+      tiers: [{ up_to: \"5\", markup_percent: 10 }, { markup_percent: 20 }]
+      period: month
+rules:
+  - name: gpu
+    match: { provider: metalsoft, charge_description: { glob: \"gpu*\" } }
+    metric: resale_cost
+    property: gpu_amount
+    value: { cost: { markup_percent: 0 } }
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 0 } }
+"
+        .to_string(),
+    )])
+    .unwrap()
+}
+
+/// The month's only line went out at 10.00 (11.00 at the lowest rate); `vacuum` pruned what
+/// was sent, then the provider restated it at 1000.00. It cannot be corrected (a change for a
+/// person), so nothing of the 1000.00 is billed and the line's share of October stays the
+/// 10.00 that was. Kept as sent, October is tiered on it: 5.00 × 10 % + 5.00 × 20 % = 1.50,
+/// of which the line carries 1.00, an adjustment of exactly 0.50 (before: the share had
+/// followed the restatement, and October was tiered on 1000.00 that nobody billed, an
+/// adjustment of 99.50).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restatement_kept_as_sent_after_vacuum_leaves_its_month_on_what_was_sent() {
+    let w = World::start_with(tiers_with_two_properties()).await;
+    w.serve(vec![october_line("acme-web")]);
+    let first = w.sync(at(2026, 10, 20, 0)).await;
+    assert_eq!(first.sent, 1, "{first:?}");
+    w.vacuum_everything().await;
+
+    let mut restated = october_line("acme-web");
+    restated.billed_cost = dec("1000.00");
+    w.serve(vec![restated]);
+    let changed = w.sync(at(2026, 10, 21, 0)).await;
+    assert_eq!(
+        (
+            changed.changed_after_send,
+            changed.corrections,
+            changed.sent
+        ),
+        (1, 0, 0),
+        "{changed:?}"
+    );
+    let open = w.open_changes();
+    assert!(
+        open[0]["reason"].as_str().unwrap().contains("vacuum"),
+        "{open:?}"
+    );
+    w.keep_every_change_as_sent();
+
+    let settled = w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(settled.period_adjustments, 1, "{settled:?}");
+    let adjustments = w.adjustment_amounts();
+    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
+    assert_eq!(adjustments[0].1, dec("0.50"), "{adjustments:?}");
+    // Re-reading the restatement changes nothing.
+    let again = w.sync(at(2026, 11, 11, 0)).await;
+    assert_eq!(
+        (
+            again.changed_after_send,
+            again.sent,
+            again.period_adjustments
+        ),
+        (0, 0, 0),
+        "{again:?}"
+    );
+    assert_eq!(w.adjustment_amounts(), adjustments);
+}
+
+/// The same without `vacuum`: the line, re-described as a GPU line at 1000.00, would now go
+/// out under `gpu_amount` instead of `amount`. Kept as sent, October is tiered on the 10.00
+/// that went out: an adjustment of exactly 0.50 (before: 99.50, on the unbilled restatement).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_re_described_under_another_property_kept_as_sent_leaves_its_month_on_what_was_sent()
+{
+    let w = World::start_with(tiers_with_two_properties()).await;
+    w.serve(vec![october_line("acme-web")]);
+    let first = w.sync(at(2026, 10, 20, 0)).await;
+    assert_eq!(first.sent, 1, "{first:?}");
+
+    let mut restated = october_line("acme-web");
+    restated.billed_cost = dec("1000.00");
+    restated.charge_description = Some("gpu-2416".into());
+    w.serve(vec![restated]);
+    let changed = w.sync(at(2026, 10, 21, 0)).await;
+    assert_eq!(
+        (
+            changed.changed_after_send,
+            changed.corrections,
+            changed.sent
+        ),
+        (1, 0, 0),
+        "{changed:?}"
+    );
+    w.keep_every_change_as_sent();
+
+    let settled = w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(settled.period_adjustments, 1, "{settled:?}");
+    let adjustments = w.adjustment_amounts();
+    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
+    assert_eq!(adjustments[0].1, dec("0.50"), "{adjustments:?}");
+    let acme: Decimal = w.lago.events().iter().map(amount).sum();
+    assert_eq!(acme, dec("11.50"), "October holds its tiered total");
+}
+
+/// A change left to a person is superseded by newer content that can be corrected: the line,
+/// re-described under `gpu_amount` at 1000.00 (a change for a person), comes back as a plain
+/// line at 30.00, which goes out as a correction of +22.00 (33.00 at the lowest rate). The
+/// share follows what is billed now: once the older change is kept, October is tiered on
+/// 30.00: 5.00 × 10 % + 25.00 × 20 % = 5.50, of which the line carries 3.00, an adjustment of
+/// exactly 2.50 (0.50 would be the month tiered on the first 10.00, 99.50 on the 1000.00).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_superseded_by_a_correction_leaves_its_month_on_the_corrected_content() {
+    let w = World::start_with(tiers_with_two_properties()).await;
+    w.serve(vec![october_line("acme-web")]);
+    w.sync(at(2026, 10, 20, 0)).await;
+    let mut re_described = october_line("acme-web");
+    re_described.billed_cost = dec("1000.00");
+    re_described.charge_description = Some("gpu-2416".into());
+    w.serve(vec![re_described]);
+    let changed = w.sync(at(2026, 10, 21, 0)).await;
+    assert_eq!(changed.changed_after_send, 1, "{changed:?}");
+
+    let mut corrected = october_line("acme-web");
+    corrected.billed_cost = dec("30.00");
+    w.serve(vec![corrected]);
+    let second = w.sync(at(2026, 10, 22, 0)).await;
+    assert_eq!((second.corrections, second.sent), (1, 1), "{second:?}");
+    // The older change still waits: so does October.
+    let waiting = w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(waiting.period_adjustments, 0, "{waiting:?}");
+    w.keep_every_change_as_sent();
+
+    let settled = w.sync(at(2026, 11, 10, 1)).await;
+    assert_eq!(settled.period_adjustments, 1, "{settled:?}");
+    let adjustments = w.adjustment_amounts();
+    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
+    assert_eq!(adjustments[0].1, dec("2.50"), "{adjustments:?}");
+    let acme: Decimal = w.lago.events().iter().map(amount).sum();
+    assert_eq!(acme, dec("35.50"), "October holds its tiered total");
 }

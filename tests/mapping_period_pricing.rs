@@ -1352,3 +1352,203 @@ async fn shares_kept_before_match_hashes_follow_a_line_re_described_across_the_u
         "29.00 − 27.50 sent: {adjustments:?}"
     );
 }
+
+// ----- the share of a queued or sent record follows what goes out ---------------------------
+
+/// A pipeline with [`re_describable_rules`] and a Lago sink nothing is pushed to.
+fn re_describable_pipeline(path: &std::path::Path) -> impl std::future::Future<Output = Pipeline> {
+    let path = path.to_path_buf();
+    async move {
+        Pipeline::new(
+            Ledger::open(&path).await.unwrap(),
+            Vec::new(),
+            vec![Box::new(
+                LagoSink::new(
+                    "lago".into(),
+                    LagoConfig {
+                        api_url: "http://127.0.0.1:9".into(),
+                        api_key: Secret::new("k"),
+                        batch_size: 10,
+                        timeout: Duration::from_secs(1),
+                        retry: retry(),
+                    },
+                )
+                .unwrap(),
+            )],
+            re_describable_rules(0),
+        )
+    }
+}
+
+/// `line` mapped by `p`, with its share of its month as a sync registers it.
+fn row_and_share(
+    p: &Pipeline,
+    line: billsync::record::UsageRecord,
+) -> (billsync::ledger::StageRow, billsync::ledger::PeriodShareRow) {
+    let (row, share) = p.stage_row_with_period(line, false);
+    let share = share.expect("a monthly share");
+    let group = billsync::sync::period_group(
+        row.mapped.sink.as_deref().unwrap(),
+        row.mapped.subscription.as_deref().unwrap(),
+        row.mapped.metric.as_deref().unwrap(),
+        &share,
+    );
+    let share = billsync::ledger::PeriodShareRow {
+        key: row.key.clone(),
+        content_hash: row.content_hash.clone(),
+        match_hash: row.match_hash,
+        group,
+        base: share.base,
+        spec: serde_json::to_string(&share.spec).unwrap(),
+        is_final: row.record.is_final,
+        charge_period_start: row.record.charge_period_start,
+        charge_period_end: row.record.charge_period_end,
+    };
+    (row, share)
+}
+
+/// The share the ledger at `path` keeps for `key`: (base, content hash), and the record's own
+/// content hash.
+async fn share_and_record(path: &std::path::Path, key: &str) -> (Decimal, String, String) {
+    let pool =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(path))
+            .await
+            .unwrap();
+    let (base, share_hash, record_hash): (String, String, String) = sqlx::query_as(
+        "SELECT m.base, m.content_hash, r.content_hash
+         FROM period_members m JOIN records r ON r.idem_key = m.idem_key WHERE m.idem_key = ?1",
+    )
+    .bind(key)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    (dec(&base), share_hash, record_hash)
+}
+
+/// Stage `rows` as a sync does, with the shares registration left to staging.
+async fn stage_with_shares(
+    p: &Pipeline,
+    run: i64,
+    row: &billsync::ledger::StageRow,
+    shares: &[billsync::ledger::PeriodShareRow],
+) -> billsync::ledger::StageCounts {
+    let correct = |row: &billsync::ledger::StageRow, sent: &billsync::ledger::SentState| {
+        p.correction(row, sent)
+    };
+    p.ledger
+        .stage_pages(
+            run,
+            &[row],
+            shares,
+            &[],
+            Utc::now(),
+            &correct,
+            &|_| false,
+            None,
+        )
+        .await
+        .unwrap()
+}
+
+/// A sent line re-described (another rule: 15.00 at the tiers' input instead of 10.00). Its
+/// share registered, the run stops before the staging commits: the share still holds what was
+/// sent, with the record's own content, so the month can settle on what the sink holds. The
+/// re-read stages the correction, and the share follows it in the same transaction.
+#[tokio::test]
+async fn a_sent_line_whose_change_did_not_commit_keeps_its_share_until_it_is_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let p = re_describable_pipeline(&path).await;
+    let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+    let (row, share) = row_and_share(&p, october_line("2416", "instance-2416"));
+    let key = row.key.clone();
+    let left = p
+        .ledger
+        .register_period_shares(&[share], &[])
+        .await
+        .unwrap();
+    assert!(
+        left.is_empty(),
+        "a new record's share is kept before staging"
+    );
+    assert_eq!(stage_with_shares(&p, run, &row, &left).await.new, 1);
+    let id = p.ledger.existing(&[key.as_str()]).await.unwrap()[&key].id;
+    p.ledger
+        .ack(
+            run,
+            &[(id, billsync::sinks::Outcome::Delivered)],
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let sent = share_and_record(&path, &key).await;
+    assert_eq!(sent.0, dec("10"));
+    assert_eq!(sent.1, sent.2);
+
+    let (re_described, share) = row_and_share(&p, october_line("2416", "gpu-2416"));
+    let left = p
+        .ledger
+        .register_period_shares(&[share], &[])
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1, "left to staging");
+    // No staging: the run stopped here.
+    assert_eq!(share_and_record(&path, &key).await, sent);
+
+    // The re-read.
+    let left = p
+        .ledger
+        .register_period_shares(&[left[0].clone()], &[])
+        .await
+        .unwrap();
+    let c = stage_with_shares(&p, run, &re_described, &left).await;
+    assert_eq!(c.corrections, 1, "{c:?}");
+    let corrected = share_and_record(&path, &key).await;
+    assert_eq!(corrected.0, dec("15"));
+    assert_eq!(corrected.1, re_described.content_hash);
+    assert_eq!(corrected.2, re_described.content_hash);
+}
+
+/// A queued line re-described: its share is left to staging (its payload is frozen), and the
+/// sink refuses the queued line before the staging runs. Staging then restages it in place,
+/// and keeps its new share with it: the month is not left with a share of the old content
+/// beside a record of the new one (which would hold the month back for good).
+#[tokio::test]
+async fn a_queued_line_refused_before_its_change_is_staged_takes_its_new_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let p = re_describable_pipeline(&path).await;
+    let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+    let (row, share) = row_and_share(&p, october_line("2416", "instance-2416"));
+    let key = row.key.clone();
+    let left = p
+        .ledger
+        .register_period_shares(&[share], &[])
+        .await
+        .unwrap();
+    stage_with_shares(&p, run, &row, &left).await;
+
+    let (re_described, share) = row_and_share(&p, october_line("2416", "gpu-2416"));
+    let left = p
+        .ledger
+        .register_period_shares(&[share], &[])
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1, "a queued record's share is left to staging");
+    let id = p.ledger.existing(&[key.as_str()]).await.unwrap()[&key].id;
+    p.ledger
+        .ack(
+            run,
+            &[(id, billsync::sinks::Outcome::Rejected("refused".into()))],
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let c = stage_with_shares(&p, run, &re_described, &left).await;
+    assert_eq!((c.restaged, c.corrections), (1, 0), "{c:?}");
+    let (base, share_hash, record_hash) = share_and_record(&path, &key).await;
+    assert_eq!(base, dec("15"));
+    assert_eq!(share_hash, re_described.content_hash);
+    assert_eq!(record_hash, re_described.content_hash);
+}

@@ -1014,7 +1014,7 @@ impl Ledger {
     ) -> Result<StageCounts, LedgerError> {
         let cursors: Vec<(&str, &str, &str)> = cursor.into_iter().collect();
         let rows: Vec<&StageRow> = rows.iter().collect();
-        self.stage_pages(run_id, &rows, &cursors, now, correct, &|_| false, None)
+        self.stage_pages(run_id, &rows, &[], &cursors, now, correct, &|_| false, None)
             .await
     }
 
@@ -1028,11 +1028,17 @@ impl Ledger {
     /// written and [`LedgerError::InFlight`] names them; the caller stages the same rows again
     /// once they are acknowledged (and, sent by then, their change becomes a correction). The
     /// caller keeps the set from changing while this runs.
+    ///
+    /// `shares` are the month shares [`Ledger::register_period_shares`] left to staging (new
+    /// content of sent or pending records). A row's share is kept here, in this transaction,
+    /// when its new content goes out: corrected, nothing to correct, or restaged (a pending
+    /// record refused meanwhile); a change left to a person keeps the share of what was sent.
     #[allow(clippy::too_many_arguments)]
     pub async fn stage_pages(
         &self,
         run_id: i64,
         rows: &[&StageRow],
+        shares: &[PeriodShareRow],
         cursors: &[(&str, &str, &str)],
         now: DateTime<Utc>,
         correct: &(dyn Fn(&StageRow, &SentState) -> Correction + Sync),
@@ -1081,6 +1087,22 @@ impl Ledger {
             hashbrown::HashMap::with_capacity(rows.len());
         // Rows staged before `match_hash` existed, read again unchanged: their hash is stored.
         let mut hash_now: Vec<(i64, MatchHash)> = Vec::new();
+        // Month shares of the content staged (of the rows `shares` has one for), and whether
+        // the record is frozen (see `follow_share`).
+        let mut follow: Vec<(&PeriodShareRow, bool)> = Vec::new();
+        let mut shares_by_key: hashbrown::HashMap<&str, Vec<&PeriodShareRow>> =
+            hashbrown::HashMap::with_capacity(shares.len());
+        for s in shares {
+            shares_by_key.entry(s.key.as_str()).or_default().push(s);
+        }
+        let share_of =
+            |row: &StageRow| {
+                shares_by_key.get(row.key.as_str()).and_then(|of_key| {
+                    of_key.iter().rev().copied().find(|s| {
+                        s.content_hash == row.content_hash && s.match_hash == row.match_hash
+                    })
+                })
+            };
 
         // A known key that these rows repeat (a provider repeating a record in one answer) is
         // staged once, with its last content: its changes compared one by one against the
@@ -1130,6 +1152,10 @@ impl Ledger {
                     let (id, original) = (k.id, k.status);
                     let sent = sent_state(&mut tx, id, None).await?;
                     let decision = correct(row, &sent);
+                    if !matches!(decision, Correction::Unresolved(_)) {
+                        // What goes out now bills this content: the share follows it.
+                        follow.extend(share_of(row).map(|s| (s, true)));
+                    }
                     let (state, difference, note) = match &decision {
                         Correction::Send { row: c, difference } => {
                             corrections.push(StageRow {
@@ -1180,6 +1206,8 @@ impl Ledger {
                     let id = k.id;
                     // Held (the look-up above is in this transaction), so it is restaged.
                     restage(&mut tx, id, row, run_id, &now_s).await?;
+                    // Frozen when its share was registered, refused by its sink since.
+                    follow.extend(share_of(row).map(|s| (s, false)));
                     counts.restaged += 1;
                     if row.status == Status::Pending {
                         counts.restaged_pending.push(id);
@@ -1245,6 +1273,10 @@ impl Ledger {
             .execute(&mut *tx)
             .await
             .map_err(sql("keeping a change of a sent record"))?;
+        }
+
+        for (share, frozen) in follow {
+            follow_share(&mut tx, share, frozen).await?;
         }
 
         for (source, stream, value) in cursors {
@@ -1598,9 +1630,9 @@ impl Ledger {
         .map_err(sql("reading changes of a sent record"))?;
         let mut months: Vec<String> = Vec::new();
         if still_open == 0 && latest.as_deref() == Some("kept") {
-            // The share stays the one of the content that was sent (staging does not move a
-            // sent record's share to another month or subscription, see
-            // `register_period_shares`); it now stands for the record's latest content too.
+            // The share stays the one of the content that was sent (staging moves a sent
+            // record's share only with content that goes out, see `register_period_shares`);
+            // it now stands for the record's latest content too.
             months = sqlx::query_scalar(
                 "UPDATE period_members SET content_hash = ?2, match_hash = ?3
                  WHERE idem_key = ?1 AND (content_hash <> ?2 OR match_hash IS NOT ?3)
@@ -3072,13 +3104,21 @@ impl Ledger {
     /// was billed in (its value is in the sink under that subscription and metric).
     /// A pending record counts as sent here: neither staging nor replay changes its payload
     /// (it may be at the sink already), so it goes out as it was and stays in its group.
+    ///
+    /// The share of a sent or pending record is what was billed: new content of it is not
+    /// kept here but returned, for [`Ledger::stage_pages`] to keep in the staging transaction
+    /// only if the new content goes out there (a correction, or no difference to send); a
+    /// change left to a person leaves the share as it was. Nothing is written for those before
+    /// staging, so a crash in between leaves the share and the record as they were, and the
+    /// re-read decides again.
     pub async fn register_period_shares(
         &self,
         shares: &[PeriodShareRow],
         others: &[&str],
-    ) -> Result<(), LedgerError> {
+    ) -> Result<Vec<PeriodShareRow>, LedgerError> {
+        let mut deferred = Vec::new();
         if shares.is_empty() && others.is_empty() {
-            return Ok(());
+            return Ok(deferred);
         }
         let mut tx = self
             .pool
@@ -3164,53 +3204,18 @@ impl Ledger {
                     }
                     continue;
                 }
-                if k.group != g.group_key && k.frozen {
-                    // Billed in its group: a move is a change for a person (the correction
-                    // machinery leaves it unresolved), not a new share.
+                if k.frozen {
+                    // Billed: its share changes only with what goes out, which staging decides
+                    // (a move to another subscription or metric is a change for a person, and
+                    // it stays in the group it was billed in).
+                    deferred.push(s.clone());
                     continue;
                 }
                 if k.group != g.group_key {
                     mark_dirty(&mut tx, &k.group).await?;
                 }
             }
-            sqlx::query(
-                "INSERT INTO period_groups (group_key, sink, subscription, metric, period_label,
-                     period_start, period_end, adjustment_key, dirty)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
-                 ON CONFLICT (group_key) DO UPDATE SET dirty = 1",
-            )
-            .bind(&g.group_key)
-            .bind(&g.sink)
-            .bind(&g.subscription)
-            .bind(&g.metric)
-            .bind(&g.label)
-            .bind(ts(g.start))
-            .bind(ts(g.end))
-            .bind(&g.adjustment_key)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("registering a period group"))?;
-            sqlx::query(
-                "INSERT INTO period_members (idem_key, group_key, content_hash, base, spec, is_final,
-                     charge_period_start, charge_period_end, match_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (idem_key) DO UPDATE SET group_key = excluded.group_key,
-                     content_hash = excluded.content_hash, base = excluded.base, spec = excluded.spec,
-                     is_final = excluded.is_final, charge_period_start = excluded.charge_period_start,
-                     charge_period_end = excluded.charge_period_end, match_hash = excluded.match_hash",
-            )
-            .bind(&s.key)
-            .bind(&g.group_key)
-            .bind(&s.content_hash)
-            .bind(s.base.to_string())
-            .bind(&s.spec)
-            .bind(s.is_final)
-            .bind(ts(s.charge_period_start))
-            .bind(ts(s.charge_period_end))
-            .bind(s.match_hash.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("keeping a period share"))?;
+            put_share(&mut tx, s).await?;
             known.insert(
                 s.key.clone(),
                 KnownShare {
@@ -3223,7 +3228,7 @@ impl Ledger {
             );
         }
         tx.commit().await.map_err(sql("committing period shares"))?;
-        Ok(())
+        Ok(deferred)
     }
 
     /// Groups changed since their last settlement (or never settled) whose month ended by `now`.
@@ -3450,6 +3455,104 @@ impl Ledger {
         .map_err(sql("re-queueing a rejected record"))?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// Keep share `s` of its group: the group is registered (marked for settlement) and the
+/// record's share is set to `s`, in whichever group it was.
+async fn put_share(tx: &mut sqlx::SqliteConnection, s: &PeriodShareRow) -> Result<(), LedgerError> {
+    let g = &s.group;
+    sqlx::query(
+        "INSERT INTO period_groups (group_key, sink, subscription, metric, period_label,
+             period_start, period_end, adjustment_key, dirty)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
+         ON CONFLICT (group_key) DO UPDATE SET dirty = 1",
+    )
+    .bind(&g.group_key)
+    .bind(&g.sink)
+    .bind(&g.subscription)
+    .bind(&g.metric)
+    .bind(&g.label)
+    .bind(ts(g.start))
+    .bind(ts(g.end))
+    .bind(&g.adjustment_key)
+    .execute(&mut *tx)
+    .await
+    .map_err(sql("registering a period group"))?;
+    sqlx::query(
+        "INSERT INTO period_members (idem_key, group_key, content_hash, base, spec, is_final,
+             charge_period_start, charge_period_end, match_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (idem_key) DO UPDATE SET group_key = excluded.group_key,
+             content_hash = excluded.content_hash, base = excluded.base, spec = excluded.spec,
+             is_final = excluded.is_final, charge_period_start = excluded.charge_period_start,
+             charge_period_end = excluded.charge_period_end, match_hash = excluded.match_hash",
+    )
+    .bind(&s.key)
+    .bind(&g.group_key)
+    .bind(&s.content_hash)
+    .bind(s.base.to_string())
+    .bind(&s.spec)
+    .bind(s.is_final)
+    .bind(ts(s.charge_period_start))
+    .bind(ts(s.charge_period_end))
+    .bind(s.match_hash.as_str())
+    .execute(&mut *tx)
+    .await
+    .map_err(sql("keeping a period share"))?;
+    Ok(())
+}
+
+/// Keep, in the staging transaction, the share of a record whose new content staging sent on
+/// its way (restaged, corrected, or nothing to correct). A sent or pending record (`frozen`)
+/// whose share is in another month of the same sink, subscription and metric stays there, with
+/// the new content's base: a frozen record is not moved between months by staging (see
+/// `register_period_shares`), only its value changes. Otherwise the record takes the share as
+/// it is, leaving its old group (a frozen record's new content went out under the sink,
+/// subscription and metric it was billed in, so a share elsewhere was never billed there).
+/// Each group touched is marked for settlement.
+async fn follow_share(
+    tx: &mut sqlx::SqliteConnection,
+    s: &PeriodShareRow,
+    frozen: bool,
+) -> Result<(), LedgerError> {
+    let held = sqlx::query(
+        "SELECT m.group_key, g.sink, g.subscription, g.metric
+         FROM period_members m LEFT JOIN period_groups g ON g.group_key = m.group_key
+         WHERE m.idem_key = ?1",
+    )
+    .bind(&s.key)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(sql("reading a period share"))?;
+    let Some(held) = held else {
+        return put_share(tx, s).await;
+    };
+    let group: String = held.get(0);
+    if group == s.group.group_key {
+        return put_share(tx, s).await;
+    }
+    let same_place = held.get::<Option<&str>, _>(1) == Some(s.group.sink.as_str())
+        && held.get::<Option<&str>, _>(2) == Some(s.group.subscription.as_str())
+        && held.get::<Option<&str>, _>(3) == Some(s.group.metric.as_str());
+    if frozen && same_place {
+        sqlx::query(
+            "UPDATE period_members SET content_hash = ?2, match_hash = ?3, base = ?4, spec = ?5,
+                 is_final = ?6
+             WHERE idem_key = ?1",
+        )
+        .bind(&s.key)
+        .bind(&s.content_hash)
+        .bind(s.match_hash.as_str())
+        .bind(s.base.to_string())
+        .bind(&s.spec)
+        .bind(s.is_final)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql("keeping the period share of a corrected record"))?;
+        return mark_dirty(tx, &group).await;
+    }
+    mark_dirty(tx, &group).await?;
+    put_share(tx, s).await
 }
 
 async fn mark_dirty(tx: &mut sqlx::SqliteConnection, group_key: &str) -> Result<(), LedgerError> {
