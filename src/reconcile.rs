@@ -17,8 +17,8 @@
 //! sent for that group ([`SinkTotal`]). A total cannot say which events it holds, so the only
 //! explanation is the one the Lago read-back makes event by event, in bulk: pending records of
 //! the group the sink may hold already (a run stopped after the sink took them and before the
-//! ledger recorded it) explain as much of the difference as they could make up
-//! ([`Line::pending_maybe_in_sink`]); the rest is unexplained.
+//! ledger recorded it) explain a surplus they add up to exactly
+//! ([`Line::pending_maybe_in_sink`]); anything else is unexplained.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -59,11 +59,10 @@ pub struct Line {
     pub read_back: Option<Decimal>,
     /// Sink events of records the ledger has not acknowledged yet (explained).
     pub in_sink_unacknowledged: Decimal,
-    /// For a sink read back only as a total (Stripe): the part of the difference between its
-    /// total and what was sent that records still pending here may make up, as they may be
+    /// For a sink read back only as a total (Stripe): the difference between its total and
+    /// what was sent when records still pending here add up to it exactly, as they may be
     /// counted there already (explained: the next run sends them again under the same
-    /// identifier, which the sink counts once): the difference as far as the sums of their
-    /// negative and of their positive values reach.
+    /// identifier, which the sink counts once within its deduplication window); else zero.
     pub pending_maybe_in_sink: Decimal,
     /// `read_back − sent − in_sink_unacknowledged − pending_maybe_in_sink`: zero when
     /// everything is explained.
@@ -106,7 +105,7 @@ pub struct SinkTotal {
     pub pending: Decimal,
     /// What the sink counted.
     pub read_back: Decimal,
-    /// The part of `read_back − sent` that the group's pending records may make up
+    /// `read_back − sent` when the group's pending records add up to it
     /// ([`Line::pending_maybe_in_sink`]): explained.
     pub pending_maybe_in_sink: Decimal,
     /// `read_back − sent − pending_maybe_in_sink`: zero when everything is explained.
@@ -382,23 +381,20 @@ pub async fn reconcile(
             }
         }
     }
-    // What the pending records of each line could add to a sink's total, at least and at
-    // most: the sums of their negative and of their positive values (a correction may be
-    // negative). The same records the event-by-event read-back explains above when it finds
+    // The positive values of each line's pending records: what a sink's total may hold of
+    // them already. The same records the event-by-event read-back explains above when it finds
     // them: every pending one, attempted or not (a batch out when a run stopped has no attempt
     // recorded: `Ledger::ack` counts it with the answer).
-    let mut pending_range: HashMap<&str, (Decimal, Decimal)> = HashMap::new();
+    let mut pending_values: HashMap<&str, Vec<Decimal>> = HashMap::new();
     for (line_id, status, _, value) in by_key.values() {
-        if *status == Status::Pending {
-            let (low, high) = pending_range.entry(line_id.as_str()).or_default();
-            if value.is_sign_negative() {
-                *low += *value;
-            } else {
-                *high += *value;
-            }
+        if *status == Status::Pending && *value > Decimal::ZERO {
+            pending_values
+                .entry(line_id.as_str())
+                .or_default()
+                .push(*value);
         }
     }
-    let sink_totals = compare_totals(&mut lines, totals_read, &pending_range, period);
+    let sink_totals = compare_totals(&mut lines, totals_read, &pending_values, period);
     for (_, line) in lines.values_mut() {
         if let Some(rb) = line.read_back {
             line.unexplained =
@@ -418,28 +414,55 @@ pub async fn reconcile(
     })
 }
 
-/// The part of `difference` (a sink's total minus what was sent) that pending records whose
-/// values sum to `low` (the negative ones) and `high` (the others) may make up, if the sink
-/// holds some of them already: `difference` itself when it lies between `low` and `high`, else
-/// the nearer of the two. A total cannot say which events it holds, so any difference within
-/// that range is taken as theirs (the next run sends them again and records them as sent;
-/// reconcile then compares without them); the rest is unexplained.
-fn explained_by_pending(difference: Decimal, low: Decimal, high: Decimal) -> Decimal {
-    difference.clamp(low.min(Decimal::ZERO), high.max(Decimal::ZERO))
+/// Sums of subsets of pending values tried before [`explained_by_pending`] gives up.
+const PENDING_SUMS_MAX: usize = 1 << 16;
+
+/// Whether records pending here explain `difference` (a sink's total minus what was sent): a
+/// run stopped after the sink took a batch and before the ledger recorded the answer. The sink
+/// holds whole events, so only a sink that counted *more* than was sent, by exactly what some
+/// of the group's pending records (their positive `values`) add up to, is explained. Anything
+/// else is unexplained, on purpose: a shortfall offset by a pending negative correction, or a
+/// double count that happens to fall below the pending sum, must not read as explained (the
+/// next run sends the pending records; reconcile after it tells). `None`: too many pending
+/// records to tell (more than [`PENDING_SUMS_MAX`] distinct sums below `difference`).
+fn explained_by_pending(difference: Decimal, values: &[Decimal]) -> Option<bool> {
+    if difference <= Decimal::ZERO {
+        return Some(false);
+    }
+    // Decimal hashes its normalized value: 12 and 12.0 are one sum.
+    let mut sums: std::collections::HashSet<Decimal> =
+        std::collections::HashSet::from([Decimal::ZERO]);
+    for v in values {
+        let next: Vec<Decimal> = sums
+            .iter()
+            .map(|s| s + v)
+            .filter(|s| *s <= difference)
+            .collect();
+        for s in next {
+            if s == difference {
+                return Some(true);
+            }
+            sums.insert(s);
+        }
+        if sums.len() > PENDING_SUMS_MAX {
+            return None;
+        }
+    }
+    Some(false)
 }
 
 /// Line up each total read back from an aggregating sink with what the ledger sent for its
 /// (sink, subscription, metric). The total cannot be split by key, source or billing account:
-/// a group of one line gets it as its `read_back` (its `unexplained` is then the difference
-/// less what its pending records may make up); a group of several lines is compared as a whole
-/// in the returned [`SinkTotal`], and each of its lines says so. Only the group's pending
-/// records explain a difference ([`explained_by_pending`], from `pending_range`: per line, the
-/// sums of its negative and positive pending values); the total says how much, not which
-/// events, so the notes say what may cause the rest.
+/// a group of one line gets it as its `read_back` (its `unexplained` is then the difference,
+/// unless its pending records explain it); a group of several lines is compared as a whole in
+/// the returned [`SinkTotal`], and each of its lines says so. Only the group's pending records
+/// explain a difference ([`explained_by_pending`], from `pending_values`: per line, the
+/// positive values of its pending records); the total says how much, not which events, so the
+/// notes say what may cause the rest.
 fn compare_totals(
     lines: &mut BTreeMap<String, (LineKey, Line)>,
     totals: Vec<(LineKey, crate::sinks::ReadBackTotal)>,
-    pending_range: &HashMap<&str, (Decimal, Decimal)>,
+    pending_values: &HashMap<&str, Vec<Decimal>>,
     period: &str,
 ) -> Vec<SinkTotal> {
     let mut out = Vec::new();
@@ -448,45 +471,52 @@ fn compare_totals(
             k.sink == key.sink && k.subscription == key.subscription && k.metric == key.metric
         };
         let (mut count, mut sent, mut pending) = (0u64, Decimal::ZERO, Decimal::ZERO);
-        let (mut low, mut high) = (Decimal::ZERO, Decimal::ZERO);
+        let mut values: Vec<Decimal> = Vec::new();
         for (id, (k, l)) in lines.iter() {
             if same(k) {
                 count += 1;
                 sent += l.sent;
                 pending += l.pending;
-                if let Some((lo, hi)) = pending_range.get(id.as_str()) {
-                    low += *lo;
-                    high += *hi;
+                if let Some(v) = pending_values.get(id.as_str()) {
+                    values.extend_from_slice(v);
                 }
             }
         }
         let difference = total.total - sent;
-        let maybe_pending = explained_by_pending(difference, low, high);
+        let explained = explained_by_pending(difference, &values);
+        let maybe_pending = if explained == Some(true) {
+            difference
+        } else {
+            Decimal::ZERO
+        };
         let unexplained = difference - maybe_pending;
         let mut notes = Vec::new();
         if !maybe_pending.is_zero() {
             notes.push(format!(
-                "{} counted {} for {} {} in {period}, billsync sent {sent}: {maybe_pending} of the \
-                 difference may be records pending here that Stripe counted already (a run \
-                 stopped after Stripe took them and before recording it; {pending} is pending): \
-                 the next run sends them again under the same identifier, which Stripe counts \
-                 once; reconcile after it to confirm",
+                "{} counted {} for {} {} in {period}, billsync sent {sent}: the difference \
+                 {maybe_pending} is exactly what records pending here add up to, which Stripe may \
+                 have counted already (a run stopped after Stripe took them and before recording \
+                 it; {pending} is pending): the next run sends them again under the same \
+                 identifier, which Stripe counts once if it comes within 24 hours of the first; \
+                 reconcile after it to confirm",
                 key.sink, total.total, key.subscription, key.metric
             ));
         }
         if !unexplained.is_zero() {
             let why = if unexplained < Decimal::ZERO {
                 "Stripe counted less than was sent: an event it accepted and dropped later (unknown customer, no meter, outside its window, a refused value) shows only in Stripe's meter error reports, not in its HTTP answer; or its summaries lag the last minutes"
+            } else if explained.is_none() {
+                "Stripe counted more than was sent: too many records are pending here to tell whether some of them, already at Stripe, add up to it; reconcile after the next run"
             } else {
-                "Stripe counted more than was sent, and more than the records pending here make up: events sent by something else"
+                "Stripe counted more than was sent, and no set of the records pending here adds up to it: events sent by something else, or an event sent twice more than 24 hours apart"
             };
-            let explained = if maybe_pending.is_zero() {
+            let pending_hint = if pending.is_zero() {
                 String::new()
             } else {
-                format!(" beyond the {maybe_pending} pending here")
+                format!("; {pending} is still pending here (the next run sends or confirms it)")
             };
             notes.push(format!(
-                "{} counted {} for {} {} in {period}, billsync sent {sent}: difference {unexplained}{explained} ({why})",
+                "{} counted {} for {} {} in {period}, billsync sent {sent}: difference {unexplained} ({why}{pending_hint})",
                 key.sink, total.total, key.subscription, key.metric
             ));
         }
@@ -606,7 +636,7 @@ fn pending_maybe_text(amount: Decimal) -> String {
     }
     format!(
         " ({amount} pending here, may already be at Stripe: the next run sends it again under \
-         the same identifier, which Stripe counts once)"
+         the same identifier, which Stripe counts once within 24 hours)"
     )
 }
 
