@@ -2544,6 +2544,16 @@ impl Pipeline {
                     m.key
                 )));
             }
+            // A correction of it is held: the share follows the corrected content, the sink
+            // does not hold the difference. Settled now, the month would be tiered on content
+            // the sink was not billed; once a replay sends the correction, the month settles
+            // (a replay settles the months of what it sends).
+            if r.held_correction {
+                return Ok(Settlement::Wait(format!(
+                    "{}: a correction of it is held (refused by the sink, or unmapped): see                      `billsync status`, fix it, then `billsync replay`",
+                    m.key
+                )));
+            }
             // Both hashes, where both sides have the match hash (a share or record kept before
             // match hashes has none).
             let matches_apart = matches!(

@@ -129,6 +129,36 @@ impl World {
     }
 
     async fn sync(&self, now: DateTime<Utc>) -> RunSummary {
+        let p = self.pipeline().await;
+        let summary = p
+            .sync(&SyncOptions {
+                now: Some(now),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        p.ledger.close().await;
+        assert_eq!(summary.sink_errors, Vec::<String>::new());
+        summary
+    }
+
+    /// `billsync replay --status rejected` at `now`.
+    async fn replay_rejected(&self, now: DateTime<Utc>) -> RunSummary {
+        let p = self.pipeline().await;
+        let summary = p
+            .replay(&billsync::sync::ReplayOptions {
+                filter: billsync::ledger::RecordFilter::status(billsync::ledger::Status::Rejected),
+                dry_run: false,
+                reason: "fixed in Lago".into(),
+                now: Some(now),
+            })
+            .await
+            .unwrap();
+        p.ledger.close().await;
+        summary
+    }
+
+    async fn pipeline(&self) -> Pipeline {
         let mut p = Pipeline::new(
             Ledger::open(&self.ledger_path()).await.unwrap(),
             vec![Box::new(Serving(self.served.clone()))],
@@ -148,16 +178,7 @@ impl World {
             self.mappings.clone(),
         );
         p.period_close_delay = chrono::Duration::days(1);
-        let summary = p
-            .sync(&SyncOptions {
-                now: Some(now),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        p.ledger.close().await;
-        assert_eq!(summary.sink_errors, Vec::<String>::new());
-        summary
+        p
     }
 
     /// The metrics a sync at `now` would push: the revenue that waits for a person shows
@@ -1008,6 +1029,60 @@ async fn a_change_superseded_by_a_correction_leaves_its_month_on_the_corrected_c
 
     let settled = w.sync(at(2026, 11, 10, 1)).await;
     assert_eq!(settled.period_adjustments, 1, "{settled:?}");
+    let adjustments = w.adjustment_amounts();
+    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
+    assert_eq!(adjustments[0].1, dec("2.50"), "{adjustments:?}");
+    let acme: Decimal = w.lago.events().iter().map(amount).sum();
+    assert_eq!(acme, dec("35.50"), "October holds its tiered total");
+}
+
+/// The month's only line went out at 10.00 (11.00 at the lowest rate); the provider restates
+/// it at 30.00 and its correction (+22.00) is refused by Lago. The line's share follows the
+/// corrected content, the sink holds none of it: settled then (as before), the month got the
+/// tier adjustment of 30.00 (2.50) on top of the 11.00 Lago held, an invoice priced on neither
+/// content. The month waits for the correction; once a replay sends it, October is tiered on
+/// 30.00: 5.00 × 10 % + 25.00 × 20 % = 5.50 above 30.00, of which the lines carried 3.00.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_month_waits_while_a_correction_of_its_line_is_refused() {
+    let w = World::start_with(tiers_with_two_properties()).await;
+    w.serve(vec![october_line("acme-web")]);
+    let first = w.sync(at(2026, 10, 20, 0)).await;
+    assert_eq!(first.sent, 1, "{first:?}");
+    let key = w.lago.events()[0].transaction_id.clone();
+
+    let mut restated = october_line("acme-web");
+    restated.billed_cost = dec("30.00");
+    w.serve(vec![restated]);
+    w.lago.reject_transaction(format!("{key}.r1"));
+    let refused = w.sync(at(2026, 10, 22, 0)).await;
+    assert_eq!(
+        (refused.corrections, refused.rejected),
+        (1, 1),
+        "{refused:?}"
+    );
+
+    let closed = w.sync(at(2026, 11, 10, 0)).await;
+    assert_eq!(
+        (closed.period_adjustments, w.adjustment_amounts()),
+        (0, vec![]),
+        "the month settled while the correction of its line is refused: {closed:?}"
+    );
+    let status = w.status();
+    assert!(
+        status.contains("months with period pricing: 1 open, 0 settled"),
+        "{status}"
+    );
+
+    w.lago.clear_faults();
+    // The replay sends the correction and settles the month it completes.
+    let replayed = w.replay_rejected(at(2026, 11, 10, 1)).await;
+    assert_eq!(
+        (replayed.sent, replayed.period_adjustments),
+        (2, 1),
+        "{replayed:?}"
+    );
+    let after = w.sync(at(2026, 11, 10, 2)).await;
+    assert_eq!((after.sent, after.period_adjustments), (0, 0), "{after:?}");
     let adjustments = w.adjustment_amounts();
     assert_eq!(adjustments.len(), 1, "{adjustments:?}");
     assert_eq!(adjustments[0].1, dec("2.50"), "{adjustments:?}");

@@ -2967,6 +2967,9 @@ pub struct PeriodMemberRecord {
     /// A change of the record waits for a person (`unresolved`): its share may already follow
     /// content nobody approved, so its month waits too.
     pub open_change: bool,
+    /// A correction of the record is held (refused by the sink, or unmapped by a replay): its
+    /// share follows the corrected content while the sink does not hold the difference.
+    pub held_correction: bool,
 }
 
 /// One member of a group: its share and the ledger's record (`None`: not staged yet).
@@ -3305,7 +3308,9 @@ impl Ledger {
                     WHERE c.correction_of = r.id AND c.status <> 'rejected'),
                  r.source, m.match_hash, r.match_hash, r.sink, r.subscription, r.metric,
                  EXISTS (SELECT 1 FROM record_changes x
-                    WHERE x.record_id = r.id AND x.state = 'unresolved')
+                    WHERE x.record_id = r.id AND x.state = 'unresolved'),
+                 EXISTS (SELECT 1 FROM records h WHERE h.correction_of = r.id
+                    AND (h.status = 'rejected' OR h.status = 'unmapped'))
              FROM period_members m LEFT JOIN records r ON r.idem_key = m.idem_key
              WHERE m.group_key = ?1 ORDER BY m.idem_key",
         )
@@ -3349,6 +3354,7 @@ impl Ledger {
                         subscription: r.get(19),
                         metric: r.get(20),
                         open_change: r.get(21),
+                        held_correction: r.get(22),
                     })
                 }
             };
