@@ -1089,3 +1089,64 @@ async fn a_month_waits_while_a_correction_of_its_line_is_refused() {
     let acme: Decimal = w.lago.events().iter().map(amount).sum();
     assert_eq!(acme, dec("35.50"), "October holds its tiered total");
 }
+
+/// A line billed before its customer was priced by the month: sent at 10.00 under a flat rule,
+/// then the customer gets monthly tiers (same subscription and metric), and the provider
+/// re-describes the line at 1000.00 under a rule whose value goes out under another property:
+/// a change for a person, nothing of the 1000.00 is billed. The line had no share of October;
+/// before, one was made from the new content before staging, and once the change was kept as
+/// sent October was tiered on 1000.00 (an adjustment of 99.50 more for nothing billed). It
+/// stays out of the month, billed as it was sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_billed_before_monthly_pricing_gets_no_share_from_content_nobody_billed() {
+    let flat = MappingSet::from_sources(&[(
+        "customers.yaml".to_string(),
+        "version: 1
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_acme
+rules:
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 0 } }
+"
+        .to_string(),
+    )])
+    .unwrap();
+    // A second line, read again unchanged once the tiers exist: it joins the month as sent.
+    let mut db = october_line("acme-db");
+    db.resource_id = "2417".into();
+    db.natural_key = vec![("instance".into(), "2417".into())];
+    let mut w = World::start_with(flat).await;
+    w.serve(vec![october_line("acme-web"), db.clone()]);
+    let first = w.sync(at(2026, 10, 20, 0)).await;
+    assert_eq!(first.sent, 2, "{first:?}");
+
+    w.mappings = tiers_with_two_properties();
+    let mut re_described = october_line("acme-web");
+    re_described.billed_cost = dec("1000.00");
+    re_described.charge_description = Some("gpu-2416".into());
+    w.serve(vec![re_described, db]);
+    let changed = w.sync(at(2026, 10, 21, 0)).await;
+    assert_eq!(changed.changed_after_send, 1, "{changed:?}");
+    w.keep_every_change_as_sent();
+
+    // October holds the unchanged line only: its tiers add 5.00 × 20 % − 5.00 × 10 % = 0.50
+    // above the lowest rate (before: 100.50, tiered on 1010.00).
+    let closed = w.sync(at(2026, 11, 10, 0)).await;
+    let adjustments = w.adjustment_amounts();
+    assert_eq!(
+        (closed.period_adjustments, adjustments.len()),
+        (1, 1),
+        "{closed:?}"
+    );
+    assert_eq!(
+        adjustments[0].1,
+        dec("0.50"),
+        "October was priced on content nobody billed: {adjustments:?}"
+    );
+    let acme: Decimal = w.lago.events().iter().map(amount).sum();
+    assert_eq!(acme, dec("20.50"));
+}

@@ -3025,6 +3025,15 @@ fn parse_dec(id: i64, field: &'static str, text: &str) -> Result<Decimal, Ledger
 }
 
 /// What `period_members` keeps for a key that a page's shares meet again.
+/// What the ledger holds of a sent or pending record that has no period share.
+struct FrozenContent {
+    content_hash: String,
+    /// `None`: staged before match hashes.
+    match_hash: Option<MatchHash>,
+    /// The state of its latest change (`None`: never changed since it was staged).
+    latest_change: Option<String>,
+}
+
 struct KnownShare {
     group: String,
     content_hash: String,
@@ -3113,7 +3122,10 @@ impl Ledger {
     /// only if the new content goes out there (a correction, or no difference to send); a
     /// change left to a person leaves the share as it was. Nothing is written for those before
     /// staging, so a crash in between leaves the share and the record as they were, and the
-    /// re-read decides again.
+    /// re-read decides again. A sent or pending record without a share (billed before its rule
+    /// was priced by the month) gets one now only for content that went out (unchanged since
+    /// it was sent, or last changed by a correction); new content is left to staging like the
+    /// others, and content left to a person or kept as sent keeps it out of the month.
     pub async fn register_period_shares(
         &self,
         shares: &[PeriodShareRow],
@@ -3186,8 +3198,61 @@ impl Ledger {
                 .map_err(sql("locking the connection for period shares"))?;
             resolve_unhashed_shares(&mut handle, &mut known, shares)?;
         }
+        // Sent or pending records without a share (billed before their rule priced by the
+        // month): what the ledger holds of each, and the state of its latest change.
+        let mut unshared: HashMap<String, FrozenContent> = HashMap::new();
+        let without: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| !known.contains_key(*k))
+            .collect();
+        for chunk in without.chunks(LOOKUP_KEYS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT r.idem_key, r.content_hash, r.match_hash,
+                     (SELECT x.state FROM record_changes x WHERE x.record_id = r.id
+                        ORDER BY x.id DESC LIMIT 1)
+                 FROM records r WHERE (r.status = 'sent' OR r.status = 'pending')
+                   AND r.idem_key IN (",
+            );
+            push_list(&mut qb, chunk.iter().copied());
+            qb.push(")");
+            for r in qb
+                .build()
+                .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sql("reading records without a period share"))?
+            {
+                unshared.insert(
+                    r.get(0),
+                    FrozenContent {
+                        content_hash: r.get(1),
+                        match_hash: r.get::<Option<&str>, _>(2).and_then(MatchHash::parse),
+                        latest_change: r.get(3),
+                    },
+                );
+            }
+        }
         for s in shares {
             let g = &s.group;
+            if let Some(f) = unshared.remove(&s.key) {
+                let same = f.content_hash == s.content_hash
+                    && f.match_hash.is_none_or(|m| m == s.match_hash);
+                match (same, f.latest_change.as_deref()) {
+                    // What the ledger holds is what went out (as sent, or through its last
+                    // correction): the month counts it from now on.
+                    (true, None | Some("corrected") | Some("no_difference")) => {}
+                    // The content the ledger holds was never billed (a change left to a
+                    // person, or kept as sent): its share would price the month on it. The
+                    // record stays out of the month, billed as it was sent.
+                    (true, Some(_)) => continue,
+                    // New content: it counts only if it goes out, which staging decides.
+                    (false, _) => {
+                        deferred.push(s.clone());
+                        continue;
+                    }
+                }
+            }
             if let Some(k) = known.get_mut(&s.key) {
                 if k.group == g.group_key
                     && k.content_hash == s.content_hash
