@@ -641,139 +641,20 @@ async fn a_run_whose_lock_was_taken_over_stops_at_its_next_refresh() {
     assert_delivered_exactly_once(&world).await;
 }
 
-/// A sink in front of the Lago simulator whose second batch is held until `go` is notified and
-/// whose third, sent beside it, notifies `third_answered` once Lago has answered it.
-struct HeldSecondBatchSink {
-    inner: billsync::sinks::lago::LagoSink,
-    calls: std::sync::atomic::AtomicUsize,
-    go: std::sync::Arc<tokio::sync::Notify>,
-    third_answered: std::sync::Arc<tokio::sync::Notify>,
-}
-
-#[async_trait::async_trait]
-impl Sink for HeldSecondBatchSink {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn max_batch(&self) -> usize {
-        self.inner.max_batch()
-    }
-    fn encode(
-        &self,
-        key: &str,
-        event: &billsync::mapping::MappedEvent,
-    ) -> Result<String, billsync::sinks::EncodeError> {
-        self.inner.encode(key, event)
-    }
-    async fn deliver(
-        &self,
-        batch: &[billsync::sinks::Outgoing],
-    ) -> Result<Vec<billsync::sinks::Outcome>, billsync::sinks::SinkStopped> {
-        match self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
-            1 => {
-                self.go.notified().await;
-                self.inner.deliver(batch).await
-            }
-            2 => {
-                let answer = self.inner.deliver(batch).await;
-                self.third_answered.notify_one();
-                answer
-            }
-            _ => self.inner.deliver(batch).await,
-        }
-    }
-}
-
-/// Answers are taken in the order the batches were sent, so the third batch's answer (Lago
-/// stored it) waits behind the second's. When the run then finds its lock taken over, it stops
-/// sending and records what was delivered; an answer already received but not yet in its turn
-/// was dropped: Lago held 71 events, the ledger said 50 were sent, and whichever run pushes
-/// next sends those 21 again (a webhook receiver that does not deduplicate by key bills them
-/// twice). Every answer already received is recorded.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_run_whose_lock_was_taken_over_records_every_answer_already_received() {
-    let world = World::start(Behaviour::Postgres).await;
-    // Staged first, so that the batches are the same whatever the timing: 25, 25, 21.
-    world
-        .pipeline()
-        .await
-        .sync(&SyncOptions {
-            skip_push: true,
-            ..opts()
-        })
-        .await
-        .unwrap();
-    let go = std::sync::Arc::new(tokio::sync::Notify::new());
-    let third_answered = std::sync::Arc::new(tokio::sync::Notify::new());
-    let mut pipeline = world.pipeline().await;
-    pipeline.lock_ttl = std::time::Duration::from_secs(1);
-    pipeline.sinks = vec![Box::new(HeldSecondBatchSink {
-        inner: world.sink_with_key(LAGO_KEY),
-        calls: Default::default(),
-        go: go.clone(),
-        third_answered: third_answered.clone(),
-    })];
-    let run = tokio::spawn(async move { pipeline.sync(&opts()).await });
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        third_answered.notified(),
-    )
-    .await
-    .expect("the third batch is answered while the second is held");
-    let other = billsync::ledger::Ledger::open(&world.dir.path().join("ledger.db"))
-        .await
-        .unwrap();
-    other
-        .acquire_lock(
-            "intruder:1:0",
-            chrono::Utc::now() + chrono::Duration::days(1),
-            std::time::Duration::from_secs(600),
-        )
-        .await
-        .unwrap();
-    // The run refreshes its lock every third of a second: it has found it taken by now.
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    go.notify_one();
-    let result = run.await.unwrap();
-    assert!(
-        matches!(result, Err(SyncError::Ledger(LedgerError::Locked { ref holder, .. })) if holder == "intruder:1:0"),
-        "the run stops once its lock is gone: {result:?}"
-    );
-    assert_eq!(world.lago.events().len(), 71, "every batch reached Lago");
-    let st = other.status().await.unwrap();
-    assert_eq!(
-        st.counts
-            .get(&("metalsoft_test".to_string(), "sent".to_string()))
-            .copied(),
-        Some(71),
-        "every answer received before the run stopped is recorded as sent"
-    );
-    other.release_lock("intruder:1:0").await.unwrap();
-    let next = world.pipeline().await.sync(&opts()).await.unwrap();
-    assert_eq!(
-        (next.sent, next.already_delivered),
-        (0, 0),
-        "the next run sends nothing again: {next:?}"
-    );
-    assert_delivered_exactly_once(&world).await;
-}
-
 /// A sink in front of the Lago simulator: the first batch is answered at once (the push
 /// window then opens to two); the second is held until `second_go`; the third, sent beside it,
-/// reaches Lago (`third_stored`) and its answer is held until `third_go`.
-struct HeldSecondAndThirdSink {
+/// reaches Lago and notifies `third_stored`, and its answer is then held until `third_go` if
+/// there is one.
+struct HeldBatchesSink {
     inner: billsync::sinks::lago::LagoSink,
     calls: std::sync::atomic::AtomicUsize,
     second_go: std::sync::Arc<tokio::sync::Notify>,
     third_stored: std::sync::Arc<tokio::sync::Notify>,
-    third_go: std::sync::Arc<tokio::sync::Notify>,
+    third_go: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 #[async_trait::async_trait]
-impl Sink for HeldSecondAndThirdSink {
+impl Sink for HeldBatchesSink {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
@@ -802,7 +683,9 @@ impl Sink for HeldSecondAndThirdSink {
             2 => {
                 let answer = self.inner.deliver(batch).await;
                 self.third_stored.notify_one();
-                self.third_go.notified().await;
+                if let Some(go) = &self.third_go {
+                    go.notified().await;
+                }
                 answer
             }
             _ => self.inner.deliver(batch).await,
@@ -810,14 +693,17 @@ impl Sink for HeldSecondAndThirdSink {
     }
 }
 
-/// The run finds its lock taken over while a batch Lago has already stored is still out. It
-/// sends nothing more, but awaits that batch (within the shutdown deadline) and records its
-/// answer. Before, it was dropped: Lago held 71 events, the ledger said 50 were sent, and
-/// whichever run pushed next sent those 21 again.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_run_whose_lock_was_taken_over_awaits_and_records_the_batches_still_out() {
-    let world = World::start(Behaviour::Postgres).await;
-    // Staged first, so that the batches are the same whatever the timing: 25, 25, 21.
+/// A sync of `world` through a [`HeldBatchesSink`] (its records staged first, so that the
+/// batches are the same whatever the timing: 25, 25, 21), with a lock that expires after a
+/// second; returned running, with the second batch's go and the third's stored notice.
+async fn sync_with_held_batches(
+    world: &World,
+    third_go: Option<std::sync::Arc<tokio::sync::Notify>>,
+) -> (
+    tokio::task::JoinHandle<Result<billsync::sync::RunSummary, SyncError>>,
+    std::sync::Arc<tokio::sync::Notify>,
+    std::sync::Arc<tokio::sync::Notify>,
+) {
     world
         .pipeline()
         .await
@@ -829,21 +715,21 @@ async fn a_run_whose_lock_was_taken_over_awaits_and_records_the_batches_still_ou
         .unwrap();
     let second_go = std::sync::Arc::new(tokio::sync::Notify::new());
     let third_stored = std::sync::Arc::new(tokio::sync::Notify::new());
-    let third_go = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut pipeline = world.pipeline().await;
     pipeline.lock_ttl = std::time::Duration::from_secs(1);
-    pipeline.sinks = vec![Box::new(HeldSecondAndThirdSink {
+    pipeline.sinks = vec![Box::new(HeldBatchesSink {
         inner: world.sink_with_key(LAGO_KEY),
         calls: Default::default(),
         second_go: second_go.clone(),
         third_stored: third_stored.clone(),
-        third_go: third_go.clone(),
+        third_go,
     })];
     let run = tokio::spawn(async move { pipeline.sync(&opts()).await });
-    let ten = std::time::Duration::from_secs(10);
-    tokio::time::timeout(ten, third_stored.notified())
-        .await
-        .expect("the third batch reaches Lago while the second is held");
+    (run, second_go, third_stored)
+}
+
+/// Another process takes the run's lock over (as one would after the lock expired).
+async fn take_the_lock_over(world: &World) -> billsync::ledger::Ledger {
     let other = billsync::ledger::Ledger::open(&world.dir.path().join("ledger.db"))
         .await
         .unwrap();
@@ -855,14 +741,16 @@ async fn a_run_whose_lock_was_taken_over_awaits_and_records_the_batches_still_ou
         )
         .await
         .unwrap();
-    // The run refreshes its lock every third of a second: it has found it taken by now. The
-    // second answer then makes it look at the lock while the third batch is still out.
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    second_go.notify_one();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert!(!run.is_finished(), "the run awaits the batch still out");
-    third_go.notify_one();
-    let result = tokio::time::timeout(ten, run).await.unwrap().unwrap();
+    other
+}
+
+/// The run ended on its lost lock with all 71 records recorded as sent, as Lago holds them,
+/// and the next run sends nothing again.
+async fn assert_every_batch_recorded(
+    world: &World,
+    other: billsync::ledger::Ledger,
+    result: Result<billsync::sync::RunSummary, SyncError>,
+) {
     assert!(
         matches!(result, Err(SyncError::Ledger(LedgerError::Locked { ref holder, .. })) if holder == "intruder:1:0"),
         "the run stops once its lock is gone: {result:?}"
@@ -874,7 +762,7 @@ async fn a_run_whose_lock_was_taken_over_awaits_and_records_the_batches_still_ou
             .get(&("metalsoft_test".to_string(), "sent".to_string()))
             .copied(),
         Some(71),
-        "the batch still out when the run lost its lock is awaited and recorded as sent"
+        "every answer of the run is recorded as sent"
     );
     other.release_lock("intruder:1:0").await.unwrap();
     let next = world.pipeline().await.sync(&opts()).await.unwrap();
@@ -883,7 +771,54 @@ async fn a_run_whose_lock_was_taken_over_awaits_and_records_the_batches_still_ou
         (0, 0),
         "the next run sends nothing again: {next:?}"
     );
-    assert_delivered_exactly_once(&world).await;
+    assert_delivered_exactly_once(world).await;
+}
+
+/// Answers are taken in the order the batches were sent, so the third batch's answer (Lago
+/// stored it) waits behind the second's. When the run then finds its lock taken over, it stops
+/// sending and records what was delivered; an answer already received but not yet in its turn
+/// was dropped: Lago held 71 events, the ledger said 50 were sent, and whichever run pushes
+/// next sends those 21 again (a webhook receiver that does not deduplicate by key bills them
+/// twice). Every answer already received is recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_lock_was_taken_over_records_every_answer_already_received() {
+    let world = World::start(Behaviour::Postgres).await;
+    let (run, second_go, third_stored) = sync_with_held_batches(&world, None).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), third_stored.notified())
+        .await
+        .expect("the third batch is answered while the second is held");
+    let other = take_the_lock_over(&world).await;
+    // The run refreshes its lock every third of a second: it has found it taken by now.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    second_go.notify_one();
+    let result = run.await.unwrap();
+    assert_every_batch_recorded(&world, other, result).await;
+}
+
+/// The run finds its lock taken over while a batch Lago has already stored is still out. It
+/// sends nothing more, but awaits that batch (within the shutdown deadline) and records its
+/// answer. Before, it was dropped: Lago held 71 events, the ledger said 50 were sent, and
+/// whichever run pushed next sent those 21 again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_lock_was_taken_over_awaits_and_records_the_batches_still_out() {
+    let world = World::start(Behaviour::Postgres).await;
+    let third_go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (run, second_go, third_stored) =
+        sync_with_held_batches(&world, Some(third_go.clone())).await;
+    let ten = std::time::Duration::from_secs(10);
+    tokio::time::timeout(ten, third_stored.notified())
+        .await
+        .expect("the third batch reaches Lago while the second is held");
+    let other = take_the_lock_over(&world).await;
+    // The run refreshes its lock every third of a second: it has found it taken by now. The
+    // second answer then makes it look at the lock while the third batch is still out.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    second_go.notify_one();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!run.is_finished(), "the run awaits the batch still out");
+    third_go.notify_one();
+    let result = tokio::time::timeout(ten, run).await.unwrap().unwrap();
+    assert_every_batch_recorded(&world, other, result).await;
 }
 
 #[tokio::test]

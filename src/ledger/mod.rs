@@ -2306,6 +2306,30 @@ fn name_number(names: &mut HashMap<Arc<str>, u32>, name: &str) -> u32 {
 }
 
 /// Bind `items` as a comma-separated list (the inside of an `IN (…)`).
+/// The rows of `select` (a statement ending in `… IN (`) for `keys`, a statement per
+/// [`LOOKUP_KEYS_PER_STATEMENT`] keys (full ones prepared once and cached).
+async fn rows_with_keys(
+    conn: &mut sqlx::SqliteConnection,
+    select: &str,
+    keys: &[&str],
+    what: &'static str,
+) -> Result<Vec<sqlx::sqlite::SqliteRow>, LedgerError> {
+    let mut rows = Vec::new();
+    for chunk in keys.chunks(LOOKUP_KEYS_PER_STATEMENT) {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(select);
+        push_list(&mut qb, chunk.iter().copied());
+        qb.push(")");
+        rows.extend(
+            qb.build()
+                .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(sql(what))?,
+        );
+    }
+    Ok(rows)
+}
+
 fn push_list<'t, T>(qb: &mut QueryBuilder<Sqlite>, items: impl IntoIterator<Item = T>)
 where
     T: sqlx::Encode<'t, Sqlite> + sqlx::Type<Sqlite>,
@@ -3162,34 +3186,28 @@ impl Ledger {
         // What each key has kept, if anything.
         let mut known: HashMap<String, KnownShare> = HashMap::new();
         let keys: Vec<&str> = shares.iter().map(|s| s.key.as_str()).collect();
-        for chunk in keys.chunks(LOOKUP_KEYS_PER_STATEMENT) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT m.idem_key, m.group_key, m.content_hash, m.match_hash,
-                     EXISTS (SELECT 1 FROM records r WHERE r.idem_key = m.idem_key
-                         AND (r.status = 'sent' OR r.status = 'pending'))
-                 FROM period_members m WHERE m.idem_key IN (",
+        for r in rows_with_keys(
+            &mut tx,
+            "SELECT m.idem_key, m.group_key, m.content_hash, m.match_hash,
+                 EXISTS (SELECT 1 FROM records r WHERE r.idem_key = m.idem_key
+                     AND (r.status = 'sent' OR r.status = 'pending'))
+             FROM period_members m WHERE m.idem_key IN (",
+            &keys,
+            "reading period shares",
+        )
+        .await?
+        {
+            known.insert(
+                r.get(0),
+                KnownShare {
+                    group: r.get(1),
+                    content_hash: r.get(2),
+                    // Parsed in place: no allocation per share.
+                    match_hash: r.get::<Option<&str>, _>(3).and_then(MatchHash::parse),
+                    frozen: r.get(4),
+                    unhashed: false,
+                },
             );
-            push_list(&mut qb, chunk.iter().copied());
-            qb.push(")");
-            for r in qb
-                .build()
-                .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(sql("reading period shares"))?
-            {
-                known.insert(
-                    r.get(0),
-                    KnownShare {
-                        group: r.get(1),
-                        content_hash: r.get(2),
-                        // Parsed in place: no allocation per share.
-                        match_hash: r.get::<Option<&str>, _>(3).and_then(MatchHash::parse),
-                        frozen: r.get(4),
-                        unhashed: false,
-                    },
-                );
-            }
         }
         if known.values().any(|k| k.match_hash.is_none()) {
             let mut handle = tx
@@ -3206,32 +3224,26 @@ impl Ledger {
             .copied()
             .filter(|k| !known.contains_key(*k))
             .collect();
-        for chunk in without.chunks(LOOKUP_KEYS_PER_STATEMENT) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT r.idem_key, r.content_hash, r.match_hash,
-                     (SELECT x.state FROM record_changes x WHERE x.record_id = r.id
-                        ORDER BY x.id DESC LIMIT 1)
-                 FROM records r WHERE (r.status = 'sent' OR r.status = 'pending')
-                   AND r.idem_key IN (",
+        for r in rows_with_keys(
+            &mut tx,
+            "SELECT r.idem_key, r.content_hash, r.match_hash,
+                 (SELECT x.state FROM record_changes x WHERE x.record_id = r.id
+                    ORDER BY x.id DESC LIMIT 1)
+             FROM records r WHERE (r.status = 'sent' OR r.status = 'pending')
+               AND r.idem_key IN (",
+            &without,
+            "reading records without a period share",
+        )
+        .await?
+        {
+            unshared.insert(
+                r.get(0),
+                FrozenContent {
+                    content_hash: r.get(1),
+                    match_hash: r.get::<Option<&str>, _>(2).and_then(MatchHash::parse),
+                    latest_change: r.get(3),
+                },
             );
-            push_list(&mut qb, chunk.iter().copied());
-            qb.push(")");
-            for r in qb
-                .build()
-                .persistent(chunk.len() == LOOKUP_KEYS_PER_STATEMENT)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(sql("reading records without a period share"))?
-            {
-                unshared.insert(
-                    r.get(0),
-                    FrozenContent {
-                        content_hash: r.get(1),
-                        match_hash: r.get::<Option<&str>, _>(2).and_then(MatchHash::parse),
-                        latest_change: r.get(3),
-                    },
-                );
-            }
         }
         for s in shares {
             let g = &s.group;
