@@ -778,30 +778,9 @@ rules:
 /// person); its month waits while the change does.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_re_described_line_under_another_property_leaves_its_month_waiting() {
-    let mappings = MappingSet::from_sources(&[(
-        "customers.yaml".to_string(),
-        "version: 1
-customers:
-  - match: { provider: metalsoft }
-    external_subscription_id: sub_acme
-    pricing:
-      tiers: [{ up_to: \"100\", markup_percent: 20 }, { markup_percent: 10 }]
-      period: month
-rules:
-  - name: gpu
-    match: { provider: metalsoft, charge_description: { glob: \"gpu*\" } }
-    metric: resale_cost
-    property: gpu_amount
-    value: { cost: { markup_percent: 0 } }
-  - name: cost
-    match: { provider: metalsoft }
-    metric: resale_cost
-    property: amount
-    value: { cost: { markup_percent: 0 } }
-"
-        .to_string(),
-    )])
-    .unwrap();
+    let mappings = two_properties_with_tiers(
+        r#"[{ up_to: "100", markup_percent: 20 }, { markup_percent: 10 }]"#,
+    );
     let w = World::start_with(mappings).await;
     w.serve(vec![october_line("acme-web")]);
     let first = w.sync(at(2026, 10, 20, 0)).await;
@@ -883,28 +862,34 @@ impl World {
 /// rules for its lines: GPU lines (by description) go out under the event property
 /// `gpu_amount`, any other under `amount`.
 fn tiers_with_two_properties() -> MappingSet {
+    two_properties_with_tiers(r#"[{ up_to: "5", markup_percent: 10 }, { markup_percent: 20 }]"#)
+}
+
+/// ACME's month tiered by `tiers`, GPU lines under `gpu_amount`, any other under `amount`.
+fn two_properties_with_tiers(tiers: &str) -> MappingSet {
     MappingSet::from_sources(&[(
         "customers.yaml".to_string(),
-        "version: 1
+        format!(
+            "version: 1
 customers:
-  - match: { provider: metalsoft }
+  - match: {{ provider: metalsoft }}
     external_subscription_id: sub_acme
     pricing:
-      tiers: [{ up_to: \"5\", markup_percent: 10 }, { markup_percent: 20 }]
+      tiers: {tiers}
       period: month
 rules:
   - name: gpu
-    match: { provider: metalsoft, charge_description: { glob: \"gpu*\" } }
+    match: {{ provider: metalsoft, charge_description: {{ glob: \"gpu*\" }} }}
     metric: resale_cost
     property: gpu_amount
-    value: { cost: { markup_percent: 0 } }
+    value: {{ cost: {{ markup_percent: 0 }} }}
   - name: cost
-    match: { provider: metalsoft }
+    match: {{ provider: metalsoft }}
     metric: resale_cost
     property: amount
-    value: { cost: { markup_percent: 0 } }
+    value: {{ cost: {{ markup_percent: 0 }} }}
 "
-        .to_string(),
+        ),
     )])
     .unwrap()
 }
