@@ -424,15 +424,27 @@ const PENDING_SUMS_MAX: usize = 1 << 16;
 /// else is unexplained, on purpose: a shortfall offset by a pending negative correction, or a
 /// double count that happens to fall below the pending sum, must not read as explained (the
 /// next run sends the pending records; reconcile after it tells). `None`: too many pending
-/// records to tell (more than [`PENDING_SUMS_MAX`] distinct sums below `difference`).
+/// records to tell (more than [`PENDING_SUMS_MAX`] distinct sums below `difference`, or 64
+/// times that many additions).
 fn explained_by_pending(difference: Decimal, values: &[Decimal]) -> Option<bool> {
     if difference <= Decimal::ZERO {
         return Some(false);
     }
+    // All of them, or not enough: no search (the usual case after a stopped run is all).
+    let all: Decimal = values.iter().sum();
+    if all <= difference {
+        return Some(all == difference);
+    }
     // Decimal hashes its normalized value: 12 and 12.0 are one sum.
     let mut sums: std::collections::HashSet<Decimal> =
         std::collections::HashSet::from([Decimal::ZERO]);
+    // Bounded in work as well as in sums: each value is added to every sum found so far.
+    let mut work = 0usize;
     for v in values {
+        work += sums.len();
+        if sums.len() > PENDING_SUMS_MAX || work > PENDING_SUMS_MAX * 64 {
+            return None;
+        }
         let next: Vec<Decimal> = sums
             .iter()
             .map(|s| s + v)
@@ -443,9 +455,6 @@ fn explained_by_pending(difference: Decimal, values: &[Decimal]) -> Option<bool>
                 return Some(true);
             }
             sums.insert(s);
-        }
-        if sums.len() > PENDING_SUMS_MAX {
-            return None;
         }
     }
     Some(false)
@@ -727,4 +736,37 @@ pub fn to_table(report: &Report) -> String {
         "unexplained differences: see above\n"
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(v: i64) -> Decimal {
+        Decimal::from(v)
+    }
+
+    #[test]
+    fn only_a_surplus_some_pending_values_add_up_to_is_explained() {
+        let pending = [d(5), d(7), d(60)];
+        assert_eq!(explained_by_pending(d(12), &pending), Some(true));
+        assert_eq!(explained_by_pending(d(72), &pending), Some(true));
+        assert_eq!(explained_by_pending(d(67), &pending), Some(true));
+        assert_eq!(explained_by_pending(d(11), &pending), Some(false));
+        assert_eq!(explained_by_pending(d(73), &pending), Some(false));
+        assert_eq!(explained_by_pending(d(-5), &pending), Some(false));
+        assert_eq!(explained_by_pending(Decimal::ZERO, &pending), Some(false));
+        assert_eq!(explained_by_pending(d(12), &[]), Some(false));
+    }
+
+    /// Even values with all their sums distinct, an odd surplus below their total: no subset
+    /// reaches it, and past the bound the answer is "cannot tell", not "unexplained".
+    #[test]
+    fn too_many_pending_values_to_search_cannot_tell() {
+        let pending: Vec<Decimal> = (1..=20).map(|k| d(1 << k)).collect();
+        assert_eq!(explained_by_pending(d(1_000_001), &pending), None);
+        let few: Vec<Decimal> = (1..=10).map(|k| d(1 << k)).collect();
+        assert_eq!(explained_by_pending(d(1_001), &few), Some(false));
+        assert_eq!(explained_by_pending(d(1_000), &few), Some(true));
+    }
 }
