@@ -69,6 +69,14 @@ fn october_line(name: &str) -> UsageRecord {
     }
 }
 
+/// The October line of `acme-web` re-described as a GPU line costing `cost`.
+fn gpu_line(cost: &str) -> UsageRecord {
+    let mut line = october_line("acme-web");
+    line.billed_cost = dec(cost);
+    line.charge_description = Some("gpu-2416".into());
+    line
+}
+
 /// Instances named `acme-*` are billed to ACME, `globex-*` to Globex, each at least 50.00 a
 /// month; the line's cost goes out as it is.
 fn by_name() -> MappingSet {
@@ -785,10 +793,7 @@ async fn a_re_described_line_under_another_property_leaves_its_month_waiting() {
     w.serve(vec![october_line("acme-web")]);
     let first = w.sync(at(2026, 10, 20, 0)).await;
     assert_eq!(first.sent, 1, "{first:?}");
-    let mut restated = october_line("acme-web");
-    restated.billed_cost = dec("1000.00");
-    restated.charge_description = Some("gpu-2416".into());
-    w.serve(vec![restated]);
+    w.serve(vec![gpu_line("1000.00")]);
     let changed = w.sync(at(2026, 10, 21, 0)).await;
     assert_eq!(changed.changed_after_send, 1, "{changed:?}");
     let closed = w.sync(at(2026, 11, 10, 0)).await;
@@ -849,6 +854,19 @@ impl World {
     }
 
     /// The adjustments sent, as (key, amount).
+    /// Everything Lago holds (the tests' one subscription and month).
+    fn lago_total(&self) -> Decimal {
+        self.lago.events().iter().map(amount).sum()
+    }
+
+    /// `settled` sent the month's one adjustment, of `expected`.
+    fn assert_one_adjustment(&self, settled: &RunSummary, expected: &str) {
+        assert_eq!(settled.period_adjustments, 1, "{settled:?}");
+        let adjustments = self.adjustment_amounts();
+        assert_eq!(adjustments.len(), 1, "{adjustments:?}");
+        assert_eq!(adjustments[0].1, dec(expected), "{adjustments:?}");
+    }
+
     fn adjustment_amounts(&self) -> Vec<(String, Decimal)> {
         self.adjustments()
             .iter()
@@ -930,10 +948,8 @@ async fn a_restatement_kept_as_sent_after_vacuum_leaves_its_month_on_what_was_se
     w.keep_every_change_as_sent();
 
     let settled = w.sync(at(2026, 11, 10, 0)).await;
-    assert_eq!(settled.period_adjustments, 1, "{settled:?}");
+    w.assert_one_adjustment(&settled, "0.50");
     let adjustments = w.adjustment_amounts();
-    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
-    assert_eq!(adjustments[0].1, dec("0.50"), "{adjustments:?}");
     // Re-reading the restatement changes nothing.
     let again = w.sync(at(2026, 11, 11, 0)).await;
     assert_eq!(
@@ -959,10 +975,7 @@ async fn a_line_re_described_under_another_property_kept_as_sent_leaves_its_mont
     let first = w.sync(at(2026, 10, 20, 0)).await;
     assert_eq!(first.sent, 1, "{first:?}");
 
-    let mut restated = october_line("acme-web");
-    restated.billed_cost = dec("1000.00");
-    restated.charge_description = Some("gpu-2416".into());
-    w.serve(vec![restated]);
+    w.serve(vec![gpu_line("1000.00")]);
     let changed = w.sync(at(2026, 10, 21, 0)).await;
     assert_eq!(
         (
@@ -976,12 +989,12 @@ async fn a_line_re_described_under_another_property_kept_as_sent_leaves_its_mont
     w.keep_every_change_as_sent();
 
     let settled = w.sync(at(2026, 11, 10, 0)).await;
-    assert_eq!(settled.period_adjustments, 1, "{settled:?}");
-    let adjustments = w.adjustment_amounts();
-    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
-    assert_eq!(adjustments[0].1, dec("0.50"), "{adjustments:?}");
-    let acme: Decimal = w.lago.events().iter().map(amount).sum();
-    assert_eq!(acme, dec("11.50"), "October holds its tiered total");
+    w.assert_one_adjustment(&settled, "0.50");
+    assert_eq!(
+        w.lago_total(),
+        dec("11.50"),
+        "October holds its tiered total"
+    );
 }
 
 /// A change left to a person is superseded by newer content that can be corrected: the line,
@@ -995,10 +1008,7 @@ async fn a_change_superseded_by_a_correction_leaves_its_month_on_the_corrected_c
     let w = World::start_with(tiers_with_two_properties()).await;
     w.serve(vec![october_line("acme-web")]);
     w.sync(at(2026, 10, 20, 0)).await;
-    let mut re_described = october_line("acme-web");
-    re_described.billed_cost = dec("1000.00");
-    re_described.charge_description = Some("gpu-2416".into());
-    w.serve(vec![re_described]);
+    w.serve(vec![gpu_line("1000.00")]);
     let changed = w.sync(at(2026, 10, 21, 0)).await;
     assert_eq!(changed.changed_after_send, 1, "{changed:?}");
 
@@ -1013,12 +1023,12 @@ async fn a_change_superseded_by_a_correction_leaves_its_month_on_the_corrected_c
     w.keep_every_change_as_sent();
 
     let settled = w.sync(at(2026, 11, 10, 1)).await;
-    assert_eq!(settled.period_adjustments, 1, "{settled:?}");
-    let adjustments = w.adjustment_amounts();
-    assert_eq!(adjustments.len(), 1, "{adjustments:?}");
-    assert_eq!(adjustments[0].1, dec("2.50"), "{adjustments:?}");
-    let acme: Decimal = w.lago.events().iter().map(amount).sum();
-    assert_eq!(acme, dec("35.50"), "October holds its tiered total");
+    w.assert_one_adjustment(&settled, "2.50");
+    assert_eq!(
+        w.lago_total(),
+        dec("35.50"),
+        "October holds its tiered total"
+    );
 }
 
 /// The month's only line went out at 10.00 (11.00 at the lowest rate); the provider restates
@@ -1071,8 +1081,11 @@ async fn a_month_waits_while_a_correction_of_its_line_is_refused() {
     let adjustments = w.adjustment_amounts();
     assert_eq!(adjustments.len(), 1, "{adjustments:?}");
     assert_eq!(adjustments[0].1, dec("2.50"), "{adjustments:?}");
-    let acme: Decimal = w.lago.events().iter().map(amount).sum();
-    assert_eq!(acme, dec("35.50"), "October holds its tiered total");
+    assert_eq!(
+        w.lago_total(),
+        dec("35.50"),
+        "October holds its tiered total"
+    );
 }
 
 /// A line billed before its customer was priced by the month: sent at 10.00 under a flat rule,
@@ -1110,10 +1123,7 @@ rules:
     assert_eq!(first.sent, 2, "{first:?}");
 
     w.mappings = tiers_with_two_properties();
-    let mut re_described = october_line("acme-web");
-    re_described.billed_cost = dec("1000.00");
-    re_described.charge_description = Some("gpu-2416".into());
-    w.serve(vec![re_described, db]);
+    w.serve(vec![gpu_line("1000.00"), db]);
     let changed = w.sync(at(2026, 10, 21, 0)).await;
     assert_eq!(changed.changed_after_send, 1, "{changed:?}");
     w.keep_every_change_as_sent();
@@ -1132,6 +1142,5 @@ rules:
         dec("0.50"),
         "October was priced on content nobody billed: {adjustments:?}"
     );
-    let acme: Decimal = w.lago.events().iter().map(amount).sum();
-    assert_eq!(acme, dec("20.50"));
+    assert_eq!(w.lago_total(), dec("20.50"));
 }
