@@ -359,6 +359,27 @@ pub trait Progress: Send + Sync {
     fn finish(&self) {}
 }
 
+/// How a sink's push loop ends, given what stopped it early (`cause`: its lock was taken over,
+/// or the next pending records could not be read) and whether recording the last answers
+/// worked. The cause comes first: it says why the run stopped (a lost lock exits 3, not 1),
+/// and a failure to record answers after it is logged; those records stay pending and go out
+/// again, with the same keys, in the next run.
+fn ended_by(
+    sink: &str,
+    cause: Option<LedgerError>,
+    acked: Result<(), LedgerError>,
+) -> Result<(), LedgerError> {
+    match (cause, acked) {
+        (Some(cause), Err(e)) => {
+            error!(sink, error = %e, stopped_by = %cause,
+                "cannot record the answers of the batches still out; their records stay pending and go out again (same keys) in the next run");
+            Err(cause)
+        }
+        (Some(cause), Ok(())) => Err(cause),
+        (None, acked) => acked,
+    }
+}
+
 /// Count each outcome of a batch into the run's summary (and its sink's) and queue it for
 /// acknowledgement, in batch order. Returns how many records it took.
 fn record_outcomes<'b>(
@@ -1775,17 +1796,17 @@ impl Pipeline {
                 in_flight.len(),
             );
             if acks.len() >= ACK_RECORDS_PER_COMMIT || in_flight.is_empty() {
-                self.ack_now(run_id, &mut acks, alongside).await?;
+                let acked = self.ack_now(run_id, &mut acks, alongside).await;
+                if acked.is_err() {
+                    return ended_by(sink.name(), lock_lost.or(read_failed), acked);
+                }
             }
         }
         // Batches still in flight here were abandoned at the deadline: their records stay
         // pending, resent (same key, same bytes) by the next run.
         drop(in_flight);
-        self.ack_now(run_id, &mut acks, alongside).await?;
-        match lock_lost.or(read_failed) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        let acked = self.ack_now(run_id, &mut acks, alongside).await;
+        ended_by(sink.name(), lock_lost.or(read_failed), acked)
     }
 
     /// The wait for the batches in flight is abandoned (a stop's deadline passed): every

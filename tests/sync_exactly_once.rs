@@ -821,6 +821,65 @@ async fn a_run_whose_lock_was_taken_over_awaits_and_records_the_batches_still_ou
     assert_every_batch_recorded(&world, other, result).await;
 }
 
+/// The run finds its lock taken over, and recording the answers it still has then fails. It
+/// ends on the lost lock (exit 3, what stopped it), not on the failed write (exit 1, which
+/// says nothing of the other run); the records stay pending and the next run's resend is
+/// answered as already delivered: nothing is billed twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_lock_was_taken_over_ends_on_the_lost_lock_when_its_answers_cannot_be_recorded()
+{
+    let world = World::start(Behaviour::Postgres).await;
+    let (run, second_go, third_stored) = sync_with_held_batches(&world, None).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), third_stored.notified())
+        .await
+        .expect("the third batch is answered while the second is held");
+    let other = take_the_lock_over(&world).await;
+    let pool = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new().filename(world.dir.path().join("ledger.db")),
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_acks BEFORE UPDATE OF status ON records
+         BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    second_go.notify_one();
+    let result = run.await.unwrap();
+    assert!(
+        matches!(result, Err(SyncError::Ledger(LedgerError::Locked { ref holder, .. })) if holder == "intruder:1:0"),
+        "the run ends on its lost lock: {result:?}"
+    );
+    assert_eq!(world.lago.events().len(), 71, "every batch reached Lago");
+    let recorded = other
+        .status()
+        .await
+        .unwrap()
+        .counts
+        .get(&("metalsoft_test".to_string(), "sent".to_string()))
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        recorded <= 25,
+        "the held batches' answers were not recorded: {recorded}"
+    );
+    sqlx::query("DROP TRIGGER refuse_acks")
+        .execute(&pool)
+        .await
+        .unwrap();
+    other.release_lock("intruder:1:0").await.unwrap();
+    let next = world.pipeline().await.sync(&opts()).await.unwrap();
+    assert_eq!(
+        (next.sent, next.already_delivered),
+        (0, 71 - recorded as u64),
+        "the unrecorded answers go out again and Lago knows them: {next:?}"
+    );
+    assert_delivered_exactly_once(&world).await;
+}
+
 #[tokio::test]
 async fn a_dry_run_pulls_and_maps_but_writes_and_sends_nothing() {
     let world = World::start(Behaviour::Postgres).await;
