@@ -2680,9 +2680,10 @@ impl Pipeline {
             // Every record left the month after an adjustment was staged: take it back.
             return Ok(self.adjustment(g, None, BTreeMap::new(), Decimal::ZERO, Vec::new()));
         }
-        // The month is priced by the rule of its latest record: a mapping change during the
-        // month (a new minimum) applies to the whole month. Records in another currency cannot
-        // be added up at all.
+        // The monthly parts are those of the rule of the month's latest record: a mapping change
+        // during the month (a new minimum, new tiers) applies to the whole month's total, while
+        // every record keeps the per-record price it was sent with. Records in another currency
+        // cannot be added up at all.
         let mut specs = Vec::with_capacity(counted.len());
         for (m, _) in &counted {
             match serde_json::from_str::<PeriodSpec>(&m.spec) {
@@ -2730,12 +2731,13 @@ impl Pipeline {
             counted.iter().map(|(_, r)| *r).collect();
         let mut steps = price.steps.clone();
         if older_rules > 0 {
-            warn!(group = %g.group_key, older_rules, "a month's records were priced by different period rules; the latest record's rule prices the month");
+            warn!(group = %g.group_key, older_rules, "a month's records were priced by different period rules; the latest record's rule gives the monthly parts, the records keep their prices");
             steps.insert(
                 0,
                 format!(
-                    "{older_rules} record(s) were staged under another period rule; the month is \
-                     priced with the rule of its latest record {}",
+                    "{older_rules} record(s) were staged under another period rule; the monthly \
+                     parts (tiers beyond their lowest rate, minimum) are those of the rule of \
+                     its latest record {}; every record keeps the price it was sent with",
                     counted[latest_at].0.key
                 ),
             );

@@ -24,7 +24,12 @@
 //! `minimum`. The result is rounded once with the rule's rounding; the adjustment is that total
 //! minus `R`. Records keep their own rounding, so the adjustment carries only the month's parts.
 //! When the records of one month were staged under different period rules (the mapping changed
-//! during the month), the rule of the month's latest record prices the whole month.
+//! during the month), the monthly parts (tiers on the month's base beyond *their* lowest rate,
+//! minimum) are those of the rule of the month's latest record, and every record keeps the
+//! price it was sent with: `R` is what the sink holds, never re-priced. A record sent at another
+//! per-record rate than the latest rule's lowest (flat before monthly tiers were added, or
+//! under other tiers) therefore keeps that rate for its part; the month's tiers add only what
+//! they charge beyond their own lowest rate.
 
 use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, TimeZone, Utc};
 use rust_decimal::Decimal;
