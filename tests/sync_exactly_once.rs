@@ -744,6 +744,23 @@ async fn take_the_lock_over(world: &World) -> billsync::ledger::Ledger {
     other
 }
 
+/// A sync through a [`HeldBatchesSink`] whose third batch was answered while the second is
+/// held, and whose lock another process has then taken over: the run, the second batch's go
+/// and the other process's ledger.
+async fn lock_taken_over_behind_a_held_batch(
+    world: &World,
+) -> (
+    tokio::task::JoinHandle<Result<billsync::sync::RunSummary, SyncError>>,
+    std::sync::Arc<tokio::sync::Notify>,
+    billsync::ledger::Ledger,
+) {
+    let (run, second_go, third_stored) = sync_with_held_batches(world, None).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), third_stored.notified())
+        .await
+        .expect("the third batch is answered while the second is held");
+    (run, second_go, take_the_lock_over(world).await)
+}
+
 /// The run ended on its lost lock with all 71 records recorded as sent, as Lago holds them,
 /// and the next run sends nothing again.
 async fn assert_every_batch_recorded(
@@ -783,11 +800,7 @@ async fn assert_every_batch_recorded(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_whose_lock_was_taken_over_records_every_answer_already_received() {
     let world = World::start(Behaviour::Postgres).await;
-    let (run, second_go, third_stored) = sync_with_held_batches(&world, None).await;
-    tokio::time::timeout(std::time::Duration::from_secs(10), third_stored.notified())
-        .await
-        .expect("the third batch is answered while the second is held");
-    let other = take_the_lock_over(&world).await;
+    let (run, second_go, other) = lock_taken_over_behind_a_held_batch(&world).await;
     // The run refreshes its lock every third of a second: it has found it taken by now.
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     second_go.notify_one();
@@ -829,11 +842,7 @@ async fn a_run_whose_lock_was_taken_over_awaits_and_records_the_batches_still_ou
 async fn a_run_whose_lock_was_taken_over_ends_on_the_lost_lock_when_its_answers_cannot_be_recorded()
 {
     let world = World::start(Behaviour::Postgres).await;
-    let (run, second_go, third_stored) = sync_with_held_batches(&world, None).await;
-    tokio::time::timeout(std::time::Duration::from_secs(10), third_stored.notified())
-        .await
-        .expect("the third batch is answered while the second is held");
-    let other = take_the_lock_over(&world).await;
+    let (run, second_go, other) = lock_taken_over_behind_a_held_batch(&world).await;
     let pool = sqlx::SqlitePool::connect_with(
         sqlx::sqlite::SqliteConnectOptions::new().filename(world.dir.path().join("ledger.db")),
     )
