@@ -809,6 +809,54 @@ async fn an_unrecognized_url_stops_the_sink_instead_of_rejecting_records() {
     assert!(stop.message.contains("check api_url"), "{stop}");
 }
 
+/// A 2xx that is not Stripe's meter event for the record (an egress proxy's page, a wrong host
+/// answering 200) is no proof that Stripe took it: the records stay pending (failed), to be
+/// resent with the same keys, instead of being recorded as sent and never billed. Stripe's own
+/// answer, for another identifier, is no proof either.
+#[tokio::test]
+async fn a_2xx_that_is_not_stripes_meter_event_keeps_the_records_pending() {
+    use wiremock::matchers::{body_string_contains, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("identifier=k.2"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(
+            r#"{"object":"billing.meter_event","created":1,"event_name":"api_requests","identifier":"k.other","livemode":false,"payload":{},"timestamp":1}"#,
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("identifier=k.3"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(
+            r#"{"object":"billing.meter_event","created":1,"event_name":"api_requests","identifier":"k.3","livemode":false,"payload":{},"timestamp":1}"#,
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_string("<html><body>Access policy: allowed</body></html>"),
+        )
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), fast_retry(1));
+    let b = batch(
+        &s,
+        &[
+            ("k.1", event("cus_A", "1", ago(chrono::Duration::hours(1)))),
+            ("k.2", event("cus_B", "2", ago(chrono::Duration::hours(1)))),
+            ("k.3", event("cus_C", "3", ago(chrono::Duration::hours(1)))),
+        ],
+    );
+    let outcomes = s.deliver(&b).await.unwrap();
+    assert!(
+        matches!(&outcomes[0], Outcome::Failed(r) if r.contains("not Stripe's meter event")),
+        "{outcomes:?}"
+    );
+    assert!(matches!(&outcomes[1], Outcome::Failed(_)), "{outcomes:?}");
+    assert_eq!(outcomes[2], Outcome::Delivered, "{outcomes:?}");
+}
+
 /// A bad `api_version` (a setting) makes Stripe answer every request 400
 /// `invalid_request_error` "Invalid Stripe API version": the sink stops (naming api_version)
 /// and the records stay pending.

@@ -594,6 +594,15 @@ impl StripeSink {
             .as_ref()
             .and_then(|e| Some((e.describe(), e.configuration_problem()?)));
         let verdict = match code {
+            // A 2xx that is not Stripe's meter event for this record (a proxy's page, a wrong
+            // host) is no proof of delivery: the record stays pending, resent with its key.
+            200..=299 if !is_meter_event_for(&text, &out.key) => {
+                V1::Outcome(Outcome::Failed(format!(
+                    "HTTP {code} but the answer is not Stripe's meter event {} (a proxy or a wrong api_url?): {}",
+                    out.key,
+                    snippet(&text)
+                )))
+            }
             200..=299 if replayed => V1::Outcome(Outcome::AlreadyDelivered),
             200..=299 => V1::Outcome(Outcome::Delivered),
             400 | 402 | 404 if configuration.is_some() => {
@@ -1288,6 +1297,20 @@ fn parse_session(text: &str) -> Result<Session, String> {
     Ok(Session {
         token: Secret::new(token),
         expires_at,
+    })
+}
+
+/// Whether a v1 answer is Stripe's meter event object for `identifier` (what Stripe, and its
+/// replay of a stored answer, returns for a created event).
+fn is_meter_event_for(text: &str, identifier: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Answer {
+        object: Option<String>,
+        identifier: Option<String>,
+    }
+    serde_json::from_str::<Answer>(text).is_ok_and(|a| {
+        a.object.as_deref() == Some("billing.meter_event")
+            && a.identifier.as_deref() == Some(identifier)
     })
 }
 
