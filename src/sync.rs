@@ -164,6 +164,8 @@ const PAGES_AHEAD: usize = 256;
 struct PulledPage {
     stream: String,
     cursor: Option<String>,
+    /// Other cursors of the source to store with the page ([`crate::providers::Page::also`]).
+    also: Vec<(String, String)>,
     rows: Vec<StageRow>,
     shares: Vec<Option<PeriodShare>>,
     /// This page's share of [`RECORDS_AHEAD`], given back once its rows are staged.
@@ -1332,6 +1334,7 @@ impl Pipeline {
                 let page = PulledPage {
                     stream: chunk.stream,
                     cursor: page.cursor,
+                    also: page.also,
                     rows,
                     shares,
                     room,
@@ -1385,6 +1388,11 @@ impl Pipeline {
                 buffer.room.push(page.room);
                 if let Some(value) = page.cursor {
                     buffer.cursors.push((page.stream, value));
+                }
+                for cursor in page.also {
+                    if !buffer.cursors.contains(&cursor) {
+                        buffer.cursors.push(cursor);
+                    }
                 }
                 // Nothing more is written once another run holds the ledger (what is buffered
                 // is pulled again by the next run: its cursors did not move).

@@ -1494,3 +1494,89 @@ fn keys_and_content_hashes_never_change() {
         "1652aecbb9ba50c82fbe8906f6d132ae6afe4f87163cb430861ba837995cf4fc"
     );
 }
+
+/// The server clips every line to the window asked for, so re-reading the look-back on
+/// another grid returns the same usage cut at other instants, under other keys (a day as one
+/// line over hours staged as 24 lines bills 23 of them twice). The pages store the window the
+/// watermarks were read with, once, beside them; a plan with another `window` is refused,
+/// naming both, and nothing is fetched.
+#[tokio::test]
+async fn a_changed_window_is_refused_instead_of_re_reading_the_look_back_on_another_grid() {
+    use billsync::providers::metalsoft::STREAM_WINDOW;
+    let day = t("2024-03-01T00:00:00Z");
+    let dataset = MetalsoftDataset::generated(1, 5, 7, day, t("2024-03-03T00:00:00Z"));
+    let sim = MetalsoftSim::start(dataset, KEY).await.expect("sim");
+    let hourly = {
+        let mut cfg = MetalsoftConfig::new(&sim.url, Secret::new(KEY), vec![1], day);
+        cfg.retry = fast_retry();
+        MetalsoftProvider::new("ms".into(), cfg).expect("valid")
+    };
+    let now = t("2024-03-01T12:10:00Z");
+    // A ledger without the window (new, or written before it was kept): every page carries it.
+    let mut cursors = Cursors::new();
+    let plan = hourly.plan_lazily(&cursors, now).await.expect("plan");
+    for c in plan.chunks {
+        let page = hourly.fetch(&c, now).await.expect("fetch");
+        assert_eq!(
+            page.also,
+            [(STREAM_WINDOW.to_string(), "3600".to_string())],
+            "{c:?}"
+        );
+        cursors.insert(c.stream, page.cursor.expect("a cursor"));
+        for (stream, value) in page.also {
+            cursors.insert(stream, value);
+        }
+    }
+    // Once the ledger holds it, pages no longer carry it.
+    let plan = hourly.plan_lazily(&cursors, now).await.expect("plan");
+    for c in plan.chunks {
+        assert!(hourly.fetch(&c, now).await.expect("fetch").also.is_empty());
+    }
+    // The same source read with daily windows from now on: refused before any request.
+    let daily = {
+        let mut cfg = MetalsoftConfig::new(&sim.url, Secret::new(KEY), vec![1], day);
+        cfg.window = chrono::Duration::days(1);
+        cfg.retry = fast_retry();
+        MetalsoftProvider::new("ms".into(), cfg).expect("valid")
+    };
+    let requests = sim.request_count();
+    let refused = daily
+        .plan_lazily(&cursors, t("2024-03-03T03:00:00Z"))
+        .await
+        .err()
+        .expect("another window is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("`window` is 1day")
+            && message.contains("windows of 1h")
+            && message.contains("twice"),
+        "{message}"
+    );
+    assert_eq!(sim.request_count(), requests, "nothing was asked");
+}
+
+/// A look-back never reaches before `start`'s window: a source started where another system
+/// (or the source it replaces after a change of `window`) stopped billing re-reads nothing of
+/// that system's time, even when its first run read less than `look_back`.
+#[tokio::test]
+async fn the_look_back_never_reaches_before_start() {
+    let start = t("2024-03-01T10:00:00Z");
+    let mut cfg = MetalsoftConfig::new("http://127.0.0.1:9", Secret::new(KEY), vec![1], start);
+    cfg.look_back = Some(chrono::Duration::hours(6));
+    let p = MetalsoftProvider::new("ms".into(), cfg).expect("valid");
+    let mut cursors = Cursors::new();
+    cursors.insert("user:1".into(), "2024-03-01T11:00:00Z".into());
+    let chunks = p
+        .plan(&cursors, t("2024-03-01T14:10:00Z"))
+        .await
+        .expect("plan");
+    let starts: Vec<_> = chunks.iter().map(|c| c.window_start).collect();
+    assert_eq!(
+        starts,
+        [
+            t("2024-03-01T10:00:00Z"),
+            t("2024-03-01T11:00:00Z"),
+            t("2024-03-01T12:00:00Z"),
+        ]
+    );
+}

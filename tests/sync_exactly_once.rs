@@ -1009,6 +1009,7 @@ impl billsync::providers::Provider for Restating {
         Ok(billsync::providers::Page {
             records: vec![self.record.clone()],
             cursor: None,
+            also: Vec::new(),
         })
     }
 }

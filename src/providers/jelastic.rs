@@ -773,6 +773,7 @@ impl Provider for JelasticProvider {
         Ok(Page {
             records,
             cursor: Some(cursor.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            also: Vec::new(),
         })
     }
 

@@ -35,10 +35,11 @@
 //!     arrived (lost), and a partly shifted page, clipped at other instants, would bill the
 //!     overlap twice under keys that no key scheme can match.
 //!   - *The key does not contain the requested window.* Clipped parts of one resource in
-//!     consecutive windows start at different instants, so they stay distinct records; the
-//!     same line returned by two windows that both contain it (a look-back re-read after
-//!     `window` was changed, an overlapping back-fill) has one key and is stored once. With the
-//!     window in the key (before) each such read was a new record, billed again.
+//!     consecutive windows start at different instants, so they stay distinct records; a line
+//!     re-read by the same window has the same key. A look-back on *another* grid would cut the
+//!     same usage at other instants, under other keys, so the grid is kept with the cursors
+//!     (stream `window`) and a changed `window` is refused (see `check_grid`); and no window
+//!     begins before `start`'s, so a source that replaces another re-reads nothing of it.
 //!
 //!   Reservation installments are exempt from the inside-the-window rule: their interval is
 //!   the reservation period, which outlasts windows, and their key never had a window. When the
@@ -78,7 +79,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -105,6 +106,10 @@ pub const KIND: &str = "metalsoft";
 pub const METHOD: &str = "resource_utilization_detailed";
 /// The JSON-RPC path below the configured endpoint.
 pub const RPC_PATH: &str = "/api/developer/developer";
+
+/// Cursor stream holding the `window` (seconds) the source's watermarks were read on, stored
+/// beside them (see [`MetalsoftProvider::check_grid`]).
+pub const STREAM_WINDOW: &str = "window";
 
 /// Settings of one MetalSoft source.
 #[derive(Debug, Clone, Deserialize)]
@@ -238,6 +243,8 @@ pub struct MetalsoftProvider {
     /// The stored watermarks the last plan read, by user, so `fetch` never returns an older
     /// cursor.
     watermarks: Mutex<Arc<HashMap<u64, DateTime<Utc>>>>,
+    /// The ledger does not hold the window yet (no `window` stream): pages carry it.
+    window_unrecorded: AtomicBool,
 }
 
 impl MetalsoftProvider {
@@ -290,6 +297,7 @@ impl MetalsoftProvider {
             billing_account_id,
             next_id: AtomicU64::new(1),
             watermarks: Mutex::new(Arc::new(HashMap::new())),
+            window_unrecorded: AtomicBool::new(false),
         })
     }
 
@@ -311,6 +319,47 @@ impl MetalsoftProvider {
     /// The cursor stream of a user.
     pub fn stream_of(user_id: u64) -> String {
         format!("user:{user_id}")
+    }
+
+    /// Refuses a plan on another grid than the one the stored watermarks were read on. The
+    /// server clips every line to the window asked for, so a look-back re-read on another grid
+    /// returns the same usage cut at other instants, under other keys: a day read as one line over hours already staged as 24
+    /// lines bills 23 of them twice, and an hour re-read at the edge of a day staged whole bills
+    /// that hour twice. Returns whether the window still has to be stored (the `window`
+    /// stream is absent).
+    fn check_grid(&self, cursors: &Cursors) -> Result<bool, ProviderError> {
+        let bad = |message: String| ProviderError::Config {
+            provider: self.name.clone(),
+            message,
+        };
+        let how = "keep the window the source was read with, or change it as the README says \
+                   (MetalSoft, `window`): a new source whose `start` is this one's watermarks \
+                   once they are on the new grid";
+        let shown = |secs: i64| {
+            humantime::format_duration(std::time::Duration::from_secs(secs.unsigned_abs()))
+                .to_string()
+        };
+        let record = match cursors.get(STREAM_WINDOW) {
+            Some(text) => {
+                let was: i64 = text.trim().parse().map_err(|_| {
+                    bad(format!(
+                        "stored cursor {STREAM_WINDOW} = {text:?} is not a number of seconds"
+                    ))
+                })?;
+                if was != self.window_secs {
+                    return Err(bad(format!(
+                        "`window` is {} but this source's watermarks were read with windows of {}: \
+                         the server clips lines to the window asked for, so re-reading the \
+                         look-back on the new grid would bill the overlap twice; {how}",
+                        shown(self.window_secs),
+                        shown(was)
+                    )));
+                }
+                false
+            }
+            None => true,
+        };
+        Ok(record)
     }
 
     fn shape(&self, message: String) -> ProviderError {
@@ -512,8 +561,10 @@ impl Provider for MetalsoftProvider {
         // read before `start`, so there is nothing to re-read.
         let look_back = self.config.effective_look_back();
         let first_run = self.align_down(self.config.start);
+        // Never before `start`'s window, look-back or not: what lies before it is another
+        // system's (or another source's, after a change of `window`) to bill.
         let first_window = move |stored: Option<&DateTime<Utc>>| match stored {
-            Some(watermark) => align_down(*watermark - look_back, window_secs),
+            Some(watermark) => align_down(*watermark - look_back, window_secs).max(first_run),
             None => first_run,
         };
         // The windows `first + k·window` that end by `upper`.
@@ -536,6 +587,9 @@ impl Provider for MetalsoftProvider {
             debug!(source = %self.name, user_id, %upper, windows, "metalsoft: planned");
             len += windows as usize;
         }
+        // Until the ledger holds the window, every page of this run carries it.
+        let unrecorded = self.check_grid(cursors)?;
+        self.window_unrecorded.store(unrecorded, Ordering::Relaxed);
         // One map serves the iterator and `fetch`. Users without a stored cursor are not in
         // it: their watermark is `start`, and every window they are planned ends after it.
         let stored = Arc::new(stored);
@@ -595,9 +649,15 @@ impl Provider for MetalsoftProvider {
             records = records.len(),
             "metalsoft: window fetched"
         );
+        let also = if self.window_unrecorded.load(Ordering::Relaxed) {
+            vec![(STREAM_WINDOW.to_string(), self.window_secs.to_string())]
+        } else {
+            Vec::new()
+        };
         Ok(Page {
             records,
             cursor: Some(cursor.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            also,
         })
     }
 }

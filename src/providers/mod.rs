@@ -94,6 +94,9 @@ pub struct Page {
     /// The new cursor value of `chunk.stream`, stored in the same transaction as the records.
     /// `None` leaves the cursor as it is.
     pub cursor: Option<String>,
+    /// Other cursors of the source, `(stream, value)`, stored in the same transaction: what the
+    /// next plans check the stored cursors against (MetalSoft's `window`). Usually empty.
+    pub also: Vec<(String, String)>,
 }
 
 /// Errors of a provider call. They always name the provider and the call.

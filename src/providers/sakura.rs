@@ -1574,7 +1574,11 @@ impl Provider for SakuraProvider {
         } else {
             self.page_cursor(&chunk.stream, month, is_final, unreconciled.is_empty())
         };
-        Ok(Page { records, cursor })
+        Ok(Page {
+            records,
+            cursor,
+            also: Vec::new(),
+        })
     }
 
     fn push_provisional(&self) -> bool {

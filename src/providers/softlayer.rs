@@ -678,6 +678,7 @@ impl SoftlayerProvider {
             return Ok(Page {
                 records: Vec::new(),
                 cursor: detail.cursor.clone(),
+                also: Vec::new(),
             });
         }
         let account_id = match inv.account_id {
@@ -723,6 +724,7 @@ impl SoftlayerProvider {
         Ok(Page {
             records,
             cursor: detail.cursor.clone(),
+            also: Vec::new(),
         })
     }
 
@@ -745,6 +747,7 @@ impl SoftlayerProvider {
         Ok(Page {
             records,
             cursor: None,
+            also: Vec::new(),
         })
     }
 }

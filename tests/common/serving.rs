@@ -33,6 +33,7 @@ impl Provider for Serving {
         Ok(Page {
             records: self.0.lock().unwrap().clone(),
             cursor: None,
+            also: Vec::new(),
         })
     }
 }
