@@ -1540,11 +1540,9 @@ async fn a_changed_window_is_refused_instead_of_re_reading_the_look_back_on_anot
         MetalsoftProvider::new("ms".into(), cfg).expect("valid")
     };
     let requests = sim.request_count();
-    let refused = daily
-        .plan_lazily(&cursors, t("2024-03-03T03:00:00Z"))
-        .await
-        .err()
-        .expect("another window is refused");
+    let Err(refused) = daily.plan_lazily(&cursors, t("2024-03-03T03:00:00Z")).await else {
+        panic!("another window is refused");
+    };
     let message = refused.to_string();
     assert!(
         message.contains("`window` is 1day")
