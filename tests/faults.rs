@@ -872,7 +872,14 @@ async fn provider_empty_pages_move_the_cursor_and_stage_nothing() {
     assert_eq!(ledger_counts(&world).await, counts(&[]));
     assert_eq!(world.lago.events().len(), 0);
     let cursors = p.ledger.status().await.unwrap().cursors;
-    assert_eq!(cursors.len(), 2, "one cursor per user: {cursors:?}");
+    assert_eq!(
+        cursors
+            .iter()
+            .map(|c| c.stream.as_str())
+            .collect::<Vec<_>>(),
+        ["user:1", "user:2", "window"],
+        "one cursor per user, and the window they were read with"
+    );
     // The data the provider hid is only re-read within the look-back: the next run asks
     // again only one window per user. What the empty answers hid is not billed — a provider
     // that lies with an empty page cannot be detected by a client.
@@ -981,23 +988,16 @@ async fn provider_pages_that_shift_between_reads_do_not_bill_twice() {
     assert_complete(&world).await;
 }
 
-/// The same line returned by two overlapping windows (here: `window` changed from one hour to
-/// one day, and the look-back re-reads the hours under the new grid) is one record: its key is
-/// the line's own, not the window's. Every line of this dataset lies inside one hour, so both
-/// grids return it whole and identical.
+/// `window` changed from one hour to one day under an existing ledger. The server cuts lines
+/// at the window asked for, so the look-back re-read in days would return a resource's day as
+/// one line where 24 hour lines were staged (one key shared, 23 new: billed twice). The run
+/// refuses the source instead, naming both windows; nothing is asked or sent, and the hours
+/// stay billed once.
 #[tokio::test]
-async fn provider_the_same_line_from_two_overlapping_windows_is_billed_once() {
+async fn provider_a_changed_window_is_refused_instead_of_billing_the_overlap_twice() {
     let from = billsync::demo::demo_start();
     let to = from + chrono::Duration::days(2);
-    let mut dataset =
-        billsync::simulators::metalsoft::MetalsoftDataset::generated(2, 40, 8, from, to);
-    for user in dataset.users.values_mut() {
-        for r in &mut user.resources {
-            let hour = billsync::providers::metalsoft::align_down(r.start, 3600);
-            r.end = r.end.min(hour + chrono::Duration::hours(1));
-        }
-        user.resources.retain(|r| r.end > r.start);
-    }
+    let dataset = billsync::simulators::metalsoft::MetalsoftDataset::generated(2, 40, 8, from, to);
     let world = World::start_with(Behaviour::ClickHouse, dataset).await;
     let now = to + chrono::Duration::hours(3);
 
@@ -1013,32 +1013,27 @@ async fn provider_the_same_line_from_two_overlapping_windows_is_billed_once() {
     .await;
     assert_eq!(hourly.outcome, RunOutcome::Ok, "{hourly:?}");
     assert!(hourly.sent > 50, "{hourly:?}");
-    assert_eq!(world.lago.events().len() as u64, hourly.sent);
 
-    // The whole period again, in days: each day-window overlaps 24 hour-windows read before.
     world.metalsoft.clear_calls();
     let daily = run_with(
         &world,
         metalsoft_with(&world, chrono::Duration::days(1), chrono::Duration::days(5)),
-        now,
+        now + chrono::Duration::days(1),
     )
     .await;
+    assert_eq!(daily.outcome, RunOutcome::ProviderFailed, "{daily:?}");
+    let error = daily.sources["metalsoft_test"]
+        .error
+        .clone()
+        .unwrap_or_default();
     assert!(
-        world.metalsoft.request_count() >= 2 * 2,
-        "the days were re-read"
+        error.contains("`window` is 1day") && error.contains("windows of 1h"),
+        "{error}"
     );
-    assert_eq!(daily.outcome, RunOutcome::Ok, "{daily:?}");
-    assert_eq!(daily.pulled, hourly.pulled, "every line returned again");
-    assert_eq!(daily.unchanged, daily.pulled, "same keys, same content");
-    assert_eq!(
-        (daily.new, daily.restaged, daily.changed_after_send),
-        (0, 0, 0),
-        "{daily:?}"
-    );
-    assert_eq!((daily.sent, daily.corrections), (0, 0), "{daily:?}");
-    // Lago holds each key once, and the totals of a single read, to the cent.
-    assert_lago_holds_exactly(&world, None).await;
+    assert_eq!(world.metalsoft.request_count(), 0, "nothing was re-read");
+    assert_eq!((daily.new, daily.sent), (0, 0), "{daily:?}");
     assert_eq!(world.lago.events().len() as u64, hourly.sent);
+    assert!(world.lago.counts().values().all(|&n| n == 1));
 }
 
 #[tokio::test]

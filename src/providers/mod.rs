@@ -99,6 +99,15 @@ pub struct Page {
     pub also: Vec<(String, String)>,
 }
 
+/// The offset at which a provider's invoices are calendar months: SAKURA bills JST months,
+/// the others are taken in UTC (MetalSoft and Jelastic have no invoices of their own; SoftLayer
+/// invoices monthly on the account's anniversary day, not on calendar months).
+pub fn invoice_month_offset(provider_kind: &str) -> chrono::FixedOffset {
+    let hours = if provider_kind == sakura::KIND { 9 } else { 0 };
+    chrono::FixedOffset::east_opt(hours * 3600)
+        .unwrap_or(chrono::FixedOffset::east_opt(0).expect("UTC"))
+}
+
 /// Errors of a provider call. They always name the provider and the call.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {

@@ -331,18 +331,25 @@ fn focus_time(t: DateTime<Utc>) -> String {
     crate::sinks::jsonl::utc_text(t)
 }
 
-/// The calendar month (UTC) containing `t`: `[first day 00:00, first day of next month)`.
-pub fn billing_period(t: DateTime<Utc>) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
-    let start = Utc
-        .with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+/// The calendar month containing `t` at `offset` (the provider's invoice months, see
+/// [`crate::providers::invoice_month_offset`]): `[first day 00:00, first day of next month)`
+/// there, in UTC. A SAKURA month starts at 15:00 UTC the day before: taken in UTC, every
+/// SAKURA bill would land in the previous billing period.
+pub fn billing_period(
+    t: DateTime<Utc>,
+    offset: chrono::FixedOffset,
+) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let local = t.with_timezone(&offset);
+    let start = offset
+        .with_ymd_and_hms(local.year(), local.month(), 1, 0, 0, 0)
         .single()?;
-    let (y, m) = if t.month() == 12 {
-        (t.year() + 1, 1)
+    let (y, m) = if local.month() == 12 {
+        (local.year() + 1, 1)
     } else {
-        (t.year(), t.month() + 1)
+        (local.year(), local.month() + 1)
     };
-    let end = Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single()?;
-    Some((start, end))
+    let end = offset.with_ymd_and_hms(y, m, 1, 0, 0, 0).single()?;
+    Some((start.with_timezone(&Utc), end.with_timezone(&Utc)))
 }
 
 /// The corrected key of a correction key (`<key>.r<n>`).
@@ -400,7 +407,8 @@ impl Sink for FocusSink {
         if record.billing_account_id.trim().is_empty() {
             return Err(self.encode_error(key, "BillingAccountId is empty"));
         }
-        let (period_start, period_end) = billing_period(record.charge_period_start)
+        let offset = crate::providers::invoice_month_offset(&record.provider);
+        let (period_start, period_end) = billing_period(record.charge_period_start, offset)
             .ok_or_else(|| self.encode_error(key, "the billing period is out of range"))?;
         let correction_of = corrected_key(key);
         let provider = self.provider_name(&record.provider);
@@ -515,11 +523,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn billing_period_is_the_utc_month() {
+    fn billing_period_is_the_month_at_the_providers_offset() {
+        let utc = chrono::FixedOffset::east_opt(0).unwrap();
         let t = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).unwrap();
-        let (s, e) = billing_period(t).unwrap();
+        let (s, e) = billing_period(t, utc).unwrap();
         assert_eq!(focus_time(s), "2026-12-01T00:00:00Z");
         assert_eq!(focus_time(e), "2027-01-01T00:00:00Z");
+        // SAKURA's September: 1 September 00:00 JST is 31 August 15:00 UTC.
+        let jst = crate::providers::invoice_month_offset("sakura");
+        let t = Utc.with_ymd_and_hms(2026, 8, 31, 15, 0, 0).unwrap();
+        let (s, e) = billing_period(t, jst).unwrap();
+        assert_eq!(focus_time(s), "2026-08-31T15:00:00Z");
+        assert_eq!(focus_time(e), "2026-09-30T15:00:00Z");
+        assert_eq!(crate::providers::invoice_month_offset("metalsoft"), utc);
     }
 
     #[test]
