@@ -1077,6 +1077,15 @@ impl Pipeline {
                 return Err(SyncError::UnknownProvider(n.clone()));
             }
         }
+        // A source's name is in its records' keys and its cursors: renamed, it reads its whole
+        // history again under new keys, which the sinks take as new usage. Say so loudly.
+        let configured: Vec<&str> = self.providers.iter().map(|p| p.name()).collect();
+        for old in self.ledger.cursor_sources().await? {
+            if !configured.contains(&old.as_str()) {
+                warn!(source = %old,
+                    "the ledger holds cursors of a source the settings do not name: if it was renamed, the new name reads its history again under new keys and bills it twice (restore the name; see the README, Configuration)");
+            }
+        }
 
         let holder = Self::lock_holder();
         let lock = if opts.dry_run {

@@ -117,6 +117,12 @@ async fn staging_is_idempotent_and_moves_the_cursor_in_the_same_transaction() {
     let again = ledger.stage(run, &rows, None, now, &by_hand).await.unwrap();
     assert_eq!((again.new, again.unchanged), (0, 2));
     assert_eq!(ledger.pending_batch("lago", 0, 100).await.unwrap().len(), 2);
+    // What a sync compares with the configured sources (a renamed source bills twice).
+    ledger
+        .stage(run, &[], Some(("jel", "window", "x")), now, &by_hand)
+        .await
+        .unwrap();
+    assert_eq!(ledger.cursor_sources().await.unwrap(), ["jel", "ms"]);
 }
 
 #[tokio::test]

@@ -916,6 +916,14 @@ impl Ledger {
         Ok(old)
     }
 
+    /// The sources the ledger holds cursors of, in name order.
+    pub async fn cursor_sources(&self) -> Result<Vec<String>, LedgerError> {
+        sqlx::query_scalar("SELECT DISTINCT source FROM cursors ORDER BY source")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql("reading the sources of the cursors"))
+    }
+
     /// The stored cursors of one source.
     ///
     /// Read on the raw handle: a source has a cursor per stream (a MetalSoft user), and for
