@@ -356,3 +356,24 @@ fn numbers_and_booleans_in_conditions_match_their_text() {
     let s = set(&rule("n", "{ resource_id: 2416 }"));
     assert_eq!(mapped(s.apply(&record())).rule, "rules.yaml#n");
 }
+
+/// A per-record minimum raises a small charge, never a credit: a fixed markup may take a small
+/// credit above zero (−0.90 + 1.00 = 0.10), and raised to the minimum that refund line would bill
+/// the customer 5.00. It keeps its 0.10; a charge of the same size is raised; a larger credit
+/// stays negative.
+#[test]
+fn a_per_record_minimum_never_raises_a_credit_that_a_fixed_markup_took_above_zero() {
+    let s = set("  - name: fee
+    match: { provider: metalsoft }
+    metric: resale_cost
+    value: { cost: { markup_fixed: \"1\", minimum: \"5\", period: record } }
+");
+    let value = |cost: &str| {
+        let mut r = record();
+        r.billed_cost = dec(cost);
+        mapped(s.apply(&r)).value
+    };
+    assert_eq!(value("-0.90"), dec("0.10"), "a credit is not raised");
+    assert_eq!(value("0.90"), dec("5.00"), "a charge is");
+    assert_eq!(value("-10"), dec("-9.00"));
+}

@@ -464,7 +464,15 @@ impl MappingSet {
                              month's tiers would be settled on values the minimum changed"
                         ));
                     }
-                    if v >= Decimal::ZERO && v < min {
+                    // A credit stays a credit's price even when a fixed markup took it above
+                    // zero: raised to the minimum, a refund line would bill the customer.
+                    if record.billed_cost < Decimal::ZERO {
+                        steps.push(
+                            "minimum",
+                            || format!("{min} {currency} per record: not applied to a credit"),
+                            v,
+                        );
+                    } else if v >= Decimal::ZERO && v < min {
                         steps.push(
                             "minimum",
                             || format!("raised to the minimum charge {min} {currency} per record"),

@@ -75,7 +75,7 @@
 //! `markup_percent`, then `commission_percent` (a share of the selling price: value ÷ (1 − p/100),
 //! p < 100), then `markup_fixed` (added per record). A customer entry's `pricing:` applies the
 //! same steps after the rule's. `minimum` (rule or customer; the larger wins) raises a
-//! non-negative value to the minimum charge. Amounts are in the invoice currency. `tiers` and
+//! non-negative value to the minimum charge, never a credit (a negative `billed_cost`). Amounts are in the invoice currency. `tiers` and
 //! `minimum` need an explicit `period:`: `record` (each record on its own) or `month` (the
 //! calendar month of the event timestamp, UTC or at `period_utc_offset`: the month's total of
 //! one subscription's metric is tiered and raised to the minimum by one adjustment event when
