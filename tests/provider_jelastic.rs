@@ -1078,3 +1078,201 @@ async fn generated_datasets_are_deterministic_and_use_many_digits() {
         });
     assert!(digits.keys().any(|s| *s >= 15), "{digits:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Answers that must not pass for a window's history
+// ---------------------------------------------------------------------------------------------
+
+/// A success without the history (`{"result":0}`, `{"result":0,"response":{…}}`, `"array":
+/// null`) says nothing about the window. Read as "no usage", its page's cursor would be the
+/// window's end and the window would never be asked again: every record of it lost. It is a
+/// shape error naming the call and the window; the cursor stays. The platform's empty history
+/// (`"array": []`, what an account without charges gets) is still an empty page.
+#[tokio::test]
+async fn a_success_without_array_is_refused_and_the_window_is_asked_again() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    for answer in [
+        r#"{"result": 0}"#,
+        r#"{"result": 0, "response": {"result": 0}}"#,
+        r#"{"result": 0, "array": null}"#,
+    ] {
+        let err = parse_response(answer, &fixture_ctx()).expect_err(answer);
+        let text = err.to_string();
+        assert!(
+            matches!(err, ProviderError::Shape { .. }),
+            "{answer}: {text}"
+        );
+        assert!(
+            text.contains("GetAccountBillingHistoryByPeriod")
+                && text.contains("[2024-04-01T00:00:00Z, 2024-04-02T00:00:00Z)")
+                && text.contains("`array`"),
+            "{answer}: {text}"
+        );
+    }
+    let empty = parse_response(r#"{"result": 0, "array": []}"#, &fixture_ctx());
+    assert!(empty.expect("the empty history").is_empty());
+
+    // End to end: the run fails and the stored watermark does not move past the window.
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(billsync::providers::jelastic::REST_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"result": 0}"#))
+        .mount(&server)
+        .await;
+    let p = provider(config(&server.uri(), "2026-03-01T00:00:00Z"));
+    let mut cursors = Cursors::new();
+    cursors.insert("account".into(), "2026-03-01T10:00:00Z".into());
+    let err = run(&p, &mut cursors, t("2026-03-01T13:05:00Z"))
+        .await
+        .expect_err("a success without `array` is not an empty window");
+    assert!(matches!(err, ProviderError::Shape { .. }), "{err}");
+    assert_eq!(cursors["account"], "2026-03-01T10:00:00Z");
+}
+
+/// The natural key holds `period` and the bucket start, so re-reading the look-back on another
+/// grid (HOUR → DAY, or DAY buckets moved by another `time_offset`) returns usage already
+/// staged under other keys: billed twice. The pages store the grid the watermarks were read on
+/// (stream `grid`, once, beside them); a plan with another `period` or `time_offset` is
+/// refused, naming both, before anything is asked.
+#[tokio::test]
+async fn a_changed_period_or_time_offset_is_refused_instead_of_re_keying_the_look_back() {
+    let sim = sim(generated(2, 1)).await;
+    let hourly = provider(config(&sim.url, "2026-03-01T00:00:00Z"));
+    let now = t("2026-03-02T03:05:00Z");
+    // A ledger without the grid (new, or written before it was kept): every page carries it.
+    let mut cursors = Cursors::new();
+    let chunks = hourly.plan(&cursors, now).await.expect("plan");
+    assert!(!chunks.is_empty());
+    for c in &chunks {
+        let page = hourly.fetch(c, now).await.expect("fetch");
+        assert_eq!(
+            page.also,
+            [("grid".to_string(), "HOUR +00:00".to_string())],
+            "{c:?}"
+        );
+        cursors.insert(c.stream.clone(), page.cursor.expect("a cursor"));
+        cursors.extend(page.also);
+    }
+    // Once the ledger holds it, pages no longer carry it.
+    for c in &hourly.plan(&cursors, now).await.expect("plan") {
+        assert!(hourly.fetch(c, now).await.expect("fetch").also.is_empty());
+    }
+    // The same source read with DAY buckets from now on: refused before any request.
+    let requests = sim.request_count();
+    let mut c = config(&sim.url, "2026-03-01T00:00:00Z");
+    c.period = Period::Day;
+    let refused = provider(c)
+        .plan(&cursors, t("2026-03-03T03:05:00Z"))
+        .await
+        .expect_err("another period is refused");
+    let message = refused.to_string();
+    assert!(matches!(refused, ProviderError::Config { .. }), "{message}");
+    assert!(
+        message.contains("DAY +00:00")
+            && message.contains("HOUR +00:00")
+            && message.contains("twice")
+            && message.contains("README"),
+        "{message}"
+    );
+    assert_eq!(sim.request_count(), requests, "nothing was asked");
+
+    // DAY buckets in another time offset start at other instants: refused too.
+    let mut daily = Cursors::new();
+    daily.insert("account".into(), "2026-03-02T00:00:00Z".into());
+    daily.insert("grid".into(), "DAY +00:00".into());
+    let mut c = config(&sim.url, "2026-03-01T00:00:00Z");
+    c.period = Period::Day;
+    c.time_offset = offset("+02:00");
+    let message = provider(c)
+        .plan(&daily, t("2026-03-03T03:05:00Z"))
+        .await
+        .expect_err("another offset is refused")
+        .to_string();
+    assert!(
+        message.contains("DAY +02:00") && message.contains("DAY +00:00"),
+        "{message}"
+    );
+    assert_eq!(sim.request_count(), requests, "nothing was asked");
+}
+
+/// Log lines written while `f` runs (WARN and above).
+fn warnings_of<T>(f: impl FnOnce() -> T) -> (T, String) {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
+        type Writer = Sink;
+        fn make_writer(&'a self) -> Sink {
+            self.clone()
+        }
+    }
+    let sink = Sink::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(sink.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(sink.0.lock().unwrap().clone()).expect("utf-8 logs");
+    (out, text)
+}
+
+/// Windows are on the grid, so a row of a bucket outside the window asked for means the
+/// platform read the window or the offset otherwise (endtime inclusivity and `timeOffset` are
+/// unverified): buckets at the edges may be missing from every answer. Such rows are dropped,
+/// counted and warned about once per page, with the count and the window. A row of the bucket
+/// starting exactly at the window's end (what an inclusive `endtime` adds, and the next window
+/// reads) is no warning.
+#[test]
+fn rows_outside_the_window_are_counted_and_warned_about_once_per_page() {
+    let window = ctx(
+        Period::Hour,
+        "Z",
+        "2024-04-01T10:00:00Z",
+        "2024-04-01T12:00:00Z",
+    );
+    let text = body(
+        &[
+            row("2024-04-01 09:00:00", "a1", 1, "ip", "1", 1), // before the window
+            row("2024-04-01 10:00:00", "a1", 1, "ip", "2", 1),
+            row("2024-04-01 11:00:00", "a1", 1, "ip", "3", 1),
+            row("2024-04-01 12:00:00", "a1", 1, "ip", "4", 1), // at its end
+            row("2024-04-01 13:00:00", "a1", 1, "ip", "5", 1), // after it
+            row("2024-04-01 13:00:00", "a2", 1, "ip", "6", 1), // after it
+        ]
+        .join(","),
+    );
+    let (records, logs) = warnings_of(|| parse_response(&text, &window));
+    assert_eq!(total(records.expect("parses")), dec("5"));
+    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(
+        warnings[0].contains("rows=3")
+            && warnings[0].contains("[2024-04-01T10:00:00Z, 2024-04-01T12:00:00Z)")
+            && warnings[0].contains("outside the requested window"),
+        "{logs}"
+    );
+    // Only the bucket at the window's end (an inclusive endtime): dropped without a warning.
+    let at_end = body(
+        &[
+            row("2024-04-01 11:00:00", "a1", 1, "ip", "3", 1),
+            row("2024-04-01 12:00:00", "a1", 1, "ip", "4", 1),
+        ]
+        .join(","),
+    );
+    let (records, logs) = warnings_of(|| parse_response(&at_end, &window));
+    assert_eq!(total(records.expect("parses")), dec("3"));
+    assert!(!logs.contains("WARN"), "{logs}");
+}

@@ -28,7 +28,16 @@
 //!   at least `settle_delay` ago are requested; each run re-reads the last `look_back_buckets`
 //!   buckets before the stored watermark (late charges), and the stored watermark never moves
 //!   backwards. A long backfill is split into requests of at most `max_buckets_per_request`
-//!   buckets (the API has no pagination: the window is the only bound on a response).
+//!   buckets (the API has no pagination: the window is the only bound on a response). No
+//!   window begins before `start`'s bucket, look-back or not. The grid (`period` and
+//!   `time_offset`) is kept beside the watermarks (stream `grid`) and a plan on another grid is
+//!   refused: the natural key holds the period and the bucket start, so a look-back re-read on
+//!   another grid would bring back usage already staged under other keys, billed twice.
+//! * **Answers**: only an `array` list is an answer about the window (`[]`: no usage); a
+//!   success without one is refused (read as empty, its window would be passed and lost).
+//!   Rows of buckets outside the window asked for are dropped and, except the bucket at the
+//!   window's end (an inclusive `endtime`), warned about once per response with their count:
+//!   on a grid-aligned window they mean the platform read the window or offset otherwise.
 //! * **Natural key** (reference 3.4): `(appid, nodeid, type, resourceType,
 //!   hostGroupUniqueName, period, bucket start in UTC)`. Two rows with the same key in one
 //!   response are merged (costs and counts added, a warning logged) rather than one silently
@@ -56,6 +65,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -85,6 +95,9 @@ pub const REST_PATH: &str = "/1.0/billing/account/rest/getaccountbillinghistoryb
 pub const AUTH_RESULT_CODES: &[i64] = &[702, 8202];
 /// The naive time format of the wire.
 pub const WIRE_TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
+/// Cursor stream holding the grid (`period` and `time_offset`, e.g. `DAY +02:00`) the source's
+/// watermarks were read on, stored beside them (see [`JelasticProvider::check_grid`]).
+pub const STREAM_GRID: &str = "grid";
 
 /// The bucket size of the history (`period`). Only the two the sync can use are offered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -363,6 +376,13 @@ impl Grid {
     }
 }
 
+impl fmt::Display for Grid {
+    /// `HOUR +00:00`, `DAY +02:00`: the value of the `grid` cursor stream.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.period, self.offset)
+    }
+}
+
 /// Everything [`parse_response`] needs besides the response itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryContext {
@@ -393,6 +413,15 @@ impl HistoryContext {
             offset: self.time_offset,
         }
     }
+
+    /// The requested window, for messages.
+    fn window(&self) -> String {
+        format!(
+            "[{}, {})",
+            rfc3339(self.window_start),
+            rfc3339(self.window_end)
+        )
+    }
 }
 
 /// The Jelastic provider: one configured source.
@@ -409,6 +438,8 @@ pub struct JelasticProvider {
     /// (settled but not charged yet, with `final_requires_charge`): no page's cursor passes it,
     /// so the bucket is read again until it is final. Cleared by `plan`.
     pins: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// The ledger does not hold the grid yet (no `grid` stream): pages carry it.
+    grid_unrecorded: AtomicBool,
 }
 
 impl JelasticProvider {
@@ -469,6 +500,7 @@ impl JelasticProvider {
             billing_account_id,
             watermarks: Mutex::new(HashMap::new()),
             pins: Mutex::new(HashMap::new()),
+            grid_unrecorded: AtomicBool::new(false),
         })
     }
 
@@ -487,6 +519,31 @@ impl JelasticProvider {
         Grid {
             period: self.config.period,
             offset: self.config.time_offset,
+        }
+    }
+
+    /// Refuses a plan on another grid than the one the stored watermarks were read on. A
+    /// record's key holds the period and the bucket start (in UTC), so a look-back re-read on
+    /// another grid returns usage already staged under other keys: HOUR buckets staged, then
+    /// the same day read as one DAY row (or a DAY bucket moved by another `time_offset`) bills
+    /// the overlap twice. Returns whether the grid still has to be stored (the `grid` stream is
+    /// absent).
+    fn check_grid(&self, cursors: &Cursors) -> Result<bool, ProviderError> {
+        let configured = self.grid().to_string();
+        match cursors.get(STREAM_GRID).map(|t| t.trim()) {
+            Some(was) if was == configured => Ok(false),
+            Some(was) => Err(ProviderError::Config {
+                provider: self.name.clone(),
+                message: format!(
+                    "`period` and `time_offset` are {configured} but this source's watermarks \
+                     were read on buckets of {was}: a record's key holds the period and the \
+                     bucket start, so re-reading the look-back on the new grid would bill the \
+                     overlap twice; keep the period and time_offset the source was read with, \
+                     or change them as the README says (Jelastic, `period`): a new source whose \
+                     `start` is this one's watermarks once they are on the new grid"
+                ),
+            }),
+            None => Ok(true),
         }
     }
 
@@ -670,6 +727,10 @@ impl Provider for JelasticProvider {
         cursors: &Cursors,
         now: DateTime<Utc>,
     ) -> Result<Vec<Chunk>, ProviderError> {
+        // Refused before anything is asked; until the ledger holds the grid, every page of
+        // this run carries it.
+        let unrecorded = self.check_grid(cursors)?;
+        self.grid_unrecorded.store(unrecorded, Ordering::Relaxed);
         let grid = self.grid();
         let bucket = self.config.period.duration();
         let upper = grid.align_down(now - self.config.settle_delay);
@@ -770,10 +831,15 @@ impl Provider for JelasticProvider {
             records = records.len(),
             "jelastic: window fetched"
         );
+        let also = if self.grid_unrecorded.load(Ordering::Relaxed) {
+            vec![(STREAM_GRID.to_string(), self.grid().to_string())]
+        } else {
+            Vec::new()
+        };
         Ok(Page {
             records,
             cursor: Some(cursor.to_rfc3339_opts(SecondsFormat::Secs, true)),
-            also: Vec::new(),
+            also,
         })
     }
 
@@ -854,11 +920,12 @@ fn result_error(envelope: &Value, source: &str) -> Result<(), ProviderError> {
 const NOT_ATTRIBUTES: &[&str] = &["cost", "dateTime", "isPaid", "isWithdrawn"];
 
 /// Parse a whole response body: `result` must be `0`, then every row of `array` becomes a
-/// record (rows outside the requested window are dropped and logged).
+/// record (rows outside the requested window are dropped, counted and logged).
 ///
-/// `result != 0` is [`ProviderError::Api`] with the platform's message; a row without
-/// `dateTime`, `cost` or environment, or with a `cost` that is not an exact decimal, is
-/// [`ProviderError::Shape`] naming the row.
+/// `result != 0` is [`ProviderError::Api`] with the platform's message; a success without an
+/// `array` list (missing or `null`; an empty history is `[]`), or a row without `dateTime`,
+/// `cost` or environment, or with a `cost` that is not an exact decimal, is
+/// [`ProviderError::Shape`] naming the window or the row.
 pub fn parse_response(text: &str, ctx: &HistoryContext) -> Result<Vec<UsageRecord>, ProviderError> {
     let shape = |message: String| ProviderError::Shape {
         provider: ctx.source.clone(),
@@ -872,18 +939,54 @@ pub fn parse_response(text: &str, ctx: &HistoryContext) -> Result<Vec<UsageRecor
         ))
     })?;
     result_error(&envelope, &ctx.source)?;
+    // Only a list is an answer about the window: read as no usage, an answer without one
+    // would move the cursor past the window, which is then never asked again (its records
+    // lost). The platform's empty history is `[]`; `null` is not documented anywhere.
     let rows = match envelope.get("array") {
-        None | Some(Value::Null) => &[][..],
         Some(Value::Array(a)) => a.as_slice(),
-        Some(_) => return Err(shape("`array` is not an array".into())),
+        None => {
+            return Err(shape(format!(
+                "the answer for the window {} has `result` 0 but no `array` (the history); \
+                 nothing of it is staged and the window is asked again",
+                ctx.window()
+            )))
+        }
+        Some(Value::Null) => {
+            return Err(shape(format!(
+                "the answer for the window {} has `array`: null instead of a list (an empty \
+                 history is []); nothing of it is staged and the window is asked again",
+                ctx.window()
+            )))
+        }
+        Some(_) => {
+            return Err(shape(format!(
+                "the answer for the window {}: `array` is not an array",
+                ctx.window()
+            )))
+        }
     };
     let grid = ctx.grid();
     let mut records: Vec<UsageRecord> = Vec::with_capacity(rows.len());
     let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut off_grid = 0usize;
+    // Rows of buckets outside the window asked for: `at_end` those starting exactly at its
+    // end (what an inclusive `endtime` adds: the next window, or the next run past the
+    // cursor, reads that bucket as its first), `outside` every other one.
+    let (mut at_end, mut outside) = (0usize, 0usize);
+    let (mut earliest, mut latest): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (None, None);
     for (index, row) in rows.iter().enumerate() {
-        let Some(record) = row_record(row, index, ctx).map_err(&shape)? else {
-            continue;
+        let record = match row_record(row, index, ctx).map_err(&shape)? {
+            Row::Record(record) => *record,
+            Row::Outside(start) if start == ctx.window_end => {
+                at_end += 1;
+                continue;
+            }
+            Row::Outside(start) => {
+                outside += 1;
+                earliest = Some(earliest.map_or(start, |e| e.min(start)));
+                latest = Some(latest.map_or(start, |l| l.max(start)));
+                continue;
+            }
         };
         if !grid.is_aligned(record.charge_period_start) {
             off_grid += 1;
@@ -898,6 +1001,19 @@ pub fn parse_response(text: &str, ctx: &HistoryContext) -> Result<Vec<UsageRecor
                 records.push(record);
             }
         }
+    }
+    if at_end > 0 {
+        debug!(source = %ctx.source, rows = at_end, window = %ctx.window(),
+            "jelastic: rows of the bucket at the window's end dropped (an inclusive endtime; the next window reads it)");
+    }
+    if outside > 0 {
+        // The windows are on the grid, so the platform read the window (or the offset)
+        // otherwise than it was asked: buckets at the window's edges may be missing from every
+        // answer, unbilled.
+        warn!(source = %ctx.source, rows = outside, window = %ctx.window(),
+            earliest = %earliest.map(rfc3339).unwrap_or_default(), latest = %latest.map(rfc3339).unwrap_or_default(),
+            period = %ctx.period, time_offset = %ctx.time_offset,
+            "jelastic: rows outside the requested window dropped; the platform reads the window or the offset otherwise: check time_offset and time_offset_unit (edge buckets may be lost)");
     }
     if off_grid > 0 {
         warn!(source = %ctx.source, rows = off_grid, period = %ctx.period, time_offset = %ctx.time_offset,
@@ -929,12 +1045,16 @@ fn merge(into: &mut UsageRecord, other: &UsageRecord) {
     .into();
 }
 
-/// One row of `array`, or `None` when its bucket lies outside the requested window.
-fn row_record(
-    row: &Value,
-    index: usize,
-    ctx: &HistoryContext,
-) -> Result<Option<UsageRecord>, String> {
+/// What one row of `array` is.
+enum Row {
+    /// A record of the requested window.
+    Record(Box<UsageRecord>),
+    /// A bucket (starting at this instant) outside the requested window: dropped.
+    Outside(DateTime<Utc>),
+}
+
+/// One row of `array`.
+fn row_record(row: &Value, index: usize, ctx: &HistoryContext) -> Result<Row, String> {
     let Value::Object(r) = row else {
         return Err(format!("array[{index}] is not an object"));
     };
@@ -964,7 +1084,7 @@ fn row_record(
     let end = start + ctx.period.duration();
     if start < ctx.window_start || start >= ctx.window_end {
         debug!(source = %ctx.source, bucket = %start, "jelastic: row outside the requested window dropped");
-        return Ok(None);
+        return Ok(Row::Outside(start));
     }
     let cost_value = r
         .get("cost")
@@ -1025,7 +1145,7 @@ fn row_record(
         nodeid.clone()
     };
     let env_name = domain.clone().unwrap_or_else(|| appid.clone());
-    Ok(Some(UsageRecord {
+    Ok(Row::Record(Box::new(UsageRecord {
         provider: KIND.into(),
         source: ctx.source.as_str().into(),
         billing_account_id: ctx.billing_account_id.as_str().into(),
@@ -1061,5 +1181,5 @@ fn row_record(
         is_final,
         attributes,
         raw: RawJson::from_value(&Value::Object(Map::clone(r))),
-    }))
+    })))
 }
