@@ -33,19 +33,29 @@ const SECRET: &str = "whsec-test-0123456789";
 /// What the receiver does with the next request.
 #[derive(Debug, Clone)]
 enum Script {
-    /// Verify, deduplicate, store; 200 (or 409 for a known batch).
+    /// Verify, deduplicate, store; 200 (or 409 `{"duplicates":"all"}` for a known batch).
     Normal,
     /// Verify and store like `Normal`, then answer this status (the answer is "lost").
     StoreThenAnswer(u16),
     /// Answer this status with this body without storing.
     Answer(u16, &'static str),
+    /// Like `Answer`, with `Retry-After: <seconds>`.
+    AnswerRetryAfter(u16, &'static str, u64),
+    /// Work on the request this long, then fail it (500) without storing: an original request
+    /// the client timed out on while the receiver was still processing it.
+    Stall(Duration),
 }
+
+/// A receiver built on the IETF Idempotency-Key draft answers a retry that arrives while the
+/// original request with the same key is still being processed with this (its example).
+const IN_PROGRESS: &str = r#"{"type":"https://developer.example.com/idempotency","title":"A request is outstanding for this Idempotency-Key","detail":"A request with the same Idempotency-Key for the same operation is being processed or is outstanding."}"#;
 
 #[derive(Debug, Clone)]
 struct Received {
     headers: HeaderMap,
     body: String,
     status: u16,
+    at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -107,12 +117,42 @@ async fn handle(
     State(state): State<Shared>,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, String) {
+) -> (StatusCode, HeaderMap, String) {
+    let at = std::time::Instant::now();
     let text = String::from_utf8_lossy(&body).into_owned();
+    let script = state
+        .lock()
+        .unwrap()
+        .script
+        .pop_front()
+        .unwrap_or(Script::Normal);
+    if let Script::Stall(work) = script {
+        // The work goes on when the client hangs up (hyper drops this handler then).
+        let work = tokio::spawn(async move {
+            tokio::time::sleep(work).await;
+            state.lock().unwrap().requests.push(Received {
+                headers,
+                body: text,
+                status: 500,
+                at,
+            });
+        });
+        let _ = work.await;
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            HeaderMap::new(),
+            "processing failed".into(),
+        );
+    }
     let mut st = state.lock().unwrap();
-    let script = st.script.pop_front().unwrap_or(Script::Normal);
+    let mut answer_headers = HeaderMap::new();
     let (status, answer) = match script {
+        Script::Stall(_) => unreachable!("answered above"),
         Script::Answer(code, msg) => (code, msg.to_string()),
+        Script::AnswerRetryAfter(code, msg, secs) => {
+            answer_headers.insert("retry-after", secs.into());
+            (code, msg.to_string())
+        }
         Script::Normal | Script::StoreThenAnswer(_) => {
             let sent: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             let refused = sent["records"]
@@ -162,7 +202,7 @@ async fn handle(
                         serde_json::json!({ "duplicates": duplicates }).to_string(),
                     ),
                     Script::StoreThenAnswer(code) => (code, "lost answer".to_string()),
-                    _ if known => (409, "batch already received".to_string()),
+                    _ if known => (409, r#"{"duplicates":"all"}"#.to_string()),
                     _ => (200, "{}".to_string()),
                 }
             }
@@ -172,8 +212,13 @@ async fn handle(
         headers,
         body: text,
         status,
+        at,
     });
-    (StatusCode::from_u16(status).unwrap(), answer)
+    (
+        StatusCode::from_u16(status).unwrap(),
+        answer_headers,
+        answer,
+    )
 }
 
 struct Receiver {
@@ -517,12 +562,17 @@ async fn a_refused_batch_is_halved_until_only_the_refused_records_are_rejected()
 
 /// A pipeline of the MetalSoft demo data into the webhook sink, ledger in the world's dir.
 async fn pipeline(world: &world::World, url: &str, retry: RetryPolicy) -> Pipeline {
+    pipeline_with(world, sink(url, 5, retry)).await
+}
+
+/// [`pipeline`] with a sink configured by the test.
+async fn pipeline_with(world: &world::World, sink: WebhookSink) -> Pipeline {
     let mut p = Pipeline::new(
         Ledger::open(&world.dir.path().join("ledger.db"))
             .await
             .unwrap(),
         vec![Box::new(world.provider())],
-        vec![Box::new(sink(url, 5, retry))],
+        vec![Box::new(sink)],
         MappingSet::examples().unwrap(),
     );
     p.lock_ttl = Duration::from_secs(60);
@@ -560,6 +610,7 @@ async fn exactly_once_through_a_lost_answer_and_a_restart() {
     let reqs = rx.requests();
     let lost = &reqs[0];
     let resent = reqs.last().unwrap();
+    // `{"duplicates":"all"}`: the only 409 taken for the whole batch.
     assert_eq!(resent.status, 409);
     assert_eq!(
         resent.headers["idempotency-key"],
@@ -900,6 +951,181 @@ async fn a_409_naming_its_duplicates_never_marks_the_other_records_delivered() {
         out.iter().all(|o| matches!(o, Outcome::Failed(_))),
         "{out:?}"
     );
+}
+
+/// A 409 counts as delivered only when its body says what the receiver has. Receivers built on
+/// the IETF Idempotency-Key draft ("Error Scenarios") answer 409, with a problem+json body or
+/// none, to a retry that arrives while the original request with that key is *still being
+/// processed*, and the original may yet fail. Any 409 other than `{"duplicates":"all"}` or
+/// `{"duplicates":[…]}` used to record the whole batch as delivered: records the receiver never
+/// stored, never billed, and nothing flags it (a webhook cannot be read back). Now such a 409 is
+/// retried like a 429 or 5xx, with the same body and key, after the `Retry-After` it asks for;
+/// when the retries run out the records stay pending with the answer as the reason, and a later
+/// request delivers them.
+#[tokio::test]
+async fn a_409_without_a_duplicates_answer_is_retried_and_never_taken_for_delivered() {
+    let rx = Receiver::start(vec![
+        Script::AnswerRetryAfter(409, IN_PROGRESS, 1),
+        Script::Answer(409, ""),
+        Script::Normal,
+    ])
+    .await;
+    let s = sink(
+        &rx.url,
+        100,
+        RetryPolicy {
+            max_retries: 3,
+            min_delay: Duration::from_millis(5),
+            max_delay: Duration::from_secs(5),
+        },
+    );
+    assert_eq!(
+        s.deliver(&batch(&s, 2)).await.unwrap(),
+        vec![Outcome::Delivered; 2]
+    );
+    let reqs = rx.requests();
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![409, 409, 200]
+    );
+    for r in &reqs {
+        assert_eq!(r.body, reqs[0].body);
+        assert_eq!(
+            r.headers["idempotency-key"],
+            reqs[0].headers["idempotency-key"]
+        );
+    }
+    assert!(
+        reqs[1].at - reqs[0].at >= Duration::from_secs(1),
+        "Retry-After: 1 honoured: {:?}",
+        reqs[1].at - reqs[0].at
+    );
+    assert_eq!(s.throttled(), 0, "a 409 is not throttling");
+    assert!(rx.state.lock().unwrap().stored.values().all(|&n| n == 1));
+
+    // Retries run out on such 409s: pending (Failed) with the answer, nothing delivered; the
+    // next run's request is answered for the finished original (here 200) and delivers them.
+    for body in [
+        "",
+        IN_PROGRESS,
+        "batch already received",
+        r#"{"duplicates":"ALL"}"#,
+        r#"{"duplicates":true}"#,
+        r#"{"status":"duplicate"}"#,
+    ] {
+        let rx = Receiver::start(vec![Script::Answer(409, body); 2]).await;
+        let s = sink(&rx.url, 100, fast_retry(1));
+        let out = s.deliver(&batch(&s, 2)).await.unwrap();
+        for o in &out {
+            assert!(
+                matches!(o, Outcome::Failed(m) if m.contains("409") && m.contains("gave up after 2 attempts")),
+                "{body:?}: {o:?}"
+            );
+        }
+        assert_eq!(rx.requests().len(), 2, "{body:?}");
+        assert!(rx.state.lock().unwrap().stored.is_empty());
+        assert_eq!(
+            s.deliver(&batch(&s, 2)).await.unwrap(),
+            vec![Outcome::Delivered; 2],
+            "{body:?}"
+        );
+    }
+
+    // `{"duplicates":"all"}` says the receiver has every record of this request: delivered.
+    let rx = Receiver::start(vec![Script::Answer(409, r#"{"duplicates":"all"}"#)]).await;
+    let s = sink(&rx.url, 100, fast_retry(3));
+    assert_eq!(
+        s.deliver(&batch(&s, 3)).await.unwrap(),
+        vec![Outcome::AlreadyDelivered; 3]
+    );
+    assert_eq!(rx.requests().len(), 1);
+}
+
+/// The loss end to end: the first request of a batch times out while the receiver is still
+/// working on it; the retry (same Idempotency-Key) is answered 409 "a request is outstanding
+/// for this Idempotency-Key" (IETF draft); then the original fails at the receiver, storing
+/// nothing. The batch used to be recorded `sent` (already delivered), records the receiver
+/// never had. Now they stay `pending` with the 409 as their last error, and the next run
+/// delivers them, each once.
+#[tokio::test]
+async fn a_409_while_the_original_is_still_processing_leaves_the_records_pending() {
+    let world = world::World::start(Behaviour::default()).await;
+    let rx = Receiver::start(vec![
+        Script::Stall(Duration::from_millis(2000)),
+        Script::Answer(409, IN_PROGRESS),
+    ])
+    .await;
+    let opts = SyncOptions {
+        now: Some(world::now()),
+        ..Default::default()
+    };
+    let impatient = || {
+        WebhookSink::new(
+            "hook".into(),
+            WebhookConfig {
+                timeout: Duration::from_millis(1000),
+                ..config(&rx.url, 5, fast_retry(1))
+            },
+        )
+        .unwrap()
+    };
+    let first = pipeline_with(&world, impatient())
+        .await
+        .sync(&opts)
+        .await
+        .unwrap();
+    assert_eq!((first.failed, first.already_delivered), (5, 0), "{first:?}");
+    // The original request has failed at the receiver by now.
+    for _ in 0..250 {
+        if rx.requests().iter().any(|r| r.status == 500) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reqs = rx.requests();
+    let key_of = |status: u16| {
+        reqs.iter()
+            .find(|r| r.status == status)
+            .map(|r| r.headers["idempotency-key"].clone())
+    };
+    assert!(key_of(500).is_some(), "the original failed");
+    assert_eq!(key_of(409), key_of(500), "the 409 answered its retry");
+    let rows = ledger_rows(&world).await;
+    let pending: Vec<&(String, String, i64, Option<String>)> =
+        rows.iter().filter(|r| r.1 == "pending").collect();
+    assert_eq!(pending.len(), 5, "{rows:?}");
+    for (key, _, _, error) in &pending {
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("409") && e.contains("outstanding")),
+            "{key}: {error:?}"
+        );
+    }
+    let stored: Vec<String> = rx.state.lock().unwrap().stored.keys().cloned().collect();
+    let mut sent: Vec<String> = rows
+        .iter()
+        .filter(|r| r.1 == "sent")
+        .map(|r| r.0.clone())
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent, stored,
+        "what the receiver stored is sent in the ledger"
+    );
+
+    // The next run delivers them.
+    let second = pipeline_with(&world, impatient())
+        .await
+        .sync(&opts)
+        .await
+        .unwrap();
+    assert_eq!((second.sent, second.failed), (5, 0), "{second:?}");
+    let rows = ledger_rows(&world).await;
+    assert!(rows.iter().all(|r| r.1 == "sent"), "{rows:?}");
+    let st = rx.state.lock().unwrap();
+    assert_eq!(st.stored.len(), rows.len());
+    assert!(st.stored.values().all(|&n| n == 1), "a record stored twice");
 }
 
 /// A 409 naming some records of the batch settles those (already delivered); when the resend

@@ -12,28 +12,33 @@
 //!   between the receiver's answer and the ledger's acknowledgement, carries the same id. A
 //!   batch after a crash can hold *more* records than the lost attempt (new records join the
 //!   pending queue), so a receiver must in the end deduplicate by each record's `key`; the
-//!   batch id is a shortcut. A bare **409** means "I already have this whole batch" (its
-//!   `Idempotency-Key`, i.e. every one of its records): the sink records them all as delivered
-//!   before. A receiver that has only *some* of the records either stores the others and
-//!   answers 2xx, or answers 409 with `{"duplicates":["<key>",…]}` naming the keys it already
-//!   has and storing nothing of the request: exactly those are recorded as delivered before
-//!   and the others are sent again at once as a new batch (new id). A listed 409 that names
-//!   none of the batch's keys delivers nothing (the records stay pending). A bare 409 for a
-//!   batch the receiver has only in part would take records it never stored for delivered:
-//!   lost revenue, so the README forbids it.
+//!   batch id is a shortcut. A **409** counts only when its body says which records the
+//!   receiver has: `{"duplicates":"all"}` means "I already have this whole batch" (its
+//!   `Idempotency-Key`, i.e. every one of its records) and the sink records them all as
+//!   delivered before. A receiver that has only *some* of the records either stores the others
+//!   and answers 2xx, or answers 409 with `{"duplicates":["<key>",…]}` naming the keys it
+//!   already has and storing nothing of the request: exactly those are recorded as delivered
+//!   before and the others are sent again at once as a new batch (new id). A listed 409 that
+//!   names none of the batch's keys delivers nothing (the records stay pending). Any other 409
+//!   (empty, problem+json, anything else) is transient: receivers following the IETF
+//!   Idempotency-Key draft answer 409 to a retry while the original request with that key is
+//!   *still being processed*, and that original may yet fail, so taking it for "delivered"
+//!   would lose the records with nothing to show it (a webhook cannot be read back).
 //! - **Signature**: `X-Billsync-Timestamp: <unix seconds>` and
 //!   `X-Billsync-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<raw body>")>`. Each
 //!   attempt is signed afresh (a retry has a new timestamp and signature over the same body),
 //!   so the receiver can refuse stale timestamps against replay and must never use the
 //!   signature as a deduplication key.
-//! - **Retry classes** as for Lago: transport errors, timeouts, 408, 429 and 5xx are retried
-//!   with the same body ([`RetryPolicy`], honouring `Retry-After`); 2xx = delivered; 409 =
-//!   already delivered (as above); a 400 or 422 about a single record rejects it (held in the
-//!   ledger with the answer), and about several records sends each half again as a new batch
-//!   (its own id), down to single records, so one bad record never rejects good ones (at most
-//!   2n - 1 batches for n records); 401 and 403 stop the sink (records stay pending), and so
-//!   do 404 (a wrong `url`) and 413 (a `batch_size` the receiver cannot take): the address or the size is at fault,
-//!   not the records; anything else leaves the records pending for the next run.
+//! - **Retry classes** as for Lago: transport errors, timeouts, 408, 429, 5xx and a 409
+//!   without a `duplicates` answer are retried with the same body and key ([`RetryPolicy`],
+//!   honouring `Retry-After`), the records staying pending when the retries run out; 2xx =
+//!   delivered; a 409 with `duplicates` = already delivered (as above); a 400 or 422 about a
+//!   single record rejects it (held in the ledger with the answer), and about several records
+//!   sends each half again as a new batch (its own id), down to single records, so one bad
+//!   record never rejects good ones (at most 2n - 1 batches for n records); 401 and 403 stop
+//!   the sink (records stay pending), and so do 404 (a wrong `url`) and 413 (a `batch_size` the
+//!   receiver cannot take): the address or the size is at fault, not the records; anything
+//!   else leaves the records pending for the next run.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -128,7 +133,8 @@ pub struct WebhookConfig {
     /// Timeout of one HTTP request, e.g. `30s`. Default 30 seconds.
     #[serde(default = "default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
-    /// Retries of transient failures (transport errors, timeouts, 408, 429, 5xx).
+    /// Retries of transient failures (transport errors, timeouts, 408, 429, 5xx, a 409 that does
+    /// not say which records the receiver has).
     #[serde(default)]
     pub retry: RetryPolicy,
 }
@@ -497,9 +503,23 @@ impl WebhookSink {
         };
         let outcome = match status.as_u16() {
             200..=299 => Outcome::Delivered,
-            409 => match listed_duplicates(&text) {
-                Some(keys) => return Ok(Attempt::Done(Answer::Duplicates(keys))),
-                None => Outcome::AlreadyDelivered,
+            409 => match duplicates(&text) {
+                Some(Duplicates::All) => Outcome::AlreadyDelivered,
+                Some(Duplicates::Listed(keys)) => {
+                    return Ok(Attempt::Done(Answer::Duplicates(keys)))
+                }
+                // Not "I have it": an IETF Idempotency-Key receiver answers a bare 409 while the
+                // original request with this key is still being processed, and that one may
+                // still fail. Ask again with the same key; it answers for the finished request.
+                None => {
+                    return Ok(Attempt::Transient {
+                        reason: format!(
+                            "HTTP {status} without a \"duplicates\" answer (not taken for delivered): {}",
+                            snippet(&text)
+                        ),
+                        hint,
+                    })
+                }
             },
             401 | 403 => {
                 return Err(self.stopped(format!(
@@ -541,17 +561,29 @@ impl WebhookSink {
     }
 }
 
-/// The keys of a 409 answer `{"duplicates":["<key>",…]}`; `None` for a bare 409 (any other
-/// body), which means the whole batch.
-fn listed_duplicates(text: &str) -> Option<HashSet<String>> {
+/// What a 409 says the receiver already has.
+#[derive(Debug, PartialEq, Eq)]
+enum Duplicates {
+    /// `{"duplicates":"all"}`: every record of the request (its `Idempotency-Key`).
+    All,
+    /// `{"duplicates":["<key>",…]}`: exactly these keys; nothing of the request was stored.
+    Listed(HashSet<String>),
+}
+
+/// The `duplicates` answer of a 409; `None` for any other body (empty, problem+json, "in
+/// progress"…), which says nothing about what the receiver stored.
+fn duplicates(text: &str) -> Option<Duplicates> {
     let v: Value = serde_json::from_str(text).ok()?;
-    let list = v.as_object()?.get("duplicates")?.as_array()?;
-    Some(
-        list.iter()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect(),
-    )
+    match v.as_object()?.get("duplicates")? {
+        Value::String(s) if s == "all" => Some(Duplicates::All),
+        Value::Array(list) => Some(Duplicates::Listed(
+            list.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+        )),
+        _ => None,
+    }
 }
 
 /// What settling one batch took: the batches sent (the first, its halves, resends after a
