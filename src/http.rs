@@ -1,7 +1,8 @@
 //! What every HTTP integration shares: one client shape and one retry policy.
 //!
-//! Retries use `backon` (exponential backoff with jitter); a server's own `Retry-After` or
-//! `X-RateLimit-Reset` replaces the computed delay, because guessing shorter only earns another 429.
+//! Retries use `backon` (exponential backoff with jitter); a server's own `Retry-After` (or, on
+//! a 429, `X-RateLimit-Reset`) replaces the computed delay, because guessing shorter only earns
+//! another 429.
 
 use std::time::Duration;
 
@@ -98,7 +99,7 @@ pub async fn get_text(
             Err(e) => (transport_reason(&e), None),
             Ok(resp) => {
                 let status = resp.status();
-                let hint = retry_hint(resp.headers());
+                let hint = retry_hint(status, resp.headers());
                 match resp.text().await {
                     Err(e) => (
                         format!(
@@ -141,8 +142,17 @@ pub async fn get_text(
     }
 }
 
-/// The server's wait hint: `Retry-After` (seconds or HTTP date) or `X-RateLimit-Reset` (seconds).
-pub fn retry_hint(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+/// The server's wait hint for an answer with `status`: `Retry-After` (seconds or HTTP date),
+/// else, on a 429 only, `X-RateLimit-Reset` (seconds).
+///
+/// `X-RateLimit-Reset` says when the rate-limit window resets, which is the wait only when the
+/// rate limit is why the request failed. Lago Cloud sends it on every answer with a reset of
+/// 0 or 1 s: taken for a 5xx or 408 it replaced the backoff, and a short outage used up every
+/// retry within a second.
+pub fn retry_hint(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+) -> Option<Duration> {
     let text = |name: &str| {
         headers
             .get(name)
@@ -157,6 +167,9 @@ pub fn retry_hint(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
             let wait = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
             return Some(wait.to_std().unwrap_or(Duration::ZERO));
         }
+    }
+    if status != reqwest::StatusCode::TOO_MANY_REQUESTS {
+        return None;
     }
     text("x-ratelimit-reset")
         .and_then(|v| v.parse::<u64>().ok())

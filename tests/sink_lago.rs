@@ -1173,3 +1173,212 @@ async fn read_back_retries_429_5xx_and_timeouts_with_the_sink_policy() {
     assert!(err.contains("400"), "{err}");
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
 }
+
+/// A 422 that is not Lago's (Lago's 422 always carries `status: 422`, `error` and
+/// `error_details`: lago-api `ApiErrors#validation_errors`) comes from what stands in front of
+/// Lago: a WAF's HTML block page, a gateway's own JSON, or a body whose `status` is not the
+/// answer's. Such a 422 says nothing about the records, and every batch would meet it: it used
+/// to reject the whole batch (the run's backlog quarantined as `rejected`), and a body with
+/// another `status` but Lago-like `error_details` was even split by index, marking records
+/// delivered that Lago never stored. The sink stops, naming the answer; the records stay
+/// pending.
+#[tokio::test]
+async fn a_422_not_in_lagos_error_format_stops_the_sink_and_keeps_the_records_pending() {
+    let waf_page = "<html><head><title>Request Rejected</title></head><body>The requested URL was rejected. Support ID: 1234567890</body></html>";
+    let gateway_json = r#"{"message":"Request body validation failed"}"#;
+    // Spring Cloud Gateway's default error body: `status` and `error`, no `error_details`.
+    let spring_gateway = r#"{"timestamp":"2026-12-07T10:00:00.000+00:00","path":"/api/v1/events/batch","status":422,"error":"Unprocessable Entity","requestId":"4f1c"}"#;
+    // Lago-like details under another status: not Lago answering this request.
+    let other_status = r#"{"status":400,"error":"Bad Request","code":"validation_errors","error_details":{"0":{"transaction_id":["value_already_exist"]}}}"#;
+    for (body, named) in [
+        (waf_page, "Request Rejected"),
+        (gateway_json, "Request body validation failed"),
+        (spring_gateway, "requestId"),
+        (other_status, "value_already_exist"),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(422).set_body_string(body))
+            .mount(&server)
+            .await;
+        let s = sink(&server.uri(), fast_retry(2));
+        let result = s.deliver(&four_events(&s)).await;
+        let stop = match result {
+            Err(stop) => stop,
+            Ok(out) => panic!("a 422 not from Lago must stop the sink, got {out:?} for {body}"),
+        };
+        assert!(stop.message.contains("422"), "{stop}");
+        assert!(
+            stop.message.contains("not in Lago's error format"),
+            "{stop}"
+        );
+        assert!(stop.message.contains(named), "the answer is named: {stop}");
+        assert!(stop.message.contains("records stay pending"), "{stop}");
+        assert!(
+            stop.settled.is_empty(),
+            "nothing settled: {:?}",
+            stop.settled
+        );
+        assert_eq!(bodies(&server).await.len(), 1, "{body}: not retried");
+    }
+}
+
+/// Lago Cloud sends `X-RateLimit-Limit/Remaining/Reset` on every answer, not only on 429, with
+/// a reset of 0 or 1 second. Taken as the wait for a 5xx or 408, it replaced the backoff: during
+/// a short outage a batch spent all its retries within about a second and its records were left
+/// failed instead of waiting the outage out. `X-RateLimit-Reset` is the wait for a 429 only;
+/// other retried answers back off with the policy, unless they carry `Retry-After`.
+#[tokio::test]
+async fn a_rate_limit_reset_is_the_wait_for_a_429_only() {
+    let retry = RetryPolicy {
+        max_retries: 2,
+        min_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(5),
+    };
+    // Lago Cloud's rate-limit headers on an answer that is not a 429.
+    let with_rate_headers = |status: u16| {
+        ResponseTemplate::new(status)
+            .insert_header("X-RateLimit-Limit", "500")
+            .insert_header("X-RateLimit-Remaining", "499")
+            .insert_header("X-RateLimit-Reset", "0")
+    };
+    for status in [500, 502, 503, 408] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(with_rate_headers(status))
+            .mount(&server)
+            .await;
+        let s = sink(&server.uri(), retry.clone());
+        let started = Instant::now();
+        let out = s.deliver(&four_events(&s)).await.unwrap();
+        let elapsed = started.elapsed();
+        assert!(
+            out.iter().all(|o| matches!(o, Outcome::Failed(_))),
+            "{status}: {out:?}"
+        );
+        assert_eq!(bodies(&server).await.len(), 3, "{status}");
+        // The policy's backoff: at least 200 ms, then 400 ms (jitter only adds).
+        assert!(
+            elapsed >= Duration::from_millis(550),
+            "{status}: X-RateLimit-Reset: 0 cut the backoff to {elapsed:?}"
+        );
+    }
+
+    // A 429's X-RateLimit-Reset is still its wait.
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("X-RateLimit-Limit", "500")
+                .insert_header("X-RateLimit-Remaining", "0")
+                .insert_header("X-RateLimit-Reset", "1"),
+        )
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[]}"#))
+        .mount(&server)
+        .await;
+    // A short backoff, so only the hint (capped at max_delay) makes the wait.
+    let honouring = RetryPolicy {
+        max_retries: 3,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_secs(5),
+    };
+    let s = sink(&server.uri(), honouring.clone());
+    let started = Instant::now();
+    assert_eq!(
+        s.deliver(&four_events(&s)).await.unwrap(),
+        vec![Outcome::Delivered; 4]
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "a 429's X-RateLimit-Reset ignored"
+    );
+
+    // A 503's Retry-After is still its wait, whatever X-RateLimit-Reset says.
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(with_rate_headers(503).insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[]}"#))
+        .mount(&server)
+        .await;
+    let s = sink(&server.uri(), honouring);
+    let started = Instant::now();
+    assert_eq!(
+        s.deliver(&four_events(&s)).await.unwrap(),
+        vec![Outcome::Delivered; 4]
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "a 503's Retry-After ignored"
+    );
+}
+
+/// `api_url` may carry credentials (user info for a proxy in front of Lago, a token in a query
+/// it then refuses). The messages that name the address (a refused configuration at start-up, a
+/// stop on a 404 or on an answer not in Lago's format) are logged and stored as the records'
+/// last error in the ledger, where no secret may go: they show the address without them, as the
+/// Stripe and webhook sinks do.
+#[tokio::test]
+async fn api_url_credentials_are_never_shown() {
+    let secrets = ["lago-user", "tok-s3cret"];
+    let cfg = |url: &str| LagoConfig {
+        api_url: url.into(),
+        api_key: billsync::config::Secret::new("k"),
+        batch_size: 100,
+        timeout: Duration::from_secs(1),
+        retry: RetryPolicy::default(),
+    };
+    for url in [
+        "ftp://lago-user:tok-s3cret@lago.example.invalid",
+        "https://lago-user:tok-s3cret@lago.example.invalid/api/v1",
+        "https://lago.example.invalid/?api_key=tok-s3cret&user=lago-user",
+        "https://lago-user:tok-s3cret@[::1",
+    ] {
+        let err = LagoSink::new("l".into(), cfg(url))
+            .expect_err("not a usable api_url")
+            .to_string();
+        assert!(
+            err.contains("lago.example.invalid") || err.contains("[::1"),
+            "{err}"
+        );
+        for secret in secrets {
+            assert!(!err.contains(secret), "{secret} in: {err}");
+        }
+    }
+
+    // The stops that name the address: a 404, a 400 and a 422 not in Lago's format.
+    for (status, body) in [
+        (404, ""),
+        (400, "<html>400 Bad Request</html>"),
+        (422, "<html>Request Rejected</html>"),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(status).set_body_string(body))
+            .mount(&server)
+            .await;
+        let with_user = server
+            .uri()
+            .replacen("http://", "http://lago-user:tok-s3cret@", 1);
+        let s = sink(&with_user, fast_retry(0));
+        let stop = s
+            .deliver(&four_events(&s))
+            .await
+            .expect_err("an answer about the way to Lago stops the sink");
+        let shown = stop.to_string();
+        assert!(
+            shown.contains(&server.address().to_string()),
+            "{status}: {shown}"
+        );
+        for secret in secrets {
+            assert!(!shown.contains(secret), "{status}: {secret} in: {shown}");
+        }
+    }
+}

@@ -408,7 +408,7 @@ impl MetalsoftProvider {
             .await
             .map_err(|e| transport(describe_reqwest(&e)))?;
         let status = resp.status();
-        let hint = http::retry_hint(resp.headers());
+        let hint = http::retry_hint(status, resp.headers());
         let body = resp
             .bytes()
             .await

@@ -569,7 +569,7 @@ impl SakuraProvider {
             .await
             .map_err(|e| transport(describe_reqwest(&e)))?;
         let status = resp.status();
-        let hint = http::retry_hint(resp.headers());
+        let hint = http::retry_hint(status, resp.headers());
         let text = resp
             .text()
             .await

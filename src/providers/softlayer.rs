@@ -456,7 +456,7 @@ impl SoftlayerProvider {
             .await
             .map_err(|e| transport(describe_reqwest(&e)))?;
         let status = resp.status();
-        let hint = http::retry_hint(resp.headers());
+        let hint = http::retry_hint(status, resp.headers());
         let total = resp
             .headers()
             .get("softlayer-total-items")

@@ -15,11 +15,15 @@
 //!   duplicate rolls the whole batch back. Records reported only as
 //!   `transaction_id: value_already_exist` were delivered earlier; records with any other
 //!   error are rejected; every other record is resent in a new batch until all are resolved.
+//!   A 422 not in Lago's error format (a WAF's or gateway's) is about the way to Lago, not the
+//!   records: it stops the sink, as a non-Lago 400 or any 404 does.
 //! - **Retries are for transient failures only** (transport errors, timeouts, 429, 5xx), with
-//!   the shared [`RetryPolicy`] and the server's own wait hint. 401/403 stop the sink (records
-//!   not settled by an earlier request of the batch stay pending) instead of burning retries, and so does a 400 (lago-api answers it only
-//!   about the request as a whole: a body it cannot read, never one event); nothing is ever
-//!   marked delivered without a 2xx or a per-record `value_already_exist`.
+//!   the shared [`RetryPolicy`] and the server's own wait hint: `Retry-After`, and on a 429
+//!   `X-RateLimit-Reset` (Lago Cloud sends that on every answer, so it is no wait for a 5xx).
+//!   401/403 stop the sink (records not settled by an earlier request of the batch stay
+//!   pending) instead of burning retries, and so does a 400 (lago-api answers it only about the
+//!   request as a whole: a body it cannot read, never one event); nothing is ever marked
+//!   delivered without a 2xx or a per-record `value_already_exist`.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -30,7 +34,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Secret;
-use crate::http::{get_text, retry_hint, snippet, transport_reason, ReadFailure, RetryPolicy};
+use crate::http::{
+    get_text, retry_hint, shown_url, snippet, transport_reason, ReadFailure, RetryPolicy,
+};
 use crate::mapping::MappedEvent;
 use crate::sinks::{EncodeError, Outcome, Outgoing, Sink, SinkStopped};
 
@@ -100,6 +106,9 @@ pub struct LagoSink {
     name: String,
     base: String,
     endpoint: String,
+    /// `endpoint` for messages: without the user info `api_url` may carry (messages are
+    /// logged and stored as records' last errors).
+    shown_endpoint: String,
     api_key: Secret,
     batch_size: usize,
     retry: RetryPolicy,
@@ -193,9 +202,10 @@ impl LagoSink {
             return Err(LagoConfigError::Timeout { sink: name });
         }
         let base = config.api_url.trim().trim_end_matches('/').to_string();
+        // The URL may carry credentials: an error shows it without them.
         let url_error = |reason: &str| LagoConfigError::ApiUrl {
             sink: name.clone(),
-            url: config.api_url.clone(),
+            url: shown_url(config.api_url.trim()),
             reason: reason.to_string(),
         };
         let parsed = reqwest::Url::parse(&base)
@@ -224,8 +234,10 @@ impl LagoSink {
                 sink: name.clone(),
                 message: e.to_string(),
             })?;
+        let endpoint = format!("{base}{BATCH_PATH}");
         Ok(LagoSink {
-            endpoint: format!("{base}{BATCH_PATH}"),
+            shown_endpoint: shown_url(&endpoint),
+            endpoint,
             base,
             name,
             api_key: config.api_key,
@@ -342,7 +354,7 @@ impl LagoSink {
             }
         };
         let status = response.status();
-        let hint = retry_hint(response.headers());
+        let hint = retry_hint(status, response.headers());
         if status.as_u16() == 429 {
             self.throttled
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -434,7 +446,7 @@ impl LagoSink {
                     .unwrap_or_default();
                 return Err(self.stopped(format!(
                     "{} answered 404 Not Found{lago_code}: check api_url; records stay pending",
-                    self.endpoint
+                    self.shown_endpoint
                 )));
             }
             400 if lago_error.is_none() => {
@@ -442,7 +454,7 @@ impl LagoSink {
                 // request was sent to HTTPS port", say) refused the request itself.
                 return Err(self.stopped(format!(
                     "{} answered 400 Bad Request, not in Lago's error format: check api_url (http or https, the proxy in front of Lago); records stay pending: {}",
-                    self.endpoint,
+                    self.shown_endpoint,
                     snippet(&text)
                 )));
             }
@@ -463,7 +475,24 @@ impl LagoSink {
                     "Lago answered 400 Bad Request ({said}): Lago could not read the request as a whole, not any record of it; check what stands between billsync and Lago (a proxy altering the body); records stay pending"
                 )));
             }
-            422 => self.split_422(&text, count)?,
+            // Lago's 422 always carries `error_details` (lago-api `ApiErrors`:
+            // `validation_errors`, `provider_error`, `thirdparty_error`), the only part that
+            // speaks about the records.
+            422 => match lago_error {
+                Some(error) if error.error_details.is_some() => {
+                    self.split_422(error, &text, count)?
+                }
+                _ => {
+                    // Not Lago's answer: a WAF or gateway in front of it refused the request.
+                    // It says nothing about the records and every batch would meet it:
+                    // rejecting them quarantined the whole backlog. Stop; they stay pending.
+                    return Err(self.stopped(format!(
+                        "{} answered 422 Unprocessable Entity, not in Lago's error format: check what stands in front of Lago (a WAF or gateway refusing the request); records stay pending: {}",
+                        self.shown_endpoint,
+                        snippet(&text)
+                    )));
+                }
+            },
             408 | 429 | 500..=599 => {
                 return Ok(Attempt::Transient {
                     reason: format!("HTTP {status}: {}", snippet(&text)),
@@ -557,13 +586,16 @@ impl LagoSink {
             })
     }
 
-    /// Classify a 422 answer: per-index outcomes, or one verdict for the whole request.
-    fn split_422(&self, text: &str, count: usize) -> Result<RequestResult, SinkStopped> {
+    /// Classify Lago's own 422 answer (`error`, parsed from `text` with `status` 422):
+    /// per-index outcomes, or one verdict for the whole request.
+    fn split_422(
+        &self,
+        error: LagoError,
+        text: &str,
+        count: usize,
+    ) -> Result<RequestResult, SinkStopped> {
         let whole = |why: &str| {
             RequestResult::Rejected(format!("Lago answered 422 ({why}): {}", snippet(text)))
-        };
-        let Ok(error) = serde_json::from_str::<LagoError>(text) else {
-            return Ok(whole("not a Lago error body"));
         };
         let details = match error.error_details {
             Some(Value::Object(map)) => map,

@@ -573,7 +573,7 @@ impl StripeSink {
         };
         let status = response.status();
         let code = status.as_u16();
-        let hint = retry_hint(response.headers());
+        let hint = retry_hint(status, response.headers());
         let replayed = header_is_true(response.headers(), "idempotent-replayed");
         let text = match response.text().await {
             Ok(t) => t,
@@ -790,7 +790,7 @@ impl StripeSink {
                 Err(e) => (transport_reason(&e), None),
                 Ok(response) => {
                     let code = response.status().as_u16();
-                    let hint = retry_hint(response.headers());
+                    let hint = retry_hint(response.status(), response.headers());
                     let text = response.text().await.unwrap_or_default();
                     let error = StripeError::parse(&text);
                     match code {
@@ -884,7 +884,7 @@ impl StripeSink {
                 Err(e) => (transport_reason(&e), None),
                 Ok(response) => {
                     let code = response.status().as_u16();
-                    let hint = retry_hint(response.headers());
+                    let hint = retry_hint(response.status(), response.headers());
                     let text = response.text().await.unwrap_or_default();
                     match code {
                         200..=299 => {

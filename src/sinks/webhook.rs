@@ -488,7 +488,7 @@ impl WebhookSink {
             }
         };
         let status = response.status();
-        let hint = retry_hint(response.headers());
+        let hint = retry_hint(status, response.headers());
         let text = match response.text().await {
             Ok(t) => t,
             Err(e) => {
