@@ -86,6 +86,28 @@ fn encode_is_frozen_exact_json() {
     assert!(s.encode("", &event("sub-1", "1", at(0))).is_err());
 }
 
+/// Lago keeps events in Postgres, which cannot store the NUL character: a request carrying one
+/// is answered 500 as a whole, at every retry and every run, and the events batched beside it
+/// would never be delivered. Such an event is refused when it is encoded (the record is held
+/// in the ledger with the reason), wherever the character is; the others go out.
+#[test]
+fn an_event_with_a_nul_character_is_refused_at_encoding() {
+    let s = sink("http://127.0.0.1:1", fast_retry(0));
+    let mut e = event("sub-1", "1", at(0));
+    e.properties.insert("region".into(), "eu\0west".into());
+    let refused = s.encode("tx-1", &e).expect_err("a NUL in a property value");
+    assert!(
+        refused.message.contains("region holds a NUL"),
+        "{refused:?}"
+    );
+    let mut e = event("sub-1", "1", at(0));
+    e.properties.insert("ra\0ck".into(), "a".into());
+    assert!(s.encode("tx-2", &e).is_err(), "in a property name");
+    assert!(s.encode("tx-3", &event("sub\0", "1", at(0))).is_err());
+    assert!(s.encode("tx-\0", &event("sub-1", "1", at(0))).is_err());
+    assert!(s.encode("tx-5", &event("sub-1", "1", at(0))).is_ok());
+}
+
 #[test]
 fn config_is_validated() {
     let cfg = |url: &str, batch_size: usize| LagoConfig {

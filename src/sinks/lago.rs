@@ -848,6 +848,28 @@ impl Sink for LagoSink {
         if secs < 0 {
             return Err(self.encode_error(key, "the timestamp is before 1970"));
         }
+        // Lago keeps events in Postgres, whose text and jsonb refuse the NUL character: a
+        // request carrying one is answered 500 as a whole, at every retry and every run, and
+        // the events batched beside it would never be delivered either. Held here instead.
+        let nul = [
+            ("transaction_id", key),
+            ("external_subscription_id", &*event.external_subscription_id),
+            ("code", &*event.metric_code),
+        ]
+        .into_iter()
+        .chain(
+            event
+                .properties
+                .iter()
+                .flat_map(|(k, v)| [("a property name", &**k), (&**k, &**v)]),
+        )
+        .find(|(_, text)| text.contains('\0'));
+        if let Some((field, _)) = nul {
+            return Err(self.encode_error(
+                key,
+                format!("{field} holds a NUL character, which Lago cannot store"),
+            ));
+        }
         // Written in place, strings escaped by serde_json straight into the buffer: one
         // allocation per event instead of one per field.
         use std::io::Write;
