@@ -686,3 +686,43 @@ rules:
     );
     assert!(load(&[("m.yaml", &other)]).is_ok(), "{other}");
 }
+
+/// The account directory bills account 101 to `sub_a` without pricing; the customer entry bills
+/// account 1 to `sub_a` with a 10 % markup, which follows the rule's monthly tiers and scales
+/// what they add. The month of `sub_a` would be tiered with or without that markup depending
+/// on whose record came last: a load error naming the rule, the entry and the directory row.
+#[test]
+fn a_directory_row_beside_an_entry_scaling_a_rules_monthly_tiers_is_refused() {
+    let yaml = "version: 1
+customers_csv: accounts.csv
+customers:
+  - match: { provider: metalsoft, sub_account_id: \"1\" }
+    external_subscription_id: sub_a
+    pricing: { markup_percent: 10 }
+rules:
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    value:
+      cost:
+        tiers: [{ up_to: \"1000\", markup_percent: 20 }, { markup_percent: 10 }]
+        period: month
+";
+    let csv = "provider,sub_account_id,external_subscription_id,external_customer_id
+metalsoft,101,sub_a,acme
+";
+    let err = match load(&[("m.yaml", yaml), ("accounts.csv", csv)]) {
+        Ok(_) => panic!("expected a load error"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("rule `cost`")
+            && err.contains("sub_a")
+            && err.contains("m.yaml:4:3")
+            && err.contains("directory row accounts.csv:2"),
+        "{err}"
+    );
+    // Another subscription for the directory's account is another month.
+    let apart = csv.replace("sub_a,", "sub_b,");
+    assert!(load(&[("m.yaml", yaml), ("accounts.csv", &apart)]).is_ok());
+}
