@@ -461,3 +461,268 @@ rules:
         assert_one(&text, 10, 28, "invalid UTC offset");
     }
 }
+
+// --- one month, one price: what else shapes a month's price -----------------------------
+
+/// Loads `text`, which must fail; returns the errors joined (for `contains` checks).
+fn error_text(text: &str) -> String {
+    errors(text).join("\n")
+}
+
+/// Two rules feed `resale_cost` of one subscription with the same monthly tiers, but `cloud`
+/// takes a 20 % commission after them. The month's tiers add `(tiered(S) − lowest% × S) ×
+/// factor`, and the factor is that of the month's latest record: with a month base of 20,000
+/// and tiers 20 % up to 10,000 then 10 %, the month settles at a different total depending on
+/// which rule priced the last record (the tiers add 1,000 or 1,250). A load error naming both.
+#[test]
+fn rules_whose_commission_after_the_monthly_tiers_differs_are_refused() {
+    let text = "version: 1
+customers:
+  - match: {}
+    external_subscription_id: sub_a
+rules:
+  - name: dedicated
+    match: { resource_type: server }
+    metric: resale_cost
+    value:
+      cost:
+        tiers: [{ up_to: \"10000\", markup_percent: 20 }, { markup_percent: 10 }]
+        period: month
+  - name: cloud
+    match: { resource_type: instance }
+    metric: resale_cost
+    value:
+      cost:
+        tiers: [{ up_to: \"10000\", markup_percent: 20 }, { markup_percent: 10 }]
+        commission_percent: 20
+        period: month
+";
+    let err = error_text(text);
+    assert!(
+        err.contains("m.yaml:13:5: rule `cloud` feeds metric `resale_cost`")
+            && err.contains("but rule `dedicated` feeds it with"),
+        "{err}"
+    );
+    // The same commission on both loads.
+    let same = text.replace(
+        "        period: month\n  - name: cloud",
+        "        commission_percent: 20\n        period: month\n  - name: cloud",
+    );
+    assert!(load(&[("m.yaml", &same)]).is_ok());
+}
+
+/// The month's total is rounded once with the rounding of the rule of the month's latest
+/// record: a rule rounding to whole units beside one rounding to cents makes the month's
+/// minimum adjustment depend on which record came last (records carrying 60.55 settle at 61
+/// or at 60.55). A load error naming both rules.
+#[test]
+fn rules_whose_rounding_of_the_month_differs_are_refused() {
+    let err = error_text(
+        "version: 1
+customers:
+  - match: {}
+    external_subscription_id: sub_a
+rules:
+  - name: servers
+    match: { resource_type: server }
+    metric: resale_cost
+    value: { cost: { minimum: \"50\", period: month } }
+  - name: instances
+    match: { resource_type: instance }
+    metric: resale_cost
+    value: { cost: { minimum: \"50\", period: month } }
+    round: { scale: 0 }
+",
+    );
+    assert!(
+        err.contains("m.yaml:10:5: rule `instances` feeds metric `resale_cost`")
+            && err.contains("rule `servers`"),
+        "{err}"
+    );
+}
+
+/// Two customer entries bill `sub_a` with the same monthly tiers, one taking a commission after
+/// them: the month's tiers are scaled by the commission of whichever entry priced the month's
+/// latest record. A load error naming both entries.
+#[test]
+fn customer_entries_whose_commission_after_the_monthly_tiers_differs_are_refused() {
+    let err = error_text(
+        "version: 1
+customers:
+  - match: { sub_account_id: \"1\" }
+    external_subscription_id: sub_a
+    pricing:
+      tiers: [{ up_to: \"1000\", markup_percent: 20 }, { markup_percent: 10 }]
+      period: month
+  - match: { sub_account_id: \"2\" }
+    external_subscription_id: sub_a
+    pricing:
+      tiers: [{ up_to: \"1000\", markup_percent: 20 }, { markup_percent: 10 }]
+      commission_percent: 15
+      period: month
+rules:
+  - name: cost
+    match: {}
+    metric: resale_cost
+    value: { cost: {} }
+",
+    );
+    assert!(
+        err.contains("m.yaml:8:3: customer entry bills sub_a with monthly pricing")
+            && err.contains("but the entry at m.yaml:3:3"),
+        "{err}"
+    );
+}
+
+/// The rule tiers the month; two entries bill `sub_a` without monthly pricing of their own but
+/// with different markups, which follow the rule's tiers and so scale what they add to the
+/// month. Which markup scales the month would depend on the latest record: a load error naming
+/// the rule and both entries. Without monthly tiers the same entries load (each record keeps
+/// its own markup and the month has nothing to scale).
+#[test]
+fn customer_markups_after_a_rules_monthly_tiers_must_agree() {
+    let text = "version: 1
+customers:
+  - match: { sub_account_id: \"1\" }
+    external_subscription_id: sub_a
+    pricing: { markup_percent: 10 }
+  - match: { sub_account_id: \"2\" }
+    external_subscription_id: sub_a
+    pricing: { markup_percent: 20 }
+rules:
+  - name: cost
+    match: {}
+    metric: resale_cost
+    value:
+      cost:
+        tiers: [{ up_to: \"1000\", markup_percent: 20 }, { markup_percent: 10 }]
+        period: month
+";
+    let err = error_text(text);
+    assert!(
+        err.contains("rule `cost`")
+            && err.contains("sub_a")
+            && err.contains("m.yaml:3:3")
+            && err.contains("m.yaml:6:3"),
+        "{err}"
+    );
+    let flat = text.replace(
+        "        tiers: [{ up_to: \"1000\", markup_percent: 20 }, { markup_percent: 10 }]\n        period: month\n",
+        "        markup_percent: 5\n",
+    );
+    assert!(load(&[("m.yaml", &flat)]).is_ok(), "{flat}");
+}
+
+/// The sync groups a month by the resolved sink: a rule without `sink:` goes to the default
+/// sink, which may be `lago`. Since the default is not known when the mapping loads, a rule
+/// without `sink:` and one with `sink: lago` that price the month differently are refused;
+/// two rules naming different sinks are two months and load.
+#[test]
+fn a_rule_without_sink_may_meet_any_sink() {
+    let text = "version: 1
+rules:
+  - name: drives
+    match: { resource_type: drive }
+    metric: storage_cost
+    value: { cost: { minimum: \"50\", period: month } }
+    target: { external_subscription_id: sub_a }
+  - name: buckets
+    match: { resource_type: bucket }
+    metric: storage_cost
+    sink: lago
+    value: { cost: { markup_percent: 10 } }
+    target: { external_subscription_id: sub_a }
+";
+    let err = error_text(text);
+    assert!(
+        err.contains("m.yaml:8:5: rule `buckets` feeds metric `storage_cost`")
+            && err.contains("rule `drives`"),
+        "{err}"
+    );
+    let two_sinks = text.replace(
+        "    value: { cost: { minimum",
+        "    sink: files\n    value: { cost: { minimum",
+    );
+    assert!(load(&[("m.yaml", &two_sinks)]).is_ok(), "{two_sinks}");
+}
+
+/// `direct` bills `sub_a` by `target`, so its records get no monthly share; `cost` reaches
+/// `sub_a` through the customer entry, whose pricing is `minimum: 50` a month. A month with 40
+/// through `direct` and 10 through `cost` would be raised to 50 on the 10 alone (+40, 90
+/// billed). A load error naming both rules and the subscription.
+#[test]
+fn a_target_rule_beside_a_customers_monthly_pricing_is_refused() {
+    let text = "version: 1
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_a
+    pricing: { minimum: \"50\", period: month }
+rules:
+  - name: direct
+    match: { resource_type: gpu }
+    metric: resale_cost
+    target: { external_subscription_id: sub_a }
+    value: { cost: {} }
+  - name: cost
+    match: {}
+    metric: resale_cost
+    value: { cost: {} }
+";
+    let err = error_text(text);
+    assert!(
+        err.contains("rule `direct`") && err.contains("rule `cost`") && err.contains("sub_a"),
+        "{err}"
+    );
+    // Both rules pricing the month as the entry does loads: both parts settle as one month.
+    let same = text.replace(
+        "    value: { cost: {} }",
+        "    value: { cost: { minimum: \"50\", period: month } }",
+    );
+    assert!(load(&[("m.yaml", &same)]).is_ok(), "{same}");
+    // Another metric, or another subscription, is another month.
+    let other = text.replace(
+        "target: { external_subscription_id: sub_a }",
+        "target: { external_subscription_id: sub_b }",
+    );
+    assert!(load(&[("m.yaml", &other)]).is_ok(), "{other}");
+}
+
+/// The account directory bills account 101 to `sub_a` without pricing; the customer entry bills
+/// account 1 to `sub_a` with a 10 % markup, which follows the rule's monthly tiers and scales
+/// what they add. The month of `sub_a` would be tiered with or without that markup depending
+/// on whose record came last: a load error naming the rule, the entry and the directory row.
+#[test]
+fn a_directory_row_beside_an_entry_scaling_a_rules_monthly_tiers_is_refused() {
+    let yaml = "version: 1
+customers_csv: accounts.csv
+customers:
+  - match: { provider: metalsoft, sub_account_id: \"1\" }
+    external_subscription_id: sub_a
+    pricing: { markup_percent: 10 }
+rules:
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    value:
+      cost:
+        tiers: [{ up_to: \"1000\", markup_percent: 20 }, { markup_percent: 10 }]
+        period: month
+";
+    let csv = "provider,sub_account_id,external_subscription_id,external_customer_id
+metalsoft,101,sub_a,acme
+";
+    let err = match load(&[("m.yaml", yaml), ("accounts.csv", csv)]) {
+        Ok(_) => panic!("expected a load error"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("rule `cost`")
+            && err.contains("sub_a")
+            && err.contains("m.yaml:4:3")
+            && err.contains("directory row accounts.csv:2"),
+        "{err}"
+    );
+    // Another subscription for the directory's account is another month.
+    let apart = csv.replace("sub_a,", "sub_b,");
+    assert!(load(&[("m.yaml", yaml), ("accounts.csv", &apart)]).is_ok());
+}

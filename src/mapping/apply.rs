@@ -448,15 +448,7 @@ impl MappingSet {
                     v = price(v, p, "customer", steps, &mut period)?;
                 }
                 let blocks = [Some(&own), customer_pricing];
-                let minimum = |monthly: bool| {
-                    blocks
-                        .iter()
-                        .flatten()
-                        .filter(|p| p.is_monthly() == monthly)
-                        .filter_map(|p| p.minimum)
-                        .map(|a| a.0)
-                        .max()
-                };
+                let minimum = |monthly: bool| minimum_of(&blocks, monthly);
                 if let Some(min) = minimum(false) {
                     if period.tiers.is_some() {
                         return Err(format!(
@@ -654,30 +646,85 @@ impl PeriodCtx {
     ) -> Option<PeriodShare> {
         let offset = self.offset?;
         let (start, end, label) = month_of(record.charge_period_start, offset);
-        let (tiers, base) = self.tiers.unwrap_or_default();
-        let lowest = tiers
-            .iter()
-            .map(|t| t.markup_percent)
-            .min()
-            .unwrap_or_default();
+        let base = self.tiers.as_ref().map_or(Decimal::ZERO, |(_, b)| *b);
         Some(PeriodShare {
             start,
             end,
             label,
             base,
-            spec: PeriodSpec {
-                period: "month".into(),
-                utc_offset: offset.to_string(),
-                currency: currency.to_string(),
-                tiers,
-                lowest_percent: lowest,
-                factor: self.factor.normalize(),
-                minimum: self.minimum.map(|m| m.normalize()),
-                scale,
-                mode,
-            },
+            spec: self.spec(currency, scale, mode)?,
         })
     }
+
+    /// The period rule of the records priced so (`None`: no monthly pricing).
+    fn spec(
+        self,
+        currency: &str,
+        scale: u32,
+        mode: super::schema::RoundMode,
+    ) -> Option<PeriodSpec> {
+        let offset = self.offset?;
+        let (tiers, _) = self.tiers.unwrap_or_default();
+        let lowest = tiers
+            .iter()
+            .map(|t| t.markup_percent)
+            .min()
+            .unwrap_or_default();
+        Some(PeriodSpec {
+            period: "month".into(),
+            utc_offset: offset.to_string(),
+            currency: currency.to_string(),
+            tiers,
+            lowest_percent: lowest,
+            factor: self.factor.normalize(),
+            minimum: self.minimum.map(|m| m.normalize()),
+            scale,
+            mode,
+        })
+    }
+}
+
+/// The highest `minimum` of the blocks that apply per month (`monthly`) or per record.
+fn minimum_of(blocks: &[Option<&Pricing>], monthly: bool) -> Option<Decimal> {
+    blocks
+        .iter()
+        .flatten()
+        .filter(|p| p.is_monthly() == monthly)
+        .filter_map(|p| p.minimum)
+        .map(|a| a.0)
+        .max()
+}
+
+/// The period rule that records priced by `rule` and then by `customer` pricing carry in their
+/// shares, as [`MappingSet::compute_value`] builds it, with the given rounding and an empty
+/// currency (both depend on the record). `None`: such records have no monthly share (no
+/// monthly pricing, a quantity, or pricing that fails for every record). For the load checks:
+/// records of one month must share one rule, or the month's price depends on its latest record.
+pub(super) fn period_spec(
+    rule: &Rule,
+    customer: Option<&Pricing>,
+    scale: u32,
+    mode: super::schema::RoundMode,
+) -> Option<PeriodSpec> {
+    let Some(ValueSpec::Cost(c)) = &rule.value else {
+        return None;
+    };
+    blocks_period_spec(&[Some(&c.pricing()), customer], scale, mode)
+}
+
+/// The period rule of pricing `blocks` applied in turn (see [`period_spec`]).
+pub(super) fn blocks_period_spec(
+    blocks: &[Option<&Pricing>],
+    scale: u32,
+    mode: super::schema::RoundMode,
+) -> Option<PeriodSpec> {
+    let mut period = PeriodCtx::new();
+    let mut steps = Steps(None);
+    for p in blocks.iter().flatten() {
+        price(Decimal::ONE, p, "", &mut steps, &mut period).ok()?;
+    }
+    period.minimum = minimum_of(blocks, true);
+    period.spec("", scale, mode)
 }
 
 /// Applies one pricing block (tiers or markup, commission, fixed); `minimum` is applied by the

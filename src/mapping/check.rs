@@ -7,7 +7,11 @@
 //!   ambiguous — monthly `tiers` followed by other `tiers` or by a per-record `minimum` for the
 //!   same records; rule and customer months that start at different offsets; rules feeding one
 //!   metric, or customer entries billing one subscription, that disagree on their monthly
-//!   pricing (a month's records would be priced by two rules at once).
+//!   pricing (a month's records would be priced by two rules at once), and any two ways to one
+//!   subscription's metric (a `target`, a customer entry, a directory row) that give its records
+//!   different period rules (`check_months`). A month is settled under the period rule of its
+//!   latest record, so everything of that rule `period::settle` uses counts: tiers, the steps
+//!   after them, minimum, offset and the rule's rounding.
 //! - **Error**: a rule no record can reach (an earlier rule matches all it does); two customer
 //!   entries (or an entry and a directory row) that can match the same record, bill differently
 //!   (another subscription, customer id or pricing) and have the same priority: who pays and
@@ -22,8 +26,13 @@
 //! field both constrain has no common value. Globs are compared by their literal prefix, so
 //! the check never claims an overlap that is impossible for certain and may miss none that is.
 
-use super::schema::{Condition, FieldName, Pricing, Rule, ValueSpec};
-use super::{LoadedCustomer, MappingError, MappingSet};
+use std::collections::{HashMap, HashSet};
+
+use rust_decimal::Decimal;
+
+use super::period::PeriodSpec;
+use super::schema::{Condition, FieldName, Pricing, RoundMode, Rule, ValueSpec};
+use super::{LoadedCustomer, LoadedRule, MappingError, MappingSet};
 
 type Conds = [(FieldName, Condition)];
 
@@ -31,6 +40,7 @@ type Conds = [(FieldName, Condition)];
 pub(super) fn check_set(set: &mut MappingSet, errors: &mut Vec<MappingError>) {
     check_pricing(set, errors);
     check_periods(set, errors);
+    check_months(set, errors);
     check_customers(set, errors);
     set.warnings = rule_overlaps(set);
 }
@@ -312,36 +322,93 @@ fn rule_overlaps(set: &MappingSet) -> Vec<MappingError> {
     out
 }
 
-/// The monthly part of a pricing, comparable: `None` when it has none.
+/// A period rule as text, to compare and to show: everything of it [`super::period::settle`]
+/// uses but the currency (the record's; records in two currencies are refused when the month
+/// is settled). `scale: None` is the minor unit of the record's currency.
+fn describe_spec(spec: &PeriodSpec, scale: Option<Option<u32>>) -> String {
+    let tiers = if spec.tiers.is_empty() {
+        String::new()
+    } else {
+        let tiers: Vec<String> = spec
+            .tiers
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}%{}",
+                    t.markup_percent.normalize(),
+                    t.up_to
+                        .map(|u| format!(" up to {}", u.normalize()))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        format!(" tiers [{}]", tiers.join(", "))
+    };
+    // The steps after the tiers scale only what the tiers add (`PeriodCtx::scale`).
+    let factor = if spec.tiers.is_empty() || spec.factor == Decimal::ONE {
+        String::new()
+    } else {
+        format!(" × {} after the tiers", spec.factor.normalize())
+    };
+    let rounding = match scale {
+        None => String::new(),
+        Some(Some(s)) => format!(", rounded {} to {s} places", spec.mode.name()),
+        Some(None) => format!(
+            ", rounded {} to the currency's minor unit",
+            spec.mode.name()
+        ),
+    };
+    format!(
+        "month at {} with{tiers}{factor}{}{rounding}",
+        spec.utc_offset,
+        spec.minimum
+            .map(|m| format!(" minimum {}", m.normalize()))
+            .unwrap_or_default()
+    )
+}
+
+/// The monthly part of a customer entry's pricing on its own, comparable: `None` when it has
+/// none. The rounding is the rule's, so not part of it.
 fn monthly_signature(p: &Pricing) -> Option<String> {
     if !p.is_monthly() {
         return None;
     }
-    Some(format!(
-        "month at {} with{}{}",
-        p.month_offset(),
-        p.tiers
-            .as_ref()
-            .map(|t| {
-                let tiers: Vec<String> =
-                    t.0.iter()
-                        .map(|t| {
-                            format!(
-                                "{}%{}",
-                                t.markup_percent.0.normalize(),
-                                t.up_to
-                                    .map(|u| format!(" up to {}", u.0.normalize()))
-                                    .unwrap_or_default()
-                            )
-                        })
-                        .collect();
-                format!(" tiers [{}]", tiers.join(", "))
-            })
-            .unwrap_or_default(),
-        p.minimum
-            .map(|m| format!(" minimum {}", m.0.normalize()))
-            .unwrap_or_default()
-    ))
+    let spec = super::apply::blocks_period_spec(&[Some(p)], 0, RoundMode::default())?;
+    Some(describe_spec(&spec, None))
+}
+
+/// How a rule rounds, which is also how a month it prices is rounded: the scale is `None` when
+/// it is the minor unit of a currency not known before the record (no `round.scale`, no
+/// conversion to one currency, no single `billing_currency` in `match`).
+fn rounding(rule: &Rule) -> (Option<u32>, RoundMode) {
+    let currency = match &rule.value {
+        Some(ValueSpec::Cost(c)) => c.currency.as_ref().map(|c| c.0.as_str()).or_else(|| {
+            pinned(rule, "billing_currency")
+                .filter(|vs| vs.len() == 1)
+                .map(|vs| vs[0].as_str())
+        }),
+        _ => None,
+    };
+    let explicit = rule.round.and_then(|r| r.scale).is_some();
+    let (scale, mode) = super::effective_round(rule, currency);
+    ((explicit || currency.is_some()).then_some(scale), mode)
+}
+
+/// The period rule of the records `rule` prices, followed by a customer entry's `customer`
+/// pricing, comparable: `None` when they get no monthly share.
+fn path_signature(rule: &Rule, customer: Option<&Pricing>) -> Option<String> {
+    let (scale, mode) = rounding(rule);
+    let spec = super::apply::period_spec(rule, customer, scale.unwrap_or(0), mode)?;
+    Some(describe_spec(&spec, Some(scale)))
+}
+
+/// Whether the events of two rules can go to one sink: a rule without `sink:` goes to the
+/// default sink, which is not known when the mapping loads, so it may meet any.
+fn sinks_may_meet(a: &Rule, b: &Rule) -> bool {
+    match (&a.sink, &b.sink) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    }
 }
 
 /// Why a rule's pricing followed by a customer's cannot be settled per month.
@@ -411,24 +478,26 @@ fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
             }
         }
     }
-    // Rules feeding one metric of one sink price its month the same way.
+    // Rules feeding one metric of one sink price its month the same way (their own monthly
+    // pricing, the steps after its tiers and the rounding).
+    let rule_sig = |r: &LoadedRule| path_signature(&r.rule, None);
     for (j, b) in set.rules.iter().enumerate() {
         if b.rule.ignore {
             continue;
         }
-        let sig_b = cost(b).and_then(|p| monthly_signature(&p));
+        let sig_b = rule_sig(b);
         let clash = set.rules[..j].iter().find(|a| {
             !a.rule.ignore
                 && a.rule.metric == b.rule.metric
-                && a.rule.sink == b.rule.sink
-                && cost(a).and_then(|p| monthly_signature(&p)) != sig_b
+                && sinks_may_meet(&a.rule, &b.rule)
+                && rule_sig(a) != sig_b
                 && match (&a.rule.target, &b.rule.target) {
                     (Some(x), Some(y)) => x.external_subscription_id == y.external_subscription_id,
                     _ => true,
                 }
         });
         if let Some(a) = clash {
-            let sig_a = cost(a).and_then(|p| monthly_signature(&p));
+            let sig_a = rule_sig(a);
             errors.push(at(
                 &b.file,
                 b.line,
@@ -488,5 +557,191 @@ fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
                 ));
             }
         }
+    }
+}
+
+/// How records of a rule reach their subscription.
+enum Via<'a> {
+    Target,
+    Entry(&'a LoadedCustomer),
+    Directory { file: &'a str, line: usize },
+}
+
+/// One way records reach a month: a rule and what chooses the subscription, with the period
+/// rule they carry.
+struct Path<'a> {
+    rule: &'a LoadedRule,
+    via: Via<'a>,
+    sig: Option<String>,
+}
+
+impl Path<'_> {
+    fn describe(&self) -> String {
+        let via = match &self.via {
+            Via::Target => "billed by its `target`".to_string(),
+            Via::Entry(c) => format!(
+                "through the customer entry at {}:{}:{}",
+                c.file, c.line, c.column
+            ),
+            Via::Directory { file, line } => format!("through the directory row {file}:{line}"),
+        };
+        format!("rule `{}` ({via})", self.rule.rule.name.0)
+    }
+}
+
+/// The records of one month of a subscription's metric are settled once, under the period
+/// rule of the month's latest record; records without a share are not part of it. So every
+/// way records reach one (sink, subscription, metric) — a rule with its `target`, or a rule
+/// and the customer entry or directory row that can match its records — must give them the
+/// same period rule: the rule's and the entry's monthly pricing, the percentage steps after
+/// monthly tiers (the entry's markup after the rule's tiers), the rule's rounding. Pairs that
+/// `check_periods` already reports (two rules, or two entries, that differ on their own) are
+/// not reported again.
+fn check_months(set: &MappingSet, errors: &mut Vec<MappingError>) {
+    let entry_sig: Vec<Option<String>> = set
+        .customers
+        .iter()
+        .map(|c| c.entry.pricing.as_ref().and_then(monthly_signature))
+        .collect();
+    let entry_index = |c: &LoadedCustomer| {
+        set.customers
+            .iter()
+            .position(|x| std::ptr::eq(x, c))
+            .unwrap_or(usize::MAX)
+    };
+    // Directory rows carry no pricing; they matter beside an entry billing their subscription.
+    let entry_subs: HashSet<&str> = set
+        .customers
+        .iter()
+        .map(|c| c.entry.external_subscription_id.0.as_str())
+        .collect();
+    let mut paths: Vec<Path> = Vec::new();
+    let mut groups: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+    let mut order: Vec<(&str, &str)> = Vec::new();
+    for r in set.rules.iter().filter(|r| !r.rule.ignore) {
+        let Some(metric) = r.rule.metric.as_ref().map(|m| m.0.as_str()) else {
+            continue;
+        };
+        let mut reach: Vec<(&str, Via, Option<String>)> = Vec::new();
+        match &r.rule.target {
+            Some(t) => reach.push((
+                t.external_subscription_id.0.as_str(),
+                Via::Target,
+                path_signature(&r.rule, None),
+            )),
+            None => {
+                for c in &set.customers {
+                    if may_overlap(&r.rule.conditions.0, &c.entry.conditions.0) {
+                        reach.push((
+                            c.entry.external_subscription_id.0.as_str(),
+                            Via::Entry(c),
+                            path_signature(&r.rule, c.entry.pricing.as_ref()),
+                        ));
+                    }
+                }
+                // Only a rule's own monthly pricing can differ from an entry's path here; a rule
+                // without differs from another rule or an entry that `check_periods` reports.
+                let own = path_signature(&r.rule, None);
+                if own.is_some() {
+                    for row in set.directory.iter() {
+                        if entry_subs.contains(row.subscription)
+                            && may_overlap(
+                                &r.rule.conditions.0,
+                                &[
+                                    (
+                                        FieldName("provider".into()),
+                                        Condition::Exact(row.provider.to_string()),
+                                    ),
+                                    (
+                                        FieldName("sub_account_id".into()),
+                                        Condition::Exact(row.sub_account_id.to_string()),
+                                    ),
+                                ],
+                            )
+                        {
+                            reach.push((
+                                row.subscription,
+                                Via::Directory {
+                                    file: row.file,
+                                    line: row.line,
+                                },
+                                own.clone(),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for (sub, via, sig) in reach {
+            let key = (sub, metric);
+            let group = groups.entry(key).or_insert_with(|| {
+                order.push(key);
+                Vec::new()
+            });
+            group.push(paths.len());
+            paths.push(Path { rule: r, via, sig });
+        }
+    }
+    let rule_sig = |r: &LoadedRule| path_signature(&r.rule, None);
+    // What `check_periods` reports already.
+    let reported = |a: &Path, b: &Path| {
+        let rules = !std::ptr::eq(a.rule, b.rule) && rule_sig(a.rule) != rule_sig(b.rule);
+        let entries = match (&a.via, &b.via) {
+            (Via::Entry(x), Via::Entry(y)) => {
+                entry_sig[entry_index(x)] != entry_sig[entry_index(y)]
+            }
+            (Via::Entry(x), Via::Directory { .. }) | (Via::Directory { .. }, Via::Entry(x)) => {
+                entry_sig[entry_index(x)].is_some()
+            }
+            _ => false,
+        };
+        rules || entries
+    };
+    let say = |s: &Option<String>| {
+        s.as_ref().map_or_else(
+            || "no monthly pricing".to_string(),
+            |s| format!("monthly pricing ({s})"),
+        )
+    };
+    for key in order {
+        let group = &groups[&key];
+        let clash = group.iter().enumerate().find_map(|(n, &j)| {
+            let b = &paths[j];
+            group[..n]
+                .iter()
+                .map(|&i| &paths[i])
+                .find(|a| {
+                    a.sig != b.sig && sinks_may_meet(&a.rule.rule, &b.rule.rule) && !reported(a, b)
+                })
+                .map(|a| (a, b))
+        });
+        let Some((a, b)) = clash else { continue };
+        let (file, line, column) = match (&b.via, std::ptr::eq(a.rule, b.rule)) {
+            (Via::Entry(c), true) => (c.file.as_str(), c.line, c.column),
+            _ => (b.rule.file.as_str(), b.rule.line, b.rule.column),
+        };
+        let unshared = if a.sig.is_none() || b.sig.is_none() {
+            " (records without monthly pricing are left out of the month, whose minimum and \
+             tiers would be settled on the other records alone)"
+        } else {
+            ""
+        };
+        errors.push(at(
+            file,
+            line,
+            column,
+            format!(
+                "{} feeds metric `{}` of subscription {} with {}, but {} feeds it with {}{unshared}; \
+                 a subscription's month of one metric is settled once, under the pricing of its \
+                 latest record, so give both the same monthly pricing (and rounding), or bill \
+                 them to another subscription or metric",
+                b.describe(),
+                key.1,
+                key.0,
+                say(&b.sig),
+                a.describe(),
+                say(&a.sig),
+            ),
+        ));
     }
 }
