@@ -633,3 +633,82 @@ mod tests {
         }
     }
 }
+
+/// A decimal from its text, plain (`0.012846`) or with an exponent (`1.5e-5`, `7.2E+2`),
+/// exactly or not at all: `Decimal::from_scientific` reads the digits before the exponent
+/// with rounding, so `1.00000000000000000000000000001e0` became `1`. A value needing more than
+/// 28 digits after the decimal point, or beyond `Decimal`'s range, is refused.
+pub fn exact_decimal(text: &str) -> Option<rust_decimal::Decimal> {
+    use rust_decimal::Decimal;
+    if let Ok(d) = Decimal::from_str_exact(text) {
+        return Some(d);
+    }
+    let (digits, exponent) = text.split_once(['e', 'E'])?;
+    let mut d = Decimal::from_str_exact(digits).ok()?;
+    let exponent: i64 = exponent
+        .strip_prefix('+')
+        .unwrap_or(exponent)
+        .parse()
+        .ok()?;
+    if d.is_zero() {
+        return Some(Decimal::ZERO);
+    }
+    if exponent < 0 {
+        // Trailing zeros of the digits may make room for the extra places.
+        d = d.normalize();
+        let scale = i64::from(d.scale()).checked_sub(exponent)?;
+        d.set_scale(u32::try_from(scale).ok()?).ok()?;
+    } else {
+        if exponent > 28 {
+            return None;
+        }
+        for _ in 0..exponent {
+            d = d.checked_mul(Decimal::TEN)?;
+        }
+    }
+    Some(d)
+}
+
+#[cfg(test)]
+mod exact_decimal_tests {
+    use super::exact_decimal;
+    use rust_decimal::Decimal;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn plain_and_exponent_forms_are_exact() {
+        assert_eq!(exact_decimal("0.012846"), Some(d("0.012846")));
+        assert_eq!(exact_decimal("-7.25925278"), Some(d("-7.25925278")));
+        assert_eq!(exact_decimal("1e-5"), Some(d("0.00001")));
+        assert_eq!(exact_decimal("1.5E-5"), Some(d("0.000015")));
+        assert_eq!(exact_decimal("7.25925278e+2"), Some(d("725.925278")));
+        assert_eq!(
+            exact_decimal("1E+28"),
+            Some(d("10000000000000000000000000000"))
+        );
+        // Trailing zeros of the digits make room: 28 places in the end.
+        assert_eq!(
+            exact_decimal("1.000e-28"),
+            Some(d("0.0000000000000000000000000001"))
+        );
+        assert_eq!(exact_decimal("0e999"), Some(Decimal::ZERO));
+    }
+
+    /// `Decimal::from_scientific` rounded these (the first became exactly 1): refused now, as
+    /// a value needing more digits than `Decimal` has always was without an exponent.
+    #[test]
+    fn what_needs_more_digits_is_refused_not_rounded() {
+        assert_eq!(exact_decimal("1.00000000000000000000000000001e0"), None);
+        assert_eq!(exact_decimal("1e-29"), None);
+        assert_eq!(exact_decimal("1e-400"), None);
+        assert_eq!(exact_decimal("1e29"), None);
+        assert_eq!(exact_decimal("1e99999999999999999999"), None);
+        assert_eq!(exact_decimal("e5"), None);
+        assert_eq!(exact_decimal("1e"), None);
+        assert_eq!(exact_decimal("NaN"), None);
+    }
+}

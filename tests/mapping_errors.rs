@@ -318,6 +318,27 @@ rules:
     );
 }
 
+/// `{glob: "*"}` on a field every record has matches every record: written on an `ignore` rule,
+/// it hid every billing rule after it without a word (everything `ignored`, nothing billed).
+#[test]
+fn unreachable_rule_after_a_catch_all_written_as_a_glob() {
+    let text = "version: 1
+rules:
+  - name: everything-else
+    match: { resource_type: { glob: \"*\" } }
+    ignore: true
+  - name: instances
+    match: { provider: metalsoft }
+    ignore: true
+";
+    assert_one(
+        text,
+        6,
+        5,
+        "rule `instances` can never match: rule `everything-else` at m.yaml:3",
+    );
+}
+
 #[test]
 fn errors_from_two_files_are_both_reported() {
     let a = "version: 1\nrules:\n  - name: a\n    match: {}\n    metirc: x\n";

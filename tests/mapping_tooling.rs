@@ -266,6 +266,42 @@ GBP,EUR,1.20,2026-02-01
 GBP,JPY,190.123,2026-01-01
 ";
 
+/// Every file's `rates_csv` makes one table. Two files giving one pair and date different
+/// rates would leave every conversion of that period to the order the files load in (80.00 or
+/// 90.00 EUR for 100 USD, silently): a load error naming the row. The same rate twice is fine.
+#[test]
+fn two_rates_files_giving_one_date_different_rates_do_not_load() {
+    let file = |csv: &str, rule: &str| {
+        format!(
+            "version: 1\nrates_csv: {csv}\nrules:\n  - name: {rule}\n    match: {{ resource_type: {rule} }}\n    target: {{ external_subscription_id: sub }}\n    metric: m_{rule}\n    value: {{ cost: {{ currency: EUR }} }}\n"
+        )
+    };
+    let sources = |b_rate: &str| {
+        vec![
+            ("m/a.yaml".to_string(), file("a.csv", "drive")),
+            (
+                "m/a.csv".to_string(),
+                "from,to,rate,effective_from\nUSD,EUR,0.90,2026-01-01\n".to_string(),
+            ),
+            ("m/b.yaml".to_string(), file("b.csv", "instance")),
+            (
+                "m/b.csv".to_string(),
+                format!("from,to,rate,effective_from\nUSD,EUR,{b_rate},2026-01-01\n"),
+            ),
+        ]
+    };
+    let err = MappingSet::from_sources(&sources("0.80"))
+        .expect_err("two rates for one date")
+        .to_string();
+    assert!(
+        err.contains("b.csv") && err.contains("USD→EUR effective 2026-01-01 is 0.80 here but 0.90"),
+        "{err}"
+    );
+    if let Err(e) = MappingSet::from_sources(&sources("0.9")) {
+        panic!("the same rate twice loads: {e}");
+    }
+}
+
 #[test]
 fn pricing_steps_apply_in_order_and_show_in_explain() {
     let set = load(&[("m/priced.yaml", PRICED), ("m/rates.csv", RATES)]);

@@ -543,10 +543,7 @@ fn settle_case(
 }
 
 fn parse_dec(text: &str) -> Option<Decimal> {
-    let t = text.trim();
-    Decimal::from_str_exact(t)
-        .ok()
-        .or_else(|| Decimal::from_scientific(t).ok())
+    crate::record::exact_decimal(text.trim())
 }
 
 /// A YAML scalar as text (`007` stays `007` only when quoted).

@@ -1081,7 +1081,23 @@ fn load_rates(file: &str, text: &str, rates: &mut Rates, errors: &mut Vec<Mappin
             );
             continue;
         }
-        let list = rates.by_pair.entry((from, to)).or_default();
+        let list = rates.by_pair.entry((from.clone(), to.clone())).or_default();
+        // Another rates file gave this pair and date: all files make one table, so two rates
+        // for one day would leave the conversion to the order the files load in.
+        if let Some((_, other)) = list.iter().find(|(d, _)| *d == when) {
+            if *other != rate {
+                errs.push(
+                    row.line,
+                    1,
+                    format!(
+                        "rate {from}→{to} effective {} is {rate} here but {other} in another \
+                         rates file: one date needs one rate",
+                        when.date_naive()
+                    ),
+                );
+            }
+            continue;
+        }
         list.push((when, rate));
         list.sort_by_key(|(d, _)| *d);
     }

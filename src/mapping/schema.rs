@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
 
 use std::borrow::Cow;
 
@@ -615,10 +614,7 @@ impl<'de> Deserialize<'de> for UnitName {
 
 /// Parses a decimal exactly from the scalar's text (never through a float).
 fn parse_decimal(text: &str) -> Option<Decimal> {
-    let t = text.trim();
-    Decimal::from_str(t)
-        .ok()
-        .or_else(|| Decimal::from_scientific(t).ok())
+    crate::record::exact_decimal(text.trim())
 }
 
 /// A markup percentage, ≥ 0.

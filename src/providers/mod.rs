@@ -26,9 +26,7 @@ pub fn json_decimal(value: &serde_json::Value) -> Option<rust_decimal::Decimal> 
         serde_json::Value::Number(n) => n.as_str(),
         _ => return None,
     };
-    rust_decimal::Decimal::from_str_exact(text)
-        .or_else(|_| rust_decimal::Decimal::from_scientific(text))
-        .ok()
+    crate::record::exact_decimal(text)
 }
 
 /// Stored cursor values of one source, by stream (e.g. `user:1`).

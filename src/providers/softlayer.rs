@@ -911,9 +911,7 @@ pub fn decimal_of(value: &Value) -> Option<Decimal> {
     } else {
         text
     };
-    Decimal::from_str_exact(&text)
-        .or_else(|_| Decimal::from_scientific(&text))
-        .ok()
+    crate::record::exact_decimal(&text)
 }
 
 /// An id from a JSON number or string (`"53897671"`); `"None"` and `null` are absent.

@@ -21,25 +21,26 @@ const PER_PAGE: usize = 100;
 /// it is an error, never a silently shortened list.
 const MAX_PAGES: usize = 10_000;
 
-/// A catalogue call that failed.
+/// A catalogue call that failed. The URL is shown without the user info or query `api_url`
+/// may carry.
 #[derive(Debug, thiserror::Error)]
 pub enum LagoAdminError {
     /// Transport failure or timeout (after the sink's retries, for a request that was sent).
-    #[error("GET {url}: {message}")]
+    #[error("GET {}: {message}", crate::http::shown_url(.url))]
     Transport { url: String, message: String },
     /// A non-2xx answer.
-    #[error("GET {url}: HTTP {status}: {body}")]
+    #[error("GET {}: HTTP {status}: {body}", crate::http::shown_url(.url))]
     Status {
         url: String,
         status: u16,
         body: String,
     },
     /// The answer is not the JSON Lago documents.
-    #[error("GET {url}: unexpected answer: {message}")]
+    #[error("GET {}: unexpected answer: {message}", crate::http::shown_url(.url))]
     Shape { url: String, message: String },
     /// A `meta.next_page` that does not move forward: the list cannot be followed, and
     /// ending it there would check a part of it.
-    #[error("GET {url}: the list of {listing} answered next_page {next} on page {page}: it cannot be followed, not checked on a partial list")]
+    #[error("GET {}: the list of {listing} answered next_page {next} on page {page}: it cannot be followed, not checked on a partial list", crate::http::shown_url(.url))]
     Backwards {
         url: String,
         listing: String,
@@ -47,7 +48,7 @@ pub enum LagoAdminError {
         next: u64,
     },
     /// The listing ended with another number of items than its `meta.total_count`.
-    #[error("GET {url}: the list of {listing} counts total_count {total} but ended after {items} items read: not checked on a partial list")]
+    #[error("GET {}: the list of {listing} counts total_count {total} but ended after {items} items read: not checked on a partial list", crate::http::shown_url(.url))]
     Short {
         url: String,
         listing: String,
@@ -56,7 +57,7 @@ pub enum LagoAdminError {
     },
     /// The listing still had a next page after 10,000 pages: the items read are not all of
     /// them, and a check on a part of the list would call the others missing.
-    #[error("GET {url}: the list of {listing} did not end after {pages} pages ({items} items read): not checked on a partial list")]
+    #[error("GET {}: the list of {listing} did not end after {pages} pages ({items} items read): not checked on a partial list", crate::http::shown_url(.url))]
     Unending {
         url: String,
         listing: String,
@@ -407,4 +408,43 @@ pub async fn period_findings(
         &customers,
         &entities,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `mappings check --remote` prints these errors: an `api_url` carrying user info or a
+    /// token in its query must not show them.
+    #[test]
+    fn errors_show_the_url_without_its_credentials() {
+        let url = "https://lago-user:s3cret@lago.example.com/api/v1/billable_metrics?token=t0ken";
+        let shown = [
+            LagoAdminError::Status {
+                url: url.into(),
+                status: 500,
+                body: "oops".into(),
+            }
+            .to_string(),
+            LagoAdminError::Transport {
+                url: url.into(),
+                message: "timed out".into(),
+            }
+            .to_string(),
+            LagoAdminError::Unending {
+                url: url.into(),
+                listing: "billable metrics".into(),
+                pages: 10_000,
+                items: 1,
+            }
+            .to_string(),
+        ];
+        for text in shown {
+            assert!(
+                !text.contains("s3cret") && !text.contains("t0ken") && !text.contains("lago-user"),
+                "{text}"
+            );
+            assert!(text.contains("lago.example.com"), "{text}");
+        }
+    }
 }

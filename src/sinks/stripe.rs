@@ -977,12 +977,7 @@ fn exact_number(v: &Value) -> Option<rust_decimal::Decimal> {
     let Value::Number(n) = v else {
         return None;
     };
-    let text = n.to_string();
-    if text.contains(['e', 'E']) {
-        rust_decimal::Decimal::from_scientific(&text).ok()
-    } else {
-        rust_decimal::Decimal::from_str_exact(&text).ok()
-    }
+    crate::record::exact_decimal(&n.to_string())
 }
 
 impl StripeSink {

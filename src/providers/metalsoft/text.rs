@@ -184,9 +184,7 @@ pub fn decimal(v: &RawValue) -> Option<Decimal> {
         owned = as_str(v)?;
         owned.trim()
     };
-    Decimal::from_str_exact(text)
-        .or_else(|_| Decimal::from_scientific(text))
-        .ok()
+    crate::record::exact_decimal(text)
 }
 
 /// A non-negative integer from a JSON number or string (`3600` or `"3600"`).
