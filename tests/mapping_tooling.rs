@@ -497,6 +497,40 @@ rules:
     );
 }
 
+/// A customer entry's `pricing` applies to money only: the records of a quantity rule are
+/// billed without it (a minimum agreed with the customer never charged). Loading says so, at
+/// the entry, naming the rule; a cost rule or a rule with its own `target` says nothing.
+#[test]
+fn a_customers_pricing_on_a_quantity_rules_records_warns() {
+    let text = "version: 1
+customers:
+  - match: { provider: metalsoft, sub_account_id: \"1\" }
+    external_subscription_id: sub_a
+    pricing: { minimum: \"50\", period: month }
+rules:
+  - name: hours
+    match: { resource_type: instance }
+    metric: instance_hours
+    value: { quantity: { unit: hours } }
+  - name: internal
+    match: { resource_type: subnet }
+    target: { external_subscription_id: sub_ops }
+    metric: subnets
+    value: { quantity: {} }
+  - name: cost
+    match: { resource_type: drive }
+    metric: storage_cost
+    value: { cost: {} }
+";
+    let set = load(&[("q.yaml", text)]);
+    let w: Vec<String> = set.warnings().iter().map(|w| w.to_string()).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("q.yaml:3:3: warning: this customer entry's `pricing` does not apply to the records of rule `hours` (q.yaml:7)"),
+        "{w:?}"
+    );
+}
+
 #[tokio::test]
 async fn remote_check_against_the_lago_simulator() {
     use billsync::simulators::lago::{LagoSim, LagoSimConfig};

@@ -43,6 +43,40 @@ pub(super) fn check_set(set: &mut MappingSet, errors: &mut Vec<MappingError>) {
     check_months(set, errors);
     check_customers(set, errors);
     set.warnings = rule_overlaps(set);
+    set.warnings.extend(pricing_on_quantities(set));
+}
+
+/// A customer entry's `pricing` applies to money only: records of a rule whose value is a
+/// quantity are billed without it. Said at load, or a minimum a customer agreed to is never
+/// charged and nothing shows it but `explain`.
+fn pricing_on_quantities(set: &MappingSet) -> Vec<MappingError> {
+    let mut out = Vec::new();
+    for c in &set.customers {
+        if c.entry.pricing.as_ref().is_none_or(|p| p.is_empty()) {
+            continue;
+        }
+        for r in &set.rules {
+            if r.rule.ignore
+                || r.rule.target.is_some()
+                || !matches!(r.rule.value, Some(ValueSpec::Quantity(_)))
+                || !may_overlap(&r.rule.conditions.0, &c.entry.conditions.0)
+            {
+                continue;
+            }
+            out.push(at(
+                &c.file,
+                c.line,
+                c.column,
+                format!(
+                    "warning: this customer entry's `pricing` does not apply to the records of \
+                     rule `{}` ({}:{}), whose value is a quantity, not money: they are billed \
+                     without it (price them with a `cost` rule, or in the invoicing system)",
+                    r.rule.name.0, r.file, r.line
+                ),
+            ));
+        }
+    }
+    out
 }
 
 fn at(file: &str, line: usize, column: usize, message: String) -> MappingError {
