@@ -199,6 +199,19 @@ pub const MATCHABLE_FIELDS: &[&str] = &[
     "billing_currency",
 ];
 
+/// The text fields every record has: [`UsageRecord::field`] never answers `None` for them.
+pub const REQUIRED_TEXT_FIELDS: &[&str] = &[
+    "provider",
+    "source",
+    "billing_account_id",
+    "sub_account_id",
+    "resource_id",
+    "resource_type",
+    "service_name",
+    "consumed_unit",
+    "billing_currency",
+];
+
 impl UsageRecord {
     /// The value of a matchable field by name (`attributes.x` reads an attribute).
     /// `None` when the field is absent on this record; unknown names are rejected by the

@@ -556,18 +556,6 @@ fn scalar_text(v: &Value) -> Option<String> {
     }
 }
 
-const TEXT_FIELDS: &[&str] = &[
-    "provider",
-    "source",
-    "billing_account_id",
-    "sub_account_id",
-    "resource_id",
-    "resource_type",
-    "service_name",
-    "consumed_unit",
-    "billing_currency",
-    "scope",
-];
 const OPTIONAL_FIELDS: &[&str] = &["resource_name", "sku_id", "charge_description"];
 
 /// Builds a [`UsageRecord`] from case fields, with the documented defaults.
@@ -581,7 +569,8 @@ fn build_record(fields: &BTreeMap<String, Value>) -> Result<UsageRecord, String>
         }
     };
     for k in fields.keys() {
-        let known = TEXT_FIELDS.contains(&k.as_str())
+        let known = crate::record::REQUIRED_TEXT_FIELDS.contains(&k.as_str())
+            || k == "scope"
             || OPTIONAL_FIELDS.contains(&k.as_str())
             || matches!(
                 k.as_str(),

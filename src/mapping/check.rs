@@ -117,26 +117,13 @@ pub(crate) fn literal_prefix(glob: &str) -> &str {
     &glob[..end]
 }
 
-/// The fields every record has (`UsageRecord::field` never answers `None` for them).
-const ALWAYS_PRESENT: &[&str] = &[
-    "provider",
-    "source",
-    "billing_account_id",
-    "sub_account_id",
-    "resource_id",
-    "resource_type",
-    "service_name",
-    "consumed_unit",
-    "billing_currency",
-];
-
 /// Whether `wider` matches every record `narrow` matches. `{glob: "*"}` on a field every
 /// record has matches every record, as no condition does (an `ignore` rule written so would
 /// otherwise hide the rules after it without a word: lost revenue).
 pub(crate) fn shadows(wider: &Conds, narrow: &Conds) -> bool {
     wider.iter().all(|(f, cw)| {
         narrow.iter().any(|(g, cn)| f == g && cn.is_within(cw))
-            || (ALWAYS_PRESENT.contains(&f.0.as_str())
+            || (crate::record::REQUIRED_TEXT_FIELDS.contains(&f.0.as_str())
                 && matches!(cw, Condition::Glob(p) if p.as_str() == "*"))
     })
 }
