@@ -520,8 +520,9 @@ rules:
 ";
     let err = error_text(text);
     assert!(
-        err.contains("m.yaml:13:5: rule `cloud` feeds metric `resale_cost`")
-            && err.contains("but rule `dedicated` feeds it with"),
+        err.contains("m.yaml:13:5: rule `cloud` (through the customer entry at m.yaml:3:3) feeds metric `resale_cost` of subscription sub_a")
+            && err.contains("× 1.25 after the tiers")
+            && err.contains("but rule `dedicated` (through the customer entry at m.yaml:3:3) feeds it with"),
         "{err}"
     );
     // The same commission on both loads.
@@ -556,7 +557,8 @@ rules:
 ",
     );
     assert!(
-        err.contains("m.yaml:10:5: rule `instances` feeds metric `resale_cost`")
+        err.contains("m.yaml:10:5: rule `instances` (through the customer entry at m.yaml:3:3) feeds metric `resale_cost`")
+            && err.contains("rounded half_up to 0 places")
             && err.contains("rule `servers`"),
         "{err}"
     );
@@ -656,7 +658,7 @@ rules:
 ";
     let err = error_text(text);
     assert!(
-        err.contains("m.yaml:8:5: rule `buckets` feeds metric `storage_cost`")
+        err.contains("m.yaml:8:5: rule `buckets` (billed by its `target`) feeds metric `storage_cost` of subscription sub_a")
             && err.contains("rule `drives`"),
         "{err}"
     );
@@ -746,4 +748,61 @@ metalsoft,101,sub_a,acme
     // Another subscription for the directory's account is another month.
     let apart = csv.replace("sub_a,", "sub_b,");
     assert!(load(&[("m.yaml", yaml), ("accounts.csv", &apart)]).is_ok());
+}
+
+/// What the month checks must not refuse (each loaded before them, and prices one month one
+/// way): rules feeding one metric of *different* subscriptions with different steps after the
+/// tiers, rounding or sinks (two months, each settled on its own); and a rule converting to USD
+/// beside one taking the record's currency on one subscription, both rounded to the currency's
+/// minor unit (a month's records share one currency, so both round to cents in a USD month).
+#[test]
+fn rules_that_never_share_a_month_or_round_it_alike_load() {
+    let apart = "version: 1
+customers:
+  - match: { provider: softlayer }
+    external_subscription_id: sub_us
+  - match: { provider: sakura }
+    external_subscription_id: sub_jp
+rules:
+  - name: softlayer-cost
+    match: { provider: softlayer }
+    metric: resale_cost
+    value:
+      cost:
+        tiers: [{ up_to: \"1000\", markup_percent: 20 }, { markup_percent: 10 }]
+        commission_percent: 20
+        period: month
+    round: { scale: 2 }
+  - name: sakura-cost
+    match: { provider: sakura }
+    metric: resale_cost
+    sink: stripe
+    value:
+      cost:
+        tiers: [{ up_to: \"1000\", markup_percent: 20 }, { markup_percent: 10 }]
+        period: month
+    round: { scale: 0 }
+";
+    if let Err(e) = load(&[("m.yaml", apart)]) {
+        panic!("two subscriptions, two months: {e}");
+    }
+    let converted = "version: 1
+rates_csv: rates.csv
+customers:
+  - match: {}
+    external_subscription_id: sub_a
+rules:
+  - name: sakura-cost
+    match: { provider: sakura }
+    metric: resale_cost
+    value: { cost: { currency: USD, minimum: \"50\", period: month } }
+  - name: softlayer-cost
+    match: { provider: softlayer }
+    metric: resale_cost
+    value: { cost: { minimum: \"50\", period: month } }
+";
+    let rates = "from,to,rate,effective_from\nJPY,USD,0.0067,2026-01-01\n";
+    if let Err(e) = load(&[("m.yaml", converted), ("rates.csv", rates)]) {
+        panic!("both round to the month's currency's minor unit: {e}");
+    }
 }

@@ -362,8 +362,8 @@ fn rule_overlaps(set: &MappingSet) -> Vec<MappingError> {
 
 /// A period rule as text, to compare and to show: everything of it [`super::period::settle`]
 /// uses but the currency (the record's; records in two currencies are refused when the month
-/// is settled). `scale: None` is the minor unit of the record's currency.
-fn describe_spec(spec: &PeriodSpec, scale: Option<Option<u32>>) -> String {
+/// is settled) and the rounding (see [`PathSig`]).
+fn describe_spec(spec: &PeriodSpec) -> String {
     let tiers = if spec.tiers.is_empty() {
         String::new()
     } else {
@@ -388,16 +388,8 @@ fn describe_spec(spec: &PeriodSpec, scale: Option<Option<u32>>) -> String {
     } else {
         format!(" × {} after the tiers", spec.factor.normalize())
     };
-    let rounding = match scale {
-        None => String::new(),
-        Some(Some(s)) => format!(", rounded {} to {s} places", spec.mode.name()),
-        Some(None) => format!(
-            ", rounded {} to the currency's minor unit",
-            spec.mode.name()
-        ),
-    };
     format!(
-        "month at {} with{tiers}{factor}{}{rounding}",
+        "month at {} with{tiers}{factor}{}",
         spec.utc_offset,
         spec.minimum
             .map(|m| format!(" minimum {}", m.normalize()))
@@ -412,13 +404,13 @@ fn monthly_signature(p: &Pricing) -> Option<String> {
         return None;
     }
     let spec = super::apply::blocks_period_spec(&[Some(p)], 0, RoundMode::default())?;
-    Some(describe_spec(&spec, None))
+    Some(describe_spec(&spec))
 }
 
 /// How a rule rounds, which is also how a month it prices is rounded: the scale is `None` when
 /// it is the minor unit of a currency not known before the record (no `round.scale`, no
 /// conversion to one currency, no single `billing_currency` in `match`).
-fn rounding(rule: &Rule) -> (Option<u32>, RoundMode) {
+fn rounding(rule: &Rule) -> (Option<u32>, RoundMode, bool) {
     let currency = match &rule.value {
         Some(ValueSpec::Cost(c)) => c.currency.as_ref().map(|c| c.0.as_str()).or_else(|| {
             pinned(rule, "billing_currency")
@@ -429,15 +421,86 @@ fn rounding(rule: &Rule) -> (Option<u32>, RoundMode) {
     };
     let explicit = rule.round.and_then(|r| r.scale).is_some();
     let (scale, mode) = super::effective_round(rule, currency);
-    ((explicit || currency.is_some()).then_some(scale), mode)
+    (
+        (explicit || currency.is_some()).then_some(scale),
+        mode,
+        explicit,
+    )
+}
+
+/// The period rule of the records of one way into a month, comparable with [`PathSig::same`].
+#[derive(Debug, Clone, PartialEq)]
+struct PathSig {
+    /// The period rule but its rounding (see [`describe_spec`]).
+    spec: String,
+    /// `None`: the minor unit of a currency not known before the record.
+    scale: Option<u32>,
+    /// The scale is the rule's `round.scale`, not its currency's minor unit.
+    explicit: bool,
+    mode: RoundMode,
+}
+
+impl PathSig {
+    /// Whether two ways give their records one period rule. The records of one month share
+    /// one currency (the settlement refuses two), so a scale left to the minor unit of a
+    /// currency not known at load meets one that is a known currency's minor unit (a rule
+    /// converting to USD beside one taking the record's currency: both round to cents in a USD
+    /// month); beside an explicit `round.scale` it may differ, and is refused.
+    fn same(a: &Option<PathSig>, b: &Option<PathSig>) -> bool {
+        let scales_meet = |x: &PathSig, y: &PathSig| match (x.scale, y.scale) {
+            (Some(p), Some(q)) => p == q,
+            (None, None) => true,
+            (None, Some(_)) => !y.explicit,
+            (Some(_), None) => !x.explicit,
+        };
+        match (a, b) {
+            (None, None) => true,
+            (Some(x), Some(y)) => x.spec == y.spec && x.mode == y.mode && scales_meet(x, y),
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for PathSig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.scale {
+            Some(s) => write!(
+                f,
+                "{}, rounded {} to {s} places",
+                self.spec,
+                self.mode.name()
+            ),
+            None => write!(
+                f,
+                "{}, rounded {} to the currency's minor unit",
+                self.spec,
+                self.mode.name()
+            ),
+        }
+    }
 }
 
 /// The period rule of the records `rule` prices, followed by a customer entry's `customer`
 /// pricing, comparable: `None` when they get no monthly share.
-fn path_signature(rule: &Rule, customer: Option<&Pricing>) -> Option<String> {
-    let (scale, mode) = rounding(rule);
+fn path_signature(rule: &Rule, customer: Option<&Pricing>) -> Option<PathSig> {
+    let (scale, mode, explicit) = rounding(rule);
     let spec = super::apply::period_spec(rule, customer, scale.unwrap_or(0), mode)?;
-    Some(describe_spec(&spec, Some(scale)))
+    Some(PathSig {
+        spec: describe_spec(&spec),
+        scale,
+        explicit,
+        mode,
+    })
+}
+
+/// A rule's own monthly pricing as rules feeding one metric must share it whatever
+/// subscription they bill: its month, tiers and minimum. (What else shapes a month, the steps
+/// after the tiers and the rounding, matters only where two ways meet one subscription:
+/// `check_months`.)
+fn own_monthly(rule: &Rule) -> Option<String> {
+    let mut spec = super::apply::period_spec(rule, None, 0, RoundMode::default())?;
+    spec.factor = Decimal::ONE;
+    Some(describe_spec(&spec))
 }
 
 /// Whether the events of two rules can go to one sink: a rule without `sink:` goes to the
@@ -518,7 +581,7 @@ fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
     }
     // Rules feeding one metric of one sink price its month the same way (their own monthly
     // pricing, the steps after its tiers and the rounding).
-    let rule_sig = |r: &LoadedRule| path_signature(&r.rule, None);
+    let rule_sig = |r: &LoadedRule| own_monthly(&r.rule);
     for (j, b) in set.rules.iter().enumerate() {
         if b.rule.ignore {
             continue;
@@ -527,7 +590,7 @@ fn check_periods(set: &MappingSet, errors: &mut Vec<MappingError>) {
         let clash = set.rules[..j].iter().find(|a| {
             !a.rule.ignore
                 && a.rule.metric == b.rule.metric
-                && sinks_may_meet(&a.rule, &b.rule)
+                && a.rule.sink == b.rule.sink
                 && rule_sig(a) != sig_b
                 && match (&a.rule.target, &b.rule.target) {
                     (Some(x), Some(y)) => x.external_subscription_id == y.external_subscription_id,
@@ -610,7 +673,7 @@ enum Via<'a> {
 struct Path<'a> {
     rule: &'a LoadedRule,
     via: Via<'a>,
-    sig: Option<String>,
+    sig: Option<PathSig>,
 }
 
 impl Path<'_> {
@@ -660,7 +723,7 @@ fn check_months(set: &MappingSet, errors: &mut Vec<MappingError>) {
         let Some(metric) = r.rule.metric.as_ref().map(|m| m.0.as_str()) else {
             continue;
         };
-        let mut reach: Vec<(&str, Via, Option<String>)> = Vec::new();
+        let mut reach: Vec<(&str, Via, Option<PathSig>)> = Vec::new();
         match &r.rule.target {
             Some(t) => reach.push((
                 t.external_subscription_id.0.as_str(),
@@ -720,10 +783,11 @@ fn check_months(set: &MappingSet, errors: &mut Vec<MappingError>) {
             paths.push(Path { rule: r, via, sig });
         }
     }
-    let rule_sig = |r: &LoadedRule| path_signature(&r.rule, None);
     // What `check_periods` reports already.
     let reported = |a: &Path, b: &Path| {
-        let rules = !std::ptr::eq(a.rule, b.rule) && rule_sig(a.rule) != rule_sig(b.rule);
+        let rules = !std::ptr::eq(a.rule, b.rule)
+            && a.rule.rule.sink == b.rule.rule.sink
+            && own_monthly(&a.rule.rule) != own_monthly(&b.rule.rule);
         let entries = match (&a.via, &b.via) {
             (Via::Entry(x), Via::Entry(y)) => {
                 entry_sig[entry_index(x)] != entry_sig[entry_index(y)]
@@ -735,7 +799,7 @@ fn check_months(set: &MappingSet, errors: &mut Vec<MappingError>) {
         };
         rules || entries
     };
-    let say = |s: &Option<String>| {
+    let say = |s: &Option<PathSig>| {
         s.as_ref().map_or_else(
             || "no monthly pricing".to_string(),
             |s| format!("monthly pricing ({s})"),
@@ -749,7 +813,9 @@ fn check_months(set: &MappingSet, errors: &mut Vec<MappingError>) {
                 .iter()
                 .map(|&i| &paths[i])
                 .find(|a| {
-                    a.sig != b.sig && sinks_may_meet(&a.rule.rule, &b.rule.rule) && !reported(a, b)
+                    !PathSig::same(&a.sig, &b.sig)
+                        && sinks_may_meet(&a.rule.rule, &b.rule.rule)
+                        && !reported(a, b)
                 })
                 .map(|a| (a, b))
         });
