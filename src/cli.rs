@@ -270,6 +270,21 @@ async fn set_cursor(
     allow_forward: bool,
     reason: &str,
 ) -> anyhow::Result<()> {
+    // These record the grid a source's watermarks were read on (MetalSoft `window`, Jelastic
+    // `period` and `time_offset`), checked by every plan: moved by hand they would let a
+    // changed grid re-read the look-back under other keys.
+    if [
+        crate::providers::metalsoft::STREAM_WINDOW,
+        crate::providers::jelastic::STREAM_GRID,
+    ]
+    .contains(&stream)
+    {
+        return Err(ConfigError(format!(
+            "{source} {stream} is not a position but the grid the source's watermarks were read \
+             on; it cannot be moved (to change the grid, see the README: a new source)"
+        ))
+        .into());
+    }
     let cursors = ledger.cursors(source).await?;
     let Some(old) = cursors.get(stream) else {
         return Err(ConfigError(format!(

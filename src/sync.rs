@@ -1078,12 +1078,20 @@ impl Pipeline {
             }
         }
         // A source's name is in its records' keys and its cursors: renamed, it reads its whole
-        // history again under new keys, which the sinks take as new usage. Say so loudly.
+        // history again under new keys, which the sinks take as new usage. What a rename looks
+        // like: a configured source without cursors beside cursors of a source no longer
+        // configured (a retired or replaced source alone leaves cursors and is no rename).
+        let known = self.ledger.cursor_sources().await?;
         let configured: Vec<&str> = self.providers.iter().map(|p| p.name()).collect();
-        for old in self.ledger.cursor_sources().await? {
-            if !configured.contains(&old.as_str()) {
-                warn!(source = %old,
-                    "the ledger holds cursors of a source the settings do not name: if it was renamed, the new name reads its history again under new keys and bills it twice (restore the name; see the README, Configuration)");
+        let gone: Vec<&str> = known
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !configured.contains(k))
+            .collect();
+        if !gone.is_empty() {
+            for new in configured.iter().filter(|c| !known.iter().any(|k| k == *c)) {
+                warn!(source = %new, without_cursors_beside = ?gone,
+                    "a source without cursors beside cursors of sources the settings no longer name: if it is one of them renamed, it reads its history again under new keys and bills it twice (stop, and see the README, Providers)");
             }
         }
 

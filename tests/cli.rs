@@ -483,6 +483,7 @@ async fn set_cursor_rereads_a_period_and_refuses_typos_and_silent_skips() {
         (back.clone(), "user:99", "no cursor"),
         ("2026-10".to_string(), "user:1", "not in the form"),
         (ahead.clone(), "user:1", "--allow-forward"),
+        ("1800".to_string(), "window", "cannot be moved"),
     ] {
         let mut a = args(&[
             "ledger",

@@ -543,7 +543,10 @@ fn settle_case(
 }
 
 fn parse_dec(text: &str) -> Option<Decimal> {
-    crate::record::exact_decimal(text.trim())
+    let t = text.trim();
+    Decimal::from_str_exact(t)
+        .ok()
+        .or_else(|| Decimal::from_scientific(t).ok())
 }
 
 /// A YAML scalar as text (`007` stays `007` only when quoted).

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::str::FromStr;
 
 use std::borrow::Cow;
 
@@ -614,7 +615,12 @@ impl<'de> Deserialize<'de> for UnitName {
 
 /// Parses a decimal exactly from the scalar's text (never through a float).
 fn parse_decimal(text: &str) -> Option<Decimal> {
-    crate::record::exact_decimal(text.trim())
+    // Rounded at 28 places, as mapping files always were read: a constant written with more
+    // (a factor of 1/3600 printed by a tool) must keep loading.
+    let t = text.trim();
+    Decimal::from_str(t)
+        .ok()
+        .or_else(|| Decimal::from_scientific(t).ok())
 }
 
 /// A markup percentage, ≥ 0.

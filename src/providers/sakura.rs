@@ -911,7 +911,7 @@ fn decimal_text(text: &str) -> Option<Decimal> {
     if t.is_empty() {
         return None;
     }
-    Decimal::from_str_exact(&t).ok()
+    crate::record::exact_decimal(&t)
 }
 
 /// An id (number or string on the wire) as text.
