@@ -361,6 +361,27 @@ pub trait Progress: Send + Sync {
     fn finish(&self) {}
 }
 
+/// What a renamed source looks like from the ledger: configured sources without cursors
+/// (`known` are the sources the ledger holds cursors of) beside cursors of sources no longer
+/// configured. `None` on a fresh ledger, and where a source was only retired or replaced
+/// (every configured source has its cursors).
+fn maybe_renamed<'a>(
+    known: &'a [String],
+    configured: &[&'a str],
+) -> Option<(Vec<&'a str>, Vec<&'a str>)> {
+    let gone: Vec<&str> = known
+        .iter()
+        .map(String::as_str)
+        .filter(|k| !configured.contains(k))
+        .collect();
+    let new: Vec<&str> = configured
+        .iter()
+        .copied()
+        .filter(|c| !known.iter().any(|k| k == c))
+        .collect();
+    (!gone.is_empty() && !new.is_empty()).then_some((new, gone))
+}
+
 /// How a sink's push loop ends, given what stopped it early (`cause`: its lock was taken over,
 /// or the next pending records could not be read) and whether recording the last answers
 /// worked. The cause comes first: it says why the run stopped (a lost lock exits 3, not 1),
@@ -1083,16 +1104,9 @@ impl Pipeline {
         // configured (a retired or replaced source alone leaves cursors and is no rename).
         let known = self.ledger.cursor_sources().await?;
         let configured: Vec<&str> = self.providers.iter().map(|p| p.name()).collect();
-        let gone: Vec<&str> = known
-            .iter()
-            .map(String::as_str)
-            .filter(|k| !configured.contains(k))
-            .collect();
-        if !gone.is_empty() {
-            for new in configured.iter().filter(|c| !known.iter().any(|k| k == *c)) {
-                warn!(source = %new, without_cursors_beside = ?gone,
-                    "a source without cursors beside cursors of sources the settings no longer name: if it is one of them renamed, it reads its history again under new keys and bills it twice (stop, and see the README, Providers)");
-            }
+        if let Some((new, gone)) = maybe_renamed(&known, &configured) {
+            warn!(sources = ?new, without_cursors_beside = ?gone,
+                "sources without cursors beside cursors of sources the settings no longer name: if one is renamed, it reads its history again under new keys and bills it twice (stop, and see the README, Providers)");
         }
 
         let holder = Self::lock_holder();
@@ -3050,4 +3064,33 @@ where
             (pulled, staged)
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::maybe_renamed;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A source's name is in its records' keys: a new name without cursors beside a gone name
+    /// with cursors is what a rename looks like (its history would be billed twice).
+    #[test]
+    fn a_rename_is_a_new_source_beside_a_gone_one() {
+        let known = names(&["metalsoft_us01", "sakura"]);
+        assert_eq!(
+            maybe_renamed(&known, &["metalsoft_main", "sakura"]),
+            Some((vec!["metalsoft_main"], vec!["metalsoft_us01"]))
+        );
+        // A retired (or replaced, once the new one has run) source, a fresh ledger, no change.
+        assert_eq!(maybe_renamed(&known, &["sakura"]), None);
+        assert_eq!(maybe_renamed(&names(&[]), &["sakura"]), None);
+        assert_eq!(maybe_renamed(&known, &["metalsoft_us01", "sakura"]), None);
+        // A source added beside unchanged ones is no rename either.
+        assert_eq!(
+            maybe_renamed(&known, &["metalsoft_us01", "sakura", "jelastic"]),
+            None
+        );
+    }
 }
