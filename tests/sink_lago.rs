@@ -43,6 +43,21 @@ fn four_events(s: &LagoSink) -> Vec<billsync::sinks::Outgoing> {
     )
 }
 
+/// A fake Lago answering the first request with `first` and every later one with `then`.
+async fn answering_first(first: ResponseTemplate, then: ResponseTemplate) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(first)
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(then)
+        .mount(&server)
+        .await;
+    server
+}
+
 async fn bodies(server: &MockServer) -> Vec<String> {
     server
         .received_requests()
@@ -208,16 +223,11 @@ async fn a_2xx_that_is_not_lagos_answer_is_not_delivery() {
 
 #[tokio::test]
 async fn rate_limited_waits_for_retry_after_and_resends_same_bytes() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[]}"#))
-        .mount(&server)
-        .await;
+    let server = answering_first(
+        ResponseTemplate::new(429).insert_header("Retry-After", "1"),
+        ResponseTemplate::new(200).set_body_string(r#"{"events":[]}"#),
+    )
+    .await;
     let retry = RetryPolicy {
         max_retries: 3,
         min_delay: Duration::from_millis(5),
@@ -335,18 +345,9 @@ async fn forbidden_stops_the_sink_with_lago_code() {
 
 #[tokio::test]
 async fn split_422_by_index_and_resend_remainder() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(422).set_body_string(
+    let server = answering_first(ResponseTemplate::new(422).set_body_string(
             r#"{"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":{"0":{"transaction_id":["value_already_exist"]},"2":{"properties":["invalid_value"]}}}"#,
-        ))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[{},{}]}"#))
-        .mount(&server)
-        .await;
+        ), ResponseTemplate::new(200).set_body_string(r#"{"events":[{},{}]}"#)).await;
     let s = sink(&server.uri(), fast_retry(2));
     let b = four_events(&s);
     let out = s.deliver(&b).await.unwrap();
@@ -369,21 +370,10 @@ async fn split_422_by_index_and_resend_remainder() {
 /// events 0 and 2, and the resend of 1 and 3 is answered 401.
 #[tokio::test]
 async fn a_stop_on_the_resend_after_a_422_by_index_carries_what_the_422_settled() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(422).set_body_string(
+    let server = answering_first(ResponseTemplate::new(422).set_body_string(
             r#"{"status":422,"error":"Unprocessable Entity","code":"validation_errors","error_details":{"0":{"transaction_id":["value_already_exist"]},"2":{"properties":["invalid_value"]}}}"#,
-        ))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(401)
-                .set_body_string(r#"{"status":401,"error":"Unauthorized","code":"unauthorized"}"#),
-        )
-        .mount(&server)
-        .await;
+        ), ResponseTemplate::new(401)
+                .set_body_string(r#"{"status":401,"error":"Unauthorized","code":"unauthorized"}"#),).await;
     let s = sink(&server.uri(), fast_retry(2));
     let b = four_events(&s);
     let stop = s.deliver(&b).await.expect_err("a 401 stops the sink");
@@ -404,19 +394,12 @@ async fn a_stop_on_the_resend_after_a_422_by_index_carries_what_the_422_settled(
 /// the first request delivered go with the stop.
 #[tokio::test]
 async fn a_stop_on_a_later_request_carries_what_the_first_delivered() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[{},{}]}"#))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(403)
-                .set_body_string(r#"{"status":403,"error":"Forbidden","code":"forbidden"}"#),
-        )
-        .mount(&server)
-        .await;
+    let server = answering_first(
+        ResponseTemplate::new(200).set_body_string(r#"{"events":[{},{}]}"#),
+        ResponseTemplate::new(403)
+            .set_body_string(r#"{"status":403,"error":"Forbidden","code":"forbidden"}"#),
+    )
+    .await;
     let s = sink(&server.uri(), fast_retry(2));
     let b = batch(
         &s,
@@ -1320,16 +1303,11 @@ async fn a_rate_limit_reset_is_the_wait_for_a_429_only() {
     );
 
     // A 503's Retry-After is still its wait, whatever X-RateLimit-Reset says.
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(with_rate_headers(503).insert_header("Retry-After", "1"))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"events":[]}"#))
-        .mount(&server)
-        .await;
+    let server = answering_first(
+        with_rate_headers(503).insert_header("Retry-After", "1"),
+        ResponseTemplate::new(200).set_body_string(r#"{"events":[]}"#),
+    )
+    .await;
     let s = sink(&server.uri(), honouring);
     let started = Instant::now();
     assert_eq!(
