@@ -277,6 +277,71 @@ async fn a_pending_record_that_changes_keeps_its_payload_and_the_change_is_a_cor
     assert_eq!((same.corrections, same.unchanged), (0, 1));
 }
 
+/// `status` groups undelivered records with their reason: held ones, and pending ones after a
+/// failed attempt. A correction waiting for its first attempt carries a note ("correction of
+/// …"), which is not a failure: listed with the failures, every queued correction looked like
+/// a record the sink would not take.
+#[tokio::test]
+async fn status_lists_failed_pending_records_but_not_corrections_waiting_for_their_first_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    // What the pipeline writes for a correction: its note names the original.
+    let noted = |row: &StageRow, sent: &SentState| match difference(row, sent) {
+        Correction::Send {
+            mut row,
+            difference,
+        } => {
+            row.note = Some(format!("correction of {}", sent.key));
+            Correction::Send { row, difference }
+        }
+        other => other,
+    };
+    ledger
+        .stage(run, &[row(record("a", "1.10"))], None, now, &noted)
+        .await
+        .unwrap();
+    let offered = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    ledger
+        .ack(
+            run,
+            &[(offered[0].id, Outcome::Failed("HTTP 503".into()))],
+            now,
+        )
+        .await
+        .unwrap();
+    let c = ledger
+        .stage(run, &[row(record("a", "1.25"))], None, now, &noted)
+        .await
+        .unwrap();
+    assert_eq!(c.corrections, 1);
+    let reasons = |st: billsync::ledger::LedgerStatus| {
+        st.held_reasons
+            .into_iter()
+            .map(|h| (h.status, h.count, h.reason))
+            .collect::<Vec<_>>()
+    };
+    let st = ledger.status().await.unwrap();
+    assert_eq!(st.held_reason_groups, 1);
+    assert_eq!(
+        reasons(st),
+        [("pending".to_string(), 1, "HTTP 503".to_string())]
+    );
+    // Once the correction's own attempt fails, it is a failure like any other.
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    let acks: Vec<_> = batch
+        .iter()
+        .map(|o| (o.id, Outcome::Failed("HTTP 502".into())))
+        .collect();
+    ledger.ack(run, &acks, now).await.unwrap();
+    let st = ledger.status().await.unwrap();
+    assert_eq!(
+        reasons(st),
+        [("pending".to_string(), 2, "HTTP 502".to_string())]
+    );
+}
+
 /// What no sink was ever offered (held: unmapped, ignored, provisional, rejected) is simply
 /// staged again with its new content, in place.
 #[tokio::test]

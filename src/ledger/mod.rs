@@ -2256,7 +2256,8 @@ impl Ledger {
         .map_err(sql("finding the oldest undelivered record"))?
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)));
         // Undelivered records that carry a reason: held ones always, pending ones after a
-        // failed attempt. Grouped by resource type, not by the exact reason: "no rule matches"
+        // failed attempt (a correction's note, "correction of …", is not a failure until its
+        // own first attempt fails). Grouped by resource type, not by the exact reason: "no rule matches"
         // names fields of the record (its description, its account), so one gap in the
         // mappings would be one group per record. Each group shows its oldest record's reason
         // (SQLite takes the bare column from the row of the MIN).
@@ -2265,7 +2266,8 @@ impl Ledger {
                 concat!(
                     $select,
                     " FROM records WHERE status IN ('unmapped', 'rejected', 'pending')
-                      AND last_error IS NOT NULL GROUP BY status, source, resource_type"
+                      AND last_error IS NOT NULL AND (status <> 'pending' OR attempts > 0)
+                      GROUP BY status, source, resource_type"
                 )
             };
         }
