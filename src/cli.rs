@@ -95,7 +95,8 @@ pub enum Command {
     Status,
     /// Re-map held records with today's mapping files and push what now maps.
     Replay {
-        /// Which held records: `unmapped` (no rule matched) or `rejected` (the sink refused them).
+        /// Which records: `unmapped` (no rule matched), `rejected` (the sink refused them) or
+        /// `ignored` (a rule said not billed: after narrowing a rule that ignored too much).
         #[arg(long, value_enum)]
         status: ReplayStatus,
         /// Only records of this source or provider kind.
@@ -498,6 +499,7 @@ pub enum ReportFormat {
 pub enum ReplayStatus {
     Unmapped,
     Rejected,
+    Ignored,
 }
 
 #[derive(Debug, Subcommand)]
@@ -883,6 +885,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                             status: Some(match status {
                                 ReplayStatus::Unmapped => Status::Unmapped,
                                 ReplayStatus::Rejected => Status::Rejected,
+                                ReplayStatus::Ignored => Status::Ignored,
                             }),
                             provider,
                             since,

@@ -332,6 +332,12 @@ pub fn summary_text(s: &RunSummary) -> String {
             ));
         }
     }
+    if s.pruned > 0 {
+        out.push_str(&format!(
+            "  not replayable (pruned by `ledger vacuum`) {}\n",
+            s.pruned
+        ));
+    }
     if !s.preview.is_empty() {
         out.push_str("  plan:\n");
         for line in &s.preview {

@@ -678,6 +678,10 @@ pub struct RunSummary {
     /// A dry-run replay's record-by-record plan (at most 200 lines).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub preview: Vec<String>,
+    /// Records a replay selected whose content `ledger vacuum` pruned (old ignored ones): they
+    /// cannot be re-mapped, and stay as they are.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub pruned: u64,
 }
 
 impl RunSummary {
@@ -709,6 +713,7 @@ impl RunSummary {
             undelivered: 0,
             duration_ms: 0,
             preview: Vec::new(),
+            pruned: 0,
         }
     }
 
@@ -2120,6 +2125,14 @@ impl Pipeline {
         // Per source: the records re-mapped to be sent for periods that ended longer ago than
         // its usual lateness (as `sync` counts those it stages).
         let mut late: BTreeMap<String, LateRecords> = BTreeMap::new();
+        // `vacuum` prunes old sent and ignored records to a tombstone: nothing to re-map.
+        summary.pruned = self.ledger.pruned_matching(&opts.filter).await?;
+        if summary.pruned > 0 {
+            warn!(
+                records = summary.pruned,
+                "records pruned by `ledger vacuum` cannot be replayed: they stay as they are"
+            );
+        }
         let mut after_id = 0;
         loop {
             // Page by page (each record is its own transaction, so any page boundary is a
@@ -2141,6 +2154,10 @@ impl Pipeline {
                     continue;
                 }
                 summary.pulled += 1;
+                if stored.record.provider == PERIOD_PROVIDER && stored.status != Status::Rejected {
+                    // Settlement alone decides whether a held adjustment goes out.
+                    continue;
+                }
                 if stored.record.provider == PERIOD_PROVIDER {
                     // An adjustment's payload comes from its month, not from the mapping files:
                     // a rejected one goes out again as it was (the month is re-settled on change).

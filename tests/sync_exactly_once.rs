@@ -410,6 +410,103 @@ async fn an_unmapped_record_is_held_then_delivered_by_replay_after_a_mapping_fix
     assert_eq!(stored[0].properties["amount"], "119.81");
 }
 
+/// The example mappings with their `subnets-free` rule (`ignore: true`) turned into one that
+/// bills subnets: the fix after deciding subnets are resold after all.
+fn mappings_billing_subnets() -> MappingSet {
+    let ignore = "  - name: subnets-free\n    match:\n      provider: metalsoft\n      \
+                  resource_type: subnet\n    ignore: true\n";
+    let bill = "  - name: subnets-billed\n    match:\n      provider: metalsoft\n      \
+                resource_type: subnet\n    metric: subnet_cost\n    property: amount\n    \
+                value:\n      cost: {}\n    round: { scale: 2, mode: half_up }\n";
+    let sources: Vec<(String, String)> = billsync::mapping::EXAMPLE_MAPPINGS
+        .iter()
+        .map(|(n, t)| {
+            let t = t.to_string();
+            (
+                n.to_string(),
+                if t.contains(ignore) {
+                    t.replace(ignore, bill)
+                } else {
+                    t
+                },
+            )
+        })
+        .collect();
+    assert!(
+        sources.iter().any(|(_, t)| t.contains("subnets-billed")),
+        "the example mappings still have the subnets-free rule"
+    );
+    MappingSet::from_sources(&sources).unwrap()
+}
+
+/// A rule that ignored too much is fixed: `replay --status ignored` re-maps what it caught and
+/// sends what now maps, once (re-reading the provider would not: the same content is a no-op).
+/// Records `ledger vacuum` pruned to a tombstone cannot be re-mapped: the replay counts them and
+/// leaves them, instead of failing on their empty body.
+#[tokio::test]
+async fn ignored_records_are_billed_by_replay_after_the_rule_is_fixed_and_pruned_ones_are_counted()
+{
+    let replay = |dry_run| ReplayOptions {
+        filter: RecordFilter::status(Status::Ignored),
+        dry_run,
+        reason: "subnets are resold".into(),
+        now: Some(now()),
+    };
+    let world = World::start(Behaviour::Postgres).await;
+    let run = world.pipeline().await.sync(&opts()).await.unwrap();
+    let subnets = run.staged_by_status["ignored"];
+    assert!(subnets > 0, "{run:?}");
+    let pipeline = world
+        .pipeline_with(mappings_billing_subnets(), LAGO_KEY)
+        .await;
+    let billed = || {
+        world
+            .lago
+            .events()
+            .into_iter()
+            .filter(|e| e.code == "subnet_cost")
+            .count() as u64
+    };
+    let replayed = pipeline.replay(&replay(false)).await.unwrap();
+    assert_eq!(
+        (replayed.pulled, replayed.sent),
+        (subnets, subnets),
+        "{replayed:?}"
+    );
+    assert_eq!(billed(), subnets);
+    // Once more: nothing is ignored any longer, nothing goes out again.
+    let again = pipeline.replay(&replay(false)).await.unwrap();
+    assert_eq!((again.pulled, again.sent), (0, 0), "{again:?}");
+    assert_eq!(billed(), subnets);
+
+    // Another ledger, pruned before the fix: its ignored records are tombstones now.
+    let world = World::start(Behaviour::Postgres).await;
+    world.pipeline().await.sync(&opts()).await.unwrap();
+    let pipeline = world
+        .pipeline_with(mappings_billing_subnets(), LAGO_KEY)
+        .await;
+    let ttl = std::time::Duration::from_secs(60);
+    let ledger = &pipeline.ledger;
+    ledger
+        .acquire_lock("vacuum", chrono::Utc::now(), ttl)
+        .await
+        .unwrap();
+    let cutoff = chrono::Utc::now() + chrono::Duration::days(1);
+    assert!(ledger.vacuum(cutoff, "vacuum", ttl).await.unwrap().pruned >= subnets);
+    ledger.release_lock("vacuum").await.unwrap();
+    let after = pipeline.replay(&replay(false)).await.unwrap();
+    assert_eq!(
+        (after.pulled, after.sent, after.pruned),
+        (0, 0, subnets),
+        "{after:?}"
+    );
+    let text = billsync::observe::summary_text(&after);
+    assert!(
+        text.contains("not replayable (pruned by `ledger vacuum`) "),
+        "{text}"
+    );
+}
+
 /// A held record that a replay re-maps goes out for its charge period as a record a sync stages
 /// does, and is judged late by the same rule: the reservation installment (its period ends
 /// 2026-11-27 20:38 UTC) replayed two days later than that, within the source's usual lateness,

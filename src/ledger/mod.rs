@@ -1362,6 +1362,7 @@ impl Ledger {
                AND (?4 IS NULL OR charge_period_start >= ?4)
                AND (?5 IS NULL OR charge_period_start < ?5)
                AND (?6 IS NULL OR last_run = ?6)
+               AND (b.record IS NULL OR length(b.record) > 0)
              ORDER BY r.id LIMIT ?7",
         )
         .bind(filter.status.map(Status::as_str))
@@ -1393,6 +1394,28 @@ impl Ledger {
                 })
             })
             .collect()
+    }
+
+    /// How many records `filter` selects whose content `vacuum` pruned ([`Ledger::records_matching`]
+    /// leaves them out: there is nothing to re-map).
+    pub async fn pruned_matching(&self, filter: &RecordFilter) -> Result<u64, LedgerError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM records r JOIN record_bodies b ON b.id = r.id
+             WHERE (?1 IS NULL OR r.status = ?1) AND length(b.record) = 0
+               AND (?2 IS NULL OR source = ?2 OR provider = ?2)
+               AND (?3 IS NULL OR charge_period_start >= ?3)
+               AND (?4 IS NULL OR charge_period_start < ?4)
+               AND (?5 IS NULL OR last_run = ?5)",
+        )
+        .bind(filter.status.map(Status::as_str))
+        .bind(filter.provider.as_deref())
+        .bind(filter.since.map(ts))
+        .bind(filter.until.map(ts))
+        .bind(filter.run)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(sql("counting pruned records"))?;
+        Ok(n as u64)
     }
 
     /// For replaying correction `id`: what went out for its original without it, and the
