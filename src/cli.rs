@@ -850,7 +850,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
             let done = async {
-                let pipeline = build_pipeline(&settings, ctx).await?;
+                let pipeline = build_pipeline_for(&settings, ctx, dry_run).await?;
                 let summary = pipeline
                     .sync(&SyncOptions {
                         provider,
@@ -878,7 +878,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
             let done = async {
-                let pipeline = build_pipeline(&settings, ctx).await?;
+                let pipeline = build_pipeline_for(&settings, ctx, dry_run).await?;
                 let summary = pipeline
                     .replay(&ReplayOptions {
                         filter: RecordFilter {
@@ -1171,10 +1171,11 @@ async fn report_run(
 
 /// The exit code a finished run deserves.
 pub fn exit_code(summary: &RunSummary) -> u8 {
-    if summary.dry_run {
-        return exit::OK;
-    }
     match summary.outcome {
+        // A dry run holds and sends nothing: what it would leave undelivered is its report,
+        // not a failure. A provider that failed is one (a pre-flight check after rotating a
+        // key must not exit 0), and so is a stop.
+        RunOutcome::Undelivered | RunOutcome::SinkStopped if summary.dry_run => exit::OK,
         RunOutcome::Ok => exit::OK,
         RunOutcome::Undelivered => exit::UNDELIVERED,
         RunOutcome::ProviderFailed => exit::FAILED,
@@ -1185,6 +1186,18 @@ pub fn exit_code(summary: &RunSummary) -> u8 {
 
 /// Wire providers, sinks, mappings and the ledger from the settings.
 pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pipeline> {
+    build_pipeline_for(settings, ctx, false).await
+}
+
+/// [`build_pipeline`], for a dry run when `dry_run`: the ledger is opened as it is, never
+/// created or upgraded ("write nothing": a newer image's `sync --dry-run`, a natural check
+/// before a rollout, would otherwise migrate the ledger the CronJob's older image then refuses),
+/// and a ledger that does not exist yet is planned from an empty throwaway one.
+pub async fn build_pipeline_for(
+    settings: &Settings,
+    ctx: &Ctx,
+    dry_run: bool,
+) -> anyhow::Result<Pipeline> {
     let mappings = MappingSet::load(&settings.mappings)?;
     // Not an error here: the other rules' records still go out, and these are held with the
     // reason (`mappings validate` refuses them).
@@ -1246,9 +1259,23 @@ pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pi
             sinks.push(sink);
         }
     }
-    let ledger = Ledger::open(&settings.ledger.path)
-        .await
-        .with_context(|| format!("opening the ledger {}", settings.ledger.path.display()))?;
+    let path = &settings.ledger.path;
+    let ledger = if !dry_run {
+        Ledger::open(path).await
+    } else {
+        match Ledger::open_existing(path).await {
+            Err(LedgerError::Missing { .. }) => {
+                tracing::warn!(
+                    ledger = %path.display(),
+                    "no ledger there yet: the dry run plans from an empty one, as a first sync \
+                     would, and creates nothing there"
+                );
+                Ledger::open_scratch().await
+            }
+            opened => opened,
+        }
+    }
+    .with_context(|| format!("opening the ledger {}", path.display()))?;
     let mut pipeline = Pipeline::new(ledger, providers, sinks, mappings);
     pipeline.lock_ttl = settings.ledger.lock_ttl;
     pipeline.shutdown = ctx.shutdown.clone();

@@ -24,7 +24,7 @@ impl Secret {
     }
 
     /// Resolve a reference: `env:NAME` reads an environment variable, `file:/path` reads a
-    /// mounted file (trailing newline removed). Anything else is refused, so a key pasted into
+    /// mounted file (surrounding whitespace removed, as for `env:`). Anything else is refused, so a key pasted into
     /// the configuration file is caught instead of silently used.
     pub fn resolve(reference: &str) -> Result<Secret, String> {
         if let Some(name) = reference.strip_prefix("env:") {
@@ -37,7 +37,9 @@ impl Secret {
         } else if let Some(path) = reference.strip_prefix("file:") {
             let value = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read secret file {path}: {e}"))?;
-            let value = value.trim_end_matches(['\r', '\n']).to_string();
+            // Surrounding whitespace is never part of a key (as for `env:`): an editor's
+            // trailing newline or a pasted space would otherwise be sent.
+            let value = value.trim().to_string();
             if value.is_empty() {
                 return Err(format!("secret file {path} is empty"));
             }
@@ -299,6 +301,27 @@ pub enum SettingsError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// The shortest `ledger.lock_ttl` that keeps runs apart: a run refreshes its lock every 30 s
+/// (a third of the TTL when that is shorter), and a write may wait up to 10 s for SQLite's
+/// lock. Shorter is accepted with a warning.
+pub const MIN_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// An environment variable meant as a settings override but written with one underscore after
+/// the prefix (`BILLSYNC_LEDGER__PATH`): the `config` crate reads only `BILLSYNC__…`, so it
+/// would be ignored without a word. Variables without a `__` (`BILLSYNC_CONFIG`,
+/// `BILLSYNC_LOG`, a secret read through `env:BILLSYNC_…`) are not overrides.
+fn mistyped_override(names: impl Iterator<Item = std::ffi::OsString>) -> Option<String> {
+    names.filter_map(|n| n.into_string().ok()).find_map(|name| {
+        let rest = name.strip_prefix("BILLSYNC_")?;
+        (!rest.starts_with('_') && rest.contains("__")).then(|| {
+            format!(
+                "environment variable {name} looks like a settings override but is ignored: \
+                 overrides begin with BILLSYNC__ (two underscores), e.g. BILLSYNC__{rest}"
+            )
+        })
+    })
+}
+
 impl Settings {
     /// How late, after a billing period's end, each configured source's last records dated in
     /// it reach a sink (at worst), with a run every `run_interval`; and the same for the
@@ -398,6 +421,16 @@ impl Settings {
             path: path.to_path_buf(),
             message,
         })?;
+        if settings.ledger.lock_ttl < MIN_LOCK_TTL {
+            // Allowed for tests that kill runs on purpose (a killed run's lock is free at
+            // once), never right for a deployment.
+            tracing::warn!(
+                lock_ttl = %humantime::format_duration(settings.ledger.lock_ttl),
+                minimum = %humantime::format_duration(MIN_LOCK_TTL),
+                "ledger.lock_ttl is shorter than a run's lock refresh: a second run may take \
+                 the ledger beside a live one"
+            );
+        }
         Ok(settings)
     }
 
@@ -438,6 +471,12 @@ impl Settings {
             path: path.to_path_buf(),
             message: join_keys(e.to_string()),
         };
+        if let Some(message) = mistyped_override(std::env::vars_os().map(|(k, _)| k)) {
+            return Err(SettingsError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            });
+        }
         config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Yaml))
             .add_source(

@@ -385,7 +385,8 @@ pub struct MetricsSettings {
     /// CronJob that is the pod's name, new every run, which would make a group per run.
     #[serde(default)]
     pub instance: Option<String>,
-    /// Optional basic-auth password or bearer token (`env:` / `file:`), sent as Bearer.
+    /// Optional bearer token (`env:` / `file:`), sent as `Authorization: Bearer`. For basic
+    /// auth put `user:password@` in `pushgateway_url` (never shown in logs).
     #[serde(default)]
     pub token: Option<Secret>,
     /// Timeout of the push.
@@ -660,10 +661,15 @@ pub async fn push_metrics(
     if let Some(token) = &settings.token {
         req = req.bearer_auth(token.expose());
     }
+    // The URL may carry basic-auth credentials (`user:password@`): shown without them.
+    let shown = crate::http::shown_url(&url);
     match req.send().await {
         Ok(r) if r.status().is_success() => Ok(()),
-        Ok(r) => Err(format!("pushgateway {url} answered HTTP {}", r.status())),
-        Err(e) => Err(format!("pushgateway {url}: {e}")),
+        Ok(r) => Err(format!("pushgateway {shown} answered HTTP {}", r.status())),
+        Err(e) => Err(format!(
+            "pushgateway {shown}: {}",
+            crate::http::transport_reason(&e)
+        )),
     }
 }
 

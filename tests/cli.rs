@@ -136,6 +136,23 @@ fn configuration_errors_exit_with_code_2_and_name_the_problem() {
         &[],
     );
     assert_eq!(no_reason.status.code(), Some(2), "replay needs --reason");
+
+    // An override with one underscore after the prefix would be ignored by the settings
+    // reader (the file's ledger path used instead of the one meant): refused, naming the
+    // spelling meant. A variable without `__` (a secret read through `env:`) is not one.
+    let typo = billsync(
+        &["--config", cfg.as_str(), "status"],
+        &[
+            ("BILLSYNC_LEDGER__PATH", "/data/ledger.db"),
+            ("BILLSYNC_WEBHOOK_SECRET", "s"),
+        ],
+    );
+    let (_, stderr) = text(&typo);
+    assert_eq!(typo.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("BILLSYNC_LEDGER__PATH") && stderr.contains("BILLSYNC__LEDGER__PATH"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -101,10 +101,14 @@ fn the_example_settings_load_with_secrets_from_the_environment_and_env_overrides
     // A key pasted into the file is refused, with the reason.
     let err = Secret::resolve("sk_live_pasted").unwrap_err();
     assert!(err.contains("env:VARIABLE"), "{err}");
-    // A mounted file works, trailing newline removed.
+    // A mounted file works, surrounding whitespace removed (as for `env:`): an editor's
+    // newline or a pasted space is never part of a key.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("key");
     std::fs::write(&file, "from-a-file\n").unwrap();
+    let s = Secret::resolve(&format!("file:{}", file.display())).unwrap();
+    assert_eq!(s.expose(), "from-a-file");
+    std::fs::write(&file, " from-a-file \t\r\n").unwrap();
     let s = Secret::resolve(&format!("file:{}", file.display())).unwrap();
     assert_eq!(s.expose(), "from-a-file");
     assert_eq!(format!("{s:?} {s}"), "Secret(***) ***");

@@ -788,6 +788,95 @@ async fn metrics_of_every_cronjob_pod_go_to_one_group_not_one_per_pod_name() {
     assert_eq!(paths, ["/metrics/job/billsync", "/metrics/job/billsync"]);
 }
 
+/// A Pushgateway behind basic auth is reached with `user:password@` in its URL (reqwest sends
+/// it as an `Authorization: Basic` header). When the push fails, the warning names the gateway
+/// without the credentials: "secrets never appear in logs" holds for the metrics push too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_metrics_push_never_logs_the_pushgateway_credentials() {
+    let world = World::start(Behaviour::Postgres).await;
+    // Nothing listens on port 9 (discard): the push fails with a connection error.
+    let cfg = setup(
+        &world,
+        "metrics:\n  pushgateway_url: http://pgadmin:PG-PASS-SECRET-42@127.0.0.1:9\n",
+    );
+    let out = run(&cfg, &["sync"]).await;
+    let output = text(&out);
+    assert!(output.contains("metrics not pushed"), "{output}");
+    assert!(
+        output.contains("127.0.0.1:9"),
+        "the gateway is named: {output}"
+    );
+    assert!(!output.contains("PG-PASS-SECRET-42"), "{output}");
+}
+
+/// `sync --dry-run` writes nothing, the ledger's schema included: on a ledger of an older
+/// schema it exits 2 and leaves it as it is (a newer image's dry run, a natural check before a
+/// rollout, would otherwise upgrade the ledger that the CronJob's older image then refuses);
+/// on a path where no ledger exists yet (a typo, an unmounted volume) it plans as a first sync
+/// would and creates nothing there. It exits 0 for what it would leave held, but 1 when a
+/// provider failed (a pre-flight check after rotating a key must not pass on a wrong key).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_never_creates_or_upgrades_the_ledger_and_fails_when_a_provider_does() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let ledger_dir = world.dir.path().join("ledger");
+
+    // No ledger yet: planned from an empty one, nothing created.
+    let first = run(&cfg, &["sync", "--dry-run"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    assert!(
+        text(&first).contains("80 records pulled"),
+        "{}",
+        text(&first)
+    );
+    assert!(
+        !ledger_dir.exists(),
+        "the dry run created {}",
+        ledger_dir.display()
+    );
+    assert!(world.lago.events().is_empty());
+
+    // A provider that refuses the key: exit 1, not 0.
+    let mut refused = command(&cfg, &["sync", "--dry-run"]);
+    refused.env("TEST_MS_KEY", "rotated-wrong-key");
+    let refused = finish(refused.spawn().unwrap()).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+
+    // A ledger one migration behind this binary: refused, not upgraded.
+    assert_eq!(run(&cfg, &["sync"]).await.status.code(), Some(4));
+    let path = ledger_dir.join("ledger.db");
+    let known = newest_migration(&path).await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?1")
+        .bind(known)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let older = run(&cfg, &["sync", "--dry-run"]).await;
+    assert_eq!(older.status.code(), Some(2), "{}", text(&older));
+    assert_eq!(
+        newest_migration(&path).await,
+        known - 1,
+        "the dry run upgraded the ledger"
+    );
+}
+
+/// The newest schema migration the ledger at `path` records as applied.
+async fn newest_migration(path: &std::path::Path) -> i64 {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
 /// A run killed by SIGKILL or the OOM killer leaves its lock row behind until `lock_ttl`
 /// passes. After that, `status` must not say the lock is "held": on a bad day that sends the
 /// on-call engineer looking for a run that is not there.

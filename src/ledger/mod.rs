@@ -600,6 +600,9 @@ pub struct Ledger {
     /// The staging transactions' own connection (see [`Ledger::open`]).
     stage_pool: SqlitePool,
     path: PathBuf,
+    /// The directory of a throwaway ledger ([`Ledger::open_scratch`]), removed with the last
+    /// clone.
+    scratch: Option<Arc<tempfile::TempDir>>,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -659,7 +662,24 @@ impl Ledger {
             pool,
             stage_pool,
             path: path.to_path_buf(),
+            scratch: None,
         })
+    }
+
+    /// A new, empty ledger in a temporary directory, removed when the last clone is dropped: a
+    /// dry run on a ledger that does not exist yet plans as the first sync would, and creates
+    /// nothing where the settings point (a mistyped path, an unmounted volume).
+    pub async fn open_scratch() -> Result<Ledger, LedgerError> {
+        let dir = tempfile::Builder::new()
+            .prefix("billsync-dry-run-")
+            .tempdir()
+            .map_err(|e| LedgerError::Open {
+                path: std::env::temp_dir(),
+                source: sqlx::Error::Io(e),
+            })?;
+        let mut ledger = Ledger::open(&dir.path().join("ledger.db")).await?;
+        ledger.scratch = Some(Arc::new(dir));
+        Ok(ledger)
     }
 
     /// Open a ledger that must exist already, for commands that only read it or move a cursor
