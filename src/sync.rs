@@ -2158,6 +2158,43 @@ impl Pipeline {
                     // Settlement alone decides whether a held adjustment goes out.
                     continue;
                 }
+                if stored.record.provider == PERIOD_PROVIDER && stored.correction_of.is_some() {
+                    // A refused correction of an adjustment: a later settlement may carry its
+                    // difference already (it measures against what went out), so it is not sent
+                    // as it was frozen. Superseded, its month is settled again below against what
+                    // went out, and sends what is still missing.
+                    const WHY: &str = "superseded by a replay: a refused correction of a period \
+                        adjustment is not sent as it was; its month is settled again and sends \
+                        what it still lacks as a further correction";
+                    match run_id {
+                        Some(run_id) => {
+                            if self
+                                .ledger
+                                .supersede_adjustment_correction(run_id, stored.id, WHY, Utc::now())
+                                .await?
+                            {
+                                *summary
+                                    .staged_by_status
+                                    .entry(Status::Ignored.as_str().to_string())
+                                    .or_default() += 1;
+                            } else if stored.status == Status::Rejected {
+                                warn!(key = %stored.key, "replay: a refused period correction whose month is not in the ledger is left as it is");
+                            }
+                        }
+                        None if stored.status == Status::Rejected
+                            && summary.preview.len() < PREVIEW_LINES =>
+                        {
+                            summary.preview.push(format!(
+                                "{} rejected → ignored (correction of a period adjustment, \
+                                 superseded: its month is settled again and sends what it still \
+                                 lacks)",
+                                stored.key
+                            ))
+                        }
+                        None => {}
+                    }
+                    continue;
+                }
                 if stored.record.provider == PERIOD_PROVIDER {
                     // An adjustment's payload comes from its month, not from the mapping files:
                     // a rejected one goes out again as it was (the month is re-settled on change).

@@ -1552,3 +1552,228 @@ async fn a_queued_line_refused_before_its_change_is_staged_takes_its_new_share()
     assert_eq!(share_hash, re_described.content_hash);
     assert_eq!(record_hash, re_described.content_hash);
 }
+
+/// The status and note (`last_error`) of every period adjustment row (original and
+/// corrections), by key, in id order.
+async fn adjustment_rows(w: &JelasticWorld) -> Vec<(String, String, Option<String>)> {
+    let pool = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new().filename(w.dir.path().join("ledger.db")),
+    )
+    .await
+    .unwrap();
+    let rows = sqlx::query_as(
+        "SELECT idem_key, status, last_error FROM records WHERE provider = 'period' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    rows
+}
+
+/// A replay of the rejected records of one provider whose charge period starts at `start`
+/// (one hour's records), or of every rejected record of `provider`.
+fn replay_rejected(
+    provider: &str,
+    start: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> billsync::sync::ReplayOptions {
+    billsync::sync::ReplayOptions {
+        filter: RecordFilter {
+            status: Some(Status::Rejected),
+            provider: Some(provider.into()),
+            since: start,
+            until: start.map(|s| s + chrono::Duration::hours(1)),
+            run: None,
+        },
+        dry_run: false,
+        reason: "fixed in Lago".into(),
+        now: Some(now),
+    }
+}
+
+/// A month whose adjustment's correction Lago refused: two records of October (k1, k2) are
+/// refused mid-month, the month closes at its minimum (50) without them, Lago then refuses
+/// `<adjustment>.r1`, and k1 is replayed: k1 goes out, the month is settled again and `.r1`
+/// (minus k1's price) is refused. Lago holds the minimum plus k1. Returns the adjustment's key
+/// and k2's charge period start.
+async fn a_refused_adjustment_correction(w: &JelasticWorld) -> (String, DateTime<Utc>) {
+    let (from, to) = october();
+    w.pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 10, 15, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let p = w.pipeline().await;
+    let mut filter = RecordFilter::status(Status::Pending);
+    filter.provider = Some("jelastic".into());
+    let pending = p.ledger.records_matching(&filter, 0, 2000).await.unwrap();
+    let on = |d: u32| {
+        pending
+            .iter()
+            .find(|r| r.record.charge_period_start == at(2026, 10, d, 5, 0))
+            .unwrap()
+            .clone()
+    };
+    let (k1, k2) = (on(2), on(3));
+    w.lago.reject_transaction(k1.key.clone());
+    w.lago.reject_transaction(k2.key.clone());
+    let mid = sync_allowing_rejections(w, at(2026, 10, 15, 1, 0)).await;
+    assert_eq!(mid.rejected, 2, "{mid:?}");
+    let close = sync_allowing_rejections(w, at(2026, 11, 3, 0, 0)).await;
+    assert_eq!(close.period_adjustments, 1, "{close:?}");
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+    let adj = adjustments(&w.lago)[0].transaction_id.clone();
+    w.lago.clear_faults();
+    w.lago.reject_transaction(format!("{adj}.r1"));
+    let r1 = w
+        .pipeline()
+        .await
+        .replay(&replay_rejected(
+            "jelastic",
+            Some(k1.record.charge_period_start),
+            at(2026, 11, 3, 1, 0),
+        ))
+        .await
+        .unwrap();
+    assert_eq!((r1.sent, r1.rejected), (1, 1), "{r1:?}");
+    assert_eq!(w.lago.count(&k1.key), 1);
+    assert_eq!(w.lago.count(&format!("{adj}.r1")), 0, ".r1 was refused");
+    assert!(lago_total(&w.lago, from, to) > dec("50"));
+    w.lago.clear_faults();
+    (adj, k2.record.charge_period_start)
+}
+
+/// The reviewer's scenario. With `.r1` refused, k2 is replayed: the month is settled again
+/// against what went out (the refused `.r1` is not part of it), so `.r2` carries both records'
+/// prices and Lago is back at 50. A replay of everything rejected then finds `.r1`: sent as it
+/// was frozen, it would take k1's price off a second time (Lago at 49.98625, and nothing later
+/// would settle the month again). Replay re-derives it instead: `.r1` becomes `ignored`
+/// (superseded) and its month is settled again against what went out, which finds nothing
+/// missing.
+#[tokio::test]
+async fn a_replayed_refused_adjustment_correction_is_not_sent_on_top_of_a_later_one() {
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    let (adj, k2) = a_refused_adjustment_correction(&w).await;
+    let r2 = w
+        .pipeline()
+        .await
+        .replay(&replay_rejected(
+            "jelastic",
+            Some(k2),
+            at(2026, 11, 3, 2, 0),
+        ))
+        .await
+        .unwrap();
+    assert_eq!((r2.sent, r2.period_adjustments), (2, 1), "{r2:?}");
+    assert_eq!(w.lago.count(&format!("{adj}.r2")), 1);
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+
+    let mut everything = RecordFilter::status(Status::Rejected);
+    everything.provider = None;
+    let dry = w
+        .pipeline()
+        .await
+        .replay(&billsync::sync::ReplayOptions {
+            filter: everything.clone(),
+            dry_run: true,
+            reason: "all refused".into(),
+            now: Some(at(2026, 11, 3, 3, 0)),
+        })
+        .await
+        .unwrap();
+    assert_eq!(dry.preview.len(), 1, "{:?}", dry.preview);
+    assert!(
+        dry.preview[0].starts_with(&format!("{adj}.r1 rejected → ignored"))
+            && dry.preview[0].contains("settled again"),
+        "{:?}",
+        dry.preview
+    );
+    let all = w
+        .pipeline()
+        .await
+        .replay(&billsync::sync::ReplayOptions {
+            filter: everything,
+            dry_run: false,
+            reason: "all refused".into(),
+            now: Some(at(2026, 11, 3, 3, 0)),
+        })
+        .await
+        .unwrap();
+    assert_eq!((all.sent, all.period_adjustments), (0, 0), "{all:?}");
+    assert_eq!(w.lago.count(&format!("{adj}.r1")), 0);
+    assert_eq!(
+        lago_total(&w.lago, from, to),
+        dec("50"),
+        "October costs its minimum"
+    );
+    let rows = adjustment_rows(&w).await;
+    let statuses: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|(k, s, _)| (k.as_str(), s.as_str()))
+        .collect();
+    let (r1, r2) = (format!("{adj}.r1"), format!("{adj}.r2"));
+    assert_eq!(
+        statuses,
+        vec![
+            (adj.as_str(), "sent"),
+            (r1.as_str(), "ignored"),
+            (r2.as_str(), "sent")
+        ]
+    );
+    assert!(
+        rows[1]
+            .2
+            .as_deref()
+            .is_some_and(|n| n.contains("superseded")),
+        "{rows:?}"
+    );
+    let after = sync_allowing_rejections(&w, at(2026, 11, 3, 4, 0)).await;
+    assert_eq!((after.sent, after.period_adjustments), (0, 0), "{after:?}");
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+}
+
+/// The same refused `.r1`, but nothing after it carried its amount: replayed, it is not lost.
+/// `.r1` is superseded and its month settled again against what went out, which still lacks
+/// k1's price: the next correction `.r2` takes it off, and Lago is at 50. Then k2 is replayed
+/// into the month, which settles again to 50.
+#[tokio::test]
+async fn a_replayed_refused_adjustment_correction_still_missing_goes_out_re_derived() {
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    let (adj, k2) = a_refused_adjustment_correction(&w).await;
+    let over = lago_total(&w.lago, from, to) - dec("50");
+    let r = w
+        .pipeline()
+        .await
+        .replay(&replay_rejected("period", None, at(2026, 11, 3, 2, 0)))
+        .await
+        .unwrap();
+    assert_eq!((r.sent, r.period_adjustments), (1, 1), "{r:?}");
+    let r2: Vec<StoredEvent> = adjustments(&w.lago)
+        .into_iter()
+        .filter(|e| e.transaction_id == format!("{adj}.r2"))
+        .collect();
+    assert_eq!(r2.len(), 1);
+    assert_eq!(amount(&r2[0]), -over, "what .r1 would have taken off");
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+    let k = w
+        .pipeline()
+        .await
+        .replay(&replay_rejected(
+            "jelastic",
+            Some(k2),
+            at(2026, 11, 3, 3, 0),
+        ))
+        .await
+        .unwrap();
+    assert_eq!((k.sent, k.period_adjustments), (2, 1), "{k:?}");
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+    let after = sync_allowing_rejections(&w, at(2026, 11, 3, 4, 0)).await;
+    assert_eq!((after.sent, after.period_adjustments), (0, 0), "{after:?}");
+}

@@ -3569,8 +3569,9 @@ impl Ledger {
         })
     }
 
-    /// Put a rejected record back in the queue with its frozen payload (replay of an adjustment,
-    /// whose payload does not depend on the mapping files). Returns whether it was rejected.
+    /// Put a rejected record back in the queue with its frozen payload (replay of a period
+    /// adjustment, whose payload does not depend on the mapping files; not of a correction of
+    /// one, see [`Ledger::supersede_adjustment_correction`]). Returns whether it was rejected.
     pub async fn requeue_rejected(
         &self,
         run_id: i64,
@@ -3590,6 +3591,69 @@ impl Ledger {
         .await
         .map_err(sql("re-queueing a rejected record"))?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Replay of a refused correction of a period adjustment (`<key>.r<n>`, `rejected`): its
+    /// frozen difference may be stale, since a later settlement measures against what went out,
+    /// which the refused correction is not, so a later correction may carry it already. It is
+    /// not sent again: it becomes `ignored` with `note`, and its month is marked for settlement
+    /// with the adjustment's content hash cleared, so that the settlement compares the month's
+    /// figures with what went out even when they did not change (content that the ledger holds
+    /// already would otherwise be a no-op), and sends what is still missing as the next
+    /// correction, or nothing. One transaction. Returns whether it was such a correction (a
+    /// rejected correction whose adjustment has a month in the ledger); otherwise nothing
+    /// changes.
+    pub async fn supersede_adjustment_correction(
+        &self,
+        run_id: i64,
+        id: i64,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        let original: Option<i64> = sqlx::query_scalar(
+            "UPDATE records SET status = 'ignored', last_error = ?2, attempts = 0, last_run = ?3,
+                 updated_at = ?4
+             WHERE id = ?1 AND status = 'rejected' AND correction_of IS NOT NULL
+             RETURNING correction_of",
+        )
+        .bind(id)
+        .bind(note)
+        .bind(run_id)
+        .bind(ts(now))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sql("superseding a refused adjustment correction"))?;
+        let Some(original) = original else {
+            return Ok(false);
+        };
+        // `period_members` never holds an adjustment: its month is the one it adjusts.
+        let months = sqlx::query(
+            "UPDATE period_groups SET dirty = 1
+             WHERE adjustment_key = (SELECT idem_key FROM records WHERE id = ?1)",
+        )
+        .bind(original)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql("marking the month of an adjustment"))?
+        .rows_affected();
+        if months == 0 {
+            // Not an adjustment (or its month is gone): left as it was, for a person.
+            return Ok(false);
+        }
+        sqlx::query("UPDATE records SET content_hash = '' WHERE id = ?1")
+            .bind(original)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("marking an adjustment to compare again"))?;
+        tx.commit()
+            .await
+            .map_err(sql("committing a superseded adjustment correction"))?;
+        Ok(true)
     }
 }
 
