@@ -1777,3 +1777,67 @@ async fn a_replayed_refused_adjustment_correction_still_missing_goes_out_re_deri
     let after = sync_allowing_rejections(&w, at(2026, 11, 3, 4, 0)).await;
     assert_eq!((after.sent, after.period_adjustments), (0, 0), "{after:?}");
 }
+
+/// A further adjustment `.r1` refused by Lago; the operator replays the refused provider
+/// record first (the month is settled again, against what went out: `.r1` left out, so the
+/// settlement covers its amount), then everything still refused. `.r1` must not go out on top
+/// of that: the month ends at its minimum, and a later sync changes nothing.
+#[tokio::test]
+async fn a_refused_further_adjustment_replayed_after_its_month_was_settled_again_is_not_billed_twice(
+) {
+    use billsync::sync::ReplayOptions;
+
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    w.sync(at(2026, 10, 15, 0, 0)).await;
+    let staged = w
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 3, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(staged.period_adjustments, 1, "{staged:?}");
+    let p = w.pipeline().await;
+    let mut filter = RecordFilter::status(Status::Pending);
+    filter.provider = Some("period".into());
+    let adj = p.ledger.records_matching(&filter, 0, 10).await.unwrap();
+    assert_eq!(adj.len(), 1);
+    let adj_key = adj[0].key.clone();
+    let refused = pending_provider_keys(&w, 1).await;
+    w.lago.reject_transaction(refused[0].clone());
+    w.lago.reject_transaction(format!("{adj_key}.r1"));
+    sync_allowing_rejections(&w, at(2026, 11, 3, 1, 0)).await;
+    sync_allowing_rejections(&w, at(2026, 11, 3, 2, 0)).await;
+    w.lago.clear_faults();
+    // The operator replays the refused provider record first.
+    let mut jel = RecordFilter::status(Status::Rejected);
+    jel.provider = Some("jelastic".into());
+    w.pipeline()
+        .await
+        .replay(&ReplayOptions {
+            filter: jel,
+            dry_run: false,
+            reason: "fixed".into(),
+            now: Some(at(2026, 11, 3, 3, 0)),
+        })
+        .await
+        .unwrap();
+    // Then everything still refused (the further adjustment).
+    w.pipeline()
+        .await
+        .replay(&ReplayOptions {
+            filter: RecordFilter::status(Status::Rejected),
+            dry_run: false,
+            reason: "fixed".into(),
+            now: Some(at(2026, 11, 3, 4, 0)),
+        })
+        .await
+        .unwrap();
+    let after = sync_allowing_rejections(&w, at(2026, 11, 3, 5, 0)).await;
+    assert_eq!(after.sent, 0, "{after:?}");
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+}
