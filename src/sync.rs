@@ -1075,10 +1075,20 @@ impl Pipeline {
         LOCK_REFRESH.min(self.lock_ttl / 3)
     }
 
+    /// Who holds the run lock: host, process and a random part, after `job:<name>/` when the
+    /// Kubernetes Job's name is given (`BILLSYNC_JOB_NAME`, from the pod's
+    /// `batch.kubernetes.io/job-name` label), so that a retry of the Job may take over the lock
+    /// its crashed attempt left ([`Ledger::acquire_lock`]).
     fn lock_holder() -> String {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        let job = std::env::var("BILLSYNC_JOB_NAME")
+            .ok()
+            .map(|j| j.trim().to_string())
+            .filter(|j| !j.is_empty())
+            .map(|j| format!("{}{j}/", crate::ledger::JOB_HOLDER_PREFIX))
+            .unwrap_or_default();
         format!(
-            "{host}:{}:{:08x}",
+            "{job}{host}:{}:{:08x}",
             std::process::id(),
             rand::random::<u32>()
         )

@@ -516,6 +516,46 @@ async fn the_lock_keeps_a_second_run_out_until_released_or_expired() {
     ledger.acquire_lock("run-c", now, ttl).await.unwrap();
 }
 
+/// Kubernetes retries a Job whose pod crashed (OOM kill, SIGKILL) with a new pod, and only once
+/// the old one has ended. The retry takes over the lock its own Job's earlier attempt left
+/// (holders named `job:<name>/…`, from `BILLSYNC_JOB_NAME`) instead of failing on it with
+/// exit 3 for `lock_ttl`. Any other holder keeps it: another Job (the next hour's, a replay), a
+/// run outside Kubernetes, a Job whose name only begins like this one's. The attempt taken over
+/// finds out at its next refresh.
+#[tokio::test]
+async fn a_retry_of_the_same_job_takes_over_its_crashed_attempts_lock_and_nobody_else_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let ttl = Duration::from_secs(900);
+    let first = "job:billsync-29412345/billsync-29412345-x7k2p:1:0000abcd";
+    ledger.acquire_lock(first, now, ttl).await.unwrap();
+    for other in [
+        "job:billsync-29412405/billsync-29412405-q9m4d:1:00001234",
+        "job:billsync-2941234/billsync-2941234-aaaaa:1:00001234",
+        "billsync-29412345-x7k2p:1:0000abcd",
+        "host:42:00000001",
+    ] {
+        match ledger.acquire_lock(other, now, ttl).await {
+            Err(LedgerError::Locked { holder, .. }) => assert_eq!(holder, first, "{other}"),
+            got => panic!("{other} took the lock: {got:?}"),
+        }
+    }
+    let retry = "job:billsync-29412345/billsync-29412345-m3n8v:1:0000ef01";
+    ledger
+        .acquire_lock(retry, now + chrono::Duration::seconds(5), ttl)
+        .await
+        .unwrap();
+    assert!(matches!(
+        ledger
+            .refresh_lock(first, now + chrono::Duration::seconds(30), ttl)
+            .await,
+        Err(LedgerError::Locked { .. })
+    ));
+    let st = ledger.status().await.unwrap();
+    assert_eq!(st.lock.unwrap().0, retry);
+}
+
 #[tokio::test]
 async fn a_ledger_from_a_newer_binary_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();

@@ -778,6 +778,12 @@ impl Ledger {
 
     /// Take the run lock, or report who holds it. A lock whose holder crashed expires after
     /// its `ttl`; a live holder refreshes it with [`Ledger::refresh_lock`].
+    ///
+    /// A holder named after a Kubernetes Job (`job:<name>/…`) also takes over an unexpired lock
+    /// of the same Job: that is an earlier attempt, which Kubernetes replaces only once its pod
+    /// has failed (a Job with a pod failure policy replaces a pod only when it is fully
+    /// terminated). Without this, the retry of a run killed by the OOM killer found the dead
+    /// run's lock for `lock_ttl` and failed the Job with exit 3, and `backoffLimit` never helped.
     pub async fn acquire_lock(
         &self,
         holder: &str,
@@ -794,21 +800,32 @@ impl Ledger {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(sql("reading the run lock"))?;
+        let job = job_of(holder);
         if let Some(row) = current {
             let (other, until): (String, String) = (row.get(0), row.get(2));
             if other != holder && until > ts(now) {
-                return Err(lock_taken(Some(row)));
+                if job.is_some() && job == job_of(&other) {
+                    tracing::warn!(
+                        previous = %other,
+                        "taking over the run lock of an earlier attempt of this Job (it ended: \
+                         Kubernetes retried it)"
+                    );
+                } else {
+                    return Err(lock_taken(Some(row)));
+                }
             }
         }
         let done = sqlx::query(
             "INSERT INTO locks (name, holder, acquired_at, expires_at) VALUES ('sync', ?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
                  acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
-             WHERE locks.expires_at <= excluded.acquired_at OR locks.holder = excluded.holder",
+             WHERE locks.expires_at <= excluded.acquired_at OR locks.holder = excluded.holder
+                OR (?4 IS NOT NULL AND substr(locks.holder, 1, length(?4)) = ?4)",
         )
         .bind(holder)
         .bind(ts(now))
         .bind(ts(expires))
+        .bind(job)
         .execute(&self.pool)
         .await
         .map_err(sql("taking the run lock"))?;
@@ -2345,6 +2362,16 @@ impl Ledger {
                 .map(|r| (r.get(0), r.get(1), r.get(2)));
         Ok(st)
     }
+}
+
+/// How a run lock holder named after a Kubernetes Job begins: `job:<name>/`.
+pub const JOB_HOLDER_PREFIX: &str = "job:";
+
+/// The `job:<name>/` part of a lock holder, if it has one.
+fn job_of(holder: &str) -> Option<&str> {
+    let rest = holder.strip_prefix(JOB_HOLDER_PREFIX)?;
+    let end = rest.find('/')?;
+    Some(&holder[..JOB_HOLDER_PREFIX.len() + end + 1])
 }
 
 /// The number of `name` among `names`, added the first time it is seen (the only time the
