@@ -1107,6 +1107,9 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             }
             let settings = Settings::load(config)?;
             let set = MappingSet::load(&settings.mappings)?;
+            // Rules without `sink:` send to the default sink; each Lago sink is compared with
+            // the rules that send to it only.
+            let default_sink = settings.default_sink_name().unwrap_or_default().to_string();
             let mut errors = 0;
             for (name, sink) in &settings.sinks {
                 let SinkSettings::Lago(cfg) = sink else {
@@ -1117,7 +1120,7 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                 let metrics = admin.billable_metrics().await?;
                 let subs = admin.subscriptions().await?;
                 let ids = subs.keys().cloned().collect();
-                let mut findings = set.check_remote(&metrics, &ids);
+                let mut findings = set.check_remote(name, &default_sink, &metrics, &ids);
                 let interval = chrono::Duration::from_std(run_interval)?;
                 findings.extend(
                     crate::sinks::lago_admin::period_findings(

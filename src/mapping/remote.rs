@@ -5,8 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use super::schema::ValueSpec;
-use super::MappingSet;
+use super::check::may_overlap;
+use super::schema::{Condition, FieldName, Rule, ValueSpec};
+use super::{LoadedRule, MappingSet};
 
 /// A billable metric as the invoicing system describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,11 +37,40 @@ impl fmt::Display for RemoteFinding {
     }
 }
 
+/// Whether `rule` sends its events to the sink `sink`: the one it names, else the settings'
+/// `default_sink`.
+fn sends_to(rule: &Rule, sink: &str, default_sink: &str) -> bool {
+    match &rule.sink {
+        Some(s) => s.0 == sink,
+        None => sink == default_sink,
+    }
+}
+
+/// What a metric's aggregation makes of the values of one period, for the findings.
+fn aggregates(aggregation_type: &str) -> &'static str {
+    match aggregation_type {
+        "max_agg" => "bills the largest value of the billing period",
+        "latest_agg" => "bills the last value of the billing period",
+        "weighted_sum_agg" => "bills a time-weighted sum (each value held until the next event)",
+        "count_agg" => "bills the number of events, whatever their values",
+        "unique_count_agg" => "bills the number of distinct values",
+        _ => "is not known to this check to add the values up",
+    }
+}
+
 impl MappingSet {
-    /// Every metric code the rules send, with the rules (`file#name`, property, value kind).
-    pub fn metric_uses(&self) -> BTreeMap<String, Vec<(String, String, &'static str)>> {
+    /// Every metric code the rules sending to `sink` use (rules without `sink:` send to
+    /// `default_sink`), with the rules (`file#name`, property, value kind).
+    pub fn metric_uses(
+        &self,
+        sink: &str,
+        default_sink: &str,
+    ) -> BTreeMap<String, Vec<(String, String, &'static str)>> {
         let mut out: BTreeMap<String, Vec<(String, String, &'static str)>> = BTreeMap::new();
         for r in &self.rules {
+            if r.rule.ignore || !sends_to(&r.rule, sink, default_sink) {
+                continue;
+            }
             if let Some(m) = &r.rule.metric {
                 let kind = match r.rule.value {
                     Some(ValueSpec::Cost(_)) => "cost",
@@ -59,37 +89,74 @@ impl MappingSet {
         out
     }
 
-    /// Every subscription the rules' targets, the customer entries and the directory name,
-    /// with where each is named first (`file:line`).
-    pub fn subscription_uses(&self) -> BTreeMap<String, String> {
+    /// Every subscription the rules sending to `sink` may bill (rules without `sink:` send to
+    /// `default_sink`), with where each is named first (`file:line`): their targets, and the
+    /// customer entries and account-directory rows that can match a record of one of them
+    /// without a target (judged on the conditions both name, erring towards yes). Entries and
+    /// rows name no sink: the rules they meet decide where their subscriptions are billed.
+    pub fn subscription_uses(&self, sink: &str, default_sink: &str) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
-        for r in &self.rules {
+        let rules: Vec<&LoadedRule> = self
+            .rules
+            .iter()
+            .filter(|r| !r.rule.ignore && sends_to(&r.rule, sink, default_sink))
+            .collect();
+        for r in &rules {
             if let Some(t) = &r.rule.target {
                 out.entry(t.external_subscription_id.0.clone())
                     .or_insert_with(|| format!("{}:{} (rule target)", r.file, r.line));
             }
         }
+        let looked_up: Vec<&LoadedRule> = rules
+            .into_iter()
+            .filter(|r| r.rule.target.is_none())
+            .collect();
         for c in &self.customers {
-            out.entry(c.entry.external_subscription_id.0.clone())
-                .or_insert_with(|| format!("{}:{} (customer entry)", c.file, c.line));
+            if looked_up
+                .iter()
+                .any(|r| may_overlap(&r.rule.conditions.0, &c.entry.conditions.0))
+            {
+                out.entry(c.entry.external_subscription_id.0.clone())
+                    .or_insert_with(|| format!("{}:{} (customer entry)", c.file, c.line));
+            }
         }
         for row in self.directory.iter() {
-            out.entry(row.subscription.to_string())
-                .or_insert_with(|| format!("{}:{} (account directory)", row.file, row.line));
+            let conds = [
+                (
+                    FieldName("provider".into()),
+                    Condition::Exact(row.provider.to_string()),
+                ),
+                (
+                    FieldName("sub_account_id".into()),
+                    Condition::Exact(row.sub_account_id.to_string()),
+                ),
+            ];
+            if looked_up
+                .iter()
+                .any(|r| may_overlap(&r.rule.conditions.0, &conds))
+            {
+                out.entry(row.subscription.to_string())
+                    .or_insert_with(|| format!("{}:{} (account directory)", row.file, row.line));
+            }
         }
         out
     }
 
-    /// Compares the mappings with the remote metrics and subscription ids.
+    /// Compares what the rules sending to the Lago sink `sink` use (rules without `sink:`
+    /// send to `default_sink`) with its metrics and subscription ids. The rules of other
+    /// sinks are not looked at: a Stripe meter's `event_name` or a `cus_…` id is not
+    /// missing from Lago.
     pub fn check_remote(
         &self,
+        sink: &str,
+        default_sink: &str,
         metrics: &[RemoteMetric],
         subscriptions: &BTreeSet<String>,
     ) -> Vec<RemoteFinding> {
         let mut out = Vec::new();
         let by_code: BTreeMap<&str, &RemoteMetric> =
             metrics.iter().map(|m| (m.code.as_str(), m)).collect();
-        for (code, uses) in self.metric_uses() {
+        for (code, uses) in self.metric_uses(sink, default_sink) {
             let Some(m) = by_code.get(code.as_str()) else {
                 let rules: Vec<&str> = uses.iter().map(|u| u.0.as_str()).collect();
                 out.push(RemoteFinding {
@@ -102,49 +169,81 @@ impl MappingSet {
                 });
                 continue;
             };
-            for (rule, property, _kind) in uses {
-                match m.aggregation_type.as_str() {
-                    "count_agg" => out.push(RemoteFinding {
+            let agg = m.aggregation_type.as_str();
+            let field = m.field_name.as_deref().unwrap_or("<none>");
+            for (rule, property, kind) in uses {
+                // Costs are one amount per record (a window, a bill line): the period's charge
+                // is their sum, and only `sum_agg` adds them up. Any other aggregation bills a
+                // part of them (or their count) while `reconcile` finds every event stored.
+                if kind == "cost" && agg != "sum_agg" {
+                    out.push(RemoteFinding {
+                        error: true,
+                        message: format!(
+                            "metric `{code}` ({agg}) {}, but rule {rule} sends costs (one amount \
+                             per record, to be added up): the rest of the period's amounts are \
+                             not billed; make the metric `sum_agg` on `{property}`, or send the \
+                             rule to a `sum_agg` metric",
+                            aggregates(agg)
+                        ),
+                    });
+                }
+                match agg {
+                    "count_agg" if kind == "quantity" => out.push(RemoteFinding {
                         error: false,
                         message: format!(
                             "metric `{code}` counts events (count_agg), so the value `{property}` \
                              that rule {rule} sends is ignored"
                         ),
                     }),
-                    "sum_agg" | "max_agg" | "latest_agg" | "weighted_sum_agg" => {
-                        if m.field_name.as_deref() != Some(property.as_str()) {
-                            out.push(RemoteFinding {
-                                error: true,
-                                message: format!(
-                                    "metric `{code}` ({}) aggregates the property `{}`, but rule \
-                                     {rule} sends its value as `{property}`; set `property: {}` \
-                                     in the rule",
-                                    m.aggregation_type,
-                                    m.field_name.as_deref().unwrap_or("<none>"),
-                                    m.field_name.as_deref().unwrap_or("<none>")
-                                ),
-                            });
-                        }
-                    }
-                    "unique_count_agg" => out.push(RemoteFinding {
+                    "unique_count_agg" if kind == "quantity" => out.push(RemoteFinding {
                         error: false,
                         message: format!(
-                            "metric `{code}` counts distinct values of `{}` (unique_count_agg); \
-                             rule {rule} sends a number as `{property}`—check this is intended",
-                            m.field_name.as_deref().unwrap_or("<none>")
+                            "metric `{code}` counts distinct values of `{field}` \
+                             (unique_count_agg); rule {rule} sends a number as `{property}`—check \
+                             this is intended"
                         ),
                     }),
-                    other => out.push(RemoteFinding {
+                    "max_agg" | "latest_agg" | "weighted_sum_agg" if kind == "quantity" => {
+                        // A level (peak or last storage GB) is billed so on purpose; usage per
+                        // window (hours, GB transferred) must be summed.
+                        out.push(RemoteFinding {
+                            error: false,
+                            message: format!(
+                                "metric `{code}` ({agg}) {}, not the sum of the quantities rule \
+                                 {rule} sends as `{property}`: right for a level (e.g. the peak \
+                                 or last storage GB), wrong for usage per record (hours, GB \
+                                 transferred), which needs `sum_agg`",
+                                aggregates(agg)
+                            ),
+                        })
+                    }
+                    "sum_agg" | "max_agg" | "latest_agg" | "weighted_sum_agg" => {}
+                    other if kind == "quantity" => out.push(RemoteFinding {
                         error: false,
                         message: format!(
                             "metric `{code}` has aggregation `{other}`, which this check does not \
                              know; rule {rule} sends `{property}`"
                         ),
                     }),
+                    _ => {}
+                }
+                if matches!(
+                    agg,
+                    "sum_agg" | "max_agg" | "latest_agg" | "weighted_sum_agg"
+                ) && m.field_name.as_deref() != Some(property.as_str())
+                {
+                    out.push(RemoteFinding {
+                        error: true,
+                        message: format!(
+                            "metric `{code}` ({agg}) aggregates the property `{field}`, but rule \
+                             {rule} sends its value as `{property}`; set `property: {field}` in \
+                             the rule"
+                        ),
+                    });
                 }
             }
         }
-        for (sub, origin) in self.subscription_uses() {
+        for (sub, origin) in self.subscription_uses(sink, default_sink) {
             if !subscriptions.contains(&sub) {
                 out.push(RemoteFinding {
                     error: true,
