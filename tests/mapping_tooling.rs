@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use billsync::mapping::cases::{read_case_files, run_cases};
-use billsync::mapping::remote::RemoteMetric;
+use billsync::mapping::remote::{RemoteMetric, RemoteSubscription};
 use billsync::mapping::{MapOutcome, MappingSet};
 use billsync::record::UsageRecord;
 use chrono::{TimeZone, Utc};
@@ -551,11 +551,11 @@ async fn remote_check_against_the_lago_simulator() {
     };
     let admin = billsync::sinks::lago_admin::LagoAdmin::new(&cfg).unwrap();
     let metrics: Vec<RemoteMetric> = admin.billable_metrics().await.unwrap();
-    let subs: BTreeSet<String> = admin.subscription_ids().await.unwrap();
+    let subs: Vec<RemoteSubscription> = admin.subscription_list().await.unwrap();
     assert_eq!(subs.len(), 151, "pagination followed");
     let set = MappingSet::examples().unwrap();
     let findings: Vec<String> = set
-        .check_remote("lago", "lago", &metrics, &subs)
+        .check_remote("lago", "lago", &metrics, &subs, &BTreeMap::new())
         .iter()
         .map(|f| f.to_string())
         .collect();
@@ -1224,8 +1224,8 @@ rules:
         metric("server_cost", "sum_agg", Some("value")),
         metric("bucket_gb", "max_agg", Some("value")),
     ];
-    let subs = BTreeSet::from(["sub_a".to_string()]);
-    let findings = set.check_remote("lago", "lago", &metrics, &subs);
+    let subs = [RemoteSubscription::active("sub_a")];
+    let findings = set.check_remote("lago", "lago", &metrics, &subs, &BTreeMap::new());
     let shown: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
     let about = |rule: &str| -> Vec<&billsync::mapping::remote::RemoteFinding> {
         findings
@@ -1378,4 +1378,127 @@ rules:
     );
     lago_a.shutdown().await;
     lago_b.shutdown().await;
+}
+
+/// Lago stores an event for any subscription and bills it through a charge of the
+/// subscription's plan for the event's metric: a plan without that charge bills nothing for
+/// it, and a terminated subscription bills no event dated after its termination, while
+/// `reconcile` finds every event stored. `mappings check --remote` reads the plans of the
+/// subscriptions the rules bill (`GET /api/v1/plans/{code}`) and warns about both (exit 0: a
+/// plan may leave a metric out on purpose, a subscription may be ending). A subscription listed
+/// terminated on its old plan and active on its new one (a plan change) is not terminated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_without_the_metrics_charge_and_a_terminated_subscription_are_warnings() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig, SIM_TERMINATED_AT};
+    let lago = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    lago.register_metric("compute_cost", "sum_agg", Some("value"));
+    lago.register_metric("storage_cost", "sum_agg", Some("value"));
+    lago.register_plan("standard", &["compute_cost", "storage_cost"]);
+    lago.register_plan("legacy", &["compute_cost"]);
+    lago.register_subscription_on_plan("sub_new", "acme", "active", "standard");
+    lago.register_subscription_on_plan("sub_moved", "globex", "terminated", "legacy");
+    lago.register_subscription_on_plan("sub_moved", "globex", "active", "standard");
+    lago.register_subscription_on_plan("sub_legacy", "initech", "active", "legacy");
+    lago.register_subscription_on_plan("sub_gone", "hooli", "terminated", "standard");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("lago.key"), "lago-sim-key").unwrap();
+    let maps = d.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let mut text = "version: 1\ncustomers:\n".to_string();
+    for (n, sub) in ["sub_new", "sub_moved", "sub_legacy", "sub_gone"]
+        .iter()
+        .enumerate()
+    {
+        text.push_str(&format!(
+            "  - match: {{ provider: metalsoft, sub_account_id: \"{n}\" }}\n    external_subscription_id: {sub}\n"
+        ));
+    }
+    text.push_str("rules:\n  - name: compute\n    match: { resource_type: server }\n    metric: compute_cost\n    value: { cost: {} }\n  - name: storage\n    match: { resource_type: drive }\n    metric: storage_cost\n    value: { cost: {} }\n");
+    std::fs::write(maps.join("m.yaml"), text).unwrap();
+    let cfg = d.join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger:\n  path: {}\nmappings: [{}]\nsinks:\n  lago:\n    kind: lago\n    api_url: {}\n    api_key: file:{}\n    retry: {{ max_retries: 0 }}\n",
+            d.join("ledger.db").display(),
+            maps.display(),
+            lago.url,
+            d.join("lago.key").display(),
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+            .arg("--config")
+            .arg(cfg)
+            .args(["mappings", "check", "--remote"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("2 finding(s)"), "{text}");
+    assert!(
+        text.contains(
+            "warning: plan `legacy` has no charge for billable metric `storage_cost`, which the \
+             rules send to its subscription(s) `sub_legacy`: Lago stores those events and bills \
+             nothing for them"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "warning: subscription `sub_gone` (named at {}:9 (customer entry)) is terminated in \
+             Lago since {SIM_TERMINATED_AT}: Lago bills no event dated after its termination",
+            maps.join("m.yaml").display()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("sub_moved"), "{text}");
+    // The plans are read one by one, as the spec's `GET /api/v1/plans/{code}`.
+    let routes: Vec<String> = lago.requests().iter().map(|r| r.route.clone()).collect();
+    assert_eq!(
+        routes
+            .iter()
+            .filter(|r| r.as_str() == "GET /api/v1/plans/{code}")
+            .count(),
+        2,
+        "{routes:?}"
+    );
+    lago.shutdown().await;
+}
+
+/// More plans than are read one by one (100) are read from the `GET /api/v1/plans` listing,
+/// 100 a page, every page; plans Lago does not have are left out (not judged).
+#[tokio::test]
+async fn many_plans_are_read_from_the_listing() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let lago = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    let mut codes = BTreeSet::new();
+    for i in 0..150 {
+        lago.register_plan(&format!("plan_{i:03}"), &["compute_cost"]);
+        codes.insert(format!("plan_{i:03}"));
+    }
+    lago.register_plan("plan_other", &["storage_cost"]);
+    codes.insert("plan_missing".to_string());
+    let plans = quick_admin(&lago.url).plans(&codes).await.unwrap();
+    assert_eq!(plans.len(), 150);
+    assert_eq!(
+        plans["plan_149"],
+        BTreeSet::from(["compute_cost".to_string()])
+    );
+    let routes: Vec<String> = lago.requests().iter().map(|r| r.route.clone()).collect();
+    assert_eq!(routes, vec!["GET /api/v1/plans"; 2], "{routes:?}");
+    // A few are read one by one; one Lago does not find is left out.
+    let few = BTreeSet::from(["plan_007".to_string(), "plan_missing".to_string()]);
+    let plans = quick_admin(&lago.url).plans(&few).await.unwrap();
+    assert_eq!(plans.keys().collect::<Vec<_>>(), vec!["plan_007"]);
+    lago.shutdown().await;
 }

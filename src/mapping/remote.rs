@@ -21,6 +21,35 @@ pub struct RemoteMetric {
     pub field_name: Option<String>,
 }
 
+/// A subscription as Lago lists it (`GET /api/v1/subscriptions`). One external id may be
+/// listed twice: after a plan change, terminated on the old plan and active on the new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSubscription {
+    /// `external_id`: what the events name.
+    pub external_id: String,
+    /// `external_customer_id` (empty when absent).
+    pub external_customer_id: String,
+    /// `status`: `active`, `pending` or `terminated` (the ones the check lists).
+    pub status: String,
+    /// `plan_code` (`None`: not given).
+    pub plan_code: Option<String>,
+    /// `terminated_at`, as Lago writes it.
+    pub terminated_at: Option<String>,
+}
+
+impl RemoteSubscription {
+    /// An active subscription on no known plan.
+    pub fn active(external_id: &str) -> RemoteSubscription {
+        RemoteSubscription {
+            external_id: external_id.to_string(),
+            external_customer_id: String::new(),
+            status: "active".to_string(),
+            plan_code: None,
+            terminated_at: None,
+        }
+    }
+}
+
 /// One finding of the remote check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteFinding {
@@ -95,7 +124,18 @@ impl MappingSet {
     /// without a target (judged on the conditions both name, erring towards yes). Entries and
     /// rows name no sink: the rules they meet decide where their subscriptions are billed.
     pub fn subscription_uses(&self, sink: &str, default_sink: &str) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
+        self.reach(sink, default_sink)
+            .into_iter()
+            .map(|(sub, (origin, _))| (sub, origin))
+            .collect()
+    }
+
+    /// [`Self::subscription_uses`], each with the metric codes the rules may send it.
+    fn reach(&self, sink: &str, default_sink: &str) -> BTreeMap<String, (String, BTreeSet<&str>)> {
+        fn metric_of(r: &LoadedRule) -> Option<&str> {
+            r.rule.metric.as_ref().map(|m| m.0.as_str())
+        }
+        let mut out: BTreeMap<String, (String, BTreeSet<&str>)> = BTreeMap::new();
         let rules: Vec<&LoadedRule> = self
             .rules
             .iter()
@@ -104,20 +144,39 @@ impl MappingSet {
         for r in &rules {
             if let Some(t) = &r.rule.target {
                 out.entry(t.external_subscription_id.0.clone())
-                    .or_insert_with(|| format!("{}:{} (rule target)", r.file, r.line));
+                    .or_insert_with(|| {
+                        (
+                            format!("{}:{} (rule target)", r.file, r.line),
+                            BTreeSet::new(),
+                        )
+                    })
+                    .1
+                    .extend(metric_of(r));
             }
         }
         let looked_up: Vec<&LoadedRule> = rules
             .into_iter()
             .filter(|r| r.rule.target.is_none())
             .collect();
-        for c in &self.customers {
-            if looked_up
+        let meeting = |conds: &[(FieldName, Condition)]| -> Option<BTreeSet<&str>> {
+            let met: Vec<&LoadedRule> = looked_up
                 .iter()
-                .any(|r| may_overlap(&r.rule.conditions.0, &c.entry.conditions.0))
-            {
+                .copied()
+                .filter(|r| may_overlap(&r.rule.conditions.0, conds))
+                .collect();
+            (!met.is_empty()).then(|| met.into_iter().filter_map(metric_of).collect())
+        };
+        for c in &self.customers {
+            if let Some(metrics) = meeting(&c.entry.conditions.0) {
                 out.entry(c.entry.external_subscription_id.0.clone())
-                    .or_insert_with(|| format!("{}:{} (customer entry)", c.file, c.line));
+                    .or_insert_with(|| {
+                        (
+                            format!("{}:{} (customer entry)", c.file, c.line),
+                            BTreeSet::new(),
+                        )
+                    })
+                    .1
+                    .extend(metrics);
             }
         }
         for row in self.directory.iter() {
@@ -131,27 +190,33 @@ impl MappingSet {
                     Condition::Exact(row.sub_account_id.to_string()),
                 ),
             ];
-            if looked_up
-                .iter()
-                .any(|r| may_overlap(&r.rule.conditions.0, &conds))
-            {
+            if let Some(metrics) = meeting(&conds) {
                 out.entry(row.subscription.to_string())
-                    .or_insert_with(|| format!("{}:{} (account directory)", row.file, row.line));
+                    .or_insert_with(|| {
+                        (
+                            format!("{}:{} (account directory)", row.file, row.line),
+                            BTreeSet::new(),
+                        )
+                    })
+                    .1
+                    .extend(metrics);
             }
         }
         out
     }
 
     /// Compares what the rules sending to the Lago sink `sink` use (rules without `sink:`
-    /// send to `default_sink`) with its metrics and subscription ids. The rules of other
-    /// sinks are not looked at: a Stripe meter's `event_name` or a `cus_…` id is not
-    /// missing from Lago.
+    /// send to `default_sink`) with its metrics, subscriptions and the plans read of them
+    /// (`plans`: plan code → the metric codes it has a charge for; a plan not in it is not
+    /// judged). The rules of other sinks are not looked at: a Stripe meter's `event_name` or
+    /// a `cus_…` id is not missing from Lago.
     pub fn check_remote(
         &self,
         sink: &str,
         default_sink: &str,
         metrics: &[RemoteMetric],
-        subscriptions: &BTreeSet<String>,
+        subscriptions: &[RemoteSubscription],
+        plans: &BTreeMap<String, BTreeSet<String>>,
     ) -> Vec<RemoteFinding> {
         let mut out = Vec::new();
         let by_code: BTreeMap<&str, &RemoteMetric> =
@@ -243,8 +308,14 @@ impl MappingSet {
                 }
             }
         }
-        for (sub, origin) in self.subscription_uses(sink, default_sink) {
-            if !subscriptions.contains(&sub) {
+        let mut listed: BTreeMap<&str, Vec<&RemoteSubscription>> = BTreeMap::new();
+        for s in subscriptions {
+            listed.entry(s.external_id.as_str()).or_default().push(s);
+        }
+        // (plan, metric) → the subscriptions on that plan the rules may send the metric to
+        let mut uncharged: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
+        for (sub, (origin, sent)) in self.reach(sink, default_sink) {
+            let Some(entries) = listed.get(sub.as_str()) else {
                 out.push(RemoteFinding {
                     error: true,
                     message: format!(
@@ -252,7 +323,56 @@ impl MappingSet {
                          for it would be refused"
                     ),
                 });
+                continue;
+            };
+            let live: Vec<&&RemoteSubscription> = entries
+                .iter()
+                .filter(|s| s.status != "terminated")
+                .collect();
+            if live.is_empty() {
+                let since = entries
+                    .iter()
+                    .filter_map(|s| s.terminated_at.as_deref())
+                    .max()
+                    .map_or_else(String::new, |t| format!(" since {t}"));
+                out.push(RemoteFinding {
+                    error: false,
+                    message: format!(
+                        "subscription `{sub}` (named at {origin}) is terminated in Lago{since}: \
+                         Lago bills no event dated after its termination; bill that usage to \
+                         the subscription that replaces it"
+                    ),
+                });
+                continue;
             }
+            for s in live {
+                let Some((plan, charged)) =
+                    s.plan_code.as_ref().and_then(|p| plans.get_key_value(p))
+                else {
+                    continue;
+                };
+                for m in sent.iter().filter(|m| !charged.contains(**m)) {
+                    let subs = uncharged.entry((plan.as_str(), *m)).or_default();
+                    if subs.last() != Some(&sub) {
+                        subs.push(sub.clone());
+                    }
+                }
+            }
+        }
+        for ((plan, metric), subs) in uncharged {
+            let mut names: Vec<String> = subs.iter().take(5).map(|s| format!("`{s}`")).collect();
+            if subs.len() > 5 {
+                names.push(format!("and {} more", subs.len() - 5));
+            }
+            out.push(RemoteFinding {
+                error: false,
+                message: format!(
+                    "plan `{plan}` has no charge for billable metric `{metric}`, which the rules \
+                     send to its subscription(s) {}: Lago stores those events and bills nothing \
+                     for them; add a charge for `{metric}` to the plan",
+                    names.join(", ")
+                ),
+            });
         }
         out
     }
