@@ -1110,6 +1110,9 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             }
             let settings = Settings::load(config)?;
             let set = MappingSet::load(&settings.mappings)?;
+            // Rules without `sink:` send to the default sink; each Lago sink is compared with
+            // the rules that send to it only.
+            let default_sink = settings.default_sink_name().unwrap_or_default().to_string();
             let mut errors = 0;
             for (name, sink) in &settings.sinks {
                 let SinkSettings::Lago(cfg) = sink else {
@@ -1118,9 +1121,17 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                 };
                 let admin = crate::sinks::lago_admin::LagoAdmin::new(cfg)?;
                 let metrics = admin.billable_metrics().await?;
-                let subs = admin.subscriptions().await?;
-                let ids = subs.keys().cloned().collect();
-                let mut findings = set.check_remote(&metrics, &ids);
+                let listed = admin.subscription_list().await?;
+                let subs = crate::sinks::lago_admin::customers_of(&listed);
+                // The plans of the subscriptions this sink's rules bill (not terminated).
+                let used = set.subscription_uses(name, &default_sink);
+                let plan_codes: std::collections::BTreeSet<String> = listed
+                    .iter()
+                    .filter(|s| s.status != "terminated" && used.contains_key(&s.external_id))
+                    .filter_map(|s| s.plan_code.clone())
+                    .collect();
+                let plans = admin.plans(&plan_codes).await?;
+                let mut findings = set.check_remote(name, &default_sink, &metrics, &listed, &plans);
                 let interval = chrono::Duration::from_std(run_interval)?;
                 findings.extend(
                     crate::sinks::lago_admin::period_findings(

@@ -205,3 +205,52 @@ async fn the_simulators_billing_entities_and_customers_match_the_spec() {
     assert!(!entities.is_valid(&bad));
     lago.shutdown().await;
 }
+
+/// The simulator's plans (what `mappings check --remote` reads to find a subscription's plan
+/// without a charge for a metric the rules send it) are shaped as the spec documents them:
+/// `GET /api/v1/plans/{code}` (`Plan`: `{plan: PlanObject}`, its `charges[]` each a
+/// `ChargeObject` with `billable_metric_code`) and `GET /api/v1/plans` (`PlansPaginated`).
+#[tokio::test]
+async fn the_simulators_plans_match_the_spec() {
+    let lago = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    lago.register_plan("standard", &["compute_cost", "storage_cost"]);
+    lago.register_plan("empty", &[]);
+    let get = |path: &str| {
+        let url = format!("{}{path}", lago.url);
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth("lago-sim-key")
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let check = |validator: &jsonschema::Validator, v: &serde_json::Value| {
+        let errors: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?}\n{v}");
+    };
+    let one = spec_validator(serde_json::json!({ "$ref": "#/components/schemas/Plan" }));
+    let plan = get("/api/v1/plans/standard").await;
+    check(&one, &plan);
+    assert_eq!(
+        plan["plan"]["charges"][1]["billable_metric_code"], "storage_cost",
+        "{plan}"
+    );
+    let listed =
+        spec_validator(serde_json::json!({ "$ref": "#/components/schemas/PlansPaginated" }));
+    let all = get("/api/v1/plans?page=1&per_page=100").await;
+    check(&listed, &all);
+    assert_eq!(all["meta"]["total_count"], 2, "{all}");
+    // The check can fail: a charge without its metric's code is not a `ChargeObject`.
+    let mut bad = plan.clone();
+    bad["plan"]["charges"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("billable_metric_code");
+    assert!(!one.is_valid(&bad));
+    lago.shutdown().await;
+}

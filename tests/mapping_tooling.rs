@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use billsync::mapping::cases::{read_case_files, run_cases};
-use billsync::mapping::remote::RemoteMetric;
+use billsync::mapping::remote::{RemoteMetric, RemoteSubscription};
 use billsync::mapping::{MapOutcome, MappingSet};
 use billsync::record::UsageRecord;
 use chrono::{TimeZone, Utc};
@@ -551,11 +551,11 @@ async fn remote_check_against_the_lago_simulator() {
     };
     let admin = billsync::sinks::lago_admin::LagoAdmin::new(&cfg).unwrap();
     let metrics: Vec<RemoteMetric> = admin.billable_metrics().await.unwrap();
-    let subs: BTreeSet<String> = admin.subscription_ids().await.unwrap();
+    let subs: Vec<RemoteSubscription> = admin.subscription_list().await.unwrap();
     assert_eq!(subs.len(), 151, "pagination followed");
     let set = MappingSet::examples().unwrap();
     let findings: Vec<String> = set
-        .check_remote(&metrics, &subs)
+        .check_remote("lago", "lago", &metrics, &subs, &BTreeMap::new())
         .iter()
         .map(|f| f.to_string())
         .collect();
@@ -1167,4 +1167,338 @@ async fn jelastic_lateness_covers_the_buckets_its_look_back_reads_again() {
         sources[0].why,
         arrives.num_hours()
     );
+}
+
+// --- remote check: aggregations and sinks -----------------------------------------------------
+
+/// A cost rule sends one amount per record (a window, a bill line), and the month's charge is
+/// their sum: only a `sum_agg` metric adds them up. Into a `max_agg` metric Lago bills the
+/// largest window of the month, into `latest_agg` the last one, into `weighted_sum_agg` a
+/// time-weighted sum, into `count_agg` the number of events: most of the revenue is lost while
+/// every event is stored (so `reconcile` agrees). Each is an error (exit 2), even with the
+/// right `field_name`. A quantity rule into `max_agg`/`latest_agg`/`weighted_sum_agg` may be
+/// meant (peak or last storage GB): a warning.
+#[test]
+fn a_cost_rule_into_a_metric_that_does_not_sum_is_an_error() {
+    let text = "version: 1
+customers:
+  - match: { provider: metalsoft, sub_account_id: \"1\" }
+    external_subscription_id: sub_a
+rules:
+  - name: drive
+    match: { resource_type: drive }
+    metric: storage_cost
+    value: { cost: {} }
+  - name: subnet
+    match: { resource_type: subnet }
+    metric: network_cost
+    value: { cost: {} }
+  - name: gpu
+    match: { resource_type: gpu }
+    metric: gpu_cost
+    value: { cost: {} }
+  - name: ip
+    match: { resource_type: ip }
+    metric: ip_cost
+    value: { cost: {} }
+  - name: server
+    match: { resource_type: server }
+    metric: server_cost
+    value: { cost: {} }
+  - name: peak
+    match: { resource_type: bucket }
+    metric: bucket_gb
+    value: { quantity: {} }
+";
+    let set = load(&[("q.yaml", text)]);
+    let metric = |code: &str, agg: &str, field: Option<&str>| RemoteMetric {
+        code: code.into(),
+        aggregation_type: agg.into(),
+        field_name: field.map(str::to_string),
+    };
+    let metrics = vec![
+        metric("storage_cost", "max_agg", Some("value")),
+        metric("network_cost", "latest_agg", Some("value")),
+        metric("gpu_cost", "weighted_sum_agg", Some("value")),
+        metric("ip_cost", "count_agg", None),
+        metric("server_cost", "sum_agg", Some("value")),
+        metric("bucket_gb", "max_agg", Some("value")),
+    ];
+    let subs = [RemoteSubscription::active("sub_a")];
+    let findings = set.check_remote("lago", "lago", &metrics, &subs, &BTreeMap::new());
+    let shown: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
+    let about = |rule: &str| -> Vec<&billsync::mapping::remote::RemoteFinding> {
+        findings
+            .iter()
+            .filter(|f| f.message.contains(&format!("rule q.yaml#{rule} ")))
+            .collect()
+    };
+    for (rule, code, agg, bills) in [
+        ("drive", "storage_cost", "max_agg", "the largest value"),
+        ("subnet", "network_cost", "latest_agg", "the last value"),
+        ("gpu", "gpu_cost", "weighted_sum_agg", "a time-weighted sum"),
+        ("ip", "ip_cost", "count_agg", "the number of events"),
+    ] {
+        let f = about(rule);
+        assert!(
+            f.iter().any(|f| f.error
+                && f.message
+                    .starts_with(&format!("metric `{code}` ({agg}) bills {bills}"))
+                && f.message.contains("sends costs")),
+            "{rule}: {shown:#?}"
+        );
+    }
+    assert!(about("server").is_empty(), "{shown:#?}");
+    let peak = about("peak");
+    assert_eq!(peak.len(), 1, "{shown:#?}");
+    assert!(!peak[0].error, "{shown:#?}");
+    assert!(
+        peak[0]
+            .message
+            .contains("right for a level (e.g. the peak or last storage GB)"),
+        "{shown:#?}"
+    );
+    assert_eq!(findings.iter().filter(|f| f.error).count(), 4, "{shown:#?}");
+}
+
+/// Each rule's events go to the sink it names, else to `default_sink`; `mappings check
+/// --remote` compares each Lago sink with the rules sending to it only. Beside a Stripe sink
+/// (whose rules name meters' `event_name`s and `cus_…` customer ids) and a second Lago
+/// organisation, checking every rule against every Lago called each Stripe meter a missing
+/// billable metric and each `cus_…` a missing subscription, and the other organisation's
+/// codes missing too: exit 2 on a correct setup, so the check is ignored, or a metric is
+/// "fixed" away from the one that bills. Customer entries name no sink: their subscriptions
+/// belong to the sinks of the rules that can meet them.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_lago_sink_is_checked_against_the_rules_sending_to_it() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let lago_a = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    let lago_b = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    lago_a.register_metric("compute_cost", "sum_agg", Some("value"));
+    lago_a.register_subscription("sub_ms", "acme");
+    lago_b.register_metric("partner_cost", "sum_agg", Some("value"));
+    lago_b.register_subscription("sub_partner", "partner");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("lago.key"), "lago-sim-key").unwrap();
+    std::fs::write(d.join("stripe.key"), "sk_test_123").unwrap();
+    let maps = d.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    std::fs::write(
+        maps.join("m.yaml"),
+        "version: 1
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_ms
+  - match: { provider: sakura }
+    external_subscription_id: cus_Sakura123
+rules:
+  - name: compute
+    match: { provider: metalsoft }
+    metric: compute_cost
+    value: { cost: {} }
+  - name: partner
+    match: { provider: softlayer }
+    sink: lago_b
+    metric: partner_cost
+    target: { external_subscription_id: sub_partner }
+    value: { cost: {} }
+  - name: meter
+    match: { provider: jelastic }
+    sink: stripe
+    metric: cloud_usage
+    target: { external_subscription_id: cus_Jelastic456 }
+    value: { quantity: {} }
+  - name: sakura-meter
+    match: { provider: sakura }
+    sink: stripe
+    metric: sakura_usage
+    value: { quantity: {} }
+",
+    )
+    .unwrap();
+    let cfg = d.join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger:\n  path: {ledger}\nmappings: [{maps}]\nsinks:\n  lago_a:\n    kind: lago\n    api_url: {a}\n    api_key: file:{key}\n    retry: {{ max_retries: 0 }}\n  lago_b:\n    kind: lago\n    api_url: {b}\n    api_key: file:{key}\n    retry: {{ max_retries: 0 }}\n  stripe:\n    kind: stripe\n    api_key: file:{stripe}\ndefault_sink: lago_a\n",
+            ledger = d.join("ledger.db").display(),
+            maps = maps.display(),
+            a = lago_a.url,
+            b = lago_b.url,
+            key = d.join("lago.key").display(),
+            stripe = d.join("stripe.key").display(),
+        ),
+    )
+    .unwrap();
+    let check = |cfg: PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+                .args(["--config"])
+                .arg(cfg)
+                .args(["mappings", "check", "--remote"])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = check(cfg.clone()).await.unwrap();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("sink lago_a: 1 metric(s), 1 subscription(s) in Lago; 0 finding(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sink lago_b: 1 metric(s), 1 subscription(s) in Lago; 0 finding(s)"),
+        "{text}"
+    );
+    // What is missing from the sink a rule sends to is still an error.
+    std::fs::write(
+        maps.join("n.yaml"),
+        "version: 1\nrules:\n  - name: partner-gpu\n    match: { provider: vps }\n    sink: lago_b\n    metric: partner_gpu\n    target: { external_subscription_id: sub_partner_gpu }\n    value: { cost: {} }\n",
+    )
+    .unwrap();
+    let out = check(cfg).await.unwrap();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let b = text.split("sink lago_b:").nth(1).expect("lago_b checked");
+    assert!(b.contains("billable metric `partner_gpu`"), "{text}");
+    assert!(b.contains("subscription `sub_partner_gpu`"), "{text}");
+    assert!(
+        text.contains("sink lago_a: 1 metric(s), 1 subscription(s) in Lago; 0 finding(s)"),
+        "{text}"
+    );
+    lago_a.shutdown().await;
+    lago_b.shutdown().await;
+}
+
+/// Lago stores an event for any subscription and bills it through a charge of the
+/// subscription's plan for the event's metric: a plan without that charge bills nothing for
+/// it, and a terminated subscription bills no event dated after its termination, while
+/// `reconcile` finds every event stored. `mappings check --remote` reads the plans of the
+/// subscriptions the rules bill (`GET /api/v1/plans/{code}`) and warns about both (exit 0: a
+/// plan may leave a metric out on purpose, a subscription may be ending). A subscription listed
+/// terminated on its old plan and active on its new one (a plan change) is not terminated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_without_the_metrics_charge_and_a_terminated_subscription_are_warnings() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig, SIM_TERMINATED_AT};
+    let lago = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    lago.register_metric("compute_cost", "sum_agg", Some("value"));
+    lago.register_metric("storage_cost", "sum_agg", Some("value"));
+    lago.register_plan("standard", &["compute_cost", "storage_cost"]);
+    lago.register_plan("legacy", &["compute_cost"]);
+    lago.register_subscription_on_plan("sub_new", "acme", "active", "standard");
+    lago.register_subscription_on_plan("sub_moved", "globex", "terminated", "legacy");
+    lago.register_subscription_on_plan("sub_moved", "globex", "active", "standard");
+    lago.register_subscription_on_plan("sub_legacy", "initech", "active", "legacy");
+    lago.register_subscription_on_plan("sub_gone", "hooli", "terminated", "standard");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("lago.key"), "lago-sim-key").unwrap();
+    let maps = d.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let mut text = "version: 1\ncustomers:\n".to_string();
+    for (n, sub) in ["sub_new", "sub_moved", "sub_legacy", "sub_gone"]
+        .iter()
+        .enumerate()
+    {
+        text.push_str(&format!(
+            "  - match: {{ provider: metalsoft, sub_account_id: \"{n}\" }}\n    external_subscription_id: {sub}\n"
+        ));
+    }
+    text.push_str("rules:\n  - name: compute\n    match: { resource_type: server }\n    metric: compute_cost\n    value: { cost: {} }\n  - name: storage\n    match: { resource_type: drive }\n    metric: storage_cost\n    value: { cost: {} }\n");
+    std::fs::write(maps.join("m.yaml"), text).unwrap();
+    let cfg = d.join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger:\n  path: {}\nmappings: [{}]\nsinks:\n  lago:\n    kind: lago\n    api_url: {}\n    api_key: file:{}\n    retry: {{ max_retries: 0 }}\n",
+            d.join("ledger.db").display(),
+            maps.display(),
+            lago.url,
+            d.join("lago.key").display(),
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+            .arg("--config")
+            .arg(cfg)
+            .args(["mappings", "check", "--remote"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("2 finding(s)"), "{text}");
+    assert!(
+        text.contains(
+            "warning: plan `legacy` has no charge for billable metric `storage_cost`, which the \
+             rules send to its subscription(s) `sub_legacy`: Lago stores those events and bills \
+             nothing for them"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "warning: subscription `sub_gone` (named at {}:9 (customer entry)) is terminated in \
+             Lago since {SIM_TERMINATED_AT}: Lago bills no event dated after its termination",
+            maps.join("m.yaml").display()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("sub_moved"), "{text}");
+    // The plans are read one by one, as the spec's `GET /api/v1/plans/{code}`.
+    let routes: Vec<String> = lago.requests().iter().map(|r| r.route.clone()).collect();
+    assert_eq!(
+        routes
+            .iter()
+            .filter(|r| r.as_str() == "GET /api/v1/plans/{code}")
+            .count(),
+        2,
+        "{routes:?}"
+    );
+    lago.shutdown().await;
+}
+
+/// More plans than are read one by one (100) are read from the `GET /api/v1/plans` listing,
+/// 100 a page, every page; plans Lago does not have are left out (not judged).
+#[tokio::test]
+async fn many_plans_are_read_from_the_listing() {
+    use billsync::simulators::lago::{LagoSim, LagoSimConfig};
+    let lago = LagoSim::start(LagoSimConfig::default()).await.unwrap();
+    let mut codes = BTreeSet::new();
+    for i in 0..150 {
+        lago.register_plan(&format!("plan_{i:03}"), &["compute_cost"]);
+        codes.insert(format!("plan_{i:03}"));
+    }
+    lago.register_plan("plan_other", &["storage_cost"]);
+    codes.insert("plan_missing".to_string());
+    let plans = quick_admin(&lago.url).plans(&codes).await.unwrap();
+    assert_eq!(plans.len(), 150);
+    assert_eq!(
+        plans["plan_149"],
+        BTreeSet::from(["compute_cost".to_string()])
+    );
+    let routes: Vec<String> = lago.requests().iter().map(|r| r.route.clone()).collect();
+    assert_eq!(routes, vec!["GET /api/v1/plans"; 2], "{routes:?}");
+    // A few are read one by one; one Lago does not find is left out.
+    let few = BTreeSet::from(["plan_007".to_string(), "plan_missing".to_string()]);
+    let plans = quick_admin(&lago.url).plans(&few).await.unwrap();
+    assert_eq!(plans.keys().collect::<Vec<_>>(), vec!["plan_007"]);
+    lago.shutdown().await;
 }

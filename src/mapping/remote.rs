@@ -5,8 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use super::schema::ValueSpec;
-use super::MappingSet;
+use super::check::may_overlap;
+use super::schema::{Condition, FieldName, Rule, ValueSpec};
+use super::{LoadedRule, MappingSet};
 
 /// A billable metric as the invoicing system describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,35 @@ pub struct RemoteMetric {
     pub aggregation_type: String,
     /// The property aggregated (`None` for `count_agg`).
     pub field_name: Option<String>,
+}
+
+/// A subscription as Lago lists it (`GET /api/v1/subscriptions`). One external id may be
+/// listed twice: after a plan change, terminated on the old plan and active on the new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSubscription {
+    /// `external_id`: what the events name.
+    pub external_id: String,
+    /// `external_customer_id` (empty when absent).
+    pub external_customer_id: String,
+    /// `status`: `active`, `pending` or `terminated` (the ones the check lists).
+    pub status: String,
+    /// `plan_code` (`None`: not given).
+    pub plan_code: Option<String>,
+    /// `terminated_at`, as Lago writes it.
+    pub terminated_at: Option<String>,
+}
+
+impl RemoteSubscription {
+    /// An active subscription on no known plan.
+    pub fn active(external_id: &str) -> RemoteSubscription {
+        RemoteSubscription {
+            external_id: external_id.to_string(),
+            external_customer_id: String::new(),
+            status: "active".to_string(),
+            plan_code: None,
+            terminated_at: None,
+        }
+    }
 }
 
 /// One finding of the remote check.
@@ -36,11 +66,40 @@ impl fmt::Display for RemoteFinding {
     }
 }
 
+/// Whether `rule` sends its events to the sink `sink`: the one it names, else the settings'
+/// `default_sink`.
+fn sends_to(rule: &Rule, sink: &str, default_sink: &str) -> bool {
+    match &rule.sink {
+        Some(s) => s.0 == sink,
+        None => sink == default_sink,
+    }
+}
+
+/// What a metric's aggregation makes of the values of one period, for the findings.
+fn aggregates(aggregation_type: &str) -> &'static str {
+    match aggregation_type {
+        "max_agg" => "bills the largest value of the billing period",
+        "latest_agg" => "bills the last value of the billing period",
+        "weighted_sum_agg" => "bills a time-weighted sum (each value held until the next event)",
+        "count_agg" => "bills the number of events, whatever their values",
+        "unique_count_agg" => "bills the number of distinct values",
+        _ => "is not known to this check to add the values up",
+    }
+}
+
 impl MappingSet {
-    /// Every metric code the rules send, with the rules (`file#name`, property, value kind).
-    pub fn metric_uses(&self) -> BTreeMap<String, Vec<(String, String, &'static str)>> {
+    /// Every metric code the rules sending to `sink` use (rules without `sink:` send to
+    /// `default_sink`), with the rules (`file#name`, property, value kind).
+    pub fn metric_uses(
+        &self,
+        sink: &str,
+        default_sink: &str,
+    ) -> BTreeMap<String, Vec<(String, String, &'static str)>> {
         let mut out: BTreeMap<String, Vec<(String, String, &'static str)>> = BTreeMap::new();
         for r in &self.rules {
+            if r.rule.ignore || !sends_to(&r.rule, sink, default_sink) {
+                continue;
+            }
             if let Some(m) = &r.rule.metric {
                 let kind = match r.rule.value {
                     Some(ValueSpec::Cost(_)) => "cost",
@@ -59,37 +118,110 @@ impl MappingSet {
         out
     }
 
-    /// Every subscription the rules' targets, the customer entries and the directory name,
-    /// with where each is named first (`file:line`).
-    pub fn subscription_uses(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        for r in &self.rules {
+    /// Every subscription the rules sending to `sink` may bill (rules without `sink:` send to
+    /// `default_sink`), with where each is named first (`file:line`): their targets, and the
+    /// customer entries and account-directory rows that can match a record of one of them
+    /// without a target (judged on the conditions both name, erring towards yes). Entries and
+    /// rows name no sink: the rules they meet decide where their subscriptions are billed.
+    pub fn subscription_uses(&self, sink: &str, default_sink: &str) -> BTreeMap<String, String> {
+        self.reach(sink, default_sink)
+            .into_iter()
+            .map(|(sub, (origin, _))| (sub, origin))
+            .collect()
+    }
+
+    /// [`Self::subscription_uses`], each with the metric codes the rules may send it.
+    fn reach(&self, sink: &str, default_sink: &str) -> BTreeMap<String, (String, BTreeSet<&str>)> {
+        fn metric_of(r: &LoadedRule) -> Option<&str> {
+            r.rule.metric.as_ref().map(|m| m.0.as_str())
+        }
+        let mut out: BTreeMap<String, (String, BTreeSet<&str>)> = BTreeMap::new();
+        let rules: Vec<&LoadedRule> = self
+            .rules
+            .iter()
+            .filter(|r| !r.rule.ignore && sends_to(&r.rule, sink, default_sink))
+            .collect();
+        for r in &rules {
             if let Some(t) = &r.rule.target {
                 out.entry(t.external_subscription_id.0.clone())
-                    .or_insert_with(|| format!("{}:{} (rule target)", r.file, r.line));
+                    .or_insert_with(|| {
+                        (
+                            format!("{}:{} (rule target)", r.file, r.line),
+                            BTreeSet::new(),
+                        )
+                    })
+                    .1
+                    .extend(metric_of(r));
             }
         }
+        let looked_up: Vec<&LoadedRule> = rules
+            .into_iter()
+            .filter(|r| r.rule.target.is_none())
+            .collect();
+        let meeting = |conds: &[(FieldName, Condition)]| -> Option<BTreeSet<&str>> {
+            let met: Vec<&LoadedRule> = looked_up
+                .iter()
+                .copied()
+                .filter(|r| may_overlap(&r.rule.conditions.0, conds))
+                .collect();
+            (!met.is_empty()).then(|| met.into_iter().filter_map(metric_of).collect())
+        };
         for c in &self.customers {
-            out.entry(c.entry.external_subscription_id.0.clone())
-                .or_insert_with(|| format!("{}:{} (customer entry)", c.file, c.line));
+            if let Some(metrics) = meeting(&c.entry.conditions.0) {
+                out.entry(c.entry.external_subscription_id.0.clone())
+                    .or_insert_with(|| {
+                        (
+                            format!("{}:{} (customer entry)", c.file, c.line),
+                            BTreeSet::new(),
+                        )
+                    })
+                    .1
+                    .extend(metrics);
+            }
         }
         for row in self.directory.iter() {
-            out.entry(row.subscription.to_string())
-                .or_insert_with(|| format!("{}:{} (account directory)", row.file, row.line));
+            let conds = [
+                (
+                    FieldName("provider".into()),
+                    Condition::Exact(row.provider.to_string()),
+                ),
+                (
+                    FieldName("sub_account_id".into()),
+                    Condition::Exact(row.sub_account_id.to_string()),
+                ),
+            ];
+            if let Some(metrics) = meeting(&conds) {
+                out.entry(row.subscription.to_string())
+                    .or_insert_with(|| {
+                        (
+                            format!("{}:{} (account directory)", row.file, row.line),
+                            BTreeSet::new(),
+                        )
+                    })
+                    .1
+                    .extend(metrics);
+            }
         }
         out
     }
 
-    /// Compares the mappings with the remote metrics and subscription ids.
+    /// Compares what the rules sending to the Lago sink `sink` use (rules without `sink:`
+    /// send to `default_sink`) with its metrics, subscriptions and the plans read of them
+    /// (`plans`: plan code → the metric codes it has a charge for; a plan not in it is not
+    /// judged). The rules of other sinks are not looked at: a Stripe meter's `event_name` or
+    /// a `cus_…` id is not missing from Lago.
     pub fn check_remote(
         &self,
+        sink: &str,
+        default_sink: &str,
         metrics: &[RemoteMetric],
-        subscriptions: &BTreeSet<String>,
+        subscriptions: &[RemoteSubscription],
+        plans: &BTreeMap<String, BTreeSet<String>>,
     ) -> Vec<RemoteFinding> {
         let mut out = Vec::new();
         let by_code: BTreeMap<&str, &RemoteMetric> =
             metrics.iter().map(|m| (m.code.as_str(), m)).collect();
-        for (code, uses) in self.metric_uses() {
+        for (code, uses) in self.metric_uses(sink, default_sink) {
             let Some(m) = by_code.get(code.as_str()) else {
                 let rules: Vec<&str> = uses.iter().map(|u| u.0.as_str()).collect();
                 out.push(RemoteFinding {
@@ -102,50 +234,88 @@ impl MappingSet {
                 });
                 continue;
             };
-            for (rule, property, _kind) in uses {
-                match m.aggregation_type.as_str() {
-                    "count_agg" => out.push(RemoteFinding {
+            let agg = m.aggregation_type.as_str();
+            let field = m.field_name.as_deref().unwrap_or("<none>");
+            for (rule, property, kind) in uses {
+                // Costs are one amount per record (a window, a bill line): the period's charge
+                // is their sum, and only `sum_agg` adds them up. Any other aggregation bills a
+                // part of them (or their count) while `reconcile` finds every event stored.
+                if kind == "cost" && agg != "sum_agg" {
+                    out.push(RemoteFinding {
+                        error: true,
+                        message: format!(
+                            "metric `{code}` ({agg}) {}, but rule {rule} sends costs (one amount \
+                             per record, to be added up): the rest of the period's amounts are \
+                             not billed; make the metric `sum_agg` on `{property}`, or send the \
+                             rule to a `sum_agg` metric",
+                            aggregates(agg)
+                        ),
+                    });
+                }
+                match agg {
+                    "count_agg" if kind == "quantity" => out.push(RemoteFinding {
                         error: false,
                         message: format!(
                             "metric `{code}` counts events (count_agg), so the value `{property}` \
                              that rule {rule} sends is ignored"
                         ),
                     }),
-                    "sum_agg" | "max_agg" | "latest_agg" | "weighted_sum_agg" => {
-                        if m.field_name.as_deref() != Some(property.as_str()) {
-                            out.push(RemoteFinding {
-                                error: true,
-                                message: format!(
-                                    "metric `{code}` ({}) aggregates the property `{}`, but rule \
-                                     {rule} sends its value as `{property}`; set `property: {}` \
-                                     in the rule",
-                                    m.aggregation_type,
-                                    m.field_name.as_deref().unwrap_or("<none>"),
-                                    m.field_name.as_deref().unwrap_or("<none>")
-                                ),
-                            });
-                        }
-                    }
-                    "unique_count_agg" => out.push(RemoteFinding {
+                    "unique_count_agg" if kind == "quantity" => out.push(RemoteFinding {
                         error: false,
                         message: format!(
-                            "metric `{code}` counts distinct values of `{}` (unique_count_agg); \
-                             rule {rule} sends a number as `{property}`—check this is intended",
-                            m.field_name.as_deref().unwrap_or("<none>")
+                            "metric `{code}` counts distinct values of `{field}` \
+                             (unique_count_agg); rule {rule} sends a number as `{property}`—check \
+                             this is intended"
                         ),
                     }),
-                    other => out.push(RemoteFinding {
+                    "max_agg" | "latest_agg" | "weighted_sum_agg" if kind == "quantity" => {
+                        // A level (peak or last storage GB) is billed so on purpose; usage per
+                        // window (hours, GB transferred) must be summed.
+                        out.push(RemoteFinding {
+                            error: false,
+                            message: format!(
+                                "metric `{code}` ({agg}) {}, not the sum of the quantities rule \
+                                 {rule} sends as `{property}`: right for a level (e.g. the peak \
+                                 or last storage GB), wrong for usage per record (hours, GB \
+                                 transferred), which needs `sum_agg`",
+                                aggregates(agg)
+                            ),
+                        })
+                    }
+                    "sum_agg" | "max_agg" | "latest_agg" | "weighted_sum_agg" => {}
+                    other if kind == "quantity" => out.push(RemoteFinding {
                         error: false,
                         message: format!(
                             "metric `{code}` has aggregation `{other}`, which this check does not \
                              know; rule {rule} sends `{property}`"
                         ),
                     }),
+                    _ => {}
+                }
+                if matches!(
+                    agg,
+                    "sum_agg" | "max_agg" | "latest_agg" | "weighted_sum_agg"
+                ) && m.field_name.as_deref() != Some(property.as_str())
+                {
+                    out.push(RemoteFinding {
+                        error: true,
+                        message: format!(
+                            "metric `{code}` ({agg}) aggregates the property `{field}`, but rule \
+                             {rule} sends its value as `{property}`; set `property: {field}` in \
+                             the rule"
+                        ),
+                    });
                 }
             }
         }
-        for (sub, origin) in self.subscription_uses() {
-            if !subscriptions.contains(&sub) {
+        let mut listed: BTreeMap<&str, Vec<&RemoteSubscription>> = BTreeMap::new();
+        for s in subscriptions {
+            listed.entry(s.external_id.as_str()).or_default().push(s);
+        }
+        // (plan, metric) → the subscriptions on that plan the rules may send the metric to
+        let mut uncharged: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
+        for (sub, (origin, sent)) in self.reach(sink, default_sink) {
+            let Some(entries) = listed.get(sub.as_str()) else {
                 out.push(RemoteFinding {
                     error: true,
                     message: format!(
@@ -153,7 +323,56 @@ impl MappingSet {
                          for it would be refused"
                     ),
                 });
+                continue;
+            };
+            let live: Vec<&&RemoteSubscription> = entries
+                .iter()
+                .filter(|s| s.status != "terminated")
+                .collect();
+            if live.is_empty() {
+                let since = entries
+                    .iter()
+                    .filter_map(|s| s.terminated_at.as_deref())
+                    .max()
+                    .map_or_else(String::new, |t| format!(" since {t}"));
+                out.push(RemoteFinding {
+                    error: false,
+                    message: format!(
+                        "subscription `{sub}` (named at {origin}) is terminated in Lago{since}: \
+                         Lago bills no event dated after its termination; bill that usage to \
+                         the subscription that replaces it"
+                    ),
+                });
+                continue;
             }
+            for s in live {
+                let Some((plan, charged)) =
+                    s.plan_code.as_ref().and_then(|p| plans.get_key_value(p))
+                else {
+                    continue;
+                };
+                for m in sent.iter().filter(|m| !charged.contains(**m)) {
+                    let subs = uncharged.entry((plan.as_str(), *m)).or_default();
+                    if subs.last() != Some(&sub) {
+                        subs.push(sub.clone());
+                    }
+                }
+            }
+        }
+        for ((plan, metric), subs) in uncharged {
+            let mut names: Vec<String> = subs.iter().take(5).map(|s| format!("`{s}`")).collect();
+            if subs.len() > 5 {
+                names.push(format!("and {} more", subs.len() - 5));
+            }
+            out.push(RemoteFinding {
+                error: false,
+                message: format!(
+                    "plan `{plan}` has no charge for billable metric `{metric}`, which the rules \
+                     send to its subscription(s) {}: Lago stores those events and bills nothing \
+                     for them; add a charge for `{metric}` to the plan",
+                    names.join(", ")
+                ),
+            });
         }
         out
     }

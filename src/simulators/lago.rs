@@ -195,8 +195,12 @@ struct Store {
     next_id: u64,
     /// Registered billable metrics: (code, aggregation_type, field_name).
     metrics: Vec<(String, String, Option<String>)>,
-    /// Registered subscriptions: (external_id, external_customer_id, status).
+    /// Registered subscriptions: (external_id, external_customer_id, status), and each one's
+    /// plan (`None`: listed without `plan_code`).
     subscriptions: Vec<(String, String, String)>,
+    subscription_plans: Vec<Option<String>>,
+    /// Registered plans: code → the billable metric codes it has a charge for.
+    plans: BTreeMap<String, Vec<String>>,
     /// Registered billing entities: (code, invoice_grace_period, timezone). None registered:
     /// one default entity `default`, grace period 0, UTC (Lago's defaults).
     billing_entities: Vec<(String, i64, String)>,
@@ -313,6 +317,8 @@ impl LagoSim {
             .route("/api/v1/billable_metrics", get(list_metrics))
             .route("/api/v1/subscriptions", get(list_subscriptions))
             .route("/api/v1/billing_entities", get(list_billing_entities))
+            .route("/api/v1/plans", get(list_plans))
+            .route("/api/v1/plans/{code}", get(show_plan))
             .route("/api/v1/customers", get(list_customers))
             .route(
                 "/api/v1/customers/{external_customer_id}",
@@ -481,11 +487,40 @@ impl LagoSimHandle {
         external_customer_id: &str,
         status: &str,
     ) {
-        lock(&self.shared.store).subscriptions.push((
+        let mut store = lock(&self.shared.store);
+        store.subscriptions.push((
             external_id.to_string(),
             external_customer_id.to_string(),
             status.to_string(),
         ));
+        store.subscription_plans.push(None);
+    }
+
+    /// [`Self::register_subscription_with_status`] on the plan `plan_code` (listed as the
+    /// subscription's `plan_code`; see [`Self::register_plan`]). One external id may be
+    /// registered twice, as Lago lists it after a plan change: terminated on the old plan,
+    /// active on the new one.
+    pub fn register_subscription_on_plan(
+        &self,
+        external_id: &str,
+        external_customer_id: &str,
+        status: &str,
+        plan_code: &str,
+    ) {
+        self.register_subscription_with_status(external_id, external_customer_id, status);
+        *lock(&self.shared.store)
+            .subscription_plans
+            .last_mut()
+            .expect("just registered") = Some(plan_code.to_string());
+    }
+
+    /// Register a plan with a charge for each of `metric_codes` (`GET /api/v1/plans/{code}`,
+    /// `GET /api/v1/plans`).
+    pub fn register_plan(&self, code: &str, metric_codes: &[&str]) {
+        lock(&self.shared.store).plans.insert(
+            code.to_string(),
+            metric_codes.iter().map(|m| m.to_string()).collect(),
+        );
     }
 
     /// Register a billing entity (`GET /api/v1/billing_entities`); the first registered is
@@ -1503,20 +1538,102 @@ async fn list_subscriptions(
     if statuses.is_empty() {
         statuses.push("active".into());
     }
-    let items: Vec<Value> = lock(&shared.store)
+    let store = lock(&shared.store);
+    let items: Vec<Value> = store
         .subscriptions
         .iter()
-        .filter(|(_, _, status)| statuses.contains(status))
-        .map(|(id, customer, status)| {
-            json!({
+        .zip(&store.subscription_plans)
+        .filter(|((_, _, status), _)| statuses.contains(status))
+        .map(|((id, customer, status), plan)| {
+            let mut s = json!({
                 "lago_id": format!("sub_{id}"),
                 "external_id": id,
                 "external_customer_id": customer,
                 "status": status,
+                "terminated_at": (status == "terminated").then_some(SIM_TERMINATED_AT),
+            });
+            if let Some(plan) = plan {
+                s["plan_code"] = plan.as_str().into();
+            }
+            s
+        })
+        .collect();
+    drop(store);
+    paginate("subscriptions", items, &q)
+}
+
+/// When the simulator's terminated subscriptions were terminated.
+pub const SIM_TERMINATED_AT: &str = "2026-10-15T00:00:00Z";
+
+/// A registered plan as Lago's `PlanObject`, with one `standard` charge per metric.
+fn plan_json(code: &str, metrics: &[String]) -> Value {
+    let charges: Vec<Value> = metrics
+        .iter()
+        .map(|m| {
+            json!({
+                "lago_id": format!("ch_{code}_{m}"),
+                "lago_billable_metric_id": format!("bm_{m}"),
+                "billable_metric_code": m,
+                "created_at": "2026-01-01T00:00:00Z",
+                "charge_model": "standard",
+                "invoiceable": true,
+                "regroup_paid_fees": null,
+                "pay_in_advance": false,
+                "prorated": false,
+                "min_amount_cents": 0,
+                "properties": { "amount": "1" },
+                "filters": [],
             })
         })
         .collect();
-    paginate("subscriptions", items, &q)
+    json!({
+        "lago_id": format!("plan_{code}"),
+        "name": code,
+        "created_at": "2026-01-01T00:00:00Z",
+        "code": code,
+        "interval": "monthly",
+        "amount_cents": 0,
+        "amount_currency": "EUR",
+        "charges": charges,
+    })
+}
+
+/// `GET /api/v1/plans`, paginated.
+async fn list_plans(
+    State(shared): Sim,
+    headers: HeaderMap,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    record(&shared, "GET /api/v1/plans", "");
+    if let Err(r) = authorize(&shared, &headers, false) {
+        return r;
+    }
+    let items: Vec<Value> = lock(&shared.store)
+        .plans
+        .iter()
+        .map(|(code, metrics)| plan_json(code, metrics))
+        .collect();
+    paginate("plans", items, &q)
+}
+
+/// `GET /api/v1/plans/{code}`: `{"plan": …}`, or 404.
+async fn show_plan(
+    State(shared): Sim,
+    headers: HeaderMap,
+    axum::extract::Path(code): axum::extract::Path<String>,
+) -> Response {
+    record(&shared, "GET /api/v1/plans/{code}", "");
+    if let Err(r) = authorize(&shared, &headers, false) {
+        return r;
+    }
+    match lock(&shared.store).plans.get(&code) {
+        Some(metrics) => (
+            StatusCode::OK,
+            Json(json!({ "plan": plan_json(&code, metrics) })),
+        )
+            .into_response(),
+        None => error_body(StatusCode::NOT_FOUND, json!({"code": "plan_not_found"})),
+    }
 }
 
 /// The billing entities, the default one first.

@@ -12,7 +12,9 @@ use serde_json::Value;
 
 use crate::config::Secret;
 use crate::http::{get_text, ReadFailure, RetryPolicy};
-use crate::mapping::remote::{RemoteBillingEntity, RemoteCustomer, RemoteFinding, RemoteMetric};
+use crate::mapping::remote::{
+    RemoteBillingEntity, RemoteCustomer, RemoteFinding, RemoteMetric, RemoteSubscription,
+};
 use crate::sinks::lago::LagoConfig;
 
 /// Largest page Lago serves.
@@ -234,6 +236,12 @@ impl LagoAdmin {
 
     /// [`Self::subscription_ids`], each with its `external_customer_id` (empty when absent).
     pub async fn subscriptions(&self) -> Result<BTreeMap<String, String>, LagoAdminError> {
+        Ok(customers_of(&self.subscription_list().await?))
+    }
+
+    /// The subscriptions of [`Self::subscription_ids`] as Lago lists them: one external id
+    /// may come twice (terminated on an old plan, active on the new one).
+    pub async fn subscription_list(&self) -> Result<Vec<RemoteSubscription>, LagoAdminError> {
         let items = self
             .list(
                 "/api/v1/subscriptions",
@@ -245,18 +253,85 @@ impl LagoAdmin {
                 ],
             )
             .await?;
+        let text = |s: &Value, key: &str| s.get(key).and_then(Value::as_str).map(str::to_string);
         Ok(items
             .iter()
             .filter_map(|s| {
-                let id = s.get("external_id")?.as_str()?.to_string();
-                let customer = s
-                    .get("external_customer_id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                Some((id, customer))
+                Some(RemoteSubscription {
+                    external_id: text(s, "external_id")?,
+                    external_customer_id: text(s, "external_customer_id").unwrap_or_default(),
+                    status: text(s, "status").unwrap_or_default(),
+                    plan_code: text(s, "plan_code"),
+                    terminated_at: text(s, "terminated_at"),
+                })
             })
             .collect())
+    }
+
+    /// The plans `codes`, each with the billable metric codes it has a charge for
+    /// (`charges[].billable_metric_code`). Up to [`PLANS_ONE_BY_ONE`] codes, one
+    /// `GET /api/v1/plans/{code}` each; above, the whole `GET /api/v1/plans` listing. A plan
+    /// Lago does not find, or one answered without `charges`, is left out (not judged).
+    pub async fn plans(
+        &self,
+        codes: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>, LagoAdminError> {
+        let mut out = BTreeMap::new();
+        let mut add = |plan: &Value| {
+            let code = plan.get("code").and_then(Value::as_str)?;
+            let charges = plan.get("charges")?.as_array()?;
+            codes.contains(code).then(|| {
+                let metrics = charges
+                    .iter()
+                    .filter_map(|c| c.get("billable_metric_code")?.as_str())
+                    .map(str::to_string)
+                    .collect();
+                out.insert(code.to_string(), metrics);
+            })
+        };
+        if codes.len() > PLANS_ONE_BY_ONE {
+            for plan in self.list("/api/v1/plans", "plans", &[]).await? {
+                add(&plan);
+            }
+        } else {
+            for code in codes.iter().filter(|c| !c.is_empty()) {
+                let path = format!(
+                    "/api/v1/plans/{}",
+                    percent_encoding::utf8_percent_encode(code, percent_encoding::NON_ALPHANUMERIC)
+                );
+                if let Some(json) = self.get_one(&path).await? {
+                    if let Some(plan) = json.get("plan") {
+                        add(plan);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `GET path` (not paginated), retried as the listings are; a 404 is `None`.
+    async fn get_one(&self, path: &str) -> Result<Option<Value>, LagoAdminError> {
+        let url = format!("{}{path}", self.base);
+        let request = || self.client.get(&url).bearer_auth(self.api_key.expose());
+        let body = match get_text(request, &self.retry, &format!("lago: GET {path}")).await {
+            Ok(body) => body,
+            Err(ReadFailure::Answered { status: 404, .. }) => return Ok(None),
+            Err(ReadFailure::Answered { status, body }) => {
+                return Err(LagoAdminError::Status { url, status, body })
+            }
+            Err(ReadFailure::GaveUp { reason, attempts }) => {
+                return Err(LagoAdminError::Transport {
+                    url,
+                    message: format!("{reason} (gave up after {attempts} attempts)"),
+                })
+            }
+        };
+        serde_json::from_str(&body)
+            .map(Some)
+            .map_err(|e| LagoAdminError::Shape {
+                url,
+                message: e.to_string(),
+            })
     }
 
     /// `GET /api/v1/billing_entities` (every page if the answer is paginated): code, invoice
@@ -357,6 +432,17 @@ impl LagoAdmin {
 
 /// Up to this many customers are read one by one; more, by listing every customer.
 pub const CUSTOMERS_ONE_BY_ONE: usize = 100;
+
+/// Up to this many plans are read one by one; more, by listing every plan.
+pub const PLANS_ONE_BY_ONE: usize = 100;
+
+/// Each listed subscription's `external_customer_id`.
+pub fn customers_of(subscriptions: &[RemoteSubscription]) -> BTreeMap<String, String> {
+    subscriptions
+        .iter()
+        .map(|s| (s.external_id.clone(), s.external_customer_id.clone()))
+        .collect()
+}
 
 /// A `CustomerObject`'s period settings: `applicable_timezone` (else `timezone`),
 /// `billing_configuration.invoice_grace_period` (null: the billing entity's),
