@@ -5,7 +5,9 @@
 //! with the FOCUS export: correction rows carry differences of cost and quantity, so the
 //! export's `BilledCost` sums to the provider's total; a cost-only change reaches FOCUS only.
 //! A correction Lago refused, replayed, goes out under its own key with the difference still
-//! missing (nothing if a later correction covered it); replay never mints a key.
+//! missing (nothing if a later correction covered it); replay never mints a key. A refused or
+//! held original with corrections that changes again is corrected, never rewritten in place:
+//! what goes out adds up to the latest content, not to it plus the corrections.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -1028,6 +1030,40 @@ rules:
     )
 }
 
+/// [`cost_pipeline`] over the same ledger with mapping files that map no MetalSoft record.
+async fn unmapping_pipeline(dir: &tempfile::TempDir) -> Pipeline {
+    let text = "version: 1
+customers:
+  - match: { provider: sakura }
+    external_subscription_id: sub_other
+rules:
+  - name: other
+    match: { provider: sakura }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 0 } }
+";
+    let p = cost_pipeline(dir, "amount").await;
+    Pipeline::new(
+        Ledger::open(p.ledger.path()).await.unwrap(),
+        Vec::new(),
+        vec![Box::new(
+            LagoSink::new(
+                "lago".into(),
+                LagoConfig {
+                    api_url: "http://127.0.0.1:9".into(),
+                    api_key: Secret::new("k"),
+                    batch_size: 10,
+                    timeout: Duration::from_secs(1),
+                    retry: retry(),
+                },
+            )
+            .unwrap(),
+        )],
+        MappingSet::from_sources(&[("other.yaml".to_string(), text.to_string())]).unwrap(),
+    )
+}
+
 /// Stage `line` through `p` (its corrections decided by the pipeline) as a sync would.
 async fn stage_line(
     p: &Pipeline,
@@ -1520,4 +1556,239 @@ async fn records_staged_before_match_hashes_are_compared_with_what_the_ledger_ho
         .await
         .unwrap();
     assert_eq!((c.unchanged, c.corrections, c.restaged), (6, 0, 0), "{c:?}");
+}
+
+// ----- a refused original with corrections ---------------------------------------------------
+
+/// Key, status and value of every row of the ledger at `path`, in id order.
+async fn ledger_rows(path: &std::path::Path) -> Vec<(String, String, Option<String>)> {
+    let pool =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(path))
+            .await
+            .unwrap();
+    let rows = sqlx::query_as("SELECT idem_key, status, value FROM records ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows
+}
+
+fn value(row: &(String, String, Option<String>)) -> Decimal {
+    Decimal::from_str(row.2.as_deref().unwrap()).unwrap()
+}
+
+/// What the sink is billed for the line, or will be: the values of its sent and pending rows.
+fn billed(rows: &[(String, String, Option<String>)]) -> Decimal {
+    rows.iter()
+        .filter(|(_, status, _)| status == "sent" || status == "pending")
+        .map(value)
+        .sum()
+}
+
+/// A line is staged at 10.00 and waits (the sink is down); the provider restates it at 12.00,
+/// so its correction `.r1` (+2.00) is staged beside it (a queued payload is never rewritten).
+/// Then the sink refuses the original for good, and `.r1` is delivered, still waiting, or
+/// refused too. The provider restates the line once more, at 15.00.
+///
+/// The refused original must not be rewritten in place with its whole new content: `.r1`, if
+/// it went or goes out, would be billed on top of it (15.00 + 2.00), and if refused, `replay`
+/// would re-derive it against the original's new value (12.00 − 15.00 = −3.00). Its value is
+/// what its corrections were measured against: the change goes out as a further correction
+/// (measured, as always, against the original plus the corrections that went or go out), and
+/// the refused original is queued again as it was. The line is billed 15.00 in every case, and
+/// still is when the sink refuses the original once more and `replay` sends it again from its
+/// frozen body at 10.00 (a refused `.r1` then re-derived to nothing).
+#[tokio::test]
+async fn a_refused_original_with_corrections_restated_again_is_corrected_not_rewritten() {
+    use billsync::sinks::Outcome;
+    for r1 in [
+        Some(Outcome::Delivered),
+        None,
+        Some(Outcome::Rejected("refused".into())),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = cost_pipeline(&dir, "amount").await;
+        let path = p.ledger.path().to_path_buf();
+        let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+        assert_eq!(stage_line(&p, run, instance_line("10.00")).await.new, 1);
+        let c = stage_line(&p, run, instance_line("12.00")).await;
+        assert_eq!(c.corrections, 1, "{c:?}");
+        // Ids 1 (the original) and 2 (`.r1`).
+        let mut answers = vec![(1, Outcome::Rejected("refused for good".into()))];
+        answers.extend(r1.clone().map(|o| (2, o)));
+        p.ledger.ack(run, &answers, Utc::now()).await.unwrap();
+
+        let c = stage_line(&p, run, instance_line("15.00")).await;
+        let rows = ledger_rows(&path).await;
+        assert_eq!(billed(&rows), Decimal::from(15), ".r1 {r1:?}: {rows:?}");
+        assert_eq!(
+            (c.restaged, c.corrections, c.restaged_pending.clone()),
+            (1, 1, vec![1]),
+            ".r1 {r1:?}: {c:?}"
+        );
+        assert_eq!(
+            (rows[0].1.as_str(), value(&rows[0])),
+            ("pending", Decimal::from(10)),
+            "the original goes out again as it was: {rows:?}"
+        );
+        // Against what goes out (the original's 10.00 and `.r1` unless refused).
+        let r2 = if matches!(r1, Some(Outcome::Rejected(_))) {
+            5
+        } else {
+            3
+        };
+        assert_eq!(value(&rows[2]), Decimal::from(r2), "{rows:?}");
+        // The same content again changes nothing.
+        let c = stage_line(&p, run, instance_line("15.00")).await;
+        assert_eq!((c.unchanged, c.restaged, c.corrections), (1, 0, 0), "{c:?}");
+
+        // The sink refuses the original again; a replay sends it from its body (10.00), and
+        // re-derives a refused `.r1` from the latest content and what goes out.
+        p.ledger
+            .ack(
+                run,
+                &[(1, Outcome::Rejected("refused again".into()))],
+                Utc::now(),
+            )
+            .await
+            .unwrap();
+        p.replay(&ReplayOptions {
+            filter: RecordFilter::status(Status::Rejected),
+            dry_run: false,
+            reason: "test".into(),
+            now: None,
+        })
+        .await
+        .unwrap();
+        let rows = ledger_rows(&path).await;
+        assert_eq!(
+            billed(&rows),
+            Decimal::from(15),
+            "after replay, .r1 {r1:?}: {rows:?}"
+        );
+    }
+}
+
+/// As above (10.00 queued, restated 12.00: `.r1` +2.00 staged), but after the sink refused the
+/// original and took `.r1`, a replay with mapping files that no longer map the line held it as
+/// `unmapped` (it keeps its body at 10.00; no payload). The provider restates the line at 15.00.
+/// The held original is not restaged with its whole new content (15.00 on top of `.r1`'s
+/// 2.00, billed 17.00): there is nothing of it to send, and what its change adds cannot be
+/// measured against a value it no longer has, so the change waits for a person, and the line
+/// stays billed 2.00. Once the mapping maps it again, `replay` sends the original from its
+/// body: 10.00 + 2.00, what went out before the change, which the person then resolves.
+#[tokio::test]
+async fn an_unmapped_original_with_a_delivered_correction_restated_is_left_to_a_person() {
+    use billsync::sinks::Outcome;
+    let dir = tempfile::tempdir().unwrap();
+    let p = cost_pipeline(&dir, "amount").await;
+    let path = p.ledger.path().to_path_buf();
+    let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+    assert_eq!(stage_line(&p, run, instance_line("10.00")).await.new, 1);
+    assert_eq!(
+        stage_line(&p, run, instance_line("12.00"))
+            .await
+            .corrections,
+        1
+    );
+    p.ledger
+        .ack(
+            run,
+            &[
+                (1, Outcome::Rejected("refused for good".into())),
+                (2, Outcome::Delivered),
+            ],
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let replay = |status| ReplayOptions {
+        filter: RecordFilter::status(status),
+        dry_run: false,
+        reason: "test".into(),
+        now: None,
+    };
+    unmapping_pipeline(&dir)
+        .await
+        .replay(&replay(Status::Rejected))
+        .await
+        .unwrap();
+    assert_eq!(ledger_rows(&path).await[0].1, "unmapped");
+
+    let c = stage_line(&p, run, instance_line("15.00")).await;
+    let rows = ledger_rows(&path).await;
+    assert_eq!(billed(&rows), Decimal::from(2), "{rows:?}");
+    assert_eq!(
+        (c.restaged, c.corrections, c.changed_after_send),
+        (0, 0, 1),
+        "{c:?}"
+    );
+    assert_eq!(rows[0].1, "unmapped", "{rows:?}");
+    let open = p.ledger.open_changes(None).await.unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0].record, 1);
+
+    p.replay(&replay(Status::Unmapped)).await.unwrap();
+    let rows = ledger_rows(&path).await;
+    assert_eq!(billed(&rows), Decimal::from(12), "{rows:?}");
+}
+
+/// A source pushing provisional lines sent one at 10.00 (not final yet), restated at 12.00
+/// (`.r1` +2.00, delivered); the sink refused the original, and a replay after the source
+/// stopped pushing provisional lines held it as `provisional` (its body at 10.00, its payload
+/// kept). The provider then closes the line at 15.00. The original goes out as it was, now
+/// that its content is final, and the change as a further correction: 10.00 + 2.00 + 3.00,
+/// not 15.00 on top of `.r1`.
+#[tokio::test]
+async fn a_provisional_original_with_a_delivered_correction_goes_out_as_it_was_once_final() {
+    use billsync::sinks::Outcome;
+    let dir = tempfile::tempdir().unwrap();
+    let p = cost_pipeline(&dir, "amount").await;
+    let path = p.ledger.path().to_path_buf();
+    let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+    let stage = async |cost: &str, is_final: bool| {
+        let mut line = instance_line(cost);
+        line.is_final = is_final;
+        let row = p.stage_row(line, true);
+        let correct = |row: &billsync::ledger::StageRow, sent: &billsync::ledger::SentState| {
+            p.correction(row, sent)
+        };
+        p.ledger
+            .stage(run, &[row], None, Utc::now(), &correct)
+            .await
+            .unwrap()
+    };
+    assert_eq!(stage("10.00", false).await.new, 1);
+    assert_eq!(stage("12.00", false).await.corrections, 1);
+    p.ledger
+        .ack(
+            run,
+            &[
+                (1, Outcome::Rejected("refused for good".into())),
+                (2, Outcome::Delivered),
+            ],
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    p.replay(&ReplayOptions {
+        filter: RecordFilter::status(Status::Rejected),
+        dry_run: false,
+        reason: "test".into(),
+        now: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(ledger_rows(&path).await[0].1, "provisional");
+
+    let c = stage("15.00", true).await;
+    let rows = ledger_rows(&path).await;
+    assert_eq!(billed(&rows), Decimal::from(15), "{rows:?}");
+    assert_eq!((c.restaged, c.corrections), (1, 1), "{c:?}");
+    assert_eq!(
+        (rows[0].1.as_str(), value(&rows[0])),
+        ("pending", Decimal::from(10)),
+        "{rows:?}"
+    );
 }

@@ -1841,3 +1841,87 @@ async fn a_refused_further_adjustment_replayed_after_its_month_was_settled_again
     assert_eq!(after.sent, 0, "{after:?}");
     assert_eq!(lago_total(&w.lago, from, to), dec("50"));
 }
+
+/// October's adjustment `A` is queued (staged, not pushed yet) when the sink refuses one of
+/// the month's records: the month is settled again, and `A`'s change is staged as its
+/// correction `A.r1` (a queued payload is never rewritten). Lago then refuses `A` for good but
+/// takes `A.r1`, and refuses a second record; the month is settled once more. `A` must not be
+/// rewritten with the whole new adjustment (Lago would bill it on top of `A.r1`): the change
+/// goes out as `A.r2`, `A` is sent again as it was, and October costs its minimum.
+#[tokio::test]
+async fn a_refused_adjustment_whose_correction_went_out_is_corrected_when_its_month_changes() {
+    use billsync::sinks::Outcome;
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    let staged = |h| SyncOptions {
+        now: Some(at(2026, 11, 3, h, 0)),
+        skip_push: true,
+        ..Default::default()
+    };
+    let s = w.pipeline().await.sync(&staged(0)).await.unwrap();
+    assert_eq!(s.period_adjustments, 1, "{s:?}");
+    let p = w.pipeline().await;
+    let pending = |provider: &str| {
+        let mut f = RecordFilter::status(Status::Pending);
+        f.provider = Some(provider.into());
+        f
+    };
+    let records = p
+        .ledger
+        .records_matching(&pending("jelastic"), 0, 2)
+        .await
+        .unwrap();
+    let adj = p
+        .ledger
+        .records_matching(&pending("period"), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!((records.len(), adj.len()), (2, 1));
+    let adj = adj[0].key.clone();
+    let run = p
+        .ledger
+        .start_run("test", at(2026, 11, 3, 0, 30))
+        .await
+        .unwrap();
+    p.ledger
+        .ack(
+            run,
+            &[(records[0].id, Outcome::Rejected("refused".into()))],
+            at(2026, 11, 3, 0, 30),
+        )
+        .await
+        .unwrap();
+    w.pipeline().await.sync(&staged(1)).await.unwrap();
+    assert_eq!(
+        p.ledger
+            .existing(&[format!("{adj}.r1").as_str()])
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the queued adjustment's change is its correction"
+    );
+
+    w.lago.reject_transaction(adj.clone());
+    w.lago.reject_transaction(records[1].key.clone());
+    let pushed = sync_allowing_rejections(&w, at(2026, 11, 3, 2, 0)).await;
+    assert_eq!(pushed.rejected, 2, "{pushed:?}");
+    assert_eq!(w.lago.count(&format!("{adj}.r1")), 1);
+
+    w.lago.clear_faults();
+    let resettled = sync_allowing_rejections(&w, at(2026, 11, 3, 3, 0)).await;
+    assert_eq!(resettled.rejected, 0, "{resettled:?}");
+    assert_eq!(
+        lago_total(&w.lago, from, to),
+        dec("50"),
+        "October costs its minimum: {:?}",
+        adjustments(&w.lago)
+            .iter()
+            .map(|e| (e.transaction_id.clone(), amount(e)))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(w.lago.count(&format!("{adj}.r2")), 1, "{resettled:?}");
+    let again = sync_allowing_rejections(&w, at(2026, 11, 3, 4, 0)).await;
+    assert_eq!((again.sent, again.period_adjustments), (0, 0), "{again:?}");
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+}

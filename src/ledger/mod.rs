@@ -336,11 +336,13 @@ pub struct StageCounts {
     pub new: u64,
     /// Seen before with the same content: nothing to do.
     pub unchanged: u64,
-    /// Seen before, never offered to a sink (held), with new content: restaged in place.
+    /// Seen before, never offered to a sink (held), with new content: restaged in place; or
+    /// held with corrections (refused, or provisional and now final) and queued again as it
+    /// was, its change corrected.
     pub restaged: u64,
-    /// Ids of the records restaged in place that are now pending (a provisional record that
-    /// became final, an unmapped one that maps now): they keep their old, lower ids, which a
-    /// pusher walking pending records by id may have gone past. Not summed by [`Self::add`]:
+    /// Ids of the records restaged in place (or queued again) that are now pending (a
+    /// provisional record that became final, an unmapped one that maps now): they keep their
+    /// old, lower ids, which a pusher walking pending records by id may have gone past. Not summed by [`Self::add`]:
     /// the caller takes them.
     pub restaged_pending: Vec<i64>,
     /// Seen before, pending or sent, with new content that needs a person: kept as unresolved.
@@ -1045,10 +1047,13 @@ impl Ledger {
     /// A key seen before with the same content (content hash and match hash: see
     /// [`KnownRecord::holds`]) is a no-op; with different content it is
     /// restaged in place while held (unmapped, ignored, provisional, rejected: never offered to
-    /// a sink). Once pending or sent, its frozen payload is never overwritten (a pending one may
-    /// be at the sink already): `correct` decides, from what was sent or goes out so far,
-    /// whether a correction record carrying the difference is staged beside it (same
-    /// transaction), or there is nothing to send, or a person must resolve the change.
+    /// a sink, or refused by it) and without corrections. Once pending or sent, its frozen
+    /// payload is never overwritten (a pending one may be at the sink already): `correct`
+    /// decides, from what was sent or goes out so far, whether a correction record carrying the
+    /// difference is staged beside it (same transaction), or there is nothing to send, or a
+    /// person must resolve the change. So does a held record with corrections (queued when it
+    /// changed, refused or re-mapped since), whose value its corrections were measured
+    /// against; a refused one is queued again as it was.
     pub async fn stage(
         &self,
         run_id: i64,
@@ -1177,6 +1182,21 @@ impl Ledger {
                 }
                 continue;
             }
+            // A held record with corrections (it was queued when it changed, and refused or
+            // re-mapped since): they carry differences measured against its value, and `replay`
+            // counts on that value (it sends a refused original again from its frozen body,
+            // and re-derives a refused correction as the latest content minus the original and
+            // the corrections that went out). Rewritten in place with its whole new content,
+            // the line would be billed that plus the corrections that went out, and a refused
+            // one replayed would be measured against content it was not derived from. So it is
+            // treated as a queued record: the change goes out as a further correction (or
+            // waits for a person), and a refused original is queued again as it was (below).
+            let chained = match known.get(&row.key) {
+                Some(k) if !k.holds(row) && !matches!(k.status, Status::Sent | Status::Pending) => {
+                    has_corrections(&mut tx, k.id).await?
+                }
+                _ => false,
+            };
             match known.get(&row.key) {
                 None => {
                     insert_at.insert(&row.key, inserts.len());
@@ -1192,8 +1212,9 @@ impl Ledger {
                 // delivery whose answer was lost, or a crash before its acknowledgement) under
                 // the record's key, which the sink would refuse to take again with new content.
                 // So its payload is frozen as a sent one is, and a change goes out as a
-                // correction; only what no sink was ever offered is restaged in place.
-                Some(k) if matches!(k.status, Status::Sent | Status::Pending) => {
+                // correction; only what no sink was ever offered (or what it refused) is
+                // restaged in place, unless it has corrections (`chained`).
+                Some(k) if matches!(k.status, Status::Sent | Status::Pending) || chained => {
                     let (id, original) = (k.id, k.status);
                     let sent = sent_state(&mut tx, id, None).await?;
                     let decision = correct(row, &sent);
@@ -1245,7 +1266,28 @@ impl Ledger {
                         difference,
                         note,
                     });
-                    known.insert(row.key.clone(), KnownRecord::of(id, original, row));
+                    // A refused original with corrections goes out again as it was (a refused
+                    // record with new content is tried again), and so does a provisional one
+                    // once its content is final: with its corrections, what goes out adds up to
+                    // the latest content (or to what was sent, for a change left to a person).
+                    // An unmapped or ignored one has no payload: `replay` sends it from its
+                    // frozen body (and its change waits for a person: it maps to nothing sent).
+                    let requeue = original == Status::Rejected
+                        || (original == Status::Provisional && row.status == Status::Pending);
+                    let status =
+                        if requeue && requeue_as_it_was(&mut tx, id, run_id, &now_s).await? {
+                            counts.restaged += 1;
+                            counts.restaged_pending.push(id);
+                            counts.count_late(row, late_before);
+                            *counts
+                                .by_status
+                                .entry(Status::Pending.as_str())
+                                .or_default() += 1;
+                            Status::Pending
+                        } else {
+                            original
+                        };
+                    known.insert(row.key.clone(), KnownRecord::of(id, status, row));
                 }
                 Some(k) => {
                     let id = k.id;
@@ -3682,6 +3724,38 @@ impl Ledger {
             .map_err(sql("committing a superseded adjustment correction"))?;
         Ok(true)
     }
+}
+
+/// Queue held record `id` (rejected or provisional) again with its frozen payload, in
+/// staging's transaction; `false` if it is not held so or has no payload.
+async fn requeue_as_it_was(
+    conn: &mut sqlx::SqliteConnection,
+    id: i64,
+    run_id: i64,
+    now_s: &str,
+) -> Result<bool, LedgerError> {
+    let done = sqlx::query(
+        "UPDATE records SET status = 'pending', attempts = 0, last_error = NULL, last_run = ?2,
+             updated_at = ?3
+         WHERE id = ?1 AND status IN ('rejected', 'provisional')
+           AND id IN (SELECT id FROM record_bodies WHERE payload IS NOT NULL)",
+    )
+    .bind(id)
+    .bind(run_id)
+    .bind(now_s)
+    .execute(&mut *conn)
+    .await
+    .map_err(sql("re-queueing a held record"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Whether record `id` has corrections (of any status).
+async fn has_corrections(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<bool, LedgerError> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM records WHERE correction_of = ?1)")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(sql("reading the corrections of a record"))
 }
 
 /// Keep share `s` of its group: the group is registered (marked for settlement) and the
