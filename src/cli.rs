@@ -719,17 +719,21 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                     "--utc-offset {utc_offset:?} is not an offset like +09:00"
                 ))
             })?;
-            let settings = Settings::load(&cli.config)?;
-            let pipeline = build_pipeline(&settings, ctx).await?;
-            let report =
-                crate::reconcile::reconcile(&pipeline.ledger, &pipeline.sinks, &period, offset)
-                    .await
-                    .map_err(|e| match e {
-                        crate::reconcile::ReconcileError::Period(_) => {
-                            anyhow::Error::new(ConfigError(e.to_string()))
-                        }
-                        other => anyhow::Error::new(other),
-                    })?;
+            // Only the ledger and the sinks it reads back: it pulls and maps nothing, so it
+            // needs no provider secret nor mapping file. It only reads the ledger, so it neither
+            // creates one (a wrong path would reconcile an empty month) nor upgrades one (the
+            // CronJob's older image would then refuse it).
+            let settings = Settings::load_for_reconcile(&cli.config)?;
+            let sinks = build_sinks(&settings.sinks, None)?;
+            let ledger = Ledger::open_existing(&settings.ledger.path).await?;
+            let report = crate::reconcile::reconcile(&ledger, &sinks, &period, offset)
+                .await
+                .map_err(|e| match e {
+                    crate::reconcile::ReconcileError::Period(_) => {
+                        anyhow::Error::new(ConfigError(e.to_string()))
+                    }
+                    other => anyhow::Error::new(other),
+                })?;
             match format {
                 ReportFormat::Csv => print!("{}", crate::reconcile::to_csv(&report)),
                 ReportFormat::Table => print!("{}", crate::reconcile::to_table(&report)),
@@ -1240,36 +1244,7 @@ pub async fn build_pipeline_for(
     if providers.is_empty() {
         return Err(ConfigError("no provider is configured (`providers:`)".into()).into());
     }
-    let default = settings.default_sink_name().unwrap_or_default().to_string();
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    for (name, s) in &settings.sinks {
-        let sink: Box<dyn Sink> = match s {
-            SinkSettings::Lago(cfg) => Box::new(
-                LagoSink::new(name.clone(), cfg.clone()).map_err(|e| ConfigError(e.to_string()))?,
-            ),
-            SinkSettings::Stripe(cfg) => Box::new(
-                StripeSink::new(name.clone(), cfg.clone())
-                    .map_err(|e| ConfigError(e.to_string()))?,
-            ),
-            SinkSettings::Webhook(cfg) => Box::new(
-                crate::sinks::webhook::WebhookSink::new(name.clone(), cfg.clone())
-                    .map_err(|e| ConfigError(e.to_string()))?,
-            ),
-            SinkSettings::Jsonl(cfg) => Box::new(
-                crate::sinks::jsonl::JsonlSink::new(name.clone(), cfg.clone())
-                    .map_err(|e| ConfigError(e.to_string()))?,
-            ),
-            SinkSettings::Focus(cfg) => Box::new(
-                crate::sinks::focus::FocusSink::new(name.clone(), cfg.clone())
-                    .map_err(|e| ConfigError(e.to_string()))?,
-            ),
-        };
-        if *name == default {
-            sinks.insert(0, sink);
-        } else {
-            sinks.push(sink);
-        }
-    }
+    let sinks = build_sinks(&settings.sinks, settings.default_sink_name())?;
     let path = &settings.ledger.path;
     let ledger = if !dry_run {
         Ledger::open(path).await
@@ -1301,6 +1276,43 @@ pub async fn build_pipeline_for(
         .collect();
     pipeline.progress = observe::progress(ctx.json_logs);
     Ok(pipeline)
+}
+
+/// The configured sinks, the default one (rules that name no sink) first.
+fn build_sinks(
+    settings: &std::collections::BTreeMap<String, SinkSettings>,
+    default: Option<&str>,
+) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    for (name, s) in settings {
+        let sink: Box<dyn Sink> = match s {
+            SinkSettings::Lago(cfg) => Box::new(
+                LagoSink::new(name.clone(), cfg.clone()).map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Stripe(cfg) => Box::new(
+                StripeSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Webhook(cfg) => Box::new(
+                crate::sinks::webhook::WebhookSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Jsonl(cfg) => Box::new(
+                crate::sinks::jsonl::JsonlSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+            SinkSettings::Focus(cfg) => Box::new(
+                crate::sinks::focus::FocusSink::new(name.clone(), cfg.clone())
+                    .map_err(|e| ConfigError(e.to_string()))?,
+            ),
+        };
+        if Some(name.as_str()) == default {
+            sinks.insert(0, sink);
+        } else {
+            sinks.push(sink);
+        }
+    }
+    Ok(sinks)
 }
 
 /// Warn about records of Stripe sinks that approach Stripe's backdating limit (35 days by

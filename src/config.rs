@@ -109,6 +109,15 @@ pub struct MappingSettings {
     pub sinks: Vec<String>,
 }
 
+/// The part of the settings `reconcile` reads ([`Settings::load_for_reconcile`]).
+#[derive(Debug)]
+pub struct ReconcileSettings {
+    /// Where the ledger lives.
+    pub ledger: LedgerSettings,
+    /// The sinks to read back, by name.
+    pub sinks: std::collections::BTreeMap<String, SinkSettings>,
+}
+
 /// The whole settings file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -449,6 +458,24 @@ impl Settings {
         Ok(MappingSettings {
             mappings: only.mappings,
             sinks: only.sinks.into_keys().collect(),
+        })
+    }
+
+    /// What `reconcile` needs: the ledger and the sinks (their secrets resolved), read like
+    /// [`Settings::load`] but without resolving the providers' secrets nor judging the sections
+    /// it does not use: it pulls and maps nothing, so a shell with only the invoicing system's
+    /// key can run it.
+    pub fn load_for_reconcile(path: &std::path::Path) -> Result<ReconcileSettings, SettingsError> {
+        #[derive(Deserialize)]
+        struct Only {
+            ledger: LedgerSettings,
+            #[serde(default)]
+            sinks: std::collections::BTreeMap<String, SinkSettings>,
+        }
+        let only: Only = Self::read(path)?;
+        Ok(ReconcileSettings {
+            ledger: only.ledger,
+            sinks: only.sinks,
         })
     }
 

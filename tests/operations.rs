@@ -1303,3 +1303,135 @@ async fn a_run_that_fails_with_an_error_still_pushes_its_outcome_but_no_last_suc
         );
     }
 }
+
+/// `reconcile` only reads the ledger. Pointed at a path where there is none (a typo in
+/// `ledger.path`, a volume not mounted, `BILLSYNC__LEDGER__PATH` left from another shell) while
+/// Lago holds the month's events, it used to create an empty ledger there, find nothing to
+/// compare and say "every difference is explained" with exit 0: the check before invoices close
+/// passed on nothing. Like `status`, it now fails naming the file, and creates nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_of_a_missing_ledger_fails_naming_it_and_creates_nothing() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    assert_eq!(run(&cfg, &["sync"]).await.status.code(), Some(4));
+    assert!(!world.lago.events().is_empty());
+    let elsewhere = world.dir.path().join("nowhere");
+    let ledger = elsewhere.join("ledger.db");
+    let out = finish(
+        command(&cfg, &["reconcile", "--period", "2026-10"])
+            .env("BILLSYNC__LEDGER__PATH", &ledger)
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    let output = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{output}");
+    assert!(
+        output.contains(&ledger.display().to_string()) && output.contains("does not exist"),
+        "names the missing ledger: {output}"
+    );
+    assert!(
+        !output.contains("every difference is explained"),
+        "{output}"
+    );
+    assert!(!elsewhere.exists(), "created {}", elsewhere.display());
+}
+
+/// Only `sync` and `replay` upgrade a ledger's schema. A newer image's `reconcile` run beside
+/// the CronJob's older image used to migrate the ledger, after which the older image refused it
+/// (exit 2 every hour, nothing billed until the rollout). Like `status`, it now refuses a ledger
+/// of an older schema with exit 2 and leaves it at its schema.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_of_a_ledger_of_an_older_schema_exits_2_and_does_not_upgrade_it() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let path = world.dir.path().join("ledger").join("ledger.db");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // The first schema only: the ledger of an older billsync.
+    let first_only = world.dir.path().join("first-migration");
+    std::fs::create_dir(&first_only).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/0001_ledger.sql"),
+        first_only.join("0001_ledger.sql"),
+    )
+    .unwrap();
+    let pool = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await
+    .unwrap();
+    sqlx::migrate::Migrator::new(first_only.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    let version = || async {
+        sqlx::query_scalar::<_, i64>("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(version().await, 1);
+    let out = run(&cfg, &["reconcile", "--period", "2026-10"]).await;
+    let output = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{output}");
+    assert!(output.contains("this billsync knows up to"), "{output}");
+    assert_eq!(version().await, 1, "reconcile upgraded the ledger");
+    pool.close().await;
+}
+
+/// `reconcile` reads the ledger and reads back the sinks; it pulls nothing and maps nothing.
+/// Run where only the invoicing system's key is at hand (a billing engineer's shell, a
+/// read-only Job without the providers' secrets or the mapping files), it used to fail on the
+/// first provider secret it could not resolve (exit 2). It now needs only the ledger and the
+/// sinks' settings.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_needs_neither_the_providers_secrets_nor_the_mapping_files() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    assert_eq!(run(&cfg, &["sync"]).await.status.code(), Some(4));
+    std::fs::remove_dir_all(world.dir.path().join("mappings")).unwrap();
+    let out = finish(
+        command(&cfg, &["reconcile", "--period", "2026-10"])
+            .env_remove("TEST_MS_KEY")
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    let output = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{output}");
+    assert!(output.contains("every difference is explained"), "{output}");
+}
+
+/// Records sent to a sink the settings no longer configure (renamed `lago` → `lago_eu`, same
+/// Lago) cannot be read back. `reconcile` used to skip them silently and exit 0, even with an
+/// event Lago had lost meanwhile. It now reports a read-back error naming the sink and how many
+/// sent records were not read back, and exits 7.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_of_records_sent_to_a_sink_no_longer_configured_is_a_difference() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    assert_eq!(run(&cfg, &["sync"]).await.status.code(), Some(4));
+    let sent = world.lago.events().len();
+    let lost = world.lago.events()[0].transaction_id.clone();
+    world.lago.delete_event(&lost);
+    let settings = std::fs::read_to_string(&cfg).unwrap();
+    assert!(settings.contains("\n  lago:\n"));
+    std::fs::write(&cfg, settings.replace("\n  lago:\n", "\n  lago_eu:\n")).unwrap();
+    let out = run(&cfg, &["reconcile", "--period", "2026-10"]).await;
+    let output = text(&out);
+    assert_eq!(out.status.code(), Some(7), "{output}");
+    assert!(
+        output.contains(&format!(
+            "sink lago of {sent} sent records is not configured: not read back"
+        )),
+        "{output}"
+    );
+    assert!(
+        !output.contains("every difference is explained"),
+        "{output}"
+    );
+}

@@ -685,8 +685,8 @@ impl Ledger {
     }
 
     /// Open a ledger that must exist already, for commands that only read it or move a cursor
-    /// (`status`, `ledger export`, `ledger set-cursor`, `explain --id`): a missing file is
-    /// [`LedgerError::Missing`] and nothing is created; a ledger of an older schema is
+    /// (`status`, `reconcile`, `ledger export`, `ledger set-cursor`, `explain --id`): a missing
+    /// file is [`LedgerError::Missing`] and nothing is created; a ledger of an older schema is
     /// [`LedgerError::Older`] and is not upgraded (an older billsync, the one that runs the
     /// syncs, would then refuse it).
     pub async fn open_existing(path: &Path) -> Result<Ledger, LedgerError> {
