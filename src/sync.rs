@@ -1013,7 +1013,8 @@ impl Pipeline {
         // cannot go out: this record waits for a person, the others go on.
         let beyond = |what: &str, now: Decimal, then: Decimal| {
             Correction::Unresolved(format!(
-                "{} changed after it was sent or queued for sending, and the difference of its                  {what} ({now} − {then}) is beyond the range of a decimal: resolve by hand",
+                "{} changed after it was sent or queued for sending, and the difference of its \
+                 {what} ({now} − {then}) is beyond the range of a decimal: resolve by hand",
                 sent.key
             ))
         };
@@ -2804,8 +2805,9 @@ impl Pipeline {
             }
             let steps = vec![
                 format!("period {} of {} {}", g.label, g.subscription, g.metric),
-                "no record of the month is at the sink or on its way any more (refused, or \
-                 billed elsewhere): the month totals 0 and its adjustment is taken back"
+                "no record of the month is at the sink or on its way any more (refused by the \
+                 sink, or no longer billed here): the month totals 0 and its adjustment is \
+                 taken back"
                     .to_string(),
             ];
             return Ok(self.adjustment(
