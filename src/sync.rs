@@ -1009,11 +1009,32 @@ impl Pipeline {
         let Some(sink) = self.sink(row.mapped.sink.as_deref()) else {
             return Correction::Unresolved(format!("sink {:?} is not configured", row.mapped.sink));
         };
-        let difference = new_value - sent.sent_total;
+        // A difference beyond a decimal's range (a huge charge restated as the equal credit)
+        // cannot go out: this record waits for a person, the others go on.
+        let beyond = |what: &str, now: Decimal, then: Decimal| {
+            Correction::Unresolved(format!(
+                "{} changed after it was sent or queued for sending, and the difference of its \
+                 {what} ({now} − {then}) is beyond the range of a decimal: resolve by hand",
+                sent.key
+            ))
+        };
+        let Some(difference) = new_value.checked_sub(sent.sent_total) else {
+            return beyond("value", new_value, sent.sent_total);
+        };
+        let Some(cost) = row.record.billed_cost.checked_sub(sent_cost) else {
+            return beyond("billed_cost", row.record.billed_cost, sent_cost);
+        };
+        let Some(quantity) = row.record.consumed_quantity.checked_sub(sent_quantity) else {
+            return beyond(
+                "consumed_quantity",
+                row.record.consumed_quantity,
+                sent_quantity,
+            );
+        };
         // The whole record (raw fields too): the correction's body is kept for audit.
         let mut delta = full.into_owned();
-        delta.billed_cost = row.record.billed_cost - sent_cost;
-        delta.consumed_quantity = row.record.consumed_quantity - sent_quantity;
+        delta.billed_cost = cost;
+        delta.consumed_quantity = quantity;
         // Lago, Stripe, webhook and JSON Lines carry only the mapped value; the FOCUS export
         // carries cost and quantity as well.
         let carries_record = sink.kind() == "focus";
@@ -2360,7 +2381,13 @@ impl Pipeline {
             revision: 0,
             body: None,
         };
-        let basis = self.ledger.correction_basis(stored.id).await?;
+        let basis = match self.ledger.correction_basis(stored.id).await {
+            // What went out for its original adds up beyond a decimal's range.
+            Err(e @ LedgerError::Overflow { .. }) => {
+                return Ok((held(Status::Unmapped, e.to_string()), false))
+            }
+            other => other?,
+        };
         let Some((sent, Some(latest))) = basis.map(|b| (b.sent, b.latest)) else {
             return Ok((
                 held(
@@ -2426,6 +2453,25 @@ enum Settlement {
         total: rust_decimal::Decimal,
         row: Option<Box<StageRow>>,
     },
+}
+
+/// How a month's adjustment goes out: as the month's records went (rule, customer and event
+/// property of one of them, the month's currency), or, to take it back, as it went itself.
+struct GoesOut<'a> {
+    rule: Option<&'a str>,
+    customer: Option<&'a str>,
+    value_property: Option<&'a str>,
+    currency: &'a str,
+    timestamp: DateTime<Utc>,
+}
+
+/// Why a month whose adjustment has a change waiting for a person is not settled.
+fn adjustment_waits(key: &str) -> String {
+    format!(
+        "its adjustment {key} changed after it was sent and the change cannot go out: it waits \
+         for a person (`billsync ledger changes`, then `billsync ledger resolve`); the month is \
+         not settled until then (looked at again every run)"
+    )
 }
 
 /// The group of a share: (sink, subscription, metric, month) and its adjustment's key.
@@ -2603,7 +2649,14 @@ impl Pipeline {
                         let staged = c.new + c.restaged + c.corrections;
                         summary.period_adjustments += staged;
                         if c.changed_after_send > 0 {
+                            // The settlement did not go out: the month is not settled.
+                            let note = adjustment_waits(&g.adjustment_key);
+                            warn!(group = %label, %note, "period cannot be settled");
                             summary.period_problems += 1;
+                            self.ledger
+                                .finish_period_group(&g.group_key, run_id, now, None, Some(&note))
+                                .await?;
+                            continue;
                         }
                         info!(group = %label, %total, staged, "period settled");
                     }
@@ -2772,16 +2825,51 @@ impl Pipeline {
                 )));
             }
         }
-        let known = self.ledger.existing(&[g.adjustment_key.as_str()]).await?;
+        let known = self.ledger.adjustment_as_sent(&g.adjustment_key).await?;
+        // A change of the adjustment waits for a person: the sink does not hold what the month
+        // was last settled at, so it is not settled until the change is resolved.
+        if known.as_ref().is_some_and(|a| a.open_change) {
+            return Ok(Settlement::Problem(adjustment_waits(&g.adjustment_key)));
+        }
         if counted.is_empty() {
-            if known.is_empty() {
+            let Some(sent) = known else {
                 return Ok(Settlement::Settle {
                     total: Decimal::ZERO,
                     row: None,
                 });
+            };
+            // Every record left the month after an adjustment was staged: take it back, as it
+            // went out (its property, customer, rule and currency: a correction under another
+            // property would not be added to it), at the month's latest record.
+            let latest = members
+                .iter()
+                .map(|m| m.charge_period_start)
+                .max()
+                .unwrap_or(g.start);
+            let mut attributes = BTreeMap::new();
+            for name in ["period_total", "records_total", "tier_base", "adjustment"] {
+                attributes.insert(name.into(), "0".into());
             }
-            // Every record left the month after an adjustment was staged: take it back.
-            return Ok(self.adjustment(g, None, BTreeMap::new(), Decimal::ZERO, Vec::new()));
+            let steps = vec![
+                format!("period {} of {} {}", g.label, g.subscription, g.metric),
+                "no record of the month is at the sink or on its way any more (refused by the \
+                 sink, or no longer billed here): the month totals 0 and its adjustment is \
+                 taken back"
+                    .to_string(),
+            ];
+            return Ok(self.adjustment(
+                g,
+                GoesOut {
+                    rule: sent.rule.as_deref(),
+                    customer: sent.customer.as_deref(),
+                    value_property: sent.value_property.as_deref(),
+                    currency: sent.billing_currency.as_deref().unwrap_or_default(),
+                    timestamp: latest,
+                },
+                attributes,
+                Decimal::ZERO,
+                steps,
+            ));
         }
         // The monthly parts are those of the rule of the month's latest record: a mapping change
         // during the month (a new minimum, new tiers) applies to the whole month's total, while
@@ -2811,15 +2899,23 @@ impl Pipeline {
             )));
         }
         let older_rules = specs.iter().filter(|s| **s != spec).count();
-        let shares: Vec<(Decimal, Decimal)> = counted
-            .iter()
-            .map(|(m, r)| (m.base, r.value + r.corrections))
-            .collect();
+        let mut shares: Vec<(Decimal, Decimal)> = Vec::with_capacity(counted.len());
+        for (m, r) in &counted {
+            // What the sink holds of it, beyond a decimal's range: the month cannot be priced.
+            let Some(value) = r.corrections.and_then(|c| r.value.checked_add(c)) else {
+                return Ok(Settlement::Problem(format!(
+                    "{}: its value plus its corrections is beyond the range of a decimal; \
+                     settle the month in the invoicing system by hand",
+                    m.key
+                )));
+            };
+            shares.push((m.base, value));
+        }
         let price = match crate::mapping::period::settle(&spec, &shares) {
             Ok(p) => p,
             Err(e) => return Ok(Settlement::Problem(e)),
         };
-        if price.adjustment.is_zero() && known.is_empty() {
+        if price.adjustment.is_zero() && known.is_none() {
             return Ok(Settlement::Settle {
                 total: price.total,
                 row: None,
@@ -2857,10 +2953,19 @@ impl Pipeline {
         );
         attributes.insert("tier_base".into(), price.tier_base.to_compact_string());
         attributes.insert("adjustment".into(), price.adjustment.to_compact_string());
+        let first = records.first();
         Ok(
             match self.adjustment(
                 g,
-                Some((&spec, latest, &records)),
+                GoesOut {
+                    rule: first.and_then(|r| r.rule.as_deref()),
+                    customer: first.and_then(|r| r.customer.as_deref()),
+                    value_property: first.and_then(|r| r.value_property.as_deref()),
+                    currency: &spec.currency,
+                    // In the month, at its latest record, so it lands in the same billing
+                    // period and stays within a sink's backdating window as long as possible.
+                    timestamp: latest,
+                },
                 attributes,
                 price.adjustment,
                 steps,
@@ -2879,18 +2984,11 @@ impl Pipeline {
     fn adjustment(
         &self,
         g: &PeriodGroupRow,
-        context: Option<(
-            &PeriodSpec,
-            DateTime<Utc>,
-            &[&crate::ledger::PeriodMemberRecord],
-        )>,
+        goes_out: GoesOut<'_>,
         attributes: BTreeMap<crate::record::Name, Text>,
         value: Decimal,
         steps: Vec<String>,
     ) -> Settlement {
-        let currency = context
-            .map(|(s, _, _)| s.currency.clone())
-            .unwrap_or_default();
         let mut record = adjustment_record(
             &g.sink,
             &g.subscription,
@@ -2898,7 +2996,7 @@ impl Pipeline {
             g.start,
             g.end,
             &g.label,
-            &currency,
+            goes_out.currency,
         );
         record.charge_description = Some(compact_str::format_compact!(
             "period adjustment of {} {} {}",
@@ -2913,25 +3011,16 @@ impl Pipeline {
         let Some(sink) = self.sink(Some(&g.sink)) else {
             return Settlement::Problem(format!("sink {:?} is not configured", g.sink));
         };
-        let first = context.and_then(|(_, _, r)| r.first().copied());
         let event = crate::mapping::MappedEvent {
-            rule: first
-                .and_then(|r| r.rule.as_deref())
-                .unwrap_or(PERIOD_PROVIDER)
-                .into(),
+            rule: goes_out.rule.unwrap_or(PERIOD_PROVIDER).into(),
             sink: Some(g.sink.as_str().into()),
             external_subscription_id: g.subscription.as_str().into(),
-            external_customer_id: first.and_then(|r| r.customer.as_deref()).map(Text::from),
+            external_customer_id: goes_out.customer.map(Text::from),
             metric_code: g.metric.as_str().into(),
-            value_property: first
-                .and_then(|r| r.value_property.as_deref())
-                .unwrap_or("value")
-                .into(),
+            value_property: goes_out.value_property.unwrap_or("value").into(),
             value,
             properties: BTreeMap::new(),
-            // In the month, at its latest record, so it lands in the same billing period and
-            // stays within a sink's backdating window as long as possible.
-            timestamp: context.map_or(g.start, |(_, latest, _)| latest),
+            timestamp: goes_out.timestamp,
         };
         let payload = match sink.encode_record(&key, &event, &record) {
             Ok(p) => p,

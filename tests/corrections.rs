@@ -1792,3 +1792,186 @@ async fn a_provisional_original_with_a_delivered_correction_goes_out_as_it_was_o
         "{rows:?}"
     );
 }
+
+// ----- amounts beyond a decimal's range ----------------------------------------------------
+
+/// A Lago pipeline (nothing is pushed) billing MetalSoft lines at cost + 10 % under `amount`.
+async fn cost_plus_ten(path: &std::path::Path) -> Pipeline {
+    Pipeline::new(
+        Ledger::open(path).await.unwrap(),
+        Vec::new(),
+        vec![Box::new(
+            LagoSink::new(
+                "lago".into(),
+                LagoConfig {
+                    api_url: "http://127.0.0.1:9".into(),
+                    api_key: Secret::new("k"),
+                    batch_size: 10,
+                    timeout: Duration::from_secs(1),
+                    retry: retry(),
+                },
+            )
+            .unwrap(),
+        )],
+        MappingSet::from_sources(&[(
+            "cost.yaml".to_string(),
+            "version: 1
+customers:
+  - match: { provider: metalsoft }
+    external_subscription_id: sub_acme
+rules:
+  - name: cost
+    match: { provider: metalsoft }
+    metric: resale_cost
+    property: amount
+    value: { cost: { markup_percent: 10 } }
+"
+            .to_string(),
+        )])
+        .unwrap(),
+    )
+}
+
+/// Stage `lines` (one page) into `p`'s ledger, corrections decided by `p`.
+async fn stage_lines(
+    p: &Pipeline,
+    lines: Vec<billsync::record::UsageRecord>,
+) -> billsync::ledger::StageCounts {
+    let rows: Vec<_> = lines.into_iter().map(|l| p.stage_row(l, false)).collect();
+    let correct = |row: &billsync::ledger::StageRow, sent: &billsync::ledger::SentState| {
+        p.correction(row, sent)
+    };
+    let run = p.ledger.start_run("test", at(2026, 11, 1)).await.unwrap();
+    p.ledger
+        .stage(run, &rows, None, at(2026, 11, 1), &correct)
+        .await
+        .unwrap()
+}
+
+/// Another MetalSoft line than [`instance_line`] (another instance).
+fn other_line(cost: &str) -> billsync::record::UsageRecord {
+    let mut line = instance_line(cost);
+    line.resource_id = "2417".into();
+    line.natural_key = vec![("instance".into(), "2417".into())];
+    line
+}
+
+/// Providers accept amounts up to a decimal's limit (about 7.9 × 10^28). A line sent (queued)
+/// at 5 × 10^28 and restated as the equal credit differs by 1.1 × 10^29 once marked up, beyond
+/// that limit: the difference cannot be computed, let alone sent. The change waits for a
+/// person, with a reason naming the record, and the other line of the same page is corrected
+/// as usual; nothing panics (a panic here would stop every run, and billing for every
+/// customer, for as long as the provider reports the line).
+#[tokio::test]
+async fn a_restatement_beyond_a_decimals_range_waits_for_a_person_and_the_page_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = cost_plus_ten(&dir.path().join("ledger.db")).await;
+    let huge = instance_line("50000000000000000000000000000");
+    let key = p.stage_row(huge.clone(), false).key;
+    let first = stage_lines(&p, vec![huge.clone(), other_line("10")]).await;
+    assert_eq!(first.new, 2, "{first:?}");
+
+    let mut credit = huge;
+    credit.billed_cost = -credit.billed_cost;
+    let restated = stage_lines(&p, vec![credit, other_line("12")]).await;
+    assert_eq!(
+        (restated.corrections, restated.changed_after_send),
+        (1, 1),
+        "{restated:?}"
+    );
+    let changes = p.ledger.open_changes(None).await.unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    let reason = changes[0].reason.clone().unwrap_or_default();
+    assert_eq!(changes[0].key, key);
+    assert!(reason.contains(&key), "{reason}");
+    assert!(reason.contains("beyond the range of a decimal"), "{reason}");
+    let pending = p
+        .ledger
+        .records_matching(&RecordFilter::status(Status::Pending), 0, 10)
+        .await
+        .unwrap();
+    let correction: Vec<_> = pending
+        .iter()
+        .filter(|r| r.correction_of.is_some())
+        .collect();
+    assert_eq!(correction.len(), 1);
+    assert_eq!(correction[0].record.billed_cost, Decimal::TWO, "12 − 10");
+}
+
+/// What was sent for a line adds up beyond a decimal's range once a correction of it is
+/// refused: sent (queued) at 5.5 × 10^28, corrected by −7.7 × 10^28 and +7.7 × 10^28, and the
+/// sink then refuses the first correction, which no longer counts as sent: the original and
+/// the second correction add up to 1.32 × 10^29. The next change of the line cannot be measured
+/// against that: it waits for a person, with a reason naming the record, `ledger changes`
+/// lists it, and the other line of the page is staged as usual. A replay of the refused
+/// correction (re-derived against what went out without it) holds it as `unmapped` with the
+/// same reason.
+#[tokio::test]
+async fn what_was_sent_adding_up_beyond_a_decimals_range_leaves_the_change_to_a_person() {
+    use billsync::sinks::Outcome;
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = cost_plus_ten(&dir.path().join("ledger.db")).await;
+    let line = |cost: &str| instance_line(cost);
+    let key = p.stage_row(line("1"), false).key;
+    stage_lines(&p, vec![line("50000000000000000000000000000")]).await;
+    let down = stage_lines(&p, vec![line("-20000000000000000000000000000")]).await;
+    let up = stage_lines(&p, vec![line("50000000000000000000000000000")]).await;
+    assert_eq!(
+        (down.corrections, up.corrections),
+        (1, 1),
+        "{down:?} {up:?}"
+    );
+    let r1 = p
+        .ledger
+        .records_matching(&RecordFilter::status(Status::Pending), 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.key == format!("{key}.r1"))
+        .unwrap();
+    let run = p.ledger.start_run("test", at(2026, 11, 1)).await.unwrap();
+    p.ledger
+        .ack(
+            run,
+            &[(r1.id, Outcome::Rejected("refused".into()))],
+            at(2026, 11, 1),
+        )
+        .await
+        .unwrap();
+
+    let replay = |dry_run| ReplayOptions {
+        filter: RecordFilter::status(Status::Rejected),
+        dry_run,
+        reason: "fixed".into(),
+        now: Some(at(2026, 11, 2)),
+    };
+    let plan = p.replay(&replay(true)).await.unwrap();
+    assert!(
+        plan.preview[0].contains("→ unmapped") && plan.preview[0].contains("beyond the range"),
+        "{:?}",
+        plan.preview
+    );
+    p.replay(&replay(false)).await.unwrap();
+    let held = p
+        .ledger
+        .records_matching(&RecordFilter::status(Status::Unmapped), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        held.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        [format!("{key}.r1")]
+    );
+
+    let next = stage_lines(&p, vec![line("1"), other_line("10")]).await;
+    assert_eq!((next.new, next.changed_after_send), (1, 1), "{next:?}");
+    let changes = p.ledger.open_changes(None).await.unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    let reason = changes[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains(&key), "{reason}");
+    assert!(reason.contains("beyond the range of a decimal"), "{reason}");
+    assert_eq!(
+        changes[0].sent_total.as_deref(),
+        Some("beyond the range of a decimal")
+    );
+}

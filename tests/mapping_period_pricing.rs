@@ -15,7 +15,7 @@ use std::time::Duration;
 use billsync::config::Secret;
 use billsync::http::RetryPolicy;
 use billsync::ledger::{Ledger, RecordFilter, Status};
-use billsync::mapping::MappingSet;
+use billsync::mapping::{MappingSet, PeriodSpec};
 use billsync::providers::jelastic::{JelasticConfig, JelasticProvider};
 use billsync::providers::sakura::{Month, SakuraConfig, SakuraProvider};
 use billsync::providers::Provider;
@@ -86,6 +86,11 @@ fn october_cost() -> Decimal {
 }
 
 fn jelastic_mapping(cost: &str) -> MappingSet {
+    jelastic_mapping_as(cost, "amount")
+}
+
+/// [`jelastic_mapping`] sending the value under event property `property`.
+fn jelastic_mapping_as(cost: &str, property: &str) -> MappingSet {
     let text = format!(
         "version: 1
 customers:
@@ -96,7 +101,7 @@ rules:
   - name: paas
     match: {{ provider: jelastic, billing_currency: EUR }}
     metric: paas_cost
-    property: amount
+    property: {property}
     value:
       cost: {cost}
     round: {{ scale: 6 }}
@@ -1924,4 +1929,242 @@ async fn a_refused_adjustment_whose_correction_went_out_is_corrected_when_its_mo
     let again = sync_allowing_rejections(&w, at(2026, 11, 3, 4, 0)).await;
     assert_eq!((again.sent, again.period_adjustments), (0, 0), "{again:?}");
     assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+}
+
+/// The month is staged with its adjustment (up to the minimum: 50 − 14.322 = 35.678), then Lago
+/// refuses every one of its 1,488 records and takes the adjustment. Nothing of the month is
+/// billed any more, so the next run takes the adjustment back: exactly −35.678, as the
+/// adjustment went out (under the rule's property `amount`, for its customer, in EUR: a
+/// correction under another property would not be added to it, and would wait for a person
+/// while Lago kept billing 35.678 for an empty month), and the month is settled at 0. Once the
+/// records are replayed and accepted, the month is settled again and Lago's October is 50.
+#[tokio::test]
+async fn an_adjustment_is_taken_back_exactly_when_every_record_leaves_its_month() {
+    use billsync::sync::ReplayOptions;
+
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    let (from, to) = october();
+    let staged = w
+        .pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 3, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(staged.period_adjustments, 1, "{staged:?}");
+    for k in pending_provider_keys(&w, 5000).await {
+        w.lago.reject_transaction(k);
+    }
+    let pushed = sync_allowing_rejections(&w, at(2026, 11, 3, 1, 0)).await;
+    assert_eq!(pushed.rejected, 2 * 744, "{pushed:?}");
+    let adj = adjustments(&w.lago);
+    assert_eq!(adj.len(), 1);
+    assert_eq!(amount(&adj[0]), dec("35.678"));
+    let adjustment_key = adj[0].transaction_id.clone();
+
+    let next = sync_allowing_rejections(&w, at(2026, 11, 3, 2, 0)).await;
+    assert_eq!(
+        (next.period_adjustments, next.period_problems),
+        (1, 0),
+        "{next:?}"
+    );
+    let adj = adjustments(&w.lago);
+    assert_eq!(adj.len(), 2, "the adjustment and its take-back");
+    let back = &adj[1];
+    assert_eq!(back.transaction_id, format!("{adjustment_key}.r1"));
+    assert_eq!(amount(back), dec("-35.678"));
+    assert_eq!(
+        (
+            back.external_subscription_id.as_str(),
+            back.code.as_str(),
+            back.timestamp
+        ),
+        (
+            adj[0].external_subscription_id.as_str(),
+            adj[0].code.as_str(),
+            adj[0].timestamp
+        ),
+        "the take-back lands where the adjustment did"
+    );
+    assert_eq!(
+        lago_total(&w.lago, from, to),
+        dec("0"),
+        "nothing of October is billed"
+    );
+    let p = w.pipeline().await;
+    assert!(p.ledger.open_changes(None).await.unwrap().is_empty());
+    let status = p.ledger.period_status().await.unwrap();
+    assert_eq!((status.settled, status.unsettleable), (1, 0), "{status:?}");
+
+    // The records were refused for a reason fixed since: replayed, they bill October again,
+    // and the month is settled again up to its minimum.
+    w.lago.clear_faults();
+    let mut refused = RecordFilter::status(Status::Rejected);
+    refused.provider = Some("jelastic".into());
+    let replayed = w
+        .pipeline()
+        .await
+        .replay(&ReplayOptions {
+            filter: refused,
+            dry_run: false,
+            reason: "fixed in Lago".into(),
+            now: Some(at(2026, 11, 3, 3, 0)),
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed.sent, 2 * 744 + 1, "{replayed:?}");
+    sync_allowing_rejections(&w, at(2026, 11, 3, 4, 0)).await;
+    assert_eq!(adjustments(&w.lago).len(), 3);
+    assert_eq!(lago_total(&w.lago, from, to), dec("50"));
+}
+
+/// Months settled (with no change since) and months that cannot be settled.
+async fn months_settled(w: &JelasticWorld) -> (i64, i64) {
+    let s = w.pipeline().await.ledger.period_status().await.unwrap();
+    (s.settled, s.unsettleable)
+}
+
+/// A change of a month's adjustment that cannot go out leaves the month unsettled. Lago
+/// refuses the month's first record; the month is settled without it (35.678, then +its value
+/// once the refusal is known). The rule's property is then renamed (`amount` → `amount_eur`)
+/// and the record replayed: it goes out under the new property, and the month, settled again,
+/// would send its adjustment's difference under `amount_eur` too, which the metric that summed
+/// the adjustment does not read. That change waits for a person, so the sink does not hold the
+/// month's settlement: the month is listed as a problem on every run (not recorded as settled
+/// at a total nobody billed) until the person resolves the change; then it settles.
+#[tokio::test]
+async fn a_month_whose_adjustment_change_cannot_go_out_is_not_settled() {
+    use billsync::sync::ReplayOptions;
+
+    let cost = r#"{ markup_percent: 10, minimum: "50", period: month }"#;
+    let w = JelasticWorld::start(cost).await;
+    w.pipeline()
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 3, 0, 0)),
+            skip_push: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The month's first record by key: the one whose mapping the adjustment goes out with.
+    let first = pending_provider_keys(&w, 5000)
+        .await
+        .into_iter()
+        .min()
+        .unwrap();
+    w.lago.reject_transaction(first.clone());
+    let pushed = sync_allowing_rejections(&w, at(2026, 11, 3, 1, 0)).await;
+    assert_eq!(pushed.rejected, 1, "{pushed:?}");
+    let resettled = sync_allowing_rejections(&w, at(2026, 11, 3, 2, 0)).await;
+    assert_eq!(resettled.period_adjustments, 1, "{resettled:?}");
+    w.lago.clear_faults();
+    assert_eq!(months_settled(&w).await, (1, 0));
+
+    let renamed = jelastic_mapping_as(cost, "amount_eur");
+    let mut refused = RecordFilter::status(Status::Rejected);
+    refused.provider = Some("jelastic".into());
+    let replayed = w
+        .pipeline_with(renamed.clone())
+        .await
+        .replay(&ReplayOptions {
+            filter: refused,
+            dry_run: false,
+            reason: "fixed in Lago".into(),
+            now: Some(at(2026, 11, 3, 3, 0)),
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed.sent, 1, "{replayed:?}");
+    let p = w.pipeline_with(renamed.clone()).await;
+    let changes = p.ledger.open_changes(None).await.unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(changes[0].key.starts_with("period."), "{changes:?}");
+    assert_eq!(
+        months_settled(&w).await,
+        (0, 1),
+        "the month is not settled while its adjustment's change waits"
+    );
+    let again = w
+        .pipeline_with(renamed.clone())
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 3, 4, 0)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.period_adjustments, again.period_problems),
+        (0, 1),
+        "{again:?}"
+    );
+    assert_eq!(months_settled(&w).await, (0, 1));
+    let status = p.ledger.period_status().await.unwrap();
+    assert!(status.problems[0].1.contains(&changes[0].key), "{status:?}");
+
+    // The person settles it in Lago by hand and keeps what was sent: the month settles.
+    let run = p
+        .ledger
+        .start_run("resolve", at(2026, 11, 3, 5, 0))
+        .await
+        .unwrap();
+    p.ledger
+        .keep_sent(
+            run,
+            changes[0].change,
+            false,
+            "settled by hand",
+            at(2026, 11, 3, 5, 0),
+        )
+        .await
+        .unwrap();
+    let after = w
+        .pipeline_with(renamed)
+        .await
+        .sync(&SyncOptions {
+            now: Some(at(2026, 11, 3, 6, 0)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(after.period_problems, 0, "{after:?}");
+    assert_eq!(months_settled(&w).await, (1, 0));
+}
+
+/// A month whose adjustment would be beyond a decimal's range (records carrying about −7.9 ×
+/// 10^28 while monthly tiers add as much and the minimum raises the month to 50: the adjustment
+/// 50 − (−7.9 × 10^28) cannot be represented) is a problem the month reports, never a panic,
+/// which would stop every run and billing for every customer.
+#[test]
+fn an_adjustment_beyond_a_decimals_range_is_an_error_not_a_panic() {
+    use billsync::mapping::period::{settle, TierSpec};
+
+    let spec = PeriodSpec {
+        period: "month".into(),
+        utc_offset: "+00:00".into(),
+        currency: "EUR".into(),
+        tiers: vec![
+            TierSpec {
+                up_to: Some(Decimal::MAX),
+                markup_percent: dec("100"),
+            },
+            TierSpec {
+                up_to: None,
+                markup_percent: dec("0"),
+            },
+        ],
+        lowest_percent: dec("0"),
+        factor: Decimal::ONE,
+        minimum: Some(dec("50")),
+        scale: 2,
+        mode: Default::default(),
+    };
+    let huge = dec("79228162514264337593543950300");
+    let settled = std::panic::catch_unwind(|| settle(&spec, &[(huge, -huge)]));
+    let err = settled.expect("no panic").unwrap_err();
+    assert!(err.contains("overflows"), "{err}");
 }

@@ -100,6 +100,13 @@ pub enum LedgerError {
     /// `ledger resolve` named a change that does not wait for a person.
     #[error("ledger: change {id} does not wait for a person: {found} (`billsync ledger changes` lists those that do)")]
     NoOpenChange { id: i64, found: String },
+    /// What went out for one record adds up beyond a decimal's range: that record's change
+    /// waits for a person (staging) or its correction is held (replay); the others go on.
+    #[error(
+        "{key}: {what} is beyond the range of a decimal (±{}): resolve by hand",
+        Decimal::MAX
+    )]
+    Overflow { key: String, what: String },
 }
 
 /// Records `vacuum` prunes for a cutoff (`?1`): sent or ignored, old by charge period and send
@@ -1216,8 +1223,15 @@ impl Ledger {
                 // restaged in place, unless it has corrections (`chained`).
                 Some(k) if matches!(k.status, Status::Sent | Status::Pending) || chained => {
                     let (id, original) = (k.id, k.status);
-                    let sent = sent_state(&mut tx, id, None).await?;
-                    let decision = correct(row, &sent);
+                    let (decision, next_revision) = match sent_state(&mut tx, id, None).await {
+                        Ok(sent) => (correct(row, &sent), sent.next_revision),
+                        // This record's sums leave a decimal's range: a person decides, the
+                        // page goes on.
+                        Err(e @ LedgerError::Overflow { .. }) => {
+                            (Correction::Unresolved(e.to_string()), 0)
+                        }
+                        Err(e) => return Err(e),
+                    };
                     if !matches!(decision, Correction::Unresolved(_)) {
                         // What goes out now bills this content: the share follows it.
                         follow.extend(share_of(row).map(|s| (s, true)));
@@ -1226,7 +1240,7 @@ impl Ledger {
                         Correction::Send { row: c, difference } => {
                             corrections.push(StageRow {
                                 correction_of: Some(id),
-                                revision: sent.next_revision,
+                                revision: next_revision,
                                 ..(**c).clone()
                             });
                             counts.corrections += 1;
@@ -1618,11 +1632,15 @@ impl Ledger {
                 let sent_total = match &value {
                     None => None,
                     Some(v) => {
-                        let mut total = parse_dec(record, "value", v)?;
+                        let mut total = Some(parse_dec(record, "value", v)?);
                         for c in corrections.as_deref().unwrap_or("").split_whitespace() {
-                            total += parse_dec(record, "value", c)?;
+                            let c = parse_dec(record, "value", c)?;
+                            total = total.and_then(|t| t.checked_add(c));
                         }
-                        Some(total.to_string())
+                        Some(total.map_or_else(
+                            || "beyond the range of a decimal".to_string(),
+                            |t| t.to_string(),
+                        ))
                     }
                 };
                 let json: String = r.get(11);
@@ -2882,13 +2900,18 @@ async fn sent_state(
     .fetch_one(&mut *conn)
     .await
     .map_err(sql("reading what was sent for a record"))?;
+    let key: String = r.get(0);
     let sum = |field: &'static str, first: Decimal, rest: Option<String>| {
         let mut total = first;
         for v in rest.as_deref().unwrap_or("").split_whitespace() {
-            total += Decimal::from_str(v).map_err(|e| LedgerError::Corrupt {
+            let v = Decimal::from_str(v).map_err(|e| LedgerError::Corrupt {
                 id,
                 field,
                 message: format!("a correction's {field} {v:?}: {e}"),
+            })?;
+            total = total.checked_add(v).ok_or_else(|| LedgerError::Overflow {
+                key: key.clone(),
+                what: format!("the {field} sent so far (the original plus its corrections)"),
             })?;
         }
         Ok::<_, LedgerError>(total)
@@ -2916,7 +2939,7 @@ async fn sent_state(
         )
     };
     Ok(SentState {
-        key: r.get(0),
+        key,
         subscription: r.get(1),
         metric: r.get(2),
         sink: r.get(3),
@@ -3100,8 +3123,9 @@ pub struct PeriodMemberRecord {
     pub match_hash: Option<MatchHash>,
     /// The record's value (what it carries to the sink).
     pub value: Decimal,
-    /// The sum of its corrections (rejected ones excluded).
-    pub corrections: Decimal,
+    /// The sum of its corrections (rejected ones excluded); `None` when it is beyond the range
+    /// of a decimal.
+    pub corrections: Option<Decimal>,
     pub customer: Option<String>,
     pub value_property: Option<String>,
     pub rule: Option<String>,
@@ -3116,6 +3140,21 @@ pub struct PeriodMemberRecord {
     /// A correction of the record is held (refused by the sink, or unmapped by a replay): its
     /// share follows the corrected content while the sink does not hold the difference.
     pub held_correction: bool,
+}
+
+/// A month's adjustment as the ledger holds it ([`Ledger::adjustment_as_sent`]).
+#[derive(Debug, Clone)]
+pub struct AsSent {
+    pub status: Status,
+    /// The rule, customer, event property and currency it went out (or is queued to go out)
+    /// with: a correction of it must go out with the same, or the sink would not add it up.
+    pub rule: Option<String>,
+    pub customer: Option<String>,
+    pub value_property: Option<String>,
+    pub billing_currency: Option<String>,
+    /// A change of it waits for a person (`unresolved`): the sink does not hold the month's
+    /// settlement.
+    pub open_change: bool,
 }
 
 /// One member of a group: its share and the ledger's record (`None`: not staged yet).
@@ -3530,9 +3569,10 @@ impl Ledger {
                     let status: String = r.get(8);
                     let value: Option<String> = r.get(10);
                     let corrections: Option<String> = r.get(14);
-                    let mut sum = Decimal::ZERO;
+                    let mut sum = Some(Decimal::ZERO);
                     for v in corrections.as_deref().unwrap_or("").split_whitespace() {
-                        sum += parse_dec(id, "value", v)?;
+                        let v = parse_dec(id, "value", v)?;
+                        sum = sum.and_then(|s| s.checked_add(v));
                     }
                     Some(PeriodMemberRecord {
                         id,
@@ -3570,6 +3610,39 @@ impl Ledger {
             });
         }
         Ok(out)
+    }
+
+    /// What the ledger holds of a month's adjustment `key` (`None`: never staged): how it went
+    /// out, from the columns a change of a sent or queued record leaves as they were, and
+    /// whether a change of it waits for a person.
+    pub async fn adjustment_as_sent(&self, key: &str) -> Result<Option<AsSent>, LedgerError> {
+        let row = sqlx::query(
+            "SELECT r.id, r.status, r.rule, r.customer, r.value_property, r.billing_currency,
+                 EXISTS (SELECT 1 FROM record_changes x
+                    WHERE x.record_id = r.id AND x.state = 'unresolved')
+             FROM records r WHERE r.idem_key = ?1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(sql("reading a period adjustment"))?;
+        row.map(|r| {
+            let id: i64 = r.get(0);
+            let status: String = r.get(1);
+            Ok(AsSent {
+                status: status.parse().map_err(|message| LedgerError::Corrupt {
+                    id,
+                    field: "status",
+                    message,
+                })?,
+                rule: r.get(2),
+                customer: r.get(3),
+                value_property: r.get(4),
+                billing_currency: r.get(5),
+                open_change: r.get(6),
+            })
+        })
+        .transpose()
     }
 
     /// Record a group's settlement (`total`: the month's total; clears `dirty`), or why it

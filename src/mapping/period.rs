@@ -131,7 +131,10 @@ pub(crate) fn tiered_markup(
     let mut parts = Vec::new();
     for t in tiers {
         let top = t.up_to.map_or(magnitude, |u| magnitude.min(u));
-        let part = (top - lower).max(Decimal::ZERO);
+        let part = top
+            .checked_sub(lower)
+            .ok_or("tiered markup overflows")?
+            .max(Decimal::ZERO);
         if part > Decimal::ZERO {
             let extra = part
                 .checked_mul(t.markup_percent / Decimal::ONE_HUNDRED)
@@ -167,8 +170,9 @@ pub fn settle(spec: &PeriodSpec, members: &[(Decimal, Decimal)]) -> Result<Perio
         let at_lowest = s
             .checked_mul(spec.lowest_percent / Decimal::ONE_HUNDRED)
             .ok_or_else(overflow)?;
-        tier_extra = (signed - at_lowest)
-            .checked_mul(spec.factor)
+        tier_extra = signed
+            .checked_sub(at_lowest)
+            .and_then(|d| d.checked_mul(spec.factor))
             .ok_or_else(overflow)?;
         priced = priced.checked_add(tier_extra).ok_or_else(overflow)?;
         let factor = if spec.factor == Decimal::ONE {
@@ -200,7 +204,7 @@ pub fn settle(spec: &PeriodSpec, members: &[(Decimal, Decimal)]) -> Result<Perio
         }
     }
     let total = priced.round_dp_with_strategy(spec.scale, spec.mode.strategy());
-    let adjustment = total - r;
+    let adjustment = total.checked_sub(r).ok_or_else(overflow)?;
     steps.push(format!(
         "month total {total} {cur} ({} to {} places); adjustment {total} − {r} = {adjustment}",
         spec.mode.name(),
