@@ -342,6 +342,34 @@ async fn status_lists_failed_pending_records_but_not_corrections_waiting_for_the
     );
 }
 
+/// A run's summary adds up what it sent per source, subscription and metric. Two values near
+/// a decimal's limit (providers may send up to ±7.9e28) add up beyond it: that group's total is
+/// left out (with a warning), the others are printed, and nothing panics after the records
+/// were acknowledged.
+#[tokio::test]
+async fn a_run_total_beyond_a_decimals_range_is_left_out_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    let huge = "50000000000000000000000000000";
+    let mut small = row(record("c", "1.25"));
+    small.mapped.subscription = Some("sub_2".into());
+    let rows = vec![row(record("a", huge)), row(record("b", huge)), small];
+    ledger.stage(run, &rows, None, now, &by_hand).await.unwrap();
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    let acks: Vec<_> = batch.iter().map(|o| (o.id, Outcome::Delivered)).collect();
+    ledger.ack(run, &acks, now).await.unwrap();
+    let totals = ledger.sent_total_list(run).await.unwrap();
+    assert_eq!(
+        totals
+            .iter()
+            .map(|(_, sub, _, v)| (sub.to_string(), *v))
+            .collect::<Vec<_>>(),
+        [("sub_2".to_string(), Decimal::from_str("1.25").unwrap())]
+    );
+}
+
 /// What no sink was ever offered (held: unmapped, ignored, provisional, rejected) is simply
 /// staged again with its new content, in place.
 #[tokio::test]

@@ -1996,6 +1996,7 @@ impl Ledger {
             .map_err(sqlite("summing sent records"))?;
         let mut names: HashMap<Arc<str>, u32> = HashMap::new();
         let mut sums: HashMap<[u32; 3], Decimal> = HashMap::new();
+        let mut overflowed: std::collections::HashSet<[u32; 3]> = Default::default();
         while let Some(row) = query.next_row().map_err(sqlite("summing sent records"))? {
             let id = row.int(0);
             let value = Decimal::from_str(row.text(4).unwrap_or("0")).map_err(|e| {
@@ -2006,7 +2007,33 @@ impl Ledger {
                 }
             })?;
             let group = [1, 2, 3].map(|i| name_number(&mut names, row.text(i).unwrap_or_default()));
-            *sums.entry(group).or_default() += value;
+            let sum = sums.entry(group).or_default();
+            // Past a decimal's range (values near ±7.9e28, which providers may send) the group
+            // has no total to print: it is left out with a warning below, never a panic after
+            // the run's records were acknowledged.
+            *sum = sum.checked_add(value).unwrap_or_else(|| {
+                overflowed.insert(group);
+                Decimal::ZERO
+            });
+        }
+        if !overflowed.is_empty() {
+            let shown = |g: &[u32; 3]| {
+                g.map(|n| {
+                    names
+                        .iter()
+                        .find(|(_, &v)| v == n)
+                        .map_or_else(String::new, |(k, _)| k.to_string())
+                })
+                .join(" ")
+            };
+            for g in &overflowed {
+                tracing::warn!(
+                    group = %shown(g),
+                    "what this run sent to this source, subscription and metric adds up beyond \
+                     the range of a decimal: its total is left out of the summary"
+                );
+                sums.remove(g);
+            }
         }
         let mut by_number: Vec<Arc<str>> = vec![Arc::from(""); names.len()];
         for (name, n) in names {
