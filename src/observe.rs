@@ -359,13 +359,19 @@ pub fn summary_text(s: &RunSummary) -> String {
             ""
         }
     ));
+    if s.changes_to_resolve > 0 {
+        out.push_str(&format!(
+            "  changes of sent records to resolve: {}  (see `billsync ledger changes`)\n",
+            s.changes_to_resolve
+        ));
+    }
     out
 }
 
 fn outcome_text(o: RunOutcome) -> &'static str {
     match o {
         RunOutcome::Ok => "ok",
-        RunOutcome::Undelivered => "records left undelivered",
+        RunOutcome::Undelivered => "records left undelivered or waiting for a person",
         RunOutcome::ProviderFailed => "a provider failed",
         RunOutcome::SinkStopped => "a sink stopped",
         RunOutcome::Interrupted => "interrupted (the next run resumes)",

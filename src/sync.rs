@@ -674,6 +674,10 @@ pub struct RunSummary {
     pub totals_left_out: Option<usize>,
     /// Undelivered records in the whole ledger at the end of the run.
     pub undelivered: i64,
+    /// Changes of sent records in the whole ledger that wait for a person at the end of the
+    /// run (`billsync ledger changes`): money the invoice does not reflect yet, like a held
+    /// record.
+    pub changes_to_resolve: i64,
     pub duration_ms: u128,
     /// A dry-run replay's record-by-record plan (at most 200 lines).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -711,6 +715,7 @@ impl RunSummary {
             totals: Vec::new(),
             totals_left_out: None,
             undelivered: 0,
+            changes_to_resolve: 0,
             duration_ms: 0,
             preview: Vec::new(),
             pruned: 0,
@@ -2040,9 +2045,16 @@ impl Pipeline {
             })
             .collect();
         summary.undelivered = self.ledger.undelivered().await?;
+        summary.changes_to_resolve = self.ledger.unresolved_change_count().await?;
         if summary.interrupted {
             summary.outcome = RunOutcome::Interrupted;
-        } else if summary.outcome == RunOutcome::Ok && summary.undelivered > 0 {
+        } else if summary.outcome == RunOutcome::Ok
+            && (summary.undelivered > 0
+                || summary.changes_to_resolve > 0
+                || summary.period_problems > 0)
+        {
+            // Money that waits for a person (a held record, a change of a sent record, a month
+            // that cannot be settled) is not a successful run: the CronJob's Job says so.
             summary.outcome = RunOutcome::Undelivered;
         }
         self.progress.finish();

@@ -576,11 +576,27 @@ async fn a_month_waits_until_every_change_of_its_record_is_resolved() {
     let waiting = w.sync(at(2026, 11, 10, 0)).await;
     assert_eq!(waiting.period_adjustments, 0, "{waiting:?}");
     assert_eq!(w.adjustments().len(), 0);
+    // Money waits for a person: not a successful run (exit 4 for the CronJob), though every
+    // record was delivered.
+    assert_eq!(
+        (
+            waiting.outcome,
+            waiting.undelivered,
+            waiting.changes_to_resolve
+        ),
+        (billsync::sync::RunOutcome::Undelivered, 0, 1),
+        "{waiting:?}"
+    );
 
     resolve(&older, true);
     assert_eq!(w.open_changes().len(), 0);
     let settled = w.sync(at(2026, 11, 10, 1)).await;
     assert_eq!(settled.period_adjustments, 1, "{settled:?}");
+    assert_eq!(
+        (settled.outcome, settled.changes_to_resolve),
+        (billsync::sync::RunOutcome::Ok, 0),
+        "{settled:?}"
+    );
     let adjustments = w.adjustments();
     assert_eq!(adjustments.len(), 1, "{adjustments:?}");
     assert_eq!(adjustments[0].external_subscription_id, "sub_acme");

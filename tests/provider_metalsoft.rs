@@ -695,6 +695,22 @@ fn configuration_defaults_and_unknown_fields() {
         MetalsoftProvider::new("ms".into(), cfg),
         Err(ProviderError::Config { .. })
     ));
+
+    // An endpoint refused for its scheme is named without the credentials it carries.
+    let cfg = MetalsoftConfig::new(
+        "ftp://admin:S3CRET-PW@h/x",
+        Secret::new("k"),
+        vec![1],
+        t("2024-01-01T00:00:00Z"),
+    );
+    let Err(err) = MetalsoftProvider::new("ms".into(), cfg) else {
+        panic!("an ftp endpoint is refused");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("ftp://h/x") && !err.contains("S3CRET"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

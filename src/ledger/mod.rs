@@ -1511,6 +1511,14 @@ impl Ledger {
         Ok(n as u64)
     }
 
+    /// How many changes of sent records wait for a person (`unresolved`; a partial index).
+    pub async fn unresolved_change_count(&self) -> Result<i64, LedgerError> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM record_changes WHERE state = 'unresolved'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql("counting changes to resolve"))
+    }
+
     /// For replaying correction `id`: what went out for its original without it, and the
     /// original's latest content. `None` when `id` is not a correction.
     pub async fn correction_basis(&self, id: i64) -> Result<Option<CorrectionBasis>, LedgerError> {

@@ -453,13 +453,13 @@ impl JelasticProvider {
         let url = reqwest::Url::parse(&format!("{base}{REST_PATH}")).map_err(|e| {
             bad(format!(
                 "hoster_url {:?} is not a URL: {e}",
-                config.hoster_url
+                crate::http::shown_url(&config.hoster_url)
             ))
         })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(bad(format!(
                 "hoster_url {:?} must be http or https",
-                config.hoster_url
+                crate::http::shown_url(&config.hoster_url)
             )));
         }
         let host = url

@@ -255,12 +255,16 @@ impl MetalsoftProvider {
             message,
         };
         let base = config.endpoint.trim().trim_end_matches('/');
-        let url = reqwest::Url::parse(&format!("{base}{RPC_PATH}"))
-            .map_err(|e| bad(format!("endpoint {:?} is not a URL: {e}", config.endpoint)))?;
+        let url = reqwest::Url::parse(&format!("{base}{RPC_PATH}")).map_err(|e| {
+            bad(format!(
+                "endpoint {:?} is not a URL: {e}",
+                crate::http::shown_url(&config.endpoint)
+            ))
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(bad(format!(
                 "endpoint {:?} must be http or https",
-                config.endpoint
+                crate::http::shown_url(&config.endpoint)
             )));
         }
         let host = url

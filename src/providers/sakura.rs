@@ -414,13 +414,15 @@ fn parse_base(name: &str, what: &str, text: &str) -> Result<reqwest::Url, Provid
         provider: name.to_string(),
         message,
     };
+    // Shown without credentials or query, should the text carry any.
+    let shown = crate::http::shown_url(text);
     let url = reqwest::Url::parse(text.trim().trim_end_matches('/'))
-        .map_err(|e| bad(format!("{what} {text:?} is not a URL: {e}")))?;
+        .map_err(|e| bad(format!("{what} {shown:?} is not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad(format!("{what} {text:?} must be http or https")));
+        return Err(bad(format!("{what} {shown:?} must be http or https")));
     }
     if url.host_str().is_none() {
-        return Err(bad(format!("{what} {text:?} has no host")));
+        return Err(bad(format!("{what} {shown:?} has no host")));
     }
     Ok(url)
 }

@@ -374,12 +374,16 @@ impl SoftlayerProvider {
             message,
         };
         let base = config.endpoint.trim().trim_end_matches('/').to_string();
-        let url = reqwest::Url::parse(&format!("{base}/"))
-            .map_err(|e| bad(format!("endpoint {:?} is not a URL: {e}", config.endpoint)))?;
+        let url = reqwest::Url::parse(&format!("{base}/")).map_err(|e| {
+            bad(format!(
+                "endpoint {:?} is not a URL: {e}",
+                crate::http::shown_url(&config.endpoint)
+            ))
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(bad(format!(
                 "endpoint {:?} must be http or https",
-                config.endpoint
+                crate::http::shown_url(&config.endpoint)
             )));
         }
         if config.username.trim().is_empty() {
