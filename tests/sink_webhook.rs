@@ -325,6 +325,22 @@ fn config_is_validated_and_secrets_are_redacted() {
         HeaderValue::Plain("x".into()),
     );
     assert!(WebhookSink::new("h".into(), bad.clone()).is_err());
+    // A credential header written in the settings is refused, without quoting it.
+    bad.headers.remove("X-Billsync-Signature");
+    for name in ["Authorization", "X-Api-Key", "X-Auth-Token"] {
+        let mut literal = bad.clone();
+        literal.headers.insert(
+            name.into(),
+            HeaderValue::Plain("Bearer pasted-token-1".into()),
+        );
+        let err = WebhookSink::new("h".into(), literal)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("env:VARIABLE") && !err.contains("pasted-token-1"),
+            "{err}"
+        );
+    }
 
     std::env::set_var("BILLSYNC_TEST_WEBHOOK_SECRET", "hmac-key-value");
     std::env::set_var("BILLSYNC_TEST_WEBHOOK_TOKEN", "bearer-token-value");

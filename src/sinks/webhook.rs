@@ -274,6 +274,19 @@ impl WebhookSink {
             {
                 return Err(header_error("is set by the sink and cannot be configured"));
             }
+            // A credential written in the settings would sit in a ConfigMap and in every copy
+            // of the file, as a literal `api_key` would (refused too).
+            let credential = ["authorization", "cookie", "token", "secret", "password"]
+                .iter()
+                .any(|w| lower.contains(w))
+                || lower.contains("api-key")
+                || lower.contains("apikey");
+            if credential && matches!(value, HeaderValue::Plain(_)) {
+                return Err(header_error(
+                    "carries a credential: write its value `env:VARIABLE` or `file:/path`, never \
+                     in the settings",
+                ));
+            }
             let header_name = reqwest::header::HeaderName::from_bytes(key.as_bytes())
                 .map_err(|_| header_error("is not a valid header name"))?;
             let mut header_value = reqwest::header::HeaderValue::from_str(value.expose())
