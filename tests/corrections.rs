@@ -28,6 +28,21 @@ fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap()
 }
 
+/// A Lago sink nobody answers at (port 9): for tests that stage and never push.
+fn offline_lago() -> LagoSink {
+    LagoSink::new(
+        "lago".into(),
+        LagoConfig {
+            api_url: "http://127.0.0.1:9".into(),
+            api_key: Secret::new("k"),
+            batch_size: 10,
+            timeout: Duration::from_secs(1),
+            retry: retry(),
+        },
+    )
+    .unwrap()
+}
+
 fn retry() -> RetryPolicy {
     RetryPolicy {
         max_retries: 2,
@@ -482,20 +497,7 @@ async fn a_cost_only_restatement_is_corrected_in_the_focus_export_only() {
         .unwrap(),
     ))
     .await;
-    let lago = with_sink(Box::new(
-        LagoSink::new(
-            "lago".into(),
-            LagoConfig {
-                api_url: "http://127.0.0.1:9".into(),
-                api_key: Secret::new("k"),
-                batch_size: 10,
-                timeout: Duration::from_secs(1),
-                retry: retry(),
-            },
-        )
-        .unwrap(),
-    ))
-    .await;
+    let lago = with_sink(Box::new(offline_lago())).await;
     // Sent: 3600 s for 0.50; the provider now says 0.80 for the same 3600 s (1 hour billed).
     let sent_state = |row: &billsync::ledger::StageRow, cost: Option<&str>| SentState {
         key: row.key.clone(),
@@ -550,19 +552,7 @@ async fn a_sent_record_now_routed_to_another_sink_is_unresolved_not_corrected() 
     let lago = Pipeline::new(
         Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
         Vec::new(),
-        vec![Box::new(
-            LagoSink::new(
-                "lago".into(),
-                LagoConfig {
-                    api_url: "http://127.0.0.1:9".into(),
-                    api_key: Secret::new("k"),
-                    batch_size: 10,
-                    timeout: Duration::from_secs(1),
-                    retry: retry(),
-                },
-            )
-            .unwrap(),
-        )],
+        vec![Box::new(offline_lago())],
         MappingSet::examples().unwrap(),
     );
     // One hour was sent; the provider now says two hours.
@@ -1013,19 +1003,7 @@ rules:
     Pipeline::new(
         Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
         Vec::new(),
-        vec![Box::new(
-            LagoSink::new(
-                "lago".into(),
-                LagoConfig {
-                    api_url: "http://127.0.0.1:9".into(),
-                    api_key: Secret::new("k"),
-                    batch_size: 10,
-                    timeout: Duration::from_secs(1),
-                    retry: retry(),
-                },
-            )
-            .unwrap(),
-        )],
+        vec![Box::new(offline_lago())],
         MappingSet::from_sources(&[("cost.yaml".to_string(), text)]).unwrap(),
     )
 }
@@ -1047,19 +1025,7 @@ rules:
     Pipeline::new(
         Ledger::open(p.ledger.path()).await.unwrap(),
         Vec::new(),
-        vec![Box::new(
-            LagoSink::new(
-                "lago".into(),
-                LagoConfig {
-                    api_url: "http://127.0.0.1:9".into(),
-                    api_key: Secret::new("k"),
-                    batch_size: 10,
-                    timeout: Duration::from_secs(1),
-                    retry: retry(),
-                },
-            )
-            .unwrap(),
-        )],
+        vec![Box::new(offline_lago())],
         MappingSet::from_sources(&[("other.yaml".to_string(), text.to_string())]).unwrap(),
     )
 }
@@ -1149,19 +1115,7 @@ rules:
     Pipeline::new(
         Ledger::open(&dir.path().join("ledger.db")).await.unwrap(),
         Vec::new(),
-        vec![Box::new(
-            LagoSink::new(
-                "lago".into(),
-                LagoConfig {
-                    api_url: "http://127.0.0.1:9".into(),
-                    api_key: Secret::new("k"),
-                    batch_size: 10,
-                    timeout: Duration::from_secs(1),
-                    retry: retry(),
-                },
-            )
-            .unwrap(),
-        )],
+        vec![Box::new(offline_lago())],
         MappingSet::from_sources(&[("naming.yaml".to_string(), text.to_string())]).unwrap(),
     )
 }
@@ -1800,19 +1754,7 @@ async fn cost_plus_ten(path: &std::path::Path) -> Pipeline {
     Pipeline::new(
         Ledger::open(path).await.unwrap(),
         Vec::new(),
-        vec![Box::new(
-            LagoSink::new(
-                "lago".into(),
-                LagoConfig {
-                    api_url: "http://127.0.0.1:9".into(),
-                    api_key: Secret::new("k"),
-                    batch_size: 10,
-                    timeout: Duration::from_secs(1),
-                    retry: retry(),
-                },
-            )
-            .unwrap(),
-        )],
+        vec![Box::new(offline_lago())],
         MappingSet::from_sources(&[(
             "cost.yaml".to_string(),
             "version: 1

@@ -171,6 +171,20 @@ impl JelasticWorld {
         assert_eq!(summary.rejected, 0, "{summary:?}");
         summary
     }
+
+    /// A sync at `now` that stages (the month's records, its adjustment once due) and pushes
+    /// nothing: what the sink then refuses or takes is up to the test.
+    async fn stage_without_push(&self, now: DateTime<Utc>) -> RunSummary {
+        self.pipeline()
+            .await
+            .sync(&SyncOptions {
+                now: Some(now),
+                skip_push: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    }
 }
 
 fn lago_sink(lago: &LagoSimHandle) -> LagoSink {
@@ -290,16 +304,7 @@ async fn monthly_tiers_price_the_month_sum_not_each_record() {
     let during = lago_total(&w.lago, from, to);
     // The run that closes the month stops after staging (as a crash before the push would):
     // the adjustment waits in the ledger and the next run sends it, once.
-    let staged_only = w
-        .pipeline()
-        .await
-        .sync(&SyncOptions {
-            now: Some(at(2026, 11, 2, 0, 0)),
-            skip_push: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let staged_only = w.stage_without_push(at(2026, 11, 2, 0, 0)).await;
     assert_eq!(staged_only.period_adjustments, 1, "{staged_only:?}");
     assert!(adjustments(&w.lago).is_empty());
     let close = w.sync(at(2026, 11, 2, 1, 0)).await;
@@ -600,16 +605,7 @@ async fn a_rejected_adjustment_is_sent_again_by_replay() {
 
     let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
     let (from, to) = october();
-    let staged = w
-        .pipeline()
-        .await
-        .sync(&SyncOptions {
-            now: Some(at(2026, 11, 3, 0, 0)),
-            skip_push: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let staged = w.stage_without_push(at(2026, 11, 3, 0, 0)).await;
     assert_eq!(staged.period_adjustments, 1);
     let p = w.pipeline().await;
     let mut filter = RecordFilter::status(Status::Pending);
@@ -783,16 +779,7 @@ async fn a_record_rejected_after_its_month_was_settled_re_settles_it() {
     let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
     let (from, to) = october();
     w.sync(at(2026, 10, 15, 0, 0)).await;
-    let staged = w
-        .pipeline()
-        .await
-        .sync(&SyncOptions {
-            now: Some(at(2026, 11, 3, 0, 0)),
-            skip_push: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let staged = w.stage_without_push(at(2026, 11, 3, 0, 0)).await;
     assert_eq!(staged.period_adjustments, 1, "{staged:?}");
     let refused = pending_provider_keys(&w, 1).await;
     assert_eq!(refused.len(), 1);
@@ -1795,16 +1782,7 @@ async fn a_refused_further_adjustment_replayed_after_its_month_was_settled_again
     let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
     let (from, to) = october();
     w.sync(at(2026, 10, 15, 0, 0)).await;
-    let staged = w
-        .pipeline()
-        .await
-        .sync(&SyncOptions {
-            now: Some(at(2026, 11, 3, 0, 0)),
-            skip_push: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let staged = w.stage_without_push(at(2026, 11, 3, 0, 0)).await;
     assert_eq!(staged.period_adjustments, 1, "{staged:?}");
     let p = w.pipeline().await;
     let mut filter = RecordFilter::status(Status::Pending);
@@ -1944,16 +1922,7 @@ async fn an_adjustment_is_taken_back_exactly_when_every_record_leaves_its_month(
 
     let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
     let (from, to) = october();
-    let staged = w
-        .pipeline()
-        .await
-        .sync(&SyncOptions {
-            now: Some(at(2026, 11, 3, 0, 0)),
-            skip_push: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let staged = w.stage_without_push(at(2026, 11, 3, 0, 0)).await;
     assert_eq!(staged.period_adjustments, 1, "{staged:?}");
     for k in pending_provider_keys(&w, 5000).await {
         w.lago.reject_transaction(k);
