@@ -399,28 +399,12 @@ impl LagoAdmin {
                 "/api/v1/customers/{}",
                 percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
             );
-            let url = format!("{}{path}", self.base);
-            let request = || self.client.get(&url).bearer_auth(self.api_key.expose());
-            let body = match get_text(request, &self.retry, &format!("lago: GET {path}")).await {
-                Ok(body) => body,
-                Err(ReadFailure::Answered { status: 404, .. }) => continue,
-                Err(ReadFailure::Answered { status, body }) => {
-                    return Err(LagoAdminError::Status { url, status, body })
-                }
-                Err(ReadFailure::GaveUp { reason, attempts }) => {
-                    return Err(LagoAdminError::Transport {
-                        url,
-                        message: format!("{reason} (gave up after {attempts} attempts)"),
-                    })
-                }
+            let Some(json) = self.get_one(&path).await? else {
+                continue;
             };
-            let json: Value = serde_json::from_str(&body).map_err(|e| LagoAdminError::Shape {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
             let c = json.get("customer").and_then(customer_of).ok_or_else(|| {
                 LagoAdminError::Shape {
-                    url: url.clone(),
+                    url: format!("{}{path}", self.base),
                     message: "no `customer` object with an `external_id`".into(),
                 }
             })?;
