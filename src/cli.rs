@@ -854,7 +854,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
             let done = async {
-                let pipeline = build_pipeline_for(&settings, ctx, dry_run).await?;
+                let pipeline = build_pipeline(&settings, ctx, dry_run).await?;
                 let summary = pipeline
                     .sync(&SyncOptions {
                         provider,
@@ -882,7 +882,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
             let done = async {
-                let pipeline = build_pipeline_for(&settings, ctx, dry_run).await?;
+                let pipeline = build_pipeline(&settings, ctx, dry_run).await?;
                 let summary = pipeline
                     .replay(&ReplayOptions {
                         filter: RecordFilter {
@@ -1199,16 +1199,12 @@ pub fn exit_code(summary: &RunSummary) -> u8 {
     }
 }
 
-/// Wire providers, sinks, mappings and the ledger from the settings.
-pub async fn build_pipeline(settings: &Settings, ctx: &Ctx) -> anyhow::Result<Pipeline> {
-    build_pipeline_for(settings, ctx, false).await
-}
-
-/// [`build_pipeline`], for a dry run when `dry_run`: the ledger is opened as it is, never
+/// Wire providers, sinks, mappings and the ledger from the settings. For a dry run
+/// (`dry_run`) the ledger is opened as it is, never
 /// created or upgraded ("write nothing": a newer image's `sync --dry-run`, a natural check
 /// before a rollout, would otherwise migrate the ledger the CronJob's older image then refuses),
 /// and a ledger that does not exist yet is planned from an empty throwaway one.
-pub async fn build_pipeline_for(
+pub async fn build_pipeline(
     settings: &Settings,
     ctx: &Ctx,
     dry_run: bool,

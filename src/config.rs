@@ -320,14 +320,29 @@ pub const MIN_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(30)
 /// would be ignored without a word. Variables without a `__` (`BILLSYNC_CONFIG`,
 /// `BILLSYNC_LOG`, a secret read through `env:BILLSYNC_…`) are not overrides.
 fn mistyped_override(names: impl Iterator<Item = std::ffi::OsString>) -> Option<String> {
+    // Only the settings' own sections: a secret may be named `BILLSYNC_LAGO__API_KEY` and read
+    // through `env:`.
+    const SECTIONS: [&str; 8] = [
+        "LEDGER",
+        "MAPPINGS",
+        "PROVIDERS",
+        "SINKS",
+        "DEFAULT_SINK",
+        "SHUTDOWN_DEADLINE",
+        "PERIOD_CLOSE_DELAY",
+        "METRICS",
+    ];
     names.filter_map(|n| n.into_string().ok()).find_map(|name| {
         let rest = name.strip_prefix("BILLSYNC_")?;
-        (!rest.starts_with('_') && rest.contains("__")).then(|| {
-            format!(
-                "environment variable {name} looks like a settings override but is ignored: \
+        let section = rest.split("__").next().unwrap_or_default();
+        (rest.contains("__") && SECTIONS.contains(&section.to_ascii_uppercase().as_str())).then(
+            || {
+                format!(
+                    "environment variable {name} looks like a settings override but is ignored: \
                  overrides begin with BILLSYNC__ (two underscores), e.g. BILLSYNC__{rest}"
-            )
-        })
+                )
+            },
+        )
     })
 }
 

@@ -2049,12 +2049,13 @@ impl Pipeline {
         if summary.interrupted {
             summary.outcome = RunOutcome::Interrupted;
         } else if summary.outcome == RunOutcome::Ok
-            && (summary.undelivered > 0
-                || summary.changes_to_resolve > 0
-                || summary.period_problems > 0)
+            && (summary.undelivered > 0 || summary.changes_to_resolve > 0)
         {
-            // Money that waits for a person (a held record, a change of a sent record, a month
-            // that cannot be settled) is not a successful run: the CronJob's Job says so.
+            // Money that waits for a person (a held record, a change of a sent record) is not a
+            // successful run: the CronJob's Job says so until it is replayed or resolved. A
+            // month that cannot be settled is not counted: some problems never clear in
+            // billsync (months settled by hand in the invoicing system), and every hourly Job
+            // would fail for good; `status` and `billsync_period_months` show them.
             summary.outcome = RunOutcome::Undelivered;
         }
         self.progress.finish();
@@ -2196,11 +2197,11 @@ impl Pipeline {
                 if stored.correction_of.is_some() && stored.status == Status::Sent {
                     continue;
                 }
-                summary.pulled += 1;
                 if stored.record.provider == PERIOD_PROVIDER && stored.status != Status::Rejected {
                     // Settlement alone decides whether a held adjustment goes out.
                     continue;
                 }
+                summary.pulled += 1;
                 if stored.record.provider == PERIOD_PROVIDER && stored.correction_of.is_some() {
                     // A refused correction of an adjustment: a later settlement may carry its
                     // difference already (it measures against what went out), so it is not sent
@@ -2220,13 +2221,11 @@ impl Pipeline {
                                     .staged_by_status
                                     .entry(Status::Ignored.as_str().to_string())
                                     .or_default() += 1;
-                            } else if stored.status == Status::Rejected {
+                            } else {
                                 warn!(key = %stored.key, "replay: a refused period correction whose month is not in the ledger is left as it is");
                             }
                         }
-                        None if stored.status == Status::Rejected
-                            && summary.preview.len() < PREVIEW_LINES =>
-                        {
+                        None if summary.preview.len() < PREVIEW_LINES => {
                             summary.preview.push(format!(
                                 "{} rejected → ignored (correction of a period adjustment, \
                                  superseded: its month is settled again and sends what it still \
@@ -2259,9 +2258,8 @@ impl Pipeline {
                         Some(_) => {}
                         None if summary.preview.len() < PREVIEW_LINES => {
                             summary.preview.push(format!(
-                                "{} {} → pending (period adjustment, sent again as it was)",
-                                stored.key,
-                                stored.status.as_str()
+                                "{} rejected → pending (period adjustment, sent again as it was)",
+                                stored.key
                             ))
                         }
                         None => {}

@@ -145,12 +145,23 @@ fn configuration_errors_exit_with_code_2_and_name_the_problem() {
         &[
             ("BILLSYNC_LEDGER__PATH", "/data/ledger.db"),
             ("BILLSYNC_WEBHOOK_SECRET", "s"),
+            ("BILLSYNC_LAGO__API_KEY", "k"),
         ],
     );
     let (_, stderr) = text(&typo);
     assert_eq!(typo.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("BILLSYNC_LEDGER__PATH") && stderr.contains("BILLSYNC__LEDGER__PATH"),
+        "{stderr}"
+    );
+    // A secret variable whose name has a `__` but no settings section is not an override.
+    let secret_named_so = billsync(
+        &["--config", cfg.as_str(), "status"],
+        &[("BILLSYNC_LAGO__API_KEY", "k")],
+    );
+    let (_, stderr) = text(&secret_named_so);
+    assert!(
+        !stderr.contains("looks like a settings override"),
         "{stderr}"
     );
 }

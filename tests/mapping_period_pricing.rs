@@ -1063,6 +1063,13 @@ async fn months_that_overlap_after_a_change_of_utc_offset_are_not_both_charged_t
         "{:?}",
         status.problems
     );
+    // Such months never clear in billsync (they are settled by hand in the invoicing system):
+    // they are listed and counted, but do not fail every later hourly run with exit 4.
+    assert_eq!(
+        (close.period_problems, close.undelivered, close.outcome),
+        (2, 0, billsync::sync::RunOutcome::Ok),
+        "{close:?}"
+    );
 }
 
 /// One final MetalSoft line of October for instance `id`, 10.00 GBP, described as

@@ -280,6 +280,7 @@ impl WebhookSink {
                 .iter()
                 .any(|w| lower.contains(w))
                 || lower.contains("api-key")
+                || lower.contains("api_key")
                 || lower.contains("apikey");
             if credential && matches!(value, HeaderValue::Plain(_)) {
                 return Err(header_error(
