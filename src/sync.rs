@@ -1101,14 +1101,17 @@ impl Pipeline {
         LOCK_REFRESH.min(self.lock_ttl / 3)
     }
 
-    /// Who holds the run lock: host, process and a random part, after `job:<name>/` when the
-    /// Kubernetes Job's name is given (`BILLSYNC_JOB_NAME`, from the pod's
-    /// `batch.kubernetes.io/job-name` label), so that a retry of the Job may take over the lock
-    /// its crashed attempt left ([`Ledger::acquire_lock`]).
-    fn lock_holder() -> String {
+    /// Who holds the run lock: host, process and a random part; for a sync, after `job:<name>/`
+    /// when the Kubernetes Job's name is given (`BILLSYNC_JOB_NAME`, from the pod's
+    /// `batch.kubernetes.io/job-name` label), so that a retry of the CronJob's Job may take over
+    /// the lock its crashed attempt left ([`Ledger::acquire_lock`]). Not for a replay: one
+    /// started by hand inside a live sync's pod (`kubectl exec`) inherits the variable, and must
+    /// not take the sync's lock.
+    fn lock_holder(of_a_sync: bool) -> String {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
         let job = std::env::var("BILLSYNC_JOB_NAME")
             .ok()
+            .filter(|_| of_a_sync)
             .map(|j| j.trim().to_string())
             .filter(|j| !j.is_empty())
             .map(|j| format!("{}{j}/", crate::ledger::JOB_HOLDER_PREFIX))
@@ -1150,7 +1153,7 @@ impl Pipeline {
                 "sources without cursors beside cursors of sources the settings no longer name: if one is renamed, it reads its history again under new keys and bills it twice (stop, and see the README, Providers)");
         }
 
-        let holder = Self::lock_holder();
+        let holder = Self::lock_holder(true);
         let lock = if opts.dry_run {
             RunLock::none()
         } else {
@@ -2088,7 +2091,7 @@ impl Pipeline {
         let started = Instant::now();
         let now = opts.now.unwrap_or_else(Utc::now);
         let mut summary = RunSummary::new("replay", opts.dry_run);
-        let holder = Self::lock_holder();
+        let holder = Self::lock_holder(false);
         let lock = if opts.dry_run {
             RunLock::none()
         } else {

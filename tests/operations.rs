@@ -924,6 +924,49 @@ async fn status_tells_an_expired_lock_of_a_killed_run_from_a_held_one() {
     );
 }
 
+/// The CronJob passes its Job's name (`BILLSYNC_JOB_NAME`): the retry of a Job whose first pod
+/// was OOM-killed finds that attempt's lock, unexpired, and takes it over instead of exiting 3
+/// for `lock_ttl`. A `replay` with the same variable (started by hand inside the pod) does not:
+/// only a sync takes over, and only from its own Job; another Job's sync gets exit 3.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_cronjob_sync_takes_over_its_crashed_attempts_lock_and_nothing_else_does() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let ledger_path = world.dir.path().join("ledger").join("ledger.db");
+    let ledger = billsync::ledger::Ledger::open(&ledger_path).await.unwrap();
+    let crashed = "job:billsync-29412345/billsync-29412345-x7k2p:1:0000abcd";
+    ledger
+        .acquire_lock(crashed, chrono::Utc::now(), Duration::from_secs(900))
+        .await
+        .unwrap();
+    let with_job = |args: &[&str], job: &str| {
+        let mut cmd = command(&cfg, args);
+        cmd.env("BILLSYNC_JOB_NAME", job)
+            .env("HOSTNAME", format!("{job}-m3n8v"));
+        cmd
+    };
+    let replay = finish(
+        with_job(
+            &["replay", "--status", "unmapped", "--reason", "x"],
+            "billsync-29412345",
+        )
+        .spawn()
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(replay.status.code(), Some(3), "{}", text(&replay));
+    let next_hour = finish(with_job(&["sync"], "billsync-29412405").spawn().unwrap()).await;
+    assert_eq!(next_hour.status.code(), Some(3), "{}", text(&next_hour));
+    let retry = finish(with_job(&["sync"], "billsync-29412345").spawn().unwrap()).await;
+    let output = text(&retry);
+    assert_eq!(retry.status.code(), Some(4), "{output}");
+    assert!(
+        output.contains("taking over the run lock of an earlier attempt of this Job"),
+        "{output}"
+    );
+    assert!(!world.lago.events().is_empty(), "the retry synced");
+}
+
 /// `ledger vacuum` rewrites the whole file (SQLite's VACUUM holds the write lock throughout):
 /// beside a sync it would make the sync's writes time out (exit 1, retried by the Job) or
 /// itself fail half-way. Like `set-cursor`, it takes the run lock, so beside a run it exits 3
