@@ -1,6 +1,9 @@
 //! The ledger as a specification: outbox staging, no-op re-reads, changes of sent records kept
 //! beside them, acknowledgements, the run lock, and refusal of a ledger from a newer binary.
 
+#[path = "common/old_ledger.rs"]
+mod old_ledger;
+
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -699,38 +702,12 @@ async fn export_writes_filtered_csv_and_vacuum_prunes_only_old_sent_records() {
     assert_eq!((again.new, again.unchanged), (0, 1));
 }
 
-/// A ledger at schema 0001 only, as the first release created it: its path and a pool on it.
-async fn ledger_at_schema_0001(dir: &tempfile::TempDir) -> (std::path::PathBuf, sqlx::SqlitePool) {
-    let path = dir.path().join("ledger.db");
-    let only_first = dir.path().join("migrations");
-    std::fs::create_dir(&only_first).unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/0001_ledger.sql"),
-        only_first.join("0001_ledger.sql"),
-    )
-    .unwrap();
-    let pool = sqlx::SqlitePool::connect_with(
-        sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true),
-    )
-    .await
-    .unwrap();
-    sqlx::migrate::Migrator::new(only_first.as_path())
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
-    (path, pool)
-}
-
 /// A ledger written before record bodies had their own table (schema 0001) opens with every
 /// record readable: its JSON body, its frozen payload (still sent byte for byte), its key.
 #[tokio::test]
 async fn a_ledger_from_schema_0001_keeps_its_records_and_payloads_after_the_upgrade() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, pool) = ledger_at_schema_0001(&dir).await;
+    let (path, pool) = old_ledger::in_dir_at_schema_0001(dir.path()).await;
     let pending = record("instance:1", "1.25");
     let sent = record("instance:2", "2.50");
     for (id, r, status, payload) in [
@@ -1113,7 +1090,7 @@ async fn replay_writes_never_touch_the_payload_of_a_pending_or_sent_record() {
 #[tokio::test]
 async fn reading_commands_never_upgrade_an_older_ledger() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, pool) = ledger_at_schema_0001(&dir).await;
+    let (path, pool) = old_ledger::in_dir_at_schema_0001(dir.path()).await;
     let version = || async {
         sqlx::query_scalar::<_, i64>("SELECT MAX(version) FROM _sqlx_migrations")
             .fetch_one(&pool)

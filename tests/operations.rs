@@ -1,8 +1,12 @@
 //! Running unattended: a SIGTERM in the middle of a push, two runs on one ledger, metrics
 //! pushed to a Pushgateway, and no secret in anything billsync prints.
 
+#[path = "common/old_ledger.rs"]
+mod old_ledger;
 #[path = "common/world.rs"]
 mod world;
+
+use old_ledger::newest_migration;
 
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -864,19 +868,6 @@ async fn a_dry_run_never_creates_or_upgrades_the_ledger_and_fails_when_a_provide
     );
 }
 
-/// The newest schema migration the ledger at `path` records as applied.
-async fn newest_migration(path: &std::path::Path) -> i64 {
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    n
-}
-
 /// A run killed by SIGKILL or the OOM killer leaves its lock row behind until `lock_ttl`
 /// passes. After that, `status` must not say the lock is "held": on a bad day that sends the
 /// on-call engineer looking for a run that is not there.
@@ -1391,39 +1382,18 @@ async fn reconcile_of_a_ledger_of_an_older_schema_exits_2_and_does_not_upgrade_i
     let path = world.dir.path().join("ledger").join("ledger.db");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     // The first schema only: the ledger of an older billsync.
-    let first_only = world.dir.path().join("first-migration");
-    std::fs::create_dir(&first_only).unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/0001_ledger.sql"),
-        first_only.join("0001_ledger.sql"),
-    )
-    .unwrap();
-    let pool = sqlx::SqlitePool::connect_with(
-        sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true),
-    )
-    .await
-    .unwrap();
-    sqlx::migrate::Migrator::new(first_only.as_path())
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
-    let version = || async {
-        sqlx::query_scalar::<_, i64>("SELECT MAX(version) FROM _sqlx_migrations")
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-    };
-    assert_eq!(version().await, 1);
+    let pool = old_ledger::at_schema_0001(&path).await;
+    pool.close().await;
+    assert_eq!(newest_migration(&path).await, 1);
     let out = run(&cfg, &["reconcile", "--period", "2026-10"]).await;
     let output = text(&out);
     assert_eq!(out.status.code(), Some(2), "{output}");
     assert!(output.contains("this billsync knows up to"), "{output}");
-    assert_eq!(version().await, 1, "reconcile upgraded the ledger");
-    pool.close().await;
+    assert_eq!(
+        newest_migration(&path).await,
+        1,
+        "reconcile upgraded the ledger"
+    );
 }
 
 /// `reconcile` reads the ledger and reads back the sinks; it pulls nothing and maps nothing.
