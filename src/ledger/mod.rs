@@ -109,6 +109,19 @@ pub enum LedgerError {
     Overflow { key: String, what: String },
 }
 
+/// The records a [`RecordFilter`] selects, after id `?2`: status `?1`, source or provider
+/// `?3`, charge period start from `?4` and before `?5`, last run `?6` (NULL: any). A macro so
+/// that the statements using it stay literals.
+macro_rules! matching {
+    () => {
+        "(?1 IS NULL OR r.status = ?1) AND r.id > ?2
+           AND (?3 IS NULL OR source = ?3 OR provider = ?3)
+           AND (?4 IS NULL OR charge_period_start >= ?4)
+           AND (?5 IS NULL OR charge_period_start < ?5)
+           AND (?6 IS NULL OR last_run = ?6)"
+    };
+}
+
 /// Records `vacuum` prunes for a cutoff (`?1`): sent or ignored, old by charge period and send
 /// time, not pruned yet.
 const PRUNABLE_COUNT: &str = "SELECT COUNT(*) FROM records WHERE status IN ('sent', 'ignored')
@@ -1447,17 +1460,12 @@ impl Ledger {
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<StoredRecord>, LedgerError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "SELECT r.id, r.idem_key, r.status, b.record, r.correction_of
-             FROM records r LEFT JOIN record_bodies b ON b.id = r.id
-             WHERE (?1 IS NULL OR r.status = ?1) AND r.id > ?2
-               AND (?3 IS NULL OR source = ?3 OR provider = ?3)
-               AND (?4 IS NULL OR charge_period_start >= ?4)
-               AND (?5 IS NULL OR charge_period_start < ?5)
-               AND (?6 IS NULL OR last_run = ?6)
-               AND (b.record IS NULL OR length(b.record) > 0)
-             ORDER BY r.id LIMIT ?7",
-        )
+             FROM records r LEFT JOIN record_bodies b ON b.id = r.id WHERE ",
+            matching!(),
+            " AND (b.record IS NULL OR length(b.record) > 0) ORDER BY r.id LIMIT ?7"
+        ))
         .bind(filter.status.map(Status::as_str))
         .bind(after_id)
         .bind(filter.provider.as_deref())
@@ -1492,15 +1500,13 @@ impl Ledger {
     /// How many records `filter` selects whose content `vacuum` pruned ([`Ledger::records_matching`]
     /// leaves them out: there is nothing to re-map).
     pub async fn pruned_matching(&self, filter: &RecordFilter) -> Result<u64, LedgerError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM records r JOIN record_bodies b ON b.id = r.id
-             WHERE (?1 IS NULL OR r.status = ?1) AND length(b.record) = 0
-               AND (?2 IS NULL OR source = ?2 OR provider = ?2)
-               AND (?3 IS NULL OR charge_period_start >= ?3)
-               AND (?4 IS NULL OR charge_period_start < ?4)
-               AND (?5 IS NULL OR last_run = ?5)",
-        )
+        let n: i64 = sqlx::query_scalar(concat!(
+            "SELECT COUNT(*) FROM records r JOIN record_bodies b ON b.id = r.id WHERE ",
+            matching!(),
+            " AND length(b.record) = 0"
+        ))
         .bind(filter.status.map(Status::as_str))
+        .bind(0_i64)
         .bind(filter.provider.as_deref())
         .bind(filter.since.map(ts))
         .bind(filter.until.map(ts))
@@ -2377,11 +2383,7 @@ impl Ledger {
             updated_at: r.get(3),
         })
         .collect();
-        st.open_changes =
-            sqlx::query_scalar("SELECT COUNT(*) FROM record_changes WHERE state = 'unresolved'")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(sql("counting changes"))?;
+        st.open_changes = self.unresolved_change_count().await?;
         st.corrections =
             sqlx::query_scalar("SELECT COUNT(*) FROM records WHERE correction_of IS NOT NULL")
                 .fetch_one(&self.pool)
