@@ -1506,7 +1506,7 @@ impl Ledger {
             " AND length(b.record) = 0"
         ))
         .bind(filter.status.map(Status::as_str))
-        .bind(0_i64)
+        .bind(0_i64) // after id 0: every record
         .bind(filter.provider.as_deref())
         .bind(filter.since.map(ts))
         .bind(filter.until.map(ts))
