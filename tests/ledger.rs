@@ -551,8 +551,10 @@ async fn the_lock_keeps_a_second_run_out_until_released_or_expired() {
 /// the old one has ended. The retry takes over the lock its own Job's earlier attempt left
 /// (holders named `job:<name>/…`, from `BILLSYNC_JOB_NAME`) instead of failing on it with
 /// exit 3 for `lock_ttl`. Any other holder keeps it: another Job (the next hour's, a replay), a
-/// run outside Kubernetes, a Job whose name only begins like this one's. The attempt taken over
-/// finds out at its next refresh.
+/// run outside Kubernetes, a Job whose name only begins like this one's, and a second sync of
+/// the same Job in the same pod (started by hand with `kubectl exec` beside the live run: a
+/// retry is always a new pod, `restartPolicy: Never`, hence another host name). The attempt
+/// taken over finds out at its next refresh.
 #[tokio::test]
 async fn a_retry_of_the_same_job_takes_over_its_crashed_attempts_lock_and_nobody_else_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -566,6 +568,7 @@ async fn a_retry_of_the_same_job_takes_over_its_crashed_attempts_lock_and_nobody
         "job:billsync-2941234/billsync-2941234-aaaaa:1:00001234",
         "billsync-29412345-x7k2p:1:0000abcd",
         "host:42:00000001",
+        "job:billsync-29412345/billsync-29412345-x7k2p:77:00005678",
     ] {
         match ledger.acquire_lock(other, now, ttl).await {
             Err(LedgerError::Locked { holder, .. }) => assert_eq!(holder, first, "{other}"),

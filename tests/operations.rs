@@ -918,7 +918,8 @@ async fn status_tells_an_expired_lock_of_a_killed_run_from_a_held_one() {
 /// The CronJob passes its Job's name (`BILLSYNC_JOB_NAME`): the retry of a Job whose first pod
 /// was OOM-killed finds that attempt's lock, unexpired, and takes it over instead of exiting 3
 /// for `lock_ttl`. A `replay` with the same variable (started by hand inside the pod) does not:
-/// only a sync takes over, and only from its own Job; another Job's sync gets exit 3.
+/// only a sync takes over, and only from its own Job's earlier pod; another Job's sync, and a
+/// second sync started by hand in the live pod, get exit 3.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_cronjob_sync_takes_over_its_crashed_attempts_lock_and_nothing_else_does() {
     let world = World::start(Behaviour::Postgres).await;
@@ -948,6 +949,10 @@ async fn a_retried_cronjob_sync_takes_over_its_crashed_attempts_lock_and_nothing
     assert_eq!(replay.status.code(), Some(3), "{}", text(&replay));
     let next_hour = finish(with_job(&["sync"], "billsync-29412405").spawn().unwrap()).await;
     assert_eq!(next_hour.status.code(), Some(3), "{}", text(&next_hour));
+    let mut same_pod = with_job(&["sync"], "billsync-29412345");
+    same_pod.env("HOSTNAME", "billsync-29412345-x7k2p");
+    let same_pod = finish(same_pod.spawn().unwrap()).await;
+    assert_eq!(same_pod.status.code(), Some(3), "{}", text(&same_pod));
     let retry = finish(with_job(&["sync"], "billsync-29412345").spawn().unwrap()).await;
     let output = text(&retry);
     assert_eq!(retry.status.code(), Some(4), "{output}");

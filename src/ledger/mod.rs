@@ -802,10 +802,13 @@ impl Ledger {
     /// its `ttl`; a live holder refreshes it with [`Ledger::refresh_lock`].
     ///
     /// A holder named after a Kubernetes Job (`job:<name>/…`) also takes over an unexpired lock
-    /// of the same Job: that is an earlier attempt, which Kubernetes replaces only once its pod
-    /// has failed (a Job with a pod failure policy replaces a pod only when it is fully
-    /// terminated). Without this, the retry of a run killed by the OOM killer found the dead
-    /// run's lock for `lock_ttl` and failed the Job with exit 3, and `backoffLimit` never helped.
+    /// of the same Job held from another pod: that is an earlier attempt, which Kubernetes
+    /// replaces only once its pod has failed (a Job with a pod failure policy replaces a pod
+    /// only when it is fully terminated), always with a new pod (`restartPolicy: Never`), hence
+    /// another host name. Without this, the retry of a run killed by the OOM killer found the
+    /// dead run's lock for `lock_ttl` and failed the Job with exit 3, and `backoffLimit` never
+    /// helped. The same Job in the same pod is a second sync started beside the live one
+    /// (`kubectl exec`): it is refused like any other.
     pub async fn acquire_lock(
         &self,
         holder: &str,
@@ -823,10 +826,11 @@ impl Ledger {
                 .await
                 .map_err(sql("reading the run lock"))?;
         let job = job_of(holder);
+        let pod = pod_of(holder);
         if let Some(row) = current {
             let (other, until): (String, String) = (row.get(0), row.get(2));
             if other != holder && until > ts(now) {
-                if job.is_some() && job == job_of(&other) {
+                if job.is_some() && job == job_of(&other) && pod != pod_of(&other) {
                     tracing::warn!(
                         previous = %other,
                         "taking over the run lock of an earlier attempt of this Job (it ended: \
@@ -842,12 +846,14 @@ impl Ledger {
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
                  acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
              WHERE locks.expires_at <= excluded.acquired_at OR locks.holder = excluded.holder
-                OR (?4 IS NOT NULL AND substr(locks.holder, 1, length(?4)) = ?4)",
+                OR (?4 IS NOT NULL AND substr(locks.holder, 1, length(?4)) = ?4
+                    AND substr(locks.holder, 1, length(?5)) <> ?5)",
         )
         .bind(holder)
         .bind(ts(now))
         .bind(ts(expires))
         .bind(job)
+        .bind(pod)
         .execute(&self.pool)
         .await
         .map_err(sql("taking the run lock"))?;
@@ -2469,6 +2475,15 @@ fn job_of(holder: &str) -> Option<&str> {
     let rest = holder.strip_prefix(JOB_HOLDER_PREFIX)?;
     let end = rest.find('/')?;
     Some(&holder[..JOB_HOLDER_PREFIX.len() + end + 1])
+}
+
+/// The `job:<name>/<host>:` part of a lock holder named after a Job: its pod. A holder is
+/// `…<host>:<pid>:<random>`, and a pod's host name has no colon.
+fn pod_of(holder: &str) -> Option<&str> {
+    job_of(holder)?;
+    let mut colons = holder.rmatch_indices(':').map(|(i, _)| i);
+    let (_, host_end) = (colons.next()?, colons.next()?);
+    Some(&holder[..=host_end])
 }
 
 /// The number of `name` among `names`, added the first time it is seen (the only time the
