@@ -135,6 +135,33 @@ pub enum ReconcileError {
     Period(String),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// A sum leaves a decimal's range (about ±7.9e28): an amount no invoice carries, in the
+    /// ledger or in a sink. Reported instead of a panic, naming the line.
+    #[error("{0}: the sum leaves the range of a decimal (about ±7.9e28): an amount no invoice can carry is in the ledger or the sink; find it with `billsync ledger export`")]
+    Overflow(String),
+}
+
+/// `acc += v`, or the first line whose sum leaves a decimal's range is kept in `overflow`.
+fn add(
+    acc: &mut Decimal,
+    v: Decimal,
+    overflow: &mut Option<String>,
+    line: impl FnOnce() -> String,
+) {
+    match acc.checked_add(v) {
+        Some(sum) => *acc = sum,
+        None => {
+            overflow.get_or_insert_with(line);
+        }
+    }
+}
+
+/// How a report line is named in an error.
+fn line_name(key: &LineKey) -> String {
+    format!(
+        "line {} / {} / {} / {} / {}",
+        key.source, key.billing_account_id, key.subscription, key.metric, key.sink
+    )
 }
 
 /// The UTC bounds of a calendar month in a time zone (`+00:00` for UTC; `+09:00` for SAKURA's
@@ -173,6 +200,7 @@ pub async fn reconcile(
     let mut lines: BTreeMap<String, (LineKey, Line)> = BTreeMap::new();
     // key → (line id, status, value property, value) for matching read-back events.
     let mut by_key: HashMap<String, (String, Status, Option<String>, Decimal)> = HashMap::new();
+    let mut overflow: Option<String> = None;
     ledger
         .for_each_in_period(from, to, |row: PeriodRow| {
             let (subscription, metric) = match (&row.subscription, &row.metric, row.status) {
@@ -192,29 +220,33 @@ pub async fn reconcile(
                 "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
                 key.source, key.billing_account_id, key.subscription, key.metric, key.sink
             );
-            let (_, line) = lines
+            let (key, line) = lines
                 .entry(id.clone())
                 .or_insert_with(|| (key, Line::default()));
+            let name = || line_name(key);
             if !row.is_correction {
                 line.records += 1;
-                line.provider_cost += row.billed_cost;
+                add(
+                    &mut line.provider_cost,
+                    row.billed_cost,
+                    &mut overflow,
+                    name,
+                );
                 line.currency = row.billing_currency.clone();
             }
             if let Some(v) = row.value {
-                match row.status {
-                    Status::Sent => line.sent += v,
-                    Status::Pending => line.pending += v,
-                    Status::Provisional => line.provisional += v,
-                    Status::Rejected => line.rejected += v,
-                    Status::Unmapped | Status::Ignored => {}
-                }
-                if matches!(
-                    row.status,
-                    Status::Sent | Status::Pending | Status::Provisional | Status::Rejected
-                ) {
-                    line.mapped += v;
+                let by_status = match row.status {
+                    Status::Sent => Some(&mut line.sent),
+                    Status::Pending => Some(&mut line.pending),
+                    Status::Provisional => Some(&mut line.provisional),
+                    Status::Rejected => Some(&mut line.rejected),
+                    Status::Unmapped | Status::Ignored => None,
+                };
+                if let Some(sum) = by_status {
+                    add(sum, v, &mut overflow, name);
+                    add(&mut line.mapped, v, &mut overflow, name);
                     if row.is_correction {
-                        line.corrections += v;
+                        add(&mut line.corrections, v, &mut overflow, name);
                     }
                 }
                 by_key.insert(
@@ -224,6 +256,9 @@ pub async fn reconcile(
             }
         })
         .await?;
+    if let Some(line) = overflow {
+        return Err(ReconcileError::Overflow(line));
+    }
 
     // Read back each (sink, subscription, metric) that has anything mapped.
     let mut unknown_events = Vec::new();
@@ -358,7 +393,7 @@ pub async fn reconcile(
                     .push(format!("{}: stored {} times in the sink", event.key, n));
             }
             if let Some(rb) = line.read_back.as_mut() {
-                *rb += stored;
+                add(rb, stored, &mut overflow, || line_name(owner));
             }
             match status {
                 Status::Sent => {
@@ -376,7 +411,12 @@ pub async fn reconcile(
                 // what the next run confirms.
                 Status::Pending => {
                     if *n == 1 {
-                        line.in_sink_unacknowledged += *value;
+                        add(
+                            &mut line.in_sink_unacknowledged,
+                            *value,
+                            &mut overflow,
+                            || line_name(owner),
+                        );
                     }
                     if stored != *value {
                         line.unexplained_keys += 1;
@@ -449,11 +489,17 @@ pub async fn reconcile(
                 .push(*value);
         }
     }
-    let sink_totals = compare_totals(&mut lines, totals_read, &pending_values, period);
-    for (_, line) in lines.values_mut() {
+    if let Some(line) = overflow {
+        return Err(ReconcileError::Overflow(line));
+    }
+    let sink_totals = compare_totals(&mut lines, totals_read, &pending_values, period)?;
+    for (key, line) in lines.values_mut() {
         if let Some(rb) = line.read_back {
-            line.unexplained =
-                rb - line.sent - line.in_sink_unacknowledged - line.pending_maybe_in_sink;
+            line.unexplained = rb
+                .checked_sub(line.sent)
+                .and_then(|d| d.checked_sub(line.in_sink_unacknowledged))
+                .and_then(|d| d.checked_sub(line.pending_maybe_in_sink))
+                .ok_or_else(|| ReconcileError::Overflow(line_name(key)))?;
         }
         line.notes.sort();
         line.notes.truncate(20);
@@ -486,8 +532,11 @@ fn explained_by_pending(difference: Decimal, values: &[Decimal]) -> Option<bool>
         return Some(false);
     }
     // All of them, or not enough: no search (the usual case after a stopped run is all).
-    let all: Decimal = values.iter().sum();
-    if all <= difference {
+    // A sum beyond a decimal's range is beyond `difference` too.
+    let all = values
+        .iter()
+        .try_fold(Decimal::ZERO, |sum, v| sum.checked_add(*v));
+    if let Some(all) = all.filter(|all| *all <= difference) {
         return Some(all == difference);
     }
     // Decimal hashes its normalized value: 12 and 12.0 are one sum.
@@ -502,7 +551,7 @@ fn explained_by_pending(difference: Decimal, values: &[Decimal]) -> Option<bool>
         }
         let next: Vec<Decimal> = sums
             .iter()
-            .map(|s| s + v)
+            .filter_map(|s| s.checked_add(*v))
             .filter(|s| *s <= difference)
             .collect();
         for s in next {
@@ -528,25 +577,48 @@ fn compare_totals(
     totals: Vec<(LineKey, crate::sinks::ReadBackTotal)>,
     pending_values: &HashMap<&str, Vec<Decimal>>,
     period: &str,
-) -> Vec<SinkTotal> {
+) -> Result<Vec<SinkTotal>, ReconcileError> {
     let mut out = Vec::new();
+    // Each group's lines, indexed once: walking every line for each total made a month of many
+    // customers quadratic.
+    let mut group_lines: HashMap<(String, String, String), Vec<String>> = HashMap::new();
+    for (id, (k, _)) in lines.iter() {
+        group_lines
+            .entry((k.sink.clone(), k.subscription.clone(), k.metric.clone()))
+            .or_default()
+            .push(id.clone());
+    }
     for (key, total) in totals {
-        let same = |k: &LineKey| {
-            k.sink == key.sink && k.subscription == key.subscription && k.metric == key.metric
-        };
-        let (mut count, mut sent, mut pending) = (0u64, Decimal::ZERO, Decimal::ZERO);
+        let ids = group_lines
+            .get(&(
+                key.sink.clone(),
+                key.subscription.clone(),
+                key.metric.clone(),
+            ))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let count = ids.len() as u64;
+        let (mut sent, mut pending) = (Decimal::ZERO, Decimal::ZERO);
         let mut values: Vec<Decimal> = Vec::new();
-        for (id, (k, l)) in lines.iter() {
-            if same(k) {
-                count += 1;
-                sent += l.sent;
-                pending += l.pending;
-                if let Some(v) = pending_values.get(id.as_str()) {
-                    values.extend_from_slice(v);
-                }
+        let group = || format!("{} total of {} {}", key.sink, key.subscription, key.metric);
+        let mut overflow = None;
+        for id in ids {
+            let Some((_, l)) = lines.get(id) else {
+                continue;
+            };
+            add(&mut sent, l.sent, &mut overflow, group);
+            add(&mut pending, l.pending, &mut overflow, group);
+            if let Some(v) = pending_values.get(id.as_str()) {
+                values.extend_from_slice(v);
             }
         }
-        let difference = total.total - sent;
+        if let Some(group) = overflow {
+            return Err(ReconcileError::Overflow(group));
+        }
+        let difference = total
+            .total
+            .checked_sub(sent)
+            .ok_or_else(|| ReconcileError::Overflow(group()))?;
         let explained = explained_by_pending(difference, &values);
         let maybe_pending = if explained == Some(true) {
             difference
@@ -584,10 +656,10 @@ fn compare_totals(
                 key.sink, total.total, key.subscription, key.metric
             ));
         }
-        for (k, l) in lines.values_mut() {
-            if !same(k) {
+        for id in ids {
+            let Some((_, l)) = lines.get_mut(id) else {
                 continue;
-            }
+            };
             if count == 1 {
                 l.read_back = Some(total.total);
                 l.pending_maybe_in_sink = maybe_pending;
@@ -612,7 +684,7 @@ fn compare_totals(
             source: total.source,
         });
     }
-    out
+    Ok(out)
 }
 
 const CSV_HEADER: &str = "source,billing_account_id,subscription,metric,sink,currency,records,provider_cost,mapped,corrections,sent,pending,provisional,rejected,read_back,in_sink_unacknowledged,pending_maybe_in_sink,unexplained,notes";

@@ -336,3 +336,41 @@ async fn an_event_held_under_another_subscription_is_a_difference_of_both_lines(
         to_table(&report)
     );
 }
+
+/// Amounts that add up beyond a decimal's range (about ±7.9e28; a corrupted ledger, a hostile
+/// provider line) make `reconcile` fail naming the line, instead of panicking on an overflow
+/// in its sums ("Addition overflowed", a crash with no report at all).
+#[tokio::test]
+async fn sums_beyond_a_decimals_range_are_an_error_naming_the_line_not_a_panic() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}", pipeline.ledger.path().display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let changed = sqlx::query(
+            "UPDATE records SET value = '60000000000000000000000000000'
+             WHERE id IN (SELECT id FROM records WHERE status = 'sent'
+                 AND subscription = 'sub_acme_main' AND metric = 'storage_cost' LIMIT 2)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(changed.rows_affected(), 2);
+    }
+    let err = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .expect_err("the sums leave a decimal's range");
+    let message = err.to_string();
+    assert!(
+        message.contains("sub_acme_main / storage_cost") && message.contains("range of a decimal"),
+        "{message}"
+    );
+}
