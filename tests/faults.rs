@@ -183,8 +183,9 @@ async fn lago_500_502_503_are_retried_and_everything_arrives_once() {
 #[tokio::test]
 async fn lago_5xx_past_the_retries_leaves_that_batch_pending_for_the_next_run() {
     let world = World::start(Behaviour::Postgres).await;
-    // fast_retry: 3 retries = 4 attempts, all refused: the first batch (25) stays pending.
-    world.lago.fail_next(4, 502);
+    // fast_retry: 3 retries = 4 attempts, all refused, and the two halves of the run's one
+    // probe for a poison event (one attempt each) too: the first batch (25) stays pending.
+    world.lago.fail_next(4 + 2, 502);
     let run = sync(&world).await;
     assert_eq!((run.sent, run.failed), (46, 25));
     assert_eq!(run.outcome, RunOutcome::Undelivered);

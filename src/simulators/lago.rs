@@ -170,6 +170,8 @@ struct Faults {
     drop_after_store: VecDeque<DropMode>,
     /// transaction_id → (field, error).
     reject: HashMap<String, (String, String)>,
+    /// transaction_id → the status a batch holding it is answered (a Lago bug on one event).
+    crash: HashMap<String, u16>,
     /// A sustained rate limit (see [`LagoSimHandle::set_rate_limit`]).
     rate: Option<RateWindow>,
 }
@@ -455,6 +457,15 @@ impl LagoSimHandle {
         lock(&self.shared.faults)
             .reject
             .insert(transaction_id.into(), (field.into(), error.into()));
+    }
+
+    /// Answer `status` (e.g. 500) to every batch holding an event with this transaction id,
+    /// storing none of the batch: a Lago bug on one event's value fails its whole request,
+    /// at every retry (the batch is one Postgres transaction, rolled back).
+    pub fn crash_on_transaction(&self, transaction_id: impl Into<String>, status: u16) {
+        lock(&self.shared.faults)
+            .crash
+            .insert(transaction_id.into(), status);
     }
 
     /// Remove every pending fault, the delay and the rejections.
@@ -1242,6 +1253,17 @@ async fn post_batch(
     };
     if events.len() > shared.config.max_batch {
         return validation_errors(json!({"events": ["too_many_events"]}));
+    }
+    let crashed = {
+        let f = lock(&shared.faults);
+        events.iter().find_map(|e| {
+            let tid = e.get("transaction_id").and_then(Value::as_str)?;
+            f.crash.get(tid).copied()
+        })
+    };
+    if let Some(code) = crashed {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error_body(status, json!({}));
     }
     let now = Utc::now();
     let mut valid = Vec::with_capacity(events.len());

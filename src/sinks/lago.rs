@@ -24,6 +24,14 @@
 //!   pending) instead of burning retries, and so does a 400 (lago-api answers it only about the
 //!   request as a whole: a body it cannot read, never one event); nothing is ever marked
 //!   delivered without a 2xx or a per-record `value_already_exist`.
+//! - **A batch Lago answers 5xx at every attempt is split to find a poison event**, one that
+//!   Lago always fails on (a bug of its own on some value): otherwise the batch fails run after
+//!   run, its batch-mates never billed. A 503 (Lago saying it is down), a 429 or a network
+//!   error is not about the events and is never split. Halves, level by level, resent through
+//!   the same queue as a 422's remainder, one attempt each for a 5xx; only with evidence
+//!   Lago is up ([`Evidence`]: something it stored this run, or the run's one probe split),
+//!   at most two levels without a part stored, and within a per-batch budget, so an outage
+//!   costs a handful of extra requests, not a split of every batch.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -117,6 +125,79 @@ pub struct LagoSink {
     throttled: std::sync::atomic::AtomicU64,
     /// Spacing of requests once Lago has rate-limited us.
     pacer: std::sync::Mutex<Pacer>,
+    /// Whether a batch Lago fails with 5xx may be split to find the event it fails on.
+    evidence: Evidence,
+}
+
+/// Whether Lago is up, as this run has seen it: the evidence a batch answered 5xx at every
+/// attempt needs before it is split to find the one event Lago fails on (a poison event).
+/// Without it the 5xx is taken for an outage, where splitting only multiplies the requests.
+#[derive(Debug, Default)]
+struct Evidence {
+    /// Requests Lago answered as a working Lago so far (its events answer, its own 422).
+    answered: std::sync::atomic::AtomicU64,
+    /// `answered` when a split last ended with every part failed and nothing answered
+    /// meanwhile: Lago looks down until it answers again.
+    doubted_at: std::sync::atomic::AtomicU64,
+    /// The one split of the run made without evidence (its parts may be the evidence) is
+    /// spent, or the evidence was withdrawn.
+    probed: std::sync::atomic::AtomicBool,
+}
+
+impl Evidence {
+    fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn saw_lago_answer(&self) {
+        self.answered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many levels a split of a failed batch may go without a part stored in between:
+    /// two when Lago answered since it last looked down (two poison events may fall into
+    /// both halves), one for the run's single probe, `None`: no split (an outage).
+    fn split_levels(&self) -> Option<u32> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.answered() > self.doubted_at.load(SeqCst) {
+            Some(2)
+        } else if !self.probed.swap(true, SeqCst) {
+            Some(1)
+        } else {
+            None
+        }
+    }
+
+    /// A split ended with nothing stored: until Lago answers again, no batch is split.
+    fn doubt(&self, answered: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.doubted_at.fetch_max(answered, SeqCst);
+        self.probed.store(true, SeqCst);
+    }
+}
+
+/// A part of a batch split to find the event Lago fails on.
+#[derive(Debug, Clone, Copy)]
+struct SplitPart {
+    /// [`Evidence::answered`] when the part was made.
+    since: u64,
+    /// Levels ended before this one without anything answered.
+    misses: u32,
+    /// Levels allowed without anything answered.
+    levels: u32,
+}
+
+/// Records of one `deliver` still to send: a run of batch positions, and the split it comes
+/// from (`None`: the batch itself, or its rest after a 422 by index).
+struct Group {
+    indices: Vec<usize>,
+    split: Option<SplitPart>,
+}
+
+/// The most part requests one batch of `n` may cost: two per level for two poison events
+/// (`2 × 2 × ⌈log2 n⌉`), bounding a flaky Lago's cost when every level has a success.
+fn split_budget(n: usize) -> usize {
+    4 * (usize::BITS - n.saturating_sub(1).leading_zeros()) as usize
 }
 
 /// Spaces requests once Lago answered 429, so a rate-limited run proceeds at the limit instead
@@ -246,6 +327,7 @@ impl LagoSink {
             client,
             throttled: std::sync::atomic::AtomicU64::new(0),
             pacer: std::sync::Mutex::new(Pacer::new()),
+            evidence: Evidence::default(),
         })
     }
 
@@ -266,8 +348,11 @@ impl LagoSink {
         SinkStopped::new(self.name.clone(), message)
     }
 
-    /// Send one request (retrying transient failures) and classify Lago's answer.
-    async fn send(&self, payloads: &[&str]) -> Result<RequestResult, SinkStopped> {
+    /// Send one request (retrying transient failures) and classify Lago's answer. `part`: the
+    /// request is a part of a batch that Lago answered 5xx at every attempt, sent to find the
+    /// event it fails on; a 5xx (not 503) ends it at once, the batch already had its retries
+    /// (429s, 503s and network errors are still retried).
+    async fn send(&self, payloads: &[&str], part: bool) -> Result<RequestResult, SinkStopped> {
         let mut body =
             String::with_capacity(payloads.iter().map(|p| p.len() + 1).sum::<usize>() + 13);
         body.push_str("{\"events\":[");
@@ -281,6 +366,8 @@ impl LagoSink {
 
         let mut delays = self.retry.backoff().build();
         let mut attempt = 0usize;
+        // Every attempt so far answered a 5xx other than 503.
+        let mut server_errors = true;
         loop {
             attempt += 1;
             let started = Instant::now();
@@ -296,7 +383,17 @@ impl LagoSink {
                     );
                     return Ok(result);
                 }
-                Attempt::Transient { reason, hint } => (reason, hint),
+                Attempt::Transient {
+                    reason,
+                    hint,
+                    server_error,
+                } => {
+                    server_errors &= server_error;
+                    if part && server_error {
+                        return Ok(RequestResult::ServerError(reason));
+                    }
+                    (reason, hint)
+                }
             };
             match self.retry.with_hint(delays.next(), hint) {
                 Some(wait) => {
@@ -318,12 +415,78 @@ impl LagoSink {
                         %reason,
                         "lago batch request failed, retries exhausted; records stay pending"
                     );
-                    return Ok(RequestResult::Failed(format!(
-                        "{reason} (gave up after {attempt} attempts)"
-                    )));
+                    let reason = format!("{reason} (gave up after {attempt} attempts)");
+                    return Ok(if server_errors {
+                        RequestResult::ServerError(reason)
+                    } else {
+                        RequestResult::Failed(reason)
+                    });
                 }
             }
         }
+    }
+
+    /// Decide on a request (`request`: batch positions) Lago answered 5xx at every attempt,
+    /// once every part of the same level was sent: its two halves to send (to find the event
+    /// Lago fails on, so that its batch-mates are delivered), or why not, as the end of the
+    /// records' failure reason. A batch is split only with evidence Lago is up ([`Evidence`]);
+    /// a part, only while a part was stored within its last `levels` levels and the batch's
+    /// [`split_budget`] lasts.
+    fn split_failed(
+        &self,
+        request: &[usize],
+        split: Option<SplitPart>,
+        budget: &mut usize,
+    ) -> Result<(Vec<usize>, Vec<usize>, SplitPart), String> {
+        let answered = self.evidence.answered();
+        if request.len() == 1 {
+            return Err(match split {
+                Some(_) => {
+                    "; Lago fails on this event alone: the others of its batch were sent without it"
+                        .into()
+                }
+                None => String::new(),
+            });
+        }
+        let (misses, levels) = match split {
+            None => match self.evidence.split_levels() {
+                Some(levels) => (0, levels),
+                // Nothing shows Lago up: an outage, not an event.
+                None => return Err(String::new()),
+            },
+            Some(part) => {
+                let misses = if answered > part.since {
+                    0
+                } else {
+                    part.misses + 1
+                };
+                if misses >= part.levels {
+                    // Every part failed, and nothing was stored meanwhile: Lago looks down.
+                    // No batch is split again until it stores something.
+                    self.evidence.doubt(answered);
+                    tracing::warn!(sink = %self.name, events = request.len(),
+                        "no part of a batch Lago answered 5xx was stored: taken for an outage, no more splits until Lago stores again");
+                    return Err(" (its batch was split to find an event Lago fails on, but Lago stored no part of it: taken for an outage)".into());
+                }
+                (misses, part.levels)
+            }
+        };
+        if *budget < 2 {
+            return Err(" (its batch was split as far as one batch may be)".into());
+        }
+        *budget -= 2;
+        tracing::warn!(sink = %self.name, events = request.len(),
+            "Lago answered 5xx to every attempt of a request; sending it in halves to find the event it fails on");
+        let mid = request.len().div_ceil(2);
+        Ok((
+            request[..mid].to_vec(),
+            request[mid..].to_vec(),
+            SplitPart {
+                since: answered,
+                misses,
+                levels,
+            },
+        ))
     }
 
     /// One HTTP exchange.
@@ -350,6 +513,7 @@ impl LagoSink {
                 return Ok(Attempt::Transient {
                     reason: transport_reason(&e),
                     hint: None,
+                    server_error: false,
                 })
             }
         };
@@ -386,6 +550,7 @@ impl LagoSink {
                         transport_reason(&e)
                     ),
                     hint,
+                    server_error: false,
                 })
             }
         };
@@ -497,6 +662,9 @@ impl LagoSink {
                 return Ok(Attempt::Transient {
                     reason: format!("HTTP {status}: {}", snippet(&text)),
                     hint,
+                    // A 5xx may be about the request (a Lago bug on one of its events, a
+                    // worker that died on it); a 503 is Lago or its proxy saying it is down.
+                    server_error: (500..=599).contains(&code) && code != 503,
                 })
             }
             // Anything else is unexpected: do not quarantine records for it, keep them pending.
@@ -700,6 +868,8 @@ enum Attempt {
     Transient {
         reason: String,
         hint: Option<Duration>,
+        /// A 5xx other than 503: possibly about this request's events.
+        server_error: bool,
     },
 }
 
@@ -708,6 +878,9 @@ enum RequestResult {
     Delivered,
     Rejected(String),
     Failed(String),
+    /// Not delivered, Lago having answered a 5xx other than 503 at every attempt: maybe an
+    /// outage, maybe one event of the request that Lago always fails on.
+    ServerError(String),
     /// A 422 by index: `Some` = resolved, `None` = not mentioned, to resend.
     Split(Vec<Option<Outcome>>),
 }
@@ -718,6 +891,7 @@ impl RequestResult {
             RequestResult::Delivered => "delivered",
             RequestResult::Rejected(_) => "rejected",
             RequestResult::Failed(_) => "failed",
+            RequestResult::ServerError(_) => "server error",
             RequestResult::Split(_) => "split",
         }
     }
@@ -919,16 +1093,53 @@ impl Sink for LagoSink {
 
     async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-        // Indices still to send, in input order.
-        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        // Records still to send, in input order; parts of a split go first, half by half.
+        let mut queue: std::collections::VecDeque<Group> = std::collections::VecDeque::new();
+        queue.push_back(Group {
+            indices: (0..batch.len()).collect(),
+            split: None,
+        });
+        // Requests (or parts of a split) Lago answered 5xx, decided once every part of the
+        // same level was sent: a part stored beside them is the evidence Lago is up.
+        let mut failed: Vec<(Vec<usize>, String, Option<SplitPart>)> = Vec::new();
+        let mut budget = split_budget(batch.len());
         let mut requests = 0usize;
-        while !pending.is_empty() {
+        loop {
+            let Some(group) = queue.pop_front() else {
+                if failed.is_empty() {
+                    break;
+                }
+                for (request, reason, split) in std::mem::take(&mut failed) {
+                    match self.split_failed(&request, split, &mut budget) {
+                        Ok((left, right, part)) => {
+                            queue.push_back(Group {
+                                indices: left,
+                                split: Some(part),
+                            });
+                            queue.push_back(Group {
+                                indices: right,
+                                split: Some(part),
+                            });
+                        }
+                        Err(why) => {
+                            let reason = format!("{reason}{why}");
+                            for &i in &request {
+                                outcomes[i] = Some(Outcome::Failed(reason.clone()));
+                            }
+                        }
+                    }
+                }
+                continue;
+            };
+            if group.indices.is_empty() {
+                continue;
+            }
             // One request: at most batch_size records, never the same key twice (a repeated
             // key waits for a later request, where Lago reports it as already delivered).
             let mut keys = HashSet::new();
             let mut request = Vec::new();
             let mut later = Vec::new();
-            for &i in &pending {
+            for &i in &group.indices {
                 if request.len() < self.batch_size && keys.insert(batch[i].key.as_str()) {
                     request.push(i);
                 } else {
@@ -940,14 +1151,20 @@ impl Sink for LagoSink {
             }
             requests += 1;
             let payloads: Vec<&str> = request.iter().map(|&i| batch[i].payload.as_str()).collect();
-            tracing::debug!(sink = %self.name, events = request.len(), request = requests, "lago batch request");
+            tracing::debug!(sink = %self.name, events = request.len(), request = requests, part = group.split.is_some(), "lago batch request");
             let mut unresolved = Vec::new();
-            let result = match self.send(&payloads).await {
+            let result = match self.send(&payloads, group.split.is_some()).await {
                 Ok(result) => result,
-                // What earlier requests settled (a 422 by index) goes with the stop; the rest
-                // stays pending.
+                // What earlier requests settled (a 422 by index, parts of a split) goes with
+                // the stop; the rest stays pending.
                 Err(stop) => return Err(stop.after(outcomes)),
             };
+            if matches!(
+                result,
+                RequestResult::Delivered | RequestResult::Rejected(_) | RequestResult::Split(_)
+            ) {
+                self.evidence.saw_lago_answer();
+            }
             match result {
                 RequestResult::Delivered => {
                     for &i in &request {
@@ -964,6 +1181,7 @@ impl Sink for LagoSink {
                         outcomes[i] = Some(Outcome::Failed(reason.clone()));
                     }
                 }
+                RequestResult::ServerError(reason) => failed.push((request, reason, group.split)),
                 RequestResult::Split(split) => {
                     let resolved = split.iter().filter(|o| o.is_some()).count();
                     tracing::debug!(
@@ -980,10 +1198,16 @@ impl Sink for LagoSink {
                     }
                 }
             }
-            // Each round resolves at least one record, so this loop ends.
+            // Each round resolves at least one record, or sets aside a request Lago failed
+            // (split at most down to single records), so this loop ends.
             unresolved.extend(later);
             unresolved.sort_unstable();
-            pending = unresolved;
+            if !unresolved.is_empty() {
+                queue.push_front(Group {
+                    indices: unresolved,
+                    split: group.split,
+                });
+            }
         }
         Ok(outcomes
             .into_iter()
