@@ -234,6 +234,75 @@ struct SinkProgress {
     restaged_seen: usize,
     /// Records that became pending behind `after_id`: read by id before the walk goes on.
     revisit: Vec<i64>,
+    /// The run's clock, for the sink's deduplication window ([`Sink::dedup_window`]).
+    clock: RunClock,
+}
+
+/// The run's time (`SyncOptions::now`, `ReplayOptions::now`, else the clock at its start),
+/// moving on with the time the run has taken since: a push that lasts hours judges a record
+/// against the time it is read, not the time the run began.
+#[derive(Debug, Clone, Copy)]
+struct RunClock {
+    at: DateTime<Utc>,
+    started: Instant,
+}
+
+impl RunClock {
+    fn starting(at: DateTime<Utc>) -> RunClock {
+        RunClock {
+            at,
+            started: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.at + chrono::Duration::from_std(self.started.elapsed()).unwrap_or_default()
+    }
+}
+
+/// Of the pending records just read for `sink`, those it must not be sent again: a delivery
+/// ended unclear (the sink may hold the record) longer ago than the sink deduplicates keys
+/// ([`Sink::dedup_window`]), so a resend may be counted a second time. Each is rejected with
+/// what to do, without a request; the others are returned to be sent. A person who checked
+/// what the sink counted sends it with `replay`, which forgets the unclear delivery.
+fn hold_back_unclear(
+    sink: &dyn Sink,
+    read: Vec<crate::sinks::Outgoing>,
+    now: DateTime<Utc>,
+    run_id: i64,
+) -> (
+    Vec<crate::sinks::Outgoing>,
+    Vec<(crate::sinks::Outgoing, Outcome)>,
+) {
+    let Some(dedup) = sink.dedup_window() else {
+        return (read, Vec::new());
+    };
+    let cutoff = dedup.resend_cutoff(now);
+    let (stale, send): (Vec<_>, Vec<_>) = read
+        .into_iter()
+        .partition(|o| o.unclear_since.is_some_and(|t| t < cutoff));
+    let stale = stale
+        .into_iter()
+        .map(|o| {
+            let at = o
+                .unclear_since
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default();
+            let hours = dedup.window.num_hours();
+            let reason = format!(
+                "not sent again: an earlier attempt at {at} ended unclear (timeout, network error \
+                 or 5xx), so {system} may have counted it, and it deduplicates the record's key \
+                 only for {hours} hours: a resend now could bill it twice. Check with `billsync \
+                 reconcile` whether {system} counted it (a surplus of this record's value for its \
+                 customer, metric and month beside what was sent); if not, send it with \
+                 `billsync replay --status rejected --run {run_id} --reason \"…\"`, else leave \
+                 it rejected",
+                system = dedup.system,
+            );
+            (o, Outcome::Rejected(reason))
+        })
+        .collect();
+    (send, stale)
 }
 
 impl SinkProgress {
@@ -420,7 +489,7 @@ fn record_outcomes<'b>(
                 counts.rejected += 1;
                 warn!(sink, key = %out.key, %reason, "record rejected; held in the ledger");
             }
-            Outcome::Failed(_) => counts.failed += 1,
+            Outcome::Failed(_) | Outcome::Unclear(_) => counts.failed += 1,
         }
         acks.push((out.id, outcome));
     }
@@ -1212,7 +1281,7 @@ impl Pipeline {
         run_id: Option<i64>,
         summary: &mut RunSummary,
     ) -> Result<(), SyncError> {
-        let mut sinks = self.sink_progress();
+        let mut sinks = self.sink_progress(now);
         // Records are pushed while later pages are still pulled and staged: waiting for the
         // whole pull left the sink idle for most of a run, and the pull's cores half idle
         // while pushing. The final pass below (after month settlement) goes on from where this
@@ -1612,8 +1681,8 @@ impl Pipeline {
         Ok(c)
     }
 
-    /// Where each configured sink's push stands at the start of a run.
-    fn sink_progress(&self) -> Vec<SinkProgress> {
+    /// Where each configured sink's push stands at the start of a run at `now`.
+    fn sink_progress(&self, now: DateTime<Utc>) -> Vec<SinkProgress> {
         self.sinks
             .iter()
             .map(|sink| SinkProgress {
@@ -1624,6 +1693,7 @@ impl Pipeline {
                 stopped: false,
                 restaged_seen: 0,
                 revisit: Vec::new(),
+                clock: RunClock::starting(now),
             })
             .collect()
     }
@@ -1633,10 +1703,11 @@ impl Pipeline {
     async fn push_all(
         &self,
         run_id: i64,
+        now: DateTime<Utc>,
         lock: &RunLock,
         summary: &mut RunSummary,
     ) -> Result<(), LedgerError> {
-        let mut sinks = self.sink_progress();
+        let mut sinks = self.sink_progress(now);
         self.push_pending(run_id, lock, summary, &mut sinks, None)
             .await
     }
@@ -1813,9 +1884,26 @@ impl Pipeline {
                         a.carry(more.iter().map(|o| o.id));
                     }
                     drop(turn);
+                    let (more, held_back) =
+                        hold_back_unclear(sink, more, state.clock.now(), run_id);
+                    if !held_back.is_empty() {
+                        let done = record_outcomes(
+                            sink.name(),
+                            held_back.iter().map(|(o, outcome)| (o, outcome.clone())),
+                            summary,
+                            &mut acks,
+                        );
+                        if alongside.is_none() {
+                            self.progress.batch_done(done);
+                        }
+                    }
                     ahead.extend(more);
                 }
                 if ahead.is_empty() {
+                    if !read_all {
+                        // Everything read was held back (see `hold_back_unclear`): read on.
+                        continue;
+                    }
                     exhausted = true;
                     break;
                 }
@@ -2359,7 +2447,7 @@ impl Pipeline {
                 self.settle_periods(run_id, opts.now.unwrap_or_else(Utc::now), summary)
                     .await?;
             }
-            self.push_all(run_id, lock, summary).await?;
+            self.push_all(run_id, now, lock, summary).await?;
             self.finish(run_id, summary).await?;
         }
         Ok(())
