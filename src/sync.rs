@@ -546,6 +546,9 @@ struct InFlight<'a> {
     /// The sequence number of the next batch sent, and of the next answer to take.
     sent: u64,
     taken: u64,
+    /// Per batch not answered yet: the (id, key) of its records, when they are to be recorded
+    /// as unclear if the wait for it is abandoned (see [`InFlight::push`]).
+    out: BTreeMap<u64, Vec<(i64, String)>>,
 }
 
 impl<'a> InFlight<'a> {
@@ -555,7 +558,27 @@ impl<'a> InFlight<'a> {
             arrived: BTreeMap::new(),
             sent: 0,
             taken: 0,
+            out: BTreeMap::new(),
         }
+    }
+
+    /// Send a batch; `records`: its records' (id, key), given for a sink that deduplicates
+    /// for a limited time only ([`Sink::dedup_window`]), whose records must be recorded as
+    /// unclear when the wait for their answer is abandoned ([`InFlight::abandoned`]).
+    fn push_with(&mut self, records: Vec<(i64, String)>, delivery: Delivery<'a>) {
+        if !records.is_empty() {
+            self.out.insert(self.sent, records);
+        }
+        self.push(delivery);
+    }
+
+    /// The records of the batches still out, when the wait for them is abandoned (after
+    /// [`InFlight::take_received`]): their requests may have reached the sink.
+    fn abandoned(&mut self) -> Vec<(i64, String)> {
+        std::mem::take(&mut self.out)
+            .into_values()
+            .flatten()
+            .collect()
     }
 
     /// Batches sent and not taken yet (answered or not).
@@ -583,6 +606,7 @@ impl<'a> InFlight<'a> {
                 return Some(answer);
             }
             let (seq, answer) = self.running.next().await?;
+            self.out.remove(&seq);
             if seq == self.taken {
                 self.taken += 1;
                 return Some(answer);
@@ -598,6 +622,7 @@ impl<'a> InFlight<'a> {
         use futures_util::future::FutureExt;
         use futures_util::stream::StreamExt;
         while let Some(Some((seq, answer))) = self.running.next().now_or_never() {
+            self.out.remove(&seq);
             self.arrived.insert(seq, answer);
         }
         std::mem::take(&mut self.arrived).into_values().collect()
@@ -1908,10 +1933,18 @@ impl Pipeline {
                     break;
                 }
                 let batch: Vec<_> = ahead.drain(..max_batch.min(ahead.len())).collect();
-                in_flight.push(Box::pin(async move {
-                    let result = sink.deliver(&batch).await;
-                    (batch, result)
-                }));
+                let records = if sink.dedup_window().is_some() {
+                    batch.iter().map(|o| (o.id, o.key.clone())).collect()
+                } else {
+                    Vec::new()
+                };
+                in_flight.push_with(
+                    records,
+                    Box::pin(async move {
+                        let result = sink.deliver(&batch).await;
+                        (batch, result)
+                    }),
+                );
             }
             if in_flight.is_empty() {
                 break;
@@ -1974,8 +2007,32 @@ impl Pipeline {
             }
         }
         // Batches still in flight here were abandoned at the deadline: their records stay
-        // pending, resent (same key, same bytes) by the next run.
+        // pending, resent (same key, same bytes) by the next run. The sink may have taken
+        // them: for one that deduplicates for a limited time only, that is recorded as an
+        // unclear delivery, so a next run after its window holds them back for a person.
+        let abandoned = in_flight.abandoned();
         drop(in_flight);
+        if !abandoned.is_empty() {
+            let reason = "the run stopped before the sink answered (shutdown deadline); it may \
+                          have taken the record";
+            let outgoing: Vec<_> = abandoned
+                .into_iter()
+                .map(|(id, key)| crate::sinks::Outgoing {
+                    id,
+                    key,
+                    payload: String::new(),
+                    unclear_since: None,
+                })
+                .collect();
+            record_outcomes(
+                sink.name(),
+                outgoing
+                    .iter()
+                    .map(|o| (o, Outcome::Unclear(reason.to_string()))),
+                summary,
+                &mut acks,
+            );
+        }
         let acked = self.ack_now(run_id, &mut acks, alongside).await;
         ended_by(sink.name(), lock_lost.or(read_failed), acked)
     }

@@ -7,7 +7,8 @@
 //! delivery happened, and a run more than 23 hours after it rejects the record, without a
 //! request, with a reason saying what to do; a run within the window still resends it; a clear
 //! refusal (429) is no unclear delivery; a re-read that restages the record does not free it; a
-//! deliberate `replay --status rejected` sends it. A
+//! deliberate `replay --status rejected` sends it. A request abandoned at the shutdown deadline
+//! is an unclear delivery too. A
 //! ledger from before this was recorded upgrades, taking a pending record's last failed
 //! attempt as its unclear delivery.
 
@@ -23,7 +24,7 @@ use billsync::mapping::MappingSet;
 use billsync::record::UsageRecord;
 use billsync::simulators::stripe::{DropMode, StripeSim, StripeSimConfig, StripeSimHandle};
 use billsync::sinks::stripe::{StripeConfig, StripeMode, StripeSink};
-use billsync::sync::{Pipeline, ReplayOptions, RunSummary, SyncOptions};
+use billsync::sync::{Pipeline, ReplayOptions, RunOutcome, RunSummary, SyncOptions};
 use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 
@@ -365,6 +366,50 @@ async fn a_record_restaged_by_a_re_read_stays_held_back() {
     assert_eq!(third.rejected, 1);
     assert_eq!(w.ingestion_requests(), requests, "no request for it");
     assert_eq!(w.rows().await[0].1, "rejected");
+}
+
+/// A stop (SIGTERM) while a request is out: past the shutdown deadline the run abandons the
+/// wait, and Stripe may have taken the record. That is recorded as an unclear delivery, so a
+/// run after Stripe's window holds the record back instead of resending it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_abandoned_at_the_shutdown_deadline_is_an_unclear_delivery() {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    w.stage(vec![line("a", 7)]).await;
+    w.stripe.set_delay(Duration::from_millis(1500));
+    let (trigger, shutdown) = billsync::shutdown::channel();
+    let mut p = w.pipeline().await;
+    p.shutdown = shutdown;
+    p.shutdown_deadline = Duration::from_millis(200);
+    let t0 = Utc::now();
+    let run = tokio::spawn(async move {
+        let summary = p
+            .sync(&SyncOptions {
+                now: Some(t0),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        p.ledger.close().await;
+        summary
+    });
+    while w.ingestion_requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    trigger.trigger();
+    let first = run.await.unwrap();
+    assert_eq!(first.outcome, RunOutcome::Interrupted);
+    let rows = w.rows().await;
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("pending", 1), "{rows:?}");
+    assert!(
+        rows[0].4.is_some(),
+        "the abandoned request is an unclear delivery"
+    );
+
+    w.stripe.clear_faults();
+    let requests = w.ingestion_requests();
+    let second = w.sync(t0 + a_day_and_an_hour()).await;
+    assert_eq!(second.rejected, 1);
+    assert_eq!(w.ingestion_requests(), requests, "no request for it");
 }
 
 /// A ledger from before the unclear delivery was kept (schema 0001 here) upgrades: a pending
