@@ -234,6 +234,75 @@ struct SinkProgress {
     restaged_seen: usize,
     /// Records that became pending behind `after_id`: read by id before the walk goes on.
     revisit: Vec<i64>,
+    /// The run's clock, for the sink's deduplication window ([`Sink::dedup_window`]).
+    clock: RunClock,
+}
+
+/// The run's time (`SyncOptions::now`, `ReplayOptions::now`, else the clock at its start),
+/// moving on with the time the run has taken since: a push that lasts hours judges a record
+/// against the time it is read, not the time the run began.
+#[derive(Debug, Clone, Copy)]
+struct RunClock {
+    at: DateTime<Utc>,
+    started: Instant,
+}
+
+impl RunClock {
+    fn starting(at: DateTime<Utc>) -> RunClock {
+        RunClock {
+            at,
+            started: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.at + chrono::Duration::from_std(self.started.elapsed()).unwrap_or_default()
+    }
+}
+
+/// Of the pending records just read for `sink`, those it must not be sent again: a delivery
+/// ended unclear (the sink may hold the record) longer ago than the sink deduplicates keys
+/// ([`Sink::dedup_window`]), so a resend may be counted a second time. Each is rejected with
+/// what to do, without a request; the others are returned to be sent. A person who checked
+/// what the sink counted sends it with `replay`, which forgets the unclear delivery.
+fn hold_back_unclear(
+    sink: &dyn Sink,
+    read: Vec<crate::sinks::Outgoing>,
+    now: DateTime<Utc>,
+    run_id: i64,
+) -> (
+    Vec<crate::sinks::Outgoing>,
+    Vec<(crate::sinks::Outgoing, Outcome)>,
+) {
+    let Some(dedup) = sink.dedup_window() else {
+        return (read, Vec::new());
+    };
+    let cutoff = dedup.resend_cutoff(now);
+    let (stale, send): (Vec<_>, Vec<_>) = read
+        .into_iter()
+        .partition(|o| o.unclear_since.is_some_and(|t| t < cutoff));
+    let stale = stale
+        .into_iter()
+        .map(|o| {
+            let at = o
+                .unclear_since
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default();
+            let hours = dedup.window.num_hours();
+            let reason = format!(
+                "not sent again: an earlier attempt at {at} ended unclear (timeout, network error \
+                 or 5xx), so {system} may have counted it, and it deduplicates the record's key \
+                 only for {hours} hours: a resend now could bill it twice. Check with `billsync \
+                 reconcile` whether {system} counted it (a surplus of this record's value for its \
+                 customer, metric and month beside what was sent); if not, send it with \
+                 `billsync replay --status rejected --run {run_id} --reason \"…\"`, else leave \
+                 it rejected",
+                system = dedup.system,
+            );
+            (o, Outcome::Rejected(reason))
+        })
+        .collect();
+    (send, stale)
 }
 
 impl SinkProgress {
@@ -420,7 +489,7 @@ fn record_outcomes<'b>(
                 counts.rejected += 1;
                 warn!(sink, key = %out.key, %reason, "record rejected; held in the ledger");
             }
-            Outcome::Failed(_) => counts.failed += 1,
+            Outcome::Failed(_) | Outcome::Unclear(_) => counts.failed += 1,
         }
         acks.push((out.id, outcome));
     }
@@ -477,6 +546,9 @@ struct InFlight<'a> {
     /// The sequence number of the next batch sent, and of the next answer to take.
     sent: u64,
     taken: u64,
+    /// Per batch not answered yet: the (id, key) of its records, when they are to be recorded
+    /// as unclear if the wait for it is abandoned (see [`InFlight::push`]).
+    out: BTreeMap<u64, Vec<(i64, String)>>,
 }
 
 impl<'a> InFlight<'a> {
@@ -486,7 +558,27 @@ impl<'a> InFlight<'a> {
             arrived: BTreeMap::new(),
             sent: 0,
             taken: 0,
+            out: BTreeMap::new(),
         }
+    }
+
+    /// Send a batch; `records`: its records' (id, key), given for a sink that deduplicates
+    /// for a limited time only ([`Sink::dedup_window`]), whose records must be recorded as
+    /// unclear when the wait for their answer is abandoned ([`InFlight::abandoned`]).
+    fn push_with(&mut self, records: Vec<(i64, String)>, delivery: Delivery<'a>) {
+        if !records.is_empty() {
+            self.out.insert(self.sent, records);
+        }
+        self.push(delivery);
+    }
+
+    /// The records of the batches still out, when the wait for them is abandoned (after
+    /// [`InFlight::take_received`]): their requests may have reached the sink.
+    fn abandoned(&mut self) -> Vec<(i64, String)> {
+        std::mem::take(&mut self.out)
+            .into_values()
+            .flatten()
+            .collect()
     }
 
     /// Batches sent and not taken yet (answered or not).
@@ -514,6 +606,7 @@ impl<'a> InFlight<'a> {
                 return Some(answer);
             }
             let (seq, answer) = self.running.next().await?;
+            self.out.remove(&seq);
             if seq == self.taken {
                 self.taken += 1;
                 return Some(answer);
@@ -529,6 +622,7 @@ impl<'a> InFlight<'a> {
         use futures_util::future::FutureExt;
         use futures_util::stream::StreamExt;
         while let Some(Some((seq, answer))) = self.running.next().now_or_never() {
+            self.out.remove(&seq);
             self.arrived.insert(seq, answer);
         }
         std::mem::take(&mut self.arrived).into_values().collect()
@@ -1212,7 +1306,7 @@ impl Pipeline {
         run_id: Option<i64>,
         summary: &mut RunSummary,
     ) -> Result<(), SyncError> {
-        let mut sinks = self.sink_progress();
+        let mut sinks = self.sink_progress(now);
         // Records are pushed while later pages are still pulled and staged: waiting for the
         // whole pull left the sink idle for most of a run, and the pull's cores half idle
         // while pushing. The final pass below (after month settlement) goes on from where this
@@ -1612,8 +1706,8 @@ impl Pipeline {
         Ok(c)
     }
 
-    /// Where each configured sink's push stands at the start of a run.
-    fn sink_progress(&self) -> Vec<SinkProgress> {
+    /// Where each configured sink's push stands at the start of a run at `now`.
+    fn sink_progress(&self, now: DateTime<Utc>) -> Vec<SinkProgress> {
         self.sinks
             .iter()
             .map(|sink| SinkProgress {
@@ -1624,6 +1718,7 @@ impl Pipeline {
                 stopped: false,
                 restaged_seen: 0,
                 revisit: Vec::new(),
+                clock: RunClock::starting(now),
             })
             .collect()
     }
@@ -1633,10 +1728,11 @@ impl Pipeline {
     async fn push_all(
         &self,
         run_id: i64,
+        now: DateTime<Utc>,
         lock: &RunLock,
         summary: &mut RunSummary,
     ) -> Result<(), LedgerError> {
-        let mut sinks = self.sink_progress();
+        let mut sinks = self.sink_progress(now);
         self.push_pending(run_id, lock, summary, &mut sinks, None)
             .await
     }
@@ -1813,17 +1909,42 @@ impl Pipeline {
                         a.carry(more.iter().map(|o| o.id));
                     }
                     drop(turn);
+                    let (more, held_back) =
+                        hold_back_unclear(sink, more, state.clock.now(), run_id);
+                    if !held_back.is_empty() {
+                        let done = record_outcomes(
+                            sink.name(),
+                            held_back.iter().map(|(o, outcome)| (o, outcome.clone())),
+                            summary,
+                            &mut acks,
+                        );
+                        if alongside.is_none() {
+                            self.progress.batch_done(done);
+                        }
+                    }
                     ahead.extend(more);
                 }
                 if ahead.is_empty() {
+                    if !read_all {
+                        // Everything read was held back (see `hold_back_unclear`): read on.
+                        continue;
+                    }
                     exhausted = true;
                     break;
                 }
                 let batch: Vec<_> = ahead.drain(..max_batch.min(ahead.len())).collect();
-                in_flight.push(Box::pin(async move {
-                    let result = sink.deliver(&batch).await;
-                    (batch, result)
-                }));
+                let records = if sink.dedup_window().is_some() {
+                    batch.iter().map(|o| (o.id, o.key.clone())).collect()
+                } else {
+                    Vec::new()
+                };
+                in_flight.push_with(
+                    records,
+                    Box::pin(async move {
+                        let result = sink.deliver(&batch).await;
+                        (batch, result)
+                    }),
+                );
             }
             if in_flight.is_empty() {
                 break;
@@ -1886,8 +2007,32 @@ impl Pipeline {
             }
         }
         // Batches still in flight here were abandoned at the deadline: their records stay
-        // pending, resent (same key, same bytes) by the next run.
+        // pending, resent (same key, same bytes) by the next run. The sink may have taken
+        // them: for one that deduplicates for a limited time only, that is recorded as an
+        // unclear delivery, so a next run after its window holds them back for a person.
+        let abandoned = in_flight.abandoned();
         drop(in_flight);
+        if !abandoned.is_empty() {
+            let reason = "the run stopped before the sink answered (shutdown deadline); it may \
+                          have taken the record";
+            let outgoing: Vec<_> = abandoned
+                .into_iter()
+                .map(|(id, key)| crate::sinks::Outgoing {
+                    id,
+                    key,
+                    payload: String::new(),
+                    unclear_since: None,
+                })
+                .collect();
+            record_outcomes(
+                sink.name(),
+                outgoing
+                    .iter()
+                    .map(|o| (o, Outcome::Unclear(reason.to_string()))),
+                summary,
+                &mut acks,
+            );
+        }
         let acked = self.ack_now(run_id, &mut acks, alongside).await;
         ended_by(sink.name(), lock_lost.or(read_failed), acked)
     }
@@ -2359,7 +2504,7 @@ impl Pipeline {
                 self.settle_periods(run_id, opts.now.unwrap_or_else(Utc::now), summary)
                     .await?;
             }
-            self.push_all(run_id, lock, summary).await?;
+            self.push_all(run_id, now, lock, summary).await?;
             self.finish(run_id, summary).await?;
         }
         Ok(())

@@ -302,6 +302,7 @@ async fn an_event_held_under_another_subscription_is_a_difference_of_both_lines(
         id: 1,
         key: moved.transaction_id.clone(),
         payload,
+        unclear_since: None,
     }])
     .await
     .unwrap();

@@ -346,7 +346,8 @@ async fn lines_sharing_a_customer_and_meter_are_compared_together() {
             .deliver(&[billsync::sinks::Outgoing {
                 id: 1,
                 key: extra.key.clone(),
-                payload
+                payload,
+                unclear_since: None,
             }])
             .await
             .unwrap(),

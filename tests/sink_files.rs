@@ -163,6 +163,7 @@ fn outgoing(sink: &dyn Sink, ids: &[i64]) -> Vec<Outgoing> {
                     .encode_record(&key, &event(&format!("{id}.5")), &record())
                     .unwrap(),
                 key,
+                unclear_since: None,
             }
         })
         .collect()
@@ -524,6 +525,7 @@ async fn focus_1_2_writes_the_same_columns_and_corrections_are_usage_with_their_
             id: 1,
             key: key.into(),
             payload: s.encode_record(key, &event("2"), &record()).unwrap(),
+            unclear_since: None,
         },
         Outgoing {
             id: 2,
@@ -537,6 +539,7 @@ async fn focus_1_2_writes_the_same_columns_and_corrections_are_usage_with_their_
                     delta
                 })
                 .unwrap(),
+            unclear_since: None,
         },
     ];
     s.deliver(&b).await.unwrap();

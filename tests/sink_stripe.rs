@@ -64,6 +64,7 @@ fn batch(s: &StripeSink, events: &[(&str, MappedEvent)]) -> Vec<Outgoing> {
             id: i as i64 + 1,
             key: key.to_string(),
             payload: s.encode(key, e).expect("encodable"),
+            unclear_since: None,
         })
         .collect()
 }
@@ -176,17 +177,80 @@ async fn transient_failures_are_retried_with_the_same_key_and_body() {
         .all(|r| r.idempotency_key.as_deref() == Some("k.r")));
     assert_eq!(stripe.count("k.r"), 1);
 
-    // Exhausted: Failed (stays pending), nothing stored.
+    // Exhausted: Unclear (stays pending; Stripe may store an event and answer 5xx), nothing
+    // stored here.
     let b = batch(
         &s,
         &[("k.x", event("cus_A", "3", ago(chrono::Duration::hours(1))))],
     );
     stripe.fail_next(5, 503);
     match &s.deliver(&b).await.unwrap()[0] {
-        Outcome::Failed(reason) => assert!(reason.contains("503"), "{reason}"),
-        other => panic!("expected Failed, got {other:?}"),
+        Outcome::Unclear(reason) => assert!(reason.contains("503"), "{reason}"),
+        other => panic!("expected Unclear, got {other:?}"),
     }
     assert_eq!(stripe.count("k.x"), 0);
+}
+
+/// A record not delivered is `Unclear` when an attempt may have reached Stripe (a timeout, a
+/// 5xx: Stripe may have stored the event; the ledger keeps when, since Stripe deduplicates the
+/// identifier for about 24 hours only), and `Failed` when Stripe cannot have taken it (a
+/// refused connection, a 429, a 409). One unclear attempt makes the record unclear, whatever
+/// the attempts after it met; and a stop after one still records it.
+#[tokio::test]
+async fn what_may_have_reached_stripe_is_unclear_and_what_cannot_is_failed() {
+    let stripe = sim().await;
+    let one = |s: &StripeSink, key: &str| {
+        batch(
+            s,
+            &[(key, event("cus_A", "3", ago(chrono::Duration::hours(1))))],
+        )
+    };
+    let s = sink(&stripe.url, fast_retry(1));
+    stripe.rate_limit_next(2, Some(0));
+    assert!(
+        matches!(&s.deliver(&one(&s, "k.429")).await.unwrap()[0], Outcome::Failed(r) if r.contains("429")),
+        "a 429 is not taken"
+    );
+    stripe.fail_next(2, 409);
+    assert!(matches!(
+        &s.deliver(&one(&s, "k.409")).await.unwrap()[0],
+        Outcome::Failed(_)
+    ));
+    stripe.fail_next(1, 500);
+    stripe.rate_limit_next(1, Some(0));
+    assert!(
+        matches!(&s.deliver(&one(&s, "k.500")).await.unwrap()[0], Outcome::Unclear(r) if r.contains("429")),
+        "a 500 before the 429 makes it unclear"
+    );
+    // A timeout: the request went out, the answer never came.
+    let mut c = config(&stripe.url, fast_retry(0));
+    c.timeout = Duration::from_millis(200);
+    let slow = StripeSink::new("stripe-test".into(), c).unwrap();
+    stripe.set_delay(Duration::from_millis(600));
+    assert!(matches!(
+        &slow.deliver(&one(&slow, "k.slow")).await.unwrap()[0],
+        Outcome::Unclear(r) if r.contains("timeout")
+    ));
+    stripe.clear_faults();
+    // A 500, then the key refused: the sink stops, and the record's outcome goes with it.
+    stripe.fail_next(1, 500);
+    stripe.fail_next(1, 401);
+    let stopped = s.deliver(&one(&s, "k.stop")).await.unwrap_err();
+    assert!(
+        matches!(&stopped.settled[..], [(0, Outcome::Unclear(_))]),
+        "{:?}",
+        stopped.settled
+    );
+    // Nothing listens: the request never left.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let nowhere = sink(&closed, fast_retry(0));
+    assert!(
+        matches!(&nowhere.deliver(&one(&nowhere, "k.refused")).await.unwrap()[0], Outcome::Failed(r) if r.contains("connection")),
+        "a refused connection took nothing"
+    );
 }
 
 #[tokio::test]
@@ -199,8 +263,8 @@ async fn a_replayed_server_error_is_not_retried_within_the_run() {
     );
     stripe.fail_and_save_next(500);
     match &s.deliver(&b).await.unwrap()[0] {
-        Outcome::Failed(reason) => assert!(reason.contains("replays"), "{reason}"),
-        other => panic!("expected Failed, got {other:?}"),
+        Outcome::Unclear(reason) => assert!(reason.contains("replays"), "{reason}"),
+        other => panic!("expected Unclear, got {other:?}"),
     }
     // The first answer, then one replay of it: no more.
     assert_eq!(stripe.request_count(), 2);
@@ -849,11 +913,12 @@ async fn a_2xx_that_is_not_stripes_meter_event_keeps_the_records_pending() {
         ],
     );
     let outcomes = s.deliver(&b).await.unwrap();
+    // Unclear: whatever answered may have passed the request on to Stripe.
     assert!(
-        matches!(&outcomes[0], Outcome::Failed(r) if r.contains("not Stripe's meter event")),
+        matches!(&outcomes[0], Outcome::Unclear(r) if r.contains("not Stripe's meter event")),
         "{outcomes:?}"
     );
-    assert!(matches!(&outcomes[1], Outcome::Failed(_)), "{outcomes:?}");
+    assert!(matches!(&outcomes[1], Outcome::Unclear(_)), "{outcomes:?}");
     assert_eq!(outcomes[2], Outcome::Delivered, "{outcomes:?}");
 }
 

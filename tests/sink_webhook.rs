@@ -296,6 +296,7 @@ fn batch(s: &WebhookSink, n: usize) -> Vec<Outgoing> {
                 id: i as i64 + 1,
                 payload: s.encode(&key, &event("sub-1", "1.50")).unwrap(),
                 key,
+                unclear_since: None,
             }
         })
         .collect()

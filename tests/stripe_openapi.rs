@@ -157,6 +157,7 @@ fn varied(s: &StripeSink) -> Vec<Outgoing> {
             id: i as i64 + 1,
             key: k.to_string(),
             payload: s.encode(k, e).unwrap(),
+            unclear_since: None,
         })
         .collect()
 }

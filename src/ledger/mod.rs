@@ -1410,7 +1410,8 @@ impl Ledger {
 
     /// Change the mapping of one stored record (replay), keeping its key and content. Only a
     /// held record (never offered to a sink) changes; a pending or sent one keeps its frozen
-    /// payload.
+    /// payload. A person asked for it: an earlier unclear delivery no longer holds it back
+    /// (`unclear_at` cleared, see [`Sink::dedup_window`](crate::sinks::Sink::dedup_window)).
     pub async fn remap(
         &self,
         run_id: i64,
@@ -1428,7 +1429,7 @@ impl Ledger {
         let changed = sqlx::query(
             "UPDATE records SET status = ?2, rule = ?3, sink = ?4, subscription = ?5, customer = ?6,
                  metric = ?7, value = ?8, last_error = ?9, attempts = 0,
-                 last_run = ?10, updated_at = ?11, value_property = ?12
+                 last_run = ?10, updated_at = ?11, value_property = ?12, unclear_at = NULL
              WHERE id = ?1 AND status NOT IN ('sent', 'pending')",
         )
         .bind(id)
@@ -1584,6 +1585,13 @@ impl Ledger {
                 id,
                 "replay: a correction that is pending or sent is left as it is"
             );
+        } else {
+            // A person asked for it: an earlier unclear delivery no longer holds it back.
+            sqlx::query("UPDATE records SET unclear_at = NULL WHERE id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("re-deriving a correction"))?;
         }
         tx.commit()
             .await
@@ -1843,7 +1851,7 @@ impl Ledger {
         let raw = raw::Raw::new(&mut handle);
         let mut query = raw
             .prepare(
-                "SELECT r.id, r.idem_key, b.payload
+                "SELECT r.id, r.idem_key, b.payload, r.unclear_at
                  FROM records r LEFT JOIN record_bodies b ON b.id = r.id
                  WHERE r.status = 'pending' AND r.sink = ?1 AND r.id > ?2 ORDER BY r.id LIMIT ?3",
             )
@@ -1882,7 +1890,7 @@ impl Ledger {
                 .join(",");
             let mut query = raw
                 .prepare(&format!(
-                    "SELECT r.id, r.idem_key, b.payload
+                    "SELECT r.id, r.idem_key, b.payload, r.unclear_at
                      FROM records r LEFT JOIN record_bodies b ON b.id = r.id
                      WHERE r.status = 'pending' AND r.sink = ?1 AND r.id IN ({list}) ORDER BY r.id"
                 ))
@@ -1940,14 +1948,18 @@ impl Ledger {
                 .map_err(sql("acknowledging sent records"))?;
         }
         for (id, outcome) in outcomes {
-            let (status, error) = match outcome {
+            let (status, error, unclear) = match outcome {
                 Outcome::Delivered | Outcome::AlreadyDelivered => continue,
-                Outcome::Rejected(reason) => (Status::Rejected, reason),
-                Outcome::Failed(reason) => (Status::Pending, reason),
+                Outcome::Rejected(reason) => (Status::Rejected, reason, false),
+                Outcome::Failed(reason) => (Status::Pending, reason, false),
+                Outcome::Unclear(reason) => (Status::Pending, reason, true),
             };
+            // An unclear delivery keeps the time of the first one: a sink that deduplicates a
+            // key for a limited time counts a resend once only within that time of it.
             sqlx::query(
                 "UPDATE records SET status = ?2, attempts = attempts + 1, last_error = ?3,
-                     last_run = ?4, updated_at = ?5
+                     last_run = ?4, updated_at = ?5,
+                     unclear_at = CASE WHEN ?6 THEN coalesce(unclear_at, ?5) ELSE unclear_at END
                  WHERE id = ?1 AND status = 'pending'",
             )
             .bind(id)
@@ -1955,6 +1967,7 @@ impl Ledger {
             .bind(error)
             .bind(run_id)
             .bind(&now_s)
+            .bind(unclear)
             .execute(&mut *tx)
             .await
             .map_err(sql("recording a failed delivery"))?;
@@ -3006,7 +3019,8 @@ async fn sent_state(
     })
 }
 
-/// The rows of a query selecting `id, idem_key, payload` of pending records, as deliveries.
+/// The rows of a query selecting `id, idem_key, payload, unclear_at` of pending records, as
+/// deliveries.
 fn read_outgoing(
     query: &mut raw::Statement<'_, '_>,
     out: &mut Vec<Outgoing>,
@@ -3023,10 +3037,15 @@ fn read_outgoing(
                     message: format!("a pending record has no {what} (or it is not UTF-8)"),
                 })
         };
+        let unclear_since = match row.text(3) {
+            None => None,
+            Some(t) => Some(parse_ts(id, "unclear_at", t)?),
+        };
         out.push(Outgoing {
             id,
             key: text(1, "idem_key", "key")?,
             payload: text(2, "payload", "frozen payload")?,
+            unclear_since,
         });
     }
     Ok(())
@@ -3768,6 +3787,7 @@ impl Ledger {
     /// Put a rejected record back in the queue with its frozen payload (replay of a period
     /// adjustment, whose payload does not depend on the mapping files; not of a correction of
     /// one, see [`Ledger::supersede_adjustment_correction`]). Returns whether it was rejected.
+    /// A person asked for it, so an earlier unclear delivery no longer holds it back.
     pub async fn requeue_rejected(
         &self,
         run_id: i64,
@@ -3776,7 +3796,7 @@ impl Ledger {
     ) -> Result<bool, LedgerError> {
         let done = sqlx::query(
             "UPDATE records SET status = 'pending', attempts = 0, last_error = NULL, last_run = ?2,
-                 updated_at = ?3
+                 updated_at = ?3, unclear_at = NULL
              WHERE id = ?1 AND status = 'rejected'
                AND id IN (SELECT id FROM record_bodies WHERE payload IS NOT NULL)",
         )

@@ -24,6 +24,11 @@ pub struct Outgoing {
     pub key: String,
     /// The frozen payload, exactly as staged.
     pub payload: String,
+    /// When a delivery of this record first ended unclear ([`Outcome::Unclear`]: the sink may
+    /// hold it already), if one did since it was queued or last replayed. A sink whose
+    /// deduplication is time-limited ([`Sink::dedup_window`]) is not sent it once that is too
+    /// long ago.
+    pub unclear_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What happened to one record of a batch.
@@ -35,8 +40,38 @@ pub enum Outcome {
     AlreadyDelivered,
     /// The sink refused it for a reason a retry cannot fix; kept in the ledger as `rejected`.
     Rejected(String),
-    /// Not delivered this time (retries exhausted on a transient failure); stays pending.
+    /// Not delivered this time, and the sink did not take it (a refused connection, a 429, a
+    /// time the sink will take later; retries exhausted); stays pending.
     Failed(String),
+    /// Not confirmed this time, and the sink may have taken it (a timeout, a connection cut
+    /// after the request went out, a 5xx: it may have stored the event before failing); stays
+    /// pending like [`Outcome::Failed`], and the ledger keeps the time of the first such
+    /// attempt ([`Outgoing::unclear_since`]). A resend is safe only while the sink still
+    /// deduplicates the key ([`Sink::dedup_window`]).
+    Unclear(String),
+}
+
+/// How long a sink deduplicates a record's key: a resend of a record whose earlier delivery
+/// ended unclear is counted once only within `window` of that delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupWindow {
+    /// The invoicing system, as the person reading a rejection knows it (`Stripe`).
+    pub system: &'static str,
+    /// The sink's documented deduplication window (Stripe: at least 24 hours).
+    pub window: chrono::Duration,
+    /// Kept off the end of the window: clocks differ, and a record read at the start of a
+    /// push may be sent minutes later.
+    pub margin: chrono::Duration,
+}
+
+impl DedupWindow {
+    /// The time before which a first unclear delivery is too old to resend at `now`.
+    pub fn resend_cutoff(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> chrono::DateTime<chrono::Utc> {
+        now - (self.window - self.margin)
+    }
 }
 
 /// A failure that stops the sink for the rest of the run (bad or rotated key, no permission).
@@ -124,6 +159,14 @@ pub trait Sink: Send + Sync {
     /// input order, or stops the sink, with the outcomes settled before the stop
     /// ([`SinkStopped::settled`]).
     async fn deliver(&self, batch: &[Outgoing]) -> Result<Vec<Outcome>, SinkStopped>;
+    /// How long the sink deduplicates a record's key, when that is time-limited: a pending
+    /// record whose first unclear delivery ([`Outgoing::unclear_since`]) is older than the
+    /// window minus its margin is then not sent again but rejected, for a person to check what
+    /// the sink counted and replay it or not. `None` (default): the sink's deduplication never
+    /// expires (Lago's `transaction_id`), or there is none to rely on within any window.
+    fn dedup_window(&self) -> Option<DedupWindow> {
+        None
+    }
     /// How many requests the sink has answered 429 (rate limited) so far. The push loop halves
     /// the number of batches it keeps in flight when this grows. Default: never throttled.
     fn throttled(&self) -> u64 {

@@ -13,7 +13,11 @@
 //!   (`event_name=…&identifier=<key>&timestamp=<unix seconds>&payload[stripe_customer_id]=…&
 //!   payload[value]=…&payload[<extra>]=…`). Every retry resends those bytes with the header
 //!   `Idempotency-Key: <key>`; the `identifier` is the same key. Stripe deduplicates on both for
-//!   about 24 hours; the ledger is the authority after that.
+//!   about 24 hours; the ledger is the authority after that. A record whose delivery ended
+//!   unclear ([`Outcome::Unclear`]: a timeout, a cut connection, a 408 or 5xx, a 2xx that is not
+//!   Stripe's answer; not a refused connection, a 409 or a 429, which Stripe did not run) is
+//!   resent by later runs only within 23 hours of that first unclear delivery; after that the
+//!   push loop rejects it for a person ([`Sink::dedup_window`]), in both modes.
 //! - **Whole-number values only.** Stripe's documentation says meter event values accept whole
 //!   numbers only; a fraction would be refused asynchronously (an error report, not an HTTP
 //!   error), i.e. silently unbilled. So a non-integer value is an encode error at staging (the
@@ -86,7 +90,7 @@ use crate::http::{
 };
 use crate::mapping::MappedEvent;
 use crate::sinks::{
-    EncodeError, Outcome, Outgoing, ReadBackQuery, ReadBackTotal, Sink, SinkStopped,
+    DedupWindow, EncodeError, Outcome, Outgoing, ReadBackQuery, ReadBackTotal, Sink, SinkStopped,
 };
 
 /// The v1 endpoint, below `api_url`.
@@ -123,6 +127,12 @@ const METER_EVENT_ERROR_CODES: [&str; 10] = [
     TIMESTAMP_IN_FUTURE,
     TIMESTAMP_TOO_FAR_IN_PAST,
 ];
+/// Stripe's deduplication window of an `identifier` (and an `Idempotency-Key`), in hours: at
+/// least 24 (see [`Sink::dedup_window`] of [`StripeSink`]).
+pub const DEDUP_WINDOW_HOURS: i64 = 24;
+/// Hours kept off the end of [`DEDUP_WINDOW_HOURS`] before a record whose delivery ended
+/// unclear is held back instead of resent.
+pub const DEDUP_MARGIN_HOURS: i64 = 1;
 /// Renew a v2 session this long before it expires.
 const SESSION_MARGIN: Duration = Duration::from_secs(60);
 
@@ -488,7 +498,10 @@ impl StripeSink {
                         }
                         match self.send_v1(&batch[i]).await {
                             V1::Outcome(o) => done.push((i, o)),
-                            V1::Stop(reason) => {
+                            V1::Stop(reason, settled) => {
+                                // An earlier attempt of this record may have reached Stripe:
+                                // recorded with the stop (see `send_v1`).
+                                done.extend(settled.map(|o| (i, o)));
                                 stop.store(true, Ordering::SeqCst);
                                 let mut r = stop_reason.lock().unwrap_or_else(|e| e.into_inner());
                                 r.get_or_insert(reason);
@@ -519,9 +532,15 @@ impl StripeSink {
     }
 
     /// One record through v1, retrying transient failures with the same bytes and key.
+    ///
+    /// A record not delivered in the end is [`Outcome::Unclear`] when any of its attempts may
+    /// have reached Stripe ([`Attempt::Transient::unclear`]): the ledger keeps when, since
+    /// Stripe deduplicates its `identifier` only for about 24 hours ([`Sink::dedup_window`]).
+    /// A stop after such an attempt carries that outcome, so it is recorded all the same.
     async fn send_v1(&self, out: &Outgoing) -> V1 {
         let mut delays = self.retry.backoff().build();
         let mut attempt = 0usize;
+        let mut unclear = false;
         loop {
             attempt += 1;
             let started = Instant::now();
@@ -529,9 +548,29 @@ impl StripeSink {
                 Attempt::Done(v) => {
                     tracing::debug!(sink = %self.name, key = %out.key, attempt,
                         elapsed_ms = started.elapsed().as_millis() as u64, "stripe meter event request done");
-                    return v;
+                    return match v {
+                        V1::Outcome(Outcome::Failed(reason)) if unclear => {
+                            V1::Outcome(Outcome::Unclear(format!(
+                                "{reason} (an earlier attempt may have reached Stripe)"
+                            )))
+                        }
+                        V1::Stop(reason, None) if unclear => V1::Stop(
+                            reason,
+                            Some(Outcome::Unclear(format!(
+                                "the sink stopped after an attempt that may have reached Stripe (attempt {attempt})"
+                            ))),
+                        ),
+                        v => v,
+                    };
                 }
-                Attempt::Transient { reason, hint } => (reason, hint),
+                Attempt::Transient {
+                    reason,
+                    hint,
+                    unclear: maybe_taken,
+                } => {
+                    unclear |= maybe_taken;
+                    (reason, hint)
+                }
             };
             match self.retry.with_hint(delays.next(), hint) {
                 Some(wait) => {
@@ -543,9 +582,12 @@ impl StripeSink {
                 None => {
                     tracing::warn!(sink = %self.name, key = %out.key, attempt, %reason,
                         "stripe meter event failed, retries exhausted; the record stays pending");
-                    return V1::Outcome(Outcome::Failed(format!(
-                        "{reason} (gave up after {attempt} attempts)"
-                    )));
+                    let reason = format!("{reason} (gave up after {attempt} attempts)");
+                    return V1::Outcome(if unclear {
+                        Outcome::Unclear(reason)
+                    } else {
+                        Outcome::Failed(reason)
+                    });
                 }
             }
         }
@@ -568,6 +610,7 @@ impl StripeSink {
                 return Attempt::Transient {
                     reason: transport_reason(&e),
                     hint: None,
+                    unclear: maybe_sent(&e),
                 }
             }
         };
@@ -585,6 +628,7 @@ impl StripeSink {
                         transport_reason(&e)
                     ),
                     hint,
+                    unclear: true,
                 };
             }
         };
@@ -596,8 +640,9 @@ impl StripeSink {
         let verdict = match code {
             // A 2xx that is not Stripe's meter event for this record (a proxy's page, a wrong
             // host) is no proof of delivery: the record stays pending, resent with its key.
+            // Unclear: whatever answered may have passed the request on to Stripe.
             200..=299 if !is_meter_event_for(&text, &out.key) => {
-                V1::Outcome(Outcome::Failed(format!(
+                V1::Outcome(Outcome::Unclear(format!(
                     "HTTP {code} but the answer is not Stripe's meter event {} (a proxy or a wrong api_url?): {}",
                     out.key,
                     snippet(&text)
@@ -607,9 +652,10 @@ impl StripeSink {
             200..=299 => V1::Outcome(Outcome::Delivered),
             400 | 402 | 404 if configuration.is_some() => {
                 let (described, check) = configuration.unwrap_or_default();
-                V1::Stop(format!(
-                    "Stripe answered {code}: {described} ({check}); records stay pending"
-                ))
+                V1::Stop(
+                    format!("Stripe answered {code}: {described} ({check}); records stay pending"),
+                    None,
+                )
             }
             400 => match &error {
                 Some(e) if e.is_identifier_duplicate(&out.key) => {
@@ -633,35 +679,51 @@ impl StripeSink {
                     snippet(&text)
                 ))),
             },
-            401 => V1::Stop(format!(
-                "Stripe refused the API key (401{}): check api_key; records stay pending",
-                error.as_ref().map(|e| format!(": {}", e.describe())).unwrap_or_default()
-            )),
-            403 => V1::Stop(format!(
-                "the API key may not create meter events (403{}): use a key with that permission; records stay pending",
-                error.as_ref().map(|e| format!(": {}", e.describe())).unwrap_or_default()
-            )),
+            401 => V1::Stop(
+                format!(
+                    "Stripe refused the API key (401{}): check api_key; records stay pending",
+                    error.as_ref().map(|e| format!(": {}", e.describe())).unwrap_or_default()
+                ),
+                None,
+            ),
+            403 => V1::Stop(
+                format!(
+                    "the API key may not create meter events (403{}): use a key with that permission; records stay pending",
+                    error.as_ref().map(|e| format!(": {}", e.describe())).unwrap_or_default()
+                ),
+                None,
+            ),
             402 | 404 => match &error {
                 Some(e) => V1::Outcome(Outcome::Rejected(format!(
                     "Stripe answered {code}: {}",
                     e.describe()
                 ))),
                 // A 404 without a Stripe error body is the wrong host or path, not the record.
-                None => V1::Stop(format!(
-                    "{} answered {code} without a Stripe error: check api_url; records stay pending",
-                    self.endpoint
-                )),
+                None => V1::Stop(
+                    format!(
+                        "{} answered {code} without a Stripe error: check api_url; records stay pending",
+                        self.endpoint
+                    ),
+                    None,
+                ),
             },
-            500..=599 if replayed => V1::Outcome(Outcome::Failed(format!(
-                "Stripe replays a stored HTTP {code} for this Idempotency-Key; retry after the key expires (24 h): {}",
+            // Stripe saves an answer once it started on the request: whether the event was
+            // stored before the failure cannot be told, and the key replays that answer until
+            // Stripe prunes it (after 24 h), when the record is held back for a person.
+            500..=599 if replayed => V1::Outcome(Outcome::Unclear(format!(
+                "Stripe replays a stored HTTP {code} for this Idempotency-Key (it may or may not hold the event): {}",
                 snippet(&text)
             ))),
+            // 409 (the same key in use by another request) and 429 (rate limited): Stripe did
+            // not run this request. A 5xx, or a 408 from whichever hop timed out, may come
+            // after Stripe stored the event (it saves even a 500 once it started on a request).
             408 | 409 | 429 | 500..=599 => {
                 self.count_throttled(code);
                 return Attempt::Transient {
                     reason: format!("HTTP {code}: {}", snippet(&text)),
                     hint,
-                }
+                    unclear: !matches!(code, 409 | 429),
+                };
             }
             // Unexpected: keep the record pending rather than quarantine it.
             _ => V1::Outcome(Outcome::Failed(format!(
@@ -731,9 +793,29 @@ impl StripeSink {
     ) -> (Vec<(usize, Outcome)>, Option<SinkStopped>) {
         let list: Vec<Value> = events.iter().map(|(_, e)| e.clone()).collect();
         let body = serde_json::json!({ "events": list }).to_string();
-        let result = match self.stream_request(&body).await {
+        let mut unclear = false;
+        let result = match self.stream_request(&body, &mut unclear).await {
             Ok(r) => r,
+            // An earlier attempt may have reached Stripe: its events are recorded as unclear
+            // with the stop, the time kept (see `Sink::dedup_window`).
+            Err(stop) if unclear => {
+                let reason = format!(
+                    "the sink stopped after a stream request that may have reached Stripe: {}",
+                    stop.message
+                );
+                return (
+                    events
+                        .iter()
+                        .map(|(i, _)| (*i, Outcome::Unclear(reason.clone())))
+                        .collect(),
+                    Some(stop),
+                );
+            }
             Err(stop) => return (Vec::new(), Some(stop)),
+        };
+        let result = match result {
+            StreamResult::Failed(reason) if unclear => StreamResult::Unclear(reason),
+            r => r,
         };
         match result {
             StreamResult::Accepted => (
@@ -747,6 +829,13 @@ impl StripeSink {
                 events
                     .iter()
                     .map(|(i, _)| (*i, Outcome::Failed(reason.clone())))
+                    .collect(),
+                None,
+            ),
+            StreamResult::Unclear(reason) => (
+                events
+                    .iter()
+                    .map(|(i, _)| (*i, Outcome::Unclear(reason.clone())))
                     .collect(),
                 None,
             ),
@@ -770,7 +859,13 @@ impl StripeSink {
     }
 
     /// POST one stream body, renewing the session when needed, retrying transient failures.
-    async fn stream_request(&self, body: &str) -> Result<StreamResult, SinkStopped> {
+    /// `unclear` is set when an attempt may have reached Stripe (a timeout, a cut connection, a
+    /// 408 or 5xx; not a refused connection, a 409 or a 429).
+    async fn stream_request(
+        &self,
+        body: &str,
+        unclear: &mut bool,
+    ) -> Result<StreamResult, SinkStopped> {
         let mut delays = self.retry.backoff().build();
         let mut attempt = 0usize;
         let mut renewals = 0usize;
@@ -787,7 +882,10 @@ impl StripeSink {
                 .send()
                 .await;
             let (reason, hint) = match response {
-                Err(e) => (transport_reason(&e), None),
+                Err(e) => {
+                    *unclear |= maybe_sent(&e);
+                    (transport_reason(&e), None)
+                }
                 Ok(response) => {
                     let code = response.status().as_u16();
                     let hint = retry_hint(response.status(), response.headers());
@@ -833,6 +931,9 @@ impl StripeSink {
                             }
                         },
                         408 | 409 | 429 | 500..=599 => {
+                            // As in v1 (`attempt_v1`): only a 409 or 429 says Stripe did not
+                            // take the events.
+                            *unclear |= !matches!(code, 409 | 429);
                             self.count_throttled(code);
                             (format!("HTTP {code}: {}", snippet(&text)), hint)
                         }
@@ -1146,19 +1247,26 @@ enum Attempt<T> {
     Transient {
         reason: String,
         hint: Option<Duration>,
+        /// Stripe may have stored the event (a timeout, a cut answer, a 5xx), unlike a
+        /// refused connection, a 409 or a 429.
+        unclear: bool,
     },
 }
 
 /// The verdict on one v1 record.
 enum V1 {
     Outcome(Outcome),
-    Stop(String),
+    /// Stop the sink; with the record's outcome when an earlier attempt may have reached
+    /// Stripe ([`Outcome::Unclear`]), else it stays pending as it was.
+    Stop(String, Option<Outcome>),
 }
 
 enum StreamResult {
     Accepted,
     Rejected(String),
     Failed(String),
+    /// Not accepted, and an attempt may have reached Stripe.
+    Unclear(String),
 }
 
 /// Which side of Stripe's time window an answer refuses.
@@ -1307,6 +1415,12 @@ fn is_meter_event_for(text: &str, identifier: &str) -> bool {
         a.object.as_deref() == Some("billing.meter_event")
             && a.identifier.as_deref() == Some(identifier)
     })
+}
+
+/// Whether a request that failed in transport may have reached Stripe: anything but a
+/// connection that was never made (or a request never built) may have been sent in full.
+fn maybe_sent(e: &reqwest::Error) -> bool {
+    !(e.is_connect() || e.is_builder())
 }
 
 fn header_is_true(headers: &reqwest::header::HeaderMap, name: &str) -> bool {
@@ -1462,6 +1576,20 @@ fn integer_text(value: rust_decimal::Decimal) -> Option<String> {
 impl Sink for StripeSink {
     fn kind(&self) -> &'static str {
         "stripe"
+    }
+
+    /// Stripe "enforces uniqueness within a rolling period of at least 24 hours" of a meter
+    /// event's `identifier` (OpenAPI `PostBillingMeterEvents`, `identifier`; the v2 stream's
+    /// `identifier` is "unique over a rolling 24 h" too, reference 2.1 and 2.3), and may prune
+    /// an `Idempotency-Key` after 24 hours (reference 2.1, docs.stripe.com/idempotency). So a
+    /// record whose delivery ended unclear is resent only within 23 hours of that delivery,
+    /// in both modes: an hour off the window for clocks that differ and pushes that take time.
+    fn dedup_window(&self) -> Option<DedupWindow> {
+        Some(DedupWindow {
+            system: "Stripe",
+            window: chrono::Duration::hours(DEDUP_WINDOW_HOURS),
+            margin: chrono::Duration::hours(DEDUP_MARGIN_HOURS),
+        })
     }
 
     fn throttled(&self) -> u64 {

@@ -76,6 +76,7 @@ pub fn batch(sink: &LagoSink, events: &[(&str, MappedEvent)]) -> Vec<Outgoing> {
             id: i as i64 + 1,
             key: key.to_string(),
             payload: sink.encode(key, e).expect("encodable"),
+            unclear_since: None,
         })
         .collect()
 }

@@ -1,0 +1,469 @@
+//! Stripe deduplicates a meter event's `identifier` (and an `Idempotency-Key`) only over a
+//! rolling window of at least 24 hours. A record whose delivery ended unclear (a timeout, a cut
+//! connection, a 5xx: Stripe may have stored the event) stays pending and is resent by later
+//! runs under the same identifier, which Stripe counts once within that window. Resent later
+//! (the sink stopped for two days after a key rotation, or Stripe kept failing), it may be
+//! counted a second time: a wrong invoice. So the ledger keeps when a record's first unclear
+//! delivery happened, and a run more than 23 hours after it rejects the record, without a
+//! request, with a reason saying what to do; a run within the window still resends it; a clear
+//! refusal (429) is no unclear delivery; a re-read that restages the record does not free it; a
+//! deliberate `replay --status rejected` sends it. A request abandoned at the shutdown deadline
+//! is an unclear delivery too. A
+//! ledger from before this was recorded upgrades, taking a pending record's last failed
+//! attempt as its unclear delivery.
+
+#[path = "common/old_ledger.rs"]
+mod old_ledger;
+
+use std::time::Duration;
+
+use billsync::config::Secret;
+use billsync::http::RetryPolicy;
+use billsync::ledger::{Correction, Ledger, RecordFilter, SentState, StageRow, Status};
+use billsync::mapping::MappingSet;
+use billsync::record::UsageRecord;
+use billsync::simulators::stripe::{DropMode, StripeSim, StripeSimConfig, StripeSimHandle};
+use billsync::sinks::stripe::{StripeConfig, StripeMode, StripeSink};
+use billsync::sync::{Pipeline, ReplayOptions, RunOutcome, RunSummary, SyncOptions};
+use chrono::{DateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+
+const KEY: &str = "sk_test_sim";
+
+/// A run more than the window after the first: Stripe no longer deduplicates the identifier.
+fn a_day_and_an_hour() -> chrono::Duration {
+    chrono::Duration::hours(25)
+}
+
+/// Records of MetalSoft go to customer `cus_A`'s meter `api_calls` on the Stripe sink.
+fn mappings() -> MappingSet {
+    MappingSet::from_sources(&[(
+        "stripe.yaml".to_string(),
+        "version: 1
+rules:
+  - name: calls
+    match: { provider: metalsoft }
+    sink: stripe
+    metric: api_calls
+    target: { external_subscription_id: cus_A }
+    value: { quantity: {} }
+"
+        .to_string(),
+    )])
+    .unwrap()
+}
+
+/// One final MetalSoft line of `calls` API calls an hour ago (inside Stripe's 35 days).
+fn line(resource: &str, calls: i64) -> UsageRecord {
+    let t = Utc::now() - chrono::Duration::hours(1);
+    let t = Utc.timestamp_opt(t.timestamp(), 0).single().unwrap();
+    UsageRecord {
+        provider: "metalsoft".into(),
+        source: "ms".into(),
+        billing_account_id: "acct".into(),
+        sub_account_id: "1".into(),
+        resource_id: resource.into(),
+        resource_name: None,
+        resource_type: "instance".into(),
+        service_name: "instance".into(),
+        sku_id: None,
+        charge_description: None,
+        charge_period_start: t,
+        charge_period_end: t + chrono::Duration::hours(1),
+        consumed_quantity: Decimal::from(calls),
+        consumed_unit: "calls".into(),
+        billed_cost: Decimal::ONE,
+        billing_currency: "EUR".into(),
+        scope: "acct".into(),
+        natural_key: vec![("resource".into(), resource.into())],
+        is_final: true,
+        attributes: Default::default(),
+        raw: Default::default(),
+    }
+}
+
+/// One pending record's row: key, status, attempts, last error, first unclear delivery.
+type Row = (String, String, i64, Option<String>, Option<String>);
+
+struct World {
+    stripe: StripeSimHandle,
+    dir: tempfile::TempDir,
+    mode: StripeMode,
+}
+
+impl World {
+    /// A Stripe simulator that deduplicates for `dedup_window` of real time (the test's runs
+    /// are seconds apart: a tiny window is Stripe a day later), and an empty ledger.
+    async fn start(dedup_window: Duration, mode: StripeMode) -> World {
+        World {
+            stripe: StripeSim::start(StripeSimConfig {
+                api_key: KEY.into(),
+                dedup_window,
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+            mode,
+        }
+    }
+
+    fn sink(&self) -> StripeSink {
+        let mut c = StripeConfig::new(&self.stripe.url, Secret::new(KEY));
+        c.meter_events_url = self.stripe.url.clone();
+        c.mode = self.mode;
+        c.timeout = Duration::from_secs(2);
+        // One attempt per run: what a run leaves is what its one request met.
+        c.retry = RetryPolicy {
+            max_retries: 0,
+            min_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(20),
+        };
+        StripeSink::new("stripe".into(), c).unwrap()
+    }
+
+    async fn pipeline(&self) -> Pipeline {
+        let ledger = Ledger::open(&self.dir.path().join("ledger.db"))
+            .await
+            .unwrap();
+        Pipeline::new(ledger, vec![], vec![Box::new(self.sink())], mappings())
+    }
+
+    /// Stage `lines` as a sync maps them: pending for the Stripe sink.
+    async fn stage(&self, lines: Vec<UsageRecord>) {
+        let p = self.pipeline().await;
+        let rows: Vec<StageRow> = lines.into_iter().map(|l| p.stage_row(l, false)).collect();
+        assert!(rows.iter().all(|r| r.status == Status::Pending));
+        let by_hand = |_: &StageRow, st: &SentState| Correction::Unresolved(st.key.clone());
+        let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+        p.ledger
+            .stage(run, &rows, None, Utc::now(), &by_hand)
+            .await
+            .unwrap();
+        p.ledger.close().await;
+    }
+
+    /// A sync (no sources: it pushes what is pending) at `now`.
+    async fn sync(&self, now: DateTime<Utc>) -> RunSummary {
+        let p = self.pipeline().await;
+        let summary = p
+            .sync(&SyncOptions {
+                now: Some(now),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        p.ledger.close().await;
+        summary
+    }
+
+    /// `billsync replay --status rejected --run <run>` at `now`, as the rejection says.
+    async fn replay_rejected(&self, run: Option<i64>, now: DateTime<Utc>) -> RunSummary {
+        let p = self.pipeline().await;
+        let summary = p
+            .replay(&ReplayOptions {
+                filter: RecordFilter {
+                    run,
+                    ..RecordFilter::status(Status::Rejected)
+                },
+                dry_run: false,
+                reason: "checked with reconcile: Stripe did not count it".into(),
+                now: Some(now),
+            })
+            .await
+            .unwrap();
+        p.ledger.close().await;
+        summary
+    }
+
+    async fn rows(&self) -> Vec<Row> {
+        use sqlx::{Connection, Row};
+        let path = self.dir.path().join("ledger.db");
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let rows = sqlx::query(
+            "SELECT idem_key, status, attempts, last_error, unclear_at FROM records ORDER BY id",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect()
+    }
+
+    /// Meter event requests Stripe received (v1 posts, or stream requests).
+    fn ingestion_requests(&self) -> usize {
+        self.stripe
+            .requests()
+            .iter()
+            .filter(|r| r.route.contains("meter_event_stream") || r.route.contains("meter_events"))
+            .count()
+    }
+}
+
+/// Run 1: Stripe stores the event and the answer is lost (a 502 from a proxy): unclear, the
+/// record stays pending with the time of that delivery. Run 2, 25 hours later, when Stripe no
+/// longer deduplicates the identifier: resending would count it a second time, so the record
+/// is rejected without a request, with a reason that says what happened and what to do.
+#[tokio::test]
+async fn a_record_whose_delivery_ended_unclear_is_not_resent_after_stripes_window() {
+    for mode in [StripeMode::V1, StripeMode::V2Stream] {
+        let w = World::start(Duration::from_millis(1), mode).await;
+        let record = line("a", 7);
+        let key = record.idempotency_key();
+        w.stage(vec![record]).await;
+        w.stripe.store_then_drop_next(1, DropMode::Status502);
+        let t0 = Utc::now();
+
+        let first = w.sync(t0).await;
+        assert_eq!((first.sent, first.failed), (0, 1), "{mode:?}");
+        assert_eq!(
+            w.stripe.count(&key),
+            1,
+            "{mode:?}: Stripe stored it in run 1"
+        );
+        let rows = w.rows().await;
+        assert_eq!((rows[0].1.as_str(), rows[0].2), ("pending", 1), "{mode:?}");
+        assert!(
+            rows[0].4.is_some(),
+            "{mode:?}: the unclear delivery is kept"
+        );
+        let requests = w.ingestion_requests();
+
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = w.sync(t0 + a_day_and_an_hour()).await;
+        assert_eq!(
+            w.stripe.count(&key),
+            1,
+            "{mode:?}: resent after Stripe's 24 hours, the event was counted twice"
+        );
+        assert_eq!(
+            w.ingestion_requests(),
+            requests,
+            "{mode:?}: no request for it"
+        );
+        assert_eq!((second.sent, second.rejected), (0, 1), "{mode:?}");
+        let rows = w.rows().await;
+        assert_eq!(rows[0].1, "rejected", "{mode:?}");
+        let reason = rows[0].3.clone().unwrap_or_default();
+        for part in [
+            "ended unclear",
+            "Stripe may have counted it",
+            "24 hours",
+            "billsync reconcile",
+            "billsync replay --status rejected",
+        ] {
+            assert!(reason.contains(part), "{mode:?}: {part:?} not in {reason}");
+        }
+        assert!(
+            reason.contains(&rows[0].4.clone().unwrap()[..16]),
+            "{mode:?}: the reason names when: {reason}"
+        );
+    }
+}
+
+/// Within Stripe's window a resend is what recovers a lost answer: run 2, 22 hours after run 1,
+/// resends the record and Stripe (deduplicating) counts it once; it is sent.
+#[tokio::test]
+async fn within_stripes_window_a_record_whose_delivery_ended_unclear_is_resent() {
+    let w = World::start(Duration::from_secs(86_400), StripeMode::V1).await;
+    let record = line("a", 7);
+    let key = record.idempotency_key();
+    w.stage(vec![record]).await;
+    w.stripe.store_then_drop_next(1, DropMode::Status502);
+    let t0 = Utc::now();
+    w.sync(t0).await;
+    let requests = w.ingestion_requests();
+
+    let second = w.sync(t0 + chrono::Duration::hours(22)).await;
+    assert_eq!(w.ingestion_requests(), requests + 1, "resent");
+    assert_eq!(second.sent + second.already_delivered, 1);
+    assert_eq!(w.stripe.count(&key), 1, "counted once");
+    assert_eq!(w.rows().await[0].1, "sent");
+}
+
+/// A 429 is Stripe refusing to run the request: nothing was taken, so a run two days later
+/// sends the record as usual; a 500 (which Stripe may answer after storing it) holds the other
+/// back.
+#[tokio::test]
+async fn a_rate_limited_record_is_no_unclear_delivery() {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    let limited = line("a", 7);
+    let failed = line("b", 5);
+    let (limited_key, failed_key) = (limited.idempotency_key(), failed.idempotency_key());
+    w.stage(vec![limited, failed]).await;
+    w.stripe.rate_limit_next(1, None);
+    w.stripe.fail_next(1, 500);
+    let t0 = Utc::now();
+    let first = w.sync(t0).await;
+    assert_eq!(first.failed, 2);
+    let rows = w.rows().await;
+    let unclear = |k: &str| rows.iter().find(|r| r.0 == k).unwrap().4.is_some();
+    assert!(!unclear(&limited_key), "a 429 is no unclear delivery");
+    assert!(unclear(&failed_key), "a 500 is");
+
+    let second = w.sync(t0 + chrono::Duration::days(2)).await;
+    assert_eq!((second.sent, second.rejected), (1, 1));
+    assert_eq!(w.stripe.count(&limited_key), 1);
+    assert_eq!(w.stripe.count(&failed_key), 0);
+}
+
+/// The person checked (`billsync reconcile`: Stripe did not count it, the 500 stored nothing)
+/// and replays the rejected record: the replay sends it, whatever the earlier unclear delivery.
+#[tokio::test]
+async fn replaying_a_record_held_back_after_stripes_window_sends_it() {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    let record = line("a", 7);
+    let key = record.idempotency_key();
+    w.stage(vec![record]).await;
+    w.stripe.fail_next(1, 500);
+    let t0 = Utc::now();
+    w.sync(t0).await;
+    let later = t0 + a_day_and_an_hour();
+    let held_back = w.sync(later).await;
+    let rows = w.rows().await;
+    assert_eq!(rows[0].1, "rejected");
+    let run = held_back.run_id.unwrap();
+    assert!(
+        rows[0].3.as_deref().unwrap_or_default().contains(&format!(
+            "billsync replay --status rejected --run {run} --reason"
+        )),
+        "{rows:?}"
+    );
+    assert_eq!(w.stripe.count(&key), 0);
+
+    let replay = w.replay_rejected(Some(run), later).await;
+    assert_eq!(replay.sent, 1, "{replay:?}");
+    assert_eq!(w.stripe.count(&key), 1);
+    let rows = w.rows().await;
+    assert_eq!(rows[0].1, "sent");
+    assert_eq!(rows[0].4, None, "the replay forgot the unclear delivery");
+}
+
+/// A re-read with new content restages the rejected record (pending again, a new payload under
+/// the same key): Stripe may still hold what the unclear delivery sent, so the next run holds
+/// it back again, without a request.
+#[tokio::test]
+async fn a_record_restaged_by_a_re_read_stays_held_back() {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    let record = line("a", 7);
+    w.stage(vec![record.clone()]).await;
+    w.stripe.fail_next(1, 500);
+    let t0 = Utc::now();
+    w.sync(t0).await;
+    w.sync(t0 + a_day_and_an_hour()).await;
+    assert_eq!(w.rows().await[0].1, "rejected");
+
+    let mut changed = record;
+    changed.consumed_quantity = Decimal::from(8);
+    w.stage(vec![changed]).await;
+    assert_eq!(w.rows().await[0].1, "pending", "restaged");
+    let requests = w.ingestion_requests();
+    let third = w.sync(t0 + chrono::Duration::hours(26)).await;
+    assert_eq!(third.rejected, 1);
+    assert_eq!(w.ingestion_requests(), requests, "no request for it");
+    assert_eq!(w.rows().await[0].1, "rejected");
+}
+
+/// A stop (SIGTERM) while a request is out: past the shutdown deadline the run abandons the
+/// wait, and Stripe may have taken the record. That is recorded as an unclear delivery, so a
+/// run after Stripe's window holds the record back instead of resending it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_abandoned_at_the_shutdown_deadline_is_an_unclear_delivery() {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    w.stage(vec![line("a", 7)]).await;
+    w.stripe.set_delay(Duration::from_millis(1500));
+    let (trigger, shutdown) = billsync::shutdown::channel();
+    let mut p = w.pipeline().await;
+    p.shutdown = shutdown;
+    p.shutdown_deadline = Duration::from_millis(200);
+    let t0 = Utc::now();
+    let run = tokio::spawn(async move {
+        let summary = p
+            .sync(&SyncOptions {
+                now: Some(t0),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        p.ledger.close().await;
+        summary
+    });
+    while w.ingestion_requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    trigger.trigger();
+    let first = run.await.unwrap();
+    assert_eq!(first.outcome, RunOutcome::Interrupted);
+    let rows = w.rows().await;
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("pending", 1), "{rows:?}");
+    assert!(
+        rows[0].4.is_some(),
+        "the abandoned request is an unclear delivery"
+    );
+
+    w.stripe.clear_faults();
+    let requests = w.ingestion_requests();
+    let second = w.sync(t0 + a_day_and_an_hour()).await;
+    assert_eq!(second.rejected, 1);
+    assert_eq!(w.ingestion_requests(), requests, "no request for it");
+}
+
+/// A ledger from before the unclear delivery was kept (schema 0001 here) upgrades: a pending
+/// record that failed before (attempts, an error) takes its last attempt (`updated_at`) as its
+/// unclear delivery, so after Stripe's window it is held back too; a pending record never tried
+/// has none.
+#[tokio::test]
+async fn an_older_ledger_upgrades_and_holds_back_records_that_failed_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pool) = old_ledger::in_dir_at_schema_0001(dir.path()).await;
+    let tried = line("a", 7);
+    let untried = line("b", 5);
+    for (id, r, attempts, error) in [
+        (
+            1,
+            &tried,
+            3,
+            Some("HTTP 500: {} (gave up after 4 attempts)"),
+        ),
+        (2, &untried, 0, None),
+    ] {
+        sqlx::query(
+            "INSERT INTO records (id, idem_key, source, provider, natural_key, content_hash, status,
+                 is_final, charge_period_start, charge_period_end, billing_account_id,
+                 sub_account_id, resource_type, resource_id, consumed_quantity, consumed_unit,
+                 billed_cost, billing_currency, sink, payload, record_json, first_run, last_run,
+                 staged_at, updated_at, attempts, last_error)
+             VALUES (?1, ?2, 'ms', 'metalsoft', ?3, ?4, 'pending', 1, '2026-10-05T00:00:00Z',
+                 '2026-10-05T01:00:00Z', 'acct', '1', 'instance', ?5, '7', 'calls', '1', 'EUR',
+                 'stripe', 'event_name=x', ?6, 1, 1, '2026-10-06T00:00:00Z',
+                 '2026-10-06T02:00:00Z', ?7, ?8)",
+        )
+        .bind(id)
+        .bind(r.idempotency_key())
+        .bind(r.natural_key_string())
+        .bind(r.content_hash())
+        .bind(r.resource_id.as_str())
+        .bind(serde_json::to_string(r).unwrap())
+        .bind(attempts)
+        .bind(error)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    pool.close().await;
+
+    let ledger = Ledger::open(&path).await.unwrap();
+    assert!(old_ledger::newest_migration(&path).await >= 10);
+    let pending = ledger.pending_batch("stripe", 0, 10).await.unwrap();
+    assert_eq!(pending.len(), 2);
+    assert_eq!(
+        pending[0].unclear_since,
+        Some(Utc.with_ymd_and_hms(2026, 10, 6, 2, 0, 0).unwrap()),
+        "the last failed attempt stands in for the first unclear one"
+    );
+    assert_eq!(pending[1].unclear_since, None, "never tried");
+}
