@@ -111,6 +111,10 @@ pub enum Command {
         /// Only records last handled by this run (see `billsync status`).
         #[arg(long)]
         run: Option<i64>,
+        /// Only this record (its key, as `status`, `ledger export` and a rejection name it):
+        /// one record checked among others of its run.
+        #[arg(long)]
+        key: Option<String>,
         /// List what would change, record by record; change nothing, send nothing.
         #[arg(long)]
         dry_run: bool,
@@ -206,6 +210,9 @@ pub enum LedgerCommand {
         /// Last handled by this run.
         #[arg(long)]
         run: Option<i64>,
+        /// This record only (its key).
+        #[arg(long)]
+        key: Option<String>,
     },
     /// Move one source's cursor by hand, to read a period again after a fix: the next sync
     /// pulls from there. Records read again with the same content are no-ops, changed ones go
@@ -245,6 +252,18 @@ pub enum LedgerCommand {
         #[arg(long)]
         all_of_record: bool,
         /// Why (kept in the ledger's audit trail).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Record a rejected record as delivered, after finding it in the sink (e.g. `reconcile`
+    /// shows Stripe counted a record held back after an unclear delivery): nothing is sent,
+    /// the record becomes `sent` with an audit line. Not for a record of a month with period
+    /// pricing.
+    MarkDelivered {
+        /// The record's key, as `status`, `ledger export` and the rejection name it.
+        #[arg(long)]
+        key: String,
+        /// Why (kept in the ledger's audit trail), e.g. what `reconcile` showed.
         #[arg(long)]
         reason: String,
     },
@@ -400,6 +419,48 @@ async fn resolve_keep_sent(
     for g in &done.months {
         println!("month {g}: settles on what was sent at the next sync");
     }
+    Ok(())
+}
+
+/// `billsync ledger mark-delivered`: under the run lock, in a run of its own, with an audit
+/// line; nothing is sent.
+async fn mark_delivered(ledger: &Ledger, key: &str, reason: &str) -> anyhow::Result<()> {
+    let holder = format!(
+        "mark-delivered@{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+        std::process::id()
+    );
+    let now = Utc::now();
+    ledger
+        .acquire_lock(&holder, now, std::time::Duration::from_secs(60))
+        .await?;
+    let written = async {
+        let run = ledger.start_run("mark-delivered", now).await?;
+        let result = ledger.mark_delivered(run, key, reason, now).await;
+        let (outcome, detail) = match &result {
+            Ok(done) => ("ok", done.detail.clone()),
+            Err(e) => (
+                "failed",
+                serde_json::json!({ "error": e.to_string() }).to_string(),
+            ),
+        };
+        ledger.finish_run(run, outcome, &detail, Utc::now()).await?;
+        result
+    }
+    .await;
+    if let Err(e) = ledger.release_lock(&holder).await {
+        tracing::warn!(error = %e, "could not release the run lock; it expires by itself");
+    }
+    let done = written.map_err(|e| match e {
+        LedgerError::NotMarkable { .. } => anyhow::Error::new(ConfigError(e.to_string())),
+        other => anyhow::Error::new(other),
+    })?;
+    println!(
+        "record {} ({key}): marked delivered to {}; nothing sent (it was refused: {})",
+        done.id,
+        done.sink.as_deref().unwrap_or("its sink"),
+        done.refusal.as_deref().unwrap_or("no reason recorded")
+    );
     Ok(())
 }
 
@@ -754,6 +815,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                     since,
                     until,
                     run,
+                    key,
                 } => {
                     let filter = RecordFilter {
                         status,
@@ -761,6 +823,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                         since,
                         until,
                         run,
+                        key,
                     };
                     let mut out = std::io::BufWriter::new(std::io::stdout());
                     let n = ledger.export_csv(&filter, &mut out).await?;
@@ -801,6 +864,17 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                         .into());
                     }
                     resolve_keep_sent(&ledger, change, all_of_record, &reason).await?;
+                }
+                LedgerCommand::MarkDelivered { key, reason } => {
+                    if reason.trim().is_empty() {
+                        return Err(ConfigError(
+                            "--reason must say why the record is taken as delivered (what was \
+                             found in the sink)"
+                                .into(),
+                        )
+                        .into());
+                    }
+                    mark_delivered(&ledger, &key, &reason).await?;
                 }
                 LedgerCommand::Vacuum {
                     older_than,
@@ -873,6 +947,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             since,
             until,
             run,
+            key,
             dry_run,
             reason,
         } => {
@@ -895,6 +970,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                             since,
                             until,
                             run,
+                            key,
                         },
                         dry_run,
                         reason,

@@ -269,7 +269,6 @@ fn hold_back_unclear(
     sink: &dyn Sink,
     read: Vec<crate::sinks::Outgoing>,
     now: DateTime<Utc>,
-    run_id: i64,
 ) -> (
     Vec<crate::sinks::Outgoing>,
     Vec<(crate::sinks::Outgoing, Outcome)>,
@@ -295,9 +294,10 @@ fn hold_back_unclear(
                  only for {hours} hours: a resend now could bill it twice. Check with `billsync \
                  reconcile` whether {system} counted it (a surplus of this record's value for its \
                  customer, metric and month beside what was sent); if not, send it with \
-                 `billsync replay --status rejected --run {run_id} --reason \"…\"`, else leave \
-                 it rejected",
+                 `billsync replay --status rejected --key {key} --reason \"…\"`, else record \
+                 it as delivered with `billsync ledger mark-delivered --key {key} --reason \"…\"`",
                 system = dedup.system,
+                key = o.key,
             );
             (o, Outcome::Rejected(reason))
         })
@@ -1909,8 +1909,7 @@ impl Pipeline {
                         a.carry(more.iter().map(|o| o.id));
                     }
                     drop(turn);
-                    let (more, held_back) =
-                        hold_back_unclear(sink, more, state.clock.now(), run_id);
+                    let (more, held_back) = hold_back_unclear(sink, more, state.clock.now());
                     if !held_back.is_empty() {
                         let done = record_outcomes(
                             sink.name(),

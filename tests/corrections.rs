@@ -160,6 +160,7 @@ async fn a_changed_provisional_sakura_month_yields_one_correction_and_ends_equal
                 since: None,
                 until: None,
                 run: None,
+                key: None,
             },
             0,
             1000,

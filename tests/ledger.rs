@@ -1309,3 +1309,108 @@ async fn a_vacuum_after_one_that_lost_its_lock_before_the_vacuum_still_compacts_
     let third = ledger.vacuum(later, "vacuum@ops:2", ttl).await.unwrap();
     assert_eq!((third.pruned, third.pages_freed), (0, 0));
 }
+
+/// A person who finds a rejected record in the sink (Stripe counted an event billsync held
+/// back after an unclear answer) records it as delivered: `sent` in a run of its own, nothing
+/// to send, no longer undelivered (every sync exited 4 for it), an audit line with the reason
+/// and the refusal it replaces. Only a rejected record: a pending, sent or unknown one is
+/// refused and left as it is.
+#[tokio::test]
+async fn a_rejected_record_found_in_the_sink_is_marked_delivered_by_hand_and_nothing_else_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    ledger
+        .stage(
+            run,
+            &[row(record("a", "1")), row(record("b", "2"))],
+            None,
+            now,
+            &by_hand,
+        )
+        .await
+        .unwrap();
+    let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    let refusal = "not sent again: an earlier attempt ended unclear";
+    ledger
+        .ack(
+            run,
+            &[(batch[0].id, Outcome::Rejected(refusal.into()))],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ledger.undelivered().await.unwrap(), 2);
+
+    let by_hand_run = ledger.start_run("mark-delivered", now).await.unwrap();
+    for (key, why) in [
+        (batch[1].key.as_str(), "its status is `pending`"),
+        ("no-such-key", "no record has this key"),
+    ] {
+        let err = ledger
+            .mark_delivered(by_hand_run, key, "found in Stripe", now)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, LedgerError::NotMarkable { .. }) && err.to_string().contains(why),
+            "{key}: {err}"
+        );
+    }
+    let done = ledger
+        .mark_delivered(
+            by_hand_run,
+            &batch[0].key,
+            "Stripe counted it (reconcile 2026-10)",
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.id, batch[0].id);
+    assert_eq!(done.refusal.as_deref(), Some(refusal));
+    assert_eq!(
+        ledger.undelivered().await.unwrap(),
+        1,
+        "only the pending one"
+    );
+    assert!(ledger
+        .records_matching(&RecordFilter::status(Status::Rejected), 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Counted in that run's totals, never offered to a sink again.
+    assert_eq!(ledger.sent_totals(by_hand_run).await.unwrap().len(), 1);
+    let pending = ledger.pending_batch("lago", 0, 100).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].id, batch[1].id);
+    let again = ledger
+        .mark_delivered(by_hand_run, &batch[0].key, "twice", now)
+        .await
+        .unwrap_err();
+    assert!(
+        again.to_string().contains("its status is `sent`"),
+        "{again}"
+    );
+    let audit: Vec<(String, String)> = {
+        use sqlx::Row;
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", ledger.path().display()))
+            .await
+            .unwrap();
+        sqlx::query("SELECT action, detail FROM audit")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let line = audit
+        .iter()
+        .find(|(action, _)| action == "mark-delivered")
+        .expect("an audit line");
+    assert!(
+        line.1.contains("reconcile 2026-10") && line.1.contains(refusal),
+        "{}",
+        line.1
+    );
+}

@@ -1584,6 +1584,7 @@ fn replay_rejected(
             since: start,
             until: start.map(|s| s + chrono::Duration::hours(1)),
             run: None,
+            key: None,
         },
         dry_run: false,
         reason: "fixed in Lago".into(),
@@ -2143,4 +2144,61 @@ fn an_adjustment_beyond_a_decimals_range_is_an_error_not_a_panic() {
     let settled = std::panic::catch_unwind(|| settle(&spec, &[(huge, -huge)]));
     let err = settled.expect("no panic").unwrap_err();
     assert!(err.contains("overflows"), "{err}");
+}
+
+/// `ledger mark-delivered` (a rejected record found in the sink, recorded as sent by hand) is
+/// refused for a month's records and for its adjustment: the adjustment is computed from what
+/// the month's records sent, so taking one as sent by hand would leave the month priced on a
+/// guess. They are replayed instead; nothing changes.
+#[tokio::test]
+async fn a_month_with_period_pricing_cannot_have_a_record_marked_delivered_by_hand() {
+    use billsync::sinks::Outcome;
+
+    let w = JelasticWorld::start(r#"{ markup_percent: 10, minimum: "50", period: month }"#).await;
+    w.stage_without_push(at(2026, 11, 3, 0, 0)).await;
+    let p = w.pipeline().await;
+    let mut filter = RecordFilter::status(Status::Pending);
+    filter.provider = Some("period".into());
+    let adj = p.ledger.records_matching(&filter, 0, 10).await.unwrap();
+    assert_eq!(adj.len(), 1, "one pending adjustment");
+    let member = pending_provider_keys(&w, 1).await.remove(0);
+    let member_id = p
+        .ledger
+        .records_matching(&RecordFilter::status(Status::Pending), 0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.key == member)
+        .unwrap()
+        .id;
+    let now = at(2026, 11, 3, 0, 0);
+    let run = p.ledger.start_run("test", now).await.unwrap();
+    p.ledger
+        .ack(
+            run,
+            &[
+                (adj[0].id, Outcome::Rejected("refused".into())),
+                (member_id, Outcome::Rejected("refused".into())),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    for key in [adj[0].key.as_str(), member.as_str()] {
+        let err = p
+            .ledger
+            .mark_delivered(run, key, "found in Lago", now)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("period pricing"), "{key}: {err}");
+    }
+    assert_eq!(
+        p.ledger
+            .records_matching(&RecordFilter::status(Status::Rejected), 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "both stay rejected"
+    );
 }

@@ -1453,3 +1453,75 @@ async fn reconcile_of_records_sent_to_a_sink_no_longer_configured_is_a_differenc
         "{output}"
     );
 }
+
+/// `billsync ledger mark-delivered --key K --reason R`: a rejected record found in the sink is
+/// recorded as delivered (exit 0, nothing sent, the refusal it replaces printed); the same
+/// command again, or without a reason, is refused with exit 2 and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_record_found_in_the_sink_is_marked_delivered_through_the_binary() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let ledger_path = world.dir.path().join("ledger").join("ledger.db");
+    let key: String = {
+        use sqlx::Connection;
+        let mut conn =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}", ledger_path.display()))
+                .await
+                .unwrap();
+        let key: String = sqlx::query_scalar(
+            "UPDATE records SET status = 'rejected', last_error = 'HTTP 502 (held back)'
+             WHERE id = (SELECT MIN(id) FROM records WHERE status = 'sent' AND provider <> 'period')
+             RETURNING idem_key",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        key
+    };
+    let events = world.lago.events().len();
+    let no_reason = run(
+        &cfg,
+        &["ledger", "mark-delivered", "--key", &key, "--reason", " "],
+    )
+    .await;
+    assert_eq!(no_reason.status.code(), Some(2), "{}", text(&no_reason));
+    let marked = run(
+        &cfg,
+        &[
+            "ledger",
+            "mark-delivered",
+            "--key",
+            &key,
+            "--reason",
+            "found in Lago",
+        ],
+    )
+    .await;
+    let output = text(&marked);
+    assert_eq!(marked.status.code(), Some(0), "{output}");
+    assert!(
+        output.contains("marked delivered") && output.contains("HTTP 502 (held back)"),
+        "{output}"
+    );
+    let again = run(
+        &cfg,
+        &[
+            "ledger",
+            "mark-delivered",
+            "--key",
+            &key,
+            "--reason",
+            "found in Lago",
+        ],
+    )
+    .await;
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(
+        text(&again).contains("its status is `sent`"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(world.lago.events().len(), events, "nothing sent");
+}

@@ -766,6 +766,7 @@ async fn each_record_reaches_only_the_sink_its_rule_names_with_its_own_status() 
                     since: None,
                     until: None,
                     run: None,
+                    key: None,
                 },
                 &mut out,
             )

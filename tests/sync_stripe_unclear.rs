@@ -157,13 +157,14 @@ impl World {
         summary
     }
 
-    /// `billsync replay --status rejected --run <run>` at `now`, as the rejection says.
-    async fn replay_rejected(&self, run: Option<i64>, now: DateTime<Utc>) -> RunSummary {
+    /// `billsync replay --status rejected --key <key>` at `now`, as the rejection says (every
+    /// rejected record without a key).
+    async fn replay_rejected(&self, key: Option<&str>, now: DateTime<Utc>) -> RunSummary {
         let p = self.pipeline().await;
         let summary = p
             .replay(&ReplayOptions {
                 filter: RecordFilter {
-                    run,
+                    key: key.map(str::to_string),
                     ..RecordFilter::status(Status::Rejected)
                 },
                 dry_run: false,
@@ -318,29 +319,36 @@ async fn replaying_a_record_held_back_after_stripes_window_sends_it() {
     let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
     let record = line("a", 7);
     let key = record.idempotency_key();
-    w.stage(vec![record]).await;
-    w.stripe.fail_next(1, 500);
+    let other = line("b", 5);
+    w.stage(vec![record, other]).await;
+    w.stripe.fail_next(2, 500);
     let t0 = Utc::now();
     w.sync(t0).await;
     let later = t0 + a_day_and_an_hour();
     let held_back = w.sync(later).await;
+    assert_eq!(held_back.rejected, 2, "{held_back:?}");
     let rows = w.rows().await;
     assert_eq!(rows[0].1, "rejected");
-    let run = held_back.run_id.unwrap();
+    // The message names this record, not the run: a replay of the run would resend its
+    // neighbour too, which Stripe may have counted.
     assert!(
         rows[0].3.as_deref().unwrap_or_default().contains(&format!(
-            "billsync replay --status rejected --run {run} --reason"
+            "billsync replay --status rejected --key {key} --reason"
         )),
         "{rows:?}"
     );
     assert_eq!(w.stripe.count(&key), 0);
 
-    let replay = w.replay_rejected(Some(run), later).await;
+    let replay = w.replay_rejected(Some(&key), later).await;
     assert_eq!(replay.sent, 1, "{replay:?}");
     assert_eq!(w.stripe.count(&key), 1);
     let rows = w.rows().await;
     assert_eq!(rows[0].1, "sent");
     assert_eq!(rows[0].4, None, "the replay forgot the unclear delivery");
+    assert_eq!(
+        rows[1].1, "rejected",
+        "the other one waits for its own decision"
+    );
 }
 
 /// A re-read with new content restages the rejected record (pending again, a new payload under
@@ -466,4 +474,98 @@ async fn an_older_ledger_upgrades_and_holds_back_records_that_failed_before() {
         "the last failed attempt stands in for the first unclear one"
     );
     assert_eq!(pending[1].unclear_since, None, "never tried");
+}
+
+/// A correction held back after an unclear delivery may have been counted by Stripe. A later
+/// change of the same record is measured against it as if it went out: the original 7, its
+/// correction `.r1` (+2, to 9) stored by Stripe but answered 502 and held back 25 hours later,
+/// then the record restated to 10. Measured without `.r1` the next correction was +3, and with
+/// `.r1` counted by Stripe the customer was billed 12 for 10. Measured with it, it is +1, and
+/// whatever the person finds for `.r1` the total comes right: counted (Stripe has 10; `ledger
+/// mark-delivered` records it), or not (its replay re-derives it as 10 − 7 − 1 = +2).
+#[tokio::test]
+async fn a_correction_held_back_after_an_unclear_delivery_counts_as_sent_for_the_next_one() {
+    for stripe_counted_it in [true, false] {
+        correction_held_back_then_restated(stripe_counted_it).await;
+    }
+}
+
+async fn correction_held_back_then_restated(stripe_counted_it: bool) {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    // One line, restated: the same charge period each time (`line` reads the clock).
+    let base = line("a", 7);
+    let stage_as_sync = |calls: i64| {
+        let w = &w;
+        let restated = UsageRecord {
+            consumed_quantity: Decimal::from(calls),
+            ..base.clone()
+        };
+        async move {
+            let p = w.pipeline().await;
+            let row = p.stage_row(restated, false);
+            let correct = |row: &StageRow, st: &SentState| p.correction(row, st);
+            let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+            p.ledger
+                .stage(run, &[row], None, Utc::now(), &correct)
+                .await
+                .unwrap();
+            p.ledger.close().await;
+        }
+    };
+    let t0 = Utc::now();
+    stage_as_sync(7).await;
+    assert_eq!(w.sync(t0).await.sent, 1);
+    stage_as_sync(9).await;
+    if stripe_counted_it {
+        w.stripe.store_then_drop_next(1, DropMode::Status502);
+    } else {
+        w.stripe.fail_next(1, 500);
+    }
+    let unclear = w.sync(t0 + chrono::Duration::minutes(1)).await;
+    assert_eq!((unclear.sent, unclear.failed), (0, 1));
+    let counted = if stripe_counted_it { 9 } else { 7 };
+    assert_eq!(
+        w.stripe.total("cus_A", "api_calls"),
+        Some(Decimal::from(counted))
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let held = w.sync(t0 + a_day_and_an_hour()).await;
+    assert_eq!(held.rejected, 1, "{held:?}");
+    let r1 = w.rows().await[1].0.clone();
+    assert!(r1.ends_with(".r1"), "{r1}");
+
+    stage_as_sync(10).await;
+    let next = w.sync(t0 + a_day_and_an_hour()).await;
+    assert_eq!(next.sent, 1, "{next:?}");
+    if !stripe_counted_it {
+        // 7 + 1: the +2 waits for the person, who finds Stripe at 8 and replays it.
+        assert_eq!(w.stripe.total("cus_A", "api_calls"), Some(Decimal::from(8)));
+        let replayed = w
+            .replay_rejected(
+                None,
+                t0 + a_day_and_an_hour() + chrono::Duration::minutes(5),
+            )
+            .await;
+        assert_eq!(replayed.sent, 1, "{replayed:?}");
+    }
+    assert_eq!(
+        w.stripe.total("cus_A", "api_calls"),
+        Some(Decimal::from(10)),
+        "the restatement to 10 is billed 10 (counted: {stripe_counted_it})"
+    );
+    if !stripe_counted_it {
+        return;
+    }
+    let p = w.pipeline().await;
+    let run = p
+        .ledger
+        .start_run("mark-delivered", Utc::now())
+        .await
+        .unwrap();
+    p.ledger
+        .mark_delivered(run, &r1, "reconcile: Stripe counted it", Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(p.ledger.undelivered().await.unwrap(), 0);
+    p.ledger.close().await;
 }

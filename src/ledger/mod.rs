@@ -97,6 +97,9 @@ pub enum LedgerError {
     /// is carrying: nothing was written; stage again once they are acknowledged.
     #[error("ledger: records {ids:?} changed while a sink request carries them; staging waits for their acknowledgement")]
     InFlight { ids: Vec<i64> },
+    /// `ledger mark-delivered` named a record it cannot mark so.
+    #[error("ledger: record {key} cannot be marked delivered: {why}")]
+    NotMarkable { key: String, why: String },
     /// `ledger resolve` named a change that does not wait for a person.
     #[error("ledger: change {id} does not wait for a person: {found} (`billsync ledger changes` lists those that do)")]
     NoOpenChange { id: i64, found: String },
@@ -118,7 +121,8 @@ macro_rules! matching {
            AND (?3 IS NULL OR source = ?3 OR provider = ?3)
            AND (?4 IS NULL OR charge_period_start >= ?4)
            AND (?5 IS NULL OR charge_period_start < ?5)
-           AND (?6 IS NULL OR last_run = ?6)"
+           AND (?6 IS NULL OR last_run = ?6)
+           AND (?7 IS NULL OR r.idem_key = ?7)"
     };
 }
 
@@ -321,8 +325,9 @@ pub struct SentState {
     /// The original's `billing_currency` as it was sent (the column keeps it: a change of a
     /// sent record updates only the content columns that corrections carry).
     pub billing_currency: Option<String>,
-    /// The original value plus every correction that went or goes out (sent or pending): a
-    /// rejected, held or superseded correction does not count.
+    /// The original value plus every correction that went or goes out (sent or pending, or
+    /// held back after an unclear delivery: the sink may have it); a rejected, held or
+    /// superseded correction does not count.
     pub sent_total: Decimal,
     /// The same sum of `billed_cost` and of `consumed_quantity`: the original's as sent plus
     /// the differences the corrections carry. `None` when `vacuum` pruned the original's
@@ -450,6 +455,8 @@ pub struct RecordFilter {
     pub until: Option<DateTime<Utc>>,
     /// Last staged, mapped or attempted by this run.
     pub run: Option<i64>,
+    /// This record only (its key): one record a person checked, among others of its run.
+    pub key: Option<String>,
 }
 
 impl RecordFilter {
@@ -461,6 +468,7 @@ impl RecordFilter {
             since: None,
             until: None,
             run: None,
+            key: None,
         }
     }
 }
@@ -1471,7 +1479,7 @@ impl Ledger {
             "SELECT r.id, r.idem_key, r.status, b.record, r.correction_of
              FROM records r LEFT JOIN record_bodies b ON b.id = r.id WHERE ",
             matching!(),
-            " AND (b.record IS NULL OR length(b.record) > 0) ORDER BY r.id LIMIT ?7"
+            " AND (b.record IS NULL OR length(b.record) > 0) ORDER BY r.id LIMIT ?8"
         ))
         .bind(filter.status.map(Status::as_str))
         .bind(after_id)
@@ -1479,6 +1487,7 @@ impl Ledger {
         .bind(filter.since.map(ts))
         .bind(filter.until.map(ts))
         .bind(filter.run)
+        .bind(filter.key.as_deref())
         .bind(limit)
         .fetch_all(&self.pool)
         .await
@@ -1518,6 +1527,7 @@ impl Ledger {
         .bind(filter.since.map(ts))
         .bind(filter.until.map(ts))
         .bind(filter.run)
+        .bind(filter.key.as_deref())
         .fetch_one(&self.pool)
         .await
         .map_err(sql("counting pruned records"))?;
@@ -1632,6 +1642,104 @@ impl Ledger {
             .await
             .map_err(sql("writing the audit trail"))?;
         Ok(())
+    }
+
+    /// Record a rejected record as delivered, by a person who found it in the sink (Stripe
+    /// counted an event whose answer was unclear, which billsync then held back; a refusal
+    /// that the sink's own operator took in by hand): `sent` in this run, nothing sent, an
+    /// audit line with the reason and the refusal it replaces. Without this the record stays
+    /// `rejected`, every sync exits 4 for it, and `reconcile` reports the sink's total above
+    /// what was sent by its value.
+    ///
+    /// Only a rejected record, and not one of a month with period pricing (nor a month's
+    /// adjustment): a month's adjustment is computed from what its members sent, and is
+    /// settled by replaying them instead.
+    pub async fn mark_delivered(
+        &self,
+        run_id: i64,
+        key: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<MarkedDelivered, LedgerError> {
+        let refuse = |why: String| LedgerError::NotMarkable {
+            key: key.to_string(),
+            why,
+        };
+        let now_s = ts(now);
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        let found =
+            sqlx::query("SELECT id, status, last_error, sink FROM records WHERE idem_key = ?1")
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(sql("reading a record"))?;
+        let Some(found) = found else {
+            return Err(refuse(
+                "no record has this key (`billsync ledger export --status rejected` lists them)"
+                    .into(),
+            ));
+        };
+        let (id, status, last_error, sink): (i64, String, Option<String>, Option<String>) =
+            (found.get(0), found.get(1), found.get(2), found.get(3));
+        if status != Status::Rejected.as_str() {
+            return Err(refuse(format!(
+                "its status is `{status}`; only a rejected record is marked delivered by hand"
+            )));
+        }
+        let in_a_month: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM period_members WHERE idem_key = ?1)
+                 OR EXISTS (SELECT 1 FROM period_groups WHERE adjustment_key = ?1)",
+        )
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(sql("reading period groups"))?;
+        if in_a_month {
+            return Err(refuse(
+                "it belongs to a month with period pricing, whose adjustment is computed from                  what its records sent: replay it (`billsync replay --status rejected`) instead"
+                    .into(),
+            ));
+        }
+        sqlx::query(
+            "UPDATE records SET status = 'sent', last_error = NULL, sent_run = ?2, last_run = ?2,
+                 sent_at = ?3, updated_at = ?3
+             WHERE id = ?1 AND status = 'rejected'",
+        )
+        .bind(id)
+        .bind(run_id)
+        .bind(&now_s)
+        .execute(&mut *tx)
+        .await
+        .map_err(sql("marking a record delivered"))?;
+        let detail = serde_json::json!({
+            "record": id,
+            "key": key,
+            "sink": sink,
+            "reason": reason,
+            "refusal": last_error,
+        })
+        .to_string();
+        sqlx::query("INSERT INTO audit (run_id, at, action, detail) VALUES (?1, ?2, ?3, ?4)")
+            .bind(run_id)
+            .bind(&now_s)
+            .bind("mark-delivered")
+            .bind(&detail)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("writing the audit trail"))?;
+        tx.commit()
+            .await
+            .map_err(sql("committing a record marked delivered"))?;
+        Ok(MarkedDelivered {
+            id,
+            sink,
+            refusal: last_error,
+            detail,
+        })
     }
 
     // ----- changes of sent records that wait for a person ----------------------------------
@@ -2171,6 +2279,7 @@ impl Ledger {
                AND (?3 IS NULL OR charge_period_start >= ?3)
                AND (?4 IS NULL OR charge_period_start < ?4)
                AND (?5 IS NULL OR last_run = ?5)
+               AND (?6 IS NULL OR idem_key = ?6)
              ORDER BY id",
         )
         .bind(filter.status.map(Status::as_str))
@@ -2178,6 +2287,7 @@ impl Ledger {
         .bind(filter.since.map(ts))
         .bind(filter.until.map(ts))
         .bind(filter.run)
+        .bind(filter.key.as_deref())
         .fetch(&self.pool);
         let mut n = 0u64;
         while let Some(r) = rows.try_next().await.map_err(sql("exporting records"))? {
@@ -2949,16 +3059,20 @@ async fn sent_state(
     exclude: Option<i64>,
 ) -> Result<SentState, LedgerError> {
     // Decimals are summed here, exactly, from their text: SQLite's SUM would round them.
+    // A correction held back after an unclear delivery (`rejected` with `unclear_at`: the
+    // sink may have counted it, see `Sink::dedup_window`) counts as gone out: a person settles
+    // it (`ledger mark-delivered` if the sink counted it, else a replay, which re-derives it
+    // against the others), and measured without it the next correction would bill it twice.
     let r = sqlx::query(
         "SELECT o.idem_key, o.subscription, o.metric, o.sink, o.value,
              (SELECT group_concat(c.value, ' ') FROM records c
-                WHERE c.correction_of = o.id AND c.status IN ('pending', 'sent') AND c.id IS NOT ?2),
+                WHERE c.correction_of = o.id AND (c.status IN ('pending', 'sent') OR (c.status = 'rejected' AND c.unclear_at IS NOT NULL)) AND c.id IS NOT ?2),
              (SELECT COALESCE(MAX(c.revision), 0) FROM records c WHERE c.correction_of = o.id),
              (SELECT b.record FROM record_bodies b WHERE b.id = o.id),
              (SELECT group_concat(c.billed_cost, ' ') FROM records c
-                WHERE c.correction_of = o.id AND c.status IN ('pending', 'sent') AND c.id IS NOT ?2),
+                WHERE c.correction_of = o.id AND (c.status IN ('pending', 'sent') OR (c.status = 'rejected' AND c.unclear_at IS NOT NULL)) AND c.id IS NOT ?2),
              (SELECT group_concat(c.consumed_quantity, ' ') FROM records c
-                WHERE c.correction_of = o.id AND c.status IN ('pending', 'sent') AND c.id IS NOT ?2),
+                WHERE c.correction_of = o.id AND (c.status IN ('pending', 'sent') OR (c.status = 'rejected' AND c.unclear_at IS NOT NULL)) AND c.id IS NOT ?2),
              o.value_property, o.billing_currency
          FROM records o WHERE o.id = ?1",
     )
@@ -3243,6 +3357,17 @@ pub struct PeriodMemberRow {
     pub charge_period_start: DateTime<Utc>,
     pub charge_period_end: DateTime<Utc>,
     pub record: Option<PeriodMemberRecord>,
+}
+
+/// A record [`Ledger::mark_delivered`] marked delivered by hand.
+#[derive(Debug, Clone)]
+pub struct MarkedDelivered {
+    pub id: i64,
+    pub sink: Option<String>,
+    /// The refusal it replaces.
+    pub refusal: Option<String>,
+    /// The audit line's detail (JSON), also the run's summary.
+    pub detail: String,
 }
 
 /// Period groups for `billsync status`.
