@@ -201,6 +201,9 @@ pub async fn reconcile(
     // key → (line id, status, value property, value) for matching read-back events.
     let mut by_key: HashMap<String, (String, Status, Option<String>, Decimal)> = HashMap::new();
     let mut overflow: Option<String> = None;
+    // Per line: records the push loop held back after an unclear delivery, (key, value): the
+    // sink may have counted them, which a surplus of exactly their value says.
+    let mut held_back: HashMap<String, Vec<(String, Decimal)>> = HashMap::new();
     ledger
         .for_each_in_period(from, to, |row: PeriodRow| {
             let (subscription, metric) = match (&row.subscription, &row.metric, row.status) {
@@ -248,6 +251,12 @@ pub async fn reconcile(
                     if row.is_correction {
                         add(&mut line.corrections, v, &mut overflow, name);
                     }
+                }
+                if row.held_back_unclear {
+                    held_back
+                        .entry(id.clone())
+                        .or_default()
+                        .push((row.key.clone(), v));
                 }
                 by_key.insert(
                     row.key.clone(),
@@ -492,7 +501,7 @@ pub async fn reconcile(
     if let Some(line) = overflow {
         return Err(ReconcileError::Overflow(line));
     }
-    let sink_totals = compare_totals(&mut lines, totals_read, &pending_values, period)?;
+    let sink_totals = compare_totals(&mut lines, totals_read, &pending_values, &held_back, period)?;
     for (key, line) in lines.values_mut() {
         if let Some(rb) = line.read_back {
             line.unexplained = rb
@@ -576,6 +585,7 @@ fn compare_totals(
     lines: &mut BTreeMap<String, (LineKey, Line)>,
     totals: Vec<(LineKey, crate::sinks::ReadBackTotal)>,
     pending_values: &HashMap<&str, Vec<Decimal>>,
+    held_back: &HashMap<String, Vec<(String, Decimal)>>,
     period: &str,
 ) -> Result<Vec<SinkTotal>, ReconcileError> {
     let mut out = Vec::new();
@@ -600,6 +610,7 @@ fn compare_totals(
         let count = ids.len() as u64;
         let (mut sent, mut pending) = (Decimal::ZERO, Decimal::ZERO);
         let mut values: Vec<Decimal> = Vec::new();
+        let mut unclear: Vec<&(String, Decimal)> = Vec::new();
         let group = || format!("{} total of {} {}", key.sink, key.subscription, key.metric);
         let mut overflow = None;
         for id in ids {
@@ -611,6 +622,7 @@ fn compare_totals(
             if let Some(v) = pending_values.get(id.as_str()) {
                 values.extend_from_slice(v);
             }
+            unclear.extend(held_back.get(id.as_str()).into_iter().flatten());
         }
         if let Some(group) = overflow {
             return Err(ReconcileError::Overflow(group));
@@ -655,6 +667,32 @@ fn compare_totals(
                 "{} counted {} for {} {} in {period}, billsync sent {sent}: difference {unexplained} ({why}{pending_hint})",
                 key.sink, total.total, key.subscription, key.metric
             ));
+            // Records held back after an unclear delivery that add up to the surplus: the
+            // sink counted them, and the person records that (`ledger mark-delivered`).
+            let values: Vec<Decimal> = unclear.iter().map(|(_, v)| *v).collect();
+            if unexplained > Decimal::ZERO
+                && explained_by_pending(unexplained, &values) == Some(true)
+            {
+                let all = values
+                    .iter()
+                    .try_fold(Decimal::ZERO, |sum, v| sum.checked_add(*v));
+                let keys = unclear
+                    .iter()
+                    .map(|(k, v)| format!("{k} ({v})"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                notes.push(if all == Some(unexplained) {
+                    format!(
+                        "the difference {unexplained} is exactly what the records held back after an unclear delivery add up to: {} counted them; record them as delivered (`billsync ledger mark-delivered --key K --reason \"…\"`): {keys}",
+                        key.sink
+                    )
+                } else {
+                    format!(
+                        "some of the records held back after an unclear delivery add up to the difference {unexplained}: {} may have counted those; check them one by one before `billsync ledger mark-delivered --key K` or a replay: {keys}",
+                        key.sink
+                    )
+                });
+            }
         }
         for id in ids {
             let Some((_, l)) = lines.get_mut(id) else {

@@ -581,3 +581,70 @@ async fn a_surplus_no_set_of_pending_records_adds_up_to_is_unexplained() {
     assert_eq!(calls.unexplained, d("37"), "{table}");
     assert!(table.contains("UNEXPLAINED DIFFERENCE 37"), "{table}");
 }
+
+/// A record the push loop held back after an unclear delivery (rejected with the time of that
+/// delivery, see `tests/sync_stripe_unclear.rs`) that Stripe did count: Stripe's total is above
+/// what was sent by exactly its value. Reconcile still reports the difference (the ledger and
+/// Stripe disagree until a person decides) and names the record, with the command that records
+/// it as delivered; once marked, the month reconciles.
+#[tokio::test]
+async fn a_surplus_made_of_records_held_back_after_an_unclear_delivery_names_them() {
+    use billsync::sinks::Outcome;
+
+    let stripe = StripeSim::start(StripeSimConfig::default()).await.unwrap();
+    let s = sink(&stripe, StripeMode::V1);
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&dir.path().join("ledger.db")).await.unwrap();
+    let (t, period) = when();
+    send(
+        &ledger,
+        &s,
+        &[row(&s, "acct", "a", "cus_A", "api_calls", "10", t)],
+    )
+    .await;
+    // Stripe stores it; the answer is lost (unclear); a day later it is held back.
+    let run = stage(
+        &ledger,
+        &[row(&s, "acct", "b", "cus_A", "api_calls", "40", t)],
+    )
+    .await;
+    let held = push(&ledger, &s, run, false).await;
+    assert_eq!(held, vec![Outcome::Delivered]);
+    let id = ledger.pending_batch("stripe", 0, 10).await.unwrap()[0].id;
+    let key = ledger.pending_batch("stripe", 0, 10).await.unwrap()[0].key.clone();
+    ledger
+        .ack(run, &[(id, Outcome::Unclear("HTTP 502".into()))], Utc::now())
+        .await
+        .unwrap();
+    ledger
+        .ack(
+            run,
+            &[(id, Outcome::Rejected("not sent again: ended unclear".into()))],
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stripe.total("cus_A", "api_calls"), Some(d("50")));
+
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(s)];
+    let report = reconcile(&ledger, &sinks, &period, utc()).await.unwrap();
+    let table = to_table(&report);
+    assert!(!report.is_reconciled(), "{table}");
+    let calls = line(&report, "cus_A", "api_calls");
+    assert_eq!(calls.unexplained, d("40"), "{table}");
+    assert!(
+        calls.notes.iter().any(|n| n.contains("exactly what the records held back")
+            && n.contains(&key)
+            && n.contains("billsync ledger mark-delivered")),
+        "{:?}",
+        calls.notes
+    );
+
+    let by_hand = ledger.start_run("mark-delivered", Utc::now()).await.unwrap();
+    ledger
+        .mark_delivered(by_hand, &key, "reconcile: Stripe counted it", Utc::now())
+        .await
+        .unwrap();
+    let report = reconcile(&ledger, &sinks, &period, utc()).await.unwrap();
+    assert!(report.is_reconciled(), "{}", to_table(&report));
+}

@@ -598,6 +598,9 @@ pub struct PeriodRow {
     pub value_property: Option<String>,
     /// A correction record (its provider cost is already counted on the original).
     pub is_correction: bool,
+    /// Rejected by the push loop after an unclear delivery (`unclear_at`): the sink may have
+    /// counted it (see [`Sink::dedup_window`](crate::sinks::Sink::dedup_window)).
+    pub held_back_unclear: bool,
 }
 
 /// One stored cursor.
@@ -2205,7 +2208,8 @@ impl Ledger {
         use futures_util::TryStreamExt;
         let mut rows = sqlx::query(
             "SELECT id, idem_key, source, billing_account_id, status, billed_cost, billing_currency,
-                    sink, subscription, metric, value, value_property, correction_of
+                    sink, subscription, metric, value, value_property, correction_of,
+                    status = 'rejected' AND unclear_at IS NOT NULL
              FROM records WHERE charge_period_start >= ?1 AND charge_period_start < ?2 ORDER BY id",
         )
         .bind(ts(from))
@@ -2244,6 +2248,7 @@ impl Ledger {
                 value: dec("value", r.get(10))?,
                 value_property: r.get(11),
                 is_correction: correction_of.is_some(),
+                held_back_unclear: r.get(13),
             });
         }
         Ok(())
