@@ -611,15 +611,24 @@ async fn a_surplus_made_of_records_held_back_after_an_unclear_delivery_names_the
     let held = push(&ledger, &s, run, false).await;
     assert_eq!(held, vec![Outcome::Delivered]);
     let id = ledger.pending_batch("stripe", 0, 10).await.unwrap()[0].id;
-    let key = ledger.pending_batch("stripe", 0, 10).await.unwrap()[0].key.clone();
+    let key = ledger.pending_batch("stripe", 0, 10).await.unwrap()[0]
+        .key
+        .clone();
     ledger
-        .ack(run, &[(id, Outcome::Unclear("HTTP 502".into()))], Utc::now())
+        .ack(
+            run,
+            &[(id, Outcome::Unclear("HTTP 502".into()))],
+            Utc::now(),
+        )
         .await
         .unwrap();
     ledger
         .ack(
             run,
-            &[(id, Outcome::Rejected("not sent again: ended unclear".into()))],
+            &[(
+                id,
+                Outcome::Rejected("not sent again: ended unclear".into()),
+            )],
             Utc::now(),
         )
         .await
@@ -633,14 +642,20 @@ async fn a_surplus_made_of_records_held_back_after_an_unclear_delivery_names_the
     let calls = line(&report, "cus_A", "api_calls");
     assert_eq!(calls.unexplained, d("40"), "{table}");
     assert!(
-        calls.notes.iter().any(|n| n.contains("exactly what the records held back")
-            && n.contains(&key)
-            && n.contains("billsync ledger mark-delivered")),
+        calls
+            .notes
+            .iter()
+            .any(|n| n.contains("exactly what the records held back")
+                && n.contains(&key)
+                && n.contains("billsync ledger mark-delivered")),
         "{:?}",
         calls.notes
     );
 
-    let by_hand = ledger.start_run("mark-delivered", Utc::now()).await.unwrap();
+    let by_hand = ledger
+        .start_run("mark-delivered", Utc::now())
+        .await
+        .unwrap();
     ledger
         .mark_delivered(by_hand, &key, "reconcile: Stripe counted it", Utc::now())
         .await
