@@ -299,7 +299,7 @@ fn hold_back_unclear(
                 system = dedup.system,
                 key = o.key,
             );
-            (o, Outcome::Rejected(reason))
+            (o, Outcome::HeldBack(reason))
         })
         .collect();
     (send, stale)
@@ -485,7 +485,7 @@ fn record_outcomes<'b>(
         match &outcome {
             Outcome::Delivered => counts.sent += 1,
             Outcome::AlreadyDelivered => counts.already_delivered += 1,
-            Outcome::Rejected(reason) => {
+            Outcome::Rejected(reason) | Outcome::HeldBack(reason) => {
                 counts.rejected += 1;
                 warn!(sink, key = %out.key, %reason, "record rejected; held in the ledger");
             }
@@ -2884,7 +2884,7 @@ impl Pipeline {
             // (a replay settles the months of what it sends).
             if r.held_correction {
                 return Ok(Settlement::Wait(format!(
-                    "{}: a correction of it is held (refused by the sink, or unmapped): see                      `billsync status`, fix it, then `billsync replay`",
+                    "{}: a correction of it is held (refused by the sink, or unmapped): see `billsync status`, fix it, then `billsync replay`",
                     m.key
                 )));
             }

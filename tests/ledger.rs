@@ -1414,3 +1414,53 @@ async fn a_rejected_record_found_in_the_sink_is_marked_delivered_by_hand_and_not
         line.1
     );
 }
+
+/// A correction the sink refused does not count in what a later correction of its record is
+/// measured against, so the later one carries its difference: recorded as delivered by hand
+/// afterwards, it would count twice (1, a refused +2, then +4 to 5: marking the +2 makes 7).
+/// That is refused, naming the later correction.
+#[tokio::test]
+async fn a_refused_correction_whose_difference_a_later_one_carried_cannot_be_marked_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let now = Utc::now();
+    let run = ledger.start_run("sync", now).await.unwrap();
+    let send_all = |outcome: Outcome| {
+        let ledger = &ledger;
+        async move {
+            let batch = ledger.pending_batch("lago", 0, 100).await.unwrap();
+            let acks: Vec<_> = batch.iter().map(|o| (o.id, outcome.clone())).collect();
+            ledger.ack(run, &acks, now).await.unwrap();
+            batch
+        }
+    };
+    ledger
+        .stage(run, &[row(record("a", "1"))], None, now, &difference)
+        .await
+        .unwrap();
+    send_all(Outcome::Delivered).await;
+    ledger
+        .stage(run, &[row(record("a", "3"))], None, now, &difference)
+        .await
+        .unwrap();
+    let r1 = send_all(Outcome::Rejected("refused".into())).await;
+    assert!(r1[0].key.ends_with(".r1"), "{}", r1[0].key);
+    ledger
+        .stage(run, &[row(record("a", "5"))], None, now, &difference)
+        .await
+        .unwrap();
+    let r2 = send_all(Outcome::Delivered).await;
+    assert_eq!(r2[0].payload, "{\"value\":\"4\"}");
+
+    let by_hand_run = ledger.start_run("mark-delivered", now).await.unwrap();
+    let err = ledger
+        .mark_delivered(by_hand_run, &r1[0].key, "found in the sink", now)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("the later correction {}", r2[0].key)),
+        "{err}"
+    );
+    assert_eq!(ledger.undelivered().await.unwrap(), 1, "still rejected");
+}

@@ -627,7 +627,7 @@ async fn a_surplus_made_of_records_held_back_after_an_unclear_delivery_names_the
             run,
             &[(
                 id,
-                Outcome::Rejected("not sent again: ended unclear".into()),
+                Outcome::HeldBack("not sent again: ended unclear".into()),
             )],
             Utc::now(),
         )

@@ -351,9 +351,11 @@ async fn replaying_a_record_held_back_after_stripes_window_sends_it() {
     );
 }
 
-/// A re-read with new content restages the rejected record (pending again, a new payload under
-/// the same key): Stripe may still hold what the unclear delivery sent, so the next run holds
-/// it back again, without a request.
+/// A re-read with new content does not restage the held-back record in place (pending again,
+/// a new payload under the same key): Stripe may still hold what the unclear delivery sent.
+/// It stays held back, frozen as it was sent, and the change goes out as a correction of it
+/// (here the staging leaves it to a person; see
+/// `an_original_held_back_after_an_unclear_delivery_is_corrected_not_rewritten`): no request.
 #[tokio::test]
 async fn a_record_restaged_by_a_re_read_stays_held_back() {
     let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
@@ -368,10 +370,10 @@ async fn a_record_restaged_by_a_re_read_stays_held_back() {
     let mut changed = record;
     changed.consumed_quantity = Decimal::from(8);
     w.stage(vec![changed]).await;
-    assert_eq!(w.rows().await[0].1, "pending", "restaged");
+    assert_eq!(w.rows().await[0].1, "rejected", "not restaged");
     let requests = w.ingestion_requests();
     let third = w.sync(t0 + chrono::Duration::hours(26)).await;
-    assert_eq!(third.rejected, 1);
+    assert_eq!((third.sent, third.rejected), (0, 0), "{third:?}");
     assert_eq!(w.ingestion_requests(), requests, "no request for it");
     assert_eq!(w.rows().await[0].1, "rejected");
 }
@@ -568,4 +570,140 @@ async fn correction_held_back_then_restated(stripe_counted_it: bool) {
         .unwrap();
     assert_eq!(p.ledger.undelivered().await.unwrap(), 0);
     p.ledger.close().await;
+}
+
+/// An original held back after an unclear delivery whose content then changes: Stripe may
+/// hold what it sent, so the change goes out as a correction of it and the record stays held
+/// back for a person, frozen as it was sent (7, restated to 8: `.r1` +1). Rewritten in place
+/// with the new content, it was held back at 8: marked delivered, the ledger said 8 where
+/// Stripe had 7; replayed, Stripe counted the 7 twice. Now either way Stripe ends at 8.
+#[tokio::test]
+async fn an_original_held_back_after_an_unclear_delivery_is_corrected_not_rewritten() {
+    for stripe_counted_it in [true, false] {
+        original_held_back_then_restated(stripe_counted_it).await;
+    }
+}
+
+async fn original_held_back_then_restated(stripe_counted_it: bool) {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    let base = line("a", 7);
+    let key = base.idempotency_key();
+    let stage_as_sync = |calls: i64| {
+        let w = &w;
+        let restated = UsageRecord {
+            consumed_quantity: Decimal::from(calls),
+            ..base.clone()
+        };
+        async move {
+            let p = w.pipeline().await;
+            let row = p.stage_row(restated, false);
+            let correct = |row: &StageRow, st: &SentState| p.correction(row, st);
+            let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+            p.ledger
+                .stage(run, &[row], None, Utc::now(), &correct)
+                .await
+                .unwrap();
+            p.ledger.close().await;
+        }
+    };
+    let t0 = Utc::now();
+    stage_as_sync(7).await;
+    if stripe_counted_it {
+        w.stripe.store_then_drop_next(1, DropMode::Status502);
+    } else {
+        w.stripe.fail_next(1, 500);
+    }
+    assert_eq!(w.sync(t0).await.failed, 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(w.sync(t0 + a_day_and_an_hour()).await.rejected, 1);
+
+    stage_as_sync(8).await;
+    let rows = w.rows().await;
+    assert_eq!(
+        rows[0].1, "rejected",
+        "the original stays held back: {rows:?}"
+    );
+    assert!(rows[1].0.ends_with(".r1"), "{rows:?}");
+    let next = w.sync(t0 + a_day_and_an_hour()).await;
+    assert_eq!((next.sent, next.rejected), (1, 0), "{next:?}");
+    let counted = if stripe_counted_it { 8 } else { 1 };
+    assert_eq!(
+        w.stripe.total("cus_A", "api_calls"),
+        Some(Decimal::from(counted))
+    );
+    if stripe_counted_it {
+        let p = w.pipeline().await;
+        let run = p
+            .ledger
+            .start_run("mark-delivered", Utc::now())
+            .await
+            .unwrap();
+        p.ledger
+            .mark_delivered(run, &key, "reconcile: Stripe counted it", Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(p.ledger.undelivered().await.unwrap(), 0);
+        p.ledger.close().await;
+    } else {
+        let replayed = w
+            .replay_rejected(
+                Some(&key),
+                t0 + a_day_and_an_hour() + chrono::Duration::minutes(5),
+            )
+            .await;
+        assert_eq!(replayed.sent, 1, "{replayed:?}");
+    }
+    assert_eq!(
+        w.stripe.total("cus_A", "api_calls"),
+        Some(Decimal::from(8)),
+        "counted: {stripe_counted_it}"
+    );
+}
+
+/// A correction whose first delivery ended unclear and which Stripe then refused outright
+/// (a clear 400 within the window: had the first been stored, Stripe would have said it has
+/// the identifier) was never counted: it is an ordinary refusal, and the record's next
+/// correction carries its difference (7, a refused +2, restated to 10: +3, Stripe at 10).
+/// Counted as held back, the next one was +1 and Stripe stayed at 8.
+#[tokio::test]
+async fn a_correction_refused_after_an_unclear_delivery_is_an_ordinary_refusal() {
+    let w = World::start(Duration::from_secs(3600), StripeMode::V1).await;
+    let base = line("a", 7);
+    let stage_as_sync = |calls: i64| {
+        let w = &w;
+        let restated = UsageRecord {
+            consumed_quantity: Decimal::from(calls),
+            ..base.clone()
+        };
+        async move {
+            let p = w.pipeline().await;
+            let row = p.stage_row(restated, false);
+            let correct = |row: &StageRow, st: &SentState| p.correction(row, st);
+            let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+            p.ledger
+                .stage(run, &[row], None, Utc::now(), &correct)
+                .await
+                .unwrap();
+            p.ledger.close().await;
+        }
+    };
+    let t0 = Utc::now();
+    stage_as_sync(7).await;
+    assert_eq!(w.sync(t0).await.sent, 1);
+    stage_as_sync(9).await;
+    w.stripe.fail_next(1, 500);
+    assert_eq!(w.sync(t0 + chrono::Duration::minutes(1)).await.failed, 1);
+    w.stripe.fail_next(1, 400);
+    let refused = w.sync(t0 + chrono::Duration::minutes(2)).await;
+    assert_eq!(refused.rejected, 1, "{refused:?}");
+    let rows = w.rows().await;
+    assert_eq!(rows[1].1, "rejected");
+    assert_eq!(rows[1].4, None, "the refusal forgets the unclear delivery");
+
+    stage_as_sync(10).await;
+    assert_eq!(w.sync(t0 + chrono::Duration::minutes(3)).await.sent, 1);
+    assert_eq!(
+        w.stripe.total("cus_A", "api_calls"),
+        Some(Decimal::from(10))
+    );
 }

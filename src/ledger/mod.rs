@@ -1228,11 +1228,16 @@ impl Ledger {
             // one replayed would be measured against content it was not derived from. So it is
             // treated as a queued record: the change goes out as a further correction (or
             // waits for a person), and a refused original is queued again as it was (below).
-            let chained = match known.get(&row.key) {
+            // So is one the push loop held back after an unclear delivery (`held`): the sink
+            // may have counted what it sent, so its new content goes out as a correction of
+            // that, and the record itself stays held back for a person (who marks it delivered
+            // or replays it: either way the total comes right).
+            let (chained, held) = match known.get(&row.key) {
                 Some(k) if !k.holds(row) && !matches!(k.status, Status::Sent | Status::Pending) => {
-                    has_corrections(&mut tx, k.id).await?
+                    let held = held_back(&mut tx, k.id).await?;
+                    (held || has_corrections(&mut tx, k.id).await?, held)
                 }
-                _ => false,
+                _ => (false, false),
             };
             match known.get(&row.key) {
                 None => {
@@ -1316,7 +1321,7 @@ impl Ledger {
                     // the latest content (or to what was sent, for a change left to a person).
                     // An unmapped or ignored one has no payload: `replay` sends it from its
                     // frozen body (and its change waits for a person: it maps to nothing sent).
-                    let requeue = original == Status::Rejected
+                    let requeue = (original == Status::Rejected && !held)
                         || (original == Status::Provisional && row.status == Status::Pending);
                     let status =
                         if requeue && requeue_as_it_was(&mut tx, id, run_id, &now_s).await? {
@@ -1674,12 +1679,15 @@ impl Ledger {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(sql("beginning a transaction"))?;
-        let found =
-            sqlx::query("SELECT id, status, last_error, sink FROM records WHERE idem_key = ?1")
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(sql("reading a record"))?;
+        let found = sqlx::query(
+            "SELECT id, status, last_error, sink, correction_of, revision,
+                 unclear_at IS NOT NULL
+             FROM records WHERE idem_key = ?1",
+        )
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sql("reading a record"))?;
         let Some(found) = found else {
             return Err(refuse(
                 "no record has this key (`billsync ledger export --status rejected` lists them)"
@@ -1688,6 +1696,8 @@ impl Ledger {
         };
         let (id, status, last_error, sink): (i64, String, Option<String>, Option<String>) =
             (found.get(0), found.get(1), found.get(2), found.get(3));
+        let (correction_of, revision, held): (Option<i64>, i64, bool) =
+            (found.get(4), found.get(5), found.get(6));
         if status != Status::Rejected.as_str() {
             return Err(refuse(format!(
                 "its status is `{status}`; only a rejected record is marked delivered by hand"
@@ -1702,10 +1712,39 @@ impl Ledger {
         .await
         .map_err(sql("reading period groups"))?;
         if in_a_month {
-            return Err(refuse(
-                "it belongs to a month with period pricing, whose adjustment is computed from                  what its records sent: replay it (`billsync replay --status rejected`) instead"
-                    .into(),
-            ));
+            return Err(refuse(if held {
+                "it belongs to a month with period pricing, whose adjustment is computed from \
+                 what its records sent, and it was held back after an unclear delivery, so a \
+                 replay would send it again: settle it and its month in the invoicing system by \
+                 hand"
+                    .into()
+            } else {
+                "it belongs to a month with period pricing, whose adjustment is computed from \
+                 what its records sent: replay it (`billsync replay --status rejected --key K`) \
+                 instead"
+                    .into()
+            }));
+        }
+        // A refused correction does not count in what later corrections of its record were
+        // measured against (one held back after an unclear delivery does): if one went out
+        // since, it carried this difference already.
+        if let (Some(original), false) = (correction_of, held) {
+            let later: Option<String> = sqlx::query_scalar(
+                "SELECT idem_key FROM records WHERE correction_of = ?1 AND revision > ?2
+                     AND status IN ('pending', 'sent') ORDER BY revision LIMIT 1",
+            )
+            .bind(original)
+            .bind(revision)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql("reading later corrections"))?;
+            if let Some(later) = later {
+                return Err(refuse(format!(
+                    "the later correction {later} of the same record already carries its \
+                     difference: recorded as delivered it would count twice (if the sink holds \
+                     it too, the sink holds too much: take it back there)"
+                )));
+            }
         }
         sqlx::query(
             "UPDATE records SET status = 'sent', last_error = NULL, sent_run = ?2, last_run = ?2,
@@ -2059,18 +2098,22 @@ impl Ledger {
                 .map_err(sql("acknowledging sent records"))?;
         }
         for (id, outcome) in outcomes {
+            // What becomes of `unclear_at`: 1 set (kept if set), 2 cleared, else kept.
             let (status, error, unclear) = match outcome {
                 Outcome::Delivered | Outcome::AlreadyDelivered => continue,
-                Outcome::Rejected(reason) => (Status::Rejected, reason, false),
-                Outcome::Failed(reason) => (Status::Pending, reason, false),
-                Outcome::Unclear(reason) => (Status::Pending, reason, true),
+                Outcome::Rejected(reason) => (Status::Rejected, reason, 2),
+                Outcome::Failed(reason) => (Status::Pending, reason, 0),
+                Outcome::Unclear(reason) => (Status::Pending, reason, 1),
+                Outcome::HeldBack(reason) => (Status::Rejected, reason, 0),
             };
             // An unclear delivery keeps the time of the first one: a sink that deduplicates a
-            // key for a limited time counts a resend once only within that time of it.
+            // key for a limited time counts a resend once only within that time of it. The
+            // sink's own refusal clears it (it did not hold the record: it would have said so).
             sqlx::query(
                 "UPDATE records SET status = ?2, attempts = attempts + 1, last_error = ?3,
                      last_run = ?4, updated_at = ?5,
-                     unclear_at = CASE WHEN ?6 THEN coalesce(unclear_at, ?5) ELSE unclear_at END
+                     unclear_at = CASE ?6 WHEN 1 THEN coalesce(unclear_at, ?5)
+                         WHEN 2 THEN NULL ELSE unclear_at END
                  WHERE id = ?1 AND status = 'pending'",
             )
             .bind(id)
@@ -4024,6 +4067,19 @@ async fn requeue_as_it_was(
     .await
     .map_err(sql("re-queueing a held record"))?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Whether record `id` was held back by the push loop after an unclear delivery (rejected with
+/// `unclear_at`): the sink may hold what it sent.
+async fn held_back(conn: &mut sqlx::SqliteConnection, id: i64) -> Result<bool, LedgerError> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM records
+             WHERE id = ?1 AND status = 'rejected' AND unclear_at IS NOT NULL)",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(sql("reading whether a record was held back"))
 }
 
 /// Whether record `id` has corrections (of any status).

@@ -49,6 +49,13 @@ pub enum Outcome {
     /// attempt ([`Outgoing::unclear_since`]). A resend is safe only while the sink still
     /// deduplicates the key ([`Sink::dedup_window`]).
     Unclear(String),
+    /// Not sent again by the push loop, a delivery of it having ended unclear longer ago than
+    /// the sink deduplicates keys ([`Sink::dedup_window`]): `rejected` like [`Outcome::Rejected`],
+    /// but the sink may hold it, so the time of that delivery is kept (a later correction of
+    /// the record counts it as gone out, and `reconcile` names it). A refusal by the sink
+    /// itself ([`Outcome::Rejected`]) forgets an earlier unclear delivery: had that one been
+    /// stored, the sink would have answered that it has the key.
+    HeldBack(String),
 }
 
 /// How long a sink deduplicates a record's key: a resend of a record whose earlier delivery
