@@ -331,8 +331,37 @@ async fn set_cursor(
         ))
         .into());
     }
+    let detail = serde_json::json!({
+        "source": source, "stream": stream, "from": old, "to": value, "reason": reason,
+    })
+    .to_string();
+    let written = in_a_locked_run(
+        ledger,
+        "set-cursor",
+        |run, now| ledger.move_cursor(run, (source, stream, value), &detail, now),
+        |_| detail.clone(),
+    )
+    .await;
+    written?.ok_or_else(|| ConfigError(format!("no cursor {source} {stream} in the ledger")))?;
+    println!("cursor {source} {stream}: {old} → {value}");
+    Ok(())
+}
+
+/// Run `work` as a run of its own (`command`, with the run's time) under the run lock: taken
+/// first (exit 3 beside a sync), the run recorded with its outcome and `detail_of` its
+/// result, the lock released whatever happened. An operator's change to the ledger is never
+/// made beside a run, and always leaves a trace.
+async fn in_a_locked_run<T, Fut>(
+    ledger: &Ledger,
+    command: &str,
+    work: impl FnOnce(i64, DateTime<Utc>) -> Fut,
+    detail_of: impl FnOnce(&Result<T, LedgerError>) -> String,
+) -> Result<T, LedgerError>
+where
+    Fut: std::future::Future<Output = Result<T, LedgerError>>,
+{
     let holder = format!(
-        "set-cursor@{}:{}",
+        "{command}@{}:{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
         std::process::id()
     );
@@ -340,26 +369,20 @@ async fn set_cursor(
     ledger
         .acquire_lock(&holder, now, std::time::Duration::from_secs(60))
         .await?;
-    let detail = serde_json::json!({
-        "source": source, "stream": stream, "from": old, "to": value, "reason": reason,
-    })
-    .to_string();
     let written = async {
-        let run = ledger.start_run("set-cursor", now).await?;
-        let result = ledger
-            .move_cursor(run, (source, stream, value), &detail, now)
-            .await;
+        let run = ledger.start_run(command, now).await?;
+        let result = work(run, now).await;
         let outcome = if result.is_ok() { "ok" } else { "failed" };
-        ledger.finish_run(run, outcome, &detail, Utc::now()).await?;
+        ledger
+            .finish_run(run, outcome, &detail_of(&result), Utc::now())
+            .await?;
         result
     }
     .await;
     if let Err(e) = ledger.release_lock(&holder).await {
         tracing::warn!(error = %e, "could not release the run lock; it expires by itself");
     }
-    written?.ok_or_else(|| ConfigError(format!("no cursor {source} {stream} in the ledger")))?;
-    println!("cursor {source} {stream}: {old} → {value}");
-    Ok(())
+    written
 }
 
 /// `billsync ledger resolve --keep-sent`: under the run lock, in a run of its own, with an
@@ -370,34 +393,16 @@ async fn resolve_keep_sent(
     all_of_record: bool,
     reason: &str,
 ) -> anyhow::Result<()> {
-    let holder = format!(
-        "resolve@{}:{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
-        std::process::id()
-    );
-    let now = Utc::now();
-    ledger
-        .acquire_lock(&holder, now, std::time::Duration::from_secs(60))
-        .await?;
-    let written = async {
-        let run = ledger.start_run("resolve", now).await?;
-        let result = ledger
-            .keep_sent(run, change, all_of_record, reason, now)
-            .await;
-        let (outcome, detail) = match &result {
-            Ok(done) => ("ok", done.detail.clone()),
-            Err(e) => (
-                "failed",
-                serde_json::json!({ "error": e.to_string() }).to_string(),
-            ),
-        };
-        ledger.finish_run(run, outcome, &detail, Utc::now()).await?;
-        result
-    }
+    let written = in_a_locked_run(
+        ledger,
+        "resolve",
+        |run, now| ledger.keep_sent(run, change, all_of_record, reason, now),
+        |result| match result {
+            Ok(done) => done.detail.clone(),
+            Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
+        },
+    )
     .await;
-    if let Err(e) = ledger.release_lock(&holder).await {
-        tracing::warn!(error = %e, "could not release the run lock; it expires by itself");
-    }
     let done = written.map_err(|e| match e {
         LedgerError::NoOpenChange { .. } => anyhow::Error::new(ConfigError(e.to_string())),
         other => anyhow::Error::new(other),
@@ -425,32 +430,16 @@ async fn resolve_keep_sent(
 /// `billsync ledger mark-delivered`: under the run lock, in a run of its own, with an audit
 /// line; nothing is sent.
 async fn mark_delivered(ledger: &Ledger, key: &str, reason: &str) -> anyhow::Result<()> {
-    let holder = format!(
-        "mark-delivered@{}:{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
-        std::process::id()
-    );
-    let now = Utc::now();
-    ledger
-        .acquire_lock(&holder, now, std::time::Duration::from_secs(60))
-        .await?;
-    let written = async {
-        let run = ledger.start_run("mark-delivered", now).await?;
-        let result = ledger.mark_delivered(run, key, reason, now).await;
-        let (outcome, detail) = match &result {
-            Ok(done) => ("ok", done.detail.clone()),
-            Err(e) => (
-                "failed",
-                serde_json::json!({ "error": e.to_string() }).to_string(),
-            ),
-        };
-        ledger.finish_run(run, outcome, &detail, Utc::now()).await?;
-        result
-    }
+    let written = in_a_locked_run(
+        ledger,
+        "mark-delivered",
+        |run, now| ledger.mark_delivered(run, key, reason, now),
+        |result| match result {
+            Ok(done) => done.detail.clone(),
+            Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
+        },
+    )
     .await;
-    if let Err(e) = ledger.release_lock(&holder).await {
-        tracing::warn!(error = %e, "could not release the run lock; it expires by itself");
-    }
     let done = written.map_err(|e| match e {
         LedgerError::NotMarkable { .. } => anyhow::Error::new(ConfigError(e.to_string())),
         other => anyhow::Error::new(other),

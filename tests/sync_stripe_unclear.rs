@@ -143,6 +143,20 @@ impl World {
         p.ledger.close().await;
     }
 
+    /// Stage `record` as a sync does: a change of a record already sent, queued or held back
+    /// goes out as a correction.
+    async fn stage_as_sync(&self, record: UsageRecord) {
+        let p = self.pipeline().await;
+        let row = p.stage_row(record, false);
+        let correct = |row: &StageRow, st: &SentState| p.correction(row, st);
+        let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
+        p.ledger
+            .stage(run, &[row], None, Utc::now(), &correct)
+            .await
+            .unwrap();
+        p.ledger.close().await;
+    }
+
     /// A sync (no sources: it pushes what is pending) at `now`.
     async fn sync(&self, now: DateTime<Utc>) -> RunSummary {
         let p = self.pipeline().await;
@@ -497,22 +511,10 @@ async fn correction_held_back_then_restated(stripe_counted_it: bool) {
     // One line, restated: the same charge period each time (`line` reads the clock).
     let base = line("a", 7);
     let stage_as_sync = |calls: i64| {
-        let w = &w;
-        let restated = UsageRecord {
+        w.stage_as_sync(UsageRecord {
             consumed_quantity: Decimal::from(calls),
             ..base.clone()
-        };
-        async move {
-            let p = w.pipeline().await;
-            let row = p.stage_row(restated, false);
-            let correct = |row: &StageRow, st: &SentState| p.correction(row, st);
-            let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
-            p.ledger
-                .stage(run, &[row], None, Utc::now(), &correct)
-                .await
-                .unwrap();
-            p.ledger.close().await;
-        }
+        })
     };
     let t0 = Utc::now();
     stage_as_sync(7).await;
@@ -589,22 +591,10 @@ async fn original_held_back_then_restated(stripe_counted_it: bool) {
     let base = line("a", 7);
     let key = base.idempotency_key();
     let stage_as_sync = |calls: i64| {
-        let w = &w;
-        let restated = UsageRecord {
+        w.stage_as_sync(UsageRecord {
             consumed_quantity: Decimal::from(calls),
             ..base.clone()
-        };
-        async move {
-            let p = w.pipeline().await;
-            let row = p.stage_row(restated, false);
-            let correct = |row: &StageRow, st: &SentState| p.correction(row, st);
-            let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
-            p.ledger
-                .stage(run, &[row], None, Utc::now(), &correct)
-                .await
-                .unwrap();
-            p.ledger.close().await;
-        }
+        })
     };
     let t0 = Utc::now();
     stage_as_sync(7).await;
@@ -670,22 +660,10 @@ async fn a_correction_refused_after_an_unclear_delivery_is_an_ordinary_refusal()
     let w = World::start(Duration::from_secs(3600), StripeMode::V1).await;
     let base = line("a", 7);
     let stage_as_sync = |calls: i64| {
-        let w = &w;
-        let restated = UsageRecord {
+        w.stage_as_sync(UsageRecord {
             consumed_quantity: Decimal::from(calls),
             ..base.clone()
-        };
-        async move {
-            let p = w.pipeline().await;
-            let row = p.stage_row(restated, false);
-            let correct = |row: &StageRow, st: &SentState| p.correction(row, st);
-            let run = p.ledger.start_run("sync", Utc::now()).await.unwrap();
-            p.ledger
-                .stage(run, &[row], None, Utc::now(), &correct)
-                .await
-                .unwrap();
-            p.ledger.close().await;
-        }
+        })
     };
     let t0 = Utc::now();
     stage_as_sync(7).await;
