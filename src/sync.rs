@@ -485,7 +485,9 @@ fn record_outcomes<'b>(
         match &outcome {
             Outcome::Delivered => counts.sent += 1,
             Outcome::AlreadyDelivered => counts.already_delivered += 1,
-            Outcome::Rejected(reason) | Outcome::HeldBack(reason) => {
+            Outcome::Rejected(reason)
+            | Outcome::HeldBack(reason)
+            | Outcome::RejectedNotStored(reason) => {
                 counts.rejected += 1;
                 warn!(sink, key = %out.key, %reason, "record rejected; held in the ledger");
             }

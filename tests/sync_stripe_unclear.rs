@@ -89,6 +89,8 @@ struct World {
     stripe: StripeSimHandle,
     dir: tempfile::TempDir,
     mode: StripeMode,
+    /// The sink's `max_age`, when a test lowers it.
+    max_age: std::cell::Cell<Option<Duration>>,
 }
 
 impl World {
@@ -105,6 +107,7 @@ impl World {
             .unwrap(),
             dir: tempfile::tempdir().unwrap(),
             mode,
+            max_age: std::cell::Cell::new(None),
         }
     }
 
@@ -113,6 +116,9 @@ impl World {
         c.meter_events_url = self.stripe.url.clone();
         c.mode = self.mode;
         c.timeout = Duration::from_secs(2);
+        if let Some(max_age) = self.max_age.get() {
+            c.max_age = max_age;
+        }
         // One attempt per run: what a run leaves is what its one request met.
         c.retry = RetryPolicy {
             max_retries: 0,
@@ -683,5 +689,38 @@ async fn a_correction_refused_after_an_unclear_delivery_is_an_ordinary_refusal()
     assert_eq!(
         w.stripe.total("cus_A", "api_calls"),
         Some(Decimal::from(10))
+    );
+}
+
+/// Only a refusal that shows Stripe does not hold the record forgets an unclear delivery. One
+/// stored by Stripe and answered 502, then found too old by billsync's own check before any
+/// request (`max_age`): that says nothing about the first delivery, so it stays known
+/// (`reconcile` names it if Stripe's total shows it, and a change of it is a correction).
+#[tokio::test]
+async fn a_local_refusal_after_an_unclear_delivery_keeps_it() {
+    let w = World::start(Duration::from_secs(3600), StripeMode::V1).await;
+    let record = line("a", 7);
+    let key = record.idempotency_key();
+    w.stage(vec![record]).await;
+    w.stripe.store_then_drop_next(1, DropMode::Status502);
+    let t0 = Utc::now();
+    assert_eq!(w.sync(t0).await.failed, 1);
+    assert_eq!(w.stripe.count(&key), 1);
+    w.max_age.set(Some(Duration::from_secs(30 * 60)));
+    let refused = w.sync(t0 + chrono::Duration::minutes(1)).await;
+    assert_eq!(refused.rejected, 1, "{refused:?}");
+    let rows = w.rows().await;
+    assert_eq!(rows[0].1, "rejected");
+    assert!(
+        rows[0]
+            .3
+            .as_deref()
+            .unwrap_or_default()
+            .contains("older than"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[0].4.is_some(),
+        "the unclear delivery is kept: {rows:?}"
     );
 }

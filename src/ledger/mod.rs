@@ -1731,7 +1731,9 @@ impl Ledger {
         if let (Some(original), false) = (correction_of, held) {
             let later: Option<String> = sqlx::query_scalar(
                 "SELECT idem_key FROM records WHERE correction_of = ?1 AND revision > ?2
-                     AND status IN ('pending', 'sent') ORDER BY revision LIMIT 1",
+                     AND (status IN ('pending', 'sent')
+                          OR (status = 'rejected' AND unclear_at IS NOT NULL))
+                 ORDER BY revision LIMIT 1",
             )
             .bind(original)
             .bind(revision)
@@ -2101,14 +2103,15 @@ impl Ledger {
             // What becomes of `unclear_at`: 1 set (kept if set), 2 cleared, else kept.
             let (status, error, unclear) = match outcome {
                 Outcome::Delivered | Outcome::AlreadyDelivered => continue,
-                Outcome::Rejected(reason) => (Status::Rejected, reason, 2),
+                Outcome::Rejected(reason) => (Status::Rejected, reason, 0),
+                Outcome::RejectedNotStored(reason) => (Status::Rejected, reason, 2),
                 Outcome::Failed(reason) => (Status::Pending, reason, 0),
                 Outcome::Unclear(reason) => (Status::Pending, reason, 1),
                 Outcome::HeldBack(reason) => (Status::Rejected, reason, 0),
             };
             // An unclear delivery keeps the time of the first one: a sink that deduplicates a
-            // key for a limited time counts a resend once only within that time of it. The
-            // sink's own refusal clears it (it did not hold the record: it would have said so).
+            // key for a limited time counts a resend once only within that time of it. A
+            // refusal that shows the sink does not hold the record clears it.
             sqlx::query(
                 "UPDATE records SET status = ?2, attempts = attempts + 1, last_error = ?3,
                      last_run = ?4, updated_at = ?5,

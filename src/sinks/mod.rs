@@ -52,10 +52,15 @@ pub enum Outcome {
     /// Not sent again by the push loop, a delivery of it having ended unclear longer ago than
     /// the sink deduplicates keys ([`Sink::dedup_window`]): `rejected` like [`Outcome::Rejected`],
     /// but the sink may hold it, so the time of that delivery is kept (a later correction of
-    /// the record counts it as gone out, and `reconcile` names it). A refusal by the sink
-    /// itself ([`Outcome::Rejected`]) forgets an earlier unclear delivery: had that one been
-    /// stored, the sink would have answered that it has the key.
+    /// the record counts it as gone out, and `reconcile` names it).
     HeldBack(String),
+    /// Refused like [`Outcome::Rejected`], by an answer that shows the sink does not hold the
+    /// record: an earlier unclear delivery of it is forgotten (Stripe v1: a refusal with
+    /// Stripe's error, to a request under the record's Idempotency-Key, which Stripe would
+    /// have answered with the stored result had an earlier one been taken). Any other
+    /// refusal ([`Outcome::Rejected`]: a local check, the v2 stream's, whose validation comes
+    /// later) keeps it.
+    RejectedNotStored(String),
 }
 
 /// How long a sink deduplicates a record's key: a resend of a record whose earlier delivery

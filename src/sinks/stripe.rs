@@ -670,7 +670,7 @@ impl StripeSink {
                         e.describe()
                     )))
                 }
-                Some(e) => V1::Outcome(Outcome::Rejected(format!(
+                Some(e) => V1::Outcome(Outcome::RejectedNotStored(format!(
                     "Stripe answered 400: {}",
                     e.describe()
                 ))),
@@ -694,7 +694,7 @@ impl StripeSink {
                 None,
             ),
             402 | 404 => match &error {
-                Some(e) => V1::Outcome(Outcome::Rejected(format!(
+                Some(e) => V1::Outcome(Outcome::RejectedNotStored(format!(
                     "Stripe answered {code}: {}",
                     e.describe()
                 ))),
