@@ -501,7 +501,14 @@ pub async fn reconcile(
     if let Some(line) = overflow {
         return Err(ReconcileError::Overflow(line));
     }
-    let sink_totals = compare_totals(&mut lines, totals_read, &pending_values, &held_back, period)?;
+    let sink_totals = compare_totals(
+        &mut lines,
+        &group_lines,
+        totals_read,
+        &pending_values,
+        &held_back,
+        period,
+    )?;
     for (key, line) in lines.values_mut() {
         if let Some(rb) = line.read_back {
             line.unexplained = rb
@@ -583,21 +590,15 @@ fn explained_by_pending(difference: Decimal, values: &[Decimal]) -> Option<bool>
 /// notes say what may cause the rest.
 fn compare_totals(
     lines: &mut BTreeMap<String, (LineKey, Line)>,
+    // Each (sink, subscription, metric)'s lines, as `reconcile` indexed them: walking every
+    // line for each total made a month of many customers quadratic.
+    group_lines: &HashMap<(String, String, String), Vec<String>>,
     totals: Vec<(LineKey, crate::sinks::ReadBackTotal)>,
     pending_values: &HashMap<&str, Vec<Decimal>>,
     held_back: &HashMap<String, Vec<(String, Decimal)>>,
     period: &str,
 ) -> Result<Vec<SinkTotal>, ReconcileError> {
     let mut out = Vec::new();
-    // Each group's lines, indexed once: walking every line for each total made a month of many
-    // customers quadratic.
-    let mut group_lines: HashMap<(String, String, String), Vec<String>> = HashMap::new();
-    for (id, (k, _)) in lines.iter() {
-        group_lines
-            .entry((k.sink.clone(), k.subscription.clone(), k.metric.clone()))
-            .or_default()
-            .push(id.clone());
-    }
     for (key, total) in totals {
         let ids = group_lines
             .get(&(

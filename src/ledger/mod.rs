@@ -980,14 +980,7 @@ impl Ledger {
             return Ok(None);
         }
         upsert_cursor(&mut tx, run_id, source, stream, value, now).await?;
-        sqlx::query("INSERT INTO audit (run_id, at, action, detail) VALUES (?1, ?2, ?3, ?4)")
-            .bind(run_id)
-            .bind(ts(now))
-            .bind("set-cursor")
-            .bind(audit)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("writing the audit trail"))?;
+        write_audit(&mut tx, run_id, &ts(now), "set-cursor", audit).await?;
         tx.commit().await.map_err(sql("committing a cursor"))?;
         Ok(old)
     }
@@ -1641,15 +1634,8 @@ impl Ledger {
         detail: &str,
         now: DateTime<Utc>,
     ) -> Result<(), LedgerError> {
-        sqlx::query("INSERT INTO audit (run_id, at, action, detail) VALUES (?1, ?2, ?3, ?4)")
-            .bind(run_id)
-            .bind(ts(now))
-            .bind(action)
-            .bind(detail)
-            .execute(&self.pool)
-            .await
-            .map_err(sql("writing the audit trail"))?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.map_err(sql("connecting"))?;
+        write_audit(&mut conn, run_id, &ts(now), action, detail).await
     }
 
     /// Record a rejected record as delivered, by a person who found it in the sink (Stripe
@@ -1767,14 +1753,7 @@ impl Ledger {
             "refusal": last_error,
         })
         .to_string();
-        sqlx::query("INSERT INTO audit (run_id, at, action, detail) VALUES (?1, ?2, ?3, ?4)")
-            .bind(run_id)
-            .bind(&now_s)
-            .bind("mark-delivered")
-            .bind(&detail)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("writing the audit trail"))?;
+        write_audit(&mut tx, run_id, &now_s, "mark-delivered", &detail).await?;
         tx.commit()
             .await
             .map_err(sql("committing a record marked delivered"))?;
@@ -1965,14 +1944,7 @@ impl Ledger {
             "months": months,
         })
         .to_string();
-        sqlx::query("INSERT INTO audit (run_id, at, action, detail) VALUES (?1, ?2, ?3, ?4)")
-            .bind(run_id)
-            .bind(&now_s)
-            .bind("resolve")
-            .bind(&detail)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("writing the audit trail"))?;
+        write_audit(&mut tx, run_id, &now_s, "resolve", &detail).await?;
         tx.commit().await.map_err(sql("committing a resolution"))?;
         Ok(Resolved {
             changes,
@@ -4047,6 +4019,25 @@ impl Ledger {
             .map_err(sql("committing a superseded adjustment correction"))?;
         Ok(true)
     }
+}
+
+/// Add an operator action to the audit trail, in the caller's transaction when it has one.
+async fn write_audit(
+    conn: &mut sqlx::SqliteConnection,
+    run_id: i64,
+    at: &str,
+    action: &str,
+    detail: &str,
+) -> Result<(), LedgerError> {
+    sqlx::query("INSERT INTO audit (run_id, at, action, detail) VALUES (?1, ?2, ?3, ?4)")
+        .bind(run_id)
+        .bind(at)
+        .bind(action)
+        .bind(detail)
+        .execute(&mut *conn)
+        .await
+        .map_err(sql("writing the audit trail"))?;
+    Ok(())
 }
 
 /// Queue held record `id` (rejected or provisional) again with its frozen payload, in
