@@ -236,6 +236,13 @@ struct SinkProgress {
     revisit: Vec<i64>,
     /// The run's clock, for the sink's deduplication window ([`Sink::dedup_window`]).
     clock: RunClock,
+    /// Marks of deliveries a crash interrupted have been looked for (once per run, before
+    /// this sink is sent anything: [`Ledger::claim_interrupted_sends`]).
+    interrupted_claimed: bool,
+    /// Records marked as being sent ([`Ledger::mark_sending`]) that a stopped batch left
+    /// unsettled: the sink did not take them (one that may have is settled as unclear, see
+    /// [`Sink::dedup_window`]), so their marks are cleared when the pass ends.
+    unsent: Vec<i64>,
 }
 
 /// The run's time (`SyncOptions::now`, `ReplayOptions::now`, else the clock at its start),
@@ -1721,6 +1728,8 @@ impl Pipeline {
                 restaged_seen: 0,
                 revisit: Vec::new(),
                 clock: RunClock::starting(now),
+                interrupted_claimed: false,
+                unsent: Vec::new(),
             })
             .collect()
     }
@@ -1817,6 +1826,18 @@ impl Pipeline {
     ) -> Result<(), LedgerError> {
         // Whatever way this returns, the stager is no longer kept from the records it read.
         let _release = ReleaseOnDrop(alongside);
+        // Marks (see below) that a run left are what a crash left between a request and its
+        // acknowledgement: the sink may hold those records. Under the run lock no other run is
+        // sending them, so they become unclear deliveries, held back past the sink's window.
+        let marks = sink.dedup_window().is_some();
+        if marks && !state.interrupted_claimed {
+            let found = self.ledger.claim_interrupted_sends(sink.name()).await?;
+            state.interrupted_claimed = true;
+            if found > 0 {
+                warn!(sink = sink.name(), records = found,
+                    "records were being sent when an earlier run ended without recording the answer (a crash or a kill): the sink may have taken them, so they count as unclear deliveries (resent within its deduplication window, held back for a person after it)");
+            }
+        }
         let mut in_flight = InFlight::new();
         let mut exhausted = false;
         let mut stopping = false;
@@ -1923,6 +1944,27 @@ impl Pipeline {
                             self.progress.batch_done(done);
                         }
                     }
+                    if marks && !more.is_empty() {
+                        // Before any of them goes out, committed: a crash before their
+                        // acknowledgement leaves the mark (claimed as unclear by the next run),
+                        // where it left no trace and a resend after the sink's window was
+                        // counted twice. One commit per read-ahead, not per request; the time
+                        // is the acknowledgement's clock, and the turn is taken as there
+                        // (`ack_now`: one writer at a time).
+                        let ids: Vec<i64> = more.iter().map(|o| o.id).collect();
+                        let turn = match alongside {
+                            Some(a) => Some(a.turn.lock().await),
+                            None => None,
+                        };
+                        let marked = self.ledger.mark_sending(&ids, Utc::now()).await;
+                        drop(turn);
+                        if let Err(e) = marked {
+                            error!(sink = sink.name(), error = %e, in_flight = in_flight.len(),
+                                "cannot mark the records read as being sent; nothing more is sent, the batches in flight are awaited and recorded");
+                            read_failed = Some(e);
+                            break;
+                        }
+                    }
                     ahead.extend(more);
                 }
                 if ahead.is_empty() {
@@ -2003,6 +2045,9 @@ impl Pipeline {
             if acks.len() >= ACK_RECORDS_PER_COMMIT || in_flight.is_empty() {
                 let acked = self.ack_now(run_id, &mut acks, alongside).await;
                 if acked.is_err() {
+                    // What was read ahead never went out; the marks of what did stay (its
+                    // answers are not recorded: the next run claims them as unclear).
+                    let _ = self.clear_unsent(sink, state, ahead).await;
                     return ended_by(sink.name(), lock_lost.or(read_failed), acked);
                 }
             }
@@ -2035,7 +2080,29 @@ impl Pipeline {
             );
         }
         let acked = self.ack_now(run_id, &mut acks, alongside).await;
-        ended_by(sink.name(), lock_lost.or(read_failed), acked)
+        let cleared = self.clear_unsent(sink, state, ahead).await;
+        ended_by(sink.name(), lock_lost.or(read_failed), acked.and(cleared))
+    }
+
+    /// Clear the marks of the records read ahead but not handed to the sink in this pass (a
+    /// stop, the sink stopped, the lock lost) and of those a stopped batch left unsettled:
+    /// nothing of them went out, so only a crash leaves a mark.
+    async fn clear_unsent(
+        &self,
+        sink: &dyn Sink,
+        state: &mut SinkProgress,
+        ahead: std::collections::VecDeque<crate::sinks::Outgoing>,
+    ) -> Result<(), LedgerError> {
+        let mut ids = std::mem::take(&mut state.unsent);
+        if sink.dedup_window().is_some() {
+            ids.extend(ahead.iter().map(|o| o.id));
+        }
+        let cleared = self.ledger.clear_sending(&ids).await;
+        if let Err(e) = &cleared {
+            warn!(sink = sink.name(), error = %e, records = ids.len(),
+                "cannot clear the marks of records read but not sent; the next run counts them as unclear deliveries");
+        }
+        cleared
     }
 
     /// The wait for the batches in flight is abandoned (a stop's deadline passed): every
@@ -2131,6 +2198,16 @@ impl Pipeline {
                 }
                 summary.outcome = RunOutcome::SinkStopped;
                 state.stopped = true;
+                if sink.dedup_window().is_some() {
+                    let settled: HashSet<usize> = stopped.settled.iter().map(|(i, _)| *i).collect();
+                    state.unsent.extend(
+                        batch
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| !settled.contains(i))
+                            .map(|(_, o)| o.id),
+                    );
+                }
                 if settled > 0 {
                     let done = record_outcomes(
                         sink.name(),

@@ -8,8 +8,10 @@
 //! request, with a reason saying what to do; a run within the window still resends it; a clear
 //! refusal (429) is no unclear delivery; a re-read that restages the record does not free it; a
 //! deliberate `replay --status rejected` sends it. A request abandoned at the shutdown deadline
-//! is an unclear delivery too. A
-//! ledger from before this was recorded upgrades, taking a pending record's last failed
+//! is an unclear delivery too, and so is one a crash interrupted (the process killed between
+//! Stripe storing the event and the ledger recording the answer): records are marked as being
+//! sent before they go out, and a later run takes a mark left behind as an unclear delivery.
+//! A ledger from before this was recorded upgrades, taking a pending record's last failed
 //! attempt as its unclear delivery.
 
 #[path = "common/old_ledger.rs"]
@@ -213,6 +215,49 @@ impl World {
         rows.iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
             .collect()
+    }
+
+    /// Each record's key and `sending_at` (the mark of a delivery under way), in id order.
+    async fn marks(&self) -> Vec<(String, Option<String>)> {
+        use sqlx::{Connection, Row};
+        let path = self.dir.path().join("ledger.db");
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let rows = sqlx::query("SELECT idem_key, sending_at FROM records ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+
+    /// A sync at `now` killed (its task aborted, as SIGKILL or an OOM kill ends the process)
+    /// once Stripe has stored the event `key`, before its answer arrives: Stripe stalls the
+    /// answer well past the client's timeout, and the run is gone before either ends. On a
+    /// current-thread runtime only: on a multi-thread one the run pushes from a thread of its
+    /// own, which an abort does not reach.
+    async fn sync_killed_once_stripe_stored(&self, key: &str, now: DateTime<Utc>) {
+        self.stripe
+            .store_then_drop_next(1, DropMode::Stall(Duration::from_secs(60)));
+        let p = self.pipeline().await;
+        let run = tokio::spawn(async move {
+            p.sync(&SyncOptions {
+                now: Some(now),
+                ..Default::default()
+            })
+            .await
+        });
+        let waited = std::time::Instant::now();
+        while self.stripe.count(key) == 0 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "Stripe never got the event"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        run.abort();
+        assert!(run.await.unwrap_err().is_cancelled(), "killed mid-request");
     }
 
     /// Meter event requests Stripe received (v1 posts, or stream requests).
@@ -723,4 +768,282 @@ async fn a_local_refusal_after_an_unclear_delivery_keeps_it() {
         rows[0].4.is_some(),
         "the unclear delivery is kept: {rows:?}"
     );
+}
+
+/// Run 1 is killed (SIGKILL, OOM kill, a lost node) after Stripe stored the event and before
+/// the ledger recorded the answer; the runs after it could send nothing (a revoked key, a
+/// suspended CronJob) until run 2, 25 hours later, when Stripe no longer deduplicates the
+/// identifier. The record was marked as being sent before the request, so run 2 takes the mark
+/// as an unclear delivery and holds the record back for a person instead of resending it.
+/// Without the mark the record was a plain pending one, resent, and Stripe counted it twice.
+#[tokio::test]
+async fn a_run_killed_before_recording_stripes_answer_is_not_resent_after_stripes_window() {
+    for mode in [StripeMode::V1, StripeMode::V2Stream] {
+        let w = World::start(Duration::from_millis(1), mode).await;
+        let record = line("a", 7);
+        let key = record.idempotency_key();
+        w.stage(vec![record]).await;
+        let t0 = Utc::now();
+        w.sync_killed_once_stripe_stored(&key, t0).await;
+        assert_eq!(
+            w.stripe.count(&key),
+            1,
+            "{mode:?}: Stripe stored it in run 1"
+        );
+        let rows = w.rows().await;
+        assert_eq!((rows[0].1.as_str(), rows[0].2), ("pending", 0), "{mode:?}");
+        let requests = w.ingestion_requests();
+
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = w.sync(t0 + a_day_and_an_hour()).await;
+        assert_eq!(
+            w.stripe.count(&key),
+            1,
+            "{mode:?}: resent after Stripe's 24 hours, the event was counted twice"
+        );
+        assert_eq!(
+            w.ingestion_requests(),
+            requests,
+            "{mode:?}: no request for it"
+        );
+        assert_eq!((second.sent, second.rejected), (0, 1), "{mode:?}");
+        let rows = w.rows().await;
+        assert_eq!(rows[0].1, "rejected", "{mode:?}");
+        let reason = rows[0].3.clone().unwrap_or_default();
+        for part in [
+            "ended unclear",
+            "Stripe may have counted it",
+            "billsync reconcile",
+        ] {
+            assert!(reason.contains(part), "{mode:?}: {part:?} not in {reason}");
+        }
+        assert!(
+            rows[0].4.is_some(),
+            "{mode:?}: the unclear delivery is kept"
+        );
+        assert_eq!(w.marks().await[0].1, None, "{mode:?}: the mark is taken");
+
+        // The person found it counted (`reconcile`) and records it as delivered.
+        let p = w.pipeline().await;
+        let run = p
+            .ledger
+            .start_run("mark-delivered", Utc::now())
+            .await
+            .unwrap();
+        p.ledger
+            .mark_delivered(run, &key, "reconcile: Stripe counted it", Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(p.ledger.undelivered().await.unwrap(), 0, "{mode:?}");
+        p.ledger.close().await;
+    }
+}
+
+/// The same crash, but run 2 comes 2 hours later, within Stripe's window: the record is resent
+/// under the same identifier, Stripe deduplicates it (counted once) and it is sent. A person
+/// who instead replays a record held back after such a crash gets it sent too.
+#[tokio::test]
+async fn a_run_killed_before_recording_stripes_answer_is_resent_within_stripes_window() {
+    for mode in [StripeMode::V1, StripeMode::V2Stream] {
+        let w = World::start(Duration::from_secs(86_400), mode).await;
+        let record = line("a", 7);
+        let key = record.idempotency_key();
+        w.stage(vec![record]).await;
+        let t0 = Utc::now();
+        w.sync_killed_once_stripe_stored(&key, t0).await;
+        let requests = w.ingestion_requests();
+
+        let second = w.sync(t0 + chrono::Duration::hours(2)).await;
+        assert_eq!(w.ingestion_requests(), requests + 1, "{mode:?}: resent");
+        assert_eq!(
+            second.sent + second.already_delivered,
+            1,
+            "{mode:?}: {second:?}"
+        );
+        assert_eq!(w.stripe.count(&key), 1, "{mode:?}: counted once");
+        let rows = w.rows().await;
+        assert_eq!(rows[0].1, "sent", "{mode:?}");
+        assert_eq!(w.marks().await[0].1, None, "{mode:?}");
+    }
+
+    // Held back after the window, then replayed by a person (who checked with `reconcile`):
+    // sent, with nothing unclear or marked left.
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    let record = line("a", 7);
+    let key = record.idempotency_key();
+    w.stage(vec![record]).await;
+    let t0 = Utc::now();
+    w.sync_killed_once_stripe_stored(&key, t0).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let later = t0 + a_day_and_an_hour();
+    assert_eq!(w.sync(later).await.rejected, 1);
+    let replay = w.replay_rejected(Some(&key), later).await;
+    assert_eq!(replay.sent, 1, "{replay:?}");
+    let rows = w.rows().await;
+    assert_eq!((rows[0].1.as_str(), rows[0].4.clone()), ("sent", None));
+    assert_eq!(w.marks().await[0].1, None);
+}
+
+/// Clear failures are no unclear delivery and leave no mark: a 429 (Stripe did not run the
+/// request) fails one record, a 401 (a revoked key) then stops the sink before the other is
+/// answered. Neither is marked as being sent nor as unclear afterwards, so a run two days later
+/// sends both as usual, each counted once.
+#[tokio::test]
+async fn a_clear_failure_leaves_no_mark() {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    let limited = line("a", 7);
+    let refused = line("b", 5);
+    let keys = [limited.idempotency_key(), refused.idempotency_key()];
+    w.stage(vec![limited, refused]).await;
+    w.stripe.rate_limit_next(1, None);
+    w.stripe.fail_next(1, 401);
+    let t0 = Utc::now();
+    let first = w.sync(t0).await;
+    assert_eq!(first.outcome, RunOutcome::SinkStopped, "{first:?}");
+    assert_eq!(first.failed, 1, "{first:?}");
+    let rows = w.rows().await;
+    assert!(
+        rows.iter().all(|r| r.1 == "pending" && r.4.is_none()),
+        "{rows:?}"
+    );
+    let marks = w.marks().await;
+    assert!(marks.iter().all(|m| m.1.is_none()), "{marks:?}");
+
+    let second = w.sync(t0 + chrono::Duration::days(2)).await;
+    assert_eq!((second.sent, second.rejected), (2, 0), "{second:?}");
+    for key in &keys {
+        assert_eq!(w.stripe.count(key), 1, "{key}");
+    }
+}
+
+/// An orderly stop (SIGTERM) while the first batch is out, with more records read ahead: the
+/// batch is answered and recorded, the records read ahead are not sent, and none of them keeps
+/// a mark (only a crash leaves one), so they are sent as usual by a run days later.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_orderly_stop_leaves_no_mark_on_records_read_ahead() {
+    let w = World::start(Duration::from_millis(1), StripeMode::V2Stream).await;
+    let n = billsync::sinks::stripe::MAX_BATCH + 50;
+    w.stage((0..n).map(|i| line(&format!("r{i}"), 1)).collect())
+        .await;
+    w.stripe.set_delay(Duration::from_millis(500));
+    let (trigger, shutdown) = billsync::shutdown::channel();
+    let mut p = w.pipeline().await;
+    p.shutdown = shutdown;
+    p.shutdown_deadline = Duration::from_secs(10);
+    let t0 = Utc::now();
+    let run = tokio::spawn(async move {
+        let summary = p
+            .sync(&SyncOptions {
+                now: Some(t0),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        p.ledger.close().await;
+        summary
+    });
+    while w.ingestion_requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    trigger.trigger();
+    let first = run.await.unwrap();
+    assert_eq!(first.outcome, RunOutcome::Interrupted);
+    assert_eq!(
+        first.sent,
+        billsync::sinks::stripe::MAX_BATCH as u64,
+        "{first:?}"
+    );
+    let rows = w.rows().await;
+    let pending: Vec<_> = rows.iter().filter(|r| r.1 == "pending").collect();
+    assert_eq!(pending.len(), 50);
+    assert!(
+        pending.iter().all(|r| r.2 == 0 && r.4.is_none()),
+        "{pending:?}"
+    );
+    let marks = w.marks().await;
+    assert!(marks.iter().all(|m| m.1.is_none()), "{marks:?}");
+
+    w.stripe.clear_faults();
+    let second = w.sync(t0 + chrono::Duration::days(2)).await;
+    assert_eq!((second.sent, second.rejected), (50, 0), "{second:?}");
+}
+
+/// A ledger last written by the release before the mark (schema 0010) upgrades: its pending
+/// record is sent and leaves no mark, and one whose delivery ended unclear two days before is
+/// still held back.
+#[tokio::test]
+async fn a_ledger_from_schema_0010_upgrades() {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    let untried = line("a", 7);
+    let tried = line("b", 5);
+    // The rows as a sync maps them (on a scratch ledger: the real one is built old below).
+    let scratch = tempfile::tempdir().unwrap();
+    let p = Pipeline::new(
+        Ledger::open(&scratch.path().join("ledger.db"))
+            .await
+            .unwrap(),
+        vec![],
+        vec![Box::new(w.sink())],
+        mappings(),
+    );
+    let rows: Vec<StageRow> = [&untried, &tried]
+        .into_iter()
+        .map(|l| p.stage_row(l.clone(), false))
+        .collect();
+    p.ledger.close().await;
+
+    let path = w.dir.path().join("ledger.db");
+    let pool = old_ledger::at_schema_0001(&path).await;
+    let two_days_ago =
+        (Utc::now() - chrono::Duration::days(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let stamp = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for (id, (row, (attempts, error))) in rows
+        .iter()
+        .zip([(0, None), (1, Some("HTTP 502: Bad Gateway"))])
+        .enumerate()
+    {
+        let r = &row.record;
+        sqlx::query(
+            "INSERT INTO records (id, idem_key, source, provider, natural_key, content_hash, status,
+                 is_final, charge_period_start, charge_period_end, billing_account_id,
+                 sub_account_id, resource_type, resource_id, consumed_quantity, consumed_unit,
+                 billed_cost, billing_currency, rule, sink, subscription, metric, value, payload,
+                 record_json, first_run, last_run, staged_at, updated_at, attempts, last_error)
+             VALUES (?1, ?2, 'ms', 'metalsoft', ?3, ?4, 'pending', 1, ?5, ?6, 'acct', '1',
+                 'instance', ?7, ?8, 'calls', '1', 'EUR', 'calls', 'stripe', 'cus_A', 'api_calls',
+                 ?8, ?9, ?10, 1, 1, ?11, ?11, ?12, ?13)",
+        )
+        .bind(id as i64 + 1)
+        .bind(&row.key)
+        .bind(r.natural_key_string())
+        .bind(&row.content_hash)
+        .bind(stamp(r.charge_period_start))
+        .bind(stamp(r.charge_period_end))
+        .bind(r.resource_id.as_str())
+        .bind(r.consumed_quantity.to_string())
+        .bind(row.mapped.payload.as_deref().unwrap())
+        .bind(serde_json::to_string(r).unwrap())
+        .bind(&two_days_ago)
+        .bind(attempts)
+        .bind(error)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    old_ledger::upgrade_to(&pool, &path, 10).await;
+    pool.close().await;
+    assert_eq!(old_ledger::newest_migration(&path).await, 10);
+
+    let run = w.sync(Utc::now()).await;
+    assert!(old_ledger::newest_migration(&path).await >= 11);
+    assert_eq!((run.sent, run.rejected), (1, 1), "{run:?}");
+    assert_eq!(w.stripe.count(&untried.idempotency_key()), 1);
+    assert_eq!(w.stripe.count(&tried.idempotency_key()), 0, "held back");
+    let rows = w.rows().await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[1].1.as_str()),
+        ("sent", "rejected")
+    );
+    let marks = w.marks().await;
+    assert!(marks.iter().all(|m| m.1.is_none()), "{marks:?}");
 }

@@ -2025,7 +2025,85 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Record the outcome of one delivered batch, in one transaction.
+    /// Mark `ids` (pending records read for a sink whose deduplication is time-limited) as
+    /// being handed to it now, in one committed transaction, before any request: a crash
+    /// before their acknowledgement leaves the mark, which the next run that pushes to the
+    /// sink turns into an unclear delivery ([`Ledger::claim_interrupted_sends`]). One commit
+    /// for a whole read-ahead, not one per request.
+    pub async fn mark_sending(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), LedgerError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let now_s = ts(now);
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        for chunk in ids.chunks(LOOKUP_KEYS_PER_STATEMENT) {
+            // `+status`: by id (see `ack`).
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("UPDATE records SET sending_at = ");
+            qb.push_bind(now_s.clone())
+                .push(" WHERE +status = 'pending' AND id IN (");
+            push_list(&mut qb, chunk.iter().copied());
+            qb.push(")");
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("marking records as being sent"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(sql("committing records being sent"))
+    }
+
+    /// Clear the mark of [`Ledger::mark_sending`] from records read ahead that this run did
+    /// not hand to the sink after all (a stop, the sink stopped): nothing of them went out.
+    pub async fn clear_sending(&self, ids: &[i64]) -> Result<(), LedgerError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(sql("beginning a transaction"))?;
+        for chunk in ids.chunks(LOOKUP_KEYS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("UPDATE records SET sending_at = NULL WHERE id IN (");
+            push_list(&mut qb, chunk.iter().copied());
+            qb.push(") AND sending_at IS NOT NULL");
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("clearing records being sent"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(sql("committing records not sent"))
+    }
+
+    /// Marks of [`Ledger::mark_sending`] left on records of `sink` (by a crash between a
+    /// request and its acknowledgement: the caller holds the run lock, so no run is sending
+    /// them now) become unclear deliveries, at the time of the mark unless one was known
+    /// before: the sink may hold the record. Returns how many. Reads only the partial index of
+    /// marked records, so a ledger's size costs nothing here.
+    pub async fn claim_interrupted_sends(&self, sink: &str) -> Result<u64, LedgerError> {
+        let done = sqlx::query(
+            "UPDATE records SET unclear_at = coalesce(unclear_at, sending_at), sending_at = NULL
+             WHERE sink = ?1 AND sending_at IS NOT NULL",
+        )
+        .bind(sink)
+        .execute(&self.pool)
+        .await
+        .map_err(sql("recording interrupted deliveries"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Record the outcome of one delivered batch, in one transaction. Each statement that
+    /// records an outcome also clears the record's mark of a delivery under way
+    /// ([`Ledger::mark_sending`]): its answer is known now.
     pub async fn ack(
         &self,
         run_id: i64,
@@ -2062,7 +2140,7 @@ impl Ledger {
                 .push_bind(now_s.clone())
                 .push(", updated_at = ")
                 .push_bind(now_s.clone())
-                .push(" WHERE +status = 'pending' AND id IN (");
+                .push(", sending_at = NULL WHERE +status = 'pending' AND id IN (");
             push_list(&mut qb, chunk.iter().copied());
             qb.push(")");
             qb.build()
@@ -2086,7 +2164,7 @@ impl Ledger {
             // refusal that shows the sink does not hold the record clears it.
             sqlx::query(
                 "UPDATE records SET status = ?2, attempts = attempts + 1, last_error = ?3,
-                     last_run = ?4, updated_at = ?5,
+                     last_run = ?4, updated_at = ?5, sending_at = NULL,
                      unclear_at = CASE ?6 WHEN 1 THEN coalesce(unclear_at, ?5)
                          WHEN 2 THEN NULL ELSE unclear_at END
                  WHERE id = ?1 AND status = 'pending'",

@@ -176,6 +176,11 @@ pub trait Sink: Send + Sync {
     /// window minus its margin is then not sent again but rejected, for a person to check what
     /// the sink counted and replay it or not. `None` (default): the sink's deduplication never
     /// expires (Lago's `transaction_id`), or there is none to rely on within any window.
+    ///
+    /// With a window, the ledger marks records as being sent before they are handed to
+    /// [`Sink::deliver`], so that a crash before their acknowledgement counts as an unclear
+    /// delivery. Such a sink must settle, in a stop, every record a request of which may have
+    /// reached it (as [`Outcome::Unclear`]): the others of the batch lose the mark.
     fn dedup_window(&self) -> Option<DedupWindow> {
         None
     }

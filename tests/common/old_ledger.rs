@@ -49,3 +49,25 @@ pub async fn in_dir_at_schema_0001(dir: &Path) -> (PathBuf, sqlx::SqlitePool) {
     let pool = at_schema_0001(&path).await;
     (path, pool)
 }
+
+/// Apply the migrations up to `version` (inclusive) to the ledger at `path` (open as `pool`),
+/// as the release whose newest migration that was would have left it.
+pub async fn upgrade_to(pool: &sqlx::SqlitePool, path: &Path, version: i64) {
+    let upto = path.with_extension(format!("migrations-{version}"));
+    std::fs::create_dir_all(&upto).unwrap();
+    let all = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"));
+    for entry in std::fs::read_dir(all).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        let number: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if number <= version {
+            std::fs::copy(entry.path(), upto.join(&name)).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(upto.as_path())
+        .await
+        .unwrap()
+        .run(pool)
+        .await
+        .unwrap();
+}
