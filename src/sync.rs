@@ -2164,7 +2164,7 @@ impl Pipeline {
                 if alongside.is_none() {
                     self.progress.batch_done(batch.len() as u64);
                 }
-                if state.batches % 100 == 0 {
+                if state.batches.is_multiple_of(100) {
                     info!(
                         sink = sink.name(),
                         batches = state.batches,

@@ -1,5 +1,6 @@
 //! The Lago sink's request bodies checked against Lago's own OpenAPI description
-//! (`shared/specs/lago-openapi.yaml`, schema `EventBatchInput`).
+//! (`lago-openapi.yaml`, schema `EventBatchInput`; where it is read from, and why these tests
+//! skip without it unless `BILLSYNC_REQUIRE_SPECS` is set: `tests/fixtures/specs/README.md`).
 //!
 //! The spec is stricter than the server in two ways the sink must respect: property values
 //! are `oneOf` string/integer/number (an integer matches two branches and fails), and
@@ -46,7 +47,9 @@ fn varied_events() -> Vec<(&'static str, billsync::mapping::MappedEvent)> {
 
 #[test]
 fn encoded_batch_matches_the_spec() {
-    let validator = batch_validator();
+    let Some(validator) = batch_validator() else {
+        return;
+    };
     let s = sink("http://127.0.0.1:1", fast_retry(0));
     let b = batch(&s, &varied_events());
     let body = body_of(&b.iter().collect::<Vec<_>>());
@@ -57,7 +60,9 @@ fn encoded_batch_matches_the_spec() {
 
 #[test]
 fn the_spec_check_can_fail() {
-    let validator = batch_validator();
+    let Some(validator) = batch_validator() else {
+        return;
+    };
     let ok = r#"{"events":[{"transaction_id":"t","external_subscription_id":"s","code":"c","timestamp":1710421740,"properties":{"gb":"1.5"}}]}"#;
     check_batch_body(&validator, ok).unwrap();
     let float_timestamp = r#"{"events":[{"transaction_id":"t","external_subscription_id":"s","code":"c","timestamp":1710421740.5,"properties":{"gb":"1.5"}}]}"#;
@@ -89,8 +94,10 @@ async fn every_body_sent_to_the_simulator_matches_the_spec() {
     assert!(out[1..].iter().all(|o| *o == Outcome::Delivered), "{out:?}");
     let bodies = lago.bodies();
     assert_eq!(bodies.len(), 4);
-    for body in &bodies {
-        check_batch_body(&validator, body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    if let Some(validator) = &validator {
+        for body in &bodies {
+            check_batch_body(validator, body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        }
     }
     assert_eq!(
         lago.total("sub-1", "storage", "gb"),
@@ -100,13 +107,9 @@ async fn every_body_sent_to_the_simulator_matches_the_spec() {
 
 /// A validator for the spec's `#/components/schemas/{name}`, or for `inline` (a schema that may
 /// `$ref` the spec's components).
+/// The caller checked first that the spec is there ([`openapi::lago_spec_path`]).
 fn spec_validator(schema: serde_json::Value) -> jsonschema::Validator {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/specs/lago-openapi.yaml"
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut spec: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let mut spec = openapi::lago_spec().expect("the spec, checked by the test");
     let root = spec.as_object_mut().unwrap();
     root.insert(
         "$schema".into(),
@@ -127,6 +130,9 @@ fn spec_validator(schema: serde_json::Value) -> jsonschema::Validator {
 /// `GET /api/v1/customers` (`CustomersPaginated`), `GET /api/v1/customers/{id}` (`Customer`).
 #[tokio::test]
 async fn the_simulators_billing_entities_and_customers_match_the_spec() {
+    if openapi::lago_spec_path().is_none() {
+        return;
+    }
     let lago = LagoSim::start(LagoSimConfig::default()).await.unwrap();
     lago.register_billing_entity("acme_jp", 2, "Asia/Tokyo");
     lago.register_billing_entity("acme_us", 0, "America/New_York");
@@ -212,6 +218,9 @@ async fn the_simulators_billing_entities_and_customers_match_the_spec() {
 /// `ChargeObject` with `billable_metric_code`) and `GET /api/v1/plans` (`PlansPaginated`).
 #[tokio::test]
 async fn the_simulators_plans_match_the_spec() {
+    if openapi::lago_spec_path().is_none() {
+        return;
+    }
     let lago = LagoSim::start(LagoSimConfig::default()).await.unwrap();
     lago.register_plan("standard", &["compute_cost", "storage_cost"]);
     lago.register_plan("empty", &[]);

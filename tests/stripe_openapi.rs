@@ -1,5 +1,5 @@
 //! The Stripe sink's request bodies checked against Stripe's own OpenAPI description
-//! (`shared/specs/stripe-billing-meter-events.subset.json`, the request body schema of
+//! (`tests/fixtures/specs/stripe-billing-meter-events.subset.json`, the request body schema of
 //! `POST /v1/billing/meter_events`).
 //!
 //! The body is form-encoded (`payload` as a deepObject), so it is decoded with an independent
@@ -25,7 +25,7 @@ use serde_json::{json, Map, Value};
 fn validator() -> jsonschema::Validator {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/specs/stripe-billing-meter-events.subset.json"
+        "/tests/fixtures/specs/stripe-billing-meter-events.subset.json"
     );
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
     let mut spec: Value = serde_json::from_str(&text).expect("the spec is JSON");
