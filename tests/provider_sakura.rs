@@ -722,6 +722,236 @@ async fn the_manuals_single_page_answer_without_total_is_read_as_complete() {
     }
 }
 
+/// Plan a run at 2016-07-05 (June is final, July running) and fetch only June's chunk (the
+/// paging server lists its bill for every month), keeping the page's cursor like the pipeline.
+async fn fetch_final_june(
+    p: &SakuraProvider,
+    cursors: &mut Cursors,
+) -> Result<Vec<UsageRecord>, ProviderError> {
+    let now = t("2016-07-05T00:00:00Z");
+    let fetched = tokio::time::timeout(Duration::from_secs(10), async {
+        let chunks = p.plan(cursors, now).await?;
+        let june = chunks
+            .iter()
+            .find(|c| Month::of(c.window_start) == month("2016-06"))
+            .expect("June is planned");
+        let page = p.fetch(june, now).await?;
+        if let Some(c) = page.cursor {
+            cursors.insert(june.stream.clone(), c);
+        }
+        Ok(page.records)
+    })
+    .await;
+    fetched.expect("the provider stops (no endless paging)")
+}
+
+/// The sequence numbers (CSV `seq`, JSON `index`) of the records, in order.
+fn seqs(records: &[UsageRecord]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| {
+            let a = &r.attributes;
+            a.get("seq")
+                .or_else(|| a.get("index"))
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// A page of the paging server's bill: `Total`, `From` and the lines with these sequence
+/// numbers (108 JPY each; five make the bill's 540), as JSON lines and as a CSV body.
+fn detail_page(total: u64, from: u64, lines: &[u64]) -> Value {
+    serde_json::json!({"is_ok": true, "Total": total, "From": from, "Count": lines.len(),
+        "BillDetails": json_lines(lines), "Body": csv_rows(lines)})
+}
+
+/// The reviewer's scenario. The bill's details come in pages of two. Page 1 says `Total` 4 and
+/// carries lines 1 and 2; before page 2 is asked SAKURA regenerates the details with a line 0
+/// inserted ahead of the boundary, so page 2 (`From` 2) says `Total` 5 and carries lines 2, 3
+/// and 4. Accepted, line 2 would be two records (the second keyed `occurrence=2`) and line 0
+/// never read; 1+2+2+3+4 still add up to the bill's 540 JPY, so the final month would not be
+/// held and the cursor would pass it: line 2 billed twice, for good. Pages whose `Total`
+/// differ are refused as a whole (read again once, then an error naming the bill and both
+/// totals): nothing of the month is returned, the cursor stays, and a later run that gets a
+/// consistent answer reads every line once.
+#[tokio::test]
+async fn pages_whose_total_changes_between_pages_fail_the_bill_and_keep_the_cursor() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    for use_csv in [true, false] {
+        let settled = Arc::new(AtomicBool::new(false));
+        let s = settled.clone();
+        let server = paging_server(move |from| match (s.load(Ordering::SeqCst), from) {
+            (false, 0) => detail_page(4, 0, &[1, 2]),
+            (false, _) => detail_page(5, from, &[2, 3, 4]),
+            (true, 0) => detail_page(5, 0, &[0, 1]),
+            (true, _) => detail_page(5, from, &[2, 3, 4]),
+        })
+        .await;
+        let p = wiremock_provider(&server, use_csv);
+        let mut cursors = Cursors::new();
+        let fetched = fetch_final_june(&p, &mut cursors).await;
+        let err = match fetched {
+            Err(e) => e,
+            Ok(records) => panic!(
+                "use_csv {use_csv}: accepted {} records, sequence numbers {:?}, cursor {:?}",
+                records.len(),
+                seqs(&records),
+                cursors
+            ),
+        };
+        let msg = err.to_string();
+        assert!(
+            msg.contains(SOURCE)
+                && msg.contains(&JUNE_BILL.to_string())
+                && msg.contains("billdetail")
+                && msg.contains("`Total` was 4")
+                && msg.contains("is 5"),
+            "use_csv {use_csv}: names source, bill, call and both totals: {msg}"
+        );
+        assert!(cursors.is_empty(), "use_csv {use_csv}: cursor unchanged");
+
+        // SAKURA has finished regenerating: the next run reads each line once.
+        settled.store(true, Ordering::SeqCst);
+        let records = fetch_final_june(&p, &mut cursors).await.unwrap();
+        assert_eq!(
+            seqs(&records),
+            ["0", "1", "2", "3", "4"],
+            "use_csv {use_csv}"
+        );
+        assert_eq!(cost(&records), dec("540"), "use_csv {use_csv}");
+        assert!(
+            records
+                .iter()
+                .all(|r| !r.natural_key_string().contains("occurrence")),
+            "use_csv {use_csv}: no line twice"
+        );
+        assert_eq!(
+            cursors.values().next().map(String::as_str),
+            Some("2016-06"),
+            "use_csv {use_csv}: the consistent final month moves the cursor"
+        );
+    }
+}
+
+/// The same regeneration, once: the first read's pages disagree (`Total` 4, then 5), so the
+/// bill is read again from the start within the same fetch, and that read is consistent. Every
+/// line comes once and the month moves the cursor without waiting for the next run.
+#[tokio::test]
+async fn pages_that_disagree_once_are_read_again_within_the_same_fetch() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    for use_csv in [true, false] {
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let server = paging_server(move |from| {
+            // Only the very first detail answer predates the regeneration.
+            let old = c.fetch_add(1, Ordering::SeqCst) == 0;
+            match (old, from) {
+                (true, _) => detail_page(4, 0, &[1, 2]),
+                (false, 0) => detail_page(5, 0, &[0, 1]),
+                (false, _) => detail_page(5, from, &[2, 3, 4]),
+            }
+        })
+        .await;
+        let p = wiremock_provider(&server, use_csv);
+        let mut cursors = Cursors::new();
+        let records = fetch_final_june(&p, &mut cursors).await.unwrap();
+        assert_eq!(
+            seqs(&records),
+            ["0", "1", "2", "3", "4"],
+            "use_csv {use_csv}"
+        );
+        assert_eq!(cost(&records), dec("540"), "use_csv {use_csv}");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            4,
+            "use_csv {use_csv}: two reads of two pages"
+        );
+        assert_eq!(
+            cursors.values().next().map(String::as_str),
+            Some("2016-06"),
+            "use_csv {use_csv}"
+        );
+    }
+}
+
+/// A page that repeats a line of an earlier page (the same sequence number: CSV "seq no. in
+/// bill", JSON `Index`) has shifted even when `Total` stayed the same (a line removed ahead of
+/// the boundary and another added after it): the repeated line would be billed twice. Refused
+/// like a changed `Total`, naming the bill and the sequence number; nothing is returned and the
+/// cursor stays.
+#[tokio::test]
+async fn a_page_repeating_a_line_of_an_earlier_page_is_refused_even_with_the_same_total() {
+    let server = paging_server(|from| match from {
+        0 => detail_page(5, 0, &[1, 2]),
+        _ => detail_page(5, from, &[2, 3, 4]),
+    })
+    .await;
+    for use_csv in [true, false] {
+        let p = wiremock_provider(&server, use_csv);
+        let mut cursors = Cursors::new();
+        let err = match fetch_final_june(&p, &mut cursors).await {
+            Err(e) => e,
+            Ok(records) => panic!(
+                "use_csv {use_csv}: accepted {} records, sequence numbers {:?}, cursor {:?}",
+                records.len(),
+                seqs(&records),
+                cursors
+            ),
+        };
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&JUNE_BILL.to_string()) && msg.contains("sequence number 2"),
+            "use_csv {use_csv}: names the bill and the repeated line: {msg}"
+        );
+        assert!(cursors.is_empty(), "use_csv {use_csv}: cursor unchanged");
+    }
+}
+
+/// Distinct lines that share contract, service class and amount (different sequence numbers),
+/// on both sides of a page boundary, are still one record each, keyed as before the paging
+/// checks: the first plainly, the others `occurrence=2`, `occurrence=3` in provider order.
+#[tokio::test]
+async fn distinct_lines_with_the_same_content_across_pages_stay_separate_records() {
+    let row = |i: u64| {
+        format!(
+            "\"{i}\",\"000000000\",\"2016/06\",\"未入金\",\"xxx000001\",\"billTest\",\"112700000001\",\"50118\",\"ISOイメージアップロード/5GB\",\"is1b\",\"石狩第2ゾーン\",\"30\",\"0\",\"100\",\"8\",\"r\"\r\n"
+        )
+    };
+    let line = |i: u64| {
+        serde_json::json!({"Usage": 2592000, "ServiceClassID": 50118, "Index": i,
+                           "ContractID": "112700000001", "Amount": 108})
+    };
+    let server = paging_server(move |from| {
+        let lines: Vec<u64> = if from == 0 { vec![1, 2] } else { vec![3] };
+        serde_json::json!({"is_ok": true, "Total": 3, "From": from, "Count": lines.len(),
+            "BillDetails": lines.iter().map(|i| line(*i)).collect::<Vec<_>>(),
+            "Body": lines.iter().map(|i| row(*i)).collect::<String>()})
+    })
+    .await;
+    for use_csv in [true, false] {
+        let records = fetch_june(&wiremock_provider(&server, use_csv))
+            .await
+            .unwrap();
+        let keys: Vec<String> = records.iter().map(|r| r.natural_key_string()).collect();
+        let base = format!(
+            "{SOURCE}|account_id={}|bill_id={JUNE_BILL}|contract_id=112700000001|service_class_id=50118",
+            account().account_id
+        );
+        assert_eq!(
+            keys,
+            [
+                base.clone(),
+                format!("{base}|occurrence=2"),
+                format!("{base}|occurrence=3")
+            ],
+            "use_csv {use_csv}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors and retries
 // ---------------------------------------------------------------------------------------------

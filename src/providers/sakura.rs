@@ -17,7 +17,11 @@
 //!   was read, the next page is asked with find-style JSON in the query
 //!   (`?{"From":n,"Count":m}`) until `Total` is reached; an answer without `Total` (the
 //!   manual's examples) is complete. A bill that cannot be read completely is an error naming
-//!   it, never a silent truncation: lost lines are lost revenue.
+//!   it, never a silent truncation: lost lines are lost revenue. Nor is one whose pages disagree
+//!   (SAKURA regenerated it between two pages): a `Total` that changes, or a line's sequence
+//!   number (CSV "seq no. in bill", JSON `Index`) that an earlier page already carried, means
+//!   the pages shifted and would bill one line twice and skip another. Such a bill is read
+//!   again from the start once, then fails the month (nothing staged, the cursor stays).
 //! * **Cursor** (`account:<id>` → `YYYY-MM`): the last **final** month that was fully staged,
 //!   every month up to it with lines that add up to their bills. A bill whose lines miss its
 //!   `Amount` by more than tax rounding (a yen per line) is incomplete (details not generated
@@ -55,7 +59,7 @@
 //! not its amounts: it is kept in `raw` only, never in attributes, so it cannot make a record
 //! look changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -713,6 +717,7 @@ impl SakuraProvider {
             &["bill", "by-contract", account_id, &y, &m],
             &what,
             false,
+            |bill: &Bill| Some(format!("bill {}", bill.bill_id)),
             |value| parse_bills(value, &self.name),
         )
         .await
@@ -726,21 +731,57 @@ impl SakuraProvider {
     /// * `Count` larger than the entries carried (when `check_count`): entries are missing;
     /// * a page that starts elsewhere than asked (or does not say where, after the first): the
     ///   server does not page, and its pages would repeat or skip entries;
-    /// * an empty page before `Total` is reached, or more entries than `Total`.
+    /// * an empty page before `Total` is reached, or more entries than `Total`;
+    /// * pages that disagree: a `Total` other than the first page's (or none), or an entry whose
+    ///   `identity` (a line's sequence number, a bill's id) an earlier page already carried.
+    ///   SAKURA regenerates a month's data while it is read: an entry inserted or removed ahead
+    ///   of a page boundary shifts the later pages, which would repeat one entry (billed twice)
+    ///   and skip another. Such a read is started over once (the regeneration is over by then,
+    ///   as a rule); pages that still disagree fail the whole list, so none of it is staged.
+    ///   Entries without an identity are checked by `Total` alone.
     async fn read_pages<T>(
         &self,
         call: &str,
         segments: &[&str],
         what: &str,
         check_count: bool,
+        identity: impl Fn(&T) -> Option<String>,
         mut read_page: impl FnMut(&Value) -> Result<Vec<T>, ProviderError>,
     ) -> Result<Vec<T>, ProviderError> {
+        let args = (call, segments, what, check_count);
+        match self.read_pages_once(args, &identity, &mut read_page).await {
+            Err(Paged::Disagree(e)) => {
+                warn!(source = %self.name, call, what, error = %e,
+                    "sakura: the pages disagree (the data changed while being read); reading it again from the start");
+                match self.read_pages_once(args, &identity, &mut read_page).await {
+                    Ok(items) => Ok(items),
+                    Err(Paged::Disagree(e) | Paged::Failed(e)) => Err(e),
+                }
+            }
+            Ok(items) => Ok(items),
+            Err(Paged::Failed(e)) => Err(e),
+        }
+    }
+
+    /// One read of every page of a list call, from the start (see [`Self::read_pages`]).
+    async fn read_pages_once<T>(
+        &self,
+        (call, segments, what, check_count): (&str, &[&str], &str, bool),
+        identity: &impl Fn(&T) -> Option<String>,
+        read_page: &mut impl FnMut(&Value) -> Result<Vec<T>, ProviderError>,
+    ) -> Result<Vec<T>, Paged> {
         /// More pages than any bill has lines: a server that keeps raising `Total`.
         const MAX_PAGES: usize = 10_000;
-        let bad = |message: String| self.shape(call, format!("{what}: {message}"));
+        let bad = |message: String| Paged::Failed(self.shape(call, format!("{what}: {message}")));
+        let disagree =
+            |message: String| Paged::Disagree(self.shape(call, format!("{what}: {message}")));
         let mut items = Vec::new();
         let mut read: u64 = 0;
         let mut page_size: Option<u64> = None;
+        // The first page's `Total`, which every later page must repeat.
+        let mut first_total: Option<u64> = None;
+        // The identities of the entries of earlier pages.
+        let mut seen: HashSet<String> = HashSet::new();
         for _ in 0..MAX_PAGES {
             let mut url = self.url(false, segments);
             if read > 0 {
@@ -750,8 +791,11 @@ impl SakuraProvider {
                 };
                 url.set_query(Some(&query));
             }
-            let value = self.get(call, url).await.map_err(|e| about(what, e))?;
-            let page = read_page(&value)?;
+            let value = self
+                .get(call, url)
+                .await
+                .map_err(|e| Paged::Failed(about(what, e)))?;
+            let page = read_page(&value).map_err(Paged::Failed)?;
             let got = page.len() as u64;
             let field = |k: &str| value.get(k).and_then(count_of);
             if let Some(count) = field("Count").filter(|c| check_count && *c > got) {
@@ -775,9 +819,31 @@ impl SakuraProvider {
                 }
                 _ => {}
             }
+            let total = field("Total");
+            if read == 0 {
+                first_total = total;
+            } else if total != first_total {
+                let shown =
+                    |t: Option<u64>| t.map_or_else(|| "absent".to_string(), |t| t.to_string());
+                return Err(disagree(format!(
+                    "`Total` was {} on the first page and is {} on the page from entry {read}: \
+                     the data changed while being read, so its pages may repeat or skip entries",
+                    shown(first_total),
+                    shown(total)
+                )));
+            }
+            let ids: Vec<String> = page.iter().filter_map(identity).collect();
+            if let Some(id) = ids.iter().find(|id| seen.contains(*id)) {
+                return Err(disagree(format!(
+                    "the page from entry {read} repeats {id}, which an earlier page carried: \
+                     the data changed while being read and the pages shifted (an entry would be \
+                     read twice and another skipped)"
+                )));
+            }
+            seen.extend(ids);
             items.extend(page);
             read += got;
-            match field("Total") {
+            match total {
                 Some(total) if read < total => {
                     if got == 0 {
                         return Err(bad(format!(
@@ -811,6 +877,7 @@ impl SakuraProvider {
                 &["billdetail", member, &ctx.bill_id, "csv"],
                 &what,
                 true,
+                |r: &UsageRecord| line_identity(r, "seq"),
                 |value| {
                     let body = value.get("Body").and_then(Value::as_str).ok_or_else(|| {
                         self.shape(
@@ -829,6 +896,7 @@ impl SakuraProvider {
                 &["billdetail", member, &ctx.bill_id],
                 &what,
                 true,
+                |r: &UsageRecord| line_identity(r, "index"),
                 |value| json_lines(value, ctx, &prices),
             )
             .await?
@@ -836,6 +904,23 @@ impl SakuraProvider {
         disambiguate(&mut records);
         Ok(records)
     }
+}
+
+/// How a paged read failed: its pages disagree with each other (the data changed while it was
+/// read; a fresh read may succeed), or anything else.
+enum Paged {
+    Disagree(ProviderError),
+    Failed(ProviderError),
+}
+
+/// A detail line's own sequence number in its bill (CSV column 0 "seq no. in bill", kept as the
+/// attribute `seq`; JSON `Index`, kept as `index`), to tell a line repeated by a shifted page
+/// from a distinct line with the same content.
+fn line_identity(record: &UsageRecord, attribute: &str) -> Option<String> {
+    record
+        .attributes
+        .get(attribute)
+        .map(|s| format!("the line with sequence number {s}"))
 }
 
 /// `error` with `what` (the bill, or the month of a bill list) in front of its message, so an
