@@ -399,7 +399,7 @@ impl SoftlayerProvider {
             return Err(bad("max_pages must be at least 1".into()));
         }
         if config.push_provisional && config.provisional {
-            warn!(source = %name, "softlayer: push_provisional with provisional estimates: map estimates (attributes.record_kind = estimate) apart from invoice lines, or they are billed twice");
+            warn!(source = %name, "softlayer: push_provisional with provisional estimates: map estimates (attributes.record_kind = estimate) apart from invoice lines, or they are billed twice; and an estimate whose period start SoftLayer moves within a cycle (lastBillDate) gets a new key, a second record rather than a correction");
         }
         Ok(SoftlayerProvider {
             client: http::client(config.timeout),
