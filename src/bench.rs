@@ -27,6 +27,7 @@ use crate::config::Secret;
 use crate::http::RetryPolicy;
 use crate::ledger::Ledger;
 use crate::mapping::{MappingSet, EXAMPLE_MAPPINGS};
+use crate::observe::outln;
 use crate::providers::metalsoft::{
     parse_report_str, MetalsoftConfig, MetalsoftProvider, ReportContext,
 };
@@ -136,7 +137,7 @@ pub async fn serve_simulators(users: u64, days: i64, rate: Option<u32>) -> anyho
     lago.set_lean(true);
     lago.set_rate_limit(rate);
     let hello = json!({"metalsoft": metalsoft.url, "lago": lago.url});
-    println!("{hello}");
+    outln!("{hello}");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -157,15 +158,15 @@ pub async fn serve_simulators(users: u64, days: i64, rate: Option<u32>) -> anyho
                     "metalsoft_requests": metalsoft.request_count(),
                     "cpu_seconds": cpu_seconds(),
                 });
-                println!("{stats}");
+                outln!("{stats}");
             }
             Some("rate") => {
                 let r: u32 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
                 lago.set_rate_limit((r > 0).then_some(r));
-                println!("{{}}");
+                outln!("{{}}");
             }
             Some("quit") => break,
-            _ => println!("{{\"error\":\"unknown command\"}}"),
+            _ => outln!("{{\"error\":\"unknown command\"}}"),
         }
         let _ = std::io::stdout().flush();
     }
@@ -466,7 +467,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<u8> {
         baseline: None,
     };
     if !opts.json_output {
-        println!(
+        outln!(
             "billsync bench: {users} MetalSoft users × {RESOURCES_PER_USER} resources × {days} daily windows (target {} records); ledger {}",
             opts.records,
             ledger_path.display()
@@ -477,7 +478,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<u8> {
     sims.quit();
     result?;
     if opts.json_output {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     }
     Ok(0)
 }
@@ -515,9 +516,12 @@ async fn bench_with(
                 simulator_requests: after.requests - before.requests,
             };
             if text {
-                println!(
+                outln!(
                     "no-op sync: {:.1} ms (pulled {}, sent {}, simulator requests {})",
-                    sync.ms, sync.pulled, sync.sent, sync.simulator_requests
+                    sync.ms,
+                    sync.pulled,
+                    sync.sent,
+                    sync.simulator_requests
                 );
             }
             syncs.push(sync);
@@ -532,9 +536,10 @@ async fn bench_with(
             syncs,
         };
         if text {
-            println!(
+            outln!(
                 "no-op sync on a ledger of {rows} records: min {:.1} ms, median {:.1} ms (7 runs)",
-                figures.min_ms, figures.median_ms
+                figures.min_ms,
+                figures.median_ms
             );
         }
         report.noop = Some(figures);
@@ -614,7 +619,7 @@ async fn bench_with(
         let n = opts.baseline_records.min(opts.records);
         let base_users = users_for(n, opts.days);
         if text {
-            println!("naive baseline: bench/naive_baseline.py on the first {base_users} users (about {n} records), same simulators");
+            outln!("naive baseline: bench/naive_baseline.py on the first {base_users} users (about {n} records), same simulators");
         }
         let base_dir = dir.join("naive");
         let _ = std::fs::remove_dir_all(&base_dir);
@@ -671,11 +676,11 @@ async fn bench_with(
             ratio: ours / base_rate.max(f64::MIN_POSITIVE),
         };
         if text {
-            println!(
+            outln!(
                 "naive baseline: {} records pulled, {} events reached Lago in {:.2}s → {:.0} records/s",
                 base.pulled, base.events, base.seconds, base.records_per_second
             );
-            println!(
+            outln!(
                 "ratio billsync / naive (end to end, records/s): {:.1}×",
                 base.ratio
             );
@@ -688,25 +693,30 @@ async fn bench_with(
 /// A run's figures as the text lines BENCHMARKS.md quotes.
 fn print_run(f: &RunFigures) {
     let rate = |r: Option<f64>| r.map_or_else(|| "-".to_string(), |r| format!("{r:.0}"));
-    println!(
+    outln!(
         "records pulled {}, staged new {}, sent {}, held {}, ignored {}, failed {}",
-        f.pulled, f.staged_new, f.sent, f.held, f.ignored, f.failed
+        f.pulled,
+        f.staged_new,
+        f.sent,
+        f.held,
+        f.ignored,
+        f.failed
     );
-    println!("stage      busy time   records/s");
+    outln!("stage      busy time   records/s");
     for s in &f.stages {
-        println!(
+        outln!(
             "{:<10} {:>8.2}s   {:>9}",
             s.stage,
             s.busy_seconds,
             rate(s.records_per_second)
         );
     }
-    println!(
+    outln!(
         "end to end {:>8.2}s   {:>9} records/s (pulled records over the whole run)",
         f.seconds,
         rate(f.records_per_second)
     );
-    println!(
+    outln!(
         "lago: {} events stored, {} requests, {} answered 429 ({:.2}%)",
         f.lago_events,
         f.lago_requests,
@@ -718,7 +728,7 @@ fn print_run(f: &RunFigures) {
         }
     );
     let wall = f.seconds.max(f64::MIN_POSITIVE);
-    println!(
+    outln!(
         "CPU time: billsync {:.1}s ({:.2} cores), simulators {:.1}s ({:.2} cores)",
         f.billsync_cpu_seconds,
         f.billsync_cpu_seconds / wall,
@@ -726,7 +736,7 @@ fn print_run(f: &RunFigures) {
         f.simulators_cpu_seconds / wall
     );
     if let Some(r) = &f.rate_limit {
-        println!(
+        outln!(
             "rate limit {}/s: {} accepted batches → ideal {:.2}s; push phase took {:.2}s ({:+.1}%)",
             r.requests_per_second,
             r.accepted_batches,
@@ -735,7 +745,7 @@ fn print_run(f: &RunFigures) {
             (r.push_phase_seconds / r.ideal_seconds - 1.0) * 100.0
         );
     }
-    println!("peak RSS (VmHWM) {:.1} MB", f.peak_rss_kb as f64 / 1024.0);
+    outln!("peak RSS (VmHWM) {:.1} MB", f.peak_rss_kb as f64 / 1024.0);
 }
 
 /// `bench/naive_baseline.py`, embedded so the harness works from any directory. Written into

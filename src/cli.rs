@@ -12,6 +12,7 @@ use crate::config::{ProviderSettings, Settings, SettingsError, SinkSettings};
 use crate::ledger::{Ledger, LedgerError, RecordFilter, Status};
 use crate::mapping::MappingSet;
 use crate::observe;
+use crate::observe::{out, outln};
 use crate::providers::jelastic::JelasticProvider;
 use crate::providers::metalsoft::MetalsoftProvider;
 use crate::providers::sakura::SakuraProvider;
@@ -343,7 +344,7 @@ async fn set_cursor(
     )
     .await;
     written?.ok_or_else(|| ConfigError(format!("no cursor {source} {stream} in the ledger")))?;
-    println!("cursor {source} {stream}: {old} → {value}");
+    outln!("cursor {source} {stream}: {old} → {value}");
     Ok(())
 }
 
@@ -408,21 +409,21 @@ async fn resolve_keep_sent(
         other => anyhow::Error::new(other),
     })?;
     let ids: Vec<String> = done.changes.iter().map(i64::to_string).collect();
-    println!(
+    outln!(
         "change(s) {} of record {} ({}): kept what was sent; nothing sent",
         ids.join(", "),
         done.record,
         done.key
     );
     if done.still_open > 0 {
-        println!(
+        outln!(
             "{} other change(s) of this record still wait (`billsync ledger changes`; \
              --all-of-record resolves them all)",
             done.still_open
         );
     }
     for g in &done.months {
-        println!("month {g}: settles on what was sent at the next sync");
+        outln!("month {g}: settles on what was sent at the next sync");
     }
     Ok(())
 }
@@ -444,7 +445,7 @@ async fn mark_delivered(ledger: &Ledger, key: &str, reason: &str) -> anyhow::Res
         LedgerError::NotMarkable { .. } => anyhow::Error::new(ConfigError(e.to_string())),
         other => anyhow::Error::new(other),
     })?;
-    println!(
+    outln!(
         "record {} ({key}): marked delivered to {}; nothing sent (it was refused: {})",
         done.id,
         done.sink.as_deref().unwrap_or("its sink"),
@@ -655,6 +656,9 @@ pub fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(code) => ExitCode::from(code),
+        // The reader of standard output has gone (`billsync ledger export | head`): it read
+        // what it wanted, and the command stops there quietly, as a Unix tool does.
+        Err(e) if observe::stdout_closed() && is_broken_pipe(&e) => ExitCode::from(exit::OK),
         Err(e) => {
             let code = exit_code_of(&e);
             if json_logs {
@@ -669,6 +673,16 @@ pub fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// Whether `e` comes from a write to a closed pipe (the io error may be wrapped, e.g. by the
+/// ledger's export).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn explicit(format: LogFormat) -> Option<bool> {
@@ -785,8 +799,8 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                     other => anyhow::Error::new(other),
                 })?;
             match format {
-                ReportFormat::Csv => print!("{}", crate::reconcile::to_csv(&report)),
-                ReportFormat::Table => print!("{}", crate::reconcile::to_table(&report)),
+                ReportFormat::Csv => out!("{}", crate::reconcile::to_csv(&report)),
+                ReportFormat::Table => out!("{}", crate::reconcile::to_table(&report)),
             }
             Ok(if report.is_reconciled() {
                 exit::OK
@@ -814,7 +828,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                         run,
                         key,
                     };
-                    let mut out = std::io::BufWriter::new(std::io::stdout());
+                    let mut out = std::io::BufWriter::new(observe::Stdout);
                     let n = ledger.export_csv(&filter, &mut out).await?;
                     std::io::Write::flush(&mut out)?;
                     tracing::info!(records = n, "exported");
@@ -830,7 +844,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                 }
                 LedgerCommand::Changes => {
                     let changes = ledger.open_changes(None).await?;
-                    print!("{}", format_changes(&changes, ctx.json_output)?);
+                    out!("{}", format_changes(&changes, ctx.json_output)?);
                 }
                 LedgerCommand::Resolve {
                     change,
@@ -894,13 +908,13 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                         let done = pruned?;
                         (done.pruned, Some(done.pages_freed))
                     };
-                    println!(
+                    outln!(
                         "{} {n} sent or ignored records older than {}",
                         if dry_run { "would prune" } else { "pruned" },
                         crate::ledger::ts(cutoff)
                     );
                     if let Some(pages) = pages_freed {
-                        println!("gave back {pages} pages of the ledger file");
+                        outln!("gave back {pages} pages of the ledger file");
                     }
                 }
             }
@@ -1066,7 +1080,7 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             let given = !paths.is_empty();
             let set = MappingSet::load(&mapping_paths(config, paths)?)?;
             for w in set.warnings() {
-                println!("{w}");
+                outln!("{w}");
             }
             // The sinks rules may name are those of the settings, when there are any.
             match Settings::load_for_mappings(config) {
@@ -1078,14 +1092,14 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                 }
                 Err(SettingsError::Missing { .. }) => {}
                 // Files given on the command line are checked even beside broken settings.
-                Err(e) if given => println!("sinks not checked: {e}"),
+                Err(e) if given => outln!("sinks not checked: {e}"),
                 Err(e) => return Err(e.into()),
             }
-            println!("mappings OK: {}", set.summary());
+            outln!("mappings OK: {}", set.summary());
             Ok(exit::OK)
         }
         MappingsCommand::Schema => {
-            print!("{}", crate::mapping::json_schema_text());
+            out!("{}", crate::mapping::json_schema_text());
             Ok(exit::OK)
         }
         MappingsCommand::Test { mappings, cases } => {
@@ -1110,7 +1124,7 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             let (files, errors) = crate::mapping::cases::read_case_files(&cases);
             let mut report = crate::mapping::cases::run_cases(&set, &files);
             report.errors.extend(errors);
-            print!("{report}");
+            out!("{report}");
             Ok(if report.passed() {
                 exit::OK
             } else {
@@ -1150,7 +1164,7 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             };
             if rec.provider == crate::sync::PERIOD_PROVIDER {
                 // An adjustment comes from its month, not from a rule: show how it was settled.
-                println!(
+                outln!(
                     "period adjustment of {} {} {} (no rule maps it; it settles the month's \
                      `period: month` pricing):",
                     rec.sub_account_id,
@@ -1158,11 +1172,11 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                     rec.resource_name.as_deref().unwrap_or("")
                 );
                 for step in rec.raw.to_value()["steps"].as_array().into_iter().flatten() {
-                    println!("  {}", step.as_str().unwrap_or_default());
+                    outln!("  {}", step.as_str().unwrap_or_default());
                 }
                 return Ok(exit::OK);
             }
-            print!("{}", set.explain(&rec));
+            out!("{}", set.explain(&rec));
             Ok(exit::OK)
         }
         MappingsCommand::Check {
@@ -1185,7 +1199,7 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
             let mut errors = 0;
             for (name, sink) in &settings.sinks {
                 let SinkSettings::Lago(cfg) = sink else {
-                    println!("sink {name}: no remote catalogue to check (only Lago has one)");
+                    outln!("sink {name}: no remote catalogue to check (only Lago has one)");
                     continue;
                 };
                 let admin = crate::sinks::lago_admin::LagoAdmin::new(cfg)?;
@@ -1208,14 +1222,14 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                     )
                     .await?,
                 );
-                println!(
+                outln!(
                     "sink {name}: {} metric(s), {} subscription(s) in Lago; {} finding(s)",
                     metrics.len(),
                     subs.len(),
                     findings.len()
                 );
                 for f in &findings {
-                    println!("  {f}");
+                    outln!("  {f}");
                 }
                 errors += findings.iter().filter(|f| f.error).count();
             }
@@ -1399,7 +1413,7 @@ async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyh
                 )
             })
             .unwrap_or_default();
-        println!(
+        outln!(
             "warning: Stripe sink {name}: {n} waiting records (pending or provisional) are older than {}; Stripe refuses events older than {}; oldest: {key} (charge period start {start}{age})",
             crate::sinks::stripe::human(warn_after),
             crate::sinks::stripe::human(limit),
@@ -1413,7 +1427,7 @@ const CHANGES_SHOWN: i64 = 5;
 
 async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
     let st = ledger.status().await?;
-    println!("ledger {}", ledger.path().display());
+    outln!("ledger {}", ledger.path().display());
     // A killed run (SIGKILL, OOM) leaves its lock row behind; once it has expired the next
     // run takes it over, so it is free, not held.
     let expired = |until: &str| {
@@ -1421,16 +1435,16 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
             .is_ok_and(|t| t.with_timezone(&chrono::Utc) <= chrono::Utc::now())
     };
     match &st.lock {
-        Some((holder, since, until)) if expired(until) => println!(
+        Some((holder, since, until)) if expired(until) => outln!(
             "lock: free (the lock of {holder}, taken {since}, expired {until}: that run was \
              killed or crashed; the next run takes the lock over)"
         ),
         Some((holder, since, until)) => {
-            println!("lock: held by {holder} since {since}, expires {until}")
+            outln!("lock: held by {holder} since {since}, expires {until}")
         }
-        None => println!("lock: free"),
+        None => outln!("lock: free"),
     }
-    println!("cursors:");
+    outln!("cursors:");
     let now = chrono::Utc::now();
     for c in &st.cursors {
         let lag = crate::providers::cursor_time(&c.value)
@@ -1442,38 +1456,46 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
                 )
             })
             .unwrap_or_default();
-        println!(
+        outln!(
             "  {} {}: {} (updated {}{lag})",
-            c.source, c.stream, c.value, c.updated_at
+            c.source,
+            c.stream,
+            c.value,
+            c.updated_at
         );
     }
-    println!("records by status:");
+    outln!("records by status:");
     for ((source, status), n) in &st.counts {
-        println!("  {source} {status}: {n}");
+        outln!("  {source} {status}: {n}");
     }
     if !st.held_reasons.is_empty() {
-        println!("undelivered records by source, status and resource type, with the oldest one's reason:");
+        outln!("undelivered records by source, status and resource type, with the oldest one's reason:");
         for h in &st.held_reasons {
-            println!(
+            outln!(
                 "  {} {} {}: {} (oldest staged {}): {}",
-                h.source, h.status, h.resource_type, h.count, h.oldest_staged, h.reason
+                h.source,
+                h.status,
+                h.resource_type,
+                h.count,
+                h.oldest_staged,
+                h.reason
             );
         }
         let more = st.held_reason_groups - st.held_reasons.len() as i64;
         if more > 0 {
-            println!(
+            outln!(
                 "  … and {more} more groups (`billsync ledger export --status unmapped|rejected|pending` lists every record)"
             );
         }
     }
-    println!("corrections staged: {}", st.corrections);
-    println!(
+    outln!("corrections staged: {}", st.corrections);
+    outln!(
         "changes of sent records to resolve by hand: {}",
         st.open_changes
     );
     if st.open_changes > 0 {
         for c in ledger.open_changes(Some(CHANGES_SHOWN)).await? {
-            println!(
+            outln!(
                 "  change {} of {} (seen {}): {}",
                 c.change,
                 c.key,
@@ -1482,7 +1504,7 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
             );
         }
         let more = st.open_changes - CHANGES_SHOWN;
-        println!(
+        outln!(
             "  {}`billsync ledger changes` lists them with what was sent; `billsync ledger \
              resolve --change ID --keep-sent --reason TEXT` keeps what was sent",
             if more > 0 {
@@ -1494,23 +1516,25 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
     }
     let periods = ledger.period_status().await?;
     if periods != Default::default() {
-        println!(
+        outln!(
             "months with period pricing: {} open, {} settled, {} changed since settled",
-            periods.open, periods.settled, periods.changed
+            periods.open,
+            periods.settled,
+            periods.changed
         );
         for (group, note) in &periods.problems {
-            println!("  cannot settle {group}: {note}");
+            outln!("  cannot settle {group}: {note}");
         }
     }
     if let Some((key, status, staged, err)) = &st.oldest_undelivered {
-        println!(
+        outln!(
             "oldest undelivered: {key} ({status}, staged {staged}){}",
             err.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
         );
     }
-    println!("last runs:");
+    outln!("last runs:");
     for run in &st.runs {
-        println!(
+        outln!(
             "  {} {} started {} finished {} outcome {}",
             run.id,
             run.command,

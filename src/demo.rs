@@ -14,6 +14,7 @@ use crate::cli::{exit, Ctx};
 use crate::config::Secret;
 use crate::ledger::Ledger;
 use crate::mapping::MappingSet;
+use crate::observe::outln;
 use crate::providers::jelastic::{JelasticConfig, JelasticProvider, Period as JelasticPeriod};
 use crate::providers::metalsoft::{MetalsoftConfig, MetalsoftProvider};
 use crate::providers::sakura::{Month, SakuraConfig, SakuraProvider};
@@ -124,7 +125,7 @@ pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     })
     .await
     .context("starting the Lago simulator")?;
-    println!(
+    outln!(
         "billsync demo: simulators of MetalSoft, SoftLayer, SAKURA Cloud, Jelastic and Lago on loopback; ledger in {}",
         dir.display()
     );
@@ -191,13 +192,13 @@ pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
         })
         .await?;
     crate::observe::print_summary(&summary, ctx.json_output);
-    println!(
+    outln!(
         "Lago simulator received {} events in {} requests during this run.",
         lago.events().len(),
         lago.request_count()
     );
     if summary.held() > 0 || summary.undelivered > 0 {
-        println!(
+        outln!(
             "Held records wait in the ledger; inspect them with `billsync status` on a ledger of your own."
         );
     }

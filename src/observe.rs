@@ -63,28 +63,55 @@ impl Write for AboveBars {
     }
 }
 
-/// Progress bars on a terminal; nothing when standard error is not one (or logs are JSON).
+/// Progress bars on a terminal; log lines when standard error is not one (or logs are JSON).
 pub fn progress(json_logs: bool) -> std::sync::Arc<dyn Progress> {
     match BARS.get() {
         Some(bars) if !json_logs && std::io::stderr().is_terminal() => std::sync::Arc::new(Bars {
             multi: bars.clone(),
-            current: Mutex::new(None),
+            pull: Mutex::new(None),
+            push: Mutex::new(PushBars::default()),
         }),
-        _ => std::sync::Arc::new(LogProgress::new(LOG_PROGRESS_EVERY)),
+        _ => std::sync::Arc::new(LogProgress::new(log_progress_every())),
     }
 }
 
 /// How often a run without a terminal logs its progress.
 const LOG_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
+/// [`LOG_PROGRESS_EVERY`], or `BILLSYNC_PROGRESS_EVERY` (a duration such as `30s`) when set.
+fn log_progress_every() -> Duration {
+    let Some(value) = std::env::var_os("BILLSYNC_PROGRESS_EVERY") else {
+        return LOG_PROGRESS_EVERY;
+    };
+    match humantime::parse_duration(&value.to_string_lossy()) {
+        Ok(every) => every,
+        Err(e) => {
+            tracing::warn!(value = %value.to_string_lossy(), error = %e,
+                "BILLSYNC_PROGRESS_EVERY is not a duration (such as 30s); progress is logged every 10 s");
+            LOG_PROGRESS_EVERY
+        }
+    }
+}
+
 /// Progress as log lines, for runs without a terminal (the CronJob): a long pull or push says
-/// how far it is at most every `every`, so a stalled run can be told from a slow one.
+/// how far it is at most every `every`, so a stalled run can be told from a slow one. The pull
+/// and each sink's push have their own figures and their own interval: a sync pushes while it
+/// pulls, and one side's lines must neither reset nor crowd out the other's.
 pub struct LogProgress {
     every: Duration,
     state: Mutex<LogProgressState>,
 }
 
+#[derive(Default)]
 struct LogProgressState {
+    pull: Option<Phase>,
+    /// Each sink pushed in this run, by name: a sink pushed again goes on from its figures.
+    push: std::collections::BTreeMap<String, Phase>,
+    /// The sink last started, whose batches `batch_done` counts.
+    pushing: Option<String>,
+}
+
+struct Phase {
     phase: String,
     unit: &'static str,
     total: u64,
@@ -94,85 +121,104 @@ struct LogProgressState {
     logged: std::time::Instant,
 }
 
-impl LogProgress {
-    pub fn new(every: Duration) -> Self {
+impl Phase {
+    fn new(phase: String, unit: &'static str, total: u64) -> Phase {
         let now = std::time::Instant::now();
-        LogProgress {
-            every,
-            state: Mutex::new(LogProgressState {
-                phase: String::new(),
-                unit: "",
-                total: 0,
-                done: 0,
-                records: 0,
-                started: now,
-                logged: now,
-            }),
+        Phase {
+            phase,
+            unit,
+            total,
+            done: 0,
+            records: 0,
+            started: now,
+            logged: now,
         }
     }
 
-    fn start(&self, phase: String, unit: &'static str, total: u64) {
-        if let Ok(mut s) = self.state.lock() {
-            let now = std::time::Instant::now();
-            *s = LogProgressState {
-                phase,
-                unit,
-                total,
-                done: 0,
-                records: 0,
-                started: now,
-                logged: now,
-            };
-        }
-    }
-
-    fn advance(&self, done: u64, records: u64) {
-        let Ok(mut s) = self.state.lock() else {
-            return;
-        };
-        s.done += done;
-        s.records += records;
-        if s.logged.elapsed() < self.every {
+    fn advance(&mut self, every: Duration, done: u64, records: u64) {
+        self.done += done;
+        self.records += records;
+        if self.logged.elapsed() < every {
             return;
         }
-        s.logged = std::time::Instant::now();
-        let millis = u64::try_from(s.started.elapsed().as_millis())
+        self.logged = std::time::Instant::now();
+        let millis = u64::try_from(self.started.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
         tracing::info!(
-            phase = %s.phase,
-            done = s.done,
-            total = s.total,
-            unit = s.unit,
-            records = s.records,
-            records_per_s = s.records.saturating_mul(1000) / millis,
+            phase = %self.phase,
+            done = self.done,
+            total = self.total,
+            unit = self.unit,
+            records = self.records,
+            records_per_s = self.records.saturating_mul(1000) / millis,
             "progress"
         );
     }
 }
 
-impl Progress for LogProgress {
-    fn source_started(&self, source: &str, chunks: u64) {
-        self.start(format!("pull {source}"), "windows", chunks);
-    }
-    fn chunk_done(&self, records: u64) {
-        self.advance(1, records);
-    }
-    fn push_started(&self, sink: &str, pending: u64) {
-        self.start(format!("push {sink}"), "records", pending);
-    }
-    fn batch_done(&self, records: u64) {
-        self.advance(records, records);
+impl LogProgress {
+    pub fn new(every: Duration) -> Self {
+        LogProgress {
+            every,
+            state: Mutex::new(LogProgressState::default()),
+        }
     }
 }
 
+impl Progress for LogProgress {
+    fn source_started(&self, source: &str, chunks: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.pull = Some(Phase::new(format!("pull {source}"), "windows", chunks));
+        }
+    }
+    fn chunk_done(&self, records: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            if let Some(pull) = s.pull.as_mut() {
+                pull.advance(self.every, 1, records);
+            }
+        }
+    }
+    fn push_started(&self, sink: &str, pending: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            match s.push.get_mut(sink) {
+                Some(push) => push.total = push.done + pending,
+                None => {
+                    let phase = Phase::new(format!("push {sink}"), "records", pending);
+                    s.push.insert(sink.to_string(), phase);
+                }
+            }
+            s.pushing = Some(sink.to_string());
+        }
+    }
+    fn batch_done(&self, records: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            let s = &mut *s;
+            if let Some(push) = s.pushing.as_ref().and_then(|n| s.push.get_mut(n)) {
+                push.advance(self.every, records, records);
+            }
+        }
+    }
+}
+
+/// One bar for the source being pulled and one per sink pushed, side by side (a sync pushes
+/// while it pulls).
 struct Bars {
     multi: MultiProgress,
-    current: Mutex<Option<ProgressBar>>,
+    pull: Mutex<Option<ProgressBar>>,
+    push: Mutex<PushBars>,
+}
+
+#[derive(Default)]
+struct PushBars {
+    /// Each sink pushed in this run: a sink pushed again goes on on its bar.
+    bars: std::collections::BTreeMap<String, ProgressBar>,
+    /// The sink last started, whose batches `batch_done` counts.
+    pushing: Option<String>,
 }
 
 impl Bars {
-    fn start(&self, prefix: String, len: u64, unit: &str) {
+    fn bar(&self, prefix: String, len: u64, unit: &str) -> ProgressBar {
         let bar = self.multi.add(ProgressBar::new(len));
         let template = format!("{{prefix:>24}} [{{bar:32}}] {{pos}}/{{len}} {unit} ({{per_sec}}, {{eta}} left) {{msg}}");
         if let Ok(style) = ProgressStyle::with_template(&template) {
@@ -180,40 +226,53 @@ impl Bars {
         }
         bar.set_prefix(prefix);
         bar.enable_steady_tick(Duration::from_millis(200));
-        if let Ok(mut current) = self.current.lock() {
-            if let Some(old) = current.replace(bar) {
-                old.finish();
-            }
-        }
-    }
-    fn inc(&self, n: u64, msg: Option<u64>) {
-        if let Ok(current) = self.current.lock() {
-            if let Some(bar) = current.as_ref() {
-                bar.inc(n);
-                if let Some(records) = msg {
-                    bar.set_message(format!("{records} records"));
-                }
-            }
-        }
+        bar
     }
 }
 
 impl Progress for Bars {
     fn source_started(&self, source: &str, chunks: u64) {
-        self.start(format!("pull {source}"), chunks, "windows");
+        let bar = self.bar(format!("pull {source}"), chunks, "windows");
+        if let Ok(mut pull) = self.pull.lock() {
+            if let Some(old) = pull.replace(bar) {
+                old.finish();
+            }
+        }
     }
     fn chunk_done(&self, _records: u64) {
-        self.inc(1, None);
+        if let Ok(pull) = self.pull.lock() {
+            if let Some(bar) = pull.as_ref() {
+                bar.inc(1);
+            }
+        }
     }
     fn push_started(&self, sink: &str, pending: u64) {
-        self.start(format!("push {sink}"), pending, "records");
+        if let Ok(mut push) = self.push.lock() {
+            match push.bars.get(sink) {
+                Some(bar) => bar.set_length(bar.position() + pending),
+                None => {
+                    let bar = self.bar(format!("push {sink}"), pending, "records");
+                    push.bars.insert(sink.to_string(), bar);
+                }
+            }
+            push.pushing = Some(sink.to_string());
+        }
     }
     fn batch_done(&self, records: u64) {
-        self.inc(records, None);
+        if let Ok(push) = self.push.lock() {
+            if let Some(bar) = push.pushing.as_ref().and_then(|n| push.bars.get(n)) {
+                bar.inc(records);
+            }
+        }
     }
     fn finish(&self) {
-        if let Ok(mut current) = self.current.lock() {
-            if let Some(bar) = current.take() {
+        if let Ok(mut pull) = self.pull.lock() {
+            if let Some(bar) = pull.take() {
+                bar.finish_and_clear();
+            }
+        }
+        if let Ok(mut push) = self.push.lock() {
+            for (_, bar) in std::mem::take(&mut push.bars) {
                 bar.finish_and_clear();
             }
         }
@@ -221,20 +280,93 @@ impl Progress for Bars {
     }
 }
 
+/// Standard output once its reader has gone (`billsync status | head -1`): a write to it
+/// failed with a broken pipe.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether standard output's reader has gone (see [`Stdout`]).
+pub fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Standard output for everything a command prints. A closed pipe is the reader saying it has
+/// read enough, as for any Unix tool: the write fails with `BrokenPipe` (a producer such as
+/// `ledger export` stops there, and `main` exits quietly, see [`stdout_closed`]), and nothing
+/// panics. Why not SIGPIPE's default disposition (killed at the write, as C tools are): the
+/// same process writes the ledger and delivers batches, and a log line to a stderr pipe that
+/// closed would kill a sync between a request and its acknowledgement, leaving an unclear
+/// delivery (Stripe: held back for a person once its 24 h dedup window passes); Rust ignores
+/// SIGPIPE, so every write reports the closed pipe as an error instead, handled here.
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if stdout_closed() {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        std::io::stdout().lock().write(buf).inspect_err(closed)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if stdout_closed() {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        std::io::stdout().lock().flush().inspect_err(closed)
+    }
+}
+
+fn closed(e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `print!` through [`Stdout`]: nothing more is printed once the reader has gone, without a
+/// panic; any other failure to print panics as `print!` does.
+#[doc(hidden)]
+pub fn print_out(args: std::fmt::Arguments<'_>) {
+    if stdout_closed() {
+        return;
+    }
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        closed(&e);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            panic!("failed printing to stdout: {e}");
+        }
+    }
+}
+
+/// `print!` that stops quietly when standard output's reader has gone ([`Stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::observe::print_out(format_args!($($arg)*))
+    };
+}
+
+/// `println!` that stops quietly when standard output's reader has gone ([`Stdout`]).
+macro_rules! outln {
+    () => {
+        $crate::observe::print_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::observe::print_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+pub(crate) use {out, outln};
+
 /// Print a run summary: a table for a person, or one JSON line for a machine.
 pub fn print_summary(s: &RunSummary, json: bool) {
     if json {
         // Written as it is serialized: a backfill's summary holds one total per subscription
         // and metric, megabytes of JSON that need not sit in memory at once.
-        use std::io::Write;
-        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let mut out = std::io::BufWriter::new(Stdout);
         if serde_json::to_writer(&mut out, s).is_ok() {
             let _ = writeln!(out);
         }
         let _ = out.flush();
         return;
     }
-    print!("{}", summary_text(s));
+    out!("{}", summary_text(s));
 }
 
 /// A run summary as the table [`print_summary`] prints for a person.
@@ -774,6 +906,43 @@ mod tests {
         );
         assert_eq!(lines[0]["unit"], "windows");
         assert_eq!(lines[2]["unit"], "records");
+    }
+
+    /// A sync pushes while it pulls, and pushes a sink again after each commit of the pull
+    /// (then once more at its end): each side keeps its own figures, and a sink pushed again
+    /// goes on from what it had done (its total is that plus what is left), never from zero.
+    #[test]
+    fn the_pull_and_a_push_alongside_it_each_log_their_own_progress() {
+        let lines = progress_lines(Duration::ZERO, |p| {
+            p.source_started("metalsoft", 3);
+            p.push_started("lago", 5);
+            p.chunk_done(10);
+            p.batch_done(2);
+            p.push_started("lago", 4); // goes on: 2 done, 4 left
+            p.chunk_done(4);
+            p.batch_done(4);
+            p.push_started("lago", 0); // the final pass: nothing left
+        });
+        let facts: Vec<(String, u64, u64, u64)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["phase"].as_str().unwrap().to_string(),
+                    l["done"].as_u64().unwrap(),
+                    l["total"].as_u64().unwrap(),
+                    l["records"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            facts,
+            [
+                ("pull metalsoft".to_string(), 1, 3, 10),
+                ("push lago".to_string(), 2, 5, 2),
+                ("pull metalsoft".to_string(), 2, 3, 14),
+                ("push lago".to_string(), 6, 6, 6),
+            ]
+        );
     }
 
     #[test]

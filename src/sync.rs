@@ -424,14 +424,20 @@ impl Drop for ReleaseOnDrop<'_> {
 }
 
 /// Progress of a run, for a person watching (the logs carry the same facts for machines).
+///
+/// A sync pushes while it pulls: the pull's calls (`source_started`, `chunk_done`) and the
+/// push's (`push_started`, `batch_done`) come interleaved, from two tasks, and each side's
+/// progress is its own.
 pub trait Progress: Send + Sync {
     /// A source starts pulling `chunks` windows or pages.
     fn source_started(&self, _source: &str, _chunks: u64) {}
     /// One chunk of the current source was staged.
     fn chunk_done(&self, _records: u64) {}
-    /// A sink starts pushing `pending` records.
+    /// A sink starts pushing, or goes on (a run pushes one sink several times: alongside the
+    /// pull after each commit, then once more at its end), with `pending` records left to read.
+    /// A sink that goes on keeps what it has done; its total becomes that plus `pending`.
     fn push_started(&self, _sink: &str, _pending: u64) {}
-    /// One batch was acknowledged.
+    /// One batch of the sink last started was acknowledged.
     fn batch_done(&self, _records: u64) {}
     /// The run is over: clear the bars.
     fn finish(&self) {}
@@ -775,7 +781,8 @@ pub struct RunSummary {
     /// them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub totals_left_out: Option<usize>,
-    /// Undelivered records in the whole ledger at the end of the run.
+    /// Undelivered records in the whole ledger at the end of the run (a dry run, which writes
+    /// nothing: in the ledger as it is).
     pub undelivered: i64,
     /// Changes of sent records in the whole ledger that wait for a person at the end of the
     /// run (`billsync ledger changes`): money the invoice does not reflect yet, like a held
@@ -1401,6 +1408,8 @@ impl Pipeline {
                     .await?;
             }
             self.finish(run_id, summary).await?;
+        } else {
+            self.ledger_figures(summary).await?;
         }
         Ok(())
     }
@@ -1799,10 +1808,18 @@ impl Pipeline {
                 continue;
             }
             let sink: &dyn Sink = sink.as_ref();
-            if alongside.is_none() {
-                self.progress
-                    .push_started(sink.name(), self.ledger.pending_count(sink.name()).await?);
-            }
+            // Also alongside the pull: that push may well deliver the whole backlog (it goes
+            // on until nothing is pending, after the pull has ended too), and a push that
+            // says nothing cannot be told from a stalled one. Each call (one per stager
+            // commit while pulling, then the final pass) resumes the sink's progress: what it
+            // has done stays counted, and the total is that plus what its walk has still to
+            // read (not the failed records it went past, which are pending too).
+            let left = self
+                .ledger
+                .pending_count_after(sink.name(), state.after_id)
+                .await?;
+            self.progress
+                .push_started(sink.name(), left + state.revisit.len() as u64);
             self.push_sink(run_id, sink, state, alongside, lock, summary)
                 .await?;
             if alongside.is_none() {
@@ -1940,9 +1957,7 @@ impl Pipeline {
                             summary,
                             &mut acks,
                         );
-                        if alongside.is_none() {
-                            self.progress.batch_done(done);
-                        }
+                        self.progress.batch_done(done);
                     }
                     if marks && !more.is_empty() {
                         // Before any of them goes out, committed: a crash before their
@@ -2004,14 +2019,8 @@ impl Pipeline {
                     Err(_) => {
                         // Answers already received behind the batch still out are recorded;
                         // only the batches still out are abandoned.
-                        let received = self.take_received(
-                            &mut in_flight,
-                            sink,
-                            state,
-                            alongside,
-                            summary,
-                            &mut acks,
-                        );
+                        let received =
+                            self.take_received(&mut in_flight, sink, state, summary, &mut acks);
                         warn!(sink = sink.name(), batches = in_flight.len(), received,
                             "the deadline for the requests in flight passed; their records stay pending");
                         summary.interrupted = true;
@@ -2035,7 +2044,6 @@ impl Pipeline {
             self.take_answer(
                 sink,
                 state,
-                alongside,
                 summary,
                 &mut acks,
                 batch,
@@ -2114,7 +2122,6 @@ impl Pipeline {
         in_flight: &mut InFlight<'_>,
         sink: &dyn Sink,
         state: &mut SinkProgress,
-        alongside: Option<&Alongside>,
         summary: &mut RunSummary,
         acks: &mut Vec<(i64, Outcome)>,
     ) -> usize {
@@ -2124,7 +2131,6 @@ impl Pipeline {
             self.take_answer(
                 sink,
                 state,
-                alongside,
                 summary,
                 acks,
                 batch,
@@ -2143,7 +2149,6 @@ impl Pipeline {
         &self,
         sink: &dyn Sink,
         state: &mut SinkProgress,
-        alongside: Option<&Alongside>,
         summary: &mut RunSummary,
         acks: &mut Vec<(i64, Outcome)>,
         batch: Vec<crate::sinks::Outgoing>,
@@ -2161,9 +2166,7 @@ impl Pipeline {
                 }
                 record_outcomes(sink.name(), batch.iter().zip(outcomes), summary, acks);
                 state.batches += 1;
-                if alongside.is_none() {
-                    self.progress.batch_done(batch.len() as u64);
-                }
+                self.progress.batch_done(batch.len() as u64);
                 if state.batches.is_multiple_of(100) {
                     info!(
                         sink = sink.name(),
@@ -2218,9 +2221,7 @@ impl Pipeline {
                         summary,
                         acks,
                     );
-                    if alongside.is_none() {
-                        self.progress.batch_done(done);
-                    }
+                    self.progress.batch_done(done);
                 }
             }
         }
@@ -2257,6 +2258,14 @@ impl Pipeline {
         Ok(())
     }
 
+    /// What waits in the whole ledger, for the summary: at the end of a run, or for a dry run
+    /// (read only: it changed nothing) what the ledger holds as it is.
+    async fn ledger_figures(&self, summary: &mut RunSummary) -> Result<(), LedgerError> {
+        summary.undelivered = self.ledger.undelivered().await?;
+        summary.changes_to_resolve = self.ledger.unresolved_change_count().await?;
+        Ok(())
+    }
+
     async fn finish(&self, run_id: i64, summary: &mut RunSummary) -> Result<(), LedgerError> {
         summary.totals = self
             .ledger
@@ -2270,8 +2279,7 @@ impl Pipeline {
                 value,
             })
             .collect();
-        summary.undelivered = self.ledger.undelivered().await?;
-        summary.changes_to_resolve = self.ledger.unresolved_change_count().await?;
+        self.ledger_figures(summary).await?;
         if summary.interrupted {
             summary.outcome = RunOutcome::Interrupted;
         } else if summary.outcome == RunOutcome::Ok
@@ -2584,6 +2592,8 @@ impl Pipeline {
             }
             self.push_all(run_id, now, lock, summary).await?;
             self.finish(run_id, summary).await?;
+        } else {
+            self.ledger_figures(summary).await?;
         }
         Ok(())
     }

@@ -571,3 +571,48 @@ fn mappings_validate_needs_no_secrets_and_refuses_a_rule_naming_an_unconfigured_
     let alone = billsync(&["mappings", "validate", mappings.to_str().unwrap()], &[]);
     assert_eq!(alone.status.code(), Some(0), "{}", text(&alone).1);
 }
+
+/// `billsync status | head -1`, `billsync ledger export | head`: the reader of standard output
+/// goes away after what it wanted (here before the first line). Every command then stops
+/// printing and exits quietly, as Unix tools do: no panic ("failed printing to stdout: Broken
+/// pipe", exit 101) and no error message; the command's own exit code (0 here).
+#[test]
+fn a_command_whose_stdout_reader_has_gone_exits_quietly() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let demo = billsync(&["demo", "--dir", d], &[]);
+    assert_eq!(demo.status.code(), Some(0), "{:?}", text(&demo));
+    let cfg = dir.path().join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger: {{ path: {d}/ledger.db }}\nsinks:\n  out:\n    kind: jsonl\n    directory: {d}/out\n"
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    for args in [
+        &["status"][..],
+        &["ledger", "export"][..],
+        &["mappings", "schema"][..],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_billsync"))
+            .args(["--output", "text", "--config", cfg])
+            .args(args)
+            .env_remove("BILLSYNC_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The pipe's only reading end is closed before billsync writes anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}

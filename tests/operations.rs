@@ -1525,3 +1525,105 @@ async fn a_rejected_record_found_in_the_sink_is_marked_delivered_through_the_bin
     );
     assert_eq!(world.lago.events().len(), events, "nothing sent");
 }
+
+/// A backlog that takes a while to push (Lago limits requests per second) is pushed alongside
+/// the pull, which has long ended: the push logs its `progress` (records of `push lago`, done
+/// out of total) at most every `BILLSYNC_PROGRESS_EVERY` (10 s by default, 1 s here), so a
+/// CronJob's log tells a slow push from a stalled one. The pull's own lines keep their figures
+/// (windows, never the push's records).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_push_alongside_the_pull_logs_its_progress() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    world.lago.set_rate_limit(Some(2));
+    let mut sync = command(&cfg, &["--log-format", "json", "sync"]);
+    sync.env("BILLSYNC_PROGRESS_EVERY", "1s")
+        .env("BILLSYNC__SINKS__LAGO__BATCH_SIZE", "5")
+        .env("BILLSYNC__SINKS__LAGO__RETRY__MAX_DELAY", "2s");
+    let started = std::time::Instant::now();
+    let out = finish(sync.spawn().unwrap()).await;
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert_eq!(world.lago.events().len(), 71, "{}", text(&out));
+    assert!(took > Duration::from_secs(3), "the push took only {took:?}");
+    let progress: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["message"] == "progress")
+        .collect();
+    let push: Vec<&serde_json::Value> = progress
+        .iter()
+        .filter(|l| l["phase"] == "push lago")
+        .collect();
+    assert!(
+        !push.is_empty(),
+        "no push progress in a {took:?} run: {}",
+        text(&out)
+    );
+    for line in &push {
+        assert_eq!(line["unit"], "records", "{line}");
+        let (done, total) = (
+            line["done"].as_u64().unwrap(),
+            line["total"].as_u64().unwrap(),
+        );
+        assert!(0 < done && done <= total && total <= 71, "{line}");
+    }
+    for line in progress.iter().filter(|l| l["phase"] != "push lago") {
+        assert_eq!(line["phase"], "pull metalsoft_test", "{line}");
+        assert_eq!(line["unit"], "windows", "{line}");
+    }
+}
+
+/// A dry run reports what the ledger holds: one record held (unmapped) by an earlier sync is
+/// `undelivered in ledger: 1` in the summary of `sync --dry-run` and of `replay --dry-run` (as
+/// text and as JSON), not 0; and the dry runs still change nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_runs_summary_counts_what_the_ledger_holds_undelivered() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    assert!(
+        String::from_utf8_lossy(&sync.stdout).contains("undelivered in ledger: 1"),
+        "{}",
+        text(&sync)
+    );
+    let sent = world.lago.events().len();
+    let replay = [
+        "replay",
+        "--status",
+        "unmapped",
+        "--reason",
+        "check",
+        "--dry-run",
+    ];
+    for args in [&["sync", "--dry-run"][..], &replay[..]] {
+        let out = run(&cfg, args).await;
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("undelivered in ledger: 1"),
+            "{args:?}: {stdout}"
+        );
+        let mut json = Command::new(env!("CARGO_BIN_EXE_billsync"));
+        json.args(["--config", &cfg, "--output", "json"])
+            .args(args)
+            .env("TEST_MS_KEY", MS_SECRET)
+            .env("TEST_LAGO_KEY", LAGO_SECRET)
+            .env_remove("BILLSYNC_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let json = finish(json.spawn().unwrap()).await;
+        assert_eq!(json.status.code(), Some(0), "{args:?}: {}", text(&json));
+        let summary: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(summary["dry_run"], true, "{summary}");
+        assert_eq!(summary["undelivered"], 1, "{args:?}: {summary}");
+    }
+    assert_eq!(world.lago.events().len(), sent, "a dry run sent something");
+    let status = run(&cfg, &["status"]).await;
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("metalsoft_test unmapped: 1"),
+        "{}",
+        text(&status)
+    );
+}

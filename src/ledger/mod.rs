@@ -2549,6 +2549,20 @@ impl Ledger {
         Ok(n as u64)
     }
 
+    /// The pending records of `sink` above id `after_id`: what a push that has read up to
+    /// `after_id` has still to read (its progress total).
+    pub async fn pending_count_after(&self, sink: &str, after_id: i64) -> Result<u64, LedgerError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM records WHERE status = 'pending' AND sink = ?1 AND id > ?2",
+        )
+        .bind(sink)
+        .bind(after_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(sql("counting pending records"))?;
+        Ok(n as u64)
+    }
+
     /// The records of a sink that wait to be sent (pending or provisional) with a charge period
     /// starting before `cutoff` (for sinks with a backdating limit, such as Stripe's 35 days):
     /// how many, and the oldest one's key and charge period start.
