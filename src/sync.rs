@@ -1715,6 +1715,11 @@ impl Pipeline {
                 Some(k) if matches!(k.status, Status::Sent | Status::Pending) => {
                     c.changed_after_send += 1
                 }
+                // Held, but with corrections or held back after an unclear delivery: staging
+                // leaves it as it is and stages a correction, as for a sent one.
+                Some(k) if self.ledger.changes_go_out_as_corrections(k.id).await? => {
+                    c.changed_after_send += 1
+                }
                 Some(_) => {
                     c.restaged += 1;
                     *c.by_status.entry(r.status.as_str()).or_default() += 1;

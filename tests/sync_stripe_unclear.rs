@@ -16,6 +16,8 @@
 
 #[path = "common/old_ledger.rs"]
 mod old_ledger;
+#[path = "common/serving.rs"]
+mod serving;
 
 use std::time::Duration;
 
@@ -1046,4 +1048,49 @@ async fn a_ledger_from_schema_0010_upgrades() {
     );
     let marks = w.marks().await;
     assert!(marks.iter().all(|m| m.1.is_none()), "{marks:?}");
+}
+
+/// The preview of a dry run says what the real run will do with an original held back after an
+/// unclear delivery whose content then changed: a change to look at (a correction of what was
+/// sent), not a record restaged in place. It counted it `restaged` (the real run leaves the
+/// original held back and stages `.r1`), and wrote nothing either way.
+#[tokio::test]
+async fn a_dry_run_previews_a_restated_held_back_original_as_a_correction() {
+    let w = World::start(Duration::from_millis(1), StripeMode::V1).await;
+    let base = line("a", 7);
+    let t0 = Utc::now();
+    w.stage_as_sync(base.clone()).await;
+    w.stripe.store_then_drop_next(1, DropMode::Status502);
+    assert_eq!(w.sync(t0).await.failed, 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(w.sync(t0 + a_day_and_an_hour()).await.rejected, 1);
+    let before = w.rows().await;
+
+    let restated = UsageRecord {
+        consumed_quantity: Decimal::from(8),
+        ..base.clone()
+    };
+    let serving = serving::Serving(std::sync::Arc::new(std::sync::Mutex::new(vec![restated])));
+    let ledger = Ledger::open(&w.dir.path().join("ledger.db")).await.unwrap();
+    let p = Pipeline::new(
+        ledger,
+        vec![Box::new(serving)],
+        vec![Box::new(w.sink())],
+        mappings(),
+    );
+    let preview = p
+        .sync(&SyncOptions {
+            dry_run: true,
+            now: Some(t0 + a_day_and_an_hour()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    p.ledger.close().await;
+    assert_eq!(
+        (preview.restaged, preview.changed_after_send),
+        (0, 1),
+        "{preview:?}"
+    );
+    assert_eq!(w.rows().await, before, "a dry run writes nothing");
 }

@@ -1072,6 +1072,14 @@ impl Ledger {
         Ok(known)
     }
 
+    /// Whether a held record (not pending, not sent) whose content changed is staged as a
+    /// correction and left as it is, as [`Ledger::stage`] does: it has corrections, or the push
+    /// loop held it back after an unclear delivery. Read only: a dry run's preview.
+    pub async fn changes_go_out_as_corrections(&self, id: i64) -> Result<bool, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(sql("connecting"))?;
+        Ok(held_back(&mut conn, id).await? || has_corrections(&mut conn, id).await?)
+    }
+
     /// Stage a page of records and advance its cursor, in one transaction.
     ///
     /// A key seen before with the same content (content hash and match hash: see
