@@ -675,13 +675,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Whether `e` comes from a write to a closed pipe (the io error may be wrapped, e.g. by the
-/// ledger's export).
+/// Whether `e` comes from a write to standard output after its reader has gone (the io error
+/// may be wrapped, e.g. by the ledger's export); a broken pipe met elsewhere (a socket) is an
+/// error like any other.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            .is_some_and(observe::is_stdout_closed)
     })
 }
 
@@ -1544,4 +1545,25 @@ async fn print_status(ledger: &Ledger) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a write to standard output after its reader has gone ends a command quietly: a
+    /// broken pipe met elsewhere (a socket to a sink, a file) is an error like any other, even
+    /// after standard output closed.
+    #[test]
+    fn only_standard_outputs_broken_pipe_is_quiet() {
+        let elsewhere = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(!is_broken_pipe(
+            &anyhow::Error::new(elsewhere).context("sending a batch")
+        ));
+        let mut out = observe::Stdout;
+        // Once standard output is known closed, the writer fails with the marked error.
+        observe::mark_stdout_closed_for_tests();
+        let e = std::io::Write::write(&mut out, b"x").unwrap_err();
+        assert!(is_broken_pipe(&anyhow::Error::new(e).context("exporting")));
+    }
 }

@@ -138,6 +138,9 @@ impl Phase {
     fn advance(&mut self, every: Duration, done: u64, records: u64) {
         self.done += done;
         self.records += records;
+        // A push alongside the pull also reads records committed after its total was taken
+        // (and restaged ones): what it did is then part of the total.
+        self.total = self.total.max(self.done);
         if self.logged.elapsed() < every {
             return;
         }
@@ -262,6 +265,10 @@ impl Progress for Bars {
         if let Ok(push) = self.push.lock() {
             if let Some(bar) = push.pushing.as_ref().and_then(|n| push.bars.get(n)) {
                 bar.inc(records);
+                // Records committed after the total was taken (see `Phase::advance`).
+                if bar.length().is_some_and(|len| bar.position() > len) {
+                    bar.set_length(bar.position());
+                }
             }
         }
     }
@@ -302,15 +309,48 @@ pub struct Stdout;
 impl Write for Stdout {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if stdout_closed() {
-            return Err(std::io::ErrorKind::BrokenPipe.into());
+            return Err(StdoutClosed::error());
         }
-        std::io::stdout().lock().write(buf).inspect_err(closed)
+        std::io::stdout().lock().write(buf).map_err(stdout_error)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         if stdout_closed() {
-            return Err(std::io::ErrorKind::BrokenPipe.into());
+            return Err(StdoutClosed::error());
         }
-        std::io::stdout().lock().flush().inspect_err(closed)
+        std::io::stdout().lock().flush().map_err(stdout_error)
+    }
+}
+
+/// The error of a write to standard output after its reader has gone: marked, so that `main`
+/// exits quietly for this broken pipe only, not for one met elsewhere (a socket, a file) by a
+/// command that printed into a closed pipe before ([`is_stdout_closed`]).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output's reader has gone")]
+pub struct StdoutClosed;
+
+impl StdoutClosed {
+    fn error() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::BrokenPipe, StdoutClosed)
+    }
+}
+
+/// As if standard output's reader had gone (unit tests of what follows from it).
+#[cfg(test)]
+pub fn mark_stdout_closed_for_tests() {
+    STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `e` is the error of a write to standard output after its reader has gone.
+pub fn is_stdout_closed(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<StdoutClosed>())
+}
+
+fn stdout_error(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        closed(&e);
+        StdoutClosed::error()
+    } else {
+        e
     }
 }
 
@@ -943,6 +983,22 @@ mod tests {
                 ("push lago".to_string(), 6, 6, 6),
             ]
         );
+    }
+
+    /// A push alongside the pull reads records the stager committed after the pass's total was
+    /// taken: its total grows with what it did, never shows less than done.
+    #[test]
+    fn a_push_that_delivers_more_than_its_total_raises_the_total() {
+        let lines = progress_lines(Duration::ZERO, |p| {
+            p.push_started("lago", 2);
+            p.batch_done(2);
+            p.batch_done(3);
+        });
+        let facts: Vec<(u64, u64)> = lines
+            .iter()
+            .map(|l| (l["done"].as_u64().unwrap(), l["total"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(facts, [(2, 2), (5, 5)]);
     }
 
     #[test]

@@ -2060,7 +2060,8 @@ impl Pipeline {
                 if acked.is_err() {
                     // What was read ahead never went out; the marks of what did stay (its
                     // answers are not recorded: the next run claims them as unclear).
-                    let _ = self.clear_unsent(sink, state, ahead).await;
+                    let ours = lock_lost.is_none() && lock.held().is_ok();
+                    let _ = self.clear_unsent(sink, state, ahead, ours).await;
                     return ended_by(sink.name(), lock_lost.or(read_failed), acked);
                 }
             }
@@ -2093,22 +2094,35 @@ impl Pipeline {
             );
         }
         let acked = self.ack_now(run_id, &mut acks, alongside).await;
-        let cleared = self.clear_unsent(sink, state, ahead).await;
+        let ours = lock_lost.is_none() && lock.held().is_ok();
+        let cleared = self.clear_unsent(sink, state, ahead, ours).await;
         ended_by(sink.name(), lock_lost.or(read_failed), acked.and(cleared))
     }
 
     /// Clear the marks of the records read ahead but not handed to the sink in this pass (a
     /// stop, the sink stopped, the lock lost) and of those a stopped batch left unsettled:
-    /// nothing of them went out, so only a crash leaves a mark.
+    /// nothing of them went out, so only a crash leaves a mark. Not once the run's lock is
+    /// lost (`lock_held` false): the run that took it over may have marked the same records
+    /// before sending them itself, and a mark cleared under it would leave no trace if it then
+    /// crashed; left, the marks are claimed as unclear deliveries by the next run, which costs
+    /// at most a look at records resent after the sink's window.
     async fn clear_unsent(
         &self,
         sink: &dyn Sink,
         state: &mut SinkProgress,
         ahead: std::collections::VecDeque<crate::sinks::Outgoing>,
+        lock_held: bool,
     ) -> Result<(), LedgerError> {
         let mut ids = std::mem::take(&mut state.unsent);
         if sink.dedup_window().is_some() {
             ids.extend(ahead.iter().map(|o| o.id));
+        }
+        if !lock_held {
+            if !ids.is_empty() {
+                warn!(sink = sink.name(), records = ids.len(),
+                    "the run's lock was lost: the marks of records read but not sent are left, and the next run counts them as unclear deliveries");
+            }
+            return Ok(());
         }
         let cleared = self.ledger.clear_sending(&ids).await;
         if let Err(e) = &cleared {

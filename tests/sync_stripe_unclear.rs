@@ -1094,3 +1094,71 @@ async fn a_dry_run_previews_a_restated_held_back_original_as_a_correction() {
     );
     assert_eq!(w.rows().await, before, "a dry run writes nothing");
 }
+
+/// A run whose lock was taken over leaves the marks of the records it read ahead and did not
+/// send: the run that took the lock may have marked and sent them itself, and a mark the first
+/// run cleared under it would leave no trace if that run then crashed (a resend after Stripe's
+/// window counted twice). The next run claims what is left as unclear and, within the window,
+/// sends each record once. Before, the first run cleared them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_lock_was_taken_over_leaves_the_marks_of_what_it_did_not_send() {
+    let w = World::start(Duration::from_secs(86_400), StripeMode::V1).await;
+    let lines: Vec<UsageRecord> = (0..150).map(|i| line(&format!("r{i}"), 1)).collect();
+    w.stage(lines).await;
+    // The first batch of 100 takes a while; the other 50, read ahead and marked with it, wait.
+    w.stripe.set_delay(Duration::from_millis(40));
+    let mut pipeline = w.pipeline().await;
+    pipeline.lock_ttl = Duration::from_secs(1);
+    let other = Ledger::open(&w.dir.path().join("ledger.db")).await.unwrap();
+    let t0 = Utc::now();
+    let run = tokio::spawn(async move {
+        let r = pipeline
+            .sync(&SyncOptions {
+                now: Some(t0),
+                ..Default::default()
+            })
+            .await;
+        pipeline.ledger.close().await;
+        r
+    });
+    for _ in 0..500 {
+        if w.ingestion_requests() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(w.ingestion_requests() >= 1, "the first batch is out");
+    other
+        .acquire_lock(
+            "intruder:1:0",
+            Utc::now() + chrono::Duration::days(1),
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    let result = run.await.unwrap();
+    assert!(
+        result.is_err(),
+        "the run stops on its lost lock: {result:?}"
+    );
+    let marks = w.marks().await;
+    let rows = w.rows().await;
+    let unsent: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows[i].1 == "pending")
+        .collect();
+    assert!(!unsent.is_empty(), "some records were not sent: {rows:?}");
+    assert!(
+        unsent.iter().all(|&i| marks[i].1.is_some()),
+        "the records read ahead and not sent keep their marks: {marks:?}"
+    );
+    other.release_lock("intruder:1:0").await.unwrap();
+    other.close().await;
+
+    w.stripe.set_delay(Duration::ZERO);
+    let next = w.sync(t0 + chrono::Duration::hours(1)).await;
+    assert_eq!(next.rejected, 0, "{next:?}");
+    for (key, _) in w.marks().await {
+        assert_eq!(w.stripe.count(&key), 1, "{key} counted once");
+    }
+    assert!(w.marks().await.iter().all(|(_, m)| m.is_none()));
+}
