@@ -2039,39 +2039,31 @@ impl Ledger {
     /// sink turns into an unclear delivery ([`Ledger::claim_interrupted_sends`]). One commit
     /// for a whole read-ahead, not one per request.
     pub async fn mark_sending(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), LedgerError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let now_s = ts(now);
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(sql("beginning a transaction"))?;
-        for chunk in ids.chunks(LOOKUP_KEYS_PER_STATEMENT) {
-            // `+status`: by id (see `ack`).
-            let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new("UPDATE records SET sending_at = ");
-            qb.push_bind(now_s.clone())
-                .push(" WHERE +status = 'pending' AND id IN (");
-            push_list(&mut qb, chunk.iter().copied());
-            qb.push(")");
-            qb.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(sql("marking records as being sent"))?;
-        }
-        tx.commit()
-            .await
-            .map_err(sql("committing records being sent"))
+        self.set_sending(ids, Some(ts(now))).await
     }
 
     /// Clear the mark of [`Ledger::mark_sending`] from records read ahead that this run did
     /// not hand to the sink after all (a stop, the sink stopped): nothing of them went out.
     pub async fn clear_sending(&self, ids: &[i64]) -> Result<(), LedgerError> {
+        self.set_sending(ids, None).await
+    }
+
+    /// Set (a pending record only) or clear the mark of records `ids`, in one transaction.
+    async fn set_sending(&self, ids: &[i64], mark: Option<String>) -> Result<(), LedgerError> {
         if ids.is_empty() {
             return Ok(());
         }
+        let (only, what) = match mark {
+            // `+status`: by id (see `ack`).
+            Some(_) => (
+                " WHERE +status = 'pending'",
+                "marking records as being sent",
+            ),
+            None => (
+                " WHERE sending_at IS NOT NULL",
+                "clearing records being sent",
+            ),
+        };
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -2079,17 +2071,13 @@ impl Ledger {
             .map_err(sql("beginning a transaction"))?;
         for chunk in ids.chunks(LOOKUP_KEYS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new("UPDATE records SET sending_at = NULL WHERE id IN (");
+                QueryBuilder::new("UPDATE records SET sending_at = ");
+            qb.push_bind(mark.clone()).push(only).push(" AND id IN (");
             push_list(&mut qb, chunk.iter().copied());
-            qb.push(") AND sending_at IS NOT NULL");
-            qb.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(sql("clearing records being sent"))?;
+            qb.push(")");
+            qb.build().execute(&mut *tx).await.map_err(sql(what))?;
         }
-        tx.commit()
-            .await
-            .map_err(sql("committing records not sent"))
+        tx.commit().await.map_err(sql(what))
     }
 
     /// Marks of [`Ledger::mark_sending`] left on records of `sink` (by a crash between a
