@@ -28,11 +28,29 @@ use billsync::mapping::MappingSet;
 use billsync::record::UsageRecord;
 use billsync::simulators::stripe::{DropMode, StripeSim, StripeSimConfig, StripeSimHandle};
 use billsync::sinks::stripe::{StripeConfig, StripeMode, StripeSink};
-use billsync::sync::{Pipeline, ReplayOptions, RunOutcome, RunSummary, SyncOptions};
+use billsync::sync::{Pipeline, ReplayOptions, RunOutcome, RunSummary, SyncError, SyncOptions};
 use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 
 const KEY: &str = "sk_test_sim";
+
+/// A sync at `now` on a task of its own, to be stopped, killed or overtaken while it runs; its
+/// ledger is closed when it ends.
+fn spawn_sync(
+    p: Pipeline,
+    now: DateTime<Utc>,
+) -> tokio::task::JoinHandle<Result<RunSummary, SyncError>> {
+    tokio::spawn(async move {
+        let summary = p
+            .sync(&SyncOptions {
+                now: Some(now),
+                ..Default::default()
+            })
+            .await;
+        p.ledger.close().await;
+        summary
+    })
+}
 
 /// A run more than the window after the first: Stripe no longer deduplicates the identifier.
 fn a_day_and_an_hour() -> chrono::Duration {
@@ -243,13 +261,7 @@ impl World {
         self.stripe
             .store_then_drop_next(1, DropMode::Stall(Duration::from_secs(60)));
         let p = self.pipeline().await;
-        let run = tokio::spawn(async move {
-            p.sync(&SyncOptions {
-                now: Some(now),
-                ..Default::default()
-            })
-            .await
-        });
+        let run = spawn_sync(p, now);
         let waited = std::time::Instant::now();
         while self.stripe.count(key) == 0 {
             assert!(
@@ -458,22 +470,12 @@ async fn a_request_abandoned_at_the_shutdown_deadline_is_an_unclear_delivery() {
     p.shutdown = shutdown;
     p.shutdown_deadline = Duration::from_millis(200);
     let t0 = Utc::now();
-    let run = tokio::spawn(async move {
-        let summary = p
-            .sync(&SyncOptions {
-                now: Some(t0),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        p.ledger.close().await;
-        summary
-    });
+    let run = spawn_sync(p, t0);
     while w.ingestion_requests() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     trigger.trigger();
-    let first = run.await.unwrap();
+    let first = run.await.unwrap().unwrap();
     assert_eq!(first.outcome, RunOutcome::Interrupted);
     let rows = w.rows().await;
     assert_eq!((rows[0].1.as_str(), rows[0].2), ("pending", 1), "{rows:?}");
@@ -933,22 +935,12 @@ async fn an_orderly_stop_leaves_no_mark_on_records_read_ahead() {
     p.shutdown = shutdown;
     p.shutdown_deadline = Duration::from_secs(10);
     let t0 = Utc::now();
-    let run = tokio::spawn(async move {
-        let summary = p
-            .sync(&SyncOptions {
-                now: Some(t0),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        p.ledger.close().await;
-        summary
-    });
+    let run = spawn_sync(p, t0);
     while w.ingestion_requests() == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     trigger.trigger();
-    let first = run.await.unwrap();
+    let first = run.await.unwrap().unwrap();
     assert_eq!(first.outcome, RunOutcome::Interrupted);
     assert_eq!(
         first.sent,
@@ -1111,16 +1103,7 @@ async fn a_run_whose_lock_was_taken_over_leaves_the_marks_of_what_it_did_not_sen
     pipeline.lock_ttl = Duration::from_secs(1);
     let other = Ledger::open(&w.dir.path().join("ledger.db")).await.unwrap();
     let t0 = Utc::now();
-    let run = tokio::spawn(async move {
-        let r = pipeline
-            .sync(&SyncOptions {
-                now: Some(t0),
-                ..Default::default()
-            })
-            .await;
-        pipeline.ledger.close().await;
-        r
-    });
+    let run = spawn_sync(pipeline, t0);
     for _ in 0..500 {
         if w.ingestion_requests() >= 1 {
             break;
