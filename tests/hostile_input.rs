@@ -734,3 +734,115 @@ suites!(
     mapping_sets_from_arbitrary_yaml_never_panic,
     mapping_apply_with_arbitrary_records_never_panics
 );
+
+// ----- amounts beyond a decimal's range ---------------------------------------------------
+
+/// `Decimal::MAX` as a provider could send it: each amount alone is read exactly, but two of
+/// them add up beyond a decimal's range.
+const HUGE: &str = "79228162514264337593543950335";
+
+fn huge_number() -> Value {
+    Value::Number(Number::from_str(HUGE).unwrap())
+}
+
+/// A SoftLayer line whose fees, or whose children, add up beyond a decimal's range is refused
+/// with a typed error naming it, never a panic (`Decimal`'s `+` panics on overflow): a panic
+/// would end every run at the same invoice, so no source would pull again.
+#[test]
+fn softlayer_amounts_adding_up_beyond_a_decimal_are_refused_not_a_panic() {
+    let ctx = sl_ctx();
+    // Two fees of one line.
+    let fees = serde_json::json!([{
+        "id": 1, "recurringAfterTaxAmount": HUGE, "oneTimeAfterTaxAmount": "1"
+    }]);
+    let err = parse_invoice_items(&fees, &ctx).unwrap_err().to_string();
+    assert!(err.contains("beyond"), "{err}");
+    // The line and its children.
+    let children = serde_json::json!([{
+        "id": 1, "recurringAfterTaxAmount": "1",
+        "children": [{ "id": 2, "recurringAfterTaxAmount": HUGE }]
+    }]);
+    let err = parse_invoice_items(&children, &ctx)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("beyond"), "{err}");
+    // Two children.
+    let siblings = serde_json::json!([{
+        "id": 1, "recurringAfterTaxAmount": "0",
+        "children": [
+            { "id": 2, "recurringAfterTaxAmount": HUGE },
+            { "id": 3, "recurringAfterTaxAmount": HUGE }
+        ]
+    }]);
+    let err = parse_invoice_items(&siblings, &ctx)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("beyond"), "{err}");
+    // The next invoice's estimate: its amounts add up too.
+    let next = serde_json::json!([{
+        "id": 9, "nextInvoiceTotalRecurringAmount": HUGE, "nextInvoiceTotalOneTimeAmount": "1"
+    }]);
+    let err = parse_next_items_str(&next.to_string(), &sl_next_ctx())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("beyond"), "{err}");
+}
+
+/// A SAKURA CSV line is its price plus its tax, and its hours days × 24 plus hours: both sums
+/// beyond a decimal's range are refused with a typed error, never a panic.
+#[test]
+fn sakura_csv_sums_beyond_a_decimal_are_refused_not_a_panic() {
+    let ctx = sakura_ctx();
+    let row = |days: &str, price: &str, tax: &str| {
+        format!(
+            "\"2\",\"000000000\",\"2016/05\",\"paid\",\"xxx000001\",\"payTest\",\"112700654736\",\
+             \"50118\",\"ISO\",\"is1b\",\"zone\",\"{days}\",\"0\",\"{price}\",\"{tax}\",\"name\""
+        )
+    };
+    for csv in [row("30", HUGE, "8"), row(HUGE, "100", "8")] {
+        let err = parse_bill_csv(&csv, &ctx).unwrap_err().to_string();
+        assert!(err.contains("beyond"), "{err}");
+    }
+    // Within range, the same row reads.
+    let records = parse_bill_csv(&row("30", "100", "8"), &ctx).unwrap();
+    assert_eq!(records[0].billed_cost, Decimal::from(108));
+    assert_eq!(records[0].consumed_quantity, Decimal::from(720));
+}
+
+/// Two Jelastic rows with one natural key are added up into one record; when that sum is
+/// beyond a decimal's range the answer is refused with a typed error, never a panic.
+#[test]
+fn jelastic_rows_adding_up_beyond_a_decimal_are_refused_not_a_panic() {
+    use billsync::simulators::jelastic::FIXTURE;
+    let mut ctx = jelastic_ctx(Period::Day);
+    ctx.time_offset = "+00:00".parse().unwrap();
+    let mut v: Value = serde_json::from_str(FIXTURE).unwrap();
+    let mut row = v["array"][0].clone();
+    row["cost"] = huge_number();
+    v["array"] = Value::Array(vec![row.clone(), row]);
+    let err = parse_response(&v.to_string(), &ctx)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("beyond"), "{err}");
+}
+
+/// MetalSoft's network aggregates are compared with the sum of their waypoints (a warning when
+/// they differ); waypoints adding up beyond a decimal's range must not panic while comparing.
+#[test]
+fn metalsoft_waypoints_adding_up_beyond_a_decimal_do_not_panic() {
+    use billsync::simulators::metalsoft::FIXTURE_CURRENT;
+    let mut v: Value = serde_json::from_str(FIXTURE_CURRENT).unwrap();
+    let list = &mut v["network_report"]["3688"]["data_lake"]["download"]["metered_waypoints"];
+    let mut first = list[0].clone();
+    first["cost"] = Value::String(HUGE.into());
+    let mut second = first.clone();
+    second["start_timestamp"] = Value::String("2016-02-01T13:10:07Z".into());
+    *list = Value::Array(vec![first, second]);
+    let records = parse_report(&v, &ms_ctx()).unwrap();
+    let huge = Decimal::from_str(HUGE).unwrap();
+    assert_eq!(
+        records.iter().filter(|r| r.billed_cost == huge).count(),
+        2,
+        "each waypoint is its own record, read exactly"
+    );
+}

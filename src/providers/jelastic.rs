@@ -994,7 +994,7 @@ pub fn parse_response(text: &str, ctx: &HistoryContext) -> Result<Vec<UsageRecor
         match by_key.get(&record.natural_key_string()) {
             Some(&i) => {
                 warn!(source = %ctx.source, key = %record.natural_key_string(), "jelastic: two rows share a natural key; adding them up");
-                merge(&mut records[i], &record);
+                merge(&mut records[i], &record).map_err(&shape)?;
             }
             None => {
                 by_key.insert(record.natural_key_string(), records.len());
@@ -1022,10 +1022,20 @@ pub fn parse_response(text: &str, ctx: &HistoryContext) -> Result<Vec<UsageRecor
     Ok(records)
 }
 
-/// Add a second row with the same natural key into the first.
-fn merge(into: &mut UsageRecord, other: &UsageRecord) {
-    into.billed_cost += other.billed_cost;
-    into.consumed_quantity += other.consumed_quantity;
+/// Add a second row with the same natural key into the first; sums beyond a decimal's range
+/// refuse the answer (`+=` would panic, ending every run at this window).
+fn merge(into: &mut UsageRecord, other: &UsageRecord) -> Result<(), String> {
+    let key = into.natural_key_string();
+    let beyond =
+        |what: &str| format!("two rows of {key} add up to a {what} beyond the range of a decimal");
+    into.billed_cost = into
+        .billed_cost
+        .checked_add(other.billed_cost)
+        .ok_or_else(|| beyond("cost"))?;
+    into.consumed_quantity = into
+        .consumed_quantity
+        .checked_add(other.consumed_quantity)
+        .ok_or_else(|| beyond("count"))?;
     into.is_final &= other.is_final;
     let merged = into
         .attributes
@@ -1043,6 +1053,7 @@ fn merge(into: &mut UsageRecord, other: &UsageRecord) {
         first => Value::Array(vec![first, other.raw.to_value()]),
     }
     .into();
+    Ok(())
 }
 
 /// What one row of `array` is.

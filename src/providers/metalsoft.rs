@@ -937,15 +937,17 @@ fn check_report_window(report: &text::Report<'_>, ctx: &ReportContext) -> Result
 
 /// Log (not fail) when an aggregate disagrees with the sum of its waypoints.
 fn check_aggregate(aggregate: &text::Aggregate<'_>, lines: &[UsageRecord], ctx: &ReportContext) {
-    let cost: Decimal = lines.iter().map(|r| r.billed_cost).sum();
-    let quantity: Decimal = lines.iter().map(|r| r.consumed_quantity).sum();
+    // `sum` would panic beyond a decimal's range; such waypoints cannot match any aggregate.
+    let cost = super::checked_sum(lines.iter().map(|r| r.billed_cost));
+    let quantity = super::checked_sum(lines.iter().map(|r| r.consumed_quantity));
     let path = &aggregate.path;
     for (field, stated, sum) in [
         ("cost", aggregate.cost, cost),
         ("quantity", aggregate.quantity, quantity),
     ] {
         if let Some(stated) = stated.and_then(text::decimal) {
-            if stated != sum {
+            if Some(stated) != sum {
+                let sum = sum.map_or_else(|| "beyond a decimal".to_string(), |s| s.to_string());
                 warn!(source = %ctx.source, user_id = ctx.user_id, "metalsoft: {path}.{field} is {stated} but its waypoints sum to {sum}");
             }
         }

@@ -29,6 +29,16 @@ pub fn json_decimal(value: &serde_json::Value) -> Option<rust_decimal::Decimal> 
     crate::record::exact_decimal(text)
 }
 
+/// The sum of amounts, `None` beyond a decimal's range: `Decimal`'s `+` and `sum` panic on
+/// overflow, and a provider's amounts (each read exactly) may add up past it.
+pub fn checked_sum(
+    values: impl IntoIterator<Item = rust_decimal::Decimal>,
+) -> Option<rust_decimal::Decimal> {
+    values
+        .into_iter()
+        .try_fold(rust_decimal::Decimal::ZERO, |sum, v| sum.checked_add(v))
+}
+
 /// Stored cursor values of one source, by stream (e.g. `user:1`).
 pub type Cursors = HashMap<String, String>;
 

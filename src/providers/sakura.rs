@@ -1468,6 +1468,22 @@ fn csv_lines(body: &str, ctx: &LineContext) -> Result<Vec<UsageRecord>, Provider
             }
         }
         let nonempty = |c: usize| Some(field(c)).filter(|s| !s.is_empty());
+        // Each figure is read exactly; their sums may still be beyond a decimal's range, where
+        // `+` and `*` would panic.
+        let beyond = |what: &str| {
+            shape(format!(
+                "bill {}: CSV row {}: its {what} is beyond the range of a decimal",
+                ctx.bill_id,
+                i + 1
+            ))
+        };
+        let quantity = days
+            .checked_mul(Decimal::from(24))
+            .and_then(|h| h.checked_add(hours))
+            .ok_or_else(|| beyond("hours (days × 24 + hours)"))?;
+        let cost = net
+            .checked_add(tax)
+            .ok_or_else(|| beyond("amount (price + tax)"))?;
         records.push(record_of(
             Line {
                 contract_id,
@@ -1475,9 +1491,9 @@ fn csv_lines(body: &str, ctx: &LineContext) -> Result<Vec<UsageRecord>, Provider
                 product_name: nonempty(8),
                 class_path: None,
                 resource_name: nonempty(15),
-                quantity: days * Decimal::from(24) + hours,
+                quantity,
                 unit: "hours",
-                cost: net + tax,
+                cost,
                 attributes,
                 raw: Value::Object(raw),
             },
@@ -1628,15 +1644,18 @@ impl Provider for SakuraProvider {
                 is_final,
             };
             let lines = self.details(&ctx).await?;
-            let sum: Decimal = lines.iter().map(|r| r.billed_cost).sum();
+            // Beyond a decimal's range, the lines cannot add up to the bill's amount.
+            let sum = super::checked_sum(lines.iter().map(|r| r.billed_cost));
+            let apart = sum.and_then(|s| s.checked_sub(bill.amount));
             // Tax rounded once per bill against once per line: up to a yen per line apart.
             // More than that looks like lines missing from the details (or extra ones).
             let rounding = Decimal::from(lines.len().max(1));
-            if (sum - bill.amount).abs() > rounding {
+            let sum = sum.map_or_else(|| "beyond a decimal".to_string(), |s| s.to_string());
+            if apart.is_none_or(|d| d.abs() > rounding) {
                 warn!(source = %self.name, bill_id = %bill.bill_id, bill_amount = %bill.amount, lines = %sum,
                     "sakura: the bill's lines add up to another amount than the bill (more than tax rounding): details missing?");
                 unreconciled.push(format!("{} ({sum}/{})", bill.bill_id, bill.amount));
-            } else if sum != bill.amount {
+            } else if apart.is_some_and(|d| !d.is_zero()) {
                 debug!(source = %self.name, bill_id = %bill.bill_id, bill_amount = %bill.amount, lines = %sum,
                     "sakura: bill amount differs from the sum of its lines (tax rounding)");
             }

@@ -761,9 +761,14 @@ fn check_total(records: &[UsageRecord], ctx: &InvoiceContext) {
     let Some(total) = ctx.invoice.total else {
         return;
     };
-    let sum: Decimal = records.iter().map(|r| r.billed_cost).sum();
-    if sum.abs() != total.abs() {
-        warn!(source = %ctx.source, invoice = ctx.invoice.id, %total, %sum, "softlayer: invoiceTotalAmount differs from the sum of its top-level items and children");
+    match super::checked_sum(records.iter().map(|r| r.billed_cost)) {
+        Some(sum) if sum.abs() == total.abs() => {}
+        Some(sum) => {
+            warn!(source = %ctx.source, invoice = ctx.invoice.id, %total, %sum, "softlayer: invoiceTotalAmount differs from the sum of its top-level items and children");
+        }
+        None => {
+            warn!(source = %ctx.source, invoice = ctx.invoice.id, %total, "softlayer: invoiceTotalAmount differs from the sum of its top-level items and children (beyond the range of a decimal)");
+        }
     }
 }
 
@@ -1032,10 +1037,18 @@ fn line_amount(v: &Value, site: &str) -> Result<Decimal, String> {
     let mut sum = None;
     for name in LINE_AMOUNTS {
         if let Some(d) = decimal_field(v, name, site)? {
-            sum = Some(sum.unwrap_or(Decimal::ZERO) + d);
+            sum = Some(add(sum.unwrap_or(Decimal::ZERO), d, site)?);
         }
     }
     sum.ok_or_else(|| format!("{site}: none of {} is present", LINE_AMOUNTS.join(", ")))
+}
+
+/// `a + b`, or an error naming the line when the sum is beyond a decimal's range (`+` would
+/// panic, ending every run at this invoice).
+fn add(a: Decimal, b: Decimal, site: &str) -> Result<Decimal, String> {
+    a.checked_add(b).ok_or_else(|| {
+        format!("{site}: the amounts add up beyond the range of a decimal ({a} + {b})")
+    })
 }
 
 /// How deep `children` may nest under a top-level item before the lines are refused.
@@ -1070,7 +1083,8 @@ fn descendants_cost(v: &Value, site: &str, depth: usize) -> Result<(Decimal, usi
     for (i, child) in list.iter().enumerate() {
         let child_site = format!("{site} child {i}");
         let (below, below_lines) = descendants_cost(child, &child_site, depth + 1)?;
-        cost += line_amount(child, &child_site)? + below;
+        let line = add(line_amount(child, &child_site)?, below, &child_site)?;
+        cost = add(cost, line, site)?;
         lines += 1 + below_lines;
     }
     Ok((cost, lines))
@@ -1086,7 +1100,7 @@ pub fn invoice_item_record(item: &Value, ctx: &InvoiceContext) -> Result<UsageRe
     let site = format!("invoice {} item {id}", inv.id);
     let own = line_amount(item, &site)?;
     let (children_cost, children) = descendants_cost(item, &site, 0)?;
-    let mut cost = own + children_cost;
+    let mut cost = add(own, children_cost, &site)?;
     if inv.is_credit() {
         cost = -cost.abs();
     }
@@ -1222,7 +1236,7 @@ fn estimate(v: &Value, site: &str) -> Result<(Decimal, &'static str), String> {
         "nextInvoiceTotalOneTimeTaxAmount",
     ] {
         if let Some(d) = decimal_field(v, name, site)? {
-            next = Some(next.unwrap_or(Decimal::ZERO) + d);
+            next = Some(add(next.unwrap_or(Decimal::ZERO), d, site)?);
         }
     }
     if let Some(d) = next {
@@ -1239,7 +1253,7 @@ fn estimate(v: &Value, site: &str) -> Result<(Decimal, &'static str), String> {
     let mut sum = None;
     for name in ["recurringFee", "oneTimeFee", "setupFee", "laborFee"] {
         if let Some(d) = decimal_field(v, name, site)? {
-            sum = Some(sum.unwrap_or(Decimal::ZERO) + d);
+            sum = Some(add(sum.unwrap_or(Decimal::ZERO), d, site)?);
         }
     }
     let sum = sum.ok_or_else(|| {
