@@ -1502,3 +1502,38 @@ async fn many_plans_are_read_from_the_listing() {
     assert_eq!(plans.keys().collect::<Vec<_>>(), vec!["plan_007"]);
     lago.shutdown().await;
 }
+
+/// A case of several records (a month of one subscription's metric) compares their values'
+/// sum with `value`; values adding up beyond a decimal's range fail the case with the reason,
+/// never a panic of `billsync mappings test` (`Decimal`'s `sum` panics on overflow).
+#[test]
+fn a_case_whose_values_add_up_beyond_a_decimal_fails_instead_of_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        "version: 1
+rules:
+  - name: cost
+    match: { provider: metalsoft }
+    target: { external_subscription_id: sub_big }
+    metric: cost
+    value: { cost: {} }
+",
+    )
+    .unwrap();
+    let set = MappingSet::load(&[dir.path().to_path_buf()]).unwrap();
+    let case = "defaults: { provider: metalsoft, sub_account_id: \"1\", billing_currency: JPY }
+cases:
+  - name: two huge lines
+    records:
+      - { billed_cost: \"79228162514264337593543950335\" }
+      - { billed_cost: \"1\" }
+    expect:
+      value: \"79228162514264337593543950336\"
+";
+    let report = run_cases(&set, &[("huge.yaml".into(), case.into())]);
+    let text = report.to_string();
+    assert!(!report.passed(), "{text}");
+    assert!(text.contains("✗ value"), "{text}");
+    assert!(text.contains("beyond the range of a decimal"), "{text}");
+}
