@@ -19,6 +19,14 @@
 //! the group the sink may hold already (a run stopped after the sink took them and before the
 //! ledger recorded it) explain a surplus they add up to exactly
 //! ([`Line::pending_maybe_in_sink`]); anything else is unexplained.
+//!
+//! Memory follows the report, not the month: one read snapshot of the ledger
+//! ([`PeriodSnapshot`]) is read twice, first every record in id order into the lines' sums,
+//! then the valued records sorted by (sink, subscription, metric) (SQLite sorts them in a
+//! temporary file), so that each group's records are matched against its read-back and dropped
+//! before the next group's are read. Held at once: the report's lines (source × billing account
+//! × subscription × metric × sink: customers, not records), the largest group's records and
+//! read-back, and what the report lists (unknown events, at most 20 notes a line).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -26,7 +34,7 @@ use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::ledger::{Ledger, LedgerError, PeriodRow, Status};
+use crate::ledger::{Ledger, LedgerError, PeriodGroupKey, PeriodRow, PeriodSnapshot, Status};
 use crate::sinks::{ReadBackQuery, Sink};
 
 /// The grouping of a reconciliation line.
@@ -189,7 +197,57 @@ pub fn month_bounds(
     Ok((at(first)?, at(next)?))
 }
 
-/// Reconcile one period of the ledger against the sinks.
+/// The report line of a record: unmapped and ignored records (and any without a subscription
+/// and a metric) have lines of their own, without a metric.
+fn line_key(row: &PeriodRow) -> LineKey {
+    let (subscription, metric) = match (&row.subscription, &row.metric, row.status) {
+        (_, _, Status::Unmapped) => ("(unmapped)".to_string(), String::new()),
+        (_, _, Status::Ignored) => ("(ignored)".to_string(), String::new()),
+        (Some(s), Some(m), _) => (s.clone(), m.clone()),
+        _ => ("(unmapped)".to_string(), String::new()),
+    };
+    LineKey {
+        source: row.source.clone(),
+        billing_account_id: row.billing_account_id.clone(),
+        subscription,
+        metric,
+        sink: row.sink.clone().unwrap_or_default(),
+    }
+}
+
+/// The id of a report line (the key of [`Report::lines`]).
+fn line_id(key: &LineKey) -> String {
+    format!(
+        "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+        key.source, key.billing_account_id, key.subscription, key.metric, key.sink
+    )
+}
+
+/// A (sink, subscription, metric) read back together: its lines, and its place among the
+/// groups in the order of the report's lines (the order its findings are reported in).
+struct Group {
+    rank: usize,
+    key: LineKey,
+    line_ids: Vec<String>,
+}
+
+/// What reading back one group found beyond its lines, kept until every group is done.
+#[derive(Default)]
+struct GroupOutcome {
+    /// Keys of sink events that are not among the group's records (looked up in the ledger
+    /// afterwards, to say whether it has them elsewhere).
+    unknown_keys: Vec<String>,
+    read_back_error: Option<String>,
+    /// The group's sink, when the settings configure no sink of that name.
+    unconfigured: Option<String>,
+    /// The first line whose read-back sum leaves a decimal's range.
+    overflow: Option<String>,
+    /// The comparison of a total read back from an aggregating sink.
+    total: Option<Result<SinkTotal, ReconcileError>>,
+}
+
+/// Reconcile one period of the ledger against the sinks, in memory that follows the report's
+/// lines, not the month's records (see the module's documentation).
 pub async fn reconcile(
     ledger: &Ledger,
     sinks: &[Box<dyn Sink>],
@@ -197,35 +255,31 @@ pub async fn reconcile(
     offset: FixedOffset,
 ) -> Result<Report, ReconcileError> {
     let (from, to) = month_bounds(period, offset)?;
+    let mut snapshot = ledger.period_snapshot(from, to).await?;
+    let report = reconcile_snapshot(&mut snapshot, sinks, period, from, to).await;
+    let closed = snapshot.close().await;
+    let report = report?;
+    closed?;
+    Ok(report)
+}
+
+async fn reconcile_snapshot(
+    snapshot: &mut PeriodSnapshot,
+    sinks: &[Box<dyn Sink>],
+    period: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Report, ReconcileError> {
     let mut lines: BTreeMap<String, (LineKey, Line)> = BTreeMap::new();
-    // key → (line id, status, value property, value) for matching read-back events.
-    let mut by_key: HashMap<String, (String, Status, Option<String>, Decimal)> = HashMap::new();
     let mut overflow: Option<String> = None;
-    // Per line: records the push loop held back after an unclear delivery, (key, value): the
-    // sink may have counted them, which a surplus of exactly their value says.
-    let mut held_back: HashMap<String, Vec<(String, Decimal)>> = HashMap::new();
-    ledger
-        .for_each_in_period(from, to, |row: PeriodRow| {
-            let (subscription, metric) = match (&row.subscription, &row.metric, row.status) {
-                (_, _, Status::Unmapped) => ("(unmapped)".to_string(), String::new()),
-                (_, _, Status::Ignored) => ("(ignored)".to_string(), String::new()),
-                (Some(s), Some(m), _) => (s.clone(), m.clone()),
-                _ => ("(unmapped)".to_string(), String::new()),
-            };
-            let key = LineKey {
-                source: row.source.clone(),
-                billing_account_id: row.billing_account_id.clone(),
-                subscription,
-                metric,
-                sink: row.sink.clone().unwrap_or_default(),
-            };
-            let id = format!(
-                "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
-                key.source, key.billing_account_id, key.subscription, key.metric, key.sink
-            );
-            let (key, line) = lines
-                .entry(id.clone())
-                .or_insert_with(|| (key, Line::default()));
+    // Per sink name, its valued records: (sent, pending or provisional or rejected), for a
+    // sink the settings no longer configure.
+    let mut by_sink: HashMap<String, (u64, u64)> = HashMap::new();
+    snapshot
+        .for_each(|row: PeriodRow| {
+            let key = line_key(&row);
+            let id = line_id(&key);
+            let (key, line) = lines.entry(id).or_insert_with(|| (key, Line::default()));
             let name = || line_name(key);
             if !row.is_correction {
                 line.records += 1;
@@ -252,16 +306,15 @@ pub async fn reconcile(
                         add(&mut line.corrections, v, &mut overflow, name);
                     }
                 }
-                if row.held_back_unclear {
-                    held_back
-                        .entry(id.clone())
-                        .or_default()
-                        .push((row.key.clone(), v));
+                let counts = match by_sink.get_mut(&key.sink) {
+                    Some(counts) => counts,
+                    None => by_sink.entry(key.sink.clone()).or_default(),
+                };
+                match row.status {
+                    Status::Sent => counts.0 += 1,
+                    Status::Pending | Status::Provisional | Status::Rejected => counts.1 += 1,
+                    Status::Unmapped | Status::Ignored => {}
                 }
-                by_key.insert(
-                    row.key.clone(),
-                    (id, row.status, row.value_property.clone(), v),
-                );
             }
         })
         .await?;
@@ -269,213 +322,86 @@ pub async fn reconcile(
         return Err(ReconcileError::Overflow(line));
     }
 
-    // Read back each (sink, subscription, metric) that has anything mapped.
-    let mut unknown_events = Vec::new();
-    let mut read_back_errors = Vec::new();
-    let mut totals_read = Vec::new();
-    let groups: Vec<(String, LineKey)> = lines
-        .iter()
-        .filter(|(_, (k, _))| !k.metric.is_empty())
-        .map(|(id, (k, _))| (id.clone(), k.clone()))
-        .collect();
-    // Each group's lines, and each line's sent records, indexed once: a group's read-back
-    // then walks only its own records (walking every record of the month for each group made
-    // a month of many subscriptions quadratic).
-    let mut group_lines: HashMap<(String, String, String), Vec<String>> = HashMap::new();
-    for (id, key) in &groups {
-        group_lines
-            .entry((
-                key.sink.clone(),
-                key.subscription.clone(),
-                key.metric.clone(),
-            ))
-            .or_default()
+    // Read back each (sink, subscription, metric) that has anything mapped, in the order of
+    // its first line.
+    let mut groups: HashMap<PeriodGroupKey, Group> = HashMap::new();
+    let mut order: Vec<PeriodGroupKey> = Vec::new();
+    for (id, (k, _)) in &lines {
+        if k.metric.is_empty() {
+            continue;
+        }
+        let group = (k.sink.clone(), k.subscription.clone(), k.metric.clone());
+        groups
+            .entry(group)
+            .or_insert_with_key(|group| {
+                order.push(group.clone());
+                Group {
+                    rank: order.len() - 1,
+                    key: k.clone(),
+                    line_ids: Vec::new(),
+                }
+            })
+            .line_ids
             .push(id.clone());
     }
-    let mut sent_by_line: HashMap<&str, Vec<(&str, Decimal)>> = HashMap::new();
-    for (k, (line_id, status, _, value)) in &by_key {
-        if *status == Status::Sent {
-            sent_by_line
-                .entry(line_id.as_str())
-                .or_default()
-                .push((k.as_str(), *value));
+    let mut outcomes: Vec<Option<GroupOutcome>> = order.iter().map(|_| None).collect();
+    {
+        let mut records_by_group = snapshot.groups();
+        while let Some((group, records)) = records_by_group.next_group().await? {
+            // Always one of the lines' groups: both come from the same snapshot.
+            let Some(group) = groups.get(&group) else {
+                continue;
+            };
+            let outcome = check_group(&mut lines, sinks, group, records, period, from, to).await;
+            outcomes[group.rank] = Some(outcome);
+            keep_notes(&mut lines, group);
         }
     }
+    // Groups without a valued record: whatever the sink holds there is unknown.
+    for group in &order {
+        let group = &groups[group];
+        if outcomes[group.rank].is_none() {
+            let outcome = check_group(&mut lines, sinks, group, Vec::new(), period, from, to).await;
+            outcomes[group.rank] = Some(outcome);
+            keep_notes(&mut lines, group);
+        }
+    }
+
+    let mut unknown_events = Vec::new();
+    let mut read_back_errors = Vec::new();
+    let mut totals = Vec::new();
     // Sinks records were sent to that the settings no longer configure (renamed, removed).
     let mut unconfigured: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-    let mut queried = std::collections::HashSet::new();
-    for (_, key) in groups {
-        if !queried.insert((
-            key.sink.clone(),
-            key.subscription.clone(),
-            key.metric.clone(),
-        )) {
-            continue;
-        }
-        let Some(sink) = sinks.iter().find(|s| s.name() == key.sink) else {
-            unconfigured.insert(key.sink.clone());
-            continue;
-        };
-        let group = (
-            key.sink.clone(),
-            key.subscription.clone(),
-            key.metric.clone(),
-        );
-        let line_ids = group_lines.get(&group).map(Vec::as_slice).unwrap_or(&[]);
-        let query = ReadBackQuery {
-            subscription: key.subscription.clone(),
-            metric: key.metric.clone(),
-            from,
-            to,
-        };
-        let events = match sink.read_back(&query).await {
-            Ok(Some(events)) => events,
-            // A sink that keeps only aggregates (Stripe): its counted total for the group.
-            Ok(None) => {
-                match sink.read_back_total(&query).await {
-                    Ok(Some(total)) => totals_read.push((key.clone(), total)),
-                    Ok(None) => {}
-                    Err(e) => read_back_errors.push(e),
-                }
-                continue;
-            }
-            Err(e) => {
-                read_back_errors.push(e);
-                continue;
-            }
-        };
-        // Lines of this (sink, subscription, metric) that were read back: zero unless found.
-        for id in line_ids {
-            if let Some((_, l)) = lines.get_mut(id) {
-                l.read_back.get_or_insert(Decimal::ZERO);
-            }
-        }
-        let mut seen: HashMap<String, u32> = HashMap::new();
-        for event in events {
-            let Some((line_id, status, property, value)) = by_key.get(&event.key) else {
-                unknown_events.push(format!(
-                    "{}: {} {}: event {} is not in the ledger",
-                    key.sink, key.subscription, key.metric, event.key
-                ));
-                continue;
-            };
-            let Some((owner, line)) = lines.get_mut(line_id) else {
-                continue;
-            };
+    for ((sink, subscription, metric), outcome) in order.iter().zip(outcomes) {
+        let outcome = outcome.unwrap_or_default();
+        for key in outcome.unknown_keys {
             // The ledger has this key for another sink, subscription or metric: here it is an
             // event the ledger does not have (billed to another subscription), and the
             // record's own line misses it.
-            if owner.sink != key.sink
-                || owner.subscription != key.subscription
-                || owner.metric != key.metric
-            {
-                unknown_events.push(format!(
-                    "{}: {} {}: event {} is in the ledger for {} {} (sink {})",
-                    key.sink,
-                    key.subscription,
-                    key.metric,
-                    event.key,
-                    owner.subscription,
-                    owner.metric,
-                    owner.sink
-                ));
-                continue;
-            }
-            let stored = property
-                .as_deref()
-                .and_then(|p| event.properties.get(p))
-                .and_then(|v| match v {
-                    serde_json::Value::String(s) => s.parse::<Decimal>().ok(),
-                    other => other.to_string().parse::<Decimal>().ok(),
-                });
-            let Some(stored) = stored else {
-                line.unexplained_keys += 1;
-                line.notes
-                    .push(format!("{}: value property missing in the sink", event.key));
-                continue;
-            };
-            let n = seen.entry(event.key.clone()).or_default();
-            *n += 1;
-            if *n > 1 {
-                line.unexplained_keys += 1;
-                line.notes
-                    .push(format!("{}: stored {} times in the sink", event.key, n));
-            }
-            if let Some(rb) = line.read_back.as_mut() {
-                add(rb, stored, &mut overflow, || line_name(owner));
-            }
-            match status {
-                Status::Sent => {
-                    if stored != *value {
-                        line.unexplained_keys += 1;
-                        line.notes.push(format!(
-                            "{}: sink holds {stored}, ledger sent {value}",
-                            event.key
-                        ));
-                    }
+            unknown_events.push(match snapshot.valued_record(&key).await? {
+                Some(row) => {
+                    let owner = line_key(&row);
+                    format!(
+                        "{sink}: {subscription} {metric}: event {key} is in the ledger for {} {} (sink {})",
+                        owner.subscription, owner.metric, owner.sink
+                    )
                 }
-                // Stored by the sink before the ledger recorded it (a crash, a lost answer):
-                // the next run resends the frozen payload and records it as delivered. That
-                // explains the ledger's value, once; another value or a second copy is not
-                // what the next run confirms.
-                Status::Pending => {
-                    if *n == 1 {
-                        add(
-                            &mut line.in_sink_unacknowledged,
-                            *value,
-                            &mut overflow,
-                            || line_name(owner),
-                        );
-                    }
-                    if stored != *value {
-                        line.unexplained_keys += 1;
-                        line.notes.push(format!(
-                            "{}: sink holds {stored}, ledger has {value} pending",
-                            event.key
-                        ));
-                    }
+                None => {
+                    format!("{sink}: {subscription} {metric}: event {key} is not in the ledger")
                 }
-                // Rejected or not final: no run sends it as it stands, yet the sink bills it.
-                other => {
-                    line.unexplained_keys += 1;
-                    line.notes.push(format!(
-                        "{}: sink holds {stored}, but the ledger has the record {}",
-                        event.key,
-                        other.as_str()
-                    ));
-                }
-            }
+            });
         }
-        // Sent records the sink does not have.
-        for id in line_ids {
-            let Some(sent) = sent_by_line.get(id.as_str()) else {
-                continue;
-            };
-            let Some((_, line)) = lines.get_mut(id) else {
-                continue;
-            };
-            for (k, value) in sent {
-                if !seen.contains_key(*k) {
-                    line.unexplained_keys += 1;
-                    line.notes
-                        .push(format!("{k}: sent ({value}) but not in the sink"));
-                }
-            }
+        read_back_errors.extend(outcome.read_back_error);
+        unconfigured.extend(outcome.unconfigured);
+        if overflow.is_none() {
+            overflow = outcome.overflow;
         }
+        totals.extend(outcome.total);
     }
     // Nothing was read back for them: a difference, not an agreement (a lost event among
     // them would otherwise pass unseen).
     for name in unconfigured {
-        let (mut sent, mut other) = (0u64, 0u64);
-        for (line_id, status, _, _) in by_key.values() {
-            if lines.get(line_id).is_some_and(|(k, _)| k.sink == name) {
-                match status {
-                    Status::Sent => sent += 1,
-                    Status::Pending | Status::Provisional | Status::Rejected => other += 1,
-                    Status::Unmapped | Status::Ignored => {}
-                }
-            }
-        }
+        let (sent, other) = by_sink.get(&name).copied().unwrap_or_default();
         let others = if other == 0 {
             String::new()
         } else {
@@ -485,30 +411,10 @@ pub async fn reconcile(
             "sink {name} of {sent} sent records{others} is not configured: not read back"
         ));
     }
-    // The positive values of each line's pending records: what a sink's total may hold of
-    // them already. The same records the event-by-event read-back explains above when it finds
-    // them: every pending one, attempted or not (a batch out when a run stopped has no attempt
-    // recorded: `Ledger::ack` counts it with the answer).
-    let mut pending_values: HashMap<&str, Vec<Decimal>> = HashMap::new();
-    for (line_id, status, _, value) in by_key.values() {
-        if *status == Status::Pending && *value > Decimal::ZERO {
-            pending_values
-                .entry(line_id.as_str())
-                .or_default()
-                .push(*value);
-        }
-    }
     if let Some(line) = overflow {
         return Err(ReconcileError::Overflow(line));
     }
-    let sink_totals = compare_totals(
-        &mut lines,
-        &group_lines,
-        totals_read,
-        &pending_values,
-        &held_back,
-        period,
-    )?;
+    let sink_totals = totals.into_iter().collect::<Result<Vec<_>, _>>()?;
     for (key, line) in lines.values_mut() {
         if let Some(rb) = line.read_back {
             line.unexplained = rb
@@ -529,6 +435,169 @@ pub async fn reconcile(
         read_back_errors,
         sink_totals,
     })
+}
+
+/// Only the first 20 notes of a line are reported: once its group is checked, its lines keep
+/// only those (a sink that lost a month would otherwise keep a note per record of the month).
+fn keep_notes(lines: &mut BTreeMap<String, (LineKey, Line)>, group: &Group) {
+    for id in &group.line_ids {
+        if let Some((_, line)) = lines.get_mut(id) {
+            line.notes.sort();
+            line.notes.truncate(20);
+            // The room of the notes dropped too (a line of every lost record keeps its size).
+            line.notes.shrink_to_fit();
+        }
+    }
+}
+
+/// Read one (sink, subscription, metric) back and line it up with its valued `records` (all
+/// of them, in id order), into its `lines`.
+async fn check_group(
+    lines: &mut BTreeMap<String, (LineKey, Line)>,
+    sinks: &[Box<dyn Sink>],
+    group: &Group,
+    records: Vec<PeriodRow>,
+    period: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> GroupOutcome {
+    let mut out = GroupOutcome::default();
+    let key = &group.key;
+    let Some(sink) = sinks.iter().find(|s| s.name() == key.sink) else {
+        out.unconfigured = Some(key.sink.clone());
+        return out;
+    };
+    let query = ReadBackQuery {
+        subscription: key.subscription.clone(),
+        metric: key.metric.clone(),
+        from,
+        to,
+    };
+    let events = match sink.read_back(&query).await {
+        Ok(Some(events)) => events,
+        // A sink that keeps only aggregates (Stripe): its counted total for the group.
+        Ok(None) => {
+            match sink.read_back_total(&query).await {
+                Ok(Some(total)) => {
+                    out.total = Some(compare_total(lines, group, total, &records, period));
+                }
+                Ok(None) => {}
+                Err(e) => out.read_back_error = Some(e),
+            }
+            return out;
+        }
+        Err(e) => {
+            out.read_back_error = Some(e);
+            return out;
+        }
+    };
+    // Lines of this (sink, subscription, metric) that were read back: zero unless found.
+    for id in &group.line_ids {
+        if let Some((_, l)) = lines.get_mut(id) {
+            l.read_back.get_or_insert(Decimal::ZERO);
+        }
+    }
+    // key → (line id, status, value property, value) of the group's records.
+    let by_key: HashMap<&str, (String, Status, Option<&str>, Decimal)> = records
+        .iter()
+        .filter_map(|r| {
+            let value = r.value?;
+            Some((
+                r.key.as_str(),
+                (
+                    line_id(&line_key(r)),
+                    r.status,
+                    r.value_property.as_deref(),
+                    value,
+                ),
+            ))
+        })
+        .collect();
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for event in events {
+        let Some((line_id, status, property, value)) = by_key.get(event.key.as_str()) else {
+            out.unknown_keys.push(event.key);
+            continue;
+        };
+        let Some((owner, line)) = lines.get_mut(line_id) else {
+            continue;
+        };
+        let stored = property
+            .and_then(|p| event.properties.get(p))
+            .and_then(|v| match v {
+                serde_json::Value::String(s) => s.parse::<Decimal>().ok(),
+                other => other.to_string().parse::<Decimal>().ok(),
+            });
+        let Some(stored) = stored else {
+            line.unexplained_keys += 1;
+            line.notes
+                .push(format!("{}: value property missing in the sink", event.key));
+            continue;
+        };
+        let n = seen.entry(event.key.clone()).or_default();
+        *n += 1;
+        if *n > 1 {
+            line.unexplained_keys += 1;
+            line.notes
+                .push(format!("{}: stored {} times in the sink", event.key, n));
+        }
+        if let Some(rb) = line.read_back.as_mut() {
+            add(rb, stored, &mut out.overflow, || line_name(owner));
+        }
+        match status {
+            Status::Sent => {
+                if stored != *value {
+                    line.unexplained_keys += 1;
+                    line.notes.push(format!(
+                        "{}: sink holds {stored}, ledger sent {value}",
+                        event.key
+                    ));
+                }
+            }
+            // Stored by the sink before the ledger recorded it (a crash, a lost answer):
+            // the next run resends the frozen payload and records it as delivered. That
+            // explains the ledger's value, once; another value or a second copy is not
+            // what the next run confirms.
+            Status::Pending => {
+                if *n == 1 {
+                    add(
+                        &mut line.in_sink_unacknowledged,
+                        *value,
+                        &mut out.overflow,
+                        || line_name(owner),
+                    );
+                }
+                if stored != *value {
+                    line.unexplained_keys += 1;
+                    line.notes.push(format!(
+                        "{}: sink holds {stored}, ledger has {value} pending",
+                        event.key
+                    ));
+                }
+            }
+            // Rejected or not final: no run sends it as it stands, yet the sink bills it.
+            other => {
+                line.unexplained_keys += 1;
+                line.notes.push(format!(
+                    "{}: sink holds {stored}, but the ledger has the record {}",
+                    event.key,
+                    other.as_str()
+                ));
+            }
+        }
+    }
+    // Sent records the sink does not have.
+    for (k, (line_id, status, _, value)) in &by_key {
+        if *status != Status::Sent || seen.contains_key(*k) {
+            continue;
+        }
+        if let Some((_, line)) = lines.get_mut(line_id) {
+            line.unexplained_keys += 1;
+            line.notes
+                .push(format!("{k}: sent ({value}) but not in the sink"));
+        }
+    }
+    out
 }
 
 /// Sums of subsets of pending values tried before [`explained_by_pending`] gives up.
@@ -580,150 +649,157 @@ fn explained_by_pending(difference: Decimal, values: &[Decimal]) -> Option<bool>
     Some(false)
 }
 
-/// Line up each total read back from an aggregating sink with what the ledger sent for its
-/// (sink, subscription, metric). The total cannot be split by key, source or billing account:
-/// a group of one line gets it as its `read_back` (its `unexplained` is then the difference,
-/// unless its pending records explain it); a group of several lines is compared as a whole in
-/// the returned [`SinkTotal`], and each of its lines says so. Only the group's pending records
-/// explain a difference ([`explained_by_pending`], from `pending_values`: per line, the
-/// positive values of its pending records); the total says how much, not which events, so the
-/// notes say what may cause the rest.
-fn compare_totals(
+/// Line up a total read back from an aggregating sink with what the ledger sent for its
+/// (sink, subscription, metric) `group`. The total cannot be split by key, source or billing
+/// account: a group of one line gets it as its `read_back` (its `unexplained` is then the
+/// difference, unless its pending records explain it); a group of several lines is compared
+/// as a whole in the returned [`SinkTotal`], and each of its lines says so. Only the group's
+/// pending records explain a difference ([`explained_by_pending`], from the positive values of
+/// its pending `records`, the group's valued records in id order); the total says how much,
+/// not which events, so the notes say what may cause the rest.
+fn compare_total(
     lines: &mut BTreeMap<String, (LineKey, Line)>,
-    // Each (sink, subscription, metric)'s lines, as `reconcile` indexed them: walking every
-    // line for each total made a month of many customers quadratic.
-    group_lines: &HashMap<(String, String, String), Vec<String>>,
-    totals: Vec<(LineKey, crate::sinks::ReadBackTotal)>,
-    pending_values: &HashMap<&str, Vec<Decimal>>,
-    held_back: &HashMap<String, Vec<(String, Decimal)>>,
+    group: &Group,
+    total: crate::sinks::ReadBackTotal,
+    records: &[PeriodRow],
     period: &str,
-) -> Result<Vec<SinkTotal>, ReconcileError> {
-    let mut out = Vec::new();
-    for (key, total) in totals {
-        let ids = group_lines
-            .get(&(
-                key.sink.clone(),
-                key.subscription.clone(),
-                key.metric.clone(),
-            ))
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        let count = ids.len() as u64;
-        let (mut sent, mut pending) = (Decimal::ZERO, Decimal::ZERO);
-        let mut values: Vec<Decimal> = Vec::new();
-        let mut unclear: Vec<&(String, Decimal)> = Vec::new();
-        let group = || format!("{} total of {} {}", key.sink, key.subscription, key.metric);
-        let mut overflow = None;
-        for id in ids {
-            let Some((_, l)) = lines.get(id) else {
-                continue;
-            };
-            add(&mut sent, l.sent, &mut overflow, group);
-            add(&mut pending, l.pending, &mut overflow, group);
-            if let Some(v) = pending_values.get(id.as_str()) {
-                values.extend_from_slice(v);
-            }
-            unclear.extend(held_back.get(id.as_str()).into_iter().flatten());
-        }
-        if let Some(group) = overflow {
-            return Err(ReconcileError::Overflow(group));
-        }
-        let difference = total
-            .total
-            .checked_sub(sent)
-            .ok_or_else(|| ReconcileError::Overflow(group()))?;
-        let explained = explained_by_pending(difference, &values);
-        let maybe_pending = if explained == Some(true) {
-            difference
-        } else {
-            Decimal::ZERO
+) -> Result<SinkTotal, ReconcileError> {
+    let key = &group.key;
+    let ids = group.line_ids.as_slice();
+    // Per line: the positive values of its pending records (what the sink's total may hold
+    // of them already: every pending one, attempted or not, as a batch out when a run stopped
+    // has no attempt recorded), and the records the push loop held back after an unclear
+    // delivery, (key, value): the sink may have counted them, which a surplus of exactly
+    // their value says.
+    type PendingAndUnclear<'a> = (Vec<Decimal>, Vec<(&'a str, Decimal)>);
+    let mut by_line: HashMap<String, PendingAndUnclear> = HashMap::new();
+    for r in records {
+        let Some(v) = r.value else {
+            continue;
         };
-        let unexplained = difference - maybe_pending;
-        let mut notes = Vec::new();
-        if !maybe_pending.is_zero() {
-            notes.push(format!(
-                "{} counted {} for {} {} in {period}, billsync sent {sent}: the difference \
-                 {maybe_pending} is exactly what records pending here add up to, which Stripe may \
-                 have counted already (a run stopped after Stripe took them and before recording \
-                 it; {pending} is pending): the next run sends them again under the same \
-                 identifier, which Stripe counts once if it comes within 24 hours of the first; \
-                 reconcile after it to confirm",
-                key.sink, total.total, key.subscription, key.metric
-            ));
-        }
-        if !unexplained.is_zero() {
-            let why = if unexplained < Decimal::ZERO {
-                "Stripe counted less than was sent: an event it accepted and dropped later (unknown customer, no meter, outside its window, a refused value) shows only in Stripe's meter error reports, not in its HTTP answer; or its summaries lag the last minutes"
-            } else if explained.is_none() {
-                "Stripe counted more than was sent: too many records are pending here to tell whether some of them, already at Stripe, add up to it; reconcile after the next run"
-            } else {
-                "Stripe counted more than was sent, and no set of the records pending here adds up to it: events sent by something else, or an event sent twice more than 24 hours apart"
-            };
-            let pending_hint = if pending.is_zero() {
-                String::new()
-            } else {
-                format!("; {pending} is still pending here (the next run sends or confirms it)")
-            };
-            notes.push(format!(
-                "{} counted {} for {} {} in {period}, billsync sent {sent}: difference {unexplained} ({why}{pending_hint})",
-                key.sink, total.total, key.subscription, key.metric
-            ));
-            // Records held back after an unclear delivery that add up to the surplus: the
-            // sink counted them, and the person records that (`ledger mark-delivered`).
-            let values: Vec<Decimal> = unclear.iter().map(|(_, v)| *v).collect();
-            if unexplained > Decimal::ZERO
-                && explained_by_pending(unexplained, &values) == Some(true)
-            {
-                let all = values
-                    .iter()
-                    .try_fold(Decimal::ZERO, |sum, v| sum.checked_add(*v));
-                let keys = unclear
-                    .iter()
-                    .map(|(k, v)| format!("{k} ({v})"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                notes.push(if all == Some(unexplained) {
-                    format!(
-                        "the difference {unexplained} is exactly what the records held back after an unclear delivery add up to: {} counted them; record them as delivered (`billsync ledger mark-delivered --key K --reason \"…\"`): {keys}",
-                        key.sink
-                    )
-                } else {
-                    format!(
-                        "some of the records held back after an unclear delivery add up to the difference {unexplained}: {} may have counted those; check them one by one before `billsync ledger mark-delivered --key K` or a replay: {keys}",
-                        key.sink
-                    )
-                });
+        let pending = r.status == Status::Pending && v > Decimal::ZERO;
+        if pending || r.held_back_unclear {
+            let (values, unclear) = by_line.entry(line_id(&line_key(r))).or_default();
+            if pending {
+                values.push(v);
+            }
+            if r.held_back_unclear {
+                unclear.push((r.key.as_str(), v));
             }
         }
-        for id in ids {
-            let Some((_, l)) = lines.get_mut(id) else {
-                continue;
-            };
-            if count == 1 {
-                l.read_back = Some(total.total);
-                l.pending_maybe_in_sink = maybe_pending;
-                l.notes.extend(notes.iter().cloned());
-            } else {
-                l.notes.push(format!(
-                    "{} counts {} {} only as one total for {count} lines: compared together under sink totals",
-                    key.sink, key.subscription, key.metric
-                ));
-            }
-        }
-        out.push(SinkTotal {
-            sink: key.sink.clone(),
-            subscription: key.subscription.clone(),
-            metric: key.metric.clone(),
-            lines: count,
-            sent,
-            pending,
-            read_back: total.total,
-            pending_maybe_in_sink: maybe_pending,
-            unexplained,
-            source: total.source,
-        });
     }
-    Ok(out)
+    let count = ids.len() as u64;
+    let (mut sent, mut pending) = (Decimal::ZERO, Decimal::ZERO);
+    let mut values: Vec<Decimal> = Vec::new();
+    let mut unclear: Vec<(&str, Decimal)> = Vec::new();
+    let group = || format!("{} total of {} {}", key.sink, key.subscription, key.metric);
+    let mut overflow = None;
+    for id in ids {
+        let Some((_, l)) = lines.get(id) else {
+            continue;
+        };
+        add(&mut sent, l.sent, &mut overflow, group);
+        add(&mut pending, l.pending, &mut overflow, group);
+        if let Some((v, u)) = by_line.get(id.as_str()) {
+            values.extend_from_slice(v);
+            unclear.extend_from_slice(u);
+        }
+    }
+    if let Some(group) = overflow {
+        return Err(ReconcileError::Overflow(group));
+    }
+    let difference = total
+        .total
+        .checked_sub(sent)
+        .ok_or_else(|| ReconcileError::Overflow(group()))?;
+    let explained = explained_by_pending(difference, &values);
+    let maybe_pending = if explained == Some(true) {
+        difference
+    } else {
+        Decimal::ZERO
+    };
+    let unexplained = difference - maybe_pending;
+    let mut notes = Vec::new();
+    if !maybe_pending.is_zero() {
+        notes.push(format!(
+            "{} counted {} for {} {} in {period}, billsync sent {sent}: the difference \
+             {maybe_pending} is exactly what records pending here add up to, which Stripe may \
+             have counted already (a run stopped after Stripe took them and before recording \
+             it; {pending} is pending): the next run sends them again under the same \
+             identifier, which Stripe counts once if it comes within 24 hours of the first; \
+             reconcile after it to confirm",
+            key.sink, total.total, key.subscription, key.metric
+        ));
+    }
+    if !unexplained.is_zero() {
+        let why = if unexplained < Decimal::ZERO {
+            "Stripe counted less than was sent: an event it accepted and dropped later (unknown customer, no meter, outside its window, a refused value) shows only in Stripe's meter error reports, not in its HTTP answer; or its summaries lag the last minutes"
+        } else if explained.is_none() {
+            "Stripe counted more than was sent: too many records are pending here to tell whether some of them, already at Stripe, add up to it; reconcile after the next run"
+        } else {
+            "Stripe counted more than was sent, and no set of the records pending here adds up to it: events sent by something else, or an event sent twice more than 24 hours apart"
+        };
+        let pending_hint = if pending.is_zero() {
+            String::new()
+        } else {
+            format!("; {pending} is still pending here (the next run sends or confirms it)")
+        };
+        notes.push(format!(
+            "{} counted {} for {} {} in {period}, billsync sent {sent}: difference {unexplained} ({why}{pending_hint})",
+            key.sink, total.total, key.subscription, key.metric
+        ));
+        // Records held back after an unclear delivery that add up to the surplus: the
+        // sink counted them, and the person records that (`ledger mark-delivered`).
+        let values: Vec<Decimal> = unclear.iter().map(|(_, v)| *v).collect();
+        if unexplained > Decimal::ZERO && explained_by_pending(unexplained, &values) == Some(true) {
+            let all = values
+                .iter()
+                .try_fold(Decimal::ZERO, |sum, v| sum.checked_add(*v));
+            let keys = unclear
+                .iter()
+                .map(|(k, v)| format!("{k} ({v})"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            notes.push(if all == Some(unexplained) {
+                format!(
+                    "the difference {unexplained} is exactly what the records held back after an unclear delivery add up to: {} counted them; record them as delivered (`billsync ledger mark-delivered --key K --reason \"…\"`): {keys}",
+                    key.sink
+                )
+            } else {
+                format!(
+                    "some of the records held back after an unclear delivery add up to the difference {unexplained}: {} may have counted those; check them one by one before `billsync ledger mark-delivered --key K` or a replay: {keys}",
+                    key.sink
+                )
+            });
+        }
+    }
+    for id in ids {
+        let Some((_, l)) = lines.get_mut(id) else {
+            continue;
+        };
+        if count == 1 {
+            l.read_back = Some(total.total);
+            l.pending_maybe_in_sink = maybe_pending;
+            l.notes.extend(notes.iter().cloned());
+        } else {
+            l.notes.push(format!(
+                "{} counts {} {} only as one total for {count} lines: compared together under sink totals",
+                key.sink, key.subscription, key.metric
+            ));
+        }
+    }
+    Ok(SinkTotal {
+        sink: key.sink.clone(),
+        subscription: key.subscription.clone(),
+        metric: key.metric.clone(),
+        lines: count,
+        sent,
+        pending,
+        read_back: total.total,
+        pending_maybe_in_sink: maybe_pending,
+        unexplained,
+        source: total.source,
+    })
 }
 
 const CSV_HEADER: &str = "source,billing_account_id,subscription,metric,sink,currency,records,provider_cost,mapped,corrections,sent,pending,provisional,rejected,read_back,in_sink_unacknowledged,pending_maybe_in_sink,unexplained,notes";

@@ -375,3 +375,241 @@ async fn sums_beyond_a_decimals_range_are_an_error_naming_the_line_not_a_panic()
         "{message}"
     );
 }
+
+/// Reconcile matches the sink's events group by group — (sink, subscription, metric) — so
+/// that its memory follows the report's lines, not the month's records. The records of the
+/// groups are interleaved in the ledger (a run stages them in the provider's order) and spread
+/// over the month: each group's difference still lands on its own line, and on no other. Here
+/// Lago loses one event of every other group and holds another value for one event of each of
+/// the rest; every line says exactly its own difference and names only its own key.
+#[tokio::test]
+async fn every_group_is_matched_against_its_own_read_back_however_its_records_interleave() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The groups' records interleave in id order.
+    {
+        use sqlx::{Connection, Row};
+        let url = format!("sqlite://{}", pipeline.ledger.path().display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let ranges: Vec<(i64, i64)> = sqlx::query(
+            "SELECT MIN(id), MAX(id) FROM records WHERE status = 'sent'
+             GROUP BY sink, subscription, metric",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+        let overlapping = ranges
+            .iter()
+            .enumerate()
+            .any(|(i, a)| ranges[i + 1..].iter().any(|b| a.0 < b.1 && b.0 < a.1));
+        assert!(overlapping, "groups interleaved in id order: {ranges:?}");
+    }
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<_>> = Default::default();
+    for e in world.lago.events() {
+        groups
+            .entry((e.external_subscription_id.clone(), e.code.clone()))
+            .or_default()
+            .push(e);
+    }
+    assert!(groups.len() >= 4, "several groups: {:?}", groups.keys());
+    // Per group: the altered key and the difference it makes.
+    let mut altered: Vec<((String, String), String, Decimal)> = Vec::new();
+    for (i, (group, events)) in groups.iter().enumerate() {
+        let event = &events[events.len() / 2];
+        let value = world.lago_value_of(&event.transaction_id);
+        if i % 2 == 0 {
+            assert_eq!(world.lago.delete_event(&event.transaction_id), 1);
+            altered.push((group.clone(), event.transaction_id.clone(), -value));
+        } else {
+            let property = World::value_property(&event.code);
+            assert_eq!(
+                world.lago.set_event_property(
+                    &event.transaction_id,
+                    property,
+                    serde_json::Value::String((value + Decimal::ONE).to_string())
+                ),
+                1
+            );
+            altered.push((group.clone(), event.transaction_id.clone(), Decimal::ONE));
+        }
+    }
+
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(!report.is_reconciled());
+    assert!(report.unknown_events.is_empty(), "{}", to_table(&report));
+    for ((subscription, metric), key, difference) in &altered {
+        let lines: Vec<_> = report
+            .lines
+            .values()
+            .filter(|(k, _)| &k.subscription == subscription && &k.metric == metric)
+            .collect();
+        let unexplained: Decimal = lines.iter().map(|(_, l)| l.unexplained).sum();
+        let keys: u64 = lines.iter().map(|(_, l)| l.unexplained_keys).sum();
+        assert_eq!(
+            (unexplained, keys),
+            (*difference, 1),
+            "{subscription} {metric}\n{}",
+            to_table(&report)
+        );
+        // Its key is named on its own line only.
+        for (k, l) in report.lines.values() {
+            let named = l.notes.iter().any(|n| n.contains(key.as_str()));
+            let own = &k.subscription == subscription && &k.metric == metric;
+            assert_eq!(named, own, "{key} on {k:?}\n{}", to_table(&report));
+        }
+    }
+}
+
+/// A line reports the first 20 of its notes (sorted), however many events the sink lost:
+/// reconcile keeps no more than that per line once its group is checked (a sink that lost a
+/// month would otherwise keep a note per record of the month), while every lost event still
+/// counts in `unexplained_keys` and in the difference.
+#[tokio::test]
+async fn a_line_names_its_first_20_lost_events_and_counts_them_all() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(report.is_reconciled(), "{}", to_table(&report));
+    // The line with the most records.
+    let (key, line) = report
+        .lines
+        .values()
+        .filter(|(k, _)| !k.metric.is_empty())
+        .max_by_key(|(_, l)| l.records)
+        .cloned()
+        .unwrap();
+    let lost: Vec<_> = world
+        .lago
+        .events()
+        .into_iter()
+        .filter(|e| e.external_subscription_id == key.subscription && e.code == key.metric)
+        .collect();
+    assert!(
+        lost.len() > 20,
+        "more lost events than notes: {}",
+        lost.len()
+    );
+    for e in &lost {
+        assert_eq!(world.lago.delete_event(&e.transaction_id), 1);
+    }
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    let (_, after) = report.lines.values().find(|(k, _)| k == &key).unwrap();
+    assert_eq!(after.read_back, Some(Decimal::ZERO));
+    assert_eq!(after.unexplained, -line.sent);
+    assert_eq!(after.unexplained_keys, lost.len() as u64);
+    // The 20 smallest keys, each as a lost event.
+    let mut keys: Vec<&str> = lost.iter().map(|e| e.transaction_id.as_str()).collect();
+    keys.sort();
+    keys.truncate(20);
+    let named: Vec<&str> = after
+        .notes
+        .iter()
+        .map(|n| {
+            assert!(n.ends_with("but not in the sink"), "{n}");
+            n.split(':').next().unwrap()
+        })
+        .collect();
+    assert_eq!(named, keys);
+}
+
+/// Events the ledger does not have are listed in the order of the report's lines (by source,
+/// billing account, subscription, metric, sink), whatever order reconcile reads the groups
+/// back in: Lago holds one foreign event under every (subscription, metric) of the month.
+#[tokio::test]
+async fn events_the_ledger_does_not_have_are_listed_in_the_order_of_the_lines() {
+    use billsync::sinks::Outgoing;
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let groups: std::collections::BTreeMap<(String, String), _> = world
+        .lago
+        .events()
+        .into_iter()
+        .map(|e| ((e.external_subscription_id.clone(), e.code.clone()), e))
+        .collect();
+    assert!(groups.len() >= 4, "several groups: {:?}", groups.keys());
+    let sink = world.sink_with_key(LAGO_KEY);
+    let foreign = |subscription: &str, metric: &str| format!("foreign.{subscription}.{metric}");
+    // Delivered in reverse order, so that neither Lago's order nor the groups' makes the list.
+    for (i, ((subscription, metric), e)) in groups.iter().rev().enumerate() {
+        let key = foreign(subscription, metric);
+        let payload = sink
+            .encode(
+                &key,
+                &billsync::mapping::MappedEvent {
+                    rule: "test".into(),
+                    sink: None,
+                    external_subscription_id: subscription.as_str().into(),
+                    external_customer_id: None,
+                    metric_code: metric.as_str().into(),
+                    value_property: World::value_property(metric).into(),
+                    value: Decimal::ONE,
+                    properties: Default::default(),
+                    timestamp: e.timestamp,
+                },
+            )
+            .unwrap();
+        sink.deliver(&[Outgoing {
+            id: i as i64 + 1,
+            key,
+            payload,
+            unclear_since: None,
+        }])
+        .await
+        .unwrap();
+    }
+
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(!report.is_reconciled());
+    let mut expected: Vec<String> = Vec::new();
+    for (k, _) in report.lines.values().filter(|(k, _)| !k.metric.is_empty()) {
+        let key = foreign(&k.subscription, &k.metric);
+        if !expected.contains(&key) {
+            expected.push(key);
+        }
+    }
+    assert_eq!(
+        report.unknown_events.len(),
+        expected.len(),
+        "{}",
+        to_table(&report)
+    );
+    for (event, key) in report.unknown_events.iter().zip(&expected) {
+        assert!(
+            event.contains(&format!("event {key} is not in the ledger")),
+            "{event} / {key}\n{}",
+            to_table(&report)
+        );
+    }
+}

@@ -23,7 +23,10 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 mod body;
+mod period;
 mod raw;
+
+pub use period::{PeriodGroupKey, PeriodGroups, PeriodSnapshot};
 
 use crate::providers::Cursors;
 use crate::record::{MatchHash, Text, UsageRecord};
@@ -2287,63 +2290,6 @@ impl Ledger {
                 (shared(source), shared(subscription), shared(metric), value)
             })
             .collect())
-    }
-
-    /// Every record (and correction) whose charge period starts in `[from, to)`, for
-    /// reconciliation, streamed to `each` in id order.
-    pub async fn for_each_in_period(
-        &self,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        mut each: impl FnMut(PeriodRow),
-    ) -> Result<(), LedgerError> {
-        use futures_util::TryStreamExt;
-        let mut rows = sqlx::query(
-            "SELECT id, idem_key, source, billing_account_id, status, billed_cost, billing_currency,
-                    sink, subscription, metric, value, value_property, correction_of,
-                    status = 'rejected' AND unclear_at IS NOT NULL
-             FROM records WHERE charge_period_start >= ?1 AND charge_period_start < ?2 ORDER BY id",
-        )
-        .bind(ts(from))
-        .bind(ts(to))
-        .fetch(&self.pool);
-        while let Some(r) = rows.try_next().await.map_err(sql("reading a period"))? {
-            let id: i64 = r.get(0);
-            let dec = |field: &'static str,
-                       text: Option<String>|
-             -> Result<Option<Decimal>, LedgerError> {
-                text.map(|t| {
-                    Decimal::from_str(&t).map_err(|e| LedgerError::Corrupt {
-                        id,
-                        field,
-                        message: e.to_string(),
-                    })
-                })
-                .transpose()
-            };
-            let status: String = r.get(4);
-            let correction_of: Option<i64> = r.get(12);
-            each(PeriodRow {
-                key: r.get(1),
-                source: r.get(2),
-                billing_account_id: r.get(3),
-                status: status.parse().map_err(|message| LedgerError::Corrupt {
-                    id,
-                    field: "status",
-                    message,
-                })?,
-                billed_cost: dec("billed_cost", r.get(5))?.unwrap_or_default(),
-                billing_currency: r.get(6),
-                sink: r.get(7),
-                subscription: r.get(8),
-                metric: r.get(9),
-                value: dec("value", r.get(10))?,
-                value_property: r.get(11),
-                is_correction: correction_of.is_some(),
-                held_back_unclear: r.get(13),
-            });
-        }
-        Ok(())
     }
 
     /// Write the records matching `filter` as CSV (header first), streaming.
