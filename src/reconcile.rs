@@ -215,12 +215,22 @@ fn line_key(row: &PeriodRow) -> LineKey {
     }
 }
 
-/// The id of a report line (the key of [`Report::lines`]).
-fn line_id(key: &LineKey) -> String {
-    format!(
-        "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
-        key.source, key.billing_account_id, key.subscription, key.metric, key.sink
-    )
+/// The id of a report line (the key of [`Report::lines`]) of a record of `row`'s line key
+/// and billing currency. The currency is part of it so that a line's provider cost is in one
+/// currency (a rule may map records billed in GBP and in USD to one metric): added up across
+/// currencies it was a meaningless sum labelled with the last record's currency.
+fn line_id(row: &PeriodRow) -> (String, LineKey) {
+    let key = line_key(row);
+    let id = format!(
+        "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+        key.source,
+        key.billing_account_id,
+        key.subscription,
+        key.metric,
+        key.sink,
+        row.billing_currency
+    );
+    (id, key)
 }
 
 /// A (sink, subscription, metric) read back together: its lines, and its place among the
@@ -277,8 +287,7 @@ async fn reconcile_snapshot(
     let mut by_sink: HashMap<String, (u64, u64)> = HashMap::new();
     snapshot
         .for_each(|row: PeriodRow| {
-            let key = line_key(&row);
-            let id = line_id(&key);
+            let (id, key) = line_id(&row);
             let (key, line) = lines.entry(id).or_insert_with(|| (key, Line::default()));
             let name = || line_name(key);
             if !row.is_correction {
@@ -504,12 +513,7 @@ async fn check_group(
             let value = r.value?;
             Some((
                 r.key.as_str(),
-                (
-                    line_id(&line_key(r)),
-                    r.status,
-                    r.value_property.as_deref(),
-                    value,
-                ),
+                (line_id(r).0, r.status, r.value_property.as_deref(), value),
             ))
         })
         .collect();
@@ -522,16 +526,24 @@ async fn check_group(
         let Some((owner, line)) = lines.get_mut(line_id) else {
             continue;
         };
-        let stored = property
-            .and_then(|p| event.properties.get(p))
+        let held = property.and_then(|p| event.properties.get(p));
+        let stored = held
+            // Exactly, as providers' amounts are read: `1e-7` is a value, and more places
+            // than a decimal holds are not rounded into a match.
             .and_then(|v| match v {
-                serde_json::Value::String(s) => s.parse::<Decimal>().ok(),
-                other => other.to_string().parse::<Decimal>().ok(),
+                serde_json::Value::String(s) => crate::record::exact_decimal(s.trim()),
+                serde_json::Value::Number(n) => crate::record::exact_decimal(&n.to_string()),
+                _ => None,
             });
         let Some(stored) = stored else {
             line.unexplained_keys += 1;
-            line.notes
-                .push(format!("{}: value property missing in the sink", event.key));
+            line.notes.push(match held {
+                None => format!("{}: value property missing in the sink", event.key),
+                Some(v) => format!(
+                    "{}: the sink holds {v}, not a value a decimal holds exactly",
+                    event.key
+                ),
+            });
             continue;
         };
         let n = seen.entry(event.key.clone()).or_default();
@@ -679,7 +691,7 @@ fn compare_total(
         };
         let pending = r.status == Status::Pending && v > Decimal::ZERO;
         if pending || r.held_back_unclear {
-            let (values, unclear) = by_line.entry(line_id(&line_key(r))).or_default();
+            let (values, unclear) = by_line.entry(line_id(r).0).or_default();
             if pending {
                 values.push(v);
             }

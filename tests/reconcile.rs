@@ -674,3 +674,155 @@ async fn both_reads_of_a_month_see_one_state_of_the_ledger_while_a_run_commits()
     snapshot.close().await.unwrap();
     assert_eq!(pending_in(&after), 0, "the run committed meanwhile");
 }
+
+/// A rule may map records the provider billed in different currencies to one metric of one
+/// subscription. The report's provider cost is per currency: one line per currency, each
+/// summing only its own records. (Added up in one line, 100 GBP and 50 USD showed as
+/// "150 USD", labelled with whichever record came last.) What was sent and read back is in
+/// the metric's unit and is matched event by event as before.
+#[tokio::test]
+async fn a_line_whose_records_were_billed_in_two_currencies_is_one_line_per_currency() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let line_of = |report: &billsync::reconcile::Report| {
+        report
+            .lines
+            .values()
+            .filter(|(k, _)| k.subscription == "sub_acme_main" && k.metric == "storage_cost")
+            .map(|(_, l)| l.clone())
+            .collect::<Vec<_>>()
+    };
+    let before = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    let before = line_of(&before);
+    assert_eq!(before.len(), 1, "one currency, one line");
+    let (currency, total, records) = (
+        before[0].currency.clone(),
+        before[0].provider_cost,
+        before[0].records,
+    );
+    assert!(records >= 2, "two records to tell apart");
+
+    // One of the line's records was billed in another currency.
+    let moved: Decimal = {
+        use sqlx::{Connection, Row};
+        let url = format!("sqlite://{}", pipeline.ledger.path().display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let row = sqlx::query(
+            "UPDATE records SET billing_currency = 'ZZZ'
+             WHERE id = (SELECT MIN(id) FROM records WHERE status = 'sent'
+                 AND subscription = 'sub_acme_main' AND metric = 'storage_cost')
+             RETURNING billed_cost",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        Decimal::from_str(&row.get::<String, _>(0)).unwrap()
+    };
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(report.is_reconciled(), "{}", to_table(&report));
+    let mut lines = line_of(&report);
+    lines.sort_by(|a, b| a.currency.cmp(&b.currency));
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (own, other) = if lines[0].currency == "ZZZ" {
+        (&lines[1], &lines[0])
+    } else {
+        (&lines[0], &lines[1])
+    };
+    assert_eq!(own.currency, currency);
+    assert_eq!(other.currency, "ZZZ");
+    assert_eq!(other.records, 1);
+    assert_eq!(other.provider_cost, moved);
+    assert_eq!(own.records, records - 1);
+    assert_eq!(own.provider_cost, total - moved);
+    assert_eq!(own.sent + other.sent, before[0].sent);
+    assert_eq!(own.read_back, Some(own.sent));
+    assert_eq!(other.read_back, Some(other.sent));
+    let csv = to_csv(&report);
+    assert!(csv.contains(",ZZZ,1,"), "{csv}");
+}
+
+/// The sink's value is read exactly, as a provider's amount is. A Lago event whose value
+/// property holds the sent value plus 10^-29 (more places than a decimal holds: someone
+/// else's event under the key, a corrupted store) does not hold the ledger's value. Read with
+/// a rounding parse it was taken for the sent value and the month reconciled; now the key is
+/// named as an unexplained difference.
+#[tokio::test]
+async fn a_read_back_value_with_more_places_than_a_decimal_is_not_rounded_into_a_match() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    pipeline
+        .sync(&SyncOptions {
+            now: Some(now()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let event = world
+        .lago
+        .events()
+        .into_iter()
+        .find(|e| e.code == "storage_cost" && e.external_subscription_id == "sub_acme_main")
+        .unwrap();
+    let sent = event.properties["amount"].as_str().unwrap().to_string();
+    let mut beyond = if sent.contains('.') {
+        sent.clone()
+    } else {
+        format!("{sent}.")
+    };
+    while beyond.split('.').nth(1).unwrap().len() < 28 {
+        beyond.push('0');
+    }
+    beyond.push('1');
+    assert_eq!(
+        world.lago.set_event_property(
+            &event.transaction_id,
+            "amount",
+            serde_json::Value::String(beyond.clone())
+        ),
+        1
+    );
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(!report.is_reconciled(), "{beyond}: {}", to_table(&report));
+    let (_, line) = report
+        .lines
+        .values()
+        .find(|(k, _)| k.subscription == "sub_acme_main" && k.metric == "storage_cost")
+        .unwrap();
+    assert!(
+        line.notes
+            .iter()
+            .any(|n| n.contains(&event.transaction_id) && n.contains("exactly")),
+        "{:?}",
+        line.notes
+    );
+
+    // The same value in exponent form is the same value.
+    let sent_value = Decimal::from_str(&sent).unwrap();
+    let exponent_form = format!("{}e-{}", sent_value.mantissa(), sent_value.scale());
+    world.lago.set_event_property(
+        &event.transaction_id,
+        "amount",
+        serde_json::Value::String(exponent_form.clone()),
+    );
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(
+        report.is_reconciled(),
+        "{exponent_form}: {}",
+        to_table(&report)
+    );
+}
