@@ -19,10 +19,8 @@ fn utc() -> FixedOffset {
     FixedOffset::east_opt(0).unwrap()
 }
 
-#[tokio::test]
-async fn the_demo_month_agrees_to_the_cent_and_a_lost_event_is_an_exact_unexplained_difference() {
-    let world = World::start(Behaviour::Postgres).await;
-    let pipeline = world.pipeline().await;
+/// A sync of the demo world at its fixed clock, pushing everything.
+async fn sync_demo(pipeline: &billsync::sync::Pipeline) {
     pipeline
         .sync(&SyncOptions {
             now: Some(now()),
@@ -30,6 +28,13 @@ async fn the_demo_month_agrees_to_the_cent_and_a_lost_event_is_an_exact_unexplai
         })
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn the_demo_month_agrees_to_the_cent_and_a_lost_event_is_an_exact_unexplained_difference() {
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    sync_demo(&pipeline).await;
 
     let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
         .await
@@ -115,13 +120,7 @@ async fn events_stored_by_the_sink_but_not_yet_acknowledged_are_explained() {
 async fn key_level_differences_that_cancel_out_in_the_sums_are_not_reconciled() {
     let world = World::start(Behaviour::Postgres).await;
     let pipeline = world.pipeline().await;
-    pipeline
-        .sync(&SyncOptions {
-            now: Some(now()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    sync_demo(&pipeline).await;
     let storage: Vec<_> = world
         .lago
         .events()
@@ -266,13 +265,7 @@ async fn an_event_held_under_another_subscription_is_a_difference_of_both_lines(
     use billsync::sinks::Outgoing;
     let world = World::start(Behaviour::Postgres).await;
     let pipeline = world.pipeline().await;
-    pipeline
-        .sync(&SyncOptions {
-            now: Some(now()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    sync_demo(&pipeline).await;
     let moved = world
         .lago
         .events()
@@ -345,13 +338,7 @@ async fn an_event_held_under_another_subscription_is_a_difference_of_both_lines(
 async fn sums_beyond_a_decimals_range_are_an_error_naming_the_line_not_a_panic() {
     let world = World::start(Behaviour::Postgres).await;
     let pipeline = world.pipeline().await;
-    pipeline
-        .sync(&SyncOptions {
-            now: Some(now()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    sync_demo(&pipeline).await;
     {
         use sqlx::Connection;
         let url = format!("sqlite://{}", pipeline.ledger.path().display());
@@ -386,13 +373,7 @@ async fn sums_beyond_a_decimals_range_are_an_error_naming_the_line_not_a_panic()
 async fn every_group_is_matched_against_its_own_read_back_however_its_records_interleave() {
     let world = World::start(Behaviour::Postgres).await;
     let pipeline = world.pipeline().await;
-    pipeline
-        .sync(&SyncOptions {
-            now: Some(now()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    sync_demo(&pipeline).await;
     // The groups' records interleave in id order.
     {
         use sqlx::{Connection, Row};
@@ -480,13 +461,7 @@ async fn every_group_is_matched_against_its_own_read_back_however_its_records_in
 async fn a_line_names_its_first_20_lost_events_and_counts_them_all() {
     let world = World::start(Behaviour::Postgres).await;
     let pipeline = world.pipeline().await;
-    pipeline
-        .sync(&SyncOptions {
-            now: Some(now()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    sync_demo(&pipeline).await;
     let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
         .await
         .unwrap();
@@ -543,13 +518,7 @@ async fn events_the_ledger_does_not_have_are_listed_in_the_order_of_the_lines() 
     use billsync::sinks::Outgoing;
     let world = World::start(Behaviour::Postgres).await;
     let pipeline = world.pipeline().await;
-    pipeline
-        .sync(&SyncOptions {
-            now: Some(now()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    sync_demo(&pipeline).await;
     let groups: std::collections::BTreeMap<(String, String), _> = world
         .lago
         .events()
@@ -647,13 +616,7 @@ async fn both_reads_of_a_month_see_one_state_of_the_ledger_while_a_run_commits()
     assert!(pending > 0, "records pending before the run");
 
     // The run pushes while the snapshot is open.
-    pipeline
-        .sync(&SyncOptions {
-            now: Some(now()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    sync_demo(&pipeline).await;
 
     let mut grouped = Vec::new();
     let mut groups = snapshot.groups();
@@ -684,13 +647,7 @@ async fn both_reads_of_a_month_see_one_state_of_the_ledger_while_a_run_commits()
 async fn a_line_whose_records_were_billed_in_two_currencies_is_one_line_per_currency() {
     let world = World::start(Behaviour::Postgres).await;
     let pipeline = world.pipeline().await;
-    pipeline
-        .sync(&SyncOptions {
-            now: Some(now()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    sync_demo(&pipeline).await;
     let line_of = |report: &billsync::reconcile::Report| {
         report
             .lines
@@ -761,13 +718,7 @@ async fn a_line_whose_records_were_billed_in_two_currencies_is_one_line_per_curr
 async fn a_read_back_value_with_more_places_than_a_decimal_is_not_rounded_into_a_match() {
     let world = World::start(Behaviour::Postgres).await;
     let pipeline = world.pipeline().await;
-    pipeline
-        .sync(&SyncOptions {
-            now: Some(now()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    sync_demo(&pipeline).await;
     let event = world
         .lago
         .events()
