@@ -913,17 +913,9 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_run_without_a_terminal_logs_how_far_its_pull_and_push_are() {
-        let lines = progress_lines(Duration::ZERO, |p| {
-            p.source_started("metalsoft", 3);
-            p.chunk_done(10);
-            p.chunk_done(0); // a window with no records still counts as done
-            p.push_started("lago", 25);
-            p.batch_done(20);
-            p.batch_done(5);
-        });
-        let facts: Vec<(String, u64, u64, u64)> = lines
+    /// Each progress line's (phase, done, total, records); every line must be one.
+    fn progress_facts(lines: &[serde_json::Value]) -> Vec<(String, u64, u64, u64)> {
+        lines
             .iter()
             .map(|l| {
                 assert_eq!(l["message"], "progress");
@@ -934,7 +926,20 @@ mod tests {
                     l["records"].as_u64().unwrap(),
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_run_without_a_terminal_logs_how_far_its_pull_and_push_are() {
+        let lines = progress_lines(Duration::ZERO, |p| {
+            p.source_started("metalsoft", 3);
+            p.chunk_done(10);
+            p.chunk_done(0); // a window with no records still counts as done
+            p.push_started("lago", 25);
+            p.batch_done(20);
+            p.batch_done(5);
+        });
+        let facts = progress_facts(&lines);
         assert_eq!(
             facts,
             [
@@ -963,17 +968,7 @@ mod tests {
             p.batch_done(4);
             p.push_started("lago", 0); // the final pass: nothing left
         });
-        let facts: Vec<(String, u64, u64, u64)> = lines
-            .iter()
-            .map(|l| {
-                (
-                    l["phase"].as_str().unwrap().to_string(),
-                    l["done"].as_u64().unwrap(),
-                    l["total"].as_u64().unwrap(),
-                    l["records"].as_u64().unwrap(),
-                )
-            })
-            .collect();
+        let facts = progress_facts(&lines);
         assert_eq!(
             facts,
             [

@@ -21,6 +21,23 @@ fn billsync(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("billsync runs")
 }
 
+/// A demo ledger in `dir` (the demo run, which must succeed) and settings naming it with one
+/// JSONL sink, for the commands that read a ledger: the settings file's path.
+fn demo_ledger_with_settings(dir: &std::path::Path) -> String {
+    let d = dir.to_str().unwrap();
+    let demo = billsync(&["demo", "--dir", d], &[]);
+    assert_eq!(demo.status.code(), Some(0), "{:?}", text(&demo));
+    let cfg = dir.join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger: {{ path: {d}/ledger.db }}\nsinks:\n  out:\n    kind: jsonl\n    directory: {d}/out\n"
+        ),
+    )
+    .unwrap();
+    cfg.to_str().unwrap().to_string()
+}
+
 fn text(out: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -65,18 +82,8 @@ fn demo_twice_on_one_ledger_sends_nothing_the_second_time() {
 #[test]
 fn status_shows_the_lag_of_a_sakura_month_cursor_as_of_a_time_cursor() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let demo = billsync(&["demo", "--dir", d], &[]);
-    assert_eq!(demo.status.code(), Some(0), "{:?}", text(&demo));
-    let cfg = dir.path().join("billsync.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "ledger: {{ path: {d}/ledger.db }}\nsinks:\n  out:\n    kind: jsonl\n    directory: {d}/out\n"
-        ),
-    )
-    .unwrap();
-    let out = billsync(&["--config", cfg.to_str().unwrap(), "status"], &[]);
+    let cfg = demo_ledger_with_settings(dir.path());
+    let out = billsync(&["--config", &cfg, "status"], &[]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     for source in ["metalsoft_demo user:1", "sakura_demo account:"] {
@@ -580,18 +587,8 @@ fn mappings_validate_needs_no_secrets_and_refuses_a_rule_naming_an_unconfigured_
 fn a_command_whose_stdout_reader_has_gone_exits_quietly() {
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let demo = billsync(&["demo", "--dir", d], &[]);
-    assert_eq!(demo.status.code(), Some(0), "{:?}", text(&demo));
-    let cfg = dir.path().join("billsync.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "ledger: {{ path: {d}/ledger.db }}\nsinks:\n  out:\n    kind: jsonl\n    directory: {d}/out\n"
-        ),
-    )
-    .unwrap();
-    let cfg = cfg.to_str().unwrap();
+    let cfg = demo_ledger_with_settings(dir.path());
+    let cfg = cfg.as_str();
     for args in [
         &["status"][..],
         &["ledger", "export"][..],

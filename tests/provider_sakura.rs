@@ -745,6 +745,20 @@ async fn fetch_final_june(
     fetched.expect("the provider stops (no endless paging)")
 }
 
+/// [`fetch_final_june`], which must refuse the month: its error message (a panic naming what
+/// was accepted otherwise).
+async fn refused_final_june(p: &SakuraProvider, cursors: &mut Cursors, use_csv: bool) -> String {
+    match fetch_final_june(p, cursors).await {
+        Err(e) => e.to_string(),
+        Ok(records) => panic!(
+            "use_csv {use_csv}: accepted {} records, sequence numbers {:?}, cursor {:?}",
+            records.len(),
+            seqs(&records),
+            cursors
+        ),
+    }
+}
+
 /// The sequence numbers (CSV `seq`, JSON `index`) of the records, in order.
 fn seqs(records: &[UsageRecord]) -> Vec<String> {
     records
@@ -791,17 +805,7 @@ async fn pages_whose_total_changes_between_pages_fail_the_bill_and_keep_the_curs
         .await;
         let p = wiremock_provider(&server, use_csv);
         let mut cursors = Cursors::new();
-        let fetched = fetch_final_june(&p, &mut cursors).await;
-        let err = match fetched {
-            Err(e) => e,
-            Ok(records) => panic!(
-                "use_csv {use_csv}: accepted {} records, sequence numbers {:?}, cursor {:?}",
-                records.len(),
-                seqs(&records),
-                cursors
-            ),
-        };
-        let msg = err.to_string();
+        let msg = refused_final_june(&p, &mut cursors, use_csv).await;
         assert!(
             msg.contains(SOURCE)
                 && msg.contains(&JUNE_BILL.to_string())
@@ -892,16 +896,7 @@ async fn a_page_repeating_a_line_of_an_earlier_page_is_refused_even_with_the_sam
     for use_csv in [true, false] {
         let p = wiremock_provider(&server, use_csv);
         let mut cursors = Cursors::new();
-        let err = match fetch_final_june(&p, &mut cursors).await {
-            Err(e) => e,
-            Ok(records) => panic!(
-                "use_csv {use_csv}: accepted {} records, sequence numbers {:?}, cursor {:?}",
-                records.len(),
-                seqs(&records),
-                cursors
-            ),
-        };
-        let msg = err.to_string();
+        let msg = refused_final_june(&p, &mut cursors, use_csv).await;
         assert!(
             msg.contains(&JUNE_BILL.to_string()) && msg.contains("sequence number 2"),
             "use_csv {use_csv}: names the bill and the repeated line: {msg}"

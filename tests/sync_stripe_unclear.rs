@@ -274,6 +274,40 @@ impl World {
         assert!(run.await.unwrap_err().is_cancelled(), "killed mid-request");
     }
 
+    /// Run 2, 25 hours after `t0` (Stripe no longer deduplicates the identifier): the record
+    /// of `key`, whose delivery ended unclear, is held back, not resent. Stripe counted it
+    /// once, no request went out, the run rejected it with a reason holding each of `parts`.
+    /// The ledger's rows and that reason.
+    async fn held_back_after_the_window(
+        &self,
+        key: &str,
+        t0: DateTime<Utc>,
+        parts: &[&str],
+    ) -> (Vec<Row>, String) {
+        let mode = self.mode;
+        let requests = self.ingestion_requests();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = self.sync(t0 + a_day_and_an_hour()).await;
+        assert_eq!(
+            self.stripe.count(key),
+            1,
+            "{mode:?}: resent after Stripe's 24 hours, the event was counted twice"
+        );
+        assert_eq!(
+            self.ingestion_requests(),
+            requests,
+            "{mode:?}: no request for it"
+        );
+        assert_eq!((second.sent, second.rejected), (0, 1), "{mode:?}");
+        let rows = self.rows().await;
+        assert_eq!(rows[0].1, "rejected", "{mode:?}");
+        let reason = rows[0].3.clone().unwrap_or_default();
+        for part in parts {
+            assert!(reason.contains(part), "{mode:?}: {part:?} not in {reason}");
+        }
+        (rows, reason)
+    }
+
     /// Meter event requests Stripe received (v1 posts, or stream requests).
     fn ingestion_requests(&self) -> usize {
         self.stripe
@@ -311,33 +345,19 @@ async fn a_record_whose_delivery_ended_unclear_is_not_resent_after_stripes_windo
             rows[0].4.is_some(),
             "{mode:?}: the unclear delivery is kept"
         );
-        let requests = w.ingestion_requests();
-
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let second = w.sync(t0 + a_day_and_an_hour()).await;
-        assert_eq!(
-            w.stripe.count(&key),
-            1,
-            "{mode:?}: resent after Stripe's 24 hours, the event was counted twice"
-        );
-        assert_eq!(
-            w.ingestion_requests(),
-            requests,
-            "{mode:?}: no request for it"
-        );
-        assert_eq!((second.sent, second.rejected), (0, 1), "{mode:?}");
-        let rows = w.rows().await;
-        assert_eq!(rows[0].1, "rejected", "{mode:?}");
-        let reason = rows[0].3.clone().unwrap_or_default();
-        for part in [
-            "ended unclear",
-            "Stripe may have counted it",
-            "24 hours",
-            "billsync reconcile",
-            "billsync replay --status rejected",
-        ] {
-            assert!(reason.contains(part), "{mode:?}: {part:?} not in {reason}");
-        }
+        let (rows, reason) = w
+            .held_back_after_the_window(
+                &key,
+                t0,
+                &[
+                    "ended unclear",
+                    "Stripe may have counted it",
+                    "24 hours",
+                    "billsync reconcile",
+                    "billsync replay --status rejected",
+                ],
+            )
+            .await;
         assert!(
             reason.contains(&rows[0].4.clone().unwrap()[..16]),
             "{mode:?}: the reason names when: {reason}"
@@ -796,31 +816,17 @@ async fn a_run_killed_before_recording_stripes_answer_is_not_resent_after_stripe
         );
         let rows = w.rows().await;
         assert_eq!((rows[0].1.as_str(), rows[0].2), ("pending", 0), "{mode:?}");
-        let requests = w.ingestion_requests();
-
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let second = w.sync(t0 + a_day_and_an_hour()).await;
-        assert_eq!(
-            w.stripe.count(&key),
-            1,
-            "{mode:?}: resent after Stripe's 24 hours, the event was counted twice"
-        );
-        assert_eq!(
-            w.ingestion_requests(),
-            requests,
-            "{mode:?}: no request for it"
-        );
-        assert_eq!((second.sent, second.rejected), (0, 1), "{mode:?}");
-        let rows = w.rows().await;
-        assert_eq!(rows[0].1, "rejected", "{mode:?}");
-        let reason = rows[0].3.clone().unwrap_or_default();
-        for part in [
-            "ended unclear",
-            "Stripe may have counted it",
-            "billsync reconcile",
-        ] {
-            assert!(reason.contains(part), "{mode:?}: {part:?} not in {reason}");
-        }
+        let (rows, _) = w
+            .held_back_after_the_window(
+                &key,
+                t0,
+                &[
+                    "ended unclear",
+                    "Stripe may have counted it",
+                    "billsync reconcile",
+                ],
+            )
+            .await;
         assert!(
             rows[0].4.is_some(),
             "{mode:?}: the unclear delivery is kept"
