@@ -995,8 +995,8 @@ async fn push_metrics(settings: &Settings, pipeline: &Pipeline, summary: &RunSum
     let Some(metrics) = &settings.metrics else {
         return;
     };
-    let status = match pipeline.ledger.status().await {
-        Ok(st) => st,
+    let gauges = match pipeline.ledger.gauges().await {
+        Ok(g) => g,
         Err(e) => {
             tracing::warn!(error = %e, "metrics not pushed: cannot read the ledger");
             return;
@@ -1017,7 +1017,7 @@ async fn push_metrics(settings: &Settings, pipeline: &Pipeline, summary: &RunSum
     };
     let body = observe::render_metrics(
         summary,
-        &status,
+        &gauges,
         periods.as_ref(),
         chrono::Utc::now(),
         &sinks,

@@ -15,7 +15,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
 
 use crate::config::Secret;
-use crate::ledger::LedgerStatus;
+use crate::ledger::LedgerGauges;
 use crate::sync::{Progress, RunOutcome, RunSummary};
 
 static BARS: OnceLock<MultiProgress> = OnceLock::new();
@@ -595,7 +595,7 @@ fn escape_label(v: &str) -> String {
 /// the next replay.
 pub fn render_metrics(
     s: &RunSummary,
-    status: &LedgerStatus,
+    ledger: &LedgerGauges,
     periods: Option<&crate::ledger::PeriodStatus>,
     now: chrono::DateTime<chrono::Utc>,
     sink_names: &[String],
@@ -663,16 +663,14 @@ pub fn render_metrics(
         sink_label(&|c| c.failed),
     );
     let mut held = std::collections::BTreeMap::<String, i64>::new();
-    for ((source, st), n) in &status.counts {
-        if st == "unmapped" || st == "rejected" || st == "pending" {
-            *held
-                .entry(format!(
-                    "{{source=\"{}\",status=\"{}\"}}",
-                    escape_label(source),
-                    st
-                ))
-                .or_default() += n;
-        }
+    for ((source, st), n) in &ledger.undelivered {
+        *held
+            .entry(format!(
+                "{{source=\"{}\",status=\"{}\"}}",
+                escape_label(source),
+                st
+            ))
+            .or_default() += n;
     }
     if sync {
         metric(
@@ -700,7 +698,7 @@ pub fn render_metrics(
             "1".into(),
         )],
     );
-    let lag: Vec<(String, String)> = status
+    let lag: Vec<(String, String)> = ledger
         .cursors
         .iter()
         .filter_map(|c| {
@@ -740,7 +738,7 @@ pub fn render_metrics(
         "billsync_changes_unresolved",
         "Changes of sent records that wait for a person (billsync ledger changes).",
         "gauge",
-        vec![(String::new(), status.open_changes.to_string())],
+        vec![(String::new(), ledger.open_changes.to_string())],
     );
     if let Some(p) = periods.filter(|p| p.open + p.settled + p.changed > 0) {
         metric(

@@ -193,10 +193,10 @@ impl World {
     /// where alerts can see it.
     async fn metrics(&self, summary: &RunSummary, now: DateTime<Utc>) -> String {
         let ledger = Ledger::open(&self.ledger_path()).await.unwrap();
-        let status = ledger.status().await.unwrap();
+        let gauges = ledger.gauges().await.unwrap();
         let periods = ledger.period_status().await.unwrap();
         ledger.close().await;
-        billsync::observe::render_metrics(summary, &status, Some(&periods), now, &["lago".into()])
+        billsync::observe::render_metrics(summary, &gauges, Some(&periods), now, &["lago".into()])
     }
 
     /// A settings file for the binary: the ledger of this world (the provider and sink are

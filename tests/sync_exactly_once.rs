@@ -565,10 +565,10 @@ async fn a_held_record_replayed_later_than_its_sources_lateness_after_its_period
             late > 0,
             "replayed at {replayed_at}:\n{text}"
         );
-        let status = pipeline.ledger.status().await.unwrap();
+        let gauges = pipeline.ledger.gauges().await.unwrap();
         let metrics = billsync::observe::render_metrics(
             &replay,
-            &status,
+            &gauges,
             None,
             replayed_at,
             &["lago".into()],

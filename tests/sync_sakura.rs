@@ -258,8 +258,8 @@ async fn a_month_cursor_shows_in_the_cursor_lag_metric_so_a_held_month_can_be_al
         })
         .await
         .unwrap();
-    let status = p.ledger.status().await.unwrap();
-    let body = billsync::observe::render_metrics(&s, &status, None, now, &["lago".to_string()]);
+    let gauges = p.ledger.gauges().await.unwrap();
+    let body = billsync::observe::render_metrics(&s, &gauges, None, now, &["lago".to_string()]);
     // The cursor stays at April (May is held): April ended 2016-05-01 00:00 JST, 65 days and
     // 9 hours before now.
     let lag = 65 * 86_400 + 9 * 3_600;

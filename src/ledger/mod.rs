@@ -569,6 +569,23 @@ pub struct LedgerStatus {
     pub held_reason_groups: i64,
 }
 
+/// What a run's metrics show of the ledger: unlike [`LedgerStatus`], nothing that takes a
+/// pass over every record ([`Ledger::gauges`]).
+#[derive(Debug, Clone, Default)]
+pub struct LedgerGauges {
+    /// (source, status) → count, for the undelivered statuses (pending, unmapped, rejected).
+    pub undelivered: BTreeMap<(String, String), i64>,
+    pub cursors: Vec<CursorRow>,
+    /// Changes of already-sent records that wait for a person (`unresolved`).
+    pub open_changes: i64,
+}
+
+/// The statement behind [`LedgerGauges::undelivered`], public so that a test can check its
+/// plan: it looks the undelivered statuses up in `records_by_status` (and reads only those
+/// rows), where a `GROUP BY source, status` over the table reads every record.
+pub const UNDELIVERED_BY_SOURCE: &str = "SELECT source, status, COUNT(*) FROM records \
+     WHERE status IN ('pending', 'unmapped', 'rejected') GROUP BY source, status";
+
 /// How many groups of held records by reason `status` lists.
 pub const HELD_REASONS_SHOWN: i64 = 10;
 
@@ -2547,17 +2564,28 @@ impl Ledger {
         .map_err(sql("counting undelivered records"))
     }
 
-    /// Everything `billsync status` shows.
-    pub async fn status(&self) -> Result<LedgerStatus, LedgerError> {
-        let mut st = LedgerStatus::default();
-        for r in sqlx::query("SELECT source, status, COUNT(*) FROM records GROUP BY source, status")
+    /// What a run's metrics show of the ledger ([`LedgerGauges`]). Read after every sync when
+    /// metrics are pushed, so it reads only what waits (through the status index) and never
+    /// counts the whole table as `status` does: on a ledger of 10M records that count took
+    /// 9 s with its pages cached and a minute without, in every hourly run.
+    pub async fn gauges(&self) -> Result<LedgerGauges, LedgerError> {
+        let mut undelivered = BTreeMap::new();
+        for r in sqlx::query(UNDELIVERED_BY_SOURCE)
             .fetch_all(&self.pool)
             .await
-            .map_err(sql("counting records"))?
+            .map_err(sql("counting undelivered records"))?
         {
-            st.counts.insert((r.get(0), r.get(1)), r.get(2));
+            undelivered.insert((r.get(0), r.get(1)), r.get(2));
         }
-        st.cursors = sqlx::query(
+        Ok(LedgerGauges {
+            undelivered,
+            cursors: self.cursor_rows().await?,
+            open_changes: self.unresolved_change_count().await?,
+        })
+    }
+
+    async fn cursor_rows(&self) -> Result<Vec<CursorRow>, LedgerError> {
+        Ok(sqlx::query(
             "SELECT source, stream, value, updated_at FROM cursors ORDER BY source, stream",
         )
         .fetch_all(&self.pool)
@@ -2570,7 +2598,20 @@ impl Ledger {
             value: r.get(2),
             updated_at: r.get(3),
         })
-        .collect();
+        .collect())
+    }
+
+    /// Everything `billsync status` shows.
+    pub async fn status(&self) -> Result<LedgerStatus, LedgerError> {
+        let mut st = LedgerStatus::default();
+        for r in sqlx::query("SELECT source, status, COUNT(*) FROM records GROUP BY source, status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql("counting records"))?
+        {
+            st.counts.insert((r.get(0), r.get(1)), r.get(2));
+        }
+        st.cursors = self.cursor_rows().await?;
         st.open_changes = self.unresolved_change_count().await?;
         st.corrections =
             sqlx::query_scalar("SELECT COUNT(*) FROM records WHERE correction_of IS NOT NULL")
