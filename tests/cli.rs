@@ -234,8 +234,24 @@ async fn sync_status_and_replay_against_the_simulators_with_documented_exit_code
         .unwrap();
     let (stdout, _) = text(&out);
     assert_eq!(out.status.code(), Some(0));
-    assert!(stdout.contains("metalsoft_test unmapped: 1"), "{stdout}");
-    assert!(stdout.contains("metalsoft_test sent: 71"), "{stdout}");
+    // Per status from the status index; per source on request (a pass over every record).
+    assert!(stdout.contains("\n  unmapped: 1\n"), "{stdout}");
+    assert!(stdout.contains("\n  sent: 71\n"), "{stdout}");
+    assert!(!stdout.contains("metalsoft_test sent"), "{stdout}");
+    let out = run(
+        vec!["--config", cfg, "status", "--by-source"],
+        good.to_vec(),
+    )
+    .await
+    .unwrap();
+    let (by_source, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(by_source.contains("\n  sent: 71\n"), "{by_source}");
+    assert!(
+        by_source.contains("metalsoft_test unmapped: 1"),
+        "{by_source}"
+    );
+    assert!(by_source.contains("metalsoft_test sent: 71"), "{by_source}");
     assert!(
         stdout.contains("reservation_installment"),
         "the held reason is shown: {stdout}"

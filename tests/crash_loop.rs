@@ -447,7 +447,7 @@ async fn crash_loop(behaviour: Behaviour) -> Figures {
     assert!(!text.contains(" pending:"), "{text}");
     assert!(!text.contains("oldest undelivered"), "{text}");
     assert!(
-        text.contains(&format!("metalsoft_test sent: {}", expected_keys.len())),
+        text.contains(&format!("\n  sent: {}\n", expected_keys.len())),
         "{text}"
     );
     let ledger = Ledger::open(&dir.path().join("ledger").join("ledger.db"))

@@ -96,7 +96,7 @@ async fn sigterm_during_a_push_records_everything_and_the_next_run_sends_the_res
         "exactly the in-flight batch reached Lago: {output}"
     );
     world.lago.set_delay(Duration::ZERO);
-    let status = run(&cfg, &["status"]).await;
+    let status = run(&cfg, &["status", "--by-source"]).await;
     let st = text(&status);
     assert!(st.contains("lock: free"), "{st}");
     assert!(st.contains("metalsoft_test sent: 25"), "{st}");
@@ -747,7 +747,7 @@ async fn status_and_export_of_a_missing_ledger_fail_naming_it_and_create_nothing
     // A sync creates it; then status reads it.
     let sync = run(&cfg, &["sync"]).await;
     assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
-    let status = run(&cfg, &["status"]).await;
+    let status = run(&cfg, &["status", "--by-source"]).await;
     assert_eq!(status.status.code(), Some(0), "{}", text(&status));
     assert!(text(&status).contains("metalsoft_test sent: 71"));
 }
@@ -1620,7 +1620,7 @@ async fn a_dry_runs_summary_counts_what_the_ledger_holds_undelivered() {
         assert_eq!(summary["undelivered"], 1, "{args:?}: {summary}");
     }
     assert_eq!(world.lago.events().len(), sent, "a dry run sent something");
-    let status = run(&cfg, &["status"]).await;
+    let status = run(&cfg, &["status", "--by-source"]).await;
     assert!(
         String::from_utf8_lossy(&status.stdout).contains("metalsoft_test unmapped: 1"),
         "{}",

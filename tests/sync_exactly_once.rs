@@ -723,7 +723,10 @@ async fn a_run_whose_lock_was_taken_over_stops_at_its_next_refresh() {
         "the new holder keeps the lock"
     );
     assert_eq!(
-        st.counts
+        other
+            .counts_by_source()
+            .await
+            .unwrap()
             .get(&("metalsoft_test".to_string(), "sent".to_string()))
             .copied(),
         Some(world.lago.events().len() as i64),
@@ -872,9 +875,11 @@ async fn assert_every_batch_recorded(
         "the run stops once its lock is gone: {result:?}"
     );
     assert_eq!(world.lago.events().len(), 71, "every batch reached Lago");
-    let st = other.status().await.unwrap();
     assert_eq!(
-        st.counts
+        other
+            .counts_by_source()
+            .await
+            .unwrap()
             .get(&("metalsoft_test".to_string(), "sent".to_string()))
             .copied(),
         Some(71),
@@ -963,10 +968,9 @@ async fn a_run_whose_lock_was_taken_over_ends_on_the_lost_lock_when_its_answers_
     );
     assert_eq!(world.lago.events().len(), 71, "every batch reached Lago");
     let recorded = other
-        .status()
+        .counts_by_source()
         .await
         .unwrap()
-        .counts
         .get(&("metalsoft_test".to_string(), "sent".to_string()))
         .copied()
         .unwrap_or(0);
@@ -1003,7 +1007,7 @@ async fn a_dry_run_pulls_and_maps_but_writes_and_sends_nothing() {
     assert_eq!((dry.new, dry.mapped(), dry.held()), (80, 71, 1));
     assert_eq!(world.lago.request_count(), 0);
     let status = pipeline.ledger.status().await.unwrap();
-    assert!(status.counts.is_empty() && status.cursors.is_empty() && status.runs.is_empty());
+    assert!(status.by_status.is_empty() && status.cursors.is_empty() && status.runs.is_empty());
 }
 
 /// One provider page larger than everything the puller may hold ahead of the stager (two
@@ -1238,5 +1242,5 @@ async fn a_dry_run_longer_than_a_lock_refresh_interval_completes() {
     assert_eq!((dry.new, dry.mapped(), dry.held()), (80, 71, 1));
     assert_eq!(world.lago.request_count(), 0);
     let status = pipeline.ledger.status().await.unwrap();
-    assert!(status.lock.is_none() && status.counts.is_empty() && status.runs.is_empty());
+    assert!(status.lock.is_none() && status.by_status.is_empty() && status.runs.is_empty());
 }
