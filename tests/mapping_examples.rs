@@ -43,7 +43,7 @@ fn ms(
         is_final: true,
         attributes: BTreeMap::from([
             ("infrastructure_id".into(), "3668".into()),
-            ("is_reservation".into(), "0".into()),
+            ("is_reservation".into(), "false".into()),
         ]),
         raw: Default::default(),
     }
@@ -95,7 +95,7 @@ fn instance_hours() {
 #[test]
 fn reserved_instance_time_is_ignored() {
     let mut r = ms("1", "instance", "instance-2416", "84301", "seconds", "0");
-    r.attributes.insert("is_reservation".into(), "1".into());
+    r.attributes.insert("is_reservation".into(), "true".into());
     assert_eq!(
         examples().apply(&r),
         MapOutcome::Ignored {
@@ -197,4 +197,69 @@ fn unknown_user_is_held_as_unmapped() {
             reason: "rule metalsoft.yaml#instance-hours matched, but no customer matches provider=metalsoft billing_account_id=ms sub_account_id=7".into()
         }
     );
+}
+
+/// The shipped rules see records as the MetalSoft provider makes them, not as a test writes
+/// them by hand: the documentation's report, with one instance's line marked reserved
+/// (`"is_reservation": "1"`, as MetalSoft sends it), parsed by the provider and mapped. The
+/// reserved instance time is ignored (the installment pays for it) and the others are billed
+/// per hour. The rule once matched `"1"`, the provider's attribute is `"true"`: reserved time
+/// was billed per hour, and the hand-written cases above agreed with the rule.
+#[test]
+fn the_provider_s_reserved_instance_lines_meet_the_reserved_rule() {
+    use billsync::providers::metalsoft::{parse_report_str, ReportContext};
+    use billsync::simulators::metalsoft::FIXTURE_CURRENT;
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&Utc)
+    };
+    let ctx = ReportContext {
+        source: "metalsoft".into(),
+        billing_account_id: "ms".into(),
+        user_id: 1,
+        window_start: at("2015-01-01T00:00:00Z"),
+        window_end: at("2016-11-01T00:00:00Z"),
+        settled: true,
+    };
+    let mut report: serde_json::Value = serde_json::from_str(FIXTURE_CURRENT).unwrap();
+    let instances = report["detailed_report"]
+        .as_object_mut()
+        .unwrap()
+        .values_mut()
+        .find_map(|types| types.get_mut("instance"))
+        .and_then(|lines| lines.as_array_mut())
+        .expect("the fixture reports instances");
+    // A second instance beside the documented one, reserved.
+    let mut reserved = instances[0].clone();
+    assert_eq!(reserved["is_reservation"], "0");
+    reserved["is_reservation"] = "1".into();
+    reserved["product_id"] = 9999.into();
+    reserved["product_label"] = "instance-9999".into();
+    instances.push(reserved);
+    let reserved_id = "instance:9999";
+    let records = parse_report_str(&report.to_string(), &ctx).expect("parses");
+    let set = examples();
+    let mut seen = (0, 0);
+    for r in records.iter().filter(|r| r.resource_type == "instance") {
+        let outcome = set.apply(r);
+        if r.resource_id == reserved_id {
+            assert_eq!(r.attributes["is_reservation"], "true");
+            assert_eq!(
+                outcome,
+                MapOutcome::Ignored {
+                    rule: "metalsoft.yaml#instance-hours-reserved".into()
+                },
+                "{r:?}"
+            );
+            seen.0 += 1;
+        } else {
+            match outcome {
+                MapOutcome::Mapped(e) => assert_eq!(e.rule, "metalsoft.yaml#instance-hours"),
+                other => panic!("{other:?}: {r:?}"),
+            }
+            seen.1 += 1;
+        }
+    }
+    assert_eq!(seen, (1, 1));
 }
