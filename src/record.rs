@@ -653,6 +653,11 @@ mod tests {
 /// 28 digits after the decimal point, or beyond `Decimal`'s range, is refused.
 pub fn exact_decimal(text: &str) -> Option<rust_decimal::Decimal> {
     use rust_decimal::Decimal;
+    // rust_decimal's parser skips `_` between digits (`0_50` is 50): not a number any provider
+    // or sink writes, and read so it would be a hundred times the amount.
+    if text.contains('_') {
+        return None;
+    }
     if let Ok(d) = Decimal::from_str_exact(text) {
         return Some(d);
     }
@@ -723,5 +728,22 @@ mod exact_decimal_tests {
         assert_eq!(exact_decimal("e5"), None);
         assert_eq!(exact_decimal("1e"), None);
         assert_eq!(exact_decimal("NaN"), None);
+    }
+
+    /// rust_decimal reads `0_50` as 50 and `1_000` as 1000 (it skips `_`): refused, as any other
+    /// text that is not a number.
+    #[test]
+    fn digit_separators_are_not_numbers() {
+        for text in [
+            "0_50",
+            "1_000",
+            "7.25_925278",
+            "1_0e-5",
+            "1e1_0",
+            "_5",
+            "5_",
+        ] {
+            assert_eq!(exact_decimal(text), None, "{text}");
+        }
     }
 }

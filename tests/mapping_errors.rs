@@ -84,6 +84,30 @@ rules:
     assert_one(text, 7, 31, "invalid markup_percent `abc`");
 }
 
+/// A digit separator is not part of a number: rust_decimal skips `_`, so `0_50` loaded as a
+/// fixed markup of 50 (a hundred times what the typo meant) and `1_000` as 1000 %.
+#[test]
+fn a_digit_separator_in_an_amount_is_refused() {
+    let text = "version: 1
+rules:
+  - name: drives
+    match: { resource_type: drive }
+    metric: storage_cost
+    value:
+      cost: { markup_fixed: \"0_50\" }
+";
+    assert_one(text, 7, 29, "invalid amount `0_50`");
+    let text = "version: 1
+rules:
+  - name: drives
+    match: { resource_type: drive }
+    metric: storage_cost
+    value:
+      cost: { markup_percent: 1_000 }
+";
+    assert_one(text, 7, 31, "invalid markup_percent `1_000`");
+}
+
 #[test]
 fn unknown_record_field_in_match_with_hint() {
     let text = "version: 1

@@ -200,6 +200,26 @@ cases:
     assert!(text.contains("1 case(s): 0 passed, 1 failed"), "{text}");
 }
 
+/// A case's amount with a digit separator is not a number (rust_decimal skips `_`: `0_50`
+/// was 50, and an expectation `8_70` matched 870): the case fails naming the field.
+#[test]
+fn a_case_amount_with_a_digit_separator_is_not_a_decimal() {
+    let set = MappingSet::load(&[root().join("mappings")]).unwrap();
+    let case = "defaults: { provider: metalsoft, sub_account_id: \"1\", billing_currency: GBP }
+cases:
+  - name: separator
+    record: { resource_type: drive, consumed_unit: seconds, billed_cost: \"7_25\" }
+    expect: { metric: storage_cost }
+";
+    let report = run_cases(&set, &[("sep.yaml".into(), case.into())]);
+    let text = report.to_string();
+    assert!(!report.passed(), "{text}");
+    assert!(
+        text.contains("`billed_cost` is not a decimal: `7_25`"),
+        "{text}"
+    );
+}
+
 #[test]
 fn cli_mappings_test_exits_non_zero_on_failure() {
     let dir = tempfile::tempdir().unwrap();

@@ -551,6 +551,10 @@ fn settle_case(
 
 fn parse_dec(text: &str) -> Option<Decimal> {
     let t = text.trim();
+    // rust_decimal skips `_` between digits (`0_50` would be 50).
+    if t.contains('_') {
+        return None;
+    }
     Decimal::from_str_exact(t)
         .ok()
         .or_else(|| Decimal::from_scientific(t).ok())

@@ -618,6 +618,10 @@ fn parse_decimal(text: &str) -> Option<Decimal> {
     // Rounded at 28 places, as mapping files always were read: a constant written with more
     // (a factor of 1/3600 printed by a tool) must keep loading.
     let t = text.trim();
+    // rust_decimal skips `_` between digits: `0_50` was 50, a hundred times a typo's amount.
+    if t.contains('_') {
+        return None;
+    }
     Decimal::from_str(t)
         .ok()
         .or_else(|| Decimal::from_scientific(t).ok())
