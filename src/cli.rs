@@ -808,10 +808,13 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                 ReportFormat::Csv => out!("{}", crate::reconcile::to_csv(&report)),
                 ReportFormat::Table => out!("{}", crate::reconcile::to_table(&report)),
             }
-            Ok(if report.is_reconciled() {
-                exit::OK
-            } else {
-                exit::UNRECONCILED
+            // Money first: a difference among what was read back is 7 even when a sink could
+            // not be read back as well; a sink not read back alone is 1 (the check did not
+            // complete), so an alert on 7 means money and never "Lago unreachable".
+            Ok(match report.verdict() {
+                crate::reconcile::Verdict::Reconciled => exit::OK,
+                crate::reconcile::Verdict::Unexplained => exit::UNRECONCILED,
+                crate::reconcile::Verdict::Incomplete => exit::FAILED,
             })
         }
         Command::Ledger { command } => {

@@ -78,6 +78,13 @@ pub struct Line {
     /// Events that disagree with the ledger one by one (stored twice, another value, missing,
     /// without the value property), whether or not their differences cancel out in the sums.
     pub unexplained_keys: u64,
+    /// Events the sink holds under this line's (sink, subscription, metric) whose keys the
+    /// ledger does not have there ([`Report::unknown_events`]), and the sum of their readable
+    /// values. Shared by every line of the group, and counted in none of its figures: such an
+    /// event belongs to no source or billing account, and the report carries its value once,
+    /// as its own row. The line says so instead of "agrees".
+    pub not_in_ledger_events: u64,
+    pub not_in_ledger: Decimal,
     /// Keys behind an unexplained difference (at most 20).
     pub notes: Vec<String>,
 }
@@ -89,9 +96,12 @@ pub struct Report {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub lines: BTreeMap<String, (LineKey, Line)>,
-    /// Sink events whose key the ledger does not know, per (sink, subscription, metric).
-    pub unknown_events: Vec<String>,
-    pub read_back_errors: Vec<String>,
+    /// Sink events whose key the ledger does not know, per (sink, subscription, metric), in
+    /// the order of the lines.
+    pub unknown_events: Vec<UnknownEvent>,
+    /// Sinks that could not be read back (an error, or a sink the settings no longer
+    /// configure), once per sink and error.
+    pub read_back_errors: Vec<ReadBackError>,
     /// Sinks read back only as a total per (subscription, metric) (Stripe: what its meter
     /// counted for a customer), compared with what was sent for all lines of that group.
     pub sink_totals: Vec<SinkTotal>,
@@ -122,17 +132,142 @@ pub struct SinkTotal {
     pub source: String,
 }
 
+/// A sink event whose key the ledger does not have under the (sink, subscription, metric) it
+/// was read back under: the sink bills it, billsync did not send it there.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnknownEvent {
+    pub sink: String,
+    pub subscription: String,
+    pub metric: String,
+    pub key: String,
+    /// Its value (the value property of the ledger's records, read exactly); `None` when the
+    /// event lacks it or holds no exact decimal ([`UnknownEvent::held`] says what).
+    pub value: Option<Decimal>,
+    /// Why there is no `value`.
+    pub held: Option<String>,
+    /// Where the ledger has this key instead (`subscription metric (sink S)`): the record's own
+    /// line misses the event.
+    pub in_ledger_for: Option<String>,
+}
+
+impl UnknownEvent {
+    /// What the event is, after its key: the ledger's side, then the sink's value.
+    fn what(&self) -> String {
+        let ledger = match &self.in_ledger_for {
+            Some(owner) => format!("is in the ledger for {owner}"),
+            None => "is not in the ledger".to_string(),
+        };
+        let held = match (&self.value, &self.held) {
+            (Some(v), _) => format!("the sink holds {v} for it"),
+            (None, Some(why)) => why.clone(),
+            (None, None) => "no value".to_string(),
+        };
+        format!("{ledger}; {held}")
+    }
+}
+
+impl std::fmt::Display for UnknownEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} {}: event {} {}",
+            self.sink,
+            self.subscription,
+            self.metric,
+            self.key,
+            self.what()
+        )
+    }
+}
+
+/// A sink that could not be read back, once per sink and error (a Lago answering an error
+/// page fails every (subscription, metric) alike: one entry, not one per line).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadBackError {
+    pub sink: String,
+    /// The error on one line, at most [`READ_BACK_ERROR_MAX`] characters (an HTML error page
+    /// is the sink's body, not the reader's business beyond its start).
+    pub message: String,
+    /// The (subscription, metric) groups it left without read-back, in the order of the lines.
+    pub groups: Vec<(String, String)>,
+}
+
+/// The longest read-back error reported, in characters.
+pub const READ_BACK_ERROR_MAX: usize = 300;
+
+impl std::fmt::Display for ReadBackError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.message)?;
+        if !self.groups.is_empty() {
+            let shown: Vec<String> = self
+                .groups
+                .iter()
+                .take(3)
+                .map(|(s, m)| format!("{s} {m}"))
+                .collect();
+            let more = if self.groups.len() > 3 { ", …" } else { "" };
+            write!(
+                f,
+                " ({} subscription/metric group(s) of sink {} not read back: {}{more})",
+                self.groups.len(),
+                self.sink,
+                shown.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The error text on one line (whitespace runs, newlines of an HTML page included, become one
+/// space), cut to [`READ_BACK_ERROR_MAX`] characters.
+fn one_line(text: &str) -> String {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match text.char_indices().nth(READ_BACK_ERROR_MAX) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text,
+    }
+}
+
+/// What a reconciliation found, for its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every difference is explained, and every sink was read back.
+    Reconciled,
+    /// A difference the ledger does not explain, among what was read back (whether or not
+    /// some sink failed to read back as well: money first).
+    Unexplained,
+    /// Nothing unexplained in what was read back, but a sink could not be read back: the
+    /// check is incomplete, not failed.
+    Incomplete,
+}
+
 impl Report {
     /// Whether every difference is explained: the sums agree, and so does every event (an
-    /// event stored twice and another lost, of the same value, cancel out in the sums).
+    /// event stored twice and another lost, of the same value, cancel out in the sums), and
+    /// every sink was read back.
     pub fn is_reconciled(&self) -> bool {
-        self.unknown_events.is_empty()
-            && self.read_back_errors.is_empty()
-            && self.sink_totals.iter().all(|t| t.unexplained.is_zero())
-            && self
+        self.verdict() == Verdict::Reconciled
+    }
+
+    /// Whether what was read back holds a difference the ledger does not explain: a line's
+    /// sums or events, a sink's total, or an event the ledger does not have.
+    pub fn has_unexplained(&self) -> bool {
+        !self.unknown_events.is_empty()
+            || self.sink_totals.iter().any(|t| !t.unexplained.is_zero())
+            || self
                 .lines
                 .values()
-                .all(|(_, l)| l.unexplained.is_zero() && l.unexplained_keys == 0)
+                .any(|(_, l)| !l.unexplained.is_zero() || l.unexplained_keys > 0)
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        if self.has_unexplained() {
+            Verdict::Unexplained
+        } else if !self.read_back_errors.is_empty() {
+            Verdict::Incomplete
+        } else {
+            Verdict::Reconciled
+        }
     }
 }
 
@@ -244,9 +379,11 @@ struct Group {
 /// What reading back one group found beyond its lines, kept until every group is done.
 #[derive(Default)]
 struct GroupOutcome {
-    /// Keys of sink events that are not among the group's records (looked up in the ledger
-    /// afterwards, to say whether it has them elsewhere).
-    unknown_keys: Vec<String>,
+    /// Sink events that are not among the group's records (looked up in the ledger
+    /// afterwards, to say whether it has them elsewhere), each with its value read by the value
+    /// property of the group's records (what the sink bills under this metric), or its
+    /// properties when the group has no valued record to tell the property by.
+    unknown_events: Vec<(String, Result<Held, Properties>)>,
     read_back_error: Option<String>,
     /// The group's sink, when the settings configure no sink of that name.
     unconfigured: Option<String>,
@@ -380,28 +517,76 @@ async fn reconcile_snapshot(
     let mut read_back_errors = Vec::new();
     let mut totals = Vec::new();
     // Sinks records were sent to that the settings no longer configure (renamed, removed).
-    let mut unconfigured: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let mut unconfigured: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for ((sink, subscription, metric), outcome) in order.iter().zip(outcomes) {
         let outcome = outcome.unwrap_or_default();
-        for key in outcome.unknown_keys {
+        let group = &groups[&(sink.clone(), subscription.clone(), metric.clone())];
+        let (mut count, mut worth, mut unvalued) = (0u64, Decimal::ZERO, 0u64);
+        for (key, held) in outcome.unknown_events {
             // The ledger has this key for another sink, subscription or metric: here it is an
             // event the ledger does not have (billed to another subscription), and the
             // record's own line misses it.
-            unknown_events.push(match snapshot.valued_record(&key).await? {
-                Some(row) => {
+            let owner = snapshot.valued_record(&key).await?;
+            let (value, held) = match held {
+                Ok(held) => held,
+                // No valued record of this group: the property of the record the ledger has
+                // under this key, if any.
+                Err(properties) => held_value(
+                    &properties,
+                    owner.as_ref().and_then(|row| row.value_property.as_deref()),
+                ),
+            };
+            count += 1;
+            match value {
+                Some(v) => add(&mut worth, v, &mut overflow, || {
+                    format!("events of {sink} {subscription} {metric} not in the ledger")
+                }),
+                None => unvalued += 1,
+            }
+            unknown_events.push(UnknownEvent {
+                sink: sink.clone(),
+                subscription: subscription.clone(),
+                metric: metric.clone(),
+                key,
+                value,
+                held,
+                in_ledger_for: owner.map(|row| {
                     let owner = line_key(&row);
                     format!(
-                        "{sink}: {subscription} {metric}: event {key} is in the ledger for {} {} (sink {})",
+                        "{} {} (sink {})",
                         owner.subscription, owner.metric, owner.sink
                     )
-                }
-                None => {
-                    format!("{sink}: {subscription} {metric}: event {key} is not in the ledger")
-                }
+                }),
             });
         }
-        read_back_errors.extend(outcome.read_back_error);
-        unconfigured.extend(outcome.unconfigured);
+        if count > 0 {
+            // Every line of the group: none of them may read "agrees" while the sink bills
+            // the subscription and metric more than the ledger sent there.
+            let unvalued = if unvalued == 0 {
+                String::new()
+            } else {
+                format!(" ({unvalued} without a readable value)")
+            };
+            let note = format!(
+                "{sink} holds {count} event(s) worth {worth}{unvalued} under {subscription} {metric} that the ledger does not have there: unexplained, not counted in this line's figures (each is listed: `UNEXPLAINED:` below the table, a `(not in ledger)` row of the CSV)"
+            );
+            for id in &group.line_ids {
+                if let Some((_, line)) = lines.get_mut(id) {
+                    line.not_in_ledger_events += count;
+                    line.not_in_ledger += worth;
+                    line.notes.insert(0, note.clone());
+                }
+            }
+        }
+        if let Some(message) = outcome.read_back_error {
+            failed(&mut read_back_errors, sink, &message, subscription, metric);
+        }
+        if let Some(name) = outcome.unconfigured {
+            unconfigured
+                .entry(name)
+                .or_default()
+                .push((subscription.clone(), metric.clone()));
+        }
         if overflow.is_none() {
             overflow = outcome.overflow;
         }
@@ -409,16 +594,20 @@ async fn reconcile_snapshot(
     }
     // Nothing was read back for them: a difference, not an agreement (a lost event among
     // them would otherwise pass unseen).
-    for name in unconfigured {
+    for (name, groups) in unconfigured {
         let (sent, other) = by_sink.get(&name).copied().unwrap_or_default();
         let others = if other == 0 {
             String::new()
         } else {
             format!(" ({other} more pending, provisional or rejected)")
         };
-        read_back_errors.push(format!(
-            "sink {name} of {sent} sent records{others} is not configured: not read back"
-        ));
+        read_back_errors.push(ReadBackError {
+            message: format!(
+                "sink {name} of {sent} sent records{others} is not configured: not read back"
+            ),
+            sink: name,
+            groups,
+        });
     }
     if let Some(line) = overflow {
         return Err(ReconcileError::Overflow(line));
@@ -432,7 +621,12 @@ async fn reconcile_snapshot(
                 .and_then(|d| d.checked_sub(line.pending_maybe_in_sink))
                 .ok_or_else(|| ReconcileError::Overflow(line_name(key)))?;
         }
+        // The group's note on events not in the ledger first, whatever else is kept.
+        let group_note = (line.not_in_ledger_events > 0).then(|| line.notes.remove(0));
         line.notes.sort();
+        if let Some(note) = group_note {
+            line.notes.insert(0, note);
+        }
         line.notes.truncate(20);
     }
     Ok(Report {
@@ -444,6 +638,68 @@ async fn reconcile_snapshot(
         read_back_errors,
         sink_totals,
     })
+}
+
+/// Add a group's read-back error to `errors`, once per sink and message (a sink down
+/// answers every group alike).
+fn failed(
+    errors: &mut Vec<ReadBackError>,
+    sink: &str,
+    message: &str,
+    subscription: &str,
+    metric: &str,
+) {
+    let message = one_line(message);
+    let group = (subscription.to_string(), metric.to_string());
+    match errors
+        .iter_mut()
+        .find(|e| e.sink == sink && e.message == message)
+    {
+        Some(e) => e.groups.push(group),
+        None => errors.push(ReadBackError {
+            sink: sink.to_string(),
+            message,
+            groups: vec![group],
+        }),
+    }
+}
+
+/// An unknown event's value, or why there is none.
+type Held = (Option<Decimal>, Option<String>);
+
+/// A sink event's properties.
+type Properties = serde_json::Map<String, serde_json::Value>;
+
+/// The value of a sink event's `property`, read exactly, or why there is none.
+fn held_value(properties: &Properties, property: Option<&str>) -> Held {
+    let Some(p) = property else {
+        return (
+            None,
+            Some("the ledger has no value property for this metric".to_string()),
+        );
+    };
+    match properties.get(p) {
+        Some(v) => match exact_value(v) {
+            Some(d) => (Some(d), None),
+            None => (
+                None,
+                Some(format!(
+                    "the sink holds {v}, not a value a decimal holds exactly"
+                )),
+            ),
+        },
+        None => (None, Some(format!("its value property {p} is missing"))),
+    }
+}
+
+/// A value read back, exactly, as providers' amounts are read: `1e-7` is a value, and more
+/// places than a decimal holds are not rounded into a match.
+fn exact_value(v: &serde_json::Value) -> Option<Decimal> {
+    match v {
+        serde_json::Value::String(s) => crate::record::exact_decimal(s.trim()),
+        serde_json::Value::Number(n) => crate::record::exact_decimal(&n.to_string()),
+        _ => None,
+    }
 }
 
 /// Only the first 20 notes of a line are reported: once its group is checked, its lines keep
@@ -517,24 +773,22 @@ async fn check_group(
             ))
         })
         .collect();
+    let group_property = records.iter().find_map(|r| r.value_property.as_deref());
     let mut seen: HashMap<String, u32> = HashMap::new();
     for event in events {
         let Some((line_id, status, property, value)) = by_key.get(event.key.as_str()) else {
-            out.unknown_keys.push(event.key);
+            let held = match group_property {
+                Some(_) => Ok(held_value(&event.properties, group_property)),
+                None => Err(event.properties),
+            };
+            out.unknown_events.push((event.key, held));
             continue;
         };
         let Some((owner, line)) = lines.get_mut(line_id) else {
             continue;
         };
         let held = property.and_then(|p| event.properties.get(p));
-        let stored = held
-            // Exactly, as providers' amounts are read: `1e-7` is a value, and more places
-            // than a decimal holds are not rounded into a match.
-            .and_then(|v| match v {
-                serde_json::Value::String(s) => crate::record::exact_decimal(s.trim()),
-                serde_json::Value::Number(n) => crate::record::exact_decimal(&n.to_string()),
-                _ => None,
-            });
+        let stored = held.and_then(exact_value);
         let Some(stored) = stored else {
             line.unexplained_keys += 1;
             line.notes.push(match held {
@@ -889,6 +1143,33 @@ pub fn to_csv(report: &Report) -> String {
         ];
         push_csv_row(&mut out, &fields);
     }
+    // Events the ledger does not have: one row each, its value as what the sink holds and as
+    // unexplained (in no line's figures, so the column sums count it once); the key first in
+    // the notes, as a line's notes name their keys.
+    for e in &report.unknown_events {
+        let value = e.value.map(|v| v.to_string()).unwrap_or_default();
+        let mut fields: [String; 19] = Default::default();
+        fields[0] = "(not in ledger)".to_string();
+        fields[2] = e.subscription.clone();
+        fields[3] = e.metric.clone();
+        fields[4] = e.sink.clone();
+        fields[14] = value.clone();
+        fields[17] = value;
+        fields[18] = format!("{}: event {}", e.key, e.what());
+        push_csv_row(&mut out, &fields);
+    }
+    // Sinks not read back: one row per sink and error; their lines have no read_back.
+    for e in &report.read_back_errors {
+        let mut fields: [String; 19] = Default::default();
+        fields[0] = "(read-back failed)".to_string();
+        if let [(subscription, metric)] = e.groups.as_slice() {
+            fields[2] = subscription.clone();
+            fields[3] = metric.clone();
+        }
+        fields[4] = e.sink.clone();
+        fields[18] = e.to_string();
+        push_csv_row(&mut out, &fields);
+    }
     out
 }
 
@@ -944,15 +1225,25 @@ pub fn to_table(report: &Report) -> String {
                 ));
             }
             out.push_str(&pending_maybe_text(l.pending_maybe_in_sink));
+            let mut verdicts = Vec::new();
             if !l.unexplained.is_zero() {
-                out.push_str(&format!(" — UNEXPLAINED DIFFERENCE {}", l.unexplained));
+                verdicts.push(format!("UNEXPLAINED DIFFERENCE {}", l.unexplained));
             } else if l.unexplained_keys > 0 {
-                out.push_str(&format!(
-                    " — the sums agree, but {} event(s) do not (UNEXPLAINED)",
+                verdicts.push(format!(
+                    "the sums agree, but {} event(s) do not (UNEXPLAINED)",
                     l.unexplained_keys
                 ));
-            } else {
+            }
+            if l.not_in_ledger_events > 0 {
+                verdicts.push(format!(
+                    "UNEXPLAINED: the sink also holds {} in {} event(s) under {} {} the ledger does not have (listed below)",
+                    l.not_in_ledger, l.not_in_ledger_events, k.subscription, k.metric
+                ));
+            }
+            if verdicts.is_empty() {
                 out.push_str(" — agrees");
+            } else {
+                out.push_str(&format!(" — {}", verdicts.join("; ")));
             }
         }
         out.push('\n');
@@ -984,10 +1275,15 @@ pub fn to_table(report: &Report) -> String {
     for e in &report.read_back_errors {
         out.push_str(&format!("read-back failed: {e}\n"));
     }
-    out.push_str(if report.is_reconciled() {
-        "every difference is explained\n"
-    } else {
-        "unexplained differences: see above\n"
+    out.push_str(match report.verdict() {
+        Verdict::Reconciled => "every difference is explained\n",
+        Verdict::Unexplained if !report.read_back_errors.is_empty() => {
+            "unexplained differences: see above (and not every sink was read back)\n"
+        }
+        Verdict::Unexplained => "unexplained differences: see above\n",
+        Verdict::Incomplete => {
+            "not every sink was read back: nothing unexplained in what was, but the month is not reconciled\n"
+        }
     });
     out
 }

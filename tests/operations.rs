@@ -1427,9 +1427,10 @@ async fn reconcile_needs_neither_the_providers_secrets_nor_the_mapping_files() {
 /// Records sent to a sink the settings no longer configure (renamed `lago` → `lago_eu`, same
 /// Lago) cannot be read back. `reconcile` used to skip them silently and exit 0, even with an
 /// event Lago had lost meanwhile. It now reports a read-back error naming the sink and how many
-/// sent records were not read back, and exits 7.
+/// sent records were not read back, and exits 1 like any sink not read back (the check did not
+/// complete; 7 is kept for a difference found in what was read back).
 #[tokio::test(flavor = "multi_thread")]
-async fn reconcile_of_records_sent_to_a_sink_no_longer_configured_is_a_difference() {
+async fn reconcile_of_records_sent_to_a_sink_no_longer_configured_is_not_reconciled() {
     let world = World::start(Behaviour::Postgres).await;
     let cfg = setup(&world, "");
     assert_eq!(run(&cfg, &["sync"]).await.status.code(), Some(4));
@@ -1441,7 +1442,7 @@ async fn reconcile_of_records_sent_to_a_sink_no_longer_configured_is_a_differenc
     std::fs::write(&cfg, settings.replace("\n  lago:\n", "\n  lago_eu:\n")).unwrap();
     let out = run(&cfg, &["reconcile", "--period", "2026-10"]).await;
     let output = text(&out);
-    assert_eq!(out.status.code(), Some(7), "{output}");
+    assert_eq!(out.status.code(), Some(1), "{output}");
     assert!(
         output.contains(&format!(
             "sink lago of {sent} sent records is not configured: not read back"
@@ -1452,6 +1453,124 @@ async fn reconcile_of_records_sent_to_a_sink_no_longer_configured_is_a_differenc
         !output.contains("every difference is explained"),
         "{output}"
     );
+}
+
+/// Lago's `GET /api/v1/events` answers every read-back with a long HTML error page (501, a
+/// proxy in front of Lago): nothing could be read back, nothing is known to differ. It used to
+/// exit 7, the code for "money differs", and print the whole page once per subscription and
+/// metric (11 times here). Now it exits 1 (the check did not complete), the error is printed
+/// once for the sink, on one line and cut short, in the table and as a `(read-back failed)`
+/// row of the CSV. When Lago can be read for all but one subscription and metric, and among
+/// those an event was lost, 7 wins: money first.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_that_cannot_read_lago_back_exits_1_printing_its_error_once_and_7_when_money_differs_too(
+) {
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    assert_eq!(run(&cfg, &["sync"]).await.status.code(), Some(4));
+    let page = format!(
+        "<!DOCTYPE html>\n<html>\n<head><title>501 Not Implemented</title></head>\n<body>\n{}\n<p>END-OF-PAGE</p></body>\n</html>\n",
+        "<p>The gateway does not implement this route.</p>\n".repeat(20)
+    );
+    let error_page = || ResponseTemplate::new(501).set_body_string(page.clone());
+    let settings = std::fs::read_to_string(&cfg).unwrap();
+    let point_at = |url: &str| {
+        let to = settings.replace(
+            &format!("api_url: {}", world.lago.url),
+            &format!("api_url: {url}"),
+        );
+        assert_ne!(to, settings);
+        std::fs::write(&cfg, to).unwrap();
+    };
+
+    // Nothing can be read back.
+    let down = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(error_page())
+        .mount(&down)
+        .await;
+    point_at(&down.uri());
+    // The report (stdout; the retries' warnings on stderr name each attempt's answer).
+    let out = run(&cfg, &["reconcile", "--period", "2026-10"]).await;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(report.matches("<title>").count(), 1, "{report}");
+    assert_eq!(report.matches("read-back failed").count(), 1, "{report}");
+    assert!(!report.contains("END-OF-PAGE"), "cut short: {report}");
+    assert!(
+        !report.contains("every difference is explained"),
+        "{report}"
+    );
+    let out = run(
+        &cfg,
+        &["reconcile", "--period", "2026-10", "--format", "csv"],
+    )
+    .await;
+    let csv = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let failed: Vec<&str> = csv
+        .lines()
+        .filter(|l| l.starts_with("(read-back failed),"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{csv}");
+    assert!(
+        failed[0].contains(",lago,") && failed[0].contains("HTTP 501"),
+        "{csv}"
+    );
+    assert_eq!(csv.matches("<title>").count(), 1, "{csv}");
+
+    // Every subscription and metric but one is read back (Lago's events, less a lost one);
+    // the other answers the error page.
+    let mut events = world.lago.events();
+    let failing = (
+        events[0].external_subscription_id.clone(),
+        events[0].code.clone(),
+    );
+    let lost = events
+        .iter()
+        .find(|e| (&e.external_subscription_id, &e.code) != (&failing.0, &failing.1))
+        .unwrap()
+        .transaction_id
+        .clone();
+    events.retain(|e| e.transaction_id != lost);
+    let partly = MockServer::start().await;
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<serde_json::Value>> =
+        Default::default();
+    for e in &events {
+        groups
+            .entry((e.external_subscription_id.clone(), e.code.clone()))
+            .or_default()
+            .push(serde_json::to_value(e).unwrap());
+    }
+    for ((subscription, code), list) in groups {
+        let answer = if (&subscription, &code) == (&failing.0, &failing.1) {
+            error_page()
+        } else {
+            assert!(list.len() <= 100, "one page");
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "events": list,
+                "meta": {"current_page": 1, "next_page": null, "total_count": list.len()}
+            }))
+        };
+        Mock::given(method("GET"))
+            .and(path("/api/v1/events"))
+            .and(query_param(
+                "external_subscription_id",
+                subscription.as_str(),
+            ))
+            .and(query_param("code", code.as_str()))
+            .respond_with(answer)
+            .mount(&partly)
+            .await;
+    }
+    point_at(&partly.uri());
+    let out = run(&cfg, &["reconcile", "--period", "2026-10"]).await;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(report.contains(&lost), "{report}");
+    assert_eq!(report.matches("<title>").count(), 1, "{report}");
 }
 
 /// `billsync ledger mark-delivered --key K --reason R`: a rejected record found in the sink is

@@ -323,6 +323,7 @@ async fn an_event_held_under_another_subscription_is_a_difference_of_both_lines(
         report
             .unknown_events
             .iter()
+            .map(ToString::to_string)
             .any(|n| n.contains(&moved.transaction_id)
                 && n.contains("sub_globex_main")
                 && n.contains("sub_acme_main")),
@@ -576,7 +577,9 @@ async fn events_the_ledger_does_not_have_are_listed_in_the_order_of_the_lines() 
     );
     for (event, key) in report.unknown_events.iter().zip(&expected) {
         assert!(
-            event.contains(&format!("event {key} is not in the ledger")),
+            event
+                .to_string()
+                .contains(&format!("event {key} is not in the ledger")),
             "{event} / {key}\n{}",
             to_table(&report)
         );
@@ -776,4 +779,122 @@ async fn a_read_back_value_with_more_places_than_a_decimal_is_not_rounded_into_a
         "{exponent_form}: {}",
         to_table(&report)
     );
+}
+
+/// Lago holds one event, `foreign.1` worth 5.25, under a subscription and metric the ledger
+/// sent to, whose key the ledger does not have (sent by something else): Lago bills 5.25 more
+/// than billsync sent. The CSV used to show every line with `read_back == sent` and
+/// `unexplained = 0` and nothing else (only the table listed the event, without its value),
+/// and the table said "agrees" on that line. Now the CSV carries the event as a row of its own
+/// (`(not in ledger)`, its key and value, the value under `read_back` and `unexplained`, so
+/// the columns add up to what Lago bills), every other row as before, and the line says in
+/// both forms that the sink holds more there.
+#[tokio::test]
+async fn an_event_the_ledger_does_not_have_is_a_csv_row_with_its_value_and_its_line_does_not_agree()
+{
+    use billsync::sinks::Outgoing;
+    let world = World::start(Behaviour::Postgres).await;
+    let pipeline = world.pipeline().await;
+    sync_demo(&pipeline).await;
+    let clean = to_csv(
+        &reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+            .await
+            .unwrap(),
+    );
+    let at = world
+        .lago
+        .events()
+        .into_iter()
+        .find(|e| e.code == "storage_cost" && e.external_subscription_id == "sub_acme_main")
+        .unwrap()
+        .timestamp;
+    let sink = world.sink_with_key(LAGO_KEY);
+    let payload = sink
+        .encode(
+            "foreign.1",
+            &billsync::mapping::MappedEvent {
+                rule: "test".into(),
+                sink: None,
+                external_subscription_id: "sub_acme_main".into(),
+                external_customer_id: None,
+                metric_code: "storage_cost".into(),
+                value_property: World::value_property("storage_cost").into(),
+                value: Decimal::from_str("5.25").unwrap(),
+                properties: Default::default(),
+                timestamp: at,
+            },
+        )
+        .unwrap();
+    sink.deliver(&[Outgoing {
+        id: 1,
+        key: "foreign.1".into(),
+        payload,
+        unclear_since: None,
+    }])
+    .await
+    .unwrap();
+
+    let report = reconcile(&pipeline.ledger, &pipeline.sinks, "2026-10", utc())
+        .await
+        .unwrap();
+    assert!(!report.is_reconciled());
+    let csv = to_csv(&report);
+    let rows: Vec<&str> = csv.lines().collect();
+    let foreign: Vec<&&str> = rows.iter().filter(|r| r.contains("foreign.1")).collect();
+    assert_eq!(foreign.len(), 1, "{csv}");
+    let fields: Vec<&str> = foreign[0].split(',').collect();
+    assert_eq!(fields.len(), 19, "{csv}");
+    assert_eq!(
+        fields[..5],
+        [
+            "(not in ledger)",
+            "",
+            "sub_acme_main",
+            "storage_cost",
+            "lago"
+        ],
+        "{csv}"
+    );
+    // read_back and unexplained carry its value.
+    assert_eq!((fields[14], fields[17]), ("5.25", "5.25"), "{csv}");
+    assert!(fields[18].starts_with("foreign.1: "), "{csv}");
+    // The unexplained column adds up to what Lago bills beyond what was sent.
+    let unexplained: Decimal = rows[1..]
+        .iter()
+        .map(|r| {
+            let f: Vec<&str> = r.split(',').collect();
+            Decimal::from_str(f[17]).unwrap_or_default()
+        })
+        .sum();
+    assert_eq!(unexplained, Decimal::from_str("5.25").unwrap(), "{csv}");
+    // Lines of other subscriptions and metrics are the rows they were.
+    for row in clean.lines() {
+        if !row.contains("sub_acme_main") {
+            assert!(rows.contains(&row), "{row} changed:\n{csv}");
+        }
+    }
+
+    // Both forms say so on the line itself, and the table gives the event's value.
+    let (_, line) = report
+        .lines
+        .values()
+        .find(|(k, _)| k.subscription == "sub_acme_main" && k.metric == "storage_cost")
+        .unwrap();
+    assert!(
+        line.notes.iter().any(|n| n.contains("5.25")),
+        "{:?}",
+        line.notes
+    );
+    let table = to_table(&report);
+    let line_text = table
+        .lines()
+        .find(|l| l.contains("sub_acme_main storage_cost [lago]"))
+        .unwrap();
+    assert!(!line_text.ends_with("agrees"), "{table}");
+    assert!(line_text.contains("5.25"), "{table}");
+    let listed = table
+        .lines()
+        .find(|l| l.starts_with("UNEXPLAINED:") && l.contains("foreign.1"))
+        .unwrap();
+    assert!(listed.contains("5.25"), "{table}");
 }

@@ -284,7 +284,7 @@ async fn a_failed_read_back_is_reported_not_a_crash() {
         report
             .read_back_errors
             .iter()
-            .any(|e| e.contains("HTTP 403")),
+            .any(|e| e.to_string().contains("HTTP 403")),
         "{:?}",
         report.read_back_errors
     );
@@ -301,7 +301,9 @@ async fn a_failed_read_back_is_reported_not_a_crash() {
         report.read_back_errors
     );
     assert!(
-        report.read_back_errors[0].contains("no Stripe meter has event_name \"gpu_seconds\""),
+        report.read_back_errors[0]
+            .to_string()
+            .contains("no Stripe meter has event_name \"gpu_seconds\""),
         "{:?}",
         report.read_back_errors
     );
