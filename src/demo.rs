@@ -125,10 +125,19 @@ pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     })
     .await
     .context("starting the Lago simulator")?;
-    outln!(
+    // With `--output json` standard output is the summary's one JSON line (for `jq`); the
+    // demo's own words go to the log instead.
+    let say = |text: String| {
+        if ctx.json_output {
+            tracing::info!("{text}");
+        } else {
+            outln!("{text}");
+        }
+    };
+    say(format!(
         "billsync demo: simulators of MetalSoft, SoftLayer, SAKURA Cloud, Jelastic and Lago on loopback; ledger in {}",
         dir.display()
-    );
+    ));
 
     let mut ms = MetalsoftConfig::new(
         metalsoft.url.clone(),
@@ -192,14 +201,15 @@ pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
         })
         .await?;
     crate::observe::print_summary(&summary, ctx.json_output);
-    outln!(
+    say(format!(
         "Lago simulator received {} events in {} requests during this run.",
         lago.events().len(),
         lago.request_count()
-    );
+    ));
     if summary.held() > 0 || summary.undelivered > 0 {
-        outln!(
+        say(
             "Held records wait in the ledger; inspect them with `billsync status` on a ledger of your own."
+                .to_string(),
         );
     }
     pipeline.ledger.close().await;

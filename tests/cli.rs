@@ -76,6 +76,29 @@ fn demo_twice_on_one_ledger_sends_nothing_the_second_time() {
     );
 }
 
+/// With `--output json` the demo's standard output is its summary as one JSON line (what `jq`
+/// reads); its own sentences go to the log. They were printed beside the JSON, and `jq` failed.
+#[test]
+fn the_demo_s_json_output_is_only_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .args(["--output", "json", "--log-format", "json", "demo", "--dir"])
+        .arg(dir.path())
+        .env_remove("BILLSYNC_CONFIG")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let summary: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(summary["command"], "sync", "{summary}");
+    assert!(
+        stderr.contains("Lago simulator received 141 events"),
+        "{stderr}"
+    );
+}
+
 /// `status` shows how far every cursor with a time is behind, a SAKURA month cursor (`YYYY-MM`)
 /// included (counted from the end of its month): a month held for missing lines shows as a lag
 /// that keeps growing, as with a time cursor.
