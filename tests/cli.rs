@@ -652,3 +652,43 @@ fn a_command_whose_stdout_reader_has_gone_exits_quietly() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
     }
 }
+
+/// A ledger that cannot be opened is named with SQLite's reason once: the reason was also the
+/// error's source, and every layer of the printed chain repeated it (three times).
+#[test]
+fn a_ledger_that_is_not_a_database_is_named_with_its_reason_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.db");
+    std::fs::write(&ledger, vec![b'x'; 8192]).unwrap();
+    let cfg = dir.path().join("billsync.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ledger: {{ path: {} }}\nsinks:\n  out:\n    kind: jsonl\n    directory: {}/out\n",
+            ledger.display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = billsync(
+        &[
+            "--log-format",
+            "text",
+            "--config",
+            cfg.to_str().unwrap(),
+            "status",
+        ],
+        &[],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("ledger {}: cannot open", ledger.display())),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("file is not a database").count(),
+        1,
+        "{stderr}"
+    );
+}

@@ -47,8 +47,15 @@ pub struct Vacuumed {
 /// Errors of the ledger. They name the ledger file.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("ledger {path}: cannot open: {source}")]
-    Open { path: PathBuf, source: sqlx::Error },
+    // `cause` is shown, not chained: as a `source` it was printed again by every layer of an
+    // error chain (three times the same SQLite message).
+    #[error("ledger {path}: cannot open: {cause}{}", hint.as_deref().unwrap_or(""))]
+    Open {
+        path: PathBuf,
+        cause: sqlx::Error,
+        /// What the cause most likely means, when it can be told (a read-only directory).
+        hint: Option<String>,
+    },
     #[error(
         "ledger {path} does not exist (no sync has created it yet, or `ledger.path` is wrong)"
     )]
@@ -674,7 +681,8 @@ impl Ledger {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| LedgerError::Open {
                 path: path.to_path_buf(),
-                source: sqlx::Error::Io(e),
+                cause: sqlx::Error::Io(e),
+                hint: None,
             })?;
         }
         let ledger = Ledger::connect(path, true).await?;
@@ -714,9 +722,10 @@ impl Ledger {
             .max_connections(3)
             .connect_with(options.pragma("cache_size", "-1024"))
             .await
-            .map_err(|source| LedgerError::Open {
+            .map_err(|cause| LedgerError::Open {
                 path: path.to_path_buf(),
-                source,
+                hint: read_only_hint(path),
+                cause,
             })?;
         Ok(Ledger {
             pool,
@@ -735,7 +744,8 @@ impl Ledger {
             .tempdir()
             .map_err(|e| LedgerError::Open {
                 path: std::env::temp_dir(),
-                source: sqlx::Error::Io(e),
+                cause: sqlx::Error::Io(e),
+                hint: None,
             })?;
         let mut ledger = Ledger::open(&dir.path().join("ledger.db")).await?;
         ledger.scratch = Some(Arc::new(dir));
@@ -2711,6 +2721,33 @@ impl Ledger {
                 .map(|r| (r.get(0), r.get(1), r.get(2)));
         Ok(st)
     }
+}
+
+/// Why a ledger that exists cannot be opened, when its directory is not writable (a volume
+/// mounted read-only, a `readOnlyRootFilesystem` without the ledger's volume): SQLite in WAL
+/// mode creates `-wal` and `-shm` files beside the ledger, even to read it, and says only
+/// "unable to open database file".
+fn read_only_hint(path: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    if !path.is_file() {
+        return None;
+    }
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // access(2) answers for this process's user and for a read-only mount alike.
+    // SAFETY: `c_dir` is a valid NUL-terminated path for the duration of the call.
+    let writable = unsafe { libc::access(c_dir.as_ptr(), libc::W_OK) } == 0;
+    (!writable).then(|| {
+        format!(
+            " (its directory {} is not writable: SQLite keeps the ledger's write-ahead log, \
+             `-wal` and `-shm` files, beside it and must create them even to read; mount the \
+             ledger's volume read-write)",
+            dir.display()
+        )
+    })
 }
 
 /// How a run lock holder named after a Kubernetes Job begins: `job:<name>/`.
