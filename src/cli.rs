@@ -634,7 +634,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            observe::print_err(format_args!("error: cannot start the async runtime: {e}\n"));
             return ExitCode::from(exit::FAILED);
         }
     };
@@ -673,7 +673,7 @@ pub fn main() -> ExitCode {
                     "billsync failed"
                 );
             } else {
-                eprintln!("error: {e:#}");
+                observe::print_err(format_args!("error: {e:#}\n"));
             }
             ExitCode::from(code)
         }

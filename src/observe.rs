@@ -26,11 +26,18 @@ pub fn logs_are_json(explicit: Option<bool>) -> bool {
 }
 
 /// Set up logging. `BILLSYNC_LOG` sets the level (`billsync=debug`, ...).
+///
+/// A log line that cannot be written (standard error's reader has gone: a log collector that
+/// stopped, `2>&1 | head`) is dropped. tracing-subscriber would report it with `eprintln!`,
+/// which panics on the same closed pipe: the run would die between a request and its
+/// acknowledgement with its lock held (see [`Stdout`] for why SIGPIPE does not kill us either).
 pub fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BILLSYNC_LOG")
         .unwrap_or_else(|_| EnvFilter::new("billsync=info,warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false);
     if json {
         builder
             .json()
@@ -373,6 +380,12 @@ pub fn print_out(args: std::fmt::Arguments<'_>) {
             panic!("failed printing to stdout: {e}");
         }
     }
+}
+
+/// `eprint!` that never panics: a message standard error cannot take (its reader has gone) is
+/// dropped, as a log line is ([`init_tracing`]); the exit code still says how the command ended.
+pub fn print_err(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
 }
 
 /// `print!` that stops quietly when standard output's reader has gone ([`Stdout`]).

@@ -1746,3 +1746,41 @@ async fn a_dry_runs_summary_counts_what_the_ledger_holds_undelivered() {
         text(&status)
     );
 }
+
+/// A CronJob's log collector that goes away, or `billsync sync 2>&1 >/dev/null | head -1`,
+/// closes standard error under a running sync. Each log line then fails with a broken pipe;
+/// tracing-subscriber reported that with `eprintln!`, which panicked on the same closed pipe:
+/// the run died (exit 101) between a request and its acknowledgement, its lock stayed held for
+/// `lock_ttl` and the next sync exited 3. Logs that cannot be written are now dropped: the run
+/// ends with its own exit code and releases its lock, in JSON and in text.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_whose_stderr_reader_has_gone_ends_with_its_own_code_and_releases_the_lock() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    for format in ["json", "text"] {
+        // A pipe whose reader is closed before the run writes its first line.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut sync = command(&cfg, &["--log-format", format, "sync"]);
+        sync.stderr(writer);
+        let out = finish(sync.spawn().unwrap()).await;
+        drop(sync);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{format}: the run's own exit code: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let status = run(&cfg, &["status"]).await;
+        let output = text(&status);
+        assert!(
+            output.lines().any(|l| l.starts_with("lock: free")),
+            "{format}: {output}"
+        );
+        assert!(!output.contains("running or crashed"), "{format}: {output}");
+    }
+    let next = run(&cfg, &["sync"]).await;
+    assert_eq!(next.status.code(), Some(4), "{}", text(&next));
+    assert_eq!(world.lago.events().len(), 71);
+    assert!(world.lago.counts().values().all(|&n| n == 1));
+}
