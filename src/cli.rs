@@ -940,7 +940,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
             let done = async {
-                let pipeline = build_pipeline(&settings, ctx, dry_run).await?;
+                let pipeline = build_pipeline(&settings, ctx, dry_run, false).await?;
                 let summary = pipeline
                     .sync(&SyncOptions {
                         provider,
@@ -969,7 +969,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
             let done = async {
-                let pipeline = build_pipeline(&settings, ctx, dry_run).await?;
+                let pipeline = build_pipeline(&settings, ctx, dry_run, true).await?;
                 let summary = pipeline
                     .replay(&ReplayOptions {
                         filter: RecordFilter {
@@ -1291,11 +1291,15 @@ pub fn exit_code(summary: &RunSummary) -> u8 {
 /// (`dry_run`) the ledger is opened as it is, never
 /// created or upgraded ("write nothing": a newer image's `sync --dry-run`, a natural check
 /// before a rollout, would otherwise migrate the ledger the CronJob's older image then refuses),
-/// and a ledger that does not exist yet is planned from an empty throwaway one.
+/// and a ledger that does not exist yet is planned from an empty throwaway one. With
+/// `must_exist` (a replay, which only re-maps what a ledger holds) a missing ledger is
+/// [`LedgerError::Missing`] and nothing is created: an empty one would replay nothing and
+/// report success, on a pod started without its volume.
 pub async fn build_pipeline(
     settings: &Settings,
     ctx: &Ctx,
     dry_run: bool,
+    must_exist: bool,
 ) -> anyhow::Result<Pipeline> {
     let mappings = MappingSet::load(&settings.mappings)?;
     // Not an error here: the other rules' records still go out, and these are held with the
@@ -1330,7 +1334,9 @@ pub async fn build_pipeline(
     }
     let sinks = build_sinks(&settings.sinks, settings.default_sink_name())?;
     let path = &settings.ledger.path;
-    let ledger = if !dry_run {
+    let ledger = if must_exist && !path.is_file() {
+        Err(LedgerError::Missing { path: path.clone() })
+    } else if !dry_run {
         Ledger::open(path).await
     } else {
         match Ledger::open_existing(path).await {

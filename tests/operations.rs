@@ -752,6 +752,41 @@ async fn status_and_export_of_a_missing_ledger_fail_naming_it_and_create_nothing
     assert!(text(&status).contains("metalsoft_test sent: 71"));
 }
 
+/// A replay only re-maps records a ledger holds: pointed at a ledger that does not exist (a pod
+/// started without its volume, a typo in `ledger.path`) it used to create an empty one and
+/// report success (exit 0, nothing replayed), so the engineer believed the held records had
+/// gone out. Now, dry run or not, it fails naming the file (exit 1) and creates nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_of_a_missing_ledger_fails_naming_it_and_creates_nothing() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let ledger_dir = world.dir.path().join("ledger");
+    let ledger = ledger_dir.join("ledger.db");
+    let replay = [
+        "replay",
+        "--status",
+        "unmapped",
+        "--reason",
+        "mapping fixed",
+    ];
+    let dry_run = [&replay[..], &["--dry-run"][..]].concat();
+    for args in [&replay[..], &dry_run[..]] {
+        let out = run(&cfg, args).await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {output}");
+        assert!(
+            output.contains(&ledger.display().to_string()) && output.contains("does not exist"),
+            "{args:?} names the missing ledger: {output}"
+        );
+        assert!(
+            !ledger_dir.exists(),
+            "{args:?} created {}",
+            ledger_dir.display()
+        );
+    }
+    assert_eq!(world.lago.request_count(), 0);
+}
+
 /// In a CronJob the host name is the pod's name, new every hour (`billsync-29412345-x7k2p`).
 /// Used as the Pushgateway's `instance`, every run would push into a group of its own: groups
 /// pile up forever (the Pushgateway never forgets), an old failed run's `run_outcome` stays 1,
