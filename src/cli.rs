@@ -735,7 +735,10 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
                 .downcast_ref::<crate::mapping::MappingErrors>()
                 .is_some()
             || cause.downcast_ref::<ConfigError>().is_some()
-            || matches!(cause.downcast_ref(), Some(SyncError::UnknownProvider(_)))
+            || matches!(
+                cause.downcast_ref(),
+                Some(SyncError::UnknownProvider(_) | SyncError::UnknownReplaySource(_))
+            )
         {
             return exit::CONFIG;
         }
@@ -965,6 +968,17 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
         } => {
             if reason.trim().is_empty() {
                 return Err(ConfigError("--reason must say why you replay".into()).into());
+            }
+            // `--until` is exclusive: not after `--since`, no charge period can match.
+            if let (Some(since), Some(until)) = (since, until) {
+                if until <= since {
+                    return Err(ConfigError(format!(
+                        "--until {} is not after --since {}: no record can match",
+                        crate::ledger::ts(until),
+                        crate::ledger::ts(since)
+                    ))
+                    .into());
+                }
             }
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;

@@ -460,8 +460,15 @@ pub fn summary_text(s: &RunSummary) -> String {
         ));
     }
     out.push_str(&format!(
-        "  pulled {}  new {}  unchanged {}  restaged {}  corrections {}  changes to resolve {}\n",
-        s.pulled, s.new, s.unchanged, s.restaged, s.corrections, s.changed_after_send
+        "  {} {}  new {}  unchanged {}  restaged {}  corrections {}  changes to resolve {}\n",
+        // A replay pulls nothing: it counts the ledger's records its filters matched.
+        if replay { "matched" } else { "pulled" },
+        s.pulled,
+        s.new,
+        s.unchanged,
+        s.restaged,
+        s.corrections,
+        s.changed_after_send
     ));
     let status = |k: &str| s.staged_by_status.get(k).copied().unwrap_or(0);
     out.push_str(&format!(

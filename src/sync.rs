@@ -882,6 +882,13 @@ pub enum SyncError {
     Ledger(#[from] LedgerError),
     #[error("no configured source is named or of kind {0:?}")]
     UnknownProvider(String),
+    /// A replay's `--provider` that no configured source has as name or kind and no source the
+    /// ledger holds cursors of (one no longer configured) has as name: a typo, which would
+    /// replay nothing and report success.
+    #[error(
+        "no configured source is named or of kind {0:?}, and the ledger has no source so named"
+    )]
+    UnknownReplaySource(String),
 }
 
 impl Pipeline {
@@ -2341,6 +2348,15 @@ impl Pipeline {
         let started = Instant::now();
         let now = opts.now.unwrap_or_else(Utc::now);
         let mut summary = RunSummary::new("replay", opts.dry_run);
+        if let Some(n) = &opts.filter.provider {
+            let configured = self
+                .providers
+                .iter()
+                .any(|p| p.name() == n || p.kind() == n);
+            if !configured && !self.ledger.cursor_sources().await?.contains(n) {
+                return Err(SyncError::UnknownReplaySource(n.clone()));
+            }
+        }
         let holder = Self::lock_holder(false);
         let lock = if opts.dry_run {
             RunLock::none()

@@ -787,6 +787,77 @@ async fn a_replay_of_a_missing_ledger_fails_naming_it_and_creates_nothing() {
     assert_eq!(world.lago.request_count(), 0);
 }
 
+/// A replay's filters that can match nothing by their construction are refused as a `sync`
+/// refuses them (exit 2, nothing replayed, no run recorded): a `--provider` that is neither a
+/// configured source's name or kind nor a source the ledger holds cursors of (a typo), and an
+/// `--until` not after `--since`. They used to replay nothing and exit 0, which reads as "done".
+/// A source no longer configured whose records the ledger holds can still be replayed; an
+/// unknown `--key` (maybe a record replayed already) is 0 records, said as "matched 0".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_filter_that_cannot_match_is_refused_and_one_that_matched_nothing_says_so() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let replay = |extra: &'static [&'static str]| {
+        let mut args = vec!["replay", "--status", "unmapped", "--reason", "check"];
+        args.extend_from_slice(extra);
+        args
+    };
+    for (extra, names) in [
+        (&["--provider", "nosuch"][..], "nosuch"),
+        (&["--provider", "nosuch", "--dry-run"][..], "nosuch"),
+        (
+            &["--since", "2026-11-01", "--until", "2026-10-01"][..],
+            "--until",
+        ),
+        (
+            &["--since", "2026-10-01", "--until", "2026-10-01"][..],
+            "--until",
+        ),
+    ] {
+        let out = run(&cfg, &replay(extra)).await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {output}");
+        assert!(output.contains(names), "{extra:?}: {output}");
+        assert!(!output.contains("replay run"), "{extra:?}: {output}");
+    }
+    let status = run(&cfg, &["status"]).await;
+    assert!(
+        !text(&status).contains("replay"),
+        "no replay run recorded: {}",
+        text(&status)
+    );
+    // A configured source by name or kind, and a key that matches nothing.
+    for (extra, matched) in [
+        (&["--provider", "metalsoft_test", "--dry-run"][..], 1),
+        (&["--provider", "metalsoft", "--dry-run"][..], 1),
+        (&["--key", "no-such-key", "--dry-run"][..], 0),
+    ] {
+        let out = run(&cfg, &replay(extra)).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{extra:?}: {}", text(&out));
+        assert!(
+            stdout.contains(&format!("matched {matched} ")),
+            "{extra:?}: {stdout}"
+        );
+    }
+    // The source renamed in the settings: its records are still the ledger's to replay.
+    let settings = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, settings.replace("metalsoft_test:", "metalsoft_eu:")).unwrap();
+    let out = run(
+        &cfg,
+        &replay(&["--provider", "metalsoft_test", "--dry-run"]),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("matched 1 "),
+        "{}",
+        text(&out)
+    );
+}
+
 /// In a CronJob the host name is the pod's name, new every hour (`billsync-29412345-x7k2p`).
 /// Used as the Pushgateway's `instance`, every run would push into a group of its own: groups
 /// pile up forever (the Pushgateway never forgets), an old failed run's `run_outcome` stays 1,
