@@ -852,6 +852,14 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                     allow_forward,
                     reason,
                 } => {
+                    if reason.trim().is_empty() {
+                        return Err(ConfigError(
+                            "--reason must say why the cursor is moved (what is read again or \
+                             skipped, and why)"
+                                .into(),
+                        )
+                        .into());
+                    }
                     set_cursor(&ledger, &source, &stream, &value, allow_forward, &reason).await?;
                 }
                 LedgerCommand::Changes => {

@@ -858,6 +858,49 @@ async fn a_replay_filter_that_cannot_match_is_refused_and_one_that_matched_nothi
     );
 }
 
+/// `ledger set-cursor` makes the next sync read a period again (or skip one): the audit trail
+/// must say why, as for `replay`, `resolve` and `mark-delivered`. An empty or blank `--reason`
+/// used to be taken; it is now refused with exit 2 and the cursor stays where it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn set_cursor_refuses_an_empty_reason_and_moves_nothing() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let cursors = |out: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("metalsoft_test user:"))
+            // The value, not the lag that follows it (it grows by the second).
+            .map(|l| l.split(" (").next().unwrap_or(l).to_string())
+            .collect()
+    };
+    let before = cursors(&run(&cfg, &["status"]).await);
+    assert!(!before.is_empty());
+    for reason in ["", "  \t"] {
+        let out = run(
+            &cfg,
+            &[
+                "ledger",
+                "set-cursor",
+                "--source",
+                "metalsoft_test",
+                "--stream",
+                "user:1",
+                "--value",
+                "2026-10-01T00:00:00Z",
+                "--reason",
+                reason,
+            ],
+        )
+        .await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{reason:?}: {output}");
+        assert!(output.contains("--reason must say why"), "{output}");
+    }
+    assert_eq!(cursors(&run(&cfg, &["status"]).await), before);
+}
+
 /// In a CronJob the host name is the pod's name, new every hour (`billsync-29412345-x7k2p`).
 /// Used as the Pushgateway's `instance`, every run would push into a group of its own: groups
 /// pile up forever (the Pushgateway never forgets), an old failed run's `run_outcome` stays 1,
