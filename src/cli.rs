@@ -150,7 +150,8 @@ pub enum Command {
         #[command(subcommand)]
         command: MappingsCommand,
     },
-    /// Run a full sync against built-in simulators of MetalSoft and Lago, no account needed.
+    /// Run a full sync against built-in simulators of MetalSoft, SoftLayer, SAKURA Cloud,
+    /// Jelastic and Lago, no account needed.
     Demo {
         /// Directory of the demo ledger; run twice on the same directory and nothing is sent
         /// the second time.

@@ -652,3 +652,22 @@ fn a_command_whose_stdout_reader_has_gone_exits_quietly() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
     }
 }
+
+/// `billsync --help` and `billsync demo --help` say what the demo runs: simulators of all four
+/// providers and of Lago. They used to say "MetalSoft and Lago" only, so a newcomer looking for
+/// a SoftLayer, SAKURA Cloud or Jelastic trial skipped the demo that shows exactly that.
+#[test]
+fn the_demos_help_names_all_four_providers_and_lago() {
+    for args in [&["--help"][..], &["demo", "--help"][..]] {
+        let out = billsync(args, &[]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}\n{stderr}");
+        let demo = stdout
+            .lines()
+            .find(|l| l.contains("simulators"))
+            .unwrap_or_else(|| panic!("{args:?}: {stdout}"));
+        for name in ["MetalSoft", "SoftLayer", "SAKURA Cloud", "Jelastic", "Lago"] {
+            assert!(demo.contains(name), "{args:?}: {name}: {demo}");
+        }
+    }
+}
