@@ -3,8 +3,8 @@
 //! On a terminal: human logs and `indicatif` bars (logs are printed above the bars, never
 //! through them). Elsewhere (a CronJob): one JSON object per log line, with the run id on
 //! every line inside a run, and the summary as one JSON line. ERROR is reserved for something an
-//! operator must act on (a provider that failed, a sink that refused the key); a record held or
-//! rejected is a WARN with its reason in the ledger.
+//! operator must act on (a provider that failed, a sink that refused the key); a rejected record
+//! is a WARN, the records a run held as unmapped one WARN per source; reasons are in the ledger.
 
 use std::io::{IsTerminal, Write};
 use std::sync::{Mutex, OnceLock};

@@ -1933,3 +1933,63 @@ async fn a_sync_whose_stderr_reader_has_gone_ends_with_its_own_code_and_releases
     assert_eq!(world.lago.events().len(), 71);
     assert!(world.lago.counts().values().all(|&n| n == 1));
 }
+
+/// The README promises that a held record is a WARN: a sync that held new records as unmapped
+/// (a resource type no rule maps yet, here MetalSoft's traffic and storage) used to log no
+/// WARN at all, so a CronJob's log alerts never saw revenue left unbilled. It now logs one
+/// WARN per source and run, not one per record, with how many it held and the first one's
+/// key and reason; a run that holds nothing new logs none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_that_holds_unmapped_records_logs_one_warn_per_source_with_the_count() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let rules = world.dir.path().join("mappings").join("metalsoft.yaml");
+    let text_of = std::fs::read_to_string(&rules).unwrap();
+    let cut = text_of.find("  # Traffic").expect("the traffic rule");
+    std::fs::write(&rules, &text_of[..cut]).unwrap();
+    let sync = |cfg: String| async move {
+        let mut cmd = command(&cfg, &["--log-format", "json", "sync"]);
+        cmd.args(["--output", "json"]);
+        finish(cmd.spawn().unwrap()).await
+    };
+    let held_warnings = |out: &Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| {
+                l["level"] == "WARN"
+                    && l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("records held as unmapped"))
+            })
+            .collect()
+    };
+    let out = sync(cfg.clone()).await;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let held = summary["staged_by_status"]["unmapped"].as_u64().unwrap();
+    assert!(held > 1, "{summary}");
+    let warnings = held_warnings(&out);
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one WARN, not one per record: {warnings:?}"
+    );
+    let warn = &warnings[0];
+    assert_eq!(warn["source"], "metalsoft_test", "{warn}");
+    assert_eq!(warn["records"], held, "{warn}");
+    assert!(
+        warn["first_key"].as_str().is_some_and(|k| !k.is_empty()),
+        "{warn}"
+    );
+    assert!(
+        warn["first_reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{warn}"
+    );
+    assert_eq!(warn["span"]["command"], "sync", "{warn}");
+
+    // Nothing new held: nothing to warn about (`status` keeps listing what is held).
+    let again = sync(cfg.clone()).await;
+    assert_eq!(again.status.code(), Some(4), "{}", text(&again));
+    assert_eq!(held_warnings(&again), Vec::<serde_json::Value>::new());
+}
