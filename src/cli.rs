@@ -822,7 +822,8 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             })
         }
         Command::Ledger { command } => {
-            let settings = Settings::load(&cli.config)?;
+            // Only the ledger: no secret is needed (nor resolved).
+            let settings = Settings::load_for_ledger(&cli.config)?;
             let ledger = Ledger::open_existing(&settings.ledger.path).await?;
             match command {
                 LedgerCommand::Export {
@@ -942,10 +943,11 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Status { by_source } => {
-            let settings = Settings::load(&cli.config)?;
+            // Only the ledger and the Stripe sinks' `max_age`: no secret is needed.
+            let settings = Settings::load_for_ledger(&cli.config)?;
             let ledger = Ledger::open_existing(&settings.ledger.path).await?;
             print_status(&ledger, by_source).await?;
-            print_stripe_age_warnings(&settings, &ledger).await?;
+            print_stripe_age_warnings(&settings.stripe_max_age, &ledger).await?;
             Ok(exit::OK)
         }
         Command::Sync { provider, dry_run } => {
@@ -1431,13 +1433,13 @@ fn build_sinks(
 /// Warn about records of Stripe sinks that approach Stripe's backdating limit (35 days by
 /// default): past it they can no longer be sent at all. The warning starts 5 days before the
 /// limit (a seventh of it for limits under 35 days).
-async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyhow::Result<()> {
+async fn print_stripe_age_warnings(
+    stripe_max_age: &std::collections::BTreeMap<String, std::time::Duration>,
+    ledger: &Ledger,
+) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
-    for (name, sink) in &settings.sinks {
-        let SinkSettings::Stripe(cfg) = sink else {
-            continue;
-        };
-        let limit = chrono::Duration::from_std(cfg.max_age).unwrap_or(chrono::Duration::days(35));
+    for (name, max_age) in stripe_max_age {
+        let limit = chrono::Duration::from_std(*max_age).unwrap_or(chrono::Duration::days(35));
         let warn_after = limit - std::cmp::min(chrono::Duration::days(5), limit / 7);
         let (n, oldest) = ledger.waiting_older_than(name, now - warn_after).await?;
         let Some((key, start)) = oldest.filter(|_| n > 0) else {

@@ -1993,3 +1993,81 @@ async fn a_sync_that_holds_unmapped_records_logs_one_warn_per_source_with_the_co
     assert_eq!(again.status.code(), Some(4), "{}", text(&again));
     assert_eq!(held_warnings(&again), Vec::<serde_json::Value>::new());
 }
+
+/// `status` and the `ledger` commands only work on the ledger: run where the secrets are not
+/// at hand (a billing engineer's shell, a read-only Job), they used to fail on the first
+/// provider or sink secret they could not resolve (exit 2, "environment variable … is not
+/// set") before reading a thing. They now read only the ledger's settings (and the Stripe
+/// sinks' `max_age`, for `status`), and work without any secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_the_ledger_commands_need_no_secret() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let without_secrets = |args: &'static [&'static str]| {
+        let mut cmd = command(&cfg, args);
+        cmd.env_remove("TEST_MS_KEY").env_remove("TEST_LAGO_KEY");
+        finish(cmd.spawn().unwrap())
+    };
+    let set_cursor: &[&str] = &[
+        "ledger",
+        "set-cursor",
+        "--source",
+        "metalsoft_test",
+        "--stream",
+        "user:1",
+        "--value",
+        "2026-10-01T00:00:00Z",
+        "--reason",
+        "re-read October",
+    ];
+    for (args, code, says) in [
+        (&["status"][..], 0, "lock: free"),
+        (&["status", "--by-source"][..], 0, "metalsoft_test sent: 71"),
+        (&["ledger", "export"][..], 0, "metalsoft_test"),
+        (
+            &["ledger", "changes"][..],
+            0,
+            "no change of a sent record waits",
+        ),
+        (
+            &["ledger", "vacuum", "--older-than", "400d", "--dry-run"][..],
+            0,
+            "would prune 0",
+        ),
+        (set_cursor, 0, "→ 2026-10-01T00:00:00Z"),
+        // Refused for what they are asked, not for a secret.
+        (
+            &[
+                "ledger",
+                "mark-delivered",
+                "--key",
+                "no-such-key",
+                "--reason",
+                "seen",
+            ][..],
+            2,
+            "no-such-key",
+        ),
+        (
+            &[
+                "ledger",
+                "resolve",
+                "--change",
+                "999",
+                "--keep-sent",
+                "--reason",
+                "kept",
+            ][..],
+            2,
+            "999",
+        ),
+    ] {
+        let out = without_secrets(args).await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {output}");
+        assert!(output.contains(says), "{args:?}: {output}");
+        assert!(!output.contains("is not set"), "{args:?}: {output}");
+    }
+}
