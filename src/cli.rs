@@ -150,7 +150,8 @@ pub enum Command {
         #[command(subcommand)]
         command: MappingsCommand,
     },
-    /// Run a full sync against built-in simulators of MetalSoft and Lago, no account needed.
+    /// Run a full sync against built-in simulators of MetalSoft, SoftLayer, SAKURA Cloud,
+    /// Jelastic and Lago, no account needed.
     Demo {
         /// Directory of the demo ledger; run twice on the same directory and nothing is sent
         /// the second time.
@@ -634,7 +635,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            observe::print_err(format_args!("error: cannot start the async runtime: {e}\n"));
             return ExitCode::from(exit::FAILED);
         }
     };
@@ -673,7 +674,7 @@ pub fn main() -> ExitCode {
                     "billsync failed"
                 );
             } else {
-                eprintln!("error: {e:#}");
+                observe::print_err(format_args!("error: {e:#}\n"));
             }
             ExitCode::from(code)
         }
@@ -735,7 +736,10 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
                 .downcast_ref::<crate::mapping::MappingErrors>()
                 .is_some()
             || cause.downcast_ref::<ConfigError>().is_some()
-            || matches!(cause.downcast_ref(), Some(SyncError::UnknownProvider(_)))
+            || matches!(
+                cause.downcast_ref(),
+                Some(SyncError::UnknownProvider(_) | SyncError::UnknownReplaySource(_))
+            )
         {
             return exit::CONFIG;
         }
@@ -818,7 +822,8 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             })
         }
         Command::Ledger { command } => {
-            let settings = Settings::load(&cli.config)?;
+            // Only the ledger: no secret is needed (nor resolved).
+            let settings = Settings::load_for_ledger(&cli.config)?;
             let ledger = Ledger::open_existing(&settings.ledger.path).await?;
             match command {
                 LedgerCommand::Export {
@@ -849,6 +854,14 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                     allow_forward,
                     reason,
                 } => {
+                    if reason.trim().is_empty() {
+                        return Err(ConfigError(
+                            "--reason must say why the cursor is moved (what is read again or \
+                             skipped, and why)"
+                                .into(),
+                        )
+                        .into());
+                    }
                     set_cursor(&ledger, &source, &stream, &value, allow_forward, &reason).await?;
                 }
                 LedgerCommand::Changes => {
@@ -930,17 +943,18 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Status { by_source } => {
-            let settings = Settings::load(&cli.config)?;
+            // Only the ledger and the Stripe sinks' `max_age`: no secret is needed.
+            let settings = Settings::load_for_ledger(&cli.config)?;
             let ledger = Ledger::open_existing(&settings.ledger.path).await?;
             print_status(&ledger, by_source).await?;
-            print_stripe_age_warnings(&settings, &ledger).await?;
+            print_stripe_age_warnings(&settings.stripe_max_age, &ledger).await?;
             Ok(exit::OK)
         }
         Command::Sync { provider, dry_run } => {
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
             let done = async {
-                let pipeline = build_pipeline(&settings, ctx, dry_run).await?;
+                let pipeline = build_pipeline(&settings, ctx, dry_run, false).await?;
                 let summary = pipeline
                     .sync(&SyncOptions {
                         provider,
@@ -966,10 +980,21 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             if reason.trim().is_empty() {
                 return Err(ConfigError("--reason must say why you replay".into()).into());
             }
+            // `--until` is exclusive: not after `--since`, no charge period can match.
+            if let (Some(since), Some(until)) = (since, until) {
+                if until <= since {
+                    return Err(ConfigError(format!(
+                        "--until {} is not after --since {}: no record can match",
+                        crate::ledger::ts(until),
+                        crate::ledger::ts(since)
+                    ))
+                    .into());
+                }
+            }
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
             let done = async {
-                let pipeline = build_pipeline(&settings, ctx, dry_run).await?;
+                let pipeline = build_pipeline(&settings, ctx, dry_run, true).await?;
                 let summary = pipeline
                     .replay(&ReplayOptions {
                         filter: RecordFilter {
@@ -1291,11 +1316,15 @@ pub fn exit_code(summary: &RunSummary) -> u8 {
 /// (`dry_run`) the ledger is opened as it is, never
 /// created or upgraded ("write nothing": a newer image's `sync --dry-run`, a natural check
 /// before a rollout, would otherwise migrate the ledger the CronJob's older image then refuses),
-/// and a ledger that does not exist yet is planned from an empty throwaway one.
+/// and a ledger that does not exist yet is planned from an empty throwaway one. With
+/// `must_exist` (a replay, which only re-maps what a ledger holds) a missing ledger is
+/// [`LedgerError::Missing`] and nothing is created: an empty one would replay nothing and
+/// report success, on a pod started without its volume.
 pub async fn build_pipeline(
     settings: &Settings,
     ctx: &Ctx,
     dry_run: bool,
+    must_exist: bool,
 ) -> anyhow::Result<Pipeline> {
     let mappings = MappingSet::load(&settings.mappings)?;
     // Not an error here: the other rules' records still go out, and these are held with the
@@ -1330,7 +1359,9 @@ pub async fn build_pipeline(
     }
     let sinks = build_sinks(&settings.sinks, settings.default_sink_name())?;
     let path = &settings.ledger.path;
-    let ledger = if !dry_run {
+    let ledger = if must_exist && !path.is_file() {
+        Err(LedgerError::Missing { path: path.clone() })
+    } else if !dry_run {
         Ledger::open(path).await
     } else {
         match Ledger::open_existing(path).await {
@@ -1402,13 +1433,13 @@ fn build_sinks(
 /// Warn about records of Stripe sinks that approach Stripe's backdating limit (35 days by
 /// default): past it they can no longer be sent at all. The warning starts 5 days before the
 /// limit (a seventh of it for limits under 35 days).
-async fn print_stripe_age_warnings(settings: &Settings, ledger: &Ledger) -> anyhow::Result<()> {
+async fn print_stripe_age_warnings(
+    stripe_max_age: &std::collections::BTreeMap<String, std::time::Duration>,
+    ledger: &Ledger,
+) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
-    for (name, sink) in &settings.sinks {
-        let SinkSettings::Stripe(cfg) = sink else {
-            continue;
-        };
-        let limit = chrono::Duration::from_std(cfg.max_age).unwrap_or(chrono::Duration::days(35));
+    for (name, max_age) in stripe_max_age {
+        let limit = chrono::Duration::from_std(*max_age).unwrap_or(chrono::Duration::days(35));
         let warn_after = limit - std::cmp::min(chrono::Duration::days(5), limit / 7);
         let (n, oldest) = ledger.waiting_older_than(name, now - warn_after).await?;
         let Some((key, start)) = oldest.filter(|_| n > 0) else {

@@ -118,6 +118,16 @@ pub struct ReconcileSettings {
     pub sinks: std::collections::BTreeMap<String, SinkSettings>,
 }
 
+/// The part of the settings `status` and the `ledger` commands read
+/// ([`Settings::load_for_ledger`]).
+#[derive(Debug)]
+pub struct LedgerCommandSettings {
+    /// Where the ledger lives, and its lock's lifetime.
+    pub ledger: LedgerSettings,
+    /// Each Stripe sink's `max_age`, by sink name: `status` warns of waiting records near it.
+    pub stripe_max_age: std::collections::BTreeMap<String, std::time::Duration>,
+}
+
 /// The whole settings file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -491,6 +501,48 @@ impl Settings {
         Ok(ReconcileSettings {
             ledger: only.ledger,
             sinks: only.sinks,
+        })
+    }
+
+    /// What `status` and the `ledger` commands need: the ledger's settings and the Stripe
+    /// sinks' `max_age`, read like [`Settings::load`] but without resolving a secret nor
+    /// judging the sections they do not use: they only work on the ledger, so a shell without
+    /// the providers' and sinks' keys can run them.
+    pub fn load_for_ledger(path: &std::path::Path) -> Result<LedgerCommandSettings, SettingsError> {
+        #[derive(Deserialize)]
+        struct Sink {
+            kind: String,
+            #[serde(default)]
+            max_age: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Only {
+            ledger: LedgerSettings,
+            #[serde(default)]
+            sinks: std::collections::BTreeMap<String, Sink>,
+        }
+        let only: Only = Self::read(path)?;
+        let mut stripe_max_age = std::collections::BTreeMap::new();
+        for (name, sink) in only.sinks {
+            if sink.kind != "stripe" {
+                continue;
+            }
+            let max_age = match sink.max_age {
+                None => crate::sinks::stripe::default_max_age(),
+                Some(text) => {
+                    humantime::parse_duration(&text).map_err(|e| SettingsError::Invalid {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "invalid duration {text:?}: {e} for key `sinks.{name}.max_age`"
+                        ),
+                    })?
+                }
+            };
+            stripe_max_age.insert(name, max_age);
+        }
+        Ok(LedgerCommandSettings {
+            ledger: only.ledger,
+            stripe_max_age,
         })
     }
 

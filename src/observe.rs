@@ -3,8 +3,8 @@
 //! On a terminal: human logs and `indicatif` bars (logs are printed above the bars, never
 //! through them). Elsewhere (a CronJob): one JSON object per log line, with the run id on
 //! every line inside a run, and the summary as one JSON line. ERROR is reserved for something an
-//! operator must act on (a provider that failed, a sink that refused the key); a record held or
-//! rejected is a WARN with its reason in the ledger.
+//! operator must act on (a provider that failed, a sink that refused the key); a rejected record
+//! is a WARN, the records a run held as unmapped one WARN per source; reasons are in the ledger.
 
 use std::io::{IsTerminal, Write};
 use std::sync::{Mutex, OnceLock};
@@ -26,11 +26,18 @@ pub fn logs_are_json(explicit: Option<bool>) -> bool {
 }
 
 /// Set up logging. `BILLSYNC_LOG` sets the level (`billsync=debug`, ...).
+///
+/// A log line that cannot be written (standard error's reader has gone: a log collector that
+/// stopped, `2>&1 | head`) is dropped. tracing-subscriber would report it with `eprintln!`,
+/// which panics on the same closed pipe: the run would die between a request and its
+/// acknowledgement with its lock held (see [`Stdout`] for why SIGPIPE does not kill us either).
 pub fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BILLSYNC_LOG")
         .unwrap_or_else(|_| EnvFilter::new("billsync=info,warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false);
     if json {
         builder
             .json()
@@ -375,6 +382,12 @@ pub fn print_out(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// `eprint!` that never panics: a message standard error cannot take (its reader has gone) is
+/// dropped, as a log line is ([`init_tracing`]); the exit code still says how the command ended.
+pub fn print_err(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
 /// `print!` that stops quietly when standard output's reader has gone ([`Stdout`]).
 macro_rules! out {
     ($($arg:tt)*) => {
@@ -447,8 +460,15 @@ pub fn summary_text(s: &RunSummary) -> String {
         ));
     }
     out.push_str(&format!(
-        "  pulled {}  new {}  unchanged {}  restaged {}  corrections {}  changes to resolve {}\n",
-        s.pulled, s.new, s.unchanged, s.restaged, s.corrections, s.changed_after_send
+        "  {} {}  new {}  unchanged {}  restaged {}  corrections {}  changes to resolve {}\n",
+        // A replay pulls nothing: it counts the ledger's records its filters matched.
+        if replay { "matched" } else { "pulled" },
+        s.pulled,
+        s.new,
+        s.unchanged,
+        s.restaged,
+        s.corrections,
+        s.changed_after_send
     ));
     let status = |k: &str| s.staged_by_status.get(k).copied().unwrap_or(0);
     out.push_str(&format!(

@@ -202,6 +202,16 @@ struct StageBuffer {
     spent: Option<tokio::sync::mpsc::UnboundedSender<SpentRows>>,
     /// Late records staged so far ([`StageCounts::late`]).
     late: LateRecords,
+    /// Records staged as unmapped so far, and the first one's key and reason.
+    unmapped: HeldRecords,
+}
+
+/// Records a source's run staged (new or restaged) as unmapped: held, not billed.
+#[derive(Debug, Default)]
+struct HeldRecords {
+    count: u64,
+    /// The first one's key and reason.
+    first: Option<(String, String)>,
 }
 
 /// Rows staged and done with, with their room in [`RECORDS_AHEAD`], on their way back to the
@@ -693,6 +703,17 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// One WARN per source and run for the records it held as unmapped (not one per record: a
+/// new resource type held by the thousand would drown the log), with the first one's reason.
+fn report_held(source: &str, held: HeldRecords) {
+    if held.count == 0 {
+        return;
+    }
+    let (key, reason) = held.first.unwrap_or_default();
+    warn!(source, records = held.count, first_key = %key, first_reason = %reason,
+        "records held as unmapped: not billed until a mapping rule maps them (`billsync status` lists them by reason; fix the mappings, then `billsync replay --status unmapped`)");
+}
+
 /// Report a source's late records of a run (sync or replay): counted in its summary (`N LATE`,
 /// `billsync_records_late`) and one warning naming the oldest period end.
 fn report_late(source: &str, late: LateRecords, src: &mut SourceSummary) {
@@ -882,6 +903,13 @@ pub enum SyncError {
     Ledger(#[from] LedgerError),
     #[error("no configured source is named or of kind {0:?}")]
     UnknownProvider(String),
+    /// A replay's `--provider` that no configured source has as name or kind and no source the
+    /// ledger holds cursors of (one no longer configured) has as name: a typo, which would
+    /// replay nothing and report success.
+    #[error(
+        "no configured source is named or of kind {0:?}, and the ledger has no source so named"
+    )]
+    UnknownReplaySource(String),
 }
 
 impl Pipeline {
@@ -1596,7 +1624,7 @@ impl Pipeline {
                 self.flush_stage(provider, run_id, now, &mut buffer, summary, alongside)
                     .await?;
             }
-            Ok::<_, LedgerError>(buffer.late)
+            Ok::<_, LedgerError>((buffer.late, buffer.unmapped))
         };
         let (stats, staged) = run_side_by_side(pull, stage, "billsync-stager").await;
         src.chunks += stats.chunks;
@@ -1605,7 +1633,9 @@ impl Pipeline {
         if stats.interrupted {
             summary.interrupted = true;
         }
-        report_late(provider.name(), staged?, src);
+        let (late, held) = staged?;
+        report_late(provider.name(), late, src);
+        report_held(provider.name(), held);
         match stats.error {
             Some(message) => Err(PullError::Provider(message)),
             None => Ok(()),
@@ -1683,6 +1713,11 @@ impl Pipeline {
         }
         summary.add_counts(&counts);
         buffer.late.add(counts.late);
+        let unmapped = counts.by_status.get(Status::Unmapped.as_str());
+        buffer.unmapped.count += unmapped.copied().unwrap_or(0);
+        if buffer.unmapped.first.is_none() {
+            buffer.unmapped.first = counts.first_unmapped.take();
+        }
         let spent = SpentRows {
             _pages: std::mem::take(&mut buffer.pages),
             _room: std::mem::take(&mut buffer.room),
@@ -2341,6 +2376,15 @@ impl Pipeline {
         let started = Instant::now();
         let now = opts.now.unwrap_or_else(Utc::now);
         let mut summary = RunSummary::new("replay", opts.dry_run);
+        if let Some(n) = &opts.filter.provider {
+            let configured = self
+                .providers
+                .iter()
+                .any(|p| p.name() == n || p.kind() == n);
+            if !configured && !self.ledger.cursor_sources().await?.contains(n) {
+                return Err(SyncError::UnknownReplaySource(n.clone()));
+            }
+        }
         let holder = Self::lock_holder(false);
         let lock = if opts.dry_run {
             RunLock::none()

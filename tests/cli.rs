@@ -692,3 +692,22 @@ fn a_ledger_that_is_not_a_database_is_named_with_its_reason_once() {
         "{stderr}"
     );
 }
+
+/// `billsync --help` and `billsync demo --help` say what the demo runs: simulators of all four
+/// providers and of Lago. They used to say "MetalSoft and Lago" only, so a newcomer looking for
+/// a SoftLayer, SAKURA Cloud or Jelastic trial skipped the demo that shows exactly that.
+#[test]
+fn the_demos_help_names_all_four_providers_and_lago() {
+    for args in [&["--help"][..], &["demo", "--help"][..]] {
+        let out = billsync(args, &[]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}\n{stderr}");
+        let demo = stdout
+            .lines()
+            .find(|l| l.contains("simulators"))
+            .unwrap_or_else(|| panic!("{args:?}: {stdout}"));
+        for name in ["MetalSoft", "SoftLayer", "SAKURA Cloud", "Jelastic", "Lago"] {
+            assert!(demo.contains(name), "{args:?}: {name}: {demo}");
+        }
+    }
+}

@@ -208,3 +208,37 @@ fn a_bad_field_of_a_provider_or_sink_names_its_key_and_env_overrides_are_parsed(
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `status` and the `ledger` commands read the settings without resolving a secret: the
+/// ledger's section and each Stripe sink's `max_age` (its default, 35 days, when not set),
+/// whatever secrets the providers and sinks name; a `max_age` that is not a duration is an
+/// error naming its key.
+#[test]
+fn the_ledger_commands_settings_need_no_secret_and_keep_each_stripe_sinks_max_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("billsync.yaml");
+    let write = |stripe_max_age: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "ledger:\n  path: {}\nproviders:\n  ms:\n    kind: metalsoft\n    endpoint: http://127.0.0.1:9\n    api_key: env:BILLSYNC_TEST_UNSET_MS_KEY\n    user_ids: [1]\nsinks:\n  lago:\n    kind: lago\n    api_url: http://127.0.0.1:9\n    api_key: env:BILLSYNC_TEST_UNSET_LAGO_KEY\n  eu:\n    kind: stripe\n    api_key: env:BILLSYNC_TEST_UNSET_STRIPE_KEY\n{stripe_max_age}  us:\n    kind: stripe\n    api_key: file:/nonexistent/stripe-key\ndefault_sink: lago\n",
+                dir.path().join("ledger.db").display()
+            ),
+        )
+        .unwrap();
+    };
+    write("    max_age: 40d\n");
+    assert!(
+        Settings::load(&cfg).is_err(),
+        "the full settings need the secrets"
+    );
+    let settings = Settings::load_for_ledger(&cfg).expect("no secret is resolved");
+    let day = std::time::Duration::from_secs(86_400);
+    assert_eq!(
+        settings.stripe_max_age,
+        [("eu".to_string(), day * 40), ("us".to_string(), day * 35)].into()
+    );
+    write("    max_age: forty days\n");
+    let err = Settings::load_for_ledger(&cfg).unwrap_err().to_string();
+    assert!(err.contains("sinks.eu.max_age"), "{err}");
+}

@@ -752,6 +752,155 @@ async fn status_and_export_of_a_missing_ledger_fail_naming_it_and_create_nothing
     assert!(text(&status).contains("metalsoft_test sent: 71"));
 }
 
+/// A replay only re-maps records a ledger holds: pointed at a ledger that does not exist (a pod
+/// started without its volume, a typo in `ledger.path`) it used to create an empty one and
+/// report success (exit 0, nothing replayed), so the engineer believed the held records had
+/// gone out. Now, dry run or not, it fails naming the file (exit 1) and creates nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_of_a_missing_ledger_fails_naming_it_and_creates_nothing() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let ledger_dir = world.dir.path().join("ledger");
+    let ledger = ledger_dir.join("ledger.db");
+    let replay = [
+        "replay",
+        "--status",
+        "unmapped",
+        "--reason",
+        "mapping fixed",
+    ];
+    let dry_run = [&replay[..], &["--dry-run"][..]].concat();
+    for args in [&replay[..], &dry_run[..]] {
+        let out = run(&cfg, args).await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {output}");
+        assert!(
+            output.contains(&ledger.display().to_string()) && output.contains("does not exist"),
+            "{args:?} names the missing ledger: {output}"
+        );
+        assert!(
+            !ledger_dir.exists(),
+            "{args:?} created {}",
+            ledger_dir.display()
+        );
+    }
+    assert_eq!(world.lago.request_count(), 0);
+}
+
+/// A replay's filters that can match nothing by their construction are refused as a `sync`
+/// refuses them (exit 2, nothing replayed, no run recorded): a `--provider` that is neither a
+/// configured source's name or kind nor a source the ledger holds cursors of (a typo), and an
+/// `--until` not after `--since`. They used to replay nothing and exit 0, which reads as "done".
+/// A source no longer configured whose records the ledger holds can still be replayed; an
+/// unknown `--key` (maybe a record replayed already) is 0 records, said as "matched 0".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_filter_that_cannot_match_is_refused_and_one_that_matched_nothing_says_so() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let replay = |extra: &'static [&'static str]| {
+        let mut args = vec!["replay", "--status", "unmapped", "--reason", "check"];
+        args.extend_from_slice(extra);
+        args
+    };
+    for (extra, names) in [
+        (&["--provider", "nosuch"][..], "nosuch"),
+        (&["--provider", "nosuch", "--dry-run"][..], "nosuch"),
+        (
+            &["--since", "2026-11-01", "--until", "2026-10-01"][..],
+            "--until",
+        ),
+        (
+            &["--since", "2026-10-01", "--until", "2026-10-01"][..],
+            "--until",
+        ),
+    ] {
+        let out = run(&cfg, &replay(extra)).await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {output}");
+        assert!(output.contains(names), "{extra:?}: {output}");
+        assert!(!output.contains("replay run"), "{extra:?}: {output}");
+    }
+    let status = run(&cfg, &["status"]).await;
+    assert!(
+        !text(&status).contains("replay"),
+        "no replay run recorded: {}",
+        text(&status)
+    );
+    // A configured source by name or kind, and a key that matches nothing.
+    for (extra, matched) in [
+        (&["--provider", "metalsoft_test", "--dry-run"][..], 1),
+        (&["--provider", "metalsoft", "--dry-run"][..], 1),
+        (&["--key", "no-such-key", "--dry-run"][..], 0),
+    ] {
+        let out = run(&cfg, &replay(extra)).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{extra:?}: {}", text(&out));
+        assert!(
+            stdout.contains(&format!("matched {matched} ")),
+            "{extra:?}: {stdout}"
+        );
+    }
+    // The source renamed in the settings: its records are still the ledger's to replay.
+    let settings = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, settings.replace("metalsoft_test:", "metalsoft_eu:")).unwrap();
+    let out = run(
+        &cfg,
+        &replay(&["--provider", "metalsoft_test", "--dry-run"]),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("matched 1 "),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `ledger set-cursor` makes the next sync read a period again (or skip one): the audit trail
+/// must say why, as for `replay`, `resolve` and `mark-delivered`. An empty or blank `--reason`
+/// used to be taken; it is now refused with exit 2 and the cursor stays where it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn set_cursor_refuses_an_empty_reason_and_moves_nothing() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let cursors = |out: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("metalsoft_test user:"))
+            // The value, not the lag that follows it (it grows by the second).
+            .map(|l| l.split(" (").next().unwrap_or(l).to_string())
+            .collect()
+    };
+    let before = cursors(&run(&cfg, &["status"]).await);
+    assert!(!before.is_empty());
+    for reason in ["", "  \t"] {
+        let out = run(
+            &cfg,
+            &[
+                "ledger",
+                "set-cursor",
+                "--source",
+                "metalsoft_test",
+                "--stream",
+                "user:1",
+                "--value",
+                "2026-10-01T00:00:00Z",
+                "--reason",
+                reason,
+            ],
+        )
+        .await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{reason:?}: {output}");
+        assert!(output.contains("--reason must say why"), "{output}");
+    }
+    assert_eq!(cursors(&run(&cfg, &["status"]).await), before);
+}
+
 /// In a CronJob the host name is the pod's name, new every hour (`billsync-29412345-x7k2p`).
 /// Used as the Pushgateway's `instance`, every run would push into a group of its own: groups
 /// pile up forever (the Pushgateway never forgets), an old failed run's `run_outcome` stays 1,
@@ -1745,4 +1894,180 @@ async fn a_dry_runs_summary_counts_what_the_ledger_holds_undelivered() {
         "{}",
         text(&status)
     );
+}
+
+/// A CronJob's log collector that goes away, or `billsync sync 2>&1 >/dev/null | head -1`,
+/// closes standard error under a running sync. Each log line then fails with a broken pipe;
+/// tracing-subscriber reported that with `eprintln!`, which panicked on the same closed pipe:
+/// the run died (exit 101) between a request and its acknowledgement, its lock stayed held for
+/// `lock_ttl` and the next sync exited 3. Logs that cannot be written are now dropped: the run
+/// ends with its own exit code and releases its lock, in JSON and in text.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_whose_stderr_reader_has_gone_ends_with_its_own_code_and_releases_the_lock() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    for format in ["json", "text"] {
+        // A pipe whose reader is closed before the run writes its first line.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut sync = command(&cfg, &["--log-format", format, "sync"]);
+        sync.stderr(writer);
+        let out = finish(sync.spawn().unwrap()).await;
+        drop(sync);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{format}: the run's own exit code: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let status = run(&cfg, &["status"]).await;
+        let output = text(&status);
+        assert!(
+            output.lines().any(|l| l.starts_with("lock: free")),
+            "{format}: {output}"
+        );
+        assert!(!output.contains("running or crashed"), "{format}: {output}");
+    }
+    let next = run(&cfg, &["sync"]).await;
+    assert_eq!(next.status.code(), Some(4), "{}", text(&next));
+    assert_eq!(world.lago.events().len(), 71);
+    assert!(world.lago.counts().values().all(|&n| n == 1));
+}
+
+/// The README promises that a held record is a WARN: a sync that held new records as unmapped
+/// (a resource type no rule maps yet, here MetalSoft's traffic and storage) used to log no
+/// WARN at all, so a CronJob's log alerts never saw revenue left unbilled. It now logs one
+/// WARN per source and run, not one per record, with how many it held and the first one's
+/// key and reason; a run that holds nothing new logs none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_that_holds_unmapped_records_logs_one_warn_per_source_with_the_count() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let rules = world.dir.path().join("mappings").join("metalsoft.yaml");
+    let text_of = std::fs::read_to_string(&rules).unwrap();
+    let cut = text_of.find("  # Traffic").expect("the traffic rule");
+    std::fs::write(&rules, &text_of[..cut]).unwrap();
+    let sync = |cfg: String| async move {
+        let mut cmd = command(&cfg, &["--log-format", "json", "sync"]);
+        cmd.args(["--output", "json"]);
+        finish(cmd.spawn().unwrap()).await
+    };
+    let held_warnings = |out: &Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| {
+                l["level"] == "WARN"
+                    && l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("records held as unmapped"))
+            })
+            .collect()
+    };
+    let out = sync(cfg.clone()).await;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let held = summary["staged_by_status"]["unmapped"].as_u64().unwrap();
+    assert!(held > 1, "{summary}");
+    let warnings = held_warnings(&out);
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one WARN, not one per record: {warnings:?}"
+    );
+    let warn = &warnings[0];
+    assert_eq!(warn["source"], "metalsoft_test", "{warn}");
+    assert_eq!(warn["records"], held, "{warn}");
+    assert!(
+        warn["first_key"].as_str().is_some_and(|k| !k.is_empty()),
+        "{warn}"
+    );
+    assert!(
+        warn["first_reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{warn}"
+    );
+    assert_eq!(warn["span"]["command"], "sync", "{warn}");
+
+    // Nothing new held: nothing to warn about (`status` keeps listing what is held).
+    let again = sync(cfg.clone()).await;
+    assert_eq!(again.status.code(), Some(4), "{}", text(&again));
+    assert_eq!(held_warnings(&again), Vec::<serde_json::Value>::new());
+}
+
+/// `status` and the `ledger` commands only work on the ledger: run where the secrets are not
+/// at hand (a billing engineer's shell, a read-only Job), they used to fail on the first
+/// provider or sink secret they could not resolve (exit 2, "environment variable … is not
+/// set") before reading a thing. They now read only the ledger's settings (and the Stripe
+/// sinks' `max_age`, for `status`), and work without any secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_the_ledger_commands_need_no_secret() {
+    let world = World::start(Behaviour::Postgres).await;
+    let cfg = setup(&world, "");
+    let sync = run(&cfg, &["sync"]).await;
+    assert_eq!(sync.status.code(), Some(4), "{}", text(&sync));
+    let without_secrets = |args: &'static [&'static str]| {
+        let mut cmd = command(&cfg, args);
+        cmd.env_remove("TEST_MS_KEY").env_remove("TEST_LAGO_KEY");
+        finish(cmd.spawn().unwrap())
+    };
+    let set_cursor: &[&str] = &[
+        "ledger",
+        "set-cursor",
+        "--source",
+        "metalsoft_test",
+        "--stream",
+        "user:1",
+        "--value",
+        "2026-10-01T00:00:00Z",
+        "--reason",
+        "re-read October",
+    ];
+    for (args, code, says) in [
+        (&["status"][..], 0, "lock: free"),
+        (&["status", "--by-source"][..], 0, "metalsoft_test sent: 71"),
+        (&["ledger", "export"][..], 0, "metalsoft_test"),
+        (
+            &["ledger", "changes"][..],
+            0,
+            "no change of a sent record waits",
+        ),
+        (
+            &["ledger", "vacuum", "--older-than", "400d", "--dry-run"][..],
+            0,
+            "would prune 0",
+        ),
+        (set_cursor, 0, "→ 2026-10-01T00:00:00Z"),
+        // Refused for what they are asked, not for a secret.
+        (
+            &[
+                "ledger",
+                "mark-delivered",
+                "--key",
+                "no-such-key",
+                "--reason",
+                "seen",
+            ][..],
+            2,
+            "no-such-key",
+        ),
+        (
+            &[
+                "ledger",
+                "resolve",
+                "--change",
+                "999",
+                "--keep-sent",
+                "--reason",
+                "kept",
+            ][..],
+            2,
+            "999",
+        ),
+    ] {
+        let out = without_secrets(args).await;
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {output}");
+        assert!(output.contains(says), "{args:?}: {output}");
+        assert!(!output.contains("is not set"), "{args:?}: {output}");
+    }
 }

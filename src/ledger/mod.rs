@@ -386,6 +386,9 @@ pub struct StageCounts {
     pub corrections: u64,
     /// New or restaged rows per status.
     pub by_status: BTreeMap<&'static str, u64>,
+    /// The key and reason of the first row staged (new or restaged) as unmapped: the run's
+    /// one WARN about what it held names it.
+    pub first_unmapped: Option<(String, String)>,
     /// Records (new, restaged to pending, or corrections) to be sent for a charge period that
     /// ended before the `late_before` given to staging ([`LateRecords`]).
     pub late: LateRecords,
@@ -442,7 +445,18 @@ impl StageCounts {
         for (k, v) in &other.by_status {
             *self.by_status.entry(k).or_default() += v;
         }
+        if self.first_unmapped.is_none() {
+            self.first_unmapped.clone_from(&other.first_unmapped);
+        }
         self.late.add(other.late);
+    }
+
+    /// Count `row`, new or restaged, under its status.
+    fn count_status(&mut self, row: &StageRow) {
+        *self.by_status.entry(row.status.as_str()).or_default() += 1;
+        if row.status == Status::Unmapped && self.first_unmapped.is_none() {
+            self.first_unmapped = Some((row.key.clone(), row.note.clone().unwrap_or_default()));
+        }
     }
 
     /// Count `row` as late if it goes to a sink for a period that ended before `late_before`.
@@ -1387,7 +1401,7 @@ impl Ledger {
                         counts.restaged_pending.push(id);
                         counts.count_late(row, late_before);
                     }
-                    *counts.by_status.entry(row.status.as_str()).or_default() += 1;
+                    counts.count_status(row);
                     known.insert(row.key.clone(), KnownRecord::of(id, row.status, row));
                 }
             }
@@ -1395,7 +1409,7 @@ impl Ledger {
 
         counts.new += inserts.len() as u64;
         for r in &inserts {
-            *counts.by_status.entry(r.status.as_str()).or_default() += 1;
+            counts.count_status(r);
             counts.count_late(r, late_before);
         }
         inserts.extend(corrections.iter());

@@ -159,7 +159,8 @@ fn default_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-fn default_max_age() -> Duration {
+/// Stripe's limit on an event's age: `max_age` unless set.
+pub(crate) fn default_max_age() -> Duration {
     Duration::from_secs(35 * 86_400)
 }
 
