@@ -2377,10 +2377,12 @@ impl Pipeline {
         let now = opts.now.unwrap_or_else(Utc::now);
         let mut summary = RunSummary::new("replay", opts.dry_run);
         if let Some(n) = &opts.filter.provider {
-            let configured = self
-                .providers
-                .iter()
-                .any(|p| p.name() == n || p.kind() == n);
+            // The month adjustments of period pricing are records of their own provider.
+            let configured = n == PERIOD_PROVIDER
+                || self
+                    .providers
+                    .iter()
+                    .any(|p| p.name() == n || p.kind() == n);
             if !configured && !self.ledger.cursor_sources().await?.contains(n) {
                 return Err(SyncError::UnknownReplaySource(n.clone()));
             }
