@@ -985,7 +985,11 @@ fn compare_total(
         Decimal::ZERO
     };
     let unexplained = difference - maybe_pending;
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = total
+        .note
+        .iter()
+        .map(|n| format!("{}: {n}", key.sink))
+        .collect();
     if !maybe_pending.is_zero() {
         notes.push(format!(
             "{} counted {} for {} {} in {period}, billsync sent {sent}: the difference \

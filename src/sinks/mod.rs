@@ -216,6 +216,9 @@ pub struct ReadBackTotal {
     pub total: rust_decimal::Decimal,
     /// Where it comes from, for the report (e.g. `meter mtr_… sum, customer cus_…`).
     pub source: String,
+    /// Why the sink counted what it did, when the reader knows (Stripe: no meter has the event
+    /// name, so it counted nothing): shown beside the difference.
+    pub note: Option<String>,
 }
 
 /// What to read back from a sink.

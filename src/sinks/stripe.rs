@@ -1169,8 +1169,9 @@ impl StripeSink {
 
     /// The meter whose `event_name` is `metric`, checked to count what the sink sends: summed
     /// values of the sink's value key, per customer by `stripe_customer_id`, not pre-aggregated.
-    /// An active meter is preferred over inactive ones of the same name.
-    async fn meter_for(&self, metric: &str) -> Result<Meter, String> {
+    /// An active meter is preferred over inactive ones of the same name. `None`: no meter has
+    /// that name.
+    async fn meter_for(&self, metric: &str) -> Result<Option<Meter>, String> {
         let meters = self.meters().await?;
         let named: Vec<&Meter> = meters.iter().filter(|m| m.event_name == metric).collect();
         let active: Vec<&Meter> = named
@@ -1181,12 +1182,7 @@ impl StripeSink {
         let meter = match (active.as_slice(), named.as_slice()) {
             ([one], _) => *one,
             ([], [one]) => *one,
-            ([], []) => {
-                return Err(format!(
-                    "sink {}: no Stripe meter has event_name {metric:?}: Stripe counts none of these events (no_meter); create the meter or fix the mapping's metric",
-                    self.name
-                ))
-            }
+            ([], []) => return Ok(None),
             (list, all) => {
                 let ids: Vec<&str> = if list.is_empty() { all } else { list }
                     .iter()
@@ -1239,7 +1235,7 @@ impl StripeSink {
                 "is pre-aggregated per {window} (event_time_window: only the last event of each {window} counts)"
             ));
         }
-        Ok(meter.clone())
+        Ok(Some(meter.clone()))
     }
 }
 
@@ -1738,7 +1734,19 @@ impl Sink for StripeSink {
         }
         // As `encode` sent them: customer and event name trimmed.
         let customer = query.subscription.trim();
-        let meter = self.meter_for(query.metric.trim()).await?;
+        let Some(meter) = self.meter_for(query.metric.trim()).await? else {
+            // Stripe takes meter events of an unknown event name and counts none of them
+            // (`no_meter` in its error reports): it holds nothing of what was sent, a shortfall
+            // of money (reconcile's exit 7), not a check that could not be made.
+            return Ok(Some(ReadBackTotal {
+                total: rust_decimal::Decimal::ZERO,
+                source: format!("no Stripe meter has event_name {:?}", query.metric.trim()),
+                note: Some(format!(
+                    "no Stripe meter has event_name {:?}: Stripe counts none of these events (no_meter); create the meter or fix the mapping's metric",
+                    query.metric.trim()
+                )),
+            }));
+        };
         let path = format!("{METERS_PATH}/{}/event_summaries", form_encode(&meter.id));
         let (start_s, end_s) = (start.to_string(), end.to_string());
         let mut total = rust_decimal::Decimal::ZERO;
@@ -1789,6 +1797,7 @@ impl Sink for StripeSink {
                             "Stripe meter {} (event_name {}), customer {}, summed over [{}, {})",
                             meter.id, meter.event_name, customer, start, end
                         ),
+                        note: None,
                     }))
                 }
             }
