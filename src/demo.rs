@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
 
-use crate::cli::{exit, Ctx};
+use crate::cli::{exit, ConfigError, Ctx};
 use crate::config::Secret;
 use crate::ledger::Ledger;
 use crate::mapping::MappingSet;
@@ -104,9 +104,36 @@ pub fn demo_softlayer_dataset() -> SoftlayerDataset {
     })
 }
 
+/// The demo's sources, in the order of its providers.
+const DEMO_SOURCES: [&str; 4] = [
+    "metalsoft_demo",
+    "softlayer_demo",
+    "sakura_demo",
+    "jelastic_demo",
+];
+
 /// Run the demo with its ledger in `dir`.
 pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A ledger of other sources (`--dir` pointed at a real ledger's directory) would get the
+    // demo's records, sent to a simulated Lago, and be upgraded by this binary: refused.
+    let path = dir.join("ledger.db");
+    if let Some(sources) = Ledger::sources_at(&path).await? {
+        let foreign: Vec<&str> = sources
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !DEMO_SOURCES.contains(s))
+            .collect();
+        if !foreign.is_empty() {
+            return Err(ConfigError(format!(
+                "{} is not a demo ledger (it has cursors of {}): the demo writes its own records \
+                 into the ledger it runs on; give it a directory of its own (`--dir`)",
+                path.display(),
+                foreign.join(", ")
+            ))
+            .into());
+        }
+    }
     let metalsoft = MetalsoftSim::start(demo_dataset()?, DEMO_METALSOFT_KEY)
         .await
         .context("starting the MetalSoft simulator")?;
@@ -167,10 +194,10 @@ pub async fn run(dir: &Path, ctx: &Ctx) -> anyhow::Result<u8> {
     jl.period = JelasticPeriod::Day;
     jl.max_buckets_per_request = 31;
     let providers: Vec<Box<dyn Provider>> = vec![
-        Box::new(MetalsoftProvider::new("metalsoft_demo".into(), ms)?),
-        Box::new(SoftlayerProvider::new("softlayer_demo".into(), sl)?),
-        Box::new(SakuraProvider::new("sakura_demo".into(), sk)?),
-        Box::new(JelasticProvider::new("jelastic_demo".into(), jl)?),
+        Box::new(MetalsoftProvider::new(DEMO_SOURCES[0].into(), ms)?),
+        Box::new(SoftlayerProvider::new(DEMO_SOURCES[1].into(), sl)?),
+        Box::new(SakuraProvider::new(DEMO_SOURCES[2].into(), sk)?),
+        Box::new(JelasticProvider::new(DEMO_SOURCES[3].into(), jl)?),
     ];
     let sink = LagoSink::new(
         "lago_demo".into(),

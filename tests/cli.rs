@@ -711,3 +711,45 @@ fn the_demos_help_names_all_four_providers_and_lago() {
         }
     }
 }
+
+/// `demo --dir` pointed at the directory of a ledger a CronJob syncs would write the demo's
+/// records into it (sent to a simulated Lago, one held, failing every later sync with exit 4)
+/// and upgrade it with this binary. A ledger with cursors of other sources is refused (exit 2,
+/// unchanged); the demo's own ledger is run again as before.
+#[tokio::test]
+async fn the_demo_refuses_a_ledger_that_is_not_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let ledger = billsync::ledger::Ledger::open(&path).await.unwrap();
+    let run = ledger.start_run("sync", chrono::Utc::now()).await.unwrap();
+    ledger
+        .set_cursor(
+            run,
+            "metalsoft_prod",
+            "user:1",
+            "2026-11-01T00:00:00Z",
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+    ledger.close().await;
+    let before = std::fs::read(&path).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = billsync(&["--log-format", "text", "demo", "--dir", d], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("is not a demo ledger"), "{stderr}");
+    assert!(stderr.contains("metalsoft_prod"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the ledger was changed"
+    );
+
+    let own = tempfile::tempdir().unwrap();
+    let d = own.path().to_str().unwrap();
+    for _ in 0..2 {
+        let out = billsync(&["demo", "--dir", d], &[]);
+        assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    }
+}

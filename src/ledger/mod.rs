@@ -20,7 +20,7 @@ use rust_decimal::Decimal;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{ConnectOptions, Connection, QueryBuilder, Row, Sqlite};
 
 mod body;
 mod period;
@@ -1042,6 +1042,33 @@ impl Ledger {
             .fetch_all(&self.pool)
             .await
             .map_err(sql("reading the sources of the cursors"))
+    }
+
+    /// The sources that have cursors in the ledger at `path`, read without opening it as a
+    /// ledger (no migration: whatever billsync wrote it, old or new): `demo` checks that a
+    /// directory it is pointed at holds its own ledger, not one a CronJob syncs. `None` when
+    /// there is no file at `path`.
+    pub async fn sources_at(path: &Path) -> Result<Option<Vec<String>>, LedgerError> {
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let open = |cause| LedgerError::Open {
+            path: path.to_path_buf(),
+            hint: read_only_hint(path),
+            cause,
+        };
+        let mut conn = SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(open)?;
+        let sources = sqlx::query_scalar("SELECT DISTINCT source FROM cursors ORDER BY source")
+            .fetch_all(&mut conn)
+            .await
+            .map_err(open)?;
+        let _ = conn.close().await;
+        Ok(Some(sources))
     }
 
     /// The stored cursors of one source.
