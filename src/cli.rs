@@ -1186,7 +1186,8 @@ async fn run_mappings(config: &std::path::Path, command: MappingsCommand) -> any
                     })?
                 }
                 (None, Some(id)) => {
-                    let settings = Settings::load(config)?;
+                    // The ledger's section only: explaining needs no provider or sink secret.
+                    let settings = Settings::load_for_ledger(config)?;
                     let ledger = Ledger::open_existing(&settings.ledger.path).await?;
                     ledger.record_by_id(id).await?.ok_or_else(|| {
                         ConfigError(format!("no record with id {id} in the ledger"))

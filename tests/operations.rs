@@ -2063,6 +2063,8 @@ async fn status_and_the_ledger_commands_need_no_secret() {
             2,
             "999",
         ),
+        // Explaining a ledger record reads the ledger and the mapping files only.
+        (&["mappings", "explain", "--id", "1"][..], 0, "metalsoft"),
     ] {
         let out = without_secrets(args).await;
         let output = text(&out);
