@@ -834,6 +834,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
                     run,
                     key,
                 } => {
+                    check_window(since, until)?;
                     let filter = RecordFilter {
                         status,
                         provider,
@@ -980,17 +981,7 @@ async fn run(cli: Cli, ctx: &Ctx) -> anyhow::Result<u8> {
             if reason.trim().is_empty() {
                 return Err(ConfigError("--reason must say why you replay".into()).into());
             }
-            // `--until` is exclusive: not after `--since`, no charge period can match.
-            if let (Some(since), Some(until)) = (since, until) {
-                if until <= since {
-                    return Err(ConfigError(format!(
-                        "--until {} is not after --since {}: no record can match",
-                        crate::ledger::ts(until),
-                        crate::ledger::ts(since)
-                    ))
-                    .into());
-                }
-            }
+            check_window(since, until)?;
             let started = std::time::Instant::now();
             let settings = Settings::load(&cli.config)?;
             let done = async {
@@ -1461,6 +1452,22 @@ async fn print_stripe_age_warnings(
         );
     }
     Ok(())
+}
+
+/// `--until` is exclusive: one not after `--since` selects no charge period, a mistake (dates
+/// swapped) that would otherwise look like an empty ledger (exit 2).
+fn check_window(
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(), ConfigError> {
+    match (since, until) {
+        (Some(since), Some(until)) if until <= since => Err(ConfigError(format!(
+            "--until {} is not after --since {}: no record can match",
+            crate::ledger::ts(until),
+            crate::ledger::ts(since)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// How many changes waiting for a person `status` shows (oldest first).

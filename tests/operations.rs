@@ -822,6 +822,21 @@ async fn a_replay_filter_that_cannot_match_is_refused_and_one_that_matched_nothi
         assert!(output.contains(names), "{extra:?}: {output}");
         assert!(!output.contains("replay run"), "{extra:?}: {output}");
     }
+    // `ledger export` takes the same window: swapped dates are refused, not an empty CSV.
+    let out = run(
+        &cfg,
+        &[
+            "ledger",
+            "export",
+            "--since",
+            "2026-11-01",
+            "--until",
+            "2026-10-01",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--until"), "{}", text(&out));
     let status = run(&cfg, &["status"]).await;
     assert!(
         !text(&status).contains("replay"),
